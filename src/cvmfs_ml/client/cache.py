@@ -1,0 +1,711 @@
+"""Local cache of verified, decompressed objects, shared by processes (cvmfs-format.md §10.7).
+
+Layout, as upstream's POSIX cache::
+
+    <root>/00 ... <root>/ff       objects, decompressed, at <xx>/<rest of hex + algorithm id>
+    <root>/txn/                   files being written (<pid>.<random>.tmp), renamed when complete
+    <root>/quarantaine/           entries found corrupt, kept for inspection (sic, upstream's name)
+    <root>/cachedb                SQLite in WAL mode: LRU order, sizes, checksums and pins
+
+Why it is safe with several processes and threads:
+
+* An object appears at its final path only by ``os.replace`` of a complete file in ``txn/``, and
+  only while holding the cachedb write lock (``BEGIN IMMEDIATE``) in which its row is written.
+  Eviction deletes rows and files under the same lock, so rows and files change together. A
+  crash mid-write leaves only a ``txn/`` file, removed by the next :class:`ObjectCache` once its
+  writer process is gone. A row whose file vanished, or a file without a row, is treated as
+  missing (and rewritten by the next put); :meth:`ObjectCache.fsck` tidies both.
+* Pins are rows ``(digest, pid)`` rather than upstream's single ``pinned`` flag, so a process that
+  dies while holding pins (a catalog it had open) does not keep them forever: eviction ignores
+  pins whose process is gone.
+* Readers that ``open()`` an object keep reading it even if it is evicted meanwhile (POSIX unlink
+  semantics); :meth:`ObjectCache.get_path` callers must expect ``FileNotFoundError`` on a later
+  open and refetch.
+
+Corruption detection, and its trade-off: objects are stored decompressed, so their name (the hash
+of the compressed bytes) cannot be re-checked without recompressing. Instead the cachedb keeps
+each entry's size and the CRC-32 of its content (computed while the file is written, so it costs
+no extra read). The size is checked on every lookup (one ``stat``). The CRC is checked on every
+lookup of files up to :data:`ALWAYS_VERIFY_BYTES`, and for larger files on the first lookup in
+this process (again if the file's inode, mtime or size changed): at ~12 GB/s (ISA-L) or ~2 GB/s
+(zlib) that is a fraction of a second per GB once, instead of on every open. A file modified in
+place after its first check in a process is therefore only caught by the next process or by
+:meth:`ObjectCache.verify`. CRC-32 detects accidents (bit rot, torn writes, truncation), not an
+attacker with write access to the cache, who could fix up the cachedb as well.
+
+Quota: when a put takes the total over ``quota_bytes``, least-recently used unpinned entries are
+evicted down to half the quota, like upstream. Lookups update the LRU order in batches.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import shutil
+import sqlite3
+import threading
+import time
+import uuid
+import zlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+from cvmfs_ml.cvmfs.hashing import Digest
+from cvmfs_ml.errors import ConfigError
+
+__all__ = ["ALWAYS_VERIFY_BYTES", "CacheUsage", "ObjectCache", "TxnFile", "crc32"]
+
+try:  # ISA-L computes the same CRC-32 about 6x faster than zlib
+    from isal.isal_zlib import crc32 as _crc32_impl
+except ImportError:  # pragma: no cover - isal is an optional extra
+    _crc32_impl = zlib.crc32
+
+crc32: Callable[[bytes | memoryview, int], int] = _crc32_impl
+"""CRC-32 (the zlib polynomial) as recorded in the cachedb ``checksum`` column."""
+
+ALWAYS_VERIFY_BYTES = 1 << 20
+"""Entries up to this size have their checksum verified on every lookup."""
+
+_BUSY_TIMEOUT_MS = 60_000
+_QUARANTINE_KEEP = 16
+_STALE_TXN_SECONDS = 24 * 3600
+_PIECE = 1 << 20
+_SCHEMA = "cvmfs-ml/1"
+
+_DDL = """
+CREATE TABLE IF NOT EXISTS cache_catalog (
+    sha1 TEXT PRIMARY KEY,        -- digest hex incl. algorithm id (upstream's column name)
+    size INTEGER NOT NULL,        -- bytes of the decompressed file
+    acseq INTEGER NOT NULL,       -- LRU sequence, larger is more recent
+    type INTEGER NOT NULL DEFAULT 0,  -- 1 when stored pinned (catalogs), else 0
+    checksum INTEGER NOT NULL     -- CRC-32 of the file
+);
+CREATE INDEX IF NOT EXISTS cache_catalog_acseq ON cache_catalog (acseq);
+CREATE TABLE IF NOT EXISTS pins (
+    sha1 TEXT NOT NULL,
+    pid INTEGER NOT NULL,
+    count INTEGER NOT NULL,
+    PRIMARY KEY (sha1, pid)
+);
+CREATE TABLE IF NOT EXISTS properties (key TEXT PRIMARY KEY, value);
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class CacheUsage:
+    """What :meth:`ObjectCache.usage` reports."""
+
+    size_bytes: int
+    entries: int
+    pinned_bytes: int
+    quota_bytes: int | None
+    quarantined: int
+
+
+class TxnFile:
+    """A file being added to the cache: writable, seekable, checksummed as it is written.
+
+    Sequential writes from the start update the CRC on the fly; anything else (rewriting the
+    middle) makes the commit re-read the file to compute it. ``truncate(0)`` starts over, which is
+    what :meth:`cvmfs_ml.client.fetcher.Fetcher.fetch_into` does before a retry.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.committed_path: Path | None = None
+        self._file: BinaryIO = open(path, "w+b")  # noqa: SIM115 - closed by the cache
+        self._pos = 0
+        self._crc = 0
+        self._crc_end = 0
+        self._crc_valid = True
+
+    # the io-like surface the fetcher and callers use
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        n = self._file.write(data)
+        if self._crc_valid and self._pos == self._crc_end:
+            self._crc = crc32(data, self._crc)
+            self._crc_end += n
+        else:
+            self._crc_valid = False
+        self._pos += n
+        return n
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        self._pos = self._file.seek(offset, whence)
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+    def truncate(self, size: int | None = None) -> int:
+        size = self._pos if size is None else size
+        self._file.truncate(size)
+        if size == 0:
+            self._crc, self._crc_end, self._crc_valid = 0, 0, True
+        elif size < self._crc_end:
+            self._crc_valid = False
+        return size
+
+    def flush(self) -> None:
+        self._file.flush()
+
+    def fileno(self) -> int:
+        return self._file.fileno()
+
+    def seekable(self) -> bool:
+        return True
+
+    def writable(self) -> bool:
+        return True
+
+    def readable(self) -> bool:
+        return False
+
+    @property
+    def closed(self) -> bool:
+        return self._file.closed
+
+    def _finish(self) -> tuple[int, int]:
+        """Flush and close; return (size, crc) of what was written."""
+        self._file.flush()
+        size = os.fstat(self._file.fileno()).st_size
+        self._file.close()
+        if not self._crc_valid or self._crc_end != size:
+            return size, _crc_of_file(self.path)
+        return size, self._crc
+
+    def _discard(self) -> None:
+        with contextlib.suppress(OSError):
+            self._file.close()
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+
+
+class ObjectCache:
+    """Verified, decompressed objects by digest, with a quota, LRU eviction and pins.
+
+    ``quota_bytes`` of ``None`` means unlimited. One instance may be shared by threads; several
+    processes may open the same ``root`` at once.
+    """
+
+    def __init__(self, root: Path | str, quota_bytes: int | None = None) -> None:
+        if quota_bytes is not None and quota_bytes <= 0:
+            raise ConfigError(f"CVMFS_QUOTA_LIMIT: cache quota must be positive, got {quota_bytes}")
+        self.root = Path(root)
+        self.quota_bytes = quota_bytes
+        self.txn_dir = self.root / "txn"
+        self.quarantine_dir = self.root / "quarantaine"
+        self._make_dirs()
+        self._lock = threading.RLock()
+        self._pid = os.getpid()
+        self._db: sqlite3.Connection | None = None
+        self._verified: dict[str, tuple[int, int, int]] = {}
+        self._touches: dict[str, None] = {}
+        self._last_flush = time.monotonic()
+        self._connect()
+        self._clean_txn()
+
+    # ------------------------------------------------------------------ setup
+
+    def _make_dirs(self) -> None:
+        if (self.root / "ff").is_dir() and self.txn_dir.is_dir() and self.quarantine_dir.is_dir():
+            return
+        for i in range(256):
+            (self.root / f"{i:02x}").mkdir(parents=True, exist_ok=True)
+        self.txn_dir.mkdir(exist_ok=True)
+        self.quarantine_dir.mkdir(exist_ok=True)
+
+    def _connect(self) -> sqlite3.Connection:
+        """The process's cachedb connection (re-opened after a fork)."""
+        if self._db is not None and self._pid == os.getpid():
+            return self._db
+        if self._pid != os.getpid():  # forked child: never reuse the parent's connection
+            self._pid = os.getpid()
+            self._lock = threading.RLock()
+            self._touches = {}
+        db = sqlite3.connect(
+            self.root / "cachedb",
+            timeout=_BUSY_TIMEOUT_MS / 1000,
+            isolation_level=None,
+            check_same_thread=False,
+        )
+        db.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
+        for _ in range(100):
+            try:
+                db.execute("PRAGMA journal_mode = WAL")
+                break
+            except sqlite3.OperationalError:  # another process is switching it right now
+                time.sleep(0.05)
+        db.execute("PRAGMA synchronous = NORMAL")
+        self._check_foreign(db)
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            for statement in _DDL.split(";"):
+                if statement.strip():
+                    db.execute(statement)
+            db.execute("INSERT OR IGNORE INTO properties VALUES ('schema', ?)", (_SCHEMA,))
+            db.execute("INSERT OR IGNORE INTO properties VALUES ('size', 0)")
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        self._db = db
+        return db
+
+    def _check_foreign(self, db: sqlite3.Connection) -> None:
+        """Refuse to share a folder with upstream's cvmfs2 cache manager."""
+        columns = {row[1] for row in db.execute("PRAGMA table_info(cache_catalog)")}
+        if columns and "checksum" not in columns:
+            db.close()
+            raise ConfigError(
+                f"CVMFS_CACHE_BASE: {self.root} holds upstream cvmfs2's cache; "
+                "give cvmfs-ml a folder of its own"
+            )
+
+    @contextlib.contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        """A write transaction holding the cachedb lock across processes."""
+        with self._lock:
+            db = self._connect()
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
+
+    def _read(self, sql: str, args: tuple[object, ...] = ()) -> list[tuple[object, ...]]:
+        with self._lock:
+            return self._connect().execute(sql, args).fetchall()
+
+    def _clean_txn(self) -> None:
+        """Remove ``txn/`` files left by writers that died (the crash-mid-write case)."""
+        now = time.time()
+        for entry in os.scandir(self.txn_dir):
+            pid_text = entry.name.split(".", 1)[0]
+            try:
+                pid = int(pid_text)
+                stale = now - entry.stat().st_mtime > _STALE_TXN_SECONDS
+            except (ValueError, FileNotFoundError):
+                pid, stale = -1, True
+            if stale or not _pid_alive(pid):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(entry.path)
+
+    # ------------------------------------------------------------------ paths
+
+    def path_of(self, digest: Digest) -> Path:
+        """Where ``digest`` lives when cached (whether or not it is)."""
+        text = digest.hex
+        return self.root / text[:2] / text[2:]
+
+    def _new_txn(self) -> Path:
+        return self.txn_dir / f"{os.getpid()}.{uuid.uuid4().hex}.tmp"
+
+    # ------------------------------------------------------------------ lookups
+
+    def contains(self, digest: Digest) -> bool:
+        """Whether ``digest`` has an entry and a file (no checksum check)."""
+        rows = self._read("SELECT 1 FROM cache_catalog WHERE sha1 = ?", (digest.hex,))
+        return bool(rows) and self.path_of(digest).is_file()
+
+    def get_path(self, digest: Digest) -> Path | None:
+        """The path of a cached, checked object, or ``None`` (missing, or found corrupt).
+
+        A corrupt entry is moved to ``quarantaine/`` and reported as missing, so the caller's
+        normal miss path (fetch, then put) repairs it.
+        """
+        text = digest.hex
+        rows = self._read("SELECT size, checksum FROM cache_catalog WHERE sha1 = ?", (text,))
+        if not rows:
+            return None
+        size, checksum = int(rows[0][0]), int(rows[0][1])  # type: ignore[call-overload]
+        path = self.path_of(digest)
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            self._forget_missing(text, path)
+            return None
+        identity = (st.st_ino, st.st_mtime_ns, st.st_size)
+        if st.st_size != size:
+            self._quarantine(text, path)
+            return None
+        if st.st_size <= ALWAYS_VERIFY_BYTES or self._verified.get(text) != identity:
+            try:
+                actual = _crc_of_file(path)
+            except FileNotFoundError:
+                self._forget_missing(text, path)
+                return None
+            if actual != checksum:
+                self._quarantine(text, path)
+                return None
+            self._verified[text] = identity
+        self._touch(text)
+        return path
+
+    def open(self, digest: Digest) -> BinaryIO | None:
+        """Open a cached, checked object for reading, or ``None`` (see :meth:`get_path`).
+
+        An open file stays readable even if the entry is evicted meanwhile.
+        """
+        path = self.get_path(digest)
+        if path is None:
+            return None
+        try:
+            return open(path, "rb")  # the caller closes it
+        except FileNotFoundError:  # evicted by another process between check and open
+            return None
+
+    def verify(self, digest: Digest, size: int | None = None) -> bool:
+        """Fully check an entry now: size (also against ``size``, e.g. the catalog's) and CRC.
+
+        Returns ``False`` when the object is missing or was corrupt; a corrupt entry goes to
+        ``quarantaine/``.
+        """
+        text = digest.hex
+        rows = self._read("SELECT size, checksum FROM cache_catalog WHERE sha1 = ?", (text,))
+        path = self.path_of(digest)
+        if not rows:
+            return False
+        want_size, checksum = int(rows[0][0]), int(rows[0][1])  # type: ignore[call-overload]
+        try:
+            st = path.stat()
+            good = (
+                st.st_size == want_size
+                and (size is None or size == want_size)
+                and _crc_of_file(path) == checksum
+            )
+        except FileNotFoundError:
+            self._forget_missing(text, path)
+            return False
+        if not good:
+            self._quarantine(text, path)
+            return False
+        self._verified[text] = (st.st_ino, st.st_mtime_ns, st.st_size)
+        return True
+
+    def invalidate(self, digest: Digest) -> None:
+        """Move an entry the caller found wrong to ``quarantaine/``; the next lookup misses."""
+        self._quarantine(digest.hex, self.path_of(digest))
+
+    # ------------------------------------------------------------------ adding
+
+    def put_bytes(
+        self, digest: Digest, data: bytes | bytearray | memoryview, *, pin: bool = False
+    ) -> Path:
+        """Store ``data`` (verified, decompressed content of ``digest``) atomically.
+
+        ``pin`` pins it in the same transaction, so eviction can never remove it in between.
+        """
+        txn = TxnFile(self._new_txn())
+        try:
+            txn.write(data)
+        except BaseException:
+            txn._discard()
+            raise
+        return self._commit(digest, txn, pin)
+
+    @contextlib.contextmanager
+    def put_stream(self, digest: Digest, *, pin: bool = False) -> Iterator[TxnFile]:
+        """A file to write ``digest``'s content into; committed when the block exits cleanly.
+
+        On an exception nothing is added and the temporary file is removed. After the block,
+        ``txn.committed_path`` is the object's path::
+
+            with cache.put_stream(digest) as txn:
+                fetcher.fetch_into(object_path(digest, kind), digest, True, txn)
+        """
+        txn = TxnFile(self._new_txn())
+        try:
+            yield txn
+        except BaseException:
+            txn._discard()
+            raise
+        self._commit(digest, txn, pin)
+
+    def _commit(self, digest: Digest, txn: TxnFile, pin: bool) -> Path:
+        text = digest.hex
+        final = self.path_of(digest)
+        try:
+            size, checksum = txn._finish()
+            if self.quota_bytes is not None and size > self.quota_bytes:
+                raise ConfigError(
+                    f"CVMFS_QUOTA_LIMIT: object {text} ({size} bytes) is larger than the "
+                    f"cache quota ({self.quota_bytes} bytes)"
+                )
+            with self._write() as db:
+                self._flush_touches(db)
+                os.replace(txn.path, final)
+                old = db.execute(
+                    "SELECT size FROM cache_catalog WHERE sha1 = ?", (text,)
+                ).fetchone()
+                seq = _next_seq(db)
+                db.execute(
+                    "INSERT OR REPLACE INTO cache_catalog (sha1, size, acseq, type, checksum) "
+                    "VALUES (?, ?, ?, ?, ?)",
+                    (text, size, seq, 1 if pin else 0, checksum),
+                )
+                _add_size(db, size - (int(old[0]) if old else 0))
+                if pin:
+                    _pin(db, text, os.getpid())
+                if self.quota_bytes is not None and _total(db) > self.quota_bytes:
+                    self._evict(db, self.quota_bytes // 2, keep=text)
+        except BaseException:
+            txn._discard()
+            raise
+        st = final.stat()
+        self._verified[text] = (st.st_ino, st.st_mtime_ns, st.st_size)
+        txn.committed_path = final
+        return final
+
+    # ------------------------------------------------------------------ pins
+
+    def pin(self, digest: Digest) -> None:
+        """Keep ``digest`` from eviction until :meth:`unpin` (counted; per process)."""
+        with self._write() as db:
+            _pin(db, digest.hex, os.getpid())
+
+    def unpin(self, digest: Digest) -> None:
+        """Undo one :meth:`pin` by this process."""
+        with self._write() as db:
+            db.execute(
+                "UPDATE pins SET count = count - 1 WHERE sha1 = ? AND pid = ?",
+                (digest.hex, os.getpid()),
+            )
+            db.execute("DELETE FROM pins WHERE count <= 0")
+
+    def is_pinned(self, digest: Digest) -> bool:
+        """Whether a live process pins ``digest``."""
+        rows = self._read("SELECT pid FROM pins WHERE sha1 = ?", (digest.hex,))
+        return any(_pid_alive(int(pid)) for (pid,) in rows)  # type: ignore[call-overload]
+
+    # ------------------------------------------------------------------ eviction and upkeep
+
+    def evict_to(self, target_bytes: int) -> int:
+        """Evict least-recently used unpinned entries until at most ``target_bytes`` remain.
+
+        Returns the bytes freed (less than needed when pins hold the rest).
+        """
+        with self._write() as db:
+            self._flush_touches(db)
+            return self._evict(db, target_bytes)
+
+    def _evict(self, db: sqlite3.Connection, target: int, keep: str | None = None) -> int:
+        total = _total(db)
+        if total <= target:
+            return 0
+        _drop_dead_pins(db)
+        victims: list[tuple[str, int]] = []
+        freed = 0
+        rows = db.execute(
+            "SELECT sha1, size FROM cache_catalog "
+            "WHERE sha1 NOT IN (SELECT sha1 FROM pins) ORDER BY acseq ASC"
+        )
+        for text, size in rows:
+            if total - freed <= target:
+                break
+            if text == keep:
+                continue
+            victims.append((text, size))
+            freed += size
+        db.executemany("DELETE FROM cache_catalog WHERE sha1 = ?", [(t,) for t, _ in victims])
+        _add_size(db, -freed)
+        for text, _ in victims:
+            self._verified.pop(text, None)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.root / text[:2] / text[2:])
+        return freed
+
+    def usage(self) -> CacheUsage:
+        """Current size, entry count, bytes pinned by live processes, quota, quarantined files."""
+        with self._lock:
+            db = self._connect()
+            total = _total(db)
+            entries = db.execute("SELECT COUNT(*) FROM cache_catalog").fetchone()[0]
+            pinned = db.execute(
+                "SELECT c.sha1, c.size, p.pid FROM cache_catalog c JOIN pins p USING (sha1)"
+            ).fetchall()
+        live: dict[str, int] = {}
+        for text, size, pid in pinned:
+            if _pid_alive(pid):
+                live[text] = size
+        quarantined = sum(1 for _ in os.scandir(self.quarantine_dir))
+        return CacheUsage(total, int(entries), sum(live.values()), self.quota_bytes, quarantined)
+
+    def wipe(self) -> None:
+        """Remove every object, pin and quarantined file (``bench drop-caches``).
+
+        Processes that still have objects open keep reading them; their pins are gone.
+        """
+        with self._write() as db:
+            db.execute("DELETE FROM cache_catalog")
+            db.execute("DELETE FROM pins")
+            db.execute("UPDATE properties SET value = 0 WHERE key = 'size'")
+            for i in range(256):
+                for entry in os.scandir(self.root / f"{i:02x}"):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(entry.path)
+            shutil.rmtree(self.quarantine_dir, ignore_errors=True)
+            self.quarantine_dir.mkdir(exist_ok=True)
+            self._verified.clear()
+            self._touches.clear()
+        self._clean_txn()
+
+    def fsck(self) -> tuple[int, int]:
+        """Reconcile files and rows after crashes; return (rows dropped, files removed).
+
+        Rows whose file is gone are dropped; files without a row are removed; the running total
+        is recomputed. Scans all 256 folders, so it is for maintenance, not for every start.
+        """
+        dropped = removed = 0
+        with self._write() as db:
+            known = {row[0] for row in db.execute("SELECT sha1 FROM cache_catalog")}
+            on_disk: set[str] = set()
+            for i in range(256):
+                prefix = f"{i:02x}"
+                for entry in os.scandir(self.root / prefix):
+                    text = prefix + entry.name
+                    if text in known:
+                        on_disk.add(text)
+                    else:
+                        with contextlib.suppress(FileNotFoundError):
+                            os.unlink(entry.path)
+                        removed += 1
+            missing = known - on_disk
+            db.executemany("DELETE FROM cache_catalog WHERE sha1 = ?", [(t,) for t in missing])
+            dropped = len(missing)
+            total = db.execute("SELECT COALESCE(SUM(size), 0) FROM cache_catalog").fetchone()[0]
+            db.execute("UPDATE properties SET value = ? WHERE key = 'size'", (total,))
+        return dropped, removed
+
+    def close(self) -> None:
+        """Write pending LRU updates and close the cachedb connection."""
+        with self._lock:
+            if self._db is None or self._pid != os.getpid():
+                return
+            if self._touches:
+                with self._write() as db:
+                    self._flush_touches(db)
+            self._db.close()
+            self._db = None
+
+    def __enter__(self) -> ObjectCache:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ internals
+
+    def _touch(self, text: str) -> None:
+        """Note a use for the LRU order; written in batches to keep lookups cheap."""
+        with self._lock:
+            self._touches.pop(text, None)
+            self._touches[text] = None
+            if len(self._touches) < 64 and time.monotonic() - self._last_flush < 1.0:
+                return
+            with self._write() as db:
+                self._flush_touches(db)
+
+    def _flush_touches(self, db: sqlite3.Connection) -> None:
+        if self._touches:
+            seq = _next_seq(db)
+            db.executemany(
+                "UPDATE cache_catalog SET acseq = ? WHERE sha1 = ?",
+                [(seq + i, text) for i, text in enumerate(self._touches)],
+            )
+            self._touches.clear()
+        self._last_flush = time.monotonic()
+
+    def _forget_missing(self, text: str, path: Path) -> None:
+        with self._write() as db:
+            if path.exists():  # re-added meanwhile
+                return
+            old = db.execute("SELECT size FROM cache_catalog WHERE sha1 = ?", (text,)).fetchone()
+            if old:
+                db.execute("DELETE FROM cache_catalog WHERE sha1 = ?", (text,))
+                _add_size(db, -int(old[0]))
+        self._verified.pop(text, None)
+
+    def _quarantine(self, text: str, path: Path) -> None:
+        with self._write() as db:
+            old = db.execute("SELECT size FROM cache_catalog WHERE sha1 = ?", (text,)).fetchone()
+            if old:
+                db.execute("DELETE FROM cache_catalog WHERE sha1 = ?", (text,))
+                _add_size(db, -int(old[0]))
+            target = self.quarantine_dir / f"{text}.{os.getpid()}.{time.time_ns()}"
+            try:
+                os.replace(path, target)
+            except FileNotFoundError:
+                pass
+            except OSError as exc:  # pragma: no cover - cross-device or permission trouble
+                if exc.errno != errno.EXDEV:
+                    raise
+                os.unlink(path)
+        self._verified.pop(text, None)
+        self._prune_quarantine()
+
+    def _prune_quarantine(self) -> None:
+        entries = sorted(os.scandir(self.quarantine_dir), key=lambda e: e.name.rsplit(".", 1)[-1])
+        for entry in entries[:-_QUARANTINE_KEEP]:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(entry.path)
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def _total(db: sqlite3.Connection) -> int:
+    return int(db.execute("SELECT value FROM properties WHERE key = 'size'").fetchone()[0])
+
+
+def _add_size(db: sqlite3.Connection, delta: int) -> None:
+    if delta:
+        db.execute("UPDATE properties SET value = value + ? WHERE key = 'size'", (delta,))
+
+
+def _next_seq(db: sqlite3.Connection) -> int:
+    return int(db.execute("SELECT COALESCE(MAX(acseq), 0) + 1 FROM cache_catalog").fetchone()[0])
+
+
+def _pin(db: sqlite3.Connection, text: str, pid: int) -> None:
+    db.execute(
+        "INSERT INTO pins (sha1, pid, count) VALUES (?, ?, 1) "
+        "ON CONFLICT (sha1, pid) DO UPDATE SET count = count + 1",
+        (text, pid),
+    )
+
+
+def _drop_dead_pins(db: sqlite3.Connection) -> None:
+    pids = [int(row[0]) for row in db.execute("SELECT DISTINCT pid FROM pins")]
+    dead = [(pid,) for pid in pids if not _pid_alive(pid)]
+    if dead:
+        db.executemany("DELETE FROM pins WHERE pid = ?", dead)
+
+
+def _pid_alive(pid: int) -> bool:
+    """Whether a process with this id exists (pins and txn files of dead ones are ignored)."""
+    if pid <= 0:
+        return False
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def _crc_of_file(path: Path) -> int:
+    value = 0
+    view = memoryview(bytearray(_PIECE))
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(view):
+            value = crc32(view[:n], value)
+    return value

@@ -1,0 +1,110 @@
+"""The error hierarchy of cvmfs-ml.
+
+Every error the package raises on purpose derives from :class:`CvmfsMlError`, so a caller can
+catch them all in one place; each subclass says which party is at fault and carries the facts a
+user needs to fix the problem (the path, the expected and the actual value, what was tried).
+
+::
+
+    CvmfsMlError
+    ├── FormatError              bytes that do not parse (manifest, catalog, whitelist, header)
+    │   └── IntegrityError       content whose hash is not the one it is addressed by
+    ├── TrustError               a signature, key, whitelist or revision that must not be trusted
+    │   ├── SignatureError
+    │   ├── WhitelistExpiredError
+    │   └── RollbackError        a revision older than one already seen
+    ├── NotFoundError            a path or object that does not exist (also a FileNotFoundError)
+    ├── UnsafeInputError         input that would escape or corrupt the tree (tar ``..``, devices)
+    ├── PublishError             a transaction that cannot be committed
+    │   └── LockedError          another publisher holds the repository lock
+    ├── DownloadError            every host and proxy failed (carries the attempts)
+    └── ConfigError              a configuration value that cannot be used
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+
+class CvmfsMlError(Exception):
+    """Root of every error raised on purpose by cvmfs-ml."""
+
+
+class FormatError(CvmfsMlError, ValueError):
+    """Bytes that do not follow the CVMFS (or a model) format.
+
+    ``what`` names the thing being parsed (``".cvmfspublished"``, ``"catalog 90b6..."``).
+    """
+
+    def __init__(self, what: str, reason: str) -> None:
+        super().__init__(f"{what}: {reason}")
+        self.what = what
+        self.reason = reason
+
+
+class IntegrityError(FormatError):
+    """Content whose hash differs from the name it was fetched or stored under."""
+
+    def __init__(self, what: str, expected: str, got: str) -> None:
+        super().__init__(what, f"hash mismatch: expected {expected}, got {got}")
+        self.expected = expected
+        self.got = got
+
+
+class TrustError(CvmfsMlError):
+    """Something that parsed but must not be trusted."""
+
+
+class SignatureError(TrustError):
+    """A signature that does not verify with the configured keys."""
+
+
+class WhitelistExpiredError(TrustError):
+    """The repository whitelist expired; the publisher must run ``resign``."""
+
+
+class RollbackError(TrustError):
+    """A manifest older than one this client already accepted."""
+
+
+class NotFoundError(CvmfsMlError, FileNotFoundError):
+    """A path in a repository, or an object in a store, that does not exist."""
+
+    def __init__(self, path: str, where: str = "") -> None:
+        message = f"no such file or directory: {path}" + (f" (in {where})" if where else "")
+        super().__init__(2, message, path)
+        self.path = path
+
+
+class UnsafeInputError(CvmfsMlError, ValueError):
+    """Input that would write outside the tree or create something a repository must not hold."""
+
+    def __init__(self, member: str, reason: str) -> None:
+        super().__init__(f"refusing {member!r}: {reason}")
+        self.member = member
+        self.reason = reason
+
+
+class PublishError(CvmfsMlError):
+    """A transaction that cannot be committed; the previous revision stays published."""
+
+
+class LockedError(PublishError):
+    """Another publisher holds the repository's lock."""
+
+
+class DownloadError(CvmfsMlError, OSError):
+    """An object could not be fetched from any host through any proxy.
+
+    ``attempts`` lists ``(url, proxy, reason)`` for every try, so the message shows what was tried.
+    """
+
+    def __init__(self, what: str, attempts: Sequence[tuple[str, str, str]] = ()) -> None:
+        tried = "; ".join(f"{url} via {proxy}: {reason}" for url, proxy, reason in attempts)
+        super().__init__(f"could not fetch {what}" + (f" (tried {tried})" if tried else ""))
+        self.what = what
+        self.attempts = list(attempts)
+
+
+class ConfigError(CvmfsMlError, ValueError):
+    """A configuration value (URL list, proxy list, key, setting) that cannot be used."""

@@ -1,0 +1,80 @@
+"""Garbage collection: delete objects that no kept revision references.
+
+Kept: the current revision, every named tag (``trunk-previous`` included) and the objects the
+manifest names (certificate, history, meta-info). Everything else under ``data/`` goes. It runs
+under the publisher lock, so no transaction writes objects while the sweep decides.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from cvmfs_ml.cvmfs.catalog import Catalog, referenced_objects, walk_catalog_tree
+from cvmfs_ml.cvmfs.hashing import Digest
+from cvmfs_ml.cvmfs.objects import ObjectKind, object_path
+from cvmfs_ml.errors import PublishError
+from cvmfs_ml.publish.repository import Publisher
+
+__all__ = ["GcReport", "collect_garbage"]
+
+
+@dataclass(frozen=True)
+class GcReport:
+    kept: int
+    removed: int
+    bytes_removed: int
+    dry_run: bool
+
+
+def collect_garbage(publisher: Publisher, *, dry_run: bool = False) -> GcReport:
+    if not publisher.settings.garbage_collection:
+        raise PublishError(
+            f"{publisher.fqrn} is not garbage-collectable (CVMFS_GARBAGE_COLLECTION=false)"
+        )
+    store = publisher.store
+    with publisher.lock(), tempfile.TemporaryDirectory(dir=store.root / "data" / "txn") as tmp:
+        manifest = publisher.manifest()
+        roots = {manifest.catalog}
+        roots |= {tag.root_catalog for tag in publisher.tags()}
+        keep: set[str] = set()
+        for digest, kind in (
+            (manifest.certificate, ObjectKind.CERTIFICATE),
+            (manifest.history, ObjectKind.HISTORY),
+            (manifest.metainfo, ObjectKind.METAINFO),
+        ):
+            if digest is not None:
+                keep.add(object_path(digest, kind))
+        opened: list[Catalog] = []
+
+        def load(mountpoint: str, digest: Digest) -> Catalog:
+            path = Path(tmp) / f"{digest.hex}.db"
+            if not path.exists():
+                with path.open("wb") as out:
+                    store.fetch_into(object_path(digest, ObjectKind.CATALOG), digest, True, out)
+            catalog = Catalog(path, mountpoint)
+            opened.append(catalog)
+            return catalog
+
+        seen: set[Digest] = set()
+        for root in roots:
+            for _mountpoint, digest, catalog in walk_catalog_tree(root, load):
+                if digest in seen:
+                    continue
+                seen.add(digest)
+                keep.add(object_path(digest, ObjectKind.CATALOG))
+                for obj, is_chunk, _compressed in referenced_objects(catalog):
+                    kind = ObjectKind.PARTIAL if is_chunk else ObjectKind.FILE
+                    keep.add(object_path(obj, kind))
+        for catalog in opened:
+            catalog.close()
+        removed = bytes_removed = 0
+        for rel in list(store.list_objects()):
+            if rel in keep:
+                continue
+            removed += 1
+            bytes_removed += store.path(rel).stat().st_size
+            if not dry_run:
+                store.remove(rel)
+        return GcReport(len(keep), removed, bytes_removed, dry_run)

@@ -1,0 +1,699 @@
+"""Creating repositories and publishing revisions (cvmfs-format.md §12, Appendix A).
+
+A :class:`Publisher` owns one repository folder (a Stratum 0 web root) and its keys. Changes are
+made in a :class:`Transaction` that holds the repository lock; ``commit`` writes data objects,
+then catalogs bottom-up, then history, certificate and meta-info, then the reflog, and swaps the
+signed manifest in **last**. A publisher killed at any point before that swap leaves the previous
+revision published, untouched and mountable; the next transaction cleans up the leftovers.
+
+The API is meant to be driven by a server too: one :class:`Publisher` per repository, one
+transaction at a time (the lock also serialises separate processes), readers never blocked.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import fcntl
+import io
+import json
+import os
+import stat
+import tempfile
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from cvmfs_ml.cvmfs.catalog import DirectoryEntry, WritableCatalog, parent_path
+from cvmfs_ml.cvmfs.hashing import Digest, hash_bytes
+from cvmfs_ml.cvmfs.history import TRUNK, TRUNK_PREVIOUS, HistoryDb, Tag
+from cvmfs_ml.cvmfs.keys import KeySet
+from cvmfs_ml.cvmfs.manifest import Manifest, sign_manifest
+from cvmfs_ml.cvmfs.objects import ObjectKind, deflate, object_path
+from cvmfs_ml.cvmfs.reflog import Reflog, RefType
+from cvmfs_ml.cvmfs.whitelist import make_whitelist
+from cvmfs_ml.errors import LockedError, NotFoundError, PublishError
+from cvmfs_ml.publish.dirtab import Dirtab
+from cvmfs_ml.publish.ingest import ContentPipeline, IngestStats, PendingFile
+from cvmfs_ml.publish.settings import PublishSettings, load_settings, save_settings
+from cvmfs_ml.publish.sources import SourceItem, join_repo_path, scan_folder, scan_tarball
+from cvmfs_ml.storage.local import LocalStore
+
+__all__ = ["PublishResult", "Publisher", "Transaction", "create_repository", "default_keys_dir"]
+
+MANIFEST = ".cvmfspublished"
+WHITELIST = ".cvmfswhitelist"
+REFLOG = ".cvmfsreflog"
+REFLOG_PENDING = ".cvmfsreflog.pending"
+MASTER_REPLICA = ".cvmfs_master_replica"
+MARKER = ".cvmfscatalog"
+DIRTAB = "/.cvmfsdirtab"
+
+
+def default_keys_dir(repo_dir: Path) -> Path:
+    """``ROOT/../keys`` for a repository at ``ROOT/<fqrn>`` (docs/cli.md)."""
+    return Path(repo_dir).resolve().parent.parent / "keys"
+
+
+def _utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+@dataclass(frozen=True)
+class PublishResult:
+    """What a commit produced."""
+
+    manifest: Manifest
+    stats: IngestStats
+    seconds: float
+
+    @property
+    def revision(self) -> int:
+        return self.manifest.revision
+
+
+def create_repository(
+    root: Path,
+    fqrn: str,
+    *,
+    keys_dir: Path | None = None,
+    settings: PublishSettings | None = None,
+    now: dt.datetime | None = None,
+    metainfo: dict | None = None,
+) -> Publisher:
+    """``cvmfs_server mkfs`` without root: keys, skeleton, empty revision 0, whitelist, manifest.
+
+    The repository lands at ``root/<fqrn>``; keys go to ``keys_dir`` (default ``root/../keys``).
+    """
+    repo_dir = Path(root) / fqrn
+    if (repo_dir / MANIFEST).exists():
+        raise PublishError(f"{repo_dir} already holds a repository")
+    keys_dir = Path(keys_dir) if keys_dir is not None else Path(root).resolve().parent / "keys"
+    now = now or _utcnow()
+    settings = settings or PublishSettings()
+    keys = KeySet.create(keys_dir, fqrn, now)
+    save_settings(keys_dir, fqrn, settings)
+    store = LocalStore(repo_dir)
+    store.create_skeleton()
+    stamp = int(now.timestamp())
+    algorithm = settings.hash_algorithm
+
+    # Revision 0: a root catalog with only the root directory (§4.7).
+    with tempfile.TemporaryDirectory(dir=store.root / "data" / "txn") as tmp:
+        path = Path(tmp) / "root.db"
+        root_entry = DirectoryEntry(
+            path="",
+            mode=stat.S_IFDIR | 0o755,
+            size=4096,
+            mtime=stamp,
+            hardlinks=2,
+            uid=os.getuid(),
+            gid=os.getgid(),
+        )
+        catalog = WritableCatalog.create(path, root_entry, nested=False)
+        catalog.finalize(
+            revision=0, last_modified=stamp, previous_revision=None, subtree={}, ttl=settings.ttl
+        )
+        raw = path.read_bytes()
+    catalog_digest = _put(store, deflate(raw), ObjectKind.CATALOG, algorithm)
+    publisher = Publisher(repo_dir, keys_dir, fqrn=fqrn)
+    meta = metainfo or {
+        "administrator": os.environ.get("USER", "cvmfs-ml"),
+        "email": "",
+        "organisation": "",
+        "description": f"{fqrn}, published with cvmfs-ml",
+        "custom": {"_generated_by": "cvmfs-ml"},
+    }
+    metainfo_digest = _put(
+        store, deflate(json.dumps(meta, indent=2).encode() + b"\n"), ObjectKind.METAINFO, algorithm
+    )
+    certificate = _put(store, deflate(keys.certificate_pem), ObjectKind.CERTIFICATE, algorithm)
+    store.put_bytes(MASTER_REPLICA, b"cvmfs-ml\n")
+    publisher.resign(now=now, valid_for=dt.timedelta(days=settings.whitelist_days))
+    history = publisher._write_history(
+        None, catalog_digest, len(raw), 0, stamp, tag=None, description="empty repository"
+    )
+    manifest = Manifest(
+        catalog=catalog_digest,
+        catalog_size=len(raw),
+        ttl=settings.ttl,
+        revision=0,
+        garbage_collectable=settings.garbage_collection,
+        fqrn=fqrn,
+        certificate=certificate,
+        history=history,
+        timestamp=stamp,
+        metainfo=metainfo_digest,
+    )
+    publisher._sign_and_swap(manifest)
+    return publisher
+
+
+def _put(store: LocalStore, stored: bytes, kind: ObjectKind, algorithm) -> Digest:  # type: ignore[no-untyped-def]
+    digest = hash_bytes(stored, algorithm)
+    rel = object_path(digest, kind)
+    if not store.exists(rel):
+        store.put_bytes(rel, stored)
+    return digest
+
+
+class Publisher:
+    """One repository folder and the keys that sign it."""
+
+    def __init__(
+        self, repo_dir: Path, keys_dir: Path | None = None, *, fqrn: str | None = None
+    ) -> None:
+        self.repo_dir = Path(repo_dir)
+        self.store = LocalStore(self.repo_dir)
+        if fqrn is None and not (self.repo_dir / MANIFEST).exists():
+            raise NotFoundError(str(self.repo_dir / MANIFEST), "no repository here")
+        self.keys_dir = Path(keys_dir) if keys_dir is not None else default_keys_dir(repo_dir)
+        self.fqrn = fqrn or self.manifest().fqrn or self.repo_dir.name
+        self.keys = KeySet.load(self.keys_dir, self.fqrn)
+        self.settings = load_settings(self.keys_dir, self.fqrn)
+
+    @classmethod
+    def open(cls, repo_dir: Path, keys_dir: Path | None = None) -> Publisher:
+        return cls(repo_dir, keys_dir)
+
+    def manifest(self) -> Manifest:
+        return Manifest.parse(self.store.get_bytes(MANIFEST))
+
+    def save_settings(self, settings: PublishSettings) -> None:
+        save_settings(self.keys_dir, self.fqrn, settings)
+        self.settings = settings
+
+    # -- locking ------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def lock(self, *, wait: bool = True) -> Iterator[None]:
+        """Serialise publishers (threads and processes) on this repository."""
+        lock_path = self.keys_dir / f"{self.fqrn}.lock"
+        with open(lock_path, "a+") as handle:
+            flags = fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB)
+            try:
+                fcntl.flock(handle, flags)
+            except BlockingIOError as exc:
+                raise LockedError(f"{self.fqrn} is being published by another process") from exc
+            try:
+                self._recover()
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def _recover(self) -> None:
+        """Finish or undo what a killed publisher left behind (under the lock)."""
+        pending = self.repo_dir / REFLOG_PENDING
+        if pending.exists():
+            manifest = self.manifest()
+            if (
+                manifest.reflog is not None
+                and hash_bytes(pending.read_bytes(), manifest.reflog.algorithm) == manifest.reflog
+            ):
+                os.replace(pending, self.repo_dir / REFLOG)  # killed after the manifest swap
+            else:
+                pending.unlink()  # killed before it: the old reflog still matches
+        self.store.clean_staging()
+
+    def transaction(self, *, wait: bool = True) -> Transaction:
+        return Transaction(self, wait=wait)
+
+    # -- revision metadata --------------------------------------------------------------------
+    def _materialise(self, digest: Digest, kind: ObjectKind, folder: Path) -> Path:
+        path = folder / f"{digest.hex}{kind.value}.db"
+        with path.open("wb") as out:
+            self.store.fetch_into(object_path(digest, kind), digest, True, out)
+        return path
+
+    def _write_history(
+        self,
+        previous: Digest | None,
+        root: Digest,
+        root_size: int,
+        revision: int,
+        stamp: int,
+        *,
+        tag: str | None,
+        description: str = "",
+        previous_trunk: bool = True,
+    ) -> Digest:
+        """A new tag database: the old tags, ``trunk``, ``trunk-previous``, and ``tag``."""
+        with tempfile.TemporaryDirectory(dir=self.store.root / "data" / "txn") as tmp:
+            tags: list[Tag] = []
+            if previous is not None:
+                old = HistoryDb.open(self._materialise(previous, ObjectKind.HISTORY, Path(tmp)))
+                try:
+                    tags = list(old.tags())
+                finally:
+                    old.close()
+            path = Path(tmp) / "history.db"
+            history = HistoryDb.create(path, self.fqrn, previous)
+            by_name = {t.name: t for t in tags}
+            if previous_trunk and TRUNK in by_name:
+                by_name[TRUNK_PREVIOUS] = replace(by_name[TRUNK], name=TRUNK_PREVIOUS)
+            head = Tag(
+                name=TRUNK,
+                root_catalog=root,
+                revision=revision,
+                timestamp=stamp,
+                description="current HEAD",
+                size=root_size,
+            )
+            by_name[TRUNK] = head
+            if tag:
+                by_name[tag] = replace(head, name=tag, description=description)
+            elif self.settings.auto_tag and revision > 0:
+                name = "generic-" + time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(stamp))
+                while name in by_name:
+                    name += "_"
+                by_name[name] = replace(head, name=name, description="automatic tag")
+            for item in by_name.values():
+                history.set(item)
+            history.close()
+            return _put(
+                self.store,
+                deflate(path.read_bytes()),
+                ObjectKind.HISTORY,
+                self.settings.hash_algorithm,
+            )
+
+    def _sign_and_swap(self, manifest: Manifest) -> Manifest:
+        """Update the reflog, sign the manifest and swap it in: the publish point."""
+        pending = self.repo_dir / REFLOG_PENDING
+        current = self.repo_dir / REFLOG
+        if current.exists():
+            pending.write_bytes(current.read_bytes())
+            reflog = Reflog.open(pending, writable=True)
+        else:
+            reflog = Reflog.create(pending, self.fqrn)
+        reflog.add(manifest.catalog, RefType.CATALOG)
+        if manifest.certificate is not None:
+            reflog.add(manifest.certificate, RefType.CERTIFICATE)
+        if manifest.history is not None:
+            reflog.add(manifest.history, RefType.HISTORY)
+        if manifest.metainfo is not None:
+            reflog.add(manifest.metainfo, RefType.METAINFO)
+        reflog.close()
+        manifest = replace(manifest, reflog=hash_bytes(pending.read_bytes(), manifest.algorithm))
+        signed = sign_manifest(manifest.body(), self.keys.repo_private)
+        self.store.put_bytes(MANIFEST, signed, durable=True)
+        os.replace(pending, current)
+        return manifest
+
+    def resign(
+        self, *, now: dt.datetime | None = None, valid_for: dt.timedelta | None = None
+    ) -> None:
+        """Sign a fresh whitelist with the master key (do this before it expires)."""
+        if self.keys.master_private is None:
+            raise PublishError(f"no master key {self.fqrn}.masterkey in {self.keys_dir}")
+        days = self.settings.whitelist_days
+        whitelist = make_whitelist(
+            self.fqrn,
+            self.keys.certificate_pem,
+            self.keys.master_private,
+            now or _utcnow(),
+            valid_for or dt.timedelta(days=days),
+            algorithm=self.settings.hash_algorithm,
+        )
+        self.store.put_bytes(WHITELIST, whitelist, durable=True)
+
+    def tags(self) -> list[Tag]:
+        manifest = self.manifest()
+        if manifest.history is None:
+            return []
+        with tempfile.TemporaryDirectory() as tmp:
+            history = HistoryDb.open(
+                self._materialise(manifest.history, ObjectKind.HISTORY, Path(tmp))
+            )
+            try:
+                return list(history.tags())
+            finally:
+                history.close()
+
+    def tag(self, name: str, description: str = "", *, revision_of: str | None = None) -> Manifest:
+        """Add (or move) a named tag to the current revision, or to tag ``revision_of``."""
+        with self.lock():
+            manifest = self.manifest()
+            tags = {t.name: t for t in self.tags()}
+            target = tags[revision_of] if revision_of else tags.get(TRUNK)
+            if target is None:
+                raise PublishError(f"no tag {revision_of or TRUNK!r} to tag")
+            stamp = max(int(time.time()), manifest.timestamp)
+            history = self._write_history(
+                manifest.history,
+                target.root_catalog,
+                target.size,
+                target.revision,
+                target.timestamp,
+                tag=None,
+                previous_trunk=False,
+            )
+            # ``_write_history`` re-points trunk at ``target``; put it back on the head.
+            history = self._retag(history, manifest, name, target, description)
+            return self._sign_and_swap(replace(manifest, history=history, timestamp=stamp))
+
+    def _retag(
+        self, history: Digest, manifest: Manifest, name: str, target: Tag, description: str
+    ) -> Digest:
+        with tempfile.TemporaryDirectory(dir=self.store.root / "data" / "txn") as tmp:
+            db_path = self._materialise(history, ObjectKind.HISTORY, Path(tmp))
+            old = HistoryDb.open(db_path)
+            tags = list(old.tags())
+            old.close()
+            path = Path(tmp) / "retag.db"
+            new = HistoryDb.create(path, self.fqrn, manifest.history)
+            for item in tags:
+                if item.name == TRUNK:
+                    item = replace(
+                        item,
+                        root_catalog=manifest.catalog,
+                        revision=manifest.revision,
+                        size=manifest.catalog_size,
+                    )
+                new.set(item)
+            new.set(replace(target, name=name, description=description))
+            new.close()
+            return _put(
+                self.store,
+                deflate(path.read_bytes()),
+                ObjectKind.HISTORY,
+                self.settings.hash_algorithm,
+            )
+
+    def remove_tag(self, name: str) -> Manifest:
+        if name in (TRUNK, TRUNK_PREVIOUS):
+            raise PublishError(f"{name!r} is maintained by the publisher and cannot be removed")
+        with self.lock():
+            manifest = self.manifest()
+            tags = [t for t in self.tags() if t.name != name]
+            with tempfile.TemporaryDirectory(dir=self.store.root / "data" / "txn") as tmp:
+                path = Path(tmp) / "history.db"
+                new = HistoryDb.create(path, self.fqrn, manifest.history)
+                for item in tags:
+                    new.set(item)
+                new.close()
+                history = _put(
+                    self.store,
+                    deflate(path.read_bytes()),
+                    ObjectKind.HISTORY,
+                    self.settings.hash_algorithm,
+                )
+            return self._sign_and_swap(
+                replace(
+                    manifest, history=history, timestamp=max(int(time.time()), manifest.timestamp)
+                )
+            )
+
+    def rollback(self, tag: str) -> PublishResult:
+        """Publish the tree of ``tag`` again as a new revision (revisions only move forward)."""
+        tags = {t.name: t for t in self.tags()}
+        if tag not in tags:
+            raise PublishError(f"no tag {tag!r}; known: {', '.join(sorted(tags))}")
+        with self.transaction() as txn:
+            txn.start_from(tags[tag].root_catalog)
+            return txn.commit(description=f"rollback to {tag}")
+
+
+class Transaction:
+    """A set of changes to one repository, committed atomically.
+
+    Use as a context manager: the repository lock is held from ``__enter__`` to ``__exit__``;
+    leaving without :meth:`commit` discards everything (objects already written are unreferenced
+    and removed by garbage collection).
+    """
+
+    def __init__(self, publisher: Publisher, *, wait: bool = True) -> None:
+        self.publisher = publisher
+        self._wait = wait
+        self._ops: list[tuple[str, object]] = []
+        self._lock: contextlib.AbstractContextManager[None] | None = None
+        self._start_root: Digest | None = None
+        self.committed: PublishResult | None = None
+
+    def __enter__(self) -> Transaction:
+        self._lock = self.publisher.lock(wait=self._wait)
+        self._lock.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        assert self._lock is not None
+        self._lock.__exit__(None, None, None)
+        self._lock = None
+
+    # -- recording changes --------------------------------------------------------------------
+    def add_folder(self, src: Path, at: str = "/", *, nested_catalog: bool = False) -> None:
+        """Copy the folder ``src`` to ``at`` (merging into existing directories)."""
+        if not Path(src).is_dir():
+            raise PublishError(f"{src} is not a folder")
+        self._ops.append(
+            (
+                "items",
+                (
+                    lambda: scan_folder(
+                        Path(src), at, include_xattrs=self.publisher.settings.include_xattrs
+                    ),
+                    at,
+                    nested_catalog,
+                ),
+            )
+        )
+
+    def add_tarball(self, tarball: Path, at: str = "/", *, nested_catalog: bool = False) -> None:
+        """Unpack ``tarball`` at ``at``; unsafe members refuse the whole tarball."""
+        items = list(scan_tarball(Path(tarball), at))  # validates before anything is written
+        del items
+        self._ops.append(("items", (lambda: scan_tarball(Path(tarball), at), at, nested_catalog)))
+
+    def add_bytes(self, path: str, data: bytes, mode: int = 0o644) -> None:
+        """Write one small file (metadata, index) at ``path``."""
+        repo_path = join_repo_path(path, "")
+        item = SourceItem(
+            path=repo_path,
+            mode=stat.S_IFREG | mode,
+            mtime=int(time.time()),
+            size=len(data),
+            open=lambda: io.BytesIO(data),
+        )
+        self._ops.append(("items", (lambda: iter([item]), parent_path(repo_path), False)))
+
+    def symlink(self, path: str, target: str) -> None:
+        repo_path = join_repo_path(path, "")
+        item = SourceItem(
+            path=repo_path,
+            mode=stat.S_IFLNK | 0o777,
+            mtime=int(time.time()),
+            symlink=target,
+            size=len(target.encode()),
+        )
+        self._ops.append(("items", (lambda: iter([item]), parent_path(repo_path), False)))
+
+    def mkdir(self, path: str) -> None:
+        repo_path = join_repo_path(path, "")
+        item = SourceItem(
+            path=repo_path, mode=stat.S_IFDIR | 0o755, mtime=int(time.time()), size=4096
+        )
+        self._ops.append(("items", (lambda: iter([item]), parent_path(repo_path), False)))
+
+    def remove(self, path: str) -> None:
+        repo_path = join_repo_path(path, "")
+        if repo_path == "":
+            raise PublishError("refusing to remove the repository root")
+        self._ops.append(("remove", repo_path))
+
+    def start_from(self, root_catalog: Digest) -> None:
+        """Base this transaction on another root catalog (used by rollback)."""
+        self._start_root = root_catalog
+
+    # -- commit -------------------------------------------------------------------------------
+    def commit(self, *, tag: str | None = None, description: str = "") -> PublishResult:
+        if self._lock is None:
+            raise PublishError("commit() outside 'with publisher.transaction() as txn:'")
+        if self.committed is not None:
+            raise PublishError("this transaction was already committed")
+        from cvmfs_ml.publish.workspace import CatalogWorkspace
+
+        started = time.monotonic()
+        publisher = self.publisher
+        settings = publisher.settings
+        previous = publisher.manifest()
+        workspace = CatalogWorkspace(publisher.store, previous.catalog, settings.hash_algorithm)
+        pipeline = ContentPipeline(publisher.store, settings)
+        try:
+            if self._start_root is not None:
+                workspace.replace_root(self._start_root)
+            with pipeline:
+                for kind, payload in self._ops:
+                    if kind == "remove":
+                        if _lookup(workspace, payload) is None:  # type: ignore[arg-type]
+                            raise PublishError(f"cannot remove {payload}: no such path")
+                        workspace.remove(payload)  # type: ignore[arg-type]
+                    else:
+                        make_items, at, nested = payload  # type: ignore[misc]
+                        self._apply(workspace, pipeline, make_items(), at, nested)
+            now = max(int(time.time()), previous.timestamp)
+            root = workspace.commit(now=now, ttl=settings.ttl)
+            revision = previous.revision + 1
+            if root.revision != revision:
+                raise PublishError(
+                    f"root catalog revision {root.revision} != manifest revision {revision}"
+                )
+            history = publisher._write_history(
+                previous.history,
+                root.digest,
+                root.size,
+                revision,
+                now,
+                tag=tag,
+                description=description,
+            )
+            certificate = _put(
+                publisher.store,
+                deflate(publisher.keys.certificate_pem),
+                ObjectKind.CERTIFICATE,
+                settings.hash_algorithm,
+            )
+            manifest = replace(
+                previous,
+                catalog=root.digest,
+                catalog_size=root.size,
+                ttl=settings.ttl,
+                revision=revision,
+                garbage_collectable=settings.garbage_collection,
+                certificate=certificate,
+                history=history,
+                timestamp=now,
+                unknown=(),
+            )
+            manifest = publisher._sign_and_swap(manifest)
+        finally:
+            workspace.close()
+        self.committed = PublishResult(manifest, pipeline.stats, time.monotonic() - started)
+        return self.committed
+
+    def _apply(
+        self,
+        workspace: object,
+        pipeline: ContentPipeline,
+        items: Iterable[SourceItem],
+        at: str,
+        nested_root: bool,
+    ) -> None:
+        from cvmfs_ml.publish.workspace import CatalogWorkspace
+
+        assert isinstance(workspace, CatalogWorkspace)
+        base = join_repo_path(at, "")
+        _ensure_parents(workspace, base)
+        # Content first (one pass over every byte, in parallel); rows once all is stored.
+        staged: list[tuple[SourceItem, PendingFile | None]] = []
+        for item in items:
+            staged.append((item, pipeline.add(item) if item.is_regular else None))
+        markers = {
+            parent_path(i.path) for i, _ in staged if i.path.endswith("/" + MARKER) and i.is_regular
+        }
+        if "" in markers:
+            raise PublishError("a .cvmfscatalog marker in the repository root is not allowed")
+        dirtab = self._dirtab(workspace, staged)
+        nested = set(markers)
+        if nested_root and base:
+            nested.add(base)
+        if dirtab is not None:
+            nested |= {i.path for i, _ in staged if i.is_dir and i.path and dirtab.matches(i.path)}
+        virtual_markers = nested - markers
+        for item, pending in staged:
+            _put_item(workspace, item, pending, nested_root=item.path in nested)
+            if item.path in virtual_markers:
+                # Upstream creates an empty marker in each directory the dirtab selects.
+                marker = SourceItem(
+                    path=f"{item.path}/{MARKER}",
+                    mode=stat.S_IFREG | 0o644,
+                    mtime=item.mtime,
+                    size=0,
+                    open=lambda: io.BytesIO(b""),
+                )
+                _put_item(workspace, marker, pipeline.add(marker), nested_root=False)
+
+    def _dirtab(
+        self, workspace: object, staged: list[tuple[SourceItem, PendingFile | None]]
+    ) -> Dirtab | None:
+        for item, _ in staged:
+            if item.path == DIRTAB and item.open is not None:
+                with item.open() as handle:
+                    return Dirtab.parse(handle.read().decode())
+        return None
+
+
+def _lookup(workspace: object, path: str) -> DirectoryEntry | None:
+    from cvmfs_ml.publish.workspace import CatalogWorkspace
+
+    assert isinstance(workspace, CatalogWorkspace)
+    return workspace.catalog_for(path).lookup(path)
+
+
+def _ensure_parents(workspace: object, path: str) -> None:
+    """Create missing parent directories of ``path`` with mode 0755 (as ``ingest`` does)."""
+    missing = []
+    parent = parent_path(path) if path else None
+    while parent is not None and _lookup(workspace, parent) is None:
+        missing.append(parent)
+        parent = parent_path(parent) if parent else None
+    now = int(time.time())
+    for directory in reversed(missing):
+        entry = DirectoryEntry(
+            path=directory, mode=stat.S_IFDIR | 0o755, size=4096, mtime=now, hardlinks=2, flags=1
+        )
+        workspace.catalog_for(directory).put(entry)  # type: ignore[attr-defined]
+
+
+def _put_item(
+    workspace: object, item: SourceItem, pending: PendingFile | None, *, nested_root: bool
+) -> None:
+    from cvmfs_ml.publish.workspace import CatalogWorkspace
+
+    assert isinstance(workspace, CatalogWorkspace)
+    path = item.path
+    catalog = workspace.catalog_for(path)
+    existing = catalog.lookup(path)
+    if existing is not None and not (existing.is_dir and item.is_dir):
+        if path == "":
+            raise PublishError("the repository root must stay a directory")
+        workspace.remove(path)
+        catalog = workspace.catalog_for(path)
+        existing = None
+    content = pending.result() if pending is not None else None
+    algorithm = workspace.algorithm
+    entry = DirectoryEntry(
+        path=path,
+        mode=item.mode,
+        size=item.rdev if (item.rdev and not item.is_dir) else item.size,
+        mtime=item.mtime,
+        uid=item.uid,
+        gid=item.gid,
+        symlink=item.symlink,
+        xattrs=item.xattrs,
+        hardlinks=2 if item.is_dir else 1,
+    )
+    if content is not None:
+        entry = replace(
+            entry,
+            size=content.size,
+            digest=content.digest,
+            flags=DirectoryEntry.make_flags(
+                item.mode,
+                chunked=content.is_chunked,
+                compressed=content.compressed,
+                algorithm=algorithm,
+                has_hash=content.digest is not None,
+            ),
+        )
+    else:
+        entry = replace(entry, flags=DirectoryEntry.make_flags(item.mode))
+    if existing is not None:  # a directory that stays: keep its flags and link count
+        entry = replace(entry, flags=existing.flags, hardlinks=existing.hardlinks)
+        catalog.put(entry)
+        return
+    if item.is_dir and nested_root and path:
+        workspace.create_nested(entry)
+        return
+    catalog.put(entry)
+    if content is not None and content.is_chunked:
+        catalog.put_chunks(path, content.chunks)

@@ -1,0 +1,150 @@
+"""Publisher settings, stored in upstream's ``server.conf`` words (``KEY=value``).
+
+They live beside the keys (``<keys>/<fqrn>.server.conf``), not in the served web root, and are
+read by every publish: chunk sizes, compression, hash algorithm, TTL and the file-size limit are
+properties of the repository, not of one command line.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+
+from cvmfs_ml.cvmfs.chunking import ChunkParams
+from cvmfs_ml.cvmfs.hashing import Algorithm
+from cvmfs_ml.cvmfs.objects import Compression
+from cvmfs_ml.errors import ConfigError
+
+__all__ = ["PublishSettings", "load_settings", "save_settings", "settings_path"]
+
+# Upstream's variable for each field (cvmfs_server_coda.sh, server.conf).
+_KEYS = {
+    "compression": "CVMFS_COMPRESSION_ALGORITHM",
+    "hash_algorithm": "CVMFS_HASH_ALGORITHM",
+    "use_chunking": "CVMFS_USE_FILE_CHUNKING",
+    "min_chunk_size": "CVMFS_MIN_CHUNK_SIZE",
+    "avg_chunk_size": "CVMFS_AVG_CHUNK_SIZE",
+    "max_chunk_size": "CVMFS_MAX_CHUNK_SIZE",
+    "ttl": "CVMFS_REPOSITORY_TTL",
+    "file_mbyte_limit": "CVMFS_FILE_MBYTE_LIMIT",
+    "auto_tag": "CVMFS_AUTO_TAG",
+    "garbage_collection": "CVMFS_GARBAGE_COLLECTION",
+    "include_xattrs": "CVMFS_INCLUDE_XATTRS",
+    "whitelist_days": "CVMFS_ML_WHITELIST_DAYS",
+    "workers": "CVMFS_ML_PUBLISH_WORKERS",
+    "auto_min_saving": "CVMFS_ML_AUTO_MIN_SAVING",
+}
+
+
+@dataclass(frozen=True)
+class PublishSettings:
+    """How a repository's content is written.
+
+    ``compression='auto'`` (our default) stores a file uncompressed when zlib would save less
+    than ``auto_min_saving`` of it: model weights save 7-8% and inflate at ~300 MB/s per thread,
+    which makes zlib the largest cost of a cold load (performance-notes.md). ``file_mbyte_limit``
+    is off (0) by default because model files are large; upstream warns above 1024 MB.
+    """
+
+    compression: Compression = Compression.AUTO
+    hash_algorithm: Algorithm = Algorithm.SHA1
+    use_chunking: bool = True
+    min_chunk_size: int = 4 * 2**20
+    avg_chunk_size: int = 8 * 2**20
+    max_chunk_size: int = 16 * 2**20
+    ttl: int = 240
+    file_mbyte_limit: int = 0
+    auto_tag: bool = False
+    garbage_collection: bool = True
+    include_xattrs: bool = True
+    whitelist_days: int = 30
+    workers: int = 0  # 0: one per core
+    auto_min_saving: float = 0.10
+
+    @property
+    def chunk_params(self) -> ChunkParams:
+        return ChunkParams(self.min_chunk_size, self.avg_chunk_size, self.max_chunk_size)
+
+    @property
+    def worker_count(self) -> int:
+        return self.workers or max(2, os.cpu_count() or 2)
+
+    def with_(self, **changes: object) -> PublishSettings:
+        settings = replace(self, **changes)  # type: ignore[arg-type]
+        settings.chunk_params  # noqa: B018 - validates min < avg < max
+        return settings
+
+    def to_conf(self) -> str:
+        lines = []
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, Compression):
+                text = value.value
+            elif isinstance(value, Algorithm):
+                text = value.config_name
+            elif isinstance(value, bool):
+                text = "true" if value else "false"
+            else:
+                text = str(value)
+            lines.append(f"{_KEYS[f.name]}={text}")
+        return "\n".join(lines) + "\n"
+
+    @classmethod
+    def from_conf(cls, text: str, what: str = "server.conf") -> PublishSettings:
+        by_key = {v: k for k, v in _KEYS.items()}
+        values: dict[str, object] = {}
+        defaults = cls()
+        for number, raw in enumerate(text.splitlines(), 1):
+            line = raw.strip()
+            if not line or line.startswith("#"):
+                continue
+            key, sep, value = line.removeprefix("export ").partition("=")
+            if not sep:
+                raise ConfigError(f"{what}:{number}: expected KEY=value, got {raw!r}")
+            name = by_key.get(key.strip())
+            if name is None:
+                continue  # upstream keys we do not use are kept out of our way
+            value = " ".join(shlex.split(value)) if value.strip() else ""
+            values[name] = _parse_value(name, value, getattr(defaults, name), what)
+        try:
+            return defaults.with_(**values)
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(f"{what}: {exc}") from exc
+
+
+def _parse_value(name: str, value: str, default: object, what: str) -> object:
+    try:
+        if isinstance(default, Compression):
+            return Compression("zlib" if value == "default" else value)
+        if isinstance(default, Algorithm):
+            return Algorithm.from_name(value)
+        if isinstance(default, bool):
+            if value.lower() not in ("true", "false", "yes", "no", "1", "0"):
+                raise ValueError(value)
+            return value.lower() in ("true", "yes", "1")
+        if isinstance(default, float):
+            return float(value)
+        return int(value)
+    except ValueError as exc:
+        raise ConfigError(f"{what}: {_KEYS[name]}={value!r} is not a valid value") from exc
+
+
+def settings_path(keys_dir: Path, fqrn: str) -> Path:
+    return keys_dir / f"{fqrn}.server.conf"
+
+
+def load_settings(keys_dir: Path, fqrn: str) -> PublishSettings:
+    path = settings_path(keys_dir, fqrn)
+    if not path.exists():
+        return PublishSettings()
+    return PublishSettings.from_conf(path.read_text(), str(path))
+
+
+def save_settings(keys_dir: Path, fqrn: str, settings: PublishSettings) -> Path:
+    path = settings_path(keys_dir, fqrn)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(settings.to_conf())
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,208 @@
+"""A repository laid out as a Stratum 0 web root in a local folder (cvmfs-format.md §1).
+
+``<root>/.cvmfspublished``, ``<root>/.cvmfswhitelist``, ``<root>/data/00..ff/<hash><suffix>``
+and ``<root>/data/txn/`` for staging. Any static web server (nginx, ``cvmfs-ml serve``) serves the
+folder as it is. Every write is atomic: a temporary file in ``data/txn`` renamed into place, so a
+publisher killed at any point leaves only stray files in ``txn``.
+
+:class:`LocalStore` also offers the read interface of the HTTP fetcher (``fetch``,
+``fetch_into``), so the client reads a local repository through the same code path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import BinaryIO
+
+from cvmfs_ml.cvmfs.hashing import Digest, new_hasher
+from cvmfs_ml.cvmfs.objects import Decompressor
+from cvmfs_ml.errors import IntegrityError, NotFoundError
+
+__all__ = ["LocalStore", "ObjectWriter"]
+
+_SPILL_BYTES = 64 * 2**20  # objects larger than this are staged in a file, not in memory
+_READ_BLOCK = 4 * 2**20
+
+
+class ObjectWriter:
+    """Collects one object's stored bytes, then commits it under its name (or drops it).
+
+    Small objects stay in memory so that an object the store already has costs no disk write;
+    larger ones spill to a temporary file in ``data/txn``.
+    """
+
+    def __init__(self, store: LocalStore) -> None:
+        self._store = store
+        self._parts: list[bytes] = []
+        self._buffered = 0
+        self._file: BinaryIO | None = None
+        self.size = 0
+
+    def write(self, data: bytes | memoryview) -> None:
+        if not data:
+            return
+        self.size += len(data)
+        if self._file is None:
+            self._parts.append(bytes(data))
+            self._buffered += len(data)
+            if self._buffered > _SPILL_BYTES:
+                self._file = self._store._temp_file()
+                for part in self._parts:
+                    self._file.write(part)
+                self._parts = []
+        else:
+            self._file.write(data)
+
+    def commit(self, rel_path: str) -> bool:
+        """Store under ``rel_path``; returns False if the store already had it."""
+        if self._store.exists(rel_path):
+            self.discard()
+            return False
+        if self._file is None:
+            self._store.put_bytes(rel_path, b"".join(self._parts))
+            self._parts = []
+        else:
+            self._file.close()
+            target = self._store.path(rel_path)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(self._file.name, target)
+            self._file = None
+        return True
+
+    def discard(self) -> None:
+        self._parts = []
+        if self._file is not None:
+            self._file.close()
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._file.name)
+            self._file = None
+
+
+class LocalStore:
+    """Objects and root files of one repository in a local folder."""
+
+    def __init__(self, root: Path | str) -> None:
+        self.root = Path(root)
+
+    def __repr__(self) -> str:
+        return f"LocalStore({str(self.root)!r})"
+
+    # -- layout -------------------------------------------------------------------------------
+    def create_skeleton(self) -> None:
+        """``data/00`` .. ``data/ff`` and ``data/txn``, as ``cvmfs_server mkfs`` makes them."""
+        for i in range(256):
+            (self.root / "data" / f"{i:02x}").mkdir(parents=True, exist_ok=True)
+        (self.root / "data" / "txn").mkdir(parents=True, exist_ok=True)
+
+    def path(self, rel_path: str) -> Path:
+        rel = rel_path.lstrip("/")
+        if ".." in Path(rel).parts:
+            raise NotFoundError(rel_path, str(self.root))
+        return self.root / rel
+
+    def _temp_file(self) -> BinaryIO:
+        txn = self.root / "data" / "txn"
+        txn.mkdir(parents=True, exist_ok=True)
+        return tempfile.NamedTemporaryFile(dir=txn, prefix="obj.", delete=False)
+
+    # -- writing ------------------------------------------------------------------------------
+    def exists(self, rel_path: str) -> bool:
+        return self.path(rel_path).exists()
+
+    def put_bytes(self, rel_path: str, data: bytes, *, durable: bool = False) -> None:
+        """Write atomically; ``durable`` also fsyncs (used for the manifest and whitelist)."""
+        target = self.path(rel_path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with self._temp_file() as tmp:
+            tmp.write(data)
+            if durable:
+                tmp.flush()
+                os.fsync(tmp.fileno())
+        os.chmod(tmp.name, 0o644)
+        os.replace(tmp.name, target)
+
+    def object_writer(self) -> ObjectWriter:
+        return ObjectWriter(self)
+
+    def remove(self, rel_path: str) -> bool:
+        try:
+            self.path(rel_path).unlink()
+            return True
+        except FileNotFoundError:
+            return False
+
+    def clean_staging(self) -> int:
+        """Remove leftovers of killed publishers from ``data/txn``; returns how many."""
+        txn = self.root / "data" / "txn"
+        count = 0
+        if txn.is_dir():
+            for leftover in txn.iterdir():
+                with contextlib.suppress(OSError):
+                    leftover.unlink()
+                    count += 1
+        return count
+
+    # -- reading ------------------------------------------------------------------------------
+    def get_bytes(self, rel_path: str) -> bytes:
+        try:
+            return self.path(rel_path).read_bytes()
+        except FileNotFoundError as exc:
+            raise NotFoundError(rel_path, str(self.root)) from exc
+
+    def list_objects(self) -> Iterator[str]:
+        """Every object path (``data/xx/...``), excluding the staging area."""
+        data = self.root / "data"
+        if not data.is_dir():
+            return
+        for bucket in sorted(data.iterdir()):
+            if len(bucket.name) != 2 or not bucket.is_dir():
+                continue
+            for entry in sorted(bucket.iterdir()):
+                yield f"data/{bucket.name}/{entry.name}"
+
+    # -- the fetcher interface (same as client.fetcher.Fetcher) -------------------------------
+    def fetch(self, rel_path: str, expected: Digest | None, *, compressed: bool) -> bytes:
+        """Read an object, check its hash when ``expected`` is given, inflate if compressed."""
+        stored = self.get_bytes(rel_path)
+        if expected is not None:
+            hasher = new_hasher(expected.algorithm)
+            hasher.update(stored)
+            got = Digest(expected.algorithm, hasher.digest())
+            if got != expected:
+                raise IntegrityError(rel_path, expected.hex, got.hex)
+        if not compressed:
+            return stored
+        decompressor = Decompressor(rel_path)
+        return decompressor.decompress(stored) + decompressor.flush()
+
+    def fetch_into(
+        self, rel_path: str, expected: Digest | None, compressed: bool, fileobj: BinaryIO
+    ) -> int:
+        """Stream an object into ``fileobj`` with bounded memory; returns bytes written."""
+        hasher = new_hasher(expected.algorithm) if expected is not None else None
+        decompressor = Decompressor(rel_path) if compressed else None
+        written = 0
+        try:
+            source = self.path(rel_path).open("rb")
+        except FileNotFoundError as exc:
+            raise NotFoundError(rel_path, str(self.root)) from exc
+        with source:
+            while block := source.read(_READ_BLOCK):
+                if hasher is not None:
+                    hasher.update(block)
+                out = decompressor.decompress(block) if decompressor else block
+                fileobj.write(out)
+                written += len(out)
+        if decompressor is not None:
+            tail = decompressor.flush()
+            fileobj.write(tail)
+            written += len(tail)
+        if hasher is not None and expected is not None:
+            got = Digest(expected.algorithm, hasher.digest())
+            if got != expected:
+                raise IntegrityError(rel_path, expected.hex, got.hex)
+        return written
