@@ -127,8 +127,17 @@ class SquidRecord:
 
     @property
     def hit(self) -> bool:
-        """True when Squid answered from its cache without asking the origin."""
+        """True when Squid logged a cache hit (``TCP_HIT``, ``TCP_MEM_HIT``, ...)."""
         return "HIT" in self.result and "MISS" not in self.result
+
+    @property
+    def contacted_upstream(self) -> bool:
+        """False when the answer came from this Squid alone (``HIER_NONE``).
+
+        A request that joins a fetch still under way is logged as ``TCP_MISS`` but with
+        ``HIER_NONE``: no second upstream request. This is the timing-proof way to count.
+        """
+        return not self.hierarchy.startswith("HIER_NONE")
 
 
 # The format nginx (docs/nginx.conf) and cvmfs-ml's built-in server write: the request line,
@@ -223,6 +232,7 @@ server {{
     keepalive_timeout 75s;
     keepalive_requests 100000;
 
+    gzip off;
     etag off;
     if_modified_since off;
     add_header Last-Modified "";
@@ -287,7 +297,6 @@ CVMFS_SQUID_POLICY: tuple[str, ...] = (
     "minimum_expiry_time 0 seconds",
     "range_offset_limit -1",
     "quick_abort_min -1 KB",
-    "refresh_all_ims off",
 )
 
 
@@ -378,6 +387,7 @@ class Service:
     """
 
     binary: str = ""
+    stop_signal: int = signal.SIGTERM
     start_timeout: float = 20.0
     stop_timeout: float = 10.0
 
@@ -429,12 +439,17 @@ class Service:
             parts.append(f"--- {path} ---\n{text.rstrip()}")
         return "\n".join(parts) if parts else "(no logs written)"
 
+    def terminate(self) -> None:
+        """Ask the service to exit without waiting (stop several at once, then ``stop()``)."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(self.stop_signal)
+
     def stop(self) -> None:
         """Terminate the service and wait for it; kill it if it does not exit in time."""
         process = self.process
         if process is None or process.poll() is not None:
             return
-        process.terminate()
+        process.send_signal(self.stop_signal)
         try:
             process.wait(timeout=self.stop_timeout)
         except subprocess.TimeoutExpired:
@@ -490,6 +505,10 @@ class Service:
                     raise
 
     def _launch(self) -> None:
+        # The readiness check only sees that *something* answers on the port, so make sure
+        # nothing else does before we start.
+        if _port_answers(self.port):
+            raise ServiceError(f"{self.binary}: port {self.port} is already in use")
         self._prepare()
         with open(self.workdir / "output.log", "ab") as output:
             self.process = subprocess.Popen(
@@ -620,6 +639,10 @@ class Squid(Service):
     """
 
     binary = "squid"
+    # Squid's clean shutdown takes two seconds however idle it is (its shutdown timers tick in
+    # whole seconds). A test proxy holds nothing worth saving: its cache is memory only and its
+    # access log is written line by line. So stop() kills it; set SIGTERM for a clean shutdown.
+    stop_signal = signal.SIGKILL
 
     def __init__(
         self,

@@ -483,6 +483,9 @@ def test_accepts_every_buffer_type() -> None:
     assert cut_points(data.view(np.uint32), params) == expected
     assert cut_points(memoryview(array("I", data.tobytes())), params) == expected
     assert cut_points(data.reshape(64, 64), params) == expected
+    doubled = np.repeat(data, 2).tobytes()
+    assert cut_points(memoryview(doubled)[::2], params) == expected  # strided: copied
+    assert cut_points(np.repeat(data, 2)[::2], params) == expected
 
 
 def test_upstream_defaults() -> None:

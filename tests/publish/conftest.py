@@ -27,7 +27,7 @@ def make_repo(tmp_path: Path) -> Callable[..., Publisher]:
     counter = iter(range(1000))
 
     def make(fqrn: str = "t.test", **changes: object) -> Publisher:
-        root = tmp_path / f"srv{next(counter)}"
+        root = tmp_path / f"r{next(counter)}" / "srv"
         return create_repository(root, fqrn, settings=SMALL_CHUNKS.with_(**changes))
 
     return make

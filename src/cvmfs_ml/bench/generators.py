@@ -31,6 +31,7 @@ import os
 import shutil
 import struct
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from statistics import NormalDist
@@ -210,10 +211,39 @@ def llm_layout(total_bytes: int, hidden: int | None = None, dtype: str = "float1
     return LlmLayout(h, layers, h // 64, 4 * h, vocab, dtype, tuple(tensors))
 
 
-def _write_tensor(f: Any, spec: TensorSpec, dtype: str, seed: int, index: int) -> int:
+class _OverlappedWriter:
+    """A file whose writes run on a helper thread, so the next block is generated meanwhile.
+
+    At most one write is in flight, so memory stays at about two blocks.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self._file = open(path, "wb")  # noqa: SIM115 - closed in __exit__
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bench-writer")
+        self._pending: Future[int] | None = None
+
+    def write(self, data: bytes | memoryview) -> None:
+        if self._pending is not None:
+            self._pending.result()
+        self._pending = self._pool.submit(self._file.write, data)
+
+    def __enter__(self) -> _OverlappedWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            if self._pending is not None:
+                self._pending.result()
+        finally:
+            self._pool.shutdown()
+            self._file.close()
+
+
+def _write_tensor(w: _OverlappedWriter, spec: TensorSpec, dtype: str, seed: int,
+                  index: int) -> int:
     written = 0
     for block in _gaussian_blocks(spec.numel, dtype, seed, index, mean=spec.mean):
-        f.write(memoryview(block).cast("B"))
+        w.write(memoryview(block).cast("B"))  # the memoryview keeps the block alive
         written += block.nbytes
     return written
 
@@ -394,7 +424,7 @@ def make_llm_onnx(
             inits.append(numpy_helper.from_array(data.reshape(spec.shape), spec.name))
     elif one_file:
         location = "model.onnx.data"
-        with open(folder / location, "wb") as f:
+        with _OverlappedWriter(folder / location) as f:
             offset = 0
             for index, spec in enumerate(layout.tensors):
                 nbytes = spec.numel * _dtype_info(dtype)[0].itemsize
@@ -407,7 +437,7 @@ def make_llm_onnx(
                 offset += length
     else:
         for index, spec in enumerate(layout.tensors):
-            with open(folder / spec.name, "wb") as f:
+            with _OverlappedWriter(folder / spec.name) as f:
                 length = _write_tensor(f, spec, dtype, seed, index)
             inits.append(_external_tensor(spec, onnx_type, spec.name, 0, length))
     model = _finish_model(_llm_graph(layout, inits))
@@ -447,7 +477,7 @@ def make_safetensors(path: str | os.PathLike[str], total_bytes: int, dtype: str 
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "wb") as f:
+    with _OverlappedWriter(path) as f:
         f.write(struct.pack("<Q", len(blob)))
         f.write(blob)
         for index, spec in enumerate(layout.tensors):

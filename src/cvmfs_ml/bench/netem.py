@@ -34,7 +34,8 @@ __all__ = ["WAN_PROFILES", "DelayProxy", "WanProfile", "describe", "tc_netem_ava
 _READ_SIZE = 1024 * 1024  # bytes per recv(): large reads keep the per-byte cost low
 _WRITE_HIGH_WATER = 4 * 1024 * 1024
 _MIN_SLICE = 64 * 1024
-_SLICE_SECONDS = 0.002  # a capped pipe sends at most this much of its rate per wake-up
+_SLICE_SECONDS = 0.005  # a capped pipe waits until it may send this much of its rate at once
+_BURST_SECONDS = 0.05  # a bucket holds this much: late timer wake-ups are caught up, not lost
 _DEFAULT_BUFFER = 64 * 1024 * 1024
 
 
@@ -64,8 +65,9 @@ class _Bucket:
 
     def __init__(self, rate: float, now: float) -> None:
         self.rate = rate
-        self.burst = max(_MIN_SLICE, rate * _SLICE_SECONDS)
-        self.tokens = self.burst
+        self.slice = max(_MIN_SLICE, rate * _SLICE_SECONDS)
+        self.burst = max(2 * self.slice, rate * _BURST_SECONDS)
+        self.tokens = self.slice  # a new connection starts paced, not with a full burst
         self.stamp = now
 
     def available(self, now: float) -> float:
@@ -143,7 +145,7 @@ class _Pipe:
             n = len(data)
             if self.buckets:
                 avail = min(b.available(now) for b in self.buckets)
-                want = min(n, _MIN_SLICE)
+                want = min(n, min(b.slice for b in self.buckets))  # each burst >= it
                 if avail < want:
                     self._later(now + max(b.wait_for(want) for b in self.buckets))
                     return
@@ -179,6 +181,9 @@ class _Side(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
+        if self.conn.closed:  # the other side went away while this one was connecting
+            transport.abort()
+            return
         # Selector transports read ``self.max_size`` bytes per recv (256 KiB by default).
         transport.max_size = _READ_SIZE  # type: ignore[attr-defined]
         transport.set_write_buffer_limits(high=_WRITE_HIGH_WATER)
@@ -211,12 +216,15 @@ class _Connection:
     def __init__(self, proxy: DelayProxy) -> None:
         self.proxy = proxy
         now = proxy.loop.time()
-        handshake = now + proxy.rtt if proxy.model_handshake else 0.0
+        # The client's connect() returned at once on loopback; on a real network its first
+        # bytes would leave one RTT later (SYN, SYN-ACK) and arrive half an RTT after that.
+        handshake = now + proxy.rtt + proxy.delay if proxy.model_handshake else 0.0
         own = [_Bucket(proxy.rate, now)] if proxy.rate else []
         self.up = _Pipe(self, own + proxy.link_buckets[:1], handshake)
         own = [_Bucket(proxy.rate, now)] if proxy.rate else []
-        self.down = _Pipe(self, own + proxy.link_buckets[1:], handshake)
+        self.down = _Pipe(self, own + proxy.link_buckets[1:], 0.0)
         self.transports: list[asyncio.Transport] = []
+        self.connecting: asyncio.Task[None] | None = None
         self.closed = False
         self.finished_pipes = 0
 
@@ -243,6 +251,8 @@ class _Connection:
         self.proxy.connections.discard(self)
         self.proxy.bytes_up += self.up.forwarded
         self.proxy.bytes_down += self.down.forwarded
+        if self.connecting is not None and not self.connecting.done():
+            self.connecting.cancel()
         for pipe in (self.up, self.down):
             pipe.cancel()
         for t in self.transports:
@@ -333,6 +343,12 @@ class DelayProxy:
 
     def stats(self) -> dict[str, int]:
         """Bytes forwarded each way and connections seen, for sanity checks in reports."""
+        thread = self._thread
+        if thread is not None and thread.is_alive() and threading.current_thread() is not thread:
+            async def collect() -> dict[str, int]:
+                return self.stats()
+
+            return asyncio.run_coroutine_threadsafe(collect(), self.loop).result(timeout=10)
         live = list(self.connections)
         return {
             "bytes_up": self.bytes_up + sum(c.up.forwarded for c in live),
@@ -397,7 +413,7 @@ class DelayProxy:
         conn = _Connection(self)
         self.connections.add(conn)
         self.connections_accepted += 1
-        self.loop.create_task(conn.connect_upstream())
+        conn.connecting = self.loop.create_task(conn.connect_upstream())
         return conn.client_protocol()
 
     def _shutdown(self) -> None:
@@ -429,17 +445,20 @@ def tc_netem_available() -> bool:
 
 
 def describe(profile: str | WanProfile | None = None) -> str:
-    """Say which network emulation the benchmarks use here (and for ``profile``, what it is)."""
-    p = WAN_PROFILES[profile] if isinstance(profile, str) else profile
-    if p is None and (profile is None or profile == "loopback"):
-        what = "loopback, no emulation" if profile is not None else ""
-    else:
-        assert p is not None
-        scope = "per connection" if p.per_connection else "shared link"
-        rate = f", {p.rate_bytes_per_s / 1e6:g} MB/s {scope}" if p.rate_bytes_per_s else ""
-        what = f"rtt {p.rtt_ms:g} ms{rate}"
-    how = ("userspace asyncio delay-line TCP proxy (DelayProxy): latency, handshake RTT and "
-           "token-bucket rate caps; no loss, jitter or congestion-window dynamics")
+    """Say which network emulation the benchmarks use here (and, given ``profile``, its values).
+
+    ``describe("loopback")`` says that nothing is emulated; ``describe()`` describes the
+    mechanism only.
+    """
     netem = ("tc netem is available but not used" if tc_netem_available()
              else "tc netem is not available on this kernel")
-    return f"{what + ' via ' if what else ''}{how}; {netem}"
+    p = WAN_PROFILES[profile] if isinstance(profile, str) else profile
+    if p is None and profile is not None:
+        return f"loopback: no latency or rate emulation; {netem}"
+    how = ("userspace asyncio delay-line TCP proxy (DelayProxy): latency, handshake RTT and "
+           "token-bucket rate caps; no loss, jitter or congestion-window dynamics")
+    if p is None:
+        return f"{how}; {netem}"
+    scope = "per connection" if p.per_connection else "shared link"
+    rate = f", {p.rate_bytes_per_s / 1e6:g} MB/s {scope}" if p.rate_bytes_per_s else ""
+    return f"rtt {p.rtt_ms:g} ms{rate} via {how}; {netem}"

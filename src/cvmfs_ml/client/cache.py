@@ -21,6 +21,8 @@ Why it is safe with several processes and threads:
 * Readers that ``open()`` an object keep reading it even if it is evicted meanwhile (POSIX unlink
   semantics); :meth:`ObjectCache.get_path` callers must expect ``FileNotFoundError`` on a later
   open and refetch.
+* The cache must live on a local file system: SQLite's WAL mode does not work over NFS, and pins
+  and ``txn/`` files are matched to processes by pid.
 
 Corruption detection, and its trade-off: objects are stored decompressed, so their name (the hash
 of the compressed bytes) cannot be re-checked without recompressing. Instead the cachedb keeps
@@ -66,8 +68,8 @@ except ImportError:  # pragma: no cover - isal is an optional extra
 crc32: Callable[[bytes | memoryview, int], int] = _crc32_impl
 """CRC-32 (the zlib polynomial) as recorded in the cachedb ``checksum`` column."""
 
-ALWAYS_VERIFY_BYTES = 1 << 20
-"""Entries up to this size have their checksum verified on every lookup."""
+ALWAYS_VERIFY_BYTES = 64 * 1024
+"""Entries up to this size are checksummed on every lookup (larger ones once per process)."""
 
 _BUSY_TIMEOUT_MS = 60_000
 _QUARANTINE_KEEP = 16
@@ -202,10 +204,12 @@ class ObjectCache:
         self._lock = threading.RLock()
         self._pid = os.getpid()
         self._db: sqlite3.Connection | None = None
+        self._inherited: list[sqlite3.Connection] = []
         self._verified: dict[str, tuple[int, int, int]] = {}
         self._touches: dict[str, None] = {}
         self._last_flush = time.monotonic()
-        self._connect()
+        with self._locked():
+            self._connect()
         self._clean_txn()
 
     # ------------------------------------------------------------------ setup
@@ -218,14 +222,25 @@ class ObjectCache:
         self.txn_dir.mkdir(exist_ok=True)
         self.quarantine_dir.mkdir(exist_ok=True)
 
-    def _connect(self) -> sqlite3.Connection:
-        """The process's cachedb connection (re-opened after a fork)."""
-        if self._db is not None and self._pid == os.getpid():
-            return self._db
-        if self._pid != os.getpid():  # forked child: never reuse the parent's connection
+    def _locked(self) -> threading.RLock:
+        """This process's lock; after a fork, a fresh lock and connection (never the parent's).
+
+        The parent's connection object is kept, not closed: closing a SQLite connection in a
+        forked child can disturb the parent's file locks.
+        """
+        if self._pid != os.getpid():
             self._pid = os.getpid()
             self._lock = threading.RLock()
             self._touches = {}
+            if self._db is not None:
+                self._inherited.append(self._db)
+                self._db = None
+        return self._lock
+
+    def _connect(self) -> sqlite3.Connection:
+        """The process's cachedb connection (call with :meth:`_locked` held)."""
+        if self._db is not None:
+            return self._db
         db = sqlite3.connect(
             self.root / "cachedb",
             timeout=_BUSY_TIMEOUT_MS / 1000,
@@ -250,7 +265,8 @@ class ObjectCache:
             db.execute("INSERT OR IGNORE INTO properties VALUES ('size', 0)")
             db.execute("COMMIT")
         except BaseException:
-            db.execute("ROLLBACK")
+            if db.in_transaction:
+                db.execute("ROLLBACK")
             raise
         self._db = db
         return db
@@ -268,18 +284,19 @@ class ObjectCache:
     @contextlib.contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
         """A write transaction holding the cachedb lock across processes."""
-        with self._lock:
+        with self._locked():
             db = self._connect()
             db.execute("BEGIN IMMEDIATE")
             try:
                 yield db
             except BaseException:
-                db.execute("ROLLBACK")
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
                 raise
             db.execute("COMMIT")
 
     def _read(self, sql: str, args: tuple[object, ...] = ()) -> list[tuple[object, ...]]:
-        with self._lock:
+        with self._locked():
             return self._connect().execute(sql, args).fetchall()
 
     def _clean_txn(self) -> None:
@@ -454,10 +471,10 @@ class ObjectCache:
                     _pin(db, text, os.getpid())
                 if self.quota_bytes is not None and _total(db) > self.quota_bytes:
                     self._evict(db, self.quota_bytes // 2, keep=text)
+                st = final.stat()  # under the lock: nobody can evict it yet
         except BaseException:
             txn._discard()
             raise
-        st = final.stat()
         self._verified[text] = (st.st_ino, st.st_mtime_ns, st.st_size)
         txn.committed_path = final
         return final
@@ -522,7 +539,7 @@ class ObjectCache:
 
     def usage(self) -> CacheUsage:
         """Current size, entry count, bytes pinned by live processes, quota, quarantined files."""
-        with self._lock:
+        with self._locked():
             db = self._connect()
             total = _total(db)
             entries = db.execute("SELECT COUNT(*) FROM cache_catalog").fetchone()[0]
@@ -584,8 +601,8 @@ class ObjectCache:
 
     def close(self) -> None:
         """Write pending LRU updates and close the cachedb connection."""
-        with self._lock:
-            if self._db is None or self._pid != os.getpid():
+        with self._locked():
+            if self._db is None:
                 return
             if self._touches:
                 with self._write() as db:
@@ -603,7 +620,7 @@ class ObjectCache:
 
     def _touch(self, text: str) -> None:
         """Note a use for the LRU order; written in batches to keep lookups cheap."""
-        with self._lock:
+        with self._locked():
             self._touches.pop(text, None)
             self._touches[text] = None
             if len(self._touches) < 64 and time.monotonic() - self._last_flush < 1.0:

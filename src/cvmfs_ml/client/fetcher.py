@@ -596,7 +596,7 @@ def _check_status(response: urllib3.BaseHTTPResponse, proxy: str) -> None:
         return
     reason = f"HTTP {status}"
     if status in _REDIRECTS:
-        raise _Failure(_Kind.HOST, f"{reason} redirect (CVMFS_FOLLOW_REDIRECTS is off)")
+        raise _Failure(_Kind.HOST, f"{reason} redirect not followed (CVMFS_FOLLOW_REDIRECTS)")
     if status == 429:
         raise _Failure(_Kind.HOST_TRANSFER, f"{reason} (throttled)")
     if status // 100 == 5 or status in (400, 404):

@@ -1,9 +1,9 @@
 """The read API: open a repository, trust it, and read its tree (cvmfs-format.md §8.3, §10).
 
-Boot follows upstream's order: manifest -> certificate -> manifest signature -> whitelist (expiry,
-name, master-key signature, certificate fingerprint) -> root catalog. Every object is checked
-against its hash before use; catalogs and file chunks are kept decompressed in an
-:class:`~cvmfs_ml.client.cache.ObjectCache`; nested catalogs load on demand.
+Boot: manifest -> whitelist (master-key signature, name, expiry) -> certificate (hash,
+whitelisted fingerprint) -> manifest signature -> no rollback (the breadcrumb) -> root catalog.
+Every object is checked against its hash before use; catalogs and file chunks are kept
+decompressed in an :class:`~cvmfs_ml.client.cache.ObjectCache`; nested catalogs load on demand.
 
 The same class reads a local repository folder (:class:`~cvmfs_ml.storage.local.LocalStore`) and
 an HTTP one (:class:`~cvmfs_ml.client.fetcher.Fetcher`): both offer ``fetch`` and ``fetch_into``.
@@ -12,8 +12,13 @@ an HTTP one (:class:`~cvmfs_ml.client.fetcher.Fetcher`): both offer ``fetch`` an
 from __future__ import annotations
 
 import bisect
+import collections
+import contextlib
 import datetime as dt
+import fcntl
+import inspect
 import io
+import logging
 import os
 import posixpath
 import tempfile
@@ -24,27 +29,52 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Protocol
+from urllib.parse import urlsplit
 
 from cvmfs_ml.client.cache import ObjectCache
+from cvmfs_ml.client.config import DIRECT, parse_proxy_list, parse_server_urls
+from cvmfs_ml.client.prefetch import Fetched, Prefetcher
 from cvmfs_ml.cvmfs.catalog import Catalog, Chunk, DirectoryEntry
 from cvmfs_ml.cvmfs.hashing import Digest
 from cvmfs_ml.cvmfs.history import HistoryDb, Tag
 from cvmfs_ml.cvmfs.keys import load_public_keys
-from cvmfs_ml.cvmfs.manifest import Manifest, verify_manifest
+from cvmfs_ml.cvmfs.manifest import FqrnMismatchError, Manifest, verify_manifest
 from cvmfs_ml.cvmfs.objects import ObjectKind, object_path
-from cvmfs_ml.cvmfs.whitelist import Whitelist, verify_whitelist
+from cvmfs_ml.cvmfs.whitelist import Whitelist, certificate_fingerprint, verify_whitelist
 from cvmfs_ml.errors import (
+    ConfigError,
     CvmfsMlError,
+    DownloadError,
     FormatError,
     IntegrityError,
     NotFoundError,
     RollbackError,
     SignatureError,
+    TrustError,
 )
 
 __all__ = ["CvmfsFile", "FileLayout", "ObjectSource", "Repository"]
 
 _MAX_SYMLINK_DEPTH = 32
+
+log = logging.getLogger(__name__)
+
+FETCHER_OPTIONS = frozenset(
+    {
+        "timeout",
+        "timeout_direct",
+        "max_retries",
+        "backoff_init",
+        "backoff_max",
+        "follow_redirects",
+        "pool_size",
+        "proxy_reset_after",
+        "host_reset_after",
+        "user_agent",
+        "rng",
+    }
+)
+"""Keyword options of :meth:`Repository.connect` that configure the HTTP fetcher."""
 
 
 class ObjectSource(Protocol):
@@ -131,6 +161,7 @@ class Repository:
         self._inflight: dict[Digest, Future[Path]] = {}
         self.prefetch_min_bytes = prefetch_min_bytes
         self.tracer = tracer
+        self._init_refresh(pinned=tag is not None or root_hash is not None)
         self.manifest = self._boot()
         self.root_hash = self.manifest.catalog
         if tag is not None:
@@ -151,24 +182,43 @@ class Repository:
         public_key: str | os.PathLike[str] | Sequence[Any] | None = None,
         *,
         cache: ObjectCache | str | os.PathLike[str] | None = None,
-        proxy: str | None = None,
+        proxy: str | Sequence[Sequence[str]] | None = None,
+        quota_bytes: int | None = None,
         **options: Any,
     ) -> Repository:
-        """Open a local repository folder or an ``http(s)://.../cvmfs/<fqrn>`` URL (``;`` list)."""
+        """Open and verify a local repository folder or a chain of HTTP servers.
+
+        ``location`` is a folder (a Stratum 0/1 web root) or upstream's ``CVMFS_SERVER_URL``
+        syntax: ``;``-separated ``http(s)://host/cvmfs/<fqrn>`` prefixes, tried in order, with
+        ``@fqrn@`` and ``@org@`` replaced. ``fqrn`` defaults to the manifest's ``N`` (folder) or
+        the first URL's last component. ``proxy`` is ``CVMFS_HTTP_PROXY`` syntax (``;`` between
+        groups, ``|`` within one, ``DIRECT``) or already parsed groups; none means DIRECT.
+        ``public_key`` is a ``.pub`` file, a folder of them, ``a.pub:b.pub`` or loaded keys.
+        ``cache`` is an :class:`ObjectCache` or a folder for one (limited to ``quota_bytes``).
+        Fetcher settings (``timeout``, ``max_retries``, ``backoff_init``, ``pool_size``...) go to
+        the :class:`~cvmfs_ml.client.fetcher.Fetcher`; the other options to :class:`Repository`.
+        """
         text = os.fspath(location)
-        if isinstance(cache, (str, os.PathLike)):
-            cache = ObjectCache(Path(cache), None)
-        if text.startswith(("http://", "https://")):
+        fetcher_options = {k: options.pop(k) for k in list(options) if k in FETCHER_OPTIONS}
+        source: ObjectSource
+        if "://" in text:
             from cvmfs_ml.client.fetcher import Fetcher
 
-            urls = [u.rstrip("/") for u in text.split(";") if u]
-            fqrn = fqrn or urls[0].rsplit("/", 1)[-1]
-            urls = [u.replace("@fqrn@", fqrn) for u in urls]
-            groups = _proxy_groups(proxy)
-            source: ObjectSource = Fetcher(urls, groups)
+            if fqrn is None:
+                first = next((u.strip() for u in text.split(";") if u.strip()), "")
+                fqrn = urlsplit(first).path.rstrip("/").rsplit("/", 1)[-1]
+                if not fqrn or "@" in fqrn:
+                    raise ConfigError(
+                        f"CVMFS_SERVER_URL: cannot tell the repository name from {first!r}; "
+                        "pass the fqrn"
+                    )
+            groups = parse_proxy_list(proxy) if isinstance(proxy, str) else proxy
+            source = Fetcher(parse_server_urls(text, fqrn), groups or [[DIRECT]], **fetcher_options)
         else:
             from cvmfs_ml.storage.local import LocalStore
 
+            if fetcher_options:
+                raise ConfigError(f"{sorted(fetcher_options)} only apply to http(s) locations")
             folder = Path(text)
             source = LocalStore(folder)
             fqrn = fqrn or _manifest_fqrn(folder) or folder.name
@@ -179,7 +229,18 @@ class Repository:
             keys = load_public_keys(public_key)
         else:
             keys = list(public_key)
-        return cls(source, fqrn, public_keys=keys, cache=cache, **options)
+        own_cache = isinstance(cache, (str, os.PathLike))
+        if isinstance(cache, (str, os.PathLike)):
+            cache = ObjectCache(Path(cache), quota_bytes)
+        try:
+            return cls(source, fqrn, public_keys=keys, cache=cache, **options)
+        except BaseException:
+            close = getattr(source, "close", None)
+            if close is not None:
+                close()
+            if own_cache and isinstance(cache, ObjectCache):
+                cache.close()
+            raise
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -195,70 +256,206 @@ class Repository:
         self.close()
 
     # -- trust --------------------------------------------------------------------------------
-    def _boot(self) -> Manifest:
-        raw = self.source.fetch(".cvmfspublished", None, compressed=False)
+    def _init_refresh(self, *, pinned: bool) -> None:
+        """State for :meth:`refresh`: set before the first boot."""
+        self.pinned = pinned
+        """True when a root hash or tag was asked for: :meth:`refresh` never moves the tree."""
+        self.max_ttl: float | None = None
+        """Upper bound of :attr:`ttl` in seconds (upstream's ``CVMFS_MAX_TTL``, in minutes)."""
+        self._checked_at = time.monotonic()
+        self._refresh_lock = threading.Lock()
+        self._retired: list[dict[tuple[str, str], Catalog]] = []
+
+    def _boot(self, *, nocache: bool = False) -> Manifest:
+        """The newest trusted manifest: fetch and verify the manifest ensemble (§10.2).
+
+        A proxy may hold an outdated manifest or whitelist for up to a minute (or a damaged
+        one), so when verification fails the ensemble is fetched once more with
+        ``Cache-Control: no-cache`` before the error is raised. Download errors are not retried
+        here: the fetcher has already tried every proxy and host.
+        """
+        try:
+            return self._boot_once(nocache)
+        except (TrustError, FormatError) as exc:
+            if nocache or not _accepts_nocache(self.source):
+                raise
+            log.info("%s: %s; fetching the manifest again past proxy caches", self.fqrn, exc)
+            return self._boot_once(True)
+
+    def _fetch_root_file(self, name: str, nocache: bool) -> bytes:
+        if nocache:
+            return self.source.fetch(name, None, compressed=False, nocache=True)  # type: ignore[call-arg]
+        return self.source.fetch(name, None, compressed=False)
+
+    def _boot_once(self, nocache: bool) -> Manifest:
+        """Manifest -> whitelist (signature, name, expiry) -> certificate (hash, fingerprint)
+        -> manifest signature -> no rollback. Each failure raises its own error type."""
+        self._checked_at = time.monotonic()
+        raw = self._fetch_root_file(".cvmfspublished", nocache)
         manifest = Manifest.parse(raw)
         if manifest.fqrn is not None and manifest.fqrn != self.fqrn:
-            raise SignatureError(f".cvmfspublished is for {manifest.fqrn!r}, not {self.fqrn!r}")
+            raise FqrnMismatchError(".cvmfspublished", self.fqrn, manifest.fqrn)
         if not self._verify:
             return manifest
-        if manifest.certificate is None:
-            raise FormatError(".cvmfspublished", "no certificate (X) to verify the signature")
-        certificate = self.source.fetch(
-            object_path(manifest.certificate, ObjectKind.CERTIFICATE),
-            manifest.certificate,
-            compressed=True,
-        )
-        verify_manifest(raw, certificate, fqrn=self.fqrn)
         if not self._public_keys:
             raise SignatureError(
-                f"no public master key for {self.fqrn}: pass --key (the <fqrn>.pub file)"
+                f"no master public key for {self.fqrn} to verify .cvmfswhitelist with: pass the "
+                "<fqrn>.pub file (--key, CVMFS_PUBLIC_KEY or CVMFS_KEYS_DIR)"
             )
-        whitelist_raw = self.source.fetch(".cvmfswhitelist", None, compressed=False)
-        self.whitelist: Whitelist = verify_whitelist(
-            whitelist_raw, self._public_keys, self.fqrn, self._now or _utcnow()
+        whitelist = verify_whitelist(
+            self._fetch_root_file(".cvmfswhitelist", nocache),
+            self._public_keys,
+            self.fqrn,
+            self._now or _utcnow(),
         )
-        if not self.whitelist.accepts(certificate):
-            raise SignatureError(f"the certificate of {self.fqrn} is not listed in .cvmfswhitelist")
+        if manifest.certificate is None:
+            raise FormatError(".cvmfspublished", "no certificate (X) to verify the signature with")
+        certificate = self._certificate(manifest.certificate)
+        if not whitelist.accepts(certificate):
+            raise SignatureError(
+                f"{self.fqrn}: certificate {manifest.certificate.hex} (fingerprint "
+                f"{certificate_fingerprint(certificate)}) is not listed in .cvmfswhitelist"
+            )
+        verify_manifest(raw, certificate, fqrn=self.fqrn)
         self._check_breadcrumb(manifest)
+        self.whitelist: Whitelist = whitelist
+        self.certificate: bytes = certificate
         return manifest
+
+    def _certificate(self, digest: Digest) -> bytes:
+        """The PEM certificate ``X``: hash-checked, kept in the cache like upstream does."""
+        for _ in range(2):
+            path = self._object(digest, ObjectKind.CERTIFICATE, True)
+            try:
+                return path.read_bytes()
+            except FileNotFoundError:  # evicted by another process meanwhile
+                continue
+        return self.source.fetch(
+            object_path(digest, ObjectKind.CERTIFICATE), digest, compressed=True
+        )
 
     def _breadcrumb_path(self) -> Path:
         return Path(self.cache.root) / f"cvmfschecksum.{self.fqrn}"
 
     def _check_breadcrumb(self, manifest: Manifest) -> None:
-        """Refuse a manifest older than one already accepted (upstream's breadcrumb, §10.2)."""
+        """Refuse a manifest older than one already accepted, then remember this one (§10.2).
+
+        The breadcrumb ``cvmfschecksum.<fqrn>`` in the cache holds ``<catalog>T<time>R<rev>``
+        of the newest manifest any process using this cache has accepted, so a server (or a
+        proxy) replaying an older, validly signed manifest is caught even after a restart. It
+        only moves forward; a lock keeps concurrent processes from moving it back.
+        """
         path = self._breadcrumb_path()
         try:
-            text = path.read_text().strip()
-            _hash, _, rest = text.partition("T")
-            stamp, _, revision = rest.partition("R")
-            known_ts, known_rev = int(stamp), int(revision)
-        except (OSError, ValueError):
-            known_ts = known_rev = -1
-        if manifest.revision < known_rev or manifest.timestamp < known_ts:
-            raise RollbackError(
-                f"{self.fqrn}: server offers revision {manifest.revision} (T={manifest.timestamp})"
-                f" but revision {known_rev} (T={known_ts}) was already seen"
-            )
-        text = f"{manifest.catalog.hex}T{manifest.timestamp}R{manifest.revision}"
-        tmp = path.with_name(path.name + f".{os.getpid()}.{threading.get_ident()}")
-        try:
-            tmp.write_text(text)
-            os.replace(tmp, path)
+            lock = open(path.with_name(path.name + ".lock"), "a+")  # noqa: SIM115
         except OSError:
-            pass  # a read-only cache still reads; it only loses rollback protection
+            lock = None  # a read-only cache still reads; it only checks, never records
+        with lock if lock is not None else contextlib.nullcontext():
+            if lock is not None:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+            known = _read_breadcrumb(path)
+            if known is not None:
+                known_hash, known_ts, known_rev = known
+                if manifest.revision < known_rev or manifest.timestamp < known_ts:
+                    raise RollbackError(
+                        f"{self.fqrn}: the server offers revision {manifest.revision} "
+                        f"(published at T={manifest.timestamp}) but revision {known_rev} "
+                        f"(T={known_ts}) was already seen (breadcrumb {path}; delete it only if "
+                        "the repository was re-created on purpose)"
+                    )
+                if (known_hash, known_ts, known_rev) == (
+                    manifest.catalog.hex,
+                    manifest.timestamp,
+                    manifest.revision,
+                ):
+                    return
+            if lock is None:
+                return
+            text = f"{manifest.catalog.hex}T{manifest.timestamp}R{manifest.revision}"
+            tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+            try:
+                tmp.write_text(text)
+                os.replace(tmp, path)
+            except OSError:
+                with contextlib.suppress(OSError):
+                    tmp.unlink()
 
-    def refresh(self) -> bool:
-        """Re-read the manifest; switch to a newer revision. Returns True if it changed."""
-        manifest = self._boot()
-        if manifest.catalog == self.root_hash:
+    def refresh(self, *, nocache: bool = True) -> bool:
+        """Look for a new revision now and switch to it; True if the tree changed.
+
+        The new manifest goes through the whole trust chain and the rollback check; its root
+        catalog is fetched and verified before the switch, so readers never see a half-loaded
+        revision. A pinned repository (``root_hash`` or ``tag``) keeps its tree and only
+        updates :attr:`manifest` (new tags). ``nocache`` asks proxies for a fresh manifest: an
+        explicit refresh wants what was just published, not a copy up to a minute old;
+        :meth:`maybe_refresh`, which runs on the TTL, leaves proxy caches alone as upstream
+        does. An older manifest raises :class:`~cvmfs_ml.errors.RollbackError` and the
+        repository stays on its revision.
+        """
+        with self._refresh_lock:
+            manifest = self._boot(nocache=nocache)
+            current = self.manifest
+            if manifest.revision < current.revision or manifest.timestamp < current.timestamp:
+                raise RollbackError(
+                    f"{self.fqrn}: the server offers revision {manifest.revision} "
+                    f"(T={manifest.timestamp}), older than the open revision {current.revision} "
+                    f"(T={current.timestamp}); staying on revision {current.revision}"
+                )
+            if self.pinned or manifest.catalog == self.root_hash:
+                self.manifest = manifest
+                return False
+            root = self._load_catalog("", manifest.catalog)
+            with self._lock:
+                # Catalogs of the old tree stay open for readers still walking it; those two
+                # refreshes old are closed (a lookup takes milliseconds, a TTL minutes).
+                old = self._catalogs
+                self._catalogs = {("", manifest.catalog.hex): root}
+                self._retired.append(old)
+                expired = self._retired[:-2]
+                del self._retired[:-2]
+                self.manifest = manifest
+                self.root_hash = manifest.catalog
+                self.root = root
+            self._close_catalogs(expired)
+            return True
+
+    def _close_catalogs(self, generations: list[dict[tuple[str, str], Catalog]]) -> None:
+        in_use = {id(c) for c in self._catalogs.values()}
+        for generation in generations:
+            for (_mount, hex_digest), catalog in generation.items():
+                if id(catalog) in in_use:
+                    continue
+                catalog.close()
+                with contextlib.suppress(CvmfsMlError, OSError, ValueError):
+                    self.cache.unpin(Digest.from_hex(hex_digest))
+
+    @property
+    def ttl(self) -> float:
+        """Seconds between checks for a new revision: the root catalog's ``TTL`` property
+        (default 240), capped by :attr:`max_ttl` (§10.3; the manifest's ``D`` is not used)."""
+        ttl = float(self.root.ttl)
+        return min(ttl, self.max_ttl) if self.max_ttl is not None else ttl
+
+    @property
+    def refresh_due(self) -> bool:
+        """Whether :attr:`ttl` seconds have passed since the manifest was last checked."""
+        return time.monotonic() - self._checked_at >= self.ttl
+
+    def maybe_refresh(self) -> bool:
+        """:meth:`refresh` when the TTL has passed (call it from long-running readers).
+
+        Like upstream, a failed check (servers unreachable, an outdated or untrusted manifest)
+        keeps the current, already verified revision: it is logged, not raised, and retried
+        after another TTL.
+        """
+        if not self.refresh_due:
             return False
-        with self._lock:
-            self.manifest = manifest
-            self.root_hash = manifest.catalog
-            self.root = self._load_catalog("", manifest.catalog)
-        return True
+        try:
+            return self.refresh(nocache=False)
+        except (DownloadError, TrustError, FormatError) as exc:
+            self._checked_at = time.monotonic()
+            log.warning("%s: staying on revision %d: %s", self.fqrn, self.revision, exc)
+            return False
 
     @property
     def revision(self) -> int:
@@ -267,9 +464,20 @@ class Repository:
     # -- objects ------------------------------------------------------------------------------
     def _object(self, digest: Digest, kind: ObjectKind, compressed: bool) -> Path:
         """A verified, decompressed object in the cache (fetched once, even if asked twice)."""
+        return self._object_traced(digest, kind, compressed)[0]
+
+    def _object_traced(
+        self, digest: Digest, kind: ObjectKind, compressed: bool
+    ) -> tuple[Path, str, int]:
+        """:meth:`_object` and how it was served, for tracing: ``(path, how, net_bytes)``.
+
+        ``how`` is ``"hit"`` (in the cache), ``"fetch"`` (this call fetched it; ``net_bytes``
+        came over the network or out of the store) or ``"wait"`` (another thread was fetching
+        it and this call waited for that fetch).
+        """
         path = self.cache.get_path(digest)
         if path is not None:
-            return path
+            return path, "hit", 0
         with self._lock:
             future = self._inflight.get(digest)
             owner = future is None
@@ -278,21 +486,46 @@ class Repository:
                 self._inflight[digest] = future
         assert future is not None
         if not owner:
-            return future.result()
+            return future.result(), "wait", 0
         try:
+            rel = object_path(digest, kind)
             with self.cache.put_stream(digest) as sink:
-                self.source.fetch_into(object_path(digest, kind), digest, compressed, sink)
+                written = self.source.fetch_into(rel, digest, compressed, sink)
             path = self.cache.get_path(digest)
             if path is None:
                 raise IntegrityError(f"cache entry {digest.hex}", "stored", "missing")
             future.set_result(path)
-            return path
+            return path, "fetch", self._network_bytes(rel, written)
         except BaseException as exc:
             future.set_exception(exc)
             raise
         finally:
             with self._lock:
                 self._inflight.pop(digest, None)
+
+    _net_claimed = 0  # the fetcher's byte counter already attributed to traced fetches
+
+    def _network_bytes(self, rel: str, written: int) -> int:
+        """Bytes the fetch of ``rel`` moved: store file size, or the fetcher counter's growth.
+
+        The HTTP fetcher counts received bytes (retries and boot files included) but not per
+        call, so each fetch claims the growth since the previous claim: the total over a trace
+        is exact, the split between fetches that finish at the same moment is approximate.
+        """
+        stats = getattr(self.source, "stats", None)
+        received = getattr(stats, "bytes_received", None)
+        if isinstance(received, int):
+            with self._lock:
+                delta = received - self._net_claimed
+                self._net_claimed = max(self._net_claimed, received)
+            return max(0, delta)
+        local_path = getattr(self.source, "path", None)
+        if callable(local_path):
+            try:
+                return os.stat(local_path(rel)).st_size
+            except (OSError, TypeError, ValueError):
+                pass
+        return written
 
     def _load_catalog(self, mountpoint: str, digest: Digest) -> Catalog:
         key = (mountpoint, digest.hex)
@@ -391,42 +624,57 @@ class Repository:
         """The cached, verified bytes of piece ``index`` (fetching it if needed)."""
         return self._object(layout.pieces[index].digest, layout.kind, layout.compressed)
 
+    def piece_fetch(self, layout: FileLayout, index: int) -> tuple[Path, str, int]:
+        """:meth:`piece_path` and how it was served (``hit``/``fetch``/``wait``, net bytes)."""
+        return self._object_traced(layout.pieces[index].digest, layout.kind, layout.compressed)
+
     def open_file(self, path: str, *, prefetch: bool | None = None) -> CvmfsFile:
-        """A seekable binary file; large files are prefetched in parallel unless disabled."""
+        """A seekable binary file; large files are prefetched in parallel unless disabled.
+
+        ``prefetch=None`` queues every piece of files of ``prefetch_min_bytes`` or more;
+        smaller (or ``prefetch=False``) files get a sequential read-ahead instead.
+        """
         entry = self.resolve(path)
         layout = self.layout(entry)
         handle = CvmfsFile(self, entry.path, layout)
         if prefetch or (prefetch is None and layout.size >= self.prefetch_min_bytes):
-            self.prefetch_layout(layout)
+            self.prefetch_layout(layout, path=entry.path)
+            handle.prefetched = True
         return handle
 
     def read_bytes(self, path: str) -> bytes:
         with self.open_file(path, prefetch=False) as handle:
             return handle.read()
 
-    def prefetch_layout(self, layout: FileLayout) -> list[Future[Path]]:
-        return [
-            self._pool.submit(self.piece_path, layout, i)
-            for i in range(len(layout.pieces))
-            if self.cache.get_path(layout.pieces[i].digest) is None
-        ]
+    # -- prefetch -----------------------------------------------------------------------------
+    _prefetcher: Prefetcher | None = None
+    readahead_pieces = 3
+    """Pieces fetched ahead of a sequential reader of a file opened without full prefetch."""
+
+    @property
+    def prefetcher(self) -> Prefetcher:
+        """The shared prefetch queue (its pool has ``prefetch_workers`` threads)."""
+        prefetcher = self._prefetcher
+        if prefetcher is None:
+            with self._lock:
+                if self._prefetcher is None:
+                    self._prefetcher = Prefetcher(self, self._pool)
+                prefetcher = self._prefetcher
+        return prefetcher
+
+    def prefetch_layout(
+        self, layout: FileLayout, *, path: str | None = None
+    ) -> list[Future[Fetched]]:
+        """Queue every piece of a file on the shared pool (``path`` names it in traces)."""
+        return self.prefetcher.fetch_pieces(layout, path=path)
 
     def prefetch(self, path: str, *, wait: bool = True) -> int:
-        """Fetch every piece of a file, or of every file below a folder, in parallel."""
-        entry = self.resolve(path)
-        entries = (
-            [entry] if entry.is_regular else [e for e in self.walk(entry.path) if e.is_regular]
-        )
-        futures: list[Future[Path]] = []
-        total = 0
-        for item in entries:
-            layout = self.layout(item)
-            futures += self.prefetch_layout(layout)
-            total += layout.size
-        if wait:
-            for future in futures:
-                future.result()
-        return total
+        """Fetch every piece of a file, or of every file below a folder, in parallel.
+
+        Returns the bytes covered (the files' sizes). :func:`cvmfs_ml.client.prefetch.warm`
+        returns more detail and takes a concurrency.
+        """
+        return self.prefetcher.prefetch(path, wait_for=wait).bytes
 
     open = _ClassOrInstance(connect, open_file)
     """``Repository.open(location, ...)`` connects; ``repo.open(path)`` opens a file."""
@@ -444,16 +692,32 @@ class Repository:
 
 
 class CvmfsFile(io.RawIOBase):
-    """A read-only, seekable view of one file; pieces come from the cache, fetched lazily."""
+    """A read-only, seekable view of one file; pieces come from the cache, fetched lazily.
+
+    Safe for concurrent :meth:`pread` calls (FUSE serves one open file from many threads).
+    Open piece files are kept in a small LRU; a descriptor is closed only when no read is
+    using it, so a concurrent read never sees its descriptor closed (or reused) under it.
+    A reader that moves sequentially from piece to piece gets the next
+    ``repository.readahead_pieces`` pieces queued in the background, unless the whole file
+    was queued at open (``prefetched``).
+    """
+
+    max_open_pieces = 16
+    mode = "rb"
 
     def __init__(self, repository: Repository, path: str, layout: FileLayout) -> None:
         super().__init__()
         self.repository = repository
         self.name = path
         self.layout = layout
+        self.prefetched = False
+        self.readahead = int(getattr(repository, "readahead_pieces", 0))
         self._offsets = layout.offsets
         self._pos = 0
-        self._fds: dict[int, int] = {}
+        self._lock = threading.Lock()
+        self._fds: collections.OrderedDict[int, int] = collections.OrderedDict()
+        self._users: dict[int, int] = {}
+        self._last_index = -1
 
     def readable(self) -> bool:
         return True
@@ -482,40 +746,131 @@ class CvmfsFile(io.RawIOBase):
         self._pos = pos
         return pos
 
-    def _fd(self, index: int) -> int:
-        fd = self._fds.get(index)
-        if fd is None:
-            path = self.repository.piece_path(self.layout, index)
-            fd = os.open(path, os.O_RDONLY)
-            if len(self._fds) >= 8:  # keep a few pieces open for sequential readers
-                os.close(self._fds.pop(next(iter(self._fds))))
-            self._fds[index] = fd
-        return fd
+    # -- piece descriptors --------------------------------------------------------------------
+    def _index(self, offset: int) -> int:
+        return bisect.bisect_right(self._offsets, offset) - 1
 
+    def is_open(self, size: int, offset: int) -> bool:
+        """Whether a read of ``size`` bytes at ``offset`` needs no fetch and no cache lookup.
+
+        The FUSE layer answers such reads on its event loop instead of a worker thread.
+        """
+        end = min(offset + size, self.layout.size)
+        if offset >= end:
+            return True
+        with self._lock:
+            return all(
+                i in self._fds for i in range(self._index(offset), self._index(end - 1) + 1)
+            )
+
+    def _acquire(self, index: int) -> tuple[int, str, int]:
+        """An open descriptor of piece ``index`` (its use count raised), how, network bytes."""
+        with self._lock:
+            fd = self._fds.get(index)
+            if fd is not None:
+                self._fds.move_to_end(index)
+                self._users[index] = self._users.get(index, 0) + 1
+                return fd, "hit", 0
+        how, net = "hit", 0
+        for attempt in range(2):
+            path, got_how, got_net = self.repository.piece_fetch(self.layout, index)
+            if got_how != "hit":
+                how, net = "fetch", net + got_net
+            try:
+                fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+                break
+            except FileNotFoundError:  # evicted between lookup and open: look it up again
+                if attempt:
+                    raise
+        with self._lock:
+            existing = self._fds.get(index)
+            if existing is not None:  # another reader opened it meanwhile
+                os.close(fd)
+                fd = existing
+                self._fds.move_to_end(index)
+            else:
+                self._fds[index] = fd
+            self._users[index] = self._users.get(index, 0) + 1
+            self._close_idle()
+        return fd, how, net
+
+    def _release(self, index: int) -> None:
+        with self._lock:
+            left = self._users.get(index, 0) - 1
+            if left > 0:
+                self._users[index] = left
+            else:
+                self._users.pop(index, None)
+            self._close_idle()
+
+    def _close_idle(self) -> None:
+        """Close least recently used descriptors beyond the limit that no read is using."""
+        excess = len(self._fds) - self.max_open_pieces
+        if excess <= 0:
+            return
+        for index in [i for i in self._fds if i not in self._users][:excess]:
+            os.close(self._fds.pop(index))
+
+    def _drop(self, index: int) -> None:
+        with self._lock:
+            fd = self._fds.pop(index, None)
+            if fd is not None and index not in self._users:
+                os.close(fd)
+
+    def _note_piece(self, index: int) -> None:
+        """Queue read-ahead when a reader moves on to the next piece."""
+        last, self._last_index = self._last_index, index
+        if self.prefetched or self.readahead <= 0 or index == last:
+            return
+        if index == last + 1 or (last < 0 and index == 0):
+            self.repository.prefetcher.read_ahead(self.layout, index, self.readahead, self.name)
+
+    # -- reading ------------------------------------------------------------------------------
     def pread(self, size: int, offset: int) -> bytes:
         """Read ``size`` bytes at ``offset`` without moving the position (FUSE, fsspec)."""
-        out = bytearray()
         end = min(offset + size, self.layout.size)
+        if offset < 0:
+            raise OSError(22, "negative read offset")
+        if offset >= end:
+            return b""
         started = time.monotonic()
-        while offset < end:
-            index = bisect.bisect_right(self._offsets, offset) - 1
+        parts: list[bytes] = []
+        source, net = "hit", 0
+        pos = offset
+        while pos < end:
+            index = self._index(pos)
             piece = self.layout.pieces[index]
-            within = offset - piece.offset
-            want = min(end - offset, piece.size - within)
-            data = os.pread(self._fd(index), want, within)
+            within = pos - piece.offset
+            want = min(end - pos, piece.size - within)
+            fd, how, got = self._acquire(index)
+            try:
+                data = os.pread(fd, want, within)
+            finally:
+                self._release(index)
             if len(data) != want:
                 self.repository.cache.invalidate(piece.digest)
-                self._fds.pop(index, None)
+                self._drop(index)
                 raise IntegrityError(
                     f"{self.name} piece {index}", f"{want} bytes", f"{len(data)} bytes"
                 )
-            out += data
-            offset += want
-        if self.repository.tracer is not None:
-            self.repository.tracer.record(
-                self.name, offset - len(out), len(out), time.monotonic() - started
+            if how != "hit":
+                source, net = "fetch", net + got
+            self._note_piece(index)
+            parts.append(data)
+            pos += want
+        out = parts[0] if len(parts) == 1 else b"".join(parts)
+        tracer = self.repository.tracer
+        if tracer is not None:
+            tracer.record(
+                self.name,
+                offset,
+                len(out),
+                time.monotonic() - started,
+                source=source,
+                net_bytes=net,
+                size=self.layout.size,
             )
-        return bytes(out)
+        return out
 
     def readinto(self, buffer: Any) -> int:
         view = memoryview(buffer).cast("B")
@@ -524,15 +879,25 @@ class CvmfsFile(io.RawIOBase):
         self._pos += len(data)
         return len(data)
 
+    def read(self, size: int | None = -1) -> bytes:
+        """Read up to ``size`` bytes (all remaining by default) without an extra copy."""
+        if size is None or size < 0:
+            return self.readall()
+        data = self.pread(size, self._pos)
+        self._pos += len(data)
+        return data
+
     def readall(self) -> bytes:
         data = self.pread(max(0, self.layout.size - self._pos), self._pos)
         self._pos += len(data)
         return data
 
     def close(self) -> None:
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds.clear()
+        with self._lock:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
+            self._users.clear()
         super().close()
 
 
@@ -543,11 +908,23 @@ def _manifest_fqrn(folder: Path) -> str | None:
         return None
 
 
-def _proxy_groups(proxy: str | None) -> list[list[str]]:
-    if not proxy:
-        return [["DIRECT"]]
-    return [
-        [p.strip() for p in group.split("|") if p.strip()]
-        for group in proxy.split(";")
-        if group.strip()
-    ]
+def _read_breadcrumb(path: Path) -> tuple[str, int, int] | None:
+    """``(catalog hex, timestamp, revision)`` from a breadcrumb, or None (absent, unreadable)."""
+    try:
+        text = path.read_text().strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    digest, _, rest = text.partition("T")
+    stamp, _, revision = rest.partition("R")
+    try:
+        return digest, int(stamp), int(revision)
+    except ValueError:
+        return None  # upstream ignores a breadcrumb it cannot parse, too
+
+
+def _accepts_nocache(source: object) -> bool:
+    """Whether ``source.fetch`` can bypass proxy caches (the HTTP fetcher; not a folder)."""
+    try:
+        return "nocache" in inspect.signature(source.fetch).parameters  # type: ignore[attr-defined]
+    except (AttributeError, TypeError, ValueError):
+        return False

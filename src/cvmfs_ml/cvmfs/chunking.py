@@ -21,7 +21,7 @@ Why this is fast without a byte loop (performance-notes.md §4):
   bits, a run of equal bits is found with a handful of ``uint64`` word operations. Only the rare
   positions that pass this necessary test get their exact ``W`` computed. Data that defeats the
   filter (many candidates) falls back to the exact log-step, so results never depend on it.
-* Only ``[L+min-31, cut)`` is ever scanned, in blocks of about 1 MiB that stay in cache. numpy
+* Only ``[L+min-31, cut)`` is ever scanned, in blocks of 512 KiB that stay in cache. numpy
   releases the GIL, so two threads can chunk two files.
 """
 
@@ -108,8 +108,10 @@ def _as_u8(data: bytes | bytearray | memoryview | np.ndarray) -> np.ndarray:
     if isinstance(data, np.ndarray):
         return np.ascontiguousarray(data).reshape(-1).view(np.uint8)
     view = memoryview(data)
-    if view.ndim != 1 or view.format not in ("B", "b", "c"):
-        view = view.cast("B") if view.c_contiguous else memoryview(view.tobytes())
+    if not view.c_contiguous:
+        view = memoryview(view.tobytes())
+    elif view.ndim != 1 or view.format not in ("B", "b", "c"):
+        view = view.cast("B")
     return np.frombuffer(view, dtype=np.uint8)
 
 

@@ -174,10 +174,10 @@ def scan_tarball(path: Path, at: str = "") -> Iterator[SourceItem]:
                 continue
             repo_path = join_repo_path(at, relative)
             parents = []
-            parent = posixpath.dirname(repo_path)
+            parent = repo_path[: repo_path.rfind("/")]
             while parent and parent not in seen_dirs:
                 parents.append(parent)
-                parent = posixpath.dirname(parent)
+                parent = parent[: parent.rfind("/")]
             for missing in reversed(parents):
                 seen_dirs.add(missing)
                 yield SourceItem(path=missing, mode=stat.S_IFDIR | 0o755, mtime=now, size=4096)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,7 +21,7 @@ from typing import BinaryIO
 
 from cvmfs_ml.cvmfs.hashing import Digest, new_hasher
 from cvmfs_ml.cvmfs.objects import Decompressor
-from cvmfs_ml.errors import IntegrityError, NotFoundError
+from cvmfs_ml.errors import FormatError, IntegrityError, NotFoundError
 
 __all__ = ["LocalStore", "ObjectWriter"]
 
@@ -142,7 +143,10 @@ class LocalStore:
         if txn.is_dir():
             for leftover in txn.iterdir():
                 with contextlib.suppress(OSError):
-                    leftover.unlink()
+                    if leftover.is_dir() and not leftover.is_symlink():
+                        shutil.rmtree(leftover)
+                    else:
+                        leftover.unlink()
                     count += 1
         return count
 
@@ -186,6 +190,7 @@ class LocalStore:
         hasher = new_hasher(expected.algorithm) if expected is not None else None
         decompressor = Decompressor(rel_path) if compressed else None
         written = 0
+        inflate_error: FormatError | None = None
         try:
             source = self.path(rel_path).open("rb")
         except FileNotFoundError as exc:
@@ -194,15 +199,23 @@ class LocalStore:
             while block := source.read(_READ_BLOCK):
                 if hasher is not None:
                     hasher.update(block)
-                out = decompressor.decompress(block) if decompressor else block
+                if inflate_error is not None:
+                    continue  # keep hashing: a hash mismatch is the more precise diagnosis
+                try:
+                    out = decompressor.decompress(block) if decompressor else block
+                except FormatError as exc:
+                    inflate_error = exc
+                    continue
                 fileobj.write(out)
                 written += len(out)
-        if decompressor is not None:
-            tail = decompressor.flush()
-            fileobj.write(tail)
-            written += len(tail)
         if hasher is not None and expected is not None:
             got = Digest(expected.algorithm, hasher.digest())
             if got != expected:
                 raise IntegrityError(rel_path, expected.hex, got.hex)
+        if inflate_error is not None:
+            raise inflate_error
+        if decompressor is not None:
+            tail = decompressor.flush()
+            fileobj.write(tail)
+            written += len(tail)
         return written

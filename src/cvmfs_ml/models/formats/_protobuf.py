@@ -162,6 +162,12 @@ def _fits(fields: dict[int, int], schema: dict[int, int]) -> bool:
     return all(schema.get(n) == w for n, w in fields.items())
 
 
+def _plausible(number: int, wire: int) -> bool:
+    if number >= 200:
+        return wire == LEN
+    return _ONNX.get(number) == wire or (number == 10 and wire == VARINT)
+
+
 def _coreml_fits(fields: dict[int, int]) -> bool:
     return all(
         (n in (1, 10) and w == VARINT) or (n == 2 and w == LEN) or (n >= 200 and w == LEN)
@@ -194,19 +200,25 @@ def _classify(probe: Probe) -> str | None:
         for count, fld in enumerate(iter_fields(reader, 0, probe.size)):
             if count >= _MAX_TOP_FIELDS or fields.get(fld.number, fld.wire) != fld.wire:
                 return None
+            if not _plausible(fld.number, fld.wire):
+                return None  # fits none of the schemas: stop before reading any further
             fields[fld.number] = fld.wire
             first.setdefault(fld.number, fld)
     except ModelFormatError:
         return None
-    if _fits(fields, _ONNX) and 1 in first and (7 in fields or 8 in fields):
-        if 0 < first[1].value < 1000:
-            return "onnx"
-    if _coreml_fits(fields) and 1 in first and 0 < first[1].value < 1000:
-        if any(n >= 200 for n in fields) or (probe.suffix == ".mlmodel" and 2 in fields):
-            return "coreml"
-    if _fits(fields, _SAVEDMODEL) and 2 in first:
-        if probe.basename == "saved_model.pb" or _looks_like_metagraph(reader, first[2]):
-            return "tf-savedmodel"
+    version = first[1].value if 1 in first and first[1].wire == VARINT else 0
+    if _fits(fields, _ONNX) and 0 < version < 1000 and (7 in fields or 8 in fields):
+        return "onnx"
+    has_type = any(n >= 200 for n in fields) or (probe.suffix == ".mlmodel" and 2 in fields)
+    if _coreml_fits(fields) and 0 < version < 1000 and has_type:
+        return "coreml"
+    saved_model_name = probe.basename == "saved_model.pb"
+    if (
+        _fits(fields, _SAVEDMODEL)
+        and 2 in first
+        and (saved_model_name or _looks_like_metagraph(reader, first[2]))
+    ):
+        return "tf-savedmodel"
     return None
 
 

@@ -66,16 +66,24 @@ class Stub:
     """An instance of a global we refuse to import: it keeps its arguments and state only."""
 
     qualname = "?"
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    state: Any
+    items: dict[Any, Any]
+    list: list[Any]
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    # NEWOBJ calls only __new__ (REDUCE calls both), so the fields are set here.
+    def __new__(cls, *args: Any, **kwargs: Any) -> Stub:
+        self = super().__new__(cls)
         self.args = args
         self.kwargs = kwargs
-        self.state: Any = None
-        self.items: dict[Any, Any] = {}
-        self.list: list[Any] = []
+        self.state = None
+        self.items = {}
+        self.list = []
+        return self
 
-    def __new__(cls, *args: Any, **kwargs: Any) -> Stub:
-        return super().__new__(cls)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
 
     def __setstate__(self, state: Any) -> None:
         self.state = state
@@ -198,7 +206,6 @@ _SAFE: dict[tuple[str, str], Any] = {
     ("builtins", "tuple"): tuple,
     ("builtins", "set"): set,
     ("builtins", "frozenset"): frozenset,
-    ("builtins", "bytearray"): bytearray,
     ("builtins", "complex"): complex,
 }
 
@@ -296,32 +303,37 @@ def scan_globals(stream: Any, limit: int = 1000) -> tuple[list[str], str | None]
     reader's byte budget), in which case the list covers what was read.
     """
     found: list[str] = []
-    recent: list[str] = []
+    recent: list[str] = []  # strings pushed since the last other stack operation
     memo: dict[int, str] = {}
+    memo_count = 0  # MEMOIZE numbers every memoised object, strings or not
     try:
         for op, arg, _pos in pickletools.genops(stream):
             name = op.name
             if name in _STRING_OPS and isinstance(arg, str | bytes):
-                text = arg.decode("latin1") if isinstance(arg, bytes) else arg
-                recent = [*recent[-1:], text]
-            elif name == "MEMOIZE" and recent:
-                memo[len(memo)] = recent[-1]
-            elif name in ("BINPUT", "LONG_BINPUT", "PUT") and recent and isinstance(arg, int):
-                memo[arg] = recent[-1]
-            elif name in ("BINGET", "LONG_BINGET", "GET") and isinstance(arg, int):
-                if arg in memo:
-                    recent = [*recent[-1:], memo[arg]]
+                recent.append(arg.decode("latin1") if isinstance(arg, bytes) else arg)
+            elif name == "MEMOIZE":
+                if recent:
+                    memo[memo_count] = recent[-1]
+                memo_count += 1
+            elif name in ("BINPUT", "LONG_BINPUT", "PUT"):
+                if recent and isinstance(arg, int):
+                    memo[arg] = recent[-1]
+            elif name in ("BINGET", "LONG_BINGET", "GET") and isinstance(arg, int) and arg in memo:
+                recent.append(memo[arg])
             elif name in _GLOBAL_OPS:
                 if name == "STACK_GLOBAL":
                     qual = ".".join(recent[-2:]) if len(recent) >= 2 else "?"
                 else:
                     qual = str(arg).replace(" ", ".")
+                recent = []
                 if qual not in found:
                     found.append(qual)
                     if len(found) >= limit:
                         return found, f"stopped after {limit} globals"
-            if name == "STOP":
+            elif name == "STOP":
                 return found, None
+            elif name not in ("FRAME", "PROTO"):  # framing does not touch the stack
+                recent = []
     except Exception as exc:  # any malformed or truncated stream just ends the scan
         return found, f"{type(exc).__name__}: {exc}"
     return found, "stream ended without STOP"

@@ -115,7 +115,8 @@ class _Cursor:
         return self.take(self.string_length(part), part).decode("utf-8", errors="replace")
 
     def skip_string(self, part: str) -> None:
-        self.pos += self.string_length(part)
+        n = self.string_length(part)  # advances past the length word first
+        self.pos += n
 
 
 def _value(cur: _Cursor, vtype: int, key: str, depth: int = 0) -> Any:
@@ -163,7 +164,9 @@ def describe(f: ReadableFile, source: Source) -> ModelDescription:
     """Describe a GGUF file: its metadata key/values and tensor infos (no tensor data read)."""
     what = source.path
     reader = BlockReader(f, what)
-    head = reader.read_at(0, 8, "GGUF header") if reader.size >= 8 else b""
+    if reader.size < 16:
+        raise ModelFormatError(what, f"truncated GGUF header: the file has {reader.size} bytes")
+    head = reader.read_at(0, 8, "GGUF header")
     if head[:4] != MAGIC:
         raise ModelFormatError(what, f"bad GGUF magic {head[:4]!r} (expected b'GGUF')")
     order = _byte_order(head[4:8])

@@ -15,6 +15,7 @@ file is still detected (``"hdf5"``) and described minimally.
 from __future__ import annotations
 
 import json
+import zipfile
 from typing import Any
 
 from cvmfs_ml.models.formats._zip import member_file, open_zip, read_member
@@ -36,6 +37,7 @@ _SUPERBLOCK_OFFSETS = (0, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536)
 _KERAS_ATTRS = ("keras_version", "model_config", "layer_names")
 _MAX_JSON = 64 << 20
 _MAX_LISTED = 100_000
+_MAX_DEFLATED = 256 << 20
 
 
 def find_superblock(probe: Probe) -> int | None:
@@ -104,9 +106,15 @@ def _describe_keras_zip(f: ReadableFile, source: Source) -> ModelDescription:
         }
         desc.inputs = _input_layers(config)
         desc.metadata["assets"] = [n for n in names if n.startswith("assets/")][:100]
-        if "model.weights.h5" in names:
+        info = z.getinfo("model.weights.h5") if "model.weights.h5" in names else None
+        if info is not None and (
+            info.compress_type == zipfile.ZIP_STORED or info.file_size <= _MAX_DEFLATED
+        ):
             with member_file(z, f, "model.weights.h5", what) as member:
                 _count_h5(member, f"{what}!model.weights.h5", desc, keras=True)
+        elif info is not None:
+            # h5py seeks backwards, which re-inflates a compressed member from its start.
+            desc.warnings.append("model.weights.h5 is compressed and large: weights not counted")
         else:
             desc.warnings.append("no model.weights.h5 in the archive")
     return desc
@@ -146,7 +154,7 @@ def _describe_h5(f: ReadableFile, source: Source) -> ModelDescription:
                 desc.inputs = _input_layers(parsed)
         else:
             desc.metadata["weights_only"] = True
-        root = h5["model_weights"] if "model_weights" in h5 else h5
+        root = h5.get("model_weights", h5)
         _walk(root, desc, keras=True)
     return desc
 

@@ -44,8 +44,11 @@ _FRAMEWORKS = (
 
 
 def _compression(head: bytes) -> str | None:
-    if len(head) >= 2 and head[0] & 0x0F == 8 and head[0] >> 4 <= 7 and (
-        (head[0] << 8 | head[1]) % 31 == 0
+    if (
+        len(head) >= 2
+        and head[0] & 0x0F == 8
+        and head[0] >> 4 <= 7
+        and ((head[0] << 8 | head[1]) % 31 == 0)
     ):
         return "zlib"
     if head.startswith(b"\x1f\x8b"):
@@ -114,10 +117,14 @@ class _Budget(io.RawIOBase):
         super().__init__()
         self.f = f
         self.left = budget
+        self.pos = 0
         self.exhausted = False
 
     def readable(self) -> bool:
         return True
+
+    def tell(self) -> int:  # pickletools.genops reports opcode positions through tell()
+        return self.pos
 
     def read(self, size: int = -1, /) -> bytes:
         if size is None or size < 0 or size > self.left:
@@ -125,6 +132,7 @@ class _Budget(io.RawIOBase):
             self.exhausted = True
         data = self.f.read(size)
         self.left -= len(data)
+        self.pos += len(data)
         return data
 
     def readline(self, size: int | None = -1, /) -> bytes:

@@ -136,6 +136,7 @@ def _load_pickle(z: zipfile.ZipFile, name: str, what: str, desc: ModelDescriptio
 def _count_tensors(root: Any, storage_sizes: dict[str, int], desc: ModelDescription) -> None:
     seen: set[tuple[Any, ...]] = set()
     params = 0
+    by_key: dict[str, int] = {}
     missing: set[str] = set()
     for path, t in iter_tensors(root):
         key = (t.storage.key if t.storage else id(t), t.offset, t.shape, t.stride)
@@ -143,12 +144,16 @@ def _count_tensors(root: Any, storage_sizes: dict[str, int], desc: ModelDescript
             continue
         seen.add(key)
         params += t.numel
+        add_dtype(by_key, path.partition(".")[0], t.numel)
         add_dtype(desc.dtypes, t.dtype, t.numel)
         desc.weights.append(TensorInfo(path, t.dtype, t.shape))
         if isinstance(t.storage, StorageRef) and t.storage.key not in storage_sizes:
             missing.add(t.storage.key)
     desc.parameters = params
     desc.tensors = len(seen)
+    if isinstance(root, dict) and len(by_key) > 1 and len(by_key) < len(seen):
+        # A training checkpoint ({"model": ..., "optimizer": ...}): say where elements are.
+        desc.metadata["parameters_by_key"] = by_key
     if missing:
         desc.warnings.append(f"storage records missing from the archive: {sorted(missing)[:10]}")
 
@@ -207,6 +212,6 @@ def _describe_script(
         return
     for param in _split_params(match.group(1))[1:]:  # drop self
         name, _, annotation = param.partition(":")
+        annotation = annotation.partition("=")[0]  # drop a default value
         desc.inputs.append(TensorInfo(name.strip(), annotation.strip() or "Any", ()))
     desc.outputs.append(TensorInfo("output", match.group(2).strip(), ()))
-

@@ -125,9 +125,7 @@ def _describe_header(header: dict[str, Any], data_size: int, what: str) -> Model
     return desc
 
 
-def _tensor_entry(
-    name: str, info: Any, what: str
-) -> tuple[str, tuple[int, ...], int, int]:
+def _tensor_entry(name: str, info: Any, what: str) -> tuple[str, tuple[int, ...], int, int]:
     if not isinstance(info, dict):
         raise ModelFormatError(what, f"tensor {name!r}: entry is not an object")
     dtype = info.get("dtype")

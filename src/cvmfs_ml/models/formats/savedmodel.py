@@ -74,9 +74,7 @@ def describe_dir(source: DirSource, listdir: Any = None) -> ModelDescription:
     variables: list[str] = []
     if listdir is not None:
         try:
-            variables = sorted(
-                f"variables/{n}" for n in listdir(source.sibling("variables"))
-            )
+            variables = sorted(f"variables/{n}" for n in listdir(source.sibling("variables")))
         except OSError:
             variables = []
     else:
@@ -134,9 +132,7 @@ def _signature(data: bytes, what: str) -> dict[str, Any]:
     for fld in iter_fields_bytes(data, what):
         if fld.number in (1, 2) and fld.wire == LEN:
             key, value = _map_entry(_sub(data, fld), what)
-            sig["inputs" if fld.number == 1 else "outputs"].append(
-                _tensor_info(key, value, what)
-            )
+            sig["inputs" if fld.number == 1 else "outputs"].append(_tensor_info(key, value, what))
         elif fld.number == 3 and fld.wire == LEN:
             sig["method_name"] = _text(data, fld)
     return sig
@@ -178,14 +174,17 @@ def describe(f: ReadableFile, source: Source) -> ModelDescription:
     desc = ModelDescription(format=FORMAT, framework="tensorflow")
     desc.metadata = {
         "saved_model_schema_version": schema_version,
-        "meta_graphs": [{"tags": g["tags"], "tensorflow_version": g["tensorflow_version"]}
-                        for g in graphs],  # fmt: skip
+        "meta_graphs": [
+            {"tags": g["tags"], "tensorflow_version": g["tensorflow_version"]} for g in graphs
+        ],
         "signatures": {
-            k: {"method_name": v["method_name"],
+            k: {
+                "method_name": v["method_name"],
                 "inputs": [t.to_json() for t in v["inputs"]],
-                "outputs": [t.to_json() for t in v["outputs"]]}
+                "outputs": [t.to_json() for t in v["outputs"]],
+            }
             for k, v in signatures.items()
-        },  # fmt: skip
+        },
     }
     main = signatures.get("serving_default") or next(iter(signatures.values()), None)
     if main is not None:

@@ -1,103 +1,27 @@
-"""The ``cvmfs-ml`` command line (docs/cli.md is the contract).
-
-Every command exits 0 on success and non-zero with a one-line reason on stderr otherwise;
-commands that print data take ``--json``.
-"""
+"""``cvmfs-ml repo ...``: create, publish and inspect repositories."""
 
 from __future__ import annotations
 
 import datetime as dt
 import json
-import os
 import stat
 import sys
-from collections.abc import Callable
-from functools import wraps
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated
 
 import typer
 
-from cvmfs_ml.errors import CvmfsMlError
+from cvmfs_ml.cli.common import (
+    JsonOption,
+    KeyOption,
+    TagOption,
+    _entry_json,
+    _fail,
+    friendly,
+    open_repository,
+)
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, help="CernVM-FS for ML models.")
 repo_app = typer.Typer(no_args_is_help=True, help="Create, publish and inspect repositories.")
-app.add_typer(repo_app, name="repo")
-
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-def _fail(message: str, code: int = 1) -> typer.Exit:
-    typer.echo(f"cvmfs-ml: {message}", err=True)
-    return typer.Exit(code)
-
-
-def friendly(func: F) -> F:
-    """Turn our errors (and missing files) into one line on stderr and exit code 1."""
-
-    @wraps(func)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return func(*args, **kwargs)
-        except (CvmfsMlError, FileNotFoundError, NotADirectoryError, IsADirectoryError) as exc:
-            raise _fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from exc
-        except BrokenPipeError:
-            raise typer.Exit(0) from None
-
-    return wrapper  # type: ignore[return-value]
-
-
-# -- helpers -------------------------------------------------------------------------------------
-def _default_key(location: str) -> Path | None:
-    """For a local repository, the master public key stored by ``repo create``."""
-    if location.startswith(("http://", "https://")):
-        return None
-    from cvmfs_ml.cvmfs.manifest import Manifest
-    from cvmfs_ml.publish.repository import default_keys_dir
-
-    folder = Path(location)
-    try:
-        fqrn = Manifest.parse((folder / ".cvmfspublished").read_bytes()).fqrn or folder.name
-    except OSError:
-        return None
-    candidate = default_keys_dir(folder) / f"{fqrn}.pub"
-    return candidate if candidate.exists() else None
-
-
-def open_repository(
-    location: str, key: str | None, tag: str | None = None, **options: Any
-) -> Any:
-    from cvmfs_ml.client.repository import Repository
-
-    public_key = key or _default_key(location)
-    if public_key is None:
-        raise _fail(f"no public key for {location}: pass --key <fqrn>.pub")
-    return Repository.open(location, public_key=public_key, tag=tag, **options)
-
-
-KeyOption = Annotated[
-    str | None, typer.Option("--key", help="master public key: a .pub file or a folder of them")
-]
-TagOption = Annotated[str | None, typer.Option("--tag", help="read this tag instead of HEAD")]
-JsonOption = Annotated[bool, typer.Option("--json", help="print JSON")]
-
-
-def _entry_json(entry: Any) -> dict[str, Any]:
-    kind = "dir" if entry.is_dir else "symlink" if entry.is_symlink else "file"
-    if not (entry.is_dir or entry.is_symlink or entry.is_regular):
-        kind = "special"
-    return {
-        "path": entry.path or "/",
-        "type": kind,
-        "size": entry.size,
-        "mode": f"{stat.S_IMODE(entry.mode):04o}",
-        "target": entry.symlink if entry.is_symlink else None,
-        "mtime": entry.mtime,
-        "chunked": entry.is_chunked,
-        "compressed": entry.is_compressed if entry.is_regular else None,
-        "hash": entry.digest.hex if entry.digest else None,
-        "nested_catalog": bool(entry.is_nested_mountpoint or entry.is_nested_root),
-    }
 
 
 # -- repo ----------------------------------------------------------------------------------------
@@ -108,7 +32,9 @@ def repo_create(
     fqrn: Annotated[str, typer.Option("--fqrn", help="repository name, e.g. models.cern.ch")],
     keys: Annotated[Path | None, typer.Option("--keys", help="keys folder (ROOT/../keys)")] = None,
     compression: Annotated[str, typer.Option(help="auto | zlib | none | isal")] = "auto",
-    hash_algorithm: Annotated[str, typer.Option("--hash", help="sha1 | rmd160 | shake128")] = "sha1",
+    hash_algorithm: Annotated[
+        str, typer.Option("--hash", help="sha1 | rmd160 | shake128")
+    ] = "sha1",
     chunks: Annotated[
         str, typer.Option(help="MIN/AVG/MAX chunk sizes in MiB, e.g. 4/8/16; 'off' disables")
     ] = "4/8/16",
@@ -215,8 +141,16 @@ def repo_check(
     with open_repository(repo, key) as repository:
         report = check_repository(repository, data=not no_data)
     if as_json:
-        typer.echo(json.dumps({"ok": report.ok, "catalogs": report.catalogs,
-                               "objects": report.objects, "problems": report.problems}))
+        typer.echo(
+            json.dumps(
+                {
+                    "ok": report.ok,
+                    "catalogs": report.catalogs,
+                    "objects": report.objects,
+                    "problems": report.problems,
+                }
+            )
+        )
     else:
         for problem in report.problems:
             typer.echo(f"problem: {problem}", err=True)
@@ -304,13 +238,23 @@ def repo_tags(
     with open_repository(repo, key) as repository:
         tags = sorted(repository.tags(), key=lambda t: (t.revision, t.name))
     if as_json:
-        typer.echo(json.dumps([
-            {"name": t.name, "revision": t.revision, "root_catalog": t.root_catalog.hex,
-             "timestamp": t.timestamp, "description": t.description} for t in tags
-        ]))
+        typer.echo(
+            json.dumps(
+                [
+                    {
+                        "name": t.name,
+                        "revision": t.revision,
+                        "root_catalog": t.root_catalog.hex,
+                        "timestamp": t.timestamp,
+                        "description": t.description,
+                    }
+                    for t in tags
+                ]
+            )
+        )
         return
     for t in tags:
-        when = dt.datetime.fromtimestamp(t.timestamp, dt.timezone.utc).strftime("%Y-%m-%d %H:%M")
+        when = dt.datetime.fromtimestamp(t.timestamp, dt.UTC).strftime("%Y-%m-%d %H:%M")
         typer.echo(f"{t.name:<24} r{t.revision:<5} {when}  {t.root_catalog.hex}  {t.description}")
 
 
@@ -348,8 +292,9 @@ def repo_gc(
 
     report = collect_garbage(Publisher.open(repo, keys), dry_run=dry_run)
     verb = "would remove" if dry_run else "removed"
-    typer.echo(f"{verb} {report.removed} objects ({report.bytes_removed / 1e6:.1f} MB), "
-               f"kept {report.kept}")
+    typer.echo(
+        f"{verb} {report.removed} objects ({report.bytes_removed / 1e6:.1f} MB), kept {report.kept}"
+    )
 
 
 @repo_app.command("tag")
@@ -400,33 +345,3 @@ def repo_resign(
     publisher = Publisher.open(repo, keys)
     publisher.resign(valid_for=dt.timedelta(days=days) if days else None)
     typer.echo(f"whitelist of {publisher.fqrn} re-signed")
-
-
-# -- serve ---------------------------------------------------------------------------------------
-@app.command("serve")
-@friendly
-def serve(
-    root: Annotated[Path, typer.Argument(help="folder holding <fqrn>/ repository folders")],
-    port: Annotated[int, typer.Option("--port")] = 8080,
-    host: Annotated[str, typer.Option("--host")] = "127.0.0.1",
-) -> None:
-    """Serve ROOT/<fqrn>/ at http://HOST:PORT/cvmfs/<fqrn> (cache headers as a Stratum 1)."""
-    from cvmfs_ml.storage.http import RepositoryServer
-
-    server = RepositoryServer(root, host=host, port=port)
-    typer.echo(f"serving {root} at {server.url}/cvmfs/<fqrn>", err=True)
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.stop()
-
-
-def main() -> None:
-    os.environ.setdefault("PYTHONUNBUFFERED", "1")
-    app()
-
-
-if __name__ == "__main__":
-    main()

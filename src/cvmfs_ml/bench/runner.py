@@ -1,0 +1,878 @@
+"""The benchmark runner: model × storage mode × cache state × network, each in a fresh process.
+
+:func:`run_profile` is ``cvmfs-ml bench run``. It
+
+1. builds the profile's models (:mod:`cvmfs_ml.bench.zoo`; reused across runs),
+2. publishes them into one cvmfs-ml repository and serves it (nginx as in docs/nginx.conf,
+   or the built-in server), with the plain model folders beside it for the download mode and
+   a docker-registry for the OCI mode,
+3. for every network (loopback, or a :data:`~cvmfs_ml.bench.netem.WAN_PROFILES` entry emulated
+   by a :class:`~cvmfs_ml.bench.netem.DelayProxy` in front of the servers), every storage mode,
+   model and cache state: prepares the caches, runs ``repeats`` measurements, each in a fresh
+   :mod:`~cvmfs_ml.bench.worker` process, and counts what reached the origin,
+4. optionally runs N concurrent cold clients through one Squid, and records access patterns
+   (the FUSE client's read trace and mincore residency after a cold load) as heat maps,
+5. checks the results for sanity (identical outputs everywhere, hot not slower than cold,
+   cold runs really started cold) and writes the report (:mod:`cvmfs_ml.bench.report`).
+
+Nothing here asserts timings; the checks compare runs of the same scenario family only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cvmfs_ml.bench import report as rpt
+from cvmfs_ml.bench.modes import (
+    CacheState,
+    Endpoint,
+    FuseMode,
+    ModeContext,
+    StorageMode,
+    make_mode,
+)
+from cvmfs_ml.bench.netem import WAN_PROFILES, DelayProxy
+from cvmfs_ml.bench.netem import describe as describe_network
+from cvmfs_ml.bench.services import OriginCounters
+from cvmfs_ml.bench.zoo import BuiltModel, ModelSpec, build_model, missing_dependency, model_record
+from cvmfs_ml.errors import ConfigError, CvmfsMlError
+
+__all__ = [
+    "FQRN",
+    "PROFILES",
+    "BenchEnvironment",
+    "Profile",
+    "default_workdir",
+    "run_concurrency",
+    "run_profile",
+    "run_worker",
+]
+
+FQRN = "bench.cvmfs-ml.test"
+_MiB = 2**20
+_STATE_ORDER = (CacheState.COLD, CacheState.WARM, CacheState.HOT)
+HOT_TOLERANCE = (1.25, 0.05)
+"""hot counts as slower than cold only above cold × 1.25 + 50 ms (noise on tiny models)."""
+
+
+@dataclass(frozen=True)
+class Profile:
+    """What a benchmark run covers. ``short`` is the CI profile, ``full`` the real one.
+
+    ``network_modes``/``network_models`` restrict what runs on emulated WAN links (the matrix
+    grows fast); ``access_models`` are recorded as access patterns (traced FUSE load and mincore
+    residency) whether or not they are in ``models``. ``concurrency`` lists client counts for
+    the Squid experiment (needs nginx and squid), run with ``concurrency_model``.
+    """
+
+    name: str
+    models: tuple[ModelSpec, ...]
+    modes: tuple[str, ...] = ("local", "fuse", "fsspec")
+    states: tuple[str, ...] = ("cold", "warm", "hot")
+    networks: tuple[str, ...] = ("loopback",)
+    repeats: int = 3
+    inference_runs: int = 10
+    threads: int = 1
+    origin: str = "builtin"  # "builtin" | "nginx" (falls back to builtin when missing)
+    squid: bool = False  # matrix clients go through a Squid
+    network_modes: tuple[str, ...] = ("fuse", "fsspec", "download")
+    network_models: tuple[str, ...] = ()
+    access_models: tuple[ModelSpec, ...] = ()
+    concurrency: tuple[int, ...] = ()
+    concurrency_model: str = ""
+    compression: str = "auto"
+    timeout: float = 900.0
+    ort_config: dict[str, str] = field(default_factory=dict)
+
+    def with_(self, **changes: Any) -> Profile:
+        return replace(self, **changes)
+
+    def record(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["models"] = [asdict(m) for m in self.models]
+        d["access_models"] = [asdict(m) for m in self.access_models]
+        return d
+
+
+_SMALL_LLM = ModelSpec("llm-24m", "llm", size=24 * _MiB, dtype="float32")
+PROFILES: dict[str, Profile] = {
+    "short": Profile(
+        name="short",
+        models=(ModelSpec("mlp", "mlp"), ModelSpec("part", "part"), _SMALL_LLM),
+        modes=("local", "fuse", "fsspec"),
+        states=("cold", "hot"),
+        repeats=3,
+        inference_runs=10,
+        access_models=(_SMALL_LLM, ModelSpec("st-16m", "safetensors", 16 * _MiB, "float16"),
+                       ModelSpec("pt-16m", "torch", 16 * _MiB, "float16")),
+        timeout=120.0,
+    ),
+    "full": Profile(
+        name="full",
+        models=(ModelSpec("mlp", "mlp"), ModelSpec("part", "part"),
+                ModelSpec("llm-2g", "llm", size=2 * 2**30, dtype="float32"),
+                ModelSpec("st-2g", "safetensors", size=2 * 2**30, dtype="float16")),
+        modes=("local", "fuse", "fsspec", "download", "oci"),
+        states=("cold", "warm", "hot"),
+        networks=("loopback", "wan-20ms-1g"),
+        network_models=("part", "llm-2g"),
+        network_modes=("fuse", "fsspec", "download"),
+        repeats=3,
+        inference_runs=10,
+        threads=2,
+        origin="nginx",
+        access_models=(ModelSpec("llm-2g", "llm", size=2 * 2**30, dtype="float32"),
+                       ModelSpec("st-2g", "safetensors", size=2 * 2**30, dtype="float16"),
+                       ModelSpec("pt-256m", "torch", 256 * _MiB, "float16")),
+        concurrency=(1, 4),
+        concurrency_model="llm-512m",
+    ),
+}
+_EXTRA_MODELS = {"llm-512m": ModelSpec("llm-512m", "llm", size=512 * _MiB, dtype="float32")}
+
+
+def default_workdir() -> Path:
+    """Where models, the repository and caches live between runs (reused: big models)."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "cvmfs-ml-bench"
+
+
+# --------------------------------------------------------------------------------------------
+# one measurement
+
+
+def run_worker(spec: dict[str, Any], scratch: Path, timeout: float) -> tuple[dict[str, Any], float]:
+    """Run :mod:`cvmfs_ml.bench.worker` on ``spec``; return (result, wall seconds)."""
+    spec_path = scratch / "spec.json"
+    result_path = scratch / "result.json"
+    spec_path.write_text(json.dumps(spec))
+    env = dict(os.environ, OMP_NUM_THREADS=str(spec.get("threads", 1)), PYTHONUNBUFFERED="1")
+    started = time.perf_counter()
+    try:
+        done = subprocess.run([sys.executable, "-m", "cvmfs_ml.bench.worker", str(spec_path),
+                               str(result_path)], capture_output=True, text=True,
+                              timeout=timeout, env=env, check=False)
+    except subprocess.TimeoutExpired:
+        return {"ok": False, "error": f"timed out after {timeout:.0f} s"}, time.perf_counter() - \
+            started
+    wall = time.perf_counter() - started
+    try:
+        result = json.loads(result_path.read_text())
+    except (OSError, ValueError):
+        tail = (done.stderr or done.stdout or "").strip().splitlines()[-3:]
+        result = {"ok": False, "error": f"worker exited with {done.returncode}: "
+                  + " | ".join(tail)}
+    return result, wall
+
+
+def _percentile(values: Sequence[float], q: float) -> float | None:
+    return float(np.percentile(values, q)) if values else None
+
+
+# --------------------------------------------------------------------------------------------
+# environment: models, repository, servers, networks
+
+
+class _Origin:
+    """The server in front of the published repository, with request/byte counters."""
+
+    def __init__(self, srv: Path, kind: str, log: Callable[[str], None]) -> None:
+        from cvmfs_ml.bench.services import Nginx, available
+
+        self.kind = kind
+        self._nginx: Any = None
+        self._server: Any = None
+        self._lock = threading.Lock()
+        self._requests = 0
+        self._bytes = 0
+        if kind == "nginx" and not available("nginx"):
+            log("nginx is not installed: using the built-in server as origin")
+            self.kind = "builtin"
+        if self.kind == "nginx":
+            self._nginx = Nginx(srv)
+            self.port = self._nginx.port
+        else:
+            from cvmfs_ml.storage.http import RepositoryServer
+
+            self._server = RepositoryServer(srv / "cvmfs", on_request=self._count).start()
+            self.port = self._server.port
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def _count(self, record: Any) -> None:
+        with self._lock:
+            self._requests += 1
+            self._bytes += record.bytes
+
+    def counters(self) -> OriginCounters:
+        if self._nginx is not None:
+            return self._nginx.counters()
+        time.sleep(0.01)  # the built-in server logs right after sending
+        with self._lock:
+            return OriginCounters(self._requests, self._bytes)
+
+    def describe(self) -> str:
+        return ("nginx (docs/nginx.conf settings)" if self.kind == "nginx"
+                else "cvmfs-ml built-in server (storage.http.RepositoryServer)")
+
+    def close(self) -> None:
+        if self._nginx is not None:
+            self._nginx.close()
+        if self._server is not None:
+            self._server.stop()
+
+
+class BenchEnvironment:
+    """Models, the published repository, its servers and the per-network endpoints.
+
+    Use as a context manager; everything started is stopped on exit. ``workdir`` is reused
+    between runs: models and the repository are rebuilt only when their spec changed.
+    """
+
+    def __init__(self, workdir: str | os.PathLike[str], profile: Profile, *,
+                 log: Callable[[str], None] = print, global_drop: bool = False,
+                 mounted: str | os.PathLike[str] | None = None) -> None:
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.profile = profile
+        self.log = log
+        self.global_drop = global_drop
+        self.mounted = Path(mounted) if mounted else None
+        self.models: dict[str, BuiltModel] = {}
+        self.skipped: list[str] = []
+        self.publish_seconds: dict[str, float] = {}
+        self.origin: _Origin | None = None
+        self.registry: Any = None
+        self._proxies: dict[str, list[DelayProxy]] = {}
+        self._squids: list[Any] = []
+        self.srv = self.workdir / "srv"
+        self.keys = self.workdir / "keys"
+        self.public_key = self.keys / f"{FQRN}.pub"
+
+    # -- models -------------------------------------------------------------------------------
+    def build(self, specs: Sequence[ModelSpec]) -> list[BuiltModel]:
+        """Build (or reuse) the models; ones whose packages are missing are skipped and noted."""
+        built = []
+        for spec in specs:
+            if spec.name in self.models:
+                built.append(self.models[spec.name])
+                continue
+            reason = missing_dependency(spec)
+            if reason:
+                self.skipped.append(f"model {spec.name}: {reason}")
+                self.log(f"skip model {spec.name}: {reason}")
+                continue
+            self.log(f"model {spec.name}: building ({spec.kind}, {spec.size / _MiB:.0f} MiB)")
+            model = build_model(spec, self.workdir / "models")
+            self.models[spec.name] = model
+            built.append(model)
+        return built
+
+    # -- repository ---------------------------------------------------------------------------
+    def publish(self) -> None:
+        """Publish every built model at ``/<name>`` (reusing an identical earlier repository)."""
+        from cvmfs_ml.cvmfs.objects import Compression
+        from cvmfs_ml.publish.repository import Publisher, create_repository
+        from cvmfs_ml.publish.settings import PublishSettings
+
+        settings = PublishSettings(compression=Compression(self.profile.compression))
+        stamp_path = self.srv / ".bench-publish.json"
+        wanted = {"settings": settings.to_conf(),
+                  "models": {n: asdict(m.spec) for n, m in self.models.items()}}
+        try:
+            stamp = json.loads(stamp_path.read_text())
+        except (OSError, ValueError):
+            stamp = {}
+        repo_dir = self.srv / "cvmfs" / FQRN
+        if stamp.get("settings") == wanted["settings"] and self.public_key.exists():
+            publisher = Publisher.open(repo_dir, self.keys)
+            done = stamp.get("models", {})
+            self.publish_seconds = dict(stamp.get("seconds", {}))
+        else:
+            shutil.rmtree(self.srv, ignore_errors=True)
+            shutil.rmtree(self.keys, ignore_errors=True)
+            (self.srv / "cvmfs").mkdir(parents=True)
+            publisher = create_repository(self.srv / "cvmfs", FQRN, keys_dir=self.keys,
+                                          settings=settings)
+            done = {}
+            self.publish_seconds = {}
+        for name, model in self.models.items():
+            if done.get(name) == asdict(model.spec):
+                continue
+            self.log(f"publish {name} ({model.files.nbytes / _MiB:.1f} MiB)")
+            with publisher.transaction() as txn:
+                if name in done:
+                    txn.remove(f"/{name}")
+                txn.add_folder(model.files.folder, at=f"/{name}")
+                result = txn.commit()
+            self.publish_seconds[name] = round(result.seconds, 3)
+            done[name] = asdict(model.spec)
+            self._plain(model)
+            stamp_path.write_text(json.dumps({**wanted, "models": done,
+                                              "seconds": self.publish_seconds}))
+        for model in self.models.values():
+            self._plain(model)
+
+    def _plain(self, model: BuiltModel) -> None:
+        """Hard links of the plain model folder at ``srv/cvmfs/plain/<name>`` (download mode)."""
+        dest = self.srv / "cvmfs" / "plain" / model.name
+        for rel in model.files.files:
+            target = dest / rel
+            if target.exists():
+                continue
+            target.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(model.files.folder / rel, target)
+            except OSError:
+                shutil.copy2(model.files.folder / rel, target)
+
+    # -- servers ------------------------------------------------------------------------------
+    def start_origin(self) -> _Origin:
+        if self.origin is None:
+            self.origin = _Origin(self.srv, self.profile.origin, self.log)
+        return self.origin
+
+    def start_registry(self) -> Any:
+        if self.registry is None:
+            from cvmfs_ml.bench.services import DockerRegistry
+
+            self.registry = DockerRegistry()
+        return self.registry
+
+    def endpoint(self, network: str, *, squid: bool | None = None,
+                 registry: bool = False) -> Endpoint:
+        """Where clients reach the repository on ``network`` (a delay proxy unless loopback)."""
+        origin = self.start_origin()
+        if network not in WAN_PROFILES:
+            raise ConfigError(f"unknown network {network!r}; known: {sorted(WAN_PROFILES)}")
+        reg_host = self.start_registry().host if registry else None
+        if WAN_PROFILES[network] is None:
+            base = origin.url
+        else:
+            if network not in self._proxies:
+                proxy = DelayProxy.from_profile(network, "127.0.0.1", origin.port).start()
+                self._proxies[network] = [proxy]
+                if registry:
+                    rport = int(reg_host.rsplit(":", 1)[1])  # type: ignore[union-attr]
+                    rproxy = DelayProxy.from_profile(network, "127.0.0.1", rport).start()
+                    self._proxies[network].append(rproxy)
+            proxies = self._proxies[network]
+            base = f"http://127.0.0.1:{proxies[0].port}"
+            if registry and len(proxies) > 1:
+                reg_host = f"127.0.0.1:{proxies[1].port}"
+        squid_url = None
+        if squid if squid is not None else self.profile.squid:
+            from cvmfs_ml.bench.services import Squid
+
+            largest = max((m.files.nbytes for m in self.models.values()), default=0)
+            proxy = Squid(cache_mem_mb=max(256, int(largest * 1.3 / _MiB)))
+            self._squids.append(proxy)
+            squid_url = proxy.url
+        return Endpoint(network, f"{base}/cvmfs/{FQRN}", FQRN, self.public_key,
+                        plain_url=f"{base}/cvmfs/plain", proxy=squid_url, registry=reg_host)
+
+    def network_description(self, network: str) -> str:
+        text = describe_network(network)
+        for proxy in self._proxies.get(network, [])[:1]:
+            text += f" ({proxy.describe()})"
+        return text
+
+    def mode_context(self, endpoint: Endpoint | None) -> ModeContext:
+        return ModeContext(self.workdir, endpoint, global_drop=self.global_drop, log=self.log)
+
+    def close(self) -> None:
+        for proxies in self._proxies.values():
+            for proxy in proxies:
+                proxy.stop()
+        self._proxies.clear()
+        for squid in self._squids:
+            squid.close()
+        self._squids.clear()
+        if self.registry is not None:
+            self.registry.close()
+            self.registry = None
+        if self.origin is not None:
+            self.origin.close()
+            self.origin = None
+
+    def __enter__(self) -> BenchEnvironment:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# --------------------------------------------------------------------------------------------
+# the matrix
+
+
+@dataclass
+class _Run:
+    env: BenchEnvironment
+    profile: Profile
+    out: Path
+    measurements: list[dict[str, Any]] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    residency: dict[tuple[str, str, str], Path] = field(default_factory=dict)
+    mode_settings: dict[str, Any] = field(default_factory=dict)
+
+
+def _spec(run: _Run, model: BuiltModel, access: dict[str, Any], *, residency: bool,
+          residency_out: Path | None = None, inference_runs: int | None = None) -> dict[str, Any]:
+    return {
+        "model": {"name": model.name, "entry": model.files.entry,
+                  "files": list(model.files.files)},
+        "runtime": model.files.runtime,
+        "access": access,
+        "inputs": model.inputs,
+        "inference_runs": run.profile.inference_runs if inference_runs is None
+        else inference_runs,
+        "threads": run.profile.threads,
+        "ort_config": run.profile.ort_config,
+        "residency": residency,
+        "residency_out": str(residency_out) if residency_out else None,
+    }
+
+
+def _measure(run: _Run, mode: StorageMode, model: BuiltModel, state: CacheState, network: str,
+             repeat: int, *, keep: bool = True,
+             residency_out: Path | None = None) -> dict[str, Any]:
+    """Prepare, run one worker, count origin traffic; append the row when ``keep``."""
+    env = run.env
+    with tempfile.TemporaryDirectory(prefix="m.", dir=env.workdir) as tmp:
+        scratch = Path(tmp)
+        started = time.perf_counter()
+        mode.prepare(model.files, state)
+        prepare_s = time.perf_counter() - started
+        res_out = residency_out
+        first_cold = state is CacheState.COLD and repeat == 0
+        if res_out is None and keep and mode.path_based and first_cold:
+            res_out = run.out / "access" / f"residency-{model.name}-{mode.name}-{network}.npz"
+            res_out.parent.mkdir(parents=True, exist_ok=True)
+        spec = _spec(run, model, mode.access(model.files, scratch),
+                     residency=mode.path_based, residency_out=res_out)
+        origin = env.origin
+        before = origin.counters() if origin else OriginCounters()
+        proxies = env._proxies.get(network, [])
+        proxy_before = proxies[0].stats()["bytes_down"] if proxies else 0
+        result, wall = run_worker(spec, scratch, run.profile.timeout)
+        after = origin.counters() if origin else OriginCounters()
+        proxy_after = proxies[0].stats()["bytes_down"] if proxies else 0
+        mode.after(model.files, scratch)
+    lat = result.get("latencies_s") or []
+    p50 = _percentile(lat, 50)
+    row: dict[str, Any] = {
+        "model": model.name, "runtime": model.files.runtime, "mode": mode.name,
+        "network": network, "cache_state": state.value, "repeat": repeat,
+        "ok": bool(result.get("ok")), "error": result.get("error"),
+        "model_bytes": model.files.nbytes,
+        **{k: result.get(k) for k in ("import_s", "acquire_s", "open_s", "first_run_s",
+                                      "first_inference_s", "peak_rss_bytes", "major_faults",
+                                      "rchar", "disk_read_bytes", "pre_resident_fraction",
+                                      "post_resident_fraction", "output_sha256")},
+        "latency_p50_s": p50,
+        "latency_p95_s": _percentile(lat, 95),
+        "tokens_per_s": (model.tokens_per_run / p50) if model.tokens_per_run and p50 else None,
+        "origin_requests": (after - before).requests if mode.needs_endpoint else 0,
+        "origin_bytes": (after - before).bytes if mode.needs_endpoint else 0,
+        "proxy_bytes": (proxy_after - proxy_before) if proxies else None,
+        "wall_s": wall,
+        "prepare_s": prepare_s,
+    }
+    if res_out is not None and res_out.exists():
+        run.residency[(model.name, mode.name, network)] = res_out
+    if keep:
+        run.measurements.append(row)
+        if not row["ok"]:
+            run.errors.append(f"{model.name}/{mode.name}/{network}/{state.value}#{repeat}: "
+                              f"{row['error']}")
+    return row
+
+
+def _run_mode(run: _Run, mode_name: str, network: str, models: Sequence[BuiltModel],
+              endpoint: Endpoint | None) -> None:
+    env, profile = run.env, run.profile
+    options = {"root": env.mounted} if mode_name == "path" else {}
+    mode = make_mode(mode_name, **options)
+    try:
+        mode.start(env.mode_context(endpoint))
+    except (ConfigError, CvmfsMlError, OSError) as exc:
+        run.errors.append(f"mode {mode_name} on {network}: {exc}")
+        env.log(f"skip mode {mode_name} on {network}: {exc}")
+        return
+    try:
+        states = [s for s in _STATE_ORDER if s.value in profile.states and s in mode.states]
+        for model in models:
+            primed = False
+            for state in states:
+                if state is not CacheState.COLD and not primed:  # a first run fills the caches
+                    _measure(run, mode, model, CacheState.COLD, network, -1, keep=False)
+                for repeat in range(profile.repeats):
+                    row = _measure(run, mode, model, state, network, repeat)
+                    primed = True
+                    env.log(f"{network:>10} {mode_name:>8} {model.name:>10} {state.value:>4} "
+                            f"#{repeat}: " + (f"{row['first_inference_s']:.3f} s to first "
+                                              f"inference" if row["ok"] else
+                                              f"FAILED {row['error']}"))
+        run.mode_settings[f"{mode_name}@{network}"] = mode.settings()
+    except (CvmfsMlError, OSError) as exc:
+        run.errors.append(f"mode {mode_name} on {network}: {exc}")
+        env.log(f"mode {mode_name} on {network} failed: {exc}")
+    finally:
+        mode.stop()
+
+
+# --------------------------------------------------------------------------------------------
+# concurrency
+
+
+def run_concurrency(env: BenchEnvironment, model: BuiltModel, clients: int, *,
+                    network: str = "loopback", timeout: float = 900.0,
+                    threads: int = 1) -> dict[str, Any]:
+    """N cvmfs-ml clients (processes, empty caches) load ``model`` at once through one Squid.
+
+    Each client is a worker in the ``fsspec`` mode with its own empty cache. Reports per-client
+    time to first inference and wall time, the origin's requests and bytes (its access log),
+    and Squid's hit ratio (a request that joined a fetch under way counts as a hit: it caused
+    no origin request).
+    """
+    from cvmfs_ml.bench.modes import FsspecMode
+    from cvmfs_ml.bench.services import Nginx, Squid, available
+
+    if not (available("nginx") and available("squid")):
+        raise ConfigError("the concurrency experiment needs nginx and squid")
+    nginx = Nginx(env.srv)
+    proxy = DelayProxy.from_profile(network, "127.0.0.1", nginx.port).start() \
+        if WAN_PROFILES.get(network) else None
+    squid = Squid(cache_mem_mb=max(256, int(model.files.nbytes * 1.3 / _MiB)))
+    try:
+        base = f"http://127.0.0.1:{proxy.port if proxy else nginx.port}"
+        endpoint = Endpoint(network, f"{base}/cvmfs/{FQRN}", FQRN, env.public_key,
+                            proxy=squid.url)
+        origin_before = nginx.counters()
+        procs = []
+        with contextlib.ExitStack() as stack:
+            for i in range(clients):
+                scratch = Path(stack.enter_context(tempfile.TemporaryDirectory(
+                    prefix=f"c{i}.", dir=env.workdir)))
+                mode = FsspecMode()
+                mode.start(ModeContext(scratch, endpoint))
+                spec = {
+                    "model": {"name": model.name, "entry": model.files.entry,
+                              "files": list(model.files.files)},
+                    "runtime": model.files.runtime, "access": mode.access(model.files, scratch),
+                    "inputs": model.inputs, "inference_runs": 0, "threads": threads,
+                }
+                (scratch / "spec.json").write_text(json.dumps(spec))
+                procs.append((scratch, spec))
+            started = time.perf_counter()
+            running = [(scratch, subprocess.Popen(
+                [sys.executable, "-m", "cvmfs_ml.bench.worker", str(scratch / "spec.json"),
+                 str(scratch / "result.json")], stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE)) for scratch, _ in procs]
+            walls, results = [], []
+            for scratch, p in running:
+                try:
+                    p.wait(timeout=timeout)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait()
+                walls.append(time.perf_counter() - started)
+                try:
+                    results.append(json.loads((scratch / "result.json").read_text()))
+                except (OSError, ValueError):
+                    results.append({"ok": False, "error": "no result"})
+        origin = nginx.counters() - origin_before
+        records = squid.records()
+        data = [r for r in records if "/data/" in r.url]
+        hits = sum(1 for r in data if r.hit)
+        ttfi = [r["first_inference_s"] for r in results if r.get("ok")]
+        return {
+            "clients": clients, "model": model.name, "model_bytes": model.files.nbytes,
+            "network": network, "ok": all(r.get("ok") for r in results),
+            "errors": [r.get("error") for r in results if not r.get("ok")],
+            "wall_s": walls, "wall_s_median": statistics.median(walls),
+            "wall_s_max": max(walls),
+            "first_inference_s": ttfi,
+            "origin_requests": origin.requests, "origin_bytes": origin.bytes,
+            "proxy_requests": len(records), "proxy_data_requests": len(data),
+            "proxy_bytes": sum(r.bytes for r in records),
+            "hit_ratio": (hits / len(data)) if data else None,
+            "origin_bytes_per_model": origin.bytes / model.files.nbytes
+            if model.files.nbytes else None,
+        }
+    finally:
+        squid.close()
+        if proxy is not None:
+            proxy.stop()
+        nginx.close()
+
+
+# --------------------------------------------------------------------------------------------
+# access patterns
+
+
+def _load_residency(path: Path) -> dict[str, np.ndarray]:
+    with np.load(path) as data:
+        out = {}
+        for key in data.files:
+            if key.startswith("__pages__"):
+                continue
+            pages = int(data[f"__pages__{key}"])
+            out[key] = np.unpackbits(data[key])[:pages].astype(bool)
+    return out
+
+
+def _access_patterns(run: _Run, models: Sequence[BuiltModel]) -> list[dict[str, Any]]:
+    """For each model: cold-load residency (local disk and FUSE) and a traced cold FUSE load.
+
+    The residency strips (mincore after a cold load) work on any file system; the heat map
+    comes from the FUSE client's read trace (``cvmfs-ml mount --trace``), which also has the
+    order and size of the reads.
+    """
+    from cvmfs_ml.bench.heatmap import plot_heatmap, plot_residency, summarise_accesses
+    from cvmfs_ml.client.trace import accesses_from_trace, load_trace
+
+    env = run.env
+    out = run.out / "access"
+    out.mkdir(parents=True, exist_ok=True)
+    rows: list[dict[str, Any]] = []
+    local = make_mode("local")
+    local.start(env.mode_context(None))
+    fuse: FuseMode | None = FuseMode()
+    try:
+        fuse.start(env.mode_context(env.endpoint("loopback")))
+    except (ConfigError, OSError) as exc:
+        run.errors.append(f"access patterns without FUSE: {exc}")
+        fuse = None
+    try:
+        for model in models:
+            key = (model.name, "local", "loopback")
+            if key not in run.residency:
+                res_out = out / f"residency-{model.name}-local-loopback.npz"
+                row = _measure(run, local, model, CacheState.COLD, "loopback", 0, keep=False,
+                               residency_out=res_out)
+                if not row["ok"]:
+                    run.errors.append(f"access pattern {model.name}/local: {row['error']}")
+            trace = out / f"trace-{model.name}.jsonl"
+            if fuse is not None:
+                trace.unlink(missing_ok=True)
+                fuse.remount_with_trace(trace)
+                row = _traced_run(run, fuse, model)
+                if not row["ok"]:
+                    run.errors.append(f"traced load {model.name}: {row['error']}")
+            maps: dict[str, np.ndarray] = {}
+            for mode in ("local", "fuse"):
+                path = run.residency.get((model.name, mode, "loopback"))
+                if path is not None and path.exists():
+                    for name, m in _load_residency(path).items():
+                        maps[f"{mode}: {name}"] = m
+            if maps:
+                png = plot_residency(maps, out / f"residency-{model.name}.png",
+                                     f"{model.name}: pages cached after a cold load "
+                                     f"({model.files.runtime})")
+                for label, m in maps.items():
+                    source, _, name = label.partition(": ")
+                    rows.append({"model": model.name, "runtime": model.files.runtime,
+                                 "source": f"mincore ({source})", "file": name,
+                                 "fraction_of_file": float(m.mean()) if m.size else None,
+                                 "png": f"access/{png.name}"})
+            if trace.exists() and trace.stat().st_size:
+                accesses, sizes = accesses_from_trace(load_trace(trace))
+                if accesses:
+                    png = plot_heatmap(accesses, sizes, out / f"heatmap-{model.name}.png",
+                                       f"{model.name}: reads seen by the FUSE client, cold load "
+                                       f"({model.files.runtime})")
+                    total = summarise_accesses(accesses, sizes)["total"]
+                    rows.append({"model": model.name, "runtime": model.files.runtime,
+                                 "source": "FUSE trace", "file": "*",
+                                 **{k: total.get(k) for k in (
+                                     "read_count", "bytes_read", "unique_bytes", "file_size",
+                                     "fraction_of_file", "sequential_fraction",
+                                     "median_read_size")},
+                                 "png": f"access/{png.name}"})
+    finally:
+        if fuse is not None:
+            fuse.stop()
+        local.stop()
+    return rows
+
+
+def _traced_run(run: _Run, fuse: FuseMode, model: BuiltModel) -> dict[str, Any]:
+    """A cold load on a mount that was just started with ``--trace``; unmount to flush."""
+    res_out = run.out / "access" / f"residency-{model.name}-fuse-loopback.npz"
+    with tempfile.TemporaryDirectory(prefix="t.", dir=run.env.workdir) as tmp:
+        spec = _spec(run, model, fuse.access(model.files, Path(tmp)), residency=True,
+                     residency_out=res_out, inference_runs=0)
+        result, _ = run_worker(spec, Path(tmp), run.profile.timeout)
+    fuse.stop()  # unmounting flushes the trace
+    if res_out.exists():
+        run.residency[(model.name, "fuse", "loopback")] = res_out
+    return {"ok": bool(result.get("ok")), "error": result.get("error")}
+
+
+# --------------------------------------------------------------------------------------------
+# checks
+
+
+def _checks(measurements: Sequence[dict[str, Any]],
+            summary: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    checks: dict[str, dict[str, Any]] = {}
+    by_model: dict[str, set[str]] = {}
+    for m in measurements:
+        if m.get("ok") and m.get("output_sha256"):
+            by_model.setdefault(m["model"], set()).add(m["output_sha256"])
+    differing = sorted(k for k, v in by_model.items() if len(v) > 1)
+    checks["outputs_identical"] = {
+        "ok": bool(by_model) and not differing,
+        "detail": (f"outputs differ for {differing}" if differing else
+                   f"every storage mode and cache state gave the same output for "
+                   f"{sorted(by_model)}"),
+        "per_model": {k: sorted(v) for k, v in by_model.items()},
+    }
+    failed = [m for m in measurements if not m.get("ok")]
+    checks["all_runs_succeeded"] = {"ok": not failed,
+                                    "detail": f"{len(failed)} of {len(measurements)} failed"}
+    slower = []
+    pairs = []
+    index = {(s["model"], s["mode"], s["network"], s["cache_state"]): s for s in summary}
+    for (model, mode, network, state), s in index.items():
+        if state != "hot":
+            continue
+        cold = index.get((model, mode, network, "cold"))
+        if not cold or s.get("first_inference_s") is None or cold.get("first_inference_s") is None:
+            continue
+        # the fastest repeat is the estimate least disturbed by other load on the machine
+        hot_t = s.get("first_inference_s_min") or s["first_inference_s"]
+        cold_t = cold.get("first_inference_s_min") or cold["first_inference_s"]
+        pairs.append(f"{model}/{mode}/{network}: hot {hot_t:.4f} s vs cold {cold_t:.4f} s "
+                     "(fastest repeats)")
+        # tolerance for noise (session creation jitters by tens of ms on a shared machine)
+        if hot_t > cold_t * HOT_TOLERANCE[0] + HOT_TOLERANCE[1]:
+            slower.append(f"{model}/{mode}/{network}")
+    checks["hot_not_slower_than_cold"] = {
+        "ok": not slower, "detail": ("hot slower than cold for " + ", ".join(slower)
+                                     if slower else f"{len(pairs)} pairs compared"),
+        "pairs": pairs, "slower": slower,
+        "rule": f"fastest hot <= fastest cold x {HOT_TOLERANCE[0]} + {HOT_TOLERANCE[1]} s",
+    }
+    warm_starts = [m for m in measurements if m.get("cache_state") == "cold"
+                   and m.get("pre_resident_fraction") is not None
+                   and m["pre_resident_fraction"] > 0.05]
+    checks["cold_runs_started_cold"] = {
+        "ok": not warm_starts,
+        "detail": (f"{len(warm_starts)} cold runs found >5% of the model in the page cache"
+                   if warm_starts else "no cold run found the model in the page cache"),
+    }
+    return checks
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def run_profile(profile: Profile | str, out_dir: str | os.PathLike[str], *,
+                workdir: str | os.PathLike[str] | None = None,
+                log: Callable[[str], None] = print, global_drop: bool = False,
+                mounted: str | os.PathLike[str] | None = None) -> dict[str, Any]:
+    """Run a profile and write its report to ``out_dir``; return the results document."""
+    if isinstance(profile, str):
+        try:
+            profile = PROFILES[profile]
+        except KeyError:
+            raise ConfigError(f"unknown profile {profile!r}; known: {sorted(PROFILES)}") from None
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    modes = list(profile.modes)
+    if mounted and "path" not in modes:
+        modes.append("path")
+    doc: dict[str, Any] = {
+        "schema": rpt.SCHEMA, "run_id": uuid.uuid4().hex[:12], "profile": profile.name,
+        "started": rpt.now_iso(), "machine": rpt.machine_info(), "versions": rpt.versions(),
+    }
+    t_start = time.perf_counter()
+    with BenchEnvironment(workdir or default_workdir(), profile, log=log,
+                          global_drop=global_drop, mounted=mounted) as env:
+        run = _Run(env, profile, out)
+        models = env.build(profile.models)
+        access_models = env.build(profile.access_models)
+        conc_model = None
+        if profile.concurrency and profile.concurrency_model:
+            spec = next((m for m in profile.models if m.name == profile.concurrency_model),
+                        _EXTRA_MODELS.get(profile.concurrency_model))
+            if spec is not None:
+                conc_model = (env.build([spec]) or [None])[0]
+        if any(m in modes for m in ("fuse", "fsspec", "download", "oci")) or access_models \
+                or conc_model:
+            env.publish()
+        for network in profile.networks:
+            net_models = models if network == "loopback" else [
+                m for m in models if not profile.network_models
+                or m.name in profile.network_models]
+            for mode_name in modes:
+                if network != "loopback" and mode_name not in profile.network_modes:
+                    continue
+                endpoint = None
+                if mode_name in ("fuse", "fsspec", "download", "oci"):
+                    try:
+                        endpoint = env.endpoint(network, registry=mode_name == "oci")
+                    except (CvmfsMlError, OSError) as exc:
+                        run.errors.append(f"{mode_name} on {network}: {exc}")
+                        continue
+                _run_mode(run, mode_name, network, net_models, endpoint)
+        concurrency = []
+        if conc_model is not None:
+            for n in profile.concurrency:
+                try:
+                    log(f"concurrency: {n} clients loading {conc_model.name} through one Squid")
+                    concurrency.append(run_concurrency(env, conc_model, n,
+                                                       timeout=profile.timeout,
+                                                       threads=profile.threads))
+                except (CvmfsMlError, OSError) as exc:
+                    run.errors.append(f"concurrency {n}: {exc}")
+        access = []
+        if access_models:
+            try:
+                access = _access_patterns(run, access_models)
+            except (CvmfsMlError, OSError) as exc:
+                run.errors.append(f"access patterns: {exc}")
+        doc["network"] = {n: env.network_description(n) for n in profile.networks}
+        doc["settings"] = {
+            "profile": profile.record(),
+            "origin": env.origin.describe() if env.origin else None,
+            "drop_method": env.mode_context(None).drop_method,
+            "fqrn": FQRN,
+            "workdir": str(env.workdir),
+            "modes": run.mode_settings,
+            "publish_seconds": env.publish_seconds,
+            "inference": "onnxruntime CPU, intra_op threads = profile.threads; LLM-shaped models "
+                         "run one token (batch 1, seq 1, no KV cache): tokens/s = 1 / p50; "
+                         "safetensors/torch 'inference' = a float64 sum of every tensor",
+        }
+        doc["models"] = [model_record(m) | {"publish_seconds": env.publish_seconds.get(m.name)}
+                         for m in env.models.values()]
+        doc["skipped"] = env.skipped
+    doc["measurements"] = run.measurements
+    doc["summary"] = rpt.summarise(run.measurements)
+    doc["concurrency"] = concurrency
+    doc["access_patterns"] = access
+    doc["checks"] = _checks(run.measurements, doc["summary"])
+    doc["errors"] = run.errors
+    doc["finished"] = rpt.now_iso()
+    doc["seconds"] = round(time.perf_counter() - t_start, 1)
+    rpt.write_report(doc, out)
+    return doc

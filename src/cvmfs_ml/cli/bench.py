@@ -1,0 +1,212 @@
+"""``cvmfs-ml bench ...``: run the benchmark suite, compare two runs, make caches cold."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from cvmfs_ml.cli.common import JsonOption, _fail, friendly
+
+bench_app = typer.Typer(
+    no_args_is_help=True, help="Benchmark model loading from CVMFS against the alternatives."
+)
+
+
+def _split(text: str | None) -> tuple[str, ...] | None:
+    if not text:
+        return None
+    return tuple(t.strip() for t in text.split(",") if t.strip())
+
+
+@bench_app.command("run")
+@friendly
+def bench_run(
+    profile: Annotated[str, typer.Option(help="short (CI, < 3 min) or full (2 GB)")] = "short",
+    out: Annotated[Path, typer.Option("--out", help="report folder")] = Path("bench-results"),
+    work: Annotated[
+        Path | None,
+        typer.Option(
+            "--work",
+            help="models, repository and caches; reused between runs "
+            "(default ~/.cache/cvmfs-ml-bench)",
+        ),
+    ] = None,
+    modes: Annotated[
+        str | None, typer.Option(help="comma list: local,fuse,fsspec,path,download,oci")
+    ] = None,
+    models: Annotated[str | None, typer.Option(help="comma list of the profile's models")] = None,
+    states: Annotated[str | None, typer.Option(help="comma list: cold,warm,hot")] = None,
+    networks: Annotated[
+        str | None,
+        typer.Option(
+            help="comma list: loopback,lan-1ms-10g,wan-20ms-1g,wan-100ms-100m,wan-20ms-cap84MBps"
+        ),
+    ] = None,
+    repeats: Annotated[int | None, typer.Option(help="measurements per scenario")] = None,
+    mounted: Annotated[
+        Path | None,
+        typer.Option(
+            "--mounted", help="also measure models at DIR/<model> (e.g. an upstream /cvmfs mount)"
+        ),
+    ] = None,
+    global_drop: Annotated[
+        bool,
+        typer.Option(
+            "--global-drop", help="also drop the whole page cache before cold runs (root)"
+        ),
+    ] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress lines")] = False,
+) -> None:
+    """Run a benchmark profile; writes OUT/results.json, results.csv, summary.md and plots."""
+    from cvmfs_ml.bench.runner import PROFILES, run_profile
+
+    if profile not in PROFILES:
+        raise _fail(f"unknown profile {profile!r}; known: {', '.join(sorted(PROFILES))}")
+    chosen = PROFILES[profile]
+    changes: dict[str, object] = {}
+    if (names := _split(models)) is not None:
+        known = {m.name for m in chosen.models}
+        unknown = sorted(set(names) - known)
+        if unknown:
+            raise _fail(f"unknown models {unknown}; the profile has {sorted(known)}")
+        changes["models"] = tuple(m for m in chosen.models if m.name in names)
+        changes["access_models"] = tuple(m for m in chosen.access_models if m.name in names)
+    for field, value in (("modes", modes), ("states", states), ("networks", networks)):
+        if (items := _split(value)) is not None:
+            changes[field] = items
+    if repeats is not None:
+        if repeats < 1:
+            raise _fail("--repeats must be at least 1")
+        changes["repeats"] = repeats
+    chosen = chosen.with_(**changes)
+
+    def log(message: str) -> None:
+        if not quiet:
+            typer.echo(message, err=True)
+
+    doc = run_profile(chosen, out, workdir=work, log=log, global_drop=global_drop, mounted=mounted)
+    failed = [name for name, check in doc["checks"].items() if not check["ok"]]
+    typer.echo(
+        f"wrote {out / 'results.json'}, {out / 'summary.md'} "
+        f"({len(doc['measurements'])} measurements in {doc['seconds']:.0f} s)"
+    )
+    for name in failed:
+        typer.echo(f"check failed: {name}: {doc['checks'][name]['detail']}", err=True)
+    for error in doc["errors"]:
+        typer.echo(f"error: {error}", err=True)
+
+
+@bench_app.command("compare")
+@friendly
+def bench_compare(
+    baseline: Annotated[Path, typer.Argument(help="results.json of the reference run")],
+    new: Annotated[Path, typer.Argument(help="results.json of the run to check")],
+    threshold: Annotated[
+        float, typer.Option(help="relative change that counts as a regression (0.25 = 25% worse)")
+    ] = 0.25,
+    metric: Annotated[
+        list[str] | None, typer.Option("--metric", help="compare only these metrics (repeatable)")
+    ] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Exit 1 when NEW is worse than BASELINE beyond the threshold in any scenario."""
+    from cvmfs_ml.bench.compare import compare_files
+
+    try:
+        report = compare_files(baseline, new, threshold=threshold, metrics=metric)
+    except ValueError as exc:
+        raise _fail(str(exc), 2) from exc
+    if as_json:
+        typer.echo(
+            json.dumps(
+                {
+                    "ok": report.ok,
+                    "threshold": report.threshold,
+                    "regressions": [d.__dict__ for d in report.regressions],
+                    "improvements": [d.__dict__ for d in report.improvements],
+                    "failures": report.failures,
+                    "missing": report.missing,
+                    "added": report.added,
+                },
+                default=str,
+            )
+        )
+    else:
+        typer.echo(report.format())
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+@bench_app.command("drop-caches")
+@friendly
+def bench_drop_caches(
+    cache: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--cache", help="cvmfs-ml cache folder to wipe (repeatable; default: CVMFS_CACHE_BASE)"
+        ),
+    ] = None,
+    path: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--path", help="also evict these files/folders from the page cache (repeatable)"
+        ),
+    ] = None,
+    wipe: Annotated[
+        bool,
+        typer.Option(
+            "--wipe/--no-wipe", help="delete the cache contents (not only their page cache)"
+        ),
+    ] = True,
+    global_drop: Annotated[
+        bool | None,
+        typer.Option(
+            "--global/--no-global", help="echo 1 > /proc/sys/vm/drop_caches (default: when root)"
+        ),
+    ] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Make the next load cold: wipe client caches, upstream's too, and drop page caches.
+
+    Unmount cvmfs-ml mounts that use a cache before wiping it.
+    """
+    from cvmfs_ml.bench.caches import drop_page_cache, wipe_cvmfs_ml_cache, wipe_upstream_cache
+
+    caches = list(cache or [])
+    if not caches:
+        from cvmfs_ml.client.config import load_config
+
+        caches = [load_config(None).cache_base]
+    freed = 0
+    if wipe:
+        for folder in caches:
+            freed += wipe_cvmfs_ml_cache(folder)
+    upstream = wipe_upstream_cache() if wipe else False
+    do_global = (os.geteuid() == 0) if global_drop is None else global_drop
+    if do_global and os.geteuid() != 0:
+        raise _fail("--global needs root (it writes /proc/sys/vm/drop_caches)")
+    result = drop_page_cache([*caches, *(path or [])], global_drop=do_global)
+    summary = {
+        "caches": [str(c) for c in caches],
+        "bytes_freed": freed,
+        "upstream_wiped": upstream,
+        "files_evicted": result.files,
+        "files_failed": result.failed,
+        "global_drop": result.global_dropped,
+    }
+    if as_json:
+        typer.echo(json.dumps(summary))
+    else:
+        typer.echo(
+            f"wiped {len(caches) if wipe else 0} cache(s) ({freed / 2**20:.1f} MiB), "
+            f"upstream: {'wiped' if upstream else 'not installed' if wipe else 'kept'}, "
+            f"page cache: {result.files} files evicted"
+            + (", whole page cache dropped" if result.global_dropped else "")
+        )
+
+
+__all__ = ["bench_app"]

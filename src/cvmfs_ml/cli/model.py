@@ -1,0 +1,300 @@
+"""``cvmfs-ml model ...``: publish, list, inspect, remove and alias model versions.
+
+The layout these commands maintain is described in :mod:`cvmfs_ml.models.layout` and
+docs/model-layout.md. Writing commands take the repository folder (they need the keys); ``ls``,
+``info`` and ``check`` also read a repository over HTTP.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from cvmfs_ml.cli.common import JsonOption, KeyOption, _fail, friendly, open_repository
+
+model_app = typer.Typer(no_args_is_help=True, help="Publish and browse model versions.")
+
+
+KeysOption = Annotated[
+    Path | None, typer.Option("--keys", help="keys folder (default: ROOT/../keys)")
+]
+
+
+def _ref(text: str, *, require_version: bool = False) -> Any:
+    from cvmfs_ml.models.layout import ModelRef
+
+    try:
+        return ModelRef.parse(text, require_version=require_version)
+    except ValueError as exc:
+        raise _fail(str(exc)) from exc
+
+
+def _size(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if value < 1000 or unit == "TB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1000
+    raise AssertionError("unreachable")
+
+
+def _resolve_source(src: str, revision: str | None) -> Path:
+    """``hf:org/name[@rev]`` from the local hub cache, a ``models--*`` folder at ``revision``,
+    or the path as given."""
+    from cvmfs_ml.models.sources.huggingface import (
+        find_hf_snapshot,
+        lookup_cached,
+        parse_hf_spec,
+    )
+
+    if src.startswith("hf:"):
+        try:
+            repo_id, spec_revision = parse_hf_spec(src)
+        except ValueError as exc:
+            raise _fail(str(exc)) from exc
+        return lookup_cached(repo_id, revision or spec_revision).snapshot
+    path = Path(src)
+    if revision is not None:
+        found = find_hf_snapshot(path, revision) if path.is_dir() else None
+        if found is None:
+            raise _fail(f"--revision needs a Hugging Face cache folder or hf:ORG/NAME, not {src}")
+        return found.snapshot
+    return path
+
+
+def _row(record: Any) -> dict[str, Any]:
+    out = record.summary()
+    out.update(
+        {
+            "ref": str(record.ref),
+            "namespace": record.ref.namespace,
+            "name": record.ref.name,
+            "version": record.version,
+            "path": record.path,
+            "aliases": sorted(record.aliases),
+        }
+    )
+    return out
+
+
+@model_app.command("publish")
+@friendly
+def model_publish(
+    src: Annotated[
+        str, typer.Argument(help="file, folder, HF cache snapshot, or hf:ORG/NAME[@REV]")
+    ],
+    repo: Annotated[Path, typer.Option("--repo", help="repository folder (holds .cvmfspublished)")],
+    as_ref: Annotated[str, typer.Option("--as", help="NAMESPACE/NAME:VERSION")],
+    description: Annotated[str, typer.Option("--description", "-m")] = "",
+    license_: Annotated[
+        str | None, typer.Option("--license", help="override the detected license")
+    ] = None,
+    alias: Annotated[
+        list[str] | None, typer.Option("--alias", help="also point this alias at it (repeat)")
+    ] = None,
+    no_latest: Annotated[bool, typer.Option("--no-latest", help="leave 'latest' alone")] = False,
+    revision: Annotated[
+        str | None, typer.Option("--revision", help="ref or commit of a Hugging Face cache folder")
+    ] = None,
+    keys: KeysOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Publish SRC as an immutable version (same bytes again: nothing to do)."""
+    from cvmfs_ml.models.layout import ALIAS_LATEST
+    from cvmfs_ml.models.publish import publish_model
+    from cvmfs_ml.publish.repository import Publisher
+
+    ref = _ref(as_ref, require_version=True)
+    path = _resolve_source(src, revision)
+    aliases = ([] if no_latest else [ALIAS_LATEST]) + list(alias or [])
+    publisher = Publisher.open(repo, keys)
+    before = publisher.manifest().revision
+    try:
+        record = publish_model(
+            publisher, path, ref, description=description, license=license_, aliases=aliases
+        )
+    except ValueError as exc:  # an invalid alias name
+        raise _fail(str(exc)) from exc
+    revision_now = publisher.manifest().revision
+    published = revision_now != before
+    if as_json:
+        out = _row(record)
+        out.update({"published": published, "revision": revision_now})
+        typer.echo(json.dumps(out))
+        return
+    if not published:
+        typer.echo(f"{ref} is already published with the same content; nothing to do")
+        return
+    aliases_text = f"; aliases: {', '.join(record.aliases)}" if record.aliases else ""
+    typer.echo(
+        f"revision {revision_now}: published {ref} at {record.path} ({record.file_count} files, "
+        f"{_size(record.size)}, format {record.format or 'unknown'}){aliases_text}"
+    )
+
+
+@model_app.command("ls")
+@friendly
+def model_ls(
+    repo: Annotated[str, typer.Argument(help="repository folder or URL")],
+    key: KeyOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """List every model version (from the repository's index)."""
+    from cvmfs_ml.models.publish import list_models
+
+    with open_repository(repo, key) as repository:
+        records = list_models(repository)
+    if as_json:
+        typer.echo(json.dumps([_row(r) for r in records], ensure_ascii=False))
+        return
+    if not records:
+        typer.echo("no models", err=True)
+        return
+    header = ("MODEL", "VERSION", "FORMAT", "SIZE", "CREATED", "ALIASES")
+    rows = [
+        (
+            r.ref.key,
+            r.version,
+            r.format or "-",
+            _size(r.size),
+            r.created,
+            ",".join(r.aliases) or "-",
+        )
+        for r in records
+    ]
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        typer.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+
+
+@model_app.command("info")
+@friendly
+def model_info_cmd(
+    repo: Annotated[str, typer.Argument(help="repository folder or URL")],
+    ref: Annotated[str, typer.Argument(help="NAMESPACE/NAME[:VERSION or alias] (default latest)")],
+    key: KeyOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Show one version's model.json: files, hashes, formats, source, aliases."""
+    from cvmfs_ml.models.publish import model_info
+
+    parsed = _ref(ref)
+    with open_repository(repo, key) as repository:
+        record = model_info(repository, parsed)
+    if as_json:
+        typer.echo(json.dumps(record.info(), ensure_ascii=False))
+        return
+    source = ", ".join(f"{k}={v}" for k, v in record.source.items() if k != "refs")
+    lines = [
+        f"model:        {record.ref}",
+        f"path:         {record.path}",
+        f"format:       {record.format or 'unknown'}",
+        f"size:         {_size(record.size)} in {record.file_count} files",
+        f"aliases:      {', '.join(record.aliases) or '-'}",
+        f"license:      {record.license or '-'}",
+        f"created:      {record.created} by {record.published_by or '?'}",
+        f"source:       {source or '-'}",
+    ]
+    if record.description:
+        lines.append(f"description:  {record.description}")
+    for path, desc in record.models.items():
+        params = desc.get("parameters")
+        counted = f", {params:,} parameters" if isinstance(params, int) else ""
+        lines.append(f"model file:   {path} ({desc.get('format')}{counted})")
+    lines.append("files:")
+    lines += [f"  {f.sha256[:16]}  {f.size:>14,}  {f.path}" for f in record.files]
+    typer.echo("\n".join(lines))
+
+
+@model_app.command("rm")
+@friendly
+def model_rm(
+    repo: Annotated[Path, typer.Argument(help="repository folder")],
+    ref: Annotated[str, typer.Argument(help="NAMESPACE/NAME:VERSION")],
+    keys: KeysOption = None,
+) -> None:
+    """Remove a version in a new revision (its data stays until `repo gc`)."""
+    from cvmfs_ml.models.publish import remove_model
+    from cvmfs_ml.publish.repository import Publisher
+
+    parsed = _ref(ref, require_version=True)
+    publisher = Publisher.open(repo, keys)
+    remove_model(publisher, parsed)
+    typer.echo(
+        f"revision {publisher.manifest().revision}: removed {parsed} "
+        "(objects stay until 'cvmfs-ml repo gc')"
+    )
+
+
+@model_app.command("alias")
+@friendly
+def model_alias(
+    repo: Annotated[Path, typer.Argument(help="repository folder")],
+    model: Annotated[str, typer.Argument(help="NAMESPACE/NAME")],
+    alias: Annotated[str, typer.Argument(help="alias name, e.g. latest, stable, prod")],
+    version: Annotated[str | None, typer.Argument(help="version the alias points at")] = None,
+    remove: Annotated[bool, typer.Option("--remove", "-d", help="remove the alias")] = False,
+    keys: KeysOption = None,
+) -> None:
+    """Point ALIAS at VERSION (create or move it), or remove it with --remove."""
+    from cvmfs_ml.models.publish import remove_alias, set_alias
+    from cvmfs_ml.publish.repository import Publisher
+
+    parsed = _ref(model)
+    if parsed.version is not None:
+        raise _fail(f"give the model as NAMESPACE/NAME and the version separately, not {model}")
+    publisher = Publisher.open(repo, keys)
+    try:
+        if remove:
+            remove_alias(publisher, parsed, alias)
+            typer.echo(f"removed alias {parsed.key}/{alias}")
+            return
+        if version is None:
+            raise _fail("give the VERSION the alias points at (or --remove)")
+        set_alias(publisher, parsed, alias, version)
+    except ValueError as exc:  # an invalid alias or version name
+        raise _fail(str(exc)) from exc
+    typer.echo(f"{parsed.key}/{alias} -> {version}")
+
+
+@model_app.command("check")
+@friendly
+def model_check(
+    repo: Annotated[str, typer.Argument(help="repository folder or URL")],
+    key: KeyOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Compare the index with the tree (versions, model.json, aliases); exit 1 on a mismatch."""
+    from cvmfs_ml.models.layout import check_layout
+
+    with open_repository(repo, key) as repository:
+        problems = check_layout(repository)
+    if as_json:
+        typer.echo(json.dumps({"ok": not problems, "problems": problems}))
+    else:
+        for problem in problems:
+            typer.echo(f"problem: {problem}", err=True)
+        typer.echo("ok: index matches the tree" if not problems else "FAILED")
+    if problems:
+        raise typer.Exit(1)
+
+
+@model_app.command("reindex")
+@friendly
+def model_reindex(
+    repo: Annotated[Path, typer.Argument(help="repository folder")],
+    keys: KeysOption = None,
+) -> None:
+    """Rewrite /.cvmfs-ml/index.json from the tree (after hand edits with `repo rm`)."""
+    from cvmfs_ml.models.publish import reindex
+    from cvmfs_ml.publish.repository import Publisher
+
+    index = reindex(Publisher.open(repo, keys))
+    versions = sum(len(m.versions) for m in index.models.values())
+    typer.echo(f"index rebuilt: {len(index.models)} models, {versions} versions")
+
+
+__all__ = ["model_app"]

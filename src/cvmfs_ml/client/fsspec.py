@@ -1,0 +1,324 @@
+"""``cvmfs://<fqrn>/<path>``: repositories as an fsspec filesystem.
+
+pandas, Hugging Face ``datasets``/``transformers`` and KServe read through fsspec, so exposing a
+repository there makes every one of them a cvmfs-ml client without a mount. Paths are
+``<fqrn>/<path inside the repository>`` (like ``bucket/key`` for object stores), so one
+instance can read several repositories.
+
+How a FQRN becomes a repository: by default through the client configuration (servers, proxies,
+keys, cache: :func:`cvmfs_ml.client.locate.open_target`), or from storage options given for the
+instance's own repository::
+
+    fsspec.open("cvmfs://models.example.org/onnx/resnet/1/model.onnx")         # configuration
+    fsspec.filesystem("cvmfs", url="http://s1.example.org/cvmfs/models.example.org",
+                      public_key="/etc/cvmfs/keys/models.example.org.pub", cache="/tmp/c")
+
+fsspec caches instances by their constructor arguments, so an instance is fully defined by
+them: repositories are opened lazily, on first use, from those arguments alone (and pickling
+an instance re-creates it from them). Files open as buffered views of
+:class:`~cvmfs_ml.client.repository.CvmfsFile`: seeks are free, reads go to the local object
+cache, and large files are prefetched in parallel when opened (``prefetch=False`` turns that
+off, e.g. to read only a footer).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import errno
+import io
+import os
+import threading
+from typing import Any
+
+from fsspec.spec import AbstractFileSystem
+
+from cvmfs_ml.client.locate import open_target, target_fqrn
+from cvmfs_ml.client.repository import CvmfsFile, Repository
+from cvmfs_ml.cvmfs.catalog import DirectoryEntry
+from cvmfs_ml.errors import ConfigError, CvmfsMlError
+
+__all__ = ["CvmfsBufferedFile", "CvmfsFileSystem"]
+
+_DEFAULT_BLOCK = 1 << 20
+
+
+def _read_only(path: str) -> OSError:
+    return OSError(errno.EROFS, "cvmfs:// is read-only", path)
+
+
+class CvmfsBufferedFile(io.BufferedReader):
+    """A buffered, seekable file with fsspec's usual attributes (``fs``, ``path``, ``size``)."""
+
+    def __init__(self, raw: CvmfsFile, fs: CvmfsFileSystem, path: str, block_size: int) -> None:
+        super().__init__(raw, buffer_size=max(block_size, io.DEFAULT_BUFFER_SIZE))
+        self.fs = fs
+        self.path = path
+        self.size = raw.size
+
+    @property
+    def cvmfs_file(self) -> CvmfsFile:
+        return self.raw  # type: ignore[return-value]
+
+    def pread(self, size: int, offset: int) -> bytes:
+        """Read at ``offset`` without moving the position (no buffer copy)."""
+        return self.cvmfs_file.pread(size, offset)
+
+
+class CvmfsFileSystem(AbstractFileSystem):
+    """Read-only fsspec filesystem over CernVM-FS repositories (protocol ``cvmfs``).
+
+    Parameters (all optional, all part of the instance's identity):
+
+    ``fqrn``        the repository ``url``/``public_key``/``cache``/``proxy`` apply to
+                    (taken from ``url`` when not given)
+    ``url``         its location: ``http(s)://host/cvmfs/<fqrn>`` (``;`` list) or a local
+                    repository folder; without it the configuration's ``CVMFS_SERVER_URL``
+    ``public_key``  its master key file or folder (default: configuration's keys)
+    ``cache``       object cache folder (default: configuration's ``CVMFS_CACHE_BASE``)
+    ``proxy``       upstream proxy syntax (``"http://p1:3128|http://p2:3128;DIRECT"``)
+    ``config``      client configuration file(s) in upstream's syntax
+    ``tag``         read this tag instead of the newest revision
+    ``prefetch``    ``None``: prefetch files of 32 MiB or more when opened; ``True``/``False``
+    ``server_url``  the same as ``url`` (``fsspec.core.url_to_fs`` has its own ``url``)
+    """
+
+    protocol = "cvmfs"
+    root_marker = ""
+
+    def __init__(
+        self,
+        fqrn: str | None = None,
+        url: str | None = None,
+        public_key: str | None = None,
+        cache: str | None = None,
+        proxy: str | None = None,
+        config: str | list[str] | None = None,
+        tag: str | None = None,
+        prefetch: bool | None = None,
+        server_url: str | None = None,
+        **storage_options: Any,
+    ) -> None:
+        super().__init__(**storage_options)
+        url = url if url is not None else server_url
+        self.url = os.fspath(url) if url is not None else None
+        self.fqrn = fqrn or (target_fqrn(self.url) if self.url else None)
+        self.public_key = os.fspath(public_key) if public_key is not None else None
+        self.cache = os.fspath(cache) if cache is not None else None
+        self.proxy = proxy
+        self.config_files = [config] if isinstance(config, (str, os.PathLike)) else config or []
+        self.tag = tag
+        self.prefetch = prefetch
+        self._repos: dict[str, Repository] = {}
+        self._repos_lock = threading.Lock()
+
+    # -- paths --------------------------------------------------------------------------------
+    @classmethod
+    def _strip_protocol(cls, path: Any) -> Any:
+        if isinstance(path, list):
+            return [cls._strip_protocol(p) for p in path]
+        text = os.fspath(path) if not isinstance(path, str) else path
+        if text.startswith("cvmfs://"):
+            text = text[len("cvmfs://") :]
+        elif text.startswith("cvmfs::"):
+            text = text[len("cvmfs::") :]
+        return text.strip("/")
+
+    @staticmethod
+    def _get_kwargs_from_urls(path: str) -> dict[str, Any]:
+        text = path[len("cvmfs://") :] if path.startswith("cvmfs://") else ""
+        host = text.split("/", 1)[0]
+        return {"fqrn": host} if host else {}
+
+    def unstrip_protocol(self, name: str) -> str:
+        return "cvmfs://" + self._strip_protocol(name)
+
+    def _split(self, path: str) -> tuple[str, str]:
+        stripped = self._strip_protocol(path)
+        fqrn, _, rel = stripped.partition("/")
+        return fqrn, rel
+
+    # -- repositories -------------------------------------------------------------------------
+    def repository(self, fqrn: str | None = None) -> Repository:
+        """The open repository for ``fqrn`` (default: the instance's own)."""
+        name = fqrn or self.fqrn
+        if not name:
+            raise FileNotFoundError(errno.ENOENT, "no repository named in the path", "")
+        with self._repos_lock:
+            repo = self._repos.get(name)
+            if repo is not None:
+                return repo
+            own = name == self.fqrn
+            try:
+                repo = open_target(
+                    self.url if own and self.url else name,
+                    public_key=self.public_key if own else None,
+                    cache=self.cache,
+                    proxy=self.proxy if own else None,
+                    config_files=self.config_files,
+                    tag=self.tag if own else None,
+                )
+            except ConfigError as exc:
+                raise FileNotFoundError(
+                    errno.ENOENT, f"cannot open repository {name}: {exc}", name
+                ) from exc
+            self._repos[name] = repo
+            return repo
+
+    def close(self) -> None:
+        """Close the repositories opened so far (the instance stays usable)."""
+        with self._repos_lock:
+            repos, self._repos = list(self._repos.values()), {}
+        for repo in repos:
+            repo.close()
+
+    # -- metadata -----------------------------------------------------------------------------
+    def _describe(self, fqrn: str, repo: Repository, entry: DirectoryEntry) -> dict[str, Any]:
+        name = f"{fqrn}{entry.path}" if entry.path else fqrn
+        info: dict[str, Any] = {
+            "name": name,
+            "size": entry.size,
+            "type": "directory" if entry.is_dir else "file",
+            "mode": entry.mode,
+            "mtime": entry.mtime,
+            "uid": entry.uid,
+            "gid": entry.gid,
+            "nlink": entry.linkcount or 1,
+            "hash": entry.digest.hex if entry.digest is not None else None,
+            "chunked": entry.is_chunked,
+            "islink": entry.is_symlink,
+        }
+        if entry.is_symlink:
+            info["destination"] = entry.symlink
+            try:
+                target = repo.resolve(entry.path)
+            except (CvmfsMlError, OSError):
+                info.update(type="other", size=len(entry.symlink.encode()))
+            else:
+                info.update(
+                    type="directory" if target.is_dir else "file" if target.is_regular else "other",
+                    size=target.size if target.is_regular else 0,
+                    hash=target.digest.hex if target.digest is not None else None,
+                )
+        elif entry.is_dir:
+            info["size"] = 0
+        elif not entry.is_regular:
+            info["type"] = "other"
+        return info
+
+    def info(self, path: str, **kwargs: Any) -> dict[str, Any]:
+        fqrn, rel = self._split(path)
+        if not fqrn:
+            return {"name": "", "size": 0, "type": "directory"}
+        repo = self.repository(fqrn)
+        return self._describe(fqrn, repo, repo.stat(rel))
+
+    def ls(self, path: str, detail: bool = True, **kwargs: Any) -> list[Any]:
+        fqrn, rel = self._split(path)
+        if not fqrn:
+            names = [self.fqrn] if self.fqrn else []
+            infos = [{"name": n, "size": 0, "type": "directory"} for n in names]
+            return infos if detail else names
+        repo = self.repository(fqrn)
+        entry = repo.resolve(rel)
+        if not entry.is_dir:
+            infos = [self._describe(fqrn, repo, repo.stat(rel))]
+        else:
+            infos = [self._describe(fqrn, repo, e) for e in repo.listdir(entry.path)]
+            if entry.path != repo._normalise(rel):  # listed through a link: keep its name
+                prefix = f"{fqrn}/{rel}".rstrip("/")
+                for info in infos:
+                    info["name"] = f"{prefix}/{info['name'].rsplit('/', 1)[-1]}"
+        return infos if detail else [i["name"] for i in infos]
+
+    def exists(self, path: str, **kwargs: Any) -> bool:
+        try:
+            self.info(path)
+            return True
+        except FileNotFoundError:
+            return False
+
+    def ukey(self, path: str) -> str:
+        info = self.info(path)
+        if info.get("hash"):
+            return str(info["hash"])
+        return f"{info['name']}@{self.repository(self._split(path)[0]).revision}"
+
+    def checksum(self, path: str) -> int:
+        return int(self.ukey(path).encode().hex()[:32], 16)
+
+    def modified(self, path: str) -> dt.datetime:
+        return dt.datetime.fromtimestamp(self.info(path).get("mtime", 0), tz=dt.UTC)
+
+    def created(self, path: str) -> dt.datetime:
+        return self.modified(path)
+
+    # -- content ------------------------------------------------------------------------------
+    def _open(
+        self,
+        path: str,
+        mode: str = "rb",
+        block_size: int | None = None,
+        autocommit: bool = True,
+        cache_options: dict[str, Any] | None = None,
+        prefetch: bool | None = None,
+        **kwargs: Any,
+    ) -> CvmfsBufferedFile:
+        if mode != "rb":
+            raise _read_only(path)
+        fqrn, rel = self._split(path)
+        if not fqrn:
+            raise IsADirectoryError(errno.EISDIR, "is a directory", path)
+        repo = self.repository(fqrn)
+        raw = repo.open_file(rel, prefetch=self.prefetch if prefetch is None else prefetch)
+        size = block_size if block_size and block_size > 0 else _DEFAULT_BLOCK
+        return CvmfsBufferedFile(raw, self, self._strip_protocol(path), size)
+
+    def cat_file(
+        self, path: str, start: int | None = None, end: int | None = None, **kwargs: Any
+    ) -> bytes:
+        fqrn, rel = self._split(path)
+        if not fqrn:
+            raise IsADirectoryError(errno.EISDIR, "is a directory", path)
+        repo = self.repository(fqrn)
+        wants_all = start in (None, 0) and end is None
+        prefetch = self.prefetch if wants_all else False
+        with repo.open_file(rel, prefetch=prefetch) as handle:
+            size = handle.size
+            first = 0 if start is None else (start if start >= 0 else max(0, size + start))
+            last = size if end is None else (end if end >= 0 else size + end)
+            last = min(last, size)
+            return handle.pread(max(0, last - first), first) if last > first else b""
+
+    # -- read-only ----------------------------------------------------------------------------
+    def mkdir(self, path: str, create_parents: bool = True, **kwargs: Any) -> None:
+        raise _read_only(path)
+
+    def makedirs(self, path: str, exist_ok: bool = False) -> None:
+        raise _read_only(path)
+
+    def rmdir(self, path: str) -> None:
+        raise _read_only(path)
+
+    def rm_file(self, path: str) -> None:
+        raise _read_only(path)
+
+    def _rm(self, path: str) -> None:
+        raise _read_only(path)
+
+    def rm(self, path: Any, recursive: bool = False, maxdepth: int | None = None) -> None:
+        raise _read_only(str(path))
+
+    def cp_file(self, path1: str, path2: str, **kwargs: Any) -> None:
+        raise _read_only(path2)
+
+    def mv(self, path1: Any, path2: Any, *args: Any, **kwargs: Any) -> None:
+        raise _read_only(str(path2))
+
+    def pipe_file(self, path: str, value: bytes, mode: str = "overwrite", **kwargs: Any) -> None:
+        raise _read_only(path)
+
+    def put_file(self, lpath: str, rpath: str, *args: Any, **kwargs: Any) -> None:
+        raise _read_only(rpath)
+
+    def touch(self, path: str, truncate: bool = True, **kwargs: Any) -> None:
+        raise _read_only(path)

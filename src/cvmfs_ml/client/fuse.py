@@ -1,0 +1,821 @@
+"""Mount a repository read-only with FUSE, so any program (onnxruntime, ``cat``, ``cp``) reads it.
+
+The data path follows performance-notes.md (takeaways 1 and 4, §6):
+
+* **Kernel page cache kept.** Files open with ``keep_cache`` and never ``direct_io`` (not even
+  when the catalog's ``0x10000`` flag asks for it: re-reads would bypass the cache and
+  ``MAP_SHARED`` mmaps could fail). A mount shows one revision, so attributes (size, mtime
+  from the catalog) never change and the cache stays valid; entry and attribute timeouts
+  are long for the same reason.
+* **Large requests.** libfuse 3 negotiates ``max_pages`` = 256 (1 MiB) by itself; how much
+  the kernel asks for at a time is the mount's readahead, 128 KiB by default. The daemon raises
+  ``/sys/class/bdi/<major:minor>/read_ahead_kb`` to 1024 after mounting (root only,
+  best-effort), which turns mmap faults and buffered reads into 1 MiB requests.
+* **Reads of cached pieces are answered on the event loop** (one ``pread`` on a cache file);
+  anything that may fetch runs on a worker thread, and opening a large file queues all its
+  pieces on the repository's prefetch pool.
+
+Errors map to errno at this edge: missing paths ``ENOENT``, ``ENOTDIR``, ``EISDIR``, writes
+``EROFS``, and anything wrong with the data (hash mismatch, unreachable servers, bad
+signatures) ``EIO``, which is what a reader should see instead of wrong bytes.
+
+Magic extended attributes, like upstream's (``getfattr -d -m - FILE``): ``user.fqrn``,
+``user.revision``, ``user.root_hash``, ``user.hash``, ``user.chunks``, ``user.chunk_list``,
+``user.compression``, ``user.rawlink``, ``user.host``, ``user.version``, ``user.pid``; plus
+the xattrs stored in the catalog. Reading the hidden ``user.cvmfs_ml.warm`` of a folder makes
+the daemon fetch everything below it (``cvmfs-ml warm MOUNTED_PATH`` uses it).
+
+``mount()`` starts the daemon as a separate process (pyfuse3 keeps one mount per process and
+readers should not share the daemon's GIL) and returns once the mount answers;
+``MountHandle.unmount()`` (or ``fusermount3 -u``) ends it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import errno
+import json
+import logging
+import os
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from cvmfs_ml.client.prefetch import warm
+from cvmfs_ml.client.repository import CvmfsFile, Repository
+from cvmfs_ml.cvmfs.catalog import DirectoryEntry
+from cvmfs_ml.errors import ConfigError, CvmfsMlError, NotFoundError
+
+__all__ = [
+    "CvmfsOperations",
+    "MountHandle",
+    "is_mounted",
+    "mount",
+    "serve",
+    "set_readahead",
+    "unmount",
+]
+
+log = logging.getLogger("cvmfs_ml.fuse")
+
+ATTR_TIMEOUT = 3600.0
+"""Seconds the kernel may keep entries and attributes: a mount shows one fixed revision."""
+BLKSIZE = 1 << 20
+WARM_XATTR = b"user.cvmfs_ml.warm"
+STATS_XATTR = b"user.cvmfs_ml.read_sizes"
+T = TypeVar("T")
+
+
+def _errno_of(exc: BaseException, *, missing: int = errno.ENOENT) -> int:
+    """The errno a reader sees for an exception raised while serving a request."""
+    if isinstance(exc, NotFoundError | FileNotFoundError):
+        return missing
+    if isinstance(exc, NotADirectoryError):
+        return errno.ENOTDIR
+    if isinstance(exc, IsADirectoryError):
+        return errno.EISDIR
+    if isinstance(exc, CvmfsMlError):
+        return errno.EIO  # bad hash, bad signature, unreachable servers: never wrong bytes
+    if isinstance(exc, OSError) and exc.errno:
+        return exc.errno
+    return errno.EIO
+
+
+def _decode(name: bytes) -> str:
+    return name.decode("utf-8", "surrogateescape")
+
+
+def _encode(name: str) -> bytes:
+    return name.encode("utf-8", "surrogateescape")
+
+
+# ------------------------------------------------------------------------------ operations
+try:
+    import pyfuse3 as _pyfuse3
+
+    _OperationsBase: type = _pyfuse3.Operations
+except ImportError:  # pragma: no cover - mount() reports it; the rest of the module works
+    _pyfuse3 = None
+    _OperationsBase = object
+
+
+def _require_pyfuse3() -> Any:
+    if _pyfuse3 is None:
+        raise ConfigError("FUSE mounts need pyfuse3 and trio: pip install 'cvmfs-ml[fuse]'")
+    return _pyfuse3
+
+
+class CvmfsOperations(_OperationsBase):  # type: ignore[misc,valid-type]
+    """pyfuse3 low-level operations over one :class:`Repository` revision.
+
+    Inodes are handed out per path on first sight and kept for the mount's lifetime (a
+    revision's tree is fixed, so a path always maps to the same entry). All state changes
+    happen on the trio loop; repository calls that may block run in worker threads.
+    """
+
+    enable_writeback_cache = False
+    supports_dot_lookup = True
+
+    def __init__(self, repository: Repository, *, workers: int = 16) -> None:
+        import trio
+
+        pyfuse3 = _require_pyfuse3()
+        super().__init__()
+        self._fuse = pyfuse3
+        self._trio = trio
+        self.repo = repository
+        self._limiter = trio.CapacityLimiter(max(2, workers))
+        self._paths: dict[int, str] = {pyfuse3.ROOT_INODE: ""}
+        self._inodes: dict[str, int] = {"": pyfuse3.ROOT_INODE}
+        self._entries: dict[int, DirectoryEntry] = {}
+        self._next_inode = pyfuse3.ROOT_INODE + 1
+        self._files: dict[int, CvmfsFile] = {}
+        self._dirs: dict[int, list[tuple[bytes, Any]]] = {}
+        self._next_fh = 1
+        self.reads = 0
+        self.read_sizes: dict[int, int] = {}
+
+    # -- helpers ------------------------------------------------------------------------------
+    async def _blocking(self, func: Callable[..., T], *args: Any) -> T:
+        return await self._trio.to_thread.run_sync(func, *args, limiter=self._limiter)
+
+    def _fail(self, exc: BaseException, what: str, *, missing: int = errno.ENOENT) -> Exception:
+        if isinstance(exc, self._fuse.FUSEError):
+            return exc
+        code = _errno_of(exc, missing=missing)
+        if code == errno.EIO:
+            log.error("%s: %s: %s", what, type(exc).__name__, exc)
+        else:
+            log.debug("%s: %s", what, exc)
+        return self._fuse.FUSEError(code)
+
+    def _inode_for(self, path: str) -> int:
+        inode = self._inodes.get(path)
+        if inode is None:
+            inode = self._next_inode
+            self._next_inode += 1
+            self._inodes[path] = inode
+            self._paths[inode] = path
+        return inode
+
+    def _path(self, inode: int) -> str:
+        try:
+            return self._paths[inode]
+        except KeyError:
+            raise self._fuse.FUSEError(errno.ENOENT) from None
+
+    async def _entry(self, inode: int) -> DirectoryEntry:
+        entry = self._entries.get(inode)
+        if entry is None:
+            path = self._path(inode)
+            try:
+                entry = await self._blocking(self.repo.stat, path)
+            except Exception as exc:
+                raise self._fail(exc, f"stat {path or '/'}") from exc
+            self._entries[inode] = entry
+        return entry
+
+    def _attributes(self, inode: int, entry: DirectoryEntry) -> Any:
+        attr = self._fuse.EntryAttributes()
+        attr.st_ino = inode
+        attr.generation = 0
+        attr.entry_timeout = ATTR_TIMEOUT
+        attr.attr_timeout = ATTR_TIMEOUT
+        attr.st_mode = entry.mode
+        attr.st_nlink = max(1, entry.linkcount)
+        attr.st_uid = entry.uid
+        attr.st_gid = entry.gid
+        attr.st_rdev = 0
+        size = entry.size
+        if entry.is_symlink:
+            size = len(_encode(entry.symlink))
+        attr.st_size = size
+        attr.st_blksize = BLKSIZE
+        attr.st_blocks = (size + 511) // 512
+        mtime_ns = entry.mtime * 1_000_000_000 + (entry.mtimens or 0)
+        attr.st_atime_ns = attr.st_mtime_ns = attr.st_ctime_ns = mtime_ns
+        return attr
+
+    # -- metadata -----------------------------------------------------------------------------
+    async def lookup(self, parent_inode: int, name: bytes, ctx: Any = None) -> Any:
+        parent = self._path(parent_inode)
+        if name == b".":
+            return self._attributes(parent_inode, await self._entry(parent_inode))
+        if name == b"..":
+            up = parent.rsplit("/", 1)[0] if parent else ""
+            inode = self._inode_for(up)
+            return self._attributes(inode, await self._entry(inode))
+        path = f"{parent}/{_decode(name)}"
+        inode = self._inodes.get(path)
+        entry = self._entries.get(inode) if inode is not None else None
+        if entry is None:
+            try:
+                entry = await self._blocking(self.repo.stat, path)
+            except (NotFoundError, FileNotFoundError, NotADirectoryError):
+                negative = self._fuse.EntryAttributes()
+                negative.st_ino = 0  # cache "does not exist" as long as entries
+                negative.entry_timeout = ATTR_TIMEOUT
+                return negative
+            except Exception as exc:
+                raise self._fail(exc, f"lookup {path}") from exc
+            inode = self._inode_for(path)
+            self._entries[inode] = entry
+        assert inode is not None
+        return self._attributes(inode, entry)
+
+    async def getattr(self, inode: int, ctx: Any = None) -> Any:
+        return self._attributes(inode, await self._entry(inode))
+
+    async def readlink(self, inode: int, ctx: Any = None) -> bytes:
+        entry = await self._entry(inode)
+        if not entry.is_symlink:
+            raise self._fuse.FUSEError(errno.EINVAL)
+        return _encode(entry.symlink)
+
+    async def opendir(self, inode: int, ctx: Any = None) -> int:
+        entry = await self._entry(inode)
+        if not entry.is_dir:
+            raise self._fuse.FUSEError(errno.ENOTDIR)
+        path = self._path(inode)
+        try:
+            children = await self._blocking(self.repo.listdir, path)
+        except Exception as exc:
+            raise self._fail(exc, f"listdir {path or '/'}") from exc
+        listing = []
+        for child in children:
+            child_inode = self._inode_for(child.path)
+            self._entries.setdefault(child_inode, child)
+            listing.append((_encode(child.name), self._attributes(child_inode, child)))
+        fh = self._next_fh
+        self._next_fh += 1
+        self._dirs[fh] = listing
+        return fh
+
+    async def readdir(self, fh: int, start_id: int, token: Any) -> None:
+        listing = self._dirs.get(fh, [])
+        for index in range(start_id, len(listing)):
+            name, attr = listing[index]
+            if not self._fuse.readdir_reply(token, name, attr, index + 1):
+                break
+
+    async def releasedir(self, fh: int) -> None:
+        self._dirs.pop(fh, None)
+
+    async def statfs(self, ctx: Any = None) -> Any:
+        data = self._fuse.StatvfsData()
+        usage = None
+        with contextlib.suppress(Exception):
+            usage = self.repo.cache.usage()
+        quota = self.repo.cache.quota_bytes
+        used = int(getattr(usage, "size_bytes", 0) or 0)
+        total = quota if quota else max(used, 1)
+        data.f_bsize = BLKSIZE
+        data.f_frsize = 4096
+        data.f_blocks = total // 4096
+        data.f_bfree = max(0, total - used) // 4096
+        data.f_bavail = data.f_bfree
+        data.f_files = len(self._paths)
+        data.f_ffree = 0
+        data.f_favail = 0
+        data.f_namemax = 255
+        return data
+
+    # -- extended attributes ------------------------------------------------------------------
+    def _magic(self, entry: DirectoryEntry) -> dict[bytes, Callable[[], bytes]]:
+        repo = self.repo
+        magic: dict[bytes, Callable[[], bytes]] = {
+            b"user.fqrn": lambda: repo.fqrn.encode(),
+            b"user.revision": lambda: str(repo.revision).encode(),
+            b"user.root_hash": lambda: repo.root_hash.hex.encode(),
+            b"user.host": lambda: str(
+                getattr(repo.source, "current_host", None) or getattr(repo.source, "root", "")
+            ).encode(),
+            b"user.version": lambda: _version().encode(),
+            b"user.pid": lambda: str(os.getpid()).encode(),
+        }
+        if entry.is_regular:
+            layout = repo.layout(entry)
+            if entry.digest is not None:
+                magic[b"user.hash"] = lambda: entry.digest.hex.encode()  # type: ignore[union-attr]
+            magic[b"user.chunks"] = lambda: str(len(layout.pieces)).encode()
+            magic[b"user.chunk_list"] = lambda: "\n".join(
+                f"{p.digest.hex},{p.offset},{p.size}" for p in layout.pieces
+            ).encode()
+            magic[b"user.compression"] = lambda: b"zlib" if layout.compressed else b"none"
+        if entry.is_symlink:
+            magic[b"user.rawlink"] = lambda: _encode(entry.symlink)
+        return magic
+
+    async def listxattr(self, inode: int, ctx: Any = None) -> list[bytes]:
+        entry = await self._entry(inode)
+        try:
+            magic = await self._blocking(self._magic, entry)
+        except Exception as exc:
+            raise self._fail(exc, f"listxattr {entry.path}") from exc
+        names = list(magic) + [k for k in entry.xattrs if k not in magic]
+        return names
+
+    async def getxattr(self, inode: int, name: bytes, ctx: Any = None) -> bytes:
+        entry = await self._entry(inode)
+        if name == WARM_XATTR:
+            try:
+                result = await self._blocking(warm, self.repo, entry.path or "/")
+            except Exception as exc:
+                raise self._fail(exc, f"warm {entry.path or '/'}", missing=errno.EIO) from exc
+            return (
+                f"{result.files} {result.bytes} {result.fetched} {result.net_bytes}"
+                f" {result.seconds:.3f}"
+            ).encode()
+        if name == STATS_XATTR:  # request-size histogram: shows whether reads are 1 MiB
+            return json.dumps({"reads": self.reads, "sizes": self.read_sizes}).encode()
+        if name in entry.xattrs:
+            return bytes(entry.xattrs[name])
+        try:
+            magic = await self._blocking(self._magic, entry)
+            getter = magic.get(name)
+            if getter is None:
+                raise self._fuse.FUSEError(self._fuse.ENOATTR)
+            return getter()
+        except Exception as exc:
+            raise self._fail(exc, f"getxattr {entry.path}") from exc
+
+    # -- file content -------------------------------------------------------------------------
+    async def open(self, inode: int, flags: int, ctx: Any = None) -> Any:
+        if flags & os.O_ACCMODE != os.O_RDONLY or flags & (os.O_TRUNC | os.O_APPEND | os.O_CREAT):
+            raise self._fuse.FUSEError(errno.EROFS)
+        entry = await self._entry(inode)
+        if entry.is_dir:
+            raise self._fuse.FUSEError(errno.EISDIR)
+        if not entry.is_regular:
+            raise self._fuse.FUSEError(errno.EACCES)
+        path = self._path(inode)
+        try:
+            handle = await self._blocking(self.repo.open_file, path)
+        except Exception as exc:
+            raise self._fail(exc, f"open {path}", missing=errno.EIO) from exc
+        fh = self._next_fh
+        self._next_fh += 1
+        self._files[fh] = handle
+        # keep_cache: the revision is fixed, so pages cached by an earlier open stay valid.
+        return self._fuse.FileInfo(fh=fh, keep_cache=True, direct_io=False)
+
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        handle = self._files.get(fh)
+        if handle is None:
+            raise self._fuse.FUSEError(errno.EBADF)
+        self.reads += 1
+        self.read_sizes[size] = self.read_sizes.get(size, 0) + 1
+        try:
+            if handle.is_open(size, off):  # cached pieces: one pread, no thread hop
+                return handle.pread(size, off)
+            return await self._blocking(handle.pread, size, off)
+        except Exception as exc:
+            raise self._fail(exc, f"read {handle.name} @{off}+{size}", missing=errno.EIO) from exc
+
+    async def release(self, fh: int) -> None:
+        handle = self._files.pop(fh, None)
+        if handle is not None:
+            handle.close()
+
+    async def flush(self, fh: int) -> None:
+        return None
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("cvmfs-ml")
+    except Exception:  # not installed as a distribution
+        return "unknown"
+
+
+# ------------------------------------------------------------------------------ mount table
+def _unescape_mountinfo(text: str) -> str:
+    return (
+        text.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n")
+        .replace("\\134", "\\")
+    )  # fmt: skip
+
+
+def _mount_device(mountpoint: str | os.PathLike[str]) -> str | None:
+    """``major:minor`` of the file system mounted at ``mountpoint`` (from mountinfo)."""
+    target = os.path.realpath(mountpoint)
+    found = None
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as table:
+            for line in table:
+                fields = line.split()
+                if len(fields) > 4 and _unescape_mountinfo(fields[4]) == target:
+                    found = fields[2]  # the last (topmost) mount wins
+    except OSError:
+        return None
+    return found
+
+
+def is_mounted(mountpoint: str | os.PathLike[str]) -> bool:
+    """Whether something is mounted at ``mountpoint`` (no request reaches the file system)."""
+    return _mount_device(mountpoint) is not None
+
+
+def set_readahead(mountpoint: str | os.PathLike[str], kib: int = 1024) -> int | None:
+    """Raise the mount's readahead so the kernel asks for up to ``kib`` KiB per request.
+
+    FUSE mounts start at 128 KiB; 1024 gives 1 MiB requests (libfuse's max_pages limit),
+    which cuts per-request overhead for mmap loaders (performance-notes.md takeaway 4).
+    Needs root; best-effort. Returns the value now in effect, or ``None`` when unknown.
+    """
+    device = _mount_device(mountpoint)
+    if device is None:
+        return None
+    knob = Path("/sys/class/bdi") / device / "read_ahead_kb"
+    try:
+        if kib > 0 and os.geteuid() == 0:
+            knob.write_text(f"{int(kib)}\n")
+        return int(knob.read_text().strip())
+    except (OSError, ValueError) as exc:
+        log.info("cannot set %s: %s", knob, exc)
+        try:
+            return int(knob.read_text().strip())
+        except (OSError, ValueError):
+            return None
+
+
+def _fusermount() -> str | None:
+    return shutil.which("fusermount3") or shutil.which("fusermount")
+
+
+def unmount(
+    mountpoint: str | os.PathLike[str], *, lazy: bool = False, timeout: float = 10.0
+) -> None:
+    """Unmount a FUSE mount (``fusermount3 -u``; ``umount`` when that is missing).
+
+    ``lazy`` detaches it even while files are open (``-z``). Raises :class:`OSError` with the
+    tool's message when it fails (busy, not mounted...).
+    """
+    target = os.fspath(mountpoint)
+    tool = _fusermount()
+    if tool is not None:
+        cmd = [tool, "-u"] + (["-z"] if lazy else []) + ["--", target]
+    else:
+        cmd = ["umount"] + (["-l"] if lazy else []) + [target]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
+    if done.returncode != 0:
+        message = (done.stderr or done.stdout).strip() or f"exit status {done.returncode}"
+        raise OSError(errno.EBUSY if "busy" in message.lower() else errno.EINVAL, message, target)
+
+
+# ------------------------------------------------------------------------------ daemon
+@dataclass
+class _State:
+    terminated: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def serve(
+    repository: Repository,
+    mountpoint: str | os.PathLike[str],
+    *,
+    allow_other: bool | None = None,
+    readahead_kb: int = 1024,
+    workers: int = 16,
+    debug: bool = False,
+    ready: Callable[[], None] | None = None,
+    flush_trace_every: float = 1.0,
+) -> None:
+    """Mount ``repository`` at ``mountpoint`` and serve requests until unmounted.
+
+    Returns after ``fusermount3 -u`` (or SIGINT/SIGTERM/SIGHUP, which unmount first).
+    ``ready`` is called once the mount answers requests. ``allow_other`` (default: when
+    running as root) lets other users read the mount, as upstream's mounts do.
+    """
+    import trio
+
+    pyfuse3 = _require_pyfuse3()
+    target = os.path.realpath(mountpoint)
+    if not os.path.isdir(target):
+        raise ConfigError(f"mount point {mountpoint} is not a directory")
+    if is_mounted(target):
+        raise ConfigError(f"{target} is already a mount point")
+    operations = CvmfsOperations(repository, workers=workers)
+    options = {"ro", "default_permissions", f"fsname=cvmfs-ml:{repository.fqrn}",
+               "subtype=cvmfs-ml"}  # fmt: skip
+    if allow_other if allow_other is not None else os.geteuid() == 0:
+        options.add("allow_other")
+    if debug:
+        options.add("debug")
+    state = _State()
+    pyfuse3.init(operations, target, options)
+    try:
+        trio.run(_serve_async, operations, target, state, readahead_kb, ready, flush_trace_every)
+    finally:
+        # After an outside `fusermount3 -u` the mount is gone: unmounting again could hit a
+        # new mount at the same place. Unmount only if we stopped on our own.
+        pyfuse3.close(unmount=state.terminated or is_mounted(target))
+        tracer = repository.tracer
+        if tracer is not None:
+            tracer.flush()
+
+
+async def _serve_async(
+    operations: CvmfsOperations,
+    mountpoint: str,
+    state: _State,
+    readahead_kb: int,
+    ready: Callable[[], None] | None,
+    flush_every: float,
+) -> None:
+    import trio
+
+    pyfuse3 = _require_pyfuse3()
+
+    async def on_signals() -> None:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
+            async for signum in signals:
+                log.info("signal %d: unmounting %s", signum, mountpoint)
+                state.terminated = True
+                pyfuse3.terminate()
+                return
+
+    async def flush_trace() -> None:
+        tracer = operations.repo.tracer
+        while tracer is not None:
+            await trio.sleep(flush_every)
+            tracer.flush()
+
+    async def announce() -> None:
+        # A stat of the mount point goes through the kernel to this loop: once it returns,
+        # the mount serves requests.
+        await trio.to_thread.run_sync(os.stat, mountpoint)
+        state.extra["readahead_kb"] = await trio.to_thread.run_sync(
+            set_readahead, mountpoint, readahead_kb
+        )
+        log.info("mounted %s at %s (read_ahead_kb=%s)", operations.repo.fqrn, mountpoint,
+                 state.extra["readahead_kb"])  # fmt: skip
+        if ready is not None:
+            ready()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(on_signals)
+        nursery.start_soon(flush_trace)
+        nursery.start_soon(announce)
+        await pyfuse3.main()
+        nursery.cancel_scope.cancel()
+
+
+# ------------------------------------------------------------------------------ mount()
+@dataclass
+class MountHandle:
+    """A running mount daemon; :meth:`unmount` stops it (also on ``with`` exit)."""
+
+    mountpoint: Path
+    pid: int
+    process: subprocess.Popen[bytes] | None = None
+    log_file: Path | None = None
+
+    @property
+    def mounted(self) -> bool:
+        return is_mounted(self.mountpoint)
+
+    def unmount(self, timeout: float = 15.0) -> None:
+        """Unmount and wait for the daemon to exit; lazy-unmount and kill it if it hangs."""
+        deadline = time.monotonic() + timeout
+        if self.mounted:
+            try:
+                unmount(self.mountpoint, timeout=timeout)
+            except (OSError, subprocess.TimeoutExpired) as exc:
+                log.warning("unmount %s: %s; detaching lazily", self.mountpoint, exc)
+                with contextlib.suppress(OSError, subprocess.TimeoutExpired):
+                    unmount(self.mountpoint, lazy=True, timeout=timeout)
+        if self.process is not None:
+            try:
+                self.process.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=5)
+        else:
+            _wait_pid_gone(self.pid, deadline)
+
+    def __enter__(self) -> MountHandle:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.unmount()
+
+
+def _wait_pid_gone(pid: int, deadline: float) -> None:
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.05)
+
+
+def mount(
+    target: str | os.PathLike[str],
+    mountpoint: str | os.PathLike[str],
+    *,
+    public_key: str | os.PathLike[str] | None = None,
+    cache: str | os.PathLike[str] | None = None,
+    proxy: str | None = None,
+    config_files: Sequence[str | os.PathLike[str]] = (),
+    trace: str | os.PathLike[str] | None = None,
+    tag: str | None = None,
+    allow_other: bool | None = None,
+    readahead_kb: int = 1024,
+    prefetch_workers: int | None = None,
+    log_file: str | os.PathLike[str] | None = None,
+    timeout: float = 60.0,
+    env: dict[str, str] | None = None,
+) -> MountHandle:
+    """Start a mount daemon for ``target`` (URL, repository folder or FQRN) and wait for it.
+
+    Returns once the mount answers requests; raises :class:`CvmfsMlError` with the daemon's
+    reason when it fails to start within ``timeout`` seconds. The daemon runs in its own
+    session, so it outlives the caller unless unmounted (``handle.unmount()``).
+    """
+    text = os.fspath(target)
+    if not text.startswith(("http://", "https://")) and os.path.exists(text):
+        text = os.path.abspath(text)
+
+    def absolute(p: str | os.PathLike[str] | None) -> str | None:
+        return None if p is None else os.path.abspath(os.fspath(p))
+
+    point = Path(os.path.abspath(mountpoint))
+    argv = [sys.executable, "-m", "cvmfs_ml.client.fuse", text, str(point)]
+    for flag, value in (
+        ("--key", absolute(public_key)), ("--cache", absolute(cache)), ("--proxy", proxy),
+        ("--trace", absolute(trace)), ("--tag", tag),
+    ):  # fmt: skip
+        if value is not None:
+            argv += [flag, value]
+    for config in config_files:
+        argv += ["--config", os.path.abspath(config)]
+    if allow_other is not None:
+        argv.append("--allow-other" if allow_other else "--no-allow-other")
+    argv += ["--readahead-kb", str(readahead_kb)]
+    if prefetch_workers is not None:
+        argv += ["--parallel", str(prefetch_workers)]
+    read_fd, write_fd = os.pipe()
+    argv += ["--ready-fd", str(write_fd)]
+    log_path = Path(log_file) if log_file is not None else None
+    stderr: Any = open(log_path, "ab") if log_path is not None else subprocess.DEVNULL  # noqa: SIM115
+    try:
+        process = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=stderr,
+            stderr=stderr,
+            pass_fds=(write_fd,),
+            start_new_session=True,
+            cwd="/",
+            env={**os.environ, **(env or {})},
+        )
+    finally:
+        os.close(write_fd)
+        if log_path is not None:
+            stderr.close()
+    handle = MountHandle(point, process.pid, process, log_path)
+    try:
+        message = _wait_ready(read_fd, process, timeout)
+    finally:
+        os.close(read_fd)
+    if message != "ready":
+        with contextlib.suppress(Exception):
+            handle.unmount(timeout=5)
+        if process.poll() is None:
+            process.kill()
+        raise CvmfsMlError(f"mount of {text} at {point} failed: {message}")
+    return handle
+
+
+def _wait_ready(read_fd: int, process: subprocess.Popen[bytes], timeout: float) -> str:
+    deadline = time.monotonic() + timeout
+    buffer = b""
+    while time.monotonic() < deadline:
+        readable, _, _ = select.select([read_fd], [], [], 0.1)
+        if readable:
+            chunk = os.read(read_fd, 4096)
+            if not chunk:
+                break  # the daemon closed the pipe without a word
+            buffer += chunk
+            if b"\n" in buffer:
+                return buffer.split(b"\n", 1)[0].decode("utf-8", "replace")
+        elif process.poll() is not None:
+            break
+    if process.poll() is not None:
+        return buffer.decode("utf-8", "replace").strip() or (
+            f"the daemon exited with status {process.returncode}"
+        )
+    return f"not mounted after {timeout:g} s"
+
+
+# ------------------------------------------------------------------------------ entry point
+def run_foreground(
+    target: str,
+    mountpoint: str,
+    *,
+    public_key: str | None = None,
+    cache: str | None = None,
+    proxy: str | None = None,
+    config_files: Sequence[str] = (),
+    trace: str | None = None,
+    tag: str | None = None,
+    allow_other: bool | None = None,
+    readahead_kb: int = 1024,
+    prefetch_workers: int | None = None,
+    debug: bool = False,
+    ready: Callable[[], None] | None = None,
+) -> None:
+    """Open ``target`` and serve it at ``mountpoint`` in this process until unmounted."""
+    from cvmfs_ml.client.locate import open_target
+    from cvmfs_ml.client.trace import Tracer
+
+    tracer = Tracer(trace) if trace else None
+    options: dict[str, Any] = {"tracer": tracer}
+    if tag is not None:
+        options["tag"] = tag
+    if prefetch_workers is not None:
+        options["prefetch_workers"] = prefetch_workers
+    repository = open_target(
+        target, public_key=public_key, cache=cache, proxy=proxy, config_files=config_files,
+        **options,
+    )  # fmt: skip
+    try:
+        serve(
+            repository, mountpoint, allow_other=allow_other, readahead_kb=readahead_kb,
+            debug=debug, ready=ready,
+            workers=max(16, 2 * (prefetch_workers or 8)),
+        )  # fmt: skip
+    finally:
+        repository.close()
+        if tracer is not None:
+            tracer.close()
+
+
+def _main(argv: Sequence[str] | None = None) -> int:
+    """``python -m cvmfs_ml.client.fuse TARGET MOUNTPOINT ...``: the daemon ``mount()`` starts."""
+    parser = argparse.ArgumentParser(prog="python -m cvmfs_ml.client.fuse")
+    parser.add_argument("target")
+    parser.add_argument("mountpoint")
+    parser.add_argument("--key")
+    parser.add_argument("--cache")
+    parser.add_argument("--proxy")
+    parser.add_argument("--config", action="append", default=[])
+    parser.add_argument("--trace")
+    parser.add_argument("--tag")
+    parser.add_argument("--allow-other", action=argparse.BooleanOptionalAction, default=None)
+    parser.add_argument("--readahead-kb", type=int, default=1024)
+    parser.add_argument("--parallel", type=int)
+    parser.add_argument("--ready-fd", type=int)
+    parser.add_argument("--debug", action="store_true")
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.debug else logging.INFO,
+        format="%(asctime)s cvmfs-ml-fuse[%(process)d] %(levelname)s %(message)s",
+    )
+    ready_fd = args.ready_fd
+
+    def say(message: str) -> None:
+        nonlocal ready_fd
+        if ready_fd is None:
+            return
+        with contextlib.suppress(OSError):
+            os.write(ready_fd, (message.replace("\n", " ") + "\n").encode())
+            os.close(ready_fd)
+        ready_fd = None
+
+    try:
+        run_foreground(
+            args.target, args.mountpoint, public_key=args.key, cache=args.cache,
+            proxy=args.proxy, config_files=args.config, trace=args.trace, tag=args.tag,
+            allow_other=args.allow_other, readahead_kb=args.readahead_kb,
+            prefetch_workers=args.parallel, debug=args.debug, ready=lambda: say("ready"),
+        )  # fmt: skip
+    except Exception as exc:
+        log.error("%s", exc, exc_info=args.debug)
+        say(f"{type(exc).__name__}: {exc}")
+        return 1
+    say("the daemon stopped before the mount was ready")
+    return 0
+
+
+def _module_main() -> None:
+    # A tempfile default in a detached daemon must not point into a removed cwd.
+    tempfile.tempdir = tempfile.gettempdir()
+    raise SystemExit(_main())
+
+
+if __name__ == "__main__":
+    _module_main()
+

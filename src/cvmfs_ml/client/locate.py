@@ -1,0 +1,137 @@
+"""Turn what a user names (a URL, a repository folder, or just a FQRN) into an open Repository.
+
+``cvmfs-ml mount``, ``cvmfs-ml warm`` and ``cvmfs://<fqrn>/...`` (fsspec) all accept the same
+three spellings, and a FQRN alone must work the way it does for upstream's client: servers,
+proxies, keys and cache come from the configuration (``CVMFS_SERVER_URL``, ``CVMFS_HTTP_PROXY``,
+``CVMFS_KEYS_DIR``/``CVMFS_PUBLIC_KEY``, ``CVMFS_CACHE_BASE``, ``CVMFS_QUOTA_LIMIT``; files from
+``--config`` or ``CVMFS_ML_CONFIG``). Explicit arguments win over the configuration.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from cvmfs_ml.client.cache import ObjectCache
+from cvmfs_ml.client.config import ClientConfig, load_config, parse_proxy_list
+from cvmfs_ml.client.repository import Repository
+from cvmfs_ml.cvmfs.keys import load_public_keys
+from cvmfs_ml.cvmfs.manifest import Manifest
+from cvmfs_ml.errors import ConfigError, CvmfsMlError
+
+__all__ = ["is_url", "local_default_key", "open_target", "target_fqrn"]
+
+
+def is_url(target: str) -> bool:
+    return target.startswith(("http://", "https://"))
+
+
+def local_default_key(folder: Path) -> Path | None:
+    """``ROOT/../keys/<fqrn>.pub`` for a repository at ``ROOT/<fqrn>`` (where ``repo create``
+    puts keys, docs/cli.md); ``None`` when it is not there."""
+    try:
+        fqrn = Manifest.parse((folder / ".cvmfspublished").read_bytes()).fqrn or folder.name
+    except (OSError, CvmfsMlError):
+        return None
+    candidate = folder.resolve().parent.parent / "keys" / f"{fqrn}.pub"
+    return candidate if candidate.is_file() else None
+
+
+def target_fqrn(target: str) -> str | None:
+    """The repository name a target implies (URL tail, manifest ``N``, or the name itself)."""
+    if is_url(target):
+        return target.split(";")[0].rstrip("/").rsplit("/", 1)[-1] or None
+    folder = Path(target)
+    if (folder / ".cvmfspublished").is_file():
+        try:
+            return Manifest.parse((folder / ".cvmfspublished").read_bytes()).fqrn or folder.name
+        except CvmfsMlError:
+            return folder.name
+    return target or None
+
+
+def _cache_for(
+    cache: ObjectCache | str | os.PathLike[str] | None, config: ClientConfig | None
+) -> ObjectCache | None:
+    if isinstance(cache, ObjectCache):
+        return cache
+    if cache is not None:
+        quota = config.quota_bytes if config is not None else None
+        return ObjectCache(Path(cache), quota)
+    if config is not None:
+        return ObjectCache(config.cache_dir, config.quota_bytes)
+    return None
+
+
+def open_target(
+    target: str,
+    *,
+    public_key: str | os.PathLike[str] | None = None,
+    cache: ObjectCache | str | os.PathLike[str] | None = None,
+    proxy: str | None = None,
+    config_files: Sequence[str | os.PathLike[str]] = (),
+    env: Mapping[str, str] = os.environ,
+    use_config_cache: bool = True,
+    **options: Any,
+) -> Repository:
+    """Open ``target``: an ``http(s)://.../cvmfs/<fqrn>`` URL (``;`` list), a local repository
+    folder, or a FQRN resolved through the configuration.
+
+    For a URL or folder the configuration (if it names keys or a cache for that FQRN) only
+    fills in what is not given; a local folder falls back to the keys ``repo create`` wrote.
+    ``use_config_cache=False`` keeps a private temporary cache when ``cache`` is not given.
+    ``options`` go to :class:`Repository` (``tag``, ``tracer``, ``prefetch_workers``...).
+    """
+    fqrn = target_fqrn(target)
+    local = not is_url(target) and (Path(target) / ".cvmfspublished").is_file()
+    try:
+        config: ClientConfig | None = load_config(fqrn, list(config_files), env)
+    except ConfigError:
+        if not (is_url(target) or local):
+            raise
+        config = None  # a URL or folder does not need the configuration to be complete
+    object_cache = _cache_for(cache, config if (use_config_cache or cache is not None) else None)
+
+    if is_url(target) or local:
+        key: Any = public_key
+        if key is None and config is not None and config.public_keys:
+            key = [str(p) for p in config.public_keys]
+        if key is None and local:
+            key = local_default_key(Path(target))
+        if key is None:
+            raise ConfigError(f"no public key for {target}: pass the <fqrn>.pub file")
+        keys = load_public_keys(key)
+        if proxy is None and config is not None and is_url(target):
+            proxy = ";".join("|".join(group) for group in config.proxy_groups)
+        return Repository.open(
+            target, fqrn=fqrn if is_url(target) else None, public_key=keys,
+            cache=object_cache, proxy=proxy, **options,
+        )  # fmt: skip
+
+    if config is None or fqrn is None:  # pragma: no cover - load_config raised above
+        raise ConfigError(f"{target!r} is not a URL, a repository folder or a repository name")
+    if not config.server_urls:
+        raise ConfigError(
+            f"{target!r} is not a URL or a repository folder, and no CVMFS_SERVER_URL is"
+            " configured for it (--config FILE or CVMFS_ML_CONFIG)"
+        )
+    if proxy is not None:
+        config = dataclasses.replace(config, proxy_groups=parse_proxy_list(proxy))
+    from cvmfs_ml.client.fetcher import Fetcher
+
+    key_spec: Any = public_key if public_key is not None else [str(p) for p in config.public_keys]
+    if not key_spec:
+        raise ConfigError(f"no public key for {fqrn}: set CVMFS_KEYS_DIR or CVMFS_PUBLIC_KEY")
+    workers = int(options.pop("prefetch_workers", config.parallel))
+    source = Fetcher.from_config(config, pool_size=max(workers, 1))
+    return Repository(
+        source,
+        fqrn,
+        public_keys=load_public_keys(key_spec),
+        cache=object_cache,
+        prefetch_workers=workers,
+        **options,
+    )

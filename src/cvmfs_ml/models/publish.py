@@ -1,0 +1,497 @@
+"""Publishing, removing and aliasing model versions (the layout is in :mod:`.layout`).
+
+Every change is ONE transaction holding the repository lock: the version folder (a nested
+catalog) with its files and ``model.json``, the alias symlinks and the updated
+``/.cvmfs-ml/index.json`` become visible to readers in the same revision, or not at all.
+
+The index is read from the *published* repository after the lock is taken, never from a copy
+read earlier, so publishers in other threads or processes cannot make each other's entries
+disappear: each one sees the revision the previous one committed. The slow part, hashing the
+source, happens before the lock, so concurrent publishers still hash in parallel.
+
+Versions are immutable: publishing an existing version again with the same bytes (same SHA-256
+for every path) returns the existing record without a new revision; different bytes are refused
+with :class:`~cvmfs_ml.errors.PublishError` naming the files that differ.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import getpass
+import io
+import json
+import os
+import shutil
+import socket
+import stat
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from cvmfs_ml.client.cache import ObjectCache
+from cvmfs_ml.client.repository import Repository
+from cvmfs_ml.errors import NotFoundError, PublishError
+from cvmfs_ml.models.formats import ModelDescription, describe, describe_folder, detect
+from cvmfs_ml.models.layout import (
+    ALIAS_LATEST,
+    INDEX_DIR,
+    INDEX_PATH,
+    MODEL_JSON,
+    Index,
+    ModelFile,
+    ModelRecord,
+    ModelRef,
+    TreeReader,
+    read_index,
+    read_record,
+    scan_models,
+    utc_timestamp,
+    validate_component,
+)
+from cvmfs_ml.models.sources.huggingface import describe_hf_snapshot, find_hf_snapshot
+from cvmfs_ml.models.sources.local import (
+    SourceTree,
+    describe_local,
+    detect_license,
+    hash_tree,
+    scan_source,
+)
+from cvmfs_ml.publish.repository import Publisher, Transaction
+from cvmfs_ml.publish.sources import SourceItem
+
+__all__ = [
+    "RESERVED_VERSIONS",
+    "list_models",
+    "model_info",
+    "prepare_source",
+    "publish_model",
+    "reindex",
+    "remove_alias",
+    "remove_model",
+    "set_alias",
+]
+
+#: Names a version may not take: they are aliases every model may have.
+RESERVED_VERSIONS = frozenset({ALIAS_LATEST})
+
+# Metadata values longer than this (as JSON) stay out of model.json: a GGUF header carries the
+# whole tokenizer vocabulary, which belongs in the model file, not in every index read.
+_MAX_METADATA_JSON = 2048
+_MAX_TENSORS_LISTED = 64
+
+
+# -- reading what is published, under the lock ------------------------------------------------
+_READER_CACHES: dict[Path, ObjectCache] = {}
+_READER_CACHES_LOCK = threading.Lock()
+_READER_CACHE_QUOTA = 256 * 2**20
+
+
+def _reader_cache(publisher: Publisher) -> ObjectCache:
+    """One cache per process and repository for reading back what is published.
+
+    Objects are content-addressed and verified on fetch, so a cache stays valid across
+    revisions; keeping it saves creating (and deleting) a 256-folder cache per transaction.
+    """
+    key = publisher.repo_dir.resolve()
+    with _READER_CACHES_LOCK:
+        cache = _READER_CACHES.get(key)
+        if cache is None:
+            folder = tempfile.mkdtemp(prefix="cvmfs-ml-models.")
+            atexit.register(shutil.rmtree, folder, True)
+            cache = _READER_CACHES[key] = ObjectCache(Path(folder), _READER_CACHE_QUOTA)
+        return cache
+
+
+@contextlib.contextmanager
+def _published(publisher: Publisher) -> Iterator[Repository]:
+    """The repository as currently published, verified with its master key.
+
+    Call with the lock held (inside ``publisher.transaction()``) so that what is read is what
+    the transaction will change.
+    """
+    repo = Repository.open(
+        publisher.repo_dir,
+        fqrn=publisher.fqrn,
+        public_key=publisher.keys.paths.master_public,
+        cache=_reader_cache(publisher),
+        prefetch_workers=1,
+    )
+    try:
+        yield repo
+    finally:
+        repo.close()
+
+
+def _load_index(repo: TreeReader) -> Index:
+    """The index, rebuilt from the tree when the file is missing (e.g. removed by hand)."""
+    index = read_index(repo)
+    if not index.models:
+        try:
+            repo.stat(INDEX_PATH)
+        except FileNotFoundError:
+            return scan_models(repo)
+    return index
+
+
+def _entry(repo: TreeReader, path: str) -> Any:
+    try:
+        return repo.stat(path)
+    except FileNotFoundError:
+        return None
+
+
+def _write_index(txn: Transaction, index: Index) -> None:
+    index.updated = utc_timestamp()
+    txn.mkdir(INDEX_DIR)  # add_bytes does not create its parent folder
+    txn.add_bytes(INDEX_PATH, index.to_bytes())
+
+
+def _add_items(txn: Transaction, items: list[SourceItem], at: str, *, nested: bool) -> None:
+    """Queue entries we built ourselves (resolved symlinks, ``model.json``) at ``at``.
+
+    ``Transaction`` has public ``add_folder``/``add_tarball`` for trees on disk, but a model
+    version is the *resolved* view of its source (a Hugging Face snapshot is all symlinks), so
+    the items are handed to the same queue ``add_folder`` uses. Replace with a public
+    ``Transaction.add_items`` once it exists.
+    """
+    txn._ops.append(("items", (lambda: iter(items), at, nested)))
+
+
+# -- preparing a source (outside the lock) ----------------------------------------------------
+def prepare_source(src: Path) -> tuple[SourceTree, dict[str, Any], str | None]:
+    """Scan and hash ``src``: (tree, detected ``source`` info, detected license).
+
+    A Hugging Face cache snapshot (``snapshots/<commit>`` or ``models--*`` folder) is resolved
+    within its ``models--*`` folder; anything else is a local file or folder.
+    """
+    src = Path(src)
+    snapshot = find_hf_snapshot(src) if src.is_dir() else None
+    if snapshot is not None:
+        tree = scan_source(snapshot.snapshot, bound=snapshot.repo_folder)
+        info = describe_hf_snapshot(snapshot)
+        license_ = info.get("license")
+    else:
+        tree = scan_source(src)
+        info = describe_local(src)
+        license_ = detect_license(src) if src.is_dir() else None
+    if any(f.path == MODEL_JSON for f in tree.files):
+        raise PublishError(
+            f"{src} has a top-level {MODEL_JSON}: that name is reserved for the metadata "
+            "cvmfs-ml writes; rename the file"
+        )
+    return hash_tree(tree), info, license_
+
+
+def _compact(desc: ModelDescription) -> dict[str, Any]:
+    out = desc.to_json(weights=False)
+    kept, omitted = {}, []
+    for key, value in out.get("metadata", {}).items():
+        if len(json.dumps(value, default=str)) <= _MAX_METADATA_JSON:
+            kept[key] = value
+        else:
+            omitted.append(key)
+    out["metadata"] = kept
+    if omitted:
+        out["metadata_omitted"] = sorted(omitted)
+    for key in ("inputs", "outputs"):
+        if len(out[key]) > _MAX_TENSORS_LISTED:
+            out[f"{key}_count"] = len(out[key])
+            out[key] = out[key][:_MAX_TENSORS_LISTED]
+    return out
+
+
+def _describe(tree: SourceTree) -> tuple[dict[str, dict[str, Any]], list[str]]:
+    """Header-only descriptions of the model files; advisory, so it never blocks a publish."""
+    try:
+        if tree.root.is_dir():
+            found = describe_folder(tree.root, strict=False)
+        else:
+            only = tree.files[0]
+            if detect(only.real, name=only.path) is None:
+                return {}, []
+            found = {only.path: describe(only.real, name=only.path)}
+    except Exception as exc:  # a parser bug must not make a model unpublishable
+        return {}, [f"could not describe the model files: {type(exc).__name__}: {exc}"]
+    warnings = [f"{path}: {w}" for path, d in found.items() for w in d.warnings]
+    return {path: _compact(d) for path, d in found.items()}, warnings
+
+
+def _primary_format(models: dict[str, dict[str, Any]], tree: SourceTree) -> str | None:
+    """The format of the model holding the most bytes (a folder model counts its files)."""
+
+    def weight(path: str) -> int:
+        if path == ".":
+            return tree.size
+        return sum(f.size for f in tree.files if f.path == path or f.path.startswith(path + "/"))
+
+    if not models:
+        return None
+    return models[max(models, key=lambda p: (weight(p), p))]["format"]
+
+
+def _whoami() -> str:
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = str(os.getuid())
+    return f"{user}@{socket.gethostname()}"
+
+
+def _opener(path: Path) -> Callable[[], BinaryIO]:
+    return lambda: path.open("rb")
+
+
+def _version_items(tree: SourceTree, ref: ModelRef, model_json: bytes) -> list[SourceItem]:
+    """The version folder, its sub-folders, files and ``model.json``, parents first."""
+    now = int(time.time())
+    base = ref.path
+    items = [SourceItem(path=base, mode=stat.S_IFDIR | 0o755, mtime=now, size=4096)]
+    items += [
+        SourceItem(path=f"{base}/{d}", mode=stat.S_IFDIR | 0o755, mtime=now, size=4096)
+        for d in sorted(tree.dirs)
+    ]
+    for f in tree.files:
+        mode = 0o755 if f.mode & 0o111 else 0o644
+        items.append(
+            SourceItem(
+                path=f"{base}/{f.path}",
+                mode=stat.S_IFREG | mode,
+                mtime=f.mtime,
+                size=f.size,
+                open=_opener(f.real),
+            )
+        )
+    items.append(
+        SourceItem(
+            path=f"{base}/{MODEL_JSON}",
+            mode=stat.S_IFREG | 0o644,
+            mtime=now,
+            size=len(model_json),
+            open=lambda: io.BytesIO(model_json),
+        )
+    )
+    return items
+
+
+def _difference(old: dict[str, str], new: dict[str, str]) -> str:
+    parts = []
+    for label, names in (
+        ("changed", sorted(p for p in old.keys() & new.keys() if old[p] != new[p])),
+        ("added", sorted(new.keys() - old.keys())),
+        ("removed", sorted(old.keys() - new.keys())),
+    ):
+        if names:
+            more = f" and {len(names) - 10} more" if len(names) > 10 else ""
+            shown = ", ".join(names[:10]) + more
+            parts.append(f"{label}: {shown}")
+    return "; ".join(parts)
+
+
+def _check_aliases(ref: ModelRef, aliases: Sequence[str]) -> list[str]:
+    out = []
+    for alias in aliases:
+        validate_component(alias, "alias", version=True)
+        if alias == ref.version:
+            raise PublishError(f"alias {alias!r} is the version name itself")
+        if alias not in out:
+            out.append(alias)
+    return out
+
+
+# -- the API ------------------------------------------------------------------------------------
+def publish_model(
+    publisher: Publisher,
+    src: Path,
+    ref: ModelRef,
+    *,
+    source: dict | None = None,
+    description: str = "",
+    license: str | None = None,
+    extra: dict | None = None,
+    aliases: Sequence[str] = (ALIAS_LATEST,),
+    publisher_name: str | None = None,
+) -> ModelRecord:
+    """Publish the file or folder ``src`` as version ``ref`` in one transaction.
+
+    ``source`` overrides the detected provenance (``{"type": "local", ...}`` or, for a hub
+    cache snapshot, ``{"type": "huggingface", "repo_id", "revision", ...}``); ``license``
+    overrides the one the model card or ``config.json`` declares. ``aliases`` (default
+    ``latest``) are pointed at the new version. Returns the record as published, or the
+    existing one when the same bytes were already published under ``ref`` (no new revision).
+    """
+    version = ref.require_version()
+    if version in RESERVED_VERSIONS:
+        raise PublishError(f"{version!r} is reserved for an alias; pick another version name")
+    alias_list = _check_aliases(ref, aliases)
+    tree, detected, detected_license = prepare_source(Path(src))
+    models, warnings = _describe(tree)
+    record = ModelRecord(
+        ref=ref,
+        format=_primary_format(models, tree),
+        description=description,
+        license=license if license is not None else detected_license,
+        created=utc_timestamp(),
+        published_by=publisher_name or _whoami(),
+        source=dict(source) if source is not None else detected,
+        files=[ModelFile(f.path, f.size, f.sha256) for f in tree.files],
+        size=tree.size,
+        file_count=len(tree.files),
+        models=models,
+        extra=dict(extra or {}),
+        warnings=warnings,
+    )
+    with publisher.transaction() as txn:
+        with _published(publisher) as repo:
+            existing = _entry(repo, ref.path)
+            if existing is not None:
+                return _republish(repo, ref, existing, record)
+            for alias in alias_list:
+                entry = _entry(repo, ref.alias_path(alias))
+                if entry is not None and not entry.is_symlink:
+                    raise PublishError(f"{ref.key}/{alias} is a version, not an alias")
+            index = _load_index(repo)
+        _add_items(txn, _version_items(tree, ref, record.to_bytes()), ref.path, nested=True)
+        for alias in alias_list:
+            txn.symlink(ref.alias_path(alias), version)
+        index.add(record, alias_list)
+        _write_index(txn, index)
+        txn.commit(description=f"publish model {ref}")
+    record.aliases = sorted(alias_list)
+    return record
+
+
+def _republish(repo: Repository, ref: ModelRef, entry: Any, record: ModelRecord) -> ModelRecord:
+    if entry.is_symlink:
+        raise PublishError(f"{ref} is an alias, not a version")
+    try:
+        existing = read_record(repo, ref)
+    except FileNotFoundError as exc:
+        raise PublishError(f"{ref.path} exists but is not a model version (no model.json)") from exc
+    difference = _difference(existing.digests(), record.digests())
+    if difference:
+        raise PublishError(
+            f"{ref} is already published with different content ({difference}); "
+            "versions are immutable: publish a new version"
+        )
+    return existing
+
+
+def remove_model(publisher: Publisher, ref: ModelRef) -> None:
+    """Remove one version (a new revision; its objects stay until ``repo gc``).
+
+    Aliases that pointed at it are removed, except ``latest``, which moves to the most recently
+    created remaining version. The model (and an emptied namespace) folder goes with its last
+    version.
+    """
+    ref.require_version()
+    with publisher.transaction() as txn:
+        with _published(publisher) as repo:
+            entry = _entry(repo, ref.path)
+            if entry is None:
+                raise NotFoundError(f"model version {ref}", publisher.fqrn)
+            if entry.is_symlink:
+                raise PublishError(f"{ref} is an alias: remove it with remove_alias")
+            record = read_record(repo, ref)
+            index = _load_index(repo)
+            _ensure_indexed(index, record)
+            model = index.models[ref.key]
+            others = {v: s for v, s in model.versions.items() if v != ref.version}
+            pointing = sorted(a for a, v in model.aliases.items() if v == ref.version)
+            namespace_entries = repo.listdir(f"/{ref.namespace}")
+        index.remove(ref)
+        if not others:
+            if len(namespace_entries) == 1:
+                txn.remove(f"/{ref.namespace}")
+            else:
+                txn.remove(ref.model_path)
+        else:
+            txn.remove(ref.path)
+            for alias in pointing:
+                if alias == ALIAS_LATEST:
+                    newest = max(others, key=lambda v: (str(others[v].get("created", "")), v))
+                    txn.symlink(ref.alias_path(alias), newest)
+                    index.set_alias(ref.with_version(newest), alias)
+                else:
+                    txn.remove(ref.alias_path(alias))
+        _write_index(txn, index)
+        txn.commit(description=f"remove model {ref}")
+
+
+def _ensure_indexed(index: Index, record: ModelRecord) -> None:
+    entry = index.models.get(record.ref.key)
+    if entry is None or record.version not in entry.versions:
+        index.add(record)
+
+
+def _as_ref(ns_name: str | ModelRef) -> ModelRef:
+    ref = ns_name if isinstance(ns_name, ModelRef) else ModelRef.parse(ns_name)
+    return ref.with_version(None)
+
+
+def set_alias(publisher: Publisher, ns_name: str | ModelRef, alias: str, version: str) -> None:
+    """Point ``ns/name/<alias>`` at ``version`` (creating or moving the alias)."""
+    ref = _as_ref(ns_name).with_version(version)
+    validate_component(alias, "alias", version=True)
+    if alias == version:
+        raise PublishError(f"alias {alias!r} is the version name itself")
+    with publisher.transaction() as txn:
+        with _published(publisher) as repo:
+            target = _entry(repo, ref.path)
+            if target is None or not target.is_dir:
+                raise NotFoundError(f"model version {ref}", publisher.fqrn)
+            current = _entry(repo, ref.alias_path(alias))
+            if current is not None and not current.is_symlink:
+                raise PublishError(f"{ref.key}/{alias} is a version, not an alias")
+            record = read_record(repo, ref)
+            index = _load_index(repo)
+        _ensure_indexed(index, record)
+        index.set_alias(ref, alias)
+        txn.symlink(ref.alias_path(alias), version)
+        _write_index(txn, index)
+        txn.commit(description=f"alias {ref.key}/{alias} -> {version}")
+
+
+def remove_alias(publisher: Publisher, ns_name: str | ModelRef, alias: str) -> None:
+    """Remove the alias ``ns/name/<alias>`` (the version it named stays)."""
+    ref = _as_ref(ns_name)
+    with publisher.transaction() as txn:
+        with _published(publisher) as repo:
+            current = _entry(repo, ref.alias_path(alias))
+            if current is None or not current.is_symlink:
+                raise NotFoundError(f"alias {ref.key}/{alias}", publisher.fqrn)
+            index = _load_index(repo)
+        index.remove_alias(ref, alias)
+        txn.remove(ref.alias_path(alias))
+        _write_index(txn, index)
+        txn.commit(description=f"remove alias {ref.key}/{alias}")
+
+
+def reindex(publisher: Publisher) -> Index:
+    """Rewrite the index from the tree (repairs an index edited or removed by hand)."""
+    with publisher.transaction() as txn:
+        with _published(publisher) as repo:
+            index = scan_models(repo)
+        _write_index(txn, index)
+        txn.commit(description="rebuild model index")
+    return index
+
+
+def list_models(repo: TreeReader, *, full: bool = False) -> list[ModelRecord]:
+    """Every published version, sorted by reference, from the index (one file read).
+
+    Index records carry no ``files``/``models``; ``full=True`` reads every ``model.json``.
+    """
+    records = _load_index(repo).records()
+    if not full:
+        return records
+    return [read_record(repo, r.ref) for r in records]
+
+
+def model_info(repo: TreeReader, ref_or_ns_name: str | ModelRef) -> ModelRecord:
+    """The full record of ``ns/name:version``; an alias resolves, no version means ``latest``."""
+    ref = ref_or_ns_name if isinstance(ref_or_ns_name, ModelRef) else ModelRef.parse(ref_or_ns_name)
+    return read_record(repo, ref)

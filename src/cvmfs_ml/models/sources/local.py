@@ -1,0 +1,233 @@
+"""A local file or folder as the content of a model version.
+
+A model version holds plain files only: symlinks in the source are resolved to the content they
+point to (a Hugging Face snapshot is nothing but symlinks into ``blobs/``), so the published
+version reads the same with any client and never points outside itself. Resolution is bounded:
+a symlink whose target leaves ``bound`` (by default the source folder) is refused, because a
+publisher fed an uploaded folder must not publish ``/etc/shadow`` through a link.
+
+Every file is hashed with SHA-256 once, in parallel (``hashlib`` releases the GIL), before the
+repository lock is taken; those digests go into ``model.json`` and decide whether re-publishing
+a version is a no-op or a conflict.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import stat
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from cvmfs_ml.errors import NotFoundError, PublishError, UnsafeInputError
+
+__all__ = [
+    "SKIPPED_NAMES",
+    "SourceFile",
+    "SourceTree",
+    "describe_local",
+    "detect_license",
+    "hash_tree",
+    "read_model_card",
+    "scan_source",
+]
+
+#: Entries never published from a folder: version-control and tool caches (``hf download
+#: --local-dir`` keeps its bookkeeping in ``.cache/huggingface``), not model content.
+SKIPPED_NAMES = frozenset({".git", ".cache", ".hg", ".svn", "__pycache__", ".DS_Store"})
+
+_BLOCK = 1 << 20
+
+
+@dataclass(frozen=True)
+class SourceFile:
+    """A regular file to publish at ``path`` (``/``-separated, relative to the version)."""
+
+    path: str
+    real: Path
+    size: int
+    mode: int
+    mtime: int
+    sha256: str = ""
+
+
+@dataclass
+class SourceTree:
+    """What a source holds once symlinks are resolved: directories (parents first) and files."""
+
+    root: Path
+    files: list[SourceFile] = field(default_factory=list)
+    dirs: list[str] = field(default_factory=list)
+
+    @property
+    def size(self) -> int:
+        return sum(f.size for f in self.files)
+
+    def digests(self) -> dict[str, str]:
+        return {f.path: f.sha256 for f in self.files}
+
+
+def _inside(path: Path, bound: Path) -> bool:
+    return path == bound or path.is_relative_to(bound)
+
+
+def _resolve(link: Path, bound: Path, rel: str) -> Path:
+    try:
+        real = link.resolve(strict=True)
+    except FileNotFoundError as exc:
+        raise UnsafeInputError(rel, f"dangling symlink -> {os.readlink(link)!r}") from exc
+    except (RuntimeError, OSError) as exc:  # ELOOP
+        raise UnsafeInputError(rel, f"symlink cannot be resolved: {exc}") from exc
+    if not _inside(real, bound):
+        raise UnsafeInputError(
+            rel, f"symlink points outside {bound} (to {real}); copy the file into the source"
+        )
+    return real
+
+
+def scan_source(src: Path, *, bound: Path | None = None) -> SourceTree:
+    """List a file or folder, resolving symlinks to their content.
+
+    A single file is published under its own name. In a folder, hidden tool folders
+    (:data:`SKIPPED_NAMES`) are skipped; symlinks must resolve inside ``bound`` (default: the
+    folder itself; the ``models--*`` folder for a Hugging Face snapshot); special files and
+    symlink cycles are refused with :class:`UnsafeInputError`.
+    """
+    src = Path(src)
+    if not os.path.lexists(src):
+        raise NotFoundError(str(src), "model source")
+    real_root = src.resolve(strict=True)
+    bound = Path(bound).resolve() if bound is not None else real_root
+    if real_root.is_file():
+        st = real_root.stat()
+        single = SourceFile(src.name, real_root, st.st_size, st.st_mode, int(st.st_mtime))
+        return SourceTree(src, [single], [])
+    if not real_root.is_dir():
+        raise UnsafeInputError(str(src), "neither a regular file nor a folder")
+    tree = SourceTree(src)
+    for rel, real, st in _walk(real_root, bound):
+        if stat.S_ISDIR(st.st_mode):
+            tree.dirs.append(rel)
+        else:
+            tree.files.append(SourceFile(rel, real, st.st_size, st.st_mode, int(st.st_mtime)))
+    tree.files.sort(key=lambda f: f.path)
+    return tree
+
+
+def _walk(root: Path, bound: Path) -> Iterator[tuple[str, Path, os.stat_result]]:
+    """Depth-first, names sorted, directories before their contents; symlinks followed."""
+    stack: list[tuple[Path, str, frozenset[Path]]] = [(root, "", frozenset({root}))]
+    while stack:
+        folder, prefix, ancestors = stack.pop()
+        with os.scandir(folder) as it:
+            entries = sorted(it, key=lambda e: e.name)
+        below = []
+        for entry in entries:
+            if entry.name in SKIPPED_NAMES:
+                continue
+            rel = f"{prefix}{entry.name}"
+            path = Path(entry.path)
+            real = _resolve(path, bound, rel) if entry.is_symlink() else path
+            st = real.stat()
+            if stat.S_ISDIR(st.st_mode):
+                if real in ancestors:
+                    raise UnsafeInputError(rel, "symlink cycle")
+                yield rel, real, st
+                below.append((real, f"{rel}/", ancestors | {real}))
+            elif stat.S_ISREG(st.st_mode):
+                yield rel, real, st
+            else:
+                raise UnsafeInputError(rel, "special file (device, FIFO or socket)")
+        stack.extend(reversed(below))
+
+
+def _sha256(file: SourceFile) -> SourceFile:
+    digest = hashlib.sha256()
+    done = 0
+    buffer = bytearray(_BLOCK)
+    view = memoryview(buffer)
+    with open(file.real, "rb", buffering=0) as handle:
+        while n := handle.readinto(buffer):
+            digest.update(view[:n])
+            done += n
+    if done != file.size:
+        raise PublishError(f"{file.path} changed while being read ({file.size} -> {done} bytes)")
+    return replace(file, sha256=digest.hexdigest())
+
+
+def hash_tree(tree: SourceTree, *, workers: int = 4) -> SourceTree:
+    """``tree`` with the SHA-256 of every file filled in (files hashed in parallel)."""
+    if not tree.files:
+        return tree
+    with ThreadPoolExecutor(max(1, min(workers, len(tree.files)))) as pool:
+        files = list(pool.map(_sha256, tree.files))
+    return replace(tree, files=files)
+
+
+# -- what the folder says about itself -------------------------------------------------------
+def read_model_card(folder: Path) -> dict[str, Any]:
+    """Top-level keys of the YAML front matter of ``folder/README.md`` (a Hugging Face model
+    card): scalars and ``- item`` lists only, which is all we read (license, tags...)."""
+    readme = Path(folder) / "README.md"
+    try:
+        text = readme.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return {}
+    lines = text.splitlines()
+    if not lines or lines[0].strip() != "---":
+        return {}
+    out: dict[str, Any] = {}
+    key: str | None = None
+    for line in lines[1:]:
+        if line.strip() == "---":
+            return out
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        if line.startswith((" ", "\t", "-")):
+            item = line.strip()
+            if key is not None and item.startswith("- ") and isinstance(out.get(key), list):
+                out[key].append(_scalar(item[2:]))
+            continue
+        name, sep, value = line.partition(":")
+        if not sep:
+            key = None
+            continue
+        key = name.strip()
+        out[key] = _scalar(value) if value.strip() else []
+    return {}  # no closing '---': not front matter
+
+
+def _scalar(text: str) -> str:
+    text = text.strip()
+    if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
+        return text[1:-1]
+    return text
+
+
+def detect_license(folder: Path) -> str | None:
+    """The license a folder declares: model card ``license`` (``license_name`` when it says
+    ``other``), else a ``license`` string in ``config.json``; None if neither says."""
+    card = read_model_card(folder)
+    value = card.get("license")
+    if isinstance(value, list):
+        value = ", ".join(str(v) for v in value) or None
+    if value == "other" and isinstance(card.get("license_name"), str):
+        value = card["license_name"]
+    if isinstance(value, str) and value:
+        return value
+    try:
+        config = json.loads((Path(folder) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    found = config.get("license") if isinstance(config, dict) else None
+    return found if isinstance(found, str) and found else None
+
+
+def describe_local(src: Path) -> dict[str, Any]:
+    """``source`` of ``model.json`` for a local file or folder."""
+    path = Path(src).absolute()
+    return {"type": "local", "path": str(path), "kind": "file" if path.is_file() else "folder"}

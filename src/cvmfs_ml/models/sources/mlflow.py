@@ -1,0 +1,261 @@
+"""Models from MLflow: an ``MLmodel`` folder, or ``models:/NAME/VERSION`` from a tracking server.
+
+An MLflow model is a folder with an ``MLmodel`` YAML file at its root (MLflow docs, "MLflow
+Models" > "Storage Format"); every flavor's loader reads the folder relative to that file, so the
+folder is published as it is and ``mlflow.pyfunc.load_model(<published folder>)`` works from
+``/cvmfs``. What MLflow knows about the model - flavors, the signature (inputs, outputs, params),
+``model_uuid``, ``run_id``, ``mlflow_version`` - goes into ``model.json``'s ``extra.mlflow``, with
+the signature's JSON strings parsed into JSON, so a reader needs no MLflow to see the schema.
+
+``models:/NAME/VERSION`` and ``models:/NAME@ALIAS`` are resolved with :class:`mlflow.MlflowClient`
+against ``tracking_uri`` / ``registry_uri`` (MLflow's own defaults and ``MLFLOW_*`` variables when
+not given); an alias is pinned to its version before download, so what is recorded is what was
+fetched. ``runs:/...`` and other artifact URIs go straight to ``mlflow.artifacts``. Only those
+URIs need the ``mlflow`` package (``mlflow-skinny`` is enough); a folder needs only PyYAML.
+
+Re-ingesting the same MLflow model (same ``model_uuid``) into the same version writes nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from cvmfs_ml.errors import ConfigError, FormatError, NotFoundError
+from cvmfs_ml.models.layout import ModelRef
+from cvmfs_ml.models.sources.base import (
+    IngestResult,
+    PulledModel,
+    published_record,
+    same_source,
+)
+from cvmfs_ml.publish.repository import Publisher
+
+__all__ = [
+    "MLMODEL",
+    "download_model",
+    "ingest_mlflow",
+    "is_mlflow_uri",
+    "mlflow_metadata",
+    "parse_models_uri",
+    "read_mlmodel",
+]
+
+MLMODEL = "MLmodel"
+_MODELS_URI = re.compile(r"models:/(?P<name>[^/@]+)(?:/(?P<version>\d+)|@(?P<alias>[^/]+))/?")
+# MLmodel keys copied to extra.mlflow as they are (the rest is flavor-specific or bulky).
+_MLMODEL_KEYS = (
+    "artifact_path",
+    "flavors",
+    "mlflow_version",
+    "model_uuid",
+    "model_id",
+    "run_id",
+    "utc_time_created",
+    "saved_input_example_info",
+    "model_size_bytes",
+    "databricks_runtime",
+    "metadata",
+)
+
+
+def is_mlflow_uri(text: str) -> bool:
+    """True for URIs MLflow resolves (``models:/``, ``runs:/``) rather than a local path."""
+    return text.startswith(("models:/", "runs:/", "mlflow-artifacts:/"))
+
+
+def parse_models_uri(uri: str) -> tuple[str, str | None, str | None]:
+    """``models:/name/3`` -> (``name``, ``"3"``, None); ``models:/name@champion`` -> alias."""
+    match = _MODELS_URI.fullmatch(uri.strip())
+    if match is None:
+        raise FormatError(uri, "expected models:/NAME/VERSION or models:/NAME@ALIAS")
+    return match.group("name"), match.group("version"), match.group("alias")
+
+
+def read_mlmodel(folder: Path) -> dict[str, Any]:
+    """The parsed ``MLmodel`` of ``folder`` (FormatError when missing or not a YAML mapping)."""
+    path = Path(folder) / MLMODEL
+    if not path.is_file():
+        raise NotFoundError(str(path), "not an MLflow model folder")
+    try:
+        import yaml
+    except ImportError as exc:  # pragma: no cover - PyYAML comes with mlflow-skinny
+        raise ConfigError("reading MLmodel needs PyYAML: pip install pyyaml") from exc
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise FormatError(str(path), f"not YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise FormatError(str(path), "MLmodel is not a mapping")
+    return data
+
+
+def _parse_schema(value: Any) -> Any:
+    """Signature parts are JSON strings inside the YAML; keep them as JSON values."""
+    if isinstance(value, str):
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError:
+            return value
+    return value
+
+
+def mlflow_metadata(mlmodel: dict[str, Any]) -> dict[str, Any]:
+    """What goes to ``extra.mlflow``: flavors, parsed signature, ids and versions."""
+    out: dict[str, Any] = {k: mlmodel[k] for k in _MLMODEL_KEYS if mlmodel.get(k) is not None}
+    signature = mlmodel.get("signature")
+    if isinstance(signature, dict):
+        out["signature"] = {
+            part: _parse_schema(signature.get(part)) for part in ("inputs", "outputs", "params")
+        }
+    return json.loads(json.dumps(out, default=str))  # YAML dates and the like become strings
+
+
+def _safe_uri(uri: str | None) -> str | None:
+    """``uri`` without a password, fit for model.json."""
+    if not uri:
+        return uri
+    parts = urlsplit(uri)
+    if parts.password is None and "@" not in parts.netloc:
+        return uri
+    host = parts.hostname or ""
+    netloc = host + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def download_model(
+    uri: str,
+    dest: Path,
+    *,
+    tracking_uri: str | None = None,
+    registry_uri: str | None = None,
+) -> dict[str, Any]:
+    """Download the MLflow model ``uri`` into the empty folder ``dest``; returns ``source``.
+
+    ``models:/`` URIs are resolved through the registry first (alias -> version), then the
+    pinned ``models:/NAME/VERSION`` is downloaded.
+    """
+    try:
+        import mlflow
+        from mlflow import MlflowClient
+        from mlflow.exceptions import MlflowException
+    except ImportError as exc:
+        raise ConfigError(f"{uri} needs MLflow: pip install mlflow-skinny") from exc
+    source: dict[str, Any] = {"type": "mlflow", "uri": uri}
+    try:
+        client = MlflowClient(tracking_uri=tracking_uri, registry_uri=registry_uri)
+        source["tracking_uri"] = _safe_uri(client.tracking_uri)
+        if uri.startswith("models:/"):
+            name, version, alias = parse_models_uri(uri)
+            if alias is not None:
+                model_version = client.get_model_version_by_alias(name, alias)
+                source["alias"] = alias
+            else:
+                model_version = client.get_model_version(name, str(version))
+            source.update(
+                {
+                    "registered_model": model_version.name,
+                    "model_version": str(model_version.version),
+                    "run_id": model_version.run_id,
+                    "artifact_source": _safe_uri(model_version.source),
+                }
+            )
+            if getattr(model_version, "model_id", None):
+                source["model_id"] = model_version.model_id
+            uri = f"models:/{model_version.name}/{model_version.version}"
+        mlflow.artifacts.download_artifacts(
+            artifact_uri=uri, dst_path=str(dest), tracking_uri=tracking_uri
+        )
+    except MlflowException as exc:
+        if getattr(exc, "error_code", "") == "RESOURCE_DOES_NOT_EXIST":
+            raise NotFoundError(uri, source.get("tracking_uri") or "MLflow") from exc
+        raise FormatError(uri, f"MLflow: {exc.message}") from exc
+    return source
+
+
+def _model_root(folder: Path) -> Path:
+    """The folder holding ``MLmodel`` (artifact downloads may add one level)."""
+    if (folder / MLMODEL).is_file():
+        return folder
+    children = [p for p in folder.iterdir() if p.is_dir() and (p / MLMODEL).is_file()]
+    if len(children) == 1:
+        return children[0]
+    raise NotFoundError(str(folder / MLMODEL), "the download holds no MLflow model")
+
+
+def describe_folder(folder: Path, source: dict[str, Any]) -> PulledModel:
+    """A :class:`PulledModel` for an MLflow model folder: ``extra.mlflow`` from its MLmodel."""
+    mlmodel = read_mlmodel(folder)
+    metadata = mlflow_metadata(mlmodel)
+    source = dict(source)
+    if metadata.get("model_uuid"):
+        source["model_uuid"] = metadata["model_uuid"]
+    if metadata.get("run_id") and not source.get("run_id"):
+        source["run_id"] = metadata["run_id"]
+    flavors = sorted((metadata.get("flavors") or {}).keys())
+    description = f"MLflow model ({', '.join(flavors)})" if flavors else "MLflow model"
+    return PulledModel(folder, source, description, None, {"mlflow": metadata})
+
+
+def ingest_mlflow(
+    publisher: Publisher,
+    uri: str | Path,
+    ref: ModelRef,
+    *,
+    tracking_uri: str | None = None,
+    registry_uri: str | None = None,
+    description: str | None = None,
+    license: str | None = None,
+    aliases: Sequence[str] = ("latest",),
+    publisher_name: str | None = None,
+    force: bool = False,
+) -> IngestResult:
+    """Publish an MLflow model (a folder, or a ``models:/``/``runs:/`` URI) as version ``ref``.
+
+    Skips (``skipped=True``, nothing written) when ``ref`` already holds the same
+    ``model_uuid``; ``force`` re-publishes (refused by :func:`publish_model` if it exists).
+    """
+    from cvmfs_ml.models.publish import publish_model
+
+    ref.require_version()
+    text = str(uri)
+    seconds: dict[str, float] = {}
+    with tempfile.TemporaryDirectory(prefix="cvmfs-ml-mlflow.") as scratch:
+        start = time.perf_counter()
+        if is_mlflow_uri(text):
+            folder = Path(scratch) / "model"
+            folder.mkdir()
+            source = download_model(
+                text, folder, tracking_uri=tracking_uri, registry_uri=registry_uri
+            )
+            folder = _model_root(folder)
+        else:
+            folder = Path(text).resolve()
+            source = {"type": "mlflow", "uri": str(folder)}
+        pulled = describe_folder(folder, source)
+        seconds["fetch"] = time.perf_counter() - start
+        existing = published_record(publisher, ref)
+        identity = {"type": "mlflow", "model_uuid": pulled.source.get("model_uuid")}
+        if not force and same_source(existing, identity):
+            assert existing is not None
+            return IngestResult(ref, existing, existing.source, skipped=True, seconds=seconds)
+        start = time.perf_counter()
+        record = publish_model(
+            publisher,
+            pulled.folder,
+            ref,
+            source=pulled.source,
+            description=description if description is not None else pulled.description,
+            license=license,
+            extra=pulled.extra,
+            aliases=aliases,
+            publisher_name=publisher_name,
+        )
+        seconds["publish"] = time.perf_counter() - start
+    return IngestResult(ref, record, pulled.source, skipped=False, seconds=seconds)

@@ -1,0 +1,363 @@
+"""Just enough of the OCI distribution API to pull: references, manifests, verified blobs.
+
+Pull is the only mandatory category of the distribution spec (``GET /v2/<name>/manifests/<ref>``
+and ``GET /v2/<name>/blobs/<digest>``), so that is all this client speaks. It answers the two
+authentication challenges registries use: ``Bearer`` (fetch a token from the ``realm`` for the
+``scope`` the registry names, anonymously or with basic credentials, as Docker Hub, Harbor and
+GitLab want) and ``Basic``. Every manifest and blob is checked against its digest before anyone
+sees it; a registry is not trusted to serve what it names.
+
+``plain_http`` is for loopback and test registries; everything else should be HTTPS.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlencode, urlsplit
+
+import urllib3
+
+from cvmfs_ml.errors import DownloadError, FormatError, IntegrityError, NotFoundError
+
+__all__ = [
+    "DOCKER_MANIFEST",
+    "DOCKER_MANIFEST_LIST",
+    "MANIFEST_TYPES",
+    "OCI_INDEX",
+    "OCI_MANIFEST",
+    "Fetched",
+    "OciReference",
+    "RegistryClient",
+    "check_digest",
+]
+
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
+DOCKER_MANIFEST_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
+MANIFEST_TYPES = (OCI_MANIFEST, OCI_INDEX, DOCKER_MANIFEST, DOCKER_MANIFEST_LIST)
+
+MAX_MANIFEST_BYTES = 16 * 2**20  # the spec asks registries to accept at least 4 MiB
+_HASHES = {"sha256": 64, "sha512": 128}
+_DIGEST_RE = re.compile(r"(sha256|sha512):([0-9a-f]+)")
+_TAG_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
+_COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
+_REPOSITORY_RE = re.compile(rf"{_COMPONENT}(?:/{_COMPONENT})*")
+_DOCKER_HUB = "docker.io"
+
+
+def check_digest(digest: str) -> str:
+    """``digest`` if it is ``sha256:<64 hex>`` or ``sha512:<128 hex>``, else FormatError."""
+    match = _DIGEST_RE.fullmatch(digest)
+    if match is None or len(match.group(2)) != _HASHES[match.group(1)]:
+        raise FormatError("digest", f"{digest!r} is not a sha256/sha512 digest")
+    return digest
+
+
+def _digest_of(data: bytes, algorithm: str = "sha256") -> str:
+    return f"{algorithm}:{hashlib.new(algorithm, data).hexdigest()}"
+
+
+@dataclass(frozen=True)
+class OciReference:
+    """``registry/repository[:tag][@digest]``, as ``docker pull`` and ``oras pull`` take it."""
+
+    registry: str
+    repository: str
+    tag: str | None = None
+    digest: str | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> OciReference:
+        """Parse ``[oci://]host[:port]/path[:tag][@sha256:...]``.
+
+        A first component without ``.`` or ``:`` (and not ``localhost``) is a Docker Hub path,
+        as for ``docker pull`` (``ubuntu`` is ``docker.io/library/ubuntu:latest``).
+        """
+        rest = text.strip()
+        for prefix in ("oci://", "docker://"):
+            if rest.startswith(prefix):
+                rest = rest[len(prefix) :]
+        digest = None
+        if "@" in rest:
+            rest, digest = rest.split("@", 1)
+            check_digest(digest)
+        first, sep, path = rest.partition("/")
+        if sep and ("." in first or ":" in first or first == "localhost"):
+            registry = first
+        else:
+            registry, path = _DOCKER_HUB, rest
+            if "/" not in path:
+                path = f"library/{path}"
+        tag = None
+        head, _, last = path.rpartition("/")
+        if ":" in last:
+            last, tag = last.split(":", 1)
+            path = f"{head}/{last}" if head else last
+            if _TAG_RE.fullmatch(tag) is None:
+                raise FormatError("OCI reference", f"{text!r}: invalid tag {tag!r}")
+        if not registry or _REPOSITORY_RE.fullmatch(path) is None:
+            raise FormatError("OCI reference", f"{text!r}: expected HOST[:PORT]/REPOSITORY[:TAG]")
+        if tag is None and digest is None:
+            tag = "latest"
+        return cls(registry, path, tag, digest)
+
+    @property
+    def reference(self) -> str:
+        """What to ask the registry for: the digest when pinned, else the tag."""
+        return self.digest or self.tag or "latest"
+
+    @property
+    def endpoint(self) -> str:
+        """The host to contact (Docker Hub's API does not live at ``docker.io``)."""
+        return "registry-1.docker.io" if self.registry == _DOCKER_HUB else self.registry
+
+    def with_digest(self, digest: str) -> OciReference:
+        return OciReference(self.registry, self.repository, self.tag, digest)
+
+    def __str__(self) -> str:
+        out = f"{self.registry}/{self.repository}"
+        if self.tag:
+            out += f":{self.tag}"
+        if self.digest:
+            out += f"@{self.digest}"
+        return out
+
+
+@dataclass(frozen=True)
+class Fetched:
+    """A manifest as served: its bytes, media type and (verified) digest."""
+
+    data: bytes
+    media_type: str
+    digest: str
+
+    def json(self) -> dict[str, Any]:
+        try:
+            value = json.loads(self.data)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise FormatError(f"manifest {self.digest}", f"not JSON: {exc}") from exc
+        if not isinstance(value, dict):
+            raise FormatError(f"manifest {self.digest}", "not a JSON object")
+        return value
+
+
+def _parse_challenge(header: str) -> tuple[str, dict[str, str]]:
+    """``Bearer realm="..",service="..",scope=".."`` -> (``bearer``, {realm, service, scope})."""
+    scheme, _, params = header.strip().partition(" ")
+    values = {k.lower(): v for k, v in re.findall(r'(\w+)="([^"]*)"', params)}
+    return scheme.lower(), values
+
+
+class RegistryClient:
+    """Pull manifests and blobs from one registry host, authenticating on demand.
+
+    ``username``/``password`` are sent only when the registry asks (to its token realm for a
+    Bearer challenge, to the registry itself for Basic). Tokens are cached per scope.
+    """
+
+    def __init__(
+        self,
+        registry: str,
+        *,
+        plain_http: bool = False,
+        username: str | None = None,
+        password: str | None = None,
+        verify_tls: bool = True,
+        timeout: float = 60.0,
+        retries: int = 3,
+    ) -> None:
+        self.registry = registry
+        self.base_url = f"{'http' if plain_http else 'https'}://{registry}"
+        self._credentials = (username, password or "") if username else None
+        self._tokens: dict[str, str] = {}
+        self._basic = False
+        retry = urllib3.Retry(
+            total=retries,
+            backoff_factor=0.3,
+            status_forcelist=(429, 500, 502, 503, 504),
+            allowed_methods=frozenset({"GET", "HEAD"}),
+            raise_on_status=False,
+        )
+        self._http = urllib3.PoolManager(
+            retries=retry,
+            timeout=urllib3.Timeout(connect=min(timeout, 15.0), read=timeout),
+            cert_reqs="CERT_REQUIRED" if verify_tls else "CERT_NONE",
+            headers={"User-Agent": "cvmfs-ml"},
+        )
+
+    def close(self) -> None:
+        self._http.clear()
+
+    def __enter__(self) -> RegistryClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- auth -------------------------------------------------------------------------------------
+    def _basic_header(self) -> str:
+        assert self._credentials is not None
+        user, password = self._credentials
+        return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+
+    def _auth_header(self, scope: str) -> dict[str, str]:
+        if scope in self._tokens:
+            return {"Authorization": f"Bearer {self._tokens[scope]}"}
+        if self._basic and self._credentials:
+            return {"Authorization": self._basic_header()}
+        return {}
+
+    def _answer_challenge(self, header: str, scope: str, url: str) -> None:
+        scheme, params = _parse_challenge(header)
+        if scheme == "basic":
+            if self._credentials is None:
+                raise DownloadError(url, [(url, "direct", "401: registry wants a username")])
+            self._basic = True
+            return
+        if scheme != "bearer" or "realm" not in params:
+            raise DownloadError(url, [(url, "direct", f"401 with challenge {header!r}")])
+        realm = params["realm"]
+        if urlsplit(realm).scheme not in ("http", "https"):
+            raise DownloadError(url, [(url, "direct", f"token realm {realm!r} is not HTTP")])
+        query = {"scope": params.get("scope", scope)}
+        if "service" in params:
+            query["service"] = params["service"]
+        headers = {"Authorization": self._basic_header()} if self._credentials else {}
+        token_url = f"{realm}{'&' if '?' in realm else '?'}{urlencode(query)}"
+        try:
+            response = self._http.request("GET", token_url, headers=headers)
+        except urllib3.exceptions.HTTPError as exc:
+            raise DownloadError(token_url, [(token_url, "direct", str(exc))]) from exc
+        if response.status != 200:
+            raise DownloadError(
+                url, [(token_url, "direct", f"token request answered {response.status}")]
+            )
+        try:
+            body = json.loads(response.data)
+            token = body.get("token") or body.get("access_token")
+        except (ValueError, AttributeError) as exc:
+            raise DownloadError(url, [(token_url, "direct", "token answer is not JSON")]) from exc
+        if not isinstance(token, str) or not token:
+            raise DownloadError(url, [(token_url, "direct", "token answer has no token")])
+        self._tokens[scope] = token
+
+    # -- requests ---------------------------------------------------------------------------------
+    def _get(
+        self,
+        path: str,
+        repository: str,
+        headers: dict[str, str] | None = None,
+        *,
+        stream: bool = False,
+    ) -> urllib3.BaseHTTPResponse:
+        url = f"{self.base_url}{path}"
+        scope = f"repository:{repository}:pull"
+        for attempt in range(2):
+            all_headers = {**(headers or {}), **self._auth_header(scope)}
+            try:
+                response = self._http.request(
+                    "GET", url, headers=all_headers, preload_content=not stream
+                )
+            except urllib3.exceptions.HTTPError as exc:
+                raise DownloadError(url, [(url, "direct", str(exc))]) from exc
+            if response.status != 401 or attempt:
+                return response
+            challenge = response.headers.get("WWW-Authenticate", "")
+            response.drain_conn()
+            self._answer_challenge(challenge, scope, url)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    @staticmethod
+    def _fail(url: str, response: urllib3.BaseHTTPResponse, what: str) -> DownloadError:
+        try:
+            body = (response.data or b"")[:300]
+        except (urllib3.exceptions.HTTPError, OSError):
+            body = b""  # the body is only an explanation
+        detail = body.decode("utf-8", "replace").strip()
+        return DownloadError(
+            what, [(url, "direct", f"HTTP {response.status}" + (f": {detail}" if detail else ""))]
+        )
+
+    def get_manifest(
+        self, repository: str, reference: str, accept: tuple[str, ...] = MANIFEST_TYPES
+    ) -> Fetched:
+        """The manifest (or index) named by a tag or digest, digest-checked."""
+        path = f"/v2/{repository}/manifests/{reference}"
+        response = self._get(path, repository, {"Accept": ", ".join(accept)}, stream=True)
+        url = f"{self.base_url}{path}"
+        try:
+            if response.status == 404:
+                raise NotFoundError(f"{repository}:{reference}", self.registry)
+            if response.status != 200:
+                raise self._fail(url, response, f"manifest {repository}:{reference}")
+            data = response.read(MAX_MANIFEST_BYTES + 1, decode_content=True)
+        finally:
+            response.release_conn()
+        if len(data) > MAX_MANIFEST_BYTES:
+            raise FormatError(url, f"manifest larger than {MAX_MANIFEST_BYTES} bytes")
+        media_type = response.headers.get("Content-Type", "").split(";")[0].strip()
+        if not media_type or media_type in ("application/json", "application/octet-stream"):
+            try:
+                media_type = str(json.loads(data).get("mediaType") or "")
+            except (ValueError, AttributeError):
+                media_type = ""
+        algorithm = reference.split(":", 1)[0] if _DIGEST_RE.fullmatch(reference) else "sha256"
+        digest = _digest_of(data, algorithm)
+        if _DIGEST_RE.fullmatch(reference) and digest != reference:
+            raise IntegrityError(url, reference, digest)
+        served = response.headers.get("Docker-Content-Digest")
+        if served and served.startswith(f"{algorithm}:") and served != digest:
+            raise IntegrityError(url, served, digest)
+        return Fetched(data, media_type, digest)
+
+    def fetch_blob(
+        self, repository: str, digest: str, dest: Path, *, size: int | None = None
+    ) -> Path:
+        """Download blob ``digest`` to ``dest`` (atomically), checking size and digest.
+
+        An existing ``dest`` of the right size is kept: blob files are named by digest and only
+        ever written after verification, so one that exists is the blob.
+        """
+        check_digest(digest)
+        dest = Path(dest)
+        if dest.exists() and (size is None or dest.stat().st_size == size):
+            return dest
+        algorithm, expected_hex = digest.split(":", 1)
+        path = f"/v2/{repository}/blobs/{digest}"
+        url = f"{self.base_url}{path}"
+        response = self._get(path, repository, stream=True)
+        part = dest.with_name(dest.name + f".part-{os.getpid()}")
+        try:
+            if response.status == 404:
+                raise NotFoundError(f"blob {digest}", f"{self.registry}/{repository}")
+            if response.status != 200:
+                raise self._fail(url, response, f"blob {digest}")
+            hasher = hashlib.new(algorithm)
+            received = 0
+            with open(part, "wb") as out:
+                for block in response.stream(1 << 20):
+                    received += len(block)
+                    if size is not None and received > size:
+                        raise IntegrityError(url, f"{size} bytes", f"more than {size} bytes")
+                    hasher.update(block)
+                    out.write(block)
+            if size is not None and received != size:
+                raise IntegrityError(url, f"{size} bytes", f"{received} bytes")
+            if hasher.hexdigest() != expected_hex:
+                raise IntegrityError(url, digest, f"{algorithm}:{hasher.hexdigest()}")
+            os.replace(part, dest)
+        except urllib3.exceptions.HTTPError as exc:
+            raise DownloadError(f"blob {digest}", [(url, "direct", str(exc))]) from exc
+        finally:
+            response.release_conn()
+            if part.exists():
+                part.unlink()
+        return dest

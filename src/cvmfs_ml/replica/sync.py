@@ -1,0 +1,565 @@
+"""Stratum 1 replication: ``cvmfs-ml replica sync`` (cvmfs-format.md §11, swissknife_pull.cc).
+
+A replica is a byte-for-byte copy of the Stratum 0's web root that any static web server
+(docs/nginx.conf) serves to clients exactly as the Stratum 0 would. A snapshot runs in the order
+that keeps the replica consistent at every instant, whatever happens to the process:
+
+1. the source must allow replication (``.cvmfs_master_replica``; a 404 means no);
+2. the manifest ensemble is fetched past proxy caches and verified as a client would: whitelist
+   (master key, name, expiry), certificate (hash, whitelisted fingerprint), manifest signature;
+   a manifest older than the replica's is refused (no rollback);
+3. meta-info and the current history are copied, and the history's tags listed;
+4. catalogs are walked from the trunk root (on later runs also back along
+   ``previous_revision``, so the revisions published between two snapshots are there), then
+   from every tagged root. Each catalog is stored only after every object it references and
+   every nested catalog below it, so a catalog present in the replica proves its whole subtree
+   is present: the walk stops there (the Merkle property) and a re-run copies only what is new;
+5. the certificate, the replica's own reflog, the whitelist and, last, ``.cvmfspublished`` are
+   written, byte for byte (a Stratum 1 cannot re-sign); then ``.cvmfs_last_snapshot`` and
+   ``.cvmfs_status.json``.
+
+Every object is hash-checked on arrival (the fetcher checks the raw bytes against the name) and
+lands by an atomic rename from ``data/txn``, so clients of the replica see the old revision
+until the new manifest replaces the old one, and an interrupted snapshot leaves only temporary
+files (removed by the next run). Objects download in parallel. ``.cvmfs_is_snapshotting`` marks
+a snapshot in progress; a lock file in ``data/txn`` keeps two snapshots of one replica apart.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import fcntl
+import inspect
+import json
+import os
+import shutil
+import threading
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO, Protocol
+from urllib.parse import urlsplit
+
+from cvmfs_ml.cvmfs.catalog import Catalog, referenced_objects
+from cvmfs_ml.cvmfs.hashing import Digest
+from cvmfs_ml.cvmfs.history import HistoryDb
+from cvmfs_ml.cvmfs.keys import load_public_keys
+from cvmfs_ml.cvmfs.manifest import Manifest, verify_manifest
+from cvmfs_ml.cvmfs.objects import Decompressor, ObjectKind, inflate, object_path
+from cvmfs_ml.cvmfs.reflog import Reflog, RefType
+from cvmfs_ml.cvmfs.whitelist import certificate_fingerprint, verify_whitelist
+from cvmfs_ml.errors import (
+    DownloadError,
+    FormatError,
+    LockedError,
+    NotFoundError,
+    PublishError,
+    RollbackError,
+    SignatureError,
+)
+from cvmfs_ml.storage.local import LocalStore
+
+__all__ = ["SyncReport", "sync_replica"]
+
+MANIFEST = ".cvmfspublished"
+WHITELIST = ".cvmfswhitelist"
+REFLOG = ".cvmfsreflog"
+MASTER_REPLICA = ".cvmfs_master_replica"
+LAST_SNAPSHOT = ".cvmfs_last_snapshot"
+IS_SNAPSHOTTING = ".cvmfs_is_snapshotting"
+STATUS_JSON = ".cvmfs_status.json"
+
+_LOCK_NAME = "replica.lock"
+_TEMP_PREFIX = "replica."
+_READ_BLOCK = 4 * 2**20
+
+
+class _Source(Protocol):
+    def fetch(self, rel_path: str, expected: Digest | None, *, compressed: bool) -> bytes: ...
+
+    def fetch_into(
+        self, rel_path: str, expected: Digest | None, compressed: bool, fileobj: BinaryIO
+    ) -> int: ...
+
+
+@dataclass
+class SyncReport:
+    """What one snapshot did. ``previous_revision`` is the replica's before it (None: new)."""
+
+    fqrn: str
+    upstream: str
+    revision: int
+    root_catalog: str
+    previous_revision: int | None
+    catalogs_copied: int = 0
+    catalogs_present: int = 0
+    objects_copied: int = 0
+    objects_present: int = 0
+    bytes_copied: int = 0
+    tags: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  # historic catalogs a GC'd source lacks
+    manifest_changed: bool = True
+    seconds: float = 0.0
+
+    @property
+    def up_to_date(self) -> bool:
+        """True when the replica already had everything (nothing but the whitelist may change)."""
+        return not self.manifest_changed and self.objects_copied == 0 and not self.catalogs_copied
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "up_to_date": self.up_to_date}
+
+
+def sync_replica(
+    upstream: str | os.PathLike[str],
+    dest_repo_dir: str | os.PathLike[str],
+    public_keys: str | os.PathLike[str] | Sequence[Any],
+    fqrn: str | None = None,
+    *,
+    proxy: str | None = None,
+    workers: int = 8,
+    full_history: bool = False,
+    now: dt.datetime | None = None,
+    **fetcher_options: Any,
+) -> SyncReport:
+    """Bring the replica at ``dest_repo_dir`` up to the revision ``upstream`` publishes.
+
+    ``upstream`` is a repository URL (``http://host/cvmfs/<fqrn>``; upstream's ``;``-separated
+    ``CVMFS_SERVER_URL`` syntax with ``@fqrn@`` works too) or a local repository folder.
+    ``public_keys`` are the master public keys (a ``.pub`` file, a folder of them, or loaded
+    keys). ``fqrn`` defaults to the URL's last component or the folder's manifest. ``proxy``
+    (``CVMFS_HTTP_PROXY`` syntax) and ``fetcher_options`` (``timeout``, ``max_retries``...) go
+    to the HTTP fetcher. ``full_history`` also copies, on the first run, every earlier revision
+    still reachable through ``previous_revision`` (later runs always copy the revisions
+    published since the last one). ``now`` is the time the whitelist's expiry is checked
+    against. Idempotent: a second run with nothing new published copies nothing.
+    """
+    started = time.monotonic()
+    keys = (
+        load_public_keys(public_keys)
+        if isinstance(public_keys, (str, os.PathLike))
+        else list(public_keys)
+    )
+    if not keys:
+        raise SignatureError("no master public key to verify the upstream whitelist with")
+    source, fqrn, label = _open_source(upstream, fqrn, proxy, workers, fetcher_options)
+    dest_root = Path(dest_repo_dir)
+    try:
+        dest = LocalStore(dest_root)
+        dest.create_skeleton()
+        with _exclusive(dest_root / "data" / "txn" / _LOCK_NAME, dest_root):
+            _remove_leftovers(dest_root)
+            when = now or dt.datetime.now(dt.UTC)
+            dest.put_bytes(IS_SNAPSHOTTING, (_date_utc(when) + "\n").encode())
+            try:
+                snapshot = _Snapshot(source, dest, fqrn, keys, when, workers, label)
+                report = snapshot.run(full_history=full_history)
+            finally:
+                dest.remove(IS_SNAPSHOTTING)
+    finally:
+        close = getattr(source, "close", None)
+        if close is not None:
+            close()
+    report.seconds = time.monotonic() - started
+    return report
+
+
+# ---------------------------------------------------------------------------------- snapshot
+
+
+class _Snapshot:
+    """One run of :func:`sync_replica` (the steps of the module docstring)."""
+
+    def __init__(
+        self,
+        source: _Source,
+        dest: LocalStore,
+        fqrn: str,
+        keys: list[Any],
+        now: dt.datetime,
+        workers: int,
+        label: str,
+    ) -> None:
+        self.source = source
+        self.dest = dest
+        self.fqrn = fqrn
+        self.keys = keys
+        self.now = now
+        self.label = label
+        self.workers = max(1, workers)
+        self._lock = threading.Lock()
+        self._scheduled: dict[str, Future[None]] = {}
+        self._new_catalogs: list[Digest] = []
+        self.report: SyncReport
+
+    # -- the steps ----------------------------------------------------------------------------
+    def run(self, *, full_history: bool = False) -> SyncReport:
+        self._check_replication_allowed()
+        raw_manifest = self._fetch_root_file(MANIFEST)
+        raw_whitelist = self._fetch_root_file(WHITELIST)
+        manifest, certificate_stored = self._verify(raw_manifest, raw_whitelist)
+        previous_raw, previous = self._replica_manifest()
+        if previous is not None and (
+            manifest.revision < previous.revision or manifest.timestamp < previous.timestamp
+        ):
+            raise RollbackError(
+                f"{self.label} offers revision {manifest.revision} (T={manifest.timestamp}) "
+                f"but the replica already has revision {previous.revision} "
+                f"(T={previous.timestamp}); refusing to roll it back"
+            )
+        self.report = SyncReport(
+            fqrn=self.fqrn,
+            upstream=self.label,
+            revision=manifest.revision,
+            root_catalog=manifest.catalog.hex,
+            previous_revision=previous.revision if previous is not None else None,
+            manifest_changed=previous_raw != raw_manifest,
+        )
+        with ThreadPoolExecutor(self.workers, thread_name_prefix="cvmfs-ml-replica") as pool:
+            self._pool = pool
+            try:
+                self._copy_all(manifest, follow_previous=previous is not None or full_history)
+            except BaseException:
+                pool.shutdown(wait=True, cancel_futures=True)
+                raise
+        self._store_bytes(
+            object_path(manifest.certificate, ObjectKind.CERTIFICATE),  # type: ignore[arg-type]
+            certificate_stored,
+        )
+        self._write_reflog(manifest)
+        self._write_alt_paths(manifest)
+        if self._read_replica_file(WHITELIST) != raw_whitelist:
+            self.dest.put_bytes(WHITELIST, raw_whitelist, durable=True)
+        if self.report.manifest_changed:
+            self.dest.put_bytes(MANIFEST, raw_manifest, durable=True)
+        self._write_status()
+        return self.report
+
+    def _check_replication_allowed(self) -> None:
+        try:
+            self._fetch_root_file(MASTER_REPLICA)
+        except (NotFoundError, DownloadError) as exc:
+            if not _is_missing(exc):
+                raise
+            raise PublishError(
+                f"{self.label} does not allow replication: it serves no {MASTER_REPLICA} "
+                "(a Stratum 0 publishes that file when it may be replicated)"
+            ) from exc
+
+    def _verify(self, raw_manifest: bytes, raw_whitelist: bytes) -> tuple[Manifest, bytes]:
+        """Check the ensemble as a client does; returns the manifest and the stored cert."""
+        manifest = Manifest.parse(raw_manifest)
+        whitelist = verify_whitelist(raw_whitelist, self.keys, self.fqrn, self.now)
+        if manifest.certificate is None:
+            raise FormatError(MANIFEST, "no certificate (X) to verify the signature with")
+        rel = object_path(manifest.certificate, ObjectKind.CERTIFICATE)
+        stored = self.source.fetch(rel, manifest.certificate, compressed=False)
+        certificate = inflate(stored, f"certificate {manifest.certificate.hex}")
+        if not whitelist.accepts(certificate):
+            raise SignatureError(
+                f"{self.fqrn}: certificate {manifest.certificate.hex} (fingerprint "
+                f"{certificate_fingerprint(certificate)}) is not listed in {WHITELIST}"
+            )
+        verify_manifest(raw_manifest, certificate, fqrn=self.fqrn)
+        return manifest, stored
+
+    def _copy_all(self, manifest: Manifest, *, follow_previous: bool) -> None:
+        if manifest.metainfo is not None:
+            metainfo = manifest.metainfo
+            self._copy_object(object_path(metainfo, ObjectKind.METAINFO), metainfo)
+        tags = self._copy_history(manifest)
+        historic_required = not manifest.garbage_collectable
+        previous = self._sync_catalog(manifest.catalog, "", required=True)
+        if follow_previous:
+            while previous is not None:
+                previous = self._sync_catalog(previous, "", required=historic_required)
+        for name, root in tags:
+            self.report.tags.append(name)
+            self._sync_catalog(root, "", required=historic_required)
+
+    def _copy_history(self, manifest: Manifest) -> list[tuple[str, Digest]]:
+        if manifest.history is None:
+            return []
+        rel = object_path(manifest.history, ObjectKind.HISTORY)
+        self._copy_object(rel, manifest.history)
+        plain = self._temp_path()
+        try:
+            with plain.open("wb") as out:
+                self.dest.fetch_into(rel, manifest.history, True, out)
+            with HistoryDb.open(plain) as history:
+                return [(tag.name, tag.root_catalog) for tag in history.tags()]
+        finally:
+            plain.unlink(missing_ok=True)
+
+    # -- catalogs -----------------------------------------------------------------------------
+    def _sync_catalog(self, digest: Digest, mountpoint: str, *, required: bool) -> Digest | None:
+        """Copy a catalog after its objects and nested catalogs; returns its predecessor.
+
+        A catalog already in the replica stops the walk (its subtree is complete) and returns
+        None. With ``required`` false, a catalog the source lacks is noted and skipped.
+        """
+        rel = object_path(digest, ObjectKind.CATALOG)
+        if self.dest.exists(rel):
+            self._count(catalogs_present=1)
+            return None
+        try:
+            stored = self._download(rel, digest)
+        except (NotFoundError, DownloadError) as exc:
+            if required or not _is_missing(exc):
+                raise
+            self.report.skipped.append(rel)
+            return None
+        try:
+            with self._opened_catalog(stored, digest, mountpoint) as catalog:
+                previous = catalog.previous_revision
+                pending = self._copy_referenced(catalog)
+                for ref in catalog.nested_catalogs():
+                    self._sync_catalog(ref.digest, ref.path, required=True)
+                for future in pending:
+                    future.result()
+            self._commit(stored, rel)
+        finally:
+            stored.unlink(missing_ok=True)
+        self._count(catalogs_copied=1)
+        self._new_catalogs.append(digest)
+        return previous
+
+    @contextlib.contextmanager
+    def _opened_catalog(self, stored: Path, digest: Digest, mountpoint: str) -> Iterator[Catalog]:
+        plain = self._temp_path()
+        what = f"catalog {digest.hex} ({mountpoint or '/'})"
+        try:
+            inflater = Decompressor(what)
+            with stored.open("rb") as src, plain.open("wb") as out:
+                while block := src.read(_READ_BLOCK):
+                    out.write(inflater.decompress(block))
+                out.write(inflater.flush())
+            catalog = Catalog(plain, None, what=what)
+            try:
+                if mountpoint and catalog.mountpoint != mountpoint:
+                    raise FormatError(
+                        what, f"root_prefix {catalog.mountpoint!r} != mount point {mountpoint!r}"
+                    )
+                yield catalog
+            finally:
+                catalog.close()
+        finally:
+            plain.unlink(missing_ok=True)
+
+    def _copy_referenced(self, catalog: Catalog) -> list[Future[None]]:
+        """Schedule every data object of ``catalog`` (each object once per snapshot)."""
+        futures: list[Future[None]] = []
+        for digest, is_chunk, _compressed in referenced_objects(catalog):
+            rel = object_path(digest, ObjectKind.PARTIAL if is_chunk else ObjectKind.FILE)
+            with self._lock:
+                future = self._scheduled.get(rel)
+                if future is None:
+                    future = self._pool.submit(self._copy_object, rel, digest)
+                    self._scheduled[rel] = future
+            futures.append(future)
+        return futures
+
+    # -- objects ------------------------------------------------------------------------------
+    def _copy_object(self, rel: str, digest: Digest) -> None:
+        if self.dest.exists(rel):
+            self._count(objects_present=1)
+            return
+        stored = self._download(rel, digest)
+        try:
+            self._commit(stored, rel)
+        finally:
+            stored.unlink(missing_ok=True)
+        self._count(objects_copied=1)
+
+    def _download(self, rel: str, digest: Digest) -> Path:
+        """The stored (compressed) bytes of ``rel`` in a temporary file, hash-checked."""
+        tmp = self._temp_path()
+        try:
+            with tmp.open("w+b") as out:
+                written = self.source.fetch_into(rel, digest, False, out)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        self._count(bytes_copied=written)
+        return tmp
+
+    def _commit(self, tmp: Path, rel: str) -> None:
+        target = self.dest.path(rel)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, target)
+
+    def _store_bytes(self, rel: str, data: bytes) -> None:
+        if self.dest.exists(rel):
+            return
+        self.dest.put_bytes(rel, data)
+        self._count(objects_copied=1, bytes_copied=len(data))
+
+    def _temp_path(self) -> Path:
+        return self.dest.root / "data" / "txn" / f"{_TEMP_PREFIX}{os.getpid()}.{uuid.uuid4().hex}"
+
+    def _count(self, **amounts: int) -> None:
+        with self._lock:
+            for name, amount in amounts.items():
+                setattr(self.report, name, getattr(self.report, name) + amount)
+
+    # -- root files ---------------------------------------------------------------------------
+    def _fetch_root_file(self, name: str) -> bytes:
+        """A mutable root file, fresh from the source (past proxy caches when there are any)."""
+        if _accepts_nocache(self.source):
+            return self.source.fetch(name, None, compressed=False, nocache=True)  # type: ignore[call-arg]
+        return self.source.fetch(name, None, compressed=False)
+
+    def _read_replica_file(self, name: str) -> bytes | None:
+        try:
+            return self.dest.get_bytes(name)
+        except NotFoundError:
+            return None
+
+    def _replica_manifest(self) -> tuple[bytes | None, Manifest | None]:
+        raw = self._read_replica_file(MANIFEST)
+        if raw is None:
+            return None, None
+        return raw, Manifest.parse(raw)
+
+    def _write_reflog(self, manifest: Manifest) -> None:
+        """The replica's own reflog: every root object it holds (upstream S1s keep one too)."""
+        path = self.dest.path(REFLOG)
+        if path.exists() and not self._new_catalogs and not self.report.manifest_changed:
+            return
+        tmp = self._temp_path()
+        try:
+            if path.exists():
+                shutil.copyfile(path, tmp)
+                reflog = Reflog.open(tmp, writable=True)
+            else:
+                reflog = Reflog.create(tmp, self.fqrn)
+            with reflog:
+                for digest in {*self._new_catalogs, manifest.catalog}:
+                    reflog.add(digest, RefType.CATALOG)
+                for digest, kind in (
+                    (manifest.certificate, RefType.CERTIFICATE),
+                    (manifest.history, RefType.HISTORY),
+                    (manifest.metainfo, RefType.METAINFO),
+                ):
+                    if digest is not None:
+                        reflog.add(digest, kind)
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def _write_alt_paths(self, manifest: Manifest) -> None:
+        """``.cvmfsalt-<hash><suffix>`` links (clients use them only if the manifest has A=yes)."""
+        if not manifest.alt_paths:
+            return
+        for digest, kind in (
+            (manifest.catalog, ObjectKind.CATALOG),
+            (manifest.certificate, ObjectKind.CERTIFICATE),
+            (manifest.history, ObjectKind.HISTORY),
+            (manifest.metainfo, ObjectKind.METAINFO),
+        ):
+            if digest is None:
+                continue
+            link = self.dest.path(f".cvmfsalt-{digest.hex}{kind.value}")
+            if not link.is_symlink():
+                tmp = link.with_name(link.name + f".{uuid.uuid4().hex}.tmp")
+                os.symlink(object_path(digest, kind), tmp)
+                os.replace(tmp, link)
+
+    def _write_status(self) -> None:
+        stamp = _date_utc(self.now)
+        self.dest.put_bytes(LAST_SNAPSHOT, (stamp + "\n").encode())
+        status: dict[str, Any] = {}
+        existing = self._read_replica_file(STATUS_JSON)
+        if existing:
+            with contextlib.suppress(ValueError):
+                loaded = json.loads(existing)
+                if isinstance(loaded, dict):
+                    status = loaded
+        status["last_snapshot"] = stamp
+        self.dest.put_bytes(STATUS_JSON, (json.dumps(status, indent=2) + "\n").encode())
+
+
+# ---------------------------------------------------------------------------------- helpers
+
+
+def _open_source(
+    upstream: str | os.PathLike[str],
+    fqrn: str | None,
+    proxy: str | None,
+    workers: int,
+    fetcher_options: dict[str, Any],
+) -> tuple[_Source, str, str]:
+    """``(source, fqrn, label)`` for a URL chain or a local folder."""
+    text = os.fspath(upstream)
+    if "://" in text:
+        from cvmfs_ml.client.config import DIRECT, parse_proxy_list, parse_server_urls
+        from cvmfs_ml.client.fetcher import Fetcher
+
+        if fqrn is None:
+            first = next((u.strip() for u in text.split(";") if u.strip()), "")
+            fqrn = urlsplit(first).path.rstrip("/").rsplit("/", 1)[-1]
+            if not fqrn or "@" in fqrn:
+                raise PublishError(f"cannot tell the repository name from {first!r}: pass --fqrn")
+        urls = parse_server_urls(text, fqrn)
+        groups = parse_proxy_list(proxy) if proxy else [[DIRECT]]
+        options = {"pool_size": max(1, workers), **fetcher_options}
+        return Fetcher(urls, groups, **options), fqrn, " ".join(urls)
+    if fetcher_options or proxy:
+        raise PublishError("proxy and fetcher options only apply to an http(s) upstream")
+    folder = Path(text)
+    if fqrn is None:
+        try:
+            fqrn = Manifest.parse((folder / MANIFEST).read_bytes()).fqrn
+        except OSError as exc:
+            raise NotFoundError(str(folder / MANIFEST), "no repository to replicate") from exc
+        fqrn = fqrn or folder.name
+    return LocalStore(folder), fqrn, str(folder)
+
+
+@contextlib.contextmanager
+def _exclusive(lock_path: Path, replica: Path) -> Iterator[None]:
+    with open(lock_path, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as exc:
+            raise LockedError(f"another replica sync of {replica} is running") from exc
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _remove_leftovers(replica: Path) -> None:
+    """Temporary files of an interrupted snapshot (we hold the lock: nobody else writes)."""
+    for leftover in (replica / "data" / "txn").glob(_TEMP_PREFIX + "*"):
+        if leftover.name != _LOCK_NAME:
+            with contextlib.suppress(OSError):
+                leftover.unlink()
+
+
+def _is_missing(exc: BaseException) -> bool:
+    """A 404 from every server (or a missing file), as opposed to servers being down."""
+    if isinstance(exc, NotFoundError):
+        return True
+    if isinstance(exc, DownloadError) and exc.attempts:
+        return all(reason.startswith("HTTP 404") for _url, _proxy, reason in exc.attempts)
+    return False
+
+
+def _accepts_nocache(source: object) -> bool:
+    try:
+        return "nocache" in inspect.signature(source.fetch).parameters  # type: ignore[attr-defined]
+    except (AttributeError, TypeError, ValueError):
+        return False
+
+
+def _date_utc(when: dt.datetime) -> str:
+    """``date --utc`` output (``Sun Nov 22 01:31:03 UTC 2026``), as cvmfs_server writes it."""
+    when = when.astimezone(dt.UTC) if when.tzinfo else when
+    return f"{when:%a %b} {when.day:2d} {when:%H:%M:%S} UTC {when:%Y}"
