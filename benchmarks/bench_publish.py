@@ -122,28 +122,40 @@ def make_cold(folder: Path, *, global_drop: bool) -> dict[str, Any]:
 # the child process: one publish
 
 
+def _clocks() -> tuple[float, float]:
+    return time.perf_counter(), time.thread_time()
+
+
 class _Timers:
-    """Seconds per (thread kind, stage), summed; cheap enough to wrap per-block calls."""
+    """Wall and thread-CPU seconds per stage, summed; cheap enough to wrap per-block calls.
+
+    CPU time (``CLOCK_THREAD_CPUTIME_ID``, user + sys of the calling thread) is what a stage
+    costs; wall time also counts waiting for the CPU, the disk or the GIL. On a shared machine
+    the two differ a lot, and the CPU figures are the ones that transfer to an idle machine.
+    """
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.seconds: dict[str, float] = collections.defaultdict(float)
+        self.cpu: dict[str, float] = collections.defaultdict(float)
         self.calls: dict[str, int] = collections.defaultdict(int)
 
-    def add(self, name: str, seconds: float) -> None:
+    def add(self, name: str, start: tuple[float, float]) -> None:
+        wall, cpu = _clocks()
         with self.lock:
-            self.seconds[name] += seconds
+            self.seconds[name] += wall - start[0]
+            self.cpu[name] += cpu - start[1]
             self.calls[name] += 1
 
     def wrap(self, owner: Any, attr: str, name: str) -> None:
         original = getattr(owner, attr)
 
         def timed(*args: Any, **kwargs: Any) -> Any:
-            t0 = time.perf_counter()
+            start = _clocks()
             try:
                 return original(*args, **kwargs)
             finally:
-                self.add(name, time.perf_counter() - t0)
+                self.add(name, start)
 
         setattr(owner, attr, timed)
 
@@ -166,9 +178,9 @@ def _install_stage_timers(timers: _Timers) -> None:
             self._raw = raw
 
         def read(self, *args: Any) -> bytes:
-            t0 = time.perf_counter()
+            start = _clocks()
             data = self._raw.read(*args)
-            timers.add("reader.file_read", time.perf_counter() - t0)
+            timers.add("reader.file_read", start)
             return data
 
         def __enter__(self) -> _TimedFile:
@@ -188,9 +200,9 @@ def _install_stage_timers(timers: _Timers) -> None:
             self._inner = inner
 
         def acquire(self, *args: Any, **kwargs: Any) -> bool:
-            t0 = time.perf_counter()
+            start = _clocks()
             got = self._inner.acquire(*args, **kwargs)
-            timers.add("reader.wait_for_free_slot", time.perf_counter() - t0)
+            timers.add("reader.wait_for_free_slot", start)
             return got
 
         def release(self) -> None:
@@ -216,9 +228,9 @@ def _install_stage_timers(timers: _Timers) -> None:
             self._inner = inner
 
         def update(self, data: Any) -> None:
-            t0 = time.perf_counter()
+            start = _clocks()
             self._inner.update(data)
-            timers.add("worker.hash", time.perf_counter() - t0)
+            timers.add("worker.hash", start)
 
         def digest(self) -> bytes:
             return self._inner.digest()
@@ -285,6 +297,7 @@ def child_main(spec: dict[str, Any]) -> None:
     }
     if timers is not None:
         out["stages"] = {k: round(v, 4) for k, v in sorted(timers.seconds.items())}
+        out["stages_cpu"] = {k: round(v, 4) for k, v in sorted(timers.cpu.items())}
         out["stage_calls"] = dict(sorted(timers.calls.items()))
     print(_CHILD_MARK + json.dumps(out), flush=True)
 
@@ -370,14 +383,17 @@ def ref_copy(src: Path, work: Path, *, global_drop: bool) -> dict[str, Any]:
     if dst.exists():
         shutil.rmtree(dst)
     inputs = make_cold(src, global_drop=global_drop)
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     subprocess.run(["cp", "-r", str(src), str(dst)], check=True)
     seconds = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
     t1 = time.perf_counter()
     os.sync()
     sync_seconds = time.perf_counter() - t1
     shutil.rmtree(dst)
-    return {"seconds": seconds, "sync_after_seconds": sync_seconds, "inputs": inputs}
+    return {"seconds": seconds, "cpu": cpu, "sync_after_seconds": sync_seconds, "inputs": inputs}
 
 
 def ref_read(src: Path, *, global_drop: bool, sha1: bool) -> dict[str, Any]:
@@ -549,7 +565,8 @@ def print_table(report: dict[str, Any]) -> None:
     print(f"input: {total / 1e9:.2f} GB in {report['content']['files']} files "
           f"(scale {report['scale']:g}); MB = 10^6 bytes of input per second; "
           f"{report['machine']['cpus']} CPUs")
-    print(f"references (cold inputs): cp -r {total / cp_s / 1e6:.0f} MB/s ({cp_s:.2f} s), "
+    print(f"references (cold inputs): cp -r {total / cp_s / 1e6:.0f} MB/s ({cp_s:.2f} s, "
+          f"{refs['cp_r'].get('cpu', 0.0):.1f} CPU s), "
           f"read {total / read_s / 1e6:.0f} MB/s, sha1 (1 thread) {total / sha_s / 1e6:.0f} MB/s")
     head = (f"{'compression':<11} {'inputs':<6} {'MB/s':>6} {'s':>7} {'xcp':>5} {'xsha1':>5} "
             f"{'RSS MiB':>7} {'cpu s':>6} {'stored MB':>9} {'ratio':>6} {'new obj':>7} "
@@ -584,27 +601,40 @@ def print_table(report: dict[str, Any]) -> None:
         print(f"  {c}: " + "; ".join(notes))
 
 
-def print_stages(compression: str, stages: dict[str, float], seconds: float, workers: int) -> None:
-    print(f"\nstage breakdown of the '{compression}' publish ({seconds:.2f} s, {workers} workers):")
+def print_stages(compression: str, run: dict[str, Any]) -> None:
+    """Wall and CPU seconds per stage of one publish, and what limits it."""
+    wall, cpu = run["stages"], run.get("stages_cpu", {})
+    seconds, workers, gb = run["seconds"], run["workers"], run["bytes_in"] / 1e9
+    print(f"\nstages of the '{compression}' publish ({seconds:.2f} s wall, {workers} workers, "
+          f"process CPU {run['cpu_user'] + run['cpu_sys']:.1f} s):")
+    print(f"  {'stage':<34} {'wall s':>7} {'% wall':>7} {'CPU s':>7} {'CPU s/GB':>8}")
+
+    def line(name: str, w: float, c: float | None, share: float) -> None:
+        cpu_text = f"{c:7.2f} {c / gb:8.2f}" if c is not None else f"{'':7} {'':8}"
+        print(f"  {name:<34} {w:7.2f} {share:7.1%} {cpu_text}")
+
     reader = ("reader.file_read", "reader.chunker_feed", "reader.wait_for_free_slot",
               "reader.auto_decide", "reader.final_wait_for_workers")
-    chunked = stages.get("reader.add_chunked_total", 0.0)
-    chunked += stages.get("reader.add_whole_total", 0.0)
-    accounted = sum(stages.get(k, 0.0) for k in reader[:4])
+    total_w = wall.get("reader.add_chunked_total", 0.0) + wall.get("reader.add_whole_total", 0.0)
+    total_c = cpu.get("reader.add_chunked_total", 0.0) + cpu.get("reader.add_whole_total", 0.0)
     for k in reader:
-        print(f"  {k:<32} {stages.get(k, 0.0):7.2f} s  {stages.get(k, 0.0) / seconds:6.1%} of wall")
-    other = chunked - accounted
-    print(f"  {'reader.slicing_and_rest':<32} {other:7.2f} s  {other / seconds:6.1%} of wall "
-          "(add_* total minus the above: bytearray append/slice/del, bytes copies, submit)")
-    busy = stages.get("worker.piece_total", 0.0)
-    print(f"  {'worker.piece_total':<32} {busy:7.2f} s  {busy / (seconds * workers):6.1%} of "
-          f"{workers} workers x wall")
+        line(k, wall.get(k, 0.0), cpu.get(k) if cpu else None, wall.get(k, 0.0) / seconds)
+    rest_w = total_w - sum(wall.get(k, 0.0) for k in reader[:4])
+    rest_c = total_c - sum(cpu.get(k, 0.0) for k in reader[:4]) if cpu else None
+    line("reader.slicing_and_rest (1)", rest_w, rest_c, rest_w / seconds)
+    line("reader thread, all", total_w, total_c if cpu else None, total_w / seconds)
+    busy = wall.get("worker.piece_total", 0.0)
+    line("workers, all (2)", busy, cpu.get("worker.piece_total") if cpu else None,
+         busy / (seconds * workers))
     for k in ("worker.hash", "worker.exists", "worker.put_bytes"):
-        print(f"    {k:<30} {stages.get(k, 0.0):7.2f} s")
-    compress = busy - stages.get("worker.store_total", 0.0)
-    print(f"    {'worker.compress (piece - store)':<30} {compress:7.2f} s")
+        line("  " + k, wall.get(k, 0.0), cpu.get(k) if cpu else None, wall.get(k, 0.0) / seconds)
+    comp_w = busy - wall.get("worker.store_total", 0.0)
+    comp_c = cpu.get("worker.piece_total", 0.0) - cpu.get("worker.store_total", 0.0)
+    line("  worker.compress (3)", comp_w, comp_c if cpu else None, comp_w / seconds)
     for k in ("after.catalog_commit", "after.history", "after.sign_and_swap"):
-        print(f"  {k:<32} {stages.get(k, 0.0):7.2f} s")
+        line(k, wall.get(k, 0.0), cpu.get(k) if cpu else None, wall.get(k, 0.0) / seconds)
+    print("  (1) add_* total minus the stages above: bytearray append/slice/del, bytes copies, "
+          "submit. (2) % of workers x wall. (3) piece total minus store total.")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -666,8 +696,7 @@ def main(argv: list[str] | None = None) -> int:
     print_table(report)
     for row in results:
         if "stages" in row["first"]:
-            print_stages(row["compression"], row["first"]["stages"], row["first"]["seconds"],
-                         row["first"]["workers"])
+            print_stages(row["compression"], row["first"])
     if "profile" in report:
         print(f"\npy-spy profile of a 'none' publish: {report['profile']['speedscope']}")
         for thread, info in report["profile"]["threads"].items():

@@ -74,6 +74,10 @@ class NotFoundError(CvmfsMlError, FileNotFoundError):
         message = f"no such file or directory: {path}" + (f" (in {where})" if where else "")
         super().__init__(2, message, path)
         self.path = path
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
 
 
 class UnsafeInputError(CvmfsMlError, ValueError):

@@ -97,7 +97,8 @@ def test_seek_read_and_ranges(ref_fs: CvmfsFileSystem) -> None:
     assert len(whole) == 25165824
     with ref_fs.open(path, block_size=1 << 16) as handle:
         assert handle.size == len(whole) and handle.seekable()
-        for offset, size in [(0, 10), (12_345_678, 3_000_000), (len(whole) - 5, 100), (777_556, 2)]:
+        spans = [(0, 10), (12_345_678, 3_000_000), (len(whole) - 5, 100), (777_556, 2)]
+        for offset, size in spans:
             handle.seek(offset)
             assert handle.read(size) == whole[offset : offset + size]
         assert handle.pread(8, 100) == whole[100:108]
@@ -188,7 +189,8 @@ def scenario_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for rel, data in _scenario_files().items():
         (tree / rel).parent.mkdir(parents=True, exist_ok=True)
         (tree / rel).write_bytes(data)
-    publisher = create_repository(base / "srv", "abstract.test", settings=PublishSettings(workers=2))
+    settings = PublishSettings(workers=2)
+    publisher = create_repository(base / "srv", "abstract.test", settings=settings)
     with publisher.transaction() as txn:
         txn.add_folder(tree, "/")
         txn.commit()

@@ -15,8 +15,8 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from cvmfs_ml.client.repository import Repository
 from cvmfs_ml.client.prefetch import warm
+from cvmfs_ml.client.repository import Repository
 
 REF = "ref.test.local"
 BIG = "/big/random-24MiB.bin"
@@ -73,7 +73,9 @@ def _settle(repo: Repository, timeout: float = 10.0) -> None:
     assert repo.prefetcher.pending == 0
 
 
-def test_warm_fetches_in_parallel_within_the_bound(repo: Repository, reference_served: Path) -> None:
+def test_warm_fetches_in_parallel_within_the_bound(
+    repo: Repository, reference_served: Path
+) -> None:
     store = CountingStore(repo.source, delay=0.03)
     repo.source = store
     layout = repo.layout(BIG)

@@ -12,8 +12,8 @@ from typer.testing import CliRunner
 
 from cvmfs_ml.client.repository import Repository
 from cvmfs_ml.client.trace import (
-    TraceRecord,
     Tracer,
+    TraceRecord,
     accesses_from_trace,
     format_summary,
     load_trace,
@@ -128,7 +128,8 @@ def test_repository_reads_are_traced_with_hit_fetch_and_store_bytes(traced_repo,
         assert len(handle.pread(1000, 2000)) == 1000  # same piece: a hit
     tracer.flush()
     records = load_trace(tracer.path)  # type: ignore[arg-type]
-    assert [(r.offset, r.length, r.source) for r in records] == [(10, 1000, "fetch"), (2000, 1000, "hit")]
+    seen = [(r.offset, r.length, r.source) for r in records]
+    assert seen == [(10, 1000, "fetch"), (2000, 1000, "hit")]
     stored = (reference_repo / "cvmfs" / REF / "data" / first.digest.hex[:2]
               / (first.digest.hex[2:] + "P"))  # fmt: skip
     assert records[0].net_bytes == stored.stat().st_size  # the compressed object's size

@@ -64,7 +64,8 @@ def make_model(tmp_path: Path) -> Callable[..., Path]:
 
     def make(name: str, files: dict[str, bytes] | None = None) -> Path:
         root = tmp_path / "src" / name
-        for rel, data in (files or {"weights.bin": name.encode() * 100}).items():
+        root.mkdir(parents=True)
+        for rel, data in ({"weights.bin": name.encode() * 100} if files is None else files).items():
             (root / rel).parent.mkdir(parents=True, exist_ok=True)
             (root / rel).write_bytes(data)
         return root
@@ -155,7 +156,7 @@ def test_documents_refuse_foreign_json() -> None:
         Index.from_bytes(b'{"models": {}}')
     with pytest.raises(FormatError, match="not JSON"):
         Index.from_bytes(b"{")
-    with pytest.raises(FormatError, match="not a cvmfs-ml model.json"):
+    with pytest.raises(FormatError, match=r"not a cvmfs-ml model\.json"):
         ModelRecord.from_json({"schema": "other/1"})
 
 
@@ -246,6 +247,9 @@ def test_names_that_would_break_the_layout_are_refused(
     reserved = make_model("r", {"model.json": b"{}"})
     with pytest.raises(PublishError, match="reserved for the metadata"):
         publish_model(publisher, reserved, ref("x/r:1"))
+    empty = make_model("e", {})
+    with pytest.raises(PublishError, match="no files"):
+        publish_model(publisher, empty, ref("x/e:1"))
 
 
 def test_alias_moves_and_removals_keep_index_and_tree_consistent(
@@ -321,12 +325,16 @@ def test_check_layout_reports_a_stale_index_and_reindex_repairs_it(
         assert list(read_index(repo).models) == ["hep/pt"]
 
 
-def test_missing_index_is_rebuilt_from_the_tree(
-    publisher: Publisher, make_model: Callable[..., Path]
+@pytest.mark.parametrize("damage", ["remove", "corrupt"])
+def test_missing_or_corrupt_index_is_rebuilt_from_the_tree(
+    publisher: Publisher, make_model: Callable[..., Path], damage: str
 ) -> None:
     publish_model(publisher, make_model("a"), ref("hep/pt:1"))
     with publisher.transaction() as txn:
-        txn.remove(INDEX_PATH)
+        if damage == "remove":
+            txn.remove(INDEX_PATH)
+        else:
+            txn.add_bytes(INDEX_PATH, b"{not json")
         txn.commit()
     publish_model(publisher, make_model("b"), ref("hep/qt:1"))  # must not forget hep/pt
     with reader(publisher) as repo:
@@ -408,3 +416,19 @@ def test_concurrent_processes_do_not_lose_index_entries(
         assert sorted(str(r.ref) for r in list_models(repo)) == names
         assert all(r.aliases == ["latest", "stable"] for r in list_models(repo))
         assert check_layout(repo) == []
+
+
+def test_long_header_metadata_stays_out_of_model_json() -> None:
+    from cvmfs_ml.models.formats import ModelDescription, TensorInfo
+    from cvmfs_ml.models.publish import _compact
+
+    desc = ModelDescription(
+        format="gguf",
+        metadata={"vocab": ["tok"] * 5000, "name": "tiny"},
+        inputs=[TensorInfo(f"in{i}", "float32", (1,)) for i in range(100)],
+    )
+    out = _compact(desc)
+    assert out["metadata"] == {"name": "tiny"}
+    assert out["metadata_omitted"] == ["vocab"]
+    assert len(out["inputs"]) == 64 and out["inputs_count"] == 100
+    assert "weights" not in out

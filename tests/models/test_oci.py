@@ -23,9 +23,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import typer
 import urllib3
 import zstandard
+from typer.testing import CliRunner
 
+from cvmfs_ml.cli.ingest import model_ingest
 from cvmfs_ml.client.repository import Repository
 from cvmfs_ml.cvmfs.objects import Compression
 from cvmfs_ml.errors import DownloadError, FormatError, IntegrityError, UnsafeInputError
@@ -359,6 +362,90 @@ def test_kitops_modelkit(docker_registry: Any, publisher: Publisher) -> None:
     assert record.source["manifest_digest"] == manifest_digest
     assert record.description == "a ModelKit" and record.license == "MIT"
 
+    # The CLI: the same reference again is a no-op; another version is published.
+    app = typer.Typer()
+    app.command()(model_ingest)
+    args = [f"oci://{docker_registry.host}/ml/kit:v1", "--repo", str(publisher.repo_dir)]
+    out = CliRunner().invoke(app, [*args, "--as", "kit/kit:v1", "--plain-http", "--json"])
+    assert out.exit_code == 0, out.output
+    assert json.loads(out.stdout)["skipped"] is True
+    out = CliRunner().invoke(app, [*args, "--as", "kit/kit:v2", "--plain-http"])
+    assert out.exit_code == 0, out.output
+    assert f"({manifest_digest}) as kit/kit:v2" in out.stdout
+    out = CliRunner().invoke(app, [*args, "--as", "kit/kit:v3"])  # HTTPS to a plain-HTTP port
+    assert out.exit_code == 1 and "--plain-http" in out.output
+
+
+# -- other artifacts: ORAS (Go) directories, untitled blobs and tars, Docker images ------------
+@pytest.mark.service
+def test_generic_artifact_layers(docker_registry: Any, publisher: Publisher) -> None:
+    base, repo = docker_registry.url, "ml/generic"
+    packed_dir = gz(make_tar([("weights", None), ("weights/a.bin", b"A" * 1000)]))
+    untitled_tar = make_tar([("extra/notes.txt", b"notes\n")])
+    raw = b"\x00raw blob with no name\xff"
+    layers = [
+        # `oras push dir/` (Go) marks packed directories with io.deis.oras.content.unpack.
+        ("application/vnd.oci.image.layer.v1.tar+gzip", packed_dir,
+         {ANNOTATION_TITLE: "weights", "io.deis.oras.content.unpack": "true"}),
+        # A titled blob is a file, even when its media type claims tar+gzip.
+        ("application/vnd.oci.image.layer.v1.tar+gzip", gz(b"not a tar"),
+         {ANNOTATION_TITLE: "data.gz"}),
+        ("application/x-tar", untitled_tar, {}),
+        ("application/vnd.example.blob", raw, {}),
+    ]  # fmt: skip
+    manifest = {
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "artifactType": "application/vnd.example.model",
+        "config": {
+            "mediaType": "application/vnd.oci.empty.v1+json",
+            **push_blob(base, repo, b"{}"),
+        },
+        "layers": [
+            {"mediaType": mt, **push_blob(base, repo, blob), **({"annotations": a} if a else {})}
+            for mt, blob, a in layers
+        ],
+    }
+    push_manifest(base, repo, "v1", manifest)
+    result = ingest_oci(publisher, f"oci://{docker_registry.host}/{repo}:v1",
+                        ModelRef.parse("gen/model:1"), plain_http=True)  # fmt: skip
+    assert result.source["kind"] == "artifact"
+    assert read_back(publisher, "/gen/model/1") == {
+        "weights/a.bin": sha256(b"A" * 1000),
+        "data.gz": sha256(gz(b"not a tar")),
+        "extra/notes.txt": sha256(b"notes\n"),
+        digest(raw).replace(":", "-"): sha256(raw),
+    }
+
+
+@pytest.mark.service
+def test_docker_schema2_image(docker_registry: Any, publisher: Publisher) -> None:
+    base, repo = docker_registry.url, "ml/docker"
+    layer = make_tar([("app", None), ("app/model.bin", b"weights"), ("app/.wh.missing", b"")])
+    config = {"architecture": "amd64", "os": "linux", "rootfs": {"type": "layers",
+              "diff_ids": [digest(layer)]}}  # fmt: skip
+    manifest = {
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.docker.distribution.manifest.v2+json",
+        "config": {
+            "mediaType": "application/vnd.docker.container.image.v1+json",
+            **push_blob(base, repo, json.dumps(config).encode()),
+        },
+        "layers": [
+            {
+                "mediaType": "application/vnd.docker.image.rootfs.diff.tar.gzip",
+                **push_blob(base, repo, gz(layer)),
+            }
+        ],
+    }
+    manifest_digest = push_manifest(base, repo, "v1", manifest)
+    result = ingest_oci(publisher, f"oci://{docker_registry.host}/{repo}:v1",
+                        ModelRef.parse("dock/app:1"), plain_http=True)  # fmt: skip
+    assert result.source["kind"] == "image"
+    assert result.source["media_type"] == "application/vnd.docker.distribution.manifest.v2+json"
+    assert result.source["manifest_digest"] == manifest_digest
+    assert read_back(publisher, "/dock/app/1") == {"app/model.bin": sha256(b"weights")}
+
 
 # -- a container image: gzip + zstd layers, whiteouts, reached through an index --------------------
 def push_image(base: str, repo: str, tag: str) -> dict[str, Any]:
@@ -468,6 +555,16 @@ def test_image_layers_with_whiteouts(docker_registry: Any, publisher: Publisher)
         plain_http=True,
     ).skipped  # fmt: skip
     assert repo_state(publisher) == before
+
+    # A modelcar: only the image's /models folder becomes the model version.
+    ingest_oci(
+        publisher, f"{docker_registry.host}/ml/image", ModelRef.parse("img/modelcar:1"),
+        plain_http=True, subpath="/models/",
+    )  # fmt: skip
+    assert read_back(publisher, "/img/modelcar/1") == {
+        "net.onnx": sha256(b"net v2\n"), "alias.onnx": sha256(b"net v1\n"),
+    }  # fmt: skip
+    assert record_of(publisher, "img/modelcar:1").source["subpath"] == "models"
 
 
 # -- token auth: a Bearer-challenging front in front of the real registry --------------------------

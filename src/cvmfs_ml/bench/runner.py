@@ -277,8 +277,9 @@ class BenchEnvironment:
                 self.skipped.append(f"model {spec.name}: {reason}")
                 self.log(f"skip model {spec.name}: {reason}")
                 continue
-            self.log(f"model {spec.name}: building ({spec.kind}, {spec.size / _MiB:.0f} MiB)")
             model = build_model(spec, self.workdir / "models")
+            self.log(f"model {spec.name}: {model.files.nbytes / _MiB:.1f} MiB "
+                     + ("(reused)" if model.reused else f"(built in {model.build_seconds:.1f} s)"))
             self.models[spec.name] = model
             built.append(model)
         return built

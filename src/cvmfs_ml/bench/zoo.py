@@ -52,6 +52,7 @@ class BuiltModel:
     inputs: dict[str, int]  # keyword arguments of generators.example_inputs
     tokens_per_run: int | None  # for tokens/s (LLM-shaped models)
     build_seconds: float = 0.0
+    reused: bool = False  # an identical earlier build was found
 
     @property
     def name(self) -> str:
@@ -138,7 +139,7 @@ def build_model(spec: ModelSpec, root: str | os.PathLike[str]) -> BuiltModel:
     nbytes = sum((folder / f).stat().st_size for f in files)
     inputs, tokens = _inputs(spec)
     return BuiltModel(spec, ModelFiles(spec.name, folder, entry, files, runtime, nbytes),
-                      inputs, tokens, seconds)
+                      inputs, tokens, seconds, reused=not fresh)
 
 
 def model_record(model: BuiltModel) -> dict[str, Any]:

@@ -12,11 +12,17 @@ from typing import Annotated
 
 import typer
 
+from cvmfs_ml.cli.client import register_client_commands
 from cvmfs_ml.cli.common import friendly
+from cvmfs_ml.cli.ingest import model_ingest
+from cvmfs_ml.cli.model import model_app
 from cvmfs_ml.cli.repo import repo_app
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="CernVM-FS for ML models.")
 app.add_typer(repo_app, name="repo")
+model_app.command("ingest")(model_ingest)
+app.add_typer(model_app, name="model")
+register_client_commands(app)
 
 
 # -- serve ---------------------------------------------------------------------------------------

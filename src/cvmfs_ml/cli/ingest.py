@@ -50,8 +50,8 @@ def model_ingest(
     uri: Annotated[
         str,
         typer.Argument(
-            help="oci://HOST[:PORT]/REPO[:TAG][@DIGEST], models:/NAME/VERSION, models:/NAME@ALIAS,"
-            " runs:/RUN/PATH, or an MLflow model folder"
+            help="oci://HOST:PORT/REPO:TAG (or @sha256:...), models:/NAME/VERSION,"
+            " models:/NAME@ALIAS, runs:/RUN/PATH, or an MLflow model folder"
         ),
     ],
     repo: Annotated[Path, typer.Option("--repo", help="repository folder (holds .cvmfspublished)")],
@@ -63,7 +63,10 @@ def model_ingest(
         bool, typer.Option("--plain-http", help="OCI: talk HTTP, not HTTPS (loopback registries)")
     ] = False,
     platform: Annotated[
-        str, typer.Option("--platform", help="OCI: OS/ARCH[/VARIANT] to take from an image index")
+        str,
+        typer.Option(
+            "--platform", help="OCI: OS/ARCH or OS/ARCH/VARIANT to take from an image index"
+        ),
     ] = "linux/amd64",
     subpath: Annotated[
         str, typer.Option("--path", help="OCI: publish only this folder (e.g. 'models')")

@@ -65,6 +65,10 @@ def _resolve_source(src: str, revision: str | None) -> Path:
     return path
 
 
+def _files(n: int) -> str:
+    return f"{n} file" if n == 1 else f"{n} files"
+
+
 def _row(record: Any) -> dict[str, Any]:
     out = record.summary()
     out.update(
@@ -130,7 +134,7 @@ def model_publish(
         return
     aliases_text = f"; aliases: {', '.join(record.aliases)}" if record.aliases else ""
     typer.echo(
-        f"revision {revision_now}: published {ref} at {record.path} ({record.file_count} files, "
+        f"revision {revision_now}: published {ref} at {record.path} ({_files(record.file_count)}, "
         f"{_size(record.size)}, format {record.format or 'unknown'}){aliases_text}"
     )
 
@@ -192,7 +196,7 @@ def model_info_cmd(
         f"model:        {record.ref}",
         f"path:         {record.path}",
         f"format:       {record.format or 'unknown'}",
-        f"size:         {_size(record.size)} in {record.file_count} files",
+        f"size:         {_size(record.size)} in {_files(record.file_count)}",
         f"aliases:      {', '.join(record.aliases) or '-'}",
         f"license:      {record.license or '-'}",
         f"created:      {record.created} by {record.published_by or '?'}",

@@ -104,8 +104,17 @@ def open_target(
         if key is None:
             raise ConfigError(f"no public key for {target}: pass the <fqrn>.pub file")
         keys = load_public_keys(key)
-        if proxy is None and config is not None and is_url(target):
-            proxy = ";".join("|".join(group) for group in config.proxy_groups)
+        if is_url(target):
+            workers = int(options.setdefault(
+                "prefetch_workers", config.parallel if config is not None else 8))  # fmt: skip
+            options.setdefault("pool_size", workers)  # one keep-alive connection per worker
+            if config is not None:
+                if proxy is None:
+                    proxy = ";".join("|".join(group) for group in config.proxy_groups)
+                for name in ("timeout", "timeout_direct", "max_retries", "backoff_init",
+                             "backoff_max", "follow_redirects", "proxy_reset_after",
+                             "host_reset_after"):  # fmt: skip
+                    options.setdefault(name, getattr(config, name))
         return Repository.open(
             target, fqrn=fqrn if is_url(target) else None, public_key=keys,
             cache=object_cache, proxy=proxy, **options,

@@ -283,7 +283,8 @@ class Repository:
             return self._boot_once(True)
 
     def _fetch_root_file(self, name: str, nocache: bool) -> bytes:
-        if nocache:
+        """A mutable root file; ``nocache`` bypasses proxy caches (sources that have them)."""
+        if nocache and _accepts_nocache(self.source):
             return self.source.fetch(name, None, compressed=False, nocache=True)  # type: ignore[call-arg]
         return self.source.fetch(name, None, compressed=False)
 
@@ -585,8 +586,7 @@ class Repository:
         while stack:
             current = stack.pop()
             entries = self.listdir(current)
-            for entry in entries:
-                yield entry
+            yield from entries
             stack.extend(e.path for e in reversed(entries) if e.is_dir)
 
     def readlink(self, path: str) -> str:
@@ -717,6 +717,7 @@ class CvmfsFile(io.RawIOBase):
         self._lock = threading.Lock()
         self._fds: collections.OrderedDict[int, int] = collections.OrderedDict()
         self._users: dict[int, int] = {}
+        self._doomed: dict[int, int] = {}
         self._last_index = -1
 
     def readable(self) -> bool:
@@ -801,6 +802,9 @@ class CvmfsFile(io.RawIOBase):
                 self._users[index] = left
             else:
                 self._users.pop(index, None)
+                doomed = self._doomed.pop(index, None)
+                if doomed is not None:
+                    os.close(doomed)
             self._close_idle()
 
     def _close_idle(self) -> None:
@@ -812,9 +816,14 @@ class CvmfsFile(io.RawIOBase):
             os.close(self._fds.pop(index))
 
     def _drop(self, index: int) -> None:
+        """Forget a piece's descriptor (its cache file was bad); closed once no read uses it."""
         with self._lock:
             fd = self._fds.pop(index, None)
-            if fd is not None and index not in self._users:
+            if fd is None:
+                return
+            if index in self._users:
+                self._doomed[index] = fd
+            else:
                 os.close(fd)
 
     def _note_piece(self, index: int) -> None:
@@ -894,9 +903,10 @@ class CvmfsFile(io.RawIOBase):
 
     def close(self) -> None:
         with self._lock:
-            for fd in self._fds.values():
+            for fd in [*self._fds.values(), *self._doomed.values()]:
                 os.close(fd)
             self._fds.clear()
+            self._doomed.clear()
             self._users.clear()
         super().close()
 

@@ -34,11 +34,10 @@ from typing import Any, BinaryIO
 
 from cvmfs_ml.client.cache import ObjectCache
 from cvmfs_ml.client.repository import Repository
-from cvmfs_ml.errors import NotFoundError, PublishError
+from cvmfs_ml.errors import FormatError, NotFoundError, PublishError
 from cvmfs_ml.models.formats import ModelDescription, describe, describe_folder, detect
 from cvmfs_ml.models.layout import (
     ALIAS_LATEST,
-    INDEX_DIR,
     INDEX_PATH,
     MODEL_JSON,
     Index,
@@ -78,14 +77,14 @@ __all__ = [
 #: Names a version may not take: they are aliases every model may have.
 RESERVED_VERSIONS = frozenset({ALIAS_LATEST})
 
-# Metadata values longer than this (as JSON) stay out of model.json: a GGUF header carries the
-# whole tokenizer vocabulary, which belongs in the model file, not in every index read.
+# Metadata values longer than this (as JSON) stay out of model.json: headers can carry large
+# values (vocabularies, embedded configs) that belong in the model file, not in model.json.
 _MAX_METADATA_JSON = 2048
 _MAX_TENSORS_LISTED = 64
 
 
 # -- reading what is published, under the lock ------------------------------------------------
-_READER_CACHES: dict[Path, ObjectCache] = {}
+_READER_CACHES: dict[tuple[Path, int, int], ObjectCache] = {}
 _READER_CACHES_LOCK = threading.Lock()
 _READER_CACHE_QUOTA = 256 * 2**20
 
@@ -95,8 +94,11 @@ def _reader_cache(publisher: Publisher) -> ObjectCache:
 
     Objects are content-addressed and verified on fetch, so a cache stays valid across
     revisions; keeping it saves creating (and deleting) a 256-folder cache per transaction.
+    The key includes the master key file's identity: a repository deleted and created again
+    at the same path starts at revision 0, which the old cache would take for a rollback.
     """
-    key = publisher.repo_dir.resolve()
+    key_file = os.stat(publisher.keys.paths.master_public)
+    key = (publisher.repo_dir.resolve(), key_file.st_ino, key_file.st_mtime_ns)
     with _READER_CACHES_LOCK:
         cache = _READER_CACHES.get(key)
         if cache is None:
@@ -127,8 +129,12 @@ def _published(publisher: Publisher) -> Iterator[Repository]:
 
 
 def _load_index(repo: TreeReader) -> Index:
-    """The index, rebuilt from the tree when the file is missing (e.g. removed by hand)."""
-    index = read_index(repo)
+    """The index, rebuilt from the tree (the truth) when the file is missing or unreadable,
+    so a hand edit never blocks the next publish: that publish writes a repaired index."""
+    try:
+        index = read_index(repo)
+    except FormatError:
+        return scan_models(repo)
     if not index.models:
         try:
             repo.stat(INDEX_PATH)
@@ -146,19 +152,16 @@ def _entry(repo: TreeReader, path: str) -> Any:
 
 def _write_index(txn: Transaction, index: Index) -> None:
     index.updated = utc_timestamp()
-    txn.mkdir(INDEX_DIR)  # add_bytes does not create its parent folder
     txn.add_bytes(INDEX_PATH, index.to_bytes())
 
 
 def _add_items(txn: Transaction, items: list[SourceItem], at: str, *, nested: bool) -> None:
     """Queue entries we built ourselves (resolved symlinks, ``model.json``) at ``at``.
 
-    ``Transaction`` has public ``add_folder``/``add_tarball`` for trees on disk, but a model
-    version is the *resolved* view of its source (a Hugging Face snapshot is all symlinks), so
-    the items are handed to the same queue ``add_folder`` uses. Replace with a public
-    ``Transaction.add_items`` once it exists.
+    A model version is the *resolved* view of its source (a Hugging Face snapshot is all
+    symlinks), so it cannot go through ``add_folder``.
     """
-    txn._ops.append(("items", (lambda: iter(items), at, nested)))
+    txn.add_items(lambda: iter(items), at, nested_catalog=nested)
 
 
 # -- preparing a source (outside the lock) ----------------------------------------------------
@@ -178,6 +181,8 @@ def prepare_source(src: Path) -> tuple[SourceTree, dict[str, Any], str | None]:
         tree = scan_source(src)
         info = describe_local(src)
         license_ = detect_license(src) if src.is_dir() else None
+    if not tree.files:
+        raise PublishError(f"{src} holds no files to publish")
     if any(f.path == MODEL_JSON for f in tree.files):
         raise PublishError(
             f"{src} has a top-level {MODEL_JSON}: that name is reserved for the metadata "

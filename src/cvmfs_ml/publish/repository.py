@@ -21,7 +21,7 @@ import os
 import stat
 import tempfile
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -38,6 +38,7 @@ from cvmfs_ml.publish.dirtab import Dirtab
 from cvmfs_ml.publish.ingest import ContentPipeline, IngestStats, PendingFile
 from cvmfs_ml.publish.settings import PublishSettings, load_settings, save_settings
 from cvmfs_ml.publish.sources import SourceItem, join_repo_path, scan_folder, scan_tarball
+from cvmfs_ml.publish.workspace import CatalogWorkspace
 from cvmfs_ml.storage.local import LocalStore
 
 __all__ = ["PublishResult", "Publisher", "Transaction", "create_repository", "default_keys_dir"]
@@ -464,6 +465,21 @@ class Transaction:
         del items
         self._ops.append(("items", (lambda: scan_tarball(Path(tarball), at), at, nested_catalog)))
 
+    def add_items(
+        self,
+        make_items: Callable[[], Iterable[SourceItem]],
+        at: str = "/",
+        *,
+        nested_catalog: bool = False,
+    ) -> None:
+        """Add entries from any source (``make_items`` is called at commit, parents first).
+
+        For sources that are not a plain folder or tarball: a resolved snapshot, an unpacked
+        image. ``at`` is created with its missing parents; ``nested_catalog`` makes it a
+        nested catalog root.
+        """
+        self._ops.append(("items", (make_items, at, nested_catalog)))
+
     def add_bytes(self, path: str, data: bytes, mode: int = 0o644) -> None:
         """Write one small file (metadata, index) at ``path``."""
         repo_path = join_repo_path(path, "")
@@ -474,7 +490,7 @@ class Transaction:
             size=len(data),
             open=lambda: io.BytesIO(data),
         )
-        self._ops.append(("items", (lambda: iter([item]), parent_path(repo_path), False)))
+        self._ops.append(("items", (lambda: iter([item]), repo_path, False)))
 
     def symlink(self, path: str, target: str) -> None:
         repo_path = join_repo_path(path, "")
@@ -485,14 +501,14 @@ class Transaction:
             symlink=target,
             size=len(target.encode()),
         )
-        self._ops.append(("items", (lambda: iter([item]), parent_path(repo_path), False)))
+        self._ops.append(("items", (lambda: iter([item]), repo_path, False)))
 
     def mkdir(self, path: str) -> None:
         repo_path = join_repo_path(path, "")
         item = SourceItem(
             path=repo_path, mode=stat.S_IFDIR | 0o755, mtime=int(time.time()), size=4096
         )
-        self._ops.append(("items", (lambda: iter([item]), parent_path(repo_path), False)))
+        self._ops.append(("items", (lambda: iter([item]), repo_path, False)))
 
     def remove(self, path: str) -> None:
         repo_path = join_repo_path(path, "")
@@ -510,8 +526,6 @@ class Transaction:
             raise PublishError("commit() outside 'with publisher.transaction() as txn:'")
         if self.committed is not None:
             raise PublishError("this transaction was already committed")
-        from cvmfs_ml.publish.workspace import CatalogWorkspace
-
         started = time.monotonic()
         publisher = self.publisher
         settings = publisher.settings
@@ -572,15 +586,12 @@ class Transaction:
 
     def _apply(
         self,
-        workspace: object,
+        workspace: CatalogWorkspace,
         pipeline: ContentPipeline,
         items: Iterable[SourceItem],
         at: str,
         nested_root: bool,
     ) -> None:
-        from cvmfs_ml.publish.workspace import CatalogWorkspace
-
-        assert isinstance(workspace, CatalogWorkspace)
         base = join_repo_path(at, "")
         _ensure_parents(workspace, base)
         # Content first (one pass over every byte, in parallel); rows once all is stored.
@@ -613,7 +624,7 @@ class Transaction:
                 _put_item(workspace, marker, pipeline.add(marker), nested_root=False)
 
     def _dirtab(
-        self, workspace: object, staged: list[tuple[SourceItem, PendingFile | None]]
+        self, workspace: CatalogWorkspace, staged: list[tuple[SourceItem, PendingFile | None]]
     ) -> Dirtab | None:
         for item, _ in staged:
             if item.path == DIRTAB and item.open is not None:
@@ -622,14 +633,11 @@ class Transaction:
         return None
 
 
-def _lookup(workspace: object, path: str) -> DirectoryEntry | None:
-    from cvmfs_ml.publish.workspace import CatalogWorkspace
-
-    assert isinstance(workspace, CatalogWorkspace)
+def _lookup(workspace: CatalogWorkspace, path: str) -> DirectoryEntry | None:
     return workspace.catalog_for(path).lookup(path)
 
 
-def _ensure_parents(workspace: object, path: str) -> None:
+def _ensure_parents(workspace: CatalogWorkspace, path: str) -> None:
     """Create missing parent directories of ``path`` with mode 0755 (as ``ingest`` does)."""
     missing = []
     parent = parent_path(path) if path else None
@@ -641,15 +649,12 @@ def _ensure_parents(workspace: object, path: str) -> None:
         entry = DirectoryEntry(
             path=directory, mode=stat.S_IFDIR | 0o755, size=4096, mtime=now, hardlinks=2, flags=1
         )
-        workspace.catalog_for(directory).put(entry)  # type: ignore[attr-defined]
+        workspace.catalog_for(directory).put(entry)
 
 
 def _put_item(
-    workspace: object, item: SourceItem, pending: PendingFile | None, *, nested_root: bool
+    workspace: CatalogWorkspace, item: SourceItem, pending: PendingFile | None, *, nested_root: bool
 ) -> None:
-    from cvmfs_ml.publish.workspace import CatalogWorkspace
-
-    assert isinstance(workspace, CatalogWorkspace)
     path = item.path
     catalog = workspace.catalog_for(path)
     existing = catalog.lookup(path)

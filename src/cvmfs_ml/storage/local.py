@@ -169,8 +169,13 @@ class LocalStore:
                 yield f"data/{bucket.name}/{entry.name}"
 
     # -- the fetcher interface (same as client.fetcher.Fetcher) -------------------------------
-    def fetch(self, rel_path: str, expected: Digest | None, *, compressed: bool) -> bytes:
-        """Read an object, check its hash when ``expected`` is given, inflate if compressed."""
+    def fetch(
+        self, rel_path: str, expected: Digest | None, *, compressed: bool, nocache: bool = False
+    ) -> bytes:
+        """Read an object, check its hash when ``expected`` is given, inflate if compressed.
+
+        ``nocache`` exists for interface parity with the HTTP fetcher; a folder has no proxy.
+        """
         stored = self.get_bytes(rel_path)
         if expected is not None:
             hasher = new_hasher(expected.algorithm)
@@ -184,7 +189,13 @@ class LocalStore:
         return decompressor.decompress(stored) + decompressor.flush()
 
     def fetch_into(
-        self, rel_path: str, expected: Digest | None, compressed: bool, fileobj: BinaryIO
+        self,
+        rel_path: str,
+        expected: Digest | None,
+        compressed: bool,
+        fileobj: BinaryIO,
+        *,
+        nocache: bool = False,
     ) -> int:
         """Stream an object into ``fileobj`` with bounded memory; returns bytes written."""
         hasher = new_hasher(expected.algorithm) if expected is not None else None

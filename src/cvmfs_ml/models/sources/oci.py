@@ -38,6 +38,7 @@ import json
 import tempfile
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -222,6 +223,31 @@ def _fetch(
     )
 
 
+def _foreign(layer: dict[str, Any], kind: str) -> bool:
+    """Foreign / non-distributable layers live elsewhere (DUCC skips them too)."""
+    return str(layer.get("mediaType", "")) in FOREIGN_LAYERS or (
+        kind == "image" and bool(layer.get("urls"))
+    )
+
+
+def _fetch_all(
+    client: RegistryClient,
+    resolved: ResolvedManifest,
+    layers: list[dict[str, Any]],
+    blob_dir: Path,
+    workers: int,
+) -> dict[str, Path]:
+    """Download ``layers`` in parallel (as DUCC does); ``{digest: verified blob file}``."""
+    if workers <= 1 or len(layers) <= 1:
+        return {str(layer["digest"]): _fetch(client, resolved, layer, blob_dir) for layer in layers}
+    with ThreadPoolExecutor(min(workers, len(layers)), thread_name_prefix="oci-blob") as pool:
+        futures = {
+            str(layer["digest"]): pool.submit(_fetch, client, resolved, layer, blob_dir)
+            for layer in layers
+        }
+        return {digest: future.result() for digest, future in futures.items()}
+
+
 def _digest_name(digest: str) -> str:
     return digest.replace(":", "-")
 
@@ -382,6 +408,7 @@ def pull(
     blob_dir: Path,
     keep_blobs: bool = True,
     subpath: str = "",
+    workers: int = 4,
 ) -> PulledModel:
     """Download and lay out ``resolved`` into the new folder ``dest``.
 
@@ -389,10 +416,11 @@ def pull(
     model lives in ``/models``); the returned ``folder`` is ``dest/subpath``. Symlinks are made
     publishable with :func:`~cvmfs_ml.models.sources.unpack.materialise_links` and FIFOs
     dropped, both recorded in ``source``. ``keep_blobs=False`` lets single-use raw blobs be
-    moved into place instead of copied (use it when ``blob_dir`` is scratch space).
+    moved into place instead of copied (use it when ``blob_dir`` is scratch space). Blobs are
+    downloaded by ``workers`` threads before any is laid out.
     """
     dest = Path(dest)
-    subpath = safe_relative(subpath, "subpath")
+    subpath = safe_relative(subpath.lstrip("/"), "subpath")
     if dest.exists() and any(dest.iterdir()):
         raise FormatError(str(dest), "destination folder is not empty")
     kind = resolved.kind
@@ -402,19 +430,23 @@ def pull(
     skipped: list[str] = []
     seen: set[str] = set()
     uses: dict[str, int] = {}
-    for layer in resolved.layers:
-        uses[str(layer.get("digest"))] = uses.get(str(layer.get("digest")), 0) + 1
+    wanted: dict[str, dict[str, Any]] = {}
     for position, layer in enumerate(resolved.layers):
         if not isinstance(layer, dict) or "digest" not in layer:
             raise FormatError(f"manifest {resolved.digest}", f"layer {position} has no digest")
+        uses[str(layer["digest"])] = uses.get(str(layer["digest"]), 0) + 1
+        if not _foreign(layer, kind):
+            wanted.setdefault(str(layer["digest"]), layer)
+    blobs = _fetch_all(client, resolved, list(wanted.values()), blob_dir, workers)
+    for layer in resolved.layers:
         media_type = str(layer.get("mediaType", ""))
         entry: dict[str, Any] = {
             "digest": layer["digest"], "mediaType": media_type, "size": layer.get("size"),
         }  # fmt: skip
-        if media_type in FOREIGN_LAYERS or (kind == "image" and layer.get("urls")):
+        if _foreign(layer, kind):
             skipped.append(str(layer["digest"]))
             continue
-        blob = _fetch(client, resolved, layer, blob_dir)
+        blob = blobs[str(layer["digest"])]
         if kind == "image":
             entry.update({"as": "layer", **_unpack(writer, blob, f"layer {layer['digest']}")})
         else:
@@ -492,7 +524,7 @@ def ingest_oci(
     from cvmfs_ml.models.publish import publish_model
 
     ref.require_version()
-    subpath = safe_relative(subpath, "subpath")
+    subpath = safe_relative(subpath.lstrip("/"), "subpath")
     oci_ref = reference if isinstance(reference, OciReference) else OciReference.parse(reference)
     own_client = client is None
     client = client or RegistryClient(

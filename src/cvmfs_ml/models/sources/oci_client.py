@@ -181,6 +181,7 @@ class RegistryClient:
         self._basic = False
         retry = urllib3.Retry(
             total=retries,
+            other=0,  # TLS failures (a plain-HTTP registry, a bad certificate) do not heal
             backoff_factor=0.3,
             status_forcelist=(429, 500, 502, 503, 504),
             allowed_methods=frozenset({"GET", "HEAD"}),
@@ -267,7 +268,10 @@ class RegistryClient:
                     "GET", url, headers=all_headers, preload_content=not stream
                 )
             except urllib3.exceptions.HTTPError as exc:
-                raise DownloadError(url, [(url, "direct", str(exc))]) from exc
+                reason = str(exc)
+                if "WRONG_VERSION_NUMBER" in reason:
+                    reason = "TLS handshake failed: a plain-HTTP registry? (--plain-http)"
+                raise DownloadError(url, [(url, "direct", reason)]) from exc
             if response.status != 401 or attempt:
                 return response
             challenge = response.headers.get("WWW-Authenticate", "")

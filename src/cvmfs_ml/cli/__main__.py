@@ -1,0 +1,5 @@
+"""``python -m cvmfs_ml.cli``."""
+
+from cvmfs_ml.cli import main
+
+main()

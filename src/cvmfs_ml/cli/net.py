@@ -1,0 +1,64 @@
+"""``cvmfs-ml replica ...``: Stratum 1 replicas of a repository served elsewhere."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from cvmfs_ml.cli.common import JsonOption, KeyOption, _default_key, _fail, friendly
+
+replica_app = typer.Typer(
+    no_args_is_help=True, help="Stratum 1 replicas: verified copies of a served repository."
+)
+
+
+@replica_app.command("sync")
+@friendly
+def replica_sync(
+    upstream: Annotated[
+        str, typer.Argument(help="http://host/cvmfs/<fqrn> (';' list, @fqrn@) or a folder")
+    ],
+    dest: Annotated[Path, typer.Argument(help="replica folder, served as /cvmfs/<fqrn>")],
+    key: KeyOption = None,
+    fqrn: Annotated[
+        str | None, typer.Option("--fqrn", help="repository name (default: from UPSTREAM)")
+    ] = None,
+    proxy: Annotated[
+        str | None, typer.Option("--proxy", help="CVMFS_HTTP_PROXY syntax (default DIRECT)")
+    ] = None,
+    workers: Annotated[int, typer.Option("--workers", help="parallel downloads")] = 8,
+    full_history: Annotated[
+        bool, typer.Option("--full-history", help="first run: also copy earlier revisions")
+    ] = False,
+    as_json: JsonOption = False,
+) -> None:
+    """Copy new objects and the manifest from UPSTREAM into DEST, verified, manifest last."""
+    from cvmfs_ml.replica.sync import sync_replica
+
+    public_key = key or _default_key(upstream)
+    if public_key is None:
+        raise _fail(f"no public key for {upstream}: pass --key <fqrn>.pub")
+    report = sync_replica(
+        upstream,
+        dest,
+        public_key,
+        fqrn,
+        proxy=proxy,
+        workers=workers,
+        full_history=full_history,
+    )
+    if as_json:
+        typer.echo(json.dumps(report.to_dict(), indent=2))
+        return
+    was = "new replica" if report.previous_revision is None else f"was {report.previous_revision}"
+    state = "up to date" if report.up_to_date else f"revision {report.revision} ({was})"
+    typer.echo(
+        f"{report.fqrn}: {state}: {report.catalogs_copied} catalogs and "
+        f"{report.objects_copied} objects copied ({report.bytes_copied / 1e6:.1f} MB), "
+        f"{report.objects_present} objects already present, in {report.seconds:.1f} s"
+    )
+    for skipped in report.skipped:
+        typer.echo(f"skipped (garbage-collected upstream): {skipped}", err=True)

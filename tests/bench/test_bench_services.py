@@ -1,0 +1,71 @@
+"""The benchmark's nginx/Squid: same configuration as the tests and docs, working counters."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import urllib3
+
+import services as test_services
+from cvmfs_ml.bench import services
+from cvmfs_ml.bench.runner import FQRN, BenchEnvironment, run_concurrency
+
+DOCS = Path(__file__).resolve().parents[2] / "docs"
+
+
+def test_configuration_matches_the_test_suite_and_docs(tmp_path: Path) -> None:
+    args = ("/srv", "127.0.0.1:8080", "/var/log/access.log")
+    assert services.nginx_site_config(*args) == test_services.nginx_site_config(*args)
+    assert services.NGINX_LOG_FORMAT == test_services.NGINX_LOG_FORMAT
+    assert services.CVMFS_SQUID_POLICY == test_services.CVMFS_SQUID_POLICY
+    squid_doc = (DOCS / "squid.conf").read_text()
+    assert all(line in squid_doc for line in services.CVMFS_SQUID_POLICY)
+    ours = services._squid_config(3128, tmp_path, None, "x", 256, 1024)
+    theirs = test_services.squid_config(
+        http_port="127.0.0.1:3128", workdir=tmp_path, service_user=None, visible_hostname="x",
+        cache_mem_mb=256, maximum_object_size_mb=1024, maximum_object_size_in_memory_mb=256)
+    assert ours == theirs
+
+
+def test_log_parsers() -> None:
+    line = ('127.0.0.1 - [2026-01-01T00:00:00+00:00] "GET /cvmfs/x/data/ab/cd HTTP/1.1" 200 '
+            '1234 range="-" rt=0.001 ua="x"')
+    assert services.parse_nginx_log(line + "\ngarbage\n") == [("/cvmfs/x/data/ab/cd", 200, 1234)]
+    squid = ("1.0 5 127.0.0.1 TCP_MISS/200 1500 GET http://h/cvmfs/x/data/a - "
+             "HIER_DIRECT/127.0.0.1 application/octet-stream\n"
+             "1.1 1 127.0.0.1 TCP_MEM_HIT/200 1500 GET http://h/cvmfs/x/data/a - HIER_NONE/- -\n"
+             "1.2 1 127.0.0.1 TCP_MISS/200 1500 GET http://h/cvmfs/x/data/a - HIER_NONE/- -\n"
+             "1.3 0 127.0.0.1 NONE_NONE/000 0 - error:x - HIER_NONE/- -\n")
+    records = services.parse_squid_log(squid)
+    assert [r.hit for r in records] == [False, True, True]  # a collapsed miss is a hit
+
+
+@pytest.mark.service
+def test_nginx_counts_requests(bench_env: BenchEnvironment,
+                               need_service: Callable[[str], None]) -> None:
+    need_service("nginx")
+    with services.Nginx(bench_env.srv) as nginx:
+        assert nginx.counters() == services.OriginCounters(0, 0)
+        http = urllib3.PoolManager()
+        body = http.request("GET", f"{nginx.url}/cvmfs/{FQRN}/.cvmfspublished").data
+        assert http.request("GET", f"{nginx.url}/etc/passwd").status == 404
+        counted = nginx.counters()
+        assert counted.requests == 2 and counted.bytes >= len(body)
+
+
+@pytest.mark.service
+def test_concurrent_clients_share_one_squid(bench_env: BenchEnvironment,
+                                            need_service: Callable[[str], None]) -> None:
+    need_service("nginx")
+    need_service("squid")
+    model = bench_env.models["llm-4m"]
+    one = run_concurrency(bench_env, model, 1, timeout=120)
+    two = run_concurrency(bench_env, model, 2, timeout=120)
+    assert one["ok"] and two["ok"], (one["errors"], two["errors"])
+    assert len(two["wall_s"]) == 2 and two["wall_s_max"] >= two["wall_s_median"] > 0
+    # the second client is served by Squid: the origin sends the model about once
+    assert two["origin_bytes"] < 1.3 * one["origin_bytes"]
+    assert two["proxy_bytes"] >= 1.8 * one["proxy_bytes"]
+    assert one["hit_ratio"] == 0.0 and two["hit_ratio"] >= 0.4

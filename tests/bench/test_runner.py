@@ -1,0 +1,167 @@
+"""The short benchmark profile end to end, as CI runs it (local vs FUSE vs fsspec, cold vs hot).
+
+One run of ``run_profile("short")`` (about 1-2 minutes on two cores) feeds every test here.
+Nothing asserts absolute timings; only ratios within one run ("hot not slower than cold")
+and facts that must hold whatever the machine (identical outputs, traffic counts, files).
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from typer.testing import CliRunner
+
+from cvmfs_ml.bench.report import MEASUREMENT_FIELDS, SCHEMA
+from cvmfs_ml.bench.runner import HOT_TOLERANCE, PROFILES, run_profile
+from cvmfs_ml.cli.bench import bench_app
+
+pytestmark = [pytest.mark.slow, pytest.mark.service]
+
+HAVE_PART = all(importlib.util.find_spec(m) for m in ("torch", "weaver"))
+HAVE_TORCH = importlib.util.find_spec("torch") is not None
+
+
+def _require_fuse() -> None:
+    """The module-scoped twin of the ``need_fuse`` fixture (skip here, fail in CI)."""
+    usable = (os.path.exists("/dev/fuse") and os.access("/dev/fuse", os.R_OK | os.W_OK)
+              and importlib.util.find_spec("pyfuse3") is not None)
+    if not usable:
+        if os.environ.get("CI"):
+            pytest.fail("FUSE is required in CI")
+        pytest.skip("FUSE is not usable here")
+
+
+@pytest.fixture(scope="module", name="run")
+def _short_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], Path]:
+    _require_fuse()
+    out = tmp_path_factory.mktemp("bench-out")
+    work = tmp_path_factory.mktemp("bench-work")
+    started = time.monotonic()
+    doc = run_profile("short", out, workdir=work, log=lambda _m: None)
+    doc["_test_seconds"] = time.monotonic() - started
+    return doc, out
+
+
+def _models(doc: dict[str, Any]) -> set[str]:
+    return {m["model"] for m in doc["measurements"]}
+
+
+def test_outputs_exist_and_follow_the_schema(run: tuple[dict[str, Any], Path]) -> None:
+    doc, out = run
+    for name in ("results.json", "results.csv", "summary.csv", "summary.md", "load_time.png"):
+        assert (out / name).stat().st_size > 0, name
+    assert (out / "load_time.png").read_bytes()[:4] == b"\x89PNG"
+    data = json.loads((out / "results.json").read_text())
+    assert data["schema"] == SCHEMA and data["profile"] == "short"
+    for key in ("machine", "versions", "settings", "network", "models", "measurements",
+                "summary", "checks", "access_patterns", "errors"):
+        assert key in data, key
+    assert "tc netem" in data["network"]["loopback"]
+    with open(out / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert tuple(rows[0]) == MEASUREMENT_FIELDS and len(rows) == len(doc["measurements"])
+    md = (out / "summary.md").read_text()
+    assert "## llm-24m" in md and "Sanity checks" in md and "Access patterns" in md
+
+
+def test_every_scenario_ran_and_succeeded(run: tuple[dict[str, Any], Path]) -> None:
+    doc, _ = run
+    assert doc["errors"] == []
+    expected = {"mlp", "llm-24m"} | ({"part"} if HAVE_PART else set())
+    assert _models(doc) == expected
+    profile = PROFILES["short"]
+    for s in doc["summary"]:
+        assert s["n"] == profile.repeats and s["failed"] == 0, s
+    seen = {(s["model"], s["mode"], s["cache_state"]) for s in doc["summary"]}
+    assert seen == {(m, mode, state) for m in expected for mode in ("local", "fuse", "fsspec")
+                    for state in ("cold", "hot")}
+
+
+def test_inference_outputs_identical_across_storage_modes(run: tuple[dict[str, Any], Path]
+                                                          ) -> None:
+    doc, _ = run
+    assert doc["checks"]["outputs_identical"]["ok"]
+    for model in _models(doc):
+        digests = {m["output_sha256"] for m in doc["measurements"] if m["model"] == model}
+        assert len(digests) == 1 and len(next(iter(digests))) == 64
+
+
+def test_hot_fuse_is_not_slower_than_cold(run: tuple[dict[str, Any], Path]) -> None:
+    doc, _ = run
+    factor, slack = HOT_TOLERANCE
+    for model in _models(doc):
+        rows = {s["cache_state"]: s for s in doc["summary"]
+                if s["model"] == model and s["mode"] == "fuse"}
+        hot, cold = rows["hot"], rows["cold"]
+        assert hot["first_inference_s_min"] <= cold["first_inference_s_min"] * factor + slack
+        assert cold["origin_bytes"] >= 0.8 * cold["model_bytes"]  # fetched (zlib may shrink)
+        assert hot["origin_bytes"] == 0 and hot["origin_requests"] == 0
+
+
+def test_caches_were_in_the_state_claimed(run: tuple[dict[str, Any], Path]) -> None:
+    doc, _ = run
+    assert doc["checks"]["cold_runs_started_cold"]["ok"]
+    for m in doc["measurements"]:
+        if m["mode"] in ("local", "fuse") and m["model"] == "llm-24m":
+            if m["cache_state"] == "cold":
+                assert m["pre_resident_fraction"] < 0.05
+            else:
+                assert m["pre_resident_fraction"] > 0.9
+        if m["mode"] == "fsspec" and m["cache_state"] == "hot":
+            assert m["origin_bytes"] < 64 * 1024  # manifest and whitelist only
+
+
+def test_metrics_are_plausible(run: tuple[dict[str, Any], Path]) -> None:
+    doc, _ = run
+    for m in doc["measurements"]:
+        assert 0 < m["open_s"] <= m["first_inference_s"] < m["wall_s"]
+        assert 0 < m["latency_p50_s"] <= m["latency_p95_s"]
+        assert 20 * 2**20 < m["peak_rss_bytes"] < 4 * 2**30
+        if m["model"] == "llm-24m":
+            assert m["tokens_per_s"] > 0
+        if m["mode"] == "local":
+            assert m["origin_requests"] == 0
+    llm_local = [m["peak_rss_bytes"] for m in doc["measurements"]
+                 if m["model"] == "llm-24m" and m["mode"] == "local"]
+    llm_fsspec = [m["peak_rss_bytes"] for m in doc["measurements"]
+                  if m["model"] == "llm-24m" and m["mode"] == "fsspec"]
+    assert min(llm_fsspec) > min(llm_local)  # fsspec holds the model bytes in memory too
+
+
+def test_access_patterns_and_heat_maps(run: tuple[dict[str, Any], Path]) -> None:
+    doc, out = run
+    rows = doc["access_patterns"]
+    models = {"llm-24m", "st-16m"} | ({"pt-16m"} if HAVE_TORCH else set())
+    assert {r["model"] for r in rows} == models
+    for model in models:
+        assert (out / "access" / f"heatmap-{model}.png").read_bytes()[:4] == b"\x89PNG"
+        assert (out / "access" / f"residency-{model}.png").stat().st_size > 0
+        trace = next(r for r in rows if r["model"] == model and r["source"] == "FUSE trace")
+        assert trace["fraction_of_file"] > 0.9  # every loader reads all weights
+        assert trace["read_count"] >= 2
+    runtimes = {r["runtime"] for r in rows}
+    assert {"onnxruntime", "safetensors"} <= runtimes
+
+
+def test_compare_against_itself_and_a_regression(run: tuple[dict[str, Any], Path],
+                                                 tmp_path: Path) -> None:
+    _doc, out = run
+    runner = CliRunner()
+    same = runner.invoke(bench_app, ["compare", str(out / "results.json"),
+                                     str(out / "results.json")])
+    assert same.exit_code == 0, same.output
+    slower = json.loads((out / "results.json").read_text())
+    for s in slower["summary"]:
+        if s["mode"] == "fuse" and s["first_inference_s"] is not None:
+            s["first_inference_s"] = s["first_inference_s"] * 3 + 1
+    (tmp_path / "slower.json").write_text(json.dumps(slower))
+    worse = runner.invoke(bench_app, ["compare", str(out / "results.json"),
+                                      str(tmp_path / "slower.json")])
+    assert worse.exit_code == 1 and "fuse" in worse.output

@@ -1,0 +1,245 @@
+"""MLflow ingest: log a model into a local MLflow (SQLite backend), register it, publish
+``models:/NAME/1`` and load it back with ``mlflow.pyfunc.load_model`` from files read out of
+the published repository."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from cvmfs_ml.client.repository import Repository
+from cvmfs_ml.cvmfs.objects import Compression
+from cvmfs_ml.errors import FormatError, NotFoundError
+from cvmfs_ml.models.layout import ModelRef, read_record
+from cvmfs_ml.models.sources.mlflow import (
+    _safe_uri,
+    ingest_mlflow,
+    mlflow_metadata,
+    parse_models_uri,
+    read_mlmodel,
+)
+from cvmfs_ml.publish.repository import Publisher, create_repository
+from cvmfs_ml.publish.settings import PublishSettings
+
+
+def _require_mlflow() -> Any:
+    try:
+        import mlflow
+    except ImportError:
+        if os.environ.get("CI"):
+            pytest.fail("mlflow-skinny is not installed; CI must provide it (see .ci/run)")
+        pytest.skip("mlflow-skinny is not installed")
+    return mlflow
+
+
+MODEL_CODE = textwrap.dedent(
+    """
+    import numpy as np
+    import mlflow
+    from mlflow.pyfunc import PythonModel
+
+
+    class Doubler(PythonModel):
+        def predict(self, context, model_input, params=None):
+            return np.asarray(model_input, dtype=np.float32) * 2
+
+
+    mlflow.models.set_model(Doubler())
+    """
+)
+X = np.array([[1.0, 2.0], [3.0, 4.5]], dtype=np.float32)
+
+
+@pytest.fixture(scope="module")
+def tracking(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    """A SQLite-backed MLflow with ``tiny`` version 1 registered (alias ``champion``)."""
+    mlflow = _require_mlflow()
+    from mlflow.models import infer_signature
+
+    root = tmp_path_factory.mktemp("mlflow")
+    # MLflow creates its schema with ~50 fsync-heavy migrations: on tmpfs when there is one.
+    shm = Path("/dev/shm")
+    db_dir = Path(tempfile.mkdtemp(dir=shm)) if os.access(shm, os.W_OK) else root
+    uri = f"sqlite:///{db_dir}/mlflow.db"
+    saved = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    try:
+        client = mlflow.MlflowClient(tracking_uri=uri)
+        experiment = client.create_experiment("cvmfs-ml", artifact_location=str(root / "art"))
+        code = root / "model_code.py"
+        code.write_text(MODEL_CODE)
+        with mlflow.start_run(experiment_id=experiment) as run:
+            info = mlflow.pyfunc.log_model(
+                name="model",
+                python_model=str(code),
+                signature=infer_signature(X, X * 2),
+                registered_model_name="tiny",
+                pip_requirements=["numpy"],  # inferring them runs a subprocess: seconds
+            )
+        client.set_registered_model_alias("tiny", "champion", "1")
+        yield {"uri": uri, "run_id": run.info.run_id, "info": info, "client": client}
+    finally:
+        if db_dir != root:
+            shutil.rmtree(db_dir, ignore_errors=True)
+        if saved is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = saved
+
+
+@pytest.fixture
+def publisher(tmp_path: Path) -> Publisher:
+    settings = PublishSettings(compression=Compression.ZLIB, workers=2)
+    return create_repository(tmp_path / "srv", "models.test", settings=settings)
+
+
+def published(publisher: Publisher) -> Repository:
+    return Repository.open(
+        publisher.repo_dir,
+        public_key=publisher.keys.paths.master_public,
+        cache=publisher.repo_dir.parent / "read-cache",
+    )
+
+
+def materialise(publisher: Publisher, path: str, dest: Path) -> Path:
+    """Copy the published folder ``path`` out of the repository, file by file."""
+    with published(publisher) as repo:
+        for entry in repo.walk(path):
+            if entry.is_regular and not entry.path.endswith("/.cvmfscatalog"):
+                target = dest / entry.path[len(path) + 1 :]
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(repo.read_bytes(entry.path))
+    return dest
+
+
+def repo_state(publisher: Publisher) -> tuple[int, int]:
+    objects = sum(len(files) for _, _, files in os.walk(publisher.repo_dir / "data"))
+    return publisher.manifest().revision, objects
+
+
+def test_registered_model_round_trip(
+    tracking: dict[str, Any], publisher: Publisher, tmp_path: Path
+) -> None:
+    import mlflow
+
+    result = ingest_mlflow(publisher, "models:/tiny/1", ModelRef.parse("ml/tiny:1"))
+    assert not result.skipped
+    with published(publisher) as repo:
+        record = read_record(repo, ModelRef.parse("ml/tiny:1"))
+    assert record.source["type"] == "mlflow"
+    assert record.source["registered_model"] == "tiny"
+    assert record.source["model_version"] == "1"
+    assert record.source["run_id"] == tracking["run_id"]
+    assert record.source["model_uuid"]
+    meta = record.extra["mlflow"]
+    assert "python_function" in meta["flavors"]
+    # The signature is JSON in model.json, not the JSON-in-YAML strings of MLmodel.
+    assert meta["signature"]["inputs"] == [
+        {"type": "tensor", "tensor-spec": {"dtype": "float32", "shape": [-1, 2]}}
+    ]
+    assert meta["signature"]["params"] is None
+
+    folder = materialise(publisher, "/ml/tiny/1", tmp_path / "from-cvmfs")
+    assert (folder / "MLmodel").is_file()
+    model = mlflow.pyfunc.load_model(str(folder))
+    np.testing.assert_array_equal(model.predict(X), X * 2)
+    schema = json.loads(json.dumps(model.metadata.get_input_schema().to_dict()))
+    assert schema == meta["signature"]["inputs"]
+
+    # Same model again, by version or by alias: nothing written.
+    before = repo_state(publisher)
+    assert ingest_mlflow(publisher, "models:/tiny/1", ModelRef.parse("ml/tiny:1")).skipped
+    assert ingest_mlflow(publisher, "models:/tiny@champion", ModelRef.parse("ml/tiny:1")).skipped
+    assert repo_state(publisher) == before
+
+
+def test_mlmodel_folder_and_cli(
+    tracking: dict[str, Any], publisher: Publisher, tmp_path: Path
+) -> None:
+    import mlflow
+    import typer
+
+    from cvmfs_ml.cli.ingest import model_ingest
+
+    local = Path(
+        mlflow.artifacts.download_artifacts(
+            artifact_uri="models:/tiny/1", dst_path=str(tmp_path / "dl")
+        )
+    )
+    result = ingest_mlflow(publisher, local, ModelRef.parse("ml/local:1"), aliases=())
+    assert result.source["uri"] == str(local.resolve())
+    assert result.record.extra["mlflow"]["model_uuid"] == result.source["model_uuid"]
+
+    app = typer.Typer()
+    app.command()(model_ingest)
+    runner = CliRunner()
+    args = ["models:/tiny@champion", "--repo", str(publisher.repo_dir), "--as", "ml/cli:2"]
+    out = runner.invoke(app, [*args, "--json", "--tracking-uri", tracking["uri"]])
+    assert out.exit_code == 0, out.output
+    data = json.loads(out.stdout)
+    assert data["skipped"] is False and data["source"]["alias"] == "champion"
+    assert data["source"]["model_version"] == "1"
+    again = runner.invoke(app, args)
+    assert again.exit_code == 0 and "nothing to do" in again.stdout
+    missing = runner.invoke(app, ["models:/nope/1", "--repo", str(publisher.repo_dir), "--as",
+                                  "ml/nope:1"])  # fmt: skip
+    assert missing.exit_code == 1 and "nope" in missing.output
+    bad = runner.invoke(app, [str(tmp_path), "--repo", str(publisher.repo_dir), "--as", "a/b:1"])
+    assert bad.exit_code == 1 and "cannot ingest" in bad.output
+
+
+def test_unknown_model_is_not_found(tracking: dict[str, Any], publisher: Publisher) -> None:
+    with pytest.raises(NotFoundError):
+        ingest_mlflow(publisher, "models:/does-not-exist/1", ModelRef.parse("ml/x:1"))
+    assert publisher.manifest().revision == 0
+
+
+# -- no MLflow needed ----------------------------------------------------------------------------
+def test_parse_models_uri() -> None:
+    assert parse_models_uri("models:/tiny/3") == ("tiny", "3", None)
+    assert parse_models_uri("models:/my-model@champion") == ("my-model", None, "champion")
+    for bad in ("models:/tiny", "models:/tiny/latest", "runs:/abc/model"):
+        with pytest.raises(FormatError):
+            parse_models_uri(bad)
+
+
+def test_mlmodel_metadata_without_mlflow(tmp_path: Path) -> None:
+    (tmp_path / "MLmodel").write_text(
+        textwrap.dedent(
+            """\
+            flavors:
+              onnx: {onnx_version: 1.16.0, data: model.onnx}
+              python_function: {loader_module: mlflow.onnx, python_version: 3.11.7}
+            model_uuid: 0123abcd
+            run_id: r1
+            mlflow_version: 2.14.0
+            utc_time_created: '2024-06-01 10:00:00.000000'
+            signature:
+              inputs: '[{"type": "tensor", "tensor-spec": {"dtype": "float32", "shape": [-1, 4]}}]'
+              outputs: '[{"type": "tensor", "tensor-spec": {"dtype": "float32", "shape": [-1]}}]'
+              params: '[{"name": "t", "type": "double", "default": 1.0, "shape": null}]'
+            """
+        )
+    )
+    meta = mlflow_metadata(read_mlmodel(tmp_path))
+    assert meta["flavors"]["onnx"]["data"] == "model.onnx"
+    assert meta["signature"]["outputs"][0]["tensor-spec"]["shape"] == [-1]
+    assert meta["signature"]["params"][0]["name"] == "t"
+    assert meta["model_uuid"] == "0123abcd"
+    with pytest.raises(NotFoundError):
+        read_mlmodel(tmp_path / "elsewhere")
+
+
+def test_tracking_uri_passwords_are_not_recorded() -> None:
+    assert _safe_uri("https://bob:pw@mlflow.example:5000/x") == "https://mlflow.example:5000/x"
+    assert _safe_uri("sqlite:////tmp/m.db") == "sqlite:////tmp/m.db"
