@@ -569,7 +569,7 @@ def print_table(report: dict[str, Any]) -> None:
           f"{refs['cp_r'].get('cpu', 0.0):.1f} CPU s), "
           f"read {total / read_s / 1e6:.0f} MB/s, sha1 (1 thread) {total / sha_s / 1e6:.0f} MB/s")
     head = (f"{'compression':<11} {'inputs':<6} {'MB/s':>6} {'s':>7} {'xcp':>5} {'xsha1':>5} "
-            f"{'RSS MiB':>7} {'cpu s':>6} {'stored MB':>9} {'ratio':>6} {'new obj':>7} "
+            f"{'RSS MiB':>7} {'cpu s':>6} {'stored MB':>9} {'in/st':>6} {'new obj':>7} {'dup':>4} "
             f"{'| same: s':>9} {'t/t0':>5} {'new':>4} {'| /copy: s':>10} {'t/t0':>5} {'new':>4}")
     print(head)
     print("-" * len(head))
@@ -580,11 +580,14 @@ def print_table(report: dict[str, Any]) -> None:
               f"{f['seconds']:>7.2f} {f['seconds'] / cp_s:>5.2f} {f['seconds'] / sha_s:>5.2f} "
               f"{f['maxrss_kib'] / 1024:>7.0f} {f['cpu_user'] + f['cpu_sys']:>6.1f} "
               f"{stored / 1e6:>9.0f} {f['bytes_in'] / stored if stored else 0:>6.3f} "
-              f"{f['objects_new']:>7} {s['seconds']:>9.2f} {s['seconds'] / f['seconds']:>5.2f} "
+              f"{f['objects_new']:>7} {f['objects_existing']:>4} "
+              f"{s['seconds']:>9.2f} {s['seconds'] / f['seconds']:>5.2f} "
               f"{s['objects_new']:>4} {o['seconds']:>10.2f} {o['seconds'] / f['seconds']:>5.2f} "
               f"{o['objects_new']:>4}")
-    print("xcp / xsha1: publish time divided by cp -r / sha1 time (1.0 = as fast as the floor). "
-          "'new' = new data objects (catalogs etc. not counted; see data_files_new in JSON).")
+    print("xcp / xsha1: publish time / cp -r or sha1 time (1.0 = as fast as that floor). "
+          "in/st: input bytes / new stored bytes (compression and dedup). dup: chunks already "
+          "stored (identical content). 'new' = new data objects (catalogs etc. not counted; "
+          "see data_files_new in JSON).")
     for row in report["results"]:
         c, mb_s = row["compression"], row["first"]["mb_s"]
         notes = []
@@ -654,10 +657,15 @@ def main(argv: list[str] | None = None) -> int:
                         help="an extra 'none' publish under py-spy (pip install py-spy)")
     parser.add_argument("--profile-rate", type=int, default=250)
     parser.add_argument("--keep", action="store_true", help="keep the repositories")
+    parser.add_argument("--show", type=Path, metavar="JSON",
+                        help="print the tables of an earlier run's JSON and exit")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         child_main(json.loads(args.child))
+        return 0
+    if args.show:
+        show(json.loads(args.show.read_text()))
         return 0
 
     src = ensure_content(args.cache_dir, args.scale)
@@ -693,6 +701,14 @@ def main(argv: list[str] | None = None) -> int:
     report["machine"]["probe_after"] = two_core_probe()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2, default=str))
+    show(report)
+    print(f"JSON: {args.out}")
+    return 0
+
+
+def show(report: dict[str, Any]) -> None:
+    """Print the table, the stage breakdowns and the profile summary of one run."""
+    results = report["results"]
     print_table(report)
     for row in results:
         if "stages" in row["first"]:
@@ -703,10 +719,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {thread} ({info['seconds']:.1f} s sampled), top self (share of wall):")
             for frame, share in info["self"][:8]:
                 print(f"    {share:6.1%}  {frame}")
-    print(f"\nJSON: {args.out}  (machine probe: two-thread sha1 speedup "
-          f"{report['machine']['probe_before']['speedup_two_threads']} before, "
-          f"{report['machine']['probe_after']['speedup_two_threads']} after)")
-    return 0
+    probe = report["machine"]
+    print(f"\nmachine probe (sha1, two threads vs one; 2.0 = both vCPUs free): "
+          f"{probe['probe_before']['speedup_two_threads']} before (load "
+          f"{probe['probe_before']['loadavg']:.1f}), {probe['probe_after']['speedup_two_threads']} "
+          f"after (load {probe['probe_after']['loadavg']:.1f})")
 
 
 if __name__ == "__main__":

@@ -21,7 +21,15 @@ def cli(*args: str, ok: bool = True) -> subprocess.CompletedProcess[str]:
 
 @pytest.fixture
 def repo(tmp_path: Path) -> Path:
-    cli("repo", "create", str(tmp_path / "srv"), "--fqrn", "cli.test", "--chunks", "0.0625/0.125/0.25")
+    cli(
+        "repo",
+        "create",
+        str(tmp_path / "srv"),
+        "--fqrn",
+        "cli.test",
+        "--chunks",
+        "0.0625/0.125/0.25",
+    )
     return tmp_path / "srv" / "cli.test"
 
 
@@ -31,8 +39,9 @@ def test_create_publish_list_cat_check(repo: Path, tmp_path: Path) -> None:
     (src / "weights.bin").write_bytes(bytes(range(256)) * 4000)
     (src / "sub" / "config.json").write_text('{"a": 1}\n')
     (src / "link").symlink_to("weights.bin")
-    out = cli("repo", "publish", str(repo), str(src), "--at", "/m/1", "--nested", "--tag", "v1",
-              "--json")
+    out = cli(
+        "repo", "publish", str(repo), str(src), "--at", "/m/1", "--nested", "--tag", "v1", "--json"
+    )
     summary = json.loads(out.stdout)
     # two files plus the .cvmfscatalog marker that --nested adds
     assert summary["revision"] == 1 and summary["files"] == 3 and summary["new_objects"] > 2
@@ -41,11 +50,18 @@ def test_create_publish_list_cat_check(repo: Path, tmp_path: Path) -> None:
     by_path = {e["path"]: e for e in listing}
     assert by_path["/m/1/weights.bin"]["type"] == "file"
     assert by_path["/m/1/weights.bin"]["size"] == 1_024_000
-    assert by_path["/m/1/link"] == {**by_path["/m/1/link"], "type": "symlink", "target": "weights.bin"}
+    assert by_path["/m/1/link"] == {
+        **by_path["/m/1/link"],
+        "type": "symlink",
+        "target": "weights.bin",
+    }
     assert by_path["/m/1/sub"]["type"] == "dir" and by_path["/m/1/sub"]["mode"] == "0755"
 
-    cat = subprocess.run([sys.executable, "-m", "cvmfs_ml.cli", "repo", "cat", str(repo),
-                          "/m/1/weights.bin"], capture_output=True, timeout=60)
+    cat = subprocess.run(
+        [sys.executable, "-m", "cvmfs_ml.cli", "repo", "cat", str(repo), "/m/1/weights.bin"],
+        capture_output=True,
+        timeout=60,
+    )
     assert cat.returncode == 0 and cat.stdout == (src / "weights.bin").read_bytes()
 
     tags = json.loads(cli("repo", "tags", str(repo), "--json").stdout)

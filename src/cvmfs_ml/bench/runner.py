@@ -259,6 +259,7 @@ class BenchEnvironment:
         self.origin: _Origin | None = None
         self.registry: Any = None
         self._proxies: dict[str, list[DelayProxy]] = {}
+        self._registry_proxies: dict[str, DelayProxy] = {}
         self._squids: list[Any] = []
         self.srv = self.workdir / "srv"
         self.keys = self.workdir / "keys"
@@ -366,16 +367,14 @@ class BenchEnvironment:
             base = origin.url
         else:
             if network not in self._proxies:
-                proxy = DelayProxy.from_profile(network, "127.0.0.1", origin.port).start()
-                self._proxies[network] = [proxy]
-                if registry:
-                    rport = int(reg_host.rsplit(":", 1)[1])  # type: ignore[union-attr]
-                    rproxy = DelayProxy.from_profile(network, "127.0.0.1", rport).start()
-                    self._proxies[network].append(rproxy)
-            proxies = self._proxies[network]
-            base = f"http://127.0.0.1:{proxies[0].port}"
-            if registry and len(proxies) > 1:
-                reg_host = f"127.0.0.1:{proxies[1].port}"
+                self._proxies[network] = [
+                    DelayProxy.from_profile(network, "127.0.0.1", origin.port).start()]
+            base = f"http://127.0.0.1:{self._proxies[network][0].port}"
+            if reg_host is not None:  # the registry sits behind the same emulated link
+                if network not in self._registry_proxies:
+                    self._registry_proxies[network] = DelayProxy.from_profile(
+                        network, "127.0.0.1", self.registry.port).start()
+                reg_host = f"127.0.0.1:{self._registry_proxies[network].port}"
         squid_url = None
         if squid if squid is not None else self.profile.squid:
             from cvmfs_ml.bench.services import Squid
@@ -401,6 +400,9 @@ class BenchEnvironment:
             for proxy in proxies:
                 proxy.stop()
         self._proxies.clear()
+        for proxy in self._registry_proxies.values():
+            proxy.stop()
+        self._registry_proxies.clear()
         for squid in self._squids:
             squid.close()
         self._squids.clear()

@@ -16,6 +16,7 @@ from cvmfs_ml.cli.client import register_client_commands
 from cvmfs_ml.cli.common import friendly
 from cvmfs_ml.cli.ingest import model_ingest
 from cvmfs_ml.cli.model import model_app
+from cvmfs_ml.cli.net import replica_app
 from cvmfs_ml.cli.repo import repo_app
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="CernVM-FS for ML models.")
@@ -23,6 +24,7 @@ app.add_typer(repo_app, name="repo")
 model_app.command("ingest")(model_ingest)
 app.add_typer(model_app, name="model")
 register_client_commands(app)
+app.add_typer(replica_app, name="replica")
 
 
 # -- serve ---------------------------------------------------------------------------------------
@@ -44,6 +46,45 @@ def serve(
         pass
     finally:
         server.stop()
+
+
+@app.command("demo")
+@friendly
+def demo(
+    out: Annotated[Path, typer.Option("--out", help="working folder (wiped)")] = Path(
+        "cvmfs-ml-demo"
+    ),
+    llm_mib: Annotated[int, typer.Option(help="size of the LLM-shaped model's weights, MiB")] = 64,
+) -> None:
+    """Create, publish a generated model, serve, read back cold, run onnxruntime, compare."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from cvmfs_ml.bench.demo import run_demo
+
+    console = Console()
+    result = run_demo(out, llm_bytes=llm_mib * 2**20, log=lambda m: console.print(f"[dim]{m}"))
+    table = Table(title=f"cvmfs-ml demo: {result.url}")
+    for column in ("model", "read through", "cache", "open s", "1st inference s", "same output"):
+        table.add_column(column)
+    for row in result.rows:
+        table.add_row(
+            row.model,
+            row.mode,
+            row.cache,
+            f"{row.open_s:.3f}",
+            f"{row.first_inference_s:.4f}",
+            "yes" if row.identical_output else "NO",
+        )
+    console.print(table)
+    console.print(
+        f"published {result.published_bytes / 2**20:.1f} MiB in {result.publish_s:.2f} s;"
+        f" results in {out / 'demo.json'}"
+    )
+    for reason in result.skipped:
+        console.print(f"[yellow]skipped: {reason}")
+    if not all(row.identical_output for row in result.rows):
+        raise typer.Exit(1)
 
 
 def main() -> None:

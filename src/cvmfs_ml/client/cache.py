@@ -83,7 +83,8 @@ CREATE TABLE IF NOT EXISTS cache_catalog (
     size INTEGER NOT NULL,        -- bytes of the decompressed file
     acseq INTEGER NOT NULL,       -- LRU sequence, larger is more recent
     type INTEGER NOT NULL DEFAULT 0,  -- 1 when stored pinned (catalogs), else 0
-    checksum INTEGER NOT NULL     -- CRC-32 of the file
+    checksum INTEGER NOT NULL,    -- CRC-32 of the file
+    stamp TEXT                    -- "inode:ctime_ns" right after the commit (see get_path)
 );
 CREATE INDEX IF NOT EXISTS cache_catalog_acseq ON cache_catalog (acseq);
 CREATE TABLE IF NOT EXISTS pins (
@@ -261,6 +262,9 @@ class ObjectCache:
             for statement in _DDL.split(";"):
                 if statement.strip():
                     db.execute(statement)
+            columns = {row[1] for row in db.execute("PRAGMA table_info(cache_catalog)")}
+            if "stamp" not in columns:
+                db.execute("ALTER TABLE cache_catalog ADD COLUMN stamp TEXT")
             db.execute("INSERT OR IGNORE INTO properties VALUES ('schema', ?)", (_SCHEMA,))
             db.execute("INSERT OR IGNORE INTO properties VALUES ('size', 0)")
             db.execute("COMMIT")
@@ -337,10 +341,13 @@ class ObjectCache:
         normal miss path (fetch, then put) repairs it.
         """
         text = digest.hex
-        rows = self._read("SELECT size, checksum FROM cache_catalog WHERE sha1 = ?", (text,))
+        rows = self._read(
+            "SELECT size, checksum, stamp FROM cache_catalog WHERE sha1 = ?", (text,)
+        )
         if not rows:
             return None
         size, checksum = int(rows[0][0]), int(rows[0][1])  # type: ignore[call-overload]
+        stamp = rows[0][2]
         path = self.path_of(digest)
         try:
             st = path.stat()
@@ -351,7 +358,13 @@ class ObjectCache:
         if st.st_size != size:
             self._quarantine(text, path)
             return None
-        if st.st_size <= ALWAYS_VERIFY_BYTES or self._verified.get(text) != identity:
+        # A large file whose inode and ctime are those recorded at commit has not been written
+        # since (any write or rename moves ctime, and ctime cannot be set back), so it is
+        # trusted without re-reading it: a warm read then costs one pass, not two.
+        untouched = stamp == f"{st.st_ino}:{st.st_ctime_ns}" and st.st_size > ALWAYS_VERIFY_BYTES
+        if not untouched and (
+            st.st_size <= ALWAYS_VERIFY_BYTES or self._verified.get(text) != identity
+        ):
             try:
                 actual = _crc_of_file(path)
             except FileNotFoundError:
@@ -472,6 +485,10 @@ class ObjectCache:
                 if self.quota_bytes is not None and _total(db) > self.quota_bytes:
                     self._evict(db, self.quota_bytes // 2, keep=text)
                 st = final.stat()  # under the lock: nobody can evict it yet
+                db.execute(
+                    "UPDATE cache_catalog SET stamp = ? WHERE sha1 = ?",
+                    (f"{st.st_ino}:{st.st_ctime_ns}", text),
+                )
         except BaseException:
             txn._discard()
             raise

@@ -233,7 +233,10 @@ class Repository:
         if isinstance(cache, (str, os.PathLike)):
             cache = ObjectCache(Path(cache), quota_bytes)
         try:
-            return cls(source, fqrn, public_keys=keys, cache=cache, **options)
+            repository = cls(source, fqrn, public_keys=keys, cache=cache, **options)
+            # What connect() created, close() closes; a caller's own source or cache is theirs.
+            repository._owned = (source, *([cache] if own_cache else []))
+            return repository
         except BaseException:
             close = getattr(source, "close", None)
             if close is not None:
@@ -242,12 +245,20 @@ class Repository:
                 cache.close()
             raise
 
+    _owned: tuple[Any, ...] = ()
+
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
         with self._lock:
-            for catalog in self._catalogs.values():
-                catalog.close()
-            self._catalogs.clear()
+            for catalogs in [self._catalogs, *getattr(self, "_retired", [])]:
+                for catalog in catalogs.values():
+                    catalog.close()
+                catalogs.clear()
+        for resource in self._owned:
+            close = getattr(resource, "close", None)
+            if close is not None:
+                close()
+        self._owned = ()
 
     def __enter__(self) -> Repository:
         return self
