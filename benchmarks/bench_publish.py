@@ -4,10 +4,10 @@ Content: one float16 safetensors file (2 GiB of N(0, 0.02) weights) and one LLM-
 with 1.5 GiB of float16 external data, generated once into a cache folder (``--scale`` shrinks
 both for a quick run). For each compression setting (``none``, ``auto``, ``zlib``, ``isal``) a
 fresh repository is created and the folder is published **in a subprocess**, so the publisher's
-own peak RSS (``getrusage(RUSAGE_SELF).ru_maxrss`` in the child) and CPU time are measured, not
-this driver's. Then the unchanged folder is published again, once to the same path (nothing
-changes: no new data objects expected) and once to another path (same content, new catalog
-entries).
+own peak RSS (``VmHWM`` of the child; not ``ru_maxrss``, which ``vfork`` + ``exec`` inflate with
+the driver's RSS) and CPU time are measured, not this driver's. Then the unchanged folder is
+published again, once to the same path (nothing changes: no new data objects expected) and once
+to another path (same content, new catalog entries).
 
 The page cache of the inputs is dropped (``posix_fadvise(DONTNEED)`` per file, and the global
 ``drop_caches`` with ``--global-drop`` as root) before every timed run, and the residency
@@ -18,17 +18,19 @@ References measured in the same run, on the same inputs, also cold: ``cp -r`` to
 on the same disk (the local-disk floor for "read everything, write everything"), a plain read,
 and sha1 of every input byte (one thread). The publish rows are reported as ratios of these.
 
-``--stages`` adds a per-stage breakdown of the ``none`` publish (time the reading thread spends
-reading, chunking, slicing and waiting for a free worker slot; time workers spend compressing,
-hashing and writing), measured by wrapping the pipeline's methods in the child process.
+``--stages`` adds a per-stage breakdown of each first publish (wall and thread-CPU seconds the
+reading thread spends reading, chunking, slicing and waiting for a free worker slot; the same
+for workers compressing, hashing and writing), measured by wrapping the pipeline's methods in
+the child process. On a shared machine the CPU column is the one that carries over.
 ``--profile`` runs the ``none`` publish under py-spy (``pip install py-spy``) and prints the
 costliest frames per thread.
 
 Usage::
 
-    python benchmarks/bench_publish.py --scale 0.1            # quick check (~350 MB)
-    python benchmarks/bench_publish.py                        # the sizes (3.5 GiB)
+    python benchmarks/bench_publish.py --scale 0.1            # quick check (~380 MB)
+    python benchmarks/bench_publish.py                        # the sizes (3.76 GB)
     python benchmarks/bench_publish.py --only none --stages --profile
+    python benchmarks/bench_publish.py --show bench-out/publish.json   # re-print a run
 
 MB/s are 10^6 bytes of *input* per second of the publish (transaction start to manifest swap,
 measured inside the child; the process wall time including interpreter start is also kept).

@@ -76,8 +76,36 @@ def test_republishing_unchanged_content_writes_no_objects(make_repo, tree: Path)
         again = txn.commit()
     assert first.stats.objects_new > 3
     assert again.stats.objects_new == 0
-    assert again.stats.objects_existing == first.stats.objects_new
+    # Unchanged files are not even read again: the file cache knows what they became.
+    assert again.stats.files_unchanged == again.stats.files == first.stats.files
     assert again.revision == first.revision + 1
+    assert_clean(publisher)
+
+
+def test_a_changed_file_is_read_again(make_repo, tree: Path) -> None:
+    publisher = make_repo()
+    with publisher.transaction() as txn:
+        txn.add_folder(tree, "/")
+        txn.commit()
+    weights = tree / "models/m/1/weights.bin"
+    data = bytearray(weights.read_bytes())
+    data[123_456] ^= 0xFF  # same size, same second: only the content (and ctime) change
+    weights.write_bytes(bytes(data))
+    with publisher.transaction() as txn:
+        txn.add_folder(tree, "/")
+        result = txn.commit()
+    assert result.stats.files_unchanged == result.stats.files - 1
+    assert result.stats.objects_new >= 1
+    with reader(publisher) as repo:
+        assert repo.read_bytes("/models/m/1/weights.bin") == bytes(data)
+    # Objects removed behind the cache's back (gc) are noticed: the file is read again.
+    for rel in list(publisher.store.list_objects()):
+        if rel.endswith("P"):
+            publisher.store.remove(rel)
+    with publisher.transaction() as txn:
+        txn.add_folder(tree, "/")
+        healed = txn.commit()
+    assert healed.stats.objects_new > 0
     assert_clean(publisher)
 
 

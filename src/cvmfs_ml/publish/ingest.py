@@ -1,17 +1,24 @@
 """File content to objects: read -> chunk -> (compress, hash, store) in parallel.
 
-The calling thread reads each file once, in blocks, and finds chunk boundaries (numpy, fast);
-every finished piece goes to a thread pool that compresses, hashes and writes it (zlib, hashlib
-and file writes release the GIL). A semaphore bounds the pieces in flight, so memory stays
-bounded by ``(2 * workers + 2) * max_chunk_size`` whatever the file size. Only objects the store
-lacks are written.
+The calling thread reads each file once with ``readinto`` into blocks from a small pool and
+finds chunk boundaries in them (numpy, fast); a piece is a list of ``memoryview`` segments of
+those blocks, handed to a thread pool that compresses, hashes and writes it (zlib, ISA-L,
+hashlib and ``os.write`` release the GIL). Nothing is copied on the way for ``none``: the
+benchmark showed fresh buffers and their page faults, not hashing, bounded the reader
+(benchmarks/bench_publish.py). The pool caps the bytes in flight, so memory stays bounded
+whatever the file size, and only objects the store lacks are written.
+
+Files whose size, inode and change time are those of a file already published with the same
+settings are not read at all (:class:`~cvmfs_ml.publish.filecache.FileCache`).
 """
 
 from __future__ import annotations
 
+import math
 import threading
 import warnings
 import zlib
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import BinaryIO
@@ -20,14 +27,17 @@ from cvmfs_ml.cvmfs.catalog import Chunk
 from cvmfs_ml.cvmfs.chunking import Xor32Chunker
 from cvmfs_ml.cvmfs.hashing import Digest, new_hasher
 from cvmfs_ml.cvmfs.objects import Compression, ObjectKind, new_compressor, object_path
+from cvmfs_ml.errors import PublishError
+from cvmfs_ml.publish.filecache import FileCache, FileKey
 from cvmfs_ml.publish.settings import PublishSettings
 from cvmfs_ml.publish.sources import SourceItem
 from cvmfs_ml.storage.local import LocalStore
 
-__all__ = ["ContentPipeline", "FileContent", "IngestStats"]
+__all__ = ["FileContent", "IngestStats", "ContentPipeline", "PendingFile"]
 
 _BLOCK = 8 * 2**20
-_WHOLE_IN_MEMORY = 64 * 2**20  # unchunked files up to this size are handled as one piece
+_IN_FLIGHT_BYTES = 96 * 2**20  # pieces queued or being stored: the bulk of peak memory
+_WHOLE_IN_MEMORY = 32 * 2**20  # an unchunked file larger than this streams through one codec
 _AUTO_SAMPLE = 2**20
 
 
@@ -49,6 +59,8 @@ class FileContent:
 class IngestStats:
     files: int = 0
     bytes_in: int = 0
+    files_unchanged: int = 0  # skipped: known from an earlier publish, not read again
+    bytes_unchanged: int = 0
     objects_new: int = 0
     objects_existing: int = 0
     bytes_stored: int = 0
@@ -63,6 +75,62 @@ class IngestStats:
                 self.objects_existing += 1
 
 
+class _BlockPool:
+    """Reusable read buffers, shared by the reader and the workers by reference count.
+
+    At most ``limit`` blocks exist; the reader waits for one to come back when all are in use,
+    which is what bounds memory. ``limit`` always leaves room for the two pieces the reader may
+    hold at once plus the block it reads into, so in-flight pieces can always finish.
+    """
+
+    def __init__(self, size: int, limit: int) -> None:
+        self.size = size
+        self.limit = limit
+        self._free: list[bytearray] = []
+        self._refs: dict[int, int] = {}
+        self._made = 0
+        self._cv = threading.Condition()
+
+    def take(self) -> bytearray:
+        with self._cv:
+            while not self._free and self._made >= self.limit:
+                self._cv.wait()
+            if self._free:
+                block = self._free.pop()
+            else:
+                block = bytearray(self.size)
+                self._made += 1
+            self._refs[id(block)] = 1
+            return block
+
+    def ref(self, block: bytearray) -> None:
+        with self._cv:
+            self._refs[id(block)] += 1
+
+    def unref(self, block: bytearray) -> None:
+        with self._cv:
+            count = self._refs[id(block)] - 1
+            if count:
+                self._refs[id(block)] = count
+            else:
+                del self._refs[id(block)]
+                self._free.append(block)
+                self._cv.notify()
+
+
+@dataclass
+class _Piece:
+    """Bytes of one object to be: segments of pool blocks (or plain bytes) and their owners."""
+
+    offset: int
+    segments: list[memoryview | bytes] = field(default_factory=list)
+    owners: list[bytearray] = field(default_factory=list)
+
+    @property
+    def size(self) -> int:
+        return sum(len(s) for s in self.segments)
+
+
 class PendingFile:
     """A file whose pieces are still being stored; :meth:`result` waits for them."""
 
@@ -71,25 +139,43 @@ class PendingFile:
         self.compressed = compressed
         self.whole: Future[tuple[Digest, bool]] | None = None
         self.pieces: list[tuple[int, int, Future[tuple[Digest, bool]]]] = []
+        self.known: FileContent | None = None
+        self.on_done: list[tuple[FileCache, FileKey]] = []
 
     def result(self) -> FileContent:
+        if self.known is not None:
+            return self.known
         if self.whole is not None:
             digest, compressed = self.whole.result()
-            return FileContent(self.size, compressed, digest)
-        chunks = tuple(Chunk(off, size, fut.result()[0]) for off, size, fut in self.pieces)
-        return FileContent(self.size, self.compressed, None, chunks)
+            content = FileContent(self.size, compressed, digest)
+        else:
+            chunks = tuple(Chunk(off, size, fut.result()[0]) for off, size, fut in self.pieces)
+            content = FileContent(self.size, self.compressed, None, chunks)
+        self.known = content
+        for cache, key in self.on_done:
+            cache.remember(key, content)
+        return content
 
 
 class ContentPipeline:
     """Turns regular files into stored objects for one transaction."""
 
-    def __init__(self, store: LocalStore, settings: PublishSettings) -> None:
+    def __init__(
+        self, store: LocalStore, settings: PublishSettings, file_cache: FileCache | None = None
+    ) -> None:
         self.store = store
         self.settings = settings
+        self.file_cache = file_cache
         self.stats = IngestStats()
         workers = settings.worker_count
+        max_piece = settings.max_chunk_size if settings.use_chunking else _WHOLE_IN_MEMORY
+        max_piece = max(max_piece, settings.min_chunk_size, _WHOLE_IN_MEMORY)
+        blocks_per_piece = math.ceil(max_piece / _BLOCK) + 1
+        limit = max(_IN_FLIGHT_BYTES // _BLOCK, 2 * blocks_per_piece + 2)
+        self._blocks = _BlockPool(_BLOCK, limit)
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="cvmfs-ml-ingest")
-        self._slots = threading.BoundedSemaphore(2 * workers + 2)
+        self._writing: set[str] = set()  # objects being written now, so a twin is not
+        self._writing_lock = threading.Lock()
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
@@ -101,49 +187,63 @@ class ContentPipeline:
         self.close()
 
     # -- workers ------------------------------------------------------------------------------
-    def _store(self, stored: bytes | memoryview, kind: ObjectKind) -> Digest:
+    def _store(self, parts: Sequence[memoryview | bytes], kind: ObjectKind) -> Digest:
         hasher = new_hasher(self.settings.hash_algorithm)
-        hasher.update(stored)
+        for part in parts:
+            hasher.update(part)
         digest = Digest(self.settings.hash_algorithm, hasher.digest())
         rel = object_path(digest, kind)
-        new = not self.store.exists(rel)
-        if new:
-            self.store.put_bytes(rel, bytes(stored))
-        self.stats.count_object(new, len(stored))
+        with self._writing_lock:
+            claimed = rel not in self._writing and not self.store.exists(rel)
+            if claimed:
+                self._writing.add(rel)
+        size = sum(len(p) for p in parts)
+        if claimed:
+            try:
+                self.store.put_parts(rel, parts)
+            finally:
+                with self._writing_lock:
+                    self._writing.discard(rel)
+        self.stats.count_object(claimed, size)
         return digest
 
     def _piece_task(
-        self, data: bytes, compression: Compression, kind: ObjectKind
+        self, piece: _Piece, compression: Compression, kind: ObjectKind
     ) -> tuple[Digest, bool]:
-        if compression is Compression.AUTO:  # small files: keep zlib only if it pays
-            packed = zlib.compress(data, 6)
-            if len(packed) <= len(data) * (1 - self.settings.auto_min_saving):
-                return self._store(packed, kind), True
-            return self._store(data, kind), False
-        if compression is Compression.NONE:
-            return self._store(data, kind), False
-        compressor = new_compressor(compression)
-        return self._store(compressor.compress(data) + compressor.flush(), kind), True
+        try:
+            if compression is Compression.NONE:
+                return self._store(piece.segments, kind), False
+            data = piece.segments[0] if len(piece.segments) == 1 else b"".join(piece.segments)
+            if compression is Compression.AUTO:  # small files: keep zlib only if it pays
+                packed = zlib.compress(data, 6)
+                if len(packed) <= len(data) * (1 - self.settings.auto_min_saving):
+                    return self._store([packed], kind), True
+                return self._store([data], kind), False
+            # One compress() call over the whole piece: ISA-L's output (unlike zlib's)
+            # depends on how the input is split, and names must not.
+            compressor = new_compressor(compression)
+            return self._store([compressor.compress(data), compressor.flush()], kind), True
+        finally:
+            for block in piece.owners:
+                self._blocks.unref(block)
 
     def _submit(
-        self, data: bytes, compression: Compression, kind: ObjectKind
+        self, piece: _Piece, compression: Compression, kind: ObjectKind
     ) -> Future[tuple[Digest, bool]]:
-        self._slots.acquire()
         try:
-            future = self._pool.submit(self._piece_task, data, compression, kind)
+            return self._pool.submit(self._piece_task, piece, compression, kind)
         except BaseException:
-            self._slots.release()
+            for block in piece.owners:
+                self._blocks.unref(block)
             raise
-        future.add_done_callback(lambda _: self._slots.release())
-        return future
 
     # -- the reading thread -------------------------------------------------------------------
-    def _decide(self, sample: bytes) -> Compression:
+    def _decide(self, sample: bytes | memoryview) -> Compression:
         """Resolve ``auto`` for a large file from a sample of its first bytes."""
         compression = self.settings.compression
         if compression is not Compression.AUTO:
             return compression
-        sample = sample[:_AUTO_SAMPLE]
+        sample = bytes(sample[:_AUTO_SAMPLE])
         if not sample:
             return Compression.ZLIB
         saving = 1 - len(zlib.compress(sample, 1)) / len(sample)
@@ -161,22 +261,54 @@ class ContentPipeline:
             )
         self.stats.files += 1
         self.stats.bytes_in += item.size
+        key = item.file_key
+        if self.file_cache is not None and key is not None:
+            known = self.file_cache.lookup(key, self.store)
+            if known is not None:
+                self.stats.files_unchanged += 1
+                self.stats.bytes_unchanged += known.size
+                pending = PendingFile(known.size, known.compressed)
+                pending.known = known
+                return pending
         params = settings.chunk_params
         with item.open() as source:
             if not settings.use_chunking or item.size <= params.min_size:
-                return self._add_whole(source, item.size)
-            return self._add_chunked(source, item.size)
+                pending = self._add_whole(source, item.size)
+            else:
+                pending = self._add_chunked(source, item.size)
+        if self.file_cache is not None and key is not None:
+            pending.on_done.append((self.file_cache, key))
+        return pending
+
+    def _read_block(self, source: BinaryIO) -> tuple[bytearray, memoryview] | None:
+        block = self._blocks.take()
+        filled = _readinto_full(source, block)
+        if not filled:
+            self._blocks.unref(block)
+            return None
+        return block, memoryview(block)[:filled]
 
     def _add_whole(self, source: BinaryIO, size: int) -> PendingFile:
-        if size <= _WHOLE_IN_MEMORY:
-            data = source.read()
-            compression = self.settings.compression
-            if compression is Compression.AUTO and len(data) > _AUTO_SAMPLE:
-                compression = self._decide(data)
-            pending = PendingFile(len(data), compression is not Compression.NONE)
-            pending.whole = self._submit(data, compression, ObjectKind.FILE)
-            return pending
-        # A large unchunked file streams through one compressor (chunking off): bounded memory.
+        if size > _WHOLE_IN_MEMORY:
+            return self._stream_whole(source)
+        piece = _Piece(0)
+        while (read := self._read_block(source)) is not None:
+            block, view = read
+            piece.segments.append(view)
+            piece.owners.append(block)  # the reference taken by take() passes to the piece
+            if piece.size > _WHOLE_IN_MEMORY:
+                for owner in piece.owners:
+                    self._blocks.unref(owner)
+                raise PublishError(f"a file of {size} bytes grew while it was being published")
+        compression = self.settings.compression
+        if compression is Compression.AUTO and piece.size > _AUTO_SAMPLE:
+            compression = self._decide(piece.segments[0])
+        pending = PendingFile(piece.size, compression is not Compression.NONE)
+        pending.whole = self._submit(piece, compression, ObjectKind.FILE)
+        return pending
+
+    def _stream_whole(self, source: BinaryIO) -> PendingFile:
+        """A large unchunked file (chunking off): one codec over the stream, bounded memory."""
         first = source.read(_BLOCK)
         compression = self._decide(first)
         compressor = new_compressor(compression)
@@ -203,48 +335,68 @@ class ContentPipeline:
 
     def _add_chunked(self, source: BinaryIO, size: int) -> PendingFile:
         chunker = Xor32Chunker(self.settings.chunk_params)
-        buffer = bytearray()
-        start = 0  # file offset of buffer[0]
-        held: tuple[int, bytes] | None = None  # the first piece, until we know it is not alone
         compression: Compression | None = None
         pending: PendingFile | None = None
+        current = _Piece(0)
+        held: _Piece | None = None  # the first piece, until we know it is not the only one
+        position = 0
 
-        def emit(offset: int, piece: bytes) -> None:
+        def emit(piece: _Piece) -> None:
             nonlocal held
             assert pending is not None and compression is not None
-            if held is not None:
-                held_offset, held_piece = held
-                fut = self._submit(held_piece, compression, ObjectKind.PARTIAL)
-                pending.pieces.append((held_offset, len(held_piece), fut))
-                held = None
-            fut = self._submit(piece, compression, ObjectKind.PARTIAL)
-            pending.pieces.append((offset, len(piece), fut))
+            if held is None and not pending.pieces and pending.whole is None:
+                held = piece
+                return
+            for ready in (held, piece):
+                if ready is not None:
+                    fut = self._submit(ready, compression, ObjectKind.PARTIAL)
+                    pending.pieces.append((ready.offset, ready.size, fut))
+            held = None
 
-        while block := source.read(_BLOCK):
+        while (read := self._read_block(source)) is not None:
+            block, view = read
             if compression is None:
-                compression = self._decide(block)
+                compression = self._decide(view)
                 pending = PendingFile(size, compression is not Compression.NONE)
-            cuts = chunker.feed(block)
-            buffer += block
-            for cut in cuts:
-                piece = bytes(buffer[: cut - start])
-                del buffer[: cut - start]
-                if held is None and not pending.pieces:  # type: ignore[union-attr]
-                    held = (start, piece)
-                else:
-                    emit(start, piece)
-                start = cut
+            start = 0
+            for cut in chunker.feed(view):
+                end = cut - position
+                if end > start:
+                    current.segments.append(view[start:end])
+                    current.owners.append(block)
+                    self._blocks.ref(block)
+                emit(current)
+                current = _Piece(cut)
+                start = end
+            if start < len(view):
+                current.segments.append(view[start:])
+                current.owners.append(block)
+                self._blocks.ref(block)
+            position += len(view)
+            self._blocks.unref(block)  # the reader moves on; pieces keep their references
         if pending is None or compression is None:  # the file shrank to nothing meanwhile
             compression = self._decide(b"")
             pending = PendingFile(0, compression is not Compression.NONE)
-        if held is not None and not buffer:
-            buffer, start, held = bytearray(held[1]), held[0], None
+        if held is not None and not current.segments:
+            current, held = held, None  # a cut exactly at EOF is no cut
         if held is None and not pending.pieces:
-            # No cut before EOF: a sole piece is an ordinary unchunked file (§7.1).
-            pending.size = len(buffer)
-            pending.whole = self._submit(bytes(buffer), compression, ObjectKind.FILE)
+            # No cut before EOF: a sole piece is an ordinary unchunked file (section 7.1).
+            pending.size = current.size
+            pending.whole = self._submit(current, compression, ObjectKind.FILE)
             return pending
-        if buffer:
-            emit(start, bytes(buffer))
-        pending.size = start + len(buffer)
+        if current.segments:
+            emit(current)
+        pending.size = position
         return pending
+
+
+def _readinto_full(source: BinaryIO, block: bytearray) -> int:
+    """Fill ``block`` as far as the file allows (``readinto`` may return short counts)."""
+    view = memoryview(block)
+    filled = 0
+    while filled < len(block):
+        count = source.readinto(view[filled:])  # type: ignore[attr-defined]
+        if not count:
+            break
+        filled += count
+    return filled

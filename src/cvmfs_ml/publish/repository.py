@@ -35,6 +35,7 @@ from cvmfs_ml.cvmfs.reflog import Reflog, RefType
 from cvmfs_ml.cvmfs.whitelist import make_whitelist
 from cvmfs_ml.errors import LockedError, NotFoundError, PublishError
 from cvmfs_ml.publish.dirtab import Dirtab
+from cvmfs_ml.publish.filecache import FileCache
 from cvmfs_ml.publish.ingest import ContentPipeline, IngestStats, PendingFile
 from cvmfs_ml.publish.settings import PublishSettings, load_settings, save_settings
 from cvmfs_ml.publish.sources import SourceItem, join_repo_path, scan_folder, scan_tarball
@@ -226,6 +227,35 @@ class Publisher:
             self.store.fetch_into(object_path(digest, kind), digest, True, out)
         return path
 
+    def _edit_history(
+        self, previous: Digest | None, edit: Callable[[dict[str, Tag]], None]
+    ) -> Digest:
+        """Store a new tag database: the tags of ``previous`` as changed by ``edit``.
+
+        Every history change (a commit, a new or moved tag, a removed tag) goes through here,
+        so each new database links back to ``previous`` the same way.
+        """
+        with tempfile.TemporaryDirectory(dir=self.store.root / "data" / "txn") as tmp:
+            by_name: dict[str, Tag] = {}
+            if previous is not None:
+                with HistoryDb.open(
+                    self._materialise(previous, ObjectKind.HISTORY, Path(tmp))
+                ) as old:
+                    by_name = {t.name: t for t in old.tags()}
+            edit(by_name)
+            path = Path(tmp) / "history.db"
+            with HistoryDb.create(
+                path, self.fqrn, previous, algorithm=self.settings.hash_algorithm
+            ) as history:
+                for item in by_name.values():
+                    history.set(item)
+            return _put(
+                self.store,
+                deflate(path.read_bytes()),
+                ObjectKind.HISTORY,
+                self.settings.hash_algorithm,
+            )
+
     def _write_history(
         self,
         previous: Digest | None,
@@ -236,47 +266,30 @@ class Publisher:
         *,
         tag: str | None,
         description: str = "",
-        previous_trunk: bool = True,
     ) -> Digest:
-        """A new tag database: the old tags, ``trunk``, ``trunk-previous``, and ``tag``."""
-        with tempfile.TemporaryDirectory(dir=self.store.root / "data" / "txn") as tmp:
-            tags: list[Tag] = []
-            if previous is not None:
-                old = HistoryDb.open(self._materialise(previous, ObjectKind.HISTORY, Path(tmp)))
-                try:
-                    tags = list(old.tags())
-                finally:
-                    old.close()
-            path = Path(tmp) / "history.db"
-            history = HistoryDb.create(path, self.fqrn, previous)
-            by_name = {t.name: t for t in tags}
-            if previous_trunk and TRUNK in by_name:
-                by_name[TRUNK_PREVIOUS] = replace(by_name[TRUNK], name=TRUNK_PREVIOUS)
-            head = Tag(
-                name=TRUNK,
-                root_catalog=root,
-                revision=revision,
-                timestamp=stamp,
-                description="current HEAD",
-                size=root_size,
-            )
-            by_name[TRUNK] = head
+        """History of a new revision: ``trunk`` moves on, the old one becomes ``trunk-previous``."""
+        head = Tag(
+            name=TRUNK,
+            root_catalog=root,
+            revision=revision,
+            timestamp=stamp,
+            description="current HEAD",
+            size=root_size,
+        )
+
+        def commit(tags: dict[str, Tag]) -> None:
+            if TRUNK in tags:
+                tags[TRUNK_PREVIOUS] = replace(tags[TRUNK], name=TRUNK_PREVIOUS)
+            tags[TRUNK] = head
             if tag:
-                by_name[tag] = replace(head, name=tag, description=description)
+                tags[tag] = replace(head, name=tag, description=description)
             elif self.settings.auto_tag and revision > 0:
                 name = "generic-" + time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(stamp))
-                while name in by_name:
+                while name in tags:
                     name += "_"
-                by_name[name] = replace(head, name=name, description="automatic tag")
-            for item in by_name.values():
-                history.set(item)
-            history.close()
-            return _put(
-                self.store,
-                deflate(path.read_bytes()),
-                ObjectKind.HISTORY,
-                self.settings.hash_algorithm,
-            )
+                tags[name] = replace(head, name=name, description="automatic tag")
+
+        return self._edit_history(previous, commit)
 
     def _sign_and_swap(self, manifest: Manifest) -> Manifest:
         """Update the reflog, sign the manifest and swap it in: the publish point."""
@@ -333,77 +346,38 @@ class Publisher:
 
     def tag(self, name: str, description: str = "", *, revision_of: str | None = None) -> Manifest:
         """Add (or move) a named tag to the current revision, or to tag ``revision_of``."""
+        if name in (TRUNK, TRUNK_PREVIOUS):
+            raise PublishError(f"{name!r} is maintained by the publisher")
         with self.lock():
             manifest = self.manifest()
-            tags = {t.name: t for t in self.tags()}
-            target = tags[revision_of] if revision_of else tags.get(TRUNK)
-            if target is None:
-                raise PublishError(f"no tag {revision_of or TRUNK!r} to tag")
-            stamp = max(int(time.time()), manifest.timestamp)
-            history = self._write_history(
-                manifest.history,
-                target.root_catalog,
-                target.size,
-                target.revision,
-                target.timestamp,
-                tag=None,
-                previous_trunk=False,
-            )
-            # ``_write_history`` re-points trunk at ``target``; put it back on the head.
-            history = self._retag(history, manifest, name, target, description)
-            return self._sign_and_swap(replace(manifest, history=history, timestamp=stamp))
 
-    def _retag(
-        self, history: Digest, manifest: Manifest, name: str, target: Tag, description: str
-    ) -> Digest:
-        with tempfile.TemporaryDirectory(dir=self.store.root / "data" / "txn") as tmp:
-            db_path = self._materialise(history, ObjectKind.HISTORY, Path(tmp))
-            old = HistoryDb.open(db_path)
-            tags = list(old.tags())
-            old.close()
-            path = Path(tmp) / "retag.db"
-            new = HistoryDb.create(path, self.fqrn, manifest.history)
-            for item in tags:
-                if item.name == TRUNK:
-                    item = replace(
-                        item,
-                        root_catalog=manifest.catalog,
-                        revision=manifest.revision,
-                        size=manifest.catalog_size,
-                    )
-                new.set(item)
-            new.set(replace(target, name=name, description=description))
-            new.close()
-            return _put(
-                self.store,
-                deflate(path.read_bytes()),
-                ObjectKind.HISTORY,
-                self.settings.hash_algorithm,
-            )
+            def add(tags: dict[str, Tag]) -> None:
+                target = tags.get(revision_of or TRUNK)
+                if target is None:
+                    raise PublishError(f"no tag {revision_of or TRUNK!r} to tag")
+                tags[name] = replace(target, name=name, description=description)
+
+            history = self._edit_history(manifest.history, add)
+            return self._resign_manifest(manifest, history)
 
     def remove_tag(self, name: str) -> Manifest:
+        """Drop a named tag (its objects stay until garbage collection)."""
         if name in (TRUNK, TRUNK_PREVIOUS):
             raise PublishError(f"{name!r} is maintained by the publisher and cannot be removed")
         with self.lock():
             manifest = self.manifest()
-            tags = [t for t in self.tags() if t.name != name]
-            with tempfile.TemporaryDirectory(dir=self.store.root / "data" / "txn") as tmp:
-                path = Path(tmp) / "history.db"
-                new = HistoryDb.create(path, self.fqrn, manifest.history)
-                for item in tags:
-                    new.set(item)
-                new.close()
-                history = _put(
-                    self.store,
-                    deflate(path.read_bytes()),
-                    ObjectKind.HISTORY,
-                    self.settings.hash_algorithm,
-                )
-            return self._sign_and_swap(
-                replace(
-                    manifest, history=history, timestamp=max(int(time.time()), manifest.timestamp)
-                )
-            )
+
+            def drop(tags: dict[str, Tag]) -> None:
+                if tags.pop(name, None) is None:
+                    raise PublishError(f"no tag {name!r}")
+
+            history = self._edit_history(manifest.history, drop)
+            return self._resign_manifest(manifest, history)
+
+    def _resign_manifest(self, manifest: Manifest, history: Digest) -> Manifest:
+        """The same revision with a new history: tags change without a new tree."""
+        stamp = max(int(time.time()), manifest.timestamp)
+        return self._sign_and_swap(replace(manifest, history=history, timestamp=stamp))
 
     def rollback(self, tag: str) -> PublishResult:
         """Publish the tree of ``tag`` again as a new revision (revisions only move forward)."""
@@ -531,7 +505,8 @@ class Transaction:
         settings = publisher.settings
         previous = publisher.manifest()
         workspace = CatalogWorkspace(publisher.store, previous.catalog, settings.hash_algorithm)
-        pipeline = ContentPipeline(publisher.store, settings)
+        file_cache = FileCache(publisher.keys_dir / f"{publisher.fqrn}.files.db", settings)
+        pipeline = ContentPipeline(publisher.store, settings, file_cache)
         try:
             if self._start_root is not None:
                 workspace.replace_root(self._start_root)
@@ -581,6 +556,7 @@ class Transaction:
             manifest = publisher._sign_and_swap(manifest)
         finally:
             workspace.close()
+            file_cache.close()
         self.committed = PublishResult(manifest, pipeline.stats, time.monotonic() - started)
         return self.committed
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from cvmfs_ml.errors import UnsafeInputError
+from cvmfs_ml.publish.filecache import FileKey
 
 __all__ = ["SourceItem", "join_repo_path", "scan_folder", "scan_tarball"]
 
@@ -38,6 +39,7 @@ class SourceItem:
     rdev: int = 0
     xattrs: dict[bytes, bytes] = field(default_factory=dict)
     open: Callable[[], BinaryIO] | None = None  # regular files only
+    file_key: FileKey | None = None  # local files: lets an unchanged file skip re-reading
 
     @property
     def is_dir(self) -> bool:
@@ -99,6 +101,9 @@ def scan_folder(src: Path, at: str = "", *, include_xattrs: bool = True) -> Iter
         if stat.S_ISREG(mode):
             result.size = st.st_size
             result.open = _opener(path)
+            result.file_key = FileKey(
+                st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+            )
         elif stat.S_ISLNK(mode):
             result.symlink = os.readlink(path)
             result.size = len(os.fsencode(result.symlink))

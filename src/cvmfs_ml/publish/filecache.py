@@ -1,0 +1,114 @@
+"""Remember what published files became, so unchanged files are not read again.
+
+Re-publishing a model folder that did not change must cost almost nothing; without this, every
+byte is read, chunked and hashed again (and recompressed, since object names hash the stored
+bytes). The key is what changes whenever a file's content may have: device, inode, size,
+``mtime_ns`` and ``ctime_ns`` (which no user can set back), plus a fingerprint of the settings
+that shape objects (compression, chunk sizes, hash algorithm). A hit is used only if every
+object it names is still in the store (garbage collection may have removed some).
+
+The cache is a SQLite file beside the keys; only publishers (under the repository lock) use it.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from pathlib import Path
+from typing import TYPE_CHECKING, NamedTuple
+
+from cvmfs_ml.cvmfs.catalog import Chunk
+from cvmfs_ml.cvmfs.hashing import Digest
+from cvmfs_ml.cvmfs.objects import ObjectKind, object_path
+from cvmfs_ml.storage.local import LocalStore
+
+if TYPE_CHECKING:
+    from cvmfs_ml.publish.ingest import FileContent
+    from cvmfs_ml.publish.settings import PublishSettings
+
+__all__ = ["FileCache", "FileKey", "settings_fingerprint"]
+
+
+class FileKey(NamedTuple):
+    """What identifies one version of a local file."""
+
+    device: int
+    inode: int
+    size: int
+    mtime_ns: int
+    ctime_ns: int
+
+
+def settings_fingerprint(settings: PublishSettings) -> str:
+    """The settings that decide object names; a change of any of them misses the cache."""
+    return json.dumps(
+        [
+            settings.compression.value,
+            settings.hash_algorithm.config_name,
+            settings.use_chunking,
+            settings.min_chunk_size,
+            settings.avg_chunk_size,
+            settings.max_chunk_size,
+            settings.auto_min_saving,
+        ]
+    )
+
+
+class FileCache:
+    def __init__(self, path: Path, settings: PublishSettings) -> None:
+        self.path = Path(path)
+        self.fingerprint = settings_fingerprint(settings)
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS files (device INTEGER, inode INTEGER, size INTEGER, "
+            "mtime_ns INTEGER, ctime_ns INTEGER, settings TEXT, content TEXT, "
+            "PRIMARY KEY (device, inode, size, mtime_ns, ctime_ns, settings))"
+        )
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def lookup(self, key: FileKey, store: LocalStore) -> FileContent | None:
+        from cvmfs_ml.publish.ingest import FileContent
+
+        with self._lock:
+            row = self._db.execute(
+                "SELECT content FROM files WHERE device = ? AND inode = ? AND size = ? AND "
+                "mtime_ns = ? AND ctime_ns = ? AND settings = ?",
+                (*key, self.fingerprint),
+            ).fetchone()
+        if row is None:
+            return None
+        try:
+            data = json.loads(row[0])
+            if data["digest"] is not None:
+                content = FileContent(
+                    data["size"], data["compressed"], Digest.from_hex(data["digest"])
+                )
+                needed = [object_path(content.digest, ObjectKind.FILE)]  # type: ignore[arg-type]
+            else:
+                chunks = tuple(Chunk(o, s, Digest.from_hex(h)) for o, s, h in data["chunks"])
+                content = FileContent(data["size"], data["compressed"], None, chunks)
+                needed = list({object_path(c.digest, ObjectKind.PARTIAL) for c in chunks})
+        except (ValueError, KeyError, TypeError):
+            return None  # an entry we cannot read is just a miss
+        if content.size != key.size or not all(store.exists(rel) for rel in needed):
+            return None
+        return content
+
+    def remember(self, key: FileKey, content: FileContent) -> None:
+        data = {
+            "size": content.size,
+            "compressed": content.compressed,
+            "digest": content.digest.hex if content.digest else None,
+            "chunks": [[c.offset, c.size, c.digest.hex] for c in content.chunks],
+        }
+        with self._lock:
+            self._db.execute(
+                "INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (*key, self.fingerprint, json.dumps(data)),
+            )
