@@ -284,6 +284,15 @@ def wipe_cache(cache: Path) -> None:
     wipe_cvmfs_ml_cache(cache)
 
 
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds a live process has used so far (its threads included)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def vm_hwm(pid: int) -> int | None:
     """Peak RSS (``VmHWM``) of a live process, bytes."""
     try:
@@ -357,21 +366,27 @@ with fs.open(args["path"], "rb") as f:
             break
         total += n
 t2 = time.perf_counter()
+cpu = os.times()
 hwm = 0
 for line in Path("/proc/self/status").read_text().splitlines():
     if line.startswith("VmHWM:"):
         hwm = int(line.split()[1]) * 1024
 stats = getattr(repo.source, "stats", None)
 print(args["mark"] + json.dumps({"boot_s": t1 - t0, "read_s": t2 - t1, "bytes": total,
-      "peak_rss": hwm, "requests": getattr(stats, "requests", None)}))
+      "peak_rss": hwm, "requests": getattr(stats, "requests", None),
+      "cpu_s": cpu.user + cpu.system}))
 """
 
 
-def run_fsspec(url: str, key: Path, cache: Path, rel: str) -> dict[str, Any]:
+def run_fsspec(url: str, key: Path, cache: Path, rel: str,
+               parallel: int | None = None) -> dict[str, Any]:
     spec = {"url": url, "key": str(key), "cache": str(cache), "path": f"{_FQRN}/{rel}",
             "mark": _CHILD_MARK}
+    env = dict(os.environ)
+    if parallel:
+        env["CVMFS_ML_PARALLEL"] = str(parallel)  # the client configuration's knob
     out = subprocess.run([sys.executable, "-c", _FSSPEC_CHILD, json.dumps(spec)],
-                         capture_output=True, text=True, check=False)
+                         capture_output=True, text=True, check=False, env=env)
     for line in out.stdout.splitlines():
         if line.startswith(_CHILD_MARK):
             return json.loads(line[len(_CHILD_MARK):])
@@ -507,13 +522,16 @@ class Bench:
                 self.drop_origin_if_asked()
                 handle = self._mount(port)
                 try:
+                    cpu0 = cpu_seconds(handle.pid) or 0.0
                     t = timed(["cat", str(target)])
                     rss = vm_hwm(handle.pid)
+                    cpu = (cpu_seconds(handle.pid) or 0.0) - cpu0
                 finally:
                     handle.unmount()
                 c.seconds.append(t)
                 c.rss.append(rss or 0)
-                self.log(c, t, f"daemon peak RSS {(rss or 0) / 2**20:.0f} MiB")
+                c.extra.append({"daemon_cpu_s": round(cpu, 2)})
+                self.log(c, t, f"daemon CPU {cpu:.2f} s, peak RSS {(rss or 0) / 2**20:.0f} MiB")
         if not ({"warm", "hot"} & set(states)):
             return
         if not any(self.cache.glob("??/*")):  # warm needs a full cache
@@ -528,10 +546,13 @@ class Bench:
             handle = self._mount(port)
             try:
                 if "warm" in states:
+                    cpu0 = cpu_seconds(handle.pid) or 0.0
                     t = timed(["cat", str(target)])
+                    cpu = (cpu_seconds(handle.pid) or 0.0) - cpu0
                     warm.seconds.append(t)
                     warm.rss.append(vm_hwm(handle.pid) or 0)
-                    self.log(warm, t)
+                    warm.extra.append({"daemon_cpu_s": round(cpu, 2)})
+                    self.log(warm, t, f"daemon CPU {cpu:.2f} s")
                 if "hot" in states:
                     timed(["cat", str(target)])
                     t = timed(["cat", str(target)])
@@ -552,18 +573,23 @@ class Bench:
                     wipe_cache(self.cache)
                     self.drop_origin_if_asked()
                 elif not any(self.cache.glob("??/*")):
-                    run_fsspec(url, self.published.public_key, self.cache, _WEIGHTS_REL)
+                    run_fsspec(url, self.published.public_key, self.cache, _WEIGHTS_REL,
+                               self.args.parallel)
                 if state in ("cold", "warm"):
                     drop([self.content.weights, self.cache], global_drop=self.args.global_drop)
                 else:
-                    run_fsspec(url, self.published.public_key, self.cache, _WEIGHTS_REL)
-                result = run_fsspec(url, self.published.public_key, self.cache, _WEIGHTS_REL)
+                    run_fsspec(url, self.published.public_key, self.cache, _WEIGHTS_REL,
+                               self.args.parallel)
+                result = run_fsspec(url, self.published.public_key, self.cache, _WEIGHTS_REL,
+                               self.args.parallel)
                 if result["bytes"] != self.content.weights_bytes:
                     raise RuntimeError(f"fsspec read {result['bytes']} bytes")
                 c.seconds.append(result["read_s"])
                 c.rss.append(result["peak_rss"])
-                c.extra.append({"boot_s": result["boot_s"], "requests": result["requests"]})
-                self.log(c, result["read_s"], f"boot {result['boot_s']:.2f} s, peak RSS "
+                c.extra.append({"boot_s": result["boot_s"], "requests": result["requests"],
+                                "process_cpu_s": round(result["cpu_s"], 2)})
+                self.log(c, result["read_s"], f"boot {result['boot_s']:.2f} s, process CPU "
+                         f"{result['cpu_s']:.2f} s, peak RSS "
                          f"{result['peak_rss'] / 2**20:.0f} MiB")
 
     # -- ORT -----------------------------------------------------------------------------------

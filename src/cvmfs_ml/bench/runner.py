@@ -587,19 +587,24 @@ def run_concurrency(env: BenchEnvironment, model: BuiltModel, clients: int, *,
             running = [(scratch, subprocess.Popen(
                 [sys.executable, "-m", "cvmfs_ml.bench.worker", str(scratch / "spec.json"),
                  str(scratch / "result.json")], stdout=subprocess.DEVNULL,
-                stderr=subprocess.PIPE)) for scratch, _ in procs]
-            walls, results = [], []
-            for scratch, p in running:
-                try:
-                    p.wait(timeout=timeout)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-                    p.wait()
-                walls.append(time.perf_counter() - started)
+                stderr=subprocess.DEVNULL)) for scratch, _ in procs]
+            ended: dict[int, float] = {}
+            while len(ended) < len(running):  # note each client's own end time
+                now = time.perf_counter()
+                for i, (_scratch, p) in enumerate(running):
+                    if i not in ended and (p.poll() is not None or now - started > timeout):
+                        if p.poll() is None:
+                            p.kill()
+                            p.wait()
+                        ended[i] = now - started
+                time.sleep(0.01)
+            walls = [ended[i] for i in range(len(running))]
+            results = []
+            for scratch, _p in running:
                 try:
                     results.append(json.loads((scratch / "result.json").read_text()))
                 except (OSError, ValueError):
-                    results.append({"ok": False, "error": "no result"})
+                    results.append({"ok": False, "error": "no result (killed or crashed)"})
         origin = nginx.counters() - origin_before
         records = squid.records()
         data = [r for r in records if "/data/" in r.url]

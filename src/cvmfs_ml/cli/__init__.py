@@ -12,6 +12,7 @@ from typing import Annotated
 
 import typer
 
+from cvmfs_ml.cli.bench import bench_app
 from cvmfs_ml.cli.client import register_client_commands
 from cvmfs_ml.cli.common import friendly
 from cvmfs_ml.cli.ingest import model_ingest
@@ -25,6 +26,7 @@ model_app.command("ingest")(model_ingest)
 app.add_typer(model_app, name="model")
 register_client_commands(app)
 app.add_typer(replica_app, name="replica")
+app.add_typer(bench_app, name="bench")
 
 
 # -- serve ---------------------------------------------------------------------------------------

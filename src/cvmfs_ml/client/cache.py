@@ -119,7 +119,8 @@ class TxnFile:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.committed_path: Path | None = None
-        self._file: BinaryIO = open(path, "w+b")  # noqa: SIM115 - closed by the cache
+        # Unbuffered: the fetcher writes 1 MiB blocks, which a buffer would only copy again.
+        self._file: BinaryIO = open(path, "w+b", buffering=0)  # noqa: SIM115 - closed by the cache
         self._pos = 0
         self._crc = 0
         self._crc_end = 0
@@ -127,9 +128,12 @@ class TxnFile:
 
     # the io-like surface the fetcher and callers use
     def write(self, data: bytes | bytearray | memoryview) -> int:
-        n = self._file.write(data)
+        view = memoryview(data).cast("B")
+        n = 0
+        while n < len(view):  # an unbuffered write may be short
+            n += self._file.write(view[n:]) or 0
         if self._crc_valid and self._pos == self._crc_end:
-            self._crc = crc32(data, self._crc)
+            self._crc = crc32(view, self._crc)
             self._crc_end += n
         else:
             self._crc_valid = False

@@ -368,16 +368,18 @@ class CvmfsOperations(_OperationsBase):  # type: ignore[misc,valid-type]
         # keep_cache: the revision is fixed, so pages cached by an earlier open stay valid.
         return self._fuse.FileInfo(fh=fh, keep_cache=True, direct_io=False)
 
-    async def read(self, fh: int, off: int, size: int) -> bytes:
+    async def read(self, fh: int, off: int, size: int) -> bytes | bytearray:
         handle = self._files.get(fh)
         if handle is None:
             raise self._fuse.FUSEError(errno.EBADF)
         self.reads += 1
         self.read_sizes[size] = self.read_sizes.get(size, 0) + 1
         try:
+            # pyfuse3 replies from any buffer: a read across two pieces is filled in place
+            # (one copy) instead of read piece by piece and joined (two).
             if handle.is_open(size, off):  # cached pieces: one pread, no thread hop
-                return handle.pread(size, off)
-            return await self._blocking(handle.pread, size, off)
+                return handle.pread_buffer(size, off)
+            return await self._blocking(handle.pread_buffer, size, off)
         except Exception as exc:
             raise self._fail(exc, f"read {handle.name} @{off}+{size}", missing=errno.EIO) from exc
 

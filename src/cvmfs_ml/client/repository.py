@@ -503,7 +503,8 @@ class Repository:
             rel = object_path(digest, kind)
             with self.cache.put_stream(digest) as sink:
                 written = self.source.fetch_into(rel, digest, compressed, sink)
-            path = self.cache.get_path(digest)
+            # Just committed (verified while it streamed): no second lookup needed.
+            path = sink.committed_path or self.cache.get_path(digest)
             if path is None:
                 raise IntegrityError(f"cache entry {digest.hex}", "stored", "missing")
             future.set_result(path)
@@ -677,7 +678,7 @@ class Repository:
         self, layout: FileLayout, *, path: str | None = None
     ) -> list[Future[Fetched]]:
         """Queue every piece of a file on the shared pool (``path`` names it in traces)."""
-        return self.prefetcher.fetch_pieces(layout, path=path)
+        return self.prefetcher.fetch_pieces(layout, path=path, page_in=True)
 
     def prefetch(self, path: str, *, wait: bool = True) -> int:
         """Fetch every piece of a file, or of every file below a folder, in parallel.
@@ -846,13 +847,18 @@ class CvmfsFile(io.RawIOBase):
             self.repository.prefetcher.read_ahead(self.layout, index, self.readahead, self.name)
 
     # -- reading ------------------------------------------------------------------------------
-    def pread(self, size: int, offset: int) -> bytes:
-        """Read ``size`` bytes at ``offset`` without moving the position (FUSE, fsspec)."""
-        end = min(offset + size, self.layout.size)
+    def _span(self, size: int, offset: int) -> int:
+        """The end of a read of ``size`` bytes at ``offset`` (clamped at the end of file)."""
         if offset < 0:
             raise OSError(22, "negative read offset")
-        if offset >= end:
-            return b""
+        return min(offset + max(0, size), self.layout.size)
+
+    def _read_span(self, offset: int, end: int, into: memoryview | None) -> list[bytes]:
+        """Read ``[offset, end)`` piece by piece: into ``into`` (returns ``[]``) or as bytes.
+
+        Each piece's bytes come from its verified cache file with one ``pread``/``preadv``
+        straight into the destination, so a large ``readinto`` costs one copy, not three.
+        """
         started = time.monotonic()
         parts: list[bytes] = []
         source, net = "hit", 0
@@ -864,40 +870,73 @@ class CvmfsFile(io.RawIOBase):
             want = min(end - pos, piece.size - within)
             fd, how, got = self._acquire(index)
             try:
-                data = os.pread(fd, want, within)
+                if into is None:
+                    data = os.pread(fd, want, within)
+                    n = len(data)
+                else:
+                    n = _preadv_full(fd, into[pos - offset : pos - offset + want], within)
             finally:
                 self._release(index)
-            if len(data) != want:
+            if n != want:
                 self.repository.cache.invalidate(piece.digest)
                 self._drop(index)
-                raise IntegrityError(
-                    f"{self.name} piece {index}", f"{want} bytes", f"{len(data)} bytes"
-                )
+                raise IntegrityError(f"{self.name} piece {index}", f"{want} bytes", f"{n} bytes")
             if how != "hit":
                 source, net = "fetch", net + got
             self._note_piece(index)
-            parts.append(data)
+            if into is None:
+                parts.append(data)
             pos += want
-        out = parts[0] if len(parts) == 1 else b"".join(parts)
         tracer = self.repository.tracer
         if tracer is not None:
             tracer.record(
                 self.name,
                 offset,
-                len(out),
+                end - offset,
                 time.monotonic() - started,
                 source=source,
                 net_bytes=net,
                 size=self.layout.size,
             )
-        return out
+        return parts
+
+    def pread(self, size: int, offset: int) -> bytes:
+        """Read ``size`` bytes at ``offset`` without moving the position (FUSE, fsspec)."""
+        end = self._span(size, offset)
+        if offset >= end:
+            return b""
+        parts = self._read_span(offset, end, None)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def pread_buffer(self, size: int, offset: int) -> bytes | bytearray:
+        """:meth:`pread` that may answer with a ``bytearray`` (one copy when pieces are crossed).
+
+        For callers that only need the buffer protocol (the FUSE reply): a read inside one
+        piece is one ``pread`` as before; a read across pieces is filled in place instead of
+        read piece by piece and joined.
+        """
+        end = self._span(size, offset)
+        if offset >= end:
+            return b""
+        if self._index(offset) == self._index(end - 1):
+            return self._read_span(offset, end, None)[0]
+        buffer = bytearray(end - offset)
+        self._read_span(offset, end, memoryview(buffer))
+        return buffer
+
+    def pread_into(self, buffer: Any, offset: int) -> int:
+        """Fill ``buffer`` with the bytes at ``offset``; return how many (0 at end of file)."""
+        view = memoryview(buffer).cast("B")
+        end = self._span(len(view), offset)
+        if offset >= end:
+            return 0
+        self._read_span(offset, end, view)
+        return end - offset
 
     def readinto(self, buffer: Any) -> int:
-        view = memoryview(buffer).cast("B")
-        data = self.pread(len(view), self._pos)
-        view[: len(data)] = data
-        self._pos += len(data)
-        return len(data)
+        n = self.pread_into(buffer, self._pos)
+        self._pos += n
+        return n
 
     def read(self, size: int | None = -1) -> bytes:
         """Read up to ``size`` bytes (all remaining by default) without an extra copy."""
@@ -920,6 +959,17 @@ class CvmfsFile(io.RawIOBase):
             self._doomed.clear()
             self._users.clear()
         super().close()
+
+
+def _preadv_full(fd: int, view: memoryview, offset: int) -> int:
+    """``preadv`` until ``view`` is full or the file ends; returns the bytes read."""
+    done = 0
+    while done < len(view):
+        n = os.preadv(fd, [view[done:]], offset + done)
+        if n <= 0:
+            break
+        done += n
+    return done
 
 
 def _manifest_fqrn(folder: Path) -> str | None:
