@@ -134,15 +134,23 @@ def ensure_content(cache_dir: Path, scale: float) -> Content:
     model = folder / "model"
     content = Content(model, model / _WEIGHTS_REL, model / _ONNX_REL)
     marker = folder / ".generated.json"
-    spec = {"weights_bytes": weights, "onnx_bytes": onnx_bytes, "weights_dtype": "float16",
-            "onnx_dtype": "float32", "seed": 0}
+    spec = {
+        "weights_bytes": weights,
+        "onnx_bytes": onnx_bytes,
+        "weights_dtype": "float16",
+        "onnx_dtype": "float32",
+        "seed": 0,
+    }
     if marker.exists() and json.loads(marker.read_text()) == spec:
         return content
     if folder.exists():
         shutil.rmtree(folder)
     started = time.perf_counter()
-    print(f"generating {weights / 2**30:.2f} GiB float16 safetensors + "
-          f"{onnx_bytes / 2**30:.2f} GiB float32 ONNX external data into {model} ...", flush=True)
+    print(
+        f"generating {weights / 2**30:.2f} GiB float16 safetensors + "
+        f"{onnx_bytes / 2**30:.2f} GiB float32 ONNX external data into {model} ...",
+        flush=True,
+    )
     make_safetensors(content.weights, weights, dtype="float16")
     make_llm_onnx(content.onnx.parent, total_bytes=onnx_bytes, dtype="float32")
     os.sync()
@@ -173,18 +181,27 @@ def ensure_repository(work: Path, content: Content, scale: float) -> Published:
     key = base / "keys" / f"{_FQRN}.pub"
     raw = srv / "cvmfs" / _RAW_REL
     marker = base / ".published.json"
-    spec = {"content": str(content.folder), "size": content.weights_bytes,
-            "mtime": content.weights.stat().st_mtime_ns, "compression": "none",
-            "chunks": [4, 8, 16]}
+    spec = {
+        "content": str(content.folder),
+        "size": content.weights_bytes,
+        "mtime": content.weights.stat().st_mtime_ns,
+        "compression": "none",
+        "chunks": [4, 8, 16],
+    }
     if not (marker.exists() and json.loads(marker.read_text()) == spec):
         if base.exists():
             shutil.rmtree(base)
         started = time.perf_counter()
         print(f"publishing {content.folder} into {repo_dir} (compression none) ...", flush=True)
-        settings = PublishSettings(compression=Compression.NONE, min_chunk_size=4 * 2**20,
-                                   avg_chunk_size=8 * 2**20, max_chunk_size=16 * 2**20)
-        publisher = create_repository(srv / "cvmfs", _FQRN, keys_dir=base / "keys",
-                                      settings=settings)
+        settings = PublishSettings(
+            compression=Compression.NONE,
+            min_chunk_size=4 * 2**20,
+            avg_chunk_size=8 * 2**20,
+            max_chunk_size=16 * 2**20,
+        )
+        publisher = create_repository(
+            srv / "cvmfs", _FQRN, keys_dir=base / "keys", settings=settings
+        )
         with publisher.transaction() as txn:
             txn.add_folder(content.folder, "/")
             txn.commit()
@@ -199,8 +216,9 @@ def ensure_repository(work: Path, content: Content, scale: float) -> Published:
     with Repository.open(repo_dir, public_key=key) as repo:
         layout = repo.layout("/" + _WEIGHTS_REL)
     sizes = sorted(p.size for p in layout.pieces)
-    return Published(srv, repo_dir, key, raw, len(sizes),
-                     (sizes[0], sizes[len(sizes) // 2], sizes[-1]))
+    return Published(
+        srv, repo_dir, key, raw, len(sizes), (sizes[0], sizes[len(sizes) // 2], sizes[-1])
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -231,8 +249,9 @@ class Origin:
 
     def describe(self) -> str:
         if self.kind == "nginx":
-            version = subprocess.run([self._nginx.binary_path, "-v"], capture_output=True,
-                                     text=True, check=False).stderr.strip()
+            version = subprocess.run(
+                [self._nginx.binary_path, "-v"], capture_output=True, text=True, check=False
+            ).stderr.strip()
             return f"nginx ({version}, sendfile, docs/nginx.conf)"
         return "cvmfs-ml RepositoryServer (built-in, sendfile)"
 
@@ -324,15 +343,22 @@ class Cell:
     def to_json(self, size: int) -> dict[str, Any]:
         med = self.median
         return {
-            "network": self.network, "mode": self.mode, "state": self.state,
-            "runs": self.seconds, "median_s": med,
+            "network": self.network,
+            "mode": self.mode,
+            "state": self.state,
+            "runs": self.seconds,
+            "median_s": med,
             "min_s": min(self.seconds) if self.seconds else None,
             "max_s": max(self.seconds) if self.seconds else None,
             "gb_per_s": size / med / 1e9 if med else None,
             "peak_rss_bytes": max(self.rss) if self.rss else None,
-            "upstream_s": (UPSTREAM_CURL.get(self.network) if self.mode == "curl"
-                           else UPSTREAM_LOCAL.get(self.state) if self.mode == "local"
-                           else UPSTREAM.get((self.network, self.state))),
+            "upstream_s": (
+                UPSTREAM_CURL.get(self.network)
+                if self.mode == "curl"
+                else UPSTREAM_LOCAL.get(self.state)
+                if self.mode == "local"
+                else UPSTREAM.get((self.network, self.state))
+            ),
             "details": self.extra,
         }
 
@@ -378,18 +404,29 @@ print(args["mark"] + json.dumps({"boot_s": t1 - t0, "read_s": t2 - t1, "bytes": 
 """
 
 
-def run_fsspec(url: str, key: Path, cache: Path, rel: str,
-               parallel: int | None = None) -> dict[str, Any]:
-    spec = {"url": url, "key": str(key), "cache": str(cache), "path": f"{_FQRN}/{rel}",
-            "mark": _CHILD_MARK}
+def run_fsspec(
+    url: str, key: Path, cache: Path, rel: str, parallel: int | None = None
+) -> dict[str, Any]:
+    spec = {
+        "url": url,
+        "key": str(key),
+        "cache": str(cache),
+        "path": f"{_FQRN}/{rel}",
+        "mark": _CHILD_MARK,
+    }
     env = dict(os.environ)
     if parallel:
         env["CVMFS_ML_PARALLEL"] = str(parallel)  # the client configuration's knob
-    out = subprocess.run([sys.executable, "-c", _FSSPEC_CHILD, json.dumps(spec)],
-                         capture_output=True, text=True, check=False, env=env)
+    out = subprocess.run(
+        [sys.executable, "-c", _FSSPEC_CHILD, json.dumps(spec)],
+        capture_output=True,
+        text=True,
+        check=False,
+        env=env,
+    )
     for line in out.stdout.splitlines():
         if line.startswith(_CHILD_MARK):
-            return json.loads(line[len(_CHILD_MARK):])
+            return json.loads(line[len(_CHILD_MARK) :])
     raise RuntimeError(f"fsspec child failed ({out.returncode}):\n{out.stderr[-3000:]}")
 
 
@@ -420,11 +457,15 @@ print(args["mark"] + json.dumps({"create_s": t1 - t0, "run_s": t2 - t1, "total_s
 
 def run_ort(model: Path) -> dict[str, Any]:
     spec = {"model": str(model), "mark": _CHILD_MARK}
-    out = subprocess.run([sys.executable, "-c", _ORT_CHILD, json.dumps(spec)],
-                         capture_output=True, text=True, check=False)
+    out = subprocess.run(
+        [sys.executable, "-c", _ORT_CHILD, json.dumps(spec)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     for line in out.stdout.splitlines():
         if line.startswith(_CHILD_MARK):
-            return json.loads(line[len(_CHILD_MARK):])
+            return json.loads(line[len(_CHILD_MARK) :])
     raise RuntimeError(f"ORT child failed ({out.returncode}):\n{out.stderr[-3000:]}")
 
 
@@ -461,13 +502,15 @@ class Bench:
 
     def log(self, c: Cell, seconds: float, note: str = "") -> None:
         size = self.content.weights_bytes
-        print(f"  {c.network:<12} {c.mode:<7} {c.state:<5} {seconds:7.3f} s "
-              f"{size / seconds / 1e9:6.2f} GB/s {note}", flush=True)
+        print(
+            f"  {c.network:<12} {c.mode:<7} {c.state:<5} {seconds:7.3f} s "
+            f"{size / seconds / 1e9:6.2f} GB/s {note}",
+            flush=True,
+        )
 
     def drop_origin_if_asked(self) -> None:
         if self.args.drop_origin:
-            drop([self.published.repo_dir / "data", self.published.raw],
-                 global_drop=False)
+            drop([self.published.repo_dir / "data", self.published.raw], global_drop=False)
 
     # -- local ---------------------------------------------------------------------------------
     def local(self) -> None:
@@ -491,8 +534,11 @@ class Bench:
         c = self.cell(net, "curl", "cold")
         if not self.args.drop_origin:
             timed(["cat", str(self.published.raw)])  # the origin keeps its files in memory
-        repeats = self.args.cold_repeats if NETWORKS[net] and "rate_bytes_per_s" in (
-            NETWORKS[net] or {}) else self.args.repeats
+        repeats = (
+            self.args.cold_repeats
+            if NETWORKS[net] and "rate_bytes_per_s" in (NETWORKS[net] or {})
+            else self.args.repeats
+        )
         for _ in range(repeats):
             self.drop_origin_if_asked()
             t = timed(["curl", "-sS", "-f", "-o", "/dev/null", url])
@@ -507,9 +553,14 @@ class Bench:
         kwargs: dict[str, Any] = {}
         if self.args.parallel:
             kwargs["prefetch_workers"] = self.args.parallel
-        return mount(f"http://127.0.0.1:{port}/cvmfs/{_FQRN}", self.mountpoint,
-                     public_key=self.published.public_key, cache=self.cache,
-                     log_file=self.work / "fuse.log", **kwargs)
+        return mount(
+            f"http://127.0.0.1:{port}/cvmfs/{_FQRN}",
+            self.mountpoint,
+            public_key=self.published.public_key,
+            cache=self.cache,
+            log_file=self.work / "fuse.log",
+            **kwargs,
+        )
 
     def fuse(self, net: str, port: int, states: tuple[str, ...]) -> None:
         target = self.mountpoint / _WEIGHTS_REL
@@ -573,24 +624,36 @@ class Bench:
                     wipe_cache(self.cache)
                     self.drop_origin_if_asked()
                 elif not any(self.cache.glob("??/*")):
-                    run_fsspec(url, self.published.public_key, self.cache, _WEIGHTS_REL,
-                               self.args.parallel)
+                    run_fsspec(
+                        url, self.published.public_key, self.cache, _WEIGHTS_REL, self.args.parallel
+                    )
                 if state in ("cold", "warm"):
                     drop([self.content.weights, self.cache], global_drop=self.args.global_drop)
                 else:
-                    run_fsspec(url, self.published.public_key, self.cache, _WEIGHTS_REL,
-                               self.args.parallel)
-                result = run_fsspec(url, self.published.public_key, self.cache, _WEIGHTS_REL,
-                               self.args.parallel)
+                    run_fsspec(
+                        url, self.published.public_key, self.cache, _WEIGHTS_REL, self.args.parallel
+                    )
+                result = run_fsspec(
+                    url, self.published.public_key, self.cache, _WEIGHTS_REL, self.args.parallel
+                )
                 if result["bytes"] != self.content.weights_bytes:
                     raise RuntimeError(f"fsspec read {result['bytes']} bytes")
                 c.seconds.append(result["read_s"])
                 c.rss.append(result["peak_rss"])
-                c.extra.append({"boot_s": result["boot_s"], "requests": result["requests"],
-                                "process_cpu_s": round(result["cpu_s"], 2)})
-                self.log(c, result["read_s"], f"boot {result['boot_s']:.2f} s, process CPU "
-                         f"{result['cpu_s']:.2f} s, peak RSS "
-                         f"{result['peak_rss'] / 2**20:.0f} MiB")
+                c.extra.append(
+                    {
+                        "boot_s": result["boot_s"],
+                        "requests": result["requests"],
+                        "process_cpu_s": round(result["cpu_s"], 2),
+                    }
+                )
+                self.log(
+                    c,
+                    result["read_s"],
+                    f"boot {result['boot_s']:.2f} s, process CPU "
+                    f"{result['cpu_s']:.2f} s, peak RSS "
+                    f"{result['peak_rss'] / 2**20:.0f} MiB",
+                )
 
     # -- ORT -----------------------------------------------------------------------------------
     def ort(self, port: int, net: str) -> None:
@@ -602,8 +665,11 @@ class Bench:
             local.seconds.append(r["total_s"])
             local.rss.append(r["peak_rss"])
             local.extra.append(r)
-            print(f"  ort local cold: create {r['create_s']:.2f} s + run {r['run_s']:.2f} s "
-                  f"= {r['total_s']:.2f} s", flush=True)
+            print(
+                f"  ort local cold: create {r['create_s']:.2f} s + run {r['run_s']:.2f} s "
+                f"= {r['total_s']:.2f} s",
+                flush=True,
+            )
         fuse = self.cell(net, "ort-fuse", "cold")
         for _ in range(self.args.cold_repeats):
             wipe_cache(self.cache)
@@ -618,9 +684,12 @@ class Bench:
             fuse.seconds.append(r["total_s"])
             fuse.rss.append(r["daemon_peak_rss"] or 0)
             fuse.extra.append(r)
-            print(f"  ort fuse {net} cold: create {r['create_s']:.2f} s + run {r['run_s']:.2f} s"
-                  f" = {r['total_s']:.2f} s, daemon peak RSS "
-                  f"{(r['daemon_peak_rss'] or 0) / 2**20:.0f} MiB", flush=True)
+            print(
+                f"  ort fuse {net} cold: create {r['create_s']:.2f} s + run {r['run_s']:.2f} s"
+                f" = {r['total_s']:.2f} s, daemon peak RSS "
+                f"{(r['daemon_peak_rss'] or 0) / 2**20:.0f} MiB",
+                flush=True,
+            )
 
 
 # --------------------------------------------------------------------------------------------
@@ -635,11 +704,13 @@ def table(doc: dict[str, Any]) -> str:
     rows = doc["cells"]
     size = doc["weights_bytes"]
     local = {r["state"]: r["median_s"] for r in rows if r["mode"] == "local"}
-    lines = [f"{doc['weights_bytes'] / 2**30:.2f} GiB float16 file, {doc['chunks']} chunks, "
-             f"origin {doc['origin']}",
-             f"{'network':<12} {'mode':<9} {'state':<5} {'median':>8} {'min–max':>13} "
-             f"{'GB/s':>6} {'×local':>7} {'upstream':>9} {'×upstr':>7} {'goal':>6} "
-             f"{'peak RSS':>9}"]
+    lines = [
+        f"{doc['weights_bytes'] / 2**30:.2f} GiB float16 file, {doc['chunks']} chunks, "
+        f"origin {doc['origin']}",
+        f"{'network':<12} {'mode':<9} {'state':<5} {'median':>8} {'min–max':>13} "
+        f"{'GB/s':>6} {'×local':>7} {'upstream':>9} {'×upstr':>7} {'goal':>6} "
+        f"{'peak RSS':>9}",
+    ]
     for r in rows:
         if r["mode"].startswith("ort"):
             continue
@@ -655,7 +726,8 @@ def table(doc: dict[str, Any]) -> str:
             f"{r['network']:<12} {r['mode']:<9} {r['state']:<5} {med:7.2f}s "
             f"{r['min_s']:5.2f}–{r['max_s']:<5.2f}s {size / med / 1e9:6.2f} "
             f"{_fmt(ratio, 'x'):>7} {_fmt(up):>9} {_fmt(med / up if up else None, 'x'):>7} "
-            f"{_fmt(goal):>6} {(f'{rss / 2**20:.0f} MiB' if rss else '–'):>9}")
+            f"{_fmt(goal):>6} {(f'{rss / 2**20:.0f} MiB' if rss else '–'):>9}"
+        )
     ort = [r for r in rows if r["mode"].startswith("ort")]
     if ort:
         lines.append("")
@@ -670,14 +742,16 @@ def table(doc: dict[str, Any]) -> str:
             lines.append(
                 f"  {r['mode']:<9} {r['network']:<8} {r['median_s']:6.2f}s "
                 f"({r['min_s']:.2f}–{r['max_s']:.2f}; create {create:.2f} + run {run:.2f}) "
-                f"×local {_fmt(ratio, 'x')}  upstream {up:.2f}s")
+                f"×local {_fmt(ratio, 'x')}  upstream {up:.2f}s"
+            )
     return "\n".join(lines)
 
 
 def annotate(doc: dict[str, Any]) -> None:
     """Add each cell's goal and whether it is met."""
-    local_cold = next((r["median_s"] for r in doc["cells"]
-                       if r["mode"] == "local" and r["state"] == "cold"), None)
+    local_cold = next(
+        (r["median_s"] for r in doc["cells"] if r["mode"] == "local" and r["state"] == "cold"), None
+    )
     ort_local = next((r["median_s"] for r in doc["cells"] if r["mode"] == "ort-local"), None)
     for r in doc["cells"]:
         goal = None
@@ -703,30 +777,47 @@ def annotate(doc: dict[str, Any]) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=_DEFAULT_OUT)
-    parser.add_argument("--cache", type=Path, default=_DEFAULT_CACHE,
-                        help="where generated content is kept between runs")
-    parser.add_argument("--work", type=Path, default=_DEFAULT_WORK,
-                        help="repository, client cache and mount point")
+    parser.add_argument(
+        "--cache",
+        type=Path,
+        default=_DEFAULT_CACHE,
+        help="where generated content is kept between runs",
+    )
+    parser.add_argument(
+        "--work", type=Path, default=_DEFAULT_WORK, help="repository, client cache and mount point"
+    )
     parser.add_argument("--scale", type=float, default=1.0, help="shrink the content")
     parser.add_argument("--networks", default=",".join(NETWORKS))
-    parser.add_argument("--warm-networks", default="loopback",
-                        help="networks that also get warm and hot cells")
+    parser.add_argument(
+        "--warm-networks", default="loopback", help="networks that also get warm and hot cells"
+    )
     parser.add_argument("--modes", default=",".join(MODES))
     parser.add_argument("--states", default=",".join(STATES))
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--cold-repeats", type=int, default=3)
-    parser.add_argument("--parallel", type=int, default=None,
-                        help="prefetch workers of the client (default: the client's)")
+    parser.add_argument(
+        "--parallel",
+        type=int,
+        default=None,
+        help="prefetch workers of the client (default: the client's)",
+    )
     parser.add_argument("--server", choices=("auto", "nginx", "builtin"), default="auto")
-    parser.add_argument("--drop-origin", action="store_true",
-                        help="also drop the origin's page cache before cold runs")
-    parser.add_argument("--global-drop", action="store_true",
-                        help="also echo 1 > /proc/sys/vm/drop_caches (root; whole machine)")
+    parser.add_argument(
+        "--drop-origin",
+        action="store_true",
+        help="also drop the origin's page cache before cold runs",
+    )
+    parser.add_argument(
+        "--global-drop",
+        action="store_true",
+        help="also echo 1 > /proc/sys/vm/drop_caches (root; whole machine)",
+    )
     parser.add_argument("--no-ort", action="store_true")
     parser.add_argument("--ort-only", action="store_true")
     parser.add_argument("--ort-network", default="rtt20")
-    parser.add_argument("--prepare", action="store_true",
-                        help="only generate and publish the content")
+    parser.add_argument(
+        "--prepare", action="store_true", help="only generate and publish the content"
+    )
     parser.add_argument("--show", type=Path, help="print the table of a saved run and exit")
     args = parser.parse_args(argv)
     if args.show:
@@ -751,8 +842,11 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     try:
         bench.origin_description = origin.describe()
-        print(f"origin: {bench.origin_description}; {published.chunks} chunks "
-              f"(min/median/max {[s // 2**20 for s in published.chunk_sizes]} MiB)", flush=True)
+        print(
+            f"origin: {bench.origin_description}; {published.chunks} chunks "
+            f"(min/median/max {[s // 2**20 for s in published.chunk_sizes]} MiB)",
+            flush=True,
+        )
         if not args.ort_only:
             if "local" in modes:
                 bench.local()
@@ -760,8 +854,9 @@ def main(argv: list[str] | None = None) -> int:
                 with network(net, origin.port) as (port, description):
                     bench.networks_seen[net] = description
                     print(f"network {net}: {description}", flush=True)
-                    cell_states = states if net in warm_networks else tuple(
-                        s for s in states if s == "cold")
+                    cell_states = (
+                        states if net in warm_networks else tuple(s for s in states if s == "cold")
+                    )
                     if "curl" in modes and "cold" in states:
                         bench.curl(net, port)
                     if "fuse" in modes and cell_states:
@@ -778,21 +873,25 @@ def main(argv: list[str] | None = None) -> int:
     doc: dict[str, Any] = {
         "benchmark": "read (issue 3)",
         "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "host": platform.node(), "python": platform.python_version(), "cpus": os.cpu_count(),
+        "host": platform.node(),
+        "python": platform.python_version(),
+        "cpus": os.cpu_count(),
         "load_average_after": os.getloadavg(),
         "seconds": time.perf_counter() - started,
-        "weights_bytes": size, "onnx_data_bytes": (content.onnx.parent / "model.onnx.data")
-        .stat().st_size, "chunks": published.chunks, "chunk_sizes": published.chunk_sizes,
+        "weights_bytes": size,
+        "onnx_data_bytes": (content.onnx.parent / "model.onnx.data").stat().st_size,
+        "chunks": published.chunks,
+        "chunk_sizes": published.chunk_sizes,
         "origin": bench.origin_description,
         "networks": bench.networks_seen,
         "cold_definition": "client cache wiped; page cache of the local file and the client "
-                           "cache dropped (posix_fadvise DONTNEED"
-                           + (", global drop_caches" if args.global_drop else "") + "); fresh "
-                           "mount; origin page cache "
-                           + ("dropped" if args.drop_origin else "kept (warm origin)"),
+        "cache dropped (posix_fadvise DONTNEED"
+        + (", global drop_caches" if args.global_drop else "")
+        + "); fresh "
+        "mount; origin page cache " + ("dropped" if args.drop_origin else "kept (warm origin)"),
         "curl": "one GET of a plain copy of the file served by the same origin",
         "fsspec": "fresh process, CvmfsFileSystem.open + readinto of an 8 MiB buffer; "
-                  "read_s excludes the repository boot (details.boot_s)",
+        "read_s excludes the repository boot (details.boot_s)",
         "parallel": args.parallel,
         "cells": [c.to_json(size) for c in bench.cells],
     }

@@ -2,7 +2,7 @@
 
 Two groups: the upstream-written reference repository, and real services on loopback
 (``nginx_factory``, ``reference_nginx``, ``squid_factory``, ``docker_registry``; the processes
-themselves are in ``tests/services.py``, which does not depend on pytest).
+themselves are in ``cvmfs_ml.bench.services``, re-exported by ``tests/services.py``).
 
 The upstream-written reference repository (``shared/fixtures/cvmfs-reference-repo`` beside the
 checkout) is the ground truth for format tests. ``CVMFS_ML_REFERENCE_REPO`` overrides its location
@@ -45,7 +45,7 @@ def reference_served(reference_repo: Path) -> Path:
 
 
 # --------------------------------------------------------------------------------------------
-# Real services on loopback (nginx, Squid, docker-registry); see tests/services.py.
+# Real services on loopback (nginx, Squid, docker-registry); see cvmfs_ml.bench.services.
 # Tests that use these fixtures are marked ``@pytest.mark.service``. A missing binary skips the
 # test on a developer machine but fails it in CI (``CI`` set), where .ci/run installs them all.
 # --------------------------------------------------------------------------------------------

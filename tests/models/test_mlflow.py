@@ -144,9 +144,11 @@ def test_registered_model_round_trip(
     meta = record.extra["mlflow"]
     assert "python_function" in meta["flavors"]
     # The signature is JSON in model.json, not the JSON-in-YAML strings of MLmodel.
-    assert meta["signature"]["inputs"] == [
-        {"type": "tensor", "tensor-spec": {"dtype": "float32", "shape": [-1, 2]}}
-    ]
+    # Whatever MLflow recorded (a tensor spec here; MLflow versions differ in what they infer
+    # for code-based models), model.json carries the same, as JSON.
+    recorded = mlflow.models.get_model_info("models:/tiny/1").signature.to_dict()
+    assert meta["signature"]["inputs"] == json.loads(recorded["inputs"])
+    assert meta["signature"]["inputs"]
     assert meta["signature"]["params"] is None
 
     folder = materialise(publisher, "/ml/tiny/1", tmp_path / "from-cvmfs")

@@ -17,6 +17,7 @@ open) that never queues the same object twice.
 
 from __future__ import annotations
 
+import collections
 import os
 import threading
 import time
@@ -68,6 +69,9 @@ class Prefetcher:
     is made and :meth:`close` shuts it down.
     """
 
+    recent_limit = 16384
+    """Objects remembered as recently cached (reader-driven prefetches skip them)."""
+
     def __init__(
         self, repository: Repository, pool: Executor | None = None, *, workers: int = 8
     ) -> None:
@@ -78,6 +82,7 @@ class Prefetcher:
         )
         self._lock = threading.Lock()
         self._pending: dict[Digest, Future[Fetched]] = {}
+        self._recent: collections.OrderedDict[Digest, None] = collections.OrderedDict()
 
     def close(self) -> None:
         if self._own_pool:
@@ -110,7 +115,10 @@ class Prefetcher:
         down (repository closed) nothing is queued and the list is empty. ``page_in`` is for
         a reader about to read the pieces: those already in the cache are read into the page
         cache in the background (``POSIX_FADV_WILLNEED``), so a warm read streams from disk
-        ahead of the reader instead of waiting for the disk at every piece.
+        ahead of the reader instead of waiting for the disk at every piece. Such reader-driven
+        calls skip objects this prefetcher recently found or put in the cache (a loader that
+        opens one file once per tensor, like onnxruntime, would otherwise queue every piece
+        again at each open); if one was evicted since, the reader fetches it on demand.
         """
         wanted = range(len(layout.pieces)) if indices is None else indices
         futures: list[Future[Fetched]] = []
@@ -124,24 +132,29 @@ class Prefetcher:
             seen.add(digest)
             created = False
             with self._lock:
+                if page_in and digest in self._recent:
+                    continue
                 future = self._pending.get(digest)
                 if future is None:
                     try:
-                        future = self._pool.submit(
-                            self._fetch_one, layout, index, path, page_in
-                        )
+                        future = self._pool.submit(self._fetch_one, layout, index, path, page_in)
                     except RuntimeError:  # pool shut down: the repository is closing
                         return futures
                     self._pending[digest] = future
                     created = True
             if created:  # outside the lock: the callback may run right here
-                future.add_done_callback(lambda _f, d=digest: self._forget(d))
+                future.add_done_callback(lambda f, d=digest: self._forget(d, f))
             futures.append(future)
         return futures
 
-    def _forget(self, digest: Digest) -> None:
+    def _forget(self, digest: Digest, future: Future[Fetched] | None = None) -> None:
         with self._lock:
             self._pending.pop(digest, None)
+            if future is not None and not future.cancelled() and future.exception() is None:
+                self._recent[digest] = None
+                self._recent.move_to_end(digest)
+                while len(self._recent) > self.recent_limit:
+                    self._recent.popitem(last=False)
 
     def _fetch_one(
         self, layout: FileLayout, index: int, path: str | None, page_in: bool = False
@@ -167,9 +180,7 @@ class Prefetcher:
     def read_ahead(self, layout: FileLayout, index: int, window: int, path: str | None) -> None:
         """Queue the ``window`` pieces after ``index`` (a sequential reader just entered it)."""
         if window > 0 and index + 1 < len(layout.pieces):
-            self.fetch_pieces(
-                layout, range(index + 1, index + 1 + window), path=path, page_in=True
-            )
+            self.fetch_pieces(layout, range(index + 1, index + 1 + window), path=path, page_in=True)
 
     def prefetch(self, paths: str | Sequence[str], *, wait_for: bool = True) -> WarmResult:
         """Fetch every piece of the files at ``paths`` (folders: every file below them)."""
