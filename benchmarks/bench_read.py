@@ -709,7 +709,7 @@ def table(doc: dict[str, Any]) -> str:
         f"origin {doc['origin']}",
         f"{'network':<12} {'mode':<9} {'state':<5} {'median':>8} {'min–max':>13} "
         f"{'GB/s':>6} {'×local':>7} {'upstream':>9} {'×upstr':>7} {'goal':>6} "
-        f"{'peak RSS':>9}",
+        f"{'met':>4} {'peak RSS':>9} {'client CPU':>10}",
     ]
     for r in rows:
         if r["mode"].startswith("ort"):
@@ -722,11 +722,20 @@ def table(doc: dict[str, Any]) -> str:
         up = r.get("upstream_s")
         goal = r.get("goal_s")
         rss = r.get("peak_rss_bytes")
+        met = {None: "", True: "yes", False: "no"}[r.get("goal_met")]
+        cpus = [
+            d.get("daemon_cpu_s", d.get("process_cpu_s"))
+            for d in r.get("details", [])
+            if isinstance(d, dict)
+        ]
+        cpus = [c for c in cpus if c is not None]
+        cpu = f"{statistics.median(cpus):.2f}s" if cpus else "–"
         lines.append(
             f"{r['network']:<12} {r['mode']:<9} {r['state']:<5} {med:7.2f}s "
             f"{r['min_s']:5.2f}–{r['max_s']:<5.2f}s {size / med / 1e9:6.2f} "
             f"{_fmt(ratio, 'x'):>7} {_fmt(up):>9} {_fmt(med / up if up else None, 'x'):>7} "
-            f"{_fmt(goal):>6} {(f'{rss / 2**20:.0f} MiB' if rss else '–'):>9}"
+            f"{_fmt(goal):>6} {met:>4} {(f'{rss / 2**20:.0f} MiB' if rss else '–'):>9} "
+            f"{cpu:>10}"
         )
     ort = [r for r in rows if r["mode"].startswith("ort")]
     if ort:
@@ -739,11 +748,29 @@ def table(doc: dict[str, Any]) -> str:
             run = statistics.median(x["run_s"] for x in d) if d else 0
             ratio = r["median_s"] / base if base else None
             up = UPSTREAM_ORT["local" if r["mode"] == "ort-local" else "cvmfs"]
+            goal = r.get("goal_s")
             lines.append(
                 f"  {r['mode']:<9} {r['network']:<8} {r['median_s']:6.2f}s "
                 f"({r['min_s']:.2f}–{r['max_s']:.2f}; create {create:.2f} + run {run:.2f}) "
                 f"×local {_fmt(ratio, 'x')}  upstream {up:.2f}s"
+                + (
+                    f"  goal {goal:.2f}s met: {'yes' if r.get('goal_met') else 'no'}"
+                    if goal
+                    else ""
+                )
             )
+    lines.append("")
+    lines.append(
+        "×local: warm and cold against local cold, hot against local hot; client CPU: user+sys "
+        "seconds of the FUSE daemon (cat excluded) or of the whole fsspec process"
+    )
+    rss = [r for r in rows if r.get("rss_goal_met") is not None]
+    if rss:
+        worst = max(r["peak_rss_bytes"] for r in rss)
+        lines.append(
+            f"peak RSS of the client, worst cell: {worst / 2**20:.0f} MiB "
+            f"(goal < {_RSS_GOAL_MB:.0f} MB)"
+        )
     return "\n".join(lines)
 
 

@@ -153,10 +153,9 @@ class CvmfsOperations(_OperationsBase):  # type: ignore[misc,valid-type]
 
         pyfuse3 copies a read's answer to the kernel as soon as the handler returns, before
         any other task runs on the loop, so a buffer lent to a read that has returned is free
-        again when the next read starts. Reused buffers keep their pages mapped: a fresh 1 MiB
-        allocation per request costs page faults in ``pread`` and the kernel's slow
-        page-pinning path when it copies the reply (measured: about a third of the daemon's
-        CPU when serving cached data).
+        again when the next read starts. Reused buffers keep their pages mapped, where a fresh
+        1 MiB ``bytes`` per request (what ``pread`` returns) costs an allocation and page
+        faults, and a read across two pieces needs no join.
         """
         free = self._free_buffers
         if self._lent_buffers:

@@ -118,7 +118,7 @@ class Prefetcher:
         ahead of the reader instead of waiting for the disk at every piece. Such reader-driven
         calls skip objects this prefetcher recently found or put in the cache (a loader that
         opens one file once per tensor, like onnxruntime, would otherwise queue every piece
-        again at each open); if one was evicted since, the reader fetches it on demand.
+        again at each open), as long as their cache file is still there.
         """
         wanted = range(len(layout.pieces)) if indices is None else indices
         futures: list[Future[Fetched]] = []
@@ -131,9 +131,9 @@ class Prefetcher:
                 continue
             seen.add(digest)
             created = False
+            if page_in and digest in self._recent and self._still_cached(digest):
+                continue
             with self._lock:
-                if page_in and digest in self._recent:
-                    continue
                 future = self._pending.get(digest)
                 if future is None:
                     try:
@@ -146,6 +146,13 @@ class Prefetcher:
                 future.add_done_callback(lambda f, d=digest: self._forget(d, f))
             futures.append(future)
         return futures
+
+    def _still_cached(self, digest: Digest) -> bool:
+        """Whether a recently cached object's file is still there (one ``stat``, no lookup)."""
+        try:
+            return os.path.exists(self.repository.cache.path_of(digest))
+        except (AttributeError, TypeError, ValueError):
+            return False
 
     def _forget(self, digest: Digest, future: Future[Fetched] | None = None) -> None:
         with self._lock:
