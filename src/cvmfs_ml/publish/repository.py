@@ -118,7 +118,7 @@ def create_repository(
             revision=0, last_modified=stamp, previous_revision=None, subtree={}, ttl=settings.ttl
         )
         raw = path.read_bytes()
-    catalog_digest = _put(store, deflate(raw), ObjectKind.CATALOG, algorithm)
+    catalog_digest = store.put_object(deflate(raw), ObjectKind.CATALOG, algorithm)
     publisher = Publisher(repo_dir, keys_dir, fqrn=fqrn)
     meta = metainfo or {
         "administrator": os.environ.get("USER", "cvmfs-ml"),
@@ -127,10 +127,10 @@ def create_repository(
         "description": f"{fqrn}, published with cvmfs-ml",
         "custom": {"_generated_by": "cvmfs-ml"},
     }
-    metainfo_digest = _put(
-        store, deflate(json.dumps(meta, indent=2).encode() + b"\n"), ObjectKind.METAINFO, algorithm
+    metainfo_digest = store.put_object(
+        deflate(json.dumps(meta, indent=2).encode() + b"\n"), ObjectKind.METAINFO, algorithm
     )
-    certificate = _put(store, deflate(keys.certificate_pem), ObjectKind.CERTIFICATE, algorithm)
+    certificate = store.put_object(deflate(keys.certificate_pem), ObjectKind.CERTIFICATE, algorithm)
     store.put_bytes(MASTER_REPLICA, b"cvmfs-ml\n")
     publisher.resign(now=now, valid_for=dt.timedelta(days=settings.whitelist_days))
     history = publisher._write_history(
@@ -150,14 +150,6 @@ def create_repository(
     )
     publisher._sign_and_swap(manifest)
     return publisher
-
-
-def _put(store: LocalStore, stored: bytes, kind: ObjectKind, algorithm) -> Digest:  # type: ignore[no-untyped-def]
-    digest = hash_bytes(stored, algorithm)
-    rel = object_path(digest, kind)
-    if not store.exists(rel):
-        store.put_bytes(rel, stored)
-    return digest
 
 
 class Publisher:
@@ -249,8 +241,7 @@ class Publisher:
             ) as history:
                 for item in by_name.values():
                     history.set(item)
-            return _put(
-                self.store,
+            return self.store.put_object(
                 deflate(path.read_bytes()),
                 ObjectKind.HISTORY,
                 self.settings.hash_algorithm,
@@ -535,8 +526,7 @@ class Transaction:
                 tag=tag,
                 description=description,
             )
-            certificate = _put(
-                publisher.store,
+            certificate = publisher.store.put_object(
                 deflate(publisher.keys.certificate_pem),
                 ObjectKind.CERTIFICATE,
                 settings.hash_algorithm,

@@ -22,7 +22,7 @@ from cvmfs_ml.cvmfs.catalog import (
     WritableCatalog,
     totals,
 )
-from cvmfs_ml.cvmfs.hashing import Algorithm, Digest, new_hasher
+from cvmfs_ml.cvmfs.hashing import Algorithm, Digest
 from cvmfs_ml.cvmfs.objects import Compression, ObjectKind, deflate, object_path
 from cvmfs_ml.errors import PublishError
 from cvmfs_ml.storage.local import LocalStore
@@ -232,12 +232,8 @@ class CatalogWorkspace:
             ttl=ttl,
         )
         raw = writable.file.read_bytes()
-        stored = deflate(raw, Compression.ZLIB)
-        hasher = new_hasher(self.algorithm)
-        hasher.update(stored)
-        digest = Digest(self.algorithm, hasher.digest())
-        rel = object_path(digest, ObjectKind.CATALOG)
-        if not self.store.exists(rel):
-            self.store.put_bytes(rel, stored)
+        digest = self.store.put_object(
+            deflate(raw, Compression.ZLIB), ObjectKind.CATALOG, self.algorithm
+        )
         del self._open[mountpoint]
         return CommittedCatalog(digest, len(raw), revision, counters), root_entry

@@ -21,8 +21,8 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import BinaryIO
 
-from cvmfs_ml.cvmfs.hashing import Digest, new_hasher
-from cvmfs_ml.cvmfs.objects import Decompressor
+from cvmfs_ml.cvmfs.hashing import Algorithm, Digest, hash_bytes, new_hasher
+from cvmfs_ml.cvmfs.objects import Decompressor, ObjectKind, object_path
 from cvmfs_ml.errors import FormatError, IntegrityError, NotFoundError
 
 __all__ = ["LocalStore", "ObjectWriter"]
@@ -119,17 +119,19 @@ class LocalStore:
 
     def put_bytes(self, rel_path: str, data: bytes, *, durable: bool = False) -> None:
         """Write atomically; ``durable`` also fsyncs (used for the manifest and whitelist)."""
-        target = self.path(rel_path)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with self._temp_file() as tmp:
-            tmp.write(data)
-            if durable:
-                tmp.flush()
-                os.fsync(tmp.fileno())
-        os.chmod(tmp.name, 0o644)
-        os.replace(tmp.name, target)
+        self.put_parts(rel_path, [data], durable=durable)
 
-    def put_parts(self, rel_path: str, parts: Sequence[bytes | memoryview]) -> None:
+    def put_object(self, stored: bytes, kind: ObjectKind, algorithm: Algorithm) -> Digest:
+        """Store bytes under their content address (unless already there); returns the hash."""
+        digest = hash_bytes(stored, algorithm)
+        rel = object_path(digest, kind)
+        if not self.exists(rel):
+            self.put_bytes(rel, stored)
+        return digest
+
+    def put_parts(
+        self, rel_path: str, parts: Sequence[bytes | memoryview], *, durable: bool = False
+    ) -> None:
         """Write an object given as pieces (no joining copy), atomically.
 
         The temporary name is unique per process and thread and created with ``O_EXCL``, so
@@ -148,6 +150,8 @@ class LocalStore:
                 view = memoryview(part)
                 while view:
                     view = view[os.write(fd, view) :]
+            if durable:
+                os.fsync(fd)
         except BaseException:
             os.close(fd)
             tmp.unlink(missing_ok=True)
