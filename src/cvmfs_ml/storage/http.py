@@ -178,8 +178,18 @@ class RepositoryServer:
 
     @property
     def requests(self) -> int:
-        """How many requests have been answered so far (any status)."""
+        """How many requests have been answered so far (any status).
+
+        A request is counted once its body has been sent, which can be after the client has
+        read the last byte: use :meth:`wait_for_requests` to read the count after a load.
+        """
         return self._requests
+
+    def wait_for_requests(self, count: int, timeout: float = 10.0) -> int:
+        """Wait (at most ``timeout`` seconds) until ``count`` requests are counted; the count."""
+        with self._idle:
+            self._idle.wait_for(lambda: self._requests >= count, timeout=timeout)
+            return self._requests
 
     def start(self) -> Self:
         """Serve from a daemon thread and return at once."""
