@@ -12,7 +12,7 @@ Usage::
     python benchmarks/bench_load.py --modes local,fuse --networks loopback --repeats 1
 
 Models, the published repository and caches are kept in ``--work`` (default
-``~/.cache/cvmfs-ml-bench``), so a second run does not regenerate or republish 4 GB.
+``OUT/work``), so a second run does not regenerate or republish 4 GB.
 """
 
 from __future__ import annotations

@@ -35,7 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     spec = ModelSpec(f"llm-{args.size_mib}m", "llm", size=args.size_mib * 2**20,
                      dtype="float32")
     doc = run_sweep(spec, parse_points(args.chunks, args.compression), args.out,
-                    workdir=args.work or default_workdir(), fine_tune_fraction=args.fraction,
+                    workdir=args.work or default_workdir(args.out),
+                    fine_tune_fraction=args.fraction,
                     load_mode=args.load_mode, repeats=args.repeats,
                     log=lambda m: print(m, file=sys.stderr, flush=True))
     print((args.out / "sweep.md").read_text())

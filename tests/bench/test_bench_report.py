@@ -103,3 +103,14 @@ def test_versions_and_machine_are_recorded() -> None:
     assert v["numpy"] and v["python"] and "nginx" in v
     m = machine_info()
     assert m["cpu_count"] and m["kernel"]
+
+
+def test_plot_labels_are_phrases_with_units_not_json_keys() -> None:
+    from cvmfs_ml.bench.report import METRIC_LABELS, SUMMARY_METRICS, metric_label
+
+    for metric in SUMMARY_METRICS:
+        label = metric_label(metric)
+        assert "_" not in label, (metric, label)
+        if metric in METRIC_LABELS and metric.endswith("_s"):
+            assert label.endswith("(s)") and not label.startswith(metric)
+    assert metric_label("first_inference_s") == "time to first inference (s)"

@@ -29,3 +29,41 @@ def test_demo_runs_the_whole_loop(tmp_path: Path) -> None:
     assert saved["url"].endswith("/cvmfs/demo.cvmfs-ml.local") and len(saved["rows"]) == len(
         result.rows
     )
+
+
+def test_demo_folder_refuses_a_folder_it_did_not_make(tmp_path: Path) -> None:
+    from cvmfs_ml.bench.demo import MARKER, prepare_out
+    from cvmfs_ml.errors import ConfigError
+
+    precious = tmp_path / "home"
+    precious.mkdir()
+    (precious / "thesis.tex").write_text("years of work")
+    with pytest.raises(ConfigError, match="not made by the demo"):
+        prepare_out(precious)
+    assert (precious / "thesis.tex").read_text() == "years of work"
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    with pytest.raises(ConfigError, match="is a file"):
+        prepare_out(a_file)
+
+    fresh = prepare_out(tmp_path / "new" / "demo")
+    assert fresh.is_absolute() and (fresh / MARKER).is_file()
+    (fresh / "models").mkdir()
+    (fresh / "models" / "old.onnx").write_bytes(b"old")
+    again = prepare_out(fresh)  # an earlier demo's folder is emptied, marker kept
+    assert sorted(p.name for p in again.iterdir()) == [MARKER]
+
+
+def test_demo_cli_refuses_a_foreign_folder_in_one_line(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    (tmp_path / "keep.txt").write_text("keep")
+    proc = subprocess.run(
+        [sys.executable, "-m", "cvmfs_ml", "demo", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode != 0
+    assert "not made by the demo" in proc.stderr and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert (tmp_path / "keep.txt").read_text() == "keep"

@@ -23,15 +23,18 @@ import numpy as np
 
 from cvmfs_ml.bench.caches import drop_page_cache
 from cvmfs_ml.bench.generators import example_inputs, make_llm_onnx, make_mlp_onnx
+from cvmfs_ml.errors import ConfigError
 from cvmfs_ml.models.layout import ModelRef
 from cvmfs_ml.models.publish import publish_model
 from cvmfs_ml.publish.repository import create_repository
 from cvmfs_ml.publish.settings import PublishSettings
 from cvmfs_ml.storage.http import RepositoryServer
 
-__all__ = ["DemoRow", "DemoResult", "run_demo"]
+__all__ = ["DemoRow", "DemoResult", "prepare_out", "run_demo"]
 
 FQRN = "demo.cvmfs-ml.local"
+MARKER = ".cvmfs-ml-demo"
+"""A file the demo leaves in its folder: only a folder holding it is ever wiped."""
 
 
 @dataclass
@@ -104,16 +107,40 @@ def _maybe_mount(url: str, key: Path, cache: Path, mountpoint: Path) -> Iterator
         handle.unmount()
 
 
+def prepare_out(out: Path) -> Path:
+    """Make ``out`` an empty demo folder and return its absolute path.
+
+    A missing or empty folder is used as it is; a folder left by an earlier demo (it holds
+    :data:`MARKER`) is emptied; anything else is refused, because wiping a folder a user
+    named by mistake (``--out .``, ``--out ~``) would destroy their files.
+    """
+    out = Path(out).expanduser().absolute()
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"demo folder {out} is a file; choose another --out")
+    if out.is_dir() and any(out.iterdir()):
+        if not (out / MARKER).is_file():
+            raise ConfigError(
+                f"demo folder {out} is not empty and was not made by the demo; "
+                "choose an empty or new --out"
+            )
+        for child in out.iterdir():
+            if child.is_dir() and not child.is_symlink():
+                shutil.rmtree(child)
+            else:
+                child.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MARKER).write_text("made by cvmfs-ml demo; the next demo run may empty this folder\n")
+    return out
+
+
 def run_demo(
     out: Path,
     *,
     llm_bytes: int = 64 * 2**20,
     log: Callable[[str], None] = print,
 ) -> DemoResult:
-    """Run the demo in ``out`` (wiped first); returns the measured rows."""
-    out = Path(out)
-    if out.exists():
-        shutil.rmtree(out)
+    """Run the demo in ``out`` (see :func:`prepare_out`); returns the measured rows."""
+    out = prepare_out(out)
     models = out / "models"
     (models / "mlp").mkdir(parents=True)
     log("generating models (ONNX MLP, LLM-shaped ONNX with external data)")

@@ -31,8 +31,10 @@ __all__ = [
     "MEASUREMENT_FIELDS",
     "SCENARIO_KEY",
     "SCHEMA",
+    "METRIC_LABELS",
     "SUMMARY_METRICS",
     "machine_info",
+    "metric_label",
     "plot_load_times",
     "summarise",
     "versions",
@@ -61,6 +63,24 @@ SUMMARY_METRICS = (
     "acquire_s", "wall_s",
 )
 """Metrics aggregated per scenario: median, min and max over the successful repeats."""
+
+METRIC_LABELS = {
+    "open_s": "time to load (s)",
+    "first_inference_s": "time to first inference (s)",
+    "first_run_s": "first run (s)",
+    "latency_p50_s": "inference latency, median (s)",
+    "latency_p95_s": "inference latency, 95th percentile (s)",
+    "tokens_per_s": "tokens per second",
+    "peak_rss_bytes": "peak resident memory (bytes)",
+    "acquire_s": "time to fetch (s)",
+    "wall_s": "wall time (s)",
+}
+"""Axis labels for the metrics: what a reader sees instead of the JSON key."""
+
+
+def metric_label(metric: str) -> str:
+    """A plot label for ``metric``: a phrase with its unit, never the raw key."""
+    return METRIC_LABELS.get(metric, metric.replace("_", " "))
 
 
 # --------------------------------------------------------------------------------------------
@@ -246,11 +266,11 @@ def plot_load_times(summary: Sequence[Mapping[str, Any]], out_png: str | os.Path
         ax.set_xticks(range(len(modes)))
         ax.set_xticklabels(modes, rotation=20)
         ax.set_ylim(bottom=0)
-        ax.set_ylabel(f"{metric} (s)")
+        ax.set_ylabel(metric_label(metric))
         mb = (mine[0].get("model_bytes") or 0) / 2**20
         ax.set_title(f"{model} ({mb:.1f} MiB)")
         ax.legend(fontsize=8)
-    fig.suptitle(f"time to first inference by storage mode and cache state ({network})")
+    fig.suptitle(f"{metric_label(metric)} by storage mode and cache state ({network})")
     fig.tight_layout()
     out = Path(out_png)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -118,7 +118,7 @@ PROFILES: dict[str, Profile] = {
         name="short",
         models=(ModelSpec("mlp", "mlp"), ModelSpec("part", "part"), _SMALL_LLM),
         modes=("local", "fuse", "fsspec"),
-        states=("cold", "hot"),
+        states=("cold", "warm", "hot"),
         repeats=3,
         inference_runs=10,
         access_models=(_SMALL_LLM, ModelSpec("st-16m", "safetensors", 16 * _MiB, "float16"),
@@ -149,10 +149,14 @@ PROFILES: dict[str, Profile] = {
 _EXTRA_MODELS = {"llm-512m": ModelSpec("llm-512m", "llm", size=512 * _MiB, dtype="float32")}
 
 
-def default_workdir() -> Path:
-    """Where models, the repository and caches live between runs (reused: big models)."""
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "cvmfs-ml-bench"
+def default_workdir(out_dir: str | os.PathLike[str]) -> Path:
+    """Where models, the repository and caches live between runs: ``OUT/work``.
+
+    Beside the report, so a run never fills a home folder unasked (generated models reach
+    several GiB) and deleting the report folder deletes everything; ``--work`` shares one
+    folder between report folders.
+    """
+    return Path(out_dir) / "work"
 
 
 # --------------------------------------------------------------------------------------------
@@ -817,7 +821,7 @@ def run_profile(profile: Profile | str, out_dir: str | os.PathLike[str], *,
         "started": rpt.now_iso(), "machine": rpt.machine_info(), "versions": rpt.versions(),
     }
     t_start = time.perf_counter()
-    with BenchEnvironment(workdir or default_workdir(), profile, log=log,
+    with BenchEnvironment(workdir or default_workdir(out), profile, log=log,
                           global_drop=global_drop, mounted=mounted) as env:
         run = _Run(env, profile, out)
         models = env.build(profile.models)

@@ -7,6 +7,7 @@ commands that print data take ``--json``. One module per command group; this one
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 from typing import Annotated
 
@@ -53,9 +54,14 @@ def serve(
 @app.command("demo")
 @friendly
 def demo(
-    out: Annotated[Path, typer.Option("--out", help="working folder (wiped)")] = Path(
-        "cvmfs-ml-demo"
-    ),
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            "--out",
+            help="working folder: new or empty, or one an earlier demo made (emptied first); "
+            "default: a new folder under the system's temporary folder",
+        ),
+    ] = None,
     llm_mib: Annotated[int, typer.Option(help="size of the LLM-shaped model's weights, MiB")] = 64,
 ) -> None:
     """Create, publish a generated model, serve, read back cold, run onnxruntime, compare."""
@@ -65,6 +71,9 @@ def demo(
     from cvmfs_ml.bench.demo import run_demo
 
     console = Console()
+    if out is None:
+        out = Path(tempfile.mkdtemp(prefix="cvmfs-ml-demo-"))
+    console.print(f"[dim]working in {out.absolute()}")
     result = run_demo(out, llm_bytes=llm_mib * 2**20, log=lambda m: console.print(f"[dim]{m}"))
     table = Table(title=f"cvmfs-ml demo: {result.url}")
     for column in ("model", "read through", "cache", "open s", "1st inference s", "same output"):

@@ -31,8 +31,7 @@ def bench_run(
         Path | None,
         typer.Option(
             "--work",
-            help="models, repository and caches; reused between runs "
-            "(default ~/.cache/cvmfs-ml-bench)",
+            help="models, repository and caches; reused between runs (default OUT/work)",
         ),
     ] = None,
     modes: Annotated[
@@ -165,7 +164,7 @@ def bench_sweep(
         raise _fail("--load-mode must be fuse or fsspec")
     spec = ModelSpec(f"llm-{size_mib}m", "llm", size=size_mib * 2**20, dtype="float32")
     doc = run_sweep(spec, parse_points(chunks, compression), out,
-                    workdir=work or default_workdir(), fine_tune_fraction=fraction,
+                    workdir=work or default_workdir(out), fine_tune_fraction=fraction,
                     load_mode=load_mode, repeats=repeats,
                     log=(lambda _m: None) if quiet else (lambda m: typer.echo(m, err=True)))
     typer.echo(f"wrote {out / 'sweep.md'} ({len(doc['points'])} points in {doc['seconds']:.0f} s)")
