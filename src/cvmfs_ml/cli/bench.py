@@ -140,6 +140,41 @@ def bench_compare(
         raise typer.Exit(1)
 
 
+@bench_app.command("export")
+@friendly
+def bench_export(
+    results: Annotated[Path, typer.Argument(help="results.json of a `bench run`")],
+    fmt: Annotated[
+        str, typer.Option("--format", help="cvmfs-ci: the CSV of CVMFS's continuous benchmarking")
+    ] = "cvmfs-ci",
+    out: Annotated[
+        Path | None, typer.Option("--out", help="CSV file to write (default: standard output)")
+    ] = None,
+) -> None:
+    """Write a run's results in another tool's layout (one row per workload and metric)."""
+    import sys
+
+    from cvmfs_ml.bench.export import cvmfs_ci_rows, write_cvmfs_ci
+
+    if fmt != "cvmfs-ci":
+        raise _fail(f"unknown --format {fmt!r}; known: cvmfs-ci")
+    try:
+        doc = json.loads(results.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise _fail(
+            f"cannot read {results}: {exc}; pass the results.json of a `bench run`"
+        ) from exc
+    if not isinstance(doc, dict):
+        raise _fail(f"{results} is not a `bench run` results.json")
+    rows = cvmfs_ci_rows(doc)
+    if out is None:
+        write_cvmfs_ci(rows, sys.stdout)
+        return
+    with open(out, "w", newline="") as f:
+        count = write_cvmfs_ci(rows, f)
+    typer.echo(f"wrote {count} rows to {out}", err=True)
+
+
 @bench_app.command("sweep")
 @friendly
 def bench_sweep(
