@@ -87,7 +87,7 @@ class ModelFiles:
     folder: Path  # the local copy (generated here)
     entry: str  # the file the runtime opens, relative to the folder
     files: tuple[str, ...]  # every file, relative
-    runtime: str  # "onnxruntime" | "safetensors" | "torch"
+    runtime: str  # "onnxruntime" | "safetensors" | "torch" | "transformers"
     nbytes: int
 
 

@@ -219,6 +219,24 @@ def _open_model(spec: dict[str, Any], folder: Path | None,
         tensors = torch.load(source, map_location="cpu", weights_only=True)
         touch = _Touch(dict(tensors))
         return touch, touch.run
+    if runtime == "transformers":
+        if folder is None:
+            raise ValueError("transformers loads a model from a folder: use the local, fuse "
+                             "or path modes for a Hugging Face folder")
+        import torch
+        from transformers import AutoModel
+
+        torch.set_num_threads(int(spec.get("threads", 1)))
+        model = AutoModel.from_pretrained(str(folder), local_files_only=True).eval()
+        ids = torch.zeros((1, 8), dtype=torch.long)
+
+        def forward() -> list[np.ndarray]:
+            with torch.no_grad():
+                out = model(input_ids=ids)
+            first = out[0] if isinstance(out, tuple) else next(iter(out.values()))
+            return [first.float().numpy()]
+
+        return model, forward
     raise ValueError(f"unknown runtime {runtime!r}")
 
 
@@ -227,7 +245,8 @@ def _import_libraries(runtime: str, access: str, client: str | None) -> None:
     import importlib
 
     modules = {"onnxruntime": ["onnxruntime", "cvmfs_ml.bench.generators"],
-               "safetensors": ["safetensors.numpy"], "torch": ["torch"]}.get(runtime, [])
+               "safetensors": ["safetensors.numpy"], "torch": ["torch"],
+               "transformers": ["torch", "transformers"]}.get(runtime, [])
     if access == "cvmfs":
         modules += (["fsspec", "cvmfs_ml.client.fsspec"] if client == "fsspec"
                     else ["cvmfs_ml.client.repository"])

@@ -16,10 +16,11 @@ from pathlib import Path
 from typing import Any
 
 from cvmfs_ml.bench.modes import ModelFiles
+from cvmfs_ml.errors import ConfigError
 
-__all__ = ["KINDS", "BuiltModel", "ModelSpec", "build_model", "missing_dependency"]
+__all__ = ["KINDS", "BuiltModel", "ModelSpec", "build_model", "missing_dependency", "user_model"]
 
-KINDS = ("mlp", "part", "llm", "safetensors", "torch")
+KINDS = ("mlp", "part", "llm", "safetensors", "torch", "user")
 _STAMP = ".bench-model.json"
 
 
@@ -29,7 +30,9 @@ class ModelSpec:
 
     ``kind``: ``mlp`` (small inline ONNX), ``part`` (Particle Transformer ONNX; torch +
     weaver-core), ``llm`` (LLM-shaped ONNX with external data of ``size`` bytes), ``safetensors``
-    (the same tensors as one .safetensors file) or ``torch`` (a ``torch.save`` state dict).
+    (the same tensors as one .safetensors file), ``torch`` (a ``torch.save`` state dict), or
+    ``user``: the user's model at ``path`` (a file, or a folder: ONNX with external data, or a
+    Hugging Face folder), measured as it is (see :func:`user_model`).
     """
 
     name: str
@@ -37,10 +40,13 @@ class ModelSpec:
     size: int = 0
     dtype: str = "float32"
     seed: int = 0
+    path: str = ""
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"model kind must be one of {KINDS}, not {self.kind!r}")
+        if (self.kind == "user") != bool(self.path):
+            raise ValueError("a path is given for (and only for) kind 'user'")
 
 
 @dataclass(frozen=True)
@@ -66,6 +72,66 @@ def missing_dependency(spec: ModelSpec) -> str | None:
         if importlib.util.find_spec(module) is None:
             return f"{spec.kind} needs the Python package {module!r}"
     return None
+
+
+_RUNTIME_OF_FORMAT = {"onnx": "onnxruntime", "safetensors": "safetensors", "pytorch": "torch"}
+_HF_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+               "pytorch_model.bin.index.json")
+
+
+def user_model(path: str | os.PathLike[str], name: str | None = None) -> ModelSpec:
+    """A :class:`ModelSpec` for the user's model at ``path``, after checking it can be run.
+
+    The runtime follows the format the models layer detects: ONNX -> onnxruntime (a folder
+    with one ``.onnx`` file and its external data), safetensors -> every tensor read,
+    PyTorch -> ``torch.load``; a folder with ``config.json`` and weights -> transformers'
+    ``from_pretrained``. Anything else is refused with the format it was found to be.
+    """
+    source = Path(path).expanduser()
+    if not source.exists():
+        raise ConfigError(f"--model {source}: no such file or folder")
+    _user_runtime(source)  # refuse early, before anything is built or published
+    label = name or (source.stem if source.is_file() else source.name) or "model"
+    safe = "".join(c if c.isalnum() or c in "-_." else "-" for c in label).strip(".-") or "model"
+    return ModelSpec(safe, "user", path=str(source.absolute()))
+
+
+def _user_runtime(source: Path) -> tuple[str, str]:
+    """(runtime, entry relative to the model folder) of a user's file or folder."""
+    from cvmfs_ml.models.formats import ModelFormatError, detect
+
+    if source.is_dir():
+        if (source / "config.json").is_file() and any((source / w).is_file()
+                                                      for w in _HF_WEIGHTS):
+            return "transformers", "config.json"
+        onnx = sorted(p.name for p in source.iterdir() if p.suffix == ".onnx")
+        if len(onnx) == 1:
+            return "onnxruntime", onnx[0]
+        raise ConfigError(f"--model {source}: a folder must hold one .onnx file (found "
+                          f"{len(onnx)}) or config.json with weights (a Hugging Face folder)")
+    try:
+        fmt = detect(str(source))
+    except (ModelFormatError, OSError) as exc:
+        raise ConfigError(f"--model {source}: {exc}") from exc
+    runtime = _RUNTIME_OF_FORMAT.get(fmt or "")
+    if runtime is None:
+        raise ConfigError(f"--model {source}: format {fmt or 'unknown'} cannot be loaded by the "
+                          f"benchmark (it loads {', '.join(_RUNTIME_OF_FORMAT)} and HF folders)")
+    return runtime, source.name
+
+
+def _link_or_copy_tree(source: Path, folder: Path) -> None:
+    """The user's files into ``folder``: hard links where one file system allows, else copies
+    (never the originals themselves: the runner drops their page cache and serves them)."""
+    pairs = ([(source, folder / source.name)] if source.is_file() else
+             [(p, folder / p.relative_to(source)) for p in sorted(source.rglob("*"))
+              if p.is_file()])
+    for src, dst in pairs:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copy2(src, dst)
 
 
 def _runtime(kind: str) -> tuple[str, str]:
@@ -99,6 +165,8 @@ def _generate(spec: ModelSpec, folder: Path) -> None:
     elif spec.kind == "safetensors":
         g.make_safetensors(folder / "model.safetensors", spec.size, dtype=spec.dtype,
                            seed=spec.seed)
+    elif spec.kind == "user":
+        _link_or_copy_tree(Path(spec.path), folder)
     elif spec.kind == "torch":
         import safetensors.torch
         import torch
@@ -116,6 +184,11 @@ def build_model(spec: ModelSpec, root: str | os.PathLike[str]) -> BuiltModel:
     folder = Path(root) / spec.name
     stamp = folder / _STAMP
     wanted = asdict(spec)
+    if spec.kind == "user":  # a changed file is a new model: remember what was linked
+        source = Path(spec.path)
+        wanted["source"] = [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in
+                            ([source] if source.is_file() else sorted(source.rglob("*")))
+                            if p.is_file()]
     seconds = 0.0
     try:
         fresh = json.loads(stamp.read_text()).get("spec") != wanted
@@ -135,7 +208,8 @@ def build_model(spec: ModelSpec, root: str | os.PathLike[str]) -> BuiltModel:
         seconds = float(json.loads(stamp.read_text()).get("build_seconds", 0.0))
     files = tuple(sorted(str(p.relative_to(folder)) for p in folder.rglob("*")
                          if p.is_file() and p.name != _STAMP))
-    runtime, entry = _runtime(spec.kind)
+    runtime, entry = (_user_runtime(Path(spec.path)) if spec.kind == "user"
+                      else _runtime(spec.kind))
     nbytes = sum((folder / f).stat().st_size for f in files)
     inputs, tokens = _inputs(spec)
     return BuiltModel(spec, ModelFiles(spec.name, folder, entry, files, runtime, nbytes),

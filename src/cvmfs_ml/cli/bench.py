@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from cvmfs_ml.cli.common import JsonOption, _fail, friendly
+
+if TYPE_CHECKING:
+    from cvmfs_ml.bench.zoo import ModelSpec
 
 bench_app = typer.Typer(
     no_args_is_help=True, help="Benchmark model loading from CVMFS against the alternatives."
@@ -20,6 +24,24 @@ def _split(text: str | None) -> tuple[str, ...] | None:
     if not text:
         return None
     return tuple(t.strip() for t in text.split(",") if t.strip())
+
+
+def _user_models(paths: list[Path]) -> tuple[ModelSpec, ...]:
+    """``--model`` arguments as specs with distinct names (a REF is fetched first)."""
+    from cvmfs_ml.bench.zoo import user_model
+
+    specs: list[ModelSpec] = []
+    for path in paths:
+        if str(path).startswith("cvmfs:/") or (":" in str(path) and not path.exists()):
+            raise _fail(f"--model {path}: fetch a published model first "
+                        f"(`cvmfs-ml model get REF DIR`), then pass --model DIR")
+        spec = user_model(path)
+        taken = {s.name for s in specs}
+        name, n = spec.name, 2
+        while name in taken:
+            name, n = f"{spec.name}-{n}", n + 1
+        specs.append(spec if name == spec.name else replace(spec, name=name))
+    return tuple(specs)
 
 
 @bench_app.command("run")
@@ -38,6 +60,14 @@ def bench_run(
         str | None, typer.Option(help="comma list: local,fuse,fsspec,path,download,oci")
     ] = None,
     models: Annotated[str | None, typer.Option(help="comma list of the profile's models")] = None,
+    model: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--model",
+            help="measure this model instead of the profile's (repeatable): an ONNX, "
+            "safetensors or PyTorch file, a folder with one .onnx, or a Hugging Face folder",
+        ),
+    ] = None,
     states: Annotated[str | None, typer.Option(help="comma list: cold,warm,hot")] = None,
     networks: Annotated[
         str | None,
@@ -74,6 +104,14 @@ def bench_run(
             raise _fail(f"unknown models {unknown}; the profile has {sorted(known)}")
         changes["models"] = tuple(m for m in chosen.models if m.name in names)
         changes["access_models"] = tuple(m for m in chosen.access_models if m.name in names)
+    if model:
+        if models:
+            raise _fail("--model and --models exclude each other")
+        chosen_models = _user_models(model)
+        changes["models"] = chosen_models
+        changes["access_models"] = chosen_models
+        changes["network_models"] = tuple(m.name for m in chosen_models)
+        changes["concurrency"] = ()
     for field, value in (("modes", modes), ("states", states), ("networks", networks)):
         if (items := _split(value)) is not None:
             changes[field] = items
