@@ -19,13 +19,15 @@ import pytest
 from typer.testing import CliRunner
 
 from cvmfs_ml.bench.report import MEASUREMENT_FIELDS, SCHEMA
-from cvmfs_ml.bench.runner import HOT_TOLERANCE, PROFILES, run_profile
+from cvmfs_ml.bench.runner import PROFILES, run_profile
 from cvmfs_ml.cli.bench import bench_app
 
 pytestmark = [pytest.mark.slow, pytest.mark.service]
 
 HAVE_PART = all(importlib.util.find_spec(m) for m in ("torch", "weaver"))
 HAVE_TORCH = importlib.util.find_spec("torch") is not None
+HAVE_GENAI = all(importlib.util.find_spec(m) for m in
+                 ("torch", "transformers", "onnxruntime_genai", "onnx_ir"))
 
 
 def _require_fuse() -> None:
@@ -74,7 +76,8 @@ def test_outputs_exist_and_follow_the_schema(run: tuple[dict[str, Any], Path]) -
 def test_every_scenario_ran_and_succeeded(run: tuple[dict[str, Any], Path]) -> None:
     doc, _ = run
     assert doc["errors"] == []
-    expected = {"mlp", "llm-24m"} | ({"part"} if HAVE_PART else set())
+    expected = ({"mlp", "llm-24m"} | ({"part"} if HAVE_PART else set())
+                | ({"phi3-tiny"} if HAVE_GENAI else set()))
     assert _models(doc) == expected
     profile = PROFILES["short"]
     for s in doc["summary"]:
@@ -96,16 +99,18 @@ def test_inference_outputs_identical_across_storage_modes(run: tuple[dict[str, A
         assert len(digests) == 1 and len(next(iter(digests))) == 64
 
 
-def test_hot_fuse_is_not_slower_than_cold(run: tuple[dict[str, Any], Path]) -> None:
+def test_cold_fuse_fetches_and_warm_and_hot_do_not(run: tuple[dict[str, Any], Path]) -> None:
+    # What makes a state what it claims is traffic, not time: timings on a loaded CI machine
+    # are the benchmark's business (the report's hot_not_slower check), never a test's.
     doc, _ = run
-    factor, slack = HOT_TOLERANCE
     for model in _models(doc):
         rows = {s["cache_state"]: s for s in doc["summary"]
                 if s["model"] == model and s["mode"] == "fuse"}
-        hot, cold = rows["hot"], rows["cold"]
-        assert hot["first_inference_s_min"] <= cold["first_inference_s_min"] * factor + slack
+        cold = rows["cold"]
         assert cold["origin_bytes"] >= 0.8 * cold["model_bytes"]  # fetched (zlib may shrink)
-        assert hot["origin_bytes"] == 0 and hot["origin_requests"] == 0
+        for state in ("warm", "hot"):
+            assert rows[state]["origin_bytes"] < 64 * 1024, state  # manifest at most
+            assert rows[state]["origin_requests"] <= 3, state
 
 
 def test_caches_were_in_the_state_claimed(run: tuple[dict[str, Any], Path]) -> None:
@@ -113,7 +118,7 @@ def test_caches_were_in_the_state_claimed(run: tuple[dict[str, Any], Path]) -> N
     assert doc["checks"]["cold_runs_started_cold"]["ok"]
     for m in doc["measurements"]:
         if m["mode"] in ("local", "fuse") and m["model"] == "llm-24m":
-            if m["cache_state"] == "cold":
+            if m["cache_state"] in ("cold", "warm"):  # warm: client cache full, page cache not
                 assert m["pre_resident_fraction"] < 0.05
             else:
                 assert m["pre_resident_fraction"] > 0.9
@@ -127,8 +132,10 @@ def test_metrics_are_plausible(run: tuple[dict[str, Any], Path]) -> None:
         assert 0 < m["open_s"] <= m["first_inference_s"] < m["wall_s"]
         assert 0 < m["latency_p50_s"] <= m["latency_p95_s"]
         assert 20 * 2**20 < m["peak_rss_bytes"] < 4 * 2**30
-        if m["model"] == "llm-24m":
+        if m["model"] in ("llm-24m", "phi3-tiny"):
             assert m["tokens_per_s"] > 0
+        if m["model"] == "phi3-tiny":  # generative: load < first token <= first generation
+            assert m["open_s"] < m["first_token_s"] <= m["first_inference_s"]
         if m["mode"] == "local":
             assert m["origin_requests"] == 0
     llm_local = [m["peak_rss_bytes"] for m in doc["measurements"]
@@ -168,3 +175,35 @@ def test_compare_against_itself_and_a_regression(run: tuple[dict[str, Any], Path
     worse = runner.invoke(bench_app, ["compare", str(out / "results.json"),
                                       str(tmp_path / "slower.json")])
     assert worse.exit_code == 1 and "fuse" in worse.output
+
+
+def test_html_report_holds_the_tables_and_plots(run: tuple[dict[str, Any], Path]) -> None:
+    from html.parser import HTMLParser
+
+    doc, out = run
+    page = (out / "report.html").read_text()
+
+    class Cells(HTMLParser):
+        def __init__(self) -> None:
+            super().__init__()
+            self.cells: list[str] = []
+            self.images: list[str] = []
+            self._in_cell = False
+
+        def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+            self._in_cell = tag in ("td", "th")
+            if tag == "img":
+                self.images.append(dict(attrs).get("src") or "")
+
+        def handle_data(self, data: str) -> None:
+            if self._in_cell and data.strip():
+                self.cells.append(data.strip())
+
+    parser = Cells()
+    parser.feed(page)
+    # every scenario's mode and state pair appears as table cells, and every plot is inline
+    for s in doc["summary"]:
+        assert s["mode"] in parser.cells and s["cache_state"] in parser.cells
+    assert len(parser.images) == len(doc["plots"]) >= 1
+    assert all(src.startswith("data:image/png;base64,iVBOR") for src in parser.images)
+    assert "<script" not in page

@@ -43,6 +43,7 @@ CVMFS_CI_METRICS: dict[str, tuple[str, Callable[[float], float]]] = {
     # ours, without a counterpart
     "open_s": ("model_load_s", float),
     "first_inference_s": ("first_inference_s", float),
+    "first_token_s": ("time_to_first_token_s", float),
     "latency_p50_s": ("inference_latency_p50_s", float),
     "tokens_per_s": ("tokens_per_s", float),
     "origin_requests": ("origin_requests", float),

@@ -51,16 +51,16 @@ SCENARIO_KEY = ("model", "runtime", "mode", "network", "cache_state")
 MEASUREMENT_FIELDS = (
     "model", "runtime", "mode", "network", "cache_state", "repeat", "ok", "error",
     "model_bytes", "import_s", "acquire_s", "open_s", "first_run_s", "first_inference_s",
-    "latency_p50_s", "latency_p95_s", "tokens_per_s", "peak_rss_bytes", "major_faults",
-    "rchar", "disk_read_bytes", "origin_requests", "origin_bytes", "proxy_bytes",
+    "first_token_s", "latency_p50_s", "latency_p95_s", "tokens_per_s", "peak_rss_bytes",
+    "major_faults", "rchar", "disk_read_bytes", "origin_requests", "origin_bytes", "proxy_bytes",
     "pre_resident_fraction", "post_resident_fraction", "output_sha256", "wall_s", "prepare_s",
 )
 """Columns of ``results.csv``: one row per measurement (see docs/benchmarks.md)."""
 
 SUMMARY_METRICS = (
-    "open_s", "first_inference_s", "first_run_s", "latency_p50_s", "latency_p95_s",
-    "tokens_per_s", "peak_rss_bytes", "origin_requests", "origin_bytes", "major_faults",
-    "acquire_s", "wall_s",
+    "open_s", "first_inference_s", "first_token_s", "first_run_s", "latency_p50_s",
+    "latency_p95_s", "tokens_per_s", "peak_rss_bytes", "origin_requests", "origin_bytes",
+    "major_faults", "acquire_s", "wall_s",
 )
 """Metrics aggregated per scenario: median, min and max over the successful repeats."""
 
@@ -68,6 +68,7 @@ METRIC_LABELS = {
     "open_s": "time to load (s)",
     "first_inference_s": "time to first inference (s)",
     "first_run_s": "first run (s)",
+    "first_token_s": "time to first token (s)",
     "latency_p50_s": "inference latency, median (s)",
     "latency_p95_s": "inference latency, 95th percentile (s)",
     "tokens_per_s": "tokens per second",
@@ -402,7 +403,8 @@ def write_markdown(doc: Mapping[str, Any], path: str | os.PathLike[str]) -> Path
 
 
 def write_report(doc: dict[str, Any], out_dir: str | os.PathLike[str]) -> dict[str, Path]:
-    """Write results.json, results.csv, summary.csv, summary.md and load-time plots.
+    """Write results.json, results.csv, summary.csv, summary.md, load-time plots and
+    report.html (summary and plots on one page).
 
     Fills ``doc['summary']`` from ``doc['measurements']`` when it is missing. Returns the
     paths written, by role.
@@ -432,6 +434,11 @@ def write_report(doc: dict[str, Any], out_dir: str | os.PathLike[str]) -> dict[s
                              MEASUREMENT_FIELDS)
     paths["summary_csv"] = write_csv(doc["summary"], out / "summary.csv")
     paths["markdown"] = write_markdown(doc, out / "summary.md")
+    from cvmfs_ml.bench.html_report import write_html_report
+
+    paths["html"] = write_html_report(
+        paths["markdown"], [out / name for name in doc["plots"]], out / "report.html",
+        title=f"cvmfs-ml benchmark: {doc.get('profile')} ({doc.get('run_id')})")
     return paths
 
 

@@ -113,10 +113,14 @@ class Profile:
 
 
 _SMALL_LLM = ModelSpec("llm-24m", "llm", size=24 * _MiB, dtype="float32")
+# The seed's case: a Phi-3-architecture decoder generating text with onnxruntime-genai (the
+# field report's Phi-4-mini); toy-sized in the short profile, >= 1 GiB of weights in the full.
+_SMALL_GENAI = ModelSpec("phi3-tiny", "genai", size=2 * _MiB)
+_GENAI_1G = ModelSpec("phi3-1g", "genai", size=2**30)
 PROFILES: dict[str, Profile] = {
     "short": Profile(
         name="short",
-        models=(ModelSpec("mlp", "mlp"), ModelSpec("part", "part"), _SMALL_LLM),
+        models=(ModelSpec("mlp", "mlp"), ModelSpec("part", "part"), _SMALL_LLM, _SMALL_GENAI),
         modes=("local", "fuse", "fsspec"),
         states=("cold", "warm", "hot"),
         repeats=3,
@@ -129,11 +133,12 @@ PROFILES: dict[str, Profile] = {
         name="full",
         models=(ModelSpec("mlp", "mlp"), ModelSpec("part", "part"),
                 ModelSpec("llm-2g", "llm", size=2 * 2**30, dtype="float32"),
-                ModelSpec("st-2g", "safetensors", size=2 * 2**30, dtype="float16")),
+                ModelSpec("st-2g", "safetensors", size=2 * 2**30, dtype="float16"),
+                _GENAI_1G),
         modes=("local", "fuse", "fsspec", "download", "oci"),
         states=("cold", "warm", "hot"),
         networks=("loopback", "wan-20ms-1g"),
-        network_models=("part", "llm-2g"),
+        network_models=("part", "llm-2g", "phi3-1g"),
         network_modes=("fuse", "fsspec", "download"),
         repeats=3,
         inference_runs=10,
@@ -453,6 +458,7 @@ def _spec(run: _Run, model: BuiltModel, access: dict[str, Any], *, residency: bo
         "inference_runs": run.profile.inference_runs if inference_runs is None
         else inference_runs,
         "threads": run.profile.threads,
+        "new_tokens": model.tokens_per_run or 0,
         "ort_config": run.profile.ort_config,
         "residency": residency,
         "residency_out": str(residency_out) if residency_out else None,
@@ -492,7 +498,8 @@ def _measure(run: _Run, mode: StorageMode, model: BuiltModel, state: CacheState,
         "ok": bool(result.get("ok")), "error": result.get("error"),
         "model_bytes": model.files.nbytes,
         **{k: result.get(k) for k in ("import_s", "acquire_s", "open_s", "first_run_s",
-                                      "first_inference_s", "peak_rss_bytes", "major_faults",
+                                      "first_inference_s", "first_token_s", "peak_rss_bytes",
+                                      "major_faults",
                                       "rchar", "disk_read_bytes", "pre_resident_fraction",
                                       "post_resident_fraction", "output_sha256")},
         "latency_p50_s": p50,

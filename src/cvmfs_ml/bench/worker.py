@@ -219,10 +219,17 @@ def _open_model(spec: dict[str, Any], folder: Path | None,
         tensors = torch.load(source, map_location="cpu", weights_only=True)
         touch = _Touch(dict(tensors))
         return touch, touch.run
+    if runtime in ("transformers", "onnxruntime-genai") and folder is None:
+        from cvmfs_ml.bench.genai import materialise
+
+        folder = materialise(blobs or {})  # these load from a folder only
+    if runtime == "onnxruntime-genai":
+        from cvmfs_ml.bench.genai import GreedyGenerator
+
+        generator = GreedyGenerator(folder, new_tokens=int(spec.get("new_tokens", 16)))
+        return generator, generator.run
     if runtime == "transformers":
-        if folder is None:
-            raise ValueError("transformers loads a model from a folder: use the local, fuse "
-                             "or path modes for a Hugging Face folder")
+        assert folder is not None
         import torch
         from transformers import AutoModel
 
@@ -246,7 +253,8 @@ def _import_libraries(runtime: str, access: str, client: str | None) -> None:
 
     modules = {"onnxruntime": ["onnxruntime", "cvmfs_ml.bench.generators"],
                "safetensors": ["safetensors.numpy"], "torch": ["torch"],
-               "transformers": ["torch", "transformers"]}.get(runtime, [])
+               "transformers": ["torch", "transformers"],
+               "onnxruntime-genai": ["onnxruntime_genai", "cvmfs_ml.bench.genai"]}.get(runtime, [])
     if access == "cvmfs":
         modules += (["fsspec", "cvmfs_ml.client.fsspec"] if client == "fsspec"
                     else ["cvmfs_ml.client.repository"])
@@ -298,11 +306,13 @@ def run_spec(spec: dict[str, Any]) -> dict[str, Any]:
     else:
         raise ValueError(f"unknown access kind {kind!r}")
     result["acquire_s"] = time.perf_counter() - t0
-    _session, run = _open_model(spec, folder, blobs)
+    session, run = _open_model(spec, folder, blobs)
     result["open_s"] = time.perf_counter() - t0
     t1 = time.perf_counter()
     outputs = run()
     t2 = time.perf_counter()
+    if getattr(session, "first_token_s", None) is not None:  # generative: time to first token
+        result["first_token_s"] = t1 - t0 + session.first_token_s
     result["first_run_s"] = t2 - t1
     result["first_inference_s"] = t2 - t0
     result["output_sha256"] = _digest(outputs)

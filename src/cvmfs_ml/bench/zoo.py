@@ -20,8 +20,10 @@ from cvmfs_ml.errors import ConfigError
 
 __all__ = ["KINDS", "BuiltModel", "ModelSpec", "build_model", "missing_dependency", "user_model"]
 
-KINDS = ("mlp", "part", "llm", "safetensors", "torch", "user")
+KINDS = ("mlp", "part", "llm", "safetensors", "torch", "genai", "user")
 _STAMP = ".bench-model.json"
+GENAI_NEW_TOKENS = 16
+"""Tokens the generative case decodes per run (greedy, after a fixed prompt)."""
 
 
 @dataclass(frozen=True)
@@ -30,7 +32,8 @@ class ModelSpec:
 
     ``kind``: ``mlp`` (small inline ONNX), ``part`` (Particle Transformer ONNX; torch +
     weaver-core), ``llm`` (LLM-shaped ONNX with external data of ``size`` bytes), ``safetensors``
-    (the same tensors as one .safetensors file), ``torch`` (a ``torch.save`` state dict), or
+    (the same tensors as one .safetensors file), ``torch`` (a ``torch.save`` state dict),
+    ``genai`` (a Phi-3-architecture decoder of ``size`` weight bytes for onnxruntime-genai), or
     ``user``: the user's model at ``path`` (a file, or a folder: ONNX with external data, or a
     Hugging Face folder), measured as it is (see :func:`user_model`).
     """
@@ -67,7 +70,8 @@ class BuiltModel:
 
 def missing_dependency(spec: ModelSpec) -> str | None:
     """Why ``spec`` cannot be built here (a missing package), or None."""
-    need = {"part": ("torch", "weaver"), "torch": ("torch",), "safetensors": ("safetensors",)}
+    need = {"part": ("torch", "weaver"), "torch": ("torch",), "safetensors": ("safetensors",),
+            "genai": ("torch", "transformers", "onnxruntime_genai", "onnx_ir")}
     for module in ("onnx", *need.get(spec.kind, ())):
         if importlib.util.find_spec(module) is None:
             return f"{spec.kind} needs the Python package {module!r}"
@@ -140,12 +144,16 @@ def _runtime(kind: str) -> tuple[str, str]:
         return "safetensors", "model.safetensors"
     if kind == "torch":
         return "torch", "model.pt"
+    if kind == "genai":
+        return "onnxruntime-genai", "genai_config.json"
     return "onnxruntime", "model.onnx"
 
 
 def _inputs(spec: ModelSpec) -> tuple[dict[str, int], int | None]:
     if spec.kind == "llm":
         return {"batch": 1, "seq": 1}, 1
+    if spec.kind == "genai":
+        return {}, GENAI_NEW_TOKENS
     if spec.kind == "part":
         return {"batch": 1, "particles": 64}, None
     if spec.kind == "mlp":
@@ -165,6 +173,10 @@ def _generate(spec: ModelSpec, folder: Path) -> None:
     elif spec.kind == "safetensors":
         g.make_safetensors(folder / "model.safetensors", spec.size, dtype=spec.dtype,
                            seed=spec.seed)
+    elif spec.kind == "genai":
+        from cvmfs_ml.bench.genai import make_phi3_genai
+
+        make_phi3_genai(folder, spec.size, seed=spec.seed)
     elif spec.kind == "user":
         _link_or_copy_tree(Path(spec.path), folder)
     elif spec.kind == "torch":
