@@ -496,6 +496,10 @@ MODES: dict[str, type[StorageMode]] = {
 
 def make_mode(name: str, **options: Any) -> StorageMode:
     """A fresh mode object by name (``path`` takes ``root=``)."""
+    if name == "upstream":  # upstream's own client, in its module (it builds on this one)
+        from cvmfs_ml.bench.upstream import UpstreamMode
+
+        return UpstreamMode(**options)
     try:
         cls = MODES[name]
     except KeyError:

@@ -395,6 +395,8 @@ def write_markdown(doc: Mapping[str, Any], path: str | os.PathLike[str]) -> Path
                 f"{_fmt_bytes(med)} | {'–' if seq is None else f'{seq * 100:.0f}%'} | "
                 f"{a.get('png', '')} |")
         lines.append("")
+    for skipped in doc.get("skipped", []):
+        lines.append(f"- not measured: {skipped}")
     for extra in doc.get("errors", []):
         lines.append(f"- error: {extra}")
     out = Path(path)

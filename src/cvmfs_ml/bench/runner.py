@@ -50,6 +50,7 @@ from cvmfs_ml.bench.modes import (
 from cvmfs_ml.bench.netem import WAN_PROFILES, DelayProxy
 from cvmfs_ml.bench.netem import describe as describe_network
 from cvmfs_ml.bench.services import OriginCounters
+from cvmfs_ml.bench.upstream import upstream_unavailable
 from cvmfs_ml.bench.zoo import BuiltModel, ModelSpec, build_model, missing_dependency, model_record
 from cvmfs_ml.errors import ConfigError, CvmfsMlError
 
@@ -121,7 +122,7 @@ PROFILES: dict[str, Profile] = {
     "short": Profile(
         name="short",
         models=(ModelSpec("mlp", "mlp"), ModelSpec("part", "part"), _SMALL_LLM, _SMALL_GENAI),
-        modes=("local", "fuse", "fsspec"),
+        modes=("local", "fuse", "fsspec", "upstream"),
         states=("cold", "warm", "hot"),
         repeats=3,
         inference_runs=10,
@@ -135,11 +136,11 @@ PROFILES: dict[str, Profile] = {
                 ModelSpec("llm-2g", "llm", size=2 * 2**30, dtype="float32"),
                 ModelSpec("st-2g", "safetensors", size=2 * 2**30, dtype="float16"),
                 _GENAI_1G),
-        modes=("local", "fuse", "fsspec", "download", "oci"),
+        modes=("local", "fuse", "fsspec", "upstream", "download", "oci"),
         states=("cold", "warm", "hot"),
         networks=("loopback", "wan-20ms-1g"),
         network_models=("part", "llm-2g", "phi3-1g"),
-        network_modes=("fuse", "fsspec", "download"),
+        network_modes=("fuse", "fsspec", "upstream", "download"),
         repeats=3,
         inference_runs=10,
         threads=2,
@@ -525,6 +526,12 @@ def _run_mode(run: _Run, mode_name: str, network: str, models: Sequence[BuiltMod
               endpoint: Endpoint | None) -> None:
     env, profile = run.env, run.profile
     options = {"root": env.mounted} if mode_name == "path" else {}
+    if mode_name == "upstream" and (reason := upstream_unavailable()) is not None:
+        note = f"mode upstream: {reason}"  # an expected absence, not a failure of the run
+        if note not in env.skipped:
+            env.skipped.append(note)
+        env.log(f"skip {note}")
+        return
     mode = make_mode(mode_name, **options)
     try:
         mode.start(env.mode_context(endpoint))

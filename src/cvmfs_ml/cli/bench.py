@@ -57,7 +57,8 @@ def bench_run(
         ),
     ] = None,
     modes: Annotated[
-        str | None, typer.Option(help="comma list: local,fuse,fsspec,path,download,oci")
+        str | None,
+        typer.Option(help="comma list: local,fuse,fsspec,upstream,path,download,oci"),
     ] = None,
     models: Annotated[str | None, typer.Option(help="comma list of the profile's models")] = None,
     model: Annotated[
