@@ -28,7 +28,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -49,6 +48,7 @@ from cvmfs_ml.bench.modes import (
 )
 from cvmfs_ml.bench.netem import WAN_PROFILES, DelayProxy
 from cvmfs_ml.bench.netem import describe as describe_network
+from cvmfs_ml.bench.origin import Origin
 from cvmfs_ml.bench.services import OriginCounters
 from cvmfs_ml.bench.upstream import upstream_unavailable
 from cvmfs_ml.bench.zoo import BuiltModel, ModelSpec, build_model, missing_dependency, model_record
@@ -201,54 +201,6 @@ def _percentile(values: Sequence[float], q: float) -> float | None:
 # environment: models, repository, servers, networks
 
 
-class _Origin:
-    """The server in front of the published repository, with request/byte counters."""
-
-    def __init__(self, srv: Path, kind: str, log: Callable[[str], None]) -> None:
-        from cvmfs_ml.bench.services import Nginx, available
-
-        self.kind = kind
-        self._nginx: Any = None
-        self._server: Any = None
-        self._lock = threading.Lock()
-        self._requests = 0
-        self._bytes = 0
-        if kind == "nginx" and not available("nginx"):
-            log("nginx is not installed: using the built-in server as origin")
-            self.kind = "builtin"
-        if self.kind == "nginx":
-            self._nginx = Nginx(srv)
-            self.port = self._nginx.port
-        else:
-            from cvmfs_ml.storage.http import RepositoryServer
-
-            self._server = RepositoryServer(srv / "cvmfs", on_request=self._count).start()
-            self.port = self._server.port
-        self.url = f"http://127.0.0.1:{self.port}"
-
-    def _count(self, record: Any) -> None:
-        with self._lock:
-            self._requests += 1
-            self._bytes += record.bytes
-
-    def counters(self) -> OriginCounters:
-        if self._nginx is not None:
-            return self._nginx.counters()
-        time.sleep(0.01)  # the built-in server logs right after sending
-        with self._lock:
-            return OriginCounters(self._requests, self._bytes)
-
-    def describe(self) -> str:
-        return ("nginx (docs/nginx.conf settings)" if self.kind == "nginx"
-                else "cvmfs-ml built-in server (storage.http.RepositoryServer)")
-
-    def close(self) -> None:
-        if self._nginx is not None:
-            self._nginx.close()
-        if self._server is not None:
-            self._server.stop()
-
-
 class BenchEnvironment:
     """Models, the published repository, its servers and the per-network endpoints.
 
@@ -268,7 +220,7 @@ class BenchEnvironment:
         self.models: dict[str, BuiltModel] = {}
         self.skipped: list[str] = []
         self.publish_seconds: dict[str, float] = {}
-        self.origin: _Origin | None = None
+        self.origin: Origin | None = None
         self.registry: Any = None
         self._proxies: dict[str, list[DelayProxy]] = {}
         self._registry_proxies: dict[str, DelayProxy] = {}
@@ -356,9 +308,9 @@ class BenchEnvironment:
                 shutil.copy2(model.files.folder / rel, target)
 
     # -- servers ------------------------------------------------------------------------------
-    def start_origin(self) -> _Origin:
+    def start_origin(self) -> Origin:
         if self.origin is None:
-            self.origin = _Origin(self.srv, self.profile.origin, self.log)
+            self.origin = Origin(self.srv, self.profile.origin, self.log)
         return self.origin
 
     def start_registry(self) -> Any:

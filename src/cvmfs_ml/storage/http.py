@@ -155,6 +155,7 @@ class RepositoryServer:
         self.on_request = on_request
         self._lock = threading.Lock()
         self._requests = 0
+        self._bytes_sent = 0
         self._inflight = 0
         self._idle = threading.Condition(self._lock)
         self._log_file: IO[str] | None = (
@@ -184,6 +185,16 @@ class RepositoryServer:
         read the last byte: use :meth:`wait_for_requests` to read the count after a load.
         """
         return self._requests
+
+    @property
+    def bytes_sent(self) -> int:
+        """Body bytes of the requests counted in :attr:`requests`."""
+        return self._bytes_sent
+
+    def wait_idle(self, timeout: float = 10.0) -> bool:
+        """Wait (at most ``timeout`` seconds) until no request is under way; whether it is."""
+        with self._idle:
+            return self._idle.wait_for(lambda: self._inflight == 0, timeout=timeout)
 
     def wait_for_requests(self, count: int, timeout: float = 10.0) -> int:
         """Wait (at most ``timeout`` seconds) until ``count`` requests are counted; the count."""
@@ -288,6 +299,7 @@ class RepositoryServer:
     def _log(self, entry: RequestRecord, request_line: str) -> None:
         with self._lock:
             self._requests += 1
+            self._bytes_sent += entry.bytes
             if self._log_file is not None:
                 now = dt.datetime.now().astimezone().isoformat(timespec="seconds")
                 rng = "-" if entry.range is None else entry.range
