@@ -115,10 +115,10 @@ def open_target(
                              "backoff_max", "follow_redirects", "proxy_reset_after",
                              "host_reset_after"):  # fmt: skip
                     options.setdefault(name, getattr(config, name))
-        return Repository.open(
+        return _with_max_ttl(Repository.open(
             target, fqrn=fqrn if is_url(target) else None, public_key=keys,
             cache=object_cache, proxy=proxy, **options,
-        )  # fmt: skip
+        ), config)  # fmt: skip
 
     if config is None or fqrn is None:  # pragma: no cover - load_config raised above
         raise ConfigError(f"{target!r} is not a URL, a repository folder or a repository name")
@@ -136,7 +136,7 @@ def open_target(
         raise ConfigError(f"no public key for {fqrn}: set CVMFS_KEYS_DIR or CVMFS_PUBLIC_KEY")
     workers = int(options.pop("prefetch_workers", config.parallel))
     source = Fetcher.from_config(config, pool_size=max(workers, 1))
-    return Repository(
+    repository = Repository(
         source,
         fqrn,
         public_keys=load_public_keys(key_spec),
@@ -144,3 +144,19 @@ def open_target(
         prefetch_workers=workers,
         **options,
     )
+    return _with_max_ttl(repository, config)
+
+
+def _with_max_ttl(repository: Repository, config: ClientConfig | None) -> Repository:
+    """Cap the repository's TTL by ``CVMFS_MAX_TTL`` (minutes, as upstream; 0 or unset: none)."""
+    text = (config.params.get("CVMFS_MAX_TTL", "") if config is not None else "").strip()
+    if not text:
+        return repository
+    try:
+        minutes = float(text)
+    except ValueError:
+        repository.close()
+        raise ConfigError(f"CVMFS_MAX_TTL={text!r}: expected a number of minutes") from None
+    if minutes > 0:
+        repository.max_ttl = minutes * 60
+    return repository
