@@ -256,3 +256,24 @@ def test_fsspec_invalidate_cache_forces_a_check(long_ttl: Served, tmp_path: Path
         assert fs.repository().revision == 2
     finally:
         fs.close()
+
+
+# -- the TTL ---------------------------------------------------------------------------------------
+def test_ttl_comes_from_the_publisher_and_is_capped_by_max_ttl(
+    long_ttl: Served, tmp_path: Path
+) -> None:
+    from cvmfs_ml.client.locate import open_target
+    from cvmfs_ml.errors import ConfigError
+
+    assert long_ttl.publisher.manifest().ttl == 600  # the manifest's D mirrors the catalog TTL
+    config = tmp_path / "client.conf"
+    with open_target(long_ttl.url, public_key=long_ttl.key, cache=tmp_path / "c") as repo:
+        assert repo.ttl == 600.0 and 590 < repo.seconds_to_check <= 600
+    config.write_text("CVMFS_MAX_TTL=2\n")  # minutes, as upstream
+    with open_target(long_ttl.url, public_key=long_ttl.key, cache=tmp_path / "c",
+                     config_files=[config]) as repo:  # fmt: skip
+        assert repo.ttl == 120.0
+    config.write_text("CVMFS_MAX_TTL=soon\n")
+    with pytest.raises(ConfigError, match="CVMFS_MAX_TTL"):
+        open_target(long_ttl.url, public_key=long_ttl.key, cache=tmp_path / "c",
+                    config_files=[config])  # fmt: skip
