@@ -5,8 +5,9 @@ on loopback; then a second revision moves files, adds one and moves the ``prod``
 a mount and an fsspec instance see it within TTL + a few seconds (waits are deadlines, polled);
 a file opened before reads its old bytes to the end; names looked up as missing appear; a
 pinned mount (``--tag``) and a pinned fsspec instance do not move; with the server stopped the
-mount keeps serving and ``reload`` says why it failed; ``reload`` on a long TTL takes the new
-revision at once and ``invalidate_cache()`` does the same for fsspec.
+mount keeps serving and ``reload`` says why it failed, and once the server is back the mount
+catches up; ``reload`` on a long TTL takes the new revision at once and ``invalidate_cache()``
+does the same for fsspec; ``CVMFS_MAX_TTL`` caps the TTL.
 """
 
 from __future__ import annotations
@@ -186,6 +187,16 @@ def test_mount_follows_new_revisions_and_keeps_serving_offline(
     message = result.stderr.strip()
     assert len(message.splitlines()) == 1 and "still serving revision 2" in message
     assert revision(root) == 2 and stats(root)["refresh"]["last_error"]
+
+    # back online: the next check (retried within a TTL) takes what was published meanwhile
+    with short_ttl.publisher.transaction() as txn:
+        txn.add_bytes("/data/note.txt", b"three")
+        txn.commit()
+    port = short_ttl.server.port
+    short_ttl.server = RepositoryServer(short_ttl.publisher.repo_dir.parent, port=port).start()
+    wait_for(lambda: revision(root) == 3, 2 + SLACK, "the mount taking revision 3 after the outage")
+    assert (root / "data/note.txt").read_bytes() == b"three"
+    assert stats(root)["refresh"]["last_error"] is None
 
 
 @pytest.mark.service

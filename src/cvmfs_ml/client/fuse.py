@@ -434,8 +434,11 @@ class CvmfsOperations(_OperationsBase):  # type: ignore[misc,valid-type]
             if ctx is not None and not may_reload(ctx.uid):
                 raise self._fuse.FUSEError(errno.EPERM)
             return control_reply(await self.live.check(forced=True))
-        stats = mount_stats(self.repo, self.live, self.counters, len(self._files),
-                            len(self._paths))  # fmt: skip
+        try:
+            stats = mount_stats(self.repo, self.live, self.counters, len(self._files),
+                                len(self._paths))  # fmt: skip
+        except Exception as exc:
+            raise self._fail(exc, "stats") from exc
         stats["fuse"]["reads"] = self.reads
         return control_reply(stats)
 

@@ -174,7 +174,7 @@ class LiveUpdates:
                     changed = await self._trio.to_thread.run_sync(self.repo.refresh)
                 else:
                     changed = await self._trio.to_thread.run_sync(self._due_refresh)
-            except (CvmfsMlError, OSError) as exc:
+            except Exception as exc:  # whatever fails, the mount keeps serving
                 self.last_error = f"{type(exc).__name__}: {exc}"
                 log.warning("%s: staying on revision %d: %s", self.repo.fqrn, previous, exc)
                 result.update(ok=False, error=self.last_error)
@@ -183,7 +183,11 @@ class LiveUpdates:
                 self.last_error = None
             self.last_check = time.time()
             if changed:
-                await self._follow()
+                try:
+                    await self._follow()
+                except Exception as exc:  # the switch stands; the kernel may serve stale names
+                    log.error("%s: following revision %d in the kernel: %s: %s", self.repo.fqrn,
+                              self.repo.revision, type(exc).__name__, exc)  # fmt: skip
                 self.switches += 1
                 self.last_switch_seconds = time.monotonic() - started
                 log.info("%s: now at revision %d (was %d)", self.repo.fqrn,
@@ -224,6 +228,8 @@ class LiveUpdates:
             except OSError as exc:  # ENOENT: the kernel had already forgotten it
                 if exc.errno != errno.ENOENT:
                     log.info("invalidate %r: %s", target, exc)
+            except Exception as exc:  # e.g. the session is closing
+                log.info("invalidate %r: %s: %s", target, type(exc).__name__, exc)
 
     def stats(self) -> dict[str, Any]:
         return {
