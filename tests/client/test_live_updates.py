@@ -288,3 +288,27 @@ def test_ttl_comes_from_the_publisher_and_is_capped_by_max_ttl(
     with pytest.raises(ConfigError, match="CVMFS_MAX_TTL"):
         open_target(long_ttl.url, public_key=long_ttl.key, cache=tmp_path / "c",
                     config_files=[config])  # fmt: skip
+
+
+def test_tree_changes_names_what_a_new_revision_changed(long_ttl: Served, tmp_path: Path) -> None:
+    from cvmfs_ml.client.fuse_live import tree_changes
+    from cvmfs_ml.client.repository import Repository
+
+    paths = ["", "/data", "/data/note.txt", "/data/blob.bin", "/models", "/models/tagger",
+             "/models/tagger/prod", "/models/tagger/1", "/models/tagger/1/tagger.onnx"]  # fmt: skip
+    with Repository.open(long_ttl.url, public_key=long_ttl.key, cache=tmp_path / "c") as repo:
+        inode = {path: number for number, path in enumerate(paths, 1)}
+        known = [(path, inode[path], repo.stat(path)) for path in paths]
+        missing = [(inode["/data"], "/data/new.txt"), (inode["/data"], "/data/never")]
+        assert not tree_changes(repo, known, missing)  # same revision: nothing to tell
+        _publish_v2(long_ttl.publisher)
+        assert repo.refresh() is True
+        changes = tree_changes(repo, known, missing)
+    assert sorted(path for path, _ in changes.renamed) == [
+        "/data/blob.bin", "/data/note.txt", "/models/tagger/prod"]  # fmt: skip
+    assert all(number == inode[path] for path, number in changes.renamed)
+    folders = {number for number, entry in changes.folders}
+    assert folders <= {inode[p] for p in ("", "/data", "/models", "/models/tagger")}
+    assert all(entry.is_dir for _, entry in changes.folders)
+    assert inode["/models/tagger"] in folders  # a new child: the folder's entry changed
+    assert changes.appeared == [(inode["/data"], "/data/new.txt")]

@@ -4,9 +4,10 @@ The data path follows performance-notes.md (takeaways 1 and 4, §6):
 
 * **Kernel page cache kept.** Files open with ``keep_cache`` and never ``direct_io`` (not even
   when the catalog's ``0x10000`` flag asks for it: re-reads would bypass the cache and
-  ``MAP_SHARED`` mmaps could fail). A mount shows one revision, so attributes (size, mtime
-  from the catalog) never change and the cache stays valid; entry and attribute timeouts
-  are long for the same reason.
+  ``MAP_SHARED`` mmaps could fail). An inode stands for one entry of one revision: when a
+  new revision changes a path, the path gets a new inode (``fuse_live``), so an inode's
+  attributes and pages never change and the cache stays valid; entry and attribute timeouts
+  are long for the same reason, and the kernel is told explicitly what a new revision changed.
 * **Large requests.** libfuse 3 negotiates ``max_pages`` = 256 (1 MiB) by itself; how much
   the kernel asks for at a time is the mount's readahead, 128 KiB by default. The daemon raises
   ``/sys/class/bdi/<major:minor>/read_ahead_kb`` to 1024 after mounting (root only,
@@ -19,15 +20,18 @@ Errors map to errno at this edge: missing paths ``ENOENT``, ``ENOTDIR``, ``EISDI
 ``EROFS``, and anything wrong with the data (hash mismatch, unreachable servers, bad
 signatures) ``EIO``, which is what a reader should see instead of wrong bytes.
 
-Magic extended attributes, like upstream's (``getfattr -d -m - FILE``): ``user.fqrn``,
-``user.revision``, ``user.root_hash``, ``user.hash``, ``user.chunks``, ``user.chunk_list``,
-``user.compression``, ``user.rawlink``, ``user.host``, ``user.version``, ``user.pid``; plus
-the xattrs stored in the catalog. Reading the hidden ``user.cvmfs_ml.warm`` of a folder makes
-the daemon fetch everything below it (``cvmfs-ml warm MOUNTED_PATH`` uses it).
+Magic extended attributes, like upstream's (``getfattr -d -m - FILE``): ``user.hash``,
+``user.chunks``, ``user.chunk_list``, ``user.compression``, ``user.rawlink`` per entry, and
+the mount-wide ones of :func:`cvmfs_ml.client.mount_control.upstream_magic` (``user.fqrn``,
+``user.revision``, ``user.root_hash``, ``user.host``, ``user.expires``, ...), plus the xattrs
+stored in the catalog. Reading the hidden ``user.cvmfs_ml.warm`` of a folder makes the daemon
+fetch everything below it (``cvmfs-ml warm MOUNTED_PATH`` uses it); ``user.cvmfs_ml.reload``
+and ``user.cvmfs_ml.stats`` of the root serve ``cvmfs-ml reload`` and ``cvmfs-ml stats``.
 
-``mount()`` starts the daemon as a separate process (pyfuse3 keeps one mount per process and
-readers should not share the daemon's GIL) and returns once the mount answers;
-``MountHandle.unmount()`` (or ``fusermount3 -u``) ends it.
+New revisions are taken on the TTL (:mod:`cvmfs_ml.client.fuse_live`).
+:func:`cvmfs_ml.client.mounts.mount` starts this module as a daemon process (pyfuse3 keeps one
+mount per process and readers should not share the daemon's GIL) and returns once the mount
+answers; ``MountHandle.unmount()`` (or ``fusermount3 -u``) ends it.
 """
 
 from __future__ import annotations
@@ -80,7 +84,8 @@ __all__ = [
 log = logging.getLogger("cvmfs_ml.fuse")
 
 ATTR_TIMEOUT = 3600.0
-"""Seconds the kernel may keep entries and attributes: a mount shows one fixed revision."""
+"""Seconds the kernel may keep entries and attributes: what a new revision changes is
+invalidated explicitly, and an inode's entry never changes."""
 BLKSIZE = 1 << 20
 _KEEP_BUFFERS = 8  # idle reply buffers kept for reuse (1 MiB each)
 WARM_XATTR = b"user.cvmfs_ml.warm"
@@ -128,11 +133,12 @@ def _require_pyfuse3() -> Any:
 
 
 class CvmfsOperations(_OperationsBase):  # type: ignore[misc,valid-type]
-    """pyfuse3 low-level operations over one :class:`Repository` revision.
+    """pyfuse3 low-level operations over a :class:`Repository` and the revisions it takes.
 
-    Inodes are handed out per path on first sight and kept for the mount's lifetime (a
-    revision's tree is fixed, so a path always maps to the same entry). All state changes
-    happen on the trio loop; repository calls that may block run in worker threads.
+    Inodes are handed out per path on first sight; a path keeps its inode until a new revision
+    changes its entry (then it gets a new one and the old inode serves only files opened
+    before). All state changes happen on the trio loop; repository calls that may block run in
+    worker threads.
     """
 
     enable_writeback_cache = False
@@ -462,7 +468,7 @@ class CvmfsOperations(_OperationsBase):  # type: ignore[misc,valid-type]
         fh = self._next_fh
         self._next_fh += 1
         self._files[fh] = handle
-        # keep_cache: the revision is fixed, so pages cached by an earlier open stay valid.
+        # keep_cache: an inode's content never changes, so pages cached earlier stay valid.
         return self._fuse.FileInfo(fh=fh, keep_cache=True, direct_io=False)
 
     async def read(self, fh: int, off: int, size: int) -> memoryview:
