@@ -289,6 +289,16 @@ def test_ttl_comes_from_the_publisher_and_is_capped_by_max_ttl(
         open_target(long_ttl.url, public_key=long_ttl.key, cache=tmp_path / "c",
                     config_files=[config])  # fmt: skip
 
+    # CVMFS_ROOT_HASH pins a revision, as upstream: a newer one is never taken
+    first = long_ttl.publisher.manifest().catalog.hex
+    _publish_v2(long_ttl.publisher)
+    config.write_text(f"CVMFS_ROOT_HASH={first}\n")
+    with open_target(long_ttl.url, public_key=long_ttl.key, cache=tmp_path / "c",
+                     config_files=[config]) as repo:  # fmt: skip
+        assert repo.pinned and repo.revision == 1
+        assert repo.refresh() is False and repo.revision == 1
+        assert repo.read_bytes("/data/note.txt") == b"one"
+
 
 def test_tree_changes_names_what_a_new_revision_changed(long_ttl: Served, tmp_path: Path) -> None:
     from cvmfs_ml.client.fuse_live import tree_changes

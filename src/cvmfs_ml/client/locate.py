@@ -18,6 +18,7 @@ from typing import Any
 from cvmfs_ml.client.cache import ObjectCache
 from cvmfs_ml.client.config import ClientConfig, load_config, parse_proxy_list
 from cvmfs_ml.client.repository import Repository
+from cvmfs_ml.client.session import max_ttl_seconds, pinned_revision
 from cvmfs_ml.cvmfs.keys import load_public_keys
 from cvmfs_ml.cvmfs.manifest import Manifest
 from cvmfs_ml.errors import ConfigError, CvmfsMlError
@@ -94,6 +95,8 @@ def open_target(
             raise
         config = None  # a URL or folder does not need the configuration to be complete
     object_cache = _cache_for(cache, config if (use_config_cache or cache is not None) else None)
+    if config is not None and options.get("root_hash") is None and options.get("tag") is None:
+        options.update(pinned_revision(config.params))  # CVMFS_ROOT_HASH, CVMFS_REPOSITORY_TAG
 
     if is_url(target) or local:
         key: Any = public_key
@@ -149,14 +152,10 @@ def open_target(
 
 def _with_max_ttl(repository: Repository, config: ClientConfig | None) -> Repository:
     """Cap the repository's TTL by ``CVMFS_MAX_TTL`` (minutes, as upstream; 0 or unset: none)."""
-    text = (config.params.get("CVMFS_MAX_TTL", "") if config is not None else "").strip()
-    if not text:
-        return repository
-    try:
-        minutes = float(text)
-    except ValueError:
-        repository.close()
-        raise ConfigError(f"CVMFS_MAX_TTL={text!r}: expected a number of minutes") from None
-    if minutes > 0:
-        repository.max_ttl = minutes * 60
+    if config is not None:
+        try:
+            repository.max_ttl = max_ttl_seconds(config.params.get("CVMFS_MAX_TTL", ""))
+        except ConfigError:
+            repository.close()
+            raise
     return repository
