@@ -42,7 +42,8 @@ log = logging.getLogger("cvmfs_ml.fuse")
 
 RETRY_AFTER_FAILURE = 60.0
 """At most this many seconds between checks after a failed one (upstream retries early too)."""
-MIN_SLEEP = 0.2
+MIN_SLEEP = 1.0
+"""Fewest seconds between periodic checks, whatever TTL a repository asks for."""
 
 
 @dataclass
