@@ -4,8 +4,12 @@ and the daemon reports its counters (``cvmfs-ml stats``) and upstream's ``user.*
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import shutil
+import subprocess
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -128,3 +132,36 @@ def test_stats_and_upstream_attributes(
     assert warm["cache"]["misses"] == 0 and warm["cache"]["hits"] >= 3
     assert warm["cache"]["hit_rate"] == 1.0
     assert warm["fetch"]["objects"] == 2  # .cvmfspublished and .cvmfswhitelist only
+
+
+def test_only_root_and_the_owner_may_reload(
+    served: tuple[str, Path, Publisher], require_fuse: None
+) -> None:
+    """Anyone who reads the mount may read its counters; a reload needs root or the owner."""
+    system_python = shutil.which("python3", path="/usr/bin:/bin")
+    if os.geteuid() != 0 or system_python is None:
+        pytest.skip("needs root, and a python3 that another user may run, to ask as nobody")
+    url, key, _publisher = served
+    outside = Path(tempfile.mkdtemp(prefix="cvmfs-ml-other."))  # reachable by nobody
+    try:
+        os.chmod(outside, 0o755)
+        point = outside / "mnt"
+        point.mkdir()
+        handle = mount(url, point, public_key=key, cache=outside / "cache", timeout=30,
+                       allow_other=True)  # fmt: skip
+        try:
+            probe = ("import os,sys\n"
+                     "for name in ('user.cvmfs_ml.stats', 'user.cvmfs_ml.reload'):\n"
+                     "    try: os.getxattr(sys.argv[1], name); print(name, 'ok')\n"
+                     "    except OSError as e: print(name, e.errno)\n")  # fmt: skip
+            done = subprocess.run(
+                [system_python, "-c", probe, str(point)], capture_output=True, text=True,
+                timeout=30, check=True, user=65534, env={"PATH": "/usr/bin:/bin"},
+            )  # fmt: skip
+            assert done.stdout.splitlines() == [
+                "user.cvmfs_ml.stats ok", f"user.cvmfs_ml.reload {errno.EPERM}"]  # fmt: skip
+            assert json.loads(os.getxattr(point, "user.cvmfs_ml.reload"))["ok"] is True  # root
+        finally:
+            handle.unmount()
+    finally:
+        shutil.rmtree(outside, ignore_errors=True)
