@@ -420,6 +420,7 @@ class Repository:
                 raise
             current = self.manifest
             if manifest.revision < current.revision or manifest.timestamp < current.timestamp:
+                self._count("refresh_failures")
                 raise RollbackError(
                     f"{self.fqrn}: the server offers revision {manifest.revision} "
                     f"(T={manifest.timestamp}), older than the open revision {current.revision} "
