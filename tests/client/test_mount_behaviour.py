@@ -67,6 +67,27 @@ def test_second_mount_on_a_mounted_folder_leaves_the_first_working(
     assert first.process is not None and first.process.poll() is None
 
 
+def test_dead_daemon_mount_is_reported_and_can_be_cleared(
+    mounter: Callable[..., MountHandle], served: tuple[str, Path, Publisher], tmp_path: Path
+) -> None:
+    url, key, _publisher = served
+    first = mounter(url, public_key=key)
+    point = first.mountpoint
+    assert first.process is not None
+    first.process.kill()  # the daemon dies; the kernel keeps a mount that answers ENOTCONN
+    first.process.wait(timeout=10)
+    with pytest.raises(ConfigError, match="already a mount point"):
+        mount(url, point, public_key=key, cache=tmp_path / "c2", timeout=30)
+    result = CliRunner().invoke(cli(), ["umount", str(point)])
+    assert result.exit_code == 0, result.output
+    again = mount(url, point, public_key=key, cache=tmp_path / "c2", timeout=30,
+                  log_file=tmp_path / "again.log")  # fmt: skip
+    try:
+        assert (point / "hello.txt").read_bytes() == b"hello\n"
+    finally:
+        again.unmount()
+
+
 def test_non_empty_folder_needs_nonempty(
     served: tuple[str, Path, Publisher], tmp_path: Path, require_fuse: None
 ) -> None:

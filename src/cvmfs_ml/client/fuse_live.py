@@ -36,7 +36,7 @@ from cvmfs_ml.client.repository import Repository
 from cvmfs_ml.cvmfs.catalog import DirectoryEntry
 from cvmfs_ml.errors import CvmfsMlError, NotFoundError
 
-__all__ = ["LiveUpdates", "TreeChanges", "tree_changes"]
+__all__ = ["KernelView", "LiveUpdates", "TreeChanges", "entry_name", "tree_changes"]
 
 log = logging.getLogger("cvmfs_ml.fuse")
 

@@ -134,14 +134,14 @@ def check_mountpoint(mountpoint: str | os.PathLike[str], *, nonempty: bool = Fal
     ``nonempty`` (mounting would hide them, which upstream refuses too).
     """
     target = os.path.realpath(mountpoint)
-    if not os.path.isdir(target):
-        raise ConfigError(f"mount point {mountpoint} is not a directory: create it first (mkdir)")
-    if is_mounted(target):
-        what = mounted_source(target) or "a file system"
+    source = mounted_source(target)  # first: a dead daemon's mount fails every stat
+    if source is not None:
         raise ConfigError(
-            f"{target} is already a mount point ({what}); it stays mounted. Unmount it first "
+            f"{target} is already a mount point ({source}); it stays mounted. Unmount it first "
             f"(cvmfs-ml umount {target}) or pick another folder"
         )
+    if not os.path.isdir(target):
+        raise ConfigError(f"mount point {mountpoint} is not a directory: create it first (mkdir)")
     if not nonempty:
         try:
             with os.scandir(target) as entries:
