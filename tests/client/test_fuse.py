@@ -15,7 +15,7 @@ import shutil
 import stat
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -36,54 +36,9 @@ pytestmark = pytest.mark.service
 REF = "ref.test.local"
 
 
-def _fuse_problem() -> str | None:
-    try:
-        import pyfuse3  # noqa: F401
-        import trio  # noqa: F401
-    except ImportError as exc:
-        return f"pyfuse3/trio not importable: {exc}"
-    if shutil.which("fusermount3") is None:
-        return "fusermount3 is not installed (Debian package fuse3)"
-    try:
-        os.close(os.open("/dev/fuse", os.O_RDWR))
-    except OSError as exc:
-        return f"/dev/fuse is not usable: {exc.strerror}"
-    return None
-
-
 @pytest.fixture(scope="module", autouse=True)
-def _require_fuse() -> None:
-    problem = _fuse_problem()
-    if problem is None:
-        return
-    if os.environ.get("CI"):
-        pytest.fail(f"FUSE tests cannot run: {problem}; CI must provide FUSE")
-    pytest.skip(f"FUSE tests skipped: {problem}")
-
-
-@pytest.fixture
-def mounter(tmp_path: Path) -> Iterator[Callable[..., MountHandle]]:
-    """``mounter(target, **options) -> MountHandle`` at a fresh folder; unmounted afterwards."""
-    handles: list[MountHandle] = []
-    counter = iter(range(100))
-
-    def start(target: str | Path, **options: object) -> MountHandle:
-        point = tmp_path / f"mnt{next(counter)}"
-        point.mkdir()
-        options.setdefault("cache", tmp_path / f"cache{len(handles)}")
-        options.setdefault("log_file", tmp_path / f"fuse{len(handles)}.log")
-        options.setdefault("timeout", 60.0)
-        handle = mount(str(target), point, **options)  # type: ignore[arg-type]
-        handles.append(handle)
-        return handle
-
-    yield start
-    for handle in handles:
-        try:
-            handle.unmount(timeout=15)
-        finally:
-            if is_mounted(handle.mountpoint):
-                subprocess.run(["fusermount3", "-uz", str(handle.mountpoint)], check=False)
+def _require_fuse(require_fuse: None) -> None:
+    """Every test here mounts (tests/client/conftest.py: skip or, in CI, fail without FUSE)."""
 
 
 def _sha256(path: Path) -> str:

@@ -1,4 +1,4 @@
-"""``cvmfs-ml mount | umount | warm | trace report``: reading repositories as a client.
+"""``cvmfs-ml mount | umount | reload | stats | warm | trace report``: reading as a client.
 
 Register with :func:`register_client_commands` (``cli/__init__.py``).
 """
@@ -69,6 +69,9 @@ def mount_command(
     parallel: ParallelOption = None,
     log: Annotated[Path | None, typer.Option("--log", help="daemon log file (with -d)")] = None,
     debug: Annotated[bool, typer.Option("--debug", help="log every FUSE request")] = False,
+    nonempty: Annotated[
+        bool, typer.Option("--nonempty", help="mount over a folder that holds files (hides them)")
+    ] = False,
 ) -> None:
     """Mount a repository read-only; a FQRN takes servers and keys from the configuration.
 
@@ -88,6 +91,7 @@ def mount_command(
         "allow_other": allow_other,
         "readahead_kb": readahead_kb,
         "prefetch_workers": parallel,
+        "nonempty": nonempty,
     }
     if detach:
         handle = mount(target, mountpoint, log_file=log, **common)
@@ -115,6 +119,57 @@ def umount_command(
     except OSError as exc:
         raise _fail(f"cannot unmount {mountpoint}: {exc.strerror or exc}") from exc
     typer.echo(f"unmounted {mountpoint}")
+
+
+# -- reload, stats -------------------------------------------------------------------------------
+@friendly
+def reload_command(
+    mountpoint: Annotated[Path, typer.Argument(help="where the repository is mounted")],
+    as_json: JsonOption = False,
+) -> None:
+    """Check for a new revision now instead of when the TTL expires (like cvmfs_talk remount).
+
+    Exits 1 when the check fails; the mount then stays on its revision and keeps serving.
+    """
+    from cvmfs_ml.client.mount_control import reload_mount
+
+    result = reload_mount(mountpoint)
+    if as_json:
+        typer.echo(json.dumps(result))
+    if not result.get("ok"):
+        raise _fail(
+            f"reload of {mountpoint} failed: {result.get('error')}; still serving revision "
+            f"{result.get('revision')}"
+        )
+    if as_json:
+        return
+    if result.get("pinned"):
+        typer.echo(f"{mountpoint}: pinned at revision {result.get('revision')}; it does not move")
+    elif result.get("changed"):
+        typer.echo(f"{mountpoint}: revision {result.get('previous')} -> {result.get('revision')}")
+    else:
+        typer.echo(f"{mountpoint}: revision {result.get('revision')} is the newest")
+
+
+@friendly
+def stats_command(
+    mountpoint: Annotated[Path, typer.Argument(help="where the repository is mounted")],
+    as_json: JsonOption = False,
+) -> None:
+    """The mount daemon's counters: fetches, cache hits, refreshes, failovers (internal affairs)."""
+    from cvmfs_ml.client.mount_control import read_mount_stats
+
+    stats = read_mount_stats(mountpoint)
+    if as_json:
+        typer.echo(json.dumps(stats, indent=2))
+        return
+    for key, value in stats.items():
+        if isinstance(value, dict):
+            typer.echo(f"{key}:")
+            for name, item in value.items():
+                typer.echo(f"  {name}: {item}")
+        else:
+            typer.echo(f"{key}: {value}")
 
 
 # -- warm ----------------------------------------------------------------------------------------
@@ -258,8 +313,10 @@ def trace_report(
 
 
 def register_client_commands(app: typer.Typer) -> None:
-    """Add ``mount``, ``umount``, ``warm`` and the ``trace`` group to the main app."""
+    """Add ``mount``, ``umount``, ``reload``, ``stats``, ``warm`` and ``trace`` to the main app."""
     app.command("mount")(mount_command)
     app.command("umount")(umount_command)
+    app.command("reload")(reload_command)
+    app.command("stats")(stats_command)
     app.command("warm")(warm_command)
     app.add_typer(trace_app, name="trace")

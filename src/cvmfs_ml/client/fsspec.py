@@ -26,6 +26,7 @@ from __future__ import annotations
 import datetime as dt
 import errno
 import io
+import logging
 import os
 import threading
 from typing import Any
@@ -40,6 +41,8 @@ from cvmfs_ml.errors import ConfigError, CvmfsMlError
 __all__ = ["CvmfsBufferedFile", "CvmfsFileSystem"]
 
 _DEFAULT_BLOCK = 1 << 20
+
+log = logging.getLogger(__name__)
 
 
 def _read_only(path: str) -> OSError:
@@ -139,10 +142,20 @@ class CvmfsFileSystem(AbstractFileSystem):
 
     # -- repositories -------------------------------------------------------------------------
     def repository(self, fqrn: str | None = None) -> Repository:
-        """The open repository for ``fqrn`` (default: the instance's own)."""
+        """The open repository for ``fqrn`` (default: the instance's own).
+
+        A repository opened earlier looks for a new revision once its TTL has expired, as a
+        mount does (:meth:`Repository.maybe_refresh`: a failed check keeps the current
+        revision); files already open keep reading the revision they opened.
+        """
         name = fqrn or self.fqrn
         if not name:
             raise FileNotFoundError(errno.ENOENT, "no repository named in the path", "")
+        with self._repos_lock:
+            repo = self._repos.get(name)
+        if repo is not None:
+            repo.maybe_refresh()
+            return repo
         with self._repos_lock:
             repo = self._repos.get(name)
             if repo is not None:
@@ -163,6 +176,25 @@ class CvmfsFileSystem(AbstractFileSystem):
                 ) from exc
             self._repos[name] = repo
             return repo
+
+    def invalidate_cache(self, path: str | None = None) -> None:
+        """Check for a new revision now (of ``path``'s repository, or of every open one).
+
+        fsspec callers use this to say "show me what is there now". A check that fails (servers
+        unreachable, an untrusted manifest) is logged and the current revision kept.
+        """
+        super().invalidate_cache(path)
+        with self._repos_lock:
+            if path is None:
+                repos = list(self._repos.values())
+            else:
+                repo = self._repos.get(self._split(path)[0])
+                repos = [repo] if repo is not None else []
+        for repo in repos:
+            try:
+                repo.refresh()
+            except (CvmfsMlError, OSError) as exc:
+                log.warning("%s: staying on revision %d: %s", repo.fqrn, repo.revision, exc)
 
     def close(self) -> None:
         """Close the repositories opened so far (the instance stays usable)."""

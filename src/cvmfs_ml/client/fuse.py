@@ -4,9 +4,10 @@ The data path follows performance-notes.md (takeaways 1 and 4, §6):
 
 * **Kernel page cache kept.** Files open with ``keep_cache`` and never ``direct_io`` (not even
   when the catalog's ``0x10000`` flag asks for it: re-reads would bypass the cache and
-  ``MAP_SHARED`` mmaps could fail). A mount shows one revision, so attributes (size, mtime
-  from the catalog) never change and the cache stays valid; entry and attribute timeouts
-  are long for the same reason.
+  ``MAP_SHARED`` mmaps could fail). An inode stands for one entry of one revision: when a
+  new revision changes a path, the path gets a new inode (``fuse_live``), so an inode's
+  attributes and pages never change and the cache stays valid; entry and attribute timeouts
+  are long for the same reason, and the kernel is told explicitly what a new revision changed.
 * **Large requests.** libfuse 3 negotiates ``max_pages`` = 256 (1 MiB) by itself; how much
   the kernel asks for at a time is the mount's readahead, 128 KiB by default. The daemon raises
   ``/sys/class/bdi/<major:minor>/read_ahead_kb`` to 1024 after mounting (root only,
@@ -19,15 +20,18 @@ Errors map to errno at this edge: missing paths ``ENOENT``, ``ENOTDIR``, ``EISDI
 ``EROFS``, and anything wrong with the data (hash mismatch, unreachable servers, bad
 signatures) ``EIO``, which is what a reader should see instead of wrong bytes.
 
-Magic extended attributes, like upstream's (``getfattr -d -m - FILE``): ``user.fqrn``,
-``user.revision``, ``user.root_hash``, ``user.hash``, ``user.chunks``, ``user.chunk_list``,
-``user.compression``, ``user.rawlink``, ``user.host``, ``user.version``, ``user.pid``; plus
-the xattrs stored in the catalog. Reading the hidden ``user.cvmfs_ml.warm`` of a folder makes
-the daemon fetch everything below it (``cvmfs-ml warm MOUNTED_PATH`` uses it).
+Magic extended attributes, like upstream's (``getfattr -d -m - FILE``): ``user.hash``,
+``user.chunks``, ``user.chunk_list``, ``user.compression``, ``user.rawlink`` per entry, and
+the mount-wide ones of :func:`cvmfs_ml.client.mount_control.upstream_magic` (``user.fqrn``,
+``user.revision``, ``user.root_hash``, ``user.host``, ``user.expires``, ...), plus the xattrs
+stored in the catalog. Reading the hidden ``user.cvmfs_ml.warm`` of a folder makes the daemon
+fetch everything below it (``cvmfs-ml warm MOUNTED_PATH`` uses it); ``user.cvmfs_ml.reload``
+and ``user.cvmfs_ml.stats`` of the root serve ``cvmfs-ml reload`` and ``cvmfs-ml stats``.
 
-``mount()`` starts the daemon as a separate process (pyfuse3 keeps one mount per process and
-readers should not share the daemon's GIL) and returns once the mount answers;
-``MountHandle.unmount()`` (or ``fusermount3 -u``) ends it.
+New revisions are taken on the TTL (:mod:`cvmfs_ml.client.fuse_live`).
+:func:`cvmfs_ml.client.mounts.mount` starts this module as a daemon process (pyfuse3 keeps one
+mount per process and readers should not share the daemon's GIL) and returns once the mount
+answers; ``MountHandle.unmount()`` (or ``fusermount3 -u``) ends it.
 """
 
 from __future__ import annotations
@@ -38,18 +42,30 @@ import errno
 import json
 import logging
 import os
-import select
-import shutil
 import signal
-import subprocess
-import sys
 import tempfile
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, TypeVar
 
+from cvmfs_ml.client.fuse_live import LiveUpdates, TreeChanges, entry_name
+from cvmfs_ml.client.mount_control import (
+    CONTROL_XATTRS,
+    RELOAD_XATTR,
+    MountCounters,
+    control_reply,
+    may_reload,
+    mount_stats,
+    upstream_magic,
+)
+from cvmfs_ml.client.mounts import (
+    MountHandle,
+    check_mountpoint,
+    is_mounted,
+    mount,
+    set_readahead,
+    unmount,
+)
 from cvmfs_ml.client.prefetch import warm
 from cvmfs_ml.client.repository import CvmfsFile, Repository
 from cvmfs_ml.cvmfs.catalog import DirectoryEntry
@@ -68,7 +84,8 @@ __all__ = [
 log = logging.getLogger("cvmfs_ml.fuse")
 
 ATTR_TIMEOUT = 3600.0
-"""Seconds the kernel may keep entries and attributes: a mount shows one fixed revision."""
+"""Seconds the kernel may keep entries and attributes: what a new revision changes is
+invalidated explicitly, and an inode's entry never changes."""
 BLKSIZE = 1 << 20
 _KEEP_BUFFERS = 8  # idle reply buffers kept for reuse (1 MiB each)
 WARM_XATTR = b"user.cvmfs_ml.warm"
@@ -116,17 +133,24 @@ def _require_pyfuse3() -> Any:
 
 
 class CvmfsOperations(_OperationsBase):  # type: ignore[misc,valid-type]
-    """pyfuse3 low-level operations over one :class:`Repository` revision.
+    """pyfuse3 low-level operations over a :class:`Repository` and the revisions it takes.
 
-    Inodes are handed out per path on first sight and kept for the mount's lifetime (a
-    revision's tree is fixed, so a path always maps to the same entry). All state changes
-    happen on the trio loop; repository calls that may block run in worker threads.
+    Inodes are handed out per path on first sight; a path keeps its inode until a new revision
+    changes its entry (then it gets a new one and the old inode serves only files opened
+    before). All state changes happen on the trio loop; repository calls that may block run in
+    worker threads.
     """
 
     enable_writeback_cache = False
     supports_dot_lookup = True
 
-    def __init__(self, repository: Repository, *, workers: int = 16) -> None:
+    max_missing = 8192
+    """Names answered "does not exist" remembered to invalidate after a switch; beyond this
+    many, such answers are cached by the kernel for one TTL only."""
+
+    def __init__(
+        self, repository: Repository, *, workers: int = 16, tag: str | None = None
+    ) -> None:
         import trio
 
         pyfuse3 = _require_pyfuse3()
@@ -146,6 +170,10 @@ class CvmfsOperations(_OperationsBase):  # type: ignore[misc,valid-type]
         self.read_sizes: dict[int, int] = {}
         self._free_buffers: list[bytearray] = []
         self._lent_buffers: list[bytearray] = []
+        self._missing: dict[tuple[int, str], None] = {}
+        self.counters = MountCounters()
+        self.tag = tag
+        self.live = LiveUpdates(self, pyfuse3.invalidate_entry, pyfuse3.invalidate_inode)
 
     # -- helpers ------------------------------------------------------------------------------
     def _reply_buffer(self, size: int) -> bytearray:
@@ -176,6 +204,7 @@ class CvmfsOperations(_OperationsBase):  # type: ignore[misc,valid-type]
             return exc
         code = _errno_of(exc, missing=missing)
         if code == errno.EIO:
+            self.counters.io_error()
             log.error("%s: %s: %s", what, type(exc).__name__, exc)
         else:
             log.debug("%s: %s", what, exc)
@@ -244,16 +273,55 @@ class CvmfsOperations(_OperationsBase):  # type: ignore[misc,valid-type]
             try:
                 entry = await self._blocking(self.repo.stat, path)
             except (NotFoundError, FileNotFoundError, NotADirectoryError):
-                negative = self._fuse.EntryAttributes()
-                negative.st_ino = 0  # cache "does not exist" as long as entries
-                negative.entry_timeout = ATTR_TIMEOUT
-                return negative
+                return self._negative(parent_inode, path)
             except Exception as exc:
                 raise self._fail(exc, f"lookup {path}") from exc
             inode = self._inode_for(path)
             self._entries[inode] = entry
         assert inode is not None
         return self._attributes(inode, entry)
+
+    def _negative(self, parent_inode: int, path: str) -> Any:
+        """A "does not exist" answer the kernel caches until the name appears (or one TTL)."""
+        negative = self._fuse.EntryAttributes()
+        negative.st_ino = 0
+        negative.entry_timeout = ATTR_TIMEOUT
+        if not self.repo.pinned:
+            if len(self._missing) < self.max_missing:
+                self._missing[(parent_inode, path)] = None
+            else:
+                negative.entry_timeout = min(ATTR_TIMEOUT, max(1.0, self.repo.ttl))
+        return negative
+
+    # -- live updates (cvmfs_ml.client.fuse_live) -----------------------------------------------
+    def known_entries(self) -> list[tuple[str, int, DirectoryEntry | None]]:
+        """``(path, inode, entry served)`` for every path the kernel may have cached."""
+        return [(path, inode, self._entries.get(inode)) for path, inode in self._inodes.items()]
+
+    def missing_names(self) -> list[tuple[int, str]]:
+        return list(self._missing)
+
+    def adopt_changes(self, changes: TreeChanges) -> list[tuple[int, bytes] | int]:
+        """Apply a switch to the inode table; what the kernel must forget.
+
+        A path whose entry changed loses its inode (the next lookup hands out a new one), while
+        the old inode keeps its entry for files still open; folders keep their inode with the
+        new entry.
+        """
+        targets: list[tuple[int, bytes] | int] = []
+        for path, inode in changes.renamed:
+            if self._inodes.get(path) == inode:
+                del self._inodes[path]
+            parent = self._inodes.get(path.rsplit("/", 1)[0])
+            if parent is not None:
+                targets.append((parent, entry_name(path)))
+        for inode, entry in changes.folders:
+            self._entries[inode] = entry
+            targets.append(inode)
+        for parent, path in changes.appeared:
+            self._missing.pop((parent, path), None)
+            targets.append((parent, entry_name(path)))
+        return targets
 
     async def getattr(self, inode: int, ctx: Any = None) -> Any:
         return self._attributes(inode, await self._entry(inode))
@@ -273,6 +341,7 @@ class CvmfsOperations(_OperationsBase):  # type: ignore[misc,valid-type]
             children = await self._blocking(self.repo.listdir, path)
         except Exception as exc:
             raise self._fail(exc, f"listdir {path or '/'}") from exc
+        self.counters.dir_opens += 1
         listing = []
         for child in children:
             child_inode = self._inode_for(child.path)
@@ -315,16 +384,8 @@ class CvmfsOperations(_OperationsBase):  # type: ignore[misc,valid-type]
     # -- extended attributes ------------------------------------------------------------------
     def _magic(self, entry: DirectoryEntry) -> dict[bytes, Callable[[], bytes]]:
         repo = self.repo
-        magic: dict[bytes, Callable[[], bytes]] = {
-            b"user.fqrn": lambda: repo.fqrn.encode(),
-            b"user.revision": lambda: str(repo.revision).encode(),
-            b"user.root_hash": lambda: repo.root_hash.hex.encode(),
-            b"user.host": lambda: str(
-                getattr(repo.source, "current_host", None) or getattr(repo.source, "root", "")
-            ).encode(),
-            b"user.version": lambda: _version().encode(),
-            b"user.pid": lambda: str(os.getpid()).encode(),
-        }
+        magic = upstream_magic(repo, self.live, self.counters, self.tag)
+        magic[b"user.version"] = lambda: _version().encode()
         if entry.is_regular:
             layout = repo.layout(entry)
             if entry.digest is not None:
@@ -360,6 +421,8 @@ class CvmfsOperations(_OperationsBase):  # type: ignore[misc,valid-type]
             ).encode()
         if name == STATS_XATTR:  # request-size histogram: shows whether reads are 1 MiB
             return json.dumps({"reads": self.reads, "sizes": self.read_sizes}).encode()
+        if name in CONTROL_XATTRS and inode == self._fuse.ROOT_INODE:
+            return await self._control(name, ctx)
         if name in entry.xattrs:
             return bytes(entry.xattrs[name])
         try:
@@ -371,6 +434,20 @@ class CvmfsOperations(_OperationsBase):  # type: ignore[misc,valid-type]
         except Exception as exc:
             raise self._fail(exc, f"getxattr {entry.path}") from exc
 
+    async def _control(self, name: bytes, ctx: Any) -> bytes:
+        """``cvmfs-ml reload`` and ``cvmfs-ml stats`` (cvmfs_ml.client.mount_control)."""
+        if name == RELOAD_XATTR:
+            if ctx is not None and not may_reload(ctx.uid):
+                raise self._fuse.FUSEError(errno.EPERM)
+            return control_reply(await self.live.check(forced=True))
+        try:
+            stats = mount_stats(self.repo, self.live, self.counters, len(self._files),
+                                len(self._paths))  # fmt: skip
+        except Exception as exc:
+            raise self._fail(exc, "stats") from exc
+        stats["fuse"]["reads"] = self.reads
+        return control_reply(stats)
+
     # -- file content -------------------------------------------------------------------------
     async def open(self, inode: int, flags: int, ctx: Any = None) -> Any:
         if flags & os.O_ACCMODE != os.O_RDONLY or flags & (os.O_TRUNC | os.O_APPEND | os.O_CREAT):
@@ -381,6 +458,9 @@ class CvmfsOperations(_OperationsBase):  # type: ignore[misc,valid-type]
         if not entry.is_regular:
             raise self._fuse.FUSEError(errno.EACCES)
         path = self._path(inode)
+        if self._inodes.get(path) != inode:  # an older revision's inode: its path moved on
+            raise self._fuse.FUSEError(errno.ESTALE)
+        self.counters.opens += 1
         try:
             handle = await self._blocking(self.repo.open_file, path)
         except Exception as exc:
@@ -388,7 +468,7 @@ class CvmfsOperations(_OperationsBase):  # type: ignore[misc,valid-type]
         fh = self._next_fh
         self._next_fh += 1
         self._files[fh] = handle
-        # keep_cache: the revision is fixed, so pages cached by an earlier open stay valid.
+        # keep_cache: an inode's content never changes, so pages cached earlier stay valid.
         return self._fuse.FileInfo(fh=fh, keep_cache=True, direct_io=False)
 
     async def read(self, fh: int, off: int, size: int) -> memoryview:
@@ -429,81 +509,6 @@ def _version() -> str:
         return "unknown"
 
 
-# ------------------------------------------------------------------------------ mount table
-def _unescape_mountinfo(text: str) -> str:
-    return (
-        text.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n")
-        .replace("\\134", "\\")
-    )  # fmt: skip
-
-
-def _mount_device(mountpoint: str | os.PathLike[str]) -> str | None:
-    """``major:minor`` of the file system mounted at ``mountpoint`` (from mountinfo)."""
-    target = os.path.realpath(mountpoint)
-    found = None
-    try:
-        with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as table:
-            for line in table:
-                fields = line.split()
-                if len(fields) > 4 and _unescape_mountinfo(fields[4]) == target:
-                    found = fields[2]  # the last (topmost) mount wins
-    except OSError:
-        return None
-    return found
-
-
-def is_mounted(mountpoint: str | os.PathLike[str]) -> bool:
-    """Whether something is mounted at ``mountpoint`` (no request reaches the file system)."""
-    return _mount_device(mountpoint) is not None
-
-
-def set_readahead(mountpoint: str | os.PathLike[str], kib: int = 1024) -> int | None:
-    """Raise the mount's readahead so the kernel asks for up to ``kib`` KiB per request.
-
-    FUSE mounts start at 128 KiB; 1024 gives 1 MiB requests (libfuse's max_pages limit),
-    which cuts per-request overhead for mmap loaders (performance-notes.md takeaway 4).
-    Needs root; best-effort. Returns the value now in effect, or ``None`` when unknown.
-    """
-    device = _mount_device(mountpoint)
-    if device is None:
-        return None
-    knob = Path("/sys/class/bdi") / device / "read_ahead_kb"
-    try:
-        if kib > 0 and os.geteuid() == 0:
-            knob.write_text(f"{int(kib)}\n")
-        return int(knob.read_text().strip())
-    except (OSError, ValueError) as exc:
-        log.info("cannot set %s: %s", knob, exc)
-        try:
-            return int(knob.read_text().strip())
-        except (OSError, ValueError):
-            return None
-
-
-def _fusermount() -> str | None:
-    return shutil.which("fusermount3") or shutil.which("fusermount")
-
-
-def unmount(
-    mountpoint: str | os.PathLike[str], *, lazy: bool = False, timeout: float = 10.0
-) -> None:
-    """Unmount a FUSE mount (``fusermount3 -u``; ``umount`` when that is missing).
-
-    ``lazy`` detaches it even while files are open (``-z``). Raises :class:`OSError` with the
-    tool's message when it fails (busy, not mounted...).
-    """
-    target = os.fspath(mountpoint)
-    tool = _fusermount()
-    if tool is not None:
-        cmd = [tool, "-u"] + (["-z"] if lazy else []) + ["--", target]
-    else:
-        cmd = ["umount"] + (["-l"] if lazy else []) + [target]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
-    if done.returncode != 0:
-        message = (done.stderr or done.stdout).strip() or f"exit status {done.returncode}"
-        raise OSError(errno.EBUSY if "busy" in message.lower() else errno.EINVAL, message, target)
-
-
 # ------------------------------------------------------------------------------ daemon
 @dataclass
 class _State:
@@ -521,22 +526,22 @@ def serve(
     debug: bool = False,
     ready: Callable[[], None] | None = None,
     flush_trace_every: float = 1.0,
+    nonempty: bool = False,
+    tag: str | None = None,
 ) -> None:
     """Mount ``repository`` at ``mountpoint`` and serve requests until unmounted.
 
     Returns after ``fusermount3 -u`` (or SIGINT/SIGTERM/SIGHUP, which unmount first).
     ``ready`` is called once the mount answers requests. ``allow_other`` (default: when
-    running as root) lets other users read the mount, as upstream's mounts do.
+    running as root) lets other users read the mount, as upstream's mounts do. A folder that
+    is a mount point already, or (unless ``nonempty``) holds files, is refused. New revisions
+    are followed on the TTL unless the repository is pinned (:mod:`.fuse_live`).
     """
     import trio
 
     pyfuse3 = _require_pyfuse3()
-    target = os.path.realpath(mountpoint)
-    if not os.path.isdir(target):
-        raise ConfigError(f"mount point {mountpoint} is not a directory")
-    if is_mounted(target):
-        raise ConfigError(f"{target} is already a mount point")
-    operations = CvmfsOperations(repository, workers=workers)
+    target = check_mountpoint(mountpoint, nonempty=nonempty)
+    operations = CvmfsOperations(repository, workers=workers, tag=tag)
     options = {"ro", "default_permissions", f"fsname=cvmfs-ml:{repository.fqrn}",
                "subtype=cvmfs-ml"}  # fmt: skip
     if allow_other if allow_other is not None else os.geteuid() == 0:
@@ -598,156 +603,9 @@ async def _serve_async(
         nursery.start_soon(on_signals)
         nursery.start_soon(flush_trace)
         nursery.start_soon(announce)
+        nursery.start_soon(operations.live.run)
         await pyfuse3.main()
         nursery.cancel_scope.cancel()
-
-
-# ------------------------------------------------------------------------------ mount()
-@dataclass
-class MountHandle:
-    """A running mount daemon; :meth:`unmount` stops it (also on ``with`` exit)."""
-
-    mountpoint: Path
-    pid: int
-    process: subprocess.Popen[bytes] | None = None
-    log_file: Path | None = None
-
-    @property
-    def mounted(self) -> bool:
-        return is_mounted(self.mountpoint)
-
-    def unmount(self, timeout: float = 15.0) -> None:
-        """Unmount and wait for the daemon to exit; lazy-unmount and kill it if it hangs."""
-        deadline = time.monotonic() + timeout
-        if self.mounted:
-            try:
-                unmount(self.mountpoint, timeout=timeout)
-            except (OSError, subprocess.TimeoutExpired) as exc:
-                log.warning("unmount %s: %s; detaching lazily", self.mountpoint, exc)
-                with contextlib.suppress(OSError, subprocess.TimeoutExpired):
-                    unmount(self.mountpoint, lazy=True, timeout=timeout)
-        if self.process is not None:
-            try:
-                self.process.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=5)
-        else:
-            _wait_pid_gone(self.pid, deadline)
-
-    def __enter__(self) -> MountHandle:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.unmount()
-
-
-def _wait_pid_gone(pid: int, deadline: float) -> None:
-    while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return
-        time.sleep(0.05)
-
-
-def mount(
-    target: str | os.PathLike[str],
-    mountpoint: str | os.PathLike[str],
-    *,
-    public_key: str | os.PathLike[str] | None = None,
-    cache: str | os.PathLike[str] | None = None,
-    proxy: str | None = None,
-    config_files: Sequence[str | os.PathLike[str]] = (),
-    trace: str | os.PathLike[str] | None = None,
-    tag: str | None = None,
-    allow_other: bool | None = None,
-    readahead_kb: int = 1024,
-    prefetch_workers: int | None = None,
-    log_file: str | os.PathLike[str] | None = None,
-    timeout: float = 60.0,
-    env: dict[str, str] | None = None,
-) -> MountHandle:
-    """Start a mount daemon for ``target`` (URL, repository folder or FQRN) and wait for it.
-
-    Returns once the mount answers requests; raises :class:`CvmfsMlError` with the daemon's
-    reason when it fails to start within ``timeout`` seconds. The daemon runs in its own
-    session, so it outlives the caller unless unmounted (``handle.unmount()``).
-    """
-    text = os.fspath(target)
-    if not text.startswith(("http://", "https://")) and os.path.exists(text):
-        text = os.path.abspath(text)
-
-    def absolute(p: str | os.PathLike[str] | None) -> str | None:
-        return None if p is None else os.path.abspath(os.fspath(p))
-
-    point = Path(os.path.abspath(mountpoint))
-    argv = [sys.executable, "-m", "cvmfs_ml.client.fuse", text, str(point)]
-    for flag, value in (
-        ("--key", absolute(public_key)), ("--cache", absolute(cache)), ("--proxy", proxy),
-        ("--trace", absolute(trace)), ("--tag", tag),
-    ):  # fmt: skip
-        if value is not None:
-            argv += [flag, value]
-    for config in config_files:
-        argv += ["--config", os.path.abspath(config)]
-    if allow_other is not None:
-        argv.append("--allow-other" if allow_other else "--no-allow-other")
-    argv += ["--readahead-kb", str(readahead_kb)]
-    if prefetch_workers is not None:
-        argv += ["--parallel", str(prefetch_workers)]
-    read_fd, write_fd = os.pipe()
-    argv += ["--ready-fd", str(write_fd)]
-    log_path = Path(log_file) if log_file is not None else None
-    stderr: Any = open(log_path, "ab") if log_path is not None else subprocess.DEVNULL  # noqa: SIM115
-    try:
-        process = subprocess.Popen(
-            argv,
-            stdin=subprocess.DEVNULL,
-            stdout=stderr,
-            stderr=stderr,
-            pass_fds=(write_fd,),
-            start_new_session=True,
-            cwd="/",
-            env={**os.environ, **(env or {})},
-        )
-    finally:
-        os.close(write_fd)
-        if log_path is not None:
-            stderr.close()
-    handle = MountHandle(point, process.pid, process, log_path)
-    try:
-        message = _wait_ready(read_fd, process, timeout)
-    finally:
-        os.close(read_fd)
-    if message != "ready":
-        with contextlib.suppress(Exception):
-            handle.unmount(timeout=5)
-        if process.poll() is None:
-            process.kill()
-        raise CvmfsMlError(f"mount of {text} at {point} failed: {message}")
-    return handle
-
-
-def _wait_ready(read_fd: int, process: subprocess.Popen[bytes], timeout: float) -> str:
-    deadline = time.monotonic() + timeout
-    buffer = b""
-    while time.monotonic() < deadline:
-        readable, _, _ = select.select([read_fd], [], [], 0.1)
-        if readable:
-            chunk = os.read(read_fd, 4096)
-            if not chunk:
-                break  # the daemon closed the pipe without a word
-            buffer += chunk
-            if b"\n" in buffer:
-                return buffer.split(b"\n", 1)[0].decode("utf-8", "replace")
-        elif process.poll() is not None:
-            break
-    if process.poll() is not None:
-        return buffer.decode("utf-8", "replace").strip() or (
-            f"the daemon exited with status {process.returncode}"
-        )
-    return f"not mounted after {timeout:g} s"
 
 
 # ------------------------------------------------------------------------------ entry point
@@ -766,11 +624,13 @@ def run_foreground(
     prefetch_workers: int | None = None,
     debug: bool = False,
     ready: Callable[[], None] | None = None,
+    nonempty: bool = False,
 ) -> None:
     """Open ``target`` and serve it at ``mountpoint`` in this process until unmounted."""
     from cvmfs_ml.client.locate import open_target
     from cvmfs_ml.client.trace import Tracer
 
+    check_mountpoint(mountpoint, nonempty=nonempty)  # before any download
     tracer = Tracer(trace) if trace else None
     options: dict[str, Any] = {"tracer": tracer}
     if tag is not None:
@@ -784,7 +644,7 @@ def run_foreground(
     try:
         serve(
             repository, mountpoint, allow_other=allow_other, readahead_kb=readahead_kb,
-            debug=debug, ready=ready,
+            debug=debug, ready=ready, nonempty=nonempty, tag=tag,
             workers=max(16, 2 * (prefetch_workers or 8)),
         )  # fmt: skip
     finally:
@@ -809,6 +669,7 @@ def _main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--parallel", type=int)
     parser.add_argument("--ready-fd", type=int)
     parser.add_argument("--debug", action="store_true")
+    parser.add_argument("--nonempty", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.debug else logging.INFO,
@@ -831,6 +692,7 @@ def _main(argv: Sequence[str] | None = None) -> int:
             proxy=args.proxy, config_files=args.config, trace=args.trace, tag=args.tag,
             allow_other=args.allow_other, readahead_kb=args.readahead_kb,
             prefetch_workers=args.parallel, debug=args.debug, ready=lambda: say("ready"),
+            nonempty=args.nonempty,
         )  # fmt: skip
     except Exception as exc:
         log.error("%s", exc, exc_info=args.debug)
@@ -848,4 +710,3 @@ def _module_main() -> None:
 
 if __name__ == "__main__":
     _module_main()
-

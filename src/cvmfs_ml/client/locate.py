@@ -18,6 +18,7 @@ from typing import Any
 from cvmfs_ml.client.cache import ObjectCache
 from cvmfs_ml.client.config import ClientConfig, load_config, parse_proxy_list
 from cvmfs_ml.client.repository import Repository
+from cvmfs_ml.client.session import max_ttl_seconds, pinned_revision
 from cvmfs_ml.cvmfs.keys import load_public_keys
 from cvmfs_ml.cvmfs.manifest import Manifest
 from cvmfs_ml.errors import ConfigError, CvmfsMlError
@@ -94,6 +95,8 @@ def open_target(
             raise
         config = None  # a URL or folder does not need the configuration to be complete
     object_cache = _cache_for(cache, config if (use_config_cache or cache is not None) else None)
+    if config is not None and options.get("root_hash") is None and options.get("tag") is None:
+        options.update(pinned_revision(config.params))  # CVMFS_ROOT_HASH, CVMFS_REPOSITORY_TAG
 
     if is_url(target) or local:
         key: Any = public_key
@@ -115,10 +118,10 @@ def open_target(
                              "backoff_max", "follow_redirects", "proxy_reset_after",
                              "host_reset_after"):  # fmt: skip
                     options.setdefault(name, getattr(config, name))
-        return Repository.open(
+        return _with_max_ttl(Repository.open(
             target, fqrn=fqrn if is_url(target) else None, public_key=keys,
             cache=object_cache, proxy=proxy, **options,
-        )  # fmt: skip
+        ), config)  # fmt: skip
 
     if config is None or fqrn is None:  # pragma: no cover - load_config raised above
         raise ConfigError(f"{target!r} is not a URL, a repository folder or a repository name")
@@ -136,7 +139,7 @@ def open_target(
         raise ConfigError(f"no public key for {fqrn}: set CVMFS_KEYS_DIR or CVMFS_PUBLIC_KEY")
     workers = int(options.pop("prefetch_workers", config.parallel))
     source = Fetcher.from_config(config, pool_size=max(workers, 1))
-    return Repository(
+    repository = Repository(
         source,
         fqrn,
         public_keys=load_public_keys(key_spec),
@@ -144,3 +147,15 @@ def open_target(
         prefetch_workers=workers,
         **options,
     )
+    return _with_max_ttl(repository, config)
+
+
+def _with_max_ttl(repository: Repository, config: ClientConfig | None) -> Repository:
+    """Cap the repository's TTL by ``CVMFS_MAX_TTL`` (minutes, as upstream; 0 or unset: none)."""
+    if config is not None:
+        try:
+            repository.max_ttl = max_ttl_seconds(config.params.get("CVMFS_MAX_TTL", ""))
+        except ConfigError:
+            repository.close()
+            raise
+    return repository

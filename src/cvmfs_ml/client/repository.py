@@ -44,7 +44,6 @@ from cvmfs_ml.cvmfs.whitelist import Whitelist, certificate_fingerprint, verify_
 from cvmfs_ml.errors import (
     ConfigError,
     CvmfsMlError,
-    DownloadError,
     FormatError,
     IntegrityError,
     NotFoundError,
@@ -276,6 +275,14 @@ class Repository:
         self._checked_at = time.monotonic()
         self._refresh_lock = threading.Lock()
         self._retired: list[dict[tuple[str, str], Catalog]] = []
+        self.counters: collections.Counter[str] = collections.Counter()
+        """Since start: ``cache_hits``/``cache_misses`` (object lookups), ``refresh_checks``,
+        ``refresh_switches`` (new revisions taken) and ``refresh_failures``."""
+        self._counters_lock = threading.Lock()
+
+    def _count(self, name: str) -> None:
+        with self._counters_lock:
+            self.counters[name] += 1
 
     def _boot(self, *, nocache: bool = False) -> Manifest:
         """The newest trusted manifest: fetch and verify the manifest ensemble (§10.2).
@@ -405,9 +412,15 @@ class Repository:
         repository stays on its revision.
         """
         with self._refresh_lock:
-            manifest = self._boot(nocache=nocache)
+            self._count("refresh_checks")
+            try:
+                manifest = self._boot(nocache=nocache)
+            except BaseException:
+                self._count("refresh_failures")
+                raise
             current = self.manifest
             if manifest.revision < current.revision or manifest.timestamp < current.timestamp:
+                self._count("refresh_failures")
                 raise RollbackError(
                     f"{self.fqrn}: the server offers revision {manifest.revision} "
                     f"(T={manifest.timestamp}), older than the open revision {current.revision} "
@@ -416,7 +429,11 @@ class Repository:
             if self.pinned or manifest.catalog == self.root_hash:
                 self.manifest = manifest
                 return False
-            root = self._load_catalog("", manifest.catalog)
+            try:
+                root = self._load_catalog("", manifest.catalog)
+            except BaseException:
+                self._count("refresh_failures")
+                raise
             with self._lock:
                 # Catalogs of the old tree stay open for readers still walking it; those two
                 # refreshes old are closed (a lookup takes milliseconds, a TTL minutes).
@@ -428,6 +445,7 @@ class Repository:
                 self.manifest = manifest
                 self.root_hash = manifest.catalog
                 self.root = root
+            self._count("refresh_switches")
             self._close_catalogs(expired)
             return True
 
@@ -453,18 +471,23 @@ class Repository:
         """Whether :attr:`ttl` seconds have passed since the manifest was last checked."""
         return time.monotonic() - self._checked_at >= self.ttl
 
+    @property
+    def seconds_to_check(self) -> float:
+        """Seconds until :attr:`refresh_due` (0 when it is due now)."""
+        return max(0.0, self.ttl - (time.monotonic() - self._checked_at))
+
     def maybe_refresh(self) -> bool:
         """:meth:`refresh` when the TTL has passed (call it from long-running readers).
 
         Like upstream, a failed check (servers unreachable, an outdated or untrusted manifest)
         keeps the current, already verified revision: it is logged, not raised, and retried
-        after another TTL.
+        after another TTL. A check already running in another thread is not repeated.
         """
-        if not self.refresh_due:
+        if not self.refresh_due or self._refresh_lock.locked():
             return False
         try:
             return self.refresh(nocache=False)
-        except (DownloadError, TrustError, FormatError) as exc:
+        except (CvmfsMlError, OSError) as exc:
             self._checked_at = time.monotonic()
             log.warning("%s: staying on revision %d: %s", self.fqrn, self.revision, exc)
             return False
@@ -472,6 +495,11 @@ class Repository:
     @property
     def revision(self) -> int:
         return self.root.revision
+
+    @property
+    def loaded_catalogs(self) -> int:
+        """Catalogs of the current tree loaded so far (upstream's ``user.nclg``)."""
+        return len(self._catalogs)
 
     # -- objects ------------------------------------------------------------------------------
     def _object(self, digest: Digest, kind: ObjectKind, compressed: bool) -> Path:
@@ -489,7 +517,9 @@ class Repository:
         """
         path = self.cache.get_path(digest)
         if path is not None:
+            self._count("cache_hits")
             return path, "hit", 0
+        self._count("cache_misses")
         with self._lock:
             future = self._inflight.get(digest)
             owner = future is None

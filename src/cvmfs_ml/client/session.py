@@ -15,6 +15,7 @@ from settings to objects lives here once:
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from cvmfs_ml.client.cache import ObjectCache
@@ -25,7 +26,7 @@ from cvmfs_ml.cvmfs.hashing import Digest
 from cvmfs_ml.cvmfs.keys import load_public_keys
 from cvmfs_ml.errors import ConfigError, FormatError
 
-__all__ = ["open_configured"]
+__all__ = ["max_ttl_seconds", "open_configured", "pinned_revision"]
 
 
 def open_configured(fqrn: str, config: ClientConfig, **options: Any) -> Repository:
@@ -46,16 +47,8 @@ def open_configured(fqrn: str, config: ClientConfig, **options: Any) -> Reposito
     overrides = {k: options.pop(k) for k in list(options) if k in FETCHER_OPTIONS}
     params = config.params
     if "root_hash" not in options and "tag" not in options:
-        root_hash = params.get("CVMFS_ROOT_HASH", "").strip()
-        tag = params.get("CVMFS_REPOSITORY_TAG", "").strip()
-        if root_hash:
-            try:
-                options["root_hash"] = Digest.from_hex(root_hash)
-            except FormatError as exc:
-                raise ConfigError(f"CVMFS_ROOT_HASH: {root_hash!r} is not a hash") from exc
-        elif tag:
-            options["tag"] = tag
-    max_ttl = _max_ttl(params.get("CVMFS_MAX_TTL", ""))
+        options.update(pinned_revision(params))
+    max_ttl = max_ttl_seconds(params.get("CVMFS_MAX_TTL", ""))
     cache = options.pop("cache", None)
     own_cache = cache is None
     if cache is None:
@@ -72,7 +65,20 @@ def open_configured(fqrn: str, config: ClientConfig, **options: Any) -> Reposito
     return repository
 
 
-def _max_ttl(text: str) -> float | None:
+def pinned_revision(params: Mapping[str, str]) -> dict[str, Any]:
+    """``root_hash`` or ``tag`` for :class:`Repository` from ``CVMFS_ROOT_HASH`` (first) or
+    ``CVMFS_REPOSITORY_TAG``; empty when neither pins the repository."""
+    root_hash = params.get("CVMFS_ROOT_HASH", "").strip()
+    tag = params.get("CVMFS_REPOSITORY_TAG", "").strip()
+    if root_hash:
+        try:
+            return {"root_hash": Digest.from_hex(root_hash)}
+        except FormatError as exc:
+            raise ConfigError(f"CVMFS_ROOT_HASH: {root_hash!r} is not a hash") from exc
+    return {"tag": tag} if tag else {}
+
+
+def max_ttl_seconds(text: str) -> float | None:
     """``CVMFS_MAX_TTL`` in seconds (upstream gives minutes; 0 or unset means no cap)."""
     text = text.strip()
     if not text:

@@ -1,0 +1,68 @@
+"""Fixtures for client tests that mount repositories with FUSE.
+
+``require_fuse`` skips a test when FUSE cannot work here (no pyfuse3, no ``fusermount3``, no
+usable ``/dev/fuse``) and fails it in CI (``CI`` set), which must provide FUSE. ``mounter``
+mounts at fresh folders and unmounts in teardown whatever happens, lazily if busy.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from cvmfs_ml.client.mounts import MountHandle, is_mounted, mount
+
+
+def _fuse_problem() -> str | None:
+    try:
+        import pyfuse3  # noqa: F401
+        import trio  # noqa: F401
+    except ImportError as exc:
+        return f"pyfuse3/trio not importable: {exc}"
+    if shutil.which("fusermount3") is None:
+        return "fusermount3 is not installed (Debian package fuse3)"
+    try:
+        os.close(os.open("/dev/fuse", os.O_RDWR))
+    except OSError as exc:
+        return f"/dev/fuse is not usable: {exc.strerror}"
+    return None
+
+
+@pytest.fixture(scope="session")
+def require_fuse() -> None:
+    problem = _fuse_problem()
+    if problem is None:
+        return
+    if os.environ.get("CI"):
+        pytest.fail(f"FUSE tests cannot run: {problem}; CI must provide FUSE")
+    pytest.skip(f"FUSE tests skipped: {problem}")
+
+
+@pytest.fixture
+def mounter(tmp_path: Path, require_fuse: None) -> Iterator[Callable[..., MountHandle]]:
+    """``mounter(target, **options) -> MountHandle`` at a fresh folder; unmounted afterwards."""
+    handles: list[MountHandle] = []
+    counter = iter(range(100))
+
+    def start(target: str | Path, **options: object) -> MountHandle:
+        point = tmp_path / f"mnt{next(counter)}"
+        point.mkdir()
+        options.setdefault("cache", tmp_path / f"cache{len(handles)}")
+        options.setdefault("log_file", tmp_path / f"fuse{len(handles)}.log")
+        options.setdefault("timeout", 60.0)
+        handle = mount(str(target), point, **options)  # type: ignore[arg-type]
+        handles.append(handle)
+        return handle
+
+    yield start
+    for handle in handles:
+        try:
+            handle.unmount(timeout=15)
+        finally:
+            if is_mounted(handle.mountpoint):
+                subprocess.run(["fusermount3", "-uz", str(handle.mountpoint)], check=False)
