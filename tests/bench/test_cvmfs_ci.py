@@ -30,6 +30,13 @@ HARNESS = Path(__file__).resolve().parents[2] / "integrations" / "cvmfs-continuo
 FQRN = "model-registry.cvmfs-ml.test"
 
 
+def _cli(*args: str) -> str:
+    proc = subprocess.run([sys.executable, "-m", "cvmfs_ml.cli", *args], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
 def _run_copies(script: Path, env: dict[str, str], copies: int) -> list[dict[str, Any]]:
     """Start ``copies`` at once (with thread ids, as ``send-thread-id``), wait for all."""
     procs = [subprocess.Popen([str(script), str(i)], cwd=HARNESS, env=env, text=True,
@@ -101,8 +108,23 @@ def test_scripts_run_as_parallel_copies_from_a_cvmfs_ml_mount(tmp_path: Path) ->
                        CVMFS_ML_BENCH_SAFETENSORS=str(point / "bench/st/1/model.safetensors"))
             onnx_runs = _run_copies(HARNESS / "scripts" / "90-cvmfs-ml-onnx.sh", env, 3)
             st_runs = _run_copies(HARNESS / "scripts" / "91-cvmfs-ml-safetensors.sh", env, 3)
+            affairs = _cli("stats", str(point), "--internal-affairs")
+            stats = json.loads(_cli("stats", str(point), "--json"))
         finally:
             handle.unmount()
+        # What the harness does with `cvmfs_talk internal affairs` (benchmark_time.py):
+        # rows after the "Name|Value|Description" header, name|value split on "|".
+        counters: dict[str, float] = {}
+        found = False
+        for line in affairs.splitlines():
+            if found:
+                name, value = line.split("|")[:2]
+                counters[name] = float(value)
+            if "Name|Value|Description" in line:
+                found = True
+        assert counters["download.sz_transferred_bytes"] == stats["fetch"]["bytes"] > 4 * 2**20
+        assert counters["fetch.n_downloads"] == stats["fetch"]["objects"] >= 2
+        assert counters["cvmfs.n_fs_open"] >= 6  # six copies opened a model each
     assert {r["output_sha256"] for r in onnx_runs} == {expected_onnx["output_sha256"]}
     assert {r["output_sha256"] for r in st_runs} == {expected_st["output_sha256"]}
     assert sorted(r["thread"] for r in onnx_runs) == ["0", "1", "2"]

@@ -23,8 +23,8 @@ from typing import Any
 
 from cvmfs_ml.errors import FormatError
 
-__all__ = ["CACHE_STATES", "CVMFS_CI_COLUMNS", "CVMFS_CI_METRICS", "cvmfs_ci_rows",
-           "quartiles", "write_cvmfs_ci"]
+__all__ = ["CACHE_STATES", "CVMFS_CI_COLUMNS", "CVMFS_CI_METRICS", "INTERNAL_AFFAIRS",
+           "cvmfs_ci_rows", "internal_affairs", "quartiles", "write_cvmfs_ci"]
 
 CACHE_STATES = ("cold", "warm", "hot")
 _STATS = ("min_val", "first_quartile", "median", "third_quartile", "max_val")
@@ -122,3 +122,29 @@ def write_cvmfs_ci(rows: Iterable[Mapping[str, Any]], out: io.TextIOBase | Any) 
         writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in CVMFS_CI_COLUMNS})
         count += 1
     return count
+
+
+INTERNAL_AFFAIRS: tuple[tuple[str, tuple[str, str], str], ...] = (
+    ("download.sz_transferred_bytes", ("fetch", "bytes"), "Dwldmgr: #Transferred bytes"),
+    ("download.n_requests", ("fetch", "requests"), "Dwldmgr: #Requests"),
+    ("download.n_retries", ("fetch", "retries"), "Dwldmgr: #Retries"),
+    ("fetch.n_downloads", ("fetch", "objects"), "#Fetch Requests Resulting in Downloads"),
+    ("cvmfs.n_fs_open", ("fuse", "opens"), "#Open calls (Fs)"),
+    ("cvmfs.n_fs_dir_open", ("fuse", "dir_opens"), "#Opendir calls (Fs)"),
+    ("cvmfs.n_io_error", ("fuse", "io_errors"), "#I/O errors (Fs)"),
+)
+"""Upstream ``internal affairs`` counters that mean what one of our mount's counters means:
+(upstream name, (section, key) in ``cvmfs-ml stats --json``, upstream's description).
+Counters without a twin are left out rather than approximated: upstream's
+``fetch.n_invocations`` counts catalog fetches too, our cache hits and misses only data."""
+
+
+def internal_affairs(stats: Mapping[str, Any]) -> str:
+    """A mount's counters as ``cvmfs_talk internal affairs`` prints them: a ``Name|Value|
+    Description`` header, then one row per counter, which the benchmark harness parses."""
+    rows = ["Name|Value|Description"]
+    for name, (section, key), description in INTERNAL_AFFAIRS:
+        value = (stats.get(section) or {}).get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            rows.append(f"{name}|{int(value)}|{description}")
+    return "\n".join(rows) + "\n"

@@ -155,11 +155,24 @@ def reload_command(
 def stats_command(
     mountpoint: Annotated[Path, typer.Argument(help="where the repository is mounted")],
     as_json: JsonOption = False,
+    internal_affairs: Annotated[
+        bool,
+        typer.Option(
+            "--internal-affairs",
+            help="upstream's `cvmfs_talk internal affairs` layout (Name|Value|Description), "
+            "for tools that parse it such as CVMFS's benchmark harness",
+        ),
+    ] = False,
 ) -> None:
     """The mount daemon's counters: fetches, cache hits, refreshes, failovers (internal affairs)."""
     from cvmfs_ml.client.mount_control import read_mount_stats
 
     stats = read_mount_stats(mountpoint)
+    if internal_affairs:
+        from cvmfs_ml.bench.export import internal_affairs as affairs
+
+        typer.echo(affairs(stats), nl=False)
+        return
     if as_json:
         typer.echo(json.dumps(stats, indent=2))
         return
