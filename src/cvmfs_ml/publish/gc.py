@@ -26,6 +26,9 @@ class GcReport:
     removed: int
     bytes_removed: int
     dry_run: bool
+    bytes_kept: int = 0
+    older_tags: tuple[tuple[str, int], ...] = ()
+    """(name, revision) of tags that keep an older tree, and so its data, alive."""
 
 
 def collect_garbage(publisher: Publisher, *, dry_run: bool = False) -> GcReport:
@@ -34,10 +37,17 @@ def collect_garbage(publisher: Publisher, *, dry_run: bool = False) -> GcReport:
             f"{publisher.fqrn} is not garbage-collectable (CVMFS_GARBAGE_COLLECTION=false)"
         )
     store = publisher.store
-    with publisher.lock(), tempfile.TemporaryDirectory(dir=store.root / "data" / "txn") as tmp:
+    with publisher.lock(), tempfile.TemporaryDirectory(dir=store.staging_dir()) as tmp:
         manifest = publisher.manifest()
+        tags = publisher.tags()
         roots = {manifest.catalog}
-        roots |= {tag.root_catalog for tag in publisher.tags()}
+        roots |= {tag.root_catalog for tag in tags}
+        older_tags = tuple(
+            sorted(
+                {(t.name, t.revision) for t in tags if t.root_catalog != manifest.catalog},
+                key=lambda item: (item[1], item[0]),
+            )
+        )
         keep: set[str] = set()
         for digest, kind in (
             (manifest.certificate, ObjectKind.CERTIFICATE),
@@ -69,12 +79,14 @@ def collect_garbage(publisher: Publisher, *, dry_run: bool = False) -> GcReport:
                     keep.add(object_path(obj, kind))
         for catalog in opened:
             catalog.close()
-        removed = bytes_removed = 0
-        for rel in list(store.list_objects()):
+        doomed: list[str] = []
+        bytes_removed = bytes_kept = 0
+        for rel, size in store.list_sizes():
             if rel in keep:
-                continue
-            removed += 1
-            bytes_removed += store.path(rel).stat().st_size
-            if not dry_run:
-                store.remove(rel)
-        return GcReport(len(keep), removed, bytes_removed, dry_run)
+                bytes_kept += size
+            else:
+                doomed.append(rel)
+                bytes_removed += size
+        if not dry_run:
+            store.remove_many(doomed)
+        return GcReport(len(keep), len(doomed), bytes_removed, dry_run, bytes_kept, older_tags)

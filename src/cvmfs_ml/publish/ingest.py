@@ -31,7 +31,7 @@ from cvmfs_ml.errors import PublishError
 from cvmfs_ml.publish.filecache import FileCache, FileKey
 from cvmfs_ml.publish.settings import PublishSettings
 from cvmfs_ml.publish.sources import SourceItem
-from cvmfs_ml.storage.local import LocalStore
+from cvmfs_ml.storage.base import ObjectStore
 
 __all__ = ["FileContent", "IngestStats", "ContentPipeline", "PendingFile"]
 
@@ -161,7 +161,7 @@ class ContentPipeline:
     """Turns regular files into stored objects for one transaction."""
 
     def __init__(
-        self, store: LocalStore, settings: PublishSettings, file_cache: FileCache | None = None
+        self, store: ObjectStore, settings: PublishSettings, file_cache: FileCache | None = None
     ) -> None:
         self.store = store
         self.settings = settings
