@@ -14,6 +14,7 @@ from typing import Annotated, Any
 import typer
 
 from cvmfs_ml.cli.common import JsonOption, KeyOption, _fail, friendly, open_repository
+from cvmfs_ml.cli.s3 import S3ConfigOption, s3_params
 
 model_app = typer.Typer(no_args_is_help=True, help="Publish and browse model versions.")
 
@@ -90,7 +91,9 @@ def model_publish(
     src: Annotated[
         str, typer.Argument(help="file, folder, HF cache snapshot, or hf:ORG/NAME[@REV]")
     ],
-    repo: Annotated[Path, typer.Option("--repo", help="repository folder (holds .cvmfspublished)")],
+    repo: Annotated[
+        str, typer.Option("--repo", help="repository folder or s3://BUCKET[/PREFIX]/FQRN")
+    ],
     as_ref: Annotated[str, typer.Option("--as", help="NAMESPACE/NAME:VERSION")],
     description: Annotated[str, typer.Option("--description", "-m")] = "",
     license_: Annotated[
@@ -105,6 +108,7 @@ def model_publish(
     ] = None,
     keys: KeysOption = None,
     as_json: JsonOption = False,
+    s3_config: S3ConfigOption = None,
 ) -> None:
     """Publish SRC as an immutable version (same bytes again: nothing to do)."""
     from cvmfs_ml.models.layout import ALIAS_LATEST
@@ -114,7 +118,7 @@ def model_publish(
     ref = _ref(as_ref, require_version=True)
     path = _resolve_source(src, revision)
     aliases = ([] if no_latest else [ALIAS_LATEST]) + list(alias or [])
-    publisher = Publisher.open(repo, keys)
+    publisher = Publisher.open(repo, keys, s3_config=s3_params(s3_config))
     before = publisher.manifest().revision
     try:
         record = publish_model(

@@ -443,11 +443,18 @@ class Transaction:
         self._ops: list[tuple[str, object]] = []
         self._lock: contextlib.AbstractContextManager[None] | None = None
         self._start_root: Digest | None = None
+        self._base: tuple[bytes, Manifest] | None = None
         self.committed: PublishResult | None = None
 
     def __enter__(self) -> Transaction:
         self._lock = self.publisher.lock(wait=self._wait)
         self._lock.__enter__()
+        try:
+            # The revision this transaction starts from: the manifest swap compares against it.
+            self._base = self.publisher._manifest_raw()
+        except BaseException:
+            self._lock.__exit__(None, None, None)
+            raise
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -543,7 +550,8 @@ class Transaction:
         started = time.monotonic()
         publisher = self.publisher
         settings = publisher.settings
-        previous_raw, previous = publisher._manifest_raw()
+        assert self._base is not None
+        previous_raw, previous = self._base
         workspace = CatalogWorkspace(publisher.store, previous.catalog, settings.hash_algorithm)
         file_cache = FileCache(publisher.keys_dir / f"{publisher.fqrn}.files.db", settings)
         pipeline = ContentPipeline(publisher.store, settings, file_cache)

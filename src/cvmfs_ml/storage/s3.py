@@ -265,7 +265,12 @@ class S3Store:
     def create_skeleton(self) -> None:
         """Nothing to create in a bucket (keys need no folders); checks that it is reachable."""
         self.staging_dir()
-        self._call("head_bucket", Bucket=self.bucket)
+        try:
+            self._call("head_bucket", Bucket=self.bucket)
+        except NotFoundError as exc:
+            raise StorageError(
+                f"no bucket {self.bucket!r} at {self.config.endpoint}: create it first"
+            ) from exc
 
     def clean_staging(self) -> int:
         """Spool leftovers, and multipart uploads a killed publisher abandoned (over an hour)."""
@@ -441,7 +446,7 @@ class S3Store:
                 for item in page.get("Contents", []):
                     rel = item["Key"][len(self.prefix) :]
                     parts = rel.split("/")
-                    if len(parts) == 3 and len(parts[1]) == 2 and parts[1] != "tx":
+                    if len(parts) == 3 and len(parts[1]) == 2:
                         yield rel, int(item["Size"])
         except (BotoCoreError, ClientError) as exc:
             raise StorageError(f"S3 listing of {self._location}: {exc}") from exc
