@@ -363,3 +363,20 @@ def test_s3_store_errors_are_ours(s3env: S3Env) -> None:
     )
     with pytest.raises(StorageError):
         missing.create_skeleton()
+
+
+def test_replica_syncs_from_the_bucket(s3env: S3Env, tmp_path: Path) -> None:
+    from cvmfs_ml.replica.sync import sync_replica
+
+    publisher = s3env.create()
+    src = _tree(tmp_path / "src", seed=6)
+    s3env.publish(publisher, src, "/m")
+    dest = tmp_path / "stratum1" / FQRN
+    report = sync_replica(s3env.location, dest, s3env.pub, s3_config=s3env.params)
+    assert report.revision == 1 and report.objects_copied > 0
+    with Repository.connect(dest, public_key=s3env.pub) as replica:
+        assert check_repository(replica).ok
+        with replica.open("/m/model/weights.bin") as handle:
+            assert handle.read() == (src / "model" / "weights.bin").read_bytes()
+    again = sync_replica(s3env.location, dest, s3env.pub, s3_config=s3env.params)
+    assert again.up_to_date

@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 from cvmfs_ml.cli.common import JsonOption, KeyOption, _default_key, _fail, friendly
+from cvmfs_ml.cli.s3 import S3ConfigOption, s3_params
 
 replica_app = typer.Typer(
     no_args_is_help=True, help="Stratum 1 replicas: verified copies of a served repository."
@@ -34,6 +35,7 @@ def replica_sync(
         bool, typer.Option("--full-history", help="first run: also copy earlier revisions")
     ] = False,
     as_json: JsonOption = False,
+    s3_config: S3ConfigOption = None,
 ) -> None:
     """Copy new objects and the manifest from UPSTREAM into DEST, verified, manifest last."""
     from cvmfs_ml.replica.sync import sync_replica
@@ -49,6 +51,7 @@ def replica_sync(
         proxy=proxy,
         workers=workers,
         full_history=full_history,
+        s3_config=s3_params(s3_config),
     )
     if as_json:
         typer.echo(json.dumps(report.to_dict(), indent=2))

@@ -37,7 +37,7 @@ import shutil
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -61,6 +61,7 @@ from cvmfs_ml.errors import (
     RollbackError,
     SignatureError,
 )
+from cvmfs_ml.storage.base import open_store
 from cvmfs_ml.storage.local import LocalStore
 
 __all__ = ["SyncReport", "sync_replica"]
@@ -124,6 +125,7 @@ def sync_replica(
     workers: int = 8,
     full_history: bool = False,
     now: dt.datetime | None = None,
+    s3_config: Mapping[str, str] | None = None,
     **fetcher_options: Any,
 ) -> SyncReport:
     """Bring the replica at ``dest_repo_dir`` up to the revision ``upstream`` publishes.
@@ -136,7 +138,9 @@ def sync_replica(
     to the HTTP fetcher. ``full_history`` also copies, on the first run, every earlier revision
     still reachable through ``previous_revision`` (later runs always copy the revisions
     published since the last one). ``now`` is the time the whitelist's expiry is checked
-    against. Idempotent: a second run with nothing new published copies nothing.
+    against. ``upstream`` may also be a Stratum 0 in S3 (``s3://BUCKET[/PREFIX]/FQRN``, read
+    through the S3 API with the ``CVMFS_S3_*`` settings of ``s3_config``). Idempotent: a
+    second run with nothing new published copies nothing.
     """
     started = time.monotonic()
     keys = (
@@ -146,7 +150,11 @@ def sync_replica(
     )
     if not keys:
         raise SignatureError("no master public key to verify the upstream whitelist with")
-    source, fqrn, label = _open_source(upstream, fqrn, proxy, workers, fetcher_options)
+    if str(upstream).startswith("s3://"):
+        s3_store = open_store(str(upstream), s3_config)
+        source, fqrn, label = s3_store, fqrn or s3_store.location.rsplit("/", 1)[-1], str(upstream)
+    else:
+        source, fqrn, label = _open_source(upstream, fqrn, proxy, workers, fetcher_options)
     dest_root = Path(dest_repo_dir)
     try:
         dest = LocalStore(dest_root)
