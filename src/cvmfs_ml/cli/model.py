@@ -120,17 +120,30 @@ def model_publish(
     aliases = ([] if no_latest else [ALIAS_LATEST]) + list(alias or [])
     publisher = Publisher.open(repo, keys, s3_config=s3_params(s3_config))
     before = publisher.manifest().revision
+    from cvmfs_ml.cli.progress import publish_progress
+
     try:
-        record = publish_model(
-            publisher, path, ref, description=description, license=license_, aliases=aliases
-        )
+        with publish_progress(publisher, Path(path), f"publishing {ref}"):
+            record = publish_model(
+                publisher, path, ref, description=description, license=license_, aliases=aliases
+            )
     except ValueError as exc:  # an invalid alias name
         raise _fail(str(exc)) from exc
     revision_now = publisher.manifest().revision
     published = revision_now != before
+    stats = publisher.last_result.stats if publisher.last_result is not None else None
+    new_bytes = stats.bytes_stored if stats is not None else 0
+    reused_bytes = (stats.bytes_existing + stats.bytes_unchanged) if stats is not None else 0
     if as_json:
         out = _row(record)
-        out.update({"published": published, "revision": revision_now})
+        out.update(
+            {
+                "published": published,
+                "revision": revision_now,
+                "new_bytes": new_bytes,
+                "reused_bytes": reused_bytes,
+            }
+        )
         typer.echo(json.dumps(out))
         return
     if not published:
@@ -140,6 +153,9 @@ def model_publish(
     typer.echo(
         f"revision {revision_now}: published {ref} at {record.path} ({_files(record.file_count)}, "
         f"{_size(record.size)}, format {record.format or 'unknown'}){aliases_text}"
+    )
+    typer.echo(
+        f"stored {_size(new_bytes)} new, reused {_size(reused_bytes)} already in the repository"
     )
 
 

@@ -38,21 +38,30 @@ def replica_sync(
     s3_config: S3ConfigOption = None,
 ) -> None:
     """Copy new objects and the manifest from UPSTREAM into DEST, verified, manifest last."""
-    from cvmfs_ml.replica.sync import sync_replica
+    from cvmfs_ml.replica.sync import SyncReport, sync_replica
 
     public_key = key or _default_key(upstream)
     if public_key is None:
         raise _fail(f"no public key for {upstream}: pass --key <fqrn>.pub")
-    report = sync_replica(
-        upstream,
-        dest,
-        public_key,
-        fqrn,
-        proxy=proxy,
-        workers=workers,
-        full_history=full_history,
-        s3_config=s3_params(s3_config),
-    )
+    from cvmfs_ml.cli.progress import polled_progress
+
+    live: list[SyncReport] = []
+
+    def poll() -> tuple[int, int] | None:
+        return (live[0].bytes_copied, live[0].objects_copied) if live else None
+
+    with polled_progress("replica sync", None, poll, unit="objects"):
+        report = sync_replica(
+            upstream,
+            dest,
+            public_key,
+            fqrn,
+            proxy=proxy,
+            workers=workers,
+            full_history=full_history,
+            s3_config=s3_params(s3_config),
+            on_report=live.append,
+        )
     if as_json:
         typer.echo(json.dumps(report.to_dict(), indent=2))
         return

@@ -87,6 +87,7 @@ def repo_publish(
     as_json: JsonOption = False,
 ) -> None:
     """Publish a folder or tarball as a new revision."""
+    from cvmfs_ml.cli.progress import publish_progress
     from cvmfs_ml.publish.repository import Publisher
 
     publisher = Publisher.open(repo, keys, s3_config=s3_params(s3_config))
@@ -97,7 +98,8 @@ def repo_publish(
             txn.add_tarball(src, at, nested_catalog=nested)
         else:
             raise _fail(f"{src}: no such folder or tarball")
-        result = txn.commit(tag=tag)
+        with publish_progress(publisher, src):
+            result = txn.commit(tag=tag)
     stats = result.stats
     summary = {
         "revision": result.revision,
@@ -107,6 +109,8 @@ def repo_publish(
         "new_objects": stats.objects_new,
         "existing_objects": stats.objects_existing,
         "stored_bytes": stats.bytes_stored,
+        "reused_bytes": stats.bytes_existing,
+        "unchanged_bytes": stats.bytes_unchanged,
         "seconds": round(result.seconds, 3),
     }
     if as_json:
@@ -311,12 +315,16 @@ def repo_gc(
     dry_run: Annotated[bool, typer.Option("--dry-run")] = False,
 ) -> None:
     """Delete objects that neither HEAD nor any tag references."""
-    from cvmfs_ml.publish.gc import collect_garbage
+    from cvmfs_ml.cli.progress import polled_progress
+    from cvmfs_ml.publish.gc import GcProgress, collect_garbage
     from cvmfs_ml.publish.repository import Publisher
 
-    report = collect_garbage(
-        Publisher.open(repo, keys, s3_config=s3_params(s3_config)), dry_run=dry_run
-    )
+    publisher = Publisher.open(repo, keys, s3_config=s3_params(s3_config))
+    live = GcProgress()
+    with polled_progress(
+        "garbage collection", None, lambda: (live.bytes_listed, live.objects_listed), unit="objects"
+    ):
+        report = collect_garbage(publisher, dry_run=dry_run, progress=live)
     verb, freed = ("would remove", "would free") if dry_run else ("removed", "freeing")
     typer.echo(
         f"{verb} {report.removed} objects, {freed} {report.bytes_removed / 1e6:.1f} MB; kept "

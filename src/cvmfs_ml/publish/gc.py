@@ -17,7 +17,7 @@ from cvmfs_ml.cvmfs.objects import ObjectKind, object_path
 from cvmfs_ml.errors import PublishError
 from cvmfs_ml.publish.repository import Publisher
 
-__all__ = ["GcReport", "collect_garbage"]
+__all__ = ["GcProgress", "GcReport", "collect_garbage"]
 
 
 @dataclass(frozen=True)
@@ -31,12 +31,24 @@ class GcReport:
     """(name, revision) of tags that keep an older tree, and so its data, alive."""
 
 
-def collect_garbage(publisher: Publisher, *, dry_run: bool = False) -> GcReport:
+@dataclass
+class GcProgress:
+    """Live counters of a running collection, for progress bars that poll them."""
+
+    catalogs: int = 0
+    objects_listed: int = 0
+    bytes_listed: int = 0
+
+
+def collect_garbage(
+    publisher: Publisher, *, dry_run: bool = False, progress: GcProgress | None = None
+) -> GcReport:
     if not publisher.settings.garbage_collection:
         raise PublishError(
             f"{publisher.fqrn} is not garbage-collectable (CVMFS_GARBAGE_COLLECTION=false)"
         )
     store = publisher.store
+    progress = progress if progress is not None else GcProgress()
     with publisher.lock(), tempfile.TemporaryDirectory(dir=store.staging_dir()) as tmp:
         manifest = publisher.manifest()
         tags = publisher.tags()
@@ -73,6 +85,7 @@ def collect_garbage(publisher: Publisher, *, dry_run: bool = False) -> GcReport:
                 if digest in seen:
                     continue
                 seen.add(digest)
+                progress.catalogs += 1
                 keep.add(object_path(digest, ObjectKind.CATALOG))
                 for obj, is_chunk, _compressed in referenced_objects(catalog):
                     kind = ObjectKind.PARTIAL if is_chunk else ObjectKind.FILE
@@ -82,6 +95,8 @@ def collect_garbage(publisher: Publisher, *, dry_run: bool = False) -> GcReport:
         doomed: list[str] = []
         bytes_removed = bytes_kept = 0
         for rel, size in store.list_sizes():
+            progress.objects_listed += 1
+            progress.bytes_listed += size
             if rel in keep:
                 bytes_kept += size
             else:

@@ -64,6 +64,7 @@ class IngestStats:
     objects_new: int = 0
     objects_existing: int = 0
     bytes_stored: int = 0
+    bytes_existing: int = 0  # stored size of objects the store already had (deduplicated)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def count_object(self, new: bool, size: int) -> None:
@@ -73,6 +74,7 @@ class IngestStats:
                 self.bytes_stored += size
             else:
                 self.objects_existing += 1
+                self.bytes_existing += size
 
 
 class _BlockPool:

@@ -187,6 +187,10 @@ class Publisher:
         self.fqrn = fqrn or self.manifest().fqrn or self.location.rstrip("/").rsplit("/", 1)[-1]
         self.keys = KeySet.load(self.keys_dir, self.fqrn)
         self.settings = load_settings(self.keys_dir, self.fqrn)
+        self.progress: IngestStats | None = None
+        """The running commit's counters (files and bytes read, objects new and reused), for
+        progress displays that poll them; None between commits."""
+        self.last_result: PublishResult | None = None
 
     @classmethod
     def open(
@@ -555,6 +559,7 @@ class Transaction:
         workspace = CatalogWorkspace(publisher.store, previous.catalog, settings.hash_algorithm)
         file_cache = FileCache(publisher.keys_dir / f"{publisher.fqrn}.files.db", settings)
         pipeline = ContentPipeline(publisher.store, settings, file_cache)
+        publisher.progress = pipeline.stats
         try:
             if self._start_root is not None:
                 workspace.replace_root(self._start_root)
@@ -603,9 +608,11 @@ class Transaction:
             publisher.store.flush()  # objects and catalogs durable before the manifest names them
             manifest = publisher._sign_and_swap(manifest, previous_raw)
         finally:
+            publisher.progress = None
             workspace.close()
             file_cache.close()
         self.committed = PublishResult(manifest, pipeline.stats, time.monotonic() - started)
+        publisher.last_result = self.committed
         return self.committed
 
     def _apply(

@@ -37,7 +37,7 @@ import shutil
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -126,6 +126,7 @@ def sync_replica(
     full_history: bool = False,
     now: dt.datetime | None = None,
     s3_config: Mapping[str, str] | None = None,
+    on_report: Callable[[SyncReport], None] | None = None,
     **fetcher_options: Any,
 ) -> SyncReport:
     """Bring the replica at ``dest_repo_dir`` up to the revision ``upstream`` publishes.
@@ -140,7 +141,8 @@ def sync_replica(
     published since the last one). ``now`` is the time the whitelist's expiry is checked
     against. ``upstream`` may also be a Stratum 0 in S3 (``s3://BUCKET[/PREFIX]/FQRN``, read
     through the S3 API with the ``CVMFS_S3_*`` settings of ``s3_config``). Idempotent: a
-    second run with nothing new published copies nothing.
+    second run with nothing new published copies nothing. ``on_report`` receives the report
+    as soon as the run starts; its counters grow while objects are copied (progress bars).
     """
     started = time.monotonic()
     keys = (
@@ -165,6 +167,7 @@ def sync_replica(
             dest.put_bytes(IS_SNAPSHOTTING, (_date_utc(when) + "\n").encode())
             try:
                 snapshot = _Snapshot(source, dest, fqrn, keys, when, workers, label)
+                snapshot.on_report = on_report
                 report = snapshot.run(full_history=full_history)
             finally:
                 dest.remove(IS_SNAPSHOTTING)
@@ -203,6 +206,7 @@ class _Snapshot:
         self._scheduled: dict[str, Future[None]] = {}
         self._new_catalogs: list[Digest] = []
         self.report: SyncReport
+        self.on_report: Callable[[SyncReport], None] | None = None
 
     # -- the steps ----------------------------------------------------------------------------
     def run(self, *, full_history: bool = False) -> SyncReport:
@@ -227,6 +231,8 @@ class _Snapshot:
             previous_revision=previous.revision if previous is not None else None,
             manifest_changed=previous_raw != raw_manifest,
         )
+        if self.on_report is not None:
+            self.on_report(self.report)
         with ThreadPoolExecutor(self.workers, thread_name_prefix="cvmfs-ml-replica") as pool:
             self._pool = pool
             try:
