@@ -196,13 +196,17 @@ class ContentPipeline:
         digest = Digest(self.settings.hash_algorithm, hasher.digest())
         rel = object_path(digest, kind)
         with self._writing_lock:
-            claimed = rel not in self._writing and not self.store.exists(rel)
+            claimed = rel not in self._writing
             if claimed:
                 self._writing.add(rel)
         size = sum(len(p) for p in parts)
         if claimed:
             try:
-                self.store.put_parts(rel, parts)
+                # Peek before put outside the lock: on S3 it is a round trip (HEAD), and under
+                # the lock it would serialise every worker.
+                claimed = not self.store.exists(rel)
+                if claimed:
+                    self.store.put_parts(rel, parts)
             finally:
                 with self._writing_lock:
                     self._writing.discard(rel)

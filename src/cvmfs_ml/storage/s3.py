@@ -361,8 +361,9 @@ class S3Store:
     def put_parts(
         self, rel_path: str, parts: Sequence[bytes | memoryview], *, durable: bool = False
     ) -> None:
-        data = parts[0] if len(parts) == 1 else b"".join(parts)
-        self._upload(rel_path, io.BytesIO(data), len(data))
+        """Upload pieces as one object without joining them (no copy of the publisher's blocks)."""
+        reader = _PartsReader(parts)
+        self._upload(rel_path, io.BufferedReader(reader), reader.size)
 
     def put_object(self, stored: bytes, kind: ObjectKind, algorithm: Algorithm) -> Digest:
         digest = hash_bytes(stored, algorithm)
@@ -478,6 +479,45 @@ class S3Store:
             )
         finally:
             body.close()
+
+
+class _PartsReader(io.RawIOBase):
+    """A seekable read-only stream over byte pieces: botocore rewinds it to retry a request."""
+
+    def __init__(self, parts: Sequence[bytes | memoryview]) -> None:
+        self._parts = [memoryview(p).cast("B") for p in parts if len(p)]
+        self.size = sum(len(p) for p in self._parts)
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self.size}[whence]
+        self._pos = max(0, min(self.size, base + offset))
+        return self._pos
+
+    def readinto(self, buffer: Any) -> int:
+        out = memoryview(buffer).cast("B")
+        written, skip = 0, self._pos
+        for part in self._parts:
+            if skip >= len(part):
+                skip -= len(part)
+                continue
+            take = min(len(part) - skip, len(out) - written)
+            out[written : written + take] = part[skip : skip + take]
+            written += take
+            skip = 0
+            if written == len(out):
+                break
+        self._pos += written
+        return written
 
 
 class _PreconditionFailed(StorageError):
