@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import json
 import os
 import shutil
 import signal
@@ -311,8 +312,6 @@ PUBLISH = textwrap.dedent(
 
 
 def test_kill_9_during_an_s3_publish_keeps_the_old_revision(s3env: S3Env, tmp_path: Path) -> None:
-    import json
-
     publisher = s3env.create()
     s3env.publish(publisher, _tree(tmp_path / "base"), "/base")
     revision = 1
@@ -380,3 +379,30 @@ def test_replica_syncs_from_the_bucket(s3env: S3Env, tmp_path: Path) -> None:
             assert handle.read() == (src / "model" / "weights.bin").read_bytes()
     again = sync_replica(s3env.location, dest, s3env.pub, s3_config=s3env.params)
     assert again.up_to_date
+
+
+def test_model_publish_to_s3_and_list_over_http(s3env: S3Env, tmp_path: Path) -> None:
+    s3env.create()
+    src = tmp_path / "m"
+    src.mkdir()
+    (src / "weights.bin").write_bytes(np.random.default_rng(8).bytes(2 * 2**20))
+    (src / "config.json").write_text('{"hidden": 8}\n')
+    conf = ["--keys", str(s3env.keys), "--s3-config", str(s3env.config_file)]
+    publish = ["model", "publish", str(src), "--repo", s3env.location, "--json", *conf]
+    code, out, err = _cli(*publish, "--as", "ns/m:1")
+    assert code == 0, err
+    assert json.loads(out)["published"]
+    code, out, err = _cli(*publish, "--as", "ns/m:2")
+    assert code == 0, err
+    assert json.loads(out)["reused_bytes"] >= 2 * 2**20  # the weights were already there
+    code, out, err = _cli("model", "ls", s3env.url, "--key", str(s3env.pub), "--json")
+    assert code == 0, err
+    assert {row["ref"] for row in json.loads(out)} == {"ns/m:1", "ns/m:2"}
+
+
+def test_both_stores_implement_the_protocol(s3env: S3Env, tmp_path: Path) -> None:
+    from cvmfs_ml.storage.base import ObjectStore
+    from cvmfs_ml.storage.local import LocalStore
+
+    assert isinstance(LocalStore(tmp_path), ObjectStore)
+    assert isinstance(S3Store(s3env.location, S3Config.from_params(s3env.params)), ObjectStore)

@@ -236,16 +236,17 @@ def model_info_cmd(
 @model_app.command("rm")
 @friendly
 def model_rm(
-    repo: Annotated[Path, typer.Argument(help="repository folder")],
+    repo: Annotated[str, typer.Argument(help="repository folder or s3://BUCKET[/PREFIX]/FQRN")],
     ref: Annotated[str, typer.Argument(help="NAMESPACE/NAME:VERSION")],
     keys: KeysOption = None,
+    s3_config: S3ConfigOption = None,
 ) -> None:
     """Remove a version in a new revision (its data stays until `repo gc`)."""
     from cvmfs_ml.models.publish import remove_model
     from cvmfs_ml.publish.repository import Publisher
 
     parsed = _ref(ref, require_version=True)
-    publisher = Publisher.open(repo, keys)
+    publisher = Publisher.open(repo, keys, s3_config=s3_params(s3_config))
     remove_model(publisher, parsed)
     typer.echo(
         f"revision {publisher.manifest().revision}: removed {parsed} "
@@ -256,12 +257,13 @@ def model_rm(
 @model_app.command("alias")
 @friendly
 def model_alias(
-    repo: Annotated[Path, typer.Argument(help="repository folder")],
+    repo: Annotated[str, typer.Argument(help="repository folder or s3://BUCKET[/PREFIX]/FQRN")],
     model: Annotated[str, typer.Argument(help="NAMESPACE/NAME")],
     alias: Annotated[str, typer.Argument(help="alias name, e.g. latest, stable, prod")],
     version: Annotated[str | None, typer.Argument(help="version the alias points at")] = None,
     remove: Annotated[bool, typer.Option("--remove", "-d", help="remove the alias")] = False,
     keys: KeysOption = None,
+    s3_config: S3ConfigOption = None,
 ) -> None:
     """Point ALIAS at VERSION (create or move it), or remove it with --remove."""
     from cvmfs_ml.models.publish import remove_alias, set_alias
@@ -270,7 +272,7 @@ def model_alias(
     parsed = _ref(model)
     if parsed.version is not None:
         raise _fail(f"give the model as NAMESPACE/NAME and the version separately, not {model}")
-    publisher = Publisher.open(repo, keys)
+    publisher = Publisher.open(repo, keys, s3_config=s3_params(s3_config))
     try:
         if remove:
             remove_alias(publisher, parsed, alias)
@@ -309,14 +311,15 @@ def model_check(
 @model_app.command("reindex")
 @friendly
 def model_reindex(
-    repo: Annotated[Path, typer.Argument(help="repository folder")],
+    repo: Annotated[str, typer.Argument(help="repository folder or s3://BUCKET[/PREFIX]/FQRN")],
     keys: KeysOption = None,
+    s3_config: S3ConfigOption = None,
 ) -> None:
     """Rewrite /.cvmfs-ml/index.json from the tree (after hand edits with `repo rm`)."""
     from cvmfs_ml.models.publish import reindex
     from cvmfs_ml.publish.repository import Publisher
 
-    index = reindex(Publisher.open(repo, keys))
+    index = reindex(Publisher.open(repo, keys, s3_config=s3_params(s3_config)))
     versions = sum(len(m.versions) for m in index.models.values())
     typer.echo(f"index rebuilt: {len(index.models)} models, {versions} versions")
 

@@ -273,7 +273,13 @@ class S3Store:
             ) from exc
 
     def clean_staging(self) -> int:
-        """Spool leftovers, and multipart uploads a killed publisher abandoned (over an hour)."""
+        """Spool leftovers, and multipart uploads a killed publisher abandoned (over an hour).
+
+        Called under the lock as a transaction or gc starts: objects remembered as present are
+        forgotten too, since a collection elsewhere may have deleted them since.
+        """
+        with self._known_lock:
+            self._known.clear()
         count = 0
         for leftover in self.staging_dir().iterdir():
             with contextlib.suppress(OSError):
