@@ -54,7 +54,8 @@ def child_main(spec: dict[str, Any]) -> None:
     print(_MARK + json.dumps({
         "seconds": seconds, "bytes_in": stats.bytes_in, "objects_new": stats.objects_new,
         "bytes_stored": stats.bytes_stored, "peak_rss_mb": _vm_hwm_kib() / 1024,
-        "mb_per_s": stats.bytes_in / seconds / 1e6, "workers": publisher.settings.worker_count,
+        "mb_per_s": stats.bytes_in / seconds / 1e6, "workers": max(publisher.settings.worker_count,
+                                            getattr(publisher.store, "upload_workers", 0)),
         "cpu_seconds": usage.ru_utime + usage.ru_stime,
     }), flush=True)
 

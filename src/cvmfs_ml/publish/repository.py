@@ -554,6 +554,11 @@ class Transaction:
         started = time.monotonic()
         publisher = self.publisher
         settings = publisher.settings
+        uploads = getattr(publisher.store, "upload_workers", 0)
+        if not settings.workers and uploads > settings.worker_count:
+            # A remote store: workers also wait on the network, so more of them keep it busy
+            # (memory stays bounded by the pipeline's in-flight byte cap, not the worker count).
+            settings = settings.with_(workers=uploads)
         assert self._base is not None
         previous_raw, previous = self._base
         workspace = CatalogWorkspace(publisher.store, previous.catalog, settings.hash_algorithm)

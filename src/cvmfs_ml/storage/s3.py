@@ -235,6 +235,8 @@ class S3Store:
             use_threads=True,
         )
         self._extra: dict[str, str] = {"ACL": config.acl} if config.acl else {}
+        self.upload_workers = min(config.max_connections, 8)
+        """Publisher workers for this store: each waits on a PUT as well as hashing."""
         self._known: set[str] = set()  # objects seen to exist: content-addressed, immutable
         self._known_lock = threading.Lock()
 
