@@ -406,3 +406,45 @@ def test_both_stores_implement_the_protocol(s3env: S3Env, tmp_path: Path) -> Non
 
     assert isinstance(LocalStore(tmp_path), ObjectStore)
     assert isinstance(S3Store(s3env.location, S3Config.from_params(s3env.params)), ObjectStore)
+
+
+def test_requests_survive_an_outage_with_retries_and_backoff(tmp_path: Path) -> None:
+    """The S3 server goes away and comes back on the same port; a request in between waits."""
+    import threading
+
+    server = MotoS3(workdir=tmp_path / "moto")
+    port = server.port
+    try:
+        server.create_bucket("outage")
+        params = {
+            **server.s3_params("outage"),
+            "CVMFS_S3_MAX_RETRIES": "8",
+            "CVMFS_S3_TIMEOUT": "5",
+        }
+        store = S3Store(f"s3://outage/x/{FQRN}", S3Config.from_params(params))
+        store.put_bytes("data/00/before", b"x")
+        server.stop()
+        failed_once = threading.Event()
+
+        def on_retry(caught_exception: Exception | None = None, **_: object) -> None:
+            if caught_exception is not None:
+                failed_once.set()
+
+        store._client.meta.events.register("needs-retry.s3.HeadObject", on_retry)
+        outcome: dict[str, object] = {}
+
+        def peek() -> None:
+            try:
+                outcome["exists"] = store.exists("data/00/after")
+            except Exception as exc:  # any failure is reported by the assertion below
+                outcome["error"] = exc
+
+        thread = threading.Thread(target=peek)
+        thread.start()
+        assert failed_once.wait(30), "the request never met the outage"
+        server = MotoS3(port=port, workdir=tmp_path / "moto2")  # back, empty
+        thread.join(120)
+        assert not thread.is_alive()
+        assert outcome == {"exists": False}, outcome  # answered by the restarted server
+    finally:
+        server.close()
