@@ -448,3 +448,17 @@ def test_requests_survive_an_outage_with_retries_and_backoff(tmp_path: Path) -> 
         assert outcome == {"exists": False}, outcome  # answered by the restarted server
     finally:
         server.close()
+
+
+def test_missing_settings_are_one_line_errors(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in [k for k in os.environ if k.startswith("CVMFS_S3_")]:
+        monkeypatch.delenv(name)
+    code, _, err = _cli(
+        "repo", "publish", f"s3://bkt/p/{FQRN}", str(tmp_path), "--keys", str(tmp_path)
+    )
+    assert code == 1 and "CVMFS_S3_HOST is not set" in err and len(err.strip().splitlines()) == 1
+    monkeypatch.setenv("CVMFS_S3_HOST", "127.0.0.1")
+    code, _, err = _cli("repo", "create", "s3://bkt/p", "--fqrn", FQRN)
+    assert code == 1 and "pass --keys DIR" in err and len(err.strip().splitlines()) == 1
