@@ -462,3 +462,27 @@ def test_missing_settings_are_one_line_errors(
     monkeypatch.setenv("CVMFS_S3_HOST", "127.0.0.1")
     code, _, err = _cli("repo", "create", "s3://bkt/p", "--fqrn", FQRN)
     assert code == 1 and "pass --keys DIR" in err and len(err.strip().splitlines()) == 1
+
+
+def test_replica_into_a_bucket_is_read_over_http(
+    s3env: S3Env, moto_s3: MotoS3, tmp_path: Path
+) -> None:
+    """A Stratum 1 in S3: a local Stratum 0 replicated into a bucket, read from its URL."""
+    from cvmfs_ml.publish.repository import create_repository as create_local
+    from cvmfs_ml.replica.sync import sync_replica
+
+    stratum0 = create_local(tmp_path / "srv", FQRN, settings=SETTINGS)
+    src = _tree(tmp_path / "src", seed=9)
+    with stratum0.transaction() as txn:
+        txn.add_folder(src, "/m")
+        txn.commit()
+    pub = stratum0.keys.paths.master_public
+    dest = f"s3://{s3env.bucket}/stratum1/{FQRN}"
+    report = sync_replica(stratum0.repo_dir, dest, pub, s3_config=s3env.params)
+    assert report.revision == 1 and report.objects_copied > 0
+    url = f"{moto_s3.url}/{s3env.bucket}/stratum1/{FQRN}"
+    with Repository.connect(url, public_key=pub) as replica:
+        assert check_repository(replica).ok
+        with replica.open("/m/model/weights.bin") as handle:
+            assert handle.read() == (src / "model" / "weights.bin").read_bytes()
+    assert sync_replica(stratum0.repo_dir, dest, pub, s3_config=s3env.params).up_to_date

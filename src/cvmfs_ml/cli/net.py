@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -22,7 +21,12 @@ def replica_sync(
     upstream: Annotated[
         str, typer.Argument(help="http://host/cvmfs/<fqrn> (';' list, @fqrn@) or a folder")
     ],
-    dest: Annotated[Path, typer.Argument(help="replica folder, served as /cvmfs/<fqrn>")],
+    dest: Annotated[
+        str,
+        typer.Argument(
+            help="replica folder, served as /cvmfs/<fqrn>, or s3://BUCKET[/PREFIX]/FQRN"
+        ),
+    ],
     key: KeyOption = None,
     fqrn: Annotated[
         str | None, typer.Option("--fqrn", help="repository name (default: from UPSTREAM)")

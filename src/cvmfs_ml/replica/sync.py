@@ -33,7 +33,6 @@ import fcntl
 import inspect
 import json
 import os
-import shutil
 import threading
 import time
 import uuid
@@ -61,7 +60,7 @@ from cvmfs_ml.errors import (
     RollbackError,
     SignatureError,
 )
-from cvmfs_ml.storage.base import open_store
+from cvmfs_ml.storage.base import ObjectStore, open_store
 from cvmfs_ml.storage.local import LocalStore
 
 __all__ = ["SyncReport", "sync_replica"]
@@ -157,12 +156,11 @@ def sync_replica(
         source, fqrn, label = s3_store, fqrn or s3_store.location.rsplit("/", 1)[-1], str(upstream)
     else:
         source, fqrn, label = _open_source(upstream, fqrn, proxy, workers, fetcher_options)
-    dest_root = Path(dest_repo_dir)
     try:
-        dest = LocalStore(dest_root)
+        dest = open_store(os.fspath(dest_repo_dir), s3_config)
         dest.create_skeleton()
-        with _exclusive(dest_root / "data" / "txn" / _LOCK_NAME, dest_root):
-            _remove_leftovers(dest_root)
+        with _exclusive(dest.staging_dir() / _LOCK_NAME, dest.location):
+            _remove_leftovers(dest.staging_dir())
             when = now or dt.datetime.now(dt.UTC)
             dest.put_bytes(IS_SNAPSHOTTING, (_date_utc(when) + "\n").encode())
             try:
@@ -188,7 +186,7 @@ class _Snapshot:
     def __init__(
         self,
         source: _Source,
-        dest: LocalStore,
+        dest: ObjectStore,
         fqrn: str,
         keys: list[Any],
         now: dt.datetime,
@@ -249,6 +247,7 @@ class _Snapshot:
         if self._read_replica_file(WHITELIST) != raw_whitelist:
             self.dest.put_bytes(WHITELIST, raw_whitelist, durable=True)
         if self.report.manifest_changed:
+            self.dest.flush()  # every object the manifest names is durable before it lands
             self.dest.put_bytes(MANIFEST, raw_manifest, durable=True)
         self._write_status()
         return self.report
@@ -402,10 +401,7 @@ class _Snapshot:
         return tmp
 
     def _commit(self, tmp: Path, rel: str) -> None:
-        target = self.dest.path(rel)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, target)
+        self.dest.put_file(rel, tmp)
 
     def _store_bytes(self, rel: str, data: bytes) -> None:
         if self.dest.exists(rel):
@@ -414,7 +410,7 @@ class _Snapshot:
         self._count(objects_copied=1, bytes_copied=len(data))
 
     def _temp_path(self) -> Path:
-        return self.dest.root / "data" / "txn" / f"{_TEMP_PREFIX}{os.getpid()}.{uuid.uuid4().hex}"
+        return self.dest.staging_dir() / f"{_TEMP_PREFIX}{os.getpid()}.{uuid.uuid4().hex}"
 
     def _count(self, **amounts: int) -> None:
         with self._lock:
@@ -442,13 +438,13 @@ class _Snapshot:
 
     def _write_reflog(self, manifest: Manifest) -> None:
         """The replica's own reflog: every root object it holds (upstream S1s keep one too)."""
-        path = self.dest.path(REFLOG)
-        if path.exists() and not self._new_catalogs and not self.report.manifest_changed:
+        existing = self._read_replica_file(REFLOG)
+        if existing is not None and not self._new_catalogs and not self.report.manifest_changed:
             return
         tmp = self._temp_path()
         try:
-            if path.exists():
-                shutil.copyfile(path, tmp)
+            if existing is not None:
+                tmp.write_bytes(existing)
                 reflog = Reflog.open(tmp, writable=True)
             else:
                 reflog = Reflog.create(tmp, self.fqrn)
@@ -462,8 +458,7 @@ class _Snapshot:
                 ):
                     if digest is not None:
                         reflog.add(digest, kind)
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, path)
+            self.dest.put_file(REFLOG, tmp)
         finally:
             tmp.unlink(missing_ok=True)
 
@@ -479,11 +474,7 @@ class _Snapshot:
         ):
             if digest is None:
                 continue
-            link = self.dest.path(f".cvmfsalt-{digest.hex}{kind.value}")
-            if not link.is_symlink():
-                tmp = link.with_name(link.name + f".{uuid.uuid4().hex}.tmp")
-                os.symlink(object_path(digest, kind), tmp)
-                os.replace(tmp, link)
+            self.dest.link(f".cvmfsalt-{digest.hex}{kind.value}", object_path(digest, kind))
 
     def _write_status(self) -> None:
         stamp = _date_utc(self.now)
@@ -537,7 +528,7 @@ def _open_source(
 
 
 @contextlib.contextmanager
-def _exclusive(lock_path: Path, replica: Path) -> Iterator[None]:
+def _exclusive(lock_path: Path, replica: str) -> Iterator[None]:
     with open(lock_path, "a+") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -549,9 +540,9 @@ def _exclusive(lock_path: Path, replica: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _remove_leftovers(replica: Path) -> None:
+def _remove_leftovers(staging: Path) -> None:
     """Temporary files of an interrupted snapshot (we hold the lock: nobody else writes)."""
-    for leftover in (replica / "data" / "txn").glob(_TEMP_PREFIX + "*"):
+    for leftover in staging.glob(_TEMP_PREFIX + "*"):
         if leftover.name != _LOCK_NAME:
             with contextlib.suppress(OSError):
                 leftover.unlink()

@@ -86,6 +86,14 @@ class ObjectStore(Protocol):
 
     def object_writer(self) -> ObjectSink: ...
 
+    def put_file(self, rel_path: str, source: Path) -> None:
+        """Store a local file (in :meth:`staging_dir`) under ``rel_path``; the file is consumed."""
+        ...
+
+    def link(self, rel_path: str, target_rel: str) -> None:
+        """``rel_path`` answers with the bytes of ``target_rel`` (a symlink, or a server copy)."""
+        ...
+
     def swap_bytes(self, rel_path: str, data: bytes, expected: bytes | None) -> None:
         """Replace ``rel_path`` with ``data`` if it holds ``expected`` (None: must not exist).
 

@@ -205,6 +205,21 @@ class LocalStore:
     def object_writer(self) -> ObjectWriter:
         return ObjectWriter(self)
 
+    def put_file(self, rel_path: str, source: Path) -> None:
+        """Move a finished file from the staging area into place (one rename)."""
+        target = self.path(rel_path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.chmod(source, 0o644)
+        os.replace(source, target)
+
+    def link(self, rel_path: str, target_rel: str) -> None:
+        link = self.path(rel_path)
+        if link.is_symlink():
+            return
+        tmp = link.with_name(f"{link.name}.{os.getpid()}.{next(_counter)}.tmp")
+        os.symlink(target_rel, tmp)
+        os.replace(tmp, link)
+
     def swap_bytes(self, rel_path: str, data: bytes, expected: bytes | None) -> None:
         """Compare-and-swap a root file (the manifest), durably.
 

@@ -383,6 +383,24 @@ class S3Store:
     def object_writer(self) -> S3ObjectWriter:
         return S3ObjectWriter(self)
 
+    def put_file(self, rel_path: str, source: Path) -> None:
+        """Upload a staged file (multipart above the threshold), then delete it."""
+        try:
+            with source.open("rb") as handle:
+                self._upload(rel_path, handle, source.stat().st_size)
+        finally:
+            source.unlink(missing_ok=True)
+
+    def link(self, rel_path: str, target_rel: str) -> None:
+        """A bucket has no symlinks: a server-side copy (no bytes through this machine)."""
+        if self.exists(rel_path):
+            return
+        source = {"Bucket": self.bucket, "Key": self._key(target_rel)}
+        self._call(
+            "copy_object", Bucket=self.bucket, Key=self._key(rel_path), CopySource=source,
+            **self._extra,
+        )  # fmt: skip
+
     def swap_bytes(self, rel_path: str, data: bytes, expected: bytes | None) -> None:
         """A conditional PUT: ``If-Match`` the ETag of the bytes read, or ``If-None-Match: *``.
 
