@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 # tests/ is on sys.path through `pythonpath = ["tests"]` in pyproject.toml.
-from services import DockerRegistry, Nginx, Service, Squid, find_binary
+from services import DockerRegistry, MotoS3, Nginx, Service, Squid, find_binary
 
 _DEFAULT_REFERENCE_REPO = (
     Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "cvmfs-reference-repo"
@@ -138,3 +138,15 @@ def docker_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Docker
     registry = DockerRegistry(workdir=tmp_path_factory.mktemp("registry"))
     yield registry
     registry.close()
+
+
+@pytest.fixture(scope="session")
+def moto_s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MotoS3]:
+    """moto's standalone S3 server on a free loopback port (``.url``, ``.s3_params(bucket)``).
+
+    One server for the session (it starts in about a second); tests make their own buckets.
+    """
+    require_binary("moto_server")
+    server = MotoS3(workdir=tmp_path_factory.mktemp("moto"))
+    yield server
+    server.close()

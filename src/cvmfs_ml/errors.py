@@ -112,3 +112,7 @@ class DownloadError(CvmfsMlError, OSError):
 
 class ConfigError(CvmfsMlError, ValueError):
     """A configuration value (URL list, proxy list, key, setting) that cannot be used."""
+
+
+class StorageError(CvmfsMlError, OSError):
+    """The object store (an S3 service) refused a request or could not be reached."""

@@ -296,3 +296,32 @@ def test_failed_mount_reports_the_reason(
     assert not is_mounted(point)
     with pytest.raises(CvmfsMlError, match="not a directory"):
         mount(repo_dir, tmp_path / "nowhere", cache=tmp_path / "cache", timeout=30)
+
+
+# -- a Stratum 0 in S3 ----------------------------------------------------------------------------
+def test_mount_reads_an_s3_stratum0_from_the_bucket_url(
+    mounter: Callable[..., MountHandle], moto_s3: object, tmp_path: Path
+) -> None:
+    """``repo create s3://...``: the mount reads the bucket's plain HTTP URL, no credentials."""
+    moto = moto_s3
+    bucket = f"fuse-{os.getpid()}"
+    moto.create_bucket(bucket)  # type: ignore[attr-defined]
+    params = {**moto.s3_params(bucket), "CVMFS_SPOOL_DIR": str(tmp_path / "spool")}  # type: ignore[attr-defined]
+    publisher = create_repository(
+        f"s3://{bucket}/srv", "s3fuse.test", keys_dir=tmp_path / "keys", s3_config=params
+    )
+    src = tmp_path / "src"
+    (src / "m").mkdir(parents=True)
+    payload = np.random.default_rng(5).bytes(9 * 2**20 + 3)  # chunked with the defaults
+    (src / "m" / "weights.bin").write_bytes(payload)
+    (src / "m" / "config.json").write_text('{"a": 1}\n')
+    os.symlink("weights.bin", src / "m" / "current")
+    with publisher.transaction() as txn:
+        txn.add_folder(src)
+        txn.commit()
+    url = f"{moto.url}/{bucket}/srv/s3fuse.test"  # type: ignore[attr-defined]
+    handle = mounter(url, public_key=tmp_path / "keys" / "s3fuse.test.pub")
+    root = handle.mountpoint
+    assert _sha256(root / "m" / "weights.bin") == hashlib.sha256(payload).hexdigest()
+    assert (root / "m" / "config.json").read_text() == '{"a": 1}\n'
+    assert os.readlink(root / "m" / "current") == "weights.bin"

@@ -50,6 +50,7 @@ from cvmfs_ml.errors import CvmfsMlError
 __all__ = [
     "CVMFS_SQUID_POLICY",
     "LOOPBACK",
+    "MotoS3",
     "NGINX_LOG_FORMAT",
     "AccessRecord",
     "DockerRegistry",
@@ -840,3 +841,42 @@ class DockerRegistry(Service):
 
     def _command(self) -> Sequence[str]:
         return [self.binary_path, "serve", str(self.conf_path)]
+
+
+class MotoS3(Service):
+    """moto's standalone S3 server (``moto_server``, the one s3fs tests against), in memory.
+
+    ``url`` is the S3 endpoint and also the plain-HTTP root clients read buckets from
+    (``{url}/BUCKET/KEY``, path-style). :meth:`s3_params` gives upstream's ``CVMFS_S3_*``
+    settings for it; any access key is accepted.
+    """
+
+    binary = "moto_server"
+
+    def s3_params(self, bucket: str) -> dict[str, str]:
+        return {
+            "CVMFS_S3_HOST": LOOPBACK,
+            "CVMFS_S3_PORT": str(self.port),
+            "CVMFS_S3_BUCKET": bucket,
+            "CVMFS_S3_ACCESS_KEY": "testing",
+            "CVMFS_S3_SECRET_KEY": "testing",
+            "CVMFS_S3_DNS_BUCKETS": "false",
+        }
+
+    def create_bucket(self, bucket: str) -> None:
+        import boto3
+
+        client = boto3.client(
+            "s3",
+            endpoint_url=self.url,
+            aws_access_key_id="testing",
+            aws_secret_access_key="testing",
+            region_name="us-east-1",
+        )
+        client.create_bucket(Bucket=bucket)
+
+    def _prepare(self) -> None:
+        pass
+
+    def _command(self) -> Sequence[str]:
+        return [self.binary_path, "-H", LOOPBACK, "-p", str(self.port)]

@@ -14,6 +14,7 @@ from typing import Annotated, Any
 import typer
 
 from cvmfs_ml.cli.common import JsonOption, KeyOption, _fail, friendly, open_repository
+from cvmfs_ml.cli.s3 import S3ConfigOption, s3_params
 
 model_app = typer.Typer(no_args_is_help=True, help="Publish and browse model versions.")
 
@@ -90,7 +91,9 @@ def model_publish(
     src: Annotated[
         str, typer.Argument(help="file, folder, HF cache snapshot, or hf:ORG/NAME[@REV]")
     ],
-    repo: Annotated[Path, typer.Option("--repo", help="repository folder (holds .cvmfspublished)")],
+    repo: Annotated[
+        str, typer.Option("--repo", help="repository folder or s3://BUCKET[/PREFIX]/FQRN")
+    ],
     as_ref: Annotated[str, typer.Option("--as", help="NAMESPACE/NAME:VERSION")],
     description: Annotated[str, typer.Option("--description", "-m")] = "",
     license_: Annotated[
@@ -105,6 +108,7 @@ def model_publish(
     ] = None,
     keys: KeysOption = None,
     as_json: JsonOption = False,
+    s3_config: S3ConfigOption = None,
 ) -> None:
     """Publish SRC as an immutable version (same bytes again: nothing to do)."""
     from cvmfs_ml.models.layout import ALIAS_LATEST
@@ -114,19 +118,32 @@ def model_publish(
     ref = _ref(as_ref, require_version=True)
     path = _resolve_source(src, revision)
     aliases = ([] if no_latest else [ALIAS_LATEST]) + list(alias or [])
-    publisher = Publisher.open(repo, keys)
+    publisher = Publisher.open(repo, keys, s3_config=s3_params(s3_config))
     before = publisher.manifest().revision
+    from cvmfs_ml.cli.progress import publish_progress
+
     try:
-        record = publish_model(
-            publisher, path, ref, description=description, license=license_, aliases=aliases
-        )
+        with publish_progress(publisher, Path(path), f"publishing {ref}"):
+            record = publish_model(
+                publisher, path, ref, description=description, license=license_, aliases=aliases
+            )
     except ValueError as exc:  # an invalid alias name
         raise _fail(str(exc)) from exc
     revision_now = publisher.manifest().revision
     published = revision_now != before
+    stats = publisher.last_result.stats if publisher.last_result is not None else None
+    new_bytes = stats.bytes_stored if stats is not None else 0
+    reused_bytes = (stats.bytes_existing + stats.bytes_unchanged) if stats is not None else 0
     if as_json:
         out = _row(record)
-        out.update({"published": published, "revision": revision_now})
+        out.update(
+            {
+                "published": published,
+                "revision": revision_now,
+                "new_bytes": new_bytes,
+                "reused_bytes": reused_bytes,
+            }
+        )
         typer.echo(json.dumps(out))
         return
     if not published:
@@ -136,6 +153,9 @@ def model_publish(
     typer.echo(
         f"revision {revision_now}: published {ref} at {record.path} ({_files(record.file_count)}, "
         f"{_size(record.size)}, format {record.format or 'unknown'}){aliases_text}"
+    )
+    typer.echo(
+        f"stored {_size(new_bytes)} new, reused {_size(reused_bytes)} already in the repository"
     )
 
 
@@ -216,16 +236,17 @@ def model_info_cmd(
 @model_app.command("rm")
 @friendly
 def model_rm(
-    repo: Annotated[Path, typer.Argument(help="repository folder")],
+    repo: Annotated[str, typer.Argument(help="repository folder or s3://BUCKET[/PREFIX]/FQRN")],
     ref: Annotated[str, typer.Argument(help="NAMESPACE/NAME:VERSION")],
     keys: KeysOption = None,
+    s3_config: S3ConfigOption = None,
 ) -> None:
     """Remove a version in a new revision (its data stays until `repo gc`)."""
     from cvmfs_ml.models.publish import remove_model
     from cvmfs_ml.publish.repository import Publisher
 
     parsed = _ref(ref, require_version=True)
-    publisher = Publisher.open(repo, keys)
+    publisher = Publisher.open(repo, keys, s3_config=s3_params(s3_config))
     remove_model(publisher, parsed)
     typer.echo(
         f"revision {publisher.manifest().revision}: removed {parsed} "
@@ -236,12 +257,13 @@ def model_rm(
 @model_app.command("alias")
 @friendly
 def model_alias(
-    repo: Annotated[Path, typer.Argument(help="repository folder")],
+    repo: Annotated[str, typer.Argument(help="repository folder or s3://BUCKET[/PREFIX]/FQRN")],
     model: Annotated[str, typer.Argument(help="NAMESPACE/NAME")],
     alias: Annotated[str, typer.Argument(help="alias name, e.g. latest, stable, prod")],
     version: Annotated[str | None, typer.Argument(help="version the alias points at")] = None,
     remove: Annotated[bool, typer.Option("--remove", "-d", help="remove the alias")] = False,
     keys: KeysOption = None,
+    s3_config: S3ConfigOption = None,
 ) -> None:
     """Point ALIAS at VERSION (create or move it), or remove it with --remove."""
     from cvmfs_ml.models.publish import remove_alias, set_alias
@@ -250,7 +272,7 @@ def model_alias(
     parsed = _ref(model)
     if parsed.version is not None:
         raise _fail(f"give the model as NAMESPACE/NAME and the version separately, not {model}")
-    publisher = Publisher.open(repo, keys)
+    publisher = Publisher.open(repo, keys, s3_config=s3_params(s3_config))
     try:
         if remove:
             remove_alias(publisher, parsed, alias)
@@ -289,14 +311,15 @@ def model_check(
 @model_app.command("reindex")
 @friendly
 def model_reindex(
-    repo: Annotated[Path, typer.Argument(help="repository folder")],
+    repo: Annotated[str, typer.Argument(help="repository folder or s3://BUCKET[/PREFIX]/FQRN")],
     keys: KeysOption = None,
+    s3_config: S3ConfigOption = None,
 ) -> None:
     """Rewrite /.cvmfs-ml/index.json from the tree (after hand edits with `repo rm`)."""
     from cvmfs_ml.models.publish import reindex
     from cvmfs_ml.publish.repository import Publisher
 
-    index = reindex(Publisher.open(repo, keys))
+    index = reindex(Publisher.open(repo, keys, s3_config=s3_params(s3_config)))
     versions = sum(len(m.versions) for m in index.models.values())
     typer.echo(f"index rebuilt: {len(index.models)} models, {versions} versions")
 

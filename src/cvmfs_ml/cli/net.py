@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from cvmfs_ml.cli.common import JsonOption, KeyOption, _default_key, _fail, friendly
+from cvmfs_ml.cli.s3 import S3ConfigOption, s3_params
 
 replica_app = typer.Typer(
     no_args_is_help=True, help="Stratum 1 replicas: verified copies of a served repository."
@@ -21,7 +21,12 @@ def replica_sync(
     upstream: Annotated[
         str, typer.Argument(help="http://host/cvmfs/<fqrn> (';' list, @fqrn@) or a folder")
     ],
-    dest: Annotated[Path, typer.Argument(help="replica folder, served as /cvmfs/<fqrn>")],
+    dest: Annotated[
+        str,
+        typer.Argument(
+            help="replica folder, served as /cvmfs/<fqrn>, or s3://BUCKET[/PREFIX]/FQRN"
+        ),
+    ],
     key: KeyOption = None,
     fqrn: Annotated[
         str | None, typer.Option("--fqrn", help="repository name (default: from UPSTREAM)")
@@ -34,22 +39,33 @@ def replica_sync(
         bool, typer.Option("--full-history", help="first run: also copy earlier revisions")
     ] = False,
     as_json: JsonOption = False,
+    s3_config: S3ConfigOption = None,
 ) -> None:
     """Copy new objects and the manifest from UPSTREAM into DEST, verified, manifest last."""
-    from cvmfs_ml.replica.sync import sync_replica
+    from cvmfs_ml.replica.sync import SyncReport, sync_replica
 
     public_key = key or _default_key(upstream)
     if public_key is None:
         raise _fail(f"no public key for {upstream}: pass --key <fqrn>.pub")
-    report = sync_replica(
-        upstream,
-        dest,
-        public_key,
-        fqrn,
-        proxy=proxy,
-        workers=workers,
-        full_history=full_history,
-    )
+    from cvmfs_ml.cli.progress import polled_progress
+
+    live: list[SyncReport] = []
+
+    def poll() -> tuple[int, int] | None:
+        return (live[0].bytes_copied, live[0].objects_copied) if live else None
+
+    with polled_progress("replica sync", None, poll, unit="objects"):
+        report = sync_replica(
+            upstream,
+            dest,
+            public_key,
+            fqrn,
+            proxy=proxy,
+            workers=workers,
+            full_history=full_history,
+            s3_config=s3_params(s3_config),
+            on_report=live.append,
+        )
     if as_json:
         typer.echo(json.dumps(report.to_dict(), indent=2))
         return

@@ -20,6 +20,7 @@ from cvmfs_ml.cli.common import (
     friendly,
     open_repository,
 )
+from cvmfs_ml.cli.s3 import S3ConfigOption, s3_params
 
 repo_app = typer.Typer(no_args_is_help=True, help="Create, publish and inspect repositories.")
 
@@ -28,7 +29,9 @@ repo_app = typer.Typer(no_args_is_help=True, help="Create, publish and inspect r
 @repo_app.command("create")
 @friendly
 def repo_create(
-    root: Annotated[Path, typer.Argument(help="folder that will hold ROOT/<fqrn>")],
+    root: Annotated[
+        str, typer.Argument(help="folder that will hold ROOT/<fqrn>, or s3://BUCKET[/PREFIX]")
+    ],
     fqrn: Annotated[str, typer.Option("--fqrn", help="repository name, e.g. models.cern.ch")],
     keys: Annotated[Path | None, typer.Option("--keys", help="keys folder (ROOT/../keys)")] = None,
     compression: Annotated[str, typer.Option(help="auto | zlib | none | isal")] = "auto",
@@ -40,6 +43,7 @@ def repo_create(
     ] = "4/8/16",
     ttl: Annotated[int, typer.Option(help="catalog TTL in seconds")] = 240,
     whitelist_days: Annotated[int, typer.Option(help="whitelist validity in days")] = 30,
+    s3_config: S3ConfigOption = None,
 ) -> None:
     """Create a repository with fresh keys and an empty revision 0."""
     from cvmfs_ml.cvmfs.hashing import Algorithm
@@ -61,25 +65,32 @@ def repo_create(
         except ValueError as exc:
             raise _fail(f"--chunks {chunks!r}: expected MIN/AVG/MAX in MiB") from exc
         settings = settings.with_(min_chunk_size=low, avg_chunk_size=avg, max_chunk_size=high)
-    publisher = create_repository(root, fqrn, keys_dir=keys, settings=settings)
-    typer.echo(f"created {publisher.repo_dir} (keys in {publisher.keys_dir})")
+    location = root if root.startswith("s3://") else Path(root)
+    publisher = create_repository(
+        location, fqrn, keys_dir=keys, settings=settings, s3_config=s3_params(s3_config)
+    )
+    readers = getattr(publisher.store, "public_url", None)
+    where = f"; clients read {readers}" if readers else ""
+    typer.echo(f"created {publisher.location} (keys in {publisher.keys_dir}{where})")
 
 
 @repo_app.command("publish")
 @friendly
 def repo_publish(
-    repo: Annotated[Path, typer.Argument(help="repository folder (holds .cvmfspublished)")],
+    repo: Annotated[str, typer.Argument(help="repository folder or s3://BUCKET[/PREFIX]/FQRN")],
     src: Annotated[Path, typer.Argument(help="folder or tarball to publish")],
     at: Annotated[str, typer.Option("--at", help="path inside the repository")] = "/",
     tag: Annotated[str | None, typer.Option("--tag", help="name this revision")] = None,
     keys: Annotated[Path | None, typer.Option("--keys")] = None,
+    s3_config: S3ConfigOption = None,
     nested: Annotated[bool, typer.Option(help="make --at a nested catalog")] = False,
     as_json: JsonOption = False,
 ) -> None:
     """Publish a folder or tarball as a new revision."""
+    from cvmfs_ml.cli.progress import publish_progress
     from cvmfs_ml.publish.repository import Publisher
 
-    publisher = Publisher.open(repo, keys)
+    publisher = Publisher.open(repo, keys, s3_config=s3_params(s3_config))
     with publisher.transaction() as txn:
         if src.is_dir():
             txn.add_folder(src, at, nested_catalog=nested)
@@ -87,7 +98,8 @@ def repo_publish(
             txn.add_tarball(src, at, nested_catalog=nested)
         else:
             raise _fail(f"{src}: no such folder or tarball")
-        result = txn.commit(tag=tag)
+        with publish_progress(publisher, src):
+            result = txn.commit(tag=tag)
     stats = result.stats
     summary = {
         "revision": result.revision,
@@ -97,6 +109,8 @@ def repo_publish(
         "new_objects": stats.objects_new,
         "existing_objects": stats.objects_existing,
         "stored_bytes": stats.bytes_stored,
+        "reused_bytes": stats.bytes_existing,
+        "unchanged_bytes": stats.bytes_unchanged,
         "seconds": round(result.seconds, 3),
     }
     if as_json:
@@ -112,14 +126,15 @@ def repo_publish(
 @repo_app.command("rm")
 @friendly
 def repo_rm(
-    repo: Annotated[Path, typer.Argument()],
+    repo: Annotated[str, typer.Argument(help="repository folder or s3://BUCKET[/PREFIX]/FQRN")],
     paths: Annotated[list[str], typer.Argument(help="paths to remove")],
     keys: Annotated[Path | None, typer.Option("--keys")] = None,
+    s3_config: S3ConfigOption = None,
 ) -> None:
     """Remove paths (and everything below them) in a new revision."""
     from cvmfs_ml.publish.repository import Publisher
 
-    publisher = Publisher.open(repo, keys)
+    publisher = Publisher.open(repo, keys, s3_config=s3_params(s3_config))
     with publisher.transaction() as txn:
         for path in paths:
             txn.remove(path)
@@ -132,13 +147,14 @@ def repo_rm(
 def repo_check(
     repo: Annotated[str, typer.Argument(help="repository folder or URL")],
     key: KeyOption = None,
+    s3_config: S3ConfigOption = None,
     no_data: Annotated[bool, typer.Option("--no-data", help="skip hashing data objects")] = False,
     as_json: JsonOption = False,
 ) -> None:
     """Verify signatures, catalogs, counters and every referenced object; exit 1 on a defect."""
     from cvmfs_ml.client.check import check_repository
 
-    with open_repository(repo, key) as repository:
+    with open_repository(repo, key, s3_config=s3_params(s3_config)) as repository:
         report = check_repository(repository, data=not no_data)
     if as_json:
         typer.echo(
@@ -169,11 +185,12 @@ def repo_ls(
     path: Annotated[str, typer.Argument()] = "/",
     recursive: Annotated[bool, typer.Option("-R", "--recursive")] = False,
     key: KeyOption = None,
+    s3_config: S3ConfigOption = None,
     tag: TagOption = None,
     as_json: JsonOption = False,
 ) -> None:
     """List a directory (or describe a file)."""
-    with open_repository(repo, key, tag) as repository:
+    with open_repository(repo, key, tag, s3_config=s3_params(s3_config)) as repository:
         entry = repository.stat(path)
         if not entry.is_dir:
             entries = [entry]
@@ -197,10 +214,11 @@ def repo_stat(
     repo: Annotated[str, typer.Argument()],
     path: Annotated[str, typer.Argument()],
     key: KeyOption = None,
+    s3_config: S3ConfigOption = None,
     tag: TagOption = None,
 ) -> None:
     """Print one entry as JSON, with its chunks."""
-    with open_repository(repo, key, tag) as repository:
+    with open_repository(repo, key, tag, s3_config=s3_params(s3_config)) as repository:
         entry = repository.stat(path)
         info = _entry_json(entry)
         if entry.is_regular:
@@ -217,10 +235,14 @@ def repo_cat(
     repo: Annotated[str, typer.Argument()],
     path: Annotated[str, typer.Argument()],
     key: KeyOption = None,
+    s3_config: S3ConfigOption = None,
     tag: TagOption = None,
 ) -> None:
     """Write a file's bytes to stdout."""
-    with open_repository(repo, key, tag) as repository, repository.open(path) as handle:
+    with (
+        open_repository(repo, key, tag, s3_config=s3_params(s3_config)) as repository,
+        repository.open(path) as handle,
+    ):
         out = sys.stdout.buffer
         while block := handle.read(4 * 2**20):
             out.write(block)
@@ -232,10 +254,11 @@ def repo_cat(
 def repo_tags(
     repo: Annotated[str, typer.Argument()],
     key: KeyOption = None,
+    s3_config: S3ConfigOption = None,
     as_json: JsonOption = False,
 ) -> None:
     """List tags (named revisions)."""
-    with open_repository(repo, key) as repository:
+    with open_repository(repo, key, s3_config=s3_params(s3_config)) as repository:
         tags = sorted(repository.tags(), key=lambda t: (t.revision, t.name))
     if as_json:
         typer.echo(
@@ -265,12 +288,16 @@ def repo_diff(
     old: Annotated[str, typer.Argument(help="tag of the old side")],
     new: Annotated[str, typer.Argument(help="tag of the new side")] = "trunk",
     key: KeyOption = None,
+    s3_config: S3ConfigOption = None,
     as_json: JsonOption = False,
 ) -> None:
     """Paths added (+), removed (-) and changed (M) between two tags."""
     from cvmfs_ml.client.diff import diff_trees
 
-    with open_repository(repo, key, old) as a, open_repository(repo, key, new) as b:
+    with (
+        open_repository(repo, key, old, s3_config=s3_params(s3_config)) as a,
+        open_repository(repo, key, new, s3_config=s3_params(s3_config)) as b,
+    ):
         changes = diff_trees(a, b)
     if as_json:
         typer.echo(json.dumps([{"change": c, "path": p} for c, p in changes]))
@@ -282,34 +309,46 @@ def repo_diff(
 @repo_app.command("gc")
 @friendly
 def repo_gc(
-    repo: Annotated[Path, typer.Argument()],
+    repo: Annotated[str, typer.Argument(help="repository folder or s3://BUCKET[/PREFIX]/FQRN")],
     keys: Annotated[Path | None, typer.Option("--keys")] = None,
+    s3_config: S3ConfigOption = None,
     dry_run: Annotated[bool, typer.Option("--dry-run")] = False,
 ) -> None:
     """Delete objects that neither HEAD nor any tag references."""
-    from cvmfs_ml.publish.gc import collect_garbage
+    from cvmfs_ml.cli.progress import polled_progress
+    from cvmfs_ml.publish.gc import GcProgress, collect_garbage
     from cvmfs_ml.publish.repository import Publisher
 
-    report = collect_garbage(Publisher.open(repo, keys), dry_run=dry_run)
-    verb = "would remove" if dry_run else "removed"
+    publisher = Publisher.open(repo, keys, s3_config=s3_params(s3_config))
+    live = GcProgress()
+    with polled_progress(
+        "garbage collection", None, lambda: (live.bytes_listed, live.objects_listed), unit="objects"
+    ):
+        report = collect_garbage(publisher, dry_run=dry_run, progress=live)
+    verb, freed = ("would remove", "would free") if dry_run else ("removed", "freeing")
     typer.echo(
-        f"{verb} {report.removed} objects ({report.bytes_removed / 1e6:.1f} MB), kept {report.kept}"
+        f"{verb} {report.removed} objects, {freed} {report.bytes_removed / 1e6:.1f} MB; kept "
+        f"{report.kept} ({report.bytes_kept / 1e6:.1f} MB)"
     )
+    if report.older_tags:
+        held = ", ".join(f"{name} (r{revision})" for name, revision in report.older_tags)
+        typer.echo(f"older data still held by tags: {held}; remove them with 'repo tag -d'")
 
 
 @repo_app.command("tag")
 @friendly
 def repo_tag(
-    repo: Annotated[Path, typer.Argument()],
+    repo: Annotated[str, typer.Argument(help="repository folder or s3://BUCKET[/PREFIX]/FQRN")],
     name: Annotated[str, typer.Argument()],
     description: Annotated[str, typer.Option("-m", "--message")] = "",
     remove: Annotated[bool, typer.Option("--remove", "-d")] = False,
     keys: Annotated[Path | None, typer.Option("--keys")] = None,
+    s3_config: S3ConfigOption = None,
 ) -> None:
     """Name the current revision (or remove a tag with -d)."""
     from cvmfs_ml.publish.repository import Publisher
 
-    publisher = Publisher.open(repo, keys)
+    publisher = Publisher.open(repo, keys, s3_config=s3_params(s3_config))
     if remove:
         publisher.remove_tag(name)
         typer.echo(f"removed tag {name}")
@@ -321,27 +360,29 @@ def repo_tag(
 @repo_app.command("rollback")
 @friendly
 def repo_rollback(
-    repo: Annotated[Path, typer.Argument()],
+    repo: Annotated[str, typer.Argument(help="repository folder or s3://BUCKET[/PREFIX]/FQRN")],
     tag: Annotated[str, typer.Argument(help="tag whose tree becomes the new revision")],
     keys: Annotated[Path | None, typer.Option("--keys")] = None,
+    s3_config: S3ConfigOption = None,
 ) -> None:
     """Publish an older tagged tree again as a new revision."""
     from cvmfs_ml.publish.repository import Publisher
 
-    result = Publisher.open(repo, keys).rollback(tag)
+    result = Publisher.open(repo, keys, s3_config=s3_params(s3_config)).rollback(tag)
     typer.echo(f"revision {result.revision}: rolled back to {tag}")
 
 
 @repo_app.command("resign")
 @friendly
 def repo_resign(
-    repo: Annotated[Path, typer.Argument()],
+    repo: Annotated[str, typer.Argument(help="repository folder or s3://BUCKET[/PREFIX]/FQRN")],
     days: Annotated[int | None, typer.Option(help="validity in days")] = None,
     keys: Annotated[Path | None, typer.Option("--keys")] = None,
+    s3_config: S3ConfigOption = None,
 ) -> None:
     """Sign a fresh whitelist with the master key (before the old one expires)."""
     from cvmfs_ml.publish.repository import Publisher
 
-    publisher = Publisher.open(repo, keys)
+    publisher = Publisher.open(repo, keys, s3_config=s3_params(s3_config))
     publisher.resign(valid_for=dt.timedelta(days=days) if days else None)
     typer.echo(f"whitelist of {publisher.fqrn} re-signed")

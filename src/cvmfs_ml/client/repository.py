@@ -176,7 +176,7 @@ class Repository:
     @classmethod
     def connect(
         cls,
-        location: str | os.PathLike[str],
+        location: str | os.PathLike[str] | ObjectSource,
         fqrn: str | None = None,
         public_key: str | os.PathLike[str] | Sequence[Any] | None = None,
         *,
@@ -197,10 +197,22 @@ class Repository:
         Fetcher settings (``timeout``, ``max_retries``, ``backoff_init``, ``pool_size``...) go to
         the :class:`~cvmfs_ml.client.fetcher.Fetcher`; the other options to :class:`Repository`.
         """
-        text = os.fspath(location)
         fetcher_options = {k: options.pop(k) for k in list(options) if k in FETCHER_OPTIONS}
+        s3_config = options.pop("s3_config", None)
         source: ObjectSource
-        if "://" in text:
+        text = "" if not isinstance(location, (str, os.PathLike)) else os.fspath(location)
+        if not text:
+            # An object store the caller already has (a publisher's): read through it, not ours.
+            source = location  # type: ignore[assignment]
+            fqrn = fqrn or getattr(location, "fqrn", None)
+            if not fqrn:
+                raise ConfigError(f"{location!r}: pass the repository's fqrn")
+        elif text.startswith("s3://"):
+            from cvmfs_ml.storage.base import open_store
+
+            source = open_store(text, s3_config)  # type: ignore[assignment]
+            fqrn = fqrn or text.rstrip("/").rsplit("/", 1)[-1]
+        elif "://" in text:
             from cvmfs_ml.client.fetcher import Fetcher
 
             if fqrn is None:
@@ -221,23 +233,18 @@ class Repository:
             folder = Path(text)
             source = LocalStore(folder)
             fqrn = fqrn or _manifest_fqrn(folder) or folder.name
-        keys: Sequence[Any]
-        if public_key is None:
-            keys = []
-        elif isinstance(public_key, (str, os.PathLike)):
-            keys = load_public_keys(public_key)
-        else:
-            keys = list(public_key)
+        keys = _keys(public_key)
         own_cache = isinstance(cache, (str, os.PathLike))
         if isinstance(cache, (str, os.PathLike)):
             cache = ObjectCache(Path(cache), quota_bytes)
         try:
             repository = cls(source, fqrn, public_keys=keys, cache=cache, **options)
             # What connect() created, close() closes; a caller's own source or cache is theirs.
-            repository._owned = (source, *([cache] if own_cache else []))
+            owned = [source] if text else []
+            repository._owned = (*owned, *([cache] if own_cache else []))
             return repository
         except BaseException:
-            close = getattr(source, "close", None)
+            close = getattr(source, "close", None) if text else None
             if close is not None:
                 close()
             if own_cache and isinstance(cache, ObjectCache):
@@ -802,9 +809,7 @@ class CvmfsFile(io.RawIOBase):
         if offset >= end:
             return True
         with self._lock:
-            return all(
-                i in self._fds for i in range(self._index(offset), self._index(end - 1) + 1)
-            )
+            return all(i in self._fds for i in range(self._index(offset), self._index(end - 1) + 1))
 
     def _acquire(self, index: int) -> tuple[int, str, int]:
         """An open descriptor of piece ``index`` (its use count raised), how, network bytes."""
@@ -1000,6 +1005,14 @@ def _preadv_full(fd: int, view: memoryview, offset: int) -> int:
             break
         done += n
     return done
+
+
+def _keys(public_key: str | os.PathLike[str] | Sequence[Any] | None) -> list[Any]:
+    if public_key is None:
+        return []
+    if isinstance(public_key, (str, os.PathLike)):
+        return load_public_keys(public_key)
+    return list(public_key)
 
 
 def _manifest_fqrn(folder: Path) -> str | None:

@@ -98,7 +98,7 @@ def _reader_cache(publisher: Publisher) -> ObjectCache:
     at the same path starts at revision 0, which the old cache would take for a rollback.
     """
     key_file = os.stat(publisher.keys.paths.master_public)
-    key = (publisher.repo_dir.resolve(), key_file.st_ino, key_file.st_mtime_ns)
+    key = (publisher.location, key_file.st_ino, key_file.st_mtime_ns)
     with _READER_CACHES_LOCK:
         cache = _READER_CACHES.get(key)
         if cache is None:
@@ -116,7 +116,7 @@ def _published(publisher: Publisher) -> Iterator[Repository]:
     the transaction will change.
     """
     repo = Repository.open(
-        publisher.repo_dir,
+        publisher.store,
         fqrn=publisher.fqrn,
         public_key=publisher.keys.paths.master_public,
         cache=_reader_cache(publisher),

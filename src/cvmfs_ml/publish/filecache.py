@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, NamedTuple
 from cvmfs_ml.cvmfs.catalog import Chunk
 from cvmfs_ml.cvmfs.hashing import Digest
 from cvmfs_ml.cvmfs.objects import ObjectKind, object_path
-from cvmfs_ml.storage.local import LocalStore
+from cvmfs_ml.storage.base import ObjectStore
 
 if TYPE_CHECKING:
     from cvmfs_ml.publish.ingest import FileContent
@@ -72,7 +72,7 @@ class FileCache:
         with self._lock:
             self._db.close()
 
-    def lookup(self, key: FileKey, store: LocalStore) -> FileContent | None:
+    def lookup(self, key: FileKey, store: ObjectStore) -> FileContent | None:
         from cvmfs_ml.publish.ingest import FileContent
 
         with self._lock:

@@ -17,7 +17,7 @@ from cvmfs_ml.cvmfs.objects import ObjectKind, object_path
 from cvmfs_ml.errors import PublishError
 from cvmfs_ml.publish.repository import Publisher
 
-__all__ = ["GcReport", "collect_garbage"]
+__all__ = ["GcProgress", "GcReport", "collect_garbage"]
 
 
 @dataclass(frozen=True)
@@ -26,18 +26,40 @@ class GcReport:
     removed: int
     bytes_removed: int
     dry_run: bool
+    bytes_kept: int = 0
+    older_tags: tuple[tuple[str, int], ...] = ()
+    """(name, revision) of tags that keep an older tree, and so its data, alive."""
 
 
-def collect_garbage(publisher: Publisher, *, dry_run: bool = False) -> GcReport:
+@dataclass
+class GcProgress:
+    """Live counters of a running collection, for progress bars that poll them."""
+
+    catalogs: int = 0
+    objects_listed: int = 0
+    bytes_listed: int = 0
+
+
+def collect_garbage(
+    publisher: Publisher, *, dry_run: bool = False, progress: GcProgress | None = None
+) -> GcReport:
     if not publisher.settings.garbage_collection:
         raise PublishError(
             f"{publisher.fqrn} is not garbage-collectable (CVMFS_GARBAGE_COLLECTION=false)"
         )
     store = publisher.store
-    with publisher.lock(), tempfile.TemporaryDirectory(dir=store.root / "data" / "txn") as tmp:
+    progress = progress if progress is not None else GcProgress()
+    with publisher.lock(), tempfile.TemporaryDirectory(dir=store.staging_dir()) as tmp:
         manifest = publisher.manifest()
+        tags = publisher.tags()
         roots = {manifest.catalog}
-        roots |= {tag.root_catalog for tag in publisher.tags()}
+        roots |= {tag.root_catalog for tag in tags}
+        older_tags = tuple(
+            sorted(
+                {(t.name, t.revision) for t in tags if t.root_catalog != manifest.catalog},
+                key=lambda item: (item[1], item[0]),
+            )
+        )
         keep: set[str] = set()
         for digest, kind in (
             (manifest.certificate, ObjectKind.CERTIFICATE),
@@ -63,18 +85,23 @@ def collect_garbage(publisher: Publisher, *, dry_run: bool = False) -> GcReport:
                 if digest in seen:
                     continue
                 seen.add(digest)
+                progress.catalogs += 1
                 keep.add(object_path(digest, ObjectKind.CATALOG))
                 for obj, is_chunk, _compressed in referenced_objects(catalog):
                     kind = ObjectKind.PARTIAL if is_chunk else ObjectKind.FILE
                     keep.add(object_path(obj, kind))
         for catalog in opened:
             catalog.close()
-        removed = bytes_removed = 0
-        for rel in list(store.list_objects()):
+        doomed: list[str] = []
+        bytes_removed = bytes_kept = 0
+        for rel, size in store.list_sizes():
+            progress.objects_listed += 1
+            progress.bytes_listed += size
             if rel in keep:
-                continue
-            removed += 1
-            bytes_removed += store.path(rel).stat().st_size
-            if not dry_run:
-                store.remove(rel)
-        return GcReport(len(keep), removed, bytes_removed, dry_run)
+                bytes_kept += size
+            else:
+                doomed.append(rel)
+                bytes_removed += size
+        if not dry_run:
+            store.remove_many(doomed)
+        return GcReport(len(keep), len(doomed), bytes_removed, dry_run, bytes_kept, older_tags)

@@ -31,7 +31,7 @@ from cvmfs_ml.errors import PublishError
 from cvmfs_ml.publish.filecache import FileCache, FileKey
 from cvmfs_ml.publish.settings import PublishSettings
 from cvmfs_ml.publish.sources import SourceItem
-from cvmfs_ml.storage.local import LocalStore
+from cvmfs_ml.storage.base import ObjectStore
 
 __all__ = ["FileContent", "IngestStats", "ContentPipeline", "PendingFile"]
 
@@ -64,6 +64,7 @@ class IngestStats:
     objects_new: int = 0
     objects_existing: int = 0
     bytes_stored: int = 0
+    bytes_existing: int = 0  # stored size of objects the store already had (deduplicated)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def count_object(self, new: bool, size: int) -> None:
@@ -73,6 +74,7 @@ class IngestStats:
                 self.bytes_stored += size
             else:
                 self.objects_existing += 1
+                self.bytes_existing += size
 
 
 class _BlockPool:
@@ -161,7 +163,7 @@ class ContentPipeline:
     """Turns regular files into stored objects for one transaction."""
 
     def __init__(
-        self, store: LocalStore, settings: PublishSettings, file_cache: FileCache | None = None
+        self, store: ObjectStore, settings: PublishSettings, file_cache: FileCache | None = None
     ) -> None:
         self.store = store
         self.settings = settings
@@ -194,13 +196,17 @@ class ContentPipeline:
         digest = Digest(self.settings.hash_algorithm, hasher.digest())
         rel = object_path(digest, kind)
         with self._writing_lock:
-            claimed = rel not in self._writing and not self.store.exists(rel)
+            claimed = rel not in self._writing
             if claimed:
                 self._writing.add(rel)
         size = sum(len(p) for p in parts)
         if claimed:
             try:
-                self.store.put_parts(rel, parts)
+                # Peek before put outside the lock: on S3 it is a round trip (HEAD), and under
+                # the lock it would serialise every worker.
+                claimed = not self.store.exists(rel)
+                if claimed:
+                    self.store.put_parts(rel, parts)
             finally:
                 with self._writing_lock:
                     self._writing.discard(rel)

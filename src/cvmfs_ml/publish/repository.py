@@ -21,7 +21,7 @@ import os
 import stat
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -33,14 +33,14 @@ from cvmfs_ml.cvmfs.manifest import Manifest, sign_manifest
 from cvmfs_ml.cvmfs.objects import ObjectKind, deflate, object_path
 from cvmfs_ml.cvmfs.reflog import Reflog, RefType
 from cvmfs_ml.cvmfs.whitelist import make_whitelist
-from cvmfs_ml.errors import LockedError, NotFoundError, PublishError
+from cvmfs_ml.errors import ConfigError, LockedError, NotFoundError, PublishError
 from cvmfs_ml.publish.dirtab import Dirtab
 from cvmfs_ml.publish.filecache import FileCache
 from cvmfs_ml.publish.ingest import ContentPipeline, IngestStats, PendingFile
 from cvmfs_ml.publish.settings import PublishSettings, load_settings, save_settings
 from cvmfs_ml.publish.sources import SourceItem, join_repo_path, scan_folder, scan_tarball
 from cvmfs_ml.publish.workspace import CatalogWorkspace
-from cvmfs_ml.storage.local import LocalStore
+from cvmfs_ml.storage.base import ObjectStore, is_s3_location, open_store
 
 __all__ = ["PublishResult", "Publisher", "Transaction", "create_repository", "default_keys_dir"]
 
@@ -83,26 +83,35 @@ def create_repository(
     settings: PublishSettings | None = None,
     now: dt.datetime | None = None,
     metainfo: dict | None = None,
+    s3_config: Mapping[str, str] | None = None,
 ) -> Publisher:
     """``cvmfs_server mkfs`` without root: keys, skeleton, empty revision 0, whitelist, manifest.
 
     The repository lands at ``root/<fqrn>``; keys go to ``keys_dir`` (default ``root/../keys``).
+    ``root`` may be ``s3://BUCKET[/PREFIX]`` (then ``keys_dir`` is required and ``s3_config``
+    holds the ``CVMFS_S3_*`` settings, default the environment).
     """
-    repo_dir = Path(root) / fqrn
-    if (repo_dir / MANIFEST).exists():
-        raise PublishError(f"{repo_dir} already holds a repository")
-    keys_dir = Path(keys_dir) if keys_dir is not None else Path(root).resolve().parent / "keys"
+    if is_s3_location(str(root)):
+        location: str | Path = f"{str(root).rstrip('/')}/{fqrn}"
+        if keys_dir is None:
+            raise ConfigError(f"{location}: pass --keys DIR (where the signing keys are kept)")
+    else:
+        location = Path(root) / fqrn
+        keys_dir = keys_dir if keys_dir is not None else Path(root).resolve().parent / "keys"
+    store = open_store(location, s3_config)
+    store.create_skeleton()
+    if store.exists(MANIFEST):
+        raise PublishError(f"{store.location} already holds a repository")
+    keys_dir = Path(keys_dir)
     now = now or _utcnow()
     settings = settings or PublishSettings()
     keys = KeySet.create(keys_dir, fqrn, now)
     save_settings(keys_dir, fqrn, settings)
-    store = LocalStore(repo_dir)
-    store.create_skeleton()
     stamp = int(now.timestamp())
     algorithm = settings.hash_algorithm
 
     # Revision 0: a root catalog with only the root directory (§4.7).
-    with tempfile.TemporaryDirectory(dir=store.root / "data" / "txn") as tmp:
+    with tempfile.TemporaryDirectory(dir=store.staging_dir()) as tmp:
         path = Path(tmp) / "root.db"
         root_entry = DirectoryEntry(
             path="",
@@ -119,7 +128,7 @@ def create_repository(
         )
         raw = path.read_bytes()
     catalog_digest = store.put_object(deflate(raw), ObjectKind.CATALOG, algorithm)
-    publisher = Publisher(repo_dir, keys_dir, fqrn=fqrn)
+    publisher = Publisher(location, keys_dir, fqrn=fqrn, store=store)
     meta = metainfo or {
         "administrator": os.environ.get("USER", "cvmfs-ml"),
         "email": "",
@@ -148,31 +157,58 @@ def create_repository(
         timestamp=stamp,
         metainfo=metainfo_digest,
     )
-    publisher._sign_and_swap(manifest)
+    store.flush()
+    publisher._sign_and_swap(manifest, None)
     return publisher
 
 
 class Publisher:
-    """One repository folder and the keys that sign it."""
+    """One repository (a folder or ``s3://BUCKET[/PREFIX]/FQRN``) and the keys that sign it."""
 
     def __init__(
-        self, repo_dir: Path, keys_dir: Path | None = None, *, fqrn: str | None = None
+        self,
+        repo_dir: Path | str,
+        keys_dir: Path | None = None,
+        *,
+        fqrn: str | None = None,
+        s3_config: Mapping[str, str] | None = None,
+        store: ObjectStore | None = None,
     ) -> None:
-        self.repo_dir = Path(repo_dir)
-        self.store = LocalStore(self.repo_dir)
-        if fqrn is None and not (self.repo_dir / MANIFEST).exists():
-            raise NotFoundError(str(self.repo_dir / MANIFEST), "no repository here")
+        self.store = store if store is not None else open_store(repo_dir, s3_config)
+        self.location = self.store.location
+        self.is_local = not is_s3_location(str(repo_dir))
+        self.repo_dir = Path(repo_dir) if self.is_local else Path(self.store.staging_dir())
+        """The repository folder (local), or the publisher's spool area (S3)."""
+        if fqrn is None and not self.store.exists(MANIFEST):
+            raise NotFoundError(f"{self.location}/{MANIFEST}", "no repository here")
+        if keys_dir is None and not self.is_local:
+            raise ConfigError(f"{self.location}: pass --keys DIR (where the signing keys are kept)")
         self.keys_dir = Path(keys_dir) if keys_dir is not None else default_keys_dir(repo_dir)
-        self.fqrn = fqrn or self.manifest().fqrn or self.repo_dir.name
+        self.fqrn = fqrn or self.manifest().fqrn or self.location.rstrip("/").rsplit("/", 1)[-1]
         self.keys = KeySet.load(self.keys_dir, self.fqrn)
         self.settings = load_settings(self.keys_dir, self.fqrn)
+        self.progress: IngestStats | None = None
+        """The running commit's counters (files and bytes read, objects new and reused), for
+        progress displays that poll them; None between commits."""
+        self.last_result: PublishResult | None = None
 
     @classmethod
-    def open(cls, repo_dir: Path, keys_dir: Path | None = None) -> Publisher:
-        return cls(repo_dir, keys_dir)
+    def open(
+        cls,
+        repo_dir: Path | str,
+        keys_dir: Path | None = None,
+        *,
+        s3_config: Mapping[str, str] | None = None,
+    ) -> Publisher:
+        return cls(repo_dir, keys_dir, s3_config=s3_config)
 
     def manifest(self) -> Manifest:
         return Manifest.parse(self.store.get_bytes(MANIFEST))
+
+    def _manifest_raw(self) -> tuple[bytes, Manifest]:
+        """The manifest's bytes (what the swap compares against) and its parsed form."""
+        raw = self.store.get_bytes(MANIFEST)
+        return raw, Manifest.parse(raw)
 
     def save_settings(self, settings: PublishSettings) -> None:
         save_settings(self.keys_dir, self.fqrn, settings)
@@ -181,9 +217,12 @@ class Publisher:
     # -- locking ------------------------------------------------------------------------------
     @contextlib.contextmanager
     def lock(self, *, wait: bool = True) -> Iterator[None]:
-        """Serialise publishers (threads and processes) on this repository."""
-        lock_path = self.keys_dir / f"{self.fqrn}.lock"
-        with open(lock_path, "a+") as handle:
+        """Serialise publishers (threads and processes) on this repository.
+
+        The lock file belongs to the repository (beside its folder, or in the S3 spool area),
+        not to a keys folder: publishers with copies of the keys still meet on it.
+        """
+        with open(self.store.lock_path(), "a+") as handle:
             flags = fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB)
             try:
                 fcntl.flock(handle, flags)
@@ -197,17 +236,17 @@ class Publisher:
 
     def _recover(self) -> None:
         """Finish or undo what a killed publisher left behind (under the lock)."""
-        pending = self.repo_dir / REFLOG_PENDING
-        if pending.exists():
+        store = self.store
+        if store.exists(REFLOG_PENDING):
+            pending = store.get_bytes(REFLOG_PENDING)
             manifest = self.manifest()
             if (
                 manifest.reflog is not None
-                and hash_bytes(pending.read_bytes(), manifest.reflog.algorithm) == manifest.reflog
+                and hash_bytes(pending, manifest.reflog.algorithm) == manifest.reflog
             ):
-                os.replace(pending, self.repo_dir / REFLOG)  # killed after the manifest swap
-            else:
-                pending.unlink()  # killed before it: the old reflog still matches
-        self.store.clean_staging()
+                store.put_bytes(REFLOG, pending, durable=True)  # killed after the manifest swap
+            store.remove(REFLOG_PENDING)  # (killed before it: the old reflog still matches)
+        store.clean_staging()
 
     def transaction(self, *, wait: bool = True) -> Transaction:
         return Transaction(self, wait=wait)
@@ -227,7 +266,7 @@ class Publisher:
         Every history change (a commit, a new or moved tag, a removed tag) goes through here,
         so each new database links back to ``previous`` the same way.
         """
-        with tempfile.TemporaryDirectory(dir=self.store.root / "data" / "txn") as tmp:
+        with tempfile.TemporaryDirectory(dir=self.store.staging_dir()) as tmp:
             by_name: dict[str, Tag] = {}
             if previous is not None:
                 with HistoryDb.open(
@@ -282,27 +321,40 @@ class Publisher:
 
         return self._edit_history(previous, commit)
 
-    def _sign_and_swap(self, manifest: Manifest) -> Manifest:
-        """Update the reflog, sign the manifest and swap it in: the publish point."""
-        pending = self.repo_dir / REFLOG_PENDING
-        current = self.repo_dir / REFLOG
-        if current.exists():
-            pending.write_bytes(current.read_bytes())
-            reflog = Reflog.open(pending, writable=True)
-        else:
-            reflog = Reflog.create(pending, self.fqrn)
-        reflog.add(manifest.catalog, RefType.CATALOG)
-        if manifest.certificate is not None:
-            reflog.add(manifest.certificate, RefType.CERTIFICATE)
-        if manifest.history is not None:
-            reflog.add(manifest.history, RefType.HISTORY)
-        if manifest.metainfo is not None:
-            reflog.add(manifest.metainfo, RefType.METAINFO)
-        reflog.close()
-        manifest = replace(manifest, reflog=hash_bytes(pending.read_bytes(), manifest.algorithm))
+    def _sign_and_swap(self, manifest: Manifest, expected: bytes | None) -> Manifest:
+        """Update the reflog, sign the manifest and swap it in: the publish point.
+
+        ``expected`` is the manifest the change started from: the swap is a compare-and-swap
+        against it, so a publisher that lost a race fails instead of dropping a revision.
+        Everything the new manifest names was made durable (``store.flush``) by the caller.
+        """
+        store = self.store
+        with tempfile.TemporaryDirectory(dir=store.staging_dir()) as tmp:
+            path = Path(tmp) / REFLOG
+            if store.exists(REFLOG):
+                path.write_bytes(store.get_bytes(REFLOG))
+                reflog = Reflog.open(path, writable=True)
+            else:
+                reflog = Reflog.create(path, self.fqrn)
+            reflog.add(manifest.catalog, RefType.CATALOG)
+            if manifest.certificate is not None:
+                reflog.add(manifest.certificate, RefType.CERTIFICATE)
+            if manifest.history is not None:
+                reflog.add(manifest.history, RefType.HISTORY)
+            if manifest.metainfo is not None:
+                reflog.add(manifest.metainfo, RefType.METAINFO)
+            reflog.close()
+            raw_reflog = path.read_bytes()
+        manifest = replace(manifest, reflog=hash_bytes(raw_reflog, manifest.algorithm))
         signed = sign_manifest(manifest.body(), self.keys.repo_private)
-        self.store.put_bytes(MANIFEST, signed, durable=True)
-        os.replace(pending, current)
+        store.put_bytes(REFLOG_PENDING, raw_reflog, durable=True)
+        try:
+            store.swap_bytes(MANIFEST, signed, expected)
+        except BaseException:
+            store.remove(REFLOG_PENDING)
+            raise
+        store.put_bytes(REFLOG, raw_reflog, durable=True)
+        store.remove(REFLOG_PENDING)
         return manifest
 
     def resign(
@@ -340,7 +392,7 @@ class Publisher:
         if name in (TRUNK, TRUNK_PREVIOUS):
             raise PublishError(f"{name!r} is maintained by the publisher")
         with self.lock():
-            manifest = self.manifest()
+            raw, manifest = self._manifest_raw()
 
             def add(tags: dict[str, Tag]) -> None:
                 target = tags.get(revision_of or TRUNK)
@@ -349,26 +401,27 @@ class Publisher:
                 tags[name] = replace(target, name=name, description=description)
 
             history = self._edit_history(manifest.history, add)
-            return self._resign_manifest(manifest, history)
+            return self._resign_manifest(manifest, raw, history)
 
     def remove_tag(self, name: str) -> Manifest:
         """Drop a named tag (its objects stay until garbage collection)."""
         if name in (TRUNK, TRUNK_PREVIOUS):
             raise PublishError(f"{name!r} is maintained by the publisher and cannot be removed")
         with self.lock():
-            manifest = self.manifest()
+            raw, manifest = self._manifest_raw()
 
             def drop(tags: dict[str, Tag]) -> None:
                 if tags.pop(name, None) is None:
                     raise PublishError(f"no tag {name!r}")
 
             history = self._edit_history(manifest.history, drop)
-            return self._resign_manifest(manifest, history)
+            return self._resign_manifest(manifest, raw, history)
 
-    def _resign_manifest(self, manifest: Manifest, history: Digest) -> Manifest:
+    def _resign_manifest(self, manifest: Manifest, raw: bytes, history: Digest) -> Manifest:
         """The same revision with a new history: tags change without a new tree."""
         stamp = max(int(time.time()), manifest.timestamp)
-        return self._sign_and_swap(replace(manifest, history=history, timestamp=stamp))
+        self.store.flush()
+        return self._sign_and_swap(replace(manifest, history=history, timestamp=stamp), raw)
 
     def rollback(self, tag: str) -> PublishResult:
         """Publish the tree of ``tag`` again as a new revision (revisions only move forward)."""
@@ -394,11 +447,18 @@ class Transaction:
         self._ops: list[tuple[str, object]] = []
         self._lock: contextlib.AbstractContextManager[None] | None = None
         self._start_root: Digest | None = None
+        self._base: tuple[bytes, Manifest] | None = None
         self.committed: PublishResult | None = None
 
     def __enter__(self) -> Transaction:
         self._lock = self.publisher.lock(wait=self._wait)
         self._lock.__enter__()
+        try:
+            # The revision this transaction starts from: the manifest swap compares against it.
+            self._base = self.publisher._manifest_raw()
+        except BaseException:
+            self._lock.__exit__(None, None, None)
+            raise
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -494,10 +554,17 @@ class Transaction:
         started = time.monotonic()
         publisher = self.publisher
         settings = publisher.settings
-        previous = publisher.manifest()
+        uploads = getattr(publisher.store, "upload_workers", 0)
+        if not settings.workers and uploads > settings.worker_count:
+            # A remote store: workers also wait on the network, so more of them keep it busy
+            # (memory stays bounded by the pipeline's in-flight byte cap, not the worker count).
+            settings = settings.with_(workers=uploads)
+        assert self._base is not None
+        previous_raw, previous = self._base
         workspace = CatalogWorkspace(publisher.store, previous.catalog, settings.hash_algorithm)
         file_cache = FileCache(publisher.keys_dir / f"{publisher.fqrn}.files.db", settings)
         pipeline = ContentPipeline(publisher.store, settings, file_cache)
+        publisher.progress = pipeline.stats
         try:
             if self._start_root is not None:
                 workspace.replace_root(self._start_root)
@@ -543,11 +610,14 @@ class Transaction:
                 timestamp=now,
                 unknown=(),
             )
-            manifest = publisher._sign_and_swap(manifest)
+            publisher.store.flush()  # objects and catalogs durable before the manifest names them
+            manifest = publisher._sign_and_swap(manifest, previous_raw)
         finally:
+            publisher.progress = None
             workspace.close()
             file_cache.close()
         self.committed = PublishResult(manifest, pipeline.stats, time.monotonic() - started)
+        publisher.last_result = self.committed
         return self.committed
 
     def _apply(

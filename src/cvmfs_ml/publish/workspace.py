@@ -25,7 +25,7 @@ from cvmfs_ml.cvmfs.catalog import (
 from cvmfs_ml.cvmfs.hashing import Algorithm, Digest
 from cvmfs_ml.cvmfs.objects import Compression, ObjectKind, deflate, object_path
 from cvmfs_ml.errors import PublishError
-from cvmfs_ml.storage.local import LocalStore
+from cvmfs_ml.storage.base import ObjectStore
 
 __all__ = ["CatalogWorkspace", "CommittedCatalog"]
 
@@ -53,7 +53,7 @@ class CommittedCatalog:
 class CatalogWorkspace:
     """Writable catalogs of one transaction, keyed by mount point (``""`` is the root)."""
 
-    def __init__(self, store: LocalStore, root: Digest | None, algorithm: Algorithm) -> None:
+    def __init__(self, store: ObjectStore, root: Digest | None, algorithm: Algorithm) -> None:
         self.store = store
         self.algorithm = algorithm
         self.root_digest = root
@@ -63,9 +63,7 @@ class CatalogWorkspace:
         self._counter = 0
 
     def _txn_dir(self) -> Path:
-        txn = self.store.root / "data" / "txn"
-        txn.mkdir(parents=True, exist_ok=True)
-        return txn
+        return self.store.staging_dir()
 
     def _temp_path(self) -> Path:
         self._counter += 1

@@ -33,11 +33,10 @@ import fcntl
 import inspect
 import json
 import os
-import shutil
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -61,6 +60,7 @@ from cvmfs_ml.errors import (
     RollbackError,
     SignatureError,
 )
+from cvmfs_ml.storage.base import ObjectStore, open_store
 from cvmfs_ml.storage.local import LocalStore
 
 __all__ = ["SyncReport", "sync_replica"]
@@ -124,6 +124,8 @@ def sync_replica(
     workers: int = 8,
     full_history: bool = False,
     now: dt.datetime | None = None,
+    s3_config: Mapping[str, str] | None = None,
+    on_report: Callable[[SyncReport], None] | None = None,
     **fetcher_options: Any,
 ) -> SyncReport:
     """Bring the replica at ``dest_repo_dir`` up to the revision ``upstream`` publishes.
@@ -136,7 +138,10 @@ def sync_replica(
     to the HTTP fetcher. ``full_history`` also copies, on the first run, every earlier revision
     still reachable through ``previous_revision`` (later runs always copy the revisions
     published since the last one). ``now`` is the time the whitelist's expiry is checked
-    against. Idempotent: a second run with nothing new published copies nothing.
+    against. ``upstream`` may also be a Stratum 0 in S3 (``s3://BUCKET[/PREFIX]/FQRN``, read
+    through the S3 API with the ``CVMFS_S3_*`` settings of ``s3_config``). Idempotent: a
+    second run with nothing new published copies nothing. ``on_report`` receives the report
+    as soon as the run starts; its counters grow while objects are copied (progress bars).
     """
     started = time.monotonic()
     keys = (
@@ -146,17 +151,21 @@ def sync_replica(
     )
     if not keys:
         raise SignatureError("no master public key to verify the upstream whitelist with")
-    source, fqrn, label = _open_source(upstream, fqrn, proxy, workers, fetcher_options)
-    dest_root = Path(dest_repo_dir)
+    if str(upstream).startswith("s3://"):
+        s3_store = open_store(str(upstream), s3_config)
+        source, fqrn, label = s3_store, fqrn or s3_store.location.rsplit("/", 1)[-1], str(upstream)
+    else:
+        source, fqrn, label = _open_source(upstream, fqrn, proxy, workers, fetcher_options)
     try:
-        dest = LocalStore(dest_root)
+        dest = open_store(os.fspath(dest_repo_dir), s3_config)
         dest.create_skeleton()
-        with _exclusive(dest_root / "data" / "txn" / _LOCK_NAME, dest_root):
-            _remove_leftovers(dest_root)
+        with _exclusive(dest.staging_dir() / _LOCK_NAME, dest.location):
+            _remove_leftovers(dest.staging_dir())
             when = now or dt.datetime.now(dt.UTC)
             dest.put_bytes(IS_SNAPSHOTTING, (_date_utc(when) + "\n").encode())
             try:
                 snapshot = _Snapshot(source, dest, fqrn, keys, when, workers, label)
+                snapshot.on_report = on_report
                 report = snapshot.run(full_history=full_history)
             finally:
                 dest.remove(IS_SNAPSHOTTING)
@@ -177,7 +186,7 @@ class _Snapshot:
     def __init__(
         self,
         source: _Source,
-        dest: LocalStore,
+        dest: ObjectStore,
         fqrn: str,
         keys: list[Any],
         now: dt.datetime,
@@ -195,6 +204,7 @@ class _Snapshot:
         self._scheduled: dict[str, Future[None]] = {}
         self._new_catalogs: list[Digest] = []
         self.report: SyncReport
+        self.on_report: Callable[[SyncReport], None] | None = None
 
     # -- the steps ----------------------------------------------------------------------------
     def run(self, *, full_history: bool = False) -> SyncReport:
@@ -219,6 +229,8 @@ class _Snapshot:
             previous_revision=previous.revision if previous is not None else None,
             manifest_changed=previous_raw != raw_manifest,
         )
+        if self.on_report is not None:
+            self.on_report(self.report)
         with ThreadPoolExecutor(self.workers, thread_name_prefix="cvmfs-ml-replica") as pool:
             self._pool = pool
             try:
@@ -235,6 +247,7 @@ class _Snapshot:
         if self._read_replica_file(WHITELIST) != raw_whitelist:
             self.dest.put_bytes(WHITELIST, raw_whitelist, durable=True)
         if self.report.manifest_changed:
+            self.dest.flush()  # every object the manifest names is durable before it lands
             self.dest.put_bytes(MANIFEST, raw_manifest, durable=True)
         self._write_status()
         return self.report
@@ -388,10 +401,7 @@ class _Snapshot:
         return tmp
 
     def _commit(self, tmp: Path, rel: str) -> None:
-        target = self.dest.path(rel)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, target)
+        self.dest.put_file(rel, tmp)
 
     def _store_bytes(self, rel: str, data: bytes) -> None:
         if self.dest.exists(rel):
@@ -400,7 +410,7 @@ class _Snapshot:
         self._count(objects_copied=1, bytes_copied=len(data))
 
     def _temp_path(self) -> Path:
-        return self.dest.root / "data" / "txn" / f"{_TEMP_PREFIX}{os.getpid()}.{uuid.uuid4().hex}"
+        return self.dest.staging_dir() / f"{_TEMP_PREFIX}{os.getpid()}.{uuid.uuid4().hex}"
 
     def _count(self, **amounts: int) -> None:
         with self._lock:
@@ -428,13 +438,13 @@ class _Snapshot:
 
     def _write_reflog(self, manifest: Manifest) -> None:
         """The replica's own reflog: every root object it holds (upstream S1s keep one too)."""
-        path = self.dest.path(REFLOG)
-        if path.exists() and not self._new_catalogs and not self.report.manifest_changed:
+        existing = self._read_replica_file(REFLOG)
+        if existing is not None and not self._new_catalogs and not self.report.manifest_changed:
             return
         tmp = self._temp_path()
         try:
-            if path.exists():
-                shutil.copyfile(path, tmp)
+            if existing is not None:
+                tmp.write_bytes(existing)
                 reflog = Reflog.open(tmp, writable=True)
             else:
                 reflog = Reflog.create(tmp, self.fqrn)
@@ -448,8 +458,7 @@ class _Snapshot:
                 ):
                     if digest is not None:
                         reflog.add(digest, kind)
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, path)
+            self.dest.put_file(REFLOG, tmp)
         finally:
             tmp.unlink(missing_ok=True)
 
@@ -465,11 +474,7 @@ class _Snapshot:
         ):
             if digest is None:
                 continue
-            link = self.dest.path(f".cvmfsalt-{digest.hex}{kind.value}")
-            if not link.is_symlink():
-                tmp = link.with_name(link.name + f".{uuid.uuid4().hex}.tmp")
-                os.symlink(object_path(digest, kind), tmp)
-                os.replace(tmp, link)
+            self.dest.link(f".cvmfsalt-{digest.hex}{kind.value}", object_path(digest, kind))
 
     def _write_status(self) -> None:
         stamp = _date_utc(self.now)
@@ -523,7 +528,7 @@ def _open_source(
 
 
 @contextlib.contextmanager
-def _exclusive(lock_path: Path, replica: Path) -> Iterator[None]:
+def _exclusive(lock_path: Path, replica: str) -> Iterator[None]:
     with open(lock_path, "a+") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -535,9 +540,9 @@ def _exclusive(lock_path: Path, replica: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _remove_leftovers(replica: Path) -> None:
+def _remove_leftovers(staging: Path) -> None:
     """Temporary files of an interrupted snapshot (we hold the lock: nobody else writes)."""
-    for leftover in (replica / "data" / "txn").glob(_TEMP_PREFIX + "*"):
+    for leftover in staging.glob(_TEMP_PREFIX + "*"):
         if leftover.name != _LOCK_NAME:
             with contextlib.suppress(OSError):
                 leftover.unlink()

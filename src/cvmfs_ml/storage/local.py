@@ -12,6 +12,9 @@ publisher killed at any point leaves only stray files in ``txn``.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
+import fcntl
 import itertools
 import os
 import shutil
@@ -21,15 +24,35 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import BinaryIO
 
-from cvmfs_ml.cvmfs.hashing import Algorithm, Digest, hash_bytes, new_hasher
-from cvmfs_ml.cvmfs.objects import Decompressor, ObjectKind, object_path
-from cvmfs_ml.errors import FormatError, IntegrityError, NotFoundError
+from cvmfs_ml.cvmfs.hashing import Algorithm, Digest, hash_bytes
+from cvmfs_ml.cvmfs.objects import ObjectKind, object_path
+from cvmfs_ml.errors import NotFoundError, PublishError
+from cvmfs_ml.storage.base import copy_verified, decode_verified
 
 __all__ = ["LocalStore", "ObjectWriter"]
 
 _SPILL_BYTES = 64 * 2**20  # objects larger than this are staged in a file, not in memory
 _READ_BLOCK = 4 * 2**20
 _counter = itertools.count()
+
+
+def _load_syncfs():  # type: ignore[no-untyped-def]
+    name = ctypes.util.find_library("c")
+    try:
+        return getattr(ctypes.CDLL(name, use_errno=True), "syncfs", None) if name else None
+    except OSError:
+        return None
+
+
+_SYNCFS = _load_syncfs()
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 class ObjectWriter:
@@ -94,6 +117,22 @@ class LocalStore:
 
     def __repr__(self) -> str:
         return f"LocalStore({str(self.root)!r})"
+
+    @property
+    def location(self) -> str:
+        return str(self.root)
+
+    def staging_dir(self) -> Path:
+        txn = self.root / "data" / "txn"
+        txn.mkdir(parents=True, exist_ok=True)
+        return txn
+
+    def lock_path(self) -> Path:
+        """Beside the repository folder, so every publisher finds it whatever its keys folder.
+
+        Not inside it: ``data/txn`` is emptied by recovery, and the folder itself is served.
+        """
+        return self.root.resolve().parent / f".{self.root.resolve().name}.cvmfs-ml.lock"
 
     # -- layout -------------------------------------------------------------------------------
     def create_skeleton(self) -> None:
@@ -166,6 +205,58 @@ class LocalStore:
     def object_writer(self) -> ObjectWriter:
         return ObjectWriter(self)
 
+    def put_file(self, rel_path: str, source: Path) -> None:
+        """Move a finished file from the staging area into place (one rename)."""
+        target = self.path(rel_path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.chmod(source, 0o644)
+        os.replace(source, target)
+
+    def link(self, rel_path: str, target_rel: str) -> None:
+        link = self.path(rel_path)
+        if link.is_symlink():
+            return
+        tmp = link.with_name(f"{link.name}.{os.getpid()}.{next(_counter)}.tmp")
+        os.symlink(target_rel, tmp)
+        os.replace(tmp, link)
+
+    def swap_bytes(self, rel_path: str, data: bytes, expected: bytes | None) -> None:
+        """Compare-and-swap a root file (the manifest), durably.
+
+        The compare and the rename are two steps; callers hold :meth:`lock_path`'s lock, which
+        every publisher of this folder takes, so the compare catches a writer that did not.
+        """
+        target = self.path(rel_path)
+        with open(self.lock_path().with_suffix(".swap"), "a+") as guard:
+            fcntl.flock(guard, fcntl.LOCK_EX)
+            try:
+                current: bytes | None = target.read_bytes()
+            except FileNotFoundError:
+                current = None
+            if current != expected:
+                raise PublishError(
+                    f"{rel_path} of {self.root} changed while this transaction ran (another "
+                    "publisher?); nothing was published, try again"
+                )
+            self.put_parts(rel_path, [data], durable=True)
+            _fsync_dir(target.parent)
+
+    def flush(self) -> None:
+        """Every object and catalog written so far reaches the disk before the manifest does.
+
+        One ``syncfs`` of the repository's file system instead of an ``fsync`` per object: the
+        objects are written by many threads, and one call costs the same disk writes.
+        """
+        fd = os.open(self.root, os.O_RDONLY)
+        try:
+            if _SYNCFS is None or _SYNCFS(fd) != 0:
+                os.sync()
+        finally:
+            os.close(fd)
+
+    def remove_many(self, rel_paths: Sequence[str]) -> int:
+        return sum(self.remove(rel) for rel in rel_paths)
+
     def remove(self, rel_path: str) -> bool:
         try:
             self.path(rel_path).unlink()
@@ -194,6 +285,11 @@ class LocalStore:
         except FileNotFoundError as exc:
             raise NotFoundError(rel_path, str(self.root)) from exc
 
+    def list_sizes(self) -> Iterator[tuple[str, int]]:
+        for rel in self.list_objects():
+            with contextlib.suppress(FileNotFoundError):
+                yield rel, self.path(rel).stat().st_size
+
     def list_objects(self) -> Iterator[str]:
         """Every object path (``data/xx/...``), excluding the staging area."""
         data = self.root / "data"
@@ -213,17 +309,7 @@ class LocalStore:
 
         ``nocache`` exists for interface parity with the HTTP fetcher; a folder has no proxy.
         """
-        stored = self.get_bytes(rel_path)
-        if expected is not None:
-            hasher = new_hasher(expected.algorithm)
-            hasher.update(stored)
-            got = Digest(expected.algorithm, hasher.digest())
-            if got != expected:
-                raise IntegrityError(rel_path, expected.hex, got.hex)
-        if not compressed:
-            return stored
-        decompressor = Decompressor(rel_path)
-        return decompressor.decompress(stored) + decompressor.flush()
+        return decode_verified(self.get_bytes(rel_path), rel_path, expected, compressed)
 
     def fetch_into(
         self,
@@ -235,35 +321,10 @@ class LocalStore:
         nocache: bool = False,
     ) -> int:
         """Stream an object into ``fileobj`` with bounded memory; returns bytes written."""
-        hasher = new_hasher(expected.algorithm) if expected is not None else None
-        decompressor = Decompressor(rel_path) if compressed else None
-        written = 0
-        inflate_error: FormatError | None = None
         try:
             source = self.path(rel_path).open("rb")
         except FileNotFoundError as exc:
             raise NotFoundError(rel_path, str(self.root)) from exc
         with source:
-            while block := source.read(_READ_BLOCK):
-                if hasher is not None:
-                    hasher.update(block)
-                if inflate_error is not None:
-                    continue  # keep hashing: a hash mismatch is the more precise diagnosis
-                try:
-                    out = decompressor.decompress(block) if decompressor else block
-                except FormatError as exc:
-                    inflate_error = exc
-                    continue
-                fileobj.write(out)
-                written += len(out)
-        if hasher is not None and expected is not None:
-            got = Digest(expected.algorithm, hasher.digest())
-            if got != expected:
-                raise IntegrityError(rel_path, expected.hex, got.hex)
-        if inflate_error is not None:
-            raise inflate_error
-        if decompressor is not None:
-            tail = decompressor.flush()
-            fileobj.write(tail)
-            written += len(tail)
-        return written
+            blocks = iter(lambda: source.read(_READ_BLOCK), b"")
+            return copy_verified(blocks, rel_path, expected, compressed, fileobj)

@@ -60,7 +60,7 @@ def published_record(publisher: Publisher, ref: ModelRef) -> ModelRecord | None:
 
     ref.require_version()
     with Repository.connect(
-        publisher.repo_dir, publisher.fqrn, public_key=[publisher.keys.master_public]
+        publisher.store, publisher.fqrn, public_key=[publisher.keys.master_public]
     ) as repo:
         try:
             entry = repo.stat(ref.path)

@@ -1,0 +1,550 @@
+"""A Stratum 0 in an S3 bucket, configured in upstream's words (``CVMFS_S3_*``).
+
+``s3://BUCKET[/PREFIX]/FQRN`` names the repository; its files are the keys ``[PREFIX/]FQRN/...``
+with the layout of a local Stratum 0 (``.cvmfspublished``, ``data/xx/...``), written
+``public-read`` (``CVMFS_S3_X_AMZ_ACL``), so clients and upstream ``cvmfs2`` read it straight from
+the bucket's plain HTTP URL (:attr:`S3Config.public_url`). What a publisher keeps locally (the
+lock, catalogs being edited) lives in a spool folder, as upstream keeps ``/var/spool/cvmfs``.
+
+The library is boto3/botocore: it is maintained by AWS on a weekly release cadence, already a
+dependency of the ecosystem we run beside (MLflow, KServe's storage initializer), and gives us
+thread-safe clients with pooled connections, ``standard``-mode retries with exponential backoff
+and jitter, conditional writes (``If-Match`` / ``If-None-Match``) and s3transfer's parallel
+multipart uploads. obstore (Rust) has less per-request overhead, but our objects are chunks of
+megabytes, so the request rate is low and the publish rate is bound by hashing and compression
+(benchmarks/bench_s3.py); it would add a young compiled dependency for no measured gain.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import io
+import os
+import re
+import shutil
+import tempfile
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from cvmfs_ml.cvmfs.hashing import Algorithm, Digest, hash_bytes
+from cvmfs_ml.cvmfs.objects import ObjectKind, object_path
+from cvmfs_ml.errors import ConfigError, NotFoundError, PublishError, StorageError
+from cvmfs_ml.storage.base import copy_verified, decode_verified
+
+__all__ = ["S3Config", "S3ObjectWriter", "S3Store", "parse_s3_location"]
+
+_READ_BLOCK = 4 * 2**20
+_SPOOL_IN_MEMORY = 64 * 2**20  # an object_writer() object larger than this spills to the spool
+_STALE_UPLOAD = dt.timedelta(hours=1)  # multipart uploads older than this were abandoned
+_BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
+_TRUE = {"true", "yes", "on", "1"}
+_FALSE = {"false", "no", "off", "0", ""}
+
+
+def parse_s3_location(location: str) -> tuple[str, str, str]:
+    """``s3://BUCKET[/PREFIX]/FQRN`` -> (bucket, key prefix ending in ``/``, fqrn)."""
+    if not location.startswith("s3://"):
+        raise ConfigError(f"{location!r} is not an s3://BUCKET[/PREFIX]/FQRN location")
+    parts = [p for p in location[len("s3://") :].split("/") if p]
+    if len(parts) < 2:
+        raise ConfigError(f"{location!r}: expected s3://BUCKET[/PREFIX]/FQRN")
+    bucket, fqrn = parts[0], parts[-1]
+    if not _BUCKET.fullmatch(bucket):
+        raise ConfigError(f"{location!r}: {bucket!r} is not a valid S3 bucket name")
+    if any(p in (".", "..") for p in parts):
+        raise ConfigError(f"{location!r}: '.' and '..' are not allowed")
+    return bucket, "/".join(parts[1:]) + "/", fqrn
+
+
+def _flag(params: Mapping[str, str], key: str, default: bool) -> bool:
+    value = params.get(key)
+    if value is None:
+        return default
+    if value.strip().lower() in _TRUE:
+        return True
+    if value.strip().lower() in _FALSE:
+        return False
+    raise ConfigError(f"{key}={value!r}: expected true or false")
+
+
+def _int(params: Mapping[str, str], key: str, default: int, minimum: int) -> int:
+    value = params.get(key)
+    if value is None or value.strip() == "":
+        return default
+    try:
+        number = int(value)
+    except ValueError as exc:
+        raise ConfigError(f"{key}={value!r}: expected a whole number") from exc
+    if number < minimum:
+        raise ConfigError(f"{key}={value!r}: must be at least {minimum}")
+    return number
+
+
+@dataclass(frozen=True)
+class S3Config:
+    """Upstream's S3 uploader settings (``CVMFS_S3_*`` in ``/etc/cvmfs/repositories.d``)."""
+
+    host: str
+    port: int
+    bucket: str | None = None
+    access_key: str | None = None
+    secret_key: str | None = None
+    dns_buckets: bool = True
+    use_https: bool = False
+    region: str = "us-east-1"
+    flavor: str = "awsv4"
+    max_connections: int = 400
+    max_retries: int = 3
+    timeout: int = 60
+    acl: str = "public-read"
+    peek_before_put: bool = True
+    proxy: str | None = None
+    spool_dir: Path | None = None
+    multipart_threshold: int = 64 * 2**20
+    multipart_chunk: int = 16 * 2**20
+
+    @classmethod
+    def from_params(cls, params: Mapping[str, str] | None = None) -> S3Config:
+        """From ``KEY=value`` settings (a parsed ``--s3-config`` file), or the environment."""
+        params = dict(os.environ if params is None else params)
+        host = params.get("CVMFS_S3_HOST", "").strip()
+        if not host:
+            raise ConfigError(
+                "CVMFS_S3_HOST is not set: pass --s3-config FILE or set CVMFS_S3_* variables"
+            )
+        use_https = _flag(params, "CVMFS_S3_USE_HTTPS", False)
+        flavor = params.get("CVMFS_S3_FLAVOR", "awsv4").strip() or "awsv4"
+        if flavor not in ("awsv2", "awsv4"):
+            raise ConfigError(f"CVMFS_S3_FLAVOR={flavor!r}: expected awsv2 or awsv4")
+        spool = params.get("CVMFS_SPOOL_DIR", "").strip()
+        return cls(
+            host=host,
+            port=_int(params, "CVMFS_S3_PORT", 443 if use_https else 80, 1),
+            bucket=params.get("CVMFS_S3_BUCKET") or None,
+            access_key=params.get("CVMFS_S3_ACCESS_KEY") or None,
+            secret_key=params.get("CVMFS_S3_SECRET_KEY") or None,
+            dns_buckets=_flag(params, "CVMFS_S3_DNS_BUCKETS", True),
+            use_https=use_https,
+            region=params.get("CVMFS_S3_REGION", "").strip() or "us-east-1",
+            flavor=flavor,
+            max_connections=_int(params, "CVMFS_S3_MAX_NUMBER_OF_PARALLEL_CONNECTIONS", 400, 1),
+            max_retries=_int(params, "CVMFS_S3_MAX_RETRIES", 3, 0),
+            timeout=_int(params, "CVMFS_S3_TIMEOUT", 60, 1),
+            acl=params.get("CVMFS_S3_X_AMZ_ACL", "public-read").strip(),
+            peek_before_put=_flag(params, "CVMFS_S3_PEEK_BEFORE_PUT", True),
+            proxy=params.get("CVMFS_S3_PROXY", "").strip() or None,
+            spool_dir=Path(spool) if spool else None,
+        )
+
+    @property
+    def endpoint(self) -> str:
+        scheme = "https" if self.use_https else "http"
+        return f"{scheme}://{self.host}:{self.port}"
+
+    def public_url(self, bucket: str, key_prefix: str) -> str:
+        """The plain HTTP URL clients read the repository from (no credentials)."""
+        scheme = "https" if self.use_https else "http"
+        if self.dns_buckets:
+            return f"{scheme}://{bucket}.{self.host}:{self.port}/{key_prefix.rstrip('/')}"
+        return f"{self.endpoint}/{bucket}/{key_prefix.rstrip('/')}"
+
+
+class S3ObjectWriter:
+    """An object written piecewise (a large unchunked file), uploaded on :meth:`commit`.
+
+    Bytes collect in a spooled file (memory up to 64 MiB, then the spool folder), so memory
+    stays bounded; the upload is multipart and parallel above the store's threshold.
+    """
+
+    def __init__(self, store: S3Store) -> None:
+        self._store = store
+        self._file: Any = tempfile.SpooledTemporaryFile(  # noqa: SIM115 (closed in commit/discard)
+            max_size=_SPOOL_IN_MEMORY, dir=store.staging_dir(), prefix="obj."
+        )
+        self.size = 0
+
+    def write(self, data: bytes | memoryview) -> None:
+        self.size += len(data)
+        self._file.write(data)
+
+    def commit(self, rel_path: str) -> bool:
+        try:
+            if self._store.exists(rel_path):
+                return False
+            self._file.seek(0)
+            self._store._upload(rel_path, self._file, self.size)
+            return True
+        finally:
+            self.discard()
+
+    def discard(self) -> None:
+        self._file.close()
+
+
+class S3Store:
+    """One repository in an S3 bucket (the :class:`~cvmfs_ml.storage.base.ObjectStore` API)."""
+
+    def __init__(self, location: str, config: S3Config) -> None:
+        import boto3
+        from boto3.s3.transfer import TransferConfig
+        from botocore.config import Config
+
+        self.bucket, self.prefix, self.fqrn = parse_s3_location(location)
+        if config.bucket and config.bucket != self.bucket:
+            raise ConfigError(
+                f"{location}: bucket {self.bucket!r} differs from CVMFS_S3_BUCKET={config.bucket!r}"
+            )
+        self.config = config
+        self._location = f"s3://{self.bucket}/{self.prefix.rstrip('/')}"
+        self.spool = config.spool_dir or (
+            Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+            / "cvmfs-ml"
+            / "spool"
+            / self.bucket
+            / self.prefix.rstrip("/")
+        )
+        botocore_config = Config(
+            region_name=config.region,
+            signature_version="s3v4" if config.flavor == "awsv4" else "s3",
+            s3={"addressing_style": "virtual" if config.dns_buckets else "path"},
+            retries={"max_attempts": config.max_retries + 1, "mode": "standard"},
+            max_pool_connections=config.max_connections,
+            connect_timeout=config.timeout,
+            read_timeout=config.timeout,
+            proxies={"http": config.proxy, "https": config.proxy} if config.proxy else None,
+            # Objects are named by their content hash, which the client verifies on every read;
+            # an extra CRC per request costs CPU and is not what upstream's uploader sends.
+            request_checksum_calculation="when_required",
+            response_checksum_validation="when_required",
+        )
+        self._client = boto3.session.Session().client(
+            "s3",
+            endpoint_url=config.endpoint,
+            aws_access_key_id=config.access_key,
+            aws_secret_access_key=config.secret_key,
+            config=botocore_config,
+        )
+        self._transfer = TransferConfig(
+            multipart_threshold=config.multipart_threshold,
+            multipart_chunksize=config.multipart_chunk,
+            max_concurrency=min(config.max_connections, 8),
+            use_threads=True,
+        )
+        self._extra: dict[str, str] = {"ACL": config.acl} if config.acl else {}
+        self.upload_workers = min(config.max_connections, 8)
+        """Publisher workers for this store: each waits on a PUT as well as hashing."""
+        self._known: set[str] = set()  # objects seen to exist: content-addressed, immutable
+        self._known_lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"S3Store({self._location!r} at {self.config.endpoint})"
+
+    @property
+    def location(self) -> str:
+        return self._location
+
+    @property
+    def public_url(self) -> str:
+        return self.config.public_url(self.bucket, self.prefix)
+
+    def close(self) -> None:
+        self._client.close()
+
+    # -- local state ----------------------------------------------------------------------------
+    def staging_dir(self) -> Path:
+        txn = self.spool / "txn"
+        txn.mkdir(parents=True, exist_ok=True)
+        return txn
+
+    def lock_path(self) -> Path:
+        self.spool.mkdir(parents=True, exist_ok=True)
+        return self.spool / "lock"
+
+    def create_skeleton(self) -> None:
+        """Nothing to create in a bucket (keys need no folders); checks that it is reachable."""
+        self.staging_dir()
+        try:
+            self._call("head_bucket", Bucket=self.bucket)
+        except NotFoundError as exc:
+            raise StorageError(
+                f"no bucket {self.bucket!r} at {self.config.endpoint}: create it first"
+            ) from exc
+
+    def clean_staging(self) -> int:
+        """Spool leftovers, and multipart uploads a killed publisher abandoned (over an hour).
+
+        Called under the lock as a transaction or gc starts: objects remembered as present are
+        forgotten too, since a collection elsewhere may have deleted them since.
+        """
+        with self._known_lock:
+            self._known.clear()
+        count = 0
+        for leftover in self.staging_dir().iterdir():
+            with contextlib.suppress(OSError):
+                if leftover.is_dir() and not leftover.is_symlink():
+                    shutil.rmtree(leftover)
+                else:
+                    leftover.unlink()
+                count += 1
+        cutoff = dt.datetime.now(dt.UTC) - _STALE_UPLOAD
+        answer = self._call("list_multipart_uploads", Bucket=self.bucket, Prefix=self.prefix)
+        for upload in answer.get("Uploads", []):
+            if upload["Initiated"] < cutoff:
+                self._call(
+                    "abort_multipart_upload",
+                    Bucket=self.bucket,
+                    Key=upload["Key"],
+                    UploadId=upload["UploadId"],
+                )
+                count += 1
+        return count
+
+    # -- requests -------------------------------------------------------------------------------
+    def _key(self, rel_path: str) -> str:
+        rel = rel_path.lstrip("/")
+        if ".." in rel.split("/"):
+            raise NotFoundError(rel_path, self._location)
+        return self.prefix + rel
+
+    def _call(self, operation: str, **kwargs: Any) -> Any:
+        """One S3 request (botocore retries it); failures become :class:`StorageError`."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            return getattr(self._client, operation)(**kwargs)
+        except ClientError as exc:
+            code = str(exc.response.get("Error", {}).get("Code", ""))
+            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            if code in ("NoSuchKey", "404", "NotFound") or status == 404:
+                raise NotFoundError(kwargs.get("Key", self.bucket), self._location) from exc
+            if code == "PreconditionFailed" or status in (409, 412):
+                raise _PreconditionFailed(str(exc)) from exc
+            raise StorageError(f"S3 {operation} on {self._location}: {code or status}") from exc
+        except BotoCoreError as exc:
+            raise StorageError(f"S3 {operation} on {self._location}: {exc}") from exc
+
+    def _remember(self, rel_path: str) -> None:
+        if rel_path.startswith("data/"):
+            with self._known_lock:
+                self._known.add(rel_path)
+
+    def _upload(self, rel_path: str, fileobj: BinaryIO, size: int) -> None:
+        """Upload a file object; multipart in parallel parts above the threshold."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        key = self._key(rel_path)
+        if size < self.config.multipart_threshold:
+            self._call("put_object", Bucket=self.bucket, Key=key, Body=fileobj, **self._extra)
+        else:
+            try:
+                self._client.upload_fileobj(
+                    fileobj, self.bucket, key, ExtraArgs=self._extra, Config=self._transfer
+                )
+            except (BotoCoreError, ClientError) as exc:
+                raise StorageError(f"S3 multipart upload of {key}: {exc}") from exc
+        self._remember(rel_path)
+
+    # -- writing --------------------------------------------------------------------------------
+    def exists(self, rel_path: str) -> bool:
+        """Peek before put: a HEAD request, remembered for content-addressed objects."""
+        if rel_path in self._known:
+            return True
+        if rel_path.startswith("data/") and not self.config.peek_before_put:
+            return False
+        try:
+            self._call("head_object", Bucket=self.bucket, Key=self._key(rel_path))
+        except NotFoundError:
+            return False
+        self._remember(rel_path)
+        return True
+
+    def put_bytes(self, rel_path: str, data: bytes, *, durable: bool = False) -> None:
+        """One PUT: S3 makes an object visible whole, and durable once it answers 200."""
+        self.put_parts(rel_path, [data], durable=durable)
+
+    def put_parts(
+        self, rel_path: str, parts: Sequence[bytes | memoryview], *, durable: bool = False
+    ) -> None:
+        """Upload pieces as one object without joining them (no copy of the publisher's blocks)."""
+        reader = _PartsReader(parts)
+        self._upload(rel_path, io.BufferedReader(reader), reader.size)
+
+    def put_object(self, stored: bytes, kind: ObjectKind, algorithm: Algorithm) -> Digest:
+        digest = hash_bytes(stored, algorithm)
+        rel = object_path(digest, kind)
+        if not self.exists(rel):
+            self.put_bytes(rel, stored)
+        return digest
+
+    def object_writer(self) -> S3ObjectWriter:
+        return S3ObjectWriter(self)
+
+    def put_file(self, rel_path: str, source: Path) -> None:
+        """Upload a staged file (multipart above the threshold), then delete it."""
+        try:
+            with source.open("rb") as handle:
+                self._upload(rel_path, handle, source.stat().st_size)
+        finally:
+            source.unlink(missing_ok=True)
+
+    def link(self, rel_path: str, target_rel: str) -> None:
+        """A bucket has no symlinks: a server-side copy (no bytes through this machine)."""
+        if self.exists(rel_path):
+            return
+        source = {"Bucket": self.bucket, "Key": self._key(target_rel)}
+        self._call(
+            "copy_object", Bucket=self.bucket, Key=self._key(rel_path), CopySource=source,
+            **self._extra,
+        )  # fmt: skip
+
+    def swap_bytes(self, rel_path: str, data: bytes, expected: bytes | None) -> None:
+        """A conditional PUT: ``If-Match`` the ETag of the bytes read, or ``If-None-Match: *``.
+
+        S3 evaluates the condition atomically, so of two publishers on different machines
+        (whose spool locks do not meet) exactly one wins; the other gets a PublishError.
+        """
+        key = self._key(rel_path)
+        condition: dict[str, str]
+        try:
+            current = self._call("get_object", Bucket=self.bucket, Key=key)
+            body, etag = current["Body"].read(), current["ETag"]
+            condition = {"IfMatch": etag}
+        except NotFoundError:
+            body, condition = None, {"IfNoneMatch": "*"}
+        lost = PublishError(
+            f"{rel_path} of {self._location} changed while this transaction ran (another "
+            "publisher?); nothing was published, try again"
+        )
+        if body != expected:
+            raise lost
+        try:
+            self._call(
+                "put_object", Bucket=self.bucket, Key=key, Body=data, **condition, **self._extra
+            )
+        except _PreconditionFailed as exc:
+            raise lost from exc
+
+    def flush(self) -> None:
+        """Nothing to wait for: every PUT returned only once S3 had stored the object."""
+
+    def remove(self, rel_path: str) -> bool:
+        self._call("delete_object", Bucket=self.bucket, Key=self._key(rel_path))
+        with self._known_lock:
+            self._known.discard(rel_path)
+        return True
+
+    def remove_many(self, rel_paths: Sequence[str]) -> int:
+        """``DeleteObjects`` in batches of 1000 (the S3 limit)."""
+        removed = 0
+        for start in range(0, len(rel_paths), 1000):
+            batch = rel_paths[start : start + 1000]
+            answer = self._call(
+                "delete_objects",
+                Bucket=self.bucket,
+                Delete={"Objects": [{"Key": self._key(r)} for r in batch], "Quiet": True},
+            )
+            errors = answer.get("Errors", [])
+            if errors:
+                first = errors[0]
+                raise StorageError(
+                    f"S3 could not delete {len(errors)} objects of {self._location} "
+                    f"(first: {first.get('Key')}: {first.get('Code')})"
+                )
+            removed += len(batch)
+            with self._known_lock:
+                self._known.difference_update(batch)
+        return removed
+
+    # -- reading --------------------------------------------------------------------------------
+    def get_bytes(self, rel_path: str) -> bytes:
+        answer = self._call("get_object", Bucket=self.bucket, Key=self._key(rel_path))
+        return bytes(answer["Body"].read())
+
+    def list_sizes(self) -> Iterator[tuple[str, int]]:
+        paginator = self._client.get_paginator("list_objects_v2")
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=self.prefix + "data/"):
+                for item in page.get("Contents", []):
+                    rel = item["Key"][len(self.prefix) :]
+                    parts = rel.split("/")
+                    if len(parts) == 3 and len(parts[1]) == 2:
+                        yield rel, int(item["Size"])
+        except (BotoCoreError, ClientError) as exc:
+            raise StorageError(f"S3 listing of {self._location}: {exc}") from exc
+
+    def list_objects(self) -> Iterator[str]:
+        for rel, _size in self.list_sizes():
+            yield rel
+
+    def fetch(
+        self, rel_path: str, expected: Digest | None, *, compressed: bool, nocache: bool = False
+    ) -> bytes:
+        """Read with credentials through the S3 API (the fetcher interface, for the server side)."""
+        return decode_verified(self.get_bytes(rel_path), rel_path, expected, compressed)
+
+    def fetch_into(
+        self,
+        rel_path: str,
+        expected: Digest | None,
+        compressed: bool,
+        fileobj: BinaryIO,
+        *,
+        nocache: bool = False,
+    ) -> int:
+        answer = self._call("get_object", Bucket=self.bucket, Key=self._key(rel_path))
+        body = answer["Body"]
+        try:
+            return copy_verified(
+                body.iter_chunks(_READ_BLOCK), rel_path, expected, compressed, fileobj
+            )
+        finally:
+            body.close()
+
+
+class _PartsReader(io.RawIOBase):
+    """A seekable read-only stream over byte pieces: botocore rewinds it to retry a request."""
+
+    def __init__(self, parts: Sequence[bytes | memoryview]) -> None:
+        self._parts = [memoryview(p).cast("B") for p in parts if len(p)]
+        self.size = sum(len(p) for p in self._parts)
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self.size}[whence]
+        self._pos = max(0, min(self.size, base + offset))
+        return self._pos
+
+    def readinto(self, buffer: Any) -> int:
+        out = memoryview(buffer).cast("B")
+        written, skip = 0, self._pos
+        for part in self._parts:
+            if skip >= len(part):
+                skip -= len(part)
+                continue
+            take = min(len(part) - skip, len(out) - written)
+            out[written : written + take] = part[skip : skip + take]
+            written += take
+            skip = 0
+            if written == len(out):
+                break
+        self._pos += written
+        return written
+
+
+class _PreconditionFailed(StorageError):
+    """A conditional write whose condition did not hold (someone else wrote first)."""
