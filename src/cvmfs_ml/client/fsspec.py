@@ -32,6 +32,7 @@ from typing import Any
 
 from fsspec.spec import AbstractFileSystem
 
+from cvmfs_ml.client.entries import device_number
 from cvmfs_ml.client.locate import open_target, target_fqrn
 from cvmfs_ml.client.repository import CvmfsFile, Repository
 from cvmfs_ml.cvmfs.catalog import DirectoryEntry
@@ -202,7 +203,8 @@ class CvmfsFileSystem(AbstractFileSystem):
         elif entry.is_dir:
             info["size"] = 0
         elif not entry.is_regular:
-            info["type"] = "other"
+            # devices keep their dev_t in the size column; they have no bytes (§4.3)
+            info.update(type="other", size=0, rdev=device_number(entry))
         return info
 
     def info(self, path: str, **kwargs: Any) -> dict[str, Any]:
@@ -210,7 +212,9 @@ class CvmfsFileSystem(AbstractFileSystem):
         if not fqrn:
             return {"name": "", "size": 0, "type": "directory"}
         repo = self.repository(fqrn)
-        return self._describe(fqrn, repo, repo.stat(rel))
+        info = self._describe(fqrn, repo, repo.lookup(rel))
+        info["name"] = f"{fqrn}/{rel}".rstrip("/")  # the name asked for, even through a link
+        return info
 
     def ls(self, path: str, detail: bool = True, **kwargs: Any) -> list[Any]:
         fqrn, rel = self._split(path)
@@ -221,7 +225,7 @@ class CvmfsFileSystem(AbstractFileSystem):
         repo = self.repository(fqrn)
         entry = repo.resolve(rel)
         if not entry.is_dir:
-            infos = [self._describe(fqrn, repo, repo.stat(rel))]
+            infos = [self.info(f"{fqrn}/{rel}")]
         else:
             infos = [self._describe(fqrn, repo, e) for e in repo.listdir(entry.path)]
             if entry.path != repo._normalise(rel):  # listed through a link: keep its name

@@ -50,6 +50,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from cvmfs_ml.client.entries import device_number
 from cvmfs_ml.client.prefetch import warm
 from cvmfs_ml.client.repository import CvmfsFile, Repository
 from cvmfs_ml.cvmfs.catalog import DirectoryEntry
@@ -217,8 +218,8 @@ class CvmfsOperations(_OperationsBase):  # type: ignore[misc,valid-type]
         attr.st_nlink = max(1, entry.linkcount)
         attr.st_uid = entry.uid
         attr.st_gid = entry.gid
-        attr.st_rdev = 0
-        size = entry.size
+        attr.st_rdev = device_number(entry)
+        size = 0 if attr.st_rdev else entry.size  # a device's size column holds its dev_t
         if entry.is_symlink:
             size = len(_encode(entry.symlink))
         attr.st_size = size
@@ -335,7 +336,7 @@ class CvmfsOperations(_OperationsBase):  # type: ignore[misc,valid-type]
             ).encode()
             magic[b"user.compression"] = lambda: b"zlib" if layout.compressed else b"none"
         if entry.is_symlink:
-            magic[b"user.rawlink"] = lambda: _encode(entry.symlink)
+            magic[b"user.rawlink"] = lambda: _encode(repo.raw_readlink(entry.path))
         return magic
 
     async def listxattr(self, inode: int, ctx: Any = None) -> list[bytes]:

@@ -66,6 +66,19 @@ def _cache_for(
     return None
 
 
+def _upstream_reading(
+    options: dict[str, Any], config: ClientConfig, env: Mapping[str, str]
+) -> None:
+    """Fill in how upstream reads entries: ``$(VAR)`` link expansion from the environment and
+    the configuration (upstream exports its parameters), and ``CVMFS_EXTERNAL_URL``."""
+    options.setdefault("symlink_variables", {**env, **config.params})
+    external = config.params.get("CVMFS_EXTERNAL_URL", "").strip()
+    if external:
+        options.setdefault("external_url", external)
+        proxy = config.params.get("CVMFS_EXTERNAL_HTTP_PROXY", "").strip()
+        options.setdefault("external_proxy", proxy or None)
+
+
 def open_target(
     target: str,
     *,
@@ -94,6 +107,8 @@ def open_target(
             raise
         config = None  # a URL or folder does not need the configuration to be complete
     object_cache = _cache_for(cache, config if (use_config_cache or cache is not None) else None)
+    if config is not None:
+        _upstream_reading(options, config, env)
 
     if is_url(target) or local:
         key: Any = public_key

@@ -1,0 +1,219 @@
+"""Upstream parity of the read side (issue 8, item 5) and aliases in paths (item 7).
+
+One repository (``parity_repo``) holds external files, variant and absolute symlinks, aliases,
+devices, a name that is not UTF-8 and a hidden entry; it is served by nginx (with the external
+files beside it) and read through the client API, fsspec and a FUSE mount. What each must show
+is what cvmfs-format.md says upstream's client shows.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from cvmfs_ml.client.entries import device_number
+from cvmfs_ml.client.fsspec import CvmfsFileSystem
+from cvmfs_ml.client.repository import Repository
+from cvmfs_ml.cvmfs.symlinks import expand_variant_symlink
+from cvmfs_ml.errors import ConfigError, UnsafeInputError
+from parity_repo import (
+    BLOCK_DEV,
+    CHAR_DEV,
+    EXTERNAL_DIR,
+    FQRN,
+    LATIN1_NAME,
+    ParityRepo,
+    publish_parity_repo,
+)
+from services import Nginx
+
+pytestmark = pytest.mark.service
+
+
+@pytest.fixture(scope="module")
+def parity(tmp_path_factory: pytest.TempPathFactory) -> ParityRepo:
+    return publish_parity_repo(tmp_path_factory.mktemp("parity"))
+
+
+@pytest.fixture
+def served(nginx_factory: Callable[..., Nginx], parity: ParityRepo) -> Nginx:
+    return nginx_factory(parity.root)
+
+
+def _config(tmp_path: Path, server: Nginx, **extra: str) -> Path:
+    lines = [f"CVMFS_SERVER_URL={server.repo_url(FQRN)}"]
+    lines += [f"{key}={value}" for key, value in extra.items()]
+    path = tmp_path / "client.conf"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture
+def repo(served: Nginx, parity: ParityRepo, tmp_path: Path) -> Iterator[Repository]:
+    with Repository.connect(
+        served.repo_url(FQRN),
+        public_key=parity.public_key,
+        cache=tmp_path / "cache",
+        external_url=f"{served.url}/cvmfs/{EXTERNAL_DIR}",
+        symlink_variables={"PARITY_SITE": "cern"},
+    ) as repository:
+        yield repository
+
+
+# -- variant symlinks: upstream's ExpandSymlink rules --------------------------------------------
+@pytest.mark.parametrize(
+    ("target", "variables", "expanded"),
+    [
+        ("$(A)/x", {"A": "a"}, "a/x"),
+        ("$(A:-d)/x", {}, "d/x"),
+        ("$(A:-d)/x", {"A": ""}, "/x"),  # set but empty: the value, not the default
+        ("x$(A)y", {}, "xy"),  # unset without default: nothing
+        ("$(A)$(B:-b)", {"A": "a"}, "ab"),
+        ("$(A", {"A": "a"}, "$(A"),  # no closing parenthesis: kept
+        ("$A/$(", {"A": "a"}, "$A/$("),
+        ("$(A:-x:-y)", {}, "x:-y"),  # the first ":-" separates
+        ("plain", {}, "plain"),
+    ],
+)
+def test_variant_symlink_expansion(target: str, variables: dict, expanded: str) -> None:
+    assert expand_variant_symlink(target, variables) == expanded
+
+
+# -- the client API -------------------------------------------------------------------------------
+def test_external_files_come_from_the_external_url_with_ranges(
+    repo: Repository, served: Nginx, parity: ParityRepo
+) -> None:
+    assert repo.read_bytes("/ext/big.bin") == parity.original("/ext/big.bin")
+    assert repo.read_bytes("/ext/small.txt") == parity.original("/ext/small.txt")
+    external = [r for r in served.requests() if r.path.startswith(f"/cvmfs/{EXTERNAL_DIR}/")]
+    ranged = [r for r in external if r.path.endswith("/big.bin")]
+    pieces = repo.layout("/ext/big.bin").pieces
+    assert len(pieces) >= 3 and len(ranged) == len(pieces)
+    assert {r.range for r in ranged} == {
+        f"bytes={p.offset}-{p.offset + p.size - 1}" for p in pieces
+    }
+    assert all(r.status == 206 for r in ranged)
+    small = [r for r in external if r.path.endswith("/small.txt")]
+    assert len(small) == 1 and small[0].range is None and small[0].status == 200
+    # the Stratum 1 was never asked for external data, and stays the host in use
+    assert repo.source.stats.failovers == 0
+    assert repo.source.current_host == served.repo_url(FQRN)
+
+
+def test_external_file_without_external_url_is_a_clear_error(
+    served: Nginx, parity: ParityRepo, tmp_path: Path
+) -> None:
+    with Repository.connect(
+        served.repo_url(FQRN), public_key=parity.public_key, cache=tmp_path / "c"
+    ) as repo:
+        with pytest.raises(ConfigError, match="CVMFS_EXTERNAL_URL"):
+            repo.read_bytes("/ext/small.txt")
+        assert repo.read_bytes("/hep/tagger/prod/tagger.onnx")  # the rest still reads
+        assert repo.source.stats.failovers == 0
+
+
+def test_external_file_missing_on_the_external_server_leaves_the_stratum1_alone(
+    served: Nginx, parity: ParityRepo, tmp_path: Path
+) -> None:
+    with Repository.connect(
+        served.repo_url(FQRN), public_key=parity.public_key, cache=tmp_path / "c",
+        external_url=f"{served.url}/cvmfs/nowhere",
+    ) as repo:  # fmt: skip
+        with pytest.raises(OSError, match="404"):
+            repo.read_bytes("/ext/small.txt")
+        assert repo.source.stats.failovers == 0
+        assert repo.source.current_host == served.repo_url(FQRN)
+        assert repo.read_bytes("/links/cern/conf.txt") == b"site=cern\n"
+
+
+def test_symlinks_as_upstream_shows_them(repo: Repository, parity: ParityRepo) -> None:
+    assert repo.readlink("/links/variant") == "cern/conf.txt"
+    assert repo.raw_readlink("/links/variant") == "$(PARITY_SITE:-default)/conf.txt"
+    assert repo.stat("/links/variant").size == len("cern/conf.txt")
+    assert repo.read_bytes("/links/variant") == b"site=cern\n"
+    assert repo.readlink("/links/bare") == "xy"
+    listed = {e.name: e for e in repo.listdir("/links")}
+    assert listed["variant"].symlink == "cern/conf.txt"
+    # absolute targets are returned as they are, never looked up inside the repository
+    assert repo.readlink("/links/abs") == "/etc/hostname"
+    with pytest.raises(UnsafeInputError, match="outside repository"):
+        repo.resolve("/links/abs")
+    inside = repo.resolve("/links/abs-in")
+    assert inside.path == "/hep/tagger/1/tagger.onnx"
+
+
+def test_variant_default_when_the_variable_is_unset(
+    served: Nginx, parity: ParityRepo, tmp_path: Path
+) -> None:
+    with Repository.connect(
+        served.repo_url(FQRN), public_key=parity.public_key, cache=tmp_path / "c",
+        symlink_variables={},
+    ) as repo:  # fmt: skip
+        assert repo.readlink("/links/variant") == "default/conf.txt"
+        assert repo.read_bytes("/links/variant") == b"site=default\n"
+
+
+def test_aliases_resolve_in_every_component(repo: Repository, parity: ParityRepo) -> None:
+    want = parity.original("/hep/tagger/1/tagger.onnx")
+    for alias in ("prod", "latest"):
+        assert repo.read_bytes(f"/hep/tagger/{alias}/tagger.onnx") == want
+    assert repo.resolve("/hep/tagger/latest").path == "/hep/tagger/1"
+    assert repo.resolve("/hep/tagger/prod/../1/tagger.onnx").path == "/hep/tagger/1/tagger.onnx"
+    with pytest.raises(OSError) as loop:
+        repo.resolve("/hep/tagger/loop/x")
+    assert loop.value.errno == errno.ELOOP
+    with pytest.raises(UnsafeInputError, match="above the repository root"):
+        repo.resolve("/hep/tagger/escape/etc/passwd")
+    with pytest.raises(FileNotFoundError):
+        repo.resolve("/hep/tagger/prod/missing.onnx")
+    with pytest.raises(NotADirectoryError):
+        repo.resolve("/hep/tagger/prod/tagger.onnx/x")
+
+
+def test_devices_names_and_hidden_entries(repo: Repository, parity: ParityRepo) -> None:
+    assert device_number(repo.stat("/dev/null")) == CHAR_DEV
+    assert device_number(repo.stat("/dev/sda")) == BLOCK_DEV
+    assert stat.S_ISBLK(repo.stat("/dev/sda").mode)
+    assert device_number(repo.stat("/dev/fifo")) == 0
+    names = [e.name for e in repo.listdir("/names")]
+    assert [os.fsencode(n) for n in names] == [LATIN1_NAME]
+    assert repo.read_bytes(f"/names/{names[0]}") == b"latin-1 name\n"
+    assert "hidden.txt" not in {e.name for e in repo.listdir("")}
+    assert repo.read_bytes("/hidden.txt") == b"hidden\n"  # hidden, not gone
+    assert all(e.name != "hidden.txt" for e in repo.walk())
+
+
+# -- fsspec ---------------------------------------------------------------------------------------
+def test_fsspec_reads_aliases_externals_and_odd_entries(
+    served: Nginx, parity: ParityRepo, tmp_path: Path
+) -> None:
+    config = _config(
+        tmp_path, served,
+        CVMFS_EXTERNAL_URL=f"{served.url}/cvmfs/{EXTERNAL_DIR}", PARITY_SITE="cern",
+    )  # fmt: skip
+    fs = CvmfsFileSystem(
+        url=served.repo_url(FQRN), public_key=str(parity.public_key), config=str(config),
+        cache=str(tmp_path / "cache"), skip_instance_cache=True,
+    )  # fmt: skip
+    try:
+        want = parity.original("/hep/tagger/1/tagger.onnx")
+        assert fs.cat(f"{FQRN}/hep/tagger/prod/tagger.onnx") == want
+        with fs.open(f"cvmfs://{FQRN}/hep/tagger/latest/tagger.onnx", "rb") as handle:
+            assert handle.read() == want
+        assert fs.info(f"{FQRN}/hep/tagger/prod/tagger.onnx")["size"] == len(want)
+        assert fs.cat(f"{FQRN}/ext/big.bin") == parity.original("/ext/big.bin")
+        assert fs.cat(f"{FQRN}/links/variant") == b"site=cern\n"
+        assert fs.info(f"{FQRN}/links/abs")["destination"] == "/etc/hostname"
+        device = fs.info(f"{FQRN}/dev/null")
+        assert device["type"] == "other" and device["size"] == 0
+        assert device["rdev"] == CHAR_DEV
+        names = fs.ls(f"{FQRN}/names", detail=False)
+        assert [os.fsencode(n.rsplit("/", 1)[1]) for n in names] == [LATIN1_NAME]
+        assert f"{FQRN}/hidden.txt" not in fs.ls(FQRN, detail=False)
+    finally:
+        fs.close()
