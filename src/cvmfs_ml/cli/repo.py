@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import stat
@@ -11,7 +12,9 @@ from typing import Annotated
 
 import typer
 
+from cvmfs_ml.cli.client import ConfigOption, ProxyOption
 from cvmfs_ml.cli.common import (
+    LOCATION_HELP,
     JsonOption,
     KeyOption,
     TagOption,
@@ -20,6 +23,7 @@ from cvmfs_ml.cli.common import (
     friendly,
     open_repository,
 )
+from cvmfs_ml.errors import CvmfsMlError
 
 repo_app = typer.Typer(no_args_is_help=True, help="Create, publish and inspect repositories.")
 
@@ -130,15 +134,17 @@ def repo_rm(
 @repo_app.command("check")
 @friendly
 def repo_check(
-    repo: Annotated[str, typer.Argument(help="repository folder or URL")],
+    repo: Annotated[str, typer.Argument(help=LOCATION_HELP)],
     key: KeyOption = None,
+    config: ConfigOption = None,
+    proxy: ProxyOption = None,
     no_data: Annotated[bool, typer.Option("--no-data", help="skip hashing data objects")] = False,
     as_json: JsonOption = False,
 ) -> None:
     """Verify signatures, catalogs, counters and every referenced object; exit 1 on a defect."""
     from cvmfs_ml.client.check import check_repository
 
-    with open_repository(repo, key) as repository:
+    with open_repository(repo, key, config=config, proxy=proxy) as repository:
         report = check_repository(repository, data=not no_data)
     if as_json:
         typer.echo(
@@ -165,16 +171,23 @@ def repo_check(
 @repo_app.command("ls")
 @friendly
 def repo_ls(
-    repo: Annotated[str, typer.Argument(help="repository folder or URL")],
+    repo: Annotated[str, typer.Argument(help=LOCATION_HELP)],
     path: Annotated[str, typer.Argument()] = "/",
     recursive: Annotated[bool, typer.Option("-R", "--recursive")] = False,
     key: KeyOption = None,
+    config: ConfigOption = None,
+    proxy: ProxyOption = None,
     tag: TagOption = None,
     as_json: JsonOption = False,
 ) -> None:
-    """List a directory (or describe a file)."""
-    with open_repository(repo, key, tag) as repository:
-        entry = repository.stat(path)
+    """List a directory (or describe a file); links on the way are followed, as ``ls`` does."""
+    with open_repository(repo, key, tag, config=config, proxy=proxy) as repository:
+        entry = repository.lookup(path)
+        if entry.is_symlink:
+            with contextlib.suppress(CvmfsMlError, OSError):
+                target = repository.resolve(path)
+                entry = target if target.is_dir else entry
+        path = entry.path
         if not entry.is_dir:
             entries = [entry]
         elif recursive:
@@ -194,14 +207,16 @@ def repo_ls(
 @repo_app.command("stat")
 @friendly
 def repo_stat(
-    repo: Annotated[str, typer.Argument()],
+    repo: Annotated[str, typer.Argument(help=LOCATION_HELP)],
     path: Annotated[str, typer.Argument()],
     key: KeyOption = None,
+    config: ConfigOption = None,
+    proxy: ProxyOption = None,
     tag: TagOption = None,
 ) -> None:
-    """Print one entry as JSON, with its chunks."""
-    with open_repository(repo, key, tag) as repository:
-        entry = repository.stat(path)
+    """Print one entry as JSON, with its chunks (links in its folders followed)."""
+    with open_repository(repo, key, tag, config=config, proxy=proxy) as repository:
+        entry = repository.lookup(path)
         info = _entry_json(entry)
         if entry.is_regular:
             layout = repository.layout(entry)
@@ -214,13 +229,16 @@ def repo_stat(
 @repo_app.command("cat")
 @friendly
 def repo_cat(
-    repo: Annotated[str, typer.Argument()],
+    repo: Annotated[str, typer.Argument(help=LOCATION_HELP)],
     path: Annotated[str, typer.Argument()],
     key: KeyOption = None,
+    config: ConfigOption = None,
+    proxy: ProxyOption = None,
     tag: TagOption = None,
 ) -> None:
     """Write a file's bytes to stdout."""
-    with open_repository(repo, key, tag) as repository, repository.open(path) as handle:
+    repository = open_repository(repo, key, tag, config=config, proxy=proxy)
+    with repository, repository.open_file(path) as handle:
         out = sys.stdout.buffer
         while block := handle.read(4 * 2**20):
             out.write(block)
@@ -230,12 +248,14 @@ def repo_cat(
 @repo_app.command("tags")
 @friendly
 def repo_tags(
-    repo: Annotated[str, typer.Argument()],
+    repo: Annotated[str, typer.Argument(help=LOCATION_HELP)],
     key: KeyOption = None,
+    config: ConfigOption = None,
+    proxy: ProxyOption = None,
     as_json: JsonOption = False,
 ) -> None:
     """List tags (named revisions)."""
-    with open_repository(repo, key) as repository:
+    with open_repository(repo, key, config=config, proxy=proxy) as repository:
         tags = sorted(repository.tags(), key=lambda t: (t.revision, t.name))
     if as_json:
         typer.echo(
@@ -261,16 +281,19 @@ def repo_tags(
 @repo_app.command("diff")
 @friendly
 def repo_diff(
-    repo: Annotated[str, typer.Argument()],
+    repo: Annotated[str, typer.Argument(help=LOCATION_HELP)],
     old: Annotated[str, typer.Argument(help="tag of the old side")],
     new: Annotated[str, typer.Argument(help="tag of the new side")] = "trunk",
     key: KeyOption = None,
+    config: ConfigOption = None,
+    proxy: ProxyOption = None,
     as_json: JsonOption = False,
 ) -> None:
     """Paths added (+), removed (-) and changed (M) between two tags."""
     from cvmfs_ml.client.diff import diff_trees
 
-    with open_repository(repo, key, old) as a, open_repository(repo, key, new) as b:
+    a = open_repository(repo, key, old, config=config, proxy=proxy)
+    with a, open_repository(repo, key, new, config=config, proxy=proxy) as b:
         changes = diff_trees(a, b)
     if as_json:
         typer.echo(json.dumps([{"change": c, "path": p} for c, p in changes]))
