@@ -68,19 +68,23 @@ class CvmfsBufferedFile(io.BufferedReader):
 class CvmfsFileSystem(AbstractFileSystem):
     """Read-only fsspec filesystem over CernVM-FS repositories (protocol ``cvmfs``).
 
-    Parameters (all optional, all part of the instance's identity):
+    Parameters (all optional, all part of the instance's identity; docs/fsspec.md):
 
-    ``fqrn``        the repository ``url``/``public_key``/``cache``/``proxy`` apply to
-                    (taken from ``url`` when not given)
-    ``url``         its location: ``http(s)://host/cvmfs/<fqrn>`` (``;`` list) or a local
-                    repository folder; without it the configuration's ``CVMFS_SERVER_URL``
-    ``public_key``  its master key file or folder (default: configuration's keys)
-    ``cache``       object cache folder (default: configuration's ``CVMFS_CACHE_BASE``)
-    ``proxy``       upstream proxy syntax (``"http://p1:3128|http://p2:3128;DIRECT"``)
-    ``config``      client configuration file(s) in upstream's syntax
-    ``tag``         read this tag instead of the newest revision
-    ``prefetch``    ``None``: prefetch files of 32 MiB or more when opened; ``True``/``False``
-    ``server_url``  the same as ``url`` (``fsspec.core.url_to_fs`` has its own ``url``)
+    ``fqrn``          the repository ``server_url``/``public_key``/``proxy`` apply to
+                      (taken from ``server_url`` when not given)
+    ``server_url``    its location: ``http(s)://host/cvmfs/<fqrn>`` (``;`` list) or a local
+                      repository folder; without it the configuration's ``CVMFS_SERVER_URL``
+    ``public_key``    its master key file or folder (default: configuration's keys)
+    ``cache_storage`` object cache folder (fsspec's name for a local cache; ``cache`` is the
+                      same); default: the configuration's ``CVMFS_CACHE_BASE`` or a private one
+    ``proxy``         upstream proxy syntax (``"http://p1:3128|http://p2:3128;DIRECT"``)
+    ``config``        client configuration file(s) in upstream's syntax
+    ``tag``           read this tag instead of the newest revision
+    ``prefetch``      ``None``: prefetch files of 32 MiB or more when opened; ``True``/``False``
+    ``block_size``    the read buffer of opened files (default 1 MiB)
+    ``external_url``  ``CVMFS_EXTERNAL_URL`` for external files
+    ``url``           the same as ``server_url``; it cannot be passed through
+                      ``fsspec.open(..., url=...)`` (``url_to_fs`` has its own ``url``)
     """
 
     protocol = "cvmfs"
@@ -97,14 +101,24 @@ class CvmfsFileSystem(AbstractFileSystem):
         tag: str | None = None,
         prefetch: bool | None = None,
         server_url: str | None = None,
+        cache_storage: str | None = None,
+        block_size: int | None = None,
+        external_url: str | None = None,
         **storage_options: Any,
     ) -> None:
         super().__init__(**storage_options)
+        if url is not None and server_url is not None and url != server_url:
+            raise ConfigError("cvmfs: give server_url or url, not both")
         url = url if url is not None else server_url
+        if cache is not None and cache_storage is not None and cache != cache_storage:
+            raise ConfigError("cvmfs: give cache_storage or cache, not both")
+        cache = cache if cache is not None else cache_storage
         self.url = os.fspath(url) if url is not None else None
         self.fqrn = fqrn or (target_fqrn(self.url) if self.url else None)
         self.public_key = os.fspath(public_key) if public_key is not None else None
         self.cache = os.fspath(cache) if cache is not None else None
+        self.block_size = block_size if block_size and block_size > 0 else _DEFAULT_BLOCK
+        self.external_url = external_url
         self.proxy = proxy
         self.config_files = [config] if isinstance(config, (str, os.PathLike)) else config or []
         self.tag = tag
@@ -157,6 +171,7 @@ class CvmfsFileSystem(AbstractFileSystem):
                     proxy=self.proxy if own else None,
                     config_files=self.config_files,
                     tag=self.tag if own else None,
+                    **({"external_url": self.external_url} if own and self.external_url else {}),
                 )
             except ConfigError as exc:
                 raise FileNotFoundError(
@@ -274,7 +289,7 @@ class CvmfsFileSystem(AbstractFileSystem):
             raise IsADirectoryError(errno.EISDIR, "is a directory", path)
         repo = self.repository(fqrn)
         raw = repo.open_file(rel, prefetch=self.prefetch if prefetch is None else prefetch)
-        size = block_size if block_size and block_size > 0 else _DEFAULT_BLOCK
+        size = block_size if block_size and block_size > 0 else self.block_size
         return CvmfsBufferedFile(raw, self, self._strip_protocol(path), size)
 
     def cat_file(

@@ -970,12 +970,17 @@ class CvmfsFile(io.RawIOBase):
         return parts
 
     def pread(self, size: int, offset: int) -> bytes:
-        """Read ``size`` bytes at ``offset`` without moving the position (FUSE, fsspec)."""
+        """Read ``size`` bytes at ``offset`` without moving the position (FUSE, fsspec).
+
+        A read across pieces lands in place in the ``bytes`` it returns: a whole-file read
+        holds the file once in memory, not its pieces and their join.
+        """
         end = self._span(size, offset)
         if offset >= end:
             return b""
-        parts = self._read_span(offset, end, None)
-        return parts[0] if len(parts) == 1 else b"".join(parts)
+        if self._index(offset) == self._index(end - 1):
+            return self._read_span(offset, end, None)[0]
+        return _filled_bytes(end - offset, lambda view: self._read_span(offset, end, view))
 
     def pread_buffer(self, size: int, offset: int) -> bytes | bytearray:
         """:meth:`pread` that may answer with a ``bytearray`` (one copy when pieces are crossed).
@@ -1028,6 +1033,20 @@ class CvmfsFile(io.RawIOBase):
             self._doomed.clear()
             self._users.clear()
         super().close()
+
+
+def _filled_bytes(size: int, fill: Callable[[memoryview], object]) -> bytes:
+    """A ``bytes`` of ``size`` filled in place by ``fill(view)``: no second copy in memory.
+
+    ``BytesIO.getvalue()`` hands over its own buffer when nothing else holds it (CPython,
+    shrinking a large buffer with ``realloc``), so the bytes are written once, where they stay.
+    """
+    buffer = io.BytesIO()
+    buffer.seek(size - 1)
+    buffer.write(b"\0")
+    with buffer.getbuffer() as view:
+        fill(view)
+    return buffer.getvalue()
 
 
 def _preadv_full(fd: int, view: memoryview, offset: int) -> int:
