@@ -9,8 +9,11 @@ is what cvmfs-format.md says upstream's client shows.
 from __future__ import annotations
 
 import errno
+import json
 import os
 import stat
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -217,3 +220,36 @@ def test_fsspec_reads_aliases_externals_and_odd_entries(
         assert f"{FQRN}/hidden.txt" not in fs.ls(FQRN, detail=False)
     finally:
         fs.close()
+
+
+# -- the command line -----------------------------------------------------------------------------
+def _repo(parity: ParityRepo, command: str, path: str, *more: str) -> subprocess.CompletedProcess:
+    """``cvmfs-ml repo COMMAND <folder> PATH ... --key <key>`` in a subprocess (real stdout)."""
+    argv = ["repo", command, str(parity.repo_dir), path, *more, "--key", str(parity.public_key)]
+    return subprocess.run(
+        [sys.executable, "-m", "cvmfs_ml.cli", *argv], capture_output=True, timeout=120
+    )
+
+
+def test_repo_ls_and_cat_show_odd_entries_as_ls_does(parity: ParityRepo) -> None:
+    names = _repo(parity, "ls", "/names")
+    assert names.returncode == 0, names.stderr
+    assert names.stdout.rstrip(b"\n").endswith(b" " + LATIN1_NAME)  # the bytes, as ls shows
+    listing = _repo(parity, "ls", "/names", "--json")
+    (entry,) = json.loads(listing.stdout.decode("utf-8"))  # valid UTF-8 JSON
+    assert os.fsencode(entry["path"]) == b"/names/" + LATIN1_NAME
+    cat = _repo(parity, "cat", entry["path"])
+    assert cat.returncode == 0 and cat.stdout == b"latin-1 name\n", cat.stderr
+    devices = _repo(parity, "ls", "/dev").stdout.decode()
+    lines = {line.split()[-1]: line for line in devices.splitlines()}
+    assert lines["null"].startswith("c0666") and " 1, 3 " in lines["null"]
+    assert lines["sda"].startswith("b0660") and " 8, 0 " in lines["sda"]
+    assert lines["fifo"].startswith("p0644")
+    described = json.loads(_repo(parity, "stat", "/dev/null").stdout)
+    assert described["rdev"] == CHAR_DEV and described["size"] == 0
+    alias = _repo(parity, "cat", "/hep/tagger/latest/tagger.onnx")
+    assert alias.stdout == parity.original("/hep/tagger/1/tagger.onnx")
+    escape = _repo(parity, "cat", "/hep/tagger/escape/etc/passwd")
+    assert escape.returncode == 1 and escape.stdout == b""
+    (line,) = escape.stderr.decode().strip().splitlines()
+    assert "above the repository root" in line

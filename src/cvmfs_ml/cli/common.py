@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 from collections.abc import Callable, Sequence
@@ -11,6 +12,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 
+from cvmfs_ml.client.entries import device_number
 from cvmfs_ml.errors import CvmfsMlError
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -87,6 +89,17 @@ TagOption = Annotated[str | None, typer.Option("--tag", help="read this tag inst
 JsonOption = Annotated[bool, typer.Option("--json", help="print JSON")]
 
 
+def json_text(value: Any, **options: Any) -> str:
+    """JSON for stdout: UTF-8 as is; names that are not UTF-8 (surrogates) as ``\\udcXX``
+    escapes, which ``json.loads`` + ``os.fsencode`` turn back into the same bytes."""
+    text = json.dumps(value, ensure_ascii=False, **options)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return json.dumps(value, ensure_ascii=True, **options)
+    return text
+
+
 def _entry_json(entry: Any) -> dict[str, Any]:
     kind = "dir" if entry.is_dir else "symlink" if entry.is_symlink else "file"
     if not (entry.is_dir or entry.is_symlink or entry.is_regular):
@@ -102,4 +115,5 @@ def _entry_json(entry: Any) -> dict[str, Any]:
         "compressed": entry.is_compressed if entry.is_regular else None,
         "hash": entry.digest.hex if entry.digest else None,
         "nested_catalog": bool(entry.is_nested_mountpoint or entry.is_nested_root),
+        **({"size": 0, "rdev": rdev} if (rdev := device_number(entry)) else {}),
     }

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import json
+import os
 import stat
 import sys
 from pathlib import Path
@@ -21,8 +22,10 @@ from cvmfs_ml.cli.common import (
     _entry_json,
     _fail,
     friendly,
+    json_text,
     open_repository,
 )
+from cvmfs_ml.client.entries import device_number
 from cvmfs_ml.errors import CvmfsMlError
 
 repo_app = typer.Typer(no_args_is_help=True, help="Create, publish and inspect repositories.")
@@ -195,13 +198,15 @@ def repo_ls(
         else:
             entries = repository.listdir(path)
         if as_json:
-            typer.echo(json.dumps([_entry_json(e) for e in entries], ensure_ascii=False))
+            typer.echo(json_text([_entry_json(e) for e in entries]))
             return
         for e in entries:
             target = f" -> {e.symlink}" if e.is_symlink else ""
-            kind = "d" if e.is_dir else "l" if e.is_symlink else "-"
+            kind = stat.filemode(e.mode)[0]  # d l - c b p s, as ls shows them
+            rdev = device_number(e)
+            size = f"{os.major(rdev)}, {os.minor(rdev)}" if rdev else str(e.size)
             name = e.path if recursive else (e.name or e.path)
-            typer.echo(f"{kind}{stat.S_IMODE(e.mode):04o} {e.size:>12} {name}{target}")
+            typer.echo(f"{kind}{stat.S_IMODE(e.mode):04o} {size:>12} {name}{target}")
 
 
 @repo_app.command("stat")
@@ -223,7 +228,7 @@ def repo_stat(
             info["pieces"] = [
                 {"offset": p.offset, "size": p.size, "hash": p.digest.hex} for p in layout.pieces
             ]
-        typer.echo(json.dumps(info, ensure_ascii=False, indent=2))
+        typer.echo(json_text(info, indent=2))
 
 
 @repo_app.command("cat")

@@ -682,7 +682,7 @@ class Repository:
 
     def piece_path(self, layout: FileLayout, index: int) -> Path:
         """The cached, verified bytes of piece ``index`` (fetching it if needed)."""
-        return self._object(layout.pieces[index].digest, layout.kind, layout.compressed)
+        return self.piece_fetch(layout, index)[0]
 
     def piece_fetch(self, layout: FileLayout, index: int) -> tuple[Path, str, int]:
         """:meth:`piece_path` and how it was served (``hit``/``fetch``/``wait``, net bytes)."""
