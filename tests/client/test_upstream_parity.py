@@ -178,6 +178,16 @@ def test_aliases_resolve_in_every_component(repo: Repository, parity: ParityRepo
         repo.resolve("/hep/tagger/prod/tagger.onnx/x")
 
 
+def test_the_repository_is_consistent(parity: ParityRepo, tmp_path: Path) -> None:
+    """``repo check`` passes: external data is not expected in data/, counters add up."""
+    from cvmfs_ml.client.check import check_repository
+
+    with Repository.connect(parity.repo_dir, public_key=parity.public_key) as repo:
+        report = check_repository(repo, data=True)
+    assert report.ok, report.problems
+    assert len(report.revisions) >= 2
+
+
 def test_devices_names_and_hidden_entries(repo: Repository, parity: ParityRepo) -> None:
     assert device_number(repo.stat("/dev/null")) == CHAR_DEV
     assert device_number(repo.stat("/dev/sda")) == BLOCK_DEV
