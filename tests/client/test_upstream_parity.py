@@ -19,8 +19,11 @@ from pathlib import Path
 
 import pytest
 
+from cvmfs_ml.client.config import external_config
 from cvmfs_ml.client.entries import device_number
+from cvmfs_ml.client.external import ExternalSource
 from cvmfs_ml.client.fsspec import CvmfsFileSystem
+from cvmfs_ml.client.locate import open_target
 from cvmfs_ml.client.repository import Repository
 from cvmfs_ml.cvmfs.symlinks import expand_variant_symlink
 from cvmfs_ml.errors import ConfigError, UnsafeInputError
@@ -33,7 +36,7 @@ from parity_repo import (
     ParityRepo,
     publish_parity_repo,
 )
-from services import Nginx
+from services import Nginx, Squid
 
 pytestmark = pytest.mark.service
 
@@ -263,3 +266,44 @@ def test_repo_ls_and_cat_show_odd_entries_as_ls_does(parity: ParityRepo) -> None
     assert escape.returncode == 1 and escape.stdout == b""
     (line,) = escape.stderr.decode().strip().splitlines()
     assert "above the repository root" in line
+
+
+# -- external data through its own proxy chain ----------------------------------------------------
+def test_external_settings_from_configuration() -> None:
+    assert external_config({}) is None
+    external = external_config(
+        {
+            "CVMFS_EXTERNAL_URL": "http://a.example/x;http://b.example/x",
+            "CVMFS_EXTERNAL_HTTP_PROXY": "http://p.example:3128;DIRECT",
+            "CVMFS_EXTERNAL_FALLBACK_PROXY": "f.example:3128",
+            "CVMFS_EXTERNAL_TIMEOUT": "3",
+        }
+    )
+    assert external is not None
+    # as for CVMFS_HTTP_PROXY: fallback proxies go last and DIRECT is dropped
+    assert external.proxy_groups == [["http://p.example:3128"], ["http://f.example:3128"]]
+    assert (external.timeout, external.timeout_direct) == (3.0, 10.0)
+    source = ExternalSource.from_config(external)
+    assert source.hosts == ["http://a.example/x", "http://b.example/x"]
+    with pytest.raises(ConfigError, match="CVMFS_EXTERNAL_TIMEOUT"):
+        external_config({"CVMFS_EXTERNAL_URL": "http://a/x", "CVMFS_EXTERNAL_TIMEOUT": "soon"})
+
+
+def test_external_data_goes_through_the_external_proxy(
+    served: Nginx,
+    parity: ParityRepo,
+    squid_factory: Callable[..., Squid],
+    tmp_path: Path,
+) -> None:
+    squid = squid_factory()
+    config = _config(
+        tmp_path, served,
+        CVMFS_PUBLIC_KEY=str(parity.public_key), CVMFS_HTTP_PROXY="DIRECT",
+        CVMFS_EXTERNAL_URL=f"{served.url}/cvmfs/{EXTERNAL_DIR}",
+        CVMFS_EXTERNAL_HTTP_PROXY=squid.url,
+    )  # fmt: skip
+    with open_target(FQRN, config_files=[config], cache=tmp_path / "cache") as repo:
+        assert repo.read_bytes("/ext/big.bin") == parity.original("/ext/big.bin")
+        assert repo.read_bytes("/links/cern/conf.txt") == b"site=cern\n"
+    through = squid.requests(expect=1)
+    assert through and all(f"/cvmfs/{EXTERNAL_DIR}/ext/big.bin" in r.url for r in through)

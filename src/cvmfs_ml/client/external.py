@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from typing import Any, BinaryIO
 from urllib.parse import quote
 
-from cvmfs_ml.client.config import DIRECT, parse_proxy_list, parse_server_urls
+from cvmfs_ml.client.config import DIRECT, ExternalConfig, parse_proxy_list, parse_server_urls
 from cvmfs_ml.cvmfs.hashing import Digest
 from cvmfs_ml.errors import ConfigError
 
@@ -61,6 +61,17 @@ class ExternalSource:
             else proxy
         )
         self.fetcher = Fetcher(hosts, groups or [[DIRECT]], **fetcher_options)
+
+    @classmethod
+    def from_config(cls, config: ExternalConfig, fqrn: str | None = None) -> ExternalSource:
+        """The external servers, proxies and timeouts of a client configuration."""
+        return cls(
+            config.urls,
+            fqrn,
+            proxy=config.proxy_groups,
+            timeout=config.timeout,
+            timeout_direct=config.timeout_direct,
+        )
 
     @property
     def hosts(self) -> list[str]:

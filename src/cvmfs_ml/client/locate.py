@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from cvmfs_ml.client.cache import ObjectCache
-from cvmfs_ml.client.config import ClientConfig, load_config, parse_proxy_list
+from cvmfs_ml.client.config import ClientConfig, external_config, load_config, parse_proxy_list
+from cvmfs_ml.client.external import ExternalSource
 from cvmfs_ml.client.repository import Repository
 from cvmfs_ml.cvmfs.keys import load_public_keys
 from cvmfs_ml.cvmfs.manifest import Manifest
@@ -72,11 +73,9 @@ def _upstream_reading(
     """Fill in how upstream reads entries: ``$(VAR)`` link expansion from the environment and
     the configuration (upstream exports its parameters), and ``CVMFS_EXTERNAL_URL``."""
     options.setdefault("symlink_variables", {**env, **config.params})
-    external = config.params.get("CVMFS_EXTERNAL_URL", "").strip()
-    if external:
-        options.setdefault("external_url", external)
-        proxy = config.params.get("CVMFS_EXTERNAL_HTTP_PROXY", "").strip()
-        options.setdefault("external_proxy", proxy or None)
+    external = external_config(config.params)
+    if external is not None and "external_url" not in options:
+        options.setdefault("external_source", ExternalSource.from_config(external, config.fqrn))
 
 
 def open_target(

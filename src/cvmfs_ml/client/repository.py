@@ -147,6 +147,7 @@ class Repository:
         symlink_variables: Mapping[str, str] | None = None,
         external_url: str | None = None,
         external_proxy: str | None = None,
+        external_source: ExternalSource | None = None,
     ) -> None:
         self.source = source
         self.symlink_variables: Mapping[str, str] = (
@@ -157,7 +158,9 @@ class Repository:
         self.external_url = external_url
         """``CVMFS_EXTERNAL_URL``: where external files (flag 128) are fetched from."""
         self.external_proxy = external_proxy
-        self._external: ExternalSource | None = None
+        self._external: ExternalSource | None = external_source
+        """The external-file fetcher: given (from the configuration), or made from
+        ``external_url`` and ``external_proxy`` on first use."""
         self.fqrn = fqrn
         self._public_keys = list(public_keys)
         if cache is None:
