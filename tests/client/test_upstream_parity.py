@@ -307,3 +307,27 @@ def test_external_data_goes_through_the_external_proxy(
         assert repo.read_bytes("/links/cern/conf.txt") == b"site=cern\n"
     through = squid.requests(expect=1)
     assert through and all(f"/cvmfs/{EXTERNAL_DIR}/ext/big.bin" in r.url for r in through)
+
+
+def test_fsspec_walks_like_os_walk(served: Nginx, parity: ParityRepo, tmp_path: Path) -> None:
+    fs = CvmfsFileSystem(
+        server_url=served.repo_url(FQRN), public_key=str(parity.public_key),
+        cache_storage=str(tmp_path / "cache"), skip_instance_cache=True,
+    )  # fmt: skip
+    try:
+        found = fs.find(FQRN, withdirs=True)
+        assert f"{FQRN}/hep/tagger/1/tagger.onnx" in found
+        assert f"{FQRN}/hep/tagger/prod" in found  # the alias itself, not a second copy
+        assert not [p for p in found if "/prod/" in p or "/latest/" in p]
+        # the version once, plus the links that lead nowhere (their own size, as du counts)
+        dangling = len("loop") + len("../../..")
+        size = len(parity.original("/hep/tagger/1/tagger.onnx"))
+        assert fs.du(f"{FQRN}/hep") == size + dangling
+        # a walk that starts at an alias enters it
+        assert fs.find(f"{FQRN}/hep/tagger/prod") == [f"{FQRN}/hep/tagger/prod/tagger.onnx"]
+        fs.get(f"{FQRN}/hep/tagger/prod/", str(tmp_path / "copy"), recursive=True)
+        assert (tmp_path / "copy" / "tagger.onnx").read_bytes() == parity.original(
+            "/hep/tagger/1/tagger.onnx"
+        )
+    finally:
+        fs.close()

@@ -247,7 +247,25 @@ class CvmfsFileSystem(AbstractFileSystem):
                 prefix = f"{fqrn}/{rel}".rstrip("/")
                 for info in infos:
                     info["name"] = f"{prefix}/{info['name'].rsplit('/', 1)[-1]}"
+        if not kwargs.get("enter_links", True):
+            for info in infos:
+                if info.get("islink") and info["type"] == "directory":
+                    info["type"] = "other"  # listed, not entered (see walk)
         return infos if detail else [i["name"] for i in infos]
+
+    def walk(
+        self,
+        path: str,
+        maxdepth: int | None = None,
+        topdown: bool = True,
+        on_error: str = "omit",
+        **kwargs: Any,
+    ) -> Any:
+        """fsspec's walk (and so ``find``, ``du``, ``get(recursive=True)``), as ``os.walk``
+        does it: links to folders are listed but not entered. An alias (``prod -> 1``) would
+        otherwise list a version once per alias, and a link to a parent would never end."""
+        kwargs.setdefault("enter_links", False)
+        return super().walk(path, maxdepth=maxdepth, topdown=topdown, on_error=on_error, **kwargs)
 
     def exists(self, path: str, **kwargs: Any) -> bool:
         try:
