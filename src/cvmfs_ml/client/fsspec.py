@@ -10,15 +10,19 @@ keys, cache: :func:`cvmfs_ml.client.locate.open_target`), or from storage option
 instance's own repository::
 
     fsspec.open("cvmfs://models.example.org/onnx/resnet/1/model.onnx")         # configuration
-    fsspec.filesystem("cvmfs", url="http://s1.example.org/cvmfs/models.example.org",
-                      public_key="/etc/cvmfs/keys/models.example.org.pub", cache="/tmp/c")
+    fsspec.filesystem("cvmfs", server_url="http://s1.example.org/cvmfs/models.example.org",
+                      public_key="/etc/cvmfs/keys/models.example.org.pub",
+                      cache_storage="/tmp/c")
 
 fsspec caches instances by their constructor arguments, so an instance is fully defined by
 them: repositories are opened lazily, on first use, from those arguments alone (and pickling
 an instance re-creates it from them). Files open as buffered views of
 :class:`~cvmfs_ml.client.repository.CvmfsFile`: seeks are free, reads go to the local object
 cache, and large files are prefetched in parallel when opened (``prefetch=False`` turns that
-off, e.g. to read only a footer).
+off, e.g. to read only a footer, leaving a read-ahead of a few pieces). No read holds more than
+what it asked for: a whole-file ``read()`` or ``cat`` holds the file once. Paths follow links
+in every component (aliases); ``walk``/``find`` list links to folders without entering them.
+User guide: docs/fsspec.md.
 """
 
 from __future__ import annotations
