@@ -16,6 +16,7 @@ Layout (``FQRN``)::
     /links/variant -> $(PARITY_SITE:-default)/conf.txt
     /links/bare -> x$(PARITY_UNSET)y
     /links/{default,cern}/conf.txt
+    /links/hard-a, /links/hard-b     one hard-link group (two members)
     /ext/big.bin, /ext/small.txt     external files (flag 128; big.bin chunked)
     /dev/null, /dev/sda, /dev/fifo   char device (1, 3), block device (8, 0), FIFO
     /names/caf\\xe9.txt               a latin-1 name (not UTF-8)
@@ -45,6 +46,7 @@ from cvmfs_ml.publish.sources import SourceItem
 FQRN = "parity.test"
 EXTERNAL_DIR = "extdata"  # served at <server>/cvmfs/extdata/<repository path>
 LATIN1_NAME = b"caf\xe9.txt"
+HARDLINKS = ("/links/hard-a", "/links/hard-b")
 CHAR_DEV = os.makedev(1, 3)
 BLOCK_DEV = os.makedev(8, 0)
 
@@ -77,6 +79,8 @@ def _tree(tree: Path) -> None:
     os.symlink(f"/cvmfs/{FQRN}/hep/tagger/1/tagger.onnx", links / "abs-in")
     os.symlink("$(PARITY_SITE:-default)/conf.txt", links / "variant")
     os.symlink("x$(PARITY_UNSET)y", links / "bare")
+    for name in ("hard-a", "hard-b"):
+        (links / name).write_text("one file, two names\n")
     (tree / "ext").mkdir()
     (tree / "ext" / "big.bin").write_bytes(rng.integers(0, 256, 3_000_017, np.uint8).tobytes())
     (tree / "ext" / "small.txt").write_text("external and small\n")
@@ -160,6 +164,11 @@ def publish_parity_repo(base: Path) -> ParityRepo:
             _set_flags(db, path, Flag.EXTERNAL)
             external_objects.extend(_external_objects(db, path))
         _set_flags(db, "/hidden.txt", Flag.HIDDEN)
+        for path in HARDLINKS:  # group 1 of this catalog, two members (§4.3)
+            db.execute(
+                "UPDATE catalog SET hardlinks = ? WHERE md5path_1 = ? AND md5path_2 = ?",
+                ((1 << 32) | len(HARDLINKS), *md5_pair(path)),
+            )
         old, new = "/names/cafe.txt", b"/names/" + LATIN1_NAME
         db.execute(
             "UPDATE catalog SET name = CAST(? AS TEXT), md5path_1 = ?, md5path_2 = ? "

@@ -61,6 +61,9 @@ def test_fuse_mount_shows_what_upstream_shows(
         assert os.listdir(names) == [case.LATIN1_NAME]
         with open(names + b"/" + case.LATIN1_NAME, "rb") as latin1:
             assert latin1.read() == b"latin-1 name\n"
+        hard = [os.stat(point / p.lstrip("/")) for p in case.HARDLINKS]
+        assert hard[0].st_ino == hard[1].st_ino and hard[0].st_nlink == 2
+        assert os.stat(point / "links/cern/conf.txt").st_ino != hard[0].st_ino
         assert "hidden.txt" not in os.listdir(point)
         assert (point / "hidden.txt").read_text() == "hidden\n"
         listing = subprocess.run(

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from cvmfs_ml.client.config import external_config
-from cvmfs_ml.client.entries import device_number
+from cvmfs_ml.client.entries import device_number, hardlink_key
 from cvmfs_ml.client.external import ExternalSource
 from cvmfs_ml.client.fsspec import CvmfsFileSystem
 from cvmfs_ml.client.locate import open_target
@@ -32,6 +32,7 @@ from parity_repo import (
     CHAR_DEV,
     EXTERNAL_DIR,
     FQRN,
+    HARDLINKS,
     LATIN1_NAME,
     ParityRepo,
     publish_parity_repo,
@@ -199,6 +200,10 @@ def test_devices_names_and_hidden_entries(repo: Repository, parity: ParityRepo) 
     names = [e.name for e in repo.listdir("/names")]
     assert [os.fsencode(n) for n in names] == [LATIN1_NAME]
     assert repo.read_bytes(f"/names/{names[0]}") == b"latin-1 name\n"
+    members = [repo.stat(path) for path in HARDLINKS]
+    assert {(e.hardlink_group, e.linkcount) for e in members} == {(1, 2)}
+    assert hardlink_key(members[0]) == hardlink_key(members[1]) == ("/links", 1)
+    assert hardlink_key(repo.stat("/links/cern/conf.txt")) is None
     assert "hidden.txt" not in {e.name for e in repo.listdir("")}
     assert repo.read_bytes("/hidden.txt") == b"hidden\n"  # hidden, not gone
     assert all(e.name != "hidden.txt" for e in repo.walk())

@@ -5,6 +5,7 @@
 * entries flagged hidden (``0x8000``, e.g. ``/.cvmfs``) are left out of listings but can be
   looked up: :func:`listed`;
 * character and block devices keep their ``dev_t`` in ``size``: :func:`device_number`;
+* members of a hard-link group share one inode: :func:`hardlink_key`;
 * path resolution follows symlinks in every component, the way the kernel does on a mount:
   relative targets from the link's folder, ``..`` from where the walk really is, absolute
   targets only when they point into this repository's ``/cvmfs/<fqrn>`` (anything else is
@@ -27,6 +28,7 @@ __all__ = [
     "MAX_SYMLINKS",
     "MOUNT_ROOT",
     "device_number",
+    "hardlink_key",
     "is_hidden",
     "listed",
     "present",
@@ -63,6 +65,15 @@ def device_number(entry: DirectoryEntry) -> int:
     if stat.S_ISCHR(entry.mode) or stat.S_ISBLK(entry.mode):
         return max(0, int(entry.size))
     return 0
+
+
+def hardlink_key(entry: DirectoryEntry) -> tuple[str, int] | None:
+    """What the members of ``entry``'s hard-link group share: (folder, group); None when the
+    entry is in no group (§4.3: groups are numbered per catalog, members share a folder)."""
+    group = entry.hardlink_group
+    if group <= 0 or entry.is_dir:
+        return None
+    return entry.path[: entry.path.rfind("/")], group
 
 
 def _components(path: str) -> list[str]:

@@ -50,7 +50,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from cvmfs_ml.client.entries import device_number
+from cvmfs_ml.client.entries import device_number, hardlink_key
 from cvmfs_ml.client.prefetch import warm
 from cvmfs_ml.client.repository import CvmfsFile, Repository
 from cvmfs_ml.cvmfs.catalog import DirectoryEntry
@@ -138,6 +138,7 @@ class CvmfsOperations(_OperationsBase):  # type: ignore[misc,valid-type]
         self._limiter = trio.CapacityLimiter(max(2, workers))
         self._paths: dict[int, str] = {pyfuse3.ROOT_INODE: ""}
         self._inodes: dict[str, int] = {"": pyfuse3.ROOT_INODE}
+        self._groups: dict[tuple[str, int], int] = {}
         self._entries: dict[int, DirectoryEntry] = {}
         self._next_inode = pyfuse3.ROOT_INODE + 1
         self._files: dict[int, CvmfsFile] = {}
@@ -182,13 +183,20 @@ class CvmfsOperations(_OperationsBase):  # type: ignore[misc,valid-type]
             log.debug("%s: %s", what, exc)
         return self._fuse.FUSEError(code)
 
-    def _inode_for(self, path: str) -> int:
+    def _inode_for(self, path: str, entry: DirectoryEntry | None = None) -> int:
+        """The inode of ``path``; members of a hard-link group share one, as upstream's do
+        (groups are per directory, so the folder and the group number name it)."""
         inode = self._inodes.get(path)
         if inode is None:
-            inode = self._next_inode
-            self._next_inode += 1
+            group = hardlink_key(entry) if entry is not None else None
+            inode = self._groups.get(group) if group is not None else None
+            if inode is None:
+                inode = self._next_inode
+                self._next_inode += 1
+                self._paths[inode] = path
+                if group is not None:
+                    self._groups[group] = inode
             self._inodes[path] = inode
-            self._paths[inode] = path
         return inode
 
     def _path(self, inode: int) -> str:
@@ -251,7 +259,7 @@ class CvmfsOperations(_OperationsBase):  # type: ignore[misc,valid-type]
                 return negative
             except Exception as exc:
                 raise self._fail(exc, f"lookup {path}") from exc
-            inode = self._inode_for(path)
+            inode = self._inode_for(path, entry)
             self._entries[inode] = entry
         assert inode is not None
         return self._attributes(inode, entry)
@@ -276,7 +284,7 @@ class CvmfsOperations(_OperationsBase):  # type: ignore[misc,valid-type]
             raise self._fail(exc, f"listdir {path or '/'}") from exc
         listing = []
         for child in children:
-            child_inode = self._inode_for(child.path)
+            child_inode = self._inode_for(child.path, child)
             self._entries.setdefault(child_inode, child)
             listing.append((_encode(child.name), self._attributes(child_inode, child)))
         fh = self._next_fh
