@@ -24,7 +24,7 @@ from cvmfs_ml.client.entries import device_number, hardlink_key
 from cvmfs_ml.client.external import ExternalSource
 from cvmfs_ml.client.fsspec import CvmfsFileSystem
 from cvmfs_ml.client.locate import open_target
-from cvmfs_ml.client.repository import Repository
+from cvmfs_ml.client.repository import CvmfsFile, Repository
 from cvmfs_ml.cvmfs.symlinks import expand_variant_symlink
 from cvmfs_ml.errors import ConfigError, UnsafeInputError
 from parity_repo import (
@@ -336,3 +336,25 @@ def test_fsspec_walks_like_os_walk(served: Nginx, parity: ParityRepo, tmp_path: 
         )
     finally:
         fs.close()
+
+
+def test_a_file_larger_than_the_cache_gets_a_read_ahead_window(
+    served: Nginx, parity: ParityRepo, tmp_path: Path
+) -> None:
+    def opened(quota: int) -> tuple[Repository, CvmfsFile]:
+        repo = Repository.connect(
+            served.repo_url(FQRN), public_key=parity.public_key, cache=tmp_path / str(quota),
+            quota_bytes=quota, external_url=f"{served.url}/cvmfs/{EXTERNAL_DIR}",
+        )  # fmt: skip
+        return repo, repo.open_file("/ext/big.bin", prefetch=True)
+
+    quota = 4 * 2**20  # the 3 MB external file is over half of it
+    repo, handle = opened(quota)
+    with repo, handle:
+        assert not handle.prefetched  # not queued whole: a window follows the reader
+        largest = max(p.size for p in handle.layout.pieces)
+        assert handle.readahead == max(repo.readahead_pieces, (quota // 8) // largest)
+        assert handle.read() == parity.original("/ext/big.bin")
+    repo, handle = opened(64 * 2**20)
+    with repo, handle:
+        assert handle.prefetched

@@ -716,14 +716,22 @@ class Repository:
         """A seekable binary file; large files are prefetched in parallel unless disabled.
 
         ``prefetch=None`` queues every piece of files of ``prefetch_min_bytes`` or more;
-        smaller (or ``prefetch=False``) files get a sequential read-ahead instead.
+        smaller (or ``prefetch=False``) files get a sequential read-ahead instead. A file that
+        cannot stay whole in the cache (over half the quota, what an eviction keeps) gets a
+        read-ahead window of an eighth of the quota instead: queued whole, its first pieces
+        would be evicted to make room for the last before they are read, and fetched twice.
         """
         entry = self.resolve(path)
         layout = self.layout(entry)
         handle = CvmfsFile(self, entry.path, layout)
         if prefetch or (prefetch is None and layout.size >= self.prefetch_min_bytes):
-            self.prefetch_layout(layout, path=entry.path)
-            handle.prefetched = True
+            quota = self.cache.quota_bytes
+            if quota is not None and layout.size > quota // 2:
+                largest = max(piece.size for piece in layout.pieces)
+                handle.readahead = max(handle.readahead, (quota // 8) // max(1, largest))
+            else:
+                self.prefetch_layout(layout, path=entry.path)
+                handle.prefetched = True
         return handle
 
     def read_bytes(self, path: str) -> bytes:
