@@ -73,7 +73,7 @@ def test_fqrn_with_config_through_squid(
     assert json.loads(info.stdout)["path"] == "/hep/tagger/1"
 
     # every request went through Squid: the origin saw only what Squid forwarded
-    through = squid.requests(expect=1)
+    through = squid.records(settle=0.2)  # the commands are done: wait for the log to settle
     assert through and all(FQRN in r.url for r in through)
     assert any(r.url.endswith("/.cvmfspublished") for r in through)
     forwarded = [r for r in through if r.contacted_upstream]
