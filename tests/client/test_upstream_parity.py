@@ -14,6 +14,7 @@ import os
 import stat
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -92,14 +93,25 @@ def test_variant_symlink_expansion(target: str, variables: dict, expanded: str) 
 
 
 # -- the client API -------------------------------------------------------------------------------
+def _external_requests(server: Nginx, expect: int, timeout: float = 10.0) -> list:
+    """The external-data requests in the access log, once ``expect`` of them are there (nginx
+    logs a request after its response went out), or what there is after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = [r for r in server.requests() if r.path.startswith(f"/cvmfs/{EXTERNAL_DIR}/")]
+        if len(found) >= expect or time.monotonic() > deadline:
+            return found
+        time.sleep(0.02)
+
+
 def test_external_files_come_from_the_external_url_with_ranges(
     repo: Repository, served: Nginx, parity: ParityRepo
 ) -> None:
     assert repo.read_bytes("/ext/big.bin") == parity.original("/ext/big.bin")
     assert repo.read_bytes("/ext/small.txt") == parity.original("/ext/small.txt")
-    external = [r for r in served.requests() if r.path.startswith(f"/cvmfs/{EXTERNAL_DIR}/")]
-    ranged = [r for r in external if r.path.endswith("/big.bin")]
     pieces = repo.layout("/ext/big.bin").pieces
+    external = _external_requests(served, len(pieces) + 1)
+    ranged = [r for r in external if r.path.endswith("/big.bin")]
     assert len(pieces) >= 3 and len(ranged) == len(pieces)
     assert {r.range for r in ranged} == {
         f"bytes={p.offset}-{p.offset + p.size - 1}" for p in pieces
