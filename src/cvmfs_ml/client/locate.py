@@ -72,7 +72,8 @@ def _upstream_reading(
 ) -> None:
     """Fill in how upstream reads entries: ``$(VAR)`` link expansion from the environment and
     the configuration (upstream exports its parameters), and ``CVMFS_EXTERNAL_URL``."""
-    options.setdefault("symlink_variables", {**env, **config.params})
+    fqrn = {"CVMFS_FQRN": config.fqrn} if config.fqrn else {}  # upstream sets it, too
+    options.setdefault("symlink_variables", {**env, **config.params, **fqrn})
     external = external_config(config.params)
     if external is not None and "external_url" not in options:
         options.setdefault("external_source", ExternalSource.from_config(external, config.fqrn))
