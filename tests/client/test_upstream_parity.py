@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import fsspec
 import pytest
 
 from cvmfs_ml.client.config import external_config
@@ -250,6 +251,15 @@ def test_fsspec_reads_aliases_externals_and_odd_entries(
         assert f"{FQRN}/hidden.txt" not in fs.ls(FQRN, detail=False)
     finally:
         fs.close()
+    # fsspec's own url_to_fs(url, ...) takes "url": storage options name the server server_url
+    options = {
+        "server_url": served.repo_url(FQRN), "public_key": str(parity.public_key),
+        "cache_storage": str(tmp_path / "cache"), "skip_instance_cache": True,
+    }  # fmt: skip
+    with fsspec.open(f"cvmfs://{FQRN}/hep/tagger/prod/tagger.onnx", "rb", **options) as f:
+        assert f.read() == want
+    with pytest.raises(ConfigError, match="not both"):
+        CvmfsFileSystem(url="http://a/cvmfs/x", server_url="http://b/cvmfs/x")
 
 
 # -- the command line -----------------------------------------------------------------------------
