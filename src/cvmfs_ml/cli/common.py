@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import json
+import os
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import wraps
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
 
+from cvmfs_ml.client.entries import device_number
 from cvmfs_ml.errors import CvmfsMlError
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -40,32 +43,69 @@ def _default_key(location: str) -> Path | None:
     """For a local repository, the master public key stored by ``repo create``."""
     if location.startswith(("http://", "https://")):
         return None
-    from cvmfs_ml.cvmfs.manifest import Manifest
-    from cvmfs_ml.publish.repository import default_keys_dir
+    from cvmfs_ml.client.locate import local_default_key
 
-    folder = Path(location)
-    try:
-        fqrn = Manifest.parse((folder / ".cvmfspublished").read_bytes()).fqrn or folder.name
-    except OSError:
-        return None
-    candidate = default_keys_dir(folder) / f"{fqrn}.pub"
-    return candidate if candidate.exists() else None
+    return local_default_key(Path(location))
 
 
-def open_repository(location: str, key: str | None, tag: str | None = None, **options: Any) -> Any:
-    from cvmfs_ml.client.repository import Repository
+def open_repository(
+    location: str,
+    key: str | os.PathLike[str] | None,
+    tag: str | None = None,
+    *,
+    config: Sequence[str | os.PathLike[str]] | None = None,
+    proxy: str | None = None,
+    cache: str | os.PathLike[str] | None = None,
+    **options: Any,
+) -> Any:
+    """Open what a reader command names: an ``http(s)://.../cvmfs/<fqrn>`` URL, a repository
+    folder, or a FQRN found through the configuration (``--config``, ``CVMFS_ML_CONFIG``).
 
-    public_key = key or _default_key(location)
-    if public_key is None:
-        raise _fail(f"no public key for {location}: pass --key <fqrn>.pub")
-    return Repository.open(location, public_key=public_key, tag=tag, **options)
+    Proxies come from ``--proxy`` or the configuration's ``CVMFS_HTTP_PROXY`` (the environment
+    included), so browsing goes through the site's Squid like a mount does. Without ``cache``
+    the objects go to a private temporary cache.
+    """
+    from cvmfs_ml.client.locate import open_target
 
+    if tag is not None:
+        options["tag"] = tag
+    s3_config = options.pop("s3_config", None)
+    if location.startswith("s3://"):  # a Stratum 0 in a bucket, read through its store
+        from cvmfs_ml.client.repository import Repository
+
+        public_key = key or _default_key(location)
+        if public_key is None:
+            raise _fail(f"no public key for {location}: pass --key <fqrn>.pub")
+        return Repository.open(location, public_key=public_key, s3_config=s3_config, **options)
+    return open_target(
+        location,
+        public_key=os.fspath(key) if key is not None else None,
+        cache=cache,
+        proxy=proxy,
+        config_files=[os.fspath(p) for p in config or ()],
+        use_config_cache=False,
+        **options,
+    )
+
+
+LOCATION_HELP = "repository: http(s)://.../cvmfs/<fqrn>, a repository folder, or a FQRN (--config)"
 
 KeyOption = Annotated[
     str | None, typer.Option("--key", help="master public key: a .pub file or a folder of them")
 ]
 TagOption = Annotated[str | None, typer.Option("--tag", help="read this tag instead of HEAD")]
 JsonOption = Annotated[bool, typer.Option("--json", help="print JSON")]
+
+
+def json_text(value: Any, **options: Any) -> str:
+    """JSON for stdout: UTF-8 as is; names that are not UTF-8 (surrogates) as ``\\udcXX``
+    escapes, which ``json.loads`` + ``os.fsencode`` turn back into the same bytes."""
+    text = json.dumps(value, ensure_ascii=False, **options)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return json.dumps(value, ensure_ascii=True, **options)
+    return text
 
 
 def _entry_json(entry: Any) -> dict[str, Any]:
@@ -83,4 +123,5 @@ def _entry_json(entry: Any) -> dict[str, Any]:
         "compressed": entry.is_compressed if entry.is_regular else None,
         "hash": entry.digest.hex if entry.digest else None,
         "nested_catalog": bool(entry.is_nested_mountpoint or entry.is_nested_root),
+        **({"size": 0, "rdev": rdev} if (rdev := device_number(entry)) else {}),
     }

@@ -13,7 +13,15 @@ from typing import Annotated, Any
 
 import typer
 
-from cvmfs_ml.cli.common import JsonOption, KeyOption, _fail, friendly, open_repository
+from cvmfs_ml.cli.client import ConfigOption, ProxyOption
+from cvmfs_ml.cli.common import (
+    LOCATION_HELP,
+    JsonOption,
+    KeyOption,
+    _fail,
+    friendly,
+    open_repository,
+)
 from cvmfs_ml.cli.s3 import S3ConfigOption, s3_params
 
 model_app = typer.Typer(no_args_is_help=True, help="Publish and browse model versions.")
@@ -162,14 +170,16 @@ def model_publish(
 @model_app.command("ls")
 @friendly
 def model_ls(
-    repo: Annotated[str, typer.Argument(help="repository folder or URL")],
+    repo: Annotated[str, typer.Argument(help=LOCATION_HELP)],
     key: KeyOption = None,
+    config: ConfigOption = None,
+    proxy: ProxyOption = None,
     as_json: JsonOption = False,
 ) -> None:
     """List every model version (from the repository's index)."""
     from cvmfs_ml.models.publish import list_models
 
-    with open_repository(repo, key) as repository:
+    with open_repository(repo, key, config=config, proxy=proxy) as repository:
         records = list_models(repository)
     if as_json:
         typer.echo(json.dumps([_row(r) for r in records], ensure_ascii=False))
@@ -197,16 +207,18 @@ def model_ls(
 @model_app.command("info")
 @friendly
 def model_info_cmd(
-    repo: Annotated[str, typer.Argument(help="repository folder or URL")],
+    repo: Annotated[str, typer.Argument(help=LOCATION_HELP)],
     ref: Annotated[str, typer.Argument(help="NAMESPACE/NAME[:VERSION or alias] (default latest)")],
     key: KeyOption = None,
+    config: ConfigOption = None,
+    proxy: ProxyOption = None,
     as_json: JsonOption = False,
 ) -> None:
     """Show one version's model.json: files, hashes, formats, source, aliases."""
     from cvmfs_ml.models.publish import model_info
 
     parsed = _ref(ref)
-    with open_repository(repo, key) as repository:
+    with open_repository(repo, key, config=config, proxy=proxy) as repository:
         record = model_info(repository, parsed)
     if as_json:
         typer.echo(json.dumps(record.info(), ensure_ascii=False))
@@ -289,14 +301,16 @@ def model_alias(
 @model_app.command("check")
 @friendly
 def model_check(
-    repo: Annotated[str, typer.Argument(help="repository folder or URL")],
+    repo: Annotated[str, typer.Argument(help=LOCATION_HELP)],
     key: KeyOption = None,
+    config: ConfigOption = None,
+    proxy: ProxyOption = None,
     as_json: JsonOption = False,
 ) -> None:
     """Compare the index with the tree (versions, model.json, aliases); exit 1 on a mismatch."""
     from cvmfs_ml.models.layout import check_layout
 
-    with open_repository(repo, key) as repository:
+    with open_repository(repo, key, config=config, proxy=proxy) as repository:
         problems = check_layout(repository)
     if as_json:
         typer.echo(json.dumps({"ok": not problems, "problems": problems}))

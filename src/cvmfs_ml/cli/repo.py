@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
+import os
 import stat
 import sys
 from pathlib import Path
@@ -11,16 +13,21 @@ from typing import Annotated
 
 import typer
 
+from cvmfs_ml.cli.client import ConfigOption, ProxyOption
 from cvmfs_ml.cli.common import (
+    LOCATION_HELP,
     JsonOption,
     KeyOption,
     TagOption,
     _entry_json,
     _fail,
     friendly,
+    json_text,
     open_repository,
 )
 from cvmfs_ml.cli.s3 import S3ConfigOption, s3_params
+from cvmfs_ml.client.entries import device_number
+from cvmfs_ml.errors import CvmfsMlError
 
 repo_app = typer.Typer(no_args_is_help=True, help="Create, publish and inspect repositories.")
 
@@ -145,16 +152,19 @@ def repo_rm(
 @repo_app.command("check")
 @friendly
 def repo_check(
-    repo: Annotated[str, typer.Argument(help="repository folder or URL")],
+    repo: Annotated[str, typer.Argument(help=LOCATION_HELP)],
     key: KeyOption = None,
     s3_config: S3ConfigOption = None,
+    config: ConfigOption = None,
+    proxy: ProxyOption = None,
     no_data: Annotated[bool, typer.Option("--no-data", help="skip hashing data objects")] = False,
     as_json: JsonOption = False,
 ) -> None:
     """Verify signatures, catalogs, counters and every referenced object; exit 1 on a defect."""
     from cvmfs_ml.client.check import check_repository
 
-    with open_repository(repo, key, s3_config=s3_params(s3_config)) as repository:
+    with open_repository(repo, key, config=config, proxy=proxy,
+                         s3_config=s3_params(s3_config)) as repository:
         report = check_repository(repository, data=not no_data)
     if as_json:
         typer.echo(
@@ -181,17 +191,25 @@ def repo_check(
 @repo_app.command("ls")
 @friendly
 def repo_ls(
-    repo: Annotated[str, typer.Argument(help="repository folder or URL")],
+    repo: Annotated[str, typer.Argument(help=LOCATION_HELP)],
     path: Annotated[str, typer.Argument()] = "/",
     recursive: Annotated[bool, typer.Option("-R", "--recursive")] = False,
     key: KeyOption = None,
     s3_config: S3ConfigOption = None,
+    config: ConfigOption = None,
+    proxy: ProxyOption = None,
     tag: TagOption = None,
     as_json: JsonOption = False,
 ) -> None:
-    """List a directory (or describe a file)."""
-    with open_repository(repo, key, tag, s3_config=s3_params(s3_config)) as repository:
-        entry = repository.stat(path)
+    """List a directory (or describe a file); links on the way are followed, as ``ls`` does."""
+    with open_repository(repo, key, tag, config=config, proxy=proxy,
+                         s3_config=s3_params(s3_config)) as repository:
+        entry = repository.lookup(path)
+        if entry.is_symlink:
+            with contextlib.suppress(CvmfsMlError, OSError):
+                target = repository.resolve(path)
+                entry = target if target.is_dir else entry
+        path = entry.path
         if not entry.is_dir:
             entries = [entry]
         elif recursive:
@@ -199,50 +217,57 @@ def repo_ls(
         else:
             entries = repository.listdir(path)
         if as_json:
-            typer.echo(json.dumps([_entry_json(e) for e in entries], ensure_ascii=False))
+            typer.echo(json_text([_entry_json(e) for e in entries]))
             return
         for e in entries:
             target = f" -> {e.symlink}" if e.is_symlink else ""
-            kind = "d" if e.is_dir else "l" if e.is_symlink else "-"
+            kind = stat.filemode(e.mode)[0]  # d l - c b p s, as ls shows them
+            rdev = device_number(e)
+            size = f"{os.major(rdev)}, {os.minor(rdev)}" if rdev else str(e.size)
             name = e.path if recursive else (e.name or e.path)
-            typer.echo(f"{kind}{stat.S_IMODE(e.mode):04o} {e.size:>12} {name}{target}")
+            typer.echo(f"{kind}{stat.S_IMODE(e.mode):04o} {size:>12} {name}{target}")
 
 
 @repo_app.command("stat")
 @friendly
 def repo_stat(
-    repo: Annotated[str, typer.Argument()],
+    repo: Annotated[str, typer.Argument(help=LOCATION_HELP)],
     path: Annotated[str, typer.Argument()],
     key: KeyOption = None,
     s3_config: S3ConfigOption = None,
+    config: ConfigOption = None,
+    proxy: ProxyOption = None,
     tag: TagOption = None,
 ) -> None:
-    """Print one entry as JSON, with its chunks."""
-    with open_repository(repo, key, tag, s3_config=s3_params(s3_config)) as repository:
-        entry = repository.stat(path)
+    """Print one entry as JSON, with its chunks (links in its folders followed)."""
+    with open_repository(repo, key, tag, config=config, proxy=proxy,
+                         s3_config=s3_params(s3_config)) as repository:
+        entry = repository.lookup(path)
         info = _entry_json(entry)
         if entry.is_regular:
             layout = repository.layout(entry)
             info["pieces"] = [
                 {"offset": p.offset, "size": p.size, "hash": p.digest.hex} for p in layout.pieces
             ]
-        typer.echo(json.dumps(info, ensure_ascii=False, indent=2))
+        typer.echo(json_text(info, indent=2))
 
 
 @repo_app.command("cat")
 @friendly
 def repo_cat(
-    repo: Annotated[str, typer.Argument()],
+    repo: Annotated[str, typer.Argument(help=LOCATION_HELP)],
     path: Annotated[str, typer.Argument()],
     key: KeyOption = None,
     s3_config: S3ConfigOption = None,
+    config: ConfigOption = None,
+    proxy: ProxyOption = None,
     tag: TagOption = None,
 ) -> None:
     """Write a file's bytes to stdout."""
-    with (
-        open_repository(repo, key, tag, s3_config=s3_params(s3_config)) as repository,
-        repository.open(path) as handle,
-    ):
+    repository = open_repository(
+        repo, key, tag, config=config, proxy=proxy, s3_config=s3_params(s3_config)
+    )
+    with repository, repository.open_file(path) as handle:
         out = sys.stdout.buffer
         while block := handle.read(4 * 2**20):
             out.write(block)
@@ -252,13 +277,16 @@ def repo_cat(
 @repo_app.command("tags")
 @friendly
 def repo_tags(
-    repo: Annotated[str, typer.Argument()],
+    repo: Annotated[str, typer.Argument(help=LOCATION_HELP)],
     key: KeyOption = None,
     s3_config: S3ConfigOption = None,
+    config: ConfigOption = None,
+    proxy: ProxyOption = None,
     as_json: JsonOption = False,
 ) -> None:
     """List tags (named revisions)."""
-    with open_repository(repo, key, s3_config=s3_params(s3_config)) as repository:
+    with open_repository(repo, key, config=config, proxy=proxy,
+                         s3_config=s3_params(s3_config)) as repository:
         tags = sorted(repository.tags(), key=lambda t: (t.revision, t.name))
     if as_json:
         typer.echo(
@@ -284,20 +312,21 @@ def repo_tags(
 @repo_app.command("diff")
 @friendly
 def repo_diff(
-    repo: Annotated[str, typer.Argument()],
+    repo: Annotated[str, typer.Argument(help=LOCATION_HELP)],
     old: Annotated[str, typer.Argument(help="tag of the old side")],
     new: Annotated[str, typer.Argument(help="tag of the new side")] = "trunk",
     key: KeyOption = None,
     s3_config: S3ConfigOption = None,
+    config: ConfigOption = None,
+    proxy: ProxyOption = None,
     as_json: JsonOption = False,
 ) -> None:
     """Paths added (+), removed (-) and changed (M) between two tags."""
     from cvmfs_ml.client.diff import diff_trees
 
-    with (
-        open_repository(repo, key, old, s3_config=s3_params(s3_config)) as a,
-        open_repository(repo, key, new, s3_config=s3_params(s3_config)) as b,
-    ):
+    s3 = s3_params(s3_config)
+    a = open_repository(repo, key, old, config=config, proxy=proxy, s3_config=s3)
+    with a, open_repository(repo, key, new, config=config, proxy=proxy, s3_config=s3) as b:
         changes = diff_trees(a, b)
     if as_json:
         typer.echo(json.dumps([{"change": c, "path": p} for c, p in changes]))

@@ -31,6 +31,8 @@ from cvmfs_ml.errors import ConfigError
 __all__ = [
     "DIRECT",
     "ClientConfig",
+    "ExternalConfig",
+    "external_config",
     "load_config",
     "parse_config_text",
     "parse_proxy_list",
@@ -282,10 +284,15 @@ def parse_proxy_list(value: str, key: str = "CVMFS_HTTP_PROXY") -> list[list[str
     return groups
 
 
-def _proxy_groups(params: Mapping[str, str]) -> list[list[str]]:
-    """The proxy chain after ``CVMFS_FALLBACK_PROXY`` (download.cc ``SetProxyChain``)."""
-    regular = parse_proxy_list(params.get("CVMFS_HTTP_PROXY", ""))
-    fallback = parse_proxy_list(params.get("CVMFS_FALLBACK_PROXY", ""), "CVMFS_FALLBACK_PROXY")
+def _proxy_groups(
+    params: Mapping[str, str],
+    key: str = "CVMFS_HTTP_PROXY",
+    fallback_key: str = "CVMFS_FALLBACK_PROXY",
+) -> list[list[str]]:
+    """The proxy chain after ``CVMFS_FALLBACK_PROXY`` (download.cc ``SetProxyChain``); the
+    ``CVMFS_EXTERNAL_`` pair for external data is built the same way."""
+    regular = parse_proxy_list(params.get(key, ""), key)
+    fallback = parse_proxy_list(params.get(fallback_key, ""), fallback_key)
     fallback = [[p for p in g if p != DIRECT] for g in fallback]
     fallback = [g for g in fallback if g]
     if fallback:
@@ -358,6 +365,32 @@ def _default_cache_base(env: Mapping[str, str]) -> Path:
 
 
 # --------------------------------------------------------------------------- loading
+
+
+@dataclass(frozen=True)
+class ExternalConfig:
+    """Where external files (catalog flag 128) come from: upstream's ``CVMFS_EXTERNAL_*``."""
+
+    urls: str
+    proxy_groups: list[list[str]]
+    timeout: float = 5.0
+    timeout_direct: float = 10.0
+
+
+def external_config(params: Mapping[str, str]) -> ExternalConfig | None:
+    """``CVMFS_EXTERNAL_URL`` with its proxies (``CVMFS_EXTERNAL_HTTP_PROXY``, then
+    ``CVMFS_EXTERNAL_FALLBACK_PROXY``) and ``CVMFS_EXTERNAL_TIMEOUT(_DIRECT)``; None if unset."""
+    urls = params.get("CVMFS_EXTERNAL_URL", "").strip()
+    if not urls:
+        return None
+    return ExternalConfig(
+        urls=urls,
+        proxy_groups=_proxy_groups(
+            params, "CVMFS_EXTERNAL_HTTP_PROXY", "CVMFS_EXTERNAL_FALLBACK_PROXY"
+        ),
+        timeout=_number(params, "CVMFS_EXTERNAL_TIMEOUT", 5.0, 0.001),
+        timeout_direct=_number(params, "CVMFS_EXTERNAL_TIMEOUT_DIRECT", 10.0, 0.001),
+    )
 
 
 def upstream_config_files(fqrn: str | None, etc_dir: Path = Path("/etc/cvmfs")) -> list[Path]:

@@ -165,6 +165,7 @@ class _Job:
     retries_left: int
     backoff: float = 0.0
     attempts: list[tuple[str, str, str]] = field(default_factory=list)
+    byte_range: tuple[int, int] | None = None  # [first, last] byte of an HTTP Range request
 
 
 class Fetcher:
@@ -308,6 +309,7 @@ class Fetcher:
         fileobj: BinaryIO | _Sink,
         *,
         nocache: bool = False,
+        byte_range: tuple[int, int] | None = None,
     ) -> int:
         """Stream the (verified, inflated) content into ``fileobj``; return the bytes written.
 
@@ -315,9 +317,11 @@ class Fetcher:
         file is rewound to where it started and truncated, so ``fileobj`` must be seekable for
         retries to work (:meth:`cvmfs_ml.client.cache.ObjectCache.put_stream` gives such a file).
         On :class:`~cvmfs_ml.errors.DownloadError` the file holds no trusted data.
+        ``byte_range=(first, last)`` asks for those bytes only (HTTP ``Range``, as upstream
+        fetches chunks of external files); a server that answers with the whole file fails.
         """
         sink = _FileSink(fileobj)
-        self._run(rel_path, expected, compressed, sink, sink.reset, nocache)
+        self._run(rel_path, expected, compressed, sink, sink.reset, nocache, byte_range)
         return sink.written
 
     def close(self) -> None:
@@ -343,9 +347,11 @@ class Fetcher:
         sink: _Sink,
         reset: Callable[[], None],
         nocache: bool,
+        byte_range: tuple[int, int] | None = None,
     ) -> None:
         rel = _clean_rel_path(rel_path)
         job = _Job(rel, expected, compressed, sink, reset, nocache, self.max_retries)
+        job.byte_range = byte_range
         for n_host, host_index in enumerate(self._host_order()):
             url = f"{self._hosts[host_index]}/{rel}"
             if n_host:
@@ -418,6 +424,8 @@ class Fetcher:
         if nocache:
             headers["Pragma"] = "no-cache"
             headers["Cache-Control"] = "no-cache"
+        if job.byte_range is not None:
+            headers["Range"] = f"bytes={job.byte_range[0]}-{job.byte_range[1]}"
         seconds = self.timeout if proxy != DIRECT else self.timeout_direct
         self._counters.add("requests")
         try:
@@ -437,6 +445,8 @@ class Fetcher:
             raise _Failure(transfer, _describe(exc)) from exc
         try:
             _check_status(response, proxy)
+            if job.byte_range is not None and response.status != 206:
+                raise _Failure(_Kind.HOST, f"HTTP {response.status}: the server ignored Range")
             self._read_body(response, transfer, job)
         finally:
             _finish(response)

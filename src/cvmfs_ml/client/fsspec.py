@@ -10,15 +10,19 @@ keys, cache: :func:`cvmfs_ml.client.locate.open_target`), or from storage option
 instance's own repository::
 
     fsspec.open("cvmfs://models.example.org/onnx/resnet/1/model.onnx")         # configuration
-    fsspec.filesystem("cvmfs", url="http://s1.example.org/cvmfs/models.example.org",
-                      public_key="/etc/cvmfs/keys/models.example.org.pub", cache="/tmp/c")
+    fsspec.filesystem("cvmfs", server_url="http://s1.example.org/cvmfs/models.example.org",
+                      public_key="/etc/cvmfs/keys/models.example.org.pub",
+                      cache_storage="/tmp/c")
 
 fsspec caches instances by their constructor arguments, so an instance is fully defined by
 them: repositories are opened lazily, on first use, from those arguments alone (and pickling
 an instance re-creates it from them). Files open as buffered views of
 :class:`~cvmfs_ml.client.repository.CvmfsFile`: seeks are free, reads go to the local object
 cache, and large files are prefetched in parallel when opened (``prefetch=False`` turns that
-off, e.g. to read only a footer).
+off, e.g. to read only a footer, leaving a read-ahead of a few pieces). No read holds more than
+what it asked for: a whole-file ``read()`` or ``cat`` holds the file once. Paths follow links
+in every component (aliases); ``walk``/``find`` list links to folders without entering them.
+User guide: docs/fsspec.md.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from typing import Any
 
 from fsspec.spec import AbstractFileSystem
 
+from cvmfs_ml.client.entries import device_number
 from cvmfs_ml.client.locate import open_target, target_fqrn
 from cvmfs_ml.client.repository import CvmfsFile, Repository
 from cvmfs_ml.cvmfs.catalog import DirectoryEntry
@@ -70,19 +75,23 @@ class CvmfsBufferedFile(io.BufferedReader):
 class CvmfsFileSystem(AbstractFileSystem):
     """Read-only fsspec filesystem over CernVM-FS repositories (protocol ``cvmfs``).
 
-    Parameters (all optional, all part of the instance's identity):
+    Parameters (all optional, all part of the instance's identity; docs/fsspec.md):
 
-    ``fqrn``        the repository ``url``/``public_key``/``cache``/``proxy`` apply to
-                    (taken from ``url`` when not given)
-    ``url``         its location: ``http(s)://host/cvmfs/<fqrn>`` (``;`` list) or a local
-                    repository folder; without it the configuration's ``CVMFS_SERVER_URL``
-    ``public_key``  its master key file or folder (default: configuration's keys)
-    ``cache``       object cache folder (default: configuration's ``CVMFS_CACHE_BASE``)
-    ``proxy``       upstream proxy syntax (``"http://p1:3128|http://p2:3128;DIRECT"``)
-    ``config``      client configuration file(s) in upstream's syntax
-    ``tag``         read this tag instead of the newest revision
-    ``prefetch``    ``None``: prefetch files of 32 MiB or more when opened; ``True``/``False``
-    ``server_url``  the same as ``url`` (``fsspec.core.url_to_fs`` has its own ``url``)
+    ``fqrn``          the repository ``server_url``/``public_key``/``proxy`` apply to
+                      (taken from ``server_url`` when not given)
+    ``server_url``    its location: ``http(s)://host/cvmfs/<fqrn>`` (``;`` list) or a local
+                      repository folder; without it the configuration's ``CVMFS_SERVER_URL``
+    ``public_key``    its master key file or folder (default: configuration's keys)
+    ``cache_storage`` object cache folder (fsspec's name for a local cache; ``cache`` is the
+                      same); default: the configuration's ``CVMFS_CACHE_BASE`` or a private one
+    ``proxy``         upstream proxy syntax (``"http://p1:3128|http://p2:3128;DIRECT"``)
+    ``config``        client configuration file(s) in upstream's syntax
+    ``tag``           read this tag instead of the newest revision
+    ``prefetch``      ``None``: prefetch files of 32 MiB or more when opened; ``True``/``False``
+    ``block_size``    the read buffer of opened files (default 1 MiB)
+    ``external_url``  ``CVMFS_EXTERNAL_URL`` for external files
+    ``url``           the same as ``server_url``; it cannot be passed through
+                      ``fsspec.open(..., url=...)`` (``url_to_fs`` has its own ``url``)
     """
 
     protocol = "cvmfs"
@@ -99,14 +108,24 @@ class CvmfsFileSystem(AbstractFileSystem):
         tag: str | None = None,
         prefetch: bool | None = None,
         server_url: str | None = None,
+        cache_storage: str | None = None,
+        block_size: int | None = None,
+        external_url: str | None = None,
         **storage_options: Any,
     ) -> None:
         super().__init__(**storage_options)
+        if url is not None and server_url is not None and url != server_url:
+            raise ConfigError("cvmfs: give server_url or url, not both")
         url = url if url is not None else server_url
+        if cache is not None and cache_storage is not None and cache != cache_storage:
+            raise ConfigError("cvmfs: give cache_storage or cache, not both")
+        cache = cache if cache is not None else cache_storage
         self.url = os.fspath(url) if url is not None else None
         self.fqrn = fqrn or (target_fqrn(self.url) if self.url else None)
         self.public_key = os.fspath(public_key) if public_key is not None else None
         self.cache = os.fspath(cache) if cache is not None else None
+        self.block_size = block_size if block_size and block_size > 0 else _DEFAULT_BLOCK
+        self.external_url = external_url
         self.proxy = proxy
         self.config_files = [config] if isinstance(config, (str, os.PathLike)) else config or []
         self.tag = tag
@@ -169,6 +188,7 @@ class CvmfsFileSystem(AbstractFileSystem):
                     proxy=self.proxy if own else None,
                     config_files=self.config_files,
                     tag=self.tag if own else None,
+                    **({"external_url": self.external_url} if own and self.external_url else {}),
                 )
             except ConfigError as exc:
                 raise FileNotFoundError(
@@ -234,7 +254,8 @@ class CvmfsFileSystem(AbstractFileSystem):
         elif entry.is_dir:
             info["size"] = 0
         elif not entry.is_regular:
-            info["type"] = "other"
+            # devices keep their dev_t in the size column; they have no bytes (§4.3)
+            info.update(type="other", size=0, rdev=device_number(entry))
         return info
 
     def info(self, path: str, **kwargs: Any) -> dict[str, Any]:
@@ -242,7 +263,9 @@ class CvmfsFileSystem(AbstractFileSystem):
         if not fqrn:
             return {"name": "", "size": 0, "type": "directory"}
         repo = self.repository(fqrn)
-        return self._describe(fqrn, repo, repo.stat(rel))
+        info = self._describe(fqrn, repo, repo.lookup(rel))
+        info["name"] = f"{fqrn}/{rel}".rstrip("/")  # the name asked for, even through a link
+        return info
 
     def ls(self, path: str, detail: bool = True, **kwargs: Any) -> list[Any]:
         fqrn, rel = self._split(path)
@@ -253,14 +276,32 @@ class CvmfsFileSystem(AbstractFileSystem):
         repo = self.repository(fqrn)
         entry = repo.resolve(rel)
         if not entry.is_dir:
-            infos = [self._describe(fqrn, repo, repo.stat(rel))]
+            infos = [self.info(f"{fqrn}/{rel}")]
         else:
             infos = [self._describe(fqrn, repo, e) for e in repo.listdir(entry.path)]
             if entry.path != repo._normalise(rel):  # listed through a link: keep its name
                 prefix = f"{fqrn}/{rel}".rstrip("/")
                 for info in infos:
                     info["name"] = f"{prefix}/{info['name'].rsplit('/', 1)[-1]}"
+        if not kwargs.get("enter_links", True):
+            for info in infos:
+                if info.get("islink") and info["type"] == "directory":
+                    info["type"] = "other"  # listed, not entered (see walk)
         return infos if detail else [i["name"] for i in infos]
+
+    def walk(
+        self,
+        path: str,
+        maxdepth: int | None = None,
+        topdown: bool = True,
+        on_error: str = "omit",
+        **kwargs: Any,
+    ) -> Any:
+        """fsspec's walk (and so ``find``, ``du``, ``get(recursive=True)``), as ``os.walk``
+        does it: links to folders are listed but not entered. An alias (``prod -> 1``) would
+        otherwise list a version once per alias, and a link to a parent would never end."""
+        kwargs.setdefault("enter_links", False)
+        return super().walk(path, maxdepth=maxdepth, topdown=topdown, on_error=on_error, **kwargs)
 
     def exists(self, path: str, **kwargs: Any) -> bool:
         try:
@@ -302,7 +343,7 @@ class CvmfsFileSystem(AbstractFileSystem):
             raise IsADirectoryError(errno.EISDIR, "is a directory", path)
         repo = self.repository(fqrn)
         raw = repo.open_file(rel, prefetch=self.prefetch if prefetch is None else prefetch)
-        size = block_size if block_size and block_size > 0 else _DEFAULT_BLOCK
+        size = block_size if block_size and block_size > 0 else self.block_size
         return CvmfsBufferedFile(raw, self, self._strip_protocol(path), size)
 
     def cat_file(

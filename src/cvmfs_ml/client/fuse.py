@@ -48,6 +48,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from cvmfs_ml.client.entries import device_number, hardlink_key
 from cvmfs_ml.client.fuse_live import LiveUpdates, TreeChanges, entry_name
 from cvmfs_ml.client.mount_control import (
     CONTROL_XATTRS,
@@ -161,6 +162,7 @@ class CvmfsOperations(_OperationsBase):  # type: ignore[misc,valid-type]
         self._limiter = trio.CapacityLimiter(max(2, workers))
         self._paths: dict[int, str] = {pyfuse3.ROOT_INODE: ""}
         self._inodes: dict[str, int] = {"": pyfuse3.ROOT_INODE}
+        self._groups: dict[tuple[str, int], int] = {}
         self._entries: dict[int, DirectoryEntry] = {}
         self._next_inode = pyfuse3.ROOT_INODE + 1
         self._files: dict[int, CvmfsFile] = {}
@@ -210,13 +212,20 @@ class CvmfsOperations(_OperationsBase):  # type: ignore[misc,valid-type]
             log.debug("%s: %s", what, exc)
         return self._fuse.FUSEError(code)
 
-    def _inode_for(self, path: str) -> int:
+    def _inode_for(self, path: str, entry: DirectoryEntry | None = None) -> int:
+        """The inode of ``path``; members of a hard-link group share one, as upstream's do
+        (groups are per directory, so the folder and the group number name it)."""
         inode = self._inodes.get(path)
         if inode is None:
-            inode = self._next_inode
-            self._next_inode += 1
+            group = hardlink_key(entry) if entry is not None else None
+            inode = self._groups.get(group) if group is not None else None
+            if inode is None:
+                inode = self._next_inode
+                self._next_inode += 1
+                self._paths[inode] = path
+                if group is not None:
+                    self._groups[group] = inode
             self._inodes[path] = inode
-            self._paths[inode] = path
         return inode
 
     def _path(self, inode: int) -> str:
@@ -246,8 +255,8 @@ class CvmfsOperations(_OperationsBase):  # type: ignore[misc,valid-type]
         attr.st_nlink = max(1, entry.linkcount)
         attr.st_uid = entry.uid
         attr.st_gid = entry.gid
-        attr.st_rdev = 0
-        size = entry.size
+        attr.st_rdev = device_number(entry)
+        size = 0 if attr.st_rdev else entry.size  # a device's size column holds its dev_t
         if entry.is_symlink:
             size = len(_encode(entry.symlink))
         attr.st_size = size
@@ -276,7 +285,7 @@ class CvmfsOperations(_OperationsBase):  # type: ignore[misc,valid-type]
                 return self._negative(parent_inode, path)
             except Exception as exc:
                 raise self._fail(exc, f"lookup {path}") from exc
-            inode = self._inode_for(path)
+            inode = self._inode_for(path, entry)
             self._entries[inode] = entry
         assert inode is not None
         return self._attributes(inode, entry)
@@ -344,7 +353,7 @@ class CvmfsOperations(_OperationsBase):  # type: ignore[misc,valid-type]
         self.counters.dir_opens += 1
         listing = []
         for child in children:
-            child_inode = self._inode_for(child.path)
+            child_inode = self._inode_for(child.path, child)
             self._entries.setdefault(child_inode, child)
             listing.append((_encode(child.name), self._attributes(child_inode, child)))
         fh = self._next_fh
@@ -396,7 +405,7 @@ class CvmfsOperations(_OperationsBase):  # type: ignore[misc,valid-type]
             ).encode()
             magic[b"user.compression"] = lambda: b"zlib" if layout.compressed else b"none"
         if entry.is_symlink:
-            magic[b"user.rawlink"] = lambda: _encode(entry.symlink)
+            magic[b"user.rawlink"] = lambda: _encode(repo.raw_readlink(entry.path))
         return magic
 
     async def listxattr(self, inode: int, ctx: Any = None) -> list[bytes]:

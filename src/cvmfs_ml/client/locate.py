@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from cvmfs_ml.client.cache import ObjectCache
-from cvmfs_ml.client.config import ClientConfig, load_config, parse_proxy_list
+from cvmfs_ml.client.config import ClientConfig, external_config, load_config, parse_proxy_list
+from cvmfs_ml.client.external import ExternalSource
 from cvmfs_ml.client.repository import Repository
 from cvmfs_ml.client.session import max_ttl_seconds, pinned_revision
 from cvmfs_ml.cvmfs.keys import load_public_keys
@@ -67,6 +68,18 @@ def _cache_for(
     return None
 
 
+def _upstream_reading(
+    options: dict[str, Any], config: ClientConfig, env: Mapping[str, str]
+) -> None:
+    """Fill in how upstream reads entries: ``$(VAR)`` link expansion from the environment and
+    the configuration (upstream exports its parameters), and ``CVMFS_EXTERNAL_URL``."""
+    fqrn = {"CVMFS_FQRN": config.fqrn} if config.fqrn else {}  # upstream sets it, too
+    options.setdefault("symlink_variables", {**env, **config.params, **fqrn})
+    external = external_config(config.params)
+    if external is not None and "external_url" not in options:
+        options.setdefault("external_source", ExternalSource.from_config(external, config.fqrn))
+
+
 def open_target(
     target: str,
     *,
@@ -97,6 +110,8 @@ def open_target(
     object_cache = _cache_for(cache, config if (use_config_cache or cache is not None) else None)
     if config is not None and options.get("root_hash") is None and options.get("tag") is None:
         options.update(pinned_revision(config.params))  # CVMFS_ROOT_HASH, CVMFS_REPOSITORY_TAG
+    if config is not None:
+        _upstream_reading(options, config, env)
 
     if is_url(target) or local:
         key: Any = public_key

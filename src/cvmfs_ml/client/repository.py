@@ -24,7 +24,7 @@ import posixpath
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,8 +33,10 @@ from urllib.parse import urlsplit
 
 from cvmfs_ml.client.cache import ObjectCache
 from cvmfs_ml.client.config import DIRECT, parse_proxy_list, parse_server_urls
+from cvmfs_ml.client.entries import listed, present, resolve_path
+from cvmfs_ml.client.external import ExternalSource, external_unset
 from cvmfs_ml.client.prefetch import Fetched, Prefetcher
-from cvmfs_ml.cvmfs.catalog import Catalog, Chunk, DirectoryEntry
+from cvmfs_ml.cvmfs.catalog import Catalog, Chunk, DirectoryEntry, Flag
 from cvmfs_ml.cvmfs.hashing import Digest
 from cvmfs_ml.cvmfs.history import HistoryDb, Tag
 from cvmfs_ml.cvmfs.keys import load_public_keys
@@ -53,8 +55,6 @@ from cvmfs_ml.errors import (
 )
 
 __all__ = ["CvmfsFile", "FileLayout", "ObjectSource", "Repository"]
-
-_MAX_SYMLINK_DEPTH = 32
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +94,7 @@ class FileLayout:
     compressed: bool
     pieces: tuple[Chunk, ...]  # a whole-file object is one piece at offset 0
     chunked: bool = False  # pieces are ``P`` objects
+    external: str | None = None  # repository path of an external file (flag 128)
 
     @property
     def kind(self) -> ObjectKind:
@@ -142,8 +143,23 @@ class Repository:
         prefetch_workers: int = 8,
         prefetch_min_bytes: int = 32 * 2**20,
         tracer: Any = None,
+        symlink_variables: Mapping[str, str] | None = None,
+        external_url: str | None = None,
+        external_proxy: str | None = None,
+        external_source: ExternalSource | None = None,
     ) -> None:
         self.source = source
+        self.symlink_variables: Mapping[str, str] = (
+            os.environ if symlink_variables is None else symlink_variables
+        )
+        """What ``$(VAR)`` in link targets expands from (upstream: the client's environment,
+        which holds its configuration parameters too)."""
+        self.external_url = external_url
+        """``CVMFS_EXTERNAL_URL``: where external files (flag 128) are fetched from."""
+        self.external_proxy = external_proxy
+        self._external: ExternalSource | None = external_source
+        """The external-file fetcher: given (from the configuration), or made from
+        ``external_url`` and ``external_proxy`` on first use."""
         self.fqrn = fqrn
         self._public_keys = list(public_keys)
         if cache is None:
@@ -260,6 +276,8 @@ class Repository:
                 for catalog in catalogs.values():
                     catalog.close()
                 catalogs.clear()
+        if self._external is not None:
+            self._external.close()
         for resource in self._owned:
             close = getattr(resource, "close", None)
             if close is not None:
@@ -514,13 +532,18 @@ class Repository:
         return self._object_traced(digest, kind, compressed)[0]
 
     def _object_traced(
-        self, digest: Digest, kind: ObjectKind, compressed: bool
+        self,
+        digest: Digest,
+        kind: ObjectKind,
+        compressed: bool,
+        fetch_into: Callable[[BinaryIO], int] | None = None,
     ) -> tuple[Path, str, int]:
         """:meth:`_object` and how it was served, for tracing: ``(path, how, net_bytes)``.
 
         ``how`` is ``"hit"`` (in the cache), ``"fetch"`` (this call fetched it; ``net_bytes``
         came over the network or out of the store) or ``"wait"`` (another thread was fetching
-        it and this call waited for that fetch).
+        it and this call waited for that fetch). ``fetch_into`` streams the object into a
+        sink from somewhere other than the source's ``data/`` (external files).
         """
         path = self.cache.get_path(digest)
         if path is not None:
@@ -539,13 +562,17 @@ class Repository:
         try:
             rel = object_path(digest, kind)
             with self.cache.put_stream(digest) as sink:
-                written = self.source.fetch_into(rel, digest, compressed, sink)
+                if fetch_into is None:
+                    written = self.source.fetch_into(rel, digest, compressed, sink)
+                else:
+                    written = fetch_into(sink)
             # Just committed (verified while it streamed): no second lookup needed.
             path = sink.committed_path or self.cache.get_path(digest)
             if path is None:
                 raise IntegrityError(f"cache entry {digest.hex}", "stored", "missing")
             future.set_result(path)
-            return path, "fetch", self._network_bytes(rel, written)
+            net = self._network_bytes(rel, written) if fetch_into is None else written
+            return path, "fetch", net
         except BaseException as exc:
             future.set_exception(exc)
             raise
@@ -613,7 +640,7 @@ class Repository:
         entry = self._catalog_for(path).lookup(path)
         if entry is None:
             raise NotFoundError(path or "/", self.fqrn)
-        return entry
+        return present(entry, self.symlink_variables)
 
     def exists(self, path: str) -> bool:
         try:
@@ -627,7 +654,8 @@ class Repository:
         entry = self.stat(path)
         if not entry.is_dir:
             raise NotADirectoryError(20, "not a directory", path)
-        return self._catalog_for(path, for_listing=True).listing(path)
+        entries = listed(self._catalog_for(path, for_listing=True).listing(path))
+        return [present(e, self.symlink_variables) for e in entries]
 
     def walk(self, path: str = "") -> Iterator[DirectoryEntry]:
         """Every entry below ``path`` (depth first, names sorted), crossing nested catalogs."""
@@ -639,22 +667,44 @@ class Repository:
             stack.extend(e.path for e in reversed(entries) if e.is_dir)
 
     def readlink(self, path: str) -> str:
+        """A link's target as a mount shows it: variant links expanded, absolute ones as is."""
         entry = self.stat(path)
         if not entry.is_symlink:
             raise OSError(22, "not a symlink", path)
         return entry.symlink
 
-    def resolve(self, path: str) -> DirectoryEntry:
-        """``stat`` following symlinks that stay inside the repository."""
+    def raw_readlink(self, path: str) -> str:
+        """A link's target as stored, ``$(VAR)`` unexpanded (upstream's ``user.rawlink``)."""
         path = self._normalise(path)
-        for _ in range(_MAX_SYMLINK_DEPTH):
+        entry = self._catalog_for(path).lookup(path)
+        if entry is None:
+            raise NotFoundError(path or "/", self.fqrn)
+        if not entry.is_symlink:
+            raise OSError(22, "not a symlink", path)
+        return entry.symlink
+
+    def lookup(self, path: str) -> DirectoryEntry:
+        """The entry at ``path`` with links in its folders followed, not the last one (lstat)."""
+        path = self._normalise(path)
+        try:
+            return self.stat(path)
+        except NotFoundError:
+            return resolve_path(self.stat, path, self.fqrn, follow_last=False)
+
+    def resolve(self, path: str) -> DirectoryEntry:
+        """``stat`` following symlinks in every component (aliases such as ``prod -> 1``).
+
+        Targets are followed the way a mount at ``/cvmfs/<fqrn>`` follows them; a link that
+        leads outside the repository raises :class:`~cvmfs_ml.errors.UnsafeInputError`.
+        """
+        path = self._normalise(path)
+        try:
             entry = self.stat(path)
-            if not entry.is_symlink:
-                return entry
-            target = entry.symlink
-            base = posixpath.dirname(path) if not target.startswith("/") else ""
-            path = self._normalise(posixpath.join(base or "/", target))
-        raise OSError(40, "too many levels of symbolic links", path)
+        except NotFoundError:
+            entry = None  # a link in a parent folder, or really missing: walk it
+        if entry is not None and not entry.is_symlink:
+            return entry  # rows exist only below real folders: no link on the way
+        return resolve_path(self.stat, path, self.fqrn)
 
     # -- file content -------------------------------------------------------------------------
     def layout(self, path: str | DirectoryEntry) -> FileLayout:
@@ -667,28 +717,58 @@ class Repository:
             pieces = (Chunk(0, entry.size, entry.digest),)
         else:
             raise FormatError(entry.path, "regular file without content hash or chunks")
-        return FileLayout(entry.size, entry.is_compressed, pieces, entry.is_chunked)
+        external = entry.path if entry.flags & Flag.EXTERNAL else None
+        return FileLayout(entry.size, entry.is_compressed, pieces, entry.is_chunked, external)
 
     def piece_path(self, layout: FileLayout, index: int) -> Path:
         """The cached, verified bytes of piece ``index`` (fetching it if needed)."""
-        return self._object(layout.pieces[index].digest, layout.kind, layout.compressed)
+        return self.piece_fetch(layout, index)[0]
 
     def piece_fetch(self, layout: FileLayout, index: int) -> tuple[Path, str, int]:
         """:meth:`piece_path` and how it was served (``hit``/``fetch``/``wait``, net bytes)."""
-        return self._object_traced(layout.pieces[index].digest, layout.kind, layout.compressed)
+        piece = layout.pieces[index]
+        if layout.external is None:
+            return self._object_traced(piece.digest, layout.kind, layout.compressed)
+        source = self.external_source(layout.external)
+        path = layout.external
+        byte_range = (piece.offset, piece.size) if layout.chunked else None
+
+        def fetch_external(sink: BinaryIO) -> int:
+            return source.fetch_into(path, piece.digest, layout.compressed, sink, byte_range)
+
+        return self._object_traced(piece.digest, layout.kind, layout.compressed, fetch_external)
+
+    def external_source(self, path: str = "external file") -> ExternalSource:
+        """The fetcher of external files (``CVMFS_EXTERNAL_URL``), created on first use."""
+        with self._lock:
+            if self._external is None:
+                if not self.external_url:
+                    raise external_unset(path)
+                self._external = ExternalSource(
+                    self.external_url, self.fqrn, proxy=self.external_proxy
+                )
+            return self._external
 
     def open_file(self, path: str, *, prefetch: bool | None = None) -> CvmfsFile:
         """A seekable binary file; large files are prefetched in parallel unless disabled.
 
         ``prefetch=None`` queues every piece of files of ``prefetch_min_bytes`` or more;
-        smaller (or ``prefetch=False``) files get a sequential read-ahead instead.
+        smaller (or ``prefetch=False``) files get a sequential read-ahead instead. A file that
+        cannot stay whole in the cache (over half the quota, what an eviction keeps) gets a
+        read-ahead window of an eighth of the quota instead: queued whole, its first pieces
+        would be evicted to make room for the last before they are read, and fetched twice.
         """
         entry = self.resolve(path)
         layout = self.layout(entry)
         handle = CvmfsFile(self, entry.path, layout)
         if prefetch or (prefetch is None and layout.size >= self.prefetch_min_bytes):
-            self.prefetch_layout(layout, path=entry.path)
-            handle.prefetched = True
+            quota = self.cache.quota_bytes
+            if quota is not None and layout.size > quota // 2:
+                largest = max(piece.size for piece in layout.pieces)
+                handle.readahead = max(handle.readahead, (quota // 8) // max(1, largest))
+            else:
+                self.prefetch_layout(layout, path=entry.path)
+                handle.prefetched = True
         return handle
 
     def read_bytes(self, path: str) -> bytes:
@@ -936,12 +1016,17 @@ class CvmfsFile(io.RawIOBase):
         return parts
 
     def pread(self, size: int, offset: int) -> bytes:
-        """Read ``size`` bytes at ``offset`` without moving the position (FUSE, fsspec)."""
+        """Read ``size`` bytes at ``offset`` without moving the position (FUSE, fsspec).
+
+        A read across pieces lands in place in the ``bytes`` it returns: a whole-file read
+        holds the file once in memory, not its pieces and their join.
+        """
         end = self._span(size, offset)
         if offset >= end:
             return b""
-        parts = self._read_span(offset, end, None)
-        return parts[0] if len(parts) == 1 else b"".join(parts)
+        if self._index(offset) == self._index(end - 1):
+            return self._read_span(offset, end, None)[0]
+        return _filled_bytes(end - offset, lambda view: self._read_span(offset, end, view))
 
     def pread_buffer(self, size: int, offset: int) -> bytes | bytearray:
         """:meth:`pread` that may answer with a ``bytearray`` (one copy when pieces are crossed).
@@ -994,6 +1079,20 @@ class CvmfsFile(io.RawIOBase):
             self._doomed.clear()
             self._users.clear()
         super().close()
+
+
+def _filled_bytes(size: int, fill: Callable[[memoryview], object]) -> bytes:
+    """A ``bytes`` of ``size`` filled in place by ``fill(view)``: no second copy in memory.
+
+    ``BytesIO.getvalue()`` hands over its own buffer when nothing else holds it (CPython,
+    shrinking a large buffer with ``realloc``), so the bytes are written once, where they stay.
+    """
+    buffer = io.BytesIO()
+    buffer.seek(size - 1)
+    buffer.write(b"\0")
+    with buffer.getbuffer() as view:
+        fill(view)
+    return buffer.getvalue()
 
 
 def _preadv_full(fd: int, view: memoryview, offset: int) -> int:

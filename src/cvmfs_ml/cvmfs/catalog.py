@@ -276,6 +276,10 @@ def _entry_from_row(path: str, row: tuple) -> DirectoryEntry:
     )
 
 
+def _decode_text(raw: bytes) -> str:
+    return raw.decode("utf-8", "surrogateescape")
+
+
 class Catalog:
     """A catalog file opened read-only.
 
@@ -290,6 +294,9 @@ class Catalog:
         try:
             uri = f"file:{self.file}?mode=ro&immutable=1"
             self._db = sqlite3.connect(uri, uri=True, check_same_thread=False)
+            # Upstream stores names and link targets as raw bytes in TEXT columns: bytes that
+            # are not UTF-8 come back as surrogates, and encode back to the same bytes.
+            self._db.text_factory = _decode_text
             self._properties = dict(self._db.execute("SELECT key, value FROM properties"))
             self._columns = {row[1] for row in self._db.execute("PRAGMA table_info(catalog)")}
         except sqlite3.DatabaseError as exc:
