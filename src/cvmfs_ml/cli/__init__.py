@@ -6,7 +6,9 @@ commands that print data take ``--json``. One module per command group; this one
 
 from __future__ import annotations
 
+import io
 import os
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -91,6 +93,10 @@ def demo(
 
 def main() -> None:
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    # Repository names are bytes (issue 9): print an undecodable one as the bytes it is, like ls.
+    for stream in (sys.stdout, sys.stderr):
+        if isinstance(stream, io.TextIOWrapper):
+            stream.reconfigure(errors="surrogateescape")
     app()
 
 

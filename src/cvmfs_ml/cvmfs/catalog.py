@@ -33,7 +33,9 @@ __all__ = [
     "Flag",
     "NestedRef",
     "WritableCatalog",
+    "decode_text",
     "decode_xattrs",
+    "encode_text",
     "encode_xattrs",
     "parent_path",
 ]
@@ -98,6 +100,20 @@ class Flag(enum.IntFlag):
 _HASH_ALGO_SHIFT = 8
 _HASH_ALGO_MASK = 0x700
 _COMPRESSION_MASK = 0x3800
+
+
+def encode_text(text: str) -> bytes:
+    """A name or link target as stored: UTF-8, undecodable bytes (``surrogateescape``) kept.
+
+    Upstream stores names as the bytes the file system gave it; binding them as bytes and casting
+    to TEXT stores exactly those bytes, which Python's ``str`` binding would refuse.
+    """
+    return text.encode("utf-8", "surrogateescape")
+
+
+def decode_text(raw: bytes) -> str:
+    """Inverse of :func:`encode_text` (the connections' ``text_factory``)."""
+    return raw.decode("utf-8", "surrogateescape")
 
 
 def parent_path(path: str) -> str:
@@ -290,6 +306,7 @@ class Catalog:
         try:
             uri = f"file:{self.file}?mode=ro&immutable=1"
             self._db = sqlite3.connect(uri, uri=True, check_same_thread=False)
+            self._db.text_factory = decode_text
             self._properties = dict(self._db.execute("SELECT key, value FROM properties"))
             self._columns = {row[1] for row in self._db.execute("PRAGMA table_info(catalog)")}
         except sqlite3.DatabaseError as exc:
@@ -444,6 +461,7 @@ class WritableCatalog:
         self.file = path
         self.mountpoint = _normalise(mountpoint)
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self._db.text_factory = decode_text
         self._db.execute("PRAGMA journal_mode=DELETE")
         self._db.execute("BEGIN")
         self.dirty_dirs: set[str] = set()
@@ -488,7 +506,7 @@ class WritableCatalog:
         self._db.execute(
             "INSERT OR REPLACE INTO catalog (md5path_1, md5path_2, parent_1, parent_2, "
             "hardlinks, hash, size, mode, mtime, mtimens, flags, name, symlink, uid, gid, xattr) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, CAST(? AS TEXT), CAST(? AS TEXT), ?, ?, ?)",
             (
                 *key,
                 *parent,
@@ -499,8 +517,8 @@ class WritableCatalog:
                 entry.mtime,
                 entry.mtimens,
                 entry.flags,
-                entry.name,
-                entry.symlink,
+                encode_text(entry.name),
+                encode_text(entry.symlink),
                 entry.uid,
                 entry.gid,
                 encode_xattrs(entry.xattrs),
@@ -561,19 +579,27 @@ class WritableCatalog:
             self._db.execute("DELETE FROM chunks WHERE md5path_1 = ? AND md5path_2 = ?", key)
             self._db.execute("DELETE FROM catalog WHERE md5path_1 = ? AND md5path_2 = ?", key)
         for ref in removed_refs:
-            self._db.execute("DELETE FROM nested_catalogs WHERE path = ?", (ref.path,))
+            self._db.execute(
+                "DELETE FROM nested_catalogs WHERE path = CAST(? AS TEXT)", (encode_text(ref.path),)
+            )
         self.dirty_dirs.add(parent_path(path))
         return removed_refs
 
     # -- nested catalogs ----------------------------------------------------------------------
+    def max_hardlink_group(self) -> int:
+        """The highest hard-link group id in this catalog (0: none); new groups take the next."""
+        (group,) = self._db.execute("SELECT MAX(hardlinks >> 32) FROM catalog").fetchone()
+        return int(group or 0)
+
     def nested_refs(self) -> list[NestedRef]:
         rows = self._db.execute("SELECT path, sha1, size FROM nested_catalogs").fetchall()
         return [NestedRef(p, Digest.from_hex(h), int(s or 0)) for p, h, s in rows]
 
     def set_nested(self, ref: NestedRef) -> None:
         self._db.execute(
-            "INSERT OR REPLACE INTO nested_catalogs (path, sha1, size) VALUES (?, ?, ?)",
-            (ref.path, ref.digest.hex, ref.size),
+            "INSERT OR REPLACE INTO nested_catalogs (path, sha1, size) "
+            "VALUES (CAST(? AS TEXT), ?, ?)",
+            (encode_text(ref.path), ref.digest.hex, ref.size),
         )
 
     # -- properties and counters --------------------------------------------------------------

@@ -134,7 +134,7 @@ class Digest:
 
 def md5_pair(path: str | bytes) -> tuple[int, int]:
     """Split MD5 of a repository path into the signed little-endian int64 pair (§4.2)."""
-    raw = path.encode() if isinstance(path, str) else path
+    raw = path.encode("utf-8", "surrogateescape") if isinstance(path, str) else path
     digest = hashlib.md5(raw, usedforsecurity=False).digest()
     return (
         int.from_bytes(digest[:8], "little", signed=True),

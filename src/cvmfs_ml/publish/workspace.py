@@ -164,6 +164,13 @@ class CatalogWorkspace:
         self._open[entry.path] = _Open(child, None, 0, {}, parent=parent.mountpoint)
         return child
 
+    def split(self, path: str) -> WritableCatalog:
+        """Turn the plain directory ``path`` into the root of a new nested catalog."""
+        raise PublishError(
+            f"{path} already exists as a plain directory; turning it into a nested "
+            "catalog in place is not supported: remove it and publish it again"
+        )
+
     def remove(self, path: str) -> None:
         """Remove ``path`` and everything below, nested catalogs included."""
         catalog = self.catalog_for(path)
