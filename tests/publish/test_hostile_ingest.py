@@ -133,14 +133,16 @@ def test_a_good_tgz_bz2_and_xz_publish(publisher: Publisher, tmp_path: Path) -> 
         source = tmp_path / f"good.{mode[2:]}"
         with tarfile.open(source, mode) as archive:
             two_files(archive)
-        result = cli("repo", "publish", str(publisher.repo_dir), str(source), "--at", f"/{mode[2:]}")
+        result = cli(
+            "repo", "publish", str(publisher.repo_dir), str(source), "--at", f"/{mode[2:]}"
+        )
         assert result.returncode == 0, result.stderr
     with open_repo(publisher) as repo:
         for kind in ("gz", "bz2", "xz"):
             assert repo.read_bytes(f"/{kind}/b") == b"B" * 5000
 
 
-# -- members checked against the tree being built ---------------------------------------------------
+# -- members checked against the tree being built ------------------------------------------------
 def _archive(tmp_path: Path, name: str, build) -> Path:  # type: ignore[no-untyped-def]
     source = tmp_path / name
     source.write_bytes(tar_bytes(build))
@@ -186,7 +188,10 @@ HOSTILE = {
         "earlier regular file",
     ),
     "hardlink-to-directory": (
-        lambda a: (add(a, "d", type=tarfile.DIRTYPE), add(a, "h", type=tarfile.LNKTYPE, linkname="d")),
+        lambda a: (
+            add(a, "d", type=tarfile.DIRTYPE),
+            add(a, "h", type=tarfile.LNKTYPE, linkname="d"),
+        ),
         "earlier regular file",
     ),
 }
@@ -246,7 +251,9 @@ def test_tar_hard_links_become_hard_link_groups(publisher: Publisher, tmp_path: 
         group = [repo.stat(f"/m/dir/{n}") for n in ("model.bin", "alias.bin", "third.bin")]
         assert {e.hardlink_group for e in group} == {1}, [e.hardlinks for e in group]
         assert {e.linkcount for e in group} == {3}
-        assert {(e.mode, e.digest, e.size) for e in group} == {(group[0].mode, group[0].digest, 7000)}
+        assert {(e.mode, e.digest, e.size) for e in group} == {
+            (group[0].mode, group[0].digest, 7000)
+        }
         assert group[0].mode & 0o777 == 0o640
         # Upstream's groups never span directories: a link from elsewhere is a plain copy.
         copy = repo.stat("/m/elsewhere/copy.bin")
@@ -275,7 +282,9 @@ def test_non_utf8_names_publish_and_read_back_as_the_same_bytes(
     (folder / os.fsdecode(LATIN1)).write_bytes(b"from a folder")
     os.symlink(os.fsdecode(LATIN1), folder / os.fsdecode(b"link-\xfe"))
     tar = tmp_path / "names.tar"
-    with tarfile.open(tar, "w", format=tarfile.GNU_FORMAT, encoding="utf-8", errors="surrogateescape") as archive:
+    with tarfile.open(
+        tar, "w", format=tarfile.GNU_FORMAT, encoding="utf-8", errors="surrogateescape"
+    ) as archive:
         add(archive, os.fsdecode(b"dir-\xe4/" + LATIN1), b"from a tarball")
     for source, at in ((folder, "/f"), (tar, "/t")):
         result = cli("repo", "publish", str(publisher.repo_dir), str(source), "--at", at)

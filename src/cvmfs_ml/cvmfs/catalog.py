@@ -551,6 +551,41 @@ class WritableCatalog:
             [(*key, c.offset, c.size, c.digest.raw) for c in chunks],
         )
 
+    def chunk_list(self, path: str) -> list[Chunk]:
+        rows = self._db.execute(
+            "SELECT offset, size, hash FROM chunks WHERE md5path_1 = ? AND md5path_2 = ? "
+            "ORDER BY offset",
+            md5_pair(_normalise(path)),
+        ).fetchall()
+        entry = self.lookup(path)
+        algorithm = entry.hash_algorithm if entry is not None else Algorithm.SHA1
+        return [Chunk(offset, size, Digest(algorithm, bytes(blob))) for offset, size, blob in rows]
+
+    def move_below(self, path: str, other: WritableCatalog) -> list[NestedRef]:
+        """Move every row below ``path`` (not ``path`` itself) to ``other``, a new catalog.
+
+        Used to split a directory off into a nested catalog; returns the nested catalogs that
+        moved along (their ``nested_catalogs`` rows now live in ``other``).
+        """
+        path = _normalise(path)
+        refs = [ref for ref in self.nested_refs() if ref.path.startswith(path + "/")]
+        stack = [path]
+        while stack:
+            current = stack.pop()
+            for entry in self.children(current):
+                other.put(entry)
+                if entry.is_chunked:
+                    other.put_chunks(entry.path, self.chunk_list(entry.path))
+                if entry.is_dir and not entry.is_nested_mountpoint:
+                    stack.append(entry.path)
+        for ref in refs:
+            other.set_nested(ref)
+        root = self.lookup(path)
+        self.remove(path)
+        if root is not None:
+            self.put(root)
+        return refs
+
     def remove(self, path: str) -> list[NestedRef]:
         """Remove ``path`` and everything below it in this catalog.
 
@@ -619,7 +654,8 @@ class WritableCatalog:
         """Directories touched in this transaction get linkcount 2 + number of subdirectories."""
         for directory in sorted(self.dirty_dirs):
             entry = self.lookup(directory)
-            if entry is None or not entry.is_dir:
+            # A mount point's subdirectories live in its nested catalog, which set the count.
+            if entry is None or not entry.is_dir or entry.is_nested_mountpoint:
                 continue
             (subdirs,) = self._db.execute(
                 "SELECT count(*) FROM catalog WHERE parent_1 = ? AND parent_2 = ? AND (flags & 1)"

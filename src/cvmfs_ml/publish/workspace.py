@@ -165,11 +165,31 @@ class CatalogWorkspace:
         return child
 
     def split(self, path: str) -> WritableCatalog:
-        """Turn the plain directory ``path`` into the root of a new nested catalog."""
-        raise PublishError(
-            f"{path} already exists as a plain directory; turning it into a nested "
-            "catalog in place is not supported: remove it and publish it again"
-        )
+        """Turn the plain directory ``path`` into the root of a new nested catalog.
+
+        What upstream does when a ``.cvmfscatalog`` appears in an existing directory
+        (catalog_rw.cc, Partition): the rows below move to the new catalog, the directory's row
+        becomes a mount point, and nested catalogs below it are re-parented, their subtree
+        counters moving with them.
+        """
+        parent = self.catalog_for(path)
+        root_entry = parent.lookup(path)
+        if root_entry is None or not root_entry.is_dir or parent.mountpoint == path:
+            raise PublishError(f"{path} is not a plain directory; cannot make it a catalog root")
+        owner = self._open[parent.mountpoint]
+        child = WritableCatalog.create(self._temp_path(), root_entry, nested=True)
+        item = _Open(child, None, 0, {}, parent=parent.mountpoint)
+        for ref in parent.move_below(path, child):
+            moved = totals(self.readonly(ref.path, ref.digest).statistics())
+            self._subtract(owner, moved)
+            for key, value in moved.items():
+                item.delta[key] = item.delta.get(key, 0) + value
+        for mountpoint, other in self._open.items():
+            if other.parent == parent.mountpoint and mountpoint.startswith(path + "/"):
+                other.parent = path
+        parent.put(replace(root_entry, flags=int(Flag.DIR | Flag.NESTED_MOUNTPOINT)))
+        self._open[path] = item
+        return child
 
     def remove(self, path: str) -> None:
         """Remove ``path`` and everything below, nested catalogs included."""
