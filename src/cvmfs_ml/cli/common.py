@@ -51,7 +51,7 @@ def describe_error(exc: BaseException) -> str | None:
             return f"{where}{exc.strerror}"
         return _first_line(exc)
     if isinstance(exc, sqlite3.Error):
-        if "full" in str(exc):
+        if "disk is full" in str(exc):
             return f"a database write failed: {_DISK_FULL}"
         return f"database error: {_first_line(exc)}; the previous revision is unchanged"
     if isinstance(exc, UnicodeError):

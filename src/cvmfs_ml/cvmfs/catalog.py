@@ -299,13 +299,24 @@ class Catalog:
     ``mountpoint`` is the repository path of the catalog's root (``""`` for the root catalog).
     """
 
-    def __init__(self, path: Path | str, mountpoint: str | None = None, *, what: str = "") -> None:
+    def __init__(
+        self,
+        path: Path | str,
+        mountpoint: str | None = None,
+        *,
+        what: str = "",
+        raw: bytes | None = None,
+    ) -> None:
         self.file = Path(path)
         self.what = what or f"catalog {self.file.name}"
         self._lock = threading.Lock()
         try:
-            uri = f"file:{self.file}?mode=ro&immutable=1"
-            self._db = sqlite3.connect(uri, uri=True, check_same_thread=False)
+            if raw is None:
+                uri = f"file:{self.file}?mode=ro&immutable=1"
+                self._db = sqlite3.connect(uri, uri=True, check_same_thread=False)
+            else:  # held in memory: nothing touches the disk (gc on a full disk)
+                self._db = sqlite3.connect(":memory:", check_same_thread=False)
+                self._db.deserialize(raw)
             self._db.text_factory = decode_text
             self._properties = dict(self._db.execute("SELECT key, value FROM properties"))
             self._columns = {row[1] for row in self._db.execute("PRAGMA table_info(catalog)")}

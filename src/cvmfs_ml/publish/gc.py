@@ -7,12 +7,11 @@ under the publisher lock, so no transaction writes objects while the sweep decid
 
 from __future__ import annotations
 
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 
 from cvmfs_ml.cvmfs.catalog import Catalog, referenced_objects, walk_catalog_tree
 from cvmfs_ml.cvmfs.hashing import Digest
+from cvmfs_ml.cvmfs.history import HistoryDb
 from cvmfs_ml.cvmfs.objects import ObjectKind, object_path
 from cvmfs_ml.errors import PublishError
 from cvmfs_ml.publish.repository import Publisher
@@ -34,10 +33,18 @@ def collect_garbage(publisher: Publisher, *, dry_run: bool = False) -> GcReport:
             f"{publisher.fqrn} is not garbage-collectable (CVMFS_GARBAGE_COLLECTION=false)"
         )
     store = publisher.store
-    with publisher.lock(), tempfile.TemporaryDirectory(dir=store.root / "data" / "txn") as tmp:
+    # Nothing here writes to the disk before the deleting is done: the lock's recovery deletes
+    # staging leftovers first, and catalogs and history are read into memory, so gc works on
+    # the full disk it is meant to relieve (issue 9).
+    with publisher.lock():
         manifest = publisher.manifest()
         roots = {manifest.catalog}
-        roots |= {tag.root_catalog for tag in publisher.tags()}
+        if manifest.history is not None:
+            raw = store.fetch(
+                object_path(manifest.history, ObjectKind.HISTORY), manifest.history, compressed=True
+            )
+            with HistoryDb.from_bytes(raw, f"history {manifest.history.hex}") as history:
+                roots |= {tag.root_catalog for tag in history.tags()}
         keep: set[str] = set()
         for digest, kind in (
             (manifest.certificate, ObjectKind.CERTIFICATE),
@@ -49,11 +56,8 @@ def collect_garbage(publisher: Publisher, *, dry_run: bool = False) -> GcReport:
         opened: list[Catalog] = []
 
         def load(mountpoint: str, digest: Digest) -> Catalog:
-            path = Path(tmp) / f"{digest.hex}.db"
-            if not path.exists():
-                with path.open("wb") as out:
-                    store.fetch_into(object_path(digest, ObjectKind.CATALOG), digest, True, out)
-            catalog = Catalog(path, mountpoint)
+            raw = store.fetch(object_path(digest, ObjectKind.CATALOG), digest, compressed=True)
+            catalog = Catalog(f"{digest.hex}.db", mountpoint, raw=raw)
             opened.append(catalog)
             return catalog
 

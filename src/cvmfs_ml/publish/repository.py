@@ -30,6 +30,7 @@ from cvmfs_ml.cvmfs.hashing import Digest, hash_bytes
 from cvmfs_ml.cvmfs.history import TRUNK, TRUNK_PREVIOUS, HistoryDb, Tag
 from cvmfs_ml.cvmfs.keys import KeySet
 from cvmfs_ml.cvmfs.manifest import Manifest, sign_manifest
+from cvmfs_ml.cvmfs.names import validate_fqrn
 from cvmfs_ml.cvmfs.objects import ObjectKind, deflate, object_path
 from cvmfs_ml.cvmfs.reflog import Reflog, RefType
 from cvmfs_ml.cvmfs.whitelist import make_whitelist
@@ -90,7 +91,7 @@ def create_repository(
 
     The repository lands at ``root/<fqrn>``; keys go to ``keys_dir`` (default ``root/../keys``).
     """
-    repo_dir = Path(root) / fqrn
+    repo_dir = Path(root) / validate_fqrn(fqrn)
     if (repo_dir / MANIFEST).exists():
         raise PublishError(f"{repo_dir} already holds a repository")
     keys_dir = Path(keys_dir) if keys_dir is not None else Path(root).resolve().parent / "keys"
