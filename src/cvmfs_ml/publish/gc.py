@@ -13,8 +13,9 @@ from cvmfs_ml.cvmfs.catalog import Catalog, referenced_objects, walk_catalog_tre
 from cvmfs_ml.cvmfs.hashing import Digest
 from cvmfs_ml.cvmfs.history import HistoryDb
 from cvmfs_ml.cvmfs.objects import ObjectKind, object_path
-from cvmfs_ml.errors import PublishError
+from cvmfs_ml.errors import NotFoundError, PublishError
 from cvmfs_ml.publish.repository import Publisher
+from cvmfs_ml.storage.info import STATUS_JSON, date_utc, updated_status
 
 __all__ = ["GcReport", "collect_garbage"]
 
@@ -81,4 +82,10 @@ def collect_garbage(publisher: Publisher, *, dry_run: bool = False) -> GcReport:
             bytes_removed += store.path(rel).stat().st_size
             if not dry_run:
                 store.remove(rel)
+        if not dry_run:  # what cvmfs_server gc records for monitors (update_repo_status)
+            try:
+                existing: bytes | None = store.get_bytes(STATUS_JSON)
+            except NotFoundError:
+                existing = None
+            store.put_bytes(STATUS_JSON, updated_status(existing, last_gc=date_utc()))
         return GcReport(len(keep), removed, bytes_removed, dry_run)
