@@ -6,8 +6,10 @@ import contextlib
 import errno
 import lzma
 import os
+import shutil
 import sqlite3
 import subprocess
+import sys
 import tarfile
 import zlib
 from collections.abc import Iterator
@@ -156,3 +158,43 @@ def test_disk_full_during_publish_and_gc(tmp_path: Path) -> None:
         assert result.returncode == 0, result.stderr
         cat = cli("repo", "cat", str(repo), "/big/part0.bin")
         assert cat.stdout == b"fits now\n"
+
+
+# -- permissions ---------------------------------------------------------------------------------
+def without_dac_override(*args: str) -> subprocess.CompletedProcess[bytes]:
+    """The CLI as root without CAP_DAC_OVERRIDE: permission bits apply, as for any user."""
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        pytest.skip("setpriv (util-linux) is needed to drop CAP_DAC_OVERRIDE")
+    command = [setpriv, "--bounding-set=-dac_override,-dac_read_search", sys.executable]
+    return subprocess.run([*command, "-m", "cvmfs_ml", *args], capture_output=True, timeout=180)
+
+
+def test_unreadable_files_and_a_read_only_repository_are_one_line(tmp_path: Path) -> None:
+    assert cli("repo", "create", str(tmp_path / "srv"), "--fqrn", "perm.test").returncode == 0
+    repo = tmp_path / "srv" / "perm.test"
+    before = (repo / ".cvmfspublished").read_bytes()
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "readable").write_bytes(b"fine")
+    secret = src / "unreadable.bin"
+    secret.write_bytes(b"secret")
+    secret.chmod(0)
+    result = without_dac_override("repo", "publish", str(repo), str(src))
+    if result.returncode == 0:
+        pytest.skip("dropping CAP_DAC_OVERRIDE had no effect here")
+    line = one_line_failure(result, "permission", "unreadable.bin")
+    assert "owner" in line
+    assert (repo / ".cvmfspublished").read_bytes() == before
+    secret.chmod(0o644)
+    folders = [repo / "data", *(p for p in (repo / "data").iterdir() if p.is_dir())]
+    for folder in folders:  # the objects cannot be written
+        folder.chmod(0o555)
+    try:
+        result = without_dac_override("repo", "publish", str(repo), str(src))
+        one_line_failure(result, "permission")
+    finally:
+        for folder in folders:
+            folder.chmod(0o755)
+    assert (repo / ".cvmfspublished").read_bytes() == before
+    assert cli("repo", "check", str(repo)).returncode == 0

@@ -217,6 +217,10 @@ def test_limits_are_inclusive_and_harmless_links_pass(publisher: Publisher, tmp_
         add(a, "sub/x", linkname="..", **SYMLINK)  # the root, from inside: fine
         add(a, "sub/up", linkname="x/sub", **SYMLINK)  # through x, back into sub
         add(a, "dangling", linkname="nowhere/../also-nowhere", **SYMLINK)
+        # Through a link that comes later in the archive: a/../.. is b/c/../.. = the root.
+        add(a, "early", linkname="later/../..", **SYMLINK)
+        add(a, "b/c", type=tarfile.DIRTYPE)
+        add(a, "later", linkname="b/c", **SYMLINK)
 
     with publisher.transaction() as txn:
         txn.add_tarball(_archive(tmp_path, "fine.tar", build), "/t")

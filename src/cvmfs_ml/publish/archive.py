@@ -289,8 +289,8 @@ def _check(
             raise UnsafeInputError(info.name, f"symlink to absolute path {target!r}")
         if len(encoded(target)) >= PATH_MAX:
             raise UnsafeInputError(info.name, "symlink target exceeds PATH_MAX")
-        tree.links[name] = target
-        tree.resolve(name, info.name)  # the tree so far; all links are checked again at the end
+        tree.links[name] = target  # resolved once the whole tree is known (a later member
+        # can be a link the target goes through)
     elif info.islnk():
         target = info.linkname
         if target.startswith("/"):

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, replace
 
 from cvmfs_ml.cvmfs.catalog import DirectoryEntry, parent_path
 from cvmfs_ml.errors import PublishError
+from cvmfs_ml.publish.archive import check_name_limits
 from cvmfs_ml.publish.ingest import FileContent, PendingFile
 from cvmfs_ml.publish.sources import SourceItem
 from cvmfs_ml.publish.workspace import CatalogWorkspace
@@ -84,6 +85,7 @@ class TreeEditor:
         """Put one item (its parent must exist or be creatable); replaces a non-directory."""
         workspace = self.workspace
         path = item.path
+        check_name_limits(path, path)  # every source, not only folders and tarballs
         self.ensure_parents(path)
         catalog = workspace.catalog_for(path)
         existing = catalog.lookup(path)
