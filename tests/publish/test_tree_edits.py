@@ -112,3 +112,21 @@ def test_check_reports_a_marker_not_at_a_catalog_root(
     assert any("/sub/dir/.cvmfscatalog" in p and "catalog root" in p for p in report.problems)
     result = cli("repo", "check", str(publisher.repo_dir))
     assert result.returncode == 1 and b"not at a catalog root" in result.stderr
+
+
+def test_split_with_a_new_nested_catalog_below(publisher: Publisher, tmp_path: Path) -> None:
+    src = write_tree(
+        tmp_path / "both",
+        {".cvmfscatalog": b"", "x": b"x3", "new/.cvmfscatalog": b"", "new/f": b"f"},
+    )
+    with publisher.transaction() as txn:
+        txn.add_folder(src, "/sub/dir")  # /sub/dir exists as a plain directory
+        txn.commit()
+    with open_repo(publisher) as repo:
+        report = check_repository(repo)
+        assert report.ok, report.problems
+        for path in ("/sub/dir", "/sub/dir/new"):
+            entry = repo.stat(path)
+            assert entry.is_nested_mountpoint or entry.is_nested_root, path
+        assert repo.read_bytes("/sub/dir/new/f") == b"f"
+        assert repo.read_bytes("/sub/dir/deep/y") == b"y"

@@ -97,13 +97,43 @@ def _decompressed(path: Path) -> Iterator[BinaryIO]:
                 stream.close()
 
 
+class _Tracked:
+    """The decompressed stream as :mod:`tarfile` sees it, remembering the last header read.
+
+    tarfile reads the block where it stops (zeros, or a broken header) and leaves the stream
+    past it; going back to look at that block again would make a gzip stream start over from
+    its first byte, so the block is kept here instead.
+    """
+
+    def __init__(self, stream: BinaryIO) -> None:
+        self._stream = stream
+        self.last_offset = -1
+        self.last_block = b""
+
+    def read(self, size: int = -1) -> bytes:
+        offset = self._stream.tell()
+        data = self._stream.read(size)
+        if size == _BLOCK:
+            self.last_offset, self.last_block = offset, data
+        return data
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self._stream.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._stream.tell()
+
+
 @contextmanager
 def open_tar(path: Path) -> Iterator[tarfile.TarFile]:
     """A :class:`tarfile.TarFile` over the decompressed stream; broken input -> one clear error."""
     with _decompressed(Path(path)) as stream:
         try:
             archive = tarfile.open(  # noqa: SIM115 - closed below
-                fileobj=stream, mode="r:", encoding=_ENCODING, errors=_ERRORS
+                fileobj=_Tracked(stream),  # type: ignore[arg-type]
+                mode="r:",
+                encoding=_ENCODING,
+                errors=_ERRORS,
             )
         except STREAM_ERRORS as exc:
             raise UnsafeInputError(
@@ -123,11 +153,17 @@ def _reason(exc: BaseException) -> str:
 def verify_end(archive: tarfile.TarFile, path: Path) -> None:
     """After the last member: end-of-archive blocks, zero padding, a good stream checksum."""
     stream = archive.fileobj
-    assert stream is not None
+    assert isinstance(stream, _Tracked)
     try:
-        stream.seek(archive.offset)
+        if stream.last_offset == archive.offset:  # the block tarfile stopped at, read already
+            first = stream.last_block
+            stream.seek(archive.offset + len(first))
+        else:
+            stream.seek(archive.offset)
+            first = b""
         zeros = 0
-        while block := stream.read(_READ):
+        block = first
+        while block or (block := stream.read(_READ)):
             if block.count(0) != len(block):
                 at = archive.offset + zeros + next(i for i, b in enumerate(block) if b)
                 raise UnsafeInputError(
@@ -136,6 +172,7 @@ def verify_end(archive: tarfile.TarFile, path: Path) -> None:
                     f"(non-zero data at {at} where the archive should end)",
                 )
             zeros += len(block)
+            block = b""
     except STREAM_ERRORS as exc:
         raise UnsafeInputError(
             str(path), f"corrupt or truncated compressed stream ({_reason(exc)})"

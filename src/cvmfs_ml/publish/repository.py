@@ -611,5 +611,9 @@ class Transaction:
         for item, _ in staged:
             if item.path == DIRTAB and item.open is not None:
                 with item.open() as handle:
-                    return Dirtab.parse(handle.read().decode())
+                    raw = handle.read(1 << 20)
+                try:
+                    return Dirtab.parse(raw.decode())
+                except UnicodeDecodeError as exc:
+                    raise PublishError(f"{DIRTAB}: not UTF-8 text ({exc.reason})") from exc
         return None
