@@ -7,12 +7,21 @@ from pathlib import Path
 import pytest
 
 from cvmfs_ml.client.check import check_repository
+from cvmfs_ml.client.repository import Repository
 from cvmfs_ml.errors import PublishError
 from cvmfs_ml.publish.repository import Publisher
 from cvmfs_ml.publish.tree import TreeEditor
 
 from .conftest import write_tree
 from .test_hostile_ingest import assert_refused, cli, open_repo
+
+
+def assert_clean_and_nested(repo: Repository, *paths: str) -> None:
+    report = check_repository(repo)
+    assert report.ok, report.problems
+    for path in paths:
+        entry = repo.stat(path)
+        assert entry.is_nested_mountpoint or entry.is_nested_root, path
 
 
 @pytest.fixture
@@ -70,11 +79,7 @@ def test_marker_added_to_an_existing_directory_makes_a_nested_catalog(publisher:
         txn.add_bytes("/sub/dir/.cvmfscatalog", b"")
         txn.commit()
     with open_repo(publisher) as repo:
-        report = check_repository(repo)
-        assert report.ok, report.problems
-        for path in ("/sub/dir", "/sub/dir/deep"):
-            entry = repo.stat(path)
-            assert entry.is_nested_mountpoint or entry.is_nested_root, path
+        assert_clean_and_nested(repo, *("/sub/dir", "/sub/dir/deep"))
         assert repo.read_bytes("/sub/dir/x") == b"x"
         assert repo.read_bytes("/sub/dir/deep/y") == b"y"
         assert repo.read_bytes("/sub/ok") == b"a file"
@@ -123,10 +128,6 @@ def test_split_with_a_new_nested_catalog_below(publisher: Publisher, tmp_path: P
         txn.add_folder(src, "/sub/dir")  # /sub/dir exists as a plain directory
         txn.commit()
     with open_repo(publisher) as repo:
-        report = check_repository(repo)
-        assert report.ok, report.problems
-        for path in ("/sub/dir", "/sub/dir/new"):
-            entry = repo.stat(path)
-            assert entry.is_nested_mountpoint or entry.is_nested_root, path
+        assert_clean_and_nested(repo, *("/sub/dir", "/sub/dir/new"))
         assert repo.read_bytes("/sub/dir/new/f") == b"f"
         assert repo.read_bytes("/sub/dir/deep/y") == b"y"
