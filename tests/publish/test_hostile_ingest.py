@@ -306,3 +306,13 @@ def test_non_utf8_names_publish_and_read_back_as_the_same_bytes(
     assert LATIN1 in listing.stdout
     cat = cli("repo", "cat", str(publisher.repo_dir), os.fsdecode(b"/f/" + LATIN1))
     assert cat.returncode == 0 and cat.stdout == b"from a folder", cat.stderr
+
+
+def test_an_archive_swapped_after_validation_is_refused(publisher: Publisher, tmp_path: Path):
+    source = _archive(tmp_path, "swap.tar", two_files)
+    with publisher.transaction() as txn:
+        txn.add_tarball(source)  # validated now
+        source.write_bytes(tar_bytes(lambda a: add(a, "a", b"other bytes entirely")))
+        with pytest.raises(UnsafeInputError, match="changed"):
+            txn.commit()
+    assert publisher.manifest().revision == 0

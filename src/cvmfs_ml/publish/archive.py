@@ -198,10 +198,6 @@ class TarPlan:
 
     members: list[ArchiveMember] = field(default_factory=list)
 
-    def signature(self) -> list[tuple[str, str, int]]:
-        """What must not change between validation and publication (name, type, size)."""
-        return [(m.name, m.info.type.decode(), m.info.size) for m in self.members]
-
 
 def _relative(info: tarfile.TarInfo) -> str:
     name = info.name

@@ -1,9 +1,9 @@
 """What a transaction adds: entries scanned from a folder or read from a tarball.
 
 Both sources yield :class:`SourceItem` values in an order where every directory comes before its
-contents. Tarballs are untrusted input: absolute names, ``..`` components, symlinks or hard links
-that escape the tree, and device files are refused with :class:`UnsafeInputError` *before*
-anything is written.
+contents. Tarballs are untrusted input, validated whole by :mod:`cvmfs_ml.publish.archive`
+*before* anything is written (stream read to its end, names, limits, links); a refusal is an
+:class:`UnsafeInputError`. Names are ``str`` holding their original bytes (``surrogateescape``).
 """
 
 from __future__ import annotations
@@ -60,11 +60,6 @@ class SourceItem:
     @property
     def is_regular(self) -> bool:
         return stat.S_ISREG(self.mode)
-
-    @property
-    def needs_reading(self) -> bool:
-        """A regular file with its own content (a hard link reuses its group's)."""
-        return self.is_regular and not self.same_as
 
 
 def join_repo_path(base: str, relative: str) -> str:
@@ -169,7 +164,11 @@ def scan_tarball(path: Path, at: str = "", plan: TarPlan | None = None) -> Itera
         try:
             for info in archive:
                 member = next(expected, None)
-                if member is None or member.info.name != info.name or member.info.type != info.type:
+                if member is None or (member.info.name, member.info.type, member.info.size) != (
+                    info.name,
+                    info.type,
+                    info.size,
+                ):
                     raise UnsafeInputError(str(path), "the archive changed while it was published")
                 if info.isreg():
                     leaders[member.name] = info
