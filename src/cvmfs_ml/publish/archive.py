@@ -241,7 +241,9 @@ class _Tree:
                 raise UnsafeInputError(member, f"{current!r} is a {existing}, not a directory")
         previous = self.kinds.get(name)
         if previous is not None and (previous != "directory" or kind != "directory"):
-            raise UnsafeInputError(member, f"appears twice in the archive (as a {previous} first)")
+            raise UnsafeInputError(
+                member, f"appears twice in the archive (an earlier member made it a {previous})"
+            )
         self.kinds[name] = kind
 
     def resolve(self, link: str, member: str) -> None:
