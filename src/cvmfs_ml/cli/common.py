@@ -54,9 +54,11 @@ def describe_error(exc: BaseException) -> str | None:
         if "disk is full" in str(exc):
             return f"a database write failed: {_DISK_FULL}"
         return f"database error: {_first_line(exc)}; the previous revision is unchanged"
+    if isinstance(exc, UnicodeDecodeError):
+        return f"input that is not valid {exc.encoding} text ({exc.reason} at byte {exc.start})"
     if isinstance(exc, UnicodeError):
         return (
-            f"a name or text is not valid in this encoding ({_first_line(exc)}); "
+            f"text that cannot be written in this encoding ({_first_line(exc)}); "
             "use a UTF-8 locale (e.g. LC_ALL=C.UTF-8)"
         )
     if isinstance(exc, _ARCHIVE_ERRORS):
