@@ -72,8 +72,14 @@ def join_repo_path(base: str, relative: str) -> str:
     return path
 
 
+_XATTR_MAX = 255  # bytes per name and per value: the catalog's 1-byte length fields (§4.6)
+
+
 def _user_xattrs(path: str) -> dict[bytes, bytes]:
-    """``user.*`` attributes only: security/system ones describe the publisher's machine."""
+    """``user.*`` attributes only: security/system ones describe the publisher's machine.
+
+    Checked here, before anything is written, against what a catalog can hold.
+    """
     out: dict[bytes, bytes] = {}
     try:
         names = os.listxattr(path, follow_symlinks=False)
@@ -83,7 +89,16 @@ def _user_xattrs(path: str) -> dict[bytes, bytes]:
         if not name.startswith("user."):
             continue
         with contextlib.suppress(OSError):
-            out[name.encode()] = os.getxattr(path, name, follow_symlinks=False)
+            key, value = os.fsencode(name), os.getxattr(path, name, follow_symlinks=False)
+            if len(key) > _XATTR_MAX or len(value) > _XATTR_MAX:
+                raise UnsafeInputError(
+                    path,
+                    f"extended attribute {name} ({len(value)} bytes) exceeds the {_XATTR_MAX} "
+                    "bytes a catalog can hold; remove it or publish without extended attributes",
+                )
+            out[key] = value
+    if len(out) > _XATTR_MAX:
+        raise UnsafeInputError(path, f"{len(out)} extended attributes, at most {_XATTR_MAX} fit")
     return out
 
 
