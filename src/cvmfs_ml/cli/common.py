@@ -53,7 +53,7 @@ def describe_error(exc: BaseException) -> str | None:
     if isinstance(exc, sqlite3.Error):
         if "disk is full" in str(exc):
             return f"a database write failed: {_DISK_FULL}"
-        return f"database error: {_first_line(exc)}; the previous revision is unchanged"
+        return f"database error: {_first_line(exc)}"
     if isinstance(exc, UnicodeDecodeError):
         return f"input that is not valid {exc.encoding} text ({exc.reason} at byte {exc.start})"
     if isinstance(exc, UnicodeError):
