@@ -131,3 +131,67 @@ def test_split_with_a_new_nested_catalog_below(publisher: Publisher, tmp_path: P
         assert_clean_and_nested(repo, *("/sub/dir", "/sub/dir/new"))
         assert repo.read_bytes("/sub/dir/new/f") == b"f"
         assert repo.read_bytes("/sub/dir/deep/y") == b"y"
+
+
+def test_removing_a_marker_merges_the_catalog_back(publisher: Publisher, tmp_path: Path) -> None:
+    with publisher.transaction() as txn:  # /sub/dir nested, /sub/dir/deep nested below it
+        txn.add_bytes("/sub/dir/deep/.cvmfscatalog", b"")
+        txn.add_bytes("/sub/dir/.cvmfscatalog", b"")
+        txn.commit()
+    with publisher.transaction() as txn:  # republishing with the marker keeps the catalog
+        txn.add_bytes("/sub/dir/.cvmfscatalog", b"")
+        txn.commit()
+    with open_repo(publisher) as repo:
+        assert_clean_and_nested(repo, "/sub/dir", "/sub/dir/deep")
+    with publisher.transaction() as txn:
+        txn.remove("/sub/dir/.cvmfscatalog")
+        txn.commit()
+    with open_repo(publisher) as repo:
+        assert_clean_and_nested(repo, "/sub/dir/deep")
+        entry = repo.stat("/sub/dir")
+        assert not (entry.is_nested_mountpoint or entry.is_nested_root)
+        assert repo.read_bytes("/sub/dir/x") == b"x"
+        assert repo.read_bytes("/sub/dir/deep/y") == b"y"
+        assert entry.linkcount == 3  # itself, ".", and deep
+    with publisher.transaction() as txn:  # and the last one, back into the root catalog
+        txn.remove("/sub/dir/deep/.cvmfscatalog")
+        txn.commit()
+    with open_repo(publisher) as repo:
+        report = check_repository(repo)
+        assert report.ok, report.problems
+        assert not repo.stat("/sub/dir/deep").is_nested_mountpoint
+        assert repo.read_bytes("/sub/dir/deep/y") == b"y"
+
+
+def test_merging_keeps_hard_link_groups_apart(publisher: Publisher, tmp_path: Path) -> None:
+    import io
+    import tarfile
+
+    def links(directory: str) -> Path:
+        path = tmp_path / f"{directory}.tar"
+        with tarfile.open(path, "w") as archive:
+            info = tarfile.TarInfo(f"{directory}/f")
+            info.size = 3
+            archive.addfile(info, io.BytesIO(directory.encode()[:3].ljust(3)))
+            link = tarfile.TarInfo(f"{directory}/g")
+            link.type, link.linkname = tarfile.LNKTYPE, f"{directory}/f"
+            archive.addfile(link)
+        return path
+
+    with publisher.transaction() as txn:
+        txn.add_bytes("/h/n/.cvmfscatalog", b"")
+        txn.commit()
+    with publisher.transaction() as txn:  # group 1 in the root catalog and in /h/n's
+        txn.add_tarball(links("one"), "/h")
+        txn.add_tarball(links("two"), "/h/n")
+        txn.commit()
+    with open_repo(publisher) as repo:
+        assert repo.stat("/h/one/f").hardlink_group == repo.stat("/h/n/two/f").hardlink_group == 1
+    with publisher.transaction() as txn:
+        txn.remove("/h/n/.cvmfscatalog")
+        txn.commit()
+    with open_repo(publisher) as repo:
+        assert check_repository(repo).ok
+        one = {repo.stat(f"/h/one/{n}").hardlink_group for n in "fg"}
+        two = {repo.stat(f"/h/n/two/{n}").hardlink_group for n in "fg"}
+        assert len(one) == len(two) == 1 and one != two

@@ -572,11 +572,14 @@ class WritableCatalog:
         algorithm = entry.hash_algorithm if entry is not None else Algorithm.SHA1
         return [Chunk(offset, size, Digest(algorithm, bytes(blob))) for offset, size, blob in rows]
 
-    def move_below(self, path: str, other: WritableCatalog) -> list[NestedRef]:
-        """Move every row below ``path`` (not ``path`` itself) to ``other``, a new catalog.
+    def move_below(
+        self, path: str, other: WritableCatalog, *, group_offset: int = 0
+    ) -> list[NestedRef]:
+        """Move every row below ``path`` (not ``path`` itself) to ``other``.
 
-        Used to split a directory off into a nested catalog; returns the nested catalogs that
-        moved along (their ``nested_catalogs`` rows now live in ``other``).
+        Splits a directory off into a new nested catalog, or merges one into its parent
+        (``group_offset`` then shifts hard-link group ids past the parent's own). Returns the
+        nested catalogs that moved along (their ``nested_catalogs`` rows now live in ``other``).
         """
         path = _normalise(path)
         refs = [ref for ref in self.nested_refs() if ref.path.startswith(path + "/")]
@@ -584,6 +587,8 @@ class WritableCatalog:
         while stack:
             current = stack.pop()
             for entry in self.children(current):
+                if entry.hardlink_group and group_offset:
+                    entry = replace(entry, hardlinks=entry.hardlinks + (group_offset << 32))
                 other.put(entry)
                 if entry.is_chunked:
                     other.put_chunks(entry.path, self.chunk_list(entry.path))
@@ -632,6 +637,12 @@ class WritableCatalog:
         return removed_refs
 
     # -- nested catalogs ----------------------------------------------------------------------
+    def drop_nested(self, path: str) -> None:
+        """Forget the nested catalog reference at ``path`` (its rows were merged here)."""
+        self._db.execute(
+            "DELETE FROM nested_catalogs WHERE path = CAST(? AS TEXT)", (encode_text(path),)
+        )
+
     def max_hardlink_group(self) -> int:
         """The highest hard-link group id in this catalog (0: none); new groups take the next."""
         (group,) = self._db.execute("SELECT MAX(hardlinks >> 32) FROM catalog").fetchone()
