@@ -48,7 +48,7 @@ __all__ = [
 ]
 
 NAME_MAX = 255  # bytes per path component (Linux, and the limit upstream's client serves)
-PATH_MAX = 4096  # bytes per full path, terminating NUL excluded by callers' margin
+PATH_MAX = 4096  # bytes per full path with its terminating NUL: at most 4095 bytes of text
 _SYMLOOP_MAX = 40  # Linux's limit on symlinks followed while resolving one path
 _BLOCK = tarfile.BLOCKSIZE
 _READ = 1 << 20
