@@ -58,6 +58,7 @@ def test_bytes_names_and_hard_links_through_a_mount(tmp_path: Path) -> None:
             alias = os.stat(os.path.join(folder, b"alias.bin"))
             assert linked.st_nlink == alias.st_nlink == 2
             assert linked.st_size == alias.st_size == 700
+            assert linked.st_ino == alias.st_ino  # one inode per group, as upstream's client
         finally:
             handle.unmount(timeout=15)
             if is_mounted(point):

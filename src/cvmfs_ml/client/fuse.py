@@ -137,6 +137,9 @@ class CvmfsOperations(_OperationsBase):  # type: ignore[misc,valid-type]
         self._limiter = trio.CapacityLimiter(max(2, workers))
         self._paths: dict[int, str] = {pyfuse3.ROOT_INODE: ""}
         self._inodes: dict[str, int] = {"": pyfuse3.ROOT_INODE}
+        # Hard-link groups share one inode, as with upstream's client; a group lives in one
+        # directory and its id is unique in that directory's catalog (cvmfs-format.md §4.3).
+        self._groups: dict[tuple[str, int], int] = {}
         self._entries: dict[int, DirectoryEntry] = {}
         self._next_inode = pyfuse3.ROOT_INODE + 1
         self._files: dict[int, CvmfsFile] = {}
@@ -181,13 +184,20 @@ class CvmfsOperations(_OperationsBase):  # type: ignore[misc,valid-type]
             log.debug("%s: %s", what, exc)
         return self._fuse.FUSEError(code)
 
-    def _inode_for(self, path: str) -> int:
+    def _inode_for(self, path: str, entry: DirectoryEntry | None = None) -> int:
         inode = self._inodes.get(path)
         if inode is None:
-            inode = self._next_inode
-            self._next_inode += 1
+            group = None
+            if entry is not None and entry.hardlink_group and not entry.is_dir:
+                group = (path.rsplit("/", 1)[0], entry.hardlink_group)
+                inode = self._groups.get(group)
+            if inode is None:
+                inode = self._next_inode
+                self._next_inode += 1
+                self._paths[inode] = path
+                if group is not None:
+                    self._groups[group] = inode
             self._inodes[path] = inode
-            self._paths[inode] = path
         return inode
 
     def _path(self, inode: int) -> str:
@@ -250,8 +260,8 @@ class CvmfsOperations(_OperationsBase):  # type: ignore[misc,valid-type]
                 return negative
             except Exception as exc:
                 raise self._fail(exc, f"lookup {path}") from exc
-            inode = self._inode_for(path)
-            self._entries[inode] = entry
+            inode = self._inode_for(path, entry)
+            self._entries.setdefault(inode, entry)
         assert inode is not None
         return self._attributes(inode, entry)
 
@@ -275,7 +285,7 @@ class CvmfsOperations(_OperationsBase):  # type: ignore[misc,valid-type]
             raise self._fail(exc, f"listdir {path or '/'}") from exc
         listing = []
         for child in children:
-            child_inode = self._inode_for(child.path)
+            child_inode = self._inode_for(child.path, child)
             self._entries.setdefault(child_inode, child)
             listing.append((_encode(child.name), self._attributes(child_inode, child)))
         fh = self._next_fh
