@@ -228,6 +228,7 @@ def test_symlinks_are_followed_only_inside_the_root(tmp_path: Path) -> None:
     repo = root / "fq.dn"
     (repo / "data").mkdir(parents=True)
     (repo / "data" / "inside").write_bytes(b"inside")
+    (repo / ".cvmfspublished").write_bytes(b"C0\n")  # only repositories are served
     outside = tmp_path / "outside"
     outside.mkdir()
     (outside / "secret").write_bytes(b"secret")
@@ -299,6 +300,7 @@ def test_other_methods_are_not_implemented(server: RepositoryServer) -> None:
 def test_offsets_beyond_4_gib_in_a_sparse_file(tmp_path: Path) -> None:
     repo = tmp_path / "fq.dn" / "data" / "ab"
     repo.mkdir(parents=True)
+    (tmp_path / "fq.dn" / ".cvmfspublished").write_bytes(b"C0\n")  # only repositories are served
     big = repo / "cdef"
     size = 5 * 2**30
     mark = 2**32

@@ -6,7 +6,9 @@ commands that print data take ``--json``. One module per command group; this one
 
 from __future__ import annotations
 
+import io
 import os
+import sys
 import tempfile
 from pathlib import Path
 from typing import Annotated
@@ -39,8 +41,15 @@ def serve(
     host: Annotated[str, typer.Option("--host")] = "127.0.0.1",
 ) -> None:
     """Serve ROOT/<fqrn>/ at http://HOST:PORT/cvmfs/<fqrn> (cache headers as a Stratum 1)."""
-    from cvmfs_ml.storage.http import RepositoryServer
+    from cvmfs_ml.storage.http import RepositoryServer, private_keys_under
 
+    keys = private_keys_under(root) if root.is_dir() else []
+    if keys:
+        typer.echo(
+            f"cvmfs-ml: warning: {len(keys)} private key file(s) under {root} (e.g. {keys[0]}); "
+            "they are never served, but keep keys out of a web root",
+            err=True,
+        )
     server = RepositoryServer(root, host=host, port=port)
     typer.echo(f"serving {root} at {server.url}/cvmfs/<fqrn>", err=True)
     try:
@@ -100,6 +109,10 @@ def demo(
 
 def main() -> None:
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    # Repository names are bytes (issue 9): print an undecodable one as the bytes it is, like ls.
+    for stream in (sys.stdout, sys.stderr):
+        if isinstance(stream, io.TextIOWrapper):
+            stream.reconfigure(errors="surrogateescape")
     app()
 
 

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import lzma
 import os
+import sqlite3
 import stat
+import tarfile
+import zlib
 from collections.abc import Callable, Sequence
 from functools import wraps
 from pathlib import Path
@@ -23,17 +28,63 @@ def _fail(message: str, code: int = 1) -> typer.Exit:
     return typer.Exit(code)
 
 
+_DISK_FULL = "no space left on the device; free space (e.g. 'cvmfs-ml repo gc') and try again"
+# What a broken archive raises from the standard library when no layer below named the cause.
+_ARCHIVE_ERRORS = (tarfile.TarError, EOFError, zlib.error, lzma.LZMAError)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def describe_error(exc: BaseException) -> str | None:
+    """The one line a user sees for ``exc``, or None for an error that is a bug (a traceback)."""
+    if isinstance(exc, CvmfsMlError):
+        return _first_line(exc)
+    if isinstance(exc, OSError):
+        where = f"{exc.filename}: " if exc.filename else ""
+        if exc.errno == errno.ENOSPC:
+            return f"{where}{_DISK_FULL}"
+        if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            return f"{where}{exc.strerror}; check the owner and permissions (or run as its owner)"
+        if exc.errno == errno.EADDRINUSE:
+            return f"{exc.strerror}: choose another --port or stop the program using it"
+        if exc.strerror:
+            return f"{where}{exc.strerror}"
+        return _first_line(exc)
+    if isinstance(exc, sqlite3.Error):
+        if "disk is full" in str(exc):
+            return f"a database write failed: {_DISK_FULL}"
+        return f"database error: {_first_line(exc)}"
+    if isinstance(exc, UnicodeDecodeError):
+        return f"input that is not valid {exc.encoding} text ({exc.reason} at byte {exc.start})"
+    if isinstance(exc, UnicodeError):
+        return (
+            f"text that cannot be written in this encoding ({_first_line(exc)}); "
+            "use a UTF-8 locale (e.g. LC_ALL=C.UTF-8)"
+        )
+    if isinstance(exc, _ARCHIVE_ERRORS):
+        return f"corrupt or truncated archive: {_first_line(exc)}"
+    return None
+
+
 def friendly(func: F) -> F:
-    """Turn our errors (and missing files) into one line on stderr and exit code 1."""
+    """Turn errors with a known cause into one line on stderr and exit code 1.
+
+    The one place errors are mapped (docs/style.md): our own errors say what to do; operating
+    system, database, text-encoding and archive errors get their cause named here. Anything
+    else is a bug and keeps its traceback.
+    """
 
     @wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return func(*args, **kwargs)
-        except (CvmfsMlError, FileNotFoundError, NotADirectoryError, IsADirectoryError) as exc:
-            raise _fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from exc
         except BrokenPipeError:
             raise typer.Exit(0) from None
+        except (CvmfsMlError, OSError, sqlite3.Error, UnicodeError, *_ARCHIVE_ERRORS) as exc:
+            raise _fail(describe_error(exc) or _first_line(exc)) from exc
 
     return wrapper  # type: ignore[return-value]
 

@@ -102,6 +102,12 @@ def _check_tree(
         _check_counters(report, repo, catalog, where)
         _check_nested(report, repo, catalog, where)
         for entry in catalog.entries():
+            if entry.name == ".cvmfscatalog" and entry.path != f"{mountpoint}/.cvmfscatalog":
+                # swissknife_check.cc: a marker makes its directory a catalog root; one
+                # anywhere else means a nested catalog the publisher failed to create.
+                report.problems.append(
+                    f"{where}: {entry.path} is a .cvmfscatalog marker not at a catalog root"
+                )
             if entry.is_chunked:
                 try:
                     catalog.chunks(entry)

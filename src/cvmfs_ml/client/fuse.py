@@ -162,6 +162,8 @@ class CvmfsOperations(_OperationsBase):  # type: ignore[misc,valid-type]
         self._limiter = trio.CapacityLimiter(max(2, workers))
         self._paths: dict[int, str] = {pyfuse3.ROOT_INODE: ""}
         self._inodes: dict[str, int] = {"": pyfuse3.ROOT_INODE}
+        # Hard-link groups share one inode, as with upstream's client; a group lives in one
+        # directory and its id is unique in that directory's catalog (cvmfs-format.md §4.3).
         self._groups: dict[tuple[str, int], int] = {}
         self._entries: dict[int, DirectoryEntry] = {}
         self._next_inode = pyfuse3.ROOT_INODE + 1

@@ -33,7 +33,9 @@ __all__ = [
     "Flag",
     "NestedRef",
     "WritableCatalog",
+    "decode_text",
     "decode_xattrs",
+    "encode_text",
     "encode_xattrs",
     "parent_path",
 ]
@@ -98,6 +100,20 @@ class Flag(enum.IntFlag):
 _HASH_ALGO_SHIFT = 8
 _HASH_ALGO_MASK = 0x700
 _COMPRESSION_MASK = 0x3800
+
+
+def encode_text(text: str) -> bytes:
+    """A name or link target as stored: UTF-8, undecodable bytes (``surrogateescape``) kept.
+
+    Upstream stores names as the bytes the file system gave it; binding them as bytes and casting
+    to TEXT stores exactly those bytes, which Python's ``str`` binding would refuse.
+    """
+    return text.encode("utf-8", "surrogateescape")
+
+
+def decode_text(raw: bytes) -> str:
+    """Inverse of :func:`encode_text` (the connections' ``text_factory``)."""
+    return raw.decode("utf-8", "surrogateescape")
 
 
 def parent_path(path: str) -> str:
@@ -276,10 +292,6 @@ def _entry_from_row(path: str, row: tuple) -> DirectoryEntry:
     )
 
 
-def _decode_text(raw: bytes) -> str:
-    return raw.decode("utf-8", "surrogateescape")
-
-
 class Catalog:
     """A catalog file opened read-only.
 
@@ -287,16 +299,27 @@ class Catalog:
     ``mountpoint`` is the repository path of the catalog's root (``""`` for the root catalog).
     """
 
-    def __init__(self, path: Path | str, mountpoint: str | None = None, *, what: str = "") -> None:
+    def __init__(
+        self,
+        path: Path | str,
+        mountpoint: str | None = None,
+        *,
+        what: str = "",
+        raw: bytes | None = None,
+    ) -> None:
         self.file = Path(path)
         self.what = what or f"catalog {self.file.name}"
         self._lock = threading.Lock()
         try:
-            uri = f"file:{self.file}?mode=ro&immutable=1"
-            self._db = sqlite3.connect(uri, uri=True, check_same_thread=False)
+            if raw is None:
+                uri = f"file:{self.file}?mode=ro&immutable=1"
+                self._db = sqlite3.connect(uri, uri=True, check_same_thread=False)
+            else:  # held in memory: nothing touches the disk (gc on a full disk)
+                self._db = sqlite3.connect(":memory:", check_same_thread=False)
+                self._db.deserialize(raw)
             # Upstream stores names and link targets as raw bytes in TEXT columns: bytes that
             # are not UTF-8 come back as surrogates, and encode back to the same bytes.
-            self._db.text_factory = _decode_text
+            self._db.text_factory = decode_text
             self._properties = dict(self._db.execute("SELECT key, value FROM properties"))
             self._columns = {row[1] for row in self._db.execute("PRAGMA table_info(catalog)")}
         except sqlite3.DatabaseError as exc:
@@ -451,6 +474,7 @@ class WritableCatalog:
         self.file = path
         self.mountpoint = _normalise(mountpoint)
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self._db.text_factory = decode_text
         self._db.execute("PRAGMA journal_mode=DELETE")
         self._db.execute("BEGIN")
         self.dirty_dirs: set[str] = set()
@@ -495,7 +519,7 @@ class WritableCatalog:
         self._db.execute(
             "INSERT OR REPLACE INTO catalog (md5path_1, md5path_2, parent_1, parent_2, "
             "hardlinks, hash, size, mode, mtime, mtimens, flags, name, symlink, uid, gid, xattr) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, CAST(? AS TEXT), CAST(? AS TEXT), ?, ?, ?)",
             (
                 *key,
                 *parent,
@@ -506,8 +530,8 @@ class WritableCatalog:
                 entry.mtime,
                 entry.mtimens,
                 entry.flags,
-                entry.name,
-                entry.symlink,
+                encode_text(entry.name),
+                encode_text(entry.symlink),
                 entry.uid,
                 entry.gid,
                 encode_xattrs(entry.xattrs),
@@ -540,6 +564,46 @@ class WritableCatalog:
             [(*key, c.offset, c.size, c.digest.raw) for c in chunks],
         )
 
+    def chunk_list(self, path: str) -> list[Chunk]:
+        rows = self._db.execute(
+            "SELECT offset, size, hash FROM chunks WHERE md5path_1 = ? AND md5path_2 = ? "
+            "ORDER BY offset",
+            md5_pair(_normalise(path)),
+        ).fetchall()
+        entry = self.lookup(path)
+        algorithm = entry.hash_algorithm if entry is not None else Algorithm.SHA1
+        return [Chunk(offset, size, Digest(algorithm, bytes(blob))) for offset, size, blob in rows]
+
+    def move_below(
+        self, path: str, other: WritableCatalog, *, group_offset: int = 0
+    ) -> list[NestedRef]:
+        """Move every row below ``path`` (not ``path`` itself) to ``other``.
+
+        Splits a directory off into a new nested catalog, or merges one into its parent
+        (``group_offset`` then shifts hard-link group ids past the parent's own). Returns the
+        nested catalogs that moved along (their ``nested_catalogs`` rows now live in ``other``).
+        """
+        path = _normalise(path)
+        refs = [ref for ref in self.nested_refs() if ref.path.startswith(path + "/")]
+        stack = [path]
+        while stack:
+            current = stack.pop()
+            for entry in self.children(current):
+                if entry.hardlink_group and group_offset:
+                    entry = replace(entry, hardlinks=entry.hardlinks + (group_offset << 32))
+                other.put(entry)
+                if entry.is_chunked:
+                    other.put_chunks(entry.path, self.chunk_list(entry.path))
+                if entry.is_dir and not entry.is_nested_mountpoint:
+                    stack.append(entry.path)
+        for ref in refs:
+            other.set_nested(ref)
+        root = self.lookup(path)
+        self.remove(path)
+        if root is not None:
+            self.put(root)
+        return refs
+
     def remove(self, path: str) -> list[NestedRef]:
         """Remove ``path`` and everything below it in this catalog.
 
@@ -568,19 +632,33 @@ class WritableCatalog:
             self._db.execute("DELETE FROM chunks WHERE md5path_1 = ? AND md5path_2 = ?", key)
             self._db.execute("DELETE FROM catalog WHERE md5path_1 = ? AND md5path_2 = ?", key)
         for ref in removed_refs:
-            self._db.execute("DELETE FROM nested_catalogs WHERE path = ?", (ref.path,))
+            self._db.execute(
+                "DELETE FROM nested_catalogs WHERE path = CAST(? AS TEXT)", (encode_text(ref.path),)
+            )
         self.dirty_dirs.add(parent_path(path))
         return removed_refs
 
     # -- nested catalogs ----------------------------------------------------------------------
+    def drop_nested(self, path: str) -> None:
+        """Forget the nested catalog reference at ``path`` (its rows were merged here)."""
+        self._db.execute(
+            "DELETE FROM nested_catalogs WHERE path = CAST(? AS TEXT)", (encode_text(path),)
+        )
+
+    def max_hardlink_group(self) -> int:
+        """The highest hard-link group id in this catalog (0: none); new groups take the next."""
+        (group,) = self._db.execute("SELECT MAX(hardlinks >> 32) FROM catalog").fetchone()
+        return int(group or 0)
+
     def nested_refs(self) -> list[NestedRef]:
         rows = self._db.execute("SELECT path, sha1, size FROM nested_catalogs").fetchall()
         return [NestedRef(p, Digest.from_hex(h), int(s or 0)) for p, h, s in rows]
 
     def set_nested(self, ref: NestedRef) -> None:
         self._db.execute(
-            "INSERT OR REPLACE INTO nested_catalogs (path, sha1, size) VALUES (?, ?, ?)",
-            (ref.path, ref.digest.hex, ref.size),
+            "INSERT OR REPLACE INTO nested_catalogs (path, sha1, size) "
+            "VALUES (CAST(? AS TEXT), ?, ?)",
+            (encode_text(ref.path), ref.digest.hex, ref.size),
         )
 
     # -- properties and counters --------------------------------------------------------------
@@ -600,7 +678,8 @@ class WritableCatalog:
         """Directories touched in this transaction get linkcount 2 + number of subdirectories."""
         for directory in sorted(self.dirty_dirs):
             entry = self.lookup(directory)
-            if entry is None or not entry.is_dir:
+            # A mount point's subdirectories live in its nested catalog, which set the count.
+            if entry is None or not entry.is_dir or entry.is_nested_mountpoint:
                 continue
             (subdirs,) = self._db.execute(
                 "SELECT count(*) FROM catalog WHERE parent_1 = ? AND parent_2 = ? AND (flags & 1)"

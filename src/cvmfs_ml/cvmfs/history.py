@@ -77,6 +77,21 @@ class Tag:
     """``''`` is the trunk, the only branch stock tools create."""
 
 
+def _checked_columns(db: sqlite3.Connection, target: object) -> frozenset[str]:
+    """The tags table's columns, after checking the schema (closes ``db`` on a bad one)."""
+    try:
+        schema = _property(db, "schema", f"history {target}")
+        if schema is None or _schema_version(schema) != float(SCHEMA):
+            raise FormatError(f"history {target}", f"schema {schema!r}, expected {SCHEMA}")
+        columns = frozenset(row[1] for row in db.execute("PRAGMA table_info(tags)"))
+        if not {"name", "hash", "revision", "timestamp"} <= columns:
+            raise FormatError(f"history {target}", "no usable tags table")
+    except BaseException:
+        db.close()
+        raise
+    return columns
+
+
 class HistoryDb:
     """An open tag database. Use :meth:`create` or :meth:`open`; close it (or use ``with``).
 
@@ -150,17 +165,18 @@ class HistoryDb:
         db = sqlite3.connect(
             f"{target.resolve().as_uri()}?mode={mode}", uri=True, isolation_level=None
         )
+        return cls(db, target, writable=writable, columns=_checked_columns(db, target))
+
+    @classmethod
+    def from_bytes(cls, raw: bytes, what: str = "history") -> HistoryDb:
+        """A read-only database held in memory: nothing touches the disk (gc on a full disk)."""
+        db = sqlite3.connect(":memory:", isolation_level=None)
         try:
-            schema = _property(db, "schema", f"history {target}")
-            if schema is None or _schema_version(schema) != float(SCHEMA):
-                raise FormatError(f"history {target}", f"schema {schema!r}, expected {SCHEMA}")
-            columns = frozenset(row[1] for row in db.execute("PRAGMA table_info(tags)"))
-            if not {"name", "hash", "revision", "timestamp"} <= columns:
-                raise FormatError(f"history {target}", "no usable tags table")
-        except BaseException:
+            db.deserialize(raw)
+        except sqlite3.DatabaseError as exc:
             db.close()
-            raise
-        return cls(db, target, writable=writable, columns=columns)
+            raise FormatError(what, f"not a history database: {exc}") from exc
+        return cls(db, Path(what), writable=False, columns=_checked_columns(db, what))
 
     def close(self) -> None:
         """Close the file; every write is already committed."""

@@ -7,15 +7,14 @@ under the publisher lock, so no transaction writes objects while the sweep decid
 
 from __future__ import annotations
 
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 
 from cvmfs_ml.cvmfs.catalog import Catalog, referenced_objects, walk_catalog_tree
 from cvmfs_ml.cvmfs.hashing import Digest
 from cvmfs_ml.cvmfs.objects import ObjectKind, object_path
-from cvmfs_ml.errors import PublishError
+from cvmfs_ml.errors import NotFoundError, PublishError
 from cvmfs_ml.publish.repository import Publisher
+from cvmfs_ml.storage.info import STATUS_JSON, date_utc, updated_status
 
 __all__ = ["GcProgress", "GcReport", "collect_garbage"]
 
@@ -49,7 +48,10 @@ def collect_garbage(
         )
     store = publisher.store
     progress = progress if progress is not None else GcProgress()
-    with publisher.lock(), tempfile.TemporaryDirectory(dir=store.staging_dir()) as tmp:
+    # Nothing here writes to the disk before the deleting is done: the lock's recovery deletes
+    # staging leftovers first, and catalogs and history are read into memory, so gc works on
+    # the full disk it is meant to relieve (issue 9).
+    with publisher.lock():
         manifest = publisher.manifest()
         tags = publisher.tags()
         roots = {manifest.catalog}
@@ -71,11 +73,8 @@ def collect_garbage(
         opened: list[Catalog] = []
 
         def load(mountpoint: str, digest: Digest) -> Catalog:
-            path = Path(tmp) / f"{digest.hex}.db"
-            if not path.exists():
-                with path.open("wb") as out:
-                    store.fetch_into(object_path(digest, ObjectKind.CATALOG), digest, True, out)
-            catalog = Catalog(path, mountpoint)
+            raw = store.fetch(object_path(digest, ObjectKind.CATALOG), digest, compressed=True)
+            catalog = Catalog(f"{digest.hex}.db", mountpoint, raw=raw)
             opened.append(catalog)
             return catalog
 
@@ -104,4 +103,10 @@ def collect_garbage(
                 bytes_removed += size
         if not dry_run:
             store.remove_many(doomed)
+            # what cvmfs_server gc records for monitors (update_repo_status)
+            try:
+                existing: bytes | None = store.get_bytes(STATUS_JSON)
+            except NotFoundError:
+                existing = None
+            store.put_bytes(STATUS_JSON, updated_status(existing, last_gc=date_utc()))
         return GcReport(len(keep), len(doomed), bytes_removed, dry_run, bytes_kept, older_tags)

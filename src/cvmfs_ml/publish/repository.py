@@ -30,15 +30,18 @@ from cvmfs_ml.cvmfs.hashing import Digest, hash_bytes
 from cvmfs_ml.cvmfs.history import TRUNK, TRUNK_PREVIOUS, HistoryDb, Tag
 from cvmfs_ml.cvmfs.keys import KeySet
 from cvmfs_ml.cvmfs.manifest import Manifest, sign_manifest
+from cvmfs_ml.cvmfs.names import validate_fqrn
 from cvmfs_ml.cvmfs.objects import ObjectKind, deflate, object_path
 from cvmfs_ml.cvmfs.reflog import Reflog, RefType
 from cvmfs_ml.cvmfs.whitelist import make_whitelist
 from cvmfs_ml.errors import ConfigError, LockedError, NotFoundError, PublishError
+from cvmfs_ml.publish.archive import read_tar_plan
 from cvmfs_ml.publish.dirtab import Dirtab
 from cvmfs_ml.publish.filecache import FileCache
 from cvmfs_ml.publish.ingest import ContentPipeline, IngestStats, PendingFile
 from cvmfs_ml.publish.settings import PublishSettings, load_settings, save_settings
 from cvmfs_ml.publish.sources import SourceItem, join_repo_path, scan_folder, scan_tarball
+from cvmfs_ml.publish.tree import TreeEditor, lookup
 from cvmfs_ml.publish.workspace import CatalogWorkspace
 from cvmfs_ml.storage.base import ObjectStore, is_s3_location, open_store
 
@@ -91,6 +94,7 @@ def create_repository(
     ``root`` may be ``s3://BUCKET[/PREFIX]`` (then ``keys_dir`` is required and ``s3_config``
     holds the ``CVMFS_S3_*`` settings, default the environment).
     """
+    validate_fqrn(fqrn)
     if is_s3_location(str(root)):
         location: str | Path = f"{str(root).rstrip('/')}/{fqrn}"
         if keys_dir is None:
@@ -378,14 +382,12 @@ class Publisher:
         manifest = self.manifest()
         if manifest.history is None:
             return []
-        with tempfile.TemporaryDirectory() as tmp:
-            history = HistoryDb.open(
-                self._materialise(manifest.history, ObjectKind.HISTORY, Path(tmp))
-            )
-            try:
-                return list(history.tags())
-            finally:
-                history.close()
+        # In memory: nothing is written, so gc can read the tags on a full disk.
+        raw = self.store.fetch(
+            object_path(manifest.history, ObjectKind.HISTORY), manifest.history, compressed=True
+        )
+        with HistoryDb.from_bytes(raw, f"history {manifest.history.hex}") as history:
+            return list(history.tags())
 
     def tag(self, name: str, description: str = "", *, revision_of: str | None = None) -> Manifest:
         """Add (or move) a named tag to the current revision, or to tag ``revision_of``."""
@@ -486,9 +488,10 @@ class Transaction:
 
     def add_tarball(self, tarball: Path, at: str = "/", *, nested_catalog: bool = False) -> None:
         """Unpack ``tarball`` at ``at``; unsafe members refuse the whole tarball."""
-        items = list(scan_tarball(Path(tarball), at))  # validates before anything is written
-        del items
-        self._ops.append(("items", (lambda: scan_tarball(Path(tarball), at), at, nested_catalog)))
+        plan = read_tar_plan(Path(tarball), at)  # the whole archive, before anything is written
+        self._ops.append(
+            ("items", (lambda: scan_tarball(Path(tarball), at, plan), at, nested_catalog))
+        )
 
     def add_items(
         self,
@@ -571,7 +574,7 @@ class Transaction:
             with pipeline:
                 for kind, payload in self._ops:
                     if kind == "remove":
-                        if _lookup(workspace, payload) is None:  # type: ignore[arg-type]
+                        if lookup(workspace, payload) is None:  # type: ignore[arg-type]
                             raise PublishError(f"cannot remove {payload}: no such path")
                         workspace.remove(payload)  # type: ignore[arg-type]
                     else:
@@ -629,11 +632,21 @@ class Transaction:
         nested_root: bool,
     ) -> None:
         base = join_repo_path(at, "")
-        _ensure_parents(workspace, base)
+        editor = TreeEditor(workspace)
+        editor.ensure_parents(base)
         # Content first (one pass over every byte, in parallel); rows once all is stored.
         staged: list[tuple[SourceItem, PendingFile | None]] = []
+        by_path: dict[str, PendingFile] = {}
         for item in items:
-            staged.append((item, pipeline.add(item) if item.is_regular else None))
+            if item.same_as:  # a hard link: the content of a file added before it
+                if item.same_as not in by_path:
+                    raise PublishError(f"{item.path}: hard link to {item.same_as}, not added")
+                staged.append((item, by_path[item.same_as]))
+            elif item.is_regular:
+                by_path[item.path] = pipeline.add(item)
+                staged.append((item, by_path[item.path]))
+            else:
+                staged.append((item, None))
         markers = {
             parent_path(i.path) for i, _ in staged if i.path.endswith("/" + MARKER) and i.is_regular
         }
@@ -647,7 +660,7 @@ class Transaction:
             nested |= {i.path for i, _ in staged if i.is_dir and i.path and dirtab.matches(i.path)}
         virtual_markers = nested - markers
         for item, pending in staged:
-            _put_item(workspace, item, pending, nested_root=item.path in nested)
+            editor.put(item, pending, nested_root=item.path in nested)
             if item.path in virtual_markers:
                 # Upstream creates an empty marker in each directory the dirtab selects.
                 marker = SourceItem(
@@ -657,7 +670,9 @@ class Transaction:
                     size=0,
                     open=lambda: io.BytesIO(b""),
                 )
-                _put_item(workspace, marker, pipeline.add(marker), nested_root=False)
+                editor.put(marker, pipeline.add(marker), nested_root=False)
+        for path in sorted(nested):
+            editor.make_catalog_root(path)
 
     def _dirtab(
         self, workspace: CatalogWorkspace, staged: list[tuple[SourceItem, PendingFile | None]]
@@ -665,76 +680,9 @@ class Transaction:
         for item, _ in staged:
             if item.path == DIRTAB and item.open is not None:
                 with item.open() as handle:
-                    return Dirtab.parse(handle.read().decode())
+                    raw = handle.read(1 << 20)
+                try:
+                    return Dirtab.parse(raw.decode())
+                except UnicodeDecodeError as exc:
+                    raise PublishError(f"{DIRTAB}: not UTF-8 text ({exc.reason})") from exc
         return None
-
-
-def _lookup(workspace: CatalogWorkspace, path: str) -> DirectoryEntry | None:
-    return workspace.catalog_for(path).lookup(path)
-
-
-def _ensure_parents(workspace: CatalogWorkspace, path: str) -> None:
-    """Create missing parent directories of ``path`` with mode 0755 (as ``ingest`` does)."""
-    missing = []
-    parent = parent_path(path) if path else None
-    while parent is not None and _lookup(workspace, parent) is None:
-        missing.append(parent)
-        parent = parent_path(parent) if parent else None
-    now = int(time.time())
-    for directory in reversed(missing):
-        entry = DirectoryEntry(
-            path=directory, mode=stat.S_IFDIR | 0o755, size=4096, mtime=now, hardlinks=2, flags=1
-        )
-        workspace.catalog_for(directory).put(entry)
-
-
-def _put_item(
-    workspace: CatalogWorkspace, item: SourceItem, pending: PendingFile | None, *, nested_root: bool
-) -> None:
-    path = item.path
-    catalog = workspace.catalog_for(path)
-    existing = catalog.lookup(path)
-    if existing is not None and not (existing.is_dir and item.is_dir):
-        if path == "":
-            raise PublishError("the repository root must stay a directory")
-        workspace.remove(path)
-        catalog = workspace.catalog_for(path)
-        existing = None
-    content = pending.result() if pending is not None else None
-    algorithm = workspace.algorithm
-    entry = DirectoryEntry(
-        path=path,
-        mode=item.mode,
-        size=item.rdev if (item.rdev and not item.is_dir) else item.size,
-        mtime=item.mtime,
-        uid=item.uid,
-        gid=item.gid,
-        symlink=item.symlink,
-        xattrs=item.xattrs,
-        hardlinks=2 if item.is_dir else 1,
-    )
-    if content is not None:
-        entry = replace(
-            entry,
-            size=content.size,
-            digest=content.digest,
-            flags=DirectoryEntry.make_flags(
-                item.mode,
-                chunked=content.is_chunked,
-                compressed=content.compressed,
-                algorithm=algorithm,
-                has_hash=content.digest is not None,
-            ),
-        )
-    else:
-        entry = replace(entry, flags=DirectoryEntry.make_flags(item.mode))
-    if existing is not None:  # a directory that stays: keep its flags and link count
-        entry = replace(entry, flags=existing.flags, hardlinks=existing.hardlinks)
-        catalog.put(entry)
-        return
-    if item.is_dir and nested_root and path:
-        workspace.create_nested(entry)
-        return
-    catalog.put(entry)
-    if content is not None and content.is_chunked:
-        catalog.put_chunks(path, content.chunks)

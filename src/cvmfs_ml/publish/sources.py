@@ -1,16 +1,15 @@
 """What a transaction adds: entries scanned from a folder or read from a tarball.
 
 Both sources yield :class:`SourceItem` values in an order where every directory comes before its
-contents. Tarballs are untrusted input: absolute names, ``..`` components, symlinks or hard links
-that escape the tree, and device files are refused with :class:`UnsafeInputError` *before*
-anything is written.
+contents. Tarballs are untrusted input, validated whole by :mod:`cvmfs_ml.publish.archive`
+*before* anything is written (stream read to its end, names, limits, links); a refusal is an
+:class:`UnsafeInputError`. Names are ``str`` holding their original bytes (``surrogateescape``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import posixpath
 import stat
 import tarfile
 import time
@@ -20,6 +19,16 @@ from pathlib import Path
 from typing import BinaryIO
 
 from cvmfs_ml.errors import UnsafeInputError
+from cvmfs_ml.publish.archive import (
+    STREAM_ERRORS,
+    ArchiveMember,
+    TarPlan,
+    check_name_limits,
+    encoded,
+    open_tar,
+    read_tar_plan,
+    verify_end,
+)
 from cvmfs_ml.publish.filecache import FileKey
 
 __all__ = ["SourceItem", "join_repo_path", "scan_folder", "scan_tarball"]
@@ -40,6 +49,9 @@ class SourceItem:
     xattrs: dict[bytes, bytes] = field(default_factory=dict)
     open: Callable[[], BinaryIO] | None = None  # regular files only
     file_key: FileKey | None = None  # local files: lets an unchanged file skip re-reading
+    same_as: str = ""  # a hard link: the path of the file (added earlier) whose content it has
+    link_group: str = ""  # files of one hard-link group share this key (one directory only)
+    link_count: int = 1  # members in that group
 
     @property
     def is_dir(self) -> bool:
@@ -55,11 +67,19 @@ def join_repo_path(base: str, relative: str) -> str:
     parts = [p for p in f"{base}/{relative}".split("/") if p not in ("", ".")]
     if ".." in parts:
         raise UnsafeInputError(f"{base}/{relative}", "'..' in a repository path")
-    return "/" + "/".join(parts) if parts else ""
+    path = "/" + "/".join(parts) if parts else ""
+    check_name_limits(path, path)
+    return path
+
+
+_XATTR_MAX = 255  # bytes per name and per value: the catalog's 1-byte length fields (§4.6)
 
 
 def _user_xattrs(path: str) -> dict[bytes, bytes]:
-    """``user.*`` attributes only: security/system ones describe the publisher's machine."""
+    """``user.*`` attributes only: security/system ones describe the publisher's machine.
+
+    Checked here, before anything is written, against what a catalog can hold.
+    """
     out: dict[bytes, bytes] = {}
     try:
         names = os.listxattr(path, follow_symlinks=False)
@@ -69,7 +89,16 @@ def _user_xattrs(path: str) -> dict[bytes, bytes]:
         if not name.startswith("user."):
             continue
         with contextlib.suppress(OSError):
-            out[name.encode()] = os.getxattr(path, name, follow_symlinks=False)
+            key, value = os.fsencode(name), os.getxattr(path, name, follow_symlinks=False)
+            if len(key) > _XATTR_MAX or len(value) > _XATTR_MAX:
+                raise UnsafeInputError(
+                    path,
+                    f"extended attribute {name} ({len(value)} bytes) exceeds the {_XATTR_MAX} "
+                    "bytes a catalog can hold; remove it or publish without extended attributes",
+                )
+            out[key] = value
+    if len(out) > _XATTR_MAX:
+        raise UnsafeInputError(path, f"{len(out)} extended attributes, at most {_XATTR_MAX} fit")
     return out
 
 
@@ -89,6 +118,7 @@ def scan_folder(src: Path, at: str = "", *, include_xattrs: bool = True) -> Iter
         raise UnsafeInputError(str(src), "not a folder")
 
     def item(path: str, st: os.stat_result, repo_path: str) -> SourceItem:
+        check_name_limits(repo_path, path)
         mode = st.st_mode
         result = SourceItem(
             path=repo_path,
@@ -127,90 +157,90 @@ def scan_folder(src: Path, at: str = "", *, include_xattrs: bool = True) -> Iter
                 stack.append((entry.path, repo_path))
 
 
-def _check_member(member: tarfile.TarInfo) -> str:
-    """The member's normalised relative name, or :class:`UnsafeInputError`."""
-    name = member.name
-    if name.startswith("/") or (len(name) > 1 and name[1] == ":"):
-        raise UnsafeInputError(name, "absolute path in tarball")
-    parts = [p for p in name.split("/") if p not in ("", ".")]
-    if ".." in parts:
-        raise UnsafeInputError(name, "'..' in tarball path")
-    relative = "/".join(parts)
-    if member.ischr() or member.isblk():
-        raise UnsafeInputError(name, "device file in tarball")
-    if member.issym():
-        target = member.linkname
-        if target.startswith("/"):
-            raise UnsafeInputError(name, f"symlink to absolute path {target!r}")
-        resolved = posixpath.normpath(posixpath.join(posixpath.dirname(relative), target))
-        if resolved == ".." or resolved.startswith("../"):
-            raise UnsafeInputError(name, f"symlink {target!r} escapes the tree")
-    if member.islnk():
-        target = posixpath.normpath(member.linkname)
-        if target.startswith(("/", "../")) or target == "..":
-            raise UnsafeInputError(name, f"hard link to {member.linkname!r} escapes the tree")
-    return relative
+def scan_tarball(path: Path, at: str = "", plan: TarPlan | None = None) -> Iterator[SourceItem]:
+    """Yield the entries of a (possibly compressed) tarball, validated by :func:`read_tar_plan`.
 
-
-def scan_tarball(path: Path, at: str = "") -> Iterator[SourceItem]:
-    """Validate every member of a (possibly compressed) tarball, then yield its entries.
-
-    Validation runs over the whole archive first, so a bad member late in the archive refuses the
-    tarball before any content is processed. Parent directories missing from the archive are
-    created with mode 0755, as ``cvmfs_server ingest`` does.
+    Validation reads the whole archive first (``plan``, made here when not given), so a bad
+    member or a broken stream anywhere refuses the tarball before any content is processed; this
+    second pass checks that it reads the same members, and the stream's end and checksum again,
+    so an archive changed in between fails instead of publishing other bytes. Parent
+    directories missing from the archive are created with mode 0755, as ``cvmfs_server ingest``
+    does. Hard links keep their group (:attr:`SourceItem.link_group`); their content is read once.
     """
-    with tarfile.open(path, "r:*") as archive:
-        members = archive.getmembers()
-        names = {}
-        for member in members:
-            names[member.name] = _check_member(member)
+    path = Path(path)
+    plan = plan if plan is not None else read_tar_plan(path, at)
     now = int(time.time())
-    # Reopen for sequential extraction: extractfile on a compressed stream reads forward.
-    archive = tarfile.open(path, "r:*")  # noqa: SIM115 - closed when the generator ends
-    try:
-        seen_dirs = {join_repo_path(at, "")}
-        by_name = {m.name: m for m in members}
-        yield SourceItem(
-            path=join_repo_path(at, ""), mode=stat.S_IFDIR | 0o755, mtime=now, size=4096
-        )
-        for member in members:
-            relative = names[member.name]
-            if not relative:
-                continue
-            repo_path = join_repo_path(at, relative)
-            parents = []
-            parent = repo_path[: repo_path.rfind("/")]
-            while parent and parent not in seen_dirs:
-                parents.append(parent)
-                parent = parent[: parent.rfind("/")]
-            for missing in reversed(parents):
-                seen_dirs.add(missing)
-                yield SourceItem(path=missing, mode=stat.S_IFDIR | 0o755, mtime=now, size=4096)
-            target = member
-            if member.islnk():  # a hard link is published as a copy of its target
-                linked = by_name.get(member.linkname) or by_name.get("./" + member.linkname)
-                if linked is None or not linked.isreg():
-                    raise UnsafeInputError(member.name, "hard link to a missing member")
-                target = linked
-            item = SourceItem(
-                path=repo_path,
-                mode=(target.mode & 0o7777) | _tar_type(target),
-                mtime=int(member.mtime),
-                uid=member.uid,
-                gid=member.gid,
-            )
-            if target.isreg():
-                item.size = target.size
-                item.open = _tar_opener(archive, target)
-            elif member.issym():
-                item.symlink = member.linkname
-                item.size = len(member.linkname.encode())
-            elif member.isdir():
-                item.size = 4096
-                seen_dirs.add(repo_path)
-            yield item
-    finally:
-        archive.close()
+    base = join_repo_path(at, "")
+    with open_tar(path) as archive:
+        seen_dirs = {base}
+        yield SourceItem(path=base, mode=stat.S_IFDIR | 0o755, mtime=now, size=4096)
+        expected = iter(plan.members)
+        leaders: dict[str, tarfile.TarInfo] = {}
+        try:
+            for info in archive:
+                member = next(expected, None)
+                if member is None or (member.info.name, member.info.type, member.info.size) != (
+                    info.name,
+                    info.type,
+                    info.size,
+                ):
+                    raise UnsafeInputError(str(path), "the archive changed while it was published")
+                if info.isreg():
+                    leaders[member.name] = info
+                if not member.name:
+                    continue
+                repo_path = join_repo_path(base, member.name)
+                missing = []
+                parent = repo_path[: repo_path.rfind("/")]
+                while parent and parent not in seen_dirs:
+                    missing.append(parent)
+                    parent = parent[: parent.rfind("/")]
+                for directory in reversed(missing):
+                    seen_dirs.add(directory)
+                    yield SourceItem(
+                        path=directory, mode=stat.S_IFDIR | 0o755, mtime=now, size=4096
+                    )
+                yield _tar_item(archive, member, repo_path, base, leaders)
+                if info.isdir():
+                    seen_dirs.add(repo_path)
+        except STREAM_ERRORS as exc:
+            if isinstance(exc, UnsafeInputError):
+                raise
+            raise UnsafeInputError(str(path), f"corrupt or truncated archive ({exc})") from exc
+        if next(expected, None) is not None:
+            raise UnsafeInputError(str(path), "the archive changed while it was published")
+        verify_end(archive, path)
+
+
+def _tar_item(
+    archive: tarfile.TarFile,
+    member: ArchiveMember,
+    repo_path: str,
+    base: str,
+    leaders: dict[str, tarfile.TarInfo],
+) -> SourceItem:
+    info = leaders[member.same_as] if member.same_as else member.info
+    item = SourceItem(
+        path=repo_path,
+        mode=(info.mode & 0o7777) | _tar_type(info),
+        mtime=int(info.mtime),
+        uid=info.uid,
+        gid=info.gid,
+    )
+    if info.isreg():
+        item.size = info.size
+        item.link_count = member.link_count
+        item.link_group = member.link_group if member.link_count > 1 else ""
+        if member.same_as:
+            item.same_as = join_repo_path(base, member.same_as)
+        else:
+            item.open = _tar_opener(archive, info)
+    elif info.issym():
+        item.symlink = info.linkname
+        item.size = len(encoded(info.linkname))
+    elif info.isdir():
+        item.size = 4096
+    return item
 
 
 def _tar_type(member: tarfile.TarInfo) -> int:

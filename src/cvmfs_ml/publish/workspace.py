@@ -20,6 +20,7 @@ from cvmfs_ml.cvmfs.catalog import (
     Flag,
     NestedRef,
     WritableCatalog,
+    parent_path,
     totals,
 )
 from cvmfs_ml.cvmfs.hashing import Algorithm, Digest
@@ -28,6 +29,8 @@ from cvmfs_ml.errors import PublishError
 from cvmfs_ml.storage.base import ObjectStore
 
 __all__ = ["CatalogWorkspace", "CommittedCatalog"]
+
+MARKER = ".cvmfscatalog"
 
 
 @dataclass
@@ -61,6 +64,7 @@ class CatalogWorkspace:
         self._open: dict[str, _Open] = {}
         self._readonly: dict[str, Catalog] = {}
         self._counter = 0
+        self._unmarked: set[str] = set()  # catalog roots whose .cvmfscatalog was removed
 
     def _txn_dir(self) -> Path:
         return self.store.staging_dir()
@@ -162,8 +166,69 @@ class CatalogWorkspace:
         self._open[entry.path] = _Open(child, None, 0, {}, parent=parent.mountpoint)
         return child
 
+    def split(self, path: str) -> WritableCatalog:
+        """Turn the plain directory ``path`` into the root of a new nested catalog.
+
+        What upstream does when a ``.cvmfscatalog`` appears in an existing directory
+        (catalog_rw.cc, Partition): the rows below move to the new catalog, the directory's row
+        becomes a mount point, and nested catalogs below it are re-parented, their subtree
+        counters moving with them.
+        """
+        parent = self.catalog_for(path)
+        root_entry = parent.lookup(path)
+        if root_entry is None or not root_entry.is_dir or parent.mountpoint == path:
+            raise PublishError(f"{path} is not a plain directory; cannot make it a catalog root")
+        owner = self._open[parent.mountpoint]
+        child = WritableCatalog.create(self._temp_path(), root_entry, nested=True)
+        item = _Open(child, None, 0, {}, parent=parent.mountpoint)
+        for ref in parent.move_below(path, child):
+            moved = totals(self.readonly(ref.path, ref.digest).statistics())
+            self._subtract(owner, moved)
+            for key, value in moved.items():
+                item.delta[key] = item.delta.get(key, 0) + value
+        for mountpoint, other in self._open.items():
+            if other.parent == parent.mountpoint and mountpoint.startswith(path + "/"):
+                other.parent = path
+        parent.put(replace(root_entry, flags=int(Flag.DIR | Flag.NESTED_MOUNTPOINT)))
+        self._open[path] = item
+        return child
+
+    def merge(self, path: str) -> None:
+        """Fold the nested catalog at ``path`` back into its parent (its marker was removed).
+
+        The inverse of :meth:`split`, as upstream does when a ``.cvmfscatalog`` is deleted: the
+        rows move up, the mount point becomes a plain directory, and nested catalogs below are
+        re-parented, their subtree counters moving with them.
+        """
+        child = self.catalog_for(path)
+        if path == "" or child.mountpoint != path:
+            raise PublishError(f"{path or '/'} is not a nested catalog root")
+        item = self._open[path]
+        owner = self._open[item.parent or ""]
+        parent = owner.writable
+        root_entry = child.lookup(path)
+        assert root_entry is not None
+        # Hard-link group ids are per catalog: the child's move past the parent's own.
+        offset = parent.max_hardlink_group()
+        for ref in child.move_below(path, parent, group_offset=offset):
+            moved = totals(self.readonly(ref.path, ref.digest).statistics())
+            for key, value in moved.items():
+                owner.delta[key] = owner.delta.get(key, 0) + value
+        if item.previous is not None:  # its published totals leave the parent's subtree
+            self._subtract(owner, item.old_counters)
+        for other in self._open.values():
+            if other.parent == path:
+                other.parent = parent.mountpoint
+        parent.drop_nested(path)
+        parent.put(replace(root_entry, flags=int(Flag.DIR)))
+        parent.dirty_dirs.add(path)  # its link count now comes from rows in this catalog
+        del self._open[path]
+        child.abort()
+
     def remove(self, path: str) -> None:
         """Remove ``path`` and everything below, nested catalogs included."""
+        if path.endswith("/" + MARKER):
+            self._unmarked.add(parent_path(path))
         catalog = self.catalog_for(path)
         if catalog.mountpoint == path and path != "":
             # A whole nested catalog: drop its mount point row and reference from the parent.
@@ -191,6 +256,11 @@ class CatalogWorkspace:
     def commit(self, *, now: int, ttl: int) -> CommittedCatalog:
         """Finalise and store every dirty catalog, deepest first; returns the new root."""
         self.root()
+        for path in sorted(self._unmarked, key=lambda m: (-m.count("/"), m)):
+            catalog = self.catalog_for(path)
+            if path and catalog.mountpoint == path and catalog.lookup(f"{path}/{MARKER}") is None:
+                self.merge(path)
+        self._unmarked.clear()
         for mountpoint in sorted(self._open, key=lambda m: (-m.count("/"), m)):
             if mountpoint == "":
                 continue

@@ -5,8 +5,12 @@ A CVMFS repository is a folder of static files, so any web server can act as its
 repository, and tests can serve one, with nothing but Python installed. It behaves like the
 nginx configuration on the points clients and proxies depend on (cvmfs-format.md §1, §11):
 
-* ``ROOT/<fqrn>/<path>`` is served at ``/cvmfs/<fqrn>/<path>``; nothing else is served, and a
-  path that leaves ROOT (``..``, or a symlink whose target is outside) gets 404;
+* ``ROOT/<fqrn>/<path>`` is served at ``/cvmfs/<fqrn>/<path>`` when ``ROOT/<fqrn>`` is a
+  repository (holds ``.cvmfspublished``); nothing else is served: a path that leaves the
+  repository's folder (``..``, or a symlink whose target is outside), key files (``*.key``,
+  ``*.masterkey``, ``*.crt``) and the staging area ``data/txn`` get 404 (issue 9);
+* ``/cvmfs/info/v1/repositories.json`` and ``meta.json`` are generated for monitors, in
+  upstream's shapes (storage/info.py);
 * ``Cache-Control: max-age=61`` for ``.cvmfs*`` files (they change on every publish, and Squid
   does not cache anything valid for 60 s or less), ``max-age=259200`` for the immutable ``data/``
   objects, 61 s for anything else;
@@ -41,8 +45,15 @@ from typing import IO, Self
 from urllib.parse import unquote, urlsplit
 
 from cvmfs_ml.errors import ConfigError
+from cvmfs_ml.storage.info import INFO_PREFIX, info_document
 
-__all__ = ["RepositoryServer", "RequestRecord", "cache_headers", "parse_range"]
+__all__ = [
+    "RepositoryServer",
+    "RequestRecord",
+    "cache_headers",
+    "parse_range",
+    "private_keys_under",
+]
 
 # Cache lifetimes of upstream's Stratum 1 configuration (cvmfs-format.md §11).
 MUTABLE_MAX_AGE = 61
@@ -277,8 +288,17 @@ class RepositoryServer:
         parts = path[len(prefix) :].split("/")
         if len(parts) < 2 or any(part in ("", ".", "..") for part in parts):
             return None
-        real = os.path.realpath(os.path.join(self.real_root, *parts))
-        if os.path.commonpath([real, self.real_root]) != self.real_root or real == self.real_root:
+        # Only repositories are served: ROOT/<fqrn> must hold a manifest, and the file must
+        # stay inside that folder, so keys or anything else that sits under ROOT never leaks.
+        repo = os.path.realpath(os.path.join(self.real_root, parts[0]))
+        if not _inside(repo, self.real_root) or not os.path.isfile(
+            os.path.join(repo, ".cvmfspublished")
+        ):
+            return None
+        real = os.path.realpath(os.path.join(repo, *parts[1:]))
+        if not _inside(real, repo) or parts[1:3] == ["data", "txn"]:
+            return None  # data/txn: a publisher's staging area, not published objects
+        if _is_private_key(parts[-1]) or _is_private_key(os.path.basename(real)):
             return None
         return Path(real), parts[-1], parts[1] == "data"
 
@@ -309,6 +329,36 @@ class RepositoryServer:
                 )
         if self.on_request is not None:
             self.on_request(entry)
+
+
+def _inside(path: str, folder: str) -> bool:
+    """``path`` is below ``folder`` (both real paths), not ``folder`` itself."""
+    return path != folder and os.path.commonpath([path, folder]) == folder
+
+
+_PRIVATE_SUFFIXES = (".key", ".masterkey", ".pem", ".crt", ".gw")
+
+
+def _is_private_key(name: str) -> bool:
+    """Key material names (upstream's /etc/cvmfs/keys: <fqrn>.key, .masterkey, .crt, .gw)."""
+    return name.endswith(_PRIVATE_SUFFIXES)
+
+
+def private_keys_under(root: Path, limit: int = 100_000) -> list[Path]:
+    """Key files below ``root`` (looking at no more than ``limit`` entries; data/ is skipped).
+
+    ``serve`` never sends them, but a web root is the wrong place for a private key: the warning
+    this feeds says so.
+    """
+    found: list[Path] = []
+    seen = 0
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = [d for d in dirs if d != "data"]  # objects: thousands of entries, no keys
+        seen += len(dirs) + len(files)
+        found.extend(Path(folder) / f for f in files if f.endswith((".key", ".masterkey")))
+        if seen > limit:
+            break
+    return sorted(found)
 
 
 def _escape(text: str) -> str:
@@ -406,11 +456,14 @@ class _Handler(BaseHTTPRequestHandler):
         status, sent = HTTPStatus.NOT_FOUND, 0
         app.begin()
         try:
+            info = info_document(app.root, self.path) if self.path.startswith(INFO_PREFIX) else None
             try:
-                resolved = app.resolve(self.path)
+                resolved = None if info is not None else app.resolve(self.path)
             except ValueError:  # also UnicodeDecodeError from bad %-escapes
                 resolved = None
-            if resolved is None:
+            if info is not None:
+                status, sent = HTTPStatus.OK, self._send_json(info, send_body)
+            elif resolved is None:
                 sent = self._send_simple(HTTPStatus.NOT_FOUND, send_body)
             else:
                 status, sent = self._send_file(*resolved, range_header, send_body)
@@ -492,6 +545,16 @@ class _Handler(BaseHTTPRequestHandler):
             # The file shrank while we sent it; the promised length cannot be kept.
             self.close_connection = True
         return status, sent
+
+    def _send_json(self, body: bytes, send_body: bool) -> int:
+        """A generated monitoring document (storage/info.py): short-lived like ``.cvmfs*``."""
+        headers = [
+            ("Content-Type", "application/json"),
+            ("Cache-Control", f"max-age={MUTABLE_MAX_AGE}"),
+            ("Content-Length", str(len(body))),
+        ]
+        self._write_head(HTTPStatus.OK, headers, body if send_body else b"")
+        return len(body) if send_body else 0
 
     def _send_simple(
         self,
