@@ -226,6 +226,8 @@ def link_tree(source: Path, dest: Path) -> Path:
     with _staging(dest) as stage:
         if source.is_dir():
             for entry in sorted(source.iterdir()):
+                if entry.name == NESTED_MARKER:
+                    continue
                 os.symlink(entry, stage / entry.name)
         else:
             os.symlink(source, stage / source.name)
