@@ -48,6 +48,7 @@ __all__ = [
     "parse_uri",
     "resolve",
     "resolve_in_mount",
+    "resolve_path",
 ]
 
 SCHEME = "cvmfs://"
@@ -178,6 +179,15 @@ def resolve_in_mount(mount: Path, path: str) -> Path:
     if not found.exists():
         raise NotFoundError(path or "/", str(mount))
     return found
+
+
+def resolve_path(repo: Any, path: str) -> Any:
+    """``repo.resolve`` with symlinks followed in every component, not only the last one
+    (``ns/name/prod/model.onnx`` where ``prod`` is an alias)."""
+    current = ""
+    for part in [p for p in path.split("/") if p]:
+        current = repo.resolve(f"{current}/{part}").path
+    return repo.resolve(current)
 
 
 # -- writing folders ------------------------------------------------------------------------------
