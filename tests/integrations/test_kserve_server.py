@@ -1,25 +1,22 @@
 """A real KServe ``ModelServer`` process serving an ONNX model from CVMFS over the v2 protocol.
 
 The server is ``python -m cvmfs_ml.integrations.kserve_server`` on a loopback port; requests go
-over HTTP with httpx. It must answer with the original model's output, and after the alias it
+over HTTP (v2 JSON). It must answer with the original model's output, and after the alias it
 serves moves, with the new version's output (it polls where the alias points).
 """
 
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import httpx
 import numpy as np
 import pytest
 
+from cvmfs_ml.integrations.kserve_process import RunningServer, running_server, v2_infer
 from cvmfs_ml.models.publish import set_alias
 
 from .conftest import FQRN, HIDDEN, Site, onnx_output
@@ -29,54 +26,19 @@ pytestmark = pytest.mark.service
 X = np.linspace(-1, 1, 2 * HIDDEN, dtype=np.float32).reshape(2, HIDDEN)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @contextmanager
-def model_server(model_dir: str | Path, env: dict[str, str], log: Path) -> Iterator[str]:
-    """A running server; yields its base URL once ``/v2/models/mlp/ready`` says so."""
-    port = _free_port()
-    argv = [sys.executable, "-m", "cvmfs_ml.integrations.kserve_server", "--model_name", "mlp",
-            "--model_dir", str(model_dir), "--http_port", str(port), "--enable_grpc", "false",
-            "--poll_interval", "0.5", "--workers", "1"]  # fmt: skip
-    with open(log, "wb") as out:
-        process = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert process.poll() is None, log.read_text()[-3000:]
-            try:
-                if httpx.get(f"{url}/v2/models/mlp/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "server not ready in 120 s: " + log.read_text()
-            time.sleep(0.2)
-        yield url
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=10)
+def model_server(model_dir: str | Path, env: dict[str, str], log: Path) -> Iterator[RunningServer]:
+    with running_server(model_dir, model_name="mlp", env=env, log=log, poll_interval=0.5,
+                        ready_timeout=120) as server:  # fmt: skip
+        yield server
 
 
-def infer(url: str) -> tuple[np.ndarray, str | None]:
-    body = {"inputs": [{"name": "x", "shape": list(X.shape), "datatype": "FP32",
-                        "data": X.ravel().tolist()}]}  # fmt: skip
-    response = httpx.post(f"{url}/v2/models/mlp/infer", json=body, timeout=30)
-    assert response.status_code == 200, response.text
-    out = response.json()
-    [y] = out["outputs"]
-    return np.asarray(y["data"], dtype=np.float32).reshape(y["shape"]), out.get("model_version")
+def infer(server: RunningServer) -> tuple[np.ndarray, str | None]:
+    outputs, version = v2_infer(server, {"x": X})
+    return outputs["y"].astype(np.float32), version
 
 
-def wait_for_version(url: str, version: str, timeout: float) -> np.ndarray:
+def wait_for_version(url: RunningServer, version: str, timeout: float) -> np.ndarray:
     deadline = time.monotonic() + timeout
     while True:
         y, served = infer(url)
