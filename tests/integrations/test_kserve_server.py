@@ -38,10 +38,10 @@ def infer(server: RunningServer) -> tuple[np.ndarray, str | None]:
     return outputs["y"].astype(np.float32), version
 
 
-def wait_for_version(url: RunningServer, version: str, timeout: float) -> np.ndarray:
+def wait_for_version(server: RunningServer, version: str, timeout: float) -> np.ndarray:
     deadline = time.monotonic() + timeout
     while True:
-        y, served = infer(url)
+        y, served = infer(server)
         if served == version:
             return y
         assert time.monotonic() < deadline, f"still serving {served}, not {version}"
@@ -55,13 +55,13 @@ def test_server_follows_a_moving_alias_in_a_folder(site: Site, tmp_path: Path) -
     for version, src in site.originals.items():
         os.symlink(src, tree / version)
     os.symlink("1.0", tree / "prod")
-    with model_server(tree / "prod", site.env, tmp_path / "server.log") as url:
-        y, served = infer(url)
+    with model_server(tree / "prod", site.env, tmp_path / "server.log") as server:
+        y, served = infer(server)
         assert served == "1.0"
         np.testing.assert_allclose(y, onnx_output(site.originals["1.0"]), rtol=1e-6)
         os.symlink("2.0", tree / "prod.new")
         os.replace(tree / "prod.new", tree / "prod")  # atomic, as a publish is
-        y2 = wait_for_version(url, "2.0", timeout=60)
+        y2 = wait_for_version(server, "2.0", timeout=60)
         np.testing.assert_allclose(y2, onnx_output(site.originals["2.0"]), rtol=1e-6)
 
 
@@ -70,23 +70,23 @@ def test_server_loads_from_a_mount(
 ) -> None:
     mount_site()
     alias = site.mounts / FQRN / "hep" / "mlp" / "prod"
-    with model_server(alias, site.env, tmp_path / "server.log") as url:
-        y, served = infer(url)
+    with model_server(alias, site.env, tmp_path / "server.log") as server:
+        y, served = infer(server)
         assert served == "1.0"
         np.testing.assert_allclose(y, onnx_output(site.originals["1.0"]), rtol=1e-6)
     # and from a cvmfs:// reference, which finds the mount through CVMFS_MOUNT_DIR
-    with model_server(f"cvmfs://{FQRN}/hep/mlp:latest", site.env, tmp_path / "s2.log") as url:
-        y, served = infer(url)
+    with model_server(f"cvmfs://{FQRN}/hep/mlp:latest", site.env, tmp_path / "s2.log") as server:
+        y, served = infer(server)
         assert served == "2.0"
         np.testing.assert_allclose(y, onnx_output(site.originals["2.0"]), rtol=1e-6)
 
 
 def test_server_without_a_mount_follows_the_alias(site: Site, tmp_path: Path) -> None:
     """A ``cvmfs://`` reference with nothing mounted: materialised, then re-resolved."""
-    with model_server(f"cvmfs://{FQRN}/hep/mlp:prod", site.env, tmp_path / "s.log") as url:
-        assert infer(url)[1] == "1.0"
+    with model_server(f"cvmfs://{FQRN}/hep/mlp:prod", site.env, tmp_path / "s.log") as server:
+        assert infer(server)[1] == "1.0"
         set_alias(site.publisher, "hep/mlp", "prod", "2.0")
-        y = wait_for_version(url, "2.0", timeout=60)
+        y = wait_for_version(server, "2.0", timeout=60)
         np.testing.assert_allclose(y, onnx_output(site.originals["2.0"]), rtol=1e-6)
 
 
@@ -104,8 +104,8 @@ def test_server_on_a_mount_follows_the_alias_after_the_ttl(
     set_alias(site.publisher, "hep/mlp", "prod", "1.0")
     mount_site()
     alias = site.mounts / FQRN / "hep" / "mlp" / "prod"
-    with model_server(alias, site.env, tmp_path / "server.log") as url:
-        assert infer(url)[1] == "1.0"
+    with model_server(alias, site.env, tmp_path / "server.log") as server:
+        assert infer(server)[1] == "1.0"
         set_alias(site.publisher, "hep/mlp", "prod", "2.0")
-        y = wait_for_version(url, "2.0", timeout=30)  # TTL 2 s + a few seconds
+        y = wait_for_version(server, "2.0", timeout=30)  # TTL 2 s + a few seconds
         np.testing.assert_allclose(y, onnx_output(site.originals["2.0"]), rtol=1e-6)
