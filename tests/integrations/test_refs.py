@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -117,3 +118,14 @@ def test_resolve_errors_are_ours(site: Site) -> None:
         cvmfs_ml.resolve("hep/mlp:1.0", env=site.env)
     with pytest.raises(AttributeError):
         cvmfs_ml.no_such_thing  # noqa: B018
+
+
+def test_copy_where_hard_links_cannot_cross_file_systems(site: Site, tmp_path: Path) -> None:
+    other = Path("/dev/shm")
+    if not other.is_dir() or other.stat().st_dev == tmp_path.stat().st_dev:
+        pytest.skip("no second file system (/dev/shm) to copy across")
+    with tempfile.TemporaryDirectory(dir=other) as scratch:
+        dest = Path(scratch) / "model"
+        cli(site, "model", "get", f"cvmfs://{FQRN}/hep/mlp:2.0", dest)
+        assert (dest / "model.onnx").stat().st_nlink == 1  # copied, not linked
+        np.testing.assert_array_equal(onnx_output(dest), onnx_output(site.originals["2.0"]))

@@ -24,6 +24,7 @@ for plain ``cvmfs://<fqrn>/<path>`` URIs: :func:`parse_uri`, :func:`mounted_root
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import posixpath
 import re
@@ -206,17 +207,18 @@ def _staging(dest: Path) -> Any:
     stage = Path(tempfile.mkdtemp(prefix=f".{dest.name}.partial-", dir=dest.parent))
     try:
         yield stage
-        if dest.is_dir():
-            dest.rmdir()  # empty (checked); an emptyDir volume itself cannot be replaced, though
-        os.replace(stage, dest)
-    except OSError as exc:
-        if exc.errno not in (16, 18, 39):  # EBUSY (a mount point), EXDEV, ENOTEMPTY
-            shutil.rmtree(stage, ignore_errors=True)
-            raise
-        _move_entries(stage, dest)
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise
+    try:
+        if dest.is_dir():
+            dest.rmdir()  # empty (checked before); fails for a volume's mount point
+        os.replace(stage, dest)
+    except OSError as exc:
+        if exc.errno not in (errno.EBUSY, errno.EXDEV, errno.ENOTEMPTY, errno.EEXIST):
+            shutil.rmtree(stage, ignore_errors=True)
+            raise
+        _move_entries(stage, dest)
 
 
 def _move_entries(stage: Path, dest: Path) -> None:
