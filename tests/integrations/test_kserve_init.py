@@ -106,6 +106,9 @@ def test_unreachable_server_and_odd_arguments(site: Site, tmp_path: Path) -> Non
     line = init(site, f"cvmfs://{FQRN}/hep/mlp:1.0", dest, code=1, env=env)
     assert "could not fetch .cvmfspublished" in line and os.listdir(dest) == []
     assert "URI DEST pairs" in init(site, f"cvmfs://{FQRN}/hep/mlp:1.0", code=1)
+    twice = init(site, f"cvmfs://{FQRN}/hep/mlp:1.0", dest, f"cvmfs://{FQRN}/hep/mlp:2.0",
+                 dest, code=1)  # fmt: skip
+    assert "its own DEST" in twice
     (dest / "mine").write_text("x")
     assert "not empty" in init(site, f"cvmfs://{FQRN}/hep/mlp:1.0", dest, code=1)
     assert os.listdir(dest) == ["mine"]

@@ -106,6 +106,8 @@ def test_resolve_and_get_link_into_a_mount(
     np.testing.assert_array_equal(onnx_output(dest), onnx_output(site.originals["1.0"]))
     printed = cli(site, "model", "path", "hep/mlp:2.0", "--repo", site.mounts / FQRN).stdout
     assert Path(printed.strip()) == site.mounts / FQRN / "hep" / "mlp" / "2.0"
+    by_name = cli(site, "model", "path", "hep/mlp:prod", "--repo", FQRN).stdout  # via the mount
+    assert Path(by_name.strip()) == site.mounts / FQRN / "hep" / "mlp" / "1.0"
     # --copy ignores the mount
     copied = tmp_path / "copied"
     cli(site, "model", "get", f"cvmfs://{FQRN}/hep/mlp:2.0", copied, "--copy")

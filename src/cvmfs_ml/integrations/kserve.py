@@ -55,7 +55,11 @@ def pair_arguments(args: Sequence[str]) -> list[tuple[str, Path]]:
     """KServe's ``uri dest [uri dest ...]`` as pairs; an odd count is an error."""
     if not args or len(args) % 2:
         raise ConfigError("expected URI DEST pairs: cvmfs-ml kserve-init URI DEST [URI DEST ...]")
-    return [(args[i], Path(args[i + 1])) for i in range(0, len(args), 2)]
+    pairs = [(args[i], Path(args[i + 1])) for i in range(0, len(args), 2)]
+    dests = [os.path.abspath(dest) for _, dest in pairs]
+    if len(set(dests)) != len(dests):
+        raise ConfigError("each URI needs its own DEST folder")
+    return pairs
 
 
 @dataclass

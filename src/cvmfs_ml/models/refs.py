@@ -370,7 +370,8 @@ def locate(
     config = _config(uri.fqrn, config_files, env)
     if use_mount:
         roots = mount_roots(env, config.params if config is not None else {})
-        mount = _repo_mount(repo) or (mounted_root(uri.fqrn, roots) if uri.fqrn else None)
+        name = uri.fqrn or (target_fqrn(repo) if repo else None)
+        mount = _repo_mount(repo) or (mounted_root(name, roots) if name else None)
         if mount is not None:
             found = resolve_in_mount(mount, uri.path)
             version = found.name if uri.model is not None else None
