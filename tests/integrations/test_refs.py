@@ -131,3 +131,17 @@ def test_copy_where_hard_links_cannot_cross_file_systems(site: Site, tmp_path: P
         cli(site, "model", "get", f"cvmfs://{FQRN}/hep/mlp:2.0", dest)
         assert (dest / "model.onnx").stat().st_nlink == 1  # copied, not linked
         np.testing.assert_array_equal(onnx_output(dest), onnx_output(site.originals["2.0"]))
+
+
+def test_concurrent_model_path_calls_agree(site: Site) -> None:
+    """Several processes materialising the same version at once: one copy, all succeed."""
+    argv = [sys.executable, "-m", "cvmfs_ml.cli", "model", "path", f"cvmfs://{FQRN}/hep/mlp:2.0"]
+    procs = [subprocess.Popen(argv, env=site.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for _ in range(3)]  # fmt: skip
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    paths = {Path(out.strip()) for out, _ in outs}
+    assert len(paths) == 1
+    [path] = paths
+    np.testing.assert_array_equal(onnx_output(path), onnx_output(site.originals["2.0"]))
+    assert not [p for p in path.parent.iterdir() if p.name.startswith(".")], "staging left"

@@ -42,8 +42,11 @@ from cvmfs_ml.models.layout import ModelRef
 
 __all__ = [
     "CvmfsUri",
+    "Resolved",
     "link_tree",
+    "locate",
     "materialise",
+    "mount_roots",
     "mounted_root",
     "parse_ref",
     "parse_uri",
@@ -215,10 +218,13 @@ def _staging(dest: Path) -> Any:
             dest.rmdir()  # empty (checked before); fails for a volume's mount point
         os.replace(stage, dest)
     except OSError as exc:
-        if exc.errno not in (errno.EBUSY, errno.EXDEV, errno.ENOTEMPTY, errno.EEXIST):
-            shutil.rmtree(stage, ignore_errors=True)
-            raise
-        _move_entries(stage, dest)
+        if exc.errno in (errno.EBUSY, errno.EXDEV):  # dest is a volume's mount point
+            _move_entries(stage, dest)
+            return
+        shutil.rmtree(stage, ignore_errors=True)
+        if exc.errno in (errno.ENOTEMPTY, errno.EEXIST) and _complete(dest):
+            return  # another process finished the same copy first (versions never change)
+        raise
 
 
 def _move_entries(stage: Path, dest: Path) -> None:
