@@ -145,3 +145,19 @@ def test_concurrent_model_path_calls_agree(site: Site) -> None:
     [path] = paths
     np.testing.assert_array_equal(onnx_output(path), onnx_output(site.originals["2.0"]))
     assert not [p for p in path.parent.iterdir() if p.name.startswith(".")], "staging left"
+
+
+def test_editing_a_hard_linked_copy_does_not_poison_the_cache(site: Site, tmp_path: Path) -> None:
+    path = cvmfs_ml.resolve(f"cvmfs://{FQRN}/hep/mlp:1.0", config_files=[site.config],
+                            env=site.env)  # fmt: skip
+    weights = path / "model.onnx"
+    assert weights.stat().st_nlink >= 2  # shares its inode with the cache object
+    os.chmod(weights, 0o644)
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    weights.write_bytes(bytes(data))  # same size, one byte changed, in place
+    fresh = tmp_path / "fresh"
+    cli(site, "model", "get", f"cvmfs://{FQRN}/hep/mlp:1.0", fresh, "--copy")
+    assert (fresh / "model.onnx").read_bytes() == (
+        site.originals["1.0"] / "model.onnx"
+    ).read_bytes()
