@@ -174,7 +174,13 @@ def main(argv: list[str] | None = None) -> None:
         model_file=args.model_file,
         poll_interval=args.poll_interval,
     )
-    model.load()
+    try:
+        model.load()
+    except Exception as exc:  # no such folder, not ONNX...: one line and exit 1, no traceback
+        reason = f"{type(exc).__name__}: {exc}".splitlines()[0]
+        raise SystemExit(
+            f"cvmfs-ml kserve_server: cannot load {args.model_dir}: {reason}"
+        ) from None
     ModelServer().start([model])
 
 
