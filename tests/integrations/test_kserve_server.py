@@ -60,8 +60,19 @@ def test_server_follows_a_moving_alias_in_a_folder(site: Site, tmp_path: Path) -
         y, served = infer(server)
         assert served == "1.0"
         np.testing.assert_allclose(y, onnx_output(site.originals["1.0"]), rtol=1e-6)
-        os.symlink("2.0", tree / "prod.new")
+        # An alias moved to something that does not load: the server keeps the old version.
+        (tree / "broken").mkdir()
+        (tree / "broken" / "model.onnx").write_bytes(b"not onnx")
+        os.symlink("broken", tree / "prod.new")
         os.replace(tree / "prod.new", tree / "prod")  # atomic, as a publish is
+        log = tmp_path / "server.log"
+        deadline = time.monotonic() + 60
+        while "alias check failed" not in log.read_text():
+            assert time.monotonic() < deadline, log.read_text()[-2000:]
+            time.sleep(0.2)
+        assert infer(server)[1] == "1.0"
+        os.symlink("2.0", tree / "prod.new")
+        os.replace(tree / "prod.new", tree / "prod")
         y2 = wait_for_version(server, "2.0", timeout=60)
         np.testing.assert_allclose(y2, onnx_output(site.originals["2.0"]), rtol=1e-6)
 

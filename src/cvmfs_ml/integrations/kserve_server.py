@@ -29,7 +29,7 @@ import numpy as np
 from kserve import InferOutput, InferRequest, InferResponse, Model, ModelServer, model_server
 from kserve.utils.numpy_codec import from_np_dtype
 
-from cvmfs_ml.errors import ConfigError, CvmfsMlError, NotFoundError
+from cvmfs_ml.errors import ConfigError, NotFoundError
 
 __all__ = ["CvmfsOnnxModel", "main", "source_for"]
 
@@ -125,7 +125,7 @@ class CvmfsOnnxModel(Model):
         while not self._stop.wait(self.poll_interval):
             try:
                 self.check_alias()
-            except (CvmfsMlError, OSError, RuntimeError) as exc:  # keep serving what we have
+            except Exception as exc:  # whatever fails (bad model, server down), keep serving
                 log.warning("model %s: alias check failed, still serving %s: %s",
                             self.name, self.folder, exc)  # fmt: skip
 
