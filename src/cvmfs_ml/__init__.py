@@ -12,5 +12,14 @@ Layers, each importing only those below it::
 
 from cvmfs_ml.errors import CvmfsMlError
 
-__all__ = ["CvmfsMlError", "__version__"]
+__all__ = ["CvmfsMlError", "__version__", "resolve"]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> object:
+    """``cvmfs_ml.resolve``, imported on first use (it pulls in the client)."""
+    if name == "resolve":
+        from cvmfs_ml.models.refs import resolve
+
+        return resolve
+    raise AttributeError(f"module 'cvmfs_ml' has no attribute {name!r}")

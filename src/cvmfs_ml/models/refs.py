@@ -1,0 +1,419 @@
+"""``cvmfs://<fqrn>/<ns>/<name>:<version>`` to a local folder, as ``snapshot_download`` would.
+
+A reference names a model version (or an alias of one) in a repository; :func:`resolve` turns it
+into a path on this machine that ordinary programs (onnxruntime, transformers, KServe's model
+servers) can open:
+
+* where the repository is mounted (``/cvmfs/<fqrn>``, or ``CVMFS_MOUNT_DIR/<fqrn>``; upstream's
+  client or ours), the version's folder inside the mount: no copy, and the kernel and the mount's
+  cache are shared by every process on the node;
+* otherwise a copy materialised from the client's verified object cache under
+  ``CVMFS_CACHE_BASE/materialised/<fqrn>/<ns>/<name>/<version>``: every piece is fetched in
+  parallel and checked against its content hash by the client, then hard-linked from the cache
+  where the file system allows (one copy of the bytes on disk) and copied where it does not.
+
+Aliases are resolved once, to the version they point to at that moment, so a folder handed to a
+server never changes under it. A version folder never changes once published, so a complete
+materialised copy (it appears by one atomic rename) is reused as it is.
+
+The same machinery serves the KServe storage initializer (:mod:`cvmfs_ml.integrations.kserve`)
+for plain ``cvmfs://<fqrn>/<path>`` URIs: :func:`parse_uri`, :func:`mounted_root`,
+:func:`link_tree` and :func:`materialise`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import posixpath
+import re
+import shutil
+import stat
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cvmfs_ml.client.locate import open_target, target_fqrn
+from cvmfs_ml.errors import ConfigError, NotFoundError, UnsafeInputError
+from cvmfs_ml.models.layout import ModelRef
+
+__all__ = [
+    "CvmfsUri",
+    "Resolved",
+    "link_tree",
+    "locate",
+    "materialise",
+    "mount_roots",
+    "mounted_root",
+    "parse_ref",
+    "parse_uri",
+    "resolve",
+    "resolve_in_mount",
+    "resolve_path",
+]
+
+SCHEME = "cvmfs://"
+_FQRN_RE = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9_-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9_-]+)*")
+_MAX_PATH = 4096
+_COPY_BLOCK = 8 * 2**20
+NESTED_MARKER = ".cvmfscatalog"
+
+Progress = Callable[[int], None]
+"""Called with the number of bytes just written (for progress bars)."""
+
+
+@dataclass(frozen=True)
+class CvmfsUri:
+    """A parsed ``cvmfs://`` URI: the repository and either a path or a model reference.
+
+    ``path`` is ``/``-separated, relative to the repository root, without ``.``/``..``;
+    ``model`` is set for ``<ns>/<name>:<version-or-alias>`` and ``path`` is then the alias or
+    version folder (``ns/name/alias``). ``fqrn`` is ``None`` for a bare ``ns/name:version``
+    whose repository comes from elsewhere (``--repo``).
+    """
+
+    fqrn: str | None
+    path: str
+    model: ModelRef | None = None
+
+    def __str__(self) -> str:
+        where = (
+            f"{self.model.namespace}/{self.model.name}:{self.model.version}"
+            if self.model
+            else self.path
+        )
+        return f"{SCHEME}{self.fqrn}/{where}" if self.fqrn else where
+
+
+def _check_fqrn(fqrn: str, text: str) -> str:
+    if len(fqrn) > 255 or _FQRN_RE.fullmatch(fqrn) is None:
+        raise UnsafeInputError(text, f"{fqrn!r} is not a repository name (like models.example.org)")
+    return fqrn
+
+
+def _clean_path(path: str, text: str) -> str:
+    """``path`` with empty components dropped; ``.``/``..``, NUL and backslashes refused."""
+    if len(path) > _MAX_PATH or "\0" in path or "\\" in path:
+        raise UnsafeInputError(text, "the path has a NUL or backslash, or is too long")
+    parts = [p for p in path.split("/") if p]
+    if any(p in (".", "..") for p in parts):
+        raise UnsafeInputError(text, "'.' and '..' are not allowed in a cvmfs:// path")
+    return "/".join(parts)
+
+
+def _model_part(path: str, text: str) -> ModelRef | None:
+    """The model reference when ``path`` is ``ns/name:version`` (one ``:`` in the last part)."""
+    parts = path.split("/")
+    if ":" not in parts[-1]:
+        return None
+    if len(parts) != 2:
+        raise UnsafeInputError(text, "a model reference is NAMESPACE/NAME:VERSION")
+    try:
+        return ModelRef.parse(path, require_version=True)
+    except ValueError as exc:
+        raise UnsafeInputError(text, str(exc)) from None
+
+
+def parse_uri(text: str) -> CvmfsUri:
+    """Parse ``cvmfs://<fqrn>/<path>`` or ``cvmfs://<fqrn>/<ns>/<name>:<alias>``.
+
+    Raises :class:`UnsafeInputError` for anything else (other schemes, traversal, bad names).
+    """
+    if not isinstance(text, str) or not text.startswith(SCHEME):
+        raise UnsafeInputError(str(text), f"not a {SCHEME}<fqrn>/<path> URI")
+    fqrn, _, rest = text[len(SCHEME) :].partition("/")
+    _check_fqrn(fqrn, text)
+    path = _clean_path(rest, text)
+    model = _model_part(path, text) if path else None
+    if model is not None:
+        path = model.alias_path(model.version or "").lstrip("/")
+    return CvmfsUri(fqrn, path, model)
+
+
+def parse_ref(text: str) -> CvmfsUri:
+    """``cvmfs://<fqrn>/<ns>/<name>:<v>`` or ``<ns>/<name>:<v>`` (repository given elsewhere)."""
+    if text.startswith(SCHEME):
+        uri = parse_uri(text)
+        if uri.model is None:
+            raise UnsafeInputError(text, "expected cvmfs://<fqrn>/<ns>/<name>:<version-or-alias>")
+        return uri
+    model = _model_part(_clean_path(text, text), text)
+    if model is None:
+        raise UnsafeInputError(text, "expected <ns>/<name>:<version-or-alias>")
+    return CvmfsUri(None, model.alias_path(model.version or "").lstrip("/"), model)
+
+
+# -- mounts ---------------------------------------------------------------------------------------
+def mount_roots(env: Mapping[str, str] = os.environ, params: Mapping[str, str] = {}) -> list[Path]:
+    """Where repositories may be mounted: ``CVMFS_MOUNT_DIR`` (configuration, then environment),
+    and ``/cvmfs``, upstream's default."""
+    roots: list[Path] = []
+    for text in (params.get("CVMFS_MOUNT_DIR", ""), env.get("CVMFS_MOUNT_DIR", ""), "/cvmfs"):
+        if text.strip() and Path(text.strip()) not in roots:
+            roots.append(Path(text.strip()))
+    return roots
+
+
+def mounted_root(fqrn: str, roots: Sequence[Path]) -> Path | None:
+    """``<root>/<fqrn>`` for the first root where that repository is mounted, else ``None``.
+
+    Stat first, so an autofs-managed ``/cvmfs`` mounts the repository on demand as it does for
+    upstream's client.
+    """
+    for root in roots:
+        point = root / fqrn
+        try:
+            os.stat(point)
+        except OSError:
+            continue
+        if os.path.ismount(point):
+            return point
+    return None
+
+
+def resolve_in_mount(mount: Path, path: str) -> Path:
+    """``mount/path`` with symlinks (aliases) resolved; it must stay inside ``mount`` and exist."""
+    top = Path(os.path.realpath(mount))
+    found = Path(os.path.realpath(mount / path)) if path else top
+    if found != top and top not in found.parents:
+        raise UnsafeInputError(f"{mount}/{path}", "it leads outside the repository")
+    if not found.exists():
+        raise NotFoundError(path or "/", str(mount))
+    return found
+
+
+def resolve_path(repo: Any, path: str) -> Any:
+    """``repo.resolve`` with symlinks followed in every component, not only the last one
+    (``ns/name/prod/model.onnx`` where ``prod`` is an alias)."""
+    current = ""
+    for part in [p for p in path.split("/") if p]:
+        current = repo.resolve(f"{current}/{part}").path
+    return repo.resolve(current)
+
+
+# -- writing folders ------------------------------------------------------------------------------
+def _check_dest(dest: Path) -> None:
+    """``dest`` must be absent or an empty folder: nothing a user made is ever overwritten."""
+    if dest.is_symlink() or (dest.exists() and not dest.is_dir()):
+        raise ConfigError(f"{dest} exists and is not an empty folder; pick another destination")
+    if dest.is_dir() and any(dest.iterdir()):
+        raise ConfigError(f"{dest} is not empty; pick an empty or new folder")
+
+
+@contextlib.contextmanager
+def _staging(dest: Path) -> Any:
+    """A fresh folder beside ``dest``, moved into place on success and removed on failure."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{dest.name}.partial-", dir=dest.parent))
+    try:
+        yield stage
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    try:
+        if dest.is_dir():
+            dest.rmdir()  # empty (checked before); fails for a volume's mount point
+        os.replace(stage, dest)
+    except OSError as exc:
+        if exc.errno in (errno.EBUSY, errno.EXDEV):  # dest is a volume's mount point
+            _move_entries(stage, dest)
+            return
+        shutil.rmtree(stage, ignore_errors=True)
+        if exc.errno in (errno.ENOTEMPTY, errno.EEXIST) and _complete(dest):
+            return  # another process finished the same copy first (versions never change)
+        raise
+
+
+def _move_entries(stage: Path, dest: Path) -> None:
+    """Move ``stage``'s entries into an existing ``dest`` (a volume's root cannot be renamed)."""
+    try:
+        dest.mkdir(exist_ok=True)
+        for entry in stage.iterdir():
+            os.replace(entry, dest / entry.name)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def link_tree(source: Path, dest: Path) -> Path:
+    """``dest``: a folder of symlinks to each entry of ``source`` (or one link for a file), the
+    way KServe's storage initializer handles a local path. ``dest`` must be absent or empty."""
+    _check_dest(dest)
+    with _staging(dest) as stage:
+        if source.is_dir():
+            for entry in sorted(source.iterdir()):
+                if entry.name == NESTED_MARKER:
+                    continue
+                os.symlink(entry, stage / entry.name)
+        else:
+            os.symlink(source, stage / source.name)
+    return dest
+
+
+def _hard_link_or_copy(pieces: list[Path], target: Path, progress: Progress | None) -> None:
+    if len(pieces) == 1:
+        with contextlib.suppress(OSError):
+            os.link(pieces[0], target)
+            os.chmod(target, 0o444)  # shared inode with the cache: keep it read-only
+            if progress is not None:
+                progress(target.stat().st_size)
+            return
+    with open(target, "wb") as out:
+        for piece in pieces:
+            with open(piece, "rb") as src:
+                while block := src.read(_COPY_BLOCK):
+                    out.write(block)
+                    if progress is not None:
+                        progress(len(block))
+    os.chmod(target, 0o444)
+
+
+def _materialise_file(repo: Any, entry: Any, target: Path, progress: Progress | None) -> None:
+    layout = repo.layout(entry)
+    pieces = [repo.piece_path(layout, i) for i in range(len(layout.pieces))]
+    _hard_link_or_copy(pieces, target, progress)
+    size = target.stat().st_size
+    if size != entry.size:
+        raise UnsafeInputError(entry.path, f"materialised {size} bytes, catalog says {entry.size}")
+
+
+def _inside(base: str, link_path: str, target: str) -> bool:
+    if target.startswith("/"):
+        return False
+    joined = posixpath.normpath(posixpath.join(posixpath.dirname(link_path), target))
+    return joined == base or joined.startswith(base + "/")
+
+
+def materialise(repo: Any, path: str, dest: Path, *, progress: Progress | None = None) -> Path:
+    """Write the file or folder at ``path`` (symlinks followed) of ``repo`` into ``dest``.
+
+    Every piece is prefetched in parallel, verified by the client, then hard-linked from the
+    cache or copied; the folder appears at ``dest`` only when complete. Symlinks inside the
+    folder that stay inside it are kept as links; others are written as what they point to.
+    """
+    _check_dest(dest)
+    top = repo.resolve(path)
+    base = top.path
+    repo.prefetch(base)  # every piece of every file, in parallel
+    with _staging(dest) as stage:
+        if not top.is_dir:
+            _materialise_file(repo, top, stage / posixpath.basename(base), progress)
+            return dest
+        for entry in repo.walk(base):
+            if posixpath.basename(entry.path) == NESTED_MARKER:
+                continue  # the publisher's nested-catalog marker, not part of the model
+            rel = entry.path[len(base) :].lstrip("/")
+            target = stage / rel
+            if entry.is_dir:
+                target.mkdir()
+            elif entry.is_symlink and _inside(base, entry.path, entry.symlink):
+                os.symlink(entry.symlink, target)
+            elif entry.is_symlink:
+                resolved = repo.resolve(entry.path)
+                if resolved.is_regular:
+                    _materialise_file(repo, resolved, target, progress)
+            elif entry.is_regular:
+                _materialise_file(repo, entry, target, progress)
+        for folder in [stage, *(p for p in stage.rglob("*") if p.is_dir() and not p.is_symlink())]:
+            os.chmod(
+                folder, stat.S_IRWXU | stat.S_IRGRP | stat.S_IXGRP | stat.S_IROTH | stat.S_IXOTH
+            )
+    return dest
+
+
+# -- the entry point -------------------------------------------------------------------------------
+def _open(uri: CvmfsUri, repo: str | None, key: Any, config_files: Sequence[Any],
+          cache: Any, env: Mapping[str, str]) -> Any:  # fmt: skip
+    target = repo or uri.fqrn
+    if target is None:
+        raise ConfigError(f"{uri}: say which repository (cvmfs://<fqrn>/... or --repo)")
+    return open_target(target, public_key=key, cache=cache, config_files=config_files, env=env)
+
+
+def _config(fqrn: str | None, config_files: Sequence[Any], env: Mapping[str, str]) -> Any:
+    from cvmfs_ml.client.config import load_config
+
+    try:
+        return load_config(fqrn, list(config_files), env)
+    except ConfigError:
+        return None
+
+
+def _repo_mount(repo: str | None) -> Path | None:
+    """``--repo`` naming a mounted repository itself (``/cvmfs/<fqrn>``)."""
+    if repo is None or "://" in repo:
+        return None
+    point = Path(repo)
+    return point if point.is_dir() and os.path.ismount(point) else None
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """Where a reference was found: ``path`` and whether it is inside a mount."""
+
+    path: Path
+    mounted: bool
+    version: str | None
+
+
+def locate(
+    ref: str | CvmfsUri,
+    *,
+    repo: str | None = None,
+    key: Any = None,
+    config_files: Sequence[Any] = (),
+    cache: Any = None,
+    env: Mapping[str, str] = os.environ,
+    use_mount: bool = True,
+    dest: Path | None = None,
+    progress: Progress | None = None,
+) -> Resolved:
+    """The local folder of ``ref`` (see the module docstring); ``dest`` materialises there
+    instead of in the cache's ``materialised/`` folder (and links there from a mount)."""
+    uri = ref if isinstance(ref, CvmfsUri) else parse_ref(ref)
+    config = _config(uri.fqrn, config_files, env)
+    if use_mount:
+        roots = mount_roots(env, config.params if config is not None else {})
+        name = uri.fqrn or (target_fqrn(repo) if repo else None)
+        mount = _repo_mount(repo) or (mounted_root(name, roots) if name else None)
+        if mount is not None:
+            found = resolve_in_mount(mount, uri.path)
+            version = found.name if uri.model is not None else None
+            if dest is not None:
+                link_tree(found, Path(dest))
+                return Resolved(Path(dest), True, version)
+            return Resolved(found, True, version)
+    base = (
+        config.cache_base if config is not None else Path(tempfile.gettempdir())
+    ) / "materialised"
+    fqrn = uri.fqrn or (target_fqrn(repo) if repo else None)
+    if dest is None and fqrn and uri.model is not None:
+        # Only versions are ever materialised (an alias is stored under the version it named),
+        # and a version never changes: a complete copy is good without asking the server.
+        known = base / fqrn / uri.path
+        if _complete(known):
+            return Resolved(known, False, known.name)
+    with _open(uri, repo, key, config_files, cache, env) as repository:
+        entry = repository.resolve(uri.path)
+        if uri.model is not None and not entry.is_dir:
+            raise NotFoundError(f"model version {uri}", repository.fqrn)
+        version = posixpath.basename(entry.path) if uri.model is not None else None
+        if dest is None:
+            dest = base / repository.fqrn / entry.path.lstrip("/")
+            if _complete(dest):
+                return Resolved(dest, False, version)
+        materialise(repository, entry.path, Path(dest), progress=progress)
+        return Resolved(Path(dest), False, version)
+
+
+def _complete(folder: Path) -> bool:
+    """A materialised copy appears by one rename, so any non-empty one is complete."""
+    return folder.is_dir() and not folder.is_symlink() and any(folder.iterdir())
+
+
+def resolve(ref: str, **options: Any) -> Path:
+    """A local path to the model version ``ref`` names: inside a mount where one exists, else a
+    verified copy materialised from the client's cache (see :func:`locate` for ``options``)."""
+    return locate(ref, **options).path

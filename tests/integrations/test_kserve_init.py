@@ -1,0 +1,114 @@
+"""``cvmfs-ml kserve-init URI DEST ...``: KServe's storage-initializer contract for ``cvmfs://``.
+
+With and without a mount, the destination must be a folder from which onnxruntime gives the
+same output as from the original model; so must the real ``kserve_storage.Storage.download``
+on a path inside the mount. Bad URIs fail with one line and leave every destination untouched.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from .conftest import FQRN, Site, onnx_output
+
+pytestmark = pytest.mark.service
+
+
+def init(site: Site, *args: str | Path, code: int = 0, env: dict[str, str] | None = None) -> str:
+    """Run the initializer as KServe would (a process); check the exit code; return stderr."""
+    result = subprocess.run(
+        [sys.executable, "-m", "cvmfs_ml.cli", "kserve-init", *map(str, args)],
+        env=env or site.env, capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert result.returncode == code, (result.stdout, result.stderr)
+    if code:
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("cvmfs-ml: "), result.stderr
+    return result.stderr
+
+
+def test_initializer_without_a_mount_copies_and_verifies(site: Site, tmp_path: Path) -> None:
+    models, single = tmp_path / "mnt-models", tmp_path / "single"
+    models.mkdir()  # KServe hands over an existing, empty emptyDir
+    log = init(site, f"cvmfs://{FQRN}/hep/mlp:prod", models,
+               f"cvmfs://{FQRN}/hep/mlp/2.0/model.onnx", single)  # fmt: skip
+    assert "copy from" in log
+    assert not (models / "model.onnx").is_symlink()
+    np.testing.assert_array_equal(onnx_output(models), onnx_output(site.originals["1.0"]))
+    assert sorted(os.listdir(single)) == ["model.onnx"]
+    np.testing.assert_array_equal(onnx_output(single), onnx_output(site.originals["2.0"]))
+    assert not any(p.name.startswith(".") for p in tmp_path.iterdir()), "staging left behind"
+
+
+def test_initializer_and_kserve_storage_with_a_mount(
+    site: Site, mount_site: Callable[[], object], tmp_path: Path
+) -> None:
+    from kserve_storage import Storage
+
+    mount_site()
+    version = site.mounts / FQRN / "hep" / "mlp" / "1.0"
+    expected = onnx_output(site.originals["1.0"])
+    stock = Storage.download(str(version), str(tmp_path / "stock"))
+    np.testing.assert_array_equal(onnx_output(Path(stock)), expected)
+
+    dest = tmp_path / "ours"
+    log = init(site, f"cvmfs://{FQRN}/hep/mlp:prod", dest)
+    assert "link from" in log
+    assert os.readlink(dest / "model.onnx") == str(version / "model.onnx")
+    np.testing.assert_array_equal(onnx_output(dest), expected)
+    # Both give the same folder: links to the same files of the mount.
+    assert sorted(os.listdir(dest)) == sorted(os.listdir(stock))
+
+
+def _closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.parametrize(
+    ("uri", "reason"),
+    [
+        (
+            "cvmfs://other.test.org/hep/mlp:prod",
+            "other.test.org/.cvmfspublished via DIRECT: HTTP 404",
+        ),
+        (f"cvmfs://{FQRN}/hep/mlp:nope", "no such file"),
+        (f"cvmfs://{FQRN}/hep/nothing/here.onnx", "no such file"),
+        (f"cvmfs://{FQRN}/hep/../../etc/passwd", "'..' are not allowed"),
+        ("s3://bucket/model", "not a cvmfs://"),
+        ("cvmfs://bad name/x", "not a repository name"),
+    ],
+)
+def test_bad_uris_write_nothing(site: Site, tmp_path: Path, uri: str, reason: str) -> None:
+    good, bad = tmp_path / "good", tmp_path / "bad"
+    # The good pair comes first: it must not be written either when a later one is bad.
+    line = init(site, f"cvmfs://{FQRN}/hep/mlp:1.0", good, uri, bad, code=1)
+    assert reason in line
+    assert not good.exists() and not bad.exists()
+
+
+def test_unreachable_server_and_odd_arguments(site: Site, tmp_path: Path) -> None:
+    config = tmp_path / "down.conf"
+    text = site.config.read_text().replace(site.server.url, f"http://127.0.0.1:{_closed_port()}")
+    config.write_text(text)
+    env = {**site.env, "CVMFS_ML_CONFIG": str(config)}
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    line = init(site, f"cvmfs://{FQRN}/hep/mlp:1.0", dest, code=1, env=env)
+    assert "could not fetch .cvmfspublished" in line and os.listdir(dest) == []
+    assert "URI DEST pairs" in init(site, f"cvmfs://{FQRN}/hep/mlp:1.0", code=1)
+    twice = init(site, f"cvmfs://{FQRN}/hep/mlp:1.0", dest, f"cvmfs://{FQRN}/hep/mlp:2.0",
+                 dest, code=1)  # fmt: skip
+    assert "its own DEST" in twice
+    (dest / "mine").write_text("x")
+    assert "not empty" in init(site, f"cvmfs://{FQRN}/hep/mlp:1.0", dest, code=1)
+    assert os.listdir(dest) == ["mine"]
