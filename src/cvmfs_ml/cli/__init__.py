@@ -18,6 +18,7 @@ from cvmfs_ml.cli.common import friendly
 from cvmfs_ml.cli.ingest import model_ingest
 from cvmfs_ml.cli.model import model_app
 from cvmfs_ml.cli.net import replica_app
+from cvmfs_ml.cli.registry import register_registry_commands
 from cvmfs_ml.cli.repo import repo_app
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="CernVM-FS for ML models.")
@@ -27,6 +28,7 @@ app.add_typer(model_app, name="model")
 register_client_commands(app)
 app.add_typer(replica_app, name="replica")
 app.add_typer(bench_app, name="bench")
+register_registry_commands(app)
 
 
 # -- serve ---------------------------------------------------------------------------------------

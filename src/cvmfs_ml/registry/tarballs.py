@@ -1,0 +1,82 @@
+"""Uploaded tarballs: checked when they arrive, unpacked under a CID's folder when published.
+
+``striplevels`` is user-pub's (``tar --strip-components``, 0 to 2). The checks run before a job
+is queued, so a hostile or broken upload is answered with a 4xx and never reaches the worker:
+the publisher's own member validation (absolute names, ``..``, escaping links, devices), plus
+bounds on member count and unpacked size (a small compressed body can expand enormously).
+"""
+
+from __future__ import annotations
+
+import lzma
+import tarfile
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+
+from cvmfs_ml.errors import CvmfsMlError, UnsafeInputError
+from cvmfs_ml.publish.sources import SourceItem, join_repo_path, scan_tarball
+
+__all__ = ["MAX_STRIP", "RejectedError", "check_tarball", "tarball_items"]
+
+MAX_STRIP = 2
+
+
+class RejectedError(CvmfsMlError):
+    """A request the service refuses; ``status`` is the HTTP status to answer with."""
+
+    def __init__(self, status: int, reason: str, kind: str = "rejected") -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+        self.kind = kind  # the ``errors`` metric's label
+
+
+def tarball_items(tarball: Path, at: str, strip: int = 0) -> Iterator[SourceItem]:
+    """The tarball's entries under ``at``, ``strip`` leading components removed.
+
+    ``at`` itself comes first (it becomes the CID's nested catalog root); members with no
+    more than ``strip`` components are dropped, as ``tar --strip-components`` drops them.
+    """
+    base = join_repo_path(at, "")
+    for item in scan_tarball(Path(tarball), ""):
+        parts = [p for p in item.path.split("/") if p]
+        if not parts:
+            item.path = base
+            yield item
+            continue
+        if len(parts) <= strip:
+            continue
+        item.path = join_repo_path(base, "/".join(parts[strip:]))
+        yield item
+
+
+def check_tarball(
+    tarball: Path, strip: int, *, max_members: int, max_unpacked_bytes: int
+) -> tuple[int, int]:
+    """Validate the whole tarball; returns ``(members, unpacked bytes)`` or raises
+    :class:`RejectedError` (400 for a broken or unsafe archive, 413 past a bound)."""
+    if not 0 <= strip <= MAX_STRIP:
+        raise RejectedError(400, f"striplevels must be 0 to {MAX_STRIP}")
+    members = unpacked = 0
+    try:
+        for item in tarball_items(tarball, "/check", strip):
+            members += 1
+            unpacked += item.size if item.is_regular else 0
+            if members > max_members:
+                raise RejectedError(
+                    413, f"tarball has more than {max_members} members", "oversized"
+                )
+            if unpacked > max_unpacked_bytes:
+                raise RejectedError(
+                    413, f"tarball unpacks to more than {max_unpacked_bytes} bytes", "oversized"
+                )
+    except UnsafeInputError as exc:
+        raise RejectedError(400, f"unsafe tarball: {exc}", "unsafe") from exc
+    except (tarfile.TarError, EOFError, zlib.error, lzma.LZMAError, OSError, ValueError) as exc:
+        if isinstance(exc, CvmfsMlError):
+            raise RejectedError(400, f"bad tarball: {exc}", "bad_tarball") from exc
+        raise RejectedError(400, f"not a readable tarball: {exc}", "bad_tarball") from exc
+    if members <= 1:
+        raise RejectedError(400, "empty tarball", "bad_tarball")
+    return members, unpacked
