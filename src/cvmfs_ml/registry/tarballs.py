@@ -8,6 +8,7 @@ bounds on member count and unpacked size (a small compressed body can expand eno
 
 from __future__ import annotations
 
+import importlib
 import lzma
 import tarfile
 import zlib
@@ -51,18 +52,53 @@ def tarball_items(tarball: Path, at: str, strip: int = 0) -> Iterator[SourceItem
         yield item
 
 
+def _read_through(item: SourceItem) -> None:
+    """Read a member to its end: a truncated or corrupt stream fails here, not in the worker
+    (the headers of a cut-off archive can all parse)."""
+    assert item.open is not None
+    got = 0
+    with item.open() as handle:
+        while chunk := handle.read(1 << 20):
+            got += len(chunk)
+    if got != item.size:
+        raise RejectedError(400, f"bad tarball: {item.path} has {got} of {item.size} bytes")
+
+
+_DECOMPRESSORS = {b"\x1f\x8b": "gzip", b"BZh": "bz2", b"\xfd7zXZ\x00": "lzma"}
+
+
+def _check_compressed_stream(tarball: Path) -> None:
+    """Decompress to the end, so a cut-off or corrupt stream (CRC, trailer) is refused even
+    when every member before the cut reads whole."""
+    with open(tarball, "rb") as raw:
+        magic = raw.read(6)
+    for prefix, module_name in _DECOMPRESSORS.items():
+        if magic.startswith(prefix):
+            module = importlib.import_module(module_name)
+            with module.open(tarball, "rb") as stream:
+                while stream.read(1 << 20):
+                    pass
+            return
+
+
 def check_tarball(
     tarball: Path, strip: int, *, max_members: int, max_unpacked_bytes: int
 ) -> tuple[int, int]:
-    """Validate the whole tarball; returns ``(members, unpacked bytes)`` or raises
-    :class:`RejectedError` (400 for a broken or unsafe archive, 413 past a bound)."""
+    """Validate the whole tarball, reading every member.
+
+    Returns ``(members, unpacked bytes)`` or raises :class:`RejectedError` (400 for a broken or
+    unsafe archive, 413 past a bound)."""
     if not 0 <= strip <= MAX_STRIP:
         raise RejectedError(400, f"striplevels must be 0 to {MAX_STRIP}")
     members = unpacked = 0
     try:
+        _check_compressed_stream(tarball)
         for item in tarball_items(tarball, "/check", strip):
             members += 1
-            unpacked += item.size if item.is_regular else 0
+            if item.is_regular:
+                unpacked += item.size
+                if unpacked <= max_unpacked_bytes:
+                    _read_through(item)
             if members > max_members:
                 raise RejectedError(
                     413, f"tarball has more than {max_members} members", "oversized"
