@@ -74,7 +74,8 @@ class RepositoryWorker:
     def stop(self, timeout: float = 60.0) -> None:
         self._stop.set()
         self._wake.set()
-        self._thread.join(timeout)
+        if self._thread.is_alive():
+            self._thread.join(timeout)
 
     def wake(self) -> None:
         self._wake.set()
