@@ -10,6 +10,7 @@ Bodies are streamed to the spool folder chunk by chunk, bounded by ``max_upload_
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -21,6 +22,8 @@ from starlette.concurrency import run_in_threadpool
 from cvmfs_ml.registry.auth import authenticate, require
 from cvmfs_ml.registry.cid import ContentId, InvalidCidError
 from cvmfs_ml.registry.config import Principal
+from cvmfs_ml.registry.oci_api import add_oci_routes, challenge, oci_error
+from cvmfs_ml.registry.oci_store import OciStore
 from cvmfs_ml.registry.service import Accepted, RegistryService
 from cvmfs_ml.registry.tarballs import RejectedError
 
@@ -34,9 +37,10 @@ def _text(body: str, status: int = 200, headers: dict[str, str] | None = None) -
     return PlainTextResponse(body + "\n", status, headers={**_NO_CACHE, **(headers or {})})
 
 
-def _challenge(request: Request) -> dict[str, str]:
-    realm = f"{request.base_url}token"
-    return {"WWW-Authenticate": f'Bearer realm="{realm}",service="cvmfs-ml-registry"'}
+def _oci_name(path: str) -> str | None:
+    """``ns/name`` of a ``/v2/ns/name/<blobs|manifests|tags|referrers>/...`` path."""
+    match = re.match(r"/v2/(.+?)/(?:blobs|manifests|tags|referrers)/", path)
+    return match.group(1) if match else None
 
 
 async def _receive(request: Request, service: RegistryService) -> Any:
@@ -68,6 +72,8 @@ def create_app(service: RegistryService, *, manage_service: bool = True) -> Fast
         try:
             yield
         finally:
+            await run_in_threadpool(models.close)
+            oci_store.close()
             if manage_service:
                 await run_in_threadpool(service.stop)
 
@@ -84,7 +90,18 @@ def create_app(service: RegistryService, *, manage_service: bool = True) -> Fast
 
     @app.exception_handler(RejectedError)
     async def rejected(request: Request, exc: RejectedError) -> Response:
-        headers = _challenge(request) if exc.status == 401 else {}
+        if exc.kind in ("auth", "forbidden"):
+            service.metrics.errors.labels(exc.kind).inc()
+        path = request.url.path
+        if path.startswith(("/v2", "/token")):
+            name = _oci_name(path)
+            action = "pull" if request.method in ("GET", "HEAD") else "pull,push"
+            code = {401: "UNAUTHORIZED", 403: "DENIED", 404: "NAME_UNKNOWN"}.get(
+                exc.status, "UNSUPPORTED"
+            )
+            extra = challenge(request, name, action) if exc.status == 401 else {}
+            return oci_error(exc.status, code, exc.reason, headers=extra)
+        headers = challenge(request, None, "") if exc.status == 401 else {}
         if request.url.path.startswith("/api/"):
             return JSONResponse({"error": exc.reason}, exc.status, headers=headers)
         if exc.status in (401, 403):
@@ -202,6 +219,9 @@ def create_app(service: RegistryService, *, manage_service: bool = True) -> Fast
             "revision": report.revision, "objects_removed": report.objects_removed,
             "bytes_removed": report.bytes_removed,
         }  # fmt: skip
+
+    oci_store = OciStore(service.data_dir / "oci")
+    models = add_oci_routes(app, service, oci_store)
 
     # -- operations ---------------------------------------------------------------------------
     @app.get("/metrics")

@@ -15,12 +15,12 @@ import binascii
 from cvmfs_ml.registry.config import Principal, RegistryConfig
 from cvmfs_ml.registry.tarballs import RejectedError
 
-__all__ = ["ANONYMOUS", "authenticate", "require"]
+__all__ = ["ANONYMOUS", "authenticate", "require", "token_from_header"]
 
 ANONYMOUS = Principal("anonymous")
 
 
-def _token_from_header(header: str) -> str:
+def token_from_header(header: str) -> str:
     scheme, _, value = header.strip().partition(" ")
     value = value.strip()
     if scheme.lower() == "bearer" and value:
@@ -39,7 +39,7 @@ def _token_from_header(header: str) -> str:
 def authenticate(config: RegistryConfig, header: str | None) -> Principal:
     if not header:
         return ANONYMOUS
-    principal = config.authenticate(_token_from_header(header))
+    principal = config.authenticate(token_from_header(header))
     if principal is None:
         raise RejectedError(401, "unknown or revoked token", "auth")
     return principal
