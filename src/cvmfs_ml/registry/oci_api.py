@@ -13,6 +13,7 @@ token, it hands the same token back, so the client sends it as ``Bearer`` from t
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import re
@@ -281,10 +282,10 @@ def add_oci_routes(app: FastAPI, service: RegistryService, store: OciStore) -> M
             if len(body) > MAX_MANIFEST_BYTES:
                 raise OciError(413, "SIZE_INVALID", f"manifest over {MAX_MANIFEST_BYTES} bytes")
         media_type = request.headers.get("content-type", "").split(";")[0].strip()
+        actual = "sha256:" + hashlib.sha256(body).hexdigest()
+        if DIGEST_RE.fullmatch(reference) and reference != actual:
+            raise OciError(400, "DIGEST_INVALID", f"manifest has digest {actual}, not {reference}")
         digest = await run_in_threadpool(store.put_manifest, name, bytes(body), media_type, tags)
-        if DIGEST_RE.fullmatch(reference) and reference != digest:
-            store.delete_manifest(name, digest)
-            raise OciError(400, "DIGEST_INVALID", f"manifest has digest {digest}, not {reference}")
         document = json.loads(bytes(body))
         headers = {**_API_HEADER, "Location": f"/v2/{name}/manifests/{digest}",
                    "Docker-Content-Digest": digest}  # fmt: skip
