@@ -26,6 +26,7 @@ from cvmfs_ml.registry.oci_api import add_oci_routes, challenge, oci_error
 from cvmfs_ml.registry.oci_store import OciStore
 from cvmfs_ml.registry.service import Accepted, RegistryService
 from cvmfs_ml.registry.tarballs import RejectedError
+from cvmfs_ml.registry.web import add_web_routes
 
 __all__ = ["create_app"]
 
@@ -220,6 +221,7 @@ def create_app(service: RegistryService, *, manage_service: bool = True) -> Fast
             "bytes_removed": report.bytes_removed,
         }  # fmt: skip
 
+    add_web_routes(app, service)
     oci_store = OciStore(service.data_dir / "oci")
     models = add_oci_routes(app, service, oci_store)
 
