@@ -1,0 +1,140 @@
+"""Registry load benchmark (issue 10): N concurrent small CID publishes through /api/v1/cids.
+
+Starts ``cvmfs-ml registry serve`` on two fresh repositories, POSTs ``--count`` tarballs of
+``--mib`` MiB of random bytes at once (one thread each, one token), polls every job until it
+is published, and prints: all visible or not, time to visible (request start -> the client
+sees the job published) p50/p95/max, revisions made (batching), the server's peak RSS.
+
+Usage::
+
+    python benchmarks/bench_registry.py                 # 50 x 1 MiB
+    python benchmarks/bench_registry.py --count 10 --mib 0.25
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tarfile
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import urllib3
+
+from cvmfs_ml.bench.services import free_port
+from cvmfs_ml.publish.repository import create_repository
+from cvmfs_ml.registry.config import add_token
+
+HTTP = urllib3.PoolManager(maxsize=64, retries=False, timeout=urllib3.Timeout(connect=10, read=600))
+
+
+def _tarball(size: int, seed: int) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        info = tarfile.TarInfo(f"payload-{seed}/data.bin")
+        info.size, info.mtime = size, 1_700_000_000
+        tar.addfile(info, io.BytesIO(os.urandom(size)))
+    return buffer.getvalue()
+
+
+def _peak_rss(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def run(count: int, size: int, work: Path) -> dict:
+    root = work / "srv"
+    for fqrn in ("bench1.test", "bench2.test"):
+        create_repository(root, fqrn)
+    config = work / "registry.json"
+    token = add_token(config, "bench", ["publish:*"])
+    port = free_port()
+    log = open(work / "server.log", "wb")  # noqa: SIM115 - closed below
+    server = subprocess.Popen(
+        [sys.executable, "-m", "cvmfs_ml.cli", "registry", "serve",
+         "--repo", str(root / "bench1.test"), "--repo", str(root / "bench2.test"),
+         "--config", str(config), "--data", str(work / "data"), "--port", str(port),
+         "--poll", "0.2"],
+        stdout=log, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if HTTP.request("GET", f"{base}/healthz").status == 200:
+                    break
+            except urllib3.exceptions.HTTPError:
+                pass
+            if time.monotonic() > deadline or server.poll() is not None:
+                raise SystemExit(f"server did not start; see {work / 'server.log'}")
+            time.sleep(0.1)
+        bodies = [_tarball(size, i) for i in range(count)]
+        barrier = threading.Barrier(count)
+        headers = {"Authorization": f"Bearer {token}"}
+
+        def publish(i: int) -> tuple[float, float, dict]:
+            barrier.wait()
+            start = time.monotonic()
+            answer = HTTP.request("POST", f"{base}/api/v1/cids/bench/c{i}", body=bodies[i],
+                                  headers=headers)  # fmt: skip
+            if answer.status != 202:
+                raise RuntimeError(f"c{i}: HTTP {answer.status} {answer.data[:200]!r}")
+            job_id = json.loads(answer.data)["id"]
+            end = time.monotonic() + 900
+            while time.monotonic() < end:
+                job = json.loads(HTTP.request("GET", f"{base}/api/v1/jobs/{job_id}").data)
+                if job["state"] in ("published", "failed"):
+                    return start, time.monotonic(), job
+                time.sleep(0.05)
+            raise RuntimeError(f"c{i}: not visible within 900 s")
+
+        wall = time.monotonic()
+        with ThreadPoolExecutor(count) as pool:
+            results = list(pool.map(publish, range(count)))
+        wall = time.monotonic() - wall
+        visible = sorted(end - start for start, end, job in results if job["state"] == "published")
+        failed = [job for _, _, job in results if job["state"] != "published"]
+        made: dict[str, set[int]] = {}
+        for _, _, job in results:
+            made.setdefault(job["repository"], set()).add(job["revision"])
+        revisions = {repo: sorted(revs) for repo, revs in sorted(made.items())}
+        quantile = statistics.quantiles(visible, n=20) if len(visible) > 1 else visible * 19
+        return {
+            "count": count, "bytes_each": size, "all_visible": not failed, "failed": len(failed),
+            "time_to_visible_s": {"p50": statistics.median(visible), "p95": quantile[18],
+                                  "max": visible[-1]},
+            "revisions": sum(len(r) for r in revisions.values()),
+            "revisions_by_repository": revisions,
+            "wall_s": wall, "server_peak_rss_mib": _peak_rss(server.pid) / 2**20,
+        }  # fmt: skip
+    finally:
+        server.terminate()
+        server.wait(60)
+        log.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--count", type=int, default=50)
+    parser.add_argument("--mib", type=float, default=1.0)
+    parser.add_argument("--work", type=Path, default=None, help="working folder (default: temp)")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="cvmfs-ml-bench-registry.") as tmp:
+        work = args.work or Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        print(json.dumps(run(args.count, int(args.mib * 2**20), work), indent=2))
+
+
+if __name__ == "__main__":
+    main()
