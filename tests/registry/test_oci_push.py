@@ -110,7 +110,12 @@ def test_push_needs_a_token_with_the_namespace(
         HTTP.request("GET", f"{base}/token", headers={"Authorization": f"Basic {bad}"}).status
         == 401
     )
-    assert HTTP.request("GET", f"{base}/token").status == 401
+    anonymous_token = json.loads(HTTP.request("GET", f"{base}/token").data)["token"]
+    pull = HTTP.request("GET", f"{base}/v2/{name}/tags/list", headers=_auth(anonymous_token))
+    assert pull.status == 200  # anonymous read is on by default...
+    push = HTTP.request("POST", upload, body=blob, headers=_auth(anonymous_token))
+    assert push.status == 401  # ...anonymous write never
+    assert HTTP.request("GET", f"{base}/v2/").status == 401  # the probe always challenges
     assert registry_env.revision(FQRNS[0]) == 0
 
 

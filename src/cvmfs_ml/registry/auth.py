@@ -15,9 +15,10 @@ import binascii
 from cvmfs_ml.registry.config import Principal, RegistryConfig
 from cvmfs_ml.registry.tarballs import RejectedError
 
-__all__ = ["ANONYMOUS", "authenticate", "require", "token_from_header"]
+__all__ = ["ANONYMOUS", "ANONYMOUS_TOKEN", "authenticate", "require", "token_from_header"]
 
 ANONYMOUS = Principal("anonymous")
+ANONYMOUS_TOKEN = "anonymous"  # what /token hands out without credentials (anonymous_read)
 
 
 def token_from_header(header: str) -> str:
@@ -39,7 +40,10 @@ def token_from_header(header: str) -> str:
 def authenticate(config: RegistryConfig, header: str | None) -> Principal:
     if not header:
         return ANONYMOUS
-    principal = config.authenticate(token_from_header(header))
+    token = token_from_header(header)
+    if token == ANONYMOUS_TOKEN:
+        return ANONYMOUS
+    principal = config.authenticate(token)
     if principal is None:
         raise RejectedError(401, "unknown or revoked token", "auth")
     return principal

@@ -28,7 +28,7 @@ from cvmfs_ml.errors import CvmfsMlError
 from cvmfs_ml.models.layout import ModelRef
 from cvmfs_ml.models.sources.oci import classify, ingest_oci
 from cvmfs_ml.models.sources.oci_client import OCI_INDEX, OciReference
-from cvmfs_ml.registry.auth import authenticate, require, token_from_header
+from cvmfs_ml.registry.auth import ANONYMOUS_TOKEN, authenticate, require, token_from_header
 from cvmfs_ml.registry.oci_store import (
     DIGEST_RE,
     MAX_MANIFEST_BYTES,
@@ -151,7 +151,12 @@ def add_oci_routes(app: FastAPI, service: RegistryService, store: OciStore) -> M
 
     @app.get("/v2/")
     def base(request: Request) -> Response:
-        principal = authenticate(service.config, request.headers.get("authorization"))
+        """Without credentials: the challenge, always. Clients (skopeo, docker) probe here to
+        learn whether to authenticate; a 200 would make them push without their token."""
+        header = request.headers.get("authorization")
+        if header is None:
+            raise RejectedError(401, "authenticate at the token realm", "auth")
+        principal = authenticate(service.config, header)
         if principal.anonymous and not service.config.anonymous_read:
             raise RejectedError(401, "a token is required", "auth")
         return JSONResponse({}, headers=_API_HEADER)
@@ -160,9 +165,13 @@ def add_oci_routes(app: FastAPI, service: RegistryService, store: OciStore) -> M
     def token(request: Request) -> Response:
         header = request.headers.get("authorization")
         principal = authenticate(service.config, header)
-        if principal.anonymous or header is None:
-            raise RejectedError(401, "send the registry token as the password", "auth")
-        value = token_from_header(header)
+        if principal.anonymous:
+            if not service.config.anonymous_read:
+                raise RejectedError(401, "send the registry token as the password", "auth")
+            value = ANONYMOUS_TOKEN  # pulls only: writes still need a real token
+        else:
+            assert header is not None
+            value = token_from_header(header)
         return JSONResponse({"token": value, "access_token": value, "expires_in": 3600})
 
     # -- uploads (before the blob routes: the more specific paths first) ----------------------
