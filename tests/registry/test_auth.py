@@ -88,6 +88,19 @@ def test_anonymous_read_can_be_turned_off(registry_env: RegistryEnv) -> None:
     assert text(get(server, "/pubapi/ping")) == "OK\n"  # ping and config stay open
 
 
+def test_uploads_are_rate_limited_per_token(registry_env: RegistryEnv) -> None:
+    registry_env.set_config(uploads_per_minute=2)
+    server = registry_env.start()
+    body = make_tarball({"r": b"r"})
+    writer, other = registry_env.tokens["writer"], registry_env.tokens["all"]
+    for i in range(2):
+        assert text(post(server, f"/pubapi/publish?cid=grp/rate{i}", body, writer)) == "OK\n"
+    limited = post(server, "/pubapi/publish?cid=grp/rate2", body, writer)
+    assert limited.status == 429 and limited.headers["Retry-After"] == "60"
+    assert text(post(server, "/pubapi/publish?cid=grp/rate3", body, other)) == "OK\n"  # per token
+    assert 'cvmfs_registry_errors_total{kind="rate_limited"} 1.0' in text(get(server, "/metrics"))
+
+
 def test_token_cli_shows_the_token_once_and_stores_a_hash(tmp_path: Path) -> None:
     config = tmp_path / "r.json"
     runner = CliRunner()

@@ -91,7 +91,7 @@ def create_app(service: RegistryService, *, manage_service: bool = True) -> Fast
 
     @app.exception_handler(RejectedError)
     async def rejected(request: Request, exc: RejectedError) -> Response:
-        if exc.kind in ("auth", "forbidden"):
+        if exc.kind in ("auth", "forbidden", "rate_limited"):
             service.metrics.errors.labels(exc.kind).inc()
         path = request.url.path
         if path.startswith(("/v2", "/token")):
@@ -109,6 +109,8 @@ def create_app(service: RegistryService, *, manage_service: bool = True) -> Fast
             return _text(f"Access denied: {exc.reason}", exc.status, headers)
         if exc.status == 413:
             return _text(f"Request too large: {exc.reason}", 413)
+        if exc.status == 429:
+            return _text(f"Too many requests: {exc.reason}", 429, {"Retry-After": "60"})
         if exc.status >= 500:
             return _text(f"Server error: {exc.reason}", exc.status)
         return _text(f"Bad request: {exc.reason}", exc.status)
@@ -147,6 +149,7 @@ def create_app(service: RegistryService, *, manage_service: bool = True) -> Fast
     async def _publish(request: Request, cid: str | None, striplevels: str) -> Accepted:
         parsed = ContentId.parse(cid)
         principal = allowed(request, "publish", parsed.group)
+        service.check_rate(principal.name)
         if not striplevels.isdigit():
             raise RejectedError(400, "striplevels must be 0, 1 or 2")
         upload = await _receive(request, service)

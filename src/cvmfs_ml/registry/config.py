@@ -94,6 +94,7 @@ class RegistryConfig:
     max_days: float = 30.0
     batch_max_jobs: int = 64
     batch_max_bytes: int = 2 * 2**30
+    uploads_per_minute: int = 0  # per token; 0: no limit
     tokens: dict[str, TokenRecord] = field(default_factory=dict)
 
     def authenticate(self, token: str) -> Principal | None:

@@ -179,7 +179,7 @@ def add_oci_routes(app: FastAPI, service: RegistryService, store: OciStore) -> M
     async def start_upload(request: Request, name: str, digest: str | None = None,
                            mount: str | None = None) -> Response:  # fmt: skip
         check_name(name)
-        allowed(request, name, "publish")
+        service.check_rate(allowed(request, name, "publish"))
         source = request.query_params.get("from")
         if mount is not None:
             check_digest(mount)

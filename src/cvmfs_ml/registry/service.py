@@ -8,9 +8,11 @@ service backs the user-pub endpoints, the JSON API and tests.
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import logging
 import os
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -97,6 +99,8 @@ class RegistryService:
                 publisher, self.store, config, self.metrics, poll_seconds=poll_seconds
             )
         self.started = time.time()
+        self._rate_lock = threading.Lock()
+        self._recent_uploads: dict[str, collections.deque[float]] = {}
 
     @property
     def config(self) -> RegistryConfig:
@@ -139,6 +143,21 @@ class RegistryService:
         if path is not None:
             self.store.touch(cid.text)
         return path
+
+    def check_rate(self, who: str) -> None:
+        """429 when ``who`` started ``uploads_per_minute`` uploads in the last minute."""
+        limit = self.config.uploads_per_minute
+        if limit <= 0:
+            return
+        now = time.monotonic()
+        with self._rate_lock:
+            recent = self._recent_uploads.setdefault(who, collections.deque())
+            while recent and recent[0] < now - 60:
+                recent.popleft()
+            if len(recent) >= limit:
+                raise RejectedError(429, f"more than {limit} uploads a minute; retry later",
+                                    "rate_limited")  # fmt: skip
+            recent.append(now)
 
     def new_upload(self) -> UploadFile:
         return UploadFile(self.spool, self.config.max_upload_bytes)
