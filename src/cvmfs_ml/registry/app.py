@@ -24,6 +24,7 @@ from cvmfs_ml.registry.cid import ContentId, InvalidCidError
 from cvmfs_ml.registry.config import Principal
 from cvmfs_ml.registry.oci_api import add_oci_routes, challenge, oci_error
 from cvmfs_ml.registry.oci_store import OciStore
+from cvmfs_ml.registry.resumable import add_resumable_routes
 from cvmfs_ml.registry.service import Accepted, RegistryService
 from cvmfs_ml.registry.tarballs import RejectedError
 from cvmfs_ml.registry.web import add_web_routes
@@ -227,6 +228,7 @@ def create_app(service: RegistryService, *, manage_service: bool = True) -> Fast
     add_web_routes(app, service)
     oci_store = OciStore(service.data_dir / "oci")
     models = add_oci_routes(app, service, oci_store)
+    add_resumable_routes(app, service, oci_store)
 
     # -- operations ---------------------------------------------------------------------------
     @app.get("/metrics")

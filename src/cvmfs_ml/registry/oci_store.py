@@ -163,6 +163,11 @@ class OciStore:
 
             yield write
 
+    def session_sha256(self, upload_id: str) -> tuple[Path, str]:
+        """The session's file and the SHA-256 hex of what it holds so far."""
+        path = self._session(upload_id)
+        return path, self._hasher(upload_id, path).hexdigest()
+
     def finish_upload(self, upload_id: str, digest: str) -> Path:
         """Check the session against ``digest`` and make it the blob (or 400, session kept)."""
         check_digest(digest)

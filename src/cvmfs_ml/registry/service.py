@@ -17,7 +17,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Protocol
 
 from cvmfs_ml.errors import ConfigError
 from cvmfs_ml.publish.repository import Publisher
@@ -28,7 +28,7 @@ from cvmfs_ml.registry.metrics import RegistryMetrics
 from cvmfs_ml.registry.tarballs import RejectedError, check_tarball
 from cvmfs_ml.registry.worker import CleanupReport, RepositoryWorker
 
-__all__ = ["Accepted", "RegistryService", "UploadFile"]
+__all__ = ["Accepted", "RegistryService", "Upload", "UploadFile"]
 
 log = logging.getLogger("cvmfs_ml.registry")
 
@@ -39,6 +39,17 @@ class Accepted:
 
     job: Job | None
     present: str | None  # the CID's /cvmfs path when it is already published
+
+
+class Upload(Protocol):
+    """A body on disk in the spool folder, ready to be queued."""
+
+    path: Path
+    size: int
+
+    def finish(self) -> str: ...  # durable on disk; returns the SHA-256 hex
+
+    def discard(self) -> None: ...
 
 
 class UploadFile:
@@ -162,7 +173,7 @@ class RegistryService:
     def new_upload(self) -> UploadFile:
         return UploadFile(self.spool, self.config.max_upload_bytes)
 
-    def accept(self, cid: ContentId, upload: UploadFile, strip: int, publisher: str) -> Accepted:
+    def accept(self, cid: ContentId, upload: Upload, strip: int, publisher: str) -> Accepted:
         """Queue a finished upload (the caller has written the body), or explain why not.
 
         Takes ownership of ``upload``: it is removed unless a new job now refers to it.
