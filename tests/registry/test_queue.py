@@ -6,6 +6,7 @@ import json
 import os
 import threading
 import time
+from pathlib import Path
 
 from cvmfs_ml.client.check import check_repository
 from cvmfs_ml.client.repository import Repository
@@ -103,7 +104,13 @@ def test_kill9_mid_publish_loses_nothing(registry_env: RegistryEnv) -> None:
     accepted = post(server, "/api/v1/cids/grp/big", body, token)
     assert accepted.status == 202, accepted.data
     job_id = json.loads(accepted.data)["id"]
-    server.kill9()  # while queued or publishing: either way, nothing may be lost
+    # Kill while the worker publishes when we can catch it (bounded); queued is fine too.
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and job_json(server, job_id)["state"] == "queued":
+        time.sleep(0.01)
+    state = job_json(server, job_id)["state"]
+    server.kill9()  # nothing may be lost, whatever the state
+    assert state in ("queued", "publishing", "published")
     for fqrn in FQRNS:  # the repositories are intact and mountable
         publisher = registry_env.publisher(fqrn)
         with Repository.open(
@@ -201,3 +208,32 @@ def test_update_over_http_keeps_a_cid_from_cleanup(registry_env: RegistryEnv) ->
     publisher = registry_env.publisher(FQRNS[0])
     with Repository.open(publisher.repo_dir, public_key=publisher.keys.paths.master_public) as r:
         assert not r.exists("/sw/grp/kept")
+
+
+def test_each_publish_is_snapshotted_into_a_local_stratum1(
+    registry_env: RegistryEnv, tmp_path: Path
+) -> None:
+    stratum1 = tmp_path / "stratum1"
+    service = RegistryService(
+        registry_env.repos, registry_env.data, ConfigFile(registry_env.config),
+        poll_seconds=0.1, stratum1=stratum1,
+    )  # fmt: skip
+    service.start()
+    try:
+        job = _accept(service, "grp/s1", make_tarball({"s.txt": b"on the stratum 1\n"})).job
+        assert job is not None
+        wait_until(lambda: _published(service, job.id), 120)
+        published = service.job(job.id)
+        assert published is not None and published.revision is not None
+        wait_until(lambda: (service.stratum1_revision(job.repo) or -1) >= published.revision, 120)
+        publisher = registry_env.publisher(job.repo)
+        with Repository.open(
+            stratum1 / job.repo, fqrn=job.repo, public_key=publisher.keys.paths.master_public
+        ) as replica:
+            assert replica.read_bytes("/sw/grp/s1/s.txt") == b"on the stratum 1\n"
+        metrics = service.metrics.render().decode()
+        assert f'cvmfs_registry_time_to_stratum1_seconds_count{{repository="{job.repo}"}} 1.0' in (
+            metrics
+        )
+    finally:
+        service.stop()

@@ -38,6 +38,12 @@ def registry_serve(
         typer.Option("--data", help="queue database and upload spool (default: beside --config)"),
     ] = None,
     poll: Annotated[float, typer.Option("--poll", help="worker idle poll, seconds")] = 1.0,
+    stratum1: Annotated[
+        Path | None,
+        typer.Option(
+            "--stratum1", help="snapshot each publish into DIR/<fqrn> (a local Stratum 1)"
+        ),
+    ] = None,
 ) -> None:
     """Serve the user-pub API (/pubapi/), the JSON API (/api/v1/), /metrics and /healthz."""
     import uvicorn
@@ -47,7 +53,9 @@ def registry_serve(
     from cvmfs_ml.registry.service import RegistryService
 
     data_dir = data or ((config.parent if config else repo[0].parent) / "registry-data")
-    service = RegistryService(repo, data_dir, ConfigFile(config), poll_seconds=poll)
+    service = RegistryService(
+        repo, data_dir, ConfigFile(config), poll_seconds=poll, stratum1=stratum1
+    )
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     typer.echo(f"registry for {', '.join(service.repositories)} at http://{host}:{port}/", err=True)
     uvicorn.run(create_app(service), host=host, port=port, log_level="info")

@@ -848,4 +848,3 @@ def _module_main() -> None:
 
 if __name__ == "__main__":
     _module_main()
-

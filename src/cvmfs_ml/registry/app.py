@@ -204,7 +204,10 @@ def create_app(service: RegistryService, *, manage_service: bool = True) -> Fast
         if fqrn not in service.repositories:
             raise RejectedError(404, f"no repository {fqrn}")
         current = service.revision(fqrn)
+        replica = service.stratum1_revision(fqrn)
         return {
+            "stratum1_revision": replica,
+            "visible_at_stratum1": None if replica is None else replica >= revision,
             "fqrn": fqrn,
             "revision": revision,
             "current": current,

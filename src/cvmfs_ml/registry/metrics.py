@@ -64,6 +64,13 @@ class RegistryMetrics:
             buckets=_DURATION_BUCKETS,
             registry=r,
         )
+        self.time_to_stratum1 = Histogram(
+            "cvmfs_registry_time_to_stratum1_seconds",
+            "from accepted upload to the revision in the local Stratum 1",
+            ["repository"],
+            buckets=_DURATION_BUCKETS,
+            registry=r,
+        )
         self.registry.register(_QueueCollector(queue_stats))
 
     def render(self) -> bytes:

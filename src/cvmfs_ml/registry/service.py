@@ -19,7 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
-from cvmfs_ml.errors import ConfigError
+from cvmfs_ml.cvmfs.manifest import Manifest
+from cvmfs_ml.errors import ConfigError, CvmfsMlError
 from cvmfs_ml.publish.repository import Publisher
 from cvmfs_ml.registry.cid import ContentId
 from cvmfs_ml.registry.config import ConfigFile, RegistryConfig
@@ -94,7 +95,9 @@ class RegistryService:
         config: ConfigFile,
         *,
         poll_seconds: float = 1.0,
+        stratum1: Path | None = None,
     ) -> None:
+        """``stratum1``: a folder to snapshot every repository into after each publish."""
         if not repositories:
             raise ConfigError("the registry needs at least one repository (--repo)")
         self.config_file = config
@@ -107,8 +110,9 @@ class RegistryService:
         for folder in repositories:
             publisher = Publisher.open(Path(folder))
             self.workers[publisher.fqrn] = RepositoryWorker(
-                publisher, self.store, config, self.metrics, poll_seconds=poll_seconds
-            )
+                publisher, self.store, config, self.metrics, poll_seconds=poll_seconds,
+                stratum1=stratum1,
+            )  # fmt: skip
         self.started = time.time()
         self._rate_lock = threading.Lock()
         self._recent_uploads: dict[str, collections.deque[float]] = {}
@@ -245,6 +249,15 @@ class RegistryService:
 
     def revision(self, repo: str) -> int:
         return self.workers[repo].publisher.manifest().revision
+
+    def stratum1_revision(self, repo: str) -> int | None:
+        folder = self.workers[repo].stratum1
+        if folder is None:
+            return None
+        try:
+            return Manifest.parse((folder / ".cvmfspublished").read_bytes()).revision
+        except (OSError, CvmfsMlError):
+            return None
 
     def cleanup(self, repo: str, max_days: float | None = None) -> CleanupReport:
         days = self.config.max_days if max_days is None else max_days

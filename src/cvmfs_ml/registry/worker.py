@@ -26,6 +26,7 @@ from cvmfs_ml.registry.config import ConfigFile
 from cvmfs_ml.registry.jobs import Job, JobStore
 from cvmfs_ml.registry.metrics import RegistryMetrics
 from cvmfs_ml.registry.tarballs import tarball_items
+from cvmfs_ml.replica.sync import sync_replica
 
 __all__ = ["CleanupReport", "RepositoryWorker"]
 
@@ -52,8 +53,10 @@ class RepositoryWorker:
         metrics: RegistryMetrics,
         *,
         poll_seconds: float = 1.0,
+        stratum1: Path | None = None,
     ) -> None:
         self.publisher = publisher
+        self.stratum1 = Path(stratum1) / publisher.fqrn if stratum1 is not None else None
         self.fqrn = publisher.fqrn
         self.store = store
         self.config = config
@@ -152,6 +155,22 @@ class RepositoryWorker:
             self.metrics.time_to_visible.labels(self.fqrn).observe(max(0.0, now - job.created))
             _remove(job.upload)
         log.info("published %d CID(s) in %s revision %d", len(jobs), self.fqrn, result.revision)
+        if self.stratum1 is not None:
+            self._replicate(jobs)
+
+    def _replicate(self, jobs: list[Job]) -> None:
+        """Snapshot the new revision into the local Stratum 1 (what clients read)."""
+        assert self.stratum1 is not None
+        try:
+            sync_replica(self.publisher.repo_dir, self.stratum1,
+                         self.publisher.keys.paths.master_public, self.fqrn)  # fmt: skip
+        except Exception as exc:  # a failed snapshot is retried by the next publish
+            log.warning("stratum 1 snapshot of %s failed: %s", self.fqrn, exc)
+            self.metrics.errors.labels("replica").inc()
+            return
+        now = time.time()
+        for job in jobs:
+            self.metrics.time_to_stratum1.labels(self.fqrn).observe(max(0.0, now - job.created))
 
     def _commit(self, jobs: list[Job], prefix: str) -> PublishResult:
         with self.publisher.transaction() as txn:
