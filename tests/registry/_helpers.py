@@ -89,8 +89,8 @@ class RegistryEnv:
 
         save_config(self.config, RegistryConfig.from_json(data))
 
-    def start(self, port: int | None = None) -> RegistryServer:
-        args = [a for r in self.repos for a in ("--repo", str(r))]
+    def start(self, port: int | None = None, extra: Sequence[str] = ()) -> RegistryServer:
+        args = [*extra, *(a for r in self.repos for a in ("--repo", str(r)))]
         args += ["--config", str(self.config), "--data", str(self.data)]
         server = RegistryServer(args, self.root.parent / f"server-{len(self.servers)}", port)
         self.servers.append(server)

@@ -81,6 +81,16 @@ def test_ping_config_and_unknown_api(registry: RegistryServer) -> None:
     assert (unknown.status, text(unknown)) == (404, "Unrecognized api\n")
 
 
+def test_structured_logs(registry_env: RegistryEnv) -> None:
+    server = registry_env.start(extra=["--log-format", "json"])
+    assert text(get(server, "/pubapi/ping")) == "OK\n"
+    wait_until(lambda: "/pubapi/ping" in server.logs(), 30)
+    lines = [line for line in server.logs().splitlines()[1:] if line.startswith("{")]
+    entries = [json.loads(line) for line in lines]
+    assert any("/pubapi/ping" in e["message"] and e["logger"] == "uvicorn.access" for e in entries)
+    assert all({"time", "level", "logger", "message"} <= set(e) for e in entries)
+
+
 def test_json_api_reports_job_states_and_checked_cid(
     registry_env: RegistryEnv, registry: RegistryServer
 ) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 from typing import Annotated
 
@@ -44,21 +43,25 @@ def registry_serve(
             "--stratum1", help="snapshot each publish into DIR/<fqrn> (a local Stratum 1)"
         ),
     ] = None,
+    log_format: Annotated[
+        str, typer.Option("--log-format", help="text, or json (one object per line)")
+    ] = "text",
 ) -> None:
     """Serve the user-pub API (/pubapi/), the JSON API (/api/v1/), /metrics and /healthz."""
     import uvicorn
 
     from cvmfs_ml.registry.app import create_app
     from cvmfs_ml.registry.config import ConfigFile
+    from cvmfs_ml.registry.logs import configure_logging
     from cvmfs_ml.registry.service import RegistryService
 
     data_dir = data or ((config.parent if config else repo[0].parent) / "registry-data")
     service = RegistryService(
         repo, data_dir, ConfigFile(config), poll_seconds=poll, stratum1=stratum1
     )
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    configure_logging(log_format)
     typer.echo(f"registry for {', '.join(service.repositories)} at http://{host}:{port}/", err=True)
-    uvicorn.run(create_app(service), host=host, port=port, log_level="info")
+    uvicorn.run(create_app(service), host=host, port=port, log_config=None, log_level="info")
 
 
 @token_app.command("add")
