@@ -8,7 +8,7 @@ sees the job published) p50/p95/max, revisions made (batching), the server's pea
 Usage::
 
     python benchmarks/bench_registry.py                 # 50 x 1 MiB
-    python benchmarks/bench_registry.py --count 10 --mib 0.25
+    python benchmarks/bench_registry.py --count 10 --mib 0.25 --oras-mib 256
 """
 
 from __future__ import annotations
@@ -52,7 +52,49 @@ def _peak_rss(pid: int) -> int:
     return 0
 
 
-def run(count: int, size: int, work: Path) -> dict:
+def _oras_push(base: str, port: int, token: str, size: int, work: Path) -> dict:
+    """``oras push`` of one ``size``-byte file until published, against a local publish."""
+    import oras.client
+
+    from cvmfs_ml.models.layout import ModelRef
+    from cvmfs_ml.models.publish import publish_model
+
+    folder = work / "oras-model"
+    folder.mkdir()
+    with open(folder / "weights.bin", "wb") as out:
+        for _ in range(size // 2**20):
+            out.write(os.urandom(2**20))
+    baseline = create_repository(work / "baseline", "baseline.test")
+    start = time.monotonic()
+    publish_model(baseline, folder, ModelRef("bench", "big", "1"))
+    local_s = time.monotonic() - start
+    client = oras.client.OrasClient(hostname=f"127.0.0.1:{port}", insecure=True)
+    client.login("bench", token, hostname=f"127.0.0.1:{port}",
+                 config_path=str(work / "docker-config.json"))  # fmt: skip
+    cwd = os.getcwd()
+    os.chdir(folder)
+    try:
+        start = time.monotonic()
+        client.push(target=f"127.0.0.1:{port}/bench/big:1", files=["weights.bin"],
+                    do_chunked=True, chunk_size=16 * 2**20)  # fmt: skip
+        pushed_s = time.monotonic() - start
+    finally:
+        os.chdir(cwd)
+    while True:
+        state = json.loads(HTTP.request("GET", f"{base}/api/v1/oci/bench/big/1").data)
+        if state["state"] in ("published", "failed", "skipped"):
+            break
+        time.sleep(0.1)
+    total_s = time.monotonic() - start
+    mib = size / 2**20
+    return {
+        "oras_mib": mib, "state": state["state"], "push_s": pushed_s, "push_and_publish_s": total_s,
+        "local_publish_s": local_s, "oras_mib_per_s": mib / total_s,
+        "local_mib_per_s": mib / local_s, "ratio_to_local": local_s / total_s,
+    }  # fmt: skip
+
+
+def run(count: int, size: int, work: Path, oras_bytes: int = 0) -> dict:
     root = work / "srv"
     for fqrn in ("bench1.test", "bench2.test"):
         create_repository(root, fqrn)
@@ -103,6 +145,7 @@ def run(count: int, size: int, work: Path) -> dict:
         with ThreadPoolExecutor(count) as pool:
             results = list(pool.map(publish, range(count)))
         wall = time.monotonic() - wall
+        oras_result = _oras_push(base, port, token, oras_bytes, work) if oras_bytes else None
         visible = sorted(end - start for start, end, job in results if job["state"] == "published")
         failed = [job for _, _, job in results if job["state"] != "published"]
         made: dict[str, set[int]] = {}
@@ -116,7 +159,8 @@ def run(count: int, size: int, work: Path) -> dict:
                                   "max": visible[-1]},
             "revisions": sum(len(r) for r in revisions.values()),
             "revisions_by_repository": revisions,
-            "wall_s": wall, "server_peak_rss_mib": _peak_rss(server.pid) / 2**20,
+            "wall_s": wall, "oras": oras_result,
+            "server_peak_rss_mib": _peak_rss(server.pid) / 2**20,
         }  # fmt: skip
     finally:
         server.terminate()
@@ -129,11 +173,18 @@ def main() -> None:
     parser.add_argument("--count", type=int, default=50)
     parser.add_argument("--mib", type=float, default=1.0)
     parser.add_argument("--work", type=Path, default=None, help="working folder (default: temp)")
+    parser.add_argument(
+        "--oras-mib",
+        type=int,
+        default=0,
+        help="also oras-push one file of this size and compare with a local publish",
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="cvmfs-ml-bench-registry.") as tmp:
         work = args.work or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
-        print(json.dumps(run(args.count, int(args.mib * 2**20), work), indent=2))
+        result = run(args.count, int(args.mib * 2**20), work, args.oras_mib * 2**20)
+        print(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":
