@@ -18,6 +18,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.concurrency import run_in_threadpool
+from starlette.requests import ClientDisconnect
 
 from cvmfs_ml.registry.auth import authenticate, require
 from cvmfs_ml.registry.cid import ContentId, InvalidCidError
@@ -58,6 +59,9 @@ async def _receive(request: Request, service: RegistryService) -> Any:
     try:
         async for chunk in request.stream():
             upload.write(chunk)
+    except ClientDisconnect:
+        upload.discard()
+        raise RejectedError(400, "the client went away before the body was complete") from None
     except BaseException:
         upload.discard()
         raise

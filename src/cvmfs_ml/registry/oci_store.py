@@ -17,6 +17,7 @@ import re
 import shutil
 import sqlite3
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -97,6 +98,15 @@ class OciStore:
                                    isolation_level=None)  # fmt: skip
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.executescript(_SCHEMA)
+        self._prune_sessions()
+
+    def _prune_sessions(self, max_age: float = 7 * 86400) -> None:
+        """Upload sessions nobody touched for a week are abandoned: free their space."""
+        cutoff = time.time() - max_age
+        for path in self.uploads.iterdir():
+            with contextlib.suppress(FileNotFoundError):
+                if path.stat().st_mtime < cutoff:
+                    path.unlink()
 
     def close(self) -> None:
         with self._lock:
