@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -18,8 +19,6 @@ from ._helpers import FQRNS, RegistryEnv, get, make_tarball, post, text, wait_un
 def _chromium() -> str:
     binary = shutil.which("chromium") or shutil.which("chromium-browser")
     if binary is None:
-        import os
-
         if os.environ.get("CI"):
             pytest.fail("chromium is not installed; CI must provide it")
         pytest.skip("chromium is not installed")
