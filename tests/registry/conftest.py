@@ -30,6 +30,7 @@ def registry_env(tmp_path: Path) -> Iterator[RegistryEnv]:
     env.tokens["reader"] = add_token(env.config, "reader", ["read:grp"])
     env.tokens["other"] = add_token(env.config, "other", ["publish:other"])
     env.tokens["admin"] = add_token(env.config, "admin", ["admin"])
+    env.set_config(cleanup_hour=-1)  # no daily cleanup at a wall-clock hour during a test
     yield env
     for server in env.servers:
         server.terminate()

@@ -237,3 +237,34 @@ def test_each_publish_is_snapshotted_into_a_local_stratum1(
         )
     finally:
         service.stop()
+
+
+def test_daily_cleanup_runs_once_at_its_hour(registry_env: RegistryEnv) -> None:
+    import datetime as dt
+
+    registry_env.set_config(cleanup_hour=3)
+    service = _service(registry_env)
+    now = [dt.datetime(2026, 5, 4, 1, 0, tzinfo=dt.UTC)]  # before the 03:00 cleanup
+    for worker in service.workers.values():
+        worker.clock = lambda: now[0]
+    service.start()
+    try:
+        job = _accept(service, "grp/daily", make_tarball({"d": b"d"})).job
+        assert job is not None
+        wait_until(lambda: _published(service, job.id), 120)
+        service.store.touch("grp/daily", time.time() - 31 * 86400)
+        revision = registry_env.revision(job.repo)
+        time.sleep(0.5)  # several idle loops before the hour: nothing happens
+        assert service.exists(ContentId("grp/daily")) is not None
+        assert registry_env.revision(job.repo) == revision
+        now[0] = dt.datetime(2026, 5, 4, 4, 30, tzinfo=dt.UTC)  # past 03:00 (+1 h for pub2)
+        for worker in service.workers.values():
+            worker.wake()
+        wait_until(lambda: service.exists(ContentId("grp/daily")) is None, 120)
+        wait_until(lambda: not any(w.cleaning for w in service.workers.values()), 120)
+        after = registry_env.revision(job.repo)
+        assert after == revision + 2  # the removal, then the settling revision
+        time.sleep(0.5)  # the same day again: no second cleanup
+        assert registry_env.revision(job.repo) == after
+    finally:
+        service.stop()

@@ -107,11 +107,11 @@ class RegistryService:
         self.store = JobStore(self.data_dir / "queue.sqlite")
         self.metrics = RegistryMetrics(self.store.queue_stats)
         self.workers: dict[str, RepositoryWorker] = {}
-        for folder in repositories:
+        for index, folder in enumerate(repositories):
             publisher = Publisher.open(Path(folder))
             self.workers[publisher.fqrn] = RepositoryWorker(
                 publisher, self.store, config, self.metrics, poll_seconds=poll_seconds,
-                stratum1=stratum1,
+                stratum1=stratum1, index=index,
             )  # fmt: skip
         self.started = time.time()
         self._rate_lock = threading.Lock()

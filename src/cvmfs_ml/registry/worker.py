@@ -9,11 +9,13 @@ runs the service routes new CIDs to the other repository.
 
 from __future__ import annotations
 
+import datetime as dt
 import functools
 import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,6 +56,8 @@ class RepositoryWorker:
         *,
         poll_seconds: float = 1.0,
         stratum1: Path | None = None,
+        index: int = 0,
+        clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
     ) -> None:
         self.publisher = publisher
         self.stratum1 = Path(stratum1) / publisher.fqrn if stratum1 is not None else None
@@ -63,6 +67,10 @@ class RepositoryWorker:
         self.metrics = metrics
         self.poll_seconds = poll_seconds
         self.cleaning = False
+        self.index = index  # staggers the daily cleanups of several repositories (user-pub)
+        self.clock = clock
+        self._last_daily: dt.date | None = None
+        self._daily_started = False
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._cleanup_requests: list[tuple[float, threading.Event, list[CleanupReport]]] = []
@@ -112,6 +120,8 @@ class RepositoryWorker:
                         self.cleaning = bool(self._cleanup_requests)
                     done.set()
             config = self.config.current()
+            if self._daily_cleanup_due(config.cleanup_hour):
+                self._run_daily_cleanup(config.max_days)
             try:
                 jobs = self.store.claim(self.fqrn, config.batch_max_jobs, config.batch_max_bytes)
             except Exception:
@@ -123,6 +133,33 @@ class RepositoryWorker:
                 self._publish(jobs)
                 continue
             self._wake.wait(self.poll_seconds)
+
+    def _daily_cleanup_due(self, hour: int) -> bool:
+        """Once a day, at ``hour`` + this repository's index (UTC), as user-pub's cron does;
+        a service started after that hour waits for the next day."""
+        if hour < 0:
+            return False
+        now = self.clock()
+        target = min(hour + self.index, 23)
+        if not self._daily_started:
+            self._daily_started = True
+            self._last_daily = now.date() if now.hour >= target else None
+        if now.hour < target or self._last_daily == now.date():
+            return False
+        self._last_daily = now.date()
+        return True
+
+    def _run_daily_cleanup(self, max_days: float) -> None:
+        with self._lock:
+            self.cleaning = True
+        try:
+            self._cleanup(max_days)
+        except Exception:  # the thread must survive; tomorrow's run tries again
+            log.exception("daily cleanup of %s failed", self.fqrn)
+            self.metrics.errors.labels("cleanup").inc()
+        finally:
+            with self._lock:
+                self.cleaning = bool(self._cleanup_requests)
 
     def _publish(self, jobs: list[Job]) -> None:
         prefix = self.config.current().prefix
