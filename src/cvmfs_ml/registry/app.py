@@ -1,5 +1,6 @@
 """The HTTP face of the registry (FastAPI): user-pub's ``/pubapi/``, the JSON ``/api/v1/``,
-``/metrics`` and ``/healthz``.
+``/metrics`` and ``/healthz``; the OCI endpoints (:mod:`.oci_api`), resumable uploads
+(:mod:`.resumable`) and the web page (:mod:`.web`) are added from their modules.
 
 ``/pubapi/`` answers exactly as cvmfs-user-pub does (``text/plain``, ``Cache-control:
 max-age=0``; ``OK``, ``PRESENT:<path>``, ``MISSING``, ``repos:<a>,<b>``; ``400 Bad request:
@@ -96,8 +97,7 @@ def create_app(service: RegistryService, *, manage_service: bool = True) -> Fast
 
     @app.exception_handler(RejectedError)
     async def rejected(request: Request, exc: RejectedError) -> Response:
-        if exc.kind in ("auth", "forbidden", "rate_limited"):
-            service.metrics.errors.labels(exc.kind).inc()
+        service.metrics.errors.labels(exc.kind).inc()
         path = request.url.path
         if path.startswith(("/v2", "/token")):
             name = _oci_name(path)

@@ -213,9 +213,6 @@ class RegistryService:
                 log.info("queued %s (%d bytes) for %s as job %s",
                          cid, upload.size, job.repo, job.id)  # fmt: skip
             return Accepted(job, None)
-        except RejectedError as exc:
-            self.metrics.errors.labels(exc.kind).inc()
-            raise
         finally:
             if not keep:
                 upload.discard()
