@@ -212,3 +212,29 @@ def test_distribution_api_errors_and_details(
     admin = _auth(registry_env.tokens["admin"])
     assert HTTP.request("DELETE", f"{base}/v2/{name}/manifests/v1", headers=admin).status == 202
     assert HTTP.request("GET", f"{base}/v2/{name}/manifests/v1").status == 404
+
+
+def test_modelpack_push_is_published_as_a_model(
+    registry_env: RegistryEnv, registry: RegistryServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The ModelPack artifact the models tests push to docker-registry, pushed here with a token.
+    from models import test_oci
+
+    class Authorised:  # the same calls, each with the token added to its headers
+        def request(self, method: str, url: str, **kw: Any) -> Any:
+            kw["headers"] = {**(kw.get("headers") or {}), **_auth(registry_env.tokens["all"])}
+            return HTTP.request(method, url, **kw)
+
+    monkeypatch.setattr(test_oci, "HTTP", Authorised())
+    manifest_digest, expected = test_oci.push_modelpack(registry.url, "cncf/tiny", "1.0")
+    state = _published(registry, "cncf/tiny", "1.0")
+    assert state["model"] == "cncf/tiny:1.0" and state["digest"] == manifest_digest
+    for path, data in expected.items():
+        assert registry_env.read(FQRNS[0], f"/cncf/tiny/1.0/{path}") == data
+    info = CliRunner().invoke(
+        app, ["model", "info", str(registry_env.root / FQRNS[0]), "cncf/tiny:1.0", "--json"]
+    )
+    record = json.loads(info.stdout)
+    assert record["source"]["kind"] == "modelpack"
+    assert record["source"]["manifest_digest"] == manifest_digest
+    assert record["license"] == "Apache-2.0"
