@@ -138,3 +138,35 @@ def test_metrics_and_health(registry_env: RegistryEnv, registry: RegistryServer)
     health = json.loads(get(registry, "/healthz").data)
     assert health["status"] == "ok"
     assert health["repositories"][FQRNS[0]]["revision"] == registry_env.revision()
+
+
+def test_identical_concurrent_publishes_collapse_into_one_job(
+    registry_env: RegistryEnv, registry: RegistryServer
+) -> None:
+    import sqlite3
+    import threading
+
+    body = make_tarball({"same.bin": bytes(range(256)) * 4000})
+    token = registry_env.tokens["writer"]
+    barrier = threading.Barrier(8)
+    answers: list[tuple[int, dict]] = []
+
+    def publish() -> None:
+        barrier.wait(30)
+        response = post(registry, "/api/v1/cids/grp/same", body, token)
+        answers.append((response.status, json.loads(response.data)))
+
+    threads = [threading.Thread(target=publish) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert len(answers) == 8 and {status for status, _ in answers} <= {200, 202}
+    job_ids = {data["id"] for status, data in answers if status == 202}
+    job_ids |= {data["job"]["id"] for status, data in answers if status == 200}
+    assert len(job_ids) == 1  # every request got the one job (or its published result)
+    wait_until(lambda: text(get(registry, "/pubapi/exists?cid=grp/same")).startswith("PRESENT"),
+               120, registry.logs)  # fmt: skip
+    with sqlite3.connect(registry_env.data / "queue.sqlite") as db:
+        assert db.execute("SELECT COUNT(*) FROM jobs WHERE cid='grp/same'").fetchone()[0] == 1
+    assert list((registry_env.data / "spool").glob("*")) == []

@@ -59,6 +59,11 @@ def registry_serve(
     service = RegistryService(
         repo, data_dir, ConfigFile(config), poll_seconds=poll, stratum1=stratum1
     )
+    for worker in service.workers.values():
+        ttl = worker.publisher.settings.ttl
+        if ttl > 60:  # user-pub's repositories use 15 s so jobs see new CIDs quickly
+            typer.echo(f"note: {worker.fqrn} has a {ttl} s TTL; clients see new CIDs only"
+                       " that late (user-pub uses CVMFS_REPOSITORY_TTL=15)", err=True)  # fmt: skip
     configure_logging(log_format)
     typer.echo(f"registry for {', '.join(service.repositories)} at http://{host}:{port}/", err=True)
     uvicorn.run(create_app(service), host=host, port=port, log_config=None, log_level="info")
