@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from ._helpers import RegistryEnv, RegistryServer, get
+from ._helpers import FQRNS, RegistryEnv, RegistryServer, get, wait_until
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 
@@ -91,9 +91,13 @@ def test_skopeo_copy_pushes_and_pulls_the_same_digests(
     pushed = sorted(p.name for p in (tmp_path / "image" / "blobs" / "sha256").iterdir())
     pulled = sorted(p.name for p in (tmp_path / "back" / "blobs" / "sha256").iterdir())
     assert pulled == pushed
-    # An image is stored and served, but not published as a model.
-    state = json.loads(get(registry, "/api/v1/oci/grp/img/1").data)
-    assert state["state"] == "skipped" and "image" in state["reason"]
+    # The image is unpacked and published at grp/img/1.
+    state = wait_until(
+        lambda: (s := json.loads(get(registry, "/api/v1/oci/grp/img/1").data))["state"]
+        in ("published", "failed", "skipped") and s, 120, registry.logs,
+    )  # fmt: skip
+    assert state["state"] == "published", state
+    assert registry_env.read(FQRNS[0], "/grp/img/1/etc/hello.txt") == b"hello from a layer\n"
     # Without credentials the push is refused.
     refused = subprocess.run(
         [skopeo, *common, "copy", "--dest-tls-verify=false", f"oci:{tmp_path / 'image'}:1",

@@ -4,7 +4,9 @@ Pull, push (monolithic and chunked uploads, cross-repository mount), manifests b
 digest, tags list, referrers and delete, with errors in the spec's JSON form. A tagged
 model artifact (ORAS, ModelPack, KitOps) pushed to ``<namespace>/<name>:<version>`` is then
 published through the models layer as that model version, one at a time, in the first
-repository; its state is at ``/api/v1/oci/<namespace>/<name>/<version>``.
+repository; its state is at ``/api/v1/oci/<namespace>/<name>/<version>``. A pushed container
+image is unpacked (layers applied in order, whiteouts honoured: the unpacker the models layer
+shares with ``cvmfs-ml sync``) and published the same way, unless ``unpack_images`` is off.
 
 ``/token`` answers the ``WWW-Authenticate: Bearer realm=...`` challenge: given a registry
 token as the Basic password (``oras login``, ``skopeo --creds NAME:TOKEN``) or as a bearer
@@ -79,8 +81,10 @@ class ModelPublisher:
         reason = None
         if "manifests" in document:
             reason = "an index: push the model manifest itself"
-        elif kind not in _MODEL_KINDS:
-            reason = f"a {kind}, not a model artifact (container images are not unpacked here)"
+        elif kind == "image" and not self.service.config.unpack_images:
+            reason = "a container image, and unpack_images is off"
+        elif kind not in (*_MODEL_KINDS, "image"):
+            reason = f"a {kind}, not a model artifact or an image"
         elif len(parts) != 2:
             reason = "model repositories are <namespace>/<name>"
         if reason is None:
