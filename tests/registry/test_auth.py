@@ -86,6 +86,10 @@ def test_anonymous_read_can_be_turned_off(registry_env: RegistryEnv) -> None:
     )
     assert get(server, "/pubapi/exists?cid=other/x", registry_env.tokens["reader"]).status == 403
     assert text(get(server, "/pubapi/ping")) == "OK\n"  # ping and config stay open
+    for path in ("/", "/api/v1/models", "/api/v1/repositories",
+                 f"/api/v1/repositories/{FQRNS[0]}/revisions/1"):  # fmt: skip
+        assert get(server, path).status == 401, path
+        assert get(server, path, registry_env.tokens["reader"]).status == 200, path
 
 
 def test_uploads_are_rate_limited_per_token(registry_env: RegistryEnv) -> None:

@@ -21,7 +21,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
-from cvmfs_ml.registry.auth import authenticate, require
+from cvmfs_ml.registry.auth import authenticate, require, require_reader
 from cvmfs_ml.registry.cid import ContentId, InvalidCidError
 from cvmfs_ml.registry.config import Principal
 from cvmfs_ml.registry.oci_api import add_oci_routes, challenge, oci_error
@@ -199,12 +199,13 @@ def create_app(service: RegistryService, *, manage_service: bool = True) -> Fast
 
     @app.get("/api/v1/repositories")
     def api_repositories(request: Request) -> list[dict[str, Any]]:
-        allowed(request, "read", None) if not service.config.anonymous_read else None
+        require_reader(service.config, request.headers.get("authorization"))
         return [{"fqrn": r, "revision": service.revision(r)} for r in service.repositories]
 
     @app.get("/api/v1/repositories/{fqrn}/revisions/{revision}")
     def api_revision(request: Request, fqrn: str, revision: int) -> dict[str, Any]:
         """Is revision N of FQRN published (at the Stratum 0 this service writes)?"""
+        require_reader(service.config, request.headers.get("authorization"))
         if fqrn not in service.repositories:
             raise RejectedError(404, f"no repository {fqrn}")
         current = service.revision(fqrn)

@@ -15,7 +15,14 @@ import binascii
 from cvmfs_ml.registry.config import Principal, RegistryConfig
 from cvmfs_ml.registry.tarballs import RejectedError
 
-__all__ = ["ANONYMOUS", "ANONYMOUS_TOKEN", "authenticate", "require", "token_from_header"]
+__all__ = [
+    "ANONYMOUS",
+    "ANONYMOUS_TOKEN",
+    "authenticate",
+    "require",
+    "require_reader",
+    "token_from_header",
+]
 
 ANONYMOUS = Principal("anonymous")
 ANONYMOUS_TOKEN = "anonymous"  # what /token hands out without credentials (anonymous_read)
@@ -62,3 +69,11 @@ def require(config: RegistryConfig, who: Principal, action: str, namespace: str 
     if not who.allows(action, namespace):
         where = namespace if namespace is not None else "ungrouped CIDs (needs :*)"
         raise RejectedError(403, f"token {who.name!r} may not {action} {where}", "forbidden")
+
+
+def require_reader(config: RegistryConfig, header: str | None) -> None:
+    """For listings not tied to one namespace (repositories, the web page): anonymous
+    visitors when ``anonymous_read``, any valid token otherwise."""
+    principal = authenticate(config, header)
+    if principal.anonymous:
+        require(config, principal, "read", None)

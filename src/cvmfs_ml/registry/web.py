@@ -17,7 +17,7 @@ from cvmfs_ml.client.repository import Repository
 from cvmfs_ml.errors import CvmfsMlError
 from cvmfs_ml.models.layout import ModelRecord
 from cvmfs_ml.models.publish import list_models
-from cvmfs_ml.registry.auth import authenticate, require
+from cvmfs_ml.registry.auth import require_reader
 from cvmfs_ml.registry.service import RegistryService
 
 __all__ = ["add_web_routes", "model_rows"]
@@ -123,10 +123,7 @@ def _page(service: RegistryService, fqrn: str, records: list[ModelRecord], query
 
 def add_web_routes(app: FastAPI, service: RegistryService) -> None:
     def readable(request: Request) -> None:
-        """Anonymous visitors when ``anonymous_read``; any valid token otherwise."""
-        principal = authenticate(service.config, request.headers.get("authorization"))
-        if principal.anonymous:
-            require(service.config, principal, "read", None)
+        require_reader(service.config, request.headers.get("authorization"))
 
     @app.get("/", response_class=HTMLResponse)
     def index(request: Request, q: str = "", format: str = "") -> HTMLResponse:
