@@ -68,6 +68,15 @@ def test_hostile_and_broken_bodies_are_refused(
     assert len(bomb) < 256 * 1024
     response = post(strict, "/pubapi/publish?cid=grp/bomb", bomb, token)
     assert response.status == 413, response.data
+    # A link that stays inside the tarball but leaves the CID once the top folder is stripped.
+    sneaky = _tar(
+        lambda t: (
+            _member(t, "top/f", size=1),
+            _member(t, "top/link", type=tarfile.SYMTYPE, linkname="../top2"),
+        )
+    )
+    response = post(strict, "/pubapi/publish?cid=grp/sneaky&striplevels=1", sneaky, token)
+    assert response.status == 400 and "leaves the CID" in text(response)
     # Bad striplevels.
     body = make_tarball({"f": b"ok"})
     for strip in ("3", "-1", "x"):

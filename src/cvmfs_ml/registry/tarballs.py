@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import lzma
+import posixpath
 import tarfile
 import zlib
 from collections.abc import Iterator
@@ -48,7 +49,14 @@ def tarball_items(tarball: Path, at: str, strip: int = 0) -> Iterator[SourceItem
             continue
         if len(parts) <= strip:
             continue
-        item.path = join_repo_path(base, "/".join(parts[strip:]))
+        relative = "/".join(parts[strip:])
+        if item.symlink:
+            # The publisher checked links against the whole tarball; after stripping, a link
+            # must still stay inside this CID's folder (not reach a neighbour's).
+            resolved = posixpath.normpath(posixpath.join(posixpath.dirname(relative), item.symlink))
+            if item.symlink.startswith("/") or resolved == ".." or resolved.startswith("../"):
+                raise UnsafeInputError(relative, f"symlink {item.symlink!r} leaves the CID")
+        item.path = join_repo_path(base, relative)
         yield item
 
 
