@@ -47,7 +47,9 @@ def registry_serve(
         str, typer.Option("--log-format", help="text, or json (one object per line)")
     ] = "text",
 ) -> None:
-    """Serve the user-pub API (/pubapi/), the JSON API (/api/v1/), /metrics and /healthz."""
+    """Serve user-pub's /pubapi/, the JSON /api/v1/, OCI /v2/, a web page, /metrics, /healthz."""
+    if log_format not in ("text", "json"):
+        raise typer.BadParameter("--log-format is text or json")
     import uvicorn
 
     from cvmfs_ml.registry.app import create_app
