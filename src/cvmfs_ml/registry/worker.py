@@ -226,11 +226,13 @@ class RepositoryWorker:
     def _cleanup(self, max_days: float) -> CleanupReport:
         """Remove CIDs unused for ``max_days``, then collect garbage (user-pub's daily job)."""
         prefix = self.config.current().prefix
-        stale = self.store.stale_cids(self.fqrn, time.time() - max_days * 86400)
+        cutoff = time.time() - max_days * 86400
         removed: list[str] = []
         revision = None
-        if stale:
+        if self.store.stale_cids(self.fqrn, cutoff):
             with self.publisher.transaction() as txn:
+                # Listed again under the lock: an ``update`` that came in meanwhile counts.
+                stale = self.store.stale_cids(self.fqrn, cutoff)
                 with _published(self.publisher) as repo:
                     for record in stale:
                         path = ContentId(record.cid).repo_path(prefix)
@@ -239,12 +241,12 @@ class RepositoryWorker:
                             removed.append(record.cid)
                 if removed:
                     txn.commit(description=f"registry cleanup: {len(removed)} CID(s)")
+                self.store.forget_cids(self.fqrn, [r.cid for r in stale])
             if removed:
                 # A second, empty revision moves ``trunk-previous`` past the removal, so the
                 # garbage collector may free the removed CIDs' objects now, not a cleanup later.
                 with self.publisher.transaction() as txn:
                     revision = txn.commit(description="registry cleanup: settle").revision
-            self.store.forget_cids(self.fqrn, [r.cid for r in stale])
         objects = freed = 0
         if self.publisher.settings.garbage_collection:
             report = collect_garbage(self.publisher)
