@@ -268,3 +268,29 @@ def test_daily_cleanup_runs_once_at_its_hour(registry_env: RegistryEnv) -> None:
         assert registry_env.revision(job.repo) == after
     finally:
         service.stop()
+
+
+def test_a_job_that_cannot_be_published_fails_alone_with_its_reason(
+    registry_env: RegistryEnv,
+) -> None:
+    service = _service(registry_env)
+    lost = _accept(service, "grp/lost", make_tarball({"l": b"lost"})).job
+    small = [_accept(service, f"grp/ok{i}", make_tarball({"s": b"%d" % i})).job for i in range(3)]
+    assert lost is not None and all(small)
+    Path(lost.upload).unlink()  # the spooled body is gone (a disk fault) before the worker runs
+    service.start()
+    try:
+        failed = wait_until(lambda: (j := service.job(lost.id)).state == "failed" and j, 120)
+        assert failed.reason and lost.upload in failed.reason
+        for job in small:  # the batch was retried job by job: the others are published
+            wait_until(lambda j=job: _published(service, j.id), 120)
+        assert service.exists(ContentId("grp/lost")) is None
+        assert list((registry_env.data / "spool").glob("*.upload")) == []
+        metrics = service.metrics.render().decode()
+        assert 'cvmfs_registry_errors_total{kind="internal"} 1.0' in metrics
+        # Publishing the CID again makes a new job that succeeds.
+        again = _accept(service, "grp/lost", make_tarball({"l": b"lost"})).job
+        assert again is not None and again.id != lost.id
+        wait_until(lambda: _published(service, again.id), 120)
+    finally:
+        service.stop()
