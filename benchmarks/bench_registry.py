@@ -52,6 +52,23 @@ def _peak_rss(pid: int) -> int:
     return 0
 
 
+def _client_visible(base: str, headers: dict[str, str], root: Path, body: bytes) -> float:
+    """One more CID, timed from the POST until a client reading the repositories over HTTP
+    (``cvmfs-ml wait``'s code, polling every 0.1 s) finds it."""
+    from cvmfs_ml.registry.wait import wait_for_cid
+    from cvmfs_ml.storage.http import RepositoryServer
+
+    with RepositoryServer(root) as web:
+        urls = [f"{web.url}/cvmfs/{fqrn}" for fqrn in ("bench1.test", "bench2.test")]
+        start = time.monotonic()
+        answer = HTTP.request("POST", f"{base}/pubapi/publish?cid=bench/client", body=body,
+                              headers=headers)  # fmt: skip
+        assert answer.status == 200, answer.data
+        wait_for_cid("bench/client", urls, timeout=600, interval=0.1,
+                     public_key=str(root.parent / "keys"))  # fmt: skip
+        return time.monotonic() - start
+
+
 def _oras_push(base: str, port: int, token: str, size: int, work: Path) -> dict:
     """``oras push`` of one ``size``-byte file until published, against a local publish."""
     import oras.client
@@ -145,6 +162,7 @@ def run(count: int, size: int, work: Path, oras_bytes: int = 0) -> dict:
         with ThreadPoolExecutor(count) as pool:
             results = list(pool.map(publish, range(count)))
         wall = time.monotonic() - wall
+        client_s = _client_visible(base, headers, root, _tarball(size, count))
         oras_result = _oras_push(base, port, token, oras_bytes, work) if oras_bytes else None
         visible = sorted(end - start for start, end, job in results if job["state"] == "published")
         failed = [job for _, _, job in results if job["state"] != "published"]
@@ -159,7 +177,8 @@ def run(count: int, size: int, work: Path, oras_bytes: int = 0) -> dict:
                                   "max": visible[-1]},
             "revisions": sum(len(r) for r in revisions.values()),
             "revisions_by_repository": revisions,
-            "wall_s": wall, "oras": oras_result,
+            "wall_s": wall, "one_more_cid_until_a_client_reads_it_s": client_s,
+            "oras": oras_result,
             "server_peak_rss_mib": _peak_rss(server.pid) / 2**20,
         }  # fmt: skip
     finally:
