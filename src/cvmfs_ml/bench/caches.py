@@ -68,9 +68,8 @@ def _advise_dontneed(path: Path) -> bool:
         os.close(fd)
 
 
-def drop_page_cache(
-    paths: str | os.PathLike[str] | Iterable[str | os.PathLike[str]], *, global_drop: bool = False
-) -> DropResult:
+def drop_page_cache(paths: str | os.PathLike[str] | Iterable[str | os.PathLike[str]],
+                    *, global_drop: bool = False) -> DropResult:
     """Evict the page cache of ``paths`` (files, or folders recursively).
 
     With ``global_drop`` and root, also ``sync`` and ``echo 1 > /proc/sys/vm/drop_caches``,
@@ -113,9 +112,8 @@ def wipe_cvmfs_ml_cache(cache_dir: str | os.PathLike[str]) -> int:
     freed = 0
     for entry in list(root.iterdir()):
         if entry.is_dir() and not entry.is_symlink():
-            freed += sum(
-                f.stat().st_size for f in entry.rglob("*") if f.is_file() and not f.is_symlink()
-            )
+            freed += sum(f.stat().st_size for f in entry.rglob("*")
+                         if f.is_file() and not f.is_symlink())
             shutil.rmtree(entry)
         else:
             freed += entry.lstat().st_size
@@ -134,8 +132,6 @@ def wipe_upstream_cache() -> bool:
         return False
     result = subprocess.run([tool, "wipecache"], capture_output=True, text=True, check=False)
     if result.returncode != 0:
-        raise CvmfsMlError(
-            f"cvmfs_config wipecache failed ({result.returncode}): "
-            f"{(result.stderr or result.stdout).strip()}"
-        )
+        raise CvmfsMlError(f"cvmfs_config wipecache failed ({result.returncode}): "
+                           f"{(result.stderr or result.stdout).strip()}")
     return True

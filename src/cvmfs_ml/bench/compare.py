@@ -52,10 +52,8 @@ class Delta:
 
     def describe(self) -> str:
         key = "/".join(str(k) for k in self.scenario)
-        return (
-            f"{key} {self.metric}: {self.baseline:.6g} -> {self.new:.6g} "
-            f"({self.change * 100:+.1f}%)"
-        )
+        return (f"{key} {self.metric}: {self.baseline:.6g} -> {self.new:.6g} "
+                f"({self.change * 100:+.1f}%)")
 
 
 @dataclass
@@ -82,10 +80,8 @@ class CompareReport:
         return not self.regressions and not self.failures
 
     def format(self) -> str:
-        lines = [
-            f"{len(self.deltas)} comparisons, threshold {self.threshold * 100:.0f}%: "
-            f"{len(self.regressions)} regressions, {len(self.improvements)} improvements"
-        ]
+        lines = [f"{len(self.deltas)} comparisons, threshold {self.threshold * 100:.0f}%: "
+                 f"{len(self.regressions)} regressions, {len(self.improvements)} improvements"]
         for d in self.regressions:
             lines.append(f"REGRESSION {d.describe()}")
         for key in self.failures:
@@ -108,13 +104,9 @@ def _summary(doc: Mapping[str, Any], what: str) -> dict[tuple[Any, ...], Mapping
     return {tuple(r.get(k) for k in SCENARIO_KEY): r for r in rows}
 
 
-def compare_results(
-    baseline: Mapping[str, Any],
-    new: Mapping[str, Any],
-    *,
-    threshold: float = 0.25,
-    metrics: Mapping[str, tuple[str, float]] | None = None,
-) -> CompareReport:
+def compare_results(baseline: Mapping[str, Any], new: Mapping[str, Any], *,
+                    threshold: float = 0.25,
+                    metrics: Mapping[str, tuple[str, float]] | None = None) -> CompareReport:
     """Compare the scenario medians of two result documents."""
     if threshold < 0:
         raise ValueError("threshold must not be negative")
@@ -136,17 +128,9 @@ def compare_results(
             change = nv / bv - 1.0
             worse = change if direction == "lower" else -change
             big = abs(nv - bv) > floor
-            report.deltas.append(
-                Delta(
-                    key,
-                    metric,
-                    float(bv),
-                    float(nv),
-                    change,
-                    regression=worse > threshold and big,
-                    improvement=-worse > threshold and big,
-                )
-            )
+            report.deltas.append(Delta(key, metric, float(bv), float(nv), change,
+                                       regression=worse > threshold and big,
+                                       improvement=-worse > threshold and big))
     return report
 
 
@@ -157,13 +141,8 @@ def _load(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise FormatError(str(path), f"not JSON: {exc}") from exc
 
 
-def compare_files(
-    baseline: str | os.PathLike[str],
-    new: str | os.PathLike[str],
-    *,
-    threshold: float = 0.25,
-    metrics: Sequence[str] | None = None,
-) -> CompareReport:
+def compare_files(baseline: str | os.PathLike[str], new: str | os.PathLike[str], *,
+                  threshold: float = 0.25, metrics: Sequence[str] | None = None) -> CompareReport:
     """:func:`compare_results` on two ``results.json`` files (``metrics`` limits the metrics)."""
     chosen = None
     if metrics:

@@ -239,7 +239,8 @@ class _OverlappedWriter:
             self._file.close()
 
 
-def _write_tensor(w: _OverlappedWriter, spec: TensorSpec, dtype: str, seed: int, index: int) -> int:
+def _write_tensor(w: _OverlappedWriter, spec: TensorSpec, dtype: str, seed: int,
+                  index: int) -> int:
     written = 0
     for block in _gaussian_blocks(spec.numel, dtype, seed, index, mean=spec.mean):
         w.write(memoryview(block).cast("B"))  # the memoryview keeps the block alive
@@ -270,9 +271,8 @@ def _finish_model(graph: Any) -> Any:
     return model
 
 
-def make_mlp_onnx(
-    path: str | os.PathLike[str], hidden: int = 256, layers: int = 3, seed: int = 0
-) -> Path:
+def make_mlp_onnx(path: str | os.PathLike[str], hidden: int = 256, layers: int = 3,
+                  seed: int = 0) -> Path:
     """Write a small float32 MLP (``x [batch, hidden] -> y [batch, hidden]``) with inline weights.
 
     It stands for the many small models (taggers, calibrations) that fit in one CVMFS object.
@@ -287,23 +287,17 @@ def make_mlp_onnx(
     for i in range(layers):
         w = (rng.standard_normal((hidden, hidden)) / math.sqrt(hidden)).astype(np.float32)
         b = (rng.standard_normal(hidden) * _INIT_STD).astype(np.float32)
-        inits += [
-            numpy_helper.from_array(w, f"fc{i}.weight"),
-            numpy_helper.from_array(b, f"fc{i}.bias"),
-        ]
+        inits += [numpy_helper.from_array(w, f"fc{i}.weight"),
+                  numpy_helper.from_array(b, f"fc{i}.bias")]
         nodes.append(helper.make_node("MatMul", [cur, f"fc{i}.weight"], [f"mm{i}"]))
         out = "y" if i == layers - 1 else f"h{i}"
-        nodes.append(
-            helper.make_node(
-                "Add", [f"mm{i}", f"fc{i}.bias"], [out if i == layers - 1 else f"a{i}"]
-            )
-        )
+        nodes.append(helper.make_node("Add", [f"mm{i}", f"fc{i}.bias"],
+                                      [out if i == layers - 1 else f"a{i}"]))
         if i < layers - 1:
             nodes.append(helper.make_node("Relu", [f"a{i}"], [out]))
         cur = out
     graph = helper.make_graph(
-        nodes,
-        "mlp",
+        nodes, "mlp",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", hidden])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", hidden])],
         initializer=inits,
@@ -337,12 +331,8 @@ def _llm_graph(layout: LlmLayout, initializers: list[Any]) -> Any:
     x = "hidden_states"
     for i in range(layout.layers):
         p = f"model.layers.{i}"
-        n1 = node(
-            "LayerNormalization",
-            [x, f"{p}.input_layernorm.weight", f"{p}.input_layernorm.bias"],
-            f"{p}/ln1",
-            axis=-1,
-        )
+        n1 = node("LayerNormalization", [x, f"{p}.input_layernorm.weight",
+                                         f"{p}.input_layernorm.bias"], f"{p}/ln1", axis=-1)
         heads = {}
         for proj in "qkv":
             y = node("MatMul", [n1, f"{p}.self_attn.{proj}_proj.weight"], f"{p}/{proj}")
@@ -357,32 +347,26 @@ def _llm_graph(layout: LlmLayout, initializers: list[Any]) -> Any:
         a = node("Reshape", [a, "const.hidden_shape"], f"{p}/ctx_merged")
         a = node("MatMul", [a, f"{p}.self_attn.o_proj.weight"], f"{p}/attn_out")
         x = node("Add", [x, a], f"{p}/resid1")
-        n2 = node(
-            "LayerNormalization",
-            [x, f"{p}.post_attention_layernorm.weight", f"{p}.post_attention_layernorm.bias"],
-            f"{p}/ln2",
-            axis=-1,
-        )
+        n2 = node("LayerNormalization", [x, f"{p}.post_attention_layernorm.weight",
+                                         f"{p}.post_attention_layernorm.bias"], f"{p}/ln2",
+                  axis=-1)
         m = node("MatMul", [n2, f"{p}.mlp.up_proj.weight"], f"{p}/up")
         m = node("Gelu", [m], f"{p}/gelu")
         m = node("MatMul", [m, f"{p}.mlp.down_proj.weight"], f"{p}/down")
         x = node("Add", [x, m], f"{p}/resid2")
-    x = node(
-        "LayerNormalization", [x, "model.norm.weight", "model.norm.bias"], "final_norm", axis=-1
-    )
+    x = node("LayerNormalization", [x, "model.norm.weight", "model.norm.bias"], "final_norm",
+             axis=-1)
     node("MatMul", [x, "lm_head.weight"], "logits")
     return helper.make_graph(
-        nodes,
-        "llm_like",
+        nodes, "llm_like",
         [helper.make_tensor_value_info("hidden_states", onnx_type, ["batch", "seq", h])],
         [helper.make_tensor_value_info("logits", onnx_type, ["batch", "seq", layout.vocab])],
         initializer=consts + initializers,
     )
 
 
-def _external_tensor(
-    spec: TensorSpec, onnx_type: int, location: str, offset: int, length: int
-) -> Any:
+def _external_tensor(spec: TensorSpec, onnx_type: int, location: str, offset: int,
+                     length: int) -> Any:
     from onnx import TensorProto
 
     t = TensorProto()
@@ -435,9 +419,8 @@ def make_llm_onnx(
         if layout.nbytes > 2**31 - 2**24:
             raise ValueError("inline weights must stay below protobuf's 2 GiB limit")
         for index, spec in enumerate(layout.tensors):
-            data = np.concatenate(
-                list(_gaussian_blocks(spec.numel, dtype, seed, index, mean=spec.mean))
-            )
+            data = np.concatenate(list(_gaussian_blocks(spec.numel, dtype, seed, index,
+                                                        mean=spec.mean)))
             inits.append(numpy_helper.from_array(data.reshape(spec.shape), spec.name))
     elif one_file:
         location = "model.onnx.data"
@@ -458,20 +441,9 @@ def make_llm_onnx(
                 length = _write_tensor(f, spec, dtype, seed, index)
             inits.append(_external_tensor(spec, onnx_type, spec.name, 0, length))
     model = _finish_model(_llm_graph(layout, inits))
-    model.metadata_props.add(
-        key="cvmfs_ml.layout",
-        value=json.dumps(
-            {
-                "hidden": layout.hidden,
-                "layers": layout.layers,
-                "heads": layout.heads,
-                "vocab": layout.vocab,
-                "dtype": dtype,
-                "seed": seed,
-                "weight_bytes": layout.nbytes,
-            }
-        ),
-    )
+    model.metadata_props.add(key="cvmfs_ml.layout", value=json.dumps(
+        {"hidden": layout.hidden, "layers": layout.layers, "heads": layout.heads,
+         "vocab": layout.vocab, "dtype": dtype, "seed": seed, "weight_bytes": layout.nbytes}))
     out = folder / "model.onnx"
     out.write_bytes(model.SerializeToString())
     onnx.checker.check_model(str(out))
@@ -482,13 +454,8 @@ def make_llm_onnx(
 # safetensors
 
 
-def make_safetensors(
-    path: str | os.PathLike[str],
-    total_bytes: int,
-    dtype: str = "float16",
-    seed: int = 0,
-    hidden: int | None = None,
-) -> Path:
+def make_safetensors(path: str | os.PathLike[str], total_bytes: int, dtype: str = "float16",
+                     seed: int = 0, hidden: int | None = None) -> Path:
     """Write a ``.safetensors`` file with the tensors of :func:`llm_layout` (torch orientation).
 
     The header is written by hand and the data streamed, so memory stays bounded. Projection
@@ -498,18 +465,14 @@ def make_safetensors(
     path = Path(path)
     layout = llm_layout(total_bytes, hidden, dtype)
     np_dtype, _, st_name = _dtype_info(dtype)
-    header: dict[str, Any] = {
-        "__metadata__": {"format": "pt", "generator": "cvmfs-ml.bench", "seed": str(seed)}
-    }
+    header: dict[str, Any] = {"__metadata__": {"format": "pt", "generator": "cvmfs-ml.bench",
+                                               "seed": str(seed)}}
     offset = 0
     for spec in layout.tensors:
         shape = list(reversed(spec.shape)) if len(spec.shape) == 2 else list(spec.shape)
         nbytes = spec.numel * np_dtype.itemsize
-        header[spec.name] = {
-            "dtype": st_name,
-            "shape": shape,
-            "data_offsets": [offset, offset + nbytes],
-        }
+        header[spec.name] = {"dtype": st_name, "shape": shape,
+                             "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)
@@ -528,9 +491,8 @@ def _safetensors_index(path: Path) -> tuple[int, dict[str, tuple[str, int, int]]
         (n,) = struct.unpack("<Q", f.read(8))
         header = json.loads(f.read(n))
     header.pop("__metadata__", None)
-    return 8 + n, {
-        k: (_ST_TO_DTYPE.get(v["dtype"], v["dtype"]), *v["data_offsets"]) for k, v in header.items()
-    }
+    return 8 + n, {k: (_ST_TO_DTYPE.get(v["dtype"], v["dtype"]), *v["data_offsets"])
+                   for k, v in header.items()}
 
 
 # --------------------------------------------------------------------------------------------
@@ -568,9 +530,8 @@ def _tensor_ranges(folder: Path) -> list[tuple[str, Path, int, int, str]]:
             info = {e.key: e.value for e in t.external_data}
             file = model_path.parent / info["location"]
             length = int(info["length"]) if "length" in info else file.stat().st_size
-            ranges.append(
-                (t.name, file, int(info.get("offset", 0)), length, onnx_names.get(t.data_type, ""))
-            )
+            ranges.append((t.name, file, int(info.get("offset", 0)), length,
+                           onnx_names.get(t.data_type, "")))
     return ranges
 
 
@@ -582,7 +543,7 @@ def _perturb(file: Path, offset: int, length: int, dtype: str, seed: int, index:
     done = 0
     noise_dtype = "float32" if dtype == "float32" else "float16"
     for noise in _gaussian_blocks(count, noise_dtype, seed, index, std=_INIT_STD / 10):
-        part = arr[done : done + noise.size]
+        part = arr[done: done + noise.size]
         if dtype == "bfloat16":
             part[:] = _f32_to_bf16_bits(_bf16_bits_to_f32(part) + noise.astype(np.float32))
         else:
@@ -592,12 +553,8 @@ def _perturb(file: Path, offset: int, length: int, dtype: str, seed: int, index:
     del arr
 
 
-def fine_tune_variant(
-    src_folder: str | os.PathLike[str],
-    dst_folder: str | os.PathLike[str],
-    fraction: float = 0.05,
-    seed: int = 1,
-) -> FineTuneResult:
+def fine_tune_variant(src_folder: str | os.PathLike[str], dst_folder: str | os.PathLike[str],
+                      fraction: float = 0.05, seed: int = 1) -> FineTuneResult:
     """Copy a model folder and perturb randomly chosen tensors covering ~``fraction`` of its bytes.
 
     Offsets and untouched tensors stay byte-identical, as after a partial fine-tune, so a
@@ -630,25 +587,13 @@ def fine_tune_variant(
 
 
 _ONNX_TO_NUMPY = {
-    "tensor(float)": np.float32,
-    "tensor(float16)": np.float16,
-    "tensor(double)": np.float64,
-    "tensor(int64)": np.int64,
-    "tensor(int32)": np.int32,
-    "tensor(bool)": np.bool_,
-    "tensor(int8)": np.int8,
-    "tensor(uint8)": np.uint8,
+    "tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
+    "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(bool)": np.bool_,
+    "tensor(int8)": np.int8, "tensor(uint8)": np.uint8,
 }
-_ELEM_TO_TYPE = {
-    1: "tensor(float)",
-    10: "tensor(float16)",
-    11: "tensor(double)",
-    7: "tensor(int64)",
-    6: "tensor(int32)",
-    9: "tensor(bool)",
-    3: "tensor(int8)",
-    2: "tensor(uint8)",
-}
+_ELEM_TO_TYPE = {1: "tensor(float)", 10: "tensor(float16)", 11: "tensor(double)",
+                 7: "tensor(int64)", 6: "tensor(int32)", 9: "tensor(bool)", 3: "tensor(int8)",
+                 2: "tensor(uint8)"}
 
 
 def _graph_inputs(model: Any) -> list[tuple[str, str, list[int | str | None]]]:
@@ -668,20 +613,15 @@ def _graph_inputs(model: Any) -> list[tuple[str, str, list[int | str | None]]]:
             continue
         tt = vi.type.tensor_type
         dims: list[int | str | None] = [
-            d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tt.shape.dim
+            d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
+            for d in tt.shape.dim
         ]
         result.append((vi.name, _ELEM_TO_TYPE.get(tt.elem_type, "tensor(float)"), dims))
     return result
 
 
-def example_inputs(
-    model: str | os.PathLike[str] | Any,
-    *,
-    batch: int = 1,
-    seq: int = 8,
-    particles: int = 32,
-    seed: int = 0,
-) -> dict[str, np.ndarray]:
+def example_inputs(model: str | os.PathLike[str] | Any, *, batch: int = 1, seq: int = 8,
+                   particles: int = 32, seed: int = 0) -> dict[str, np.ndarray]:
     """Valid inputs for an ONNX model (a path or an ``onnxruntime.InferenceSession``).
 
     Dynamic dimensions become small values: the first one ``batch``, the particle axis of
@@ -708,14 +648,8 @@ def example_inputs(
         np_type = _ONNX_TO_NUMPY.get(type_str, np.float32)
         if name in ("pf_points", "pf_features", "pf_vectors", "pf_mask") and len(concrete) == 3:
             if particle is None:
-                n_feat = next(
-                    (
-                        d[1]
-                        for n, _, d in specs
-                        if n == "pf_features" and len(d) > 1 and isinstance(d[1], int) and d[1] > 0
-                    ),
-                    17,
-                )
+                n_feat = next((d[1] for n, _, d in specs if n == "pf_features"
+                               and len(d) > 1 and isinstance(d[1], int) and d[1] > 0), 17)
                 particle = particle_inputs(concrete[0], concrete[2], rng, n_feat)
             out[name] = particle[name].astype(np_type)
         elif np.issubdtype(np_type, np.floating):
@@ -725,3 +659,4 @@ def example_inputs(
         else:
             out[name] = rng.integers(0, 100, concrete).astype(np_type)
     return out
+

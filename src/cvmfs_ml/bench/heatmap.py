@@ -36,13 +36,11 @@ def _pyplot() -> Any:
     return plt
 
 
-def _access_grid(
-    reads: Sequence[Access], size: int, x_bins: int, y_bins: int
-) -> tuple[np.ndarray, float, bool]:
+def _access_grid(reads: Sequence[Access], size: int, x_bins: int,
+                 y_bins: int) -> tuple[np.ndarray, float, bool]:
     """Counts per (row, column) cell; returns grid, y extent and whether y is time."""
-    arr = np.asarray(
-        [r[:3] if len(r) == 3 else (r[0], r[1], math.nan) for r in reads], dtype=np.float64
-    ).reshape(-1, 3)
+    arr = np.asarray([r[:3] if len(r) == 3 else (r[0], r[1], math.nan) for r in reads],
+                     dtype=np.float64).reshape(-1, 3)
     timed = bool(arr.size) and not np.isnan(arr[:, 2]).any()
     n = len(arr)
     size = max(size, 1)
@@ -87,7 +85,7 @@ def plot_heatmap(
     cols = min(3, max(1, len(shown)))
     rows = max(1, math.ceil(len(shown) / cols))
     fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 3.6 * rows), squeeze=False)
-    for ax in axes.flat[len(shown) :]:
+    for ax in axes.flat[len(shown):]:
         ax.set_visible(False)
     for ax, name in zip(axes.flat, shown, strict=False):
         reads = accesses.get(name, [])
@@ -96,20 +94,12 @@ def plot_heatmap(
         masked = np.ma.masked_equal(grid, 0)
         vmax = max(int(grid.max()), 1)
         norm = LogNorm(vmin=1, vmax=vmax) if vmax > 1 else Normalize(vmin=0, vmax=1)
-        image = ax.imshow(
-            masked,
-            aspect="auto",
-            interpolation="nearest",
-            cmap="viridis",
-            norm=norm,
-            extent=(0, size / _MiB, extent, 0),
-        )
+        image = ax.imshow(masked, aspect="auto", interpolation="nearest", cmap="viridis",
+                          norm=norm, extent=(0, size / _MiB, extent, 0))
         fig.colorbar(image, ax=ax, label="reads")
         read = sum(r[1] for r in reads)
-        ax.set_title(
-            f"{_short(name)}\n{read / _MiB:.1f} MiB in {len(reads)} reads of {size / _MiB:.1f} MiB",
-            fontsize=9,
-        )
+        ax.set_title(f"{_short(name)}\n{read / _MiB:.1f} MiB in {len(reads)} reads "
+                     f"of {size / _MiB:.1f} MiB", fontsize=9)
         ax.set_xlabel("offset in file (MiB)")
         ax.set_ylabel("time (s)" if timed else "read number")
     hidden = len(names) - len(shown)
@@ -121,13 +111,8 @@ def plot_heatmap(
     return out
 
 
-def plot_residency(
-    maps: Mapping[str, np.ndarray],
-    out_png: str | os.PathLike[str],
-    title: str = "page-cache residency",
-    *,
-    bins: int = 1024,
-) -> Path:
+def plot_residency(maps: Mapping[str, np.ndarray], out_png: str | os.PathLike[str],
+                   title: str = "page-cache residency", *, bins: int = 1024) -> Path:
     """One strip per file: the fraction of resident pages along the file (dark = cached)."""
     plt = _pyplot()
     out = Path(out_png)
@@ -139,21 +124,13 @@ def plot_residency(
         labels.append(f"{_short(name)} ({m.mean() * 100 if m.size else 0.0:.0f}%)")
         if m.size >= bins:  # average the pages of each column
             column = (np.arange(m.size) * bins) // m.size
-            strips[i] = np.bincount(column, weights=m, minlength=bins) / np.bincount(
-                column, minlength=bins
-            )
+            strips[i] = (np.bincount(column, weights=m, minlength=bins)
+                         / np.bincount(column, minlength=bins))
         elif m.size:  # fewer pages than columns: each column shows its page
             strips[i] = m[(np.arange(bins) * m.size) // bins]
     fig, ax = plt.subplots(figsize=(10, 0.45 * len(names) + 1.5))
-    image = ax.imshow(
-        np.ma.masked_invalid(strips),
-        aspect="auto",
-        interpolation="nearest",
-        cmap="Greens",
-        vmin=0,
-        vmax=1,
-        extent=(0, 1, len(names) or 1, 0),
-    )
+    image = ax.imshow(np.ma.masked_invalid(strips), aspect="auto", interpolation="nearest",
+                      cmap="Greens", vmin=0, vmax=1, extent=(0, 1, len(names) or 1, 0))
     ax.set_yticks(np.arange(len(names)) + 0.5)
     ax.set_yticklabels(labels, fontsize=8)
     ax.set_xlabel("position in file (fraction)")
@@ -167,7 +144,7 @@ def plot_residency(
 
 
 def _short(name: str, limit: int = 48) -> str:
-    return name if len(name) <= limit else "…" + name[-(limit - 1) :]
+    return name if len(name) <= limit else "…" + name[-(limit - 1):]
 
 
 def _covered(reads: Sequence[Access]) -> int:
@@ -207,9 +184,8 @@ def _stats(reads: Sequence[Access], size: int | None) -> dict[str, Any]:
     }
 
 
-def summarise_accesses(
-    accesses: Mapping[str, Sequence[Access]], sizes: Mapping[str, int] | None = None
-) -> dict[str, Any]:
+def summarise_accesses(accesses: Mapping[str, Sequence[Access]],
+                       sizes: Mapping[str, int] | None = None) -> dict[str, Any]:
     """Per-file and total numbers of an access trace.
 
     For each file: ``read_count``, ``bytes_read`` (sum of lengths), ``unique_bytes`` (bytes

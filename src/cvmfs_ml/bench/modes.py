@@ -126,11 +126,8 @@ class ModeContext:
 
     @property
     def drop_method(self) -> str:
-        return (
-            "posix_fadvise(DONTNEED) per file + /proc/sys/vm/drop_caches"
-            if self.global_drop
-            else "posix_fadvise(DONTNEED) per file"
-        )
+        return ("posix_fadvise(DONTNEED) per file + /proc/sys/vm/drop_caches"
+                if self.global_drop else "posix_fadvise(DONTNEED) per file")
 
 
 class StorageMode(ABC):
@@ -197,9 +194,8 @@ class PathMode(StorageMode):
     name = "path"
     path_based = True
 
-    def __init__(
-        self, root: str | os.PathLike[str] | None = None, *, wipe_upstream: bool = True
-    ) -> None:
+    def __init__(self, root: str | os.PathLike[str] | None = None, *,
+                 wipe_upstream: bool = True) -> None:
         super().__init__()
         self.root = Path(root) if root is not None else None
         self.wipe_upstream = wipe_upstream
@@ -249,18 +245,9 @@ class FuseMount:
     the loader's; unmounting drops the mount's page cache and the daemon's state.
     """
 
-    def __init__(
-        self,
-        url: str,
-        mountpoint: Path,
-        *,
-        key: Path,
-        cache: Path,
-        proxy: str | None = None,
-        trace: Path | None = None,
-        options: dict[str, Any] | None = None,
-        log_file: Path | None = None,
-    ) -> None:
+    def __init__(self, url: str, mountpoint: Path, *, key: Path, cache: Path,
+                 proxy: str | None = None, trace: Path | None = None,
+                 options: dict[str, Any] | None = None, log_file: Path | None = None) -> None:
         self.url = url
         self.mountpoint = Path(mountpoint)
         self.key = key
@@ -278,17 +265,9 @@ class FuseMount:
         self.mountpoint.mkdir(parents=True, exist_ok=True)
         self.cache.mkdir(parents=True, exist_ok=True)
         started = time.perf_counter()
-        self.handle = mount(
-            self.url,
-            self.mountpoint,
-            public_key=self.key,
-            cache=self.cache,
-            proxy=self.proxy,
-            trace=self.trace,
-            log_file=self.log_file,
-            timeout=timeout,
-            **self.options,
-        )
+        self.handle = mount(self.url, self.mountpoint, public_key=self.key, cache=self.cache,
+                            proxy=self.proxy, trace=self.trace, log_file=self.log_file,
+                            timeout=timeout, **self.options)
         self.mount_seconds = time.perf_counter() - started
         return self
 
@@ -336,16 +315,9 @@ class FuseMode(StorageMode):
         ep = self._ctx.endpoint
         assert ep is not None
         self._unmount()
-        self.mount = FuseMount(
-            ep.repo_url,
-            self.mountpoint,
-            key=ep.public_key,
-            cache=self.cache,
-            proxy=ep.proxy,
-            trace=trace,
-            options=self.mount_options,
-            log_file=self.base / "mount.log",
-        ).start()
+        self.mount = FuseMount(ep.repo_url, self.mountpoint, key=ep.public_key, cache=self.cache,
+                               proxy=ep.proxy, trace=trace, options=self.mount_options,
+                               log_file=self.base / "mount.log").start()
         if self.mount.mount_seconds is not None:
             self.mount_seconds.append(self.mount.mount_seconds)
         return self.mount
@@ -382,12 +354,9 @@ class FuseMode(StorageMode):
 
     def settings(self) -> dict[str, Any]:
         mounts = sorted(self.mount_seconds)
-        return {
-            **super().settings(),
-            "mount": "cvmfs_ml.client.fuse.mount (daemon process)",
-            "mount_options": self.mount_options,
-            "mount_seconds_median": mounts[len(mounts) // 2] if mounts else None,
-        }
+        return {**super().settings(), "mount": "cvmfs_ml.client.fuse.mount (daemon process)",
+                "mount_options": self.mount_options,
+                "mount_seconds_median": mounts[len(mounts) // 2] if mounts else None}
 
 
 def fsspec_available() -> bool:
@@ -428,26 +397,13 @@ class FsspecMode(StorageMode):
         ep = self._ctx.endpoint
         assert ep is not None
         spec: dict[str, Any] = {
-            "kind": "cvmfs",
-            "client": self.client,
-            "root": f"/{model.name}",
-            "url": ep.repo_url,
-            "fqrn": ep.fqrn,
-            "public_key": str(ep.public_key),
-            "cache": str(self.cache),
-            "proxy": ep.proxy,
+            "kind": "cvmfs", "client": self.client, "root": f"/{model.name}",
+            "url": ep.repo_url, "fqrn": ep.fqrn, "public_key": str(ep.public_key),
+            "cache": str(self.cache), "proxy": ep.proxy,
         }
-        spec["storage_options"] = {
-            k: v
-            for k, v in (
-                ("url", ep.repo_url),
-                ("fqrn", ep.fqrn),
-                ("public_key", str(ep.public_key)),
-                ("cache", str(self.cache)),
-                ("proxy", ep.proxy),
-            )
-            if v is not None
-        }
+        spec["storage_options"] = {k: v for k, v in (
+            ("url", ep.repo_url), ("fqrn", ep.fqrn), ("public_key", str(ep.public_key)),
+            ("cache", str(self.cache)), ("proxy", ep.proxy)) if v is not None}
         return spec
 
     def settings(self) -> dict[str, Any]:
@@ -477,37 +433,27 @@ class DownloadMode(StorageMode):
     def access(self, model: ModelFiles, scratch: Path) -> dict[str, Any]:
         ep = self._ctx.endpoint
         assert ep is not None and ep.plain_url
-        return {
-            "kind": "download",
-            "base_url": f"{ep.plain_url}/{model.name}",
-            "dest": str(scratch / "download"),
-        }
+        return {"kind": "download", "base_url": f"{ep.plain_url}/{model.name}",
+                "dest": str(scratch / "download")}
 
     def after(self, model: ModelFiles, scratch: Path) -> None:
         shutil.rmtree(scratch / "download", ignore_errors=True)
 
 
-def oras_push(registry: str, repository: str, tag: str, folder: Path, files: Sequence[str]) -> str:
+def oras_push(registry: str, repository: str, tag: str, folder: Path,
+              files: Sequence[str]) -> str:
     """Push ``files`` of ``folder`` as one ORAS artifact; return the reference.
 
     oras names each layer after the path it was given, so the push runs with ``folder`` as the
     working directory (in a child process, not to change the caller's cwd).
     """
     reference = f"{registry}/{repository}:{tag}"
-    code = (
-        "import sys, oras.client\n"
-        "c = oras.client.OrasClient(hostname=sys.argv[1], insecure=True)\n"
-        "c.push(target=sys.argv[2], files=sys.argv[3:], disable_path_validation=True, "
-        "quiet=True)\n"
-    )
-    done = subprocess.run(
-        [sys.executable, "-c", code, registry, reference, *files],
-        cwd=folder,
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=3600,
-    )
+    code = ("import sys, oras.client\n"
+            "c = oras.client.OrasClient(hostname=sys.argv[1], insecure=True)\n"
+            "c.push(target=sys.argv[2], files=sys.argv[3:], disable_path_validation=True, "
+            "quiet=True)\n")
+    done = subprocess.run([sys.executable, "-c", code, registry, reference, *files],
+                          cwd=folder, capture_output=True, text=True, check=False, timeout=3600)
     if done.returncode != 0:
         raise CvmfsMlError(f"oras push {reference} failed: {done.stderr.strip()[-1000:]}")
     return reference
@@ -530,19 +476,14 @@ class OciMode(StorageMode):
         ep = self._ctx.endpoint
         assert ep is not None and ep.registry
         if model.name not in self.pushed:
-            self.pushed[model.name] = oras_push(
-                ep.registry, f"bench/{model.name}", "v1", model.folder, model.files
-            )
+            self.pushed[model.name] = oras_push(ep.registry, f"bench/{model.name}", "v1",
+                                                model.folder, model.files)
 
     def access(self, model: ModelFiles, scratch: Path) -> dict[str, Any]:
         ep = self._ctx.endpoint
         assert ep is not None
-        return {
-            "kind": "oci",
-            "registry": ep.registry,
-            "reference": self.pushed[model.name],
-            "dest": str(scratch / "oci"),
-        }
+        return {"kind": "oci", "registry": ep.registry, "reference": self.pushed[model.name],
+                "dest": str(scratch / "oci")}
 
     def after(self, model: ModelFiles, scratch: Path) -> None:
         shutil.rmtree(scratch / "oci", ignore_errors=True)

@@ -235,9 +235,7 @@ class _Connection:
         try:
             await self.proxy.loop.create_connection(
                 lambda: _Side(self, inbound=self.down, outbound=self.up),
-                self.proxy.target_host,
-                self.proxy.target_port,
-            )
+                self.proxy.target_host, self.proxy.target_port)
         except OSError:
             self.close(abort=True)
 
@@ -314,18 +312,14 @@ class DelayProxy:
         self._server: asyncio.AbstractServer | None = None
 
     @classmethod
-    def from_profile(
-        cls, profile: str | WanProfile | None, target_host: str, target_port: int, **kwargs: Any
-    ) -> DelayProxy:
+    def from_profile(cls, profile: str | WanProfile | None, target_host: str, target_port: int,
+                     **kwargs: Any) -> DelayProxy:
         """A proxy for one of :data:`WAN_PROFILES` (``None``/"loopback": no delay, no cap)."""
         p = WAN_PROFILES[profile] if isinstance(profile, str) else profile
         if p is None:
             return cls(target_host, target_port, rtt_ms=0.0, model_handshake=False, **kwargs)
-        caps = (
-            {"rate_bytes_per_s": p.rate_bytes_per_s}
-            if p.per_connection
-            else {"link_rate_bytes_per_s": p.rate_bytes_per_s}
-        )
+        caps = ({"rate_bytes_per_s": p.rate_bytes_per_s} if p.per_connection
+                else {"link_rate_bytes_per_s": p.rate_bytes_per_s})
         return cls(target_host, target_port, rtt_ms=p.rtt_ms, **caps, **kwargs)
 
     @property
@@ -337,10 +331,8 @@ class DelayProxy:
 
     def describe(self) -> str:
         """One line for benchmark reports: what this proxy emulates and how."""
-        parts = [
-            f"userspace delay-line proxy -> {self.target_host}:{self.target_port}",
-            f"rtt {self.rtt * 1000:g} ms",
-        ]
+        parts = [f"userspace delay-line proxy -> {self.target_host}:{self.target_port}",
+                 f"rtt {self.rtt * 1000:g} ms"]
         if self.rate:
             parts.append(f"{self.rate / 1e6:g} MB/s per connection")
         if self.link_rate:
@@ -353,7 +345,6 @@ class DelayProxy:
         """Bytes forwarded each way and connections seen, for sanity checks in reports."""
         thread = self._thread
         if thread is not None and thread.is_alive() and threading.current_thread() is not thread:
-
             async def collect() -> dict[str, int]:
                 return self.stats()
 
@@ -392,12 +383,8 @@ class DelayProxy:
     def __enter__(self) -> DelayProxy:
         return self.start()
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
         self.stop()
 
     def _run(self) -> None:
@@ -407,9 +394,8 @@ class DelayProxy:
             now = loop.time()
             if self.link_rate:
                 self.link_buckets = [_Bucket(self.link_rate, now), _Bucket(self.link_rate, now)]
-            self._server = loop.run_until_complete(
-                loop.create_server(self._accept, self.listen_host, self._listen_port, backlog=1024)
-            )
+            self._server = loop.run_until_complete(loop.create_server(
+                self._accept, self.listen_host, self._listen_port, backlog=1024))
             self._port = self._server.sockets[0].getsockname()[1]
         except BaseException as exc:  # report bind errors to start()
             self._error = exc
@@ -450,23 +436,9 @@ def tc_netem_available() -> bool:
         return False
     try:
         result = subprocess.run(
-            [
-                "unshare",
-                "--net",
-                "tc",
-                "qdisc",
-                "add",
-                "dev",
-                "lo",
-                "root",
-                "netem",
-                "delay",
-                "1ms",
-            ],
-            capture_output=True,
-            timeout=10,
-            check=False,
-        )
+            ["unshare", "--net", "tc", "qdisc", "add", "dev", "lo", "root", "netem",
+             "delay", "1ms"],
+            capture_output=True, timeout=10, check=False)
     except (OSError, subprocess.SubprocessError):
         return False
     return result.returncode == 0
@@ -478,18 +450,13 @@ def describe(profile: str | WanProfile | None = None) -> str:
     ``describe("loopback")`` says that nothing is emulated; ``describe()`` describes the
     mechanism only.
     """
-    netem = (
-        "tc netem is available but not used"
-        if tc_netem_available()
-        else "tc netem is not available on this kernel"
-    )
+    netem = ("tc netem is available but not used" if tc_netem_available()
+             else "tc netem is not available on this kernel")
     p = WAN_PROFILES[profile] if isinstance(profile, str) else profile
     if p is None and profile is not None:
         return f"loopback: no latency or rate emulation; {netem}"
-    how = (
-        "userspace asyncio delay-line TCP proxy (DelayProxy): latency, handshake RTT and "
-        "token-bucket rate caps; no loss, jitter or congestion-window dynamics"
-    )
+    how = ("userspace asyncio delay-line TCP proxy (DelayProxy): latency, handshake RTT and "
+           "token-bucket rate caps; no loss, jitter or congestion-window dynamics")
     if p is None:
         return f"{how}; {netem}"
     scope = "per connection" if p.per_connection else "shared link"

@@ -52,7 +52,8 @@ def _wrap(torch: Any, net: Any, call: str) -> Any:
             super().__init__()
             self.mod = net
 
-        def forward(self, pf_points: Any, pf_features: Any, pf_vectors: Any, pf_mask: Any) -> Any:
+        def forward(self, pf_points: Any, pf_features: Any, pf_vectors: Any,
+                    pf_mask: Any) -> Any:
             if call == "part":
                 return self.mod(pf_features, v=pf_vectors, mask=pf_mask)
             return self.mod(pf_points, pf_features, pf_mask)
@@ -67,19 +68,11 @@ def build_particle_transformer(seed: int = 42) -> Any:
 
     torch.manual_seed(seed)
     net = ParticleTransformer(
-        input_dim=_N_FEATURES,
-        num_classes=10,
-        pair_input_dim=4,
-        use_pre_activation_pair=False,
-        embed_dims=[128, 512, 128],
-        pair_embed_dims=[64, 64, 64],
-        num_heads=8,
-        num_layers=8,
+        input_dim=_N_FEATURES, num_classes=10, pair_input_dim=4, use_pre_activation_pair=False,
+        embed_dims=[128, 512, 128], pair_embed_dims=[64, 64, 64], num_heads=8, num_layers=8,
         num_cls_layers=2,
         cls_block_params={"dropout": 0, "attn_dropout": 0, "activation_dropout": 0},
-        fc_params=[],
-        activation="gelu",
-        for_inference=True,
+        fc_params=[], activation="gelu", for_inference=True,
     )
     return _wrap(torch, net, "part")
 
@@ -91,13 +84,9 @@ def build_particlenet(seed: int = 42) -> Any:
 
     torch.manual_seed(seed)
     net = ParticleNet(
-        input_dims=_N_FEATURES,
-        num_classes=10,
+        input_dims=_N_FEATURES, num_classes=10,
         conv_params=[(16, (64, 64, 64)), (16, (128, 128, 128)), (16, (256, 256, 256))],
-        fc_params=[(256, 0.1)],
-        use_fusion=False,
-        use_fts_bn=True,
-        use_counts=True,
+        fc_params=[(256, 0.1)], use_fusion=False, use_fts_bn=True, use_counts=True,
         for_inference=True,
     )
     return _wrap(torch, net, "pnet")
@@ -115,14 +104,10 @@ def _export(module: Any, path: str | os.PathLike[str]) -> Path:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript exporter warns that it is legacy
         torch.onnx.export(
-            module,
-            inputs,
-            str(path),
-            dynamo=False,
-            opset_version=17,
-            input_names=list(_PARTICLE_INPUTS),
-            output_names=["softmax"],
-            dynamic_axes={**{n: {0: "N", 2: "P"} for n in _PARTICLE_INPUTS}, "softmax": {0: "N"}},
+            module, inputs, str(path), dynamo=False, opset_version=17,
+            input_names=list(_PARTICLE_INPUTS), output_names=["softmax"],
+            dynamic_axes={**{n: {0: "N", 2: "P"} for n in _PARTICLE_INPUTS},
+                          "softmax": {0: "N"}},
         )
     onnx.checker.check_model(onnx.load(str(path)), full_check=True)
     return path
@@ -142,9 +127,8 @@ def make_particlenet_onnx(path: str | os.PathLike[str], seed: int = 42) -> Path:
     return _export(build_particlenet(seed), path)
 
 
-def particle_inputs(
-    n: int, p: int, rng: np.random.Generator, n_features: int = _N_FEATURES
-) -> dict[str, np.ndarray]:
+def particle_inputs(n: int, p: int, rng: np.random.Generator,
+                    n_features: int = _N_FEATURES) -> dict[str, np.ndarray]:
     """Plausible jets: 3/4 real particles, the rest masked and *wrap-padded*.
 
     Padding repeats real particles (as the JetClass data config does) instead of zeros,

@@ -47,51 +47,18 @@ SCENARIO_KEY = ("model", "runtime", "mode", "network", "cache_state")
 """The fields that identify a scenario; repeats of one scenario share them."""
 
 MEASUREMENT_FIELDS = (
-    "model",
-    "runtime",
-    "mode",
-    "network",
-    "cache_state",
-    "repeat",
-    "ok",
-    "error",
-    "model_bytes",
-    "import_s",
-    "acquire_s",
-    "open_s",
-    "first_run_s",
-    "first_inference_s",
-    "latency_p50_s",
-    "latency_p95_s",
-    "tokens_per_s",
-    "peak_rss_bytes",
-    "major_faults",
-    "rchar",
-    "disk_read_bytes",
-    "origin_requests",
-    "origin_bytes",
-    "proxy_bytes",
-    "pre_resident_fraction",
-    "post_resident_fraction",
-    "output_sha256",
-    "wall_s",
-    "prepare_s",
+    "model", "runtime", "mode", "network", "cache_state", "repeat", "ok", "error",
+    "model_bytes", "import_s", "acquire_s", "open_s", "first_run_s", "first_inference_s",
+    "latency_p50_s", "latency_p95_s", "tokens_per_s", "peak_rss_bytes", "major_faults",
+    "rchar", "disk_read_bytes", "origin_requests", "origin_bytes", "proxy_bytes",
+    "pre_resident_fraction", "post_resident_fraction", "output_sha256", "wall_s", "prepare_s",
 )
 """Columns of ``results.csv``: one row per measurement (see docs/benchmarks.md)."""
 
 SUMMARY_METRICS = (
-    "open_s",
-    "first_inference_s",
-    "first_run_s",
-    "latency_p50_s",
-    "latency_p95_s",
-    "tokens_per_s",
-    "peak_rss_bytes",
-    "origin_requests",
-    "origin_bytes",
-    "major_faults",
-    "acquire_s",
-    "wall_s",
+    "open_s", "first_inference_s", "first_run_s", "latency_p50_s", "latency_p95_s",
+    "tokens_per_s", "peak_rss_bytes", "origin_requests", "origin_bytes", "major_faults",
+    "acquire_s", "wall_s",
 )
 """Metrics aggregated per scenario: median, min and max over the successful repeats."""
 
@@ -114,7 +81,8 @@ def _binary_version(binary: str, args: Sequence[str]) -> str | None:
     if path is None:
         return None
     try:
-        out = subprocess.run([path, *args], capture_output=True, text=True, timeout=10, check=False)
+        out = subprocess.run([path, *args], capture_output=True, text=True, timeout=10,
+                             check=False)
     except (OSError, subprocess.SubprocessError):
         return None
     text = (out.stdout + out.stderr).strip().splitlines()
@@ -124,21 +92,8 @@ def _binary_version(binary: str, args: Sequence[str]) -> str | None:
 def versions() -> dict[str, str | None]:
     """Versions of the Python packages and servers a result depends on (None: not installed)."""
     out: dict[str, str | None] = {"python": platform.python_version()}
-    for dist in (
-        "cvmfs-ml",
-        "numpy",
-        "onnxruntime",
-        "onnx",
-        "safetensors",
-        "torch",
-        "weaver-core",
-        "urllib3",
-        "fsspec",
-        "oras",
-        "mfusepy",
-        "pyfuse3",
-        "matplotlib",
-    ):
+    for dist in ("cvmfs-ml", "numpy", "onnxruntime", "onnx", "safetensors", "torch",
+                 "weaver-core", "urllib3", "fsspec", "oras", "mfusepy", "pyfuse3", "matplotlib"):
         out[dist] = _version(dist)
     out["nginx"] = _binary_version("nginx", ["-v"])
     out["squid"] = _binary_version("squid", ["-v"])
@@ -216,34 +171,22 @@ def summarise(measurements: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]
             entry[metric] = statistics.median(values) if values else None
             entry[f"{metric}_min"] = min(values) if values else None
             entry[f"{metric}_max"] = max(values) if values else None
-        entry["output_sha256"] = sorted(
-            {r.get("output_sha256") for r in ok if r.get("output_sha256")}
-        )
+        entry["output_sha256"] = sorted({r.get("output_sha256") for r in ok
+                                         if r.get("output_sha256")})
         summary.append(entry)
-    local = {
-        (s["model"], s["runtime"], s["cache_state"]): s for s in summary if s["mode"] == "local"
-    }
+    local = {(s["model"], s["runtime"], s["cache_state"]): s for s in summary
+             if s["mode"] == "local"}
     for s in summary:
         ref = local.get((s["model"], s["runtime"], s["cache_state"])) or local.get(
-            (s["model"], s["runtime"], "cold")
-        )
+            (s["model"], s["runtime"], "cold"))
         mine, theirs = s.get("first_inference_s"), (ref or {}).get("first_inference_s")
         s["ratio_to_local"] = (mine / theirs) if mine is not None and theirs else None
-        s["outputs_match_local"] = (
-            None
-            if ref is None or not s["output_sha256"]
-            else s["output_sha256"] == ref["output_sha256"]
-        )
+        s["outputs_match_local"] = (None if ref is None or not s["output_sha256"]
+                                    else s["output_sha256"] == ref["output_sha256"])
     # Keep the order the scenarios ran in (local first), cold before warm before hot.
     mode_order = {m: i for i, m in enumerate(dict.fromkeys(s["mode"] for s in summary))}
-    summary.sort(
-        key=lambda s: (
-            str(s["network"]),
-            str(s["model"]),
-            mode_order[s["mode"]],
-            _STATE_ORDER.get(s["cache_state"], 9),
-        )
-    )
+    summary.sort(key=lambda s: (str(s["network"]), str(s["model"]),
+                                mode_order[s["mode"]], _STATE_ORDER.get(s["cache_state"], 9)))
     return summary
 
 
@@ -251,11 +194,8 @@ def summarise(measurements: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]
 # files
 
 
-def write_csv(
-    rows: Sequence[Mapping[str, Any]],
-    path: str | os.PathLike[str],
-    fields: Sequence[str] | None = None,
-) -> Path:
+def write_csv(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike[str],
+              fields: Sequence[str] | None = None) -> Path:
     """Write ``rows`` as CSV; lists become ``;``-joined strings, missing values empty cells."""
     path = Path(path)
     if fields is None:
@@ -264,22 +204,14 @@ def write_csv(
         writer = csv.DictWriter(f, fieldnames=list(fields), extrasaction="ignore")
         writer.writeheader()
         for row in rows:
-            writer.writerow(
-                {
-                    k: (";".join(map(str, v)) if isinstance(v, (list, tuple)) else v)
-                    for k, v in row.items()
-                }
-            )
+            writer.writerow({k: (";".join(map(str, v)) if isinstance(v, (list, tuple)) else v)
+                             for k, v in row.items()})
     return path
 
 
-def plot_load_times(
-    summary: Sequence[Mapping[str, Any]],
-    out_png: str | os.PathLike[str],
-    *,
-    network: str = "loopback",
-    metric: str = "first_inference_s",
-) -> Path | None:
+def plot_load_times(summary: Sequence[Mapping[str, Any]], out_png: str | os.PathLike[str],
+                    *, network: str = "loopback",
+                    metric: str = "first_inference_s") -> Path | None:
     """Bars of ``metric`` (median, min-max whiskers) per mode and cache state, one panel per model.
 
     Returns None when there is nothing to plot for ``network``.
@@ -301,14 +233,16 @@ def plot_load_times(
         for j, state in enumerate(states):
             xs, ys, lo, hi = [], [], [], []
             for i, mode in enumerate(modes):
-                s = next((s for s in mine if s["mode"] == mode and s["cache_state"] == state), None)
+                s = next((s for s in mine if s["mode"] == mode and s["cache_state"] == state),
+                         None)
                 if s is None:
                     continue
                 xs.append(i + (j - (len(states) - 1) / 2) * width)
                 ys.append(s[metric])
                 lo.append(s[metric] - (s.get(f"{metric}_min") or s[metric]))
                 hi.append((s.get(f"{metric}_max") or s[metric]) - s[metric])
-            ax.bar(xs, ys, width, yerr=[lo, hi], capsize=2, label=state, color=colours.get(state))
+            ax.bar(xs, ys, width, yerr=[lo, hi], capsize=2, label=state,
+                   color=colours.get(state))
         ax.set_xticks(range(len(modes)))
         ax.set_xticklabels(modes, rotation=20)
         ax.set_ylim(bottom=0)
@@ -325,9 +259,8 @@ def plot_load_times(
     return out
 
 
-def plot_concurrency(
-    rows: Sequence[Mapping[str, Any]], out_png: str | os.PathLike[str]
-) -> Path | None:
+def plot_concurrency(rows: Sequence[Mapping[str, Any]],
+                     out_png: str | os.PathLike[str]) -> Path | None:
     """Median and max client wall time against the number of concurrent clients."""
     rows = [r for r in rows if r.get("clients")]
     if not rows:
@@ -388,32 +321,24 @@ def write_markdown(doc: Mapping[str, Any], path: str | os.PathLike[str]) -> Path
         for model in dict.fromkeys(s["model"] for s in summary if s["network"] == network):
             rows = [s for s in summary if s["network"] == network and s["model"] == model]
             size = _fmt_bytes(rows[0].get("model_bytes"))
-            lines += [
-                f"## {model} ({size}, {rows[0]['runtime']}) — {network}",
-                "",
-                "| mode | cache | first inference (median [min–max]) | × local | open | "
-                "p50 / p95 | tokens/s | fetched | requests | peak RSS | n |",
-                "|---|---|---|---|---|---|---|---|---|---|---|",
-            ]
+            lines += [f"## {model} ({size}, {rows[0]['runtime']}) — {network}", "",
+                      "| mode | cache | first inference (median [min–max]) | × local | open | "
+                      "p50 / p95 | tokens/s | fetched | requests | peak RSS | n |",
+                      "|---|---|---|---|---|---|---|---|---|---|---|"]
             for s in rows:
-                spread = (
-                    f"{_fmt_s(s['first_inference_s'])} "
-                    f"[{_fmt_s(s['first_inference_s_min'])}–"
-                    f"{_fmt_s(s['first_inference_s_max'])}]"
-                )
+                spread = (f"{_fmt_s(s['first_inference_s'])} "
+                          f"[{_fmt_s(s['first_inference_s_min'])}–"
+                          f"{_fmt_s(s['first_inference_s_max'])}]")
                 ratio = f"{s['ratio_to_local']:.2f}" if s.get("ratio_to_local") else "–"
                 tps = f"{s['tokens_per_s']:.1f}" if s.get("tokens_per_s") else "–"
-                reqs = (
-                    f"{s['origin_requests']:.0f}" if s.get("origin_requests") is not None else "–"
-                )
+                reqs = (f"{s['origin_requests']:.0f}" if s.get("origin_requests") is not None
+                        else "–")
                 lines.append(
                     f"| {s['mode']} | {s['cache_state']} | {spread} | {ratio} | "
                     f"{_fmt_s(s['open_s'])} | {_fmt_s(s['latency_p50_s'])} / "
                     f"{_fmt_s(s['latency_p95_s'])} | {tps} | {_fmt_bytes(s['origin_bytes'])} | "
                     f"{reqs} | {_fmt_bytes(s['peak_rss_bytes'])} | {s['n']}"
-                    + (f" ({s['failed']} failed)" if s["failed"] else "")
-                    + " |"
-                )
+                    + (f" ({s['failed']} failed)" if s["failed"] else "") + " |")
             lines.append("")
     checks = doc.get("checks", {})
     if checks:
@@ -424,31 +349,21 @@ def write_markdown(doc: Mapping[str, Any], path: str | os.PathLike[str]) -> Path
         lines.append("")
     conc = doc.get("concurrency", [])
     if conc:
-        lines += [
-            "## Concurrent cold clients through one Squid",
-            "",
-            "| clients | model | wall median | wall max | origin requests | origin bytes | "
-            "Squid hit ratio | client bytes |",
-            "|---|---|---|---|---|---|---|---|",
-        ]
+        lines += ["## Concurrent cold clients through one Squid", "",
+                  "| clients | model | wall median | wall max | origin requests | origin bytes | "
+                  "Squid hit ratio | client bytes |", "|---|---|---|---|---|---|---|---|"]
         for r in conc:
             hit = f"{r['hit_ratio']:.2f}" if r.get("hit_ratio") is not None else "–"
-            lines.append(
-                f"| {r['clients']} | {r['model']} | {_fmt_s(r['wall_s_median'])} | "
-                f"{_fmt_s(r['wall_s_max'])} | {r['origin_requests']} | "
-                f"{_fmt_bytes(r['origin_bytes'])} | {hit} | "
-                f"{_fmt_bytes(r.get('proxy_bytes'))} |"
-            )
+            lines.append(f"| {r['clients']} | {r['model']} | {_fmt_s(r['wall_s_median'])} | "
+                         f"{_fmt_s(r['wall_s_max'])} | {r['origin_requests']} | "
+                         f"{_fmt_bytes(r['origin_bytes'])} | {hit} | "
+                         f"{_fmt_bytes(r.get('proxy_bytes'))} |")
         lines.append("")
     access = doc.get("access_patterns", [])
     if access:
-        lines += [
-            "## Access patterns (cold load)",
-            "",
-            "| model | runtime | source | file | touched | reads | median read | "
-            "sequential | picture |",
-            "|---|---|---|---|---|---|---|---|---|",
-        ]
+        lines += ["## Access patterns (cold load)", "",
+                  "| model | runtime | source | file | touched | reads | median read | "
+                  "sequential | picture |", "|---|---|---|---|---|---|---|---|---|"]
         for a in access:
             frac = a.get("fraction_of_file")
             seq = a.get("sequential_fraction")
@@ -457,8 +372,7 @@ def write_markdown(doc: Mapping[str, Any], path: str | os.PathLike[str]) -> Path
                 f"| {a['model']} | {a['runtime']} | {a['source']} | {a.get('file', '*')} | "
                 f"{'–' if frac is None else f'{frac * 100:.0f}%'} | {a.get('read_count', '–')} | "
                 f"{_fmt_bytes(med)} | {'–' if seq is None else f'{seq * 100:.0f}%'} | "
-                f"{a.get('png', '')} |"
-            )
+                f"{a.get('png', '')} |")
         lines.append("")
     for extra in doc.get("errors", []):
         lines.append(f"- error: {extra}")
@@ -494,7 +408,8 @@ def write_report(doc: dict[str, Any], out_dir: str | os.PathLike[str]) -> dict[s
     tmp.write_text(json.dumps(doc, indent=1, default=str))
     os.replace(tmp, out / "results.json")
     paths["json"] = out / "results.json"
-    paths["csv"] = write_csv(doc.get("measurements", []), out / "results.csv", MEASUREMENT_FIELDS)
+    paths["csv"] = write_csv(doc.get("measurements", []), out / "results.csv",
+                             MEASUREMENT_FIELDS)
     paths["summary_csv"] = write_csv(doc["summary"], out / "summary.csv")
     paths["markdown"] = write_markdown(doc, out / "summary.md")
     return paths

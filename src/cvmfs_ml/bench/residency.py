@@ -27,14 +27,8 @@ _WINDOW = 1 << 30  # map at most 1 GiB at a time: bounded address space for huge
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 _libc.mmap.restype = ctypes.c_void_p
-_libc.mmap.argtypes = [
-    ctypes.c_void_p,
-    ctypes.c_size_t,
-    ctypes.c_int,
-    ctypes.c_int,
-    ctypes.c_int,
-    ctypes.c_long,
-]
+_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                       ctypes.c_int, ctypes.c_long]
 _libc.munmap.restype = ctypes.c_int
 _libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
 _libc.mincore.restype = ctypes.c_int
@@ -63,7 +57,7 @@ def residency_map(path: str | os.PathLike[str]) -> np.ndarray:
                 _check(-1, "mmap", path)
             try:
                 first = start // PAGE_SIZE
-                vec = out[first : first + -(-length // PAGE_SIZE)]
+                vec = out[first: first + -(-length // PAGE_SIZE)]
                 _check(_libc.mincore(addr, length, vec.ctypes.data), "mincore", path)
             finally:
                 _libc.munmap(addr, length)

@@ -121,21 +121,15 @@ PROFILES: dict[str, Profile] = {
         states=("cold", "hot"),
         repeats=3,
         inference_runs=10,
-        access_models=(
-            _SMALL_LLM,
-            ModelSpec("st-16m", "safetensors", 16 * _MiB, "float16"),
-            ModelSpec("pt-16m", "torch", 16 * _MiB, "float16"),
-        ),
+        access_models=(_SMALL_LLM, ModelSpec("st-16m", "safetensors", 16 * _MiB, "float16"),
+                       ModelSpec("pt-16m", "torch", 16 * _MiB, "float16")),
         timeout=120.0,
     ),
     "full": Profile(
         name="full",
-        models=(
-            ModelSpec("mlp", "mlp"),
-            ModelSpec("part", "part"),
-            ModelSpec("llm-2g", "llm", size=2 * 2**30, dtype="float32"),
-            ModelSpec("st-2g", "safetensors", size=2 * 2**30, dtype="float16"),
-        ),
+        models=(ModelSpec("mlp", "mlp"), ModelSpec("part", "part"),
+                ModelSpec("llm-2g", "llm", size=2 * 2**30, dtype="float32"),
+                ModelSpec("st-2g", "safetensors", size=2 * 2**30, dtype="float16")),
         modes=("local", "fuse", "fsspec", "download", "oci"),
         states=("cold", "warm", "hot"),
         networks=("loopback", "wan-20ms-1g"),
@@ -145,11 +139,9 @@ PROFILES: dict[str, Profile] = {
         inference_runs=10,
         threads=2,
         origin="nginx",
-        access_models=(
-            ModelSpec("llm-2g", "llm", size=2 * 2**30, dtype="float32"),
-            ModelSpec("st-2g", "safetensors", size=2 * 2**30, dtype="float16"),
-            ModelSpec("pt-256m", "torch", 256 * _MiB, "float16"),
-        ),
+        access_models=(ModelSpec("llm-2g", "llm", size=2 * 2**30, dtype="float32"),
+                       ModelSpec("st-2g", "safetensors", size=2 * 2**30, dtype="float16"),
+                       ModelSpec("pt-256m", "torch", 256 * _MiB, "float16")),
         concurrency=(1, 4),
         concurrency_model="llm-512m",
     ),
@@ -175,28 +167,19 @@ def run_worker(spec: dict[str, Any], scratch: Path, timeout: float) -> tuple[dic
     env = dict(os.environ, OMP_NUM_THREADS=str(spec.get("threads", 1)), PYTHONUNBUFFERED="1")
     started = time.perf_counter()
     try:
-        done = subprocess.run(
-            [sys.executable, "-m", "cvmfs_ml.bench.worker", str(spec_path), str(result_path)],
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            env=env,
-            check=False,
-        )
+        done = subprocess.run([sys.executable, "-m", "cvmfs_ml.bench.worker", str(spec_path),
+                               str(result_path)], capture_output=True, text=True,
+                              timeout=timeout, env=env, check=False)
     except subprocess.TimeoutExpired:
-        return {
-            "ok": False,
-            "error": f"timed out after {timeout:.0f} s",
-        }, time.perf_counter() - started
+        return {"ok": False, "error": f"timed out after {timeout:.0f} s"}, time.perf_counter() - \
+            started
     wall = time.perf_counter() - started
     try:
         result = json.loads(result_path.read_text())
     except (OSError, ValueError):
         tail = (done.stderr or done.stdout or "").strip().splitlines()[-3:]
-        result = {
-            "ok": False,
-            "error": f"worker exited with {done.returncode}: " + " | ".join(tail),
-        }
+        result = {"ok": False, "error": f"worker exited with {done.returncode}: "
+                  + " | ".join(tail)}
     return result, wall
 
 
@@ -246,11 +229,8 @@ class _Origin:
             return OriginCounters(self._requests, self._bytes)
 
     def describe(self) -> str:
-        return (
-            "nginx (docs/nginx.conf settings)"
-            if self.kind == "nginx"
-            else "cvmfs-ml built-in server (storage.http.RepositoryServer)"
-        )
+        return ("nginx (docs/nginx.conf settings)" if self.kind == "nginx"
+                else "cvmfs-ml built-in server (storage.http.RepositoryServer)")
 
     def close(self) -> None:
         if self._nginx is not None:
@@ -266,15 +246,9 @@ class BenchEnvironment:
     between runs: models and the repository are rebuilt only when their spec changed.
     """
 
-    def __init__(
-        self,
-        workdir: str | os.PathLike[str],
-        profile: Profile,
-        *,
-        log: Callable[[str], None] = print,
-        global_drop: bool = False,
-        mounted: str | os.PathLike[str] | None = None,
-    ) -> None:
+    def __init__(self, workdir: str | os.PathLike[str], profile: Profile, *,
+                 log: Callable[[str], None] = print, global_drop: bool = False,
+                 mounted: str | os.PathLike[str] | None = None) -> None:
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.profile = profile
@@ -307,10 +281,8 @@ class BenchEnvironment:
                 self.log(f"skip model {spec.name}: {reason}")
                 continue
             model = build_model(spec, self.workdir / "models")
-            self.log(
-                f"model {spec.name}: {model.files.nbytes / _MiB:.1f} MiB "
-                + ("(reused)" if model.reused else f"(built in {model.build_seconds:.1f} s)")
-            )
+            self.log(f"model {spec.name}: {model.files.nbytes / _MiB:.1f} MiB "
+                     + ("(reused)" if model.reused else f"(built in {model.build_seconds:.1f} s)"))
             self.models[spec.name] = model
             built.append(model)
         return built
@@ -324,10 +296,8 @@ class BenchEnvironment:
 
         settings = PublishSettings(compression=Compression(self.profile.compression))
         stamp_path = self.srv / ".bench-publish.json"
-        wanted = {
-            "settings": settings.to_conf(),
-            "models": {n: asdict(m.spec) for n, m in self.models.items()},
-        }
+        wanted = {"settings": settings.to_conf(),
+                  "models": {n: asdict(m.spec) for n, m in self.models.items()}}
         try:
             stamp = json.loads(stamp_path.read_text())
         except (OSError, ValueError):
@@ -341,9 +311,8 @@ class BenchEnvironment:
             shutil.rmtree(self.srv, ignore_errors=True)
             shutil.rmtree(self.keys, ignore_errors=True)
             (self.srv / "cvmfs").mkdir(parents=True)
-            publisher = create_repository(
-                self.srv / "cvmfs", FQRN, keys_dir=self.keys, settings=settings
-            )
+            publisher = create_repository(self.srv / "cvmfs", FQRN, keys_dir=self.keys,
+                                          settings=settings)
             done = {}
             self.publish_seconds = {}
         for name, model in self.models.items():
@@ -358,9 +327,8 @@ class BenchEnvironment:
             self.publish_seconds[name] = round(result.seconds, 3)
             done[name] = asdict(model.spec)
             self._plain(model)
-            stamp_path.write_text(
-                json.dumps({**wanted, "models": done, "seconds": self.publish_seconds})
-            )
+            stamp_path.write_text(json.dumps({**wanted, "models": done,
+                                              "seconds": self.publish_seconds}))
         for model in self.models.values():
             self._plain(model)
 
@@ -390,9 +358,8 @@ class BenchEnvironment:
             self.registry = DockerRegistry()
         return self.registry
 
-    def endpoint(
-        self, network: str, *, squid: bool | None = None, registry: bool = False
-    ) -> Endpoint:
+    def endpoint(self, network: str, *, squid: bool | None = None,
+                 registry: bool = False) -> Endpoint:
         """Where clients reach the repository on ``network`` (a delay proxy unless loopback)."""
         origin = self.start_origin()
         if network not in WAN_PROFILES:
@@ -403,35 +370,24 @@ class BenchEnvironment:
         else:
             if network not in self._proxies:
                 self._proxies[network] = [
-                    DelayProxy.from_profile(network, "127.0.0.1", origin.port).start()
-                ]
+                    DelayProxy.from_profile(network, "127.0.0.1", origin.port).start()]
             base = f"http://127.0.0.1:{self._proxies[network][0].port}"
             if reg_host is not None:  # the registry sits behind the same emulated link
                 if network not in self._registry_proxies:
                     self._registry_proxies[network] = DelayProxy.from_profile(
-                        network, "127.0.0.1", self.registry.port
-                    ).start()
+                        network, "127.0.0.1", self.registry.port).start()
                 reg_host = f"127.0.0.1:{self._registry_proxies[network].port}"
         squid_url = None
         if squid if squid is not None else self.profile.squid:
             from cvmfs_ml.bench.services import Squid
 
             largest = max((m.files.nbytes for m in self.models.values()), default=0)
-            proxy = Squid(
-                cache_mem_mb=max(256, int(largest * 1.3 / _MiB)),
-                maximum_object_size_mb=_SQUID_MAX_OBJECT_MB,
-            )
+            proxy = Squid(cache_mem_mb=max(256, int(largest * 1.3 / _MiB)),
+                          maximum_object_size_mb=_SQUID_MAX_OBJECT_MB)
             self._squids.append(proxy)
             squid_url = proxy.url
-        return Endpoint(
-            network,
-            f"{base}/cvmfs/{FQRN}",
-            FQRN,
-            self.public_key,
-            plain_url=f"{base}/cvmfs/plain",
-            proxy=squid_url,
-            registry=reg_host,
-        )
+        return Endpoint(network, f"{base}/cvmfs/{FQRN}", FQRN, self.public_key,
+                        plain_url=f"{base}/cvmfs/plain", proxy=squid_url, registry=reg_host)
 
     def network_description(self, network: str) -> str:
         text = describe_network(network)
@@ -482,21 +438,16 @@ class _Run:
     mode_settings: dict[str, Any] = field(default_factory=dict)
 
 
-def _spec(
-    run: _Run,
-    model: BuiltModel,
-    access: dict[str, Any],
-    *,
-    residency: bool,
-    residency_out: Path | None = None,
-    inference_runs: int | None = None,
-) -> dict[str, Any]:
+def _spec(run: _Run, model: BuiltModel, access: dict[str, Any], *, residency: bool,
+          residency_out: Path | None = None, inference_runs: int | None = None) -> dict[str, Any]:
     return {
-        "model": {"name": model.name, "entry": model.files.entry, "files": list(model.files.files)},
+        "model": {"name": model.name, "entry": model.files.entry,
+                  "files": list(model.files.files)},
         "runtime": model.files.runtime,
         "access": access,
         "inputs": model.inputs,
-        "inference_runs": run.profile.inference_runs if inference_runs is None else inference_runs,
+        "inference_runs": run.profile.inference_runs if inference_runs is None
+        else inference_runs,
         "threads": run.profile.threads,
         "ort_config": run.profile.ort_config,
         "residency": residency,
@@ -504,17 +455,9 @@ def _spec(
     }
 
 
-def _measure(
-    run: _Run,
-    mode: StorageMode,
-    model: BuiltModel,
-    state: CacheState,
-    network: str,
-    repeat: int,
-    *,
-    keep: bool = True,
-    residency_out: Path | None = None,
-) -> dict[str, Any]:
+def _measure(run: _Run, mode: StorageMode, model: BuiltModel, state: CacheState, network: str,
+             repeat: int, *, keep: bool = True,
+             residency_out: Path | None = None) -> dict[str, Any]:
     """Prepare, run one worker, count origin traffic; append the row when ``keep``."""
     env = run.env
     with tempfile.TemporaryDirectory(prefix="m.", dir=env.workdir) as tmp:
@@ -527,13 +470,8 @@ def _measure(
         if res_out is None and keep and mode.path_based and first_cold:
             res_out = run.out / "access" / f"residency-{model.name}-{mode.name}-{network}.npz"
             res_out.parent.mkdir(parents=True, exist_ok=True)
-        spec = _spec(
-            run,
-            model,
-            mode.access(model.files, scratch),
-            residency=mode.path_based,
-            residency_out=res_out,
-        )
+        spec = _spec(run, model, mode.access(model.files, scratch),
+                     residency=mode.path_based, residency_out=res_out)
         origin = env.origin
         before = origin.counters() if origin else OriginCounters()
         proxies = env._proxies.get(network, [])
@@ -545,32 +483,14 @@ def _measure(
     lat = result.get("latencies_s") or []
     p50 = _percentile(lat, 50)
     row: dict[str, Any] = {
-        "model": model.name,
-        "runtime": model.files.runtime,
-        "mode": mode.name,
-        "network": network,
-        "cache_state": state.value,
-        "repeat": repeat,
-        "ok": bool(result.get("ok")),
-        "error": result.get("error"),
+        "model": model.name, "runtime": model.files.runtime, "mode": mode.name,
+        "network": network, "cache_state": state.value, "repeat": repeat,
+        "ok": bool(result.get("ok")), "error": result.get("error"),
         "model_bytes": model.files.nbytes,
-        **{
-            k: result.get(k)
-            for k in (
-                "import_s",
-                "acquire_s",
-                "open_s",
-                "first_run_s",
-                "first_inference_s",
-                "peak_rss_bytes",
-                "major_faults",
-                "rchar",
-                "disk_read_bytes",
-                "pre_resident_fraction",
-                "post_resident_fraction",
-                "output_sha256",
-            )
-        },
+        **{k: result.get(k) for k in ("import_s", "acquire_s", "open_s", "first_run_s",
+                                      "first_inference_s", "peak_rss_bytes", "major_faults",
+                                      "rchar", "disk_read_bytes", "pre_resident_fraction",
+                                      "post_resident_fraction", "output_sha256")},
         "latency_p50_s": p50,
         "latency_p95_s": _percentile(lat, 95),
         "tokens_per_s": (model.tokens_per_run / p50) if model.tokens_per_run and p50 else None,
@@ -585,15 +505,13 @@ def _measure(
     if keep:
         run.measurements.append(row)
         if not row["ok"]:
-            run.errors.append(
-                f"{model.name}/{mode.name}/{network}/{state.value}#{repeat}: {row['error']}"
-            )
+            run.errors.append(f"{model.name}/{mode.name}/{network}/{state.value}#{repeat}: "
+                              f"{row['error']}")
     return row
 
 
-def _run_mode(
-    run: _Run, mode_name: str, network: str, models: Sequence[BuiltModel], endpoint: Endpoint | None
-) -> None:
+def _run_mode(run: _Run, mode_name: str, network: str, models: Sequence[BuiltModel],
+              endpoint: Endpoint | None) -> None:
     env, profile = run.env, run.profile
     options = {"root": env.mounted} if mode_name == "path" else {}
     mode = make_mode(mode_name, **options)
@@ -613,15 +531,10 @@ def _run_mode(
                 for repeat in range(profile.repeats):
                     row = _measure(run, mode, model, state, network, repeat)
                     primed = True
-                    env.log(
-                        f"{network:>10} {mode_name:>8} {model.name:>10} {state.value:>4} "
-                        f"#{repeat}: "
-                        + (
-                            f"{row['first_inference_s']:.3f} s to first inference"
-                            if row["ok"]
-                            else f"FAILED {row['error']}"
-                        )
-                    )
+                    env.log(f"{network:>10} {mode_name:>8} {model.name:>10} {state.value:>4} "
+                            f"#{repeat}: " + (f"{row['first_inference_s']:.3f} s to first "
+                                              f"inference" if row["ok"] else
+                                              f"FAILED {row['error']}"))
         run.mode_settings[f"{mode_name}@{network}"] = mode.settings()
     except (CvmfsMlError, OSError) as exc:
         run.errors.append(f"mode {mode_name} on {network}: {exc}")
@@ -634,15 +547,9 @@ def _run_mode(
 # concurrency
 
 
-def run_concurrency(
-    env: BenchEnvironment,
-    model: BuiltModel,
-    clients: int,
-    *,
-    network: str = "loopback",
-    timeout: float = 900.0,
-    threads: int = 1,
-) -> dict[str, Any]:
+def run_concurrency(env: BenchEnvironment, model: BuiltModel, clients: int, *,
+                    network: str = "loopback", timeout: float = 900.0,
+                    threads: int = 1) -> dict[str, Any]:
     """N cvmfs-ml clients (processes, empty caches) load ``model`` at once through one Squid.
 
     Each client is a worker in the ``fsspec`` mode with its own empty cache. Reports per-client
@@ -656,61 +563,35 @@ def run_concurrency(
     if not (available("nginx") and available("squid")):
         raise ConfigError("the concurrency experiment needs nginx and squid")
     nginx = Nginx(env.srv)
-    proxy = (
-        DelayProxy.from_profile(network, "127.0.0.1", nginx.port).start()
-        if WAN_PROFILES.get(network)
-        else None
-    )
-    squid = Squid(
-        cache_mem_mb=max(256, int(model.files.nbytes * 1.3 / _MiB)),
-        maximum_object_size_mb=_SQUID_MAX_OBJECT_MB,
-    )
+    proxy = DelayProxy.from_profile(network, "127.0.0.1", nginx.port).start() \
+        if WAN_PROFILES.get(network) else None
+    squid = Squid(cache_mem_mb=max(256, int(model.files.nbytes * 1.3 / _MiB)),
+                  maximum_object_size_mb=_SQUID_MAX_OBJECT_MB)
     try:
         base = f"http://127.0.0.1:{proxy.port if proxy else nginx.port}"
-        endpoint = Endpoint(network, f"{base}/cvmfs/{FQRN}", FQRN, env.public_key, proxy=squid.url)
+        endpoint = Endpoint(network, f"{base}/cvmfs/{FQRN}", FQRN, env.public_key,
+                            proxy=squid.url)
         origin_before = nginx.counters()
         procs = []
         with contextlib.ExitStack() as stack:
             for i in range(clients):
-                scratch = Path(
-                    stack.enter_context(
-                        tempfile.TemporaryDirectory(prefix=f"c{i}.", dir=env.workdir)
-                    )
-                )
+                scratch = Path(stack.enter_context(tempfile.TemporaryDirectory(
+                    prefix=f"c{i}.", dir=env.workdir)))
                 mode = FsspecMode()
                 mode.start(ModeContext(scratch, endpoint))
                 spec = {
-                    "model": {
-                        "name": model.name,
-                        "entry": model.files.entry,
-                        "files": list(model.files.files),
-                    },
-                    "runtime": model.files.runtime,
-                    "access": mode.access(model.files, scratch),
-                    "inputs": model.inputs,
-                    "inference_runs": 0,
-                    "threads": threads,
+                    "model": {"name": model.name, "entry": model.files.entry,
+                              "files": list(model.files.files)},
+                    "runtime": model.files.runtime, "access": mode.access(model.files, scratch),
+                    "inputs": model.inputs, "inference_runs": 0, "threads": threads,
                 }
                 (scratch / "spec.json").write_text(json.dumps(spec))
                 procs.append((scratch, spec))
             started = time.perf_counter()
-            running = [
-                (
-                    scratch,
-                    subprocess.Popen(
-                        [
-                            sys.executable,
-                            "-m",
-                            "cvmfs_ml.bench.worker",
-                            str(scratch / "spec.json"),
-                            str(scratch / "result.json"),
-                        ],
-                        stdout=subprocess.DEVNULL,
-                        stderr=subprocess.DEVNULL,
-                    ),
-                )
-                for scratch, _ in procs
-            ]
+            running = [(scratch, subprocess.Popen(
+                [sys.executable, "-m", "cvmfs_ml.bench.worker", str(scratch / "spec.json"),
+                 str(scratch / "result.json")], stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL)) for scratch, _ in procs]
             ended: dict[int, float] = {}
             while len(ended) < len(running):  # note each client's own end time
                 now = time.perf_counter()
@@ -734,25 +615,18 @@ def run_concurrency(
         hits = sum(1 for r in data if r.answered_locally)
         ttfi = [r["first_inference_s"] for r in results if r.get("ok")]
         return {
-            "clients": clients,
-            "model": model.name,
-            "model_bytes": model.files.nbytes,
-            "network": network,
-            "ok": all(r.get("ok") for r in results),
+            "clients": clients, "model": model.name, "model_bytes": model.files.nbytes,
+            "network": network, "ok": all(r.get("ok") for r in results),
             "errors": [r.get("error") for r in results if not r.get("ok")],
-            "wall_s": walls,
-            "wall_s_median": statistics.median(walls),
+            "wall_s": walls, "wall_s_median": statistics.median(walls),
             "wall_s_max": max(walls),
             "first_inference_s": ttfi,
-            "origin_requests": origin.requests,
-            "origin_bytes": origin.bytes,
-            "proxy_requests": len(records),
-            "proxy_data_requests": len(data),
+            "origin_requests": origin.requests, "origin_bytes": origin.bytes,
+            "proxy_requests": len(records), "proxy_data_requests": len(data),
             "proxy_bytes": sum(r.bytes for r in records),
             "hit_ratio": (hits / len(data)) if data else None,
             "origin_bytes_per_model": origin.bytes / model.files.nbytes
-            if model.files.nbytes
-            else None,
+            if model.files.nbytes else None,
         }
     finally:
         squid.close()
@@ -803,16 +677,8 @@ def _access_patterns(run: _Run, models: Sequence[BuiltModel]) -> list[dict[str, 
             key = (model.name, "local", "loopback")
             if key not in run.residency:
                 res_out = out / f"residency-{model.name}-local-loopback.npz"
-                row = _measure(
-                    run,
-                    local,
-                    model,
-                    CacheState.COLD,
-                    "loopback",
-                    0,
-                    keep=False,
-                    residency_out=res_out,
-                )
+                row = _measure(run, local, model, CacheState.COLD, "loopback", 0, keep=False,
+                               residency_out=res_out)
                 if not row["ok"]:
                     run.errors.append(f"access pattern {model.name}/local: {row['error']}")
             trace = out / f"trace-{model.name}.jsonl"
@@ -829,55 +695,29 @@ def _access_patterns(run: _Run, models: Sequence[BuiltModel]) -> list[dict[str, 
                     for name, m in _load_residency(path).items():
                         maps[f"{mode}: {name}"] = m
             if maps:
-                png = plot_residency(
-                    maps,
-                    out / f"residency-{model.name}.png",
-                    f"{model.name}: pages cached after a cold load ({model.files.runtime})",
-                )
+                png = plot_residency(maps, out / f"residency-{model.name}.png",
+                                     f"{model.name}: pages cached after a cold load "
+                                     f"({model.files.runtime})")
                 for label, m in maps.items():
                     source, _, name = label.partition(": ")
-                    rows.append(
-                        {
-                            "model": model.name,
-                            "runtime": model.files.runtime,
-                            "source": f"mincore ({source})",
-                            "file": name,
-                            "fraction_of_file": float(m.mean()) if m.size else None,
-                            "png": f"access/{png.name}",
-                        }
-                    )
+                    rows.append({"model": model.name, "runtime": model.files.runtime,
+                                 "source": f"mincore ({source})", "file": name,
+                                 "fraction_of_file": float(m.mean()) if m.size else None,
+                                 "png": f"access/{png.name}"})
             if trace.exists() and trace.stat().st_size:
                 accesses, sizes = accesses_from_trace(load_trace(trace))
                 if accesses:
-                    png = plot_heatmap(
-                        accesses,
-                        sizes,
-                        out / f"heatmap-{model.name}.png",
-                        f"{model.name}: reads seen by the FUSE client, cold load "
-                        f"({model.files.runtime})",
-                    )
+                    png = plot_heatmap(accesses, sizes, out / f"heatmap-{model.name}.png",
+                                       f"{model.name}: reads seen by the FUSE client, cold load "
+                                       f"({model.files.runtime})")
                     total = summarise_accesses(accesses, sizes)["total"]
-                    rows.append(
-                        {
-                            "model": model.name,
-                            "runtime": model.files.runtime,
-                            "source": "FUSE trace",
-                            "file": "*",
-                            **{
-                                k: total.get(k)
-                                for k in (
-                                    "read_count",
-                                    "bytes_read",
-                                    "unique_bytes",
-                                    "file_size",
-                                    "fraction_of_file",
-                                    "sequential_fraction",
-                                    "median_read_size",
-                                )
-                            },
-                            "png": f"access/{png.name}",
-                        }
-                    )
+                    rows.append({"model": model.name, "runtime": model.files.runtime,
+                                 "source": "FUSE trace", "file": "*",
+                                 **{k: total.get(k) for k in (
+                                     "read_count", "bytes_read", "unique_bytes", "file_size",
+                                     "fraction_of_file", "sequential_fraction",
+                                     "median_read_size")},
+                                 "png": f"access/{png.name}"})
     finally:
         if fuse is not None:
             fuse.stop()
@@ -889,14 +729,8 @@ def _traced_run(run: _Run, fuse: FuseMode, model: BuiltModel) -> dict[str, Any]:
     """A cold load on a mount that was just started with ``--trace``; unmount to flush."""
     res_out = run.out / "access" / f"residency-{model.name}-fuse-loopback.npz"
     with tempfile.TemporaryDirectory(prefix="t.", dir=run.env.workdir) as tmp:
-        spec = _spec(
-            run,
-            model,
-            fuse.access(model.files, Path(tmp)),
-            residency=True,
-            residency_out=res_out,
-            inference_runs=0,
-        )
+        spec = _spec(run, model, fuse.access(model.files, Path(tmp)), residency=True,
+                     residency_out=res_out, inference_runs=0)
         result, _ = run_worker(spec, Path(tmp), run.profile.timeout)
     fuse.stop()  # unmounting flushes the trace
     if res_out.exists():
@@ -908,9 +742,8 @@ def _traced_run(run: _Run, fuse: FuseMode, model: BuiltModel) -> dict[str, Any]:
 # checks
 
 
-def _checks(
-    measurements: Sequence[dict[str, Any]], summary: Sequence[dict[str, Any]]
-) -> dict[str, dict[str, Any]]:
+def _checks(measurements: Sequence[dict[str, Any]],
+            summary: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     checks: dict[str, dict[str, Any]] = {}
     by_model: dict[str, set[str]] = {}
     for m in measurements:
@@ -919,18 +752,14 @@ def _checks(
     differing = sorted(k for k, v in by_model.items() if len(v) > 1)
     checks["outputs_identical"] = {
         "ok": bool(by_model) and not differing,
-        "detail": (
-            f"outputs differ for {differing}"
-            if differing
-            else f"every storage mode and cache state gave the same output for {sorted(by_model)}"
-        ),
+        "detail": (f"outputs differ for {differing}" if differing else
+                   f"every storage mode and cache state gave the same output for "
+                   f"{sorted(by_model)}"),
         "per_model": {k: sorted(v) for k, v in by_model.items()},
     }
     failed = [m for m in measurements if not m.get("ok")]
-    checks["all_runs_succeeded"] = {
-        "ok": not failed,
-        "detail": f"{len(failed)} of {len(measurements)} failed",
-    }
+    checks["all_runs_succeeded"] = {"ok": not failed,
+                                    "detail": f"{len(failed)} of {len(measurements)} failed"}
     slower = []
     pairs = []
     index = {(s["model"], s["mode"], s["network"], s["cache_state"]): s for s in summary}
@@ -943,37 +772,24 @@ def _checks(
         # the fastest repeat is the estimate least disturbed by other load on the machine
         hot_t = s.get("first_inference_s_min") or s["first_inference_s"]
         cold_t = cold.get("first_inference_s_min") or cold["first_inference_s"]
-        pairs.append(
-            f"{model}/{mode}/{network}: hot {hot_t:.4f} s vs cold {cold_t:.4f} s (fastest repeats)"
-        )
+        pairs.append(f"{model}/{mode}/{network}: hot {hot_t:.4f} s vs cold {cold_t:.4f} s "
+                     "(fastest repeats)")
         # tolerance for noise (session creation jitters by tens of ms on a shared machine)
         if hot_t > cold_t * HOT_TOLERANCE[0] + HOT_TOLERANCE[1]:
             slower.append(f"{model}/{mode}/{network}")
     checks["hot_not_slower_than_cold"] = {
-        "ok": not slower,
-        "detail": (
-            "hot slower than cold for " + ", ".join(slower)
-            if slower
-            else f"{len(pairs)} pairs compared"
-        ),
-        "pairs": pairs,
-        "slower": slower,
+        "ok": not slower, "detail": ("hot slower than cold for " + ", ".join(slower)
+                                     if slower else f"{len(pairs)} pairs compared"),
+        "pairs": pairs, "slower": slower,
         "rule": f"fastest hot <= fastest cold x {HOT_TOLERANCE[0]} + {HOT_TOLERANCE[1]} s",
     }
-    warm_starts = [
-        m
-        for m in measurements
-        if m.get("cache_state") == "cold"
-        and m.get("pre_resident_fraction") is not None
-        and m["pre_resident_fraction"] > 0.05
-    ]
+    warm_starts = [m for m in measurements if m.get("cache_state") == "cold"
+                   and m.get("pre_resident_fraction") is not None
+                   and m["pre_resident_fraction"] > 0.05]
     checks["cold_runs_started_cold"] = {
         "ok": not warm_starts,
-        "detail": (
-            f"{len(warm_starts)} cold runs found >5% of the model in the page cache"
-            if warm_starts
-            else "no cold run found the model in the page cache"
-        ),
+        "detail": (f"{len(warm_starts)} cold runs found >5% of the model in the page cache"
+                   if warm_starts else "no cold run found the model in the page cache"),
     }
     return checks
 
@@ -981,15 +797,10 @@ def _checks(
 # --------------------------------------------------------------------------------------------
 
 
-def run_profile(
-    profile: Profile | str,
-    out_dir: str | os.PathLike[str],
-    *,
-    workdir: str | os.PathLike[str] | None = None,
-    log: Callable[[str], None] = print,
-    global_drop: bool = False,
-    mounted: str | os.PathLike[str] | None = None,
-) -> dict[str, Any]:
+def run_profile(profile: Profile | str, out_dir: str | os.PathLike[str], *,
+                workdir: str | os.PathLike[str] | None = None,
+                log: Callable[[str], None] = print, global_drop: bool = False,
+                mounted: str | os.PathLike[str] | None = None) -> dict[str, Any]:
     """Run a profile and write its report to ``out_dir``; return the results document."""
     if isinstance(profile, str):
         try:
@@ -1002,44 +813,28 @@ def run_profile(
     if mounted and "path" not in modes:
         modes.append("path")
     doc: dict[str, Any] = {
-        "schema": rpt.SCHEMA,
-        "run_id": uuid.uuid4().hex[:12],
-        "profile": profile.name,
-        "started": rpt.now_iso(),
-        "machine": rpt.machine_info(),
-        "versions": rpt.versions(),
+        "schema": rpt.SCHEMA, "run_id": uuid.uuid4().hex[:12], "profile": profile.name,
+        "started": rpt.now_iso(), "machine": rpt.machine_info(), "versions": rpt.versions(),
     }
     t_start = time.perf_counter()
-    with BenchEnvironment(
-        workdir or default_workdir(), profile, log=log, global_drop=global_drop, mounted=mounted
-    ) as env:
+    with BenchEnvironment(workdir or default_workdir(), profile, log=log,
+                          global_drop=global_drop, mounted=mounted) as env:
         run = _Run(env, profile, out)
         models = env.build(profile.models)
         access_models = env.build(profile.access_models)
         conc_model = None
         if profile.concurrency and profile.concurrency_model:
-            spec = next(
-                (m for m in profile.models if m.name == profile.concurrency_model),
-                _EXTRA_MODELS.get(profile.concurrency_model),
-            )
+            spec = next((m for m in profile.models if m.name == profile.concurrency_model),
+                        _EXTRA_MODELS.get(profile.concurrency_model))
             if spec is not None:
                 conc_model = (env.build([spec]) or [None])[0]
-        if (
-            any(m in modes for m in ("fuse", "fsspec", "download", "oci"))
-            or access_models
-            or conc_model
-        ):
+        if any(m in modes for m in ("fuse", "fsspec", "download", "oci")) or access_models \
+                or conc_model:
             env.publish()
         for network in profile.networks:
-            net_models = (
-                models
-                if network == "loopback"
-                else [
-                    m
-                    for m in models
-                    if not profile.network_models or m.name in profile.network_models
-                ]
-            )
+            net_models = models if network == "loopback" else [
+                m for m in models if not profile.network_models
+                or m.name in profile.network_models]
             for mode_name in modes:
                 if network != "loopback" and mode_name not in profile.network_modes:
                     continue
@@ -1056,11 +851,9 @@ def run_profile(
             for n in profile.concurrency:
                 try:
                     log(f"concurrency: {n} clients loading {conc_model.name} through one Squid")
-                    concurrency.append(
-                        run_concurrency(
-                            env, conc_model, n, timeout=profile.timeout, threads=profile.threads
-                        )
-                    )
+                    concurrency.append(run_concurrency(env, conc_model, n,
+                                                       timeout=profile.timeout,
+                                                       threads=profile.threads))
                 except (CvmfsMlError, OSError) as exc:
                     run.errors.append(f"concurrency {n}: {exc}")
         access = []
@@ -1079,13 +872,11 @@ def run_profile(
             "modes": run.mode_settings,
             "publish_seconds": env.publish_seconds,
             "inference": "onnxruntime CPU, intra_op threads = profile.threads; LLM-shaped models "
-            "run one token (batch 1, seq 1, no KV cache): tokens/s = 1 / p50; "
-            "safetensors/torch 'inference' = a float64 sum of every tensor",
+                         "run one token (batch 1, seq 1, no KV cache): tokens/s = 1 / p50; "
+                         "safetensors/torch 'inference' = a float64 sum of every tensor",
         }
-        doc["models"] = [
-            model_record(m) | {"publish_seconds": env.publish_seconds.get(m.name)}
-            for m in env.models.values()
-        ]
+        doc["models"] = [model_record(m) | {"publish_seconds": env.publish_seconds.get(m.name)}
+                         for m in env.models.values()]
         doc["skipped"] = env.skipped
     doc["measurements"] = run.measurements
     doc["summary"] = rpt.summarise(run.measurements)

@@ -761,7 +761,9 @@ class Squid(Service):
 
     def records(self, settle: float = 0.05) -> list[SquidRecord]:
         """The access log so far as records, once the log stopped growing."""
-        return _settled_records(lambda: parse_squid_access_log(_read_log(self.access_log)), settle)
+        return _settled_records(
+            lambda: parse_squid_access_log(_read_log(self.access_log)), settle
+        )
 
     def _prepare(self) -> None:
         config = squid_config(

@@ -62,9 +62,8 @@ def parse_points(chunks: str, compressions: str) -> list[SweepPoint]:
             try:
                 low, avg, high = (int(float(x) * _MiB) for x in spec.split("/"))
             except ValueError:
-                raise ConfigError(
-                    f"chunk sizes must look like 4/8/16 (MiB), not {spec!r}"
-                ) from None
+                raise ConfigError(f"chunk sizes must look like 4/8/16 (MiB), not {spec!r}") \
+                    from None
             sizes = (low, avg, high)
         for comp in (c.strip() for c in compressions.split(",") if c.strip()):
             points.append(SweepPoint(sizes, comp))
@@ -84,25 +83,16 @@ def _settings(point: SweepPoint) -> Any:
     return settings.with_(min_chunk_size=low, avg_chunk_size=avg, max_chunk_size=high)
 
 
-def _measure_point(
-    point: SweepPoint,
-    model: BuiltModel,
-    variant: Path,
-    root: Path,
-    *,
-    load_mode: str,
-    repeats: int,
-    timeout: float,
-    log: Callable[[str], None],
-) -> dict[str, Any]:
+def _measure_point(point: SweepPoint, model: BuiltModel, variant: Path, root: Path,
+                   *, load_mode: str, repeats: int, timeout: float,
+                   log: Callable[[str], None]) -> dict[str, Any]:
     from cvmfs_ml.publish.repository import create_repository
     from cvmfs_ml.storage.http import RepositoryServer
 
     shutil.rmtree(root, ignore_errors=True)
     (root / "srv").mkdir(parents=True)
-    publisher = create_repository(
-        root / "srv", _FQRN, keys_dir=root / "keys", settings=_settings(point)
-    )
+    publisher = create_repository(root / "srv", _FQRN, keys_dir=root / "keys",
+                                  settings=_settings(point))
     data = root / "srv" / _FQRN / "data"
     empty = rpt.disk_usage(data)
     with publisher.transaction() as txn:
@@ -117,8 +107,7 @@ def _measure_point(
         "point": point.label,
         "chunks_mib": None if point.chunks is None else [c / _MiB for c in point.chunks],
         "compression": point.compression,
-        "model": model.name,
-        "model_bytes": model.files.nbytes,
+        "model": model.name, "model_bytes": model.files.nbytes,
         "publish_s": round(first.seconds, 3),
         "repo_bytes": size_v1,
         "stored_ratio": size_v1 / model.files.nbytes if model.files.nbytes else None,
@@ -129,15 +118,12 @@ def _measure_point(
         "v2_reused_objects": second.stats.objects_existing,
         "dedup_saving": 1.0 - size_v2 / size_v1 if size_v1 else None,
     }
-    log(
-        f"sweep {point.label}: publish {first.seconds:.1f} s, {size_v1 / _MiB:.0f} MiB, "
-        f"fine-tune adds {size_v2 / _MiB:.1f} MiB"
-    )
+    log(f"sweep {point.label}: publish {first.seconds:.1f} s, {size_v1 / _MiB:.0f} MiB, "
+        f"fine-tune adds {size_v2 / _MiB:.1f} MiB")
     server = RepositoryServer(root / "srv").start()
     mode = make_mode(load_mode)
-    endpoint = Endpoint(
-        "loopback", f"{server.url}/cvmfs/{_FQRN}", _FQRN, root / "keys" / f"{_FQRN}.pub"
-    )
+    endpoint = Endpoint("loopback", f"{server.url}/cvmfs/{_FQRN}", _FQRN,
+                        root / "keys" / f"{_FQRN}.pub")
     loads: list[float] = []
     errors: list[str] = []
     try:
@@ -145,18 +131,11 @@ def _measure_point(
         for _ in range(repeats):
             mode.prepare(model.files, CacheState.COLD)
             with tempfile.TemporaryDirectory(dir=root) as tmp:
-                spec = {
-                    "model": {
-                        "name": model.name,
-                        "entry": model.files.entry,
-                        "files": list(model.files.files),
-                    },
-                    "runtime": model.files.runtime,
-                    "access": mode.access(model.files, Path(tmp)),
-                    "inputs": model.inputs,
-                    "inference_runs": 0,
-                    "threads": 1,
-                }
+                spec = {"model": {"name": model.name, "entry": model.files.entry,
+                                  "files": list(model.files.files)},
+                        "runtime": model.files.runtime,
+                        "access": mode.access(model.files, Path(tmp)),
+                        "inputs": model.inputs, "inference_runs": 0, "threads": 1}
                 result, _ = run_worker(spec, Path(tmp), timeout)
             if result.get("ok"):
                 loads.append(result["first_inference_s"])
@@ -182,11 +161,9 @@ def _plot(rows: Sequence[dict[str, Any]], out: Path) -> Path | None:
     plt = _pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(14, 4))
     labels = [r["point"] for r in rows]
-    for ax, key, title in (
-        (axes[0], "publish_s", "publish time (s)"),
-        (axes[1], "cold_load_s", "cold load, first inference (s)"),
-        (axes[2], "v2_new_bytes", "bytes added by a fine-tune (MiB)"),
-    ):
+    for ax, key, title in ((axes[0], "publish_s", "publish time (s)"),
+                           (axes[1], "cold_load_s", "cold load, first inference (s)"),
+                           (axes[2], "v2_new_bytes", "bytes added by a fine-tune (MiB)")):
         values = [r[key] / (_MiB if key == "v2_new_bytes" else 1) for r in rows]
         ax.bar(range(len(rows)), values, color="#3b6fb6")
         ax.set_xticks(range(len(rows)))
@@ -201,42 +178,26 @@ def _plot(rows: Sequence[dict[str, Any]], out: Path) -> Path | None:
 
 
 def _markdown(doc: dict[str, Any], path: Path) -> None:
-    lines = [
-        f"# Chunk-size and compression sweep: {doc['model']['name']}",
-        "",
-        f"- {doc['machine'].get('cpu_model')}, {doc['machine'].get('cpu_count')} CPUs; "
-        f"fine-tune changes {doc['fine_tune']['changed_fraction'] * 100:.1f}% of the bytes",
-        f"- cold load through `{doc['load_mode']}`, loopback, built-in server",
-        "",
-        "| chunks (MiB) | compression | publish | repo size | stored/raw | cold load | "
-        "fine-tune adds | dedup saving |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
+    lines = [f"# Chunk-size and compression sweep: {doc['model']['name']}", "",
+             f"- {doc['machine'].get('cpu_model')}, {doc['machine'].get('cpu_count')} CPUs; "
+             f"fine-tune changes {doc['fine_tune']['changed_fraction'] * 100:.1f}% of the bytes",
+             f"- cold load through `{doc['load_mode']}`, loopback, built-in server", "",
+             "| chunks (MiB) | compression | publish | repo size | stored/raw | cold load | "
+             "fine-tune adds | dedup saving |", "|---|---|---|---|---|---|---|---|"]
     for r in doc["points"]:
-        chunks = (
-            "whole file" if r["chunks_mib"] is None else "/".join(f"{c:g}" for c in r["chunks_mib"])
-        )
+        chunks = "whole file" if r["chunks_mib"] is None else "/".join(
+            f"{c:g}" for c in r["chunks_mib"])
         load = "–" if r["cold_load_s"] is None else f"{r['cold_load_s']:.2f} s"
-        lines.append(
-            f"| {chunks} | {r['compression']} | {r['publish_s']:.1f} s | "
-            f"{r['repo_bytes'] / _MiB:.0f} MiB | {r['stored_ratio']:.3f} | {load} | "
-            f"{r['v2_new_bytes'] / _MiB:.1f} MiB | {r['dedup_saving'] * 100:.0f}% |"
-        )
+        lines.append(f"| {chunks} | {r['compression']} | {r['publish_s']:.1f} s | "
+                     f"{r['repo_bytes'] / _MiB:.0f} MiB | {r['stored_ratio']:.3f} | {load} | "
+                     f"{r['v2_new_bytes'] / _MiB:.1f} MiB | {r['dedup_saving'] * 100:.0f}% |")
     path.write_text("\n".join(lines) + "\n")
 
 
-def run_sweep(
-    model: ModelSpec,
-    points: Sequence[SweepPoint],
-    out_dir: str | os.PathLike[str],
-    *,
-    workdir: str | os.PathLike[str],
-    fine_tune_fraction: float = 0.05,
-    load_mode: str = "fuse",
-    repeats: int = 1,
-    timeout: float = 900.0,
-    log: Callable[[str], None] = print,
-) -> dict[str, Any]:
+def run_sweep(model: ModelSpec, points: Sequence[SweepPoint], out_dir: str | os.PathLike[str],
+              *, workdir: str | os.PathLike[str], fine_tune_fraction: float = 0.05,
+              load_mode: str = "fuse", repeats: int = 1, timeout: float = 900.0,
+              log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run the sweep and write ``sweep.json``, ``sweep.csv``, ``sweep.md``, ``sweep.png``."""
     import json
 
@@ -258,40 +219,20 @@ def run_sweep(
     for point in points:
         root = work / "sweep" / point.label.replace("/", "_")
         try:
-            rows.append(
-                _measure_point(
-                    point,
-                    built,
-                    variant,
-                    root,
-                    load_mode=load_mode,
-                    repeats=repeats,
-                    timeout=timeout,
-                    log=log,
-                )
-            )
+            rows.append(_measure_point(point, built, variant, root, load_mode=load_mode,
+                                       repeats=repeats, timeout=timeout, log=log))
         finally:
             shutil.rmtree(root, ignore_errors=True)
-    doc = {
-        "schema": "cvmfs-ml-bench-sweep/1",
-        "run_id": uuid.uuid4().hex[:12],
-        "started": rpt.now_iso(),
-        "machine": rpt.machine_info(),
-        "versions": rpt.versions(),
-        "model": {
-            "name": built.name,
-            "bytes": built.files.nbytes,
-            "kind": model.kind,
-            "dtype": model.dtype,
-        },
-        "fine_tune": {"fraction": fine_tune_fraction, "changed_fraction": changed},
-        "load_mode": load_mode,
-        "repeats": repeats,
-        "points": rows,
-        "seconds": round(time.perf_counter() - started, 1),
-    }
+    doc = {"schema": "cvmfs-ml-bench-sweep/1", "run_id": uuid.uuid4().hex[:12],
+           "started": rpt.now_iso(), "machine": rpt.machine_info(), "versions": rpt.versions(),
+           "model": {"name": built.name, "bytes": built.files.nbytes, "kind": model.kind,
+                     "dtype": model.dtype},
+           "fine_tune": {"fraction": fine_tune_fraction, "changed_fraction": changed},
+           "load_mode": load_mode, "repeats": repeats, "points": rows,
+           "seconds": round(time.perf_counter() - started, 1)}
     (out / "sweep.json").write_text(json.dumps(doc, indent=1))
-    rpt.write_csv([{k: v for k, v in r.items() if k != "errors"} for r in rows], out / "sweep.csv")
+    rpt.write_csv([{k: v for k, v in r.items() if k != "errors"} for r in rows],
+                  out / "sweep.csv")
     _plot(rows, out)
     _markdown(doc, out / "sweep.md")
     return doc

@@ -106,13 +106,9 @@ def _read_cvmfs(access: dict[str, Any], files: list[str]) -> dict[str, bytes]:
         return out
     from cvmfs_ml.client.repository import Repository
 
-    with Repository.open(
-        access["url"],
-        fqrn=access.get("fqrn"),
-        public_key=access.get("public_key"),
-        cache=access.get("cache"),
-        proxy=access.get("proxy"),
-    ) as repo:
+    with Repository.open(access["url"], fqrn=access.get("fqrn"),
+                         public_key=access.get("public_key"), cache=access.get("cache"),
+                         proxy=access.get("proxy")) as repo:
         out = {}
         for name in files:
             with repo.open_file(f"/{root}/{name}") as f:
@@ -130,9 +126,8 @@ def _download(access: dict[str, Any], files: list[str]) -> Path:
     for name in files:
         target = dest / name
         target.parent.mkdir(parents=True, exist_ok=True)
-        response = http.request(
-            "GET", f"{access['base_url'].rstrip('/')}/{name}", preload_content=False
-        )
+        response = http.request("GET", f"{access['base_url'].rstrip('/')}/{name}",
+                                preload_content=False)
         if response.status != 200:
             raise OSError(f"GET {name}: HTTP {response.status}")
         with open(target, "wb") as out:
@@ -176,7 +171,8 @@ def _ort_session(spec: dict[str, Any], folder: Path | None, blobs: dict[str, byt
     names = [n for n in blobs if n != entry]
     if names:
         arrays = [np.frombuffer(blobs[n], dtype=np.uint8) for n in names]
-        so.add_external_initializers_from_files_in_memory(names, arrays, [a.size for a in arrays])
+        so.add_external_initializers_from_files_in_memory(names, arrays,
+                                                          [a.size for a in arrays])
     return ort.InferenceSession(blobs[entry], so, providers=providers)
 
 
@@ -197,9 +193,8 @@ class _Touch:
         return [np.asarray(sums, dtype=np.float64)]
 
 
-def _open_model(
-    spec: dict[str, Any], folder: Path | None, blobs: dict[str, bytes] | None
-) -> tuple[Any, Any]:
+def _open_model(spec: dict[str, Any], folder: Path | None,
+                blobs: dict[str, bytes] | None) -> tuple[Any, Any]:
     """(session-like object, run function returning a list of arrays)."""
     runtime = spec["runtime"]
     entry = spec["model"]["entry"]
@@ -212,7 +207,8 @@ def _open_model(
     if runtime == "safetensors":
         import safetensors.numpy as st
 
-        tensors = st.load(blobs[entry]) if blobs is not None else st.load_file(str(folder / entry))  # type: ignore[operator]
+        tensors = (st.load(blobs[entry]) if blobs is not None
+                   else st.load_file(str(folder / entry)))  # type: ignore[operator]
         touch = _Touch(tensors)
         return touch, touch.run
     if runtime == "torch":
@@ -230,17 +226,11 @@ def _import_libraries(runtime: str, access: str, client: str | None) -> None:
     """Import what the load will use before the clock starts: imports are not loading."""
     import importlib
 
-    modules = {
-        "onnxruntime": ["onnxruntime", "cvmfs_ml.bench.generators"],
-        "safetensors": ["safetensors.numpy"],
-        "torch": ["torch"],
-    }.get(runtime, [])
+    modules = {"onnxruntime": ["onnxruntime", "cvmfs_ml.bench.generators"],
+               "safetensors": ["safetensors.numpy"], "torch": ["torch"]}.get(runtime, [])
     if access == "cvmfs":
-        modules += (
-            ["fsspec", "cvmfs_ml.client.fsspec"]
-            if client == "fsspec"
-            else ["cvmfs_ml.client.repository"]
-        )
+        modules += (["fsspec", "cvmfs_ml.client.fsspec"] if client == "fsspec"
+                    else ["cvmfs_ml.client.repository"])
     elif access == "download":
         modules.append("urllib3")
     elif access == "oci":
@@ -269,11 +259,8 @@ def run_spec(spec: dict[str, Any]) -> dict[str, Any]:
     import_s = time.perf_counter() - t_import
     files: list[str] = spec["model"]["files"]
     result: dict[str, Any] = {"import_s": import_s}
-    pre_paths = (
-        [Path(access["root"]) / f for f in files]
-        if access["kind"] == "path" and spec.get("residency")
-        else []
-    )
+    pre_paths = ([Path(access["root"]) / f for f in files]
+                 if access["kind"] == "path" and spec.get("residency") else [])
     if pre_paths:
         result["pre_resident_fraction"], _ = _resident(pre_paths)
     io_before = _proc_io()
@@ -305,11 +292,8 @@ def run_spec(spec: dict[str, Any]) -> dict[str, Any]:
         result["post_resident_fraction"] = fraction
         out = spec.get("residency_out")
         if out and maps:
-            np.savez_compressed(
-                out,
-                **{k: np.packbits(v) for k, v in maps.items()},
-                **{f"__pages__{k}": np.array(v.size) for k, v in maps.items()},
-            )
+            np.savez_compressed(out, **{k: np.packbits(v) for k, v in maps.items()},
+                                **{f"__pages__{k}": np.array(v.size) for k, v in maps.items()})
     latencies = []
     for _ in range(int(spec.get("inference_runs", 0))):
         ts = time.perf_counter()
@@ -343,11 +327,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = {"ok": True, **run_spec(spec)}
     except Exception as exc:  # a broken load is reported, not raised
-        result = {
-            "ok": False,
-            "error": f"{type(exc).__name__}: {exc}",
-            "traceback": traceback.format_exc(limit=8),
-        }
+        result = {"ok": False, "error": f"{type(exc).__name__}: {exc}",
+                  "traceback": traceback.format_exc(limit=8)}
     tmp = Path(args[1] + ".tmp")
     tmp.write_text(json.dumps(result))
     os.replace(tmp, args[1])

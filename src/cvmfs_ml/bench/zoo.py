@@ -97,9 +97,8 @@ def _generate(spec: ModelSpec, folder: Path) -> None:
     elif spec.kind == "llm":
         g.make_llm_onnx(folder, total_bytes=spec.size, dtype=spec.dtype, seed=spec.seed)
     elif spec.kind == "safetensors":
-        g.make_safetensors(
-            folder / "model.safetensors", spec.size, dtype=spec.dtype, seed=spec.seed
-        )
+        g.make_safetensors(folder / "model.safetensors", spec.size, dtype=spec.dtype,
+                           seed=spec.seed)
     elif spec.kind == "torch":
         import safetensors.torch
         import torch
@@ -134,34 +133,18 @@ def build_model(spec: ModelSpec, root: str | os.PathLike[str]) -> BuiltModel:
         stamp.write_text(json.dumps({"spec": wanted, "build_seconds": seconds}))
     else:
         seconds = float(json.loads(stamp.read_text()).get("build_seconds", 0.0))
-    files = tuple(
-        sorted(
-            str(p.relative_to(folder))
-            for p in folder.rglob("*")
-            if p.is_file() and p.name != _STAMP
-        )
-    )
+    files = tuple(sorted(str(p.relative_to(folder)) for p in folder.rglob("*")
+                         if p.is_file() and p.name != _STAMP))
     runtime, entry = _runtime(spec.kind)
     nbytes = sum((folder / f).stat().st_size for f in files)
     inputs, tokens = _inputs(spec)
-    return BuiltModel(
-        spec,
-        ModelFiles(spec.name, folder, entry, files, runtime, nbytes),
-        inputs,
-        tokens,
-        seconds,
-        reused=not fresh,
-    )
+    return BuiltModel(spec, ModelFiles(spec.name, folder, entry, files, runtime, nbytes),
+                      inputs, tokens, seconds, reused=not fresh)
 
 
 def model_record(model: BuiltModel) -> dict[str, Any]:
     """The ``models`` entry of a results document."""
-    return {
-        "name": model.name,
-        **{k: v for k, v in asdict(model.spec).items() if k != "name"},
-        "runtime": model.files.runtime,
-        "entry": model.files.entry,
-        "files": list(model.files.files),
-        "bytes": model.files.nbytes,
-        "build_seconds": round(model.build_seconds, 3),
-    }
+    return {"name": model.name, **{k: v for k, v in asdict(model.spec).items() if k != "name"},
+            "runtime": model.files.runtime, "entry": model.files.entry,
+            "files": list(model.files.files), "bytes": model.files.nbytes,
+            "build_seconds": round(model.build_seconds, 3)}

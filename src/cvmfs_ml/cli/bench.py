@@ -145,13 +145,11 @@ def bench_compare(
 @friendly
 def bench_sweep(
     size_mib: Annotated[int, typer.Option("--size-mib", help="LLM-shaped model size")] = 2048,
-    chunks: Annotated[
-        str, typer.Option(help="comma list of MIN/AVG/MAX chunk sizes in MiB, or 'off'")
-    ] = "4/8/16,16/32/64",
+    chunks: Annotated[str, typer.Option(
+        help="comma list of MIN/AVG/MAX chunk sizes in MiB, or 'off'")] = "4/8/16,16/32/64",
     compression: Annotated[str, typer.Option(help="comma list: zlib,none,auto")] = "zlib,none",
-    fraction: Annotated[
-        float, typer.Option(help="share of the bytes the simulated fine-tune changes")
-    ] = 0.05,
+    fraction: Annotated[float, typer.Option(
+        help="share of the bytes the simulated fine-tune changes")] = 0.05,
     load_mode: Annotated[str, typer.Option(help="fuse | fsspec")] = "fuse",
     repeats: Annotated[int, typer.Option(help="cold loads per point")] = 1,
     out: Annotated[Path, typer.Option("--out")] = Path("bench-results/sweep"),
@@ -166,16 +164,10 @@ def bench_sweep(
     if load_mode not in ("fuse", "fsspec"):
         raise _fail("--load-mode must be fuse or fsspec")
     spec = ModelSpec(f"llm-{size_mib}m", "llm", size=size_mib * 2**20, dtype="float32")
-    doc = run_sweep(
-        spec,
-        parse_points(chunks, compression),
-        out,
-        workdir=work or default_workdir(),
-        fine_tune_fraction=fraction,
-        load_mode=load_mode,
-        repeats=repeats,
-        log=(lambda _m: None) if quiet else (lambda m: typer.echo(m, err=True)),
-    )
+    doc = run_sweep(spec, parse_points(chunks, compression), out,
+                    workdir=work or default_workdir(), fine_tune_fraction=fraction,
+                    load_mode=load_mode, repeats=repeats,
+                    log=(lambda _m: None) if quiet else (lambda m: typer.echo(m, err=True)))
     typer.echo(f"wrote {out / 'sweep.md'} ({len(doc['points'])} points in {doc['seconds']:.0f} s)")
 
 

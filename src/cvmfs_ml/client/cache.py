@@ -345,7 +345,9 @@ class ObjectCache:
         normal miss path (fetch, then put) repairs it.
         """
         text = digest.hex
-        rows = self._read("SELECT size, checksum, stamp FROM cache_catalog WHERE sha1 = ?", (text,))
+        rows = self._read(
+            "SELECT size, checksum, stamp FROM cache_catalog WHERE sha1 = ?", (text,)
+        )
         if not rows:
             return None
         size, checksum = int(rows[0][0]), int(rows[0][1])  # type: ignore[call-overload]

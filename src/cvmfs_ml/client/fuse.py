@@ -848,3 +848,4 @@ def _module_main() -> None:
 
 if __name__ == "__main__":
     _module_main()
+

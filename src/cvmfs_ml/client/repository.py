@@ -772,7 +772,9 @@ class CvmfsFile(io.RawIOBase):
         if offset >= end:
             return True
         with self._lock:
-            return all(i in self._fds for i in range(self._index(offset), self._index(end - 1) + 1))
+            return all(
+                i in self._fds for i in range(self._index(offset), self._index(end - 1) + 1)
+            )
 
     def _acquire(self, index: int) -> tuple[int, str, int]:
         """An open descriptor of piece ``index`` (its use count raised), how, network bytes."""

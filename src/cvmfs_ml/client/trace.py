@@ -266,8 +266,8 @@ def summarise_trace(
     seq_fraction = (sequential / count) if count else None
     pattern = None
     if seq_fraction is not None:
-        pattern = (
-            "sequential" if seq_fraction >= 0.8 else "random" if seq_fraction <= 0.2 else ("mixed")
+        pattern = "sequential" if seq_fraction >= 0.8 else "random" if seq_fraction <= 0.2 else (
+            "mixed"
         )
     times = [r.t for r in records]
     ends = [r.t + r.seconds for r in records]
