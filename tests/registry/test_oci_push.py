@@ -238,3 +238,30 @@ def test_modelpack_push_is_published_as_a_model(
     assert record["source"]["kind"] == "modelpack"
     assert record["source"]["manifest_digest"] == manifest_digest
     assert record["license"] == "Apache-2.0"
+
+
+def test_oversized_blobs_and_manifests_are_refused(
+    registry_env: RegistryEnv, registry: RegistryServer
+) -> None:
+    registry_env.set_config(max_upload_bytes=10_000)  # re-read by the running service
+    base, auth = registry.url, _auth(registry_env.tokens["writer"])
+    blob = os.urandom(20_000)
+    digest = "sha256:" + hashlib.sha256(blob).hexdigest()
+    monolithic = HTTP.request("POST", f"{base}/v2/grp/big/blobs/uploads/?digest={digest}",
+                              body=blob, headers=auth)  # fmt: skip
+    assert monolithic.status == 413
+    assert json.loads(monolithic.data)["errors"][0]["code"] == "SIZE_INVALID"
+    start = HTTP.request("POST", f"{base}/v2/grp/big/blobs/uploads/", headers=auth)
+    location = base + start.headers["Location"]
+    first = HTTP.request("PATCH", location, body=blob[:8000],
+                         headers={**auth, "Content-Range": "0-7999"})  # fmt: skip
+    assert first.status == 202
+    second = HTTP.request("PATCH", location, body=blob[8000:],
+                          headers={**auth, "Content-Range": f"8000-{len(blob) - 1}"})  # fmt: skip
+    assert second.status == 413  # the session as a whole passed the bound
+    assert HTTP.request("HEAD", f"{base}/v2/grp/big/blobs/{digest}").status == 404
+    huge = b'{"schemaVersion": 2, "pad": "' + b"x" * (4 * 2**20 + 10) + b'"}'
+    typed = {**auth, "Content-Type": "application/vnd.oci.image.manifest.v1+json"}
+    manifest = HTTP.request("PUT", f"{base}/v2/grp/big/manifests/v1", body=huge, headers=typed)
+    assert manifest.status == 413
+    assert HTTP.request("GET", f"{base}/v2/grp/big/manifests/v1").status == 404
