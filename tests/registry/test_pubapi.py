@@ -138,6 +138,7 @@ def test_metrics_and_health(registry_env: RegistryEnv, registry: RegistryServer)
     health = json.loads(get(registry, "/healthz").data)
     assert health["status"] == "ok"
     assert health["repositories"][FQRNS[0]]["revision"] == registry_env.revision()
+    assert all(r["worker_alive"] for r in health["repositories"].values())
 
 
 def test_identical_concurrent_publishes_collapse_into_one_job(

@@ -37,6 +37,12 @@ def _accept(service: RegistryService, cid: str, body: bytes, strip: int = 0) -> 
     return service.accept(ContentId.parse(cid), upload, strip, "test")
 
 
+def _idle_loops(service: RegistryService, count: int) -> None:
+    """Wait until every worker went ``count`` more times through its loop."""
+    start = {name: w.loops for name, w in service.workers.items()}
+    wait_until(lambda: all(w.loops >= start[n] + count for n, w in service.workers.items()), 60)
+
+
 def _published(service: RegistryService, job_id: str) -> bool:
     job = service.job(job_id)
     assert job is not None and job.state != "failed", job
@@ -254,7 +260,7 @@ def test_daily_cleanup_runs_once_at_its_hour(registry_env: RegistryEnv) -> None:
         wait_until(lambda: _published(service, job.id), 120)
         service.store.touch("grp/daily", time.time() - 31 * 86400)
         revision = registry_env.revision(job.repo)
-        time.sleep(0.5)  # several idle loops before the hour: nothing happens
+        _idle_loops(service, 3)  # several passes before the hour: nothing happens
         assert service.exists(ContentId("grp/daily")) is not None
         assert registry_env.revision(job.repo) == revision
         now[0] = dt.datetime(2026, 5, 4, 4, 30, tzinfo=dt.UTC)  # past 03:00 (+1 h for pub2)
@@ -264,7 +270,7 @@ def test_daily_cleanup_runs_once_at_its_hour(registry_env: RegistryEnv) -> None:
         wait_until(lambda: not any(w.cleaning for w in service.workers.values()), 120)
         after = registry_env.revision(job.repo)
         assert after == revision + 2  # the removal, then the settling revision
-        time.sleep(0.5)  # the same day again: no second cleanup
+        _idle_loops(service, 3)  # the same day again: no second cleanup
         assert registry_env.revision(job.repo) == after
     finally:
         service.stop()

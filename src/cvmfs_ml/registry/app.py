@@ -250,7 +250,8 @@ def create_app(service: RegistryService, *, manage_service: bool = True) -> Fast
             "status": "ok",
             "repositories": {
                 r: {"revision": service.revision(r), "queued": stats.get(r, (0, None))[0],
-                    "cleaning": service.workers[r].cleaning}
+                    "cleaning": service.workers[r].cleaning,
+                    "worker_alive": service.workers[r].alive}
                 for r in service.repositories
             },
         }  # fmt: skip

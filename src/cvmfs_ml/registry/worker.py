@@ -67,6 +67,7 @@ class RepositoryWorker:
         self.metrics = metrics
         self.poll_seconds = poll_seconds
         self.cleaning = False
+        self.loops = 0  # passes through the loop: /healthz shows the thread is turning
         self.index = index  # staggers the daily cleanups of several repositories (user-pub)
         self.clock = clock
         self._last_daily: dt.date | None = None
@@ -88,6 +89,10 @@ class RepositoryWorker:
         if self._thread.is_alive():
             self._thread.join(timeout)
 
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
     def wake(self) -> None:
         self._wake.set()
 
@@ -107,6 +112,7 @@ class RepositoryWorker:
     def _run(self) -> None:
         while not self._stop.is_set():
             self._wake.clear()
+            self.loops += 1
             with self._lock:
                 requests, self._cleanup_requests = self._cleanup_requests, []
             for max_days, done, out in requests:
