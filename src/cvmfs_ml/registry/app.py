@@ -244,16 +244,17 @@ def create_app(service: RegistryService, *, manage_service: bool = True) -> Fast
         return Response(service.metrics.render(), media_type="text/plain; version=0.0.4")
 
     @app.get("/healthz")
-    def healthz() -> dict[str, Any]:
+    def healthz() -> Response:
+        """200 when every repository's worker runs, 503 (``degraded``) otherwise."""
         stats = service.store.queue_stats()
-        return {
-            "status": "ok",
-            "repositories": {
-                r: {"revision": service.revision(r), "queued": stats.get(r, (0, None))[0],
-                    "cleaning": service.workers[r].cleaning,
-                    "worker_alive": service.workers[r].alive}
-                for r in service.repositories
-            },
+        repositories = {
+            r: {"revision": service.revision(r), "queued": stats.get(r, (0, None))[0],
+                "cleaning": service.workers[r].cleaning,
+                "worker_alive": service.workers[r].alive}
+            for r in service.repositories
         }  # fmt: skip
+        healthy = all(entry["worker_alive"] for entry in repositories.values())
+        body = {"status": "ok" if healthy else "degraded", "repositories": repositories}
+        return JSONResponse(body, 200 if healthy else 503)
 
     return app
