@@ -22,6 +22,7 @@ from cvmfs_ml.cli.ingest import model_ingest
 from cvmfs_ml.cli.model import model_app
 from cvmfs_ml.cli.net import replica_app
 from cvmfs_ml.cli.refs import register_ref_commands
+from cvmfs_ml.cli.registry import register_registry_commands
 from cvmfs_ml.cli.repo import repo_app
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="CernVM-FS for ML models.")
@@ -32,6 +33,7 @@ register_client_commands(app)
 app.add_typer(replica_app, name="replica")
 app.add_typer(bench_app, name="bench")
 register_ref_commands(app, model_app)
+register_registry_commands(app)
 
 
 # -- serve ---------------------------------------------------------------------------------------

@@ -1,0 +1,227 @@
+"""The registry's configuration file (JSON) and the bearer tokens it holds, hashed.
+
+A token is shown once, when created (``cvmfs-ml registry token add``); the file keeps only its
+SHA-256, so reading the file does not reveal a usable token (tokens are 256 random bits, so a
+plain hash is as strong as a slow one). The service re-reads the file when it changes on disk,
+so a revoked token stops working at the next request, without a restart.
+
+Scopes: ``read:NS``, ``publish:NS`` (implies ``read:NS``), ``admin`` (everything); ``NS`` is a
+namespace (a CID group, a model namespace) or ``*`` for all.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+import re
+import secrets
+import threading
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from cvmfs_ml.errors import ConfigError
+
+__all__ = [
+    "Principal",
+    "RegistryConfig",
+    "ConfigFile",
+    "TokenRecord",
+    "add_token",
+    "revoke_token",
+    "parse_scope",
+]
+
+TOKEN_PREFIX = "cvr_"
+_SCOPE = re.compile(r"(read|publish):(\*|[A-Za-z0-9_][A-Za-z0-9_.-]{0,99})|admin")
+
+
+def parse_scope(text: str) -> str:
+    text = text.strip()
+    if not _SCOPE.fullmatch(text):
+        raise ConfigError(f"scope {text!r}: use read:NAMESPACE, publish:NAMESPACE (or :*), admin")
+    return text
+
+
+def hash_token(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class TokenRecord:
+    name: str
+    sha256: str
+    scopes: tuple[str, ...]
+    created: float
+    revoked: bool = False
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who is asking: a token's name and scopes, or anonymous (no scopes)."""
+
+    name: str
+    scopes: tuple[str, ...] = ()
+
+    @property
+    def anonymous(self) -> bool:
+        return self.name == "anonymous"
+
+    def allows(self, action: str, namespace: str | None) -> bool:
+        """``action`` is ``read`` or ``publish``; ``namespace`` ``None`` needs a ``*`` scope."""
+        for scope in self.scopes:
+            if scope == "admin":
+                return True
+            verb, _, ns = scope.partition(":")
+            verb_ok = verb == action or (verb == "publish" and action == "read")
+            if verb_ok and (ns == "*" or (namespace is not None and ns == namespace)):
+                return True
+        return False
+
+
+@dataclass(frozen=True)
+class RegistryConfig:
+    """What ``registry serve --config FILE`` reads; every field has a safe default."""
+
+    anonymous_read: bool = True
+    max_upload_bytes: int = 4 * 2**30  # user-pub's LimitRequestBody
+    max_unpacked_bytes: int = 16 * 2**30
+    max_tar_members: int = 200_000
+    prefix: str = "sw"
+    max_days: float = 30.0
+    batch_max_jobs: int = 64
+    batch_max_bytes: int = 2 * 2**30
+    uploads_per_minute: int = 0  # per token; 0: no limit
+    unpack_images: bool = True  # publish pushed container images unpacked, as model versions
+    cleanup_hour: int = 3  # UTC hour of the daily cleanup (+1 per repository); -1: never
+    tokens: dict[str, TokenRecord] = field(default_factory=dict)
+
+    def authenticate(self, token: str) -> Principal | None:
+        """The principal for ``token``, or ``None`` when unknown or revoked."""
+        digest = hash_token(token)
+        for record in self.tokens.values():
+            if hmac.compare_digest(record.sha256, digest):
+                return None if record.revoked else Principal(record.name, record.scopes)
+        return None
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["tokens"] = {
+            name: {**asdict(record), "scopes": list(record.scopes)}
+            for name, record in self.tokens.items()
+        }
+        return data
+
+    @classmethod
+    def from_json(cls, data: Any, where: str = "registry config") -> RegistryConfig:
+        if not isinstance(data, dict):
+            raise ConfigError(f"{where}: expected a JSON object")
+        known = {f for f in cls.__dataclass_fields__ if f != "tokens"}
+        unknown = set(data) - known - {"tokens"}
+        if unknown:
+            raise ConfigError(f"{where}: unknown keys {sorted(unknown)}")
+        values: dict[str, Any] = {}
+        defaults = cls()
+        for key in known:
+            if key in data:
+                default = getattr(defaults, key)
+                value = data[key]
+                if isinstance(default, bool) != isinstance(value, bool) or not isinstance(
+                    value, (type(default), int) if isinstance(default, float) else type(default)
+                ):
+                    raise ConfigError(f"{where}: {key} must be a {type(default).__name__}")
+                values[key] = value
+        tokens: dict[str, TokenRecord] = {}
+        for name, raw in (data.get("tokens") or {}).items():
+            try:
+                tokens[name] = TokenRecord(
+                    name=name,
+                    sha256=str(raw["sha256"]),
+                    scopes=tuple(parse_scope(s) for s in raw["scopes"]),
+                    created=float(raw.get("created", 0)),
+                    revoked=bool(raw.get("revoked", False)),
+                )
+            except (KeyError, TypeError) as exc:
+                raise ConfigError(f"{where}: token {name!r} lacks {exc}") from exc
+        return cls(**values, tokens=tokens)
+
+
+def load_config(path: Path | None) -> RegistryConfig:
+    if path is None or not Path(path).exists():
+        return RegistryConfig()
+    try:
+        return RegistryConfig.from_json(json.loads(Path(path).read_text()), str(path))
+    except (OSError, ValueError) as exc:
+        if isinstance(exc, ConfigError):
+            raise
+        raise ConfigError(f"cannot read registry config {path}: {exc}") from exc
+
+
+def save_config(path: Path, config: RegistryConfig) -> None:
+    """Write atomically with mode 0600 (the file holds token hashes)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        json.dump(config.to_json(), handle, indent=2, sort_keys=True)
+        handle.write("\n")
+    os.replace(tmp, path)
+
+
+def add_token(path: Path, name: str, scopes: list[str]) -> str:
+    """Create token ``name`` with ``scopes`` in the file at ``path``; returns the token."""
+    if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.@-]{0,99}", name):
+        raise ConfigError(f"token name {name!r}: letters, digits, '_', '.', '@', '-'")
+    if not scopes:
+        raise ConfigError("a token needs at least one --scope")
+    parsed = tuple(parse_scope(s) for s in scopes)
+    config = load_config(path)
+    existing = config.tokens.get(name)
+    if existing is not None and not existing.revoked:
+        raise ConfigError(f"token {name!r} exists; revoke it first")
+    token = TOKEN_PREFIX + secrets.token_urlsafe(32)
+    record = TokenRecord(name, hash_token(token), parsed, time.time())
+    save_config(path, replace(config, tokens={**config.tokens, name: record}))
+    return token
+
+
+def revoke_token(path: Path, name: str) -> None:
+    config = load_config(path)
+    record = config.tokens.get(name)
+    if record is None:
+        raise ConfigError(f"no token {name!r} in {path}")
+    tokens = {**config.tokens, name: replace(record, revoked=True)}
+    save_config(path, replace(config, tokens=tokens))
+
+
+class ConfigFile:
+    """The configuration, re-read whenever the file's mtime or size changes."""
+
+    def __init__(self, path: Path | None, overrides: dict[str, Any] | None = None) -> None:
+        self.path = Path(path) if path is not None else None
+        self._overrides = dict(overrides or {})
+        self._lock = threading.Lock()
+        self._stamp: tuple[int, int] | None = None
+        self._config = self._load()
+
+    def _load(self) -> RegistryConfig:
+        config = load_config(self.path)
+        return replace(config, **self._overrides) if self._overrides else config
+
+    def current(self) -> RegistryConfig:
+        if self.path is None:
+            return self._config
+        try:
+            st = os.stat(self.path)
+            stamp: tuple[int, int] | None = (st.st_mtime_ns, st.st_size)
+        except FileNotFoundError:
+            stamp = None
+        with self._lock:
+            if stamp != self._stamp:
+                self._config = self._load()  # a broken edit raises; the caller answers 500
+                self._stamp = stamp
+            return self._config

@@ -1,0 +1,360 @@
+"""The OCI distribution endpoints (``/v2/``) and the registry token flow (``/token``).
+
+Pull, push (monolithic and chunked uploads, cross-repository mount), manifests by tag and
+digest, tags list, referrers and delete, with errors in the spec's JSON form. A tagged
+model artifact (ORAS, ModelPack, KitOps) pushed to ``<namespace>/<name>:<version>`` is then
+published through the models layer as that model version, one at a time, in the first
+repository; its state is at ``/api/v1/oci/<namespace>/<name>/<version>``. A pushed container
+image is unpacked (layers applied in order, whiteouts honoured: the unpacker the models layer
+shares with ``cvmfs-ml sync``) and published the same way, unless ``unpack_images`` is off.
+
+``/token`` answers the ``WWW-Authenticate: Bearer realm=...`` challenge: given a registry
+token as the Basic password (``oras login``, ``skopeo --creds NAME:TOKEN``) or as a bearer
+token, it hands the same token back, so the client sends it as ``Bearer`` from then on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import FileResponse, JSONResponse, Response
+from starlette.concurrency import run_in_threadpool
+
+from cvmfs_ml.errors import CvmfsMlError
+from cvmfs_ml.models.layout import ModelRef
+from cvmfs_ml.models.sources.oci import classify, ingest_oci
+from cvmfs_ml.models.sources.oci_client import OCI_INDEX, OciReference
+from cvmfs_ml.registry.auth import ANONYMOUS_TOKEN, authenticate, require, token_from_header
+from cvmfs_ml.registry.oci_store import (
+    DIGEST_RE,
+    MAX_MANIFEST_BYTES,
+    TAG_RE,
+    LocalRegistryClient,
+    OciError,
+    OciStore,
+    check_digest,
+    check_name,
+)
+from cvmfs_ml.registry.service import RegistryService
+from cvmfs_ml.registry.tarballs import RejectedError
+
+__all__ = ["add_oci_routes", "oci_error"]
+
+log = logging.getLogger("cvmfs_ml.registry")
+SERVICE_NAME = "cvmfs-ml-registry"
+_API_HEADER = {"Docker-Distribution-API-Version": "registry/2.0"}
+_MODEL_KINDS = ("artifact", "modelpack", "kitops")
+
+
+def oci_error(status: int, code: str, message: str, detail: Any = None,
+              headers: dict[str, str] | None = None) -> Response:  # fmt: skip
+    body = {"errors": [{"code": code, "message": message, "detail": detail}]}
+    return JSONResponse(body, status, headers={**_API_HEADER, **(headers or {})})
+
+
+def challenge(request: Request, name: str | None, action: str) -> dict[str, str]:
+    realm = f"{request.base_url}token"
+    scope = f',scope="repository:{name}:{action}"' if name else ""
+    return {"WWW-Authenticate": f'Bearer realm="{realm}",service="{SERVICE_NAME}"{scope}'}
+
+
+class ModelPublisher:
+    """Publishes pushed model artifacts through the models layer, one at a time."""
+
+    def __init__(self, service: RegistryService, store: OciStore) -> None:
+        self.service = service
+        self.store = store
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="registry-oci-publish")
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+
+    def submit(self, repo: str, tag: str, digest: str, document: dict[str, Any], who: str) -> None:
+        kind = classify(document)
+        parts = repo.split("/")
+        reason = None
+        if "manifests" in document:
+            reason = "an index: push the model manifest itself"
+        elif kind == "image" and not self.service.config.unpack_images:
+            reason = "a container image, and unpack_images is off"
+        elif kind not in (*_MODEL_KINDS, "image"):
+            reason = f"a {kind}, not a model artifact or an image"
+        elif len(parts) != 2:
+            reason = "model repositories are <namespace>/<name>"
+        if reason is None:
+            try:
+                ref = ModelRef(parts[0], parts[1], tag)
+            except ValueError as exc:
+                reason = str(exc)
+        if reason is not None:
+            self.store.set_publish(repo, tag, digest, "skipped", reason=reason)
+            return
+        self.store.set_publish(repo, tag, digest, "queued", model=str(ref))
+        self._pool.submit(self._publish, repo, tag, digest, ref, who)
+
+    def _publish(self, repo: str, tag: str, digest: str, ref: ModelRef, who: str) -> None:
+        self.store.set_publish(repo, tag, digest, "publishing", model=str(ref))
+        worker = self.service.workers[self.service.repositories[0]]
+        try:
+            result = ingest_oci(
+                worker.publisher, OciReference("localhost", repo, tag, digest), ref,
+                client=LocalRegistryClient(self.store),  # type: ignore[arg-type]
+                publisher_name=who,
+            )  # fmt: skip
+        except (CvmfsMlError, ValueError, OSError) as exc:
+            log.warning("publishing %s:%s as %s failed: %s", repo, tag, ref, exc)
+            self.service.metrics.errors.labels("oci_publish").inc()
+            self.store.set_publish(repo, tag, digest, "failed", reason=str(exc), model=str(ref))
+            return
+        revision = worker.publisher.manifest().revision
+        self.service.metrics.publishes.labels(worker.fqrn).inc()
+        log.info("published %s:%s as model %s in revision %d", repo, tag, ref, revision)
+        self.store.set_publish(repo, tag, digest, "published", model=str(result.ref),
+                               revision=revision)  # fmt: skip
+
+
+def add_oci_routes(app: FastAPI, service: RegistryService, store: OciStore) -> ModelPublisher:
+    models = ModelPublisher(service, store)
+
+    def allowed(request: Request, name: str | None, action: str) -> str:
+        principal = authenticate(service.config, request.headers.get("authorization"))
+        require(service.config, principal, action, name.split("/", 1)[0] if name else None)
+        return principal.name
+
+    def upload_headers(name: str, upload_id: str, size: int) -> dict[str, str]:
+        return {
+            **_API_HEADER,
+            "Location": f"/v2/{name}/blobs/uploads/{upload_id}",
+            "Range": f"0-{max(size - 1, 0)}",
+            "Docker-Upload-UUID": upload_id,
+            "OCI-Chunk-Min-Length": "0",
+        }
+
+    async def receive(request: Request, upload_id: str) -> int:
+        limit = service.config.max_upload_bytes
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > limit:
+            raise OciError(413, "SIZE_INVALID", f"blob larger than {limit} bytes")
+        size = 0
+        with store.appending(upload_id, limit) as write:
+            size = store.upload_size(upload_id)
+            async for chunk in request.stream():
+                size = write(chunk)
+        return size
+
+    def blob_created(name: str, digest: str) -> Response:
+        headers = {**_API_HEADER, "Location": f"/v2/{name}/blobs/{digest}",
+                   "Docker-Content-Digest": digest}  # fmt: skip
+        return Response(status_code=201, headers=headers)
+
+    @app.get("/v2/")
+    def base(request: Request) -> Response:
+        """Without credentials: the challenge, always. Clients (skopeo, docker) probe here to
+        learn whether to authenticate; a 200 would make them push without their token."""
+        header = request.headers.get("authorization")
+        if header is None:
+            raise RejectedError(401, "authenticate at the token realm", "auth")
+        principal = authenticate(service.config, header)
+        if principal.anonymous and not service.config.anonymous_read:
+            raise RejectedError(401, "a token is required", "auth")
+        return JSONResponse({}, headers=_API_HEADER)
+
+    @app.get("/token")
+    def token(request: Request) -> Response:
+        header = request.headers.get("authorization")
+        principal = authenticate(service.config, header)
+        if principal.anonymous:
+            if not service.config.anonymous_read:
+                raise RejectedError(401, "send the registry token as the password", "auth")
+            value = ANONYMOUS_TOKEN  # pulls only: writes still need a real token
+        else:
+            assert header is not None
+            value = token_from_header(header)
+        return JSONResponse({"token": value, "access_token": value, "expires_in": 3600})
+
+    # -- uploads (before the blob routes: the more specific paths first) ----------------------
+    @app.post("/v2/{name:path}/blobs/uploads/")
+    async def start_upload(request: Request, name: str, digest: str | None = None,
+                           mount: str | None = None) -> Response:  # fmt: skip
+        check_name(name)
+        service.check_rate(allowed(request, name, "publish"))
+        source = request.query_params.get("from")
+        if mount is not None:
+            check_digest(mount)
+            if source is not None:
+                allowed(request, check_name(source), "read")
+            if store.has_blob(mount):
+                return blob_created(name, mount)  # blobs are shared: mounting is free
+        upload_id = store.start_upload()
+        if digest is None:
+            return Response(status_code=202, headers=upload_headers(name, upload_id, 0))
+        try:
+            await receive(request, upload_id)
+            await run_in_threadpool(store.finish_upload, upload_id, check_digest(digest))
+        except BaseException:
+            store.cancel_upload(upload_id)
+            raise
+        return blob_created(name, digest)
+
+    @app.patch("/v2/{name:path}/blobs/uploads/{upload_id}")
+    async def patch_upload(request: Request, name: str, upload_id: str) -> Response:
+        check_name(name)
+        allowed(request, name, "publish")
+        current = store.upload_size(upload_id)
+        content_range = request.headers.get("content-range")
+        if content_range:
+            match = re.fullmatch(r"(?:bytes )?(\d+)-(\d+)", content_range.strip())
+            if match is None or int(match.group(1)) != current:
+                return Response(status_code=416, headers=upload_headers(name, upload_id, current))
+        size = await receive(request, upload_id)
+        return Response(status_code=202, headers=upload_headers(name, upload_id, size))
+
+    @app.put("/v2/{name:path}/blobs/uploads/{upload_id}")
+    async def put_upload(request: Request, name: str, upload_id: str,
+                         digest: str | None = None) -> Response:  # fmt: skip
+        check_name(name)
+        allowed(request, name, "publish")
+        if digest is None:
+            raise OciError(400, "DIGEST_INVALID", "the closing PUT needs ?digest=")
+        check_digest(digest)
+        await receive(request, upload_id)
+        await run_in_threadpool(store.finish_upload, upload_id, digest)
+        return blob_created(name, digest)
+
+    @app.get("/v2/{name:path}/blobs/uploads/{upload_id}")
+    def upload_status(request: Request, name: str, upload_id: str) -> Response:
+        check_name(name)
+        allowed(request, name, "publish")
+        size = store.upload_size(upload_id)
+        return Response(status_code=204, headers=upload_headers(name, upload_id, size))
+
+    @app.delete("/v2/{name:path}/blobs/uploads/{upload_id}")
+    def cancel_upload(request: Request, name: str, upload_id: str) -> Response:
+        check_name(name)
+        allowed(request, name, "publish")
+        store.upload_size(upload_id)  # 404 if unknown
+        store.cancel_upload(upload_id)
+        return Response(status_code=204, headers=_API_HEADER)
+
+    # -- blobs --------------------------------------------------------------------------------
+    @app.api_route("/v2/{name:path}/blobs/{digest}", methods=["GET", "HEAD"])
+    def get_blob(request: Request, name: str, digest: str) -> Response:
+        check_name(name)
+        allowed(request, name, "read")
+        path = store.blob_path(digest)
+        if not path.is_file():
+            raise OciError(404, "BLOB_UNKNOWN", f"blob {digest} unknown", {"digest": digest})
+        headers = {**_API_HEADER, "Docker-Content-Digest": digest}
+        if request.method == "HEAD":
+            headers["Content-Length"] = str(path.stat().st_size)
+            return Response(status_code=200, headers=headers,
+                            media_type="application/octet-stream")  # fmt: skip
+        return FileResponse(path, headers=headers, media_type="application/octet-stream")
+
+    @app.delete("/v2/{name:path}/blobs/{digest}")
+    def delete_blob(request: Request, name: str, digest: str) -> Response:
+        check_name(name)
+        allowed(request, name, "admin")
+        store.delete_blob(digest)
+        return Response(status_code=202, headers=_API_HEADER)
+
+    # -- manifests ----------------------------------------------------------------------------
+    @app.api_route("/v2/{name:path}/manifests/{reference}", methods=["GET", "HEAD"])
+    def get_manifest(request: Request, name: str, reference: str) -> Response:
+        check_name(name)
+        allowed(request, name, "read")
+        found = store.resolve(name, reference)
+        body = found.read()
+        headers = {**_API_HEADER, "Docker-Content-Digest": found.digest,
+                   "Content-Length": str(len(body))}  # fmt: skip
+        if request.method == "HEAD":
+            return Response(status_code=200, headers=headers, media_type=found.media_type)
+        return Response(body, headers=headers, media_type=found.media_type)
+
+    @app.put("/v2/{name:path}/manifests/{reference}")
+    async def put_manifest(request: Request, name: str, reference: str) -> Response:
+        check_name(name)
+        who = allowed(request, name, "publish")
+        tags = list(request.query_params.getlist("tag"))
+        if not DIGEST_RE.fullmatch(reference):
+            if not TAG_RE.fullmatch(reference):
+                raise OciError(400, "TAG_INVALID", f"invalid tag {reference!r}")
+            tags.append(reference)
+        for tag in tags:
+            if not TAG_RE.fullmatch(tag):
+                raise OciError(400, "TAG_INVALID", f"invalid tag {tag!r}")
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > MAX_MANIFEST_BYTES:
+                raise OciError(413, "SIZE_INVALID", f"manifest over {MAX_MANIFEST_BYTES} bytes")
+        media_type = request.headers.get("content-type", "").split(";")[0].strip()
+        actual = "sha256:" + hashlib.sha256(body).hexdigest()
+        if DIGEST_RE.fullmatch(reference) and reference != actual:
+            raise OciError(400, "DIGEST_INVALID", f"manifest has digest {actual}, not {reference}")
+        digest = await run_in_threadpool(store.put_manifest, name, bytes(body), media_type, tags)
+        document = json.loads(bytes(body))
+        headers = {**_API_HEADER, "Location": f"/v2/{name}/manifests/{digest}",
+                   "Docker-Content-Digest": digest}  # fmt: skip
+        if isinstance(document.get("subject"), dict):
+            headers["OCI-Subject"] = str(document["subject"].get("digest"))
+        for tag in tags:
+            models.submit(name, tag, digest, document, who)
+        return Response(status_code=201, headers=headers)
+
+    @app.delete("/v2/{name:path}/manifests/{reference}")
+    def delete_manifest(request: Request, name: str, reference: str) -> Response:
+        check_name(name)
+        allowed(request, name, "admin")
+        store.delete_manifest(name, reference)
+        return Response(status_code=202, headers=_API_HEADER)
+
+    @app.get("/v2/{name:path}/tags/list")
+    def tags_list(request: Request, name: str, n: int | None = None,
+                  last: str | None = None) -> Response:  # fmt: skip
+        check_name(name)
+        allowed(request, name, "read")
+        tags = store.tags(name)
+        if last is not None:
+            tags = [t for t in tags if t > last]
+        headers = dict(_API_HEADER)
+        if n is not None and len(tags) > n:
+            tags = tags[: max(n, 0)]
+            if tags:
+                headers["Link"] = f'</v2/{name}/tags/list?n={n}&last={tags[-1]}>; rel="next"'
+        return JSONResponse({"name": name, "tags": tags}, headers=headers)
+
+    @app.get("/v2/{name:path}/referrers/{digest}")
+    def referrers(request: Request, name: str, digest: str,
+                  artifactType: str | None = None) -> Response:  # fmt: skip
+        check_name(name)
+        allowed(request, name, "read")
+        check_digest(digest)
+        found = store.referrers(name, digest)
+        headers = dict(_API_HEADER)
+        if artifactType is not None:
+            found = [m for m in found if m.get("artifactType") == artifactType]
+            headers["OCI-Filters-Applied"] = "artifactType"
+        index = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": found}
+        return JSONResponse(index, headers=headers, media_type=OCI_INDEX)
+
+    @app.get("/api/v1/oci/{name:path}/{tag}")
+    def publish_state(request: Request, name: str, tag: str) -> dict[str, Any]:
+        allowed(request, name, "read")
+        state = store.publish_state(name, tag)
+        if state is None:
+            raise RejectedError(404, f"nothing pushed as {name}:{tag}")
+        return state
+
+    @app.exception_handler(OciError)
+    async def oci_failed(request: Request, exc: OciError) -> Response:
+        service.metrics.errors.labels("oci").inc()
+        return oci_error(exc.status, exc.code, exc.message, exc.detail)
+
+    return models

@@ -1,0 +1,366 @@
+"""Blobs, manifests and tags pushed through the OCI distribution API, on disk.
+
+Blobs are files named by digest (``blobs/sha256/<hex>``), written only after their digest was
+checked; an upload session is a file in ``uploads/`` that grows chunk by chunk (never held in
+memory) with its running hash kept beside it in memory, recomputed from the file after a
+restart. Manifests are blobs too; which repository holds which manifest, tags and referrers
+are rows in a small SQLite database.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import shutil
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cvmfs_ml.errors import CvmfsMlError, NotFoundError
+from cvmfs_ml.models.sources.oci_client import Fetched
+
+__all__ = ["LocalRegistryClient", "OciError", "OciStore", "StoredManifest"]
+
+DIGEST_RE = re.compile(r"sha256:[0-9a-f]{64}")
+NAME_RE = re.compile(
+    r"[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*)*"
+)
+TAG_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
+MAX_MANIFEST_BYTES = 4 * 2**20
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS manifests (
+    repo TEXT NOT NULL, digest TEXT NOT NULL, media_type TEXT NOT NULL,
+    artifact_type TEXT, subject TEXT, annotations TEXT, size INTEGER NOT NULL,
+    PRIMARY KEY (repo, digest)
+);
+CREATE TABLE IF NOT EXISTS tags (
+    repo TEXT NOT NULL, tag TEXT NOT NULL, digest TEXT NOT NULL, PRIMARY KEY (repo, tag)
+);
+CREATE TABLE IF NOT EXISTS publishes (
+    repo TEXT NOT NULL, tag TEXT NOT NULL, digest TEXT NOT NULL, state TEXT NOT NULL,
+    reason TEXT, model TEXT, revision INTEGER, PRIMARY KEY (repo, tag)
+);
+"""
+
+
+class OciError(CvmfsMlError):
+    """An error in the distribution spec's words: ``code`` (e.g. ``BLOB_UNKNOWN``) and status."""
+
+    def __init__(self, status: int, code: str, message: str, detail: Any = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.detail = detail
+
+
+def check_name(name: str) -> str:
+    if len(name) > 255 or not NAME_RE.fullmatch(name):
+        raise OciError(400, "NAME_INVALID", f"invalid repository name {name!r}")
+    return name
+
+
+def check_digest(digest: str) -> str:
+    if not DIGEST_RE.fullmatch(digest):
+        raise OciError(400, "DIGEST_INVALID", f"unsupported or malformed digest {digest!r}")
+    return digest
+
+
+@dataclass(frozen=True)
+class StoredManifest:
+    digest: str
+    media_type: str
+    path: Path
+
+    def read(self) -> bytes:
+        return self.path.read_bytes()
+
+
+class OciStore:
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self.blobs = self.root / "blobs" / "sha256"
+        self.uploads = self.root / "uploads"
+        for folder in (self.blobs, self.uploads):
+            folder.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._hashers: dict[str, Any] = {}
+        self._db = sqlite3.connect(self.root / "oci.sqlite", check_same_thread=False,
+                                   isolation_level=None)  # fmt: skip
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.executescript(_SCHEMA)
+        self._prune_sessions()
+
+    def _prune_sessions(self, max_age: float = 7 * 86400) -> None:
+        """Upload sessions nobody touched for a week are abandoned: free their space."""
+        cutoff = time.time() - max_age
+        for path in self.uploads.iterdir():
+            with contextlib.suppress(FileNotFoundError):
+                if path.stat().st_mtime < cutoff:
+                    path.unlink()
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    # -- blobs --------------------------------------------------------------------------------
+    def blob_path(self, digest: str) -> Path:
+        return self.blobs / check_digest(digest).split(":", 1)[1]
+
+    def has_blob(self, digest: str) -> bool:
+        return self.blob_path(digest).is_file()
+
+    def delete_blob(self, digest: str) -> None:
+        path = self.blob_path(digest)
+        if not path.is_file():
+            raise OciError(404, "BLOB_UNKNOWN", f"blob {digest} unknown")
+        path.unlink()
+
+    # -- upload sessions ----------------------------------------------------------------------
+    def start_upload(self) -> str:
+        upload_id = uuid.uuid4().hex
+        (self.uploads / upload_id).touch()
+        with self._lock:
+            self._hashers[upload_id] = hashlib.sha256()
+        return upload_id
+
+    def _session(self, upload_id: str) -> Path:
+        path = self.uploads / upload_id
+        if not re.fullmatch(r"[0-9a-f]{32}", upload_id) or not path.is_file():
+            raise OciError(404, "BLOB_UPLOAD_UNKNOWN", f"upload {upload_id} unknown")
+        return path
+
+    def upload_size(self, upload_id: str) -> int:
+        return self._session(upload_id).stat().st_size
+
+    def _hasher(self, upload_id: str, path: Path) -> Any:
+        with self._lock:
+            hasher = self._hashers.get(upload_id)
+        if hasher is None:  # a restart lost it: hash what is on disk
+            hasher = hashlib.sha256()
+            with open(path, "rb") as handle:
+                while block := handle.read(1 << 20):
+                    hasher.update(block)
+            with self._lock:
+                self._hashers[upload_id] = hasher
+        return hasher
+
+    @contextlib.contextmanager
+    def appending(self, upload_id: str, limit: int) -> Iterator[Callable[[bytes], int]]:
+        """A writer for one request's body: ``write(chunk)`` returns the session's size."""
+        path = self._session(upload_id)
+        hasher = self._hasher(upload_id, path)
+        with open(path, "ab") as handle:
+            size = handle.tell()
+
+            def write(chunk: bytes) -> int:
+                nonlocal size
+                size += len(chunk)
+                if size > limit:
+                    raise OciError(413, "SIZE_INVALID", f"blob larger than {limit} bytes")
+                handle.write(chunk)
+                hasher.update(chunk)
+                return size
+
+            yield write
+
+    def session_sha256(self, upload_id: str) -> tuple[Path, str]:
+        """The session's file and the SHA-256 hex of what it holds so far."""
+        path = self._session(upload_id)
+        return path, self._hasher(upload_id, path).hexdigest()
+
+    def finish_upload(self, upload_id: str, digest: str) -> Path:
+        """Check the session against ``digest`` and make it the blob (or 400, session kept)."""
+        check_digest(digest)
+        path = self._session(upload_id)
+        actual = "sha256:" + self._hasher(upload_id, path).hexdigest()
+        if actual != digest:
+            raise OciError(400, "DIGEST_INVALID", f"upload has digest {actual}, not {digest}")
+        with open(path, "rb") as handle:
+            os.fsync(handle.fileno())
+        target = self.blob_path(digest)
+        os.replace(path, target)
+        self.cancel_upload(upload_id)
+        return target
+
+    def cancel_upload(self, upload_id: str) -> None:
+        with self._lock:
+            self._hashers.pop(upload_id, None)
+        (self.uploads / upload_id).unlink(missing_ok=True)
+
+    # -- manifests and tags -------------------------------------------------------------------
+    def put_manifest(self, repo: str, body: bytes, media_type: str, tags: list[str]) -> str:
+        """Validate and store a manifest (its blobs must be here); returns its digest."""
+        try:
+            document = json.loads(body)
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise OciError(400, "MANIFEST_INVALID", f"manifest is not JSON: {exc}") from exc
+        if not isinstance(document, dict):
+            raise OciError(400, "MANIFEST_INVALID", "manifest is not a JSON object")
+        declared = document.get("mediaType")
+        media_type = media_type or str(declared or "")
+        if declared and declared != media_type:
+            raise OciError(400, "MANIFEST_INVALID",
+                           f"Content-Type {media_type} but mediaType {declared}")  # fmt: skip
+        descriptors: list[Any] = []
+        if "manifests" in document:  # an index
+            descriptors = document.get("manifests") or []
+        else:
+            if not isinstance(document.get("config"), dict) or not isinstance(
+                document.get("layers", []), list
+            ):
+                raise OciError(400, "MANIFEST_INVALID", "manifest needs config and layers")
+            descriptors = [document["config"], *document.get("layers", [])]
+        for descriptor in descriptors:
+            if not isinstance(descriptor, dict) or not isinstance(descriptor.get("digest"), str):
+                raise OciError(400, "MANIFEST_INVALID", "a descriptor lacks its digest")
+            digest = descriptor["digest"]
+            check_digest(digest)
+            known = self.has_blob(digest)
+            if known and isinstance(descriptor.get("size"), int):
+                known = self.blob_path(digest).stat().st_size == descriptor["size"]
+            if not known:
+                raise OciError(400, "MANIFEST_BLOB_UNKNOWN", f"blob {digest} unknown or of"
+                               " another size", {"digest": digest})  # fmt: skip
+        digest = "sha256:" + hashlib.sha256(body).hexdigest()
+        target = self.blob_path(digest)
+        if not target.exists():
+            tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}")
+            tmp.write_bytes(body)
+            os.replace(tmp, target)
+        subject = document.get("subject") if isinstance(document.get("subject"), dict) else None
+        artifact_type = document.get("artifactType") or (document.get("config") or {}).get(
+            "mediaType"
+        )
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            self._db.execute(
+                "INSERT OR REPLACE INTO manifests VALUES (?,?,?,?,?,?,?)",
+                (repo, digest, media_type, artifact_type,
+                 subject.get("digest") if subject else None,
+                 json.dumps(document.get("annotations") or {}), len(body)),
+            )  # fmt: skip
+            for tag in tags:
+                self._db.execute("INSERT OR REPLACE INTO tags VALUES (?,?,?)", (repo, tag, digest))
+            self._db.execute("COMMIT")
+        return digest
+
+    def resolve(self, repo: str, reference: str) -> StoredManifest:
+        with self._lock:
+            if DIGEST_RE.fullmatch(reference):
+                digest = reference
+            else:
+                row = self._db.execute(
+                    "SELECT digest FROM tags WHERE repo=? AND tag=?", (repo, reference)
+                ).fetchone()
+                if row is None:
+                    raise OciError(404, "MANIFEST_UNKNOWN", f"{repo}:{reference} unknown")
+                digest = row[0]
+            row = self._db.execute(
+                "SELECT media_type FROM manifests WHERE repo=? AND digest=?", (repo, digest)
+            ).fetchone()
+        if row is None or not self.has_blob(digest):
+            raise OciError(404, "MANIFEST_UNKNOWN", f"{repo}@{reference} unknown")
+        return StoredManifest(digest, row[0], self.blob_path(digest))
+
+    def delete_manifest(self, repo: str, reference: str) -> None:
+        found = self.resolve(repo, reference)
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            if DIGEST_RE.fullmatch(reference):
+                self._db.execute("DELETE FROM manifests WHERE repo=? AND digest=?",
+                                 (repo, found.digest))  # fmt: skip
+                self._db.execute("DELETE FROM tags WHERE repo=? AND digest=?",
+                                 (repo, found.digest))  # fmt: skip
+            else:
+                self._db.execute("DELETE FROM tags WHERE repo=? AND tag=?", (repo, reference))
+            self._db.execute("COMMIT")
+
+    def tags(self, repo: str) -> list[str]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT tag FROM tags WHERE repo=? ORDER BY tag", (repo,)
+            ).fetchall()
+        return [row[0] for row in rows]
+
+    def referrers(self, repo: str, digest: str) -> list[dict[str, Any]]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT digest, media_type, artifact_type, annotations, size FROM manifests"
+                " WHERE repo=? AND subject=? ORDER BY digest",
+                (repo, digest),
+            ).fetchall()
+        out = []
+        for d, media_type, artifact_type, notes, size in rows:
+            entry = {"mediaType": media_type, "digest": d, "size": size}
+            if artifact_type:
+                entry["artifactType"] = artifact_type
+            if notes and notes != "{}":
+                entry["annotations"] = json.loads(notes)
+            out.append(entry)
+        return out
+
+    # -- model publishes triggered by a push --------------------------------------------------
+    def set_publish(self, repo: str, tag: str, digest: str, state: str, **fields: Any) -> None:
+        with self._lock:
+            self._db.execute(
+                "INSERT OR REPLACE INTO publishes VALUES (?,?,?,?,?,?,?)",
+                (repo, tag, digest, state, fields.get("reason"), fields.get("model"),
+                 fields.get("revision")),
+            )  # fmt: skip
+
+    def publish_state(self, repo: str, tag: str) -> dict[str, Any] | None:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT digest, state, reason, model, revision FROM publishes"
+                " WHERE repo=? AND tag=?",
+                (repo, tag),
+            ).fetchone()
+        if row is None:
+            return None
+        keys = ("digest", "state", "reason", "model", "revision")
+        return {"repository": repo, "tag": tag, **dict(zip(keys, row, strict=True))}
+
+
+class LocalRegistryClient:
+    """What :func:`~cvmfs_ml.models.sources.oci.ingest_oci` needs from a registry, served
+    from this store: the models layer publishes a pushed artifact without an HTTP round trip."""
+
+    registry = "localhost"
+
+    def __init__(self, store: OciStore) -> None:
+        self.store = store
+
+    def get_manifest(self, repository: str, reference: str, accept: Any = None) -> Fetched:
+        try:
+            found = self.store.resolve(repository, reference)
+        except OciError as exc:
+            raise NotFoundError(f"{repository}:{reference}", "registry") from exc
+        return Fetched(found.read(), found.media_type, found.digest)
+
+    def fetch_blob(
+        self, repository: str, digest: str, dest: Path, *, size: int | None = None
+    ) -> Path:
+        source = self.store.blob_path(digest)
+        if not source.is_file():
+            raise NotFoundError(f"blob {digest}", repository)
+        dest = Path(dest)
+        if dest.exists():
+            return dest
+        try:
+            os.link(source, dest)  # blobs are immutable: a second name costs nothing
+        except OSError:
+            shutil.copyfile(source, dest)
+        return dest
+
+    def close(self) -> None:
+        pass

@@ -1,0 +1,261 @@
+"""What the HTTP layer calls: accept an upload, answer ``exists``/``update``, report jobs.
+
+A :class:`RegistryService` owns the queue database, one :class:`RepositoryWorker` per
+repository and the metrics. It speaks in plain values and raises
+:class:`~cvmfs_ml.registry.tarballs.RejectedError` for what the client got wrong, so the same
+service backs the user-pub endpoints, the JSON API and tests.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import logging
+import os
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, Protocol
+
+from cvmfs_ml.cvmfs.manifest import Manifest
+from cvmfs_ml.errors import ConfigError, CvmfsMlError
+from cvmfs_ml.publish.repository import Publisher
+from cvmfs_ml.registry.cid import ContentId
+from cvmfs_ml.registry.config import ConfigFile, RegistryConfig
+from cvmfs_ml.registry.jobs import Job, JobStore
+from cvmfs_ml.registry.metrics import RegistryMetrics
+from cvmfs_ml.registry.tarballs import RejectedError, check_tarball
+from cvmfs_ml.registry.worker import CleanupReport, RepositoryWorker
+
+__all__ = ["Accepted", "RegistryService", "Upload", "UploadFile"]
+
+log = logging.getLogger("cvmfs_ml.registry")
+
+
+@dataclass(frozen=True)
+class Accepted:
+    """The answer to a publish: the job (new or the one already active), or where it is."""
+
+    job: Job | None
+    present: str | None  # the CID's /cvmfs path when it is already published
+
+
+class Upload(Protocol):
+    """A body on disk in the spool folder, ready to be queued."""
+
+    path: Path
+    size: int
+
+    def finish(self) -> str: ...  # durable on disk; returns the SHA-256 hex
+
+    def discard(self) -> None: ...
+
+
+class UploadFile:
+    """A request body being written to the spool folder, hashed and bounded as it arrives."""
+
+    def __init__(self, spool: Path, limit: int) -> None:
+        self.path = spool / f"{uuid.uuid4().hex}.upload"
+        self.limit = limit
+        self.size = 0
+        self._hash = hashlib.sha256()
+        self._handle: BinaryIO | None = open(self.path, "wb")  # noqa: SIM115 - closed in finish/discard
+
+    def write(self, chunk: bytes) -> None:
+        assert self._handle is not None
+        self.size += len(chunk)
+        if self.size > self.limit:
+            raise RejectedError(413, f"body larger than {self.limit} bytes", "oversized")
+        self._hash.update(chunk)
+        self._handle.write(chunk)
+
+    def finish(self) -> str:
+        """Flush to disk (the job must survive a crash); returns the SHA-256 hex."""
+        assert self._handle is not None
+        self._handle.flush()
+        os.fsync(self._handle.fileno())
+        self._handle.close()
+        self._handle = None
+        return self._hash.hexdigest()
+
+    def discard(self) -> None:
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None
+        self.path.unlink(missing_ok=True)
+
+
+class RegistryService:
+    def __init__(
+        self,
+        repositories: list[Path],
+        data_dir: Path,
+        config: ConfigFile,
+        *,
+        poll_seconds: float = 1.0,
+        stratum1: Path | None = None,
+    ) -> None:
+        """``stratum1``: a folder to snapshot every repository into after each publish."""
+        if not repositories:
+            raise ConfigError("the registry needs at least one repository (--repo)")
+        self.config_file = config
+        self.data_dir = Path(data_dir)
+        self.spool = self.data_dir / "spool"
+        self.spool.mkdir(parents=True, exist_ok=True)
+        self.store = JobStore(self.data_dir / "queue.sqlite")
+        self.metrics = RegistryMetrics(self.store.queue_stats)
+        self.workers: dict[str, RepositoryWorker] = {}
+        for index, folder in enumerate(repositories):
+            publisher = Publisher.open(Path(folder))
+            self.workers[publisher.fqrn] = RepositoryWorker(
+                publisher, self.store, config, self.metrics, poll_seconds=poll_seconds,
+                stratum1=stratum1, index=index,
+            )  # fmt: skip
+        self.started = time.time()
+        self._rate_lock = threading.Lock()
+        self._recent_uploads: dict[str, collections.deque[float]] = {}
+
+    @property
+    def config(self) -> RegistryConfig:
+        return self.config_file.current()
+
+    @property
+    def repositories(self) -> list[str]:
+        return list(self.workers)
+
+    def start(self) -> None:
+        requeued = self.store.requeue_interrupted()
+        if requeued:
+            log.info("requeued %d job(s) interrupted by the last shutdown", requeued)
+        self._remove_orphan_uploads()
+        for worker in self.workers.values():
+            worker.start()
+
+    def stop(self) -> None:
+        for worker in self.workers.values():
+            worker.stop()
+        self.store.close()
+
+    def _remove_orphan_uploads(self) -> None:
+        """Uploads no job refers to (a body cut off mid-transfer by a crash)."""
+        keep = self.store.pending_uploads()
+        for path in self.spool.glob("*.upload"):
+            if str(path) not in keep:
+                path.unlink(missing_ok=True)
+
+    # -- user-pub operations ------------------------------------------------------------------
+    def cid_path(self, repo: str, cid: str) -> str:
+        return f"/cvmfs/{repo}{ContentId(cid).repo_path(self.config.prefix)}"
+
+    def exists(self, cid: ContentId) -> str | None:
+        record = self.store.find_cid(cid.text)
+        return self.cid_path(record.repo, record.cid) if record else None
+
+    def update(self, cid: ContentId) -> str | None:
+        path = self.exists(cid)
+        if path is not None:
+            self.store.touch(cid.text)
+        return path
+
+    def check_rate(self, who: str) -> None:
+        """429 when ``who`` started ``uploads_per_minute`` uploads in the last minute."""
+        limit = self.config.uploads_per_minute
+        if limit <= 0:
+            return
+        now = time.monotonic()
+        with self._rate_lock:
+            recent = self._recent_uploads.setdefault(who, collections.deque())
+            while recent and recent[0] < now - 60:
+                recent.popleft()
+            if len(recent) >= limit:
+                raise RejectedError(429, f"more than {limit} uploads a minute; retry later",
+                                    "rate_limited")  # fmt: skip
+            recent.append(now)
+
+    def new_upload(self) -> UploadFile:
+        return UploadFile(self.spool, self.config.max_upload_bytes)
+
+    def accept(self, cid: ContentId, upload: Upload, strip: int, publisher: str) -> Accepted:
+        """Queue a finished upload (the caller has written the body), or explain why not.
+
+        Takes ownership of ``upload``: it is removed unless a new job now refers to it.
+        """
+        keep = False
+        try:
+            sha256 = upload.finish()
+            expected = cid.expected_sha256
+            if expected is not None and expected != sha256:
+                raise RejectedError(
+                    400, f"body has sha256:{sha256}, not the cid's {expected}", "digest"
+                )
+            present = self.update(cid)
+            if present is not None:
+                return Accepted(None, present)
+            active = self.store.active_job(cid.text)
+            if active is not None:
+                return Accepted(active, None)
+            config = self.config
+            check_tarball(
+                upload.path,
+                strip,
+                max_members=config.max_tar_members,
+                max_unpacked_bytes=config.max_unpacked_bytes,
+            )
+            job, created = self.store.enqueue(
+                cid.text, self._route(), strip, str(upload.path), upload.size, sha256, publisher
+            )
+            if created:
+                keep = True
+                self.metrics.bytes_ingested.inc(upload.size)
+                self.workers[job.repo].wake()
+                log.info("queued %s (%d bytes) for %s as job %s",
+                         cid, upload.size, job.repo, job.id)  # fmt: skip
+            return Accepted(job, None)
+        finally:
+            if not keep:
+                upload.discard()
+
+    def _route(self) -> str:
+        """New CIDs go to a repository that is not being cleaned, the least busy first."""
+        stats = self.store.queue_stats()
+        candidates = [w for w in self.workers.values() if not w.cleaning] or list(
+            self.workers.values()
+        )
+        return min(candidates, key=lambda w: stats.get(w.fqrn, (0, None))[0]).fqrn
+
+    # -- JSON API helpers ---------------------------------------------------------------------
+    def job(self, job_id: str) -> Job | None:
+        return self.store.job(job_id)
+
+    def status(self, cid: ContentId) -> dict[str, object]:
+        path = self.exists(cid)
+        job = self.store.latest_job(cid.text)
+        state = "published" if path else (job.state if job else "missing")
+        record = self.store.find_cid(cid.text)
+        return {
+            "cid": cid.text,
+            "state": state,
+            "path": path,
+            "repository": record.repo if record else (job.repo if job else None),
+            "revision": record.revision if record else (job.revision if job else None),
+            "last_used": record.last_used if record else None,
+            "job": job.to_json() if job else None,
+        }
+
+    def revision(self, repo: str) -> int:
+        return self.workers[repo].publisher.manifest().revision
+
+    def stratum1_revision(self, repo: str) -> int | None:
+        folder = self.workers[repo].stratum1
+        if folder is None:
+            return None
+        try:
+            return Manifest.parse((folder / ".cvmfspublished").read_bytes()).revision
+        except (OSError, CvmfsMlError):
+            return None
+
+    def cleanup(self, repo: str, max_days: float | None = None) -> CleanupReport:
+        days = self.config.max_days if max_days is None else max_days
+        return self.workers[repo].request_cleanup(days)

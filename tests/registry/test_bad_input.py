@@ -1,0 +1,138 @@
+"""Hostile or broken requests: clear 4xx answers, nothing published, the queue keeps working."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import os
+import tarfile
+
+import pytest
+
+from ._helpers import FQRNS, RegistryEnv, RegistryServer, get, make_tarball, post, text, wait_until
+
+
+def _tar(build) -> bytes:  # type: ignore[no-untyped-def]
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        build(tar)
+    return buffer.getvalue()
+
+
+def _member(tar: tarfile.TarFile, name: str, **attrs: object) -> None:
+    info = tarfile.TarInfo(name)
+    for key, value in attrs.items():
+        setattr(info, key, value)
+    tar.addfile(info, io.BytesIO(b"x" * info.size) if info.isreg() else None)
+
+
+HOSTILE = {
+    "dotdot": _tar(lambda t: _member(t, "../evil.txt", size=1)),
+    "absolute": _tar(lambda t: _member(t, "/etc/evil", size=1)),
+    "symlink-escape": _tar(
+        lambda t: _member(t, "a/link", type=tarfile.SYMTYPE, linkname="../../../etc")
+    ),
+    "device": _tar(lambda t: _member(t, "dev", type=tarfile.CHRTYPE, devmajor=1, devminor=3)),
+    "not-a-tarball": b"just some text, not a tarball\n",
+    "truncated-gzip": gzip.compress(make_tarball({"a": os.urandom(50_000)}, gz=False))[:30_000],
+    "gzip-no-trailer": gzip.compress(make_tarball({"a": b"y" * 50_000}, gz=False))[:-8],
+    "cut-member": make_tarball({"a": os.urandom(50_000)}, gz=False)[:20_000],
+    "empty": _tar(lambda t: None),
+}
+
+
+@pytest.fixture
+def strict(registry_env: RegistryEnv) -> RegistryServer:
+    registry_env.set_config(max_upload_bytes=256 * 1024, max_unpacked_bytes=1024 * 1024)
+    return registry_env.start()
+
+
+def _nothing_happened(env: RegistryEnv, server: RegistryServer) -> None:
+    assert [env.revision(f) for f in FQRNS] == [0, 0]
+    assert list((env.data / "spool").glob("*")) == []
+    health = get(server, "/healthz")
+    assert health.status == 200
+
+
+def test_hostile_and_broken_bodies_are_refused(
+    registry_env: RegistryEnv, strict: RegistryServer
+) -> None:
+    token = registry_env.tokens["writer"]
+    for name, body in HOSTILE.items():
+        response = post(strict, f"/pubapi/publish?cid=grp/{name}", body, token)
+        assert response.status == 400, (name, response.data)
+        assert text(response).startswith("Bad request: "), name
+        assert text(get(strict, f"/pubapi/exists?cid=grp/{name}")) == "MISSING\n"
+    # A compression bomb: 4 MiB of zeros in a few KiB of gzip, over the 1 MiB unpacked bound.
+    bomb = make_tarball({"zeros": bytes(4 * 2**20)})
+    assert len(bomb) < 256 * 1024
+    response = post(strict, "/pubapi/publish?cid=grp/bomb", bomb, token)
+    assert response.status == 413, response.data
+    # A link that stays inside the tarball but leaves the CID once the top folder is stripped.
+    sneaky = _tar(
+        lambda t: (
+            _member(t, "top/f", size=1),
+            _member(t, "top/link", type=tarfile.SYMTYPE, linkname="../top2"),
+        )
+    )
+    response = post(strict, "/pubapi/publish?cid=grp/sneaky&striplevels=1", sneaky, token)
+    assert response.status == 400 and "leaves the CID" in text(response)
+    # Bad striplevels.
+    body = make_tarball({"f": b"ok"})
+    for strip in ("3", "-1", "x"):
+        response = post(
+            strict, f"/pubapi/publish?cid=grp/s{strip}&striplevels={strip}", body, token
+        )
+        assert response.status == 400, (strip, response.data)
+    _nothing_happened(registry_env, strict)
+
+
+INVALID_CIDS = [".hidden", "a/b/c", "it's", "back\\slash", "../up", "grp/..", "grp/", "/abs",
+                "x" * 300, "sp ace", "new\nline"]  # fmt: skip
+
+
+def test_invalid_cids_are_refused(registry_env: RegistryEnv, strict: RegistryServer) -> None:
+    from urllib.parse import quote
+
+    token = registry_env.tokens["all"]
+    body = make_tarball({"f": b"ok"})
+    for cid in INVALID_CIDS:
+        for response in (
+            post(strict, f"/pubapi/publish?cid={quote(cid)}", body, token),
+            get(strict, f"/pubapi/exists?cid={quote(cid)}", token),
+        ):
+            assert response.status == 400, (cid, response.data)
+            assert text(response).startswith("Bad request: "), cid
+        # The JSON API takes the CID in the path: 400 (or 404 where it is no route at all).
+        response = post(strict, f"/api/v1/cids/{quote(cid, safe='/')}", body, token)
+        assert response.status in (400, 404, 405), (cid, response.data)
+    assert text(post(strict, "/pubapi/publish", body, token)) == "Bad request: no cid\n"
+    _nothing_happened(registry_env, strict)
+
+
+def test_oversized_bodies_are_refused_with_or_without_length(
+    registry_env: RegistryEnv, strict: RegistryServer
+) -> None:
+    from ._helpers import HTTP
+
+    token = registry_env.tokens["writer"]
+    body = make_tarball({"random": os.urandom(300 * 1024)})
+    declared = post(strict, "/pubapi/publish?cid=grp/big", body, token)
+    assert declared.status == 413 and text(declared).startswith("Request too large")
+
+    def pieces():  # type: ignore[no-untyped-def]
+        for start in range(0, len(body), 16384):
+            yield body[start : start + 16384]
+
+    streamed = HTTP.request(
+        "POST", f"{strict.url}/pubapi/publish?cid=grp/big2", body=pieces(), chunked=True,
+        headers={"Authorization": f"Bearer {token}"},
+    )  # fmt: skip
+    assert streamed.status == 413, streamed.data
+    _nothing_happened(registry_env, strict)
+    # The queue still works after all that.
+    good = make_tarball({"fine.txt": b"fine\n"})
+    assert text(post(strict, "/pubapi/publish?cid=grp/fine", good, token)) == "OK\n"
+    wait_until(lambda: text(get(strict, "/pubapi/exists?cid=grp/fine")).startswith("PRESENT"),
+               120, strict.logs)  # fmt: skip
+    assert registry_env.read(FQRNS[0], "/sw/grp/fine/fine.txt") == b"fine\n"
