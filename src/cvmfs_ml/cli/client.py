@@ -17,7 +17,14 @@ from typing import Annotated, Any
 
 import typer
 
-from cvmfs_ml.cli.common import JsonOption, KeyOption, _fail, friendly
+from cvmfs_ml.cli.common import (
+    BlacklistOption,
+    JsonOption,
+    KeyOption,
+    _fail,
+    friendly,
+    use_blacklist,
+)
 
 __all__ = ["register_client_commands", "trace_app"]
 
@@ -69,6 +76,7 @@ def mount_command(
     parallel: ParallelOption = None,
     log: Annotated[Path | None, typer.Option("--log", help="daemon log file (with -d)")] = None,
     debug: Annotated[bool, typer.Option("--debug", help="log every FUSE request")] = False,
+    blacklist: BlacklistOption = None,
 ) -> None:
     """Mount a repository read-only; a FQRN takes servers and keys from the configuration.
 
@@ -76,6 +84,7 @@ def mount_command(
     """
     from cvmfs_ml.client.fuse import mount, run_foreground
 
+    use_blacklist(blacklist)
     if not mountpoint.is_dir():
         raise _fail(f"mount point {mountpoint} is not a directory")
     common: dict[str, Any] = {

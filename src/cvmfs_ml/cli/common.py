@@ -40,15 +40,13 @@ def _default_key(location: str) -> Path | None:
     """For a local repository, the master public key stored by ``repo create``."""
     if location.startswith(("http://", "https://")):
         return None
-    from cvmfs_ml.cvmfs.manifest import Manifest
     from cvmfs_ml.publish.repository import default_keys_dir
 
     folder = Path(location)
-    try:
-        fqrn = Manifest.parse((folder / ".cvmfspublished").read_bytes()).fqrn or folder.name
-    except OSError:
+    if not (folder / ".cvmfspublished").is_file():
         return None
-    candidate = default_keys_dir(folder) / f"{fqrn}.pub"
+    # The folder's name is the repository's: never the name the unverified manifest claims.
+    candidate = default_keys_dir(folder) / f"{folder.resolve().name}.pub"
     return candidate if candidate.exists() else None
 
 
@@ -66,6 +64,26 @@ KeyOption = Annotated[
 ]
 TagOption = Annotated[str | None, typer.Option("--tag", help="read this tag instead of HEAD")]
 JsonOption = Annotated[bool, typer.Option("--json", help="print JSON")]
+BlacklistOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--blacklist",
+        help="certificate blacklist in upstream's format (default: CVMFS_BLACKLIST, "
+        "else /etc/cvmfs/blacklist)",
+    ),
+]
+
+
+def use_blacklist(path: Path | None) -> None:
+    """Make ``--blacklist`` this process's (and its daemons') blacklist, checked up front."""
+    if path is None:
+        return
+    import os
+
+    from cvmfs_ml.client.config import load_blacklist
+
+    load_blacklist(path)  # a missing or unreadable file fails here, in one line
+    os.environ["CVMFS_BLACKLIST"] = str(path.resolve())
 
 
 def _entry_json(entry: Any) -> dict[str, Any]:

@@ -12,6 +12,7 @@ from typing import Annotated
 import typer
 
 from cvmfs_ml.cli.common import (
+    BlacklistOption,
     JsonOption,
     KeyOption,
     TagOption,
@@ -19,6 +20,7 @@ from cvmfs_ml.cli.common import (
     _fail,
     friendly,
     open_repository,
+    use_blacklist,
 )
 
 repo_app = typer.Typer(no_args_is_help=True, help="Create, publish and inspect repositories.")
@@ -134,10 +136,12 @@ def repo_check(
     key: KeyOption = None,
     no_data: Annotated[bool, typer.Option("--no-data", help="skip hashing data objects")] = False,
     as_json: JsonOption = False,
+    blacklist: BlacklistOption = None,
 ) -> None:
     """Verify signatures, catalogs, counters and every referenced object; exit 1 on a defect."""
     from cvmfs_ml.client.check import check_repository
 
+    use_blacklist(blacklist)
     with open_repository(repo, key) as repository:
         report = check_repository(repository, data=not no_data)
     if as_json:

@@ -16,7 +16,6 @@ import collections
 import contextlib
 import datetime as dt
 import fcntl
-import inspect
 import io
 import logging
 import os
@@ -32,15 +31,25 @@ from typing import Any, BinaryIO, Protocol
 from urllib.parse import urlsplit
 
 from cvmfs_ml.client.cache import ObjectCache
-from cvmfs_ml.client.config import DIRECT, parse_proxy_list, parse_server_urls
+from cvmfs_ml.client.config import DIRECT, load_blacklist, parse_proxy_list, parse_server_urls
 from cvmfs_ml.client.prefetch import Fetched, Prefetcher
+from cvmfs_ml.client.trust import (
+    MAX_CERTIFICATE_BYTES,
+    MAX_MANIFEST_BYTES,
+    MAX_WHITELIST_BYTES,
+    Blacklist,
+    TrustAnchors,
+    parse_manifest,
+    refuse_rollback,
+    verify_ensemble,
+)
 from cvmfs_ml.cvmfs.catalog import Catalog, Chunk, DirectoryEntry
-from cvmfs_ml.cvmfs.hashing import Digest
+from cvmfs_ml.cvmfs.hashing import Digest, hash_bytes
 from cvmfs_ml.cvmfs.history import HistoryDb, Tag
 from cvmfs_ml.cvmfs.keys import load_public_keys
-from cvmfs_ml.cvmfs.manifest import FqrnMismatchError, Manifest, verify_manifest
+from cvmfs_ml.cvmfs.manifest import Manifest
 from cvmfs_ml.cvmfs.objects import ObjectKind, object_path
-from cvmfs_ml.cvmfs.whitelist import Whitelist, certificate_fingerprint, verify_whitelist
+from cvmfs_ml.cvmfs.whitelist import Whitelist
 from cvmfs_ml.errors import (
     ConfigError,
     CvmfsMlError,
@@ -48,8 +57,6 @@ from cvmfs_ml.errors import (
     FormatError,
     IntegrityError,
     NotFoundError,
-    RollbackError,
-    SignatureError,
     TrustError,
 )
 
@@ -63,6 +70,7 @@ FETCHER_OPTIONS = frozenset(
     {
         "timeout",
         "timeout_direct",
+        "low_speed_limit",
         "max_retries",
         "backoff_init",
         "backoff_max",
@@ -80,10 +88,24 @@ FETCHER_OPTIONS = frozenset(
 class ObjectSource(Protocol):
     """Where objects come from: a local store or the HTTP fetcher."""
 
-    def fetch(self, rel_path: str, expected: Digest | None, *, compressed: bool) -> bytes: ...
+    def fetch(
+        self,
+        rel_path: str,
+        expected: Digest | None,
+        *,
+        compressed: bool,
+        nocache: bool = False,
+        max_bytes: int | None = None,
+    ) -> bytes: ...
 
     def fetch_into(
-        self, rel_path: str, expected: Digest | None, compressed: bool, fileobj: BinaryIO
+        self,
+        rel_path: str,
+        expected: Digest | None,
+        compressed: bool,
+        fileobj: BinaryIO,
+        *,
+        max_bytes: int | None = None,
     ) -> int: ...
 
 
@@ -143,10 +165,14 @@ class Repository:
         prefetch_workers: int = 8,
         prefetch_min_bytes: int = 32 * 2**20,
         tracer: Any = None,
+        blacklist: Blacklist | None = None,
     ) -> None:
         self.source = source
         self.fqrn = fqrn
-        self._public_keys = list(public_keys)
+        self.anchors = TrustAnchors(
+            fqrn, list(public_keys), blacklist if blacklist is not None else load_blacklist()
+        )
+        """What this repository is trusted by: its name, master keys and the site blacklist."""
         if cache is None:
             self._own_cache = tempfile.TemporaryDirectory(prefix="cvmfs-ml-cache.")
             cache = ObjectCache(Path(self._own_cache.name), None)
@@ -221,7 +247,7 @@ class Repository:
                 raise ConfigError(f"{sorted(fetcher_options)} only apply to http(s) locations")
             folder = Path(text)
             source = LocalStore(folder)
-            fqrn = fqrn or _manifest_fqrn(folder) or folder.name
+            fqrn = fqrn or folder.resolve().name  # the folder's name, never the manifest's N
         keys: Sequence[Any]
         if public_key is None:
             keys = []
@@ -288,63 +314,58 @@ class Repository:
         try:
             return self._boot_once(nocache)
         except (TrustError, FormatError) as exc:
-            if nocache or not _accepts_nocache(self.source):
+            if nocache or not getattr(self.source, "has_proxy_caches", False):
                 raise
             log.info("%s: %s; fetching the manifest again past proxy caches", self.fqrn, exc)
             return self._boot_once(True)
 
-    def _fetch_root_file(self, name: str, nocache: bool) -> bytes:
-        """A mutable root file; ``nocache`` bypasses proxy caches (sources that have them)."""
-        if nocache and _accepts_nocache(self.source):
-            return self.source.fetch(name, None, compressed=False, nocache=True)  # type: ignore[call-arg]
-        return self.source.fetch(name, None, compressed=False)
+    def _fetch_root_file(self, name: str, nocache: bool, max_bytes: int) -> bytes:
+        """A mutable root file of at most ``max_bytes``; ``nocache`` bypasses proxy caches."""
+        return self.source.fetch(
+            name, None, compressed=False, nocache=nocache, max_bytes=max_bytes
+        )
 
     def _boot_once(self, nocache: bool) -> Manifest:
-        """Manifest -> whitelist (signature, name, expiry) -> certificate (hash, fingerprint)
-        -> manifest signature -> no rollback. Each failure raises its own error type."""
+        """Fetch the manifest ensemble and hand it to the trust core (:mod:`.trust`), then
+        refuse a rollback against the breadcrumb. Each failure raises its own error type."""
         self._checked_at = time.monotonic()
-        raw = self._fetch_root_file(".cvmfspublished", nocache)
-        manifest = Manifest.parse(raw)
-        if manifest.fqrn is not None and manifest.fqrn != self.fqrn:
-            raise FqrnMismatchError(".cvmfspublished", self.fqrn, manifest.fqrn)
+        raw = self._fetch_root_file(".cvmfspublished", nocache, MAX_MANIFEST_BYTES)
+        manifest = parse_manifest(self.anchors, raw)
         if not self._verify:
             return manifest
-        if not self._public_keys:
-            raise SignatureError(
-                f"no master public key for {self.fqrn} to verify .cvmfswhitelist with: pass the "
-                "<fqrn>.pub file (--key, CVMFS_PUBLIC_KEY or CVMFS_KEYS_DIR)"
-            )
-        whitelist = verify_whitelist(
-            self._fetch_root_file(".cvmfswhitelist", nocache),
-            self._public_keys,
-            self.fqrn,
-            self._now or _utcnow(),
-        )
         if manifest.certificate is None:
             raise FormatError(".cvmfspublished", "no certificate (X) to verify the signature with")
-        certificate = self._certificate(manifest.certificate)
-        if not whitelist.accepts(certificate):
-            raise SignatureError(
-                f"{self.fqrn}: certificate {manifest.certificate.hex} (fingerprint "
-                f"{certificate_fingerprint(certificate)}) is not listed in .cvmfswhitelist"
-            )
-        verify_manifest(raw, certificate, fqrn=self.fqrn)
-        self._check_breadcrumb(manifest)
-        self.whitelist: Whitelist = whitelist
-        self.certificate: bytes = certificate
-        return manifest
-
-    def _certificate(self, digest: Digest) -> bytes:
-        """The PEM certificate ``X``: hash-checked, kept in the cache like upstream does."""
-        for _ in range(2):
-            path = self._object(digest, ObjectKind.CERTIFICATE, True)
-            try:
-                return path.read_bytes()
-            except FileNotFoundError:  # evicted by another process meanwhile
-                continue
-        return self.source.fetch(
-            object_path(digest, ObjectKind.CERTIFICATE), digest, compressed=True
+        raw_whitelist = self._fetch_root_file(".cvmfswhitelist", nocache, MAX_WHITELIST_BYTES)
+        stored_certificate = self._stored_certificate(manifest.certificate)
+        trusted = verify_ensemble(
+            self.anchors, raw, raw_whitelist, stored_certificate, self._now or _utcnow()
         )
+        self._check_breadcrumb(trusted.manifest)
+        self.whitelist: Whitelist = trusted.whitelist
+        self.certificate: bytes = trusted.certificate
+        return trusted.manifest
+
+    def _stored_certificate(self, digest: Digest) -> bytes:
+        """The certificate object as stored (compressed), kept in the cache like upstream does.
+
+        The cache keeps the stored bytes, which hash to the object's name, so a copy from the
+        cache is checked again here (and by the trust core) and refetched when it is not right.
+        """
+        path = self.cache.get_path(digest)
+        if path is not None:
+            try:
+                with path.open("rb") as handle:
+                    data = handle.read(MAX_CERTIFICATE_BYTES + 1)
+                if hash_bytes(data, digest.algorithm) == digest:
+                    return data
+            except OSError:
+                pass  # evicted meanwhile
+            self.cache.invalidate(digest)
+        rel = object_path(digest, ObjectKind.CERTIFICATE)
+        data = self.source.fetch(rel, digest, compressed=False, max_bytes=MAX_CERTIFICATE_BYTES)
+        with contextlib.suppress(OSError, CvmfsMlError):  # a read-only cache still verifies
+            self.cache.put_bytes(digest, data)
+        return data
 
     def _breadcrumb_path(self) -> Path:
         return Path(self.cache.root) / f"cvmfschecksum.{self.fqrn}"
@@ -368,13 +389,11 @@ class Repository:
             known = _read_breadcrumb(path)
             if known is not None:
                 known_hash, known_ts, known_rev = known
-                if manifest.revision < known_rev or manifest.timestamp < known_ts:
-                    raise RollbackError(
-                        f"{self.fqrn}: the server offers revision {manifest.revision} "
-                        f"(published at T={manifest.timestamp}) but revision {known_rev} "
-                        f"(T={known_ts}) was already seen (breadcrumb {path}; delete it only if "
-                        "the repository was re-created on purpose)"
-                    )
+                refuse_rollback(
+                    self.fqrn, manifest, known_rev, known_ts,
+                    f"breadcrumb {path}; delete it only if the repository was re-created on "
+                    "purpose",
+                )  # fmt: skip
                 if (known_hash, known_ts, known_rev) == (
                     manifest.catalog.hex,
                     manifest.timestamp,
@@ -407,12 +426,10 @@ class Repository:
         with self._refresh_lock:
             manifest = self._boot(nocache=nocache)
             current = self.manifest
-            if manifest.revision < current.revision or manifest.timestamp < current.timestamp:
-                raise RollbackError(
-                    f"{self.fqrn}: the server offers revision {manifest.revision} "
-                    f"(T={manifest.timestamp}), older than the open revision {current.revision} "
-                    f"(T={current.timestamp}); staying on revision {current.revision}"
-                )
+            refuse_rollback(
+                self.fqrn, manifest, current.revision, current.timestamp,
+                f"it is open; staying on revision {current.revision}",
+            )  # fmt: skip
             if self.pinned or manifest.catalog == self.root_hash:
                 self.manifest = manifest
                 return False
@@ -474,18 +491,33 @@ class Repository:
         return self.root.revision
 
     # -- objects ------------------------------------------------------------------------------
-    def _object(self, digest: Digest, kind: ObjectKind, compressed: bool) -> Path:
+    max_unsized_object = 2 * 2**30
+    """Bound on objects no catalog gives a size for (root catalog, history, meta-info)."""
+
+    def _object(
+        self, digest: Digest, kind: ObjectKind, compressed: bool, size: int | None = None
+    ) -> Path:
         """A verified, decompressed object in the cache (fetched once, even if asked twice)."""
-        return self._object_traced(digest, kind, compressed)[0]
+        return self._object_traced(digest, kind, compressed, size)[0]
 
     def _object_traced(
-        self, digest: Digest, kind: ObjectKind, compressed: bool
+        self,
+        digest: Digest,
+        kind: ObjectKind,
+        compressed: bool,
+        size: int | None = None,
+        *,
+        exact: bool = True,
     ) -> tuple[Path, str, int]:
         """:meth:`_object` and how it was served, for tracing: ``(path, how, net_bytes)``.
 
         ``how`` is ``"hit"`` (in the cache), ``"fetch"`` (this call fetched it; ``net_bytes``
         came over the network or out of the store) or ``"wait"`` (another thread was fetching
         it and this call waited for that fetch).
+
+        ``size`` is what the catalog says the content is: more is refused while it streams
+        (a zlib bomb, an oversized object) and, when ``exact``, less after it, before the
+        cache keeps it. Without a size, :attr:`max_unsized_object` bounds it.
         """
         path = self.cache.get_path(digest)
         if path is not None:
@@ -501,8 +533,12 @@ class Repository:
             return future.result(), "wait", 0
         try:
             rel = object_path(digest, kind)
+            known = size is not None and (exact or size > 0)  # a 0 catalog size is "unknown"
+            bound = size if known and size is not None else self.max_unsized_object
             with self.cache.put_stream(digest) as sink:
-                written = self.source.fetch_into(rel, digest, compressed, sink)
+                written = self.source.fetch_into(rel, digest, compressed, sink, max_bytes=bound)
+                if exact and size is not None and written != size:
+                    raise FormatError(rel, f"holds {written} bytes, the catalog says {size}")
             # Just committed (verified while it streamed): no second lookup needed.
             path = sink.committed_path or self.cache.get_path(digest)
             if path is None:
@@ -540,13 +576,14 @@ class Repository:
                 pass
         return written
 
-    def _load_catalog(self, mountpoint: str, digest: Digest) -> Catalog:
+    def _load_catalog(self, mountpoint: str, digest: Digest, size: int | None = None) -> Catalog:
+        """A catalog, opened once; ``size`` (the parent's, if known and not 0) bounds it."""
         key = (mountpoint, digest.hex)
         with self._lock:
             catalog = self._catalogs.get(key)
             if catalog is not None:
                 return catalog
-        path = self._object(digest, ObjectKind.CATALOG, True)
+        path = self._object_traced(digest, ObjectKind.CATALOG, True, size, exact=False)[0]
         self.cache.pin(digest)
         catalog = Catalog(path, mountpoint, what=f"catalog {digest.hex} ({mountpoint or '/'})")
         if mountpoint and catalog.mountpoint != mountpoint:
@@ -563,7 +600,7 @@ class Repository:
                 return catalog
             if ref.path == path and not for_listing:
                 return catalog  # the parent's mount point row answers stat (§8.3 step 4)
-            catalog = self._load_catalog(ref.path, ref.digest)
+            catalog = self._load_catalog(ref.path, ref.digest, ref.size)
 
     @staticmethod
     def _normalise(path: str) -> str:
@@ -634,11 +671,13 @@ class Repository:
 
     def piece_path(self, layout: FileLayout, index: int) -> Path:
         """The cached, verified bytes of piece ``index`` (fetching it if needed)."""
-        return self._object(layout.pieces[index].digest, layout.kind, layout.compressed)
+        piece = layout.pieces[index]
+        return self._object(piece.digest, layout.kind, layout.compressed, piece.size)
 
     def piece_fetch(self, layout: FileLayout, index: int) -> tuple[Path, str, int]:
         """:meth:`piece_path` and how it was served (``hit``/``fetch``/``wait``, net bytes)."""
-        return self._object_traced(layout.pieces[index].digest, layout.kind, layout.compressed)
+        piece = layout.pieces[index]
+        return self._object_traced(piece.digest, layout.kind, layout.compressed, piece.size)
 
     def open_file(self, path: str, *, prefetch: bool | None = None) -> CvmfsFile:
         """A seekable binary file; large files are prefetched in parallel unless disabled.
@@ -972,13 +1011,6 @@ def _preadv_full(fd: int, view: memoryview, offset: int) -> int:
     return done
 
 
-def _manifest_fqrn(folder: Path) -> str | None:
-    try:
-        return Manifest.parse((folder / ".cvmfspublished").read_bytes()).fqrn
-    except (OSError, CvmfsMlError):
-        return None
-
-
 def _read_breadcrumb(path: Path) -> tuple[str, int, int] | None:
     """``(catalog hex, timestamp, revision)`` from a breadcrumb, or None (absent, unreadable)."""
     try:
@@ -991,11 +1023,3 @@ def _read_breadcrumb(path: Path) -> tuple[str, int, int] | None:
         return digest, int(stamp), int(revision)
     except ValueError:
         return None  # upstream ignores a breadcrumb it cannot parse, too
-
-
-def _accepts_nocache(source: object) -> bool:
-    """Whether ``source.fetch`` can bypass proxy caches (the HTTP fetcher; not a folder)."""
-    try:
-        return "nocache" in inspect.signature(source.fetch).parameters  # type: ignore[attr-defined]
-    except (AttributeError, TypeError, ValueError):
-        return False

@@ -30,7 +30,6 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import fcntl
-import inspect
 import json
 import os
 import shutil
@@ -41,24 +40,34 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO, Protocol
+from typing import Any
 from urllib.parse import urlsplit
 
+from cvmfs_ml.client.config import load_blacklist
+from cvmfs_ml.client.repository import ObjectSource
+from cvmfs_ml.client.trust import (
+    MAX_CERTIFICATE_BYTES,
+    MAX_MANIFEST_BYTES,
+    MAX_WHITELIST_BYTES,
+    Blacklist,
+    TrustAnchors,
+    parse_manifest,
+    refuse_rollback,
+    verify_ensemble,
+)
 from cvmfs_ml.cvmfs.catalog import Catalog, referenced_objects
 from cvmfs_ml.cvmfs.hashing import Digest
 from cvmfs_ml.cvmfs.history import HistoryDb
 from cvmfs_ml.cvmfs.keys import load_public_keys
-from cvmfs_ml.cvmfs.manifest import Manifest, verify_manifest
-from cvmfs_ml.cvmfs.objects import Decompressor, ObjectKind, inflate, object_path
+from cvmfs_ml.cvmfs.manifest import Manifest
+from cvmfs_ml.cvmfs.objects import Decompressor, ObjectKind, object_path
 from cvmfs_ml.cvmfs.reflog import Reflog, RefType
-from cvmfs_ml.cvmfs.whitelist import certificate_fingerprint, verify_whitelist
 from cvmfs_ml.errors import (
     DownloadError,
     FormatError,
     LockedError,
     NotFoundError,
     PublishError,
-    RollbackError,
     SignatureError,
 )
 from cvmfs_ml.storage.local import LocalStore
@@ -76,14 +85,6 @@ STATUS_JSON = ".cvmfs_status.json"
 _LOCK_NAME = "replica.lock"
 _TEMP_PREFIX = "replica."
 _READ_BLOCK = 4 * 2**20
-
-
-class _Source(Protocol):
-    def fetch(self, rel_path: str, expected: Digest | None, *, compressed: bool) -> bytes: ...
-
-    def fetch_into(
-        self, rel_path: str, expected: Digest | None, compressed: bool, fileobj: BinaryIO
-    ) -> int: ...
 
 
 @dataclass
@@ -124,6 +125,7 @@ def sync_replica(
     workers: int = 8,
     full_history: bool = False,
     now: dt.datetime | None = None,
+    blacklist: Blacklist | None = None,
     **fetcher_options: Any,
 ) -> SyncReport:
     """Bring the replica at ``dest_repo_dir`` up to the revision ``upstream`` publishes.
@@ -136,7 +138,9 @@ def sync_replica(
     to the HTTP fetcher. ``full_history`` also copies, on the first run, every earlier revision
     still reachable through ``previous_revision`` (later runs always copy the revisions
     published since the last one). ``now`` is the time the whitelist's expiry is checked
-    against. Idempotent: a second run with nothing new published copies nothing.
+    against. ``blacklist`` (default: the site's, see
+    :func:`~cvmfs_ml.client.config.load_blacklist`) refuses certificates and revisions.
+    Idempotent: a second run with nothing new published copies nothing.
     """
     started = time.monotonic()
     keys = (
@@ -156,7 +160,10 @@ def sync_replica(
             when = now or dt.datetime.now(dt.UTC)
             dest.put_bytes(IS_SNAPSHOTTING, (_date_utc(when) + "\n").encode())
             try:
-                snapshot = _Snapshot(source, dest, fqrn, keys, when, workers, label)
+                anchors = TrustAnchors(
+                    fqrn, keys, blacklist if blacklist is not None else load_blacklist()
+                )
+                snapshot = _Snapshot(source, dest, anchors, when, workers, label)
                 report = snapshot.run(full_history=full_history)
             finally:
                 dest.remove(IS_SNAPSHOTTING)
@@ -176,18 +183,17 @@ class _Snapshot:
 
     def __init__(
         self,
-        source: _Source,
+        source: ObjectSource,
         dest: LocalStore,
-        fqrn: str,
-        keys: list[Any],
+        anchors: TrustAnchors,
         now: dt.datetime,
         workers: int,
         label: str,
     ) -> None:
         self.source = source
         self.dest = dest
-        self.fqrn = fqrn
-        self.keys = keys
+        self.anchors = anchors
+        self.fqrn = anchors.fqrn
         self.now = now
         self.label = label
         self.workers = max(1, workers)
@@ -199,18 +205,15 @@ class _Snapshot:
     # -- the steps ----------------------------------------------------------------------------
     def run(self, *, full_history: bool = False) -> SyncReport:
         self._check_replication_allowed()
-        raw_manifest = self._fetch_root_file(MANIFEST)
-        raw_whitelist = self._fetch_root_file(WHITELIST)
+        raw_manifest = self._fetch_root_file(MANIFEST, MAX_MANIFEST_BYTES)
+        raw_whitelist = self._fetch_root_file(WHITELIST, MAX_WHITELIST_BYTES)
         manifest, certificate_stored = self._verify(raw_manifest, raw_whitelist)
         previous_raw, previous = self._replica_manifest()
-        if previous is not None and (
-            manifest.revision < previous.revision or manifest.timestamp < previous.timestamp
-        ):
-            raise RollbackError(
-                f"{self.label} offers revision {manifest.revision} (T={manifest.timestamp}) "
-                f"but the replica already has revision {previous.revision} "
-                f"(T={previous.timestamp}); refusing to roll it back"
-            )
+        if previous is not None:
+            refuse_rollback(
+                self.fqrn, manifest, previous.revision, previous.timestamp,
+                f"the replica has it; refusing to roll back to what {self.label} offers",
+            )  # fmt: skip
         self.report = SyncReport(
             fqrn=self.fqrn,
             upstream=self.label,
@@ -241,7 +244,7 @@ class _Snapshot:
 
     def _check_replication_allowed(self) -> None:
         try:
-            self._fetch_root_file(MASTER_REPLICA)
+            self._fetch_root_file(MASTER_REPLICA, MAX_MANIFEST_BYTES)
         except (NotFoundError, DownloadError) as exc:
             if not _is_missing(exc):
                 raise
@@ -251,21 +254,17 @@ class _Snapshot:
             ) from exc
 
     def _verify(self, raw_manifest: bytes, raw_whitelist: bytes) -> tuple[Manifest, bytes]:
-        """Check the ensemble as a client does; returns the manifest and the stored cert."""
-        manifest = Manifest.parse(raw_manifest)
-        whitelist = verify_whitelist(raw_whitelist, self.keys, self.fqrn, self.now)
+        """Check the ensemble with the client's trust core; returns the manifest and the
+        certificate object as stored (copied byte for byte)."""
+        manifest = parse_manifest(self.anchors, raw_manifest)
         if manifest.certificate is None:
             raise FormatError(MANIFEST, "no certificate (X) to verify the signature with")
         rel = object_path(manifest.certificate, ObjectKind.CERTIFICATE)
-        stored = self.source.fetch(rel, manifest.certificate, compressed=False)
-        certificate = inflate(stored, f"certificate {manifest.certificate.hex}")
-        if not whitelist.accepts(certificate):
-            raise SignatureError(
-                f"{self.fqrn}: certificate {manifest.certificate.hex} (fingerprint "
-                f"{certificate_fingerprint(certificate)}) is not listed in {WHITELIST}"
-            )
-        verify_manifest(raw_manifest, certificate, fqrn=self.fqrn)
-        return manifest, stored
+        stored = self.source.fetch(
+            rel, manifest.certificate, compressed=False, max_bytes=MAX_CERTIFICATE_BYTES
+        )
+        trusted = verify_ensemble(self.anchors, raw_manifest, raw_whitelist, stored, self.now)
+        return trusted.manifest, stored
 
     def _copy_all(self, manifest: Manifest, *, follow_previous: bool) -> None:
         if manifest.metainfo is not None:
@@ -408,11 +407,9 @@ class _Snapshot:
                 setattr(self.report, name, getattr(self.report, name) + amount)
 
     # -- root files ---------------------------------------------------------------------------
-    def _fetch_root_file(self, name: str) -> bytes:
+    def _fetch_root_file(self, name: str, max_bytes: int) -> bytes:
         """A mutable root file, fresh from the source (past proxy caches when there are any)."""
-        if _accepts_nocache(self.source):
-            return self.source.fetch(name, None, compressed=False, nocache=True)  # type: ignore[call-arg]
-        return self.source.fetch(name, None, compressed=False)
+        return self.source.fetch(name, None, compressed=False, nocache=True, max_bytes=max_bytes)
 
     def _read_replica_file(self, name: str) -> bytes | None:
         try:
@@ -494,7 +491,7 @@ def _open_source(
     proxy: str | None,
     workers: int,
     fetcher_options: dict[str, Any],
-) -> tuple[_Source, str, str]:
+) -> tuple[ObjectSource, str, str]:
     """``(source, fqrn, label)`` for a URL chain or a local folder."""
     text = os.fspath(upstream)
     if "://" in text:
@@ -513,13 +510,10 @@ def _open_source(
     if fetcher_options or proxy:
         raise PublishError("proxy and fetcher options only apply to an http(s) upstream")
     folder = Path(text)
-    if fqrn is None:
-        try:
-            fqrn = Manifest.parse((folder / MANIFEST).read_bytes()).fqrn
-        except OSError as exc:
-            raise NotFoundError(str(folder / MANIFEST), "no repository to replicate") from exc
-        fqrn = fqrn or folder.name
-    return LocalStore(folder), fqrn, str(folder)
+    if not (folder / MANIFEST).is_file():
+        raise NotFoundError(str(folder / MANIFEST), "no repository to replicate")
+    # The name comes from the caller or the folder, never from the manifest being verified.
+    return LocalStore(folder), fqrn or folder.resolve().name, str(folder)
 
 
 @contextlib.contextmanager
@@ -550,13 +544,6 @@ def _is_missing(exc: BaseException) -> bool:
     if isinstance(exc, DownloadError) and exc.attempts:
         return all(reason.startswith("HTTP 404") for _url, _proxy, reason in exc.attempts)
     return False
-
-
-def _accepts_nocache(source: object) -> bool:
-    try:
-        return "nocache" in inspect.signature(source.fetch).parameters  # type: ignore[attr-defined]
-    except (AttributeError, TypeError, ValueError):
-        return False
 
 
 def _date_utc(when: dt.datetime) -> str:

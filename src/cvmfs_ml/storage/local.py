@@ -207,13 +207,20 @@ class LocalStore:
 
     # -- the fetcher interface (same as client.fetcher.Fetcher) -------------------------------
     def fetch(
-        self, rel_path: str, expected: Digest | None, *, compressed: bool, nocache: bool = False
+        self,
+        rel_path: str,
+        expected: Digest | None,
+        *,
+        compressed: bool,
+        nocache: bool = False,
+        max_bytes: int | None = None,
     ) -> bytes:
         """Read an object, check its hash when ``expected`` is given, inflate if compressed.
 
         ``nocache`` exists for interface parity with the HTTP fetcher; a folder has no proxy.
+        ``max_bytes`` bounds the content (stored and inflated): beyond it is a FormatError.
         """
-        stored = self.get_bytes(rel_path)
+        stored = self._read_bounded(rel_path, max_bytes, compressed)
         if expected is not None:
             hasher = new_hasher(expected.algorithm)
             hasher.update(stored)
@@ -222,8 +229,22 @@ class LocalStore:
                 raise IntegrityError(rel_path, expected.hex, got.hex)
         if not compressed:
             return stored
-        decompressor = Decompressor(rel_path)
+        decompressor = Decompressor(rel_path, max_output=max_bytes)
         return decompressor.decompress(stored) + decompressor.flush()
+
+    def _read_bounded(self, rel_path: str, max_bytes: int | None, compressed: bool) -> bytes:
+        if max_bytes is None:
+            return self.get_bytes(rel_path)
+        # zlib's worst case adds 5 bytes per 16 KiB: 1/256 plus 4 KiB is a safe stored bound
+        limit = max_bytes + max_bytes // 256 + 4096 if compressed else max_bytes
+        try:
+            with self.path(rel_path).open("rb") as handle:
+                stored = handle.read(limit + 1)
+        except FileNotFoundError as exc:
+            raise NotFoundError(rel_path, str(self.root)) from exc
+        if len(stored) > limit:
+            raise FormatError(rel_path, f"larger than {limit} bytes")
+        return stored
 
     def fetch_into(
         self,
@@ -233,10 +254,14 @@ class LocalStore:
         fileobj: BinaryIO,
         *,
         nocache: bool = False,
+        max_bytes: int | None = None,
     ) -> int:
-        """Stream an object into ``fileobj`` with bounded memory; returns bytes written."""
+        """Stream an object into ``fileobj`` with bounded memory; returns bytes written.
+
+        ``max_bytes`` bounds what is written (inflated content): beyond it is a FormatError.
+        """
         hasher = new_hasher(expected.algorithm) if expected is not None else None
-        decompressor = Decompressor(rel_path) if compressed else None
+        decompressor = Decompressor(rel_path, max_output=max_bytes) if compressed else None
         written = 0
         inflate_error: FormatError | None = None
         try:
@@ -250,12 +275,14 @@ class LocalStore:
                 if inflate_error is not None:
                     continue  # keep hashing: a hash mismatch is the more precise diagnosis
                 try:
-                    out = decompressor.decompress(block) if decompressor else block
+                    for out in decompressor.pieces(block) if decompressor else (block,):
+                        if max_bytes is not None and written + len(out) > max_bytes:
+                            raise FormatError(rel_path, f"larger than {max_bytes} bytes")
+                        fileobj.write(out)
+                        written += len(out)
                 except FormatError as exc:
                     inflate_error = exc
                     continue
-                fileobj.write(out)
-                written += len(out)
         if hasher is not None and expected is not None:
             got = Digest(expected.algorithm, hasher.digest())
             if got != expected:
