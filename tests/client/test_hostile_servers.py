@@ -298,3 +298,31 @@ def test_bounded_local_store_and_decoder() -> None:
             assert len(piece) <= Decompressor.piece_size
     exact = Decompressor("exact", max_output=len(PAYLOAD))
     assert exact.decompress(zlib.compress(PAYLOAD)) + exact.flush() == PAYLOAD
+
+
+def test_a_slow_proxy_fails_over_to_the_next_by_configuration(
+    published: Publisher, hostile: Callable[[str, str], str], good: str, tmp_path: Path
+) -> None:
+    """``CVMFS_TIMEOUT`` (through a proxy) and ``CVMFS_LOW_SPEED_LIMIT`` from the configuration:
+    a proxy trickling one byte a second is left for the next proxy group (here DIRECT)."""
+    from cvmfs_ml.client.config import load_config
+    from cvmfs_ml.client.session import open_configured
+
+    bad = hostile("slow", object_rel(published, "/model.bin"))  # it also works as a proxy
+    bad_proxy = bad.split("/cvmfs/", 1)[0]
+    env = {
+        "CVMFS_SERVER_URL": good,
+        "CVMFS_HTTP_PROXY": f"{bad_proxy};DIRECT",
+        "CVMFS_TIMEOUT": "1",
+        "CVMFS_TIMEOUT_DIRECT": "5",
+        "CVMFS_LOW_SPEED_LIMIT": "1024",
+        "CVMFS_MAX_RETRIES": "0",
+        "CVMFS_PUBLIC_KEY": str(published.keys.paths.master_public),
+        "CVMFS_CACHE_BASE": str(tmp_path / "cache"),
+    }
+    started = time.monotonic()
+    with open_configured(FQRN, load_config(FQRN, env=env)) as repo:
+        assert repo.source.low_speed_limit == 1024 and repo.source.timeout == 1.0
+        assert repo.read_bytes("/model.bin") == PAYLOAD
+        assert repo.source.stats.failovers >= 1
+    assert time.monotonic() - started < 30
