@@ -214,3 +214,31 @@ def test_core_verifies_bytes_with_a_clock(repo: Publisher) -> None:
     tampered = manifest.replace(b"\nS", b"\nS9", 1)
     with pytest.raises(SignatureError):
         verify_ensemble(anchors, tampered, whitelist, certificate, now)
+
+
+def test_the_core_does_no_io() -> None:
+    """trust.py is fed bytes and a clock: no file, socket or clock of its own."""
+    import ast
+
+    import cvmfs_ml.client.trust as trust
+
+    tree = ast.parse(Path(trust.__file__).read_text())
+    imported = {
+        alias.name.split(".")[0]
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Import | ast.ImportFrom)
+        for alias in (
+            node.names if isinstance(node, ast.Import) else [ast.alias(node.module or "")]
+        )
+    }
+    assert not imported & {"os", "io", "pathlib", "socket", "urllib3", "http", "time", "shutil"}
+    calls = {
+        n.func.id
+        for n in ast.walk(tree)
+        if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)
+    }
+    assert "open" not in calls
+    assert not any(
+        isinstance(n, ast.Attribute) and n.attr in ("now", "utcnow", "today")
+        for n in ast.walk(tree)
+    )

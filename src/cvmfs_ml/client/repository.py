@@ -15,7 +15,6 @@ import bisect
 import collections
 import contextlib
 import datetime as dt
-import fcntl
 import io
 import logging
 import os
@@ -32,19 +31,11 @@ from urllib.parse import urlsplit
 
 from cvmfs_ml.client.cache import ObjectCache
 from cvmfs_ml.client.config import DIRECT, load_blacklist, parse_proxy_list, parse_server_urls
+from cvmfs_ml.client.ensemble import Breadcrumb, fetch_manifest, fetch_trusted
 from cvmfs_ml.client.prefetch import Fetched, Prefetcher
-from cvmfs_ml.client.trust import (
-    MAX_CERTIFICATE_BYTES,
-    MAX_MANIFEST_BYTES,
-    MAX_WHITELIST_BYTES,
-    Blacklist,
-    TrustAnchors,
-    parse_manifest,
-    refuse_rollback,
-    verify_ensemble,
-)
+from cvmfs_ml.client.trust import Blacklist, TrustAnchors, refuse_rollback
 from cvmfs_ml.cvmfs.catalog import Catalog, Chunk, DirectoryEntry
-from cvmfs_ml.cvmfs.hashing import Digest, hash_bytes
+from cvmfs_ml.cvmfs.hashing import Digest
 from cvmfs_ml.cvmfs.history import HistoryDb, Tag
 from cvmfs_ml.cvmfs.keys import load_public_keys
 from cvmfs_ml.cvmfs.manifest import Manifest
@@ -319,97 +310,18 @@ class Repository:
             log.info("%s: %s; fetching the manifest again past proxy caches", self.fqrn, exc)
             return self._boot_once(True)
 
-    def _fetch_root_file(self, name: str, nocache: bool, max_bytes: int) -> bytes:
-        """A mutable root file of at most ``max_bytes``; ``nocache`` bypasses proxy caches."""
-        return self.source.fetch(
-            name, None, compressed=False, nocache=nocache, max_bytes=max_bytes
-        )
-
     def _boot_once(self, nocache: bool) -> Manifest:
-        """Fetch the manifest ensemble and hand it to the trust core (:mod:`.trust`), then
+        """Fetch the manifest ensemble, have the trust core (:mod:`.trust`) verify it, then
         refuse a rollback against the breadcrumb. Each failure raises its own error type."""
         self._checked_at = time.monotonic()
-        raw = self._fetch_root_file(".cvmfspublished", nocache, MAX_MANIFEST_BYTES)
-        manifest = parse_manifest(self.anchors, raw)
         if not self._verify:
-            return manifest
-        if manifest.certificate is None:
-            raise FormatError(".cvmfspublished", "no certificate (X) to verify the signature with")
-        raw_whitelist = self._fetch_root_file(".cvmfswhitelist", nocache, MAX_WHITELIST_BYTES)
-        stored_certificate = self._stored_certificate(manifest.certificate)
-        trusted = verify_ensemble(
-            self.anchors, raw, raw_whitelist, stored_certificate, self._now or _utcnow()
-        )
-        self._check_breadcrumb(trusted.manifest)
+            return fetch_manifest(self.source, self.anchors, nocache=nocache)[1]
+        now = self._now or _utcnow()
+        trusted = fetch_trusted(self.source, self.cache, self.anchors, now=now, nocache=nocache)
+        Breadcrumb(Path(self.cache.root), self.fqrn).accept(trusted.manifest)
         self.whitelist: Whitelist = trusted.whitelist
         self.certificate: bytes = trusted.certificate
         return trusted.manifest
-
-    def _stored_certificate(self, digest: Digest) -> bytes:
-        """The certificate object as stored (compressed), kept in the cache like upstream does.
-
-        The cache keeps the stored bytes, which hash to the object's name, so a copy from the
-        cache is checked again here (and by the trust core) and refetched when it is not right.
-        """
-        path = self.cache.get_path(digest)
-        if path is not None:
-            try:
-                with path.open("rb") as handle:
-                    data = handle.read(MAX_CERTIFICATE_BYTES + 1)
-                if hash_bytes(data, digest.algorithm) == digest:
-                    return data
-            except OSError:
-                pass  # evicted meanwhile
-            self.cache.invalidate(digest)
-        rel = object_path(digest, ObjectKind.CERTIFICATE)
-        data = self.source.fetch(rel, digest, compressed=False, max_bytes=MAX_CERTIFICATE_BYTES)
-        with contextlib.suppress(OSError, CvmfsMlError):  # a read-only cache still verifies
-            self.cache.put_bytes(digest, data)
-        return data
-
-    def _breadcrumb_path(self) -> Path:
-        return Path(self.cache.root) / f"cvmfschecksum.{self.fqrn}"
-
-    def _check_breadcrumb(self, manifest: Manifest) -> None:
-        """Refuse a manifest older than one already accepted, then remember this one (§10.2).
-
-        The breadcrumb ``cvmfschecksum.<fqrn>`` in the cache holds ``<catalog>T<time>R<rev>``
-        of the newest manifest any process using this cache has accepted, so a server (or a
-        proxy) replaying an older, validly signed manifest is caught even after a restart. It
-        only moves forward; a lock keeps concurrent processes from moving it back.
-        """
-        path = self._breadcrumb_path()
-        try:
-            lock = open(path.with_name(path.name + ".lock"), "a+")  # noqa: SIM115
-        except OSError:
-            lock = None  # a read-only cache still reads; it only checks, never records
-        with lock if lock is not None else contextlib.nullcontext():
-            if lock is not None:
-                fcntl.flock(lock, fcntl.LOCK_EX)
-            known = _read_breadcrumb(path)
-            if known is not None:
-                known_hash, known_ts, known_rev = known
-                refuse_rollback(
-                    self.fqrn, manifest, known_rev, known_ts,
-                    f"breadcrumb {path}; delete it only if the repository was re-created on "
-                    "purpose",
-                )  # fmt: skip
-                if (known_hash, known_ts, known_rev) == (
-                    manifest.catalog.hex,
-                    manifest.timestamp,
-                    manifest.revision,
-                ):
-                    return
-            if lock is None:
-                return
-            text = f"{manifest.catalog.hex}T{manifest.timestamp}R{manifest.revision}"
-            tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-            try:
-                tmp.write_text(text)
-                os.replace(tmp, path)
-            except OSError:
-                with contextlib.suppress(OSError):
-                    tmp.unlink()
 
     def refresh(self, *, nocache: bool = True) -> bool:
         """Look for a new revision now and switch to it; True if the tree changed.
@@ -1009,17 +921,3 @@ def _preadv_full(fd: int, view: memoryview, offset: int) -> int:
             break
         done += n
     return done
-
-
-def _read_breadcrumb(path: Path) -> tuple[str, int, int] | None:
-    """``(catalog hex, timestamp, revision)`` from a breadcrumb, or None (absent, unreadable)."""
-    try:
-        text = path.read_text().strip()
-    except (OSError, UnicodeDecodeError):
-        return None
-    digest, _, rest = text.partition("T")
-    stamp, _, revision = rest.partition("R")
-    try:
-        return digest, int(stamp), int(revision)
-    except ValueError:
-        return None  # upstream ignores a breadcrumb it cannot parse, too
