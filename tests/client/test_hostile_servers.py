@@ -124,6 +124,16 @@ class _Hostile(http.server.BaseHTTPRequestHandler):
                 self.wfile.write(bytes([byte]))
                 self.wfile.flush()
                 time.sleep(1.0)
+        elif self.mode == "slow-chunked":  # one big chunk, trickled
+            data = (self.folder / self.spoil).read_bytes()
+            self.send_response(200)
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            self.wfile.write(f"{len(data):x}\r\n".encode())
+            for byte in data:
+                self.wfile.write(bytes([byte]))
+                self.wfile.flush()
+                time.sleep(1.0)
 
 
 @pytest.fixture
@@ -274,10 +284,11 @@ def test_a_bomb_never_reaches_the_cache(
     assert usage < 2 * 2**20
 
 
+@pytest.mark.parametrize("mode", ["slow", "slow-chunked"])
 def test_one_byte_a_second_fails_over_to_the_next_mirror(
-    published: Publisher, hostile: Callable[[str, str], str], good: str, tmp_path: Path
+    published: Publisher, hostile: Callable[[str, str], str], good: str, tmp_path: Path, mode: str
 ) -> None:
-    bad = hostile("slow", object_rel(published, "/model.bin"))
+    bad = hostile(mode, object_rel(published, "/model.bin"))
     alone = run_client(published, bad, tmp_path / "alone", "/model.bin")
     assert "slower than CVMFS_LOW_SPEED_LIMIT=1024 B/s" in str(alone["error"]), alone
     assert float(alone["seconds"]) < 30  # type: ignore[arg-type]

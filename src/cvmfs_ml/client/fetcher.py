@@ -684,6 +684,16 @@ def _readinto_for(response: urllib3.BaseHTTPResponse) -> Callable[[memoryview], 
     into our buffer skips that copy; :func:`_finish` then hands the connection back to the pool.
     """
     raw = getattr(response, "_fp", None)
+    if isinstance(raw, http.client.HTTPResponse) and raw.chunked:
+        # http.client fills a whole chunk per readinto; read1 returns after one receive
+        chunked = raw
+
+        def read_some(view: memoryview) -> int:
+            data = chunked.read1(len(view))
+            view[: len(data)] = data
+            return len(data)
+
+        return read_some
     if isinstance(raw, http.client.HTTPResponse):
         fp = raw.fp
         if fp is not None and not isinstance(fp, _OneReceive) and hasattr(fp, "readinto1"):
