@@ -242,3 +242,28 @@ def test_the_core_does_no_io() -> None:
         isinstance(n, ast.Attribute) and n.attr in ("now", "utcnow", "today")
         for n in ast.walk(tree)
     )
+
+
+def test_cvmfs_blacklist_from_a_configuration_file(repo: Publisher, tmp_path: Path) -> None:
+    from cvmfs_ml.client.config import load_config
+    from cvmfs_ml.client.locate import open_target
+    from cvmfs_ml.storage.http import RepositoryServer
+
+    (tmp_path / "blacklist").write_text(blacklist_line(repo) + "\n")
+    with RepositoryServer(repo.repo_dir.parent) as server:
+        config = tmp_path / "site.conf"
+        config.write_text(
+            f"CVMFS_SERVER_URL={server.url}/cvmfs/@fqrn@\n"
+            f"CVMFS_PUBLIC_KEY={master_key(repo)}\n"
+            f"CVMFS_CACHE_BASE={tmp_path / 'cache'}\n"
+            f"CVMFS_BLACKLIST={tmp_path / 'blacklist'}\n"
+        )
+        with pytest.raises(BlacklistedError):
+            open_target(FQRN, config_files=[config], env={})
+        from cvmfs_ml.client.session import open_configured
+
+        with pytest.raises(BlacklistedError):
+            open_configured(FQRN, load_config(FQRN, [config], env={}))
+        config.write_text(config.read_text().replace("CVMFS_BLACKLIST", "#"))
+        with open_target(FQRN, config_files=[config], env={}) as opened:
+            assert opened.read_bytes("/a.txt") == b"hello"

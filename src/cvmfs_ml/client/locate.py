@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from cvmfs_ml.client.cache import ObjectCache
-from cvmfs_ml.client.config import ClientConfig, load_config, parse_proxy_list
+from cvmfs_ml.client.config import ClientConfig, load_blacklist, load_config, parse_proxy_list
 from cvmfs_ml.client.repository import Repository
 from cvmfs_ml.cvmfs.keys import load_public_keys
 from cvmfs_ml.errors import ConfigError
@@ -130,6 +130,10 @@ def open_target(
     if not key_spec:
         raise ConfigError(f"no public key for {fqrn}: set CVMFS_KEYS_DIR or CVMFS_PUBLIC_KEY")
     workers = int(options.pop("prefetch_workers", config.parallel))
+    if "blacklist" not in options:  # CVMFS_BLACKLIST may come from a configuration file
+        options["blacklist"] = load_blacklist(
+            config.params.get("CVMFS_BLACKLIST", "").strip() or None
+        )
     source = Fetcher.from_config(config, pool_size=max(workers, 1))
     return Repository(
         source,
