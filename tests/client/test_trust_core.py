@@ -267,3 +267,15 @@ def test_cvmfs_blacklist_from_a_configuration_file(repo: Publisher, tmp_path: Pa
         config.write_text(config.read_text().replace("CVMFS_BLACKLIST", "#"))
         with open_target(FQRN, config_files=[config], env={}) as opened:
             assert opened.read_bytes("/a.txt") == b"hello"
+
+
+def test_a_symlink_named_after_the_repository_opens_it(repo: Publisher, tmp_path: Path) -> None:
+    """The folder's name as given is the repository's: a link named ``core.test`` works, a
+    link named otherwise is refused although it points at the very same files."""
+    (tmp_path / "named").mkdir()
+    (tmp_path / "named" / FQRN).symlink_to(repo.repo_dir)
+    (tmp_path / "named" / OTHER).symlink_to(repo.repo_dir)
+    with Repository.open(tmp_path / "named" / FQRN, public_key=master_key(repo)) as opened:
+        assert opened.fqrn == FQRN and opened.read_bytes("/a.txt") == b"hello"
+    with pytest.raises(FqrnMismatchError):
+        Repository.open(tmp_path / "named" / OTHER, public_key=master_key(repo))

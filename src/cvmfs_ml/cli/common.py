@@ -40,13 +40,14 @@ def _default_key(location: str) -> Path | None:
     """For a local repository, the master public key stored by ``repo create``."""
     if location.startswith(("http://", "https://")):
         return None
+    from cvmfs_ml.client.config import folder_fqrn
     from cvmfs_ml.publish.repository import default_keys_dir
 
     folder = Path(location)
     if not (folder / ".cvmfspublished").is_file():
         return None
     # The folder's name is the repository's: never the name the unverified manifest claims.
-    candidate = default_keys_dir(folder) / f"{folder.resolve().name}.pub"
+    candidate = default_keys_dir(folder) / f"{folder_fqrn(folder)}.pub"
     return candidate if candidate.exists() else None
 
 

@@ -32,6 +32,7 @@ from cvmfs_ml.errors import ConfigError, CvmfsMlError
 __all__ = [
     "DIRECT",
     "ClientConfig",
+    "folder_fqrn",
     "load_blacklist",
     "load_config",
     "parse_config_text",
@@ -496,3 +497,10 @@ def load_blacklist(
         return Blacklist.parse(data, str(where))
     except CvmfsMlError as exc:
         raise ConfigError(str(exc)) from exc
+
+
+def folder_fqrn(folder: str | os.PathLike[str]) -> str:
+    """The repository a folder stands for: its own name, as given (a symlink named after the
+    repository counts, not its target). Never the ``N`` of the manifest inside, which is what
+    gets verified against this name."""
+    return Path(os.path.abspath(folder)).name

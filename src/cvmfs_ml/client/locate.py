@@ -16,7 +16,13 @@ from pathlib import Path
 from typing import Any
 
 from cvmfs_ml.client.cache import ObjectCache
-from cvmfs_ml.client.config import ClientConfig, load_blacklist, load_config, parse_proxy_list
+from cvmfs_ml.client.config import (
+    ClientConfig,
+    folder_fqrn,
+    load_blacklist,
+    load_config,
+    parse_proxy_list,
+)
 from cvmfs_ml.client.repository import Repository
 from cvmfs_ml.cvmfs.keys import load_public_keys
 from cvmfs_ml.errors import ConfigError
@@ -33,7 +39,7 @@ def local_default_key(folder: Path) -> Path | None:
     puts keys, docs/cli.md); ``None`` when it is not there."""
     if not (folder / ".cvmfspublished").is_file():
         return None
-    candidate = folder.resolve().parent.parent / "keys" / f"{folder.resolve().name}.pub"
+    candidate = folder.resolve().parent.parent / "keys" / f"{folder_fqrn(folder)}.pub"
     return candidate if candidate.is_file() else None
 
 
@@ -44,7 +50,7 @@ def target_fqrn(target: str) -> str | None:
         return target.split(";")[0].rstrip("/").rsplit("/", 1)[-1] or None
     folder = Path(target)
     if (folder / ".cvmfspublished").is_file():
-        return folder.resolve().name
+        return folder_fqrn(folder)
     return target or None
 
 

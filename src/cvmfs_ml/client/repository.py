@@ -30,7 +30,13 @@ from typing import Any, BinaryIO, Protocol
 from urllib.parse import urlsplit
 
 from cvmfs_ml.client.cache import ObjectCache
-from cvmfs_ml.client.config import DIRECT, load_blacklist, parse_proxy_list, parse_server_urls
+from cvmfs_ml.client.config import (
+    DIRECT,
+    folder_fqrn,
+    load_blacklist,
+    parse_proxy_list,
+    parse_server_urls,
+)
 from cvmfs_ml.client.ensemble import Breadcrumb, fetch_manifest, fetch_trusted
 from cvmfs_ml.client.prefetch import Fetched, Prefetcher
 from cvmfs_ml.client.trust import Blacklist, TrustAnchors, refuse_rollback
@@ -238,7 +244,7 @@ class Repository:
                 raise ConfigError(f"{sorted(fetcher_options)} only apply to http(s) locations")
             folder = Path(text)
             source = LocalStore(folder)
-            fqrn = fqrn or folder.resolve().name  # the folder's name, never the manifest's N
+            fqrn = fqrn or folder_fqrn(folder)  # the folder's name, never the manifest's N
         keys: Sequence[Any]
         if public_key is None:
             keys = []

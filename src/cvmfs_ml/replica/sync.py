@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from cvmfs_ml.client.config import load_blacklist
+from cvmfs_ml.client.config import folder_fqrn, load_blacklist
 from cvmfs_ml.client.repository import ObjectSource
 from cvmfs_ml.client.trust import (
     MAX_CERTIFICATE_BYTES,
@@ -513,7 +513,7 @@ def _open_source(
     if not (folder / MANIFEST).is_file():
         raise NotFoundError(str(folder / MANIFEST), "no repository to replicate")
     # The name comes from the caller or the folder, never from the manifest being verified.
-    return LocalStore(folder), fqrn or folder.resolve().name, str(folder)
+    return LocalStore(folder), fqrn or folder_fqrn(folder), str(folder)
 
 
 @contextlib.contextmanager
