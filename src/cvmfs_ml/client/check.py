@@ -89,7 +89,7 @@ def _check_tree(
             continue
         seen_catalogs.add(digest)
         try:
-            catalog = repo._load_catalog(mountpoint, digest)
+            catalog = repo.load_catalog(mountpoint, digest)
         except CvmfsMlError as exc:
             report.problems.append(f"catalog {digest.hex} ({mountpoint or '/'}): {exc}")
             continue
@@ -150,7 +150,7 @@ def _check_counters(report: CheckReport, repo: Repository, catalog: Catalog, whe
     expected: dict[str, int] = {}
     for ref in catalog.nested_catalogs():
         try:
-            child = repo._load_catalog(ref.path, ref.digest).statistics()
+            child = repo.load_catalog(ref.path, ref.digest).statistics()
         except CvmfsMlError:
             continue  # reported when the child itself is checked
         for key, value in totals(child).items():
@@ -198,7 +198,7 @@ def _self_counters(catalog: Catalog) -> dict[str, int]:
         if flags & Flag.EXTERNAL:
             counts["self_external"] += 1
             counts["self_external_file_size"] += entry.size
-    counts["self_chunks"] = int(catalog._query("SELECT count(*) FROM chunks")[0][0])
+    counts["self_chunks"] = catalog.chunk_count()
     return counts
 
 
@@ -209,7 +209,7 @@ def _check_nested(report: CheckReport, repo: Repository, catalog: Catalog, where
             report.problems.append(f"{where}: {ref.path} is not a nested mount point row")
             continue
         try:
-            child = repo._load_catalog(ref.path, ref.digest)
+            child = repo.load_catalog(ref.path, ref.digest)
         except CvmfsMlError:
             continue
         child_root = child.lookup(ref.path)

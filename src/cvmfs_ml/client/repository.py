@@ -494,6 +494,11 @@ class Repository:
                 pass
         return written
 
+    def load_catalog(self, mountpoint: str, digest: Digest, size: int | None = None) -> Catalog:
+        """A catalog of this repository (any revision's) by hash: verified, opened once, kept
+        open until :meth:`close` (``repo check`` walks every tagged tree with it)."""
+        return self._load_catalog(mountpoint, digest, size)
+
     def _load_catalog(self, mountpoint: str, digest: Digest, size: int | None = None) -> Catalog:
         """A catalog, opened once; ``size`` (the parent's, if known and not 0) bounds it."""
         key = (mountpoint, digest.hex)

@@ -462,7 +462,14 @@ class Catalog:
         return None
 
     def statistics(self) -> dict[str, int]:
-        return {k: int(v) for k, v in self._query("SELECT counter, value FROM statistics")}
+        try:
+            return {k: int(v) for k, v in self._query("SELECT counter, value FROM statistics")}
+        except (TypeError, ValueError) as exc:
+            raise FormatError(self.what, f"statistics: {exc}") from None
+
+    def chunk_count(self) -> int:
+        """Rows of the ``chunks`` table (``self_chunks`` counts them)."""
+        return int(self._query("SELECT count(*) FROM chunks")[0][0])
 
     def entries(self) -> Iterator[DirectoryEntry]:
         """Every row, with paths rebuilt from the parent links (root first, then depth-first)."""
