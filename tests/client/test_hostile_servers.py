@@ -176,7 +176,7 @@ def object_rel(published: Publisher, path: str) -> str:
 
 _CLIENT = textwrap.dedent(
     """
-    import hashlib, json, resource, sys, time
+    import hashlib, json, sys, time
     from cvmfs_ml.client.repository import Repository
     from cvmfs_ml.errors import CvmfsMlError
     url, key, cache, path = sys.argv[1:5]
@@ -190,7 +190,10 @@ _CLIENT = textwrap.dedent(
     except CvmfsMlError as exc:
         result["error"] = str(exc)
     result["seconds"] = time.monotonic() - started
-    result["max_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    # VmHWM: this process's own peak (ru_maxrss would carry over the forking parent's RSS)
+    with open("/proc/self/status") as status:
+        peak = next(line for line in status if line.startswith("VmHWM:"))
+    result["max_rss_mb"] = int(peak.split()[1]) / 1024
     print(json.dumps(result))
     """
 )

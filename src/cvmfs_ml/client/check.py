@@ -14,7 +14,7 @@ import io
 from dataclasses import dataclass, field, replace
 
 from cvmfs_ml.client.repository import Repository
-from cvmfs_ml.cvmfs.catalog import Catalog, DirectoryEntry, Flag, referenced_objects, totals
+from cvmfs_ml.cvmfs.catalog import Catalog, DirectoryEntry, Flag, sized_objects, totals
 from cvmfs_ml.cvmfs.hashing import Digest
 from cvmfs_ml.cvmfs.objects import ObjectKind, object_path
 from cvmfs_ml.errors import CvmfsMlError
@@ -101,22 +101,29 @@ def _check_tree(
             )
         _check_counters(report, repo, catalog, where)
         _check_nested(report, repo, catalog, where)
-        for entry in catalog.entries():
-            if entry.is_chunked:
-                try:
-                    catalog.chunks(entry)
-                except CvmfsMlError as exc:
-                    report.problems.append(f"{where}: {exc}")
-            elif entry.is_regular and entry.digest is None:
-                report.problems.append(f"{where}: {entry.path} has neither hash nor chunks")
-        if data:
-            for obj, is_chunk, compressed in referenced_objects(catalog):
-                if obj in seen_objects:
-                    continue
-                seen_objects.add(obj)
-                kind = ObjectKind.PARTIAL if is_chunk else ObjectKind.FILE
-                _check_object(report, repo.source, obj, kind, compressed)
-        stack.extend((r.path, r.digest, r.size) for r in catalog.nested_catalogs())
+        try:
+            _check_entries(report, catalog, where)
+            if data:
+                for obj, is_chunk, compressed, size in sized_objects(catalog):
+                    if obj in seen_objects:
+                        continue
+                    seen_objects.add(obj)
+                    kind = ObjectKind.PARTIAL if is_chunk else ObjectKind.FILE
+                    _check_object(report, repo.source, obj, kind, compressed, size)
+            stack.extend((r.path, r.digest, r.size) for r in catalog.nested_catalogs())
+        except CvmfsMlError as exc:  # a hostile catalog: report it, check the others
+            report.problems.append(f"{where}: {exc}")
+
+
+def _check_entries(report: CheckReport, catalog: Catalog, where: str) -> None:
+    for entry in catalog.entries():
+        if entry.is_chunked:
+            try:
+                catalog.chunks(entry)
+            except CvmfsMlError as exc:
+                report.problems.append(f"{where}: {exc}")
+        elif entry.is_regular and entry.digest is None:
+            report.problems.append(f"{where}: {entry.path} has neither hash nor chunks")
 
 
 def _check_object(
@@ -125,14 +132,19 @@ def _check_object(
     digest: Digest,
     kind: ObjectKind,
     compressed: bool,
+    size: int | None = None,
 ) -> None:
-    """Fetch (hash-checked, inflated when compressed) and count one object, or report it."""
+    """Fetch (hash-checked, inflated when compressed, bounded by the catalog's ``size``) and
+    count one object, or report it."""
     sink = _CountingSink()
     rel = object_path(digest, kind)
     try:
-        source.fetch_into(rel, digest, compressed, sink)  # type: ignore[attr-defined]
+        source.fetch_into(rel, digest, compressed, sink, max_bytes=size)  # type: ignore[attr-defined]
     except (CvmfsMlError, OSError) as exc:
         report.problems.append(f"object {rel}: {exc}")
+        return
+    if size is not None and sink.count != size:
+        report.problems.append(f"object {rel}: holds {sink.count} bytes, the catalog says {size}")
         return
     report.objects += 1
     report.bytes_checked += sink.count

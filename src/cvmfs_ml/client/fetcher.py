@@ -48,7 +48,7 @@ from urllib3.exceptions import MaxRetryError, ProtocolError, ReadTimeoutError
 from cvmfs_ml import __version__
 from cvmfs_ml.client.config import DIRECT, ClientConfig
 from cvmfs_ml.cvmfs.hashing import Digest, new_hasher
-from cvmfs_ml.cvmfs.objects import Decompressor
+from cvmfs_ml.cvmfs.objects import Decompressor, stored_bound
 from cvmfs_ml.errors import ConfigError, DownloadError, FormatError
 
 if TYPE_CHECKING:
@@ -464,7 +464,7 @@ class Fetcher:
         length_header = response.headers.get("Content-Length")
         length = int(length_header) if length_header and length_header.isdigit() else None
         expected, sink = job.expected, job.sink
-        raw_limit = _raw_limit(job.max_bytes, job.compressed)
+        raw_limit = None if job.max_bytes is None else stored_bound(job.max_bytes, job.compressed)
         if raw_limit is not None and length is not None and length > raw_limit:
             raise _Failure(_Kind.BAD_DATA, f"announces {length} bytes, more than {raw_limit}")
         hasher: Hasher | None = new_hasher(expected.algorithm) if expected else None
@@ -629,14 +629,6 @@ class _SpeedCheck:
             )
         self.start, self.moved = now, 0
         return None
-
-
-def _raw_limit(max_bytes: int | None, compressed: bool) -> int | None:
-    """Bound on the raw body for content of at most ``max_bytes``: zlib's worst-case expansion
-    (stored blocks) is 5 bytes per 16 KiB plus a header, well inside 1/256 plus 4 KiB."""
-    if max_bytes is None:
-        return None
-    return max_bytes + max_bytes // 256 + 4096 if compressed else max_bytes
 
 
 def _with_scheme(proxy: str) -> str:

@@ -751,18 +751,31 @@ def referenced_objects(catalog: Catalog) -> Iterator[tuple[Digest, bool, bool]]:
     External files are skipped (their data lives elsewhere, §10.4). Nested catalogs are not
     included: walk them with :func:`walk_catalog_tree`.
     """
-    for row in catalog._query(
-        "SELECT hash, flags FROM catalog WHERE hash IS NOT NULL AND NOT (flags & 128)"
-    ):
-        blob, flags = row
-        algorithm = Algorithm((flags & _HASH_ALGO_MASK) >> _HASH_ALGO_SHIFT)
-        yield Digest(algorithm, bytes(blob)), False, (flags & _COMPRESSION_MASK) == 0
-    for blob, flags in catalog._query(
-        "SELECT chunks.hash, catalog.flags FROM chunks JOIN catalog USING (md5path_1, md5path_2) "
-        "WHERE NOT (catalog.flags & 128)"
-    ):
-        algorithm = Algorithm((flags & _HASH_ALGO_MASK) >> _HASH_ALGO_SHIFT)
-        yield Digest(algorithm, bytes(blob)), True, (flags & _COMPRESSION_MASK) == 0
+    for digest, is_chunk, compressed, _size in sized_objects(catalog):
+        yield digest, is_chunk, compressed
+
+
+def sized_objects(catalog: Catalog) -> Iterator[tuple[Digest, bool, bool, int]]:
+    """:func:`referenced_objects` with the content size the catalog gives each object (the
+    file's or the chunk's): what a fetch of it may be bounded by. Rows of the wrong types
+    raise :class:`~cvmfs_ml.errors.FormatError`."""
+    queries = (
+        (False, "SELECT hash, flags, size FROM catalog "
+                "WHERE hash IS NOT NULL AND NOT (flags & 128)"),
+        (True, "SELECT chunks.hash, catalog.flags, chunks.size FROM chunks JOIN catalog "
+               "USING (md5path_1, md5path_2) WHERE NOT (catalog.flags & 128)"),
+    )  # fmt: skip
+    for is_chunk, sql in queries:
+        for blob, flags, size in catalog._query(sql):
+            if not isinstance(blob, bytes) or type(flags) is not int or type(size) is not int:
+                raise FormatError(catalog.what, "an object row has values of the wrong types")
+            if size < 0:
+                raise FormatError(catalog.what, f"an object has a negative size {size}")
+            try:
+                algorithm = Algorithm((flags & _HASH_ALGO_MASK) >> _HASH_ALGO_SHIFT)
+            except ValueError:
+                raise FormatError(catalog.what, f"unknown hash algorithm in {flags}") from None
+            yield Digest(algorithm, blob), is_chunk, (flags & _COMPRESSION_MASK) == 0, size
 
 
 def walk_catalog_tree(

@@ -175,6 +175,15 @@ class Decompressor:
             raise FormatError(self._what, f"inflates to more than {self._limit} bytes")
 
 
+def stored_bound(size: int, compressed: bool) -> int:
+    """The most bytes an object of ``size`` content bytes can take as stored.
+
+    zlib's worst case (incompressible data in stored blocks) adds 5 bytes per 16 KiB block plus
+    a header and trailer; 1/256 plus 4 KiB is safely above it for any encoder settings.
+    """
+    return size + size // 256 + 4096 if compressed else size
+
+
 def deflate(data: bytes | memoryview, compression: Compression = Compression.ZLIB) -> bytes:
     """Encode one whole object."""
     compressor = new_compressor(compression)

@@ -55,12 +55,12 @@ from cvmfs_ml.client.trust import (
     refuse_rollback,
     verify_ensemble,
 )
-from cvmfs_ml.cvmfs.catalog import Catalog, referenced_objects
+from cvmfs_ml.cvmfs.catalog import Catalog, sized_objects
 from cvmfs_ml.cvmfs.hashing import Digest
 from cvmfs_ml.cvmfs.history import HistoryDb
 from cvmfs_ml.cvmfs.keys import load_public_keys
 from cvmfs_ml.cvmfs.manifest import Manifest
-from cvmfs_ml.cvmfs.objects import Decompressor, ObjectKind, object_path
+from cvmfs_ml.cvmfs.objects import Decompressor, ObjectKind, object_path, stored_bound
 from cvmfs_ml.cvmfs.reflog import Reflog, RefType
 from cvmfs_ml.errors import (
     DownloadError,
@@ -85,6 +85,8 @@ STATUS_JSON = ".cvmfs_status.json"
 _LOCK_NAME = "replica.lock"
 _TEMP_PREFIX = "replica."
 _READ_BLOCK = 4 * 2**20
+MAX_CATALOG_BYTES = 2 * 2**30
+"""Bound on a catalog no parent gives a size for (a root catalog), as the client's."""
 
 
 @dataclass
@@ -295,7 +297,9 @@ class _Snapshot:
             plain.unlink(missing_ok=True)
 
     # -- catalogs -----------------------------------------------------------------------------
-    def _sync_catalog(self, digest: Digest, mountpoint: str, *, required: bool) -> Digest | None:
+    def _sync_catalog(
+        self, digest: Digest, mountpoint: str, *, required: bool, size: int = 0
+    ) -> Digest | None:
         """Copy a catalog after its objects and nested catalogs; returns its predecessor.
 
         A catalog already in the replica stops the walk (its subtree is complete) and returns
@@ -306,18 +310,18 @@ class _Snapshot:
             self._count(catalogs_present=1)
             return None
         try:
-            stored = self._download(rel, digest)
+            stored = self._download(rel, digest, stored_bound(size or MAX_CATALOG_BYTES, True))
         except (NotFoundError, DownloadError) as exc:
             if required or not _is_missing(exc):
                 raise
             self.report.skipped.append(rel)
             return None
         try:
-            with self._opened_catalog(stored, digest, mountpoint) as catalog:
+            with self._opened_catalog(stored, digest, mountpoint, size) as catalog:
                 previous = catalog.previous_revision
                 pending = self._copy_referenced(catalog)
                 for ref in catalog.nested_catalogs():
-                    self._sync_catalog(ref.digest, ref.path, required=True)
+                    self._sync_catalog(ref.digest, ref.path, required=True, size=ref.size)
                 for future in pending:
                     future.result()
             self._commit(stored, rel)
@@ -328,14 +332,17 @@ class _Snapshot:
         return previous
 
     @contextlib.contextmanager
-    def _opened_catalog(self, stored: Path, digest: Digest, mountpoint: str) -> Iterator[Catalog]:
+    def _opened_catalog(
+        self, stored: Path, digest: Digest, mountpoint: str, size: int = 0
+    ) -> Iterator[Catalog]:
         plain = self._temp_path()
         what = f"catalog {digest.hex} ({mountpoint or '/'})"
         try:
-            inflater = Decompressor(what)
+            inflater = Decompressor(what, max_output=size or MAX_CATALOG_BYTES)
             with stored.open("rb") as src, plain.open("wb") as out:
                 while block := src.read(_READ_BLOCK):
-                    out.write(inflater.decompress(block))
+                    for piece in inflater.pieces(block):  # bounded memory, even for a bomb
+                        out.write(piece)
                 out.write(inflater.flush())
             catalog = Catalog(plain, None, what=what)
             try:
@@ -352,34 +359,35 @@ class _Snapshot:
     def _copy_referenced(self, catalog: Catalog) -> list[Future[None]]:
         """Schedule every data object of ``catalog`` (each object once per snapshot)."""
         futures: list[Future[None]] = []
-        for digest, is_chunk, _compressed in referenced_objects(catalog):
+        for digest, is_chunk, compressed, size in sized_objects(catalog):
             rel = object_path(digest, ObjectKind.PARTIAL if is_chunk else ObjectKind.FILE)
             with self._lock:
                 future = self._scheduled.get(rel)
                 if future is None:
-                    future = self._pool.submit(self._copy_object, rel, digest)
+                    bound = stored_bound(size, compressed)  # an endless body cannot fill the disk
+                    future = self._pool.submit(self._copy_object, rel, digest, bound)
                     self._scheduled[rel] = future
             futures.append(future)
         return futures
 
     # -- objects ------------------------------------------------------------------------------
-    def _copy_object(self, rel: str, digest: Digest) -> None:
+    def _copy_object(self, rel: str, digest: Digest, max_bytes: int | None = None) -> None:
         if self.dest.exists(rel):
             self._count(objects_present=1)
             return
-        stored = self._download(rel, digest)
+        stored = self._download(rel, digest, max_bytes)
         try:
             self._commit(stored, rel)
         finally:
             stored.unlink(missing_ok=True)
         self._count(objects_copied=1)
 
-    def _download(self, rel: str, digest: Digest) -> Path:
+    def _download(self, rel: str, digest: Digest, max_bytes: int | None = None) -> Path:
         """The stored (compressed) bytes of ``rel`` in a temporary file, hash-checked."""
         tmp = self._temp_path()
         try:
             with tmp.open("w+b") as out:
-                written = self.source.fetch_into(rel, digest, False, out)
+                written = self.source.fetch_into(rel, digest, False, out, max_bytes=max_bytes)
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from cvmfs_ml.cvmfs.hashing import Algorithm, Digest, hash_bytes, new_hasher
-from cvmfs_ml.cvmfs.objects import Decompressor, ObjectKind, object_path
+from cvmfs_ml.cvmfs.objects import Decompressor, ObjectKind, object_path, stored_bound
 from cvmfs_ml.errors import FormatError, IntegrityError, NotFoundError
 
 __all__ = ["LocalStore", "ObjectWriter"]
@@ -235,8 +235,7 @@ class LocalStore:
     def _read_bounded(self, rel_path: str, max_bytes: int | None, compressed: bool) -> bytes:
         if max_bytes is None:
             return self.get_bytes(rel_path)
-        # zlib's worst case adds 5 bytes per 16 KiB: 1/256 plus 4 KiB is a safe stored bound
-        limit = max_bytes + max_bytes // 256 + 4096 if compressed else max_bytes
+        limit = stored_bound(max_bytes, compressed)
         try:
             with self.path(rel_path).open("rb") as handle:
                 stored = handle.read(limit + 1)
