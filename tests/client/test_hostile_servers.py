@@ -340,3 +340,29 @@ def test_a_slow_proxy_fails_over_to_the_next_by_configuration(
         assert repo.read_bytes("/model.bin") == PAYLOAD
         assert repo.source.stats.failovers >= 1
     assert time.monotonic() - started < 30
+
+
+def test_replica_and_check_bound_objects_by_the_catalog(
+    published: Publisher, hostile: Callable[[str, str], str], tmp_path: Path
+) -> None:
+    """The replica copies stored bytes and ``repo check`` inflates them: both stop an oversized
+    body at what the catalog allows, and the replica keeps no partial file."""
+    from cvmfs_ml.client.check import check_repository
+    from cvmfs_ml.replica.sync import sync_replica
+
+    rel = object_rel(published, "/model.bin")
+    bad = hostile("oversized", rel)
+    replica = tmp_path / "replica" / FQRN
+    with pytest.raises(DownloadError, match=r"larger than 3162112 bytes"):
+        sync_replica(bad, replica, published.keys.paths.master_public, backoff_init=0.0)
+    assert not (replica / rel).exists()
+    assert not [p for p in (replica / "data" / "txn").iterdir() if p.name != "replica.lock"]
+    assert not (replica / ".cvmfspublished").exists()
+    with Repository.open(
+        bad, public_key=published.keys.paths.master_public, cache=tmp_path / "cache",
+        backoff_init=0.0,
+    ) as repo:  # fmt: skip
+        report = check_repository(repo)
+    assert not report.ok
+    spoiled = r"(inflates to more than 3145728|larger than 3162112) bytes"
+    assert any(rel in p and re.search(spoiled, p) for p in report.problems), report.problems

@@ -46,6 +46,20 @@ class _CountingSink(io.RawIOBase):
         self.count += len(data)
         return len(data)
 
+    # a fetch that fails over rewinds its output: counting starts again
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.count
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        self.count = offset if whence == 0 else self.count + offset
+        return self.count
+
+    def truncate(self, size: int | None = None) -> int:
+        return self.count if size is None else size
+
 
 def _comparable(entry: DirectoryEntry) -> DirectoryEntry:
     mask = ~(Flag.NESTED_MOUNTPOINT | Flag.NESTED_ROOT)
