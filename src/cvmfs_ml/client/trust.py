@@ -99,12 +99,6 @@ class Blacklist:
                 fingerprints.append(line)
         return cls(tuple(fingerprints), revisions)
 
-    def __add__(self, other: Blacklist) -> Blacklist:
-        revisions = dict(self.min_revisions)
-        for name, revision in other.min_revisions.items():
-            revisions[name] = max(revision, revisions.get(name, 0))
-        return Blacklist(self.fingerprints + other.fingerprints, revisions)
-
     def __bool__(self) -> bool:
         return bool(self.fingerprints or self.min_revisions)
 
