@@ -366,3 +366,49 @@ def test_replica_and_check_bound_objects_by_the_catalog(
     assert not report.ok
     spoiled = r"(inflates to more than 3145728|larger than 3162112) bytes"
     assert any(rel in p and re.search(spoiled, p) for p in report.problems), report.problems
+
+
+# ------------------------------------------------------------------ through a FUSE mount
+
+
+@pytest.mark.service
+def test_a_mount_refuses_a_bomb_and_keeps_serving(
+    published: Publisher, hostile: Callable[[str, str], str], tmp_path: Path
+) -> None:
+    """The daemon answers EIO for the spoiled file, serves the others, and stays small; a
+    blacklisted certificate keeps the mount from starting, with the reason."""
+    import errno
+    import shutil
+
+    pytest.importorskip("pyfuse3")
+    if shutil.which("fusermount3") is None or not os.path.exists("/dev/fuse"):
+        if os.environ.get("CI"):
+            pytest.fail("FUSE is needed in CI")
+        pytest.skip("no FUSE here")
+    from cvmfs_ml.client.fuse import mount
+    from cvmfs_ml.cvmfs.whitelist import certificate_fingerprint
+    from cvmfs_ml.errors import CvmfsMlError
+
+    bad = hostile("bomb", object_rel(published, "/model.bin"))
+    key = published.keys.paths.master_public
+    (tmp_path / "mnt").mkdir()
+    handle = mount(bad, tmp_path / "mnt", public_key=key, cache=tmp_path / "cache",
+                   log_file=tmp_path / "fuse.log", timeout=60.0)  # fmt: skip
+    try:
+        with pytest.raises(OSError) as caught:
+            (tmp_path / "mnt" / "model.bin").read_bytes()
+        assert caught.value.errno == errno.EIO
+        assert (tmp_path / "mnt" / "small.txt").read_bytes() == b"small"
+        with open(f"/proc/{handle.pid}/status") as status:
+            peak = next(line for line in status if line.startswith("VmHWM:"))
+        assert int(peak.split()[1]) / 1024 < MAX_RSS_MB, peak
+    finally:
+        handle.unmount(timeout=15)
+    assert "inflates to more than" in (tmp_path / "fuse.log").read_text()
+
+    blacklist = tmp_path / "blacklist"
+    blacklist.write_text(certificate_fingerprint(published.keys.certificate_pem) + "\n")
+    (tmp_path / "mnt2").mkdir()
+    with pytest.raises(CvmfsMlError, match="blacklisted"):
+        mount(published.repo_dir, tmp_path / "mnt2", public_key=key, cache=tmp_path / "c2",
+              env={**os.environ, "CVMFS_BLACKLIST": str(blacklist)}, timeout=60.0)  # fmt: skip
