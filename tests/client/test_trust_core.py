@@ -152,7 +152,7 @@ def test_the_blacklist_file_comes_from_cvmfs_blacklist(
         Repository.open(repo.repo_dir, public_key=master_key(repo))
 
 
-def test_repo_check_takes_blacklist_option(repo: Publisher, tmp_path: Path) -> None:
+def test_check_readers_and_mount_take_a_blacklist_option(repo: Publisher, tmp_path: Path) -> None:
     path = tmp_path / "blacklist"
     path.write_text(blacklist_line(repo) + "\n")
     key = str(master_key(repo))
@@ -162,6 +162,20 @@ def test_repo_check_takes_blacklist_option(repo: Publisher, tmp_path: Path) -> N
     assert "Traceback" not in refused.stderr
     fine = cli("repo", "check", str(repo.repo_dir), "--key", key)
     assert fine.returncode == 0, fine.stderr
+    for reader in (
+        ["repo", "cat", str(repo.repo_dir), "/a.txt"],
+        ["model", "ls", str(repo.repo_dir)],
+    ):
+        refused = cli(*reader, "--key", key, "--blacklist", str(path))
+        assert refused.returncode == 1 and "blacklisted" in refused.stderr, refused.stderr
+        assert refused.stderr.count("\n") == 1
+    missing = cli("repo", "ls", str(repo.repo_dir), "--blacklist", str(tmp_path / "absent"))
+    assert missing.returncode == 1 and "does not exist" in missing.stderr
+    (tmp_path / "mnt").mkdir()
+    args = [str(repo.repo_dir), str(tmp_path / "mnt"), "--key", key]
+    unmounted = cli("mount", *args, "--blacklist", str(tmp_path / "absent"))
+    assert unmounted.returncode == 1 and "does not exist" in unmounted.stderr
+    assert unmounted.stderr.count("\n") == 1
 
 
 def test_a_revision_line_refuses_older_revisions(repo: Publisher) -> None:

@@ -13,7 +13,15 @@ from typing import Annotated, Any
 
 import typer
 
-from cvmfs_ml.cli.common import JsonOption, KeyOption, _fail, friendly, open_repository
+from cvmfs_ml.cli.common import (
+    BlacklistOption,
+    JsonOption,
+    KeyOption,
+    _fail,
+    friendly,
+    open_repository,
+    use_blacklist,
+)
 
 model_app = typer.Typer(no_args_is_help=True, help="Publish and browse model versions.")
 
@@ -145,8 +153,10 @@ def model_ls(
     repo: Annotated[str, typer.Argument(help="repository folder or URL")],
     key: KeyOption = None,
     as_json: JsonOption = False,
+    blacklist: BlacklistOption = None,
 ) -> None:
     """List every model version (from the repository's index)."""
+    use_blacklist(blacklist)
     from cvmfs_ml.models.publish import list_models
 
     with open_repository(repo, key) as repository:
@@ -181,8 +191,10 @@ def model_info_cmd(
     ref: Annotated[str, typer.Argument(help="NAMESPACE/NAME[:VERSION or alias] (default latest)")],
     key: KeyOption = None,
     as_json: JsonOption = False,
+    blacklist: BlacklistOption = None,
 ) -> None:
     """Show one version's model.json: files, hashes, formats, source, aliases."""
+    use_blacklist(blacklist)
     from cvmfs_ml.models.publish import model_info
 
     parsed = _ref(ref)

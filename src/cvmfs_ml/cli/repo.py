@@ -175,8 +175,10 @@ def repo_ls(
     key: KeyOption = None,
     tag: TagOption = None,
     as_json: JsonOption = False,
+    blacklist: BlacklistOption = None,
 ) -> None:
     """List a directory (or describe a file)."""
+    use_blacklist(blacklist)
     with open_repository(repo, key, tag) as repository:
         entry = repository.stat(path)
         if not entry.is_dir:
@@ -202,8 +204,10 @@ def repo_stat(
     path: Annotated[str, typer.Argument()],
     key: KeyOption = None,
     tag: TagOption = None,
+    blacklist: BlacklistOption = None,
 ) -> None:
     """Print one entry as JSON, with its chunks."""
+    use_blacklist(blacklist)
     with open_repository(repo, key, tag) as repository:
         entry = repository.stat(path)
         info = _entry_json(entry)
@@ -222,8 +226,10 @@ def repo_cat(
     path: Annotated[str, typer.Argument()],
     key: KeyOption = None,
     tag: TagOption = None,
+    blacklist: BlacklistOption = None,
 ) -> None:
     """Write a file's bytes to stdout."""
+    use_blacklist(blacklist)
     with open_repository(repo, key, tag) as repository, repository.open(path) as handle:
         out = sys.stdout.buffer
         while block := handle.read(4 * 2**20):
