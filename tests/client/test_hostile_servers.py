@@ -9,6 +9,7 @@ repository server) listed after the bad one still yields the right bytes.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import http.server
 import json
@@ -38,15 +39,13 @@ PAYLOAD = os.urandom(3 * 2**20)  # one whole-file object (no chunking below)
 MAX_RSS_MB = 200
 
 
-def _bomb(inflated: int) -> bytes:
-    """A zlib stream of ``inflated`` zero bytes (about 1/1000 of that on the wire)."""
+@functools.cache
+def bomb() -> bytes:
+    """A zlib stream of 1 GiB of zero bytes, about 1 MB on the wire (made once, when needed)."""
     compressor = zlib.compressobj(9)
     block = bytes(2**20)
-    parts = [compressor.compress(block) for _ in range(inflated // len(block))]
+    parts = [compressor.compress(block) for _ in range(1024)]
     return b"".join(parts) + compressor.flush()
-
-
-BOMB = _bomb(1 << 30)  # 1 GiB inflated, ~1 MB sent
 
 
 @pytest.fixture(scope="module")
@@ -111,8 +110,8 @@ class _Hostile(http.server.BaseHTTPRequestHandler):
             while True:
                 self.wfile.write(line)
         elif self.mode == "bomb":
-            self._headers(len(BOMB))
-            self.wfile.write(BOMB)
+            self._headers(len(bomb()))
+            self.wfile.write(bomb())
         elif self.mode in ("oversized", "announced"):
             body = zlib.compress(PAYLOAD + os.urandom(2**20), 1)
             self._headers(len(body) if self.mode == "announced" else None)
@@ -142,6 +141,8 @@ def hostile(published: Publisher) -> Iterator[Callable[[str, str], str]]:
     servers: list[http.server.ThreadingHTTPServer] = []
 
     def start(mode: str, spoil: str) -> str:
+        if mode == "bomb":
+            bomb()  # made before serving: a slow first answer would be a timeout, not a bomb
         handler = type(
             "Handler",
             (_Hostile,),
@@ -308,7 +309,7 @@ def test_bounded_local_store_and_decoder() -> None:
 
     decoder = Decompressor("bomb", max_output=10 * 2**20)
     with pytest.raises(FormatError, match="inflates to more than 10485760 bytes"):
-        for piece in decoder.pieces(BOMB):
+        for piece in decoder.pieces(bomb()):
             assert len(piece) <= Decompressor.piece_size
     exact = Decompressor("exact", max_output=len(PAYLOAD))
     assert exact.decompress(zlib.compress(PAYLOAD)) + exact.flush() == PAYLOAD
