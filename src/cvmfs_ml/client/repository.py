@@ -45,7 +45,7 @@ from cvmfs_ml.cvmfs.hashing import Digest
 from cvmfs_ml.cvmfs.history import HistoryDb, Tag
 from cvmfs_ml.cvmfs.keys import load_public_keys
 from cvmfs_ml.cvmfs.manifest import Manifest
-from cvmfs_ml.cvmfs.objects import ObjectKind, object_path
+from cvmfs_ml.cvmfs.objects import MAX_UNSIZED_OBJECT, ObjectKind, object_path
 from cvmfs_ml.cvmfs.whitelist import Whitelist
 from cvmfs_ml.errors import (
     ConfigError,
@@ -409,7 +409,7 @@ class Repository:
         return self.root.revision
 
     # -- objects ------------------------------------------------------------------------------
-    max_unsized_object = 2 * 2**30
+    max_unsized_object = MAX_UNSIZED_OBJECT
     """Bound on objects no catalog gives a size for (root catalog, history, meta-info)."""
 
     def _object(

@@ -175,6 +175,10 @@ class Decompressor:
             raise FormatError(self._what, f"inflates to more than {self._limit} bytes")
 
 
+MAX_UNSIZED_OBJECT = 2 * 2**30
+"""Content bound for objects no catalog gives a size for (a root catalog, history, meta-info)."""
+
+
 def stored_bound(size: int, compressed: bool) -> int:
     """The most bytes an object of ``size`` content bytes can take as stored.
 

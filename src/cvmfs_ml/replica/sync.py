@@ -60,7 +60,13 @@ from cvmfs_ml.cvmfs.hashing import Digest
 from cvmfs_ml.cvmfs.history import HistoryDb
 from cvmfs_ml.cvmfs.keys import load_public_keys
 from cvmfs_ml.cvmfs.manifest import Manifest
-from cvmfs_ml.cvmfs.objects import Decompressor, ObjectKind, object_path, stored_bound
+from cvmfs_ml.cvmfs.objects import (
+    MAX_UNSIZED_OBJECT,
+    Decompressor,
+    ObjectKind,
+    object_path,
+    stored_bound,
+)
 from cvmfs_ml.cvmfs.reflog import Reflog, RefType
 from cvmfs_ml.errors import (
     DownloadError,
@@ -85,8 +91,6 @@ STATUS_JSON = ".cvmfs_status.json"
 _LOCK_NAME = "replica.lock"
 _TEMP_PREFIX = "replica."
 _READ_BLOCK = 4 * 2**20
-MAX_CATALOG_BYTES = 2 * 2**30
-"""Bound on a catalog no parent gives a size for (a root catalog), as the client's."""
 
 
 @dataclass
@@ -310,7 +314,7 @@ class _Snapshot:
             self._count(catalogs_present=1)
             return None
         try:
-            stored = self._download(rel, digest, stored_bound(size or MAX_CATALOG_BYTES, True))
+            stored = self._download(rel, digest, stored_bound(size or MAX_UNSIZED_OBJECT, True))
         except (NotFoundError, DownloadError) as exc:
             if required or not _is_missing(exc):
                 raise
@@ -338,7 +342,7 @@ class _Snapshot:
         plain = self._temp_path()
         what = f"catalog {digest.hex} ({mountpoint or '/'})"
         try:
-            inflater = Decompressor(what, max_output=size or MAX_CATALOG_BYTES)
+            inflater = Decompressor(what, max_output=size or MAX_UNSIZED_OBJECT)
             with stored.open("rb") as src, plain.open("wb") as out:
                 while block := src.read(_READ_BLOCK):
                     for piece in inflater.pieces(block):  # bounded memory, even for a bomb
