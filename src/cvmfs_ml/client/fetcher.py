@@ -19,6 +19,11 @@ Failure rules (download.cc ``CallbackCurlHeader`` and ``VerifyAndFinalize``):
   path after an exponential backoff while the per-fetch retry budget (``max_retries``) lasts, then
   a failure of the proxy (or of the host when DIRECT).
 * Any other non-2xx answer through a proxy is a proxy failure (DIRECT: a host failure).
+* A body beyond the caller's ``max_bytes`` (announced, received, or once inflated: a zlib bomb
+  stops one byte past it) is bad data, refused while it streams, before the sink keeps it.
+* A transfer slower than ``low_speed_limit`` bytes/s over one timeout (upstream's
+  ``CVMFS_LOW_SPEED_LIMIT``, curl's low-speed rule) is a transfer error: a trickling proxy or
+  server is left for the next one. Reads return after each receive so the rate is always seen.
 * Data that fails the hash, the zlib decoder or the announced length is fetched once more on the
   same path with ``Cache-Control: no-cache`` and ``Pragma: no-cache``; a second bad body is a
   failure of that proxy (of the host when DIRECT). Upstream makes it a host failure even through
