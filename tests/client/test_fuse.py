@@ -139,7 +139,7 @@ def test_errors_map_to_errno_and_xattrs(
 def test_corrupt_object_reads_as_eio(
     mounter: Callable[..., MountHandle], reference_repo: Path, tmp_path: Path
 ) -> None:
-    copy = tmp_path / "ref-copy"
+    copy = tmp_path / "copy" / REF  # the folder name is the repository name
     shutil.copytree(reference_repo / "cvmfs" / REF, copy)
     from cvmfs_ml.client.repository import Repository
 

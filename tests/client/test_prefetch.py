@@ -33,17 +33,19 @@ class CountingStore:
         self.peak = 0
         self.fetched: list[str] = []
 
-    def fetch(self, rel_path: str, expected: Any, *, compressed: bool) -> bytes:
-        return self.inner.fetch(rel_path, expected, compressed=compressed)
+    def fetch(self, rel_path: str, expected: Any, *, compressed: bool, **options: Any) -> bytes:
+        return self.inner.fetch(rel_path, expected, compressed=compressed, **options)
 
-    def fetch_into(self, rel_path: str, expected: Any, compressed: bool, fileobj: BinaryIO) -> int:
+    def fetch_into(
+        self, rel_path: str, expected: Any, compressed: bool, fileobj: BinaryIO, **options: Any
+    ) -> int:
         with self.lock:
             self.active += 1
             self.peak = max(self.peak, self.active)
             self.fetched.append(rel_path)
         try:
             time.sleep(self.delay)
-            return self.inner.fetch_into(rel_path, expected, compressed, fileobj)
+            return self.inner.fetch_into(rel_path, expected, compressed, fileobj, **options)
         finally:
             with self.lock:
                 self.active -= 1

@@ -17,7 +17,14 @@ from typing import Annotated, Any
 
 import typer
 
-from cvmfs_ml.cli.common import JsonOption, KeyOption, _fail, friendly
+from cvmfs_ml.cli.common import (
+    BlacklistOption,
+    JsonOption,
+    KeyOption,
+    _fail,
+    friendly,
+    use_blacklist,
+)
 
 __all__ = ["register_client_commands", "trace_app"]
 
@@ -72,6 +79,7 @@ def mount_command(
     nonempty: Annotated[
         bool, typer.Option("--nonempty", help="mount over a folder that holds files (hides them)")
     ] = False,
+    blacklist: BlacklistOption = None,
 ) -> None:
     """Mount a repository read-only; a FQRN takes servers and keys from the configuration.
 
@@ -79,6 +87,7 @@ def mount_command(
     """
     from cvmfs_ml.client.fuse import mount, run_foreground
 
+    use_blacklist(blacklist)
     if not mountpoint.is_dir():
         raise _fail(f"mount point {mountpoint} is not a directory")
     common: dict[str, Any] = {

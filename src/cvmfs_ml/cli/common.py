@@ -146,6 +146,26 @@ KeyOption = Annotated[
 ]
 TagOption = Annotated[str | None, typer.Option("--tag", help="read this tag instead of HEAD")]
 JsonOption = Annotated[bool, typer.Option("--json", help="print JSON")]
+BlacklistOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--blacklist",
+        help="certificate blacklist in upstream's format (default: CVMFS_BLACKLIST, "
+        "else /etc/cvmfs/blacklist)",
+    ),
+]
+
+
+def use_blacklist(path: Path | None) -> None:
+    """Make ``--blacklist`` this process's (and its daemons') blacklist, checked up front."""
+    if path is None:
+        return
+    import os
+
+    from cvmfs_ml.client.config import load_blacklist
+
+    load_blacklist(path)  # a missing or unreadable file fails here, in one line
+    os.environ["CVMFS_BLACKLIST"] = str(path.resolve())
 
 
 def json_text(value: Any, **options: Any) -> str:

@@ -16,11 +16,13 @@ import typer
 from cvmfs_ml.cli.client import ConfigOption, ProxyOption
 from cvmfs_ml.cli.common import (
     LOCATION_HELP,
+    BlacklistOption,
     JsonOption,
     KeyOption,
     _fail,
     friendly,
     open_repository,
+    use_blacklist,
 )
 from cvmfs_ml.cli.s3 import S3ConfigOption, s3_params
 
@@ -175,8 +177,10 @@ def model_ls(
     config: ConfigOption = None,
     proxy: ProxyOption = None,
     as_json: JsonOption = False,
+    blacklist: BlacklistOption = None,
 ) -> None:
     """List every model version (from the repository's index)."""
+    use_blacklist(blacklist)
     from cvmfs_ml.models.publish import list_models
 
     with open_repository(repo, key, config=config, proxy=proxy) as repository:
@@ -213,8 +217,10 @@ def model_info_cmd(
     config: ConfigOption = None,
     proxy: ProxyOption = None,
     as_json: JsonOption = False,
+    blacklist: BlacklistOption = None,
 ) -> None:
     """Show one version's model.json: files, hashes, formats, source, aliases."""
+    use_blacklist(blacklist)
     from cvmfs_ml.models.publish import model_info
 
     parsed = _ref(ref)

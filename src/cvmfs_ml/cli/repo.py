@@ -16,6 +16,7 @@ import typer
 from cvmfs_ml.cli.client import ConfigOption, ProxyOption
 from cvmfs_ml.cli.common import (
     LOCATION_HELP,
+    BlacklistOption,
     JsonOption,
     KeyOption,
     TagOption,
@@ -24,6 +25,7 @@ from cvmfs_ml.cli.common import (
     friendly,
     json_text,
     open_repository,
+    use_blacklist,
 )
 from cvmfs_ml.cli.s3 import S3ConfigOption, s3_params
 from cvmfs_ml.client.entries import device_number
@@ -159,10 +161,12 @@ def repo_check(
     proxy: ProxyOption = None,
     no_data: Annotated[bool, typer.Option("--no-data", help="skip hashing data objects")] = False,
     as_json: JsonOption = False,
+    blacklist: BlacklistOption = None,
 ) -> None:
     """Verify signatures, catalogs, counters and every referenced object; exit 1 on a defect."""
     from cvmfs_ml.client.check import check_repository
 
+    use_blacklist(blacklist)
     with open_repository(repo, key, config=config, proxy=proxy,
                          s3_config=s3_params(s3_config)) as repository:
         report = check_repository(repository, data=not no_data)
@@ -200,8 +204,10 @@ def repo_ls(
     proxy: ProxyOption = None,
     tag: TagOption = None,
     as_json: JsonOption = False,
+    blacklist: BlacklistOption = None,
 ) -> None:
     """List a directory (or describe a file); links on the way are followed, as ``ls`` does."""
+    use_blacklist(blacklist)
     with open_repository(repo, key, tag, config=config, proxy=proxy,
                          s3_config=s3_params(s3_config)) as repository:
         entry = repository.lookup(path)
@@ -238,8 +244,10 @@ def repo_stat(
     config: ConfigOption = None,
     proxy: ProxyOption = None,
     tag: TagOption = None,
+    blacklist: BlacklistOption = None,
 ) -> None:
     """Print one entry as JSON, with its chunks (links in its folders followed)."""
+    use_blacklist(blacklist)
     with open_repository(repo, key, tag, config=config, proxy=proxy,
                          s3_config=s3_params(s3_config)) as repository:
         entry = repository.lookup(path)
@@ -262,8 +270,10 @@ def repo_cat(
     config: ConfigOption = None,
     proxy: ProxyOption = None,
     tag: TagOption = None,
+    blacklist: BlacklistOption = None,
 ) -> None:
     """Write a file's bytes to stdout."""
+    use_blacklist(blacklist)
     repository = open_repository(
         repo, key, tag, config=config, proxy=proxy, s3_config=s3_params(s3_config)
     )

@@ -14,7 +14,7 @@ import io
 from dataclasses import dataclass, field, replace
 
 from cvmfs_ml.client.repository import Repository
-from cvmfs_ml.cvmfs.catalog import Catalog, DirectoryEntry, Flag, referenced_objects, totals
+from cvmfs_ml.cvmfs.catalog import Catalog, DirectoryEntry, Flag, sized_objects, totals
 from cvmfs_ml.cvmfs.hashing import Digest
 from cvmfs_ml.cvmfs.objects import ObjectKind, object_path
 from cvmfs_ml.errors import CvmfsMlError
@@ -45,6 +45,20 @@ class _CountingSink(io.RawIOBase):
     def write(self, data: bytes | memoryview) -> int:  # type: ignore[override]
         self.count += len(data)
         return len(data)
+
+    # a fetch that fails over rewinds its output: counting starts again
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.count
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        self.count = offset if whence == 0 else self.count + offset
+        return self.count
+
+    def truncate(self, size: int | None = None) -> int:
+        return self.count if size is None else size
 
 
 def _comparable(entry: DirectoryEntry) -> DirectoryEntry:
@@ -89,7 +103,7 @@ def _check_tree(
             continue
         seen_catalogs.add(digest)
         try:
-            catalog = repo._load_catalog(mountpoint, digest)
+            catalog = repo.load_catalog(mountpoint, digest)
         except CvmfsMlError as exc:
             report.problems.append(f"catalog {digest.hex} ({mountpoint or '/'}): {exc}")
             continue
@@ -101,28 +115,35 @@ def _check_tree(
             )
         _check_counters(report, repo, catalog, where)
         _check_nested(report, repo, catalog, where)
-        for entry in catalog.entries():
-            if entry.name == ".cvmfscatalog" and entry.path != f"{mountpoint}/.cvmfscatalog":
-                # swissknife_check.cc: a marker makes its directory a catalog root; one
-                # anywhere else means a nested catalog the publisher failed to create.
-                report.problems.append(
-                    f"{where}: {entry.path} is a .cvmfscatalog marker not at a catalog root"
-                )
-            if entry.is_chunked:
-                try:
-                    catalog.chunks(entry)
-                except CvmfsMlError as exc:
-                    report.problems.append(f"{where}: {exc}")
-            elif entry.is_regular and entry.digest is None:
-                report.problems.append(f"{where}: {entry.path} has neither hash nor chunks")
-        if data:
-            for obj, is_chunk, compressed in referenced_objects(catalog):
-                if obj in seen_objects:
-                    continue
-                seen_objects.add(obj)
-                kind = ObjectKind.PARTIAL if is_chunk else ObjectKind.FILE
-                _check_object(report, repo.source, obj, kind, compressed)
-        stack.extend((r.path, r.digest, r.size) for r in catalog.nested_catalogs())
+        try:
+            _check_entries(report, catalog, mountpoint, where)
+            if data:
+                for obj, is_chunk, compressed, size in sized_objects(catalog):
+                    if obj in seen_objects:
+                        continue
+                    seen_objects.add(obj)
+                    kind = ObjectKind.PARTIAL if is_chunk else ObjectKind.FILE
+                    _check_object(report, repo.source, obj, kind, compressed, size)
+            stack.extend((r.path, r.digest, r.size) for r in catalog.nested_catalogs())
+        except CvmfsMlError as exc:  # a hostile catalog: report it, check the others
+            report.problems.append(f"{where}: {exc}")
+
+
+def _check_entries(report: CheckReport, catalog: Catalog, mountpoint: str, where: str) -> None:
+    for entry in catalog.entries():
+        if entry.name == ".cvmfscatalog" and entry.path != f"{mountpoint}/.cvmfscatalog":
+            # swissknife_check.cc: a marker makes its directory a catalog root; one
+            # anywhere else means a nested catalog the publisher failed to create.
+            report.problems.append(
+                f"{where}: {entry.path} is a .cvmfscatalog marker not at a catalog root"
+            )
+        if entry.is_chunked:
+            try:
+                catalog.chunks(entry)
+            except CvmfsMlError as exc:
+                report.problems.append(f"{where}: {exc}")
+        elif entry.is_regular and entry.digest is None:
+            report.problems.append(f"{where}: {entry.path} has neither hash nor chunks")
 
 
 def _check_object(
@@ -131,14 +152,19 @@ def _check_object(
     digest: Digest,
     kind: ObjectKind,
     compressed: bool,
+    size: int | None = None,
 ) -> None:
-    """Fetch (hash-checked, inflated when compressed) and count one object, or report it."""
+    """Fetch (hash-checked, inflated when compressed, bounded by the catalog's ``size``) and
+    count one object, or report it."""
     sink = _CountingSink()
     rel = object_path(digest, kind)
     try:
-        source.fetch_into(rel, digest, compressed, sink)  # type: ignore[attr-defined]
+        source.fetch_into(rel, digest, compressed, sink, max_bytes=size)  # type: ignore[attr-defined]
     except (CvmfsMlError, OSError) as exc:
         report.problems.append(f"object {rel}: {exc}")
+        return
+    if size is not None and sink.count != size:
+        report.problems.append(f"object {rel}: holds {sink.count} bytes, the catalog says {size}")
         return
     report.objects += 1
     report.bytes_checked += sink.count
@@ -156,7 +182,7 @@ def _check_counters(report: CheckReport, repo: Repository, catalog: Catalog, whe
     expected: dict[str, int] = {}
     for ref in catalog.nested_catalogs():
         try:
-            child = repo._load_catalog(ref.path, ref.digest).statistics()
+            child = repo.load_catalog(ref.path, ref.digest).statistics()
         except CvmfsMlError:
             continue  # reported when the child itself is checked
         for key, value in totals(child).items():
@@ -204,7 +230,7 @@ def _self_counters(catalog: Catalog) -> dict[str, int]:
         if flags & Flag.EXTERNAL:
             counts["self_external"] += 1
             counts["self_external_file_size"] += entry.size
-    counts["self_chunks"] = int(catalog._query("SELECT count(*) FROM chunks")[0][0])
+    counts["self_chunks"] = catalog.chunk_count()
     return counts
 
 
@@ -215,7 +241,7 @@ def _check_nested(report: CheckReport, repo: Repository, catalog: Catalog, where
             report.problems.append(f"{where}: {ref.path} is not a nested mount point row")
             continue
         try:
-            child = repo._load_catalog(ref.path, ref.digest)
+            child = repo.load_catalog(ref.path, ref.digest)
         except CvmfsMlError:
             continue
         child_root = child.lookup(ref.path)

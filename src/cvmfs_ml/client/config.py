@@ -26,13 +26,16 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cvmfs_ml.errors import ConfigError
+from cvmfs_ml.client.trust import MAX_BLACKLIST_BYTES, Blacklist
+from cvmfs_ml.errors import ConfigError, CvmfsMlError
 
 __all__ = [
     "DIRECT",
     "ClientConfig",
     "ExternalConfig",
     "external_config",
+    "folder_fqrn",
+    "load_blacklist",
     "load_config",
     "parse_config_text",
     "parse_proxy_list",
@@ -496,3 +499,41 @@ def _build(
         params=params,
         sources=sources,
     )
+
+
+DEFAULT_BLACKLIST = Path("/etc/cvmfs/blacklist")
+"""Where upstream's client reads the certificate blacklist (mountpoint.cc, kDefaultBlacklist)."""
+
+
+def load_blacklist(
+    path: str | os.PathLike[str] | None = None, env: Mapping[str, str] = os.environ
+) -> Blacklist:
+    """The site blacklist: ``path``, else ``CVMFS_BLACKLIST``, else ``/etc/cvmfs/blacklist``.
+
+    A file named explicitly (``--blacklist``, ``CVMFS_BLACKLIST``) must exist; upstream's
+    default place is read when it exists and is empty otherwise.
+    """
+    named = os.fspath(path) if path is not None else env.get("CVMFS_BLACKLIST", "").strip()
+    where = Path(named).expanduser() if named else DEFAULT_BLACKLIST
+    try:
+        with where.open("rb") as handle:
+            data = handle.read(MAX_BLACKLIST_BYTES + 1)
+    except FileNotFoundError:
+        if named:
+            raise ConfigError(
+                f"blacklist {where} does not exist (CVMFS_BLACKLIST, --blacklist)"
+            ) from None
+        return Blacklist()
+    except OSError as exc:
+        raise ConfigError(f"cannot read the blacklist {where}: {exc}") from exc
+    try:
+        return Blacklist.parse(data, str(where))
+    except CvmfsMlError as exc:
+        raise ConfigError(str(exc)) from exc
+
+
+def folder_fqrn(folder: str | os.PathLike[str]) -> str:
+    """The repository a folder stands for: its own name, as given (a symlink named after the
+    repository counts, not its target). Never the ``N`` of the manifest inside, which is what
+    gets verified against this name."""
+    return Path(os.path.abspath(folder)).name

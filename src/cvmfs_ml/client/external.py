@@ -88,17 +88,22 @@ class ExternalSource:
         compressed: bool,
         sink: BinaryIO,
         byte_range: tuple[int, int] | None = None,
+        max_bytes: int | None = None,
     ) -> int:
         """Stream the verified bytes of ``path`` (a repository path, ``/a/b``) into ``sink``.
 
-        ``byte_range=(offset, size)`` fetches one chunk with an HTTP ``Range`` request.
+        ``byte_range=(offset, size)`` fetches one chunk with an HTTP ``Range`` request;
+        ``max_bytes`` bounds the content as for any object (an external server is no more
+        trusted than a Stratum 1).
         """
         rel = quote(path.lstrip("/").encode("utf-8", "surrogateescape"), safe="/")
         wanted = None
         if byte_range is not None:
             offset, size = byte_range
             wanted = (offset, offset + size - 1)
-        return self.fetcher.fetch_into(rel, expected, compressed, sink, byte_range=wanted)
+        return self.fetcher.fetch_into(
+            rel, expected, compressed, sink, byte_range=wanted, max_bytes=max_bytes
+        )
 
     def close(self) -> None:
         self.fetcher.close()

@@ -19,6 +19,11 @@ Failure rules (download.cc ``CallbackCurlHeader`` and ``VerifyAndFinalize``):
   path after an exponential backoff while the per-fetch retry budget (``max_retries``) lasts, then
   a failure of the proxy (or of the host when DIRECT).
 * Any other non-2xx answer through a proxy is a proxy failure (DIRECT: a host failure).
+* A body beyond the caller's ``max_bytes`` (announced, received, or once inflated: a zlib bomb
+  stops one byte past it) is bad data, refused while it streams, before the sink keeps it.
+* A transfer slower than ``low_speed_limit`` bytes/s over one timeout (upstream's
+  ``CVMFS_LOW_SPEED_LIMIT``, curl's low-speed rule) is a transfer error: a trickling proxy or
+  server is left for the next one. Reads return after each receive so the rate is always seen.
 * Data that fails the hash, the zlib decoder or the announced length is fetched once more on the
   same path with ``Cache-Control: no-cache`` and ``Pragma: no-cache``; a second bad body is a
   failure of that proxy (of the host when DIRECT). Upstream makes it a host failure even through
@@ -39,7 +44,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
-from typing import TYPE_CHECKING, BinaryIO, Protocol
+from typing import TYPE_CHECKING, Any, BinaryIO, Protocol
 
 import urllib3
 from urllib3.exceptions import HTTPError as Urllib3Error
@@ -48,7 +53,7 @@ from urllib3.exceptions import MaxRetryError, ProtocolError, ReadTimeoutError
 from cvmfs_ml import __version__
 from cvmfs_ml.client.config import DIRECT, ClientConfig
 from cvmfs_ml.cvmfs.hashing import Digest, new_hasher
-from cvmfs_ml.cvmfs.objects import Decompressor
+from cvmfs_ml.cvmfs.objects import Decompressor, stored_bound
 from cvmfs_ml.errors import ConfigError, DownloadError, FormatError
 
 if TYPE_CHECKING:
@@ -163,6 +168,7 @@ class _Job:
     reset: Callable[[], None]
     nocache: bool
     retries_left: int
+    max_bytes: int | None = None  # content bound (inflated); the raw body is bounded to match
     backoff: float = 0.0
     attempts: list[tuple[str, str, str]] = field(default_factory=list)
     byte_range: tuple[int, int] | None = None  # [first, last] byte of an HTTP Range request
@@ -174,9 +180,15 @@ class Fetcher:
     ``server_urls`` are repository base URLs (``http://host/cvmfs/<fqrn>``); ``proxy_groups`` is
     upstream's ``CVMFS_HTTP_PROXY`` as parsed by :func:`cvmfs_ml.client.config.parse_proxy_list`
     (``[["DIRECT"]]`` for none). ``timeout`` applies through a proxy, ``timeout_direct`` without
-    one; both bound the connect and every read. ``pool_size`` is the number of keep-alive
-    connections kept per server (and per proxy): set it to the prefetch concurrency.
+    one; both bound the connect and every read. ``low_speed_limit`` (bytes/s, upstream's
+    ``CVMFS_LOW_SPEED_LIMIT``) fails a transfer whose rate stays below it for that timeout, as
+    curl's ``CURLOPT_LOW_SPEED_LIMIT``/``_TIME`` do for upstream; 0 disables it. ``pool_size``
+    is the number of keep-alive connections kept per server (and per proxy): set it to the
+    prefetch concurrency.
     """
+
+    has_proxy_caches = True
+    """Root files may be stale in a proxy: ``nocache`` asks for a fresh copy."""
 
     def __init__(
         self,
@@ -185,6 +197,7 @@ class Fetcher:
         *,
         timeout: float = 5.0,
         timeout_direct: float = 10.0,
+        low_speed_limit: int = 1024,
         max_retries: int = 1,
         backoff_init: float = 2.0,
         backoff_max: float = 10.0,
@@ -207,6 +220,7 @@ class Fetcher:
             self._rng.shuffle(group)
         self.timeout = timeout
         self.timeout_direct = timeout_direct
+        self.low_speed_limit = max(0, int(low_speed_limit))
         self.max_retries = max_retries
         self.backoff_init = backoff_init
         self.backoff_max = backoff_max
@@ -241,6 +255,7 @@ class Fetcher:
         kwargs: dict[str, object] = {
             "timeout": config.timeout,
             "timeout_direct": config.timeout_direct,
+            "low_speed_limit": config.low_speed_limit,
             "max_retries": config.max_retries,
             "backoff_init": config.backoff_init,
             "backoff_max": config.backoff_max,
@@ -285,6 +300,7 @@ class Fetcher:
         compressed: bool,
         sink: BinaryIO | None = None,
         nocache: bool = False,
+        max_bytes: int | None = None,
     ) -> bytes:
         """Fetch ``<host>/<rel_path>``, check its hash, inflate it if ``compressed``.
 
@@ -292,13 +308,17 @@ class Fetcher:
         ``expected`` is the object name; ``None`` skips the hash (manifest, whitelist: those are
         signed instead). With ``sink`` the content streams into that file, as
         :meth:`fetch_into`, and ``b""`` is returned. ``nocache`` asks proxies for a fresh copy
-        from the first try (useful for the manifest).
+        from the first try (useful for the manifest). ``max_bytes`` bounds the content: a body
+        (or its inflation) beyond it is refused while it streams, as bad data.
         """
         if sink is not None:
-            self.fetch_into(rel_path, expected, compressed, sink, nocache=nocache)
+            self.fetch_into(
+                rel_path, expected, compressed, sink, nocache=nocache, max_bytes=max_bytes
+            )
             return b""
         memory = _MemorySink()
-        self._run(rel_path, expected, compressed, memory, memory.reset, nocache)
+        self._run(rel_path, expected, compressed, memory, memory.reset, nocache,
+                  max_bytes=max_bytes)
         return memory.value()
 
     def fetch_into(
@@ -310,18 +330,21 @@ class Fetcher:
         *,
         nocache: bool = False,
         byte_range: tuple[int, int] | None = None,
+        max_bytes: int | None = None,
     ) -> int:
         """Stream the (verified, inflated) content into ``fileobj``; return the bytes written.
 
         Content is written before the hash over the whole body is known; when a try fails, the
         file is rewound to where it started and truncated, so ``fileobj`` must be seekable for
         retries to work (:meth:`cvmfs_ml.client.cache.ObjectCache.put_stream` gives such a file).
-        On :class:`~cvmfs_ml.errors.DownloadError` the file holds no trusted data.
-        ``byte_range=(first, last)`` asks for those bytes only (HTTP ``Range``, as upstream
-        fetches chunks of external files); a server that answers with the whole file fails.
+        On :class:`~cvmfs_ml.errors.DownloadError` the file holds no trusted data. Content
+        beyond ``max_bytes`` is refused before it is written. ``byte_range=(first, last)`` asks
+        for those bytes only (HTTP ``Range``, as upstream fetches chunks of external files); a
+        server that answers with the whole file fails.
         """
         sink = _FileSink(fileobj)
-        self._run(rel_path, expected, compressed, sink, sink.reset, nocache, byte_range)
+        self._run(rel_path, expected, compressed, sink, sink.reset, nocache,
+                  byte_range=byte_range, max_bytes=max_bytes)
         return sink.written
 
     def close(self) -> None:
@@ -347,10 +370,12 @@ class Fetcher:
         sink: _Sink,
         reset: Callable[[], None],
         nocache: bool,
+        *,
         byte_range: tuple[int, int] | None = None,
+        max_bytes: int | None = None,
     ) -> None:
         rel = _clean_rel_path(rel_path)
-        job = _Job(rel, expected, compressed, sink, reset, nocache, self.max_retries)
+        job = _Job(rel, expected, compressed, sink, reset, nocache, self.max_retries, max_bytes)
         job.byte_range = byte_range
         for n_host, host_index in enumerate(self._host_order()):
             url = f"{self._hosts[host_index]}/{rel}"
@@ -447,23 +472,30 @@ class Fetcher:
             _check_status(response, proxy)
             if job.byte_range is not None and response.status != 206:
                 raise _Failure(_Kind.HOST, f"HTTP {response.status}: the server ignored Range")
-            self._read_body(response, transfer, job)
+            self._read_body(response, transfer, job, seconds)
         finally:
             _finish(response)
 
-    def _read_body(self, response: urllib3.BaseHTTPResponse, transfer: _Kind, job: _Job) -> None:
+    def _read_body(
+        self, response: urllib3.BaseHTTPResponse, transfer: _Kind, job: _Job, seconds: float
+    ) -> None:
         length_header = response.headers.get("Content-Length")
         length = int(length_header) if length_header and length_header.isdigit() else None
         expected, sink = job.expected, job.sink
+        raw_limit = None if job.max_bytes is None else stored_bound(job.max_bytes, job.compressed)
+        if raw_limit is not None and length is not None and length > raw_limit:
+            raise _Failure(_Kind.BAD_DATA, f"announces {length} bytes, more than {raw_limit}")
         hasher: Hasher | None = new_hasher(expected.algorithm) if expected else None
-        inflater = Decompressor(job.what) if job.compressed else None
+        inflater = Decompressor(job.what, max_output=job.max_bytes) if job.compressed else None
         view = self._buffer()
         readinto = _readinto_for(response)
+        speed = _SpeedCheck(self.low_speed_limit, seconds)
         total = 0
         try:
             while True:
+                room = view if raw_limit is None else view[: max(1, raw_limit - total + 1)]
                 try:
-                    n = readinto(view)
+                    n = readinto(room)
                 except (TimeoutError, ReadTimeoutError) as exc:
                     raise _Failure(transfer, f"read timed out after {total} bytes") from exc
                 except (ProtocolError, OSError, http.client.HTTPException, Urllib3Error) as exc:
@@ -474,17 +506,21 @@ class Fetcher:
                     break
                 piece = view[:n]
                 total += n
+                if raw_limit is not None and total > raw_limit:
+                    raise _Failure(_Kind.BAD_DATA, f"larger than {raw_limit} bytes")
+                slow = speed.after(n)
+                if slow:
+                    raise _Failure(transfer, slow)
                 if hasher is not None:
                     hasher.update(piece)
                 if inflater is None:
                     sink.write(piece)
                     continue
                 try:
-                    out = inflater.decompress(piece)
+                    for out in inflater.pieces(piece):
+                        sink.write(out)
                 except FormatError as exc:
                     raise _Failure(_Kind.BAD_DATA, exc.reason) from exc
-                if out:
-                    sink.write(out)
         finally:
             self._counters.add("bytes_received", total)
         if length is not None and total != length:
@@ -585,6 +621,34 @@ class Fetcher:
 # ---------------------------------------------------------------------- helpers
 
 
+class _SpeedCheck:
+    """curl's low-speed rule: fail when a ``seconds`` window moves fewer than ``limit * seconds``
+    bytes (upstream sets ``CURLOPT_LOW_SPEED_TIME`` to the timeout)."""
+
+    def __init__(self, limit: int, seconds: float) -> None:
+        self.limit = limit
+        self.seconds = max(seconds, 0.001)
+        self.start = time.monotonic()
+        self.moved = 0
+
+    def after(self, n: int) -> str | None:
+        """Count ``n`` bytes; the reason to give up, or None."""
+        if not self.limit:
+            return None
+        self.moved += n
+        now = time.monotonic()
+        elapsed = now - self.start
+        if elapsed < self.seconds:
+            return None
+        if self.moved < self.limit * elapsed:
+            return (
+                f"slower than CVMFS_LOW_SPEED_LIMIT={self.limit} B/s "
+                f"({self.moved} bytes in {elapsed:.1f} s)"
+            )
+        self.start, self.moved = now, 0
+        return None
+
+
 def _with_scheme(proxy: str) -> str:
     proxy = proxy.strip()
     if proxy.upper() == DIRECT:
@@ -630,7 +694,20 @@ def _readinto_for(response: urllib3.BaseHTTPResponse) -> Callable[[memoryview], 
     into our buffer skips that copy; :func:`_finish` then hands the connection back to the pool.
     """
     raw = getattr(response, "_fp", None)
+    if isinstance(raw, http.client.HTTPResponse) and raw.chunked:
+        # http.client fills a whole chunk per readinto; read1 returns after one receive
+        chunked = raw
+
+        def read_some(view: memoryview) -> int:
+            data = chunked.read1(len(view))
+            view[: len(data)] = data
+            return len(data)
+
+        return read_some
     if isinstance(raw, http.client.HTTPResponse):
+        fp = raw.fp
+        if fp is not None and not isinstance(fp, _OneReceive) and hasattr(fp, "readinto1"):
+            raw.fp = _OneReceive(fp)
         return raw.readinto
 
     def copy_read(view: memoryview) -> int:
@@ -639,6 +716,25 @@ def _readinto_for(response: urllib3.BaseHTTPResponse) -> Callable[[memoryview], 
         return len(data)
 
     return copy_read
+
+
+class _OneReceive:
+    """The response's socket file, with ``readinto`` returning after one receive.
+
+    A buffered ``readinto`` waits until the whole buffer is full: a server trickling one byte a
+    second would keep it waiting for days without ever tripping the socket timeout, and the
+    low-speed rule would never get to look. ``readinto1`` returns what one ``recv`` gave
+    (straight into the caller's buffer when it is empty), so the rate is seen on every read.
+    """
+
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+
+    def readinto(self, buffer: Any) -> int:
+        return int(self._inner.readinto1(buffer))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
 
 
 def _finish(response: urllib3.BaseHTTPResponse) -> None:

@@ -16,13 +16,19 @@ from pathlib import Path
 from typing import Any
 
 from cvmfs_ml.client.cache import ObjectCache
-from cvmfs_ml.client.config import ClientConfig, external_config, load_config, parse_proxy_list
+from cvmfs_ml.client.config import (
+    ClientConfig,
+    external_config,
+    folder_fqrn,
+    load_blacklist,
+    load_config,
+    parse_proxy_list,
+)
 from cvmfs_ml.client.external import ExternalSource
 from cvmfs_ml.client.repository import Repository
 from cvmfs_ml.client.session import max_ttl_seconds, pinned_revision
 from cvmfs_ml.cvmfs.keys import load_public_keys
-from cvmfs_ml.cvmfs.manifest import Manifest
-from cvmfs_ml.errors import ConfigError, CvmfsMlError
+from cvmfs_ml.errors import ConfigError
 
 __all__ = ["is_url", "local_default_key", "open_target", "target_fqrn"]
 
@@ -34,24 +40,20 @@ def is_url(target: str) -> bool:
 def local_default_key(folder: Path) -> Path | None:
     """``ROOT/../keys/<fqrn>.pub`` for a repository at ``ROOT/<fqrn>`` (where ``repo create``
     puts keys, docs/cli.md); ``None`` when it is not there."""
-    try:
-        fqrn = Manifest.parse((folder / ".cvmfspublished").read_bytes()).fqrn or folder.name
-    except (OSError, CvmfsMlError):
+    if not (folder / ".cvmfspublished").is_file():
         return None
-    candidate = folder.resolve().parent.parent / "keys" / f"{fqrn}.pub"
+    candidate = folder.resolve().parent.parent / "keys" / f"{folder_fqrn(folder)}.pub"
     return candidate if candidate.is_file() else None
 
 
 def target_fqrn(target: str) -> str | None:
-    """The repository name a target implies (URL tail, manifest ``N``, or the name itself)."""
+    """The repository name a target implies: the URL's last segment, the folder's name, or the
+    name itself; never the manifest's ``N`` (that is what gets verified against it)."""
     if is_url(target):
         return target.split(";")[0].rstrip("/").rsplit("/", 1)[-1] or None
     folder = Path(target)
     if (folder / ".cvmfspublished").is_file():
-        try:
-            return Manifest.parse((folder / ".cvmfspublished").read_bytes()).fqrn or folder.name
-        except CvmfsMlError:
-            return folder.name
+        return folder_fqrn(folder)
     return target or None
 
 
@@ -131,10 +133,10 @@ def open_target(
                     proxy = ";".join("|".join(group) for group in config.proxy_groups)
                 for name in ("timeout", "timeout_direct", "max_retries", "backoff_init",
                              "backoff_max", "follow_redirects", "proxy_reset_after",
-                             "host_reset_after"):  # fmt: skip
+                             "host_reset_after", "low_speed_limit"):  # fmt: skip
                     options.setdefault(name, getattr(config, name))
         return _with_max_ttl(Repository.open(
-            target, fqrn=fqrn if is_url(target) else None, public_key=keys,
+            target, fqrn=fqrn, public_key=keys,
             cache=object_cache, proxy=proxy, **options,
         ), config)  # fmt: skip
 
@@ -153,6 +155,10 @@ def open_target(
     if not key_spec:
         raise ConfigError(f"no public key for {fqrn}: set CVMFS_KEYS_DIR or CVMFS_PUBLIC_KEY")
     workers = int(options.pop("prefetch_workers", config.parallel))
+    if "blacklist" not in options:  # CVMFS_BLACKLIST may come from a configuration file
+        options["blacklist"] = load_blacklist(
+            config.params.get("CVMFS_BLACKLIST", "").strip() or None
+        )
     source = Fetcher.from_config(config, pool_size=max(workers, 1))
     repository = Repository(
         source,

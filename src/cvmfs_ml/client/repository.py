@@ -15,8 +15,6 @@ import bisect
 import collections
 import contextlib
 import datetime as dt
-import fcntl
-import inspect
 import io
 import logging
 import os
@@ -32,17 +30,25 @@ from typing import Any, BinaryIO, Protocol
 from urllib.parse import urlsplit
 
 from cvmfs_ml.client.cache import ObjectCache
-from cvmfs_ml.client.config import DIRECT, parse_proxy_list, parse_server_urls
+from cvmfs_ml.client.config import (
+    DIRECT,
+    folder_fqrn,
+    load_blacklist,
+    parse_proxy_list,
+    parse_server_urls,
+)
+from cvmfs_ml.client.ensemble import Breadcrumb, fetch_manifest, fetch_trusted
 from cvmfs_ml.client.entries import listed, present, resolve_path
 from cvmfs_ml.client.external import ExternalSource, external_unset
 from cvmfs_ml.client.prefetch import Fetched, Prefetcher
+from cvmfs_ml.client.trust import Blacklist, TrustAnchors, refuse_rollback
 from cvmfs_ml.cvmfs.catalog import Catalog, Chunk, DirectoryEntry, Flag
 from cvmfs_ml.cvmfs.hashing import Digest
 from cvmfs_ml.cvmfs.history import HistoryDb, Tag
 from cvmfs_ml.cvmfs.keys import load_public_keys
-from cvmfs_ml.cvmfs.manifest import FqrnMismatchError, Manifest, verify_manifest
-from cvmfs_ml.cvmfs.objects import ObjectKind, object_path
-from cvmfs_ml.cvmfs.whitelist import Whitelist, certificate_fingerprint, verify_whitelist
+from cvmfs_ml.cvmfs.manifest import Manifest
+from cvmfs_ml.cvmfs.objects import MAX_UNSIZED_OBJECT, ObjectKind, object_path
+from cvmfs_ml.cvmfs.whitelist import Whitelist
 from cvmfs_ml.errors import (
     ConfigError,
     CvmfsMlError,
@@ -50,7 +56,6 @@ from cvmfs_ml.errors import (
     IntegrityError,
     NotFoundError,
     RollbackError,
-    SignatureError,
     TrustError,
 )
 
@@ -62,6 +67,7 @@ FETCHER_OPTIONS = frozenset(
     {
         "timeout",
         "timeout_direct",
+        "low_speed_limit",
         "max_retries",
         "backoff_init",
         "backoff_max",
@@ -79,10 +85,24 @@ FETCHER_OPTIONS = frozenset(
 class ObjectSource(Protocol):
     """Where objects come from: a local store or the HTTP fetcher."""
 
-    def fetch(self, rel_path: str, expected: Digest | None, *, compressed: bool) -> bytes: ...
+    def fetch(
+        self,
+        rel_path: str,
+        expected: Digest | None,
+        *,
+        compressed: bool,
+        nocache: bool = False,
+        max_bytes: int | None = None,
+    ) -> bytes: ...
 
     def fetch_into(
-        self, rel_path: str, expected: Digest | None, compressed: bool, fileobj: BinaryIO
+        self,
+        rel_path: str,
+        expected: Digest | None,
+        compressed: bool,
+        fileobj: BinaryIO,
+        *,
+        max_bytes: int | None = None,
     ) -> int: ...
 
 
@@ -147,6 +167,7 @@ class Repository:
         external_url: str | None = None,
         external_proxy: str | None = None,
         external_source: ExternalSource | None = None,
+        blacklist: Blacklist | None = None,
     ) -> None:
         self.source = source
         self.symlink_variables: Mapping[str, str] = (
@@ -161,7 +182,10 @@ class Repository:
         """The external-file fetcher: given (from the configuration), or made from
         ``external_url`` and ``external_proxy`` on first use."""
         self.fqrn = fqrn
-        self._public_keys = list(public_keys)
+        self.anchors = TrustAnchors(
+            fqrn, list(public_keys), blacklist if blacklist is not None else load_blacklist()
+        )
+        """What this repository is trusted by: its name, master keys and the site blacklist."""
         if cache is None:
             self._own_cache = tempfile.TemporaryDirectory(prefix="cvmfs-ml-cache.")
             cache = ObjectCache(Path(self._own_cache.name), None)
@@ -248,7 +272,7 @@ class Repository:
                 raise ConfigError(f"{sorted(fetcher_options)} only apply to http(s) locations")
             folder = Path(text)
             source = LocalStore(folder)
-            fqrn = fqrn or _manifest_fqrn(folder) or folder.name
+            fqrn = fqrn or folder_fqrn(folder)  # the folder's name, never the manifest's N
         keys = _keys(public_key)
         own_cache = isinstance(cache, (str, os.PathLike))
         if isinstance(cache, (str, os.PathLike)):
@@ -320,109 +344,23 @@ class Repository:
         try:
             return self._boot_once(nocache)
         except (TrustError, FormatError) as exc:
-            if nocache or not _accepts_nocache(self.source):
+            if nocache or not getattr(self.source, "has_proxy_caches", False):
                 raise
             log.info("%s: %s; fetching the manifest again past proxy caches", self.fqrn, exc)
             return self._boot_once(True)
 
-    def _fetch_root_file(self, name: str, nocache: bool) -> bytes:
-        """A mutable root file; ``nocache`` bypasses proxy caches (sources that have them)."""
-        if nocache and _accepts_nocache(self.source):
-            return self.source.fetch(name, None, compressed=False, nocache=True)  # type: ignore[call-arg]
-        return self.source.fetch(name, None, compressed=False)
-
     def _boot_once(self, nocache: bool) -> Manifest:
-        """Manifest -> whitelist (signature, name, expiry) -> certificate (hash, fingerprint)
-        -> manifest signature -> no rollback. Each failure raises its own error type."""
+        """Fetch the manifest ensemble, have the trust core (:mod:`.trust`) verify it, then
+        refuse a rollback against the breadcrumb. Each failure raises its own error type."""
         self._checked_at = time.monotonic()
-        raw = self._fetch_root_file(".cvmfspublished", nocache)
-        manifest = Manifest.parse(raw)
-        if manifest.fqrn is not None and manifest.fqrn != self.fqrn:
-            raise FqrnMismatchError(".cvmfspublished", self.fqrn, manifest.fqrn)
         if not self._verify:
-            return manifest
-        if not self._public_keys:
-            raise SignatureError(
-                f"no master public key for {self.fqrn} to verify .cvmfswhitelist with: pass the "
-                "<fqrn>.pub file (--key, CVMFS_PUBLIC_KEY or CVMFS_KEYS_DIR)"
-            )
-        whitelist = verify_whitelist(
-            self._fetch_root_file(".cvmfswhitelist", nocache),
-            self._public_keys,
-            self.fqrn,
-            self._now or _utcnow(),
-        )
-        if manifest.certificate is None:
-            raise FormatError(".cvmfspublished", "no certificate (X) to verify the signature with")
-        certificate = self._certificate(manifest.certificate)
-        if not whitelist.accepts(certificate):
-            raise SignatureError(
-                f"{self.fqrn}: certificate {manifest.certificate.hex} (fingerprint "
-                f"{certificate_fingerprint(certificate)}) is not listed in .cvmfswhitelist"
-            )
-        verify_manifest(raw, certificate, fqrn=self.fqrn)
-        self._check_breadcrumb(manifest)
-        self.whitelist: Whitelist = whitelist
-        self.certificate: bytes = certificate
-        return manifest
-
-    def _certificate(self, digest: Digest) -> bytes:
-        """The PEM certificate ``X``: hash-checked, kept in the cache like upstream does."""
-        for _ in range(2):
-            path = self._object(digest, ObjectKind.CERTIFICATE, True)
-            try:
-                return path.read_bytes()
-            except FileNotFoundError:  # evicted by another process meanwhile
-                continue
-        return self.source.fetch(
-            object_path(digest, ObjectKind.CERTIFICATE), digest, compressed=True
-        )
-
-    def _breadcrumb_path(self) -> Path:
-        return Path(self.cache.root) / f"cvmfschecksum.{self.fqrn}"
-
-    def _check_breadcrumb(self, manifest: Manifest) -> None:
-        """Refuse a manifest older than one already accepted, then remember this one (§10.2).
-
-        The breadcrumb ``cvmfschecksum.<fqrn>`` in the cache holds ``<catalog>T<time>R<rev>``
-        of the newest manifest any process using this cache has accepted, so a server (or a
-        proxy) replaying an older, validly signed manifest is caught even after a restart. It
-        only moves forward; a lock keeps concurrent processes from moving it back.
-        """
-        path = self._breadcrumb_path()
-        try:
-            lock = open(path.with_name(path.name + ".lock"), "a+")  # noqa: SIM115
-        except OSError:
-            lock = None  # a read-only cache still reads; it only checks, never records
-        with lock if lock is not None else contextlib.nullcontext():
-            if lock is not None:
-                fcntl.flock(lock, fcntl.LOCK_EX)
-            known = _read_breadcrumb(path)
-            if known is not None:
-                known_hash, known_ts, known_rev = known
-                if manifest.revision < known_rev or manifest.timestamp < known_ts:
-                    raise RollbackError(
-                        f"{self.fqrn}: the server offers revision {manifest.revision} "
-                        f"(published at T={manifest.timestamp}) but revision {known_rev} "
-                        f"(T={known_ts}) was already seen (breadcrumb {path}; delete it only if "
-                        "the repository was re-created on purpose)"
-                    )
-                if (known_hash, known_ts, known_rev) == (
-                    manifest.catalog.hex,
-                    manifest.timestamp,
-                    manifest.revision,
-                ):
-                    return
-            if lock is None:
-                return
-            text = f"{manifest.catalog.hex}T{manifest.timestamp}R{manifest.revision}"
-            tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-            try:
-                tmp.write_text(text)
-                os.replace(tmp, path)
-            except OSError:
-                with contextlib.suppress(OSError):
-                    tmp.unlink()
+            return fetch_manifest(self.source, self.anchors, nocache=nocache)[1]
+        now = self._now or _utcnow()
+        trusted = fetch_trusted(self.source, self.cache, self.anchors, now=now, nocache=nocache)
+        Breadcrumb(Path(self.cache.root), self.fqrn).accept(trusted.manifest)
+        self.whitelist: Whitelist = trusted.whitelist
+        self.certificate: bytes = trusted.certificate
+        return trusted.manifest
 
     def refresh(self, *, nocache: bool = True) -> bool:
         """Look for a new revision now and switch to it; True if the tree changed.
@@ -444,13 +382,14 @@ class Repository:
                 self._count("refresh_failures")
                 raise
             current = self.manifest
-            if manifest.revision < current.revision or manifest.timestamp < current.timestamp:
+            try:
+                refuse_rollback(
+                    self.fqrn, manifest, current.revision, current.timestamp,
+                    f"it is open; staying on revision {current.revision}",
+                )  # fmt: skip
+            except RollbackError:
                 self._count("refresh_failures")
-                raise RollbackError(
-                    f"{self.fqrn}: the server offers revision {manifest.revision} "
-                    f"(T={manifest.timestamp}), older than the open revision {current.revision} "
-                    f"(T={current.timestamp}); staying on revision {current.revision}"
-                )
+                raise
             if self.pinned or manifest.catalog == self.root_hash:
                 self.manifest = manifest
                 return False
@@ -527,23 +466,35 @@ class Repository:
         return len(self._catalogs)
 
     # -- objects ------------------------------------------------------------------------------
-    def _object(self, digest: Digest, kind: ObjectKind, compressed: bool) -> Path:
+    max_unsized_object = MAX_UNSIZED_OBJECT
+    """Bound on objects no catalog gives a size for (root catalog, history, meta-info)."""
+
+    def _object(
+        self, digest: Digest, kind: ObjectKind, compressed: bool, size: int | None = None
+    ) -> Path:
         """A verified, decompressed object in the cache (fetched once, even if asked twice)."""
-        return self._object_traced(digest, kind, compressed)[0]
+        return self._object_traced(digest, kind, compressed, size)[0]
 
     def _object_traced(
         self,
         digest: Digest,
         kind: ObjectKind,
         compressed: bool,
-        fetch_into: Callable[[BinaryIO], int] | None = None,
+        size: int | None = None,
+        fetch_into: Callable[[BinaryIO, int | None], int] | None = None,
+        *,
+        exact: bool = True,
     ) -> tuple[Path, str, int]:
         """:meth:`_object` and how it was served, for tracing: ``(path, how, net_bytes)``.
 
         ``how`` is ``"hit"`` (in the cache), ``"fetch"`` (this call fetched it; ``net_bytes``
         came over the network or out of the store) or ``"wait"`` (another thread was fetching
-        it and this call waited for that fetch). ``fetch_into`` streams the object into a
-        sink from somewhere other than the source's ``data/`` (external files).
+        it and this call waited for that fetch). ``fetch_into(sink, max_bytes)`` streams the
+        object into a sink from somewhere other than the source's ``data/`` (external files).
+
+        ``size`` is what the catalog says the content is: more is refused while it streams
+        (a zlib bomb, an oversized object) and, when ``exact``, less after it, before the
+        cache keeps it. Without a size, :attr:`max_unsized_object` bounds it.
         """
         path = self.cache.get_path(digest)
         if path is not None:
@@ -561,11 +512,17 @@ class Repository:
             return future.result(), "wait", 0
         try:
             rel = object_path(digest, kind)
+            known = size is not None and (exact or size > 0)  # a 0 catalog size is "unknown"
+            bound = size if known and size is not None else self.max_unsized_object
             with self.cache.put_stream(digest) as sink:
                 if fetch_into is None:
-                    written = self.source.fetch_into(rel, digest, compressed, sink)
+                    written = self.source.fetch_into(
+                        rel, digest, compressed, sink, max_bytes=bound
+                    )
                 else:
-                    written = fetch_into(sink)
+                    written = fetch_into(sink, bound)
+                if exact and size is not None and written != size:
+                    raise FormatError(rel, f"holds {written} bytes, the catalog says {size}")
             # Just committed (verified while it streamed): no second lookup needed.
             path = sink.committed_path or self.cache.get_path(digest)
             if path is None:
@@ -604,13 +561,19 @@ class Repository:
                 pass
         return written
 
-    def _load_catalog(self, mountpoint: str, digest: Digest) -> Catalog:
+    def load_catalog(self, mountpoint: str, digest: Digest, size: int | None = None) -> Catalog:
+        """A catalog of this repository (any revision's) by hash: verified, opened once, kept
+        open until :meth:`close` (``repo check`` walks every tagged tree with it)."""
+        return self._load_catalog(mountpoint, digest, size)
+
+    def _load_catalog(self, mountpoint: str, digest: Digest, size: int | None = None) -> Catalog:
+        """A catalog, opened once; ``size`` (the parent's, if known and not 0) bounds it."""
         key = (mountpoint, digest.hex)
         with self._lock:
             catalog = self._catalogs.get(key)
             if catalog is not None:
                 return catalog
-        path = self._object(digest, ObjectKind.CATALOG, True)
+        path = self._object_traced(digest, ObjectKind.CATALOG, True, size, exact=False)[0]
         self.cache.pin(digest)
         catalog = Catalog(path, mountpoint, what=f"catalog {digest.hex} ({mountpoint or '/'})")
         if mountpoint and catalog.mountpoint != mountpoint:
@@ -627,7 +590,7 @@ class Repository:
                 return catalog
             if ref.path == path and not for_listing:
                 return catalog  # the parent's mount point row answers stat (§8.3 step 4)
-            catalog = self._load_catalog(ref.path, ref.digest)
+            catalog = self._load_catalog(ref.path, ref.digest, ref.size)
 
     @staticmethod
     def _normalise(path: str) -> str:
@@ -728,15 +691,19 @@ class Repository:
         """:meth:`piece_path` and how it was served (``hit``/``fetch``/``wait``, net bytes)."""
         piece = layout.pieces[index]
         if layout.external is None:
-            return self._object_traced(piece.digest, layout.kind, layout.compressed)
+            return self._object_traced(piece.digest, layout.kind, layout.compressed, piece.size)
         source = self.external_source(layout.external)
         path = layout.external
         byte_range = (piece.offset, piece.size) if layout.chunked else None
 
-        def fetch_external(sink: BinaryIO) -> int:
-            return source.fetch_into(path, piece.digest, layout.compressed, sink, byte_range)
+        def fetch_external(sink: BinaryIO, max_bytes: int | None) -> int:
+            return source.fetch_into(
+                path, piece.digest, layout.compressed, sink, byte_range, max_bytes
+            )
 
-        return self._object_traced(piece.digest, layout.kind, layout.compressed, fetch_external)
+        return self._object_traced(
+            piece.digest, layout.kind, layout.compressed, piece.size, fetch_external
+        )
 
     def external_source(self, path: str = "external file") -> ExternalSource:
         """The fetcher of external files (``CVMFS_EXTERNAL_URL``), created on first use."""
@@ -1112,32 +1079,3 @@ def _keys(public_key: str | os.PathLike[str] | Sequence[Any] | None) -> list[Any
     if isinstance(public_key, (str, os.PathLike)):
         return load_public_keys(public_key)
     return list(public_key)
-
-
-def _manifest_fqrn(folder: Path) -> str | None:
-    try:
-        return Manifest.parse((folder / ".cvmfspublished").read_bytes()).fqrn
-    except (OSError, CvmfsMlError):
-        return None
-
-
-def _read_breadcrumb(path: Path) -> tuple[str, int, int] | None:
-    """``(catalog hex, timestamp, revision)`` from a breadcrumb, or None (absent, unreadable)."""
-    try:
-        text = path.read_text().strip()
-    except (OSError, UnicodeDecodeError):
-        return None
-    digest, _, rest = text.partition("T")
-    stamp, _, revision = rest.partition("R")
-    try:
-        return digest, int(stamp), int(revision)
-    except ValueError:
-        return None  # upstream ignores a breadcrumb it cannot parse, too
-
-
-def _accepts_nocache(source: object) -> bool:
-    """Whether ``source.fetch`` can bypass proxy caches (the HTTP fetcher; not a folder)."""
-    try:
-        return "nocache" in inspect.signature(source.fetch).parameters  # type: ignore[attr-defined]
-    except (AttributeError, TypeError, ValueError):
-        return False

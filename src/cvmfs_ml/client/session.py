@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from cvmfs_ml.client.cache import ObjectCache
-from cvmfs_ml.client.config import ClientConfig
+from cvmfs_ml.client.config import ClientConfig, load_blacklist
 from cvmfs_ml.client.fetcher import Fetcher
 from cvmfs_ml.client.repository import FETCHER_OPTIONS, Repository
 from cvmfs_ml.cvmfs.hashing import Digest
@@ -49,6 +49,8 @@ def open_configured(fqrn: str, config: ClientConfig, **options: Any) -> Reposito
     if "root_hash" not in options and "tag" not in options:
         options.update(pinned_revision(params))
     max_ttl = max_ttl_seconds(params.get("CVMFS_MAX_TTL", ""))
+    if "blacklist" not in options:  # CVMFS_BLACKLIST may come from a configuration file
+        options["blacklist"] = load_blacklist(params.get("CVMFS_BLACKLIST", "").strip() or None)
     cache = options.pop("cache", None)
     own_cache = cache is None
     if cache is None:

@@ -273,9 +273,46 @@ class DirectoryEntry:
 _ROW_COLUMNS = "hardlinks, hash, size, mode, mtime, mtimens, flags, symlink, uid, gid, xattr, name"
 
 
-def _entry_from_row(path: str, row: tuple) -> DirectoryEntry:
+_ROW_TYPES: tuple[tuple[str, type, bool], ...] = (
+    # (column, type, may be NULL) for the first 11 columns of _ROW_COLUMNS, in order
+    ("hardlinks", int, False), ("hash", bytes, True), ("size", int, False),
+    ("mode", int, False), ("mtime", int, False), ("mtimens", int, True), ("flags", int, False),
+    ("symlink", str, True), ("uid", int, False), ("gid", int, False), ("xattr", bytes, True),
+)  # fmt: skip
+_NON_NEGATIVE = ("hardlinks", "size", "mode", "flags")
+_MAX_INT64 = 2**63 - 1
+
+
+def _child_path(parent: str, name: object, what: str) -> str:
+    """``parent/name``, refusing names that would leave or confuse the tree (a signed catalog
+    can still be hostile: ``..`` would send a walk in circles, ``a/b`` reach readdir)."""
+    if not isinstance(name, str):
+        raise FormatError(what, f"entry name under {parent or '/'!r} is not text: {name!r}")
+    if name in ("", ".", "..") or "/" in name or "\0" in name:
+        raise FormatError(what, f"invalid entry name {name!r} under {parent or '/'!r}")
+    return f"{parent}/{name}"
+
+
+def _check_row(path: str, row: tuple, what: str) -> None:
+    """Column types and ranges: SQLite stores whatever it is given, whatever the schema says."""
+    for (column, kind, nullable), value in zip(_ROW_TYPES, row[:11], strict=True):
+        if value is None and nullable:
+            continue
+        if type(value) is not kind:
+            raise FormatError(
+                what, f"{path or '/'}: {column} is {type(value).__name__}, not {kind.__name__}"
+            )
+        if column in _NON_NEGATIVE and not 0 <= value <= _MAX_INT64:
+            raise FormatError(what, f"{path or '/'}: {column} {value} is out of range")
+
+
+def _entry_from_row(path: str, row: tuple, what: str = "catalog") -> DirectoryEntry:
+    _check_row(path, row, what)
     hardlinks, blob, size, mode, mtime, mtimens, flags, symlink, uid, gid, xattr = row[:11]
-    algorithm = Algorithm((flags & _HASH_ALGO_MASK) >> _HASH_ALGO_SHIFT)
+    try:
+        algorithm = Algorithm((flags & _HASH_ALGO_MASK) >> _HASH_ALGO_SHIFT)
+    except ValueError:
+        raise FormatError(what, f"{path or '/'}: unknown hash algorithm in flags {flags}") from None
     return DirectoryEntry(
         path=path,
         mode=mode,
@@ -384,15 +421,16 @@ class Catalog:
         """The row for ``path`` in this catalog, or ``None``."""
         path = _normalise(path)
         rows = self._query(self._select + " WHERE md5path_1 = ? AND md5path_2 = ?", md5_pair(path))
-        return _entry_from_row(path, rows[0]) if rows else None
+        return _entry_from_row(path, rows[0], self.what) if rows else None
 
     def listing(self, path: str) -> list[DirectoryEntry]:
         """The rows whose parent is ``path``, sorted by name."""
         path = _normalise(path)
         rows = self._query(self._select + " WHERE parent_1 = ? AND parent_2 = ?", md5_pair(path))
-        entries = [_entry_from_row(f"{path}/{row[11]}", row) for row in rows]
-        # The repository root is its own "parent" only in the degenerate (0, 0) sense.
-        entries = [e for e in entries if e.path != path]
+        if not path:  # the root row, should a writer make it its own child, is not listed
+            rows = [row for row in rows if row[11] != ""]
+        entries = [_entry_from_row(_child_path(path, row[11], self.what), row, self.what)
+                   for row in rows]  # fmt: skip
         return sorted(entries, key=lambda e: e.name)
 
     def chunks(self, entry: DirectoryEntry | str) -> list[Chunk]:
@@ -410,9 +448,18 @@ class Catalog:
         algorithm = entry.hash_algorithm
         chunks, expected = [], 0
         for offset, size, blob in rows:
-            if offset != expected or blob is None:
+            if (
+                type(offset) is not int
+                or type(size) is not int
+                or not isinstance(blob, bytes)
+                or offset != expected
+                or size <= 0
+            ):
                 raise FormatError(self.what, f"chunks of {entry.path!r} do not tile the file")
-            chunks.append(Chunk(offset, size, Digest(algorithm, bytes(blob))))
+            try:
+                chunks.append(Chunk(offset, size, Digest(algorithm, blob)))
+            except FormatError as exc:
+                raise FormatError(self.what, f"chunk of {entry.path!r}: {exc}") from None
             expected = offset + size
         if expected != entry.size:
             raise FormatError(
@@ -422,7 +469,19 @@ class Catalog:
 
     def nested_catalogs(self) -> list[NestedRef]:
         rows = self._query("SELECT path, sha1, size FROM nested_catalogs ORDER BY path")
-        return [NestedRef(p, Digest.from_hex(h), int(s or 0)) for p, h, s in rows]
+        refs = []
+        for path, text, size in rows:
+            if not isinstance(path, str) or not isinstance(text, str):
+                raise FormatError(self.what, f"nested catalog row {path!r} has wrong types")
+            if size is not None and (type(size) is not int or size < 0):
+                raise FormatError(self.what, f"nested catalog {path!r}: bad size {size!r}")
+            try:
+                refs.append(NestedRef(_normalise(path), Digest.from_hex(text), size or 0))
+            except FormatError as exc:
+                raise FormatError(self.what, f"nested catalog {path!r}: {exc}") from None
+            if not refs[-1].path.startswith(self.mountpoint + "/"):
+                raise FormatError(self.what, f"nested catalog {path!r} is not below {self.what}")
+        return refs
 
     def find_nested(self, path: str) -> NestedRef | None:
         """The direct child catalog whose mount point is ``path`` or a prefix of it (§8.3)."""
@@ -433,7 +492,14 @@ class Catalog:
         return None
 
     def statistics(self) -> dict[str, int]:
-        return {k: int(v) for k, v in self._query("SELECT counter, value FROM statistics")}
+        try:
+            return {k: int(v) for k, v in self._query("SELECT counter, value FROM statistics")}
+        except (TypeError, ValueError) as exc:
+            raise FormatError(self.what, f"statistics: {exc}") from None
+
+    def chunk_count(self) -> int:
+        """Rows of the ``chunks`` table (``self_chunks`` counts them)."""
+        return int(self._query("SELECT count(*) FROM chunks")[0][0])
 
     def entries(self) -> Iterator[DirectoryEntry]:
         """Every row, with paths rebuilt from the parent links (root first, then depth-first)."""
@@ -771,18 +837,31 @@ def referenced_objects(catalog: Catalog) -> Iterator[tuple[Digest, bool, bool]]:
     External files are skipped (their data lives elsewhere, §10.4). Nested catalogs are not
     included: walk them with :func:`walk_catalog_tree`.
     """
-    for row in catalog._query(
-        "SELECT hash, flags FROM catalog WHERE hash IS NOT NULL AND NOT (flags & 128)"
-    ):
-        blob, flags = row
-        algorithm = Algorithm((flags & _HASH_ALGO_MASK) >> _HASH_ALGO_SHIFT)
-        yield Digest(algorithm, bytes(blob)), False, (flags & _COMPRESSION_MASK) == 0
-    for blob, flags in catalog._query(
-        "SELECT chunks.hash, catalog.flags FROM chunks JOIN catalog USING (md5path_1, md5path_2) "
-        "WHERE NOT (catalog.flags & 128)"
-    ):
-        algorithm = Algorithm((flags & _HASH_ALGO_MASK) >> _HASH_ALGO_SHIFT)
-        yield Digest(algorithm, bytes(blob)), True, (flags & _COMPRESSION_MASK) == 0
+    for digest, is_chunk, compressed, _size in sized_objects(catalog):
+        yield digest, is_chunk, compressed
+
+
+def sized_objects(catalog: Catalog) -> Iterator[tuple[Digest, bool, bool, int]]:
+    """:func:`referenced_objects` with the content size the catalog gives each object (the
+    file's or the chunk's): what a fetch of it may be bounded by. Rows of the wrong types
+    raise :class:`~cvmfs_ml.errors.FormatError`."""
+    queries = (
+        (False, "SELECT hash, flags, size FROM catalog "
+                "WHERE hash IS NOT NULL AND NOT (flags & 128)"),
+        (True, "SELECT chunks.hash, catalog.flags, chunks.size FROM chunks JOIN catalog "
+               "USING (md5path_1, md5path_2) WHERE NOT (catalog.flags & 128)"),
+    )  # fmt: skip
+    for is_chunk, sql in queries:
+        for blob, flags, size in catalog._query(sql):
+            if not isinstance(blob, bytes) or type(flags) is not int or type(size) is not int:
+                raise FormatError(catalog.what, "an object row has values of the wrong types")
+            if size < 0:
+                raise FormatError(catalog.what, f"an object has a negative size {size}")
+            try:
+                algorithm = Algorithm((flags & _HASH_ALGO_MASK) >> _HASH_ALGO_SHIFT)
+            except ValueError:
+                raise FormatError(catalog.what, f"unknown hash algorithm in {flags}") from None
+            yield Digest(algorithm, blob), is_chunk, (flags & _COMPRESSION_MASK) == 0, size
 
 
 def walk_catalog_tree(

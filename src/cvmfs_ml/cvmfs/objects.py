@@ -119,20 +119,45 @@ def new_compressor(compression: Compression) -> Compressor:
 
 
 class Decompressor:
-    """A streaming zlib decoder that refuses trailing garbage and truncated streams."""
+    """A streaming zlib decoder that refuses trailing garbage and truncated streams.
 
-    def __init__(self, what: str = "object") -> None:
+    ``max_output`` bounds the inflated size: a few kilobytes of zlib can inflate a thousandfold
+    (a zlib bomb), so the decoder never produces more than one byte past the bound before it
+    raises :class:`~cvmfs_ml.errors.FormatError`. :meth:`pieces` yields the output of one input
+    block in pieces of at most :attr:`piece_size` bytes, so memory stays bounded too.
+    """
+
+    piece_size = 4 * 2**20
+
+    def __init__(self, what: str = "object", *, max_output: int | None = None) -> None:
         self._what = what
         self._inflater = zlib.decompressobj()
+        self._limit = max_output
+        self.produced = 0
 
-    def decompress(self, data: bytes | memoryview) -> bytes:
-        try:
-            out = self._inflater.decompress(data)
-        except zlib.error as exc:
-            raise FormatError(self._what, f"corrupt zlib stream: {exc}") from exc
+    def pieces(self, data: bytes | memoryview) -> Iterator[bytes]:
+        """Inflate ``data``; yields outputs of at most :attr:`piece_size` bytes."""
+        pending: bytes | memoryview = data
+        while True:
+            budget = self.piece_size
+            if self._limit is not None:
+                budget = min(budget, self._limit - self.produced + 1)
+            try:
+                out = self._inflater.decompress(pending, budget)
+            except zlib.error as exc:
+                raise FormatError(self._what, f"corrupt zlib stream: {exc}") from exc
+            self._account(out)
+            if out:
+                yield out
+            pending = self._inflater.unconsumed_tail
+            if not pending:
+                break
         if self._inflater.unused_data:
             raise FormatError(self._what, "data after the end of the zlib stream")
-        return out
+
+    def decompress(self, data: bytes | memoryview) -> bytes:
+        parts = list(self.pieces(data))
+        return parts[0] if len(parts) == 1 else b"".join(parts)
 
     def flush(self) -> bytes:
         try:
@@ -141,7 +166,26 @@ class Decompressor:
             raise FormatError(self._what, f"corrupt zlib stream: {exc}") from exc
         if not self._inflater.eof:
             raise FormatError(self._what, "truncated zlib stream")
+        self._account(out)
         return out
+
+    def _account(self, out: bytes) -> None:
+        self.produced += len(out)
+        if self._limit is not None and self.produced > self._limit:
+            raise FormatError(self._what, f"inflates to more than {self._limit} bytes")
+
+
+MAX_UNSIZED_OBJECT = 2 * 2**30
+"""Content bound for objects no catalog gives a size for (a root catalog, history, meta-info)."""
+
+
+def stored_bound(size: int, compressed: bool) -> int:
+    """The most bytes an object of ``size`` content bytes can take as stored.
+
+    zlib's worst case (incompressible data in stored blocks) adds 5 bytes per 16 KiB block plus
+    a header and trailer; 1/256 plus 4 KiB is safely above it for any encoder settings.
+    """
+    return size + size // 256 + 4096 if compressed else size
 
 
 def deflate(data: bytes | memoryview, compression: Compression = Compression.ZLIB) -> bytes:

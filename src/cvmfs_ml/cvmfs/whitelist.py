@@ -35,6 +35,7 @@ __all__ = [
     "Whitelist",
     "certificate_fingerprint",
     "make_whitelist",
+    "matching_line",
     "parse_fingerprint",
     "rsa_raw_sign",
     "rsa_raw_verify",
@@ -130,11 +131,9 @@ class Whitelist:
         ``/etc/cvmfs/blacklist``) win. A ``Wcachain`` whitelist also demands an X.509 chain
         check against a CA store, which this pure layer cannot do, so it accepts nothing.
         """
+        if matching_line(certificate_pem, blacklist) is not None:
+            return False
         der = load_certificate(certificate_pem).public_bytes(serialization.Encoding.DER)
-        for line in blacklist:
-            parsed = parse_fingerprint(line)
-            if parsed is not None and _der_matches(der, *parsed):
-                return False
         if self.ca_chain:
             return False
         return any(_der_matches(der, name, raw) for name, raw in self.fingerprint_digests())
@@ -157,6 +156,16 @@ def parse_fingerprint(line: str) -> tuple[str, bytes] | None:
     except FormatError:
         return None
     return digest.algorithm.config_name, digest.raw
+
+
+def matching_line(certificate_pem: bytes, lines: Iterable[str]) -> str | None:
+    """The first fingerprint line (whitelist or blacklist format) naming this certificate."""
+    der = load_certificate(certificate_pem).public_bytes(serialization.Encoding.DER)
+    for line in lines:
+        parsed = parse_fingerprint(line)
+        if parsed is not None and _der_matches(der, *parsed):
+            return line
+    return None
 
 
 def certificate_fingerprint(certificate_pem: bytes, algorithm: Algorithm = Algorithm.SHA1) -> str:

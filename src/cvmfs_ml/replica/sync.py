@@ -30,7 +30,6 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import fcntl
-import inspect
 import json
 import os
 import threading
@@ -40,24 +39,40 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO, Protocol
+from typing import Any
 from urllib.parse import urlsplit
 
-from cvmfs_ml.cvmfs.catalog import Catalog, referenced_objects
+from cvmfs_ml.client.config import folder_fqrn, load_blacklist
+from cvmfs_ml.client.repository import ObjectSource
+from cvmfs_ml.client.trust import (
+    MAX_CERTIFICATE_BYTES,
+    MAX_MANIFEST_BYTES,
+    MAX_WHITELIST_BYTES,
+    Blacklist,
+    TrustAnchors,
+    parse_manifest,
+    refuse_rollback,
+    verify_ensemble,
+)
+from cvmfs_ml.cvmfs.catalog import Catalog, sized_objects
 from cvmfs_ml.cvmfs.hashing import Digest
 from cvmfs_ml.cvmfs.history import HistoryDb
 from cvmfs_ml.cvmfs.keys import load_public_keys
-from cvmfs_ml.cvmfs.manifest import Manifest, verify_manifest
-from cvmfs_ml.cvmfs.objects import Decompressor, ObjectKind, inflate, object_path
+from cvmfs_ml.cvmfs.manifest import Manifest
+from cvmfs_ml.cvmfs.objects import (
+    MAX_UNSIZED_OBJECT,
+    Decompressor,
+    ObjectKind,
+    object_path,
+    stored_bound,
+)
 from cvmfs_ml.cvmfs.reflog import Reflog, RefType
-from cvmfs_ml.cvmfs.whitelist import certificate_fingerprint, verify_whitelist
 from cvmfs_ml.errors import (
     DownloadError,
     FormatError,
     LockedError,
     NotFoundError,
     PublishError,
-    RollbackError,
     SignatureError,
 )
 from cvmfs_ml.storage.base import ObjectStore, open_store
@@ -76,14 +91,6 @@ STATUS_JSON = ".cvmfs_status.json"
 _LOCK_NAME = "replica.lock"
 _TEMP_PREFIX = "replica."
 _READ_BLOCK = 4 * 2**20
-
-
-class _Source(Protocol):
-    def fetch(self, rel_path: str, expected: Digest | None, *, compressed: bool) -> bytes: ...
-
-    def fetch_into(
-        self, rel_path: str, expected: Digest | None, compressed: bool, fileobj: BinaryIO
-    ) -> int: ...
 
 
 @dataclass
@@ -126,6 +133,7 @@ def sync_replica(
     now: dt.datetime | None = None,
     s3_config: Mapping[str, str] | None = None,
     on_report: Callable[[SyncReport], None] | None = None,
+    blacklist: Blacklist | None = None,
     **fetcher_options: Any,
 ) -> SyncReport:
     """Bring the replica at ``dest_repo_dir`` up to the revision ``upstream`` publishes.
@@ -139,9 +147,11 @@ def sync_replica(
     still reachable through ``previous_revision`` (later runs always copy the revisions
     published since the last one). ``now`` is the time the whitelist's expiry is checked
     against. ``upstream`` may also be a Stratum 0 in S3 (``s3://BUCKET[/PREFIX]/FQRN``, read
-    through the S3 API with the ``CVMFS_S3_*`` settings of ``s3_config``). Idempotent: a
-    second run with nothing new published copies nothing. ``on_report`` receives the report
-    as soon as the run starts; its counters grow while objects are copied (progress bars).
+    through the S3 API with the ``CVMFS_S3_*`` settings of ``s3_config``). ``blacklist``
+    (default: the site's, see :func:`~cvmfs_ml.client.config.load_blacklist`) refuses
+    certificates and revisions. Idempotent: a second run with nothing new published copies
+    nothing. ``on_report`` receives the report as soon as the run starts; its counters grow
+    while objects are copied (progress bars).
     """
     started = time.monotonic()
     keys = (
@@ -164,7 +174,10 @@ def sync_replica(
             when = now or dt.datetime.now(dt.UTC)
             dest.put_bytes(IS_SNAPSHOTTING, (_date_utc(when) + "\n").encode())
             try:
-                snapshot = _Snapshot(source, dest, fqrn, keys, when, workers, label)
+                anchors = TrustAnchors(
+                    fqrn, keys, blacklist if blacklist is not None else load_blacklist()
+                )
+                snapshot = _Snapshot(source, dest, anchors, when, workers, label)
                 snapshot.on_report = on_report
                 report = snapshot.run(full_history=full_history)
             finally:
@@ -185,18 +198,17 @@ class _Snapshot:
 
     def __init__(
         self,
-        source: _Source,
+        source: ObjectSource,
         dest: ObjectStore,
-        fqrn: str,
-        keys: list[Any],
+        anchors: TrustAnchors,
         now: dt.datetime,
         workers: int,
         label: str,
     ) -> None:
         self.source = source
         self.dest = dest
-        self.fqrn = fqrn
-        self.keys = keys
+        self.anchors = anchors
+        self.fqrn = anchors.fqrn
         self.now = now
         self.label = label
         self.workers = max(1, workers)
@@ -209,18 +221,15 @@ class _Snapshot:
     # -- the steps ----------------------------------------------------------------------------
     def run(self, *, full_history: bool = False) -> SyncReport:
         self._check_replication_allowed()
-        raw_manifest = self._fetch_root_file(MANIFEST)
-        raw_whitelist = self._fetch_root_file(WHITELIST)
+        raw_manifest = self._fetch_root_file(MANIFEST, MAX_MANIFEST_BYTES)
+        raw_whitelist = self._fetch_root_file(WHITELIST, MAX_WHITELIST_BYTES)
         manifest, certificate_stored = self._verify(raw_manifest, raw_whitelist)
         previous_raw, previous = self._replica_manifest()
-        if previous is not None and (
-            manifest.revision < previous.revision or manifest.timestamp < previous.timestamp
-        ):
-            raise RollbackError(
-                f"{self.label} offers revision {manifest.revision} (T={manifest.timestamp}) "
-                f"but the replica already has revision {previous.revision} "
-                f"(T={previous.timestamp}); refusing to roll it back"
-            )
+        if previous is not None:
+            refuse_rollback(
+                self.fqrn, manifest, previous.revision, previous.timestamp,
+                f"the replica has it; refusing to roll back to what {self.label} offers",
+            )  # fmt: skip
         self.report = SyncReport(
             fqrn=self.fqrn,
             upstream=self.label,
@@ -254,7 +263,7 @@ class _Snapshot:
 
     def _check_replication_allowed(self) -> None:
         try:
-            self._fetch_root_file(MASTER_REPLICA)
+            self._fetch_root_file(MASTER_REPLICA, MAX_MANIFEST_BYTES)
         except (NotFoundError, DownloadError) as exc:
             if not _is_missing(exc):
                 raise
@@ -264,21 +273,17 @@ class _Snapshot:
             ) from exc
 
     def _verify(self, raw_manifest: bytes, raw_whitelist: bytes) -> tuple[Manifest, bytes]:
-        """Check the ensemble as a client does; returns the manifest and the stored cert."""
-        manifest = Manifest.parse(raw_manifest)
-        whitelist = verify_whitelist(raw_whitelist, self.keys, self.fqrn, self.now)
+        """Check the ensemble with the client's trust core; returns the manifest and the
+        certificate object as stored (copied byte for byte)."""
+        manifest = parse_manifest(self.anchors, raw_manifest)
         if manifest.certificate is None:
             raise FormatError(MANIFEST, "no certificate (X) to verify the signature with")
         rel = object_path(manifest.certificate, ObjectKind.CERTIFICATE)
-        stored = self.source.fetch(rel, manifest.certificate, compressed=False)
-        certificate = inflate(stored, f"certificate {manifest.certificate.hex}")
-        if not whitelist.accepts(certificate):
-            raise SignatureError(
-                f"{self.fqrn}: certificate {manifest.certificate.hex} (fingerprint "
-                f"{certificate_fingerprint(certificate)}) is not listed in {WHITELIST}"
-            )
-        verify_manifest(raw_manifest, certificate, fqrn=self.fqrn)
-        return manifest, stored
+        stored = self.source.fetch(
+            rel, manifest.certificate, compressed=False, max_bytes=MAX_CERTIFICATE_BYTES
+        )
+        trusted = verify_ensemble(self.anchors, raw_manifest, raw_whitelist, stored, self.now)
+        return trusted.manifest, stored
 
     def _copy_all(self, manifest: Manifest, *, follow_previous: bool) -> None:
         if manifest.metainfo is not None:
@@ -309,7 +314,9 @@ class _Snapshot:
             plain.unlink(missing_ok=True)
 
     # -- catalogs -----------------------------------------------------------------------------
-    def _sync_catalog(self, digest: Digest, mountpoint: str, *, required: bool) -> Digest | None:
+    def _sync_catalog(
+        self, digest: Digest, mountpoint: str, *, required: bool, size: int = 0
+    ) -> Digest | None:
         """Copy a catalog after its objects and nested catalogs; returns its predecessor.
 
         A catalog already in the replica stops the walk (its subtree is complete) and returns
@@ -320,18 +327,18 @@ class _Snapshot:
             self._count(catalogs_present=1)
             return None
         try:
-            stored = self._download(rel, digest)
+            stored = self._download(rel, digest, stored_bound(size or MAX_UNSIZED_OBJECT, True))
         except (NotFoundError, DownloadError) as exc:
             if required or not _is_missing(exc):
                 raise
             self.report.skipped.append(rel)
             return None
         try:
-            with self._opened_catalog(stored, digest, mountpoint) as catalog:
+            with self._opened_catalog(stored, digest, mountpoint, size) as catalog:
                 previous = catalog.previous_revision
                 pending = self._copy_referenced(catalog)
                 for ref in catalog.nested_catalogs():
-                    self._sync_catalog(ref.digest, ref.path, required=True)
+                    self._sync_catalog(ref.digest, ref.path, required=True, size=ref.size)
                 for future in pending:
                     future.result()
             self._commit(stored, rel)
@@ -342,14 +349,17 @@ class _Snapshot:
         return previous
 
     @contextlib.contextmanager
-    def _opened_catalog(self, stored: Path, digest: Digest, mountpoint: str) -> Iterator[Catalog]:
+    def _opened_catalog(
+        self, stored: Path, digest: Digest, mountpoint: str, size: int = 0
+    ) -> Iterator[Catalog]:
         plain = self._temp_path()
         what = f"catalog {digest.hex} ({mountpoint or '/'})"
         try:
-            inflater = Decompressor(what)
+            inflater = Decompressor(what, max_output=size or MAX_UNSIZED_OBJECT)
             with stored.open("rb") as src, plain.open("wb") as out:
                 while block := src.read(_READ_BLOCK):
-                    out.write(inflater.decompress(block))
+                    for piece in inflater.pieces(block):  # bounded memory, even for a bomb
+                        out.write(piece)
                 out.write(inflater.flush())
             catalog = Catalog(plain, None, what=what)
             try:
@@ -366,34 +376,35 @@ class _Snapshot:
     def _copy_referenced(self, catalog: Catalog) -> list[Future[None]]:
         """Schedule every data object of ``catalog`` (each object once per snapshot)."""
         futures: list[Future[None]] = []
-        for digest, is_chunk, _compressed in referenced_objects(catalog):
+        for digest, is_chunk, compressed, size in sized_objects(catalog):
             rel = object_path(digest, ObjectKind.PARTIAL if is_chunk else ObjectKind.FILE)
             with self._lock:
                 future = self._scheduled.get(rel)
                 if future is None:
-                    future = self._pool.submit(self._copy_object, rel, digest)
+                    bound = stored_bound(size, compressed)  # an endless body cannot fill the disk
+                    future = self._pool.submit(self._copy_object, rel, digest, bound)
                     self._scheduled[rel] = future
             futures.append(future)
         return futures
 
     # -- objects ------------------------------------------------------------------------------
-    def _copy_object(self, rel: str, digest: Digest) -> None:
+    def _copy_object(self, rel: str, digest: Digest, max_bytes: int | None = None) -> None:
         if self.dest.exists(rel):
             self._count(objects_present=1)
             return
-        stored = self._download(rel, digest)
+        stored = self._download(rel, digest, max_bytes)
         try:
             self._commit(stored, rel)
         finally:
             stored.unlink(missing_ok=True)
         self._count(objects_copied=1)
 
-    def _download(self, rel: str, digest: Digest) -> Path:
+    def _download(self, rel: str, digest: Digest, max_bytes: int | None = None) -> Path:
         """The stored (compressed) bytes of ``rel`` in a temporary file, hash-checked."""
         tmp = self._temp_path()
         try:
             with tmp.open("w+b") as out:
-                written = self.source.fetch_into(rel, digest, False, out)
+                written = self.source.fetch_into(rel, digest, False, out, max_bytes=max_bytes)
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
@@ -418,11 +429,9 @@ class _Snapshot:
                 setattr(self.report, name, getattr(self.report, name) + amount)
 
     # -- root files ---------------------------------------------------------------------------
-    def _fetch_root_file(self, name: str) -> bytes:
+    def _fetch_root_file(self, name: str, max_bytes: int) -> bytes:
         """A mutable root file, fresh from the source (past proxy caches when there are any)."""
-        if _accepts_nocache(self.source):
-            return self.source.fetch(name, None, compressed=False, nocache=True)  # type: ignore[call-arg]
-        return self.source.fetch(name, None, compressed=False)
+        return self.source.fetch(name, None, compressed=False, nocache=True, max_bytes=max_bytes)
 
     def _read_replica_file(self, name: str) -> bytes | None:
         try:
@@ -499,7 +508,7 @@ def _open_source(
     proxy: str | None,
     workers: int,
     fetcher_options: dict[str, Any],
-) -> tuple[_Source, str, str]:
+) -> tuple[ObjectSource, str, str]:
     """``(source, fqrn, label)`` for a URL chain or a local folder."""
     text = os.fspath(upstream)
     if "://" in text:
@@ -518,13 +527,10 @@ def _open_source(
     if fetcher_options or proxy:
         raise PublishError("proxy and fetcher options only apply to an http(s) upstream")
     folder = Path(text)
-    if fqrn is None:
-        try:
-            fqrn = Manifest.parse((folder / MANIFEST).read_bytes()).fqrn
-        except OSError as exc:
-            raise NotFoundError(str(folder / MANIFEST), "no repository to replicate") from exc
-        fqrn = fqrn or folder.name
-    return LocalStore(folder), fqrn, str(folder)
+    if not (folder / MANIFEST).is_file():
+        raise NotFoundError(str(folder / MANIFEST), "no repository to replicate")
+    # The name comes from the caller or the folder, never from the manifest being verified.
+    return LocalStore(folder), fqrn or folder_fqrn(folder), str(folder)
 
 
 @contextlib.contextmanager
@@ -555,13 +561,6 @@ def _is_missing(exc: BaseException) -> bool:
     if isinstance(exc, DownloadError) and exc.attempts:
         return all(reason.startswith("HTTP 404") for _url, _proxy, reason in exc.attempts)
     return False
-
-
-def _accepts_nocache(source: object) -> bool:
-    try:
-        return "nocache" in inspect.signature(source.fetch).parameters  # type: ignore[attr-defined]
-    except (AttributeError, TypeError, ValueError):
-        return False
 
 
 def _date_utc(when: dt.datetime) -> str:

@@ -119,7 +119,13 @@ class ObjectStore(Protocol):
         ...
 
     def fetch(
-        self, rel_path: str, expected: Digest | None, *, compressed: bool, nocache: bool = False
+        self,
+        rel_path: str,
+        expected: Digest | None,
+        *,
+        compressed: bool,
+        nocache: bool = False,
+        max_bytes: int | None = None,
     ) -> bytes: ...
 
     def fetch_into(
@@ -130,6 +136,7 @@ class ObjectStore(Protocol):
         fileobj: BinaryIO,
         *,
         nocache: bool = False,
+        max_bytes: int | None = None,
     ) -> int: ...
 
 
@@ -152,9 +159,16 @@ def open_store(location: str | Path, s3_config: Mapping[str, str] | None = None)
 
 
 def decode_verified(
-    stored: bytes, rel_path: str, expected: Digest | None, compressed: bool
+    stored: bytes,
+    rel_path: str,
+    expected: Digest | None,
+    compressed: bool,
+    max_bytes: int | None = None,
 ) -> bytes:
-    """An object's content: its hash checked when ``expected`` is given, inflated if compressed."""
+    """An object's content: its hash checked when ``expected`` is given, inflated if compressed.
+
+    ``max_bytes`` bounds the inflated content (a zlib bomb stops one byte past it).
+    """
     if expected is not None:
         hasher = new_hasher(expected.algorithm)
         hasher.update(stored)
@@ -162,8 +176,10 @@ def decode_verified(
         if got != expected:
             raise IntegrityError(rel_path, expected.hex, got.hex)
     if not compressed:
+        if max_bytes is not None and len(stored) > max_bytes:
+            raise FormatError(rel_path, f"larger than {max_bytes} bytes")
         return stored
-    decompressor = Decompressor(rel_path)
+    decompressor = Decompressor(rel_path, max_output=max_bytes)
     return decompressor.decompress(stored) + decompressor.flush()
 
 
@@ -173,10 +189,15 @@ def copy_verified(
     expected: Digest | None,
     compressed: bool,
     fileobj: BinaryIO,
+    max_bytes: int | None = None,
 ) -> int:
-    """Stream an object's stored ``blocks`` into ``fileobj`` (checked, inflated); bytes written."""
+    """Stream an object's stored ``blocks`` into ``fileobj`` (checked, inflated); bytes written.
+
+    ``max_bytes`` bounds what is written (inflated content): beyond it is a FormatError, and
+    memory stays bounded (inflated output comes in pieces of at most 4 MiB).
+    """
     hasher = new_hasher(expected.algorithm) if expected is not None else None
-    decompressor = Decompressor(rel_path) if compressed else None
+    decompressor = Decompressor(rel_path, max_output=max_bytes) if compressed else None
     written = 0
     inflate_error: FormatError | None = None
     for block in blocks:
@@ -185,20 +206,17 @@ def copy_verified(
         if inflate_error is not None:
             continue  # keep hashing: a hash mismatch is the more precise diagnosis
         try:
-            out = decompressor.decompress(block) if decompressor else block
+            for out in decompressor.pieces(block) if decompressor else (block,):
+                if max_bytes is not None and written + len(out) > max_bytes:
+                    raise FormatError(rel_path, f"larger than {max_bytes} bytes")
+                fileobj.write(out)
+                written += len(out)
         except FormatError as exc:
             inflate_error = exc
             continue
-        fileobj.write(out)
-        written += len(out)
     if hasher is not None and expected is not None:
         got = Digest(expected.algorithm, hasher.digest())
         if got != expected:
             raise IntegrityError(rel_path, expected.hex, got.hex)
     if inflate_error is not None:
         raise inflate_error
-    if decompressor is not None:
-        tail = decompressor.flush()
-        fileobj.write(tail)
-        written += len(tail)
-    return written

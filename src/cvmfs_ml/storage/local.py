@@ -25,8 +25,8 @@ from pathlib import Path
 from typing import BinaryIO
 
 from cvmfs_ml.cvmfs.hashing import Algorithm, Digest, hash_bytes
-from cvmfs_ml.cvmfs.objects import ObjectKind, object_path
-from cvmfs_ml.errors import NotFoundError, PublishError
+from cvmfs_ml.cvmfs.objects import ObjectKind, object_path, stored_bound
+from cvmfs_ml.errors import FormatError, NotFoundError, PublishError
 from cvmfs_ml.storage.base import copy_verified, decode_verified
 
 __all__ = ["LocalStore", "ObjectWriter"]
@@ -303,13 +303,34 @@ class LocalStore:
 
     # -- the fetcher interface (same as client.fetcher.Fetcher) -------------------------------
     def fetch(
-        self, rel_path: str, expected: Digest | None, *, compressed: bool, nocache: bool = False
+        self,
+        rel_path: str,
+        expected: Digest | None,
+        *,
+        compressed: bool,
+        nocache: bool = False,
+        max_bytes: int | None = None,
     ) -> bytes:
         """Read an object, check its hash when ``expected`` is given, inflate if compressed.
 
         ``nocache`` exists for interface parity with the HTTP fetcher; a folder has no proxy.
+        ``max_bytes`` bounds the content (stored and inflated): beyond it is a FormatError.
         """
-        return decode_verified(self.get_bytes(rel_path), rel_path, expected, compressed)
+        stored = self._read_bounded(rel_path, max_bytes, compressed)
+        return decode_verified(stored, rel_path, expected, compressed, max_bytes)
+
+    def _read_bounded(self, rel_path: str, max_bytes: int | None, compressed: bool) -> bytes:
+        if max_bytes is None:
+            return self.get_bytes(rel_path)
+        limit = stored_bound(max_bytes, compressed)
+        try:
+            with self.path(rel_path).open("rb") as handle:
+                stored = handle.read(limit + 1)
+        except FileNotFoundError as exc:
+            raise NotFoundError(rel_path, str(self.root)) from exc
+        if len(stored) > limit:
+            raise FormatError(rel_path, f"larger than {limit} bytes")
+        return stored
 
     def fetch_into(
         self,
@@ -319,12 +340,16 @@ class LocalStore:
         fileobj: BinaryIO,
         *,
         nocache: bool = False,
+        max_bytes: int | None = None,
     ) -> int:
-        """Stream an object into ``fileobj`` with bounded memory; returns bytes written."""
+        """Stream an object into ``fileobj`` with bounded memory; returns bytes written.
+
+        ``max_bytes`` bounds what is written (inflated content): beyond it is a FormatError.
+        """
         try:
             source = self.path(rel_path).open("rb")
         except FileNotFoundError as exc:
             raise NotFoundError(rel_path, str(self.root)) from exc
         with source:
             blocks = iter(lambda: source.read(_READ_BLOCK), b"")
-            return copy_verified(blocks, rel_path, expected, compressed, fileobj)
+            return copy_verified(blocks, rel_path, expected, compressed, fileobj, max_bytes)

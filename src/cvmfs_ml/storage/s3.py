@@ -31,8 +31,8 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from cvmfs_ml.cvmfs.hashing import Algorithm, Digest, hash_bytes
-from cvmfs_ml.cvmfs.objects import ObjectKind, object_path
-from cvmfs_ml.errors import ConfigError, NotFoundError, PublishError, StorageError
+from cvmfs_ml.cvmfs.objects import ObjectKind, object_path, stored_bound
+from cvmfs_ml.errors import ConfigError, FormatError, NotFoundError, PublishError, StorageError
 from cvmfs_ml.storage.base import copy_verified, decode_verified
 
 __all__ = ["S3Config", "S3ObjectWriter", "S3Store", "parse_s3_location"]
@@ -483,10 +483,24 @@ class S3Store:
             yield rel
 
     def fetch(
-        self, rel_path: str, expected: Digest | None, *, compressed: bool, nocache: bool = False
+        self,
+        rel_path: str,
+        expected: Digest | None,
+        *,
+        compressed: bool,
+        nocache: bool = False,
+        max_bytes: int | None = None,
     ) -> bytes:
-        """Read with credentials through the S3 API (the fetcher interface, for the server side)."""
-        return decode_verified(self.get_bytes(rel_path), rel_path, expected, compressed)
+        """Read with credentials through the S3 API (the fetcher interface, for the server side).
+
+        ``max_bytes`` bounds the content: a larger stored body is refused before it is read.
+        """
+        if max_bytes is not None:
+            limit = stored_bound(max_bytes, compressed)
+            size = self._call("head_object", Bucket=self.bucket, Key=self._key(rel_path))
+            if int(size.get("ContentLength", 0)) > limit:
+                raise FormatError(rel_path, f"larger than {limit} bytes")
+        return decode_verified(self.get_bytes(rel_path), rel_path, expected, compressed, max_bytes)
 
     def fetch_into(
         self,
@@ -496,12 +510,13 @@ class S3Store:
         fileobj: BinaryIO,
         *,
         nocache: bool = False,
+        max_bytes: int | None = None,
     ) -> int:
         answer = self._call("get_object", Bucket=self.bucket, Key=self._key(rel_path))
         body = answer["Body"]
         try:
             return copy_verified(
-                body.iter_chunks(_READ_BLOCK), rel_path, expected, compressed, fileobj
+                body.iter_chunks(_READ_BLOCK), rel_path, expected, compressed, fileobj, max_bytes
             )
         finally:
             body.close()

@@ -1,0 +1,191 @@
+"""Hostile catalogs give FormatError: a valid signature only says who signed, not that it is sane.
+
+Each case takes a freshly published catalog, spoils one row with SQL (entry names ``..``,
+``.``, ``""``, ``a/b``, NUL; a size stored as text; a negative size; impossible chunk lists;
+a hash stored as text), stores it as the root catalog and points the manifest at it. The
+repository is opened with ``verify=False`` (the signature is beside the point: the publisher
+could have signed exactly these bytes) and every reader path must raise FormatError; ``walk()``
+must end rather than loop.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import sqlite3
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from cvmfs_ml.client.repository import Repository
+from cvmfs_ml.cvmfs.catalog import Catalog, md5_pair
+from cvmfs_ml.cvmfs.hashing import Algorithm
+from cvmfs_ml.cvmfs.manifest import Manifest
+from cvmfs_ml.cvmfs.objects import ObjectKind, deflate, inflate, object_path
+from cvmfs_ml.errors import FormatError
+from cvmfs_ml.publish.repository import Publisher, create_repository
+from cvmfs_ml.publish.settings import PublishSettings
+from cvmfs_ml.storage.local import LocalStore
+
+FQRN = "catalog.test"
+BIG = bytes(range(256)) * 4096  # 1 MiB, chunked below
+
+
+@pytest.fixture(scope="module")
+def published(tmp_path_factory: pytest.TempPathFactory) -> Publisher:
+    root = tmp_path_factory.mktemp("catalogs")
+    settings = PublishSettings(
+        min_chunk_size=64 * 1024, avg_chunk_size=128 * 1024, max_chunk_size=256 * 1024, workers=1
+    )
+    publisher = create_repository(root / "srv", FQRN, settings=settings)
+    with publisher.transaction() as txn:
+        txn.add_bytes("/dir/file.txt", b"content")
+        txn.add_bytes("/dir/sub/deep.txt", b"deep")
+        txn.add_bytes("/big.bin", BIG)
+        txn.commit()
+    return publisher
+
+
+@pytest.fixture
+def spoiled(published: Publisher, tmp_path: Path) -> Callable[[str, tuple], Repository]:
+    """``spoiled(sql, args)``: a Repository whose root catalog had ``sql`` applied."""
+    opened: list[Repository] = []
+
+    def make(sql: str, args: tuple = ()) -> Repository:
+        store = LocalStore(published.repo_dir)
+        manifest = published.manifest()
+        raw = inflate(store.get_bytes(object_path(manifest.catalog, ObjectKind.CATALOG)))
+        plain = tmp_path / f"catalog{len(opened)}.db"
+        plain.write_bytes(raw)
+        with sqlite3.connect(plain) as db:
+            db.execute(sql, args)
+        db.close()
+        digest = store.put_object(deflate(plain.read_bytes()), ObjectKind.CATALOG, Algorithm.SHA1)
+        # an unsigned manifest naming the spoiled catalog, beside the genuine repository
+        override = tmp_path / f"manifest{len(opened)}"
+        override.write_bytes(dataclasses.replace(manifest, catalog=digest).body())
+        source = _ManifestOverride(store, override)
+        repo = Repository(source, FQRN, verify=False, cache=None)
+        opened.append(repo)
+        return repo
+
+    yield make  # type: ignore[misc]
+    for repo in opened:
+        repo.close()
+
+
+class _ManifestOverride:
+    """The real store, answering ``.cvmfspublished`` with another (unsigned) manifest."""
+
+    def __init__(self, store: LocalStore, manifest: Path) -> None:
+        self.store = store
+        self.manifest = manifest
+
+    def fetch(self, rel_path: str, expected: object, **options: object) -> bytes:
+        if rel_path == ".cvmfspublished":
+            return self.manifest.read_bytes()
+        return self.store.fetch(rel_path, expected, **options)  # type: ignore[arg-type]
+
+    def fetch_into(self, *args: object, **options: object) -> int:
+        return self.store.fetch_into(*args, **options)  # type: ignore[arg-type]
+
+
+def rename(path: str, name: str) -> tuple[str, tuple]:
+    return "UPDATE catalog SET name = ? WHERE md5path_1 = ? AND md5path_2 = ?", (
+        name,
+        *md5_pair(path),
+    )
+
+
+def bounded_walk(repo: Repository) -> list[str]:
+    return [e.path for e in itertools.islice(repo.walk(), 10_000)]
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("name", ["..", ".", "", "a/b", "a\0b"])
+def test_bad_entry_names(spoiled: Callable[..., Repository], name: str) -> None:
+    repo = spoiled(*rename("/dir/sub", name))
+    with pytest.raises(FormatError, match="invalid entry name"):
+        repo.listdir("/dir")
+    with pytest.raises(FormatError, match="invalid entry name"):
+        bounded_walk(repo)
+
+
+def test_dot_dot_in_the_root_listing(spoiled: Callable[..., Repository]) -> None:
+    repo = spoiled(*rename("/dir", ".."))
+    with pytest.raises(FormatError):
+        repo.listdir("/")
+    with pytest.raises(FormatError):
+        bounded_walk(repo)
+
+
+@pytest.mark.parametrize(
+    ("sql", "match"),
+    [
+        ("UPDATE catalog SET size = 'big' WHERE name = 'file.txt'", "size is str, not int"),
+        ("UPDATE catalog SET size = -5 WHERE name = 'file.txt'", "size -5 is out of range"),
+        ("UPDATE catalog SET mode = 1.5 WHERE name = 'file.txt'", "mode is float"),
+        ("UPDATE catalog SET hash = 'abc' WHERE name = 'file.txt'", "hash is str"),
+        ("UPDATE catalog SET symlink = x'00ff' WHERE name = 'file.txt'", "symlink is bytes"),
+        ("UPDATE catalog SET flags = 4 | (7 << 8) WHERE name = 'file.txt'", "algorithm"),
+    ],
+)
+def test_wrong_column_types_and_ranges(
+    spoiled: Callable[..., Repository], sql: str, match: str
+) -> None:
+    repo = spoiled(sql)
+    with pytest.raises(FormatError, match=match):
+        repo.stat("/dir/file.txt")
+    with pytest.raises(FormatError, match=match):
+        repo.listdir("/dir")
+    assert repo.read_bytes("/big.bin") == BIG  # the rest of the tree still reads
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "UPDATE chunks SET size = 0 WHERE offset = 0",
+        "UPDATE chunks SET size = -1 WHERE offset = 0",
+        "UPDATE chunks SET offset = offset + 1 WHERE offset > 0",
+        "UPDATE chunks SET size = 'x' WHERE offset = 0",
+        "UPDATE chunks SET hash = 'text' WHERE offset = 0",
+        "UPDATE chunks SET hash = x'0011' WHERE offset = 0",
+        "DELETE FROM chunks WHERE offset > 0",
+    ],
+)
+def test_impossible_chunk_lists(spoiled: Callable[..., Repository], sql: str) -> None:
+    repo = spoiled(sql)
+    assert repo.stat("/big.bin").is_chunked
+    with pytest.raises(FormatError, match="chunk"):
+        repo.read_bytes("/big.bin")
+    assert repo.read_bytes("/dir/file.txt") == b"content"
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "INSERT INTO nested_catalogs (path, sha1, size) VALUES ('/dir', 'nothex', 0)",
+        "INSERT INTO nested_catalogs (path, sha1, size) VALUES ('', '"
+        + "a" * 40
+        + "', 0)",
+        "INSERT INTO nested_catalogs (path, sha1, size) VALUES ('/dir', '" + "a" * 40 + "', -1)",
+        "INSERT INTO nested_catalogs (path, sha1, size) VALUES ('/d/../x', '" + "a" * 40 + "', 1)",
+    ],
+)
+def test_bad_nested_catalog_rows(spoiled: Callable[..., Repository], sql: str) -> None:
+    repo = spoiled(sql)
+    with pytest.raises(FormatError):
+        repo.stat("/dir/file.txt")
+
+
+def test_a_genuine_catalog_passes_every_check(published: Publisher) -> None:
+    store = LocalStore(published.repo_dir)
+    manifest: Manifest = published.manifest()
+    key = published.keys.paths.master_public.read_bytes()
+    with Repository(store, FQRN, public_keys=[key]) as r:
+        assert sorted(bounded_walk(r)) == [
+            "/big.bin", "/dir", "/dir/file.txt", "/dir/sub", "/dir/sub/deep.txt"
+        ]  # fmt: skip
+        assert r.root_hash == manifest.catalog
+        assert isinstance(r.root, Catalog)
