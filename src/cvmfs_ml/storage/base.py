@@ -220,3 +220,10 @@ def copy_verified(
             raise IntegrityError(rel_path, expected.hex, got.hex)
     if inflate_error is not None:
         raise inflate_error
+    if decompressor is not None:
+        tail = decompressor.flush()
+        if max_bytes is not None and written + len(tail) > max_bytes:
+            raise FormatError(rel_path, f"larger than {max_bytes} bytes")
+        fileobj.write(tail)
+        written += len(tail)
+    return written
