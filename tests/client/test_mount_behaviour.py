@@ -136,7 +136,9 @@ def test_stats_and_upstream_attributes(
     assert stats["fqrn"] == FQRN and stats["revision"] == manifest.revision
     assert stats["pid"] == handle.pid
     assert stats["fetch"]["bytes"] >= 300_000 * 0.9 and stats["fetch"]["failovers"] == 0
-    assert stats["cache"]["misses"] >= 3 and stats["cache"]["hits"] == 0
+    # the root catalog and the file's object went through the cache (the certificate is
+    # checked by the trust core, not cached)
+    assert stats["cache"]["misses"] >= 2 and stats["cache"]["hits"] == 0
     assert stats["refresh"]["pinned"] is False and stats["refresh"]["ttl_seconds"] == 240
     assert stats["fuse"]["opens"] == 2
     text = CliRunner().invoke(cli(), ["stats", str(root)])
