@@ -152,7 +152,7 @@ def test_stats_and_upstream_attributes(
     second = mounter(url, public_key=key, cache=tmp_path / "shared")
     assert len((second.mountpoint / "data/blob.bin").read_bytes()) == 300_000
     warm = json.loads(CliRunner().invoke(cli(), ["stats", str(second.mountpoint), "--json"]).stdout)
-    assert warm["cache"]["misses"] == 0 and warm["cache"]["hits"] >= 3
+    assert warm["cache"]["misses"] == 0 and warm["cache"]["hits"] >= 2
     assert warm["cache"]["hit_rate"] == 1.0
     assert warm["fetch"]["objects"] == 2  # .cvmfspublished and .cvmfswhitelist only
 
