@@ -44,6 +44,7 @@ __all__ = [
     "is_mlflow_uri",
     "mlflow_metadata",
     "parse_models_uri",
+    "pull_registered_version",
     "read_mlmodel",
 ]
 
@@ -201,6 +202,14 @@ def describe_folder(folder: Path, source: dict[str, Any]) -> PulledModel:
     flavors = sorted((metadata.get("flavors") or {}).keys())
     description = f"MLflow model ({', '.join(flavors)})" if flavors else "MLflow model"
     return PulledModel(folder, source, description, None, {"mlflow": metadata})
+
+
+def pull_registered_version(
+    name: str, version: str, dest: Path, *, tracking_uri: str | None = None
+) -> PulledModel:
+    """Download registered model ``name`` version ``version`` into the empty folder ``dest``."""
+    source = download_model(f"models:/{name}/{version}", dest, tracking_uri=tracking_uri)
+    return describe_folder(_model_root(dest), source)
 
 
 def ingest_mlflow(
