@@ -21,7 +21,20 @@ from typing import Any
 
 import zstandard
 
+from cvmfs_ml.client.repository import Repository
+from cvmfs_ml.publish.repository import Publisher
+
 MTIME = 1_700_000_000
+FQRN = "sync.test"
+
+
+def published(publisher: Publisher) -> Repository:
+    """The published repository, read with one cache per repository."""
+    return Repository.open(
+        publisher.repo_dir,
+        public_key=publisher.keys.paths.master_public,
+        cache=publisher.repo_dir.parent / "read-cache",
+    )
 
 
 def sha256(data: bytes) -> str:

@@ -14,43 +14,20 @@ from typing import Any
 
 import pytest
 
-from cvmfs_ml.client.repository import Repository
-from cvmfs_ml.cvmfs.objects import Compression
 from cvmfs_ml.errors import ConfigError
-from cvmfs_ml.publish.repository import Publisher, create_repository
-from cvmfs_ml.publish.settings import PublishSettings
+from cvmfs_ml.publish.repository import Publisher
 from cvmfs_ml.sync.engine import SyncOptions, run_round
 from cvmfs_ml.sync.events import EventLog
 from cvmfs_ml.sync.wishlist import parse_wishlist
 from sync.imagebuild import (
+    FQRN,
     independent_unpack,
     make_layer,
+    published,
     published_tree,
     push_layout,
     write_oci_layout,
 )
-
-FQRN = "unpacked.test"
-
-
-@pytest.fixture
-def publisher(tmp_path: Path) -> Publisher:
-    settings = PublishSettings(
-        compression=Compression.ZLIB,
-        min_chunk_size=64 * 1024,
-        avg_chunk_size=128 * 1024,
-        max_chunk_size=256 * 1024,
-        workers=2,
-    )
-    return create_repository(tmp_path / "srv", FQRN, settings=settings)
-
-
-def published(publisher: Publisher) -> Repository:
-    return Repository.open(
-        publisher.repo_dir,
-        public_key=publisher.keys.paths.master_public,
-        cache=publisher.repo_dir.parent / "read-cache",
-    )
 
 
 def base_layers() -> list[tuple[bytes, str]]:

@@ -19,6 +19,7 @@ from cvmfs_ml.cli.ingest import model_ingest
 from cvmfs_ml.cli.model import model_app
 from cvmfs_ml.cli.net import replica_app
 from cvmfs_ml.cli.repo import repo_app
+from cvmfs_ml.cli.sync import sync_command
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="CernVM-FS for ML models.")
 app.add_typer(repo_app, name="repo")
@@ -27,6 +28,7 @@ app.add_typer(model_app, name="model")
 register_client_commands(app)
 app.add_typer(replica_app, name="replica")
 app.add_typer(bench_app, name="bench")
+app.command("sync")(sync_command)
 
 
 # -- serve ---------------------------------------------------------------------------------------

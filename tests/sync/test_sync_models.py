@@ -1,0 +1,375 @@
+"""Sync of model artifacts (ORAS, ModelPack) and images through the CLI, the webhook, MLflow.
+
+Real parts on loopback: Debian's docker-registry (with its notifications pointed at our webhook
+for the push test), ``oras`` pushes, ``skopeo`` pushes, and an ``mlflow server`` with a SQLite
+backend.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import urllib3
+from typer.testing import CliRunner
+
+from cvmfs_ml.bench.services import DockerRegistry, free_port, registry_config
+from cvmfs_ml.cli import app
+from cvmfs_ml.models.layout import ModelRef, read_record
+from cvmfs_ml.publish.repository import Publisher
+from cvmfs_ml.sync.engine import SyncOptions, run_round
+from cvmfs_ml.sync.events import EventLog
+from cvmfs_ml.sync.loop import SyncLoop
+from cvmfs_ml.sync.webhook import WebhookServer, parse_notification
+from cvmfs_ml.sync.wishlist import parse_wishlist
+from models.test_oci import push_modelpack
+from sync.imagebuild import FQRN, make_layer, published, push_layout, sha256, write_oci_layout
+
+HTTP = urllib3.PoolManager()
+
+
+def oras_push(host: str, target: str, files: dict[str, bytes], work: Path) -> None:
+    """Push ``files`` as an ORAS artifact with the oras package, as users do."""
+    import oras.client
+
+    work.mkdir(parents=True, exist_ok=True)
+    for rel, data in files.items():
+        (work / rel).parent.mkdir(parents=True, exist_ok=True)
+        (work / rel).write_bytes(data)
+    previous = os.getcwd()
+    os.chdir(work)  # oras-py wants paths below the working directory
+    try:
+        oras.client.OrasClient(insecure=True).push(target=f"{host}/{target}", files=list(files))
+    finally:
+        os.chdir(previous)
+
+
+def model_files(publisher: Publisher, path: str) -> dict[str, str]:
+    with published(publisher) as repo:
+        return {
+            e.path[len(path) + 1 :]: sha256(repo.read_bytes(e.path))
+            for e in repo.walk(path)
+            if e.is_regular and e.name not in ("model.json", ".cvmfscatalog")
+        }
+
+
+def alias_of(publisher: Publisher, model: str, alias: str) -> str:
+    with published(publisher) as repo:
+        return repo.readlink(f"/{model}/{alias}")
+
+
+def push_small_image(host: str, tmp_path: Path, repository: str, tag: str) -> None:
+    layout = tmp_path / f"layout-{tag}"
+    write_oci_layout(layout, [(make_layer([("etc", None), ("etc/os", b"test\n")]), "gzip")], tag)
+    push_layout(layout, tag, host, repository)
+
+
+def write_wishlist(path: Path, host: str, *, images: list[str], models: str) -> Path:
+    inputs = "".join(f"  - 'http://{host}/{image}'\n" for image in images)
+    path.write_text(f"version: 1\nuser: cvmfs\ncvmfs_repo: {FQRN}\ninput:\n{inputs}{models}")
+    return path
+
+
+@pytest.mark.service
+def test_cli_sync_publishes_image_and_models(
+    docker_registry: Any, publisher: Publisher, tmp_path: Path
+) -> None:
+    host = docker_registry.host
+    push_small_image(host, tmp_path, "lib/base", "1")
+    weights = random.Random(3).randbytes(400_000)
+    oras_files = {"model.onnx": weights, "labels.txt": b"cat\ndog\n"}
+    oras_push(host, "ml/net:v1", oras_files, tmp_path / "push-v1")
+    _, modelpack = push_modelpack(docker_registry.url, "ml/pack", "1.0")
+    wishlist = write_wishlist(
+        tmp_path / "wishlist.yaml",
+        host,
+        images=["lib/base:1"],
+        models=(
+            f"models:\n  - source: http://{host}/ml/net:v*\n    name: hep/net\n"
+            f"    aliases: [prod]\n"
+            f"  - source: http://{host}/ml/pack:1.0\n    name: hep/pack\n"
+        ),
+    )
+    events = tmp_path / "events.jsonl"
+    runner = CliRunner()
+    args = ["sync", str(wishlist), "--repo", str(publisher.repo_dir), "-n", str(events)]
+    before = publisher.manifest().revision
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert publisher.manifest().revision == before + 1  # images and models: one revision
+    assert f"revision {before} -> {before + 1}" in result.output
+
+    assert model_files(publisher, "/hep/net/v1") == {k: sha256(v) for k, v in oras_files.items()}
+    assert model_files(publisher, "/hep/pack/1.0") == {k: sha256(v) for k, v in modelpack.items()}
+    assert alias_of(publisher, "hep/net", "latest") == "v1"
+    with published(publisher) as repo:
+        link = repo.readlink(f"/{host}/lib/base:1")
+        assert link.startswith("../../.flat/")
+        assert repo.read_bytes(f"/{host}/lib/{link}/etc/os") == b"test\n"
+    info = runner.invoke(app, ["model", "info", str(publisher.repo_dir), "hep/net:v1", "--json"])
+    assert info.exit_code == 0, info.output
+    described = json.loads(info.stdout)
+    assert described["source"]["kind"] == "artifact" and described["file_count"] == 2
+    logged = [json.loads(line) for line in events.read_text().splitlines()]
+    assert {"publish_flat_image", "publish_model", "publish"} <= {e["action"] for e in logged}
+    assert all(e["status"] == "ok" for e in logged)
+
+    # Nothing changed: no revision.
+    again = runner.invoke(app, [*args, "--json"])
+    assert again.exit_code == 0, again.output
+    assert json.loads(again.stdout.splitlines()[-1])["committed"] is False
+    assert publisher.manifest().revision == before + 1
+
+    # A new tag (and `prod` pointed at it): exactly one revision; latest and prod follow.
+    oras_push(host, "ml/net:v2", {"model.onnx": weights[::-1]}, tmp_path / "push-v2")
+    oras_push(host, "ml/net:prod", {"model.onnx": weights[::-1]}, tmp_path / "push-v2")
+    third = runner.invoke(app, args)
+    assert third.exit_code == 0, third.output
+    assert publisher.manifest().revision == before + 2
+    assert alias_of(publisher, "hep/net", "latest") == "v2"
+    assert alias_of(publisher, "hep/net", "prod") == "v2"
+    assert model_files(publisher, "/hep/net/v2") == {"model.onnx": sha256(weights[::-1])}
+
+
+@pytest.mark.service
+def test_cli_errors_are_one_line(publisher: Publisher, tmp_path: Path) -> None:
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("version: 1\ninput: [: :\n")
+    result = CliRunner().invoke(app, ["sync", str(broken), "--repo", str(publisher.repo_dir)])
+    assert result.exit_code == 1
+    assert result.output.count("\n") == 1 and "not valid YAML" in result.output
+    wrong_repo = tmp_path / "other.yaml"
+    wrong_repo.write_text(
+        "version: 1\ncvmfs_repo: other.repo\ninput: ['http://127.0.0.1:9/a/b:1']\n"
+    )
+    result = CliRunner().invoke(app, ["sync", str(wrong_repo), "--repo", str(publisher.repo_dir)])
+    assert result.exit_code == 1 and "other.repo" in result.output
+    assert "Traceback" not in result.output
+
+
+# -- webhook: the registry's own notifications wake the loop ---------------------------------------
+class NotifyingRegistry(DockerRegistry):
+    """docker-registry with ``notifications`` pointed at a webhook URL (config.yml)."""
+
+    def __init__(self, webhook: str, token: str, workdir: Path) -> None:
+        self.webhook, self.token = webhook, token
+        super().__init__(workdir=workdir)
+
+    def _prepare(self) -> None:
+        self.storage.mkdir(exist_ok=True)
+        config = registry_config(addr=self.host, storage=self.storage)
+        config += (
+            "notifications:\n  endpoints:\n    - name: cvmfs-ml-sync\n"
+            f"      url: {self.webhook}\n      headers:\n"
+            f"        Authorization: [Bearer {self.token}]\n"
+            "      timeout: 2s\n      threshold: 3\n      backoff: 200ms\n"
+        )
+        self.conf_path.write_text(config)
+
+
+def wait_for(condition: Any, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+@pytest.mark.service
+def test_webhook_push_triggers_a_round(publisher: Publisher, tmp_path: Path) -> None:
+    token = "hook-secret"
+    wishlist = tmp_path / "wishlist.yaml"
+    loop = SyncLoop(publisher, wishlist, interval=3600.0)
+    server = WebhookServer(loop.notify, token=token).start()
+    registry = NotifyingRegistry(server.url, token, tmp_path / "registry")
+    thread = None
+    try:
+        host = registry.host
+        oras_push(host, "ml/hooked:v1", {"w.bin": b"one"}, tmp_path / "p1")
+        entry = f"models:\n  - source: http://{host}/ml/hooked:v*\n    name: hep/hooked\n"
+        write_wishlist(wishlist, host, images=[], models=entry)
+        thread = threading.Thread(target=loop.run, daemon=True)
+        thread.start()
+        wait_for(lambda: len(loop.reports) >= 1, 60, "the first full round")
+        first = publisher.manifest().revision
+        assert model_files(publisher, "/hep/hooked/v1") == {"w.bin": sha256(b"one")}
+
+        # A push; the interval is an hour, so only the notification can start the round.
+        oras_push(host, "ml/hooked:v2", {"w.bin": b"two"}, tmp_path / "p2")
+        wait_for(lambda: publisher.manifest().revision > first, 60, "the webhook-triggered round")
+        assert model_files(publisher, "/hep/hooked/v2") == {"w.bin": sha256(b"two")}
+        assert any(e.action == "webhook" for e in loop.log.events)
+    finally:
+        loop.stop()
+        if thread is not None:
+            thread.join(timeout=60)
+        server.stop()
+        registry.close()
+
+
+def test_webhook_payloads_and_token() -> None:
+    harbor = {
+        "type": "PUSH_ARTIFACT",
+        "event_data": {
+            "resources": [
+                {
+                    "tag": "v3",
+                    "digest": "sha256:" + "b" * 64,
+                    "resource_url": "harbor.example/lib/app:v3",
+                }
+            ],
+            "repository": {"name": "app", "namespace": "lib", "repo_full_name": "lib/app"},
+        },
+    }
+    [event] = parse_notification(json.dumps(harbor).encode())
+    assert (event.action, event.repository, event.tag, event.registry) == (
+        "push",
+        "lib/app",
+        "v3",
+        "harbor.example",
+    )
+    blob = {
+        "mediaType": "application/octet-stream",
+        "repository": "a/b",
+        "digest": "sha256:" + "c" * 64,
+    }
+    blob_only = {"events": [{"action": "push", "target": blob}]}
+    assert parse_notification(json.dumps(blob_only).encode()) == []
+
+    received: list[Any] = []
+    server = WebhookServer(received.extend, token="t").start()
+    try:
+        body = json.dumps(harbor).encode()
+        denied = HTTP.request("POST", server.url, body=body, headers={"Authorization": "Bearer x"})
+        assert denied.status == 401 and not received
+        bad = HTTP.request("POST", server.url, body=b"{", headers={"Authorization": "Bearer t"})
+        assert bad.status == 400
+        ok = HTTP.request("POST", server.url, body=body, headers={"Authorization": "Bearer t"})
+        assert ok.status == 202 and received == [event]
+    finally:
+        server.stop()
+
+
+# -- MLflow: registered model versions and aliases ------------------------------------------------
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """``mlflow server`` on loopback with a SQLite backend (on tmpfs when there is one)."""
+    pytest.importorskip("mlflow")
+    if shutil.which("mlflow") is None:
+        pytest.skip("the mlflow command is not installed")
+    root = tmp_path_factory.mktemp("mlflow-server")
+    shm = Path("/dev/shm")
+    db_dir = Path(tempfile.mkdtemp(dir=shm)) if os.access(shm, os.W_OK) else root
+    port = free_port()
+    log = open(root / "server.log", "wb")  # noqa: SIM115 - closed below
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+            "--backend-store-uri",
+            f"sqlite:///{db_dir}/mlflow.db",
+            "--default-artifact-root",
+            str(root / "artifacts"),
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                if HTTP.request("GET", f"{url}/health", timeout=2, retries=False).status == 200:
+                    break
+            except urllib3.exceptions.HTTPError:
+                pass
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError((root / "server.log").read_text()[-2000:])
+            time.sleep(0.5)
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=30)
+        log.close()
+        shutil.rmtree(db_dir, ignore_errors=True)
+
+
+def log_version(url: str, value: float) -> str:
+    """Log and register a tiny pyfunc model in MLflow; its new version number."""
+    import mlflow
+
+    mlflow.set_tracking_uri(url)
+    code = Path(tempfile.mkdtemp()) / "model_code.py"
+    code.write_text(
+        "import mlflow\nfrom mlflow.pyfunc import PythonModel\n"
+        f"class M(PythonModel):\n    def predict(self, context, x, params=None):\n"
+        f"        return {value}\nmlflow.models.set_model(M())\n"
+    )
+    with mlflow.start_run():
+        info = mlflow.pyfunc.log_model(
+            name="model",
+            python_model=str(code),
+            registered_model_name="tiny",
+            pip_requirements=["numpy"],
+        )
+    return str(info.registered_model_version)
+
+
+@pytest.mark.service
+def test_mlflow_versions_and_aliases_follow(
+    mlflow_server: str, publisher: Publisher, tmp_path: Path
+) -> None:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=mlflow_server)
+    first = log_version(mlflow_server, 1.0)
+    client.set_registered_model_alias("tiny", "champion", first)
+    spec = parse_wishlist(
+        f"version: 1\nmodels:\n  - source: mlflow://{mlflow_server[len('http://') :]}/tiny\n"
+        "    name: ml/tiny\n"
+    )
+    report = run_round(publisher, spec, SyncOptions())
+    assert report.errors == 0 and report.committed
+    assert alias_of(publisher, "ml/tiny", "champion") == first
+    with published(publisher) as repo:
+        record = read_record(repo, ModelRef("ml", "tiny", first))
+        assert repo.exists(f"/ml/tiny/{first}/MLmodel")
+    assert record.source["registered_model"] == "tiny" and record.extra["mlflow"]["flavors"]
+
+    second = log_version(mlflow_server, 2.0)
+    client.set_registered_model_alias("tiny", "champion", second)
+    log = EventLog()
+    moved = run_round(publisher, spec, SyncOptions(), log=log)
+    assert moved.errors == 0 and moved.revision_after == report.revision_after + 1
+    assert alias_of(publisher, "ml/tiny", "champion") == second
+    assert alias_of(publisher, "ml/tiny", "latest") == second
+    assert [e.extra["model"] for e in log.events if e.action == "skip_model"] == [
+        f"ml/tiny:{first}"
+    ]
+
+    unchanged = run_round(publisher, spec, SyncOptions())
+    assert not unchanged.committed
