@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -97,7 +98,7 @@ def test_image_unpacked_flat_equals_independent_unpack(
     expected = independent_unpack(docker_registry.host, "lib/app:1.0", tmp_path / "expected")
     with published(publisher) as repo:
         assert repo.readlink(public) == f"../..{flat}"
-        assert repo.stat(flat).is_nested_root or repo.exists(f"{flat}/.cvmfscatalog")
+        assert repo.stat(flat).is_nested_mountpoint  # one nested catalog per flat image
         tree = published_tree(repo, flat)
         manifest = json.loads(
             repo.read_bytes(f"/.metadata/{docker_registry.host}/lib/app:1.0/manifest.json")
@@ -282,3 +283,28 @@ def test_malformed_wishlists(text: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message) as info:
         parse_wishlist(text)
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.service
+def test_two_sync_processes_share_a_repository(
+    docker_registry: Any, publisher: Publisher, tmp_path: Path
+) -> None:
+    """Two rounds at once on one repository (as two sync daemons): the sync lock serialises
+    them, so the second sees what the first published and makes no revision of its own."""
+    push_image(docker_registry, tmp_path, "lib/app", "1", base_layers())
+    spec = wishlist(docker_registry, "lib/app:1")
+    before = publisher.manifest().revision
+    reports: list[Any] = []
+    threads = [
+        threading.Thread(
+            target=lambda: reports.append(run_round(Publisher(publisher.repo_dir), spec))
+        )
+        for _ in range(2)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=300)
+    assert len(reports) == 2 and all(r.errors == 0 for r in reports)
+    assert sorted(r.changes for r in reports) == [0, 1]
+    assert publisher.manifest().revision == before + 1

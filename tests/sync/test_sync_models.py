@@ -7,6 +7,7 @@ backend.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import random
@@ -28,12 +29,13 @@ from cvmfs_ml.bench.services import DockerRegistry, free_port, registry_config
 from cvmfs_ml.cli import app
 from cvmfs_ml.models.layout import ModelRef, read_record
 from cvmfs_ml.publish.repository import Publisher
+from cvmfs_ml.sync.auth import AuthFile
 from cvmfs_ml.sync.engine import SyncOptions, run_round
 from cvmfs_ml.sync.events import EventLog
 from cvmfs_ml.sync.loop import SyncLoop
 from cvmfs_ml.sync.webhook import WebhookServer, parse_notification
 from cvmfs_ml.sync.wishlist import parse_wishlist
-from models.test_oci import push_modelpack
+from models.test_oci import TokenFront, push_modelpack
 from sync.imagebuild import FQRN, make_layer, published, push_layout, sha256, write_oci_layout
 
 HTTP = urllib3.PoolManager()
@@ -373,3 +375,76 @@ def test_mlflow_versions_and_aliases_follow(
 
     unchanged = run_round(publisher, spec, SyncOptions())
     assert not unchanged.committed
+
+
+@pytest.mark.service
+def test_credentials_from_the_auth_file(
+    docker_registry: Any, publisher: Publisher, tmp_path: Path
+) -> None:
+    """A registry behind a Bearer-token front: anonymous fails, the docker/oras auth file works."""
+    front = TokenFront(docker_registry.url)
+    thread = threading.Thread(target=front.serve_forever, daemon=True)
+    thread.start()
+    try:
+        oras_push(docker_registry.host, "ml/private:v1", {"w.bin": b"secret"}, tmp_path / "p")
+        entry = f"models:\n  - source: http://{front.host}/ml/private:v*\n    name: hep/private\n"
+        spec = parse_wishlist(f"version: 1\n{entry}")
+        log = EventLog()
+        anonymous = run_round(publisher, spec, SyncOptions(auth=AuthFile()), log=log)
+        assert anonymous.errors == 1 and not anonymous.committed
+        assert "401" in next(e.error for e in log.events if e.status == "error")
+
+        auth_file = tmp_path / "docker" / "config.json"
+        auth_file.parent.mkdir()
+        token = base64.b64encode(b"alice:secret").decode()
+        auth_file.write_text(json.dumps({"auths": {f"http://{front.host}": {"auth": token}}}))
+        with_auth = run_round(publisher, spec, SyncOptions(auth=AuthFile.load(auth_file)))
+        assert with_auth.errors == 0 and with_auth.committed
+        assert model_files(publisher, "/hep/private/v1") == {"w.bin": sha256(b"secret")}
+    finally:
+        front.shutdown()
+        front.server_close()
+
+
+def test_loop_rounds_and_metrics(publisher: Publisher, tmp_path: Path) -> None:
+    """``--loop`` re-reads the wishlist each round; a folder source needs no registry."""
+    from prometheus_client import CollectorRegistry
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "weights.bin").write_bytes(b"w" * 1000)
+    wishlist = tmp_path / "wishlist.yaml"
+    wishlist.write_text(
+        f"version: 1\nmodels:\n  - source: {folder}\n    name: hep/local\n    version: '1'\n"
+    )
+    result = CliRunner().invoke(
+        app,
+        [
+            "sync",
+            str(wishlist),
+            "--repo",
+            str(publisher.repo_dir),
+            "--loop",
+            "--rounds",
+            "2",
+            "--interval",
+            "0.1",
+            "--json",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    reports = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [r["committed"] for r in reports] == [True, False]
+    assert model_files(publisher, "/hep/local/1") == {"weights.bin": sha256(b"w" * 1000)}
+
+    metrics = CollectorRegistry()
+    loop = SyncLoop(publisher, wishlist, interval=0.05, metrics_registry=metrics)
+    wishlist.write_text("version: 1\ninput: [: :\n")  # broken by an edit: an error, not a crash
+    loop.run(rounds=2)
+    assert [e.status for e in loop.log.events if e.action == "sync_round"] == ["error", "error"]
+    wishlist.write_text(
+        f"version: 1\nmodels:\n  - source: {folder}\n    name: hep/local\n    version: '1'\n"
+    )
+    loop.run(rounds=1)
+    assert metrics.get_sample_value("cvmfs_ml_sync_rounds_total") == 1
+    assert metrics.get_sample_value("cvmfs_ml_sync_last_revision") == reports[0]["revision_after"]
