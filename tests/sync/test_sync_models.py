@@ -25,7 +25,7 @@ import pytest
 import urllib3
 from typer.testing import CliRunner
 
-from cvmfs_ml.bench.services import DockerRegistry, free_port, registry_config
+from cvmfs_ml.bench.services import NotifyingDockerRegistry, free_port
 from cvmfs_ml.cli import app
 from cvmfs_ml.models.layout import ModelRef, read_record
 from cvmfs_ml.publish.repository import Publisher
@@ -161,25 +161,6 @@ def test_cli_errors_are_one_line(publisher: Publisher, tmp_path: Path) -> None:
 
 
 # -- webhook: the registry's own notifications wake the loop ---------------------------------------
-class NotifyingRegistry(DockerRegistry):
-    """docker-registry with ``notifications`` pointed at a webhook URL (config.yml)."""
-
-    def __init__(self, webhook: str, token: str, workdir: Path) -> None:
-        self.webhook, self.token = webhook, token
-        super().__init__(workdir=workdir)
-
-    def _prepare(self) -> None:
-        self.storage.mkdir(exist_ok=True)
-        config = registry_config(addr=self.host, storage=self.storage)
-        config += (
-            "notifications:\n  endpoints:\n    - name: cvmfs-ml-sync\n"
-            f"      url: {self.webhook}\n      headers:\n"
-            f"        Authorization: [Bearer {self.token}]\n"
-            "      timeout: 2s\n      threshold: 3\n      backoff: 200ms\n"
-        )
-        self.conf_path.write_text(config)
-
-
 def wait_for(condition: Any, timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -195,7 +176,7 @@ def test_webhook_push_triggers_a_round(publisher: Publisher, tmp_path: Path) -> 
     wishlist = tmp_path / "wishlist.yaml"
     loop = SyncLoop(publisher, wishlist, interval=3600.0)
     server = WebhookServer(loop.notify, token=token).start()
-    registry = NotifyingRegistry(server.url, token, tmp_path / "registry")
+    registry = NotifyingDockerRegistry(server.url, token, workdir=tmp_path / "registry")
     thread = None
     try:
         host = registry.host
