@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import urllib3
 
 from cvmfs_ml.errors import ConfigError
 from cvmfs_ml.publish.repository import Publisher
@@ -35,30 +36,48 @@ def base_layers() -> list[tuple[bytes, str]]:
     """Three layers (gzip, zstd, plain tar) exercising whiteouts, opaque folders, links, modes."""
     first = make_layer(
         [
-            ("etc", None), ("etc/hosts", b"127.0.0.1 localhost\n"), ("etc/shadow", b"root:*:\n"),
-            ("bin", None), ("bin/tool", b"#!/bin/sh\necho tool\n"), ("bin/sh", "->/bin/tool"),
-            ("usr", None), ("usr/lib", None), ("usr/lib/a.so", b"A" * 5000),
-            ("usr/lib/b.so", "=>usr/lib/a.so"), ("opt", None), ("opt/old", None),
-            ("opt/old/x", b"x"), ("opt/old/y", b"y"), ("tmp", None), ("tmp/gone", b"bye"),
+            ("etc", None),
+            ("etc/hosts", b"127.0.0.1 localhost\n"),
+            ("etc/shadow", b"root:*:\n"),
+            ("bin", None),
+            ("bin/tool", b"#!/bin/sh\necho tool\n"),
+            ("bin/sh", "->/bin/tool"),
+            ("usr", None),
+            ("usr/lib", None),
+            ("usr/lib/a.so", b"A" * 5000),
+            ("usr/lib/b.so", "=>usr/lib/a.so"),
+            ("opt", None),
+            ("opt/old", None),
+            ("opt/old/x", b"x"),
+            ("opt/old/y", b"y"),
+            ("tmp", None),
+            ("tmp/gone", b"bye"),
             ("root", None),
         ],
         modes={"etc/shadow": 0o000, "bin/tool": 0o755, "root": 0o700},
-    )  # fmt: skip
+    )
     second = make_layer(
         [
-            ("tmp/.wh.gone", b""), ("opt/old/.wh..wh..opq", b""), ("opt/old/z", b"z"),
-            ("etc/hosts", b"127.0.0.1 localhost sync\n"), ("root/.profile", b"PS1=#\n"),
+            ("tmp/.wh.gone", b""),
+            ("opt/old/.wh..wh..opq", b""),
+            ("opt/old/z", b"z"),
+            ("etc/hosts", b"127.0.0.1 localhost sync\n"),
+            ("root/.profile", b"PS1=#\n"),
             ("lib", "->usr/lib"),
         ]
-    )  # fmt: skip
+    )
     third = make_layer([("srv", None), ("srv/data.bin", os.urandom(300_000))])
     return [(first, "gzip"), (second, "zstd"), (third, "none")]
 
 
 def push_image(
-    registry: Any, tmp_path: Path, repository: str, tag: str, layers: list[tuple[bytes, str]],
+    registry: Any,
+    tmp_path: Path,
+    repository: str,
+    tag: str,
+    layers: list[tuple[bytes, str]],
     label: str = "",
-) -> str:  # fmt: skip
+) -> str:
     layout = tmp_path / f"layout-{repository.replace('/', '_')}-{tag}"
     config = write_oci_layout(layout, layers, tag, label=label)
     push_layout(layout, tag, registry.host, repository)
@@ -202,12 +221,23 @@ def test_hostile_inputs_do_not_stop_the_round(
     docker_registry: Any, publisher: Publisher, tmp_path: Path
 ) -> None:
     push_image(docker_registry, tmp_path, "lib/good", "1", base_layers()[:1])
-    push_image(docker_registry, tmp_path, "lib/dotdot", "1",
-               [(make_layer([("../escape", b"x")]), "gzip")])  # fmt: skip
-    push_image(docker_registry, tmp_path, "lib/through-link", "1",
-               [(make_layer([("etc", "->/etc"), ("etc/passwd", b"owned")]), "gzip")])  # fmt: skip
-    push_image(docker_registry, tmp_path, "lib/hardlink", "1",
-               [(make_layer([("a", "=>../../etc/passwd")]), "gzip")])  # fmt: skip
+    push_image(
+        docker_registry, tmp_path, "lib/dotdot", "1", [(make_layer([("../escape", b"x")]), "gzip")]
+    )
+    push_image(
+        docker_registry,
+        tmp_path,
+        "lib/through-link",
+        "1",
+        [(make_layer([("etc", "->/etc"), ("etc/passwd", b"owned")]), "gzip")],
+    )
+    push_image(
+        docker_registry,
+        tmp_path,
+        "lib/hardlink",
+        "1",
+        [(make_layer([("a", "=>../../etc/passwd")]), "gzip")],
+    )
     tampered_layer = make_layer([("f", b"original bytes")])
     push_image(docker_registry, tmp_path, "lib/tampered", "1", [(tampered_layer, "none")])
     # Corrupt the stored blob in the registry itself: it serves the file as it is on disk.
@@ -217,8 +247,14 @@ def test_hostile_inputs_do_not_stop_the_round(
     data_file.write_bytes(tampered_layer.replace(b"original", b"ORIGINAL"))
 
     log = EventLog()
-    spec = wishlist(docker_registry, "lib/dotdot:1", "lib/through-link:1", "lib/hardlink:1",
-                    "lib/tampered:1", "lib/good:1")  # fmt: skip
+    spec = wishlist(
+        docker_registry,
+        "lib/dotdot:1",
+        "lib/through-link:1",
+        "lib/hardlink:1",
+        "lib/tampered:1",
+        "lib/good:1",
+    )
     spec.images.append(
         parse_wishlist("version: 1\ninput: ['http://127.0.0.1:9/lib/x:1']").images[0]
     )
@@ -259,8 +295,10 @@ input:
     assert parsed.cvmfs_repo == "unpacked.cern.ch" and len(parsed.images) == 4
     first, wild, all_tags, pinned = parsed.images
     assert (first.registry, first.repository, first.tag_pattern) == (
-        "registry.hub.docker.com", "library/centos", "centos7"
-    )  # fmt: skip
+        "registry.hub.docker.com",
+        "library/centos",
+        "centos7",
+    )
     assert wild.wildcard and wild.matches("21.2.10") and not wild.matches("21.3.1")
     assert all_tags.matches("anything") and pinned.digest == "sha256:" + "a" * 64
 
@@ -308,3 +346,27 @@ def test_two_sync_processes_share_a_repository(
     assert len(reports) == 2 and all(r.errors == 0 for r in reports)
     assert sorted(r.changes for r in reports) == [0, 1]
     assert publisher.manifest().revision == before + 1
+
+
+@pytest.mark.service
+def test_pinned_digest_and_size_limit(
+    docker_registry: Any, publisher: Publisher, tmp_path: Path
+) -> None:
+    push_image(docker_registry, tmp_path, "lib/app", "1", base_layers())
+    response = urllib3.PoolManager().request(
+        "HEAD",
+        f"{docker_registry.url}/v2/lib/app/manifests/1",
+        headers={"Accept": "application/vnd.oci.image.manifest.v1+json"},
+    )
+    digest = response.headers["Docker-Content-Digest"]
+    spec = wishlist(docker_registry, f"lib/app@{digest}")
+    log = EventLog()
+    too_small = run_round(publisher, spec, SyncOptions(max_bytes=1000), log=log)
+    assert too_small.errors == 1 and not too_small.committed
+    assert "more than the limit" in next(e.error for e in log.events if e.status == "error")
+
+    assert run_round(publisher, spec).committed
+    with published(publisher) as repo:
+        assert repo.readlink(f"/{docker_registry.host}/lib/app@{digest}").startswith("../../.flat/")
+    again = run_round(publisher, spec, SyncOptions(grace_seconds=0))
+    assert not again.committed  # pinned and unchanged: skipped, and not taken for unwanted

@@ -41,6 +41,7 @@ from cvmfs_ml.sync.images import (
     FLAT_ROOT,
     ImageRecord,
     flat_path,
+    public_path,
     queue_image,
     read_image_records,
     unpack_flat,
@@ -59,6 +60,7 @@ class SyncOptions:
     auth: AuthFile = field(default_factory=AuthFile)
     only_repositories: frozenset[str] | None = None  # a webhook names what changed
     scratch: Path | None = None
+    max_bytes: int = 256 * 2**30  # per image or model version, as the manifest declares it
 
 
 @dataclass
@@ -174,6 +176,15 @@ class _Round:
         only = self.options.only_repositories
         return only is None or repository in only or f"{registry}/{repository}" in only
 
+    def check_size(self, resolved: Any) -> None:
+        """Refuse, before any download, what declares more than ``max_bytes`` of layers."""
+        declared = sum(int(layer.get("size") or 0) for layer in resolved.layers)
+        if declared > self.options.max_bytes:
+            raise PublishError(
+                f"{resolved.reference} declares {declared} bytes of layers, more than the limit"
+                f" of {self.options.max_bytes} (SyncOptions.max_bytes)"
+            )
+
     def tags(self, spec: ImageSpec) -> list[str | None]:
         """The tags an entry names (a wildcard is listed); ``[None]`` for a pinned digest."""
         if spec.digest is not None and spec.tag_pattern is None:
@@ -206,7 +217,7 @@ class _Round:
                 continue
             for tag in tags:
                 reference = spec.reference(tag)
-                public = f"/{spec.registry}/{spec.repository}:{tag or reference.digest}"
+                public = public_path(spec.registry, spec.repository, reference.reference)
                 keep.add(public)
                 try:
                     self.plan_image(
@@ -231,8 +242,8 @@ class _Round:
         if resolved.kind != "image":
             raise PublishError(f"{reference} is a {resolved.kind}, not a container image")
         config = str(resolved.config.get("digest", ""))
-        tag = reference.tag or reference.digest.replace(":", "-")
-        public = f"/{spec.registry}/{spec.repository}:{tag}"
+        tag = reference.reference
+        public = public_path(spec.registry, spec.repository, tag)
         old = existing.get(public)
         if old is not None and old.manifest_digest == resolved.digest and repo.exists(public):
             self.log("skip_image", image=str(reference), public_path=public, reason="unchanged")
@@ -244,6 +255,7 @@ class _Round:
             action = "move_link"  # same image content under another tag: only the link moves
             size = next((r.size_bytes for r in existing.values() if r.flat == target), 0)
         else:
+            self.check_size(resolved)
             folder = scratch / "images" / target.rsplit("/", 1)[1]
             flat = unpack_flat(client, resolved, folder, scratch / "blobs")
             size = flat.size_bytes
@@ -384,6 +396,7 @@ class _Round:
                     f"{ref} is published from {source.get('manifest_digest')} but {reference} is"
                     f" now {resolved.digest}; versions are immutable (push a new tag)"
                 )
+            self.check_size(resolved)
             folder = scratch / f"v{index}"
             pulled = pull(
                 client,

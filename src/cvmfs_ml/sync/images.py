@@ -55,12 +55,18 @@ def flat_path(config_digest: str) -> str:
     return f"{FLAT_ROOT}/{hexdigest[:2]}/{hexdigest}"
 
 
+def _name(repository: str, tag: str) -> str:
+    """``repo:tag``, or ``repo@sha256:...`` for an image pinned by digest (as DUCC names it)."""
+    return f"{repository}@{tag}" if ":" in tag else f"{repository}:{tag}"
+
+
 def public_path(registry: str, repository: str, tag: str) -> str:
-    return f"/{registry}/{repository}:{tag}"
+    """``/<registry>/<repository>:<tag>`` (``@<digest>`` when ``tag`` is a digest)."""
+    return f"/{registry}/{_name(repository, tag)}"
 
 
 def metadata_folder(registry: str, repository: str, tag: str) -> str:
-    return f"{METADATA_ROOT}/{registry}/{repository}:{tag}"
+    return f"{METADATA_ROOT}/{registry}/{_name(repository, tag)}"
 
 
 def link_target(public: str, flat: str) -> str:

@@ -95,7 +95,7 @@ class SyncLoop:
             wishlist = load_wishlist(self.wishlist)
             options = replace(self.options, only_repositories=only)
             report = run_round(self.publisher, wishlist, options, self.log)
-        except CvmfsMlError as exc:
+        except (CvmfsMlError, OSError) as exc:  # the loop goes on: the next round may heal it
             message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             self.log("sync_round", status="error", error=message)
             return None
