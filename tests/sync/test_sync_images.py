@@ -174,8 +174,13 @@ def test_idempotent_retag_and_new_tag(
         "stable",
         [*layers, (make_layer([("v2", b"2")]), "gzip")],
     )
+    stored = objects(publisher)
     moved = run_round(publisher, wishlist(docker_registry, "lib/app:*"))
     assert moved.revision_after == retag.revision_after + 1
+    # Files shared with the first flat are stored once: the only new file objects are the new
+    # layer's file and the two metadata files (catalogs, history and the like aside).
+    new_files = {o for o in objects(publisher) - stored if not o.endswith(("C", "H", "X", "M"))}
+    assert len(new_files) == 3
     with published(publisher) as repo:
         assert repo.readlink(f"/{docker_registry.host}/lib/app:stable").endswith(new_config[7:])
         assert repo.read_bytes(f"/.flat/{new_config[7:9]}/{new_config[7:]}/v2") == b"2"
