@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import signal
+import sys
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -12,9 +13,37 @@ import typer
 from cvmfs_ml.cli.common import friendly
 
 
-def _echo_event(event: Any) -> None:
-    if event.status == "error":
-        typer.echo(f"error: {event.action} {event.image}: {event.error}", err=True)
+class _Progress:
+    """Errors as lines on stderr; on a terminal, a live status line with the current step."""
+
+    def __init__(self, live: bool) -> None:
+        self.status: Any = None
+        self.console: Any = None
+        if live:
+            from rich.console import Console
+
+            self.console = Console(stderr=True, highlight=False)
+            self.status = self.console.status("sync: starting")
+
+    def __enter__(self) -> _Progress:
+        if self.status is not None:
+            self.status.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.status is not None:
+            self.status.__exit__(None, None, None)
+
+    def __call__(self, event: Any) -> None:
+        if event.error:
+            line = f"error: {event.action} {event.image}: {event.error}"
+            if self.console is not None:
+                self.console.print(line, markup=False)  # above the live status line
+            else:
+                typer.echo(line, err=True)
+        elif self.status is not None:
+            what = event.image or event.public_path or event.extra.get("model", "")
+            self.status.update(f"sync: {event.action} {what}".rstrip())
 
 
 def _summary(report: Any, as_json: bool) -> None:
@@ -70,7 +99,6 @@ def sync_command(
     from cvmfs_ml.sync.engine import SyncOptions
     from cvmfs_ml.sync.events import EventLog
     from cvmfs_ml.sync.loop import SyncLoop
-    from cvmfs_ml.sync.webhook import WebhookServer
     from cvmfs_ml.sync.wishlist import load_wishlist
 
     if interval <= 0:
@@ -86,7 +114,8 @@ def sync_command(
         platform=platform,
         auth=AuthFile.load(auth_file),
     )
-    log = EventLog(events, echo=_echo_event)
+    progress = _Progress(sys.stderr.isatty() and not as_json)
+    log = EventLog(events, echo=progress)
     runner = SyncLoop(
         publisher,
         wishlist,
@@ -95,14 +124,32 @@ def sync_command(
         log=log,
         on_round=lambda report: _summary(report, as_json),
     )
+    try:
+        with progress:
+            _run(runner, loop, rounds, webhook_port, webhook_host, webhook_token)
+    finally:
+        log.close()
+
+
+def _run(
+    runner: Any,
+    loop: bool,
+    rounds: int | None,
+    webhook_port: int | None,
+    webhook_host: str,
+    webhook_token: str | None,
+) -> None:
+    from cvmfs_ml.sync.webhook import WebhookServer
+
     server = None
     try:
         if not loop:
             report = runner.run_once()
             if report is None or report.errors:
-                failed = report.errors if report is not None else "the round"
-                typer.echo(f"cvmfs-ml: sync: {failed} failed (errors above); fix and run again",
-                           err=True)  # fmt: skip
+                failed = f"{report.errors} item(s)" if report is not None else "the round"
+                typer.echo(
+                    f"cvmfs-ml: sync: {failed} failed (errors above); fix and run again", err=True
+                )
                 raise typer.Exit(1)
             return
         if webhook_port is not None:
@@ -118,4 +165,3 @@ def sync_command(
     finally:
         if server is not None:
             server.stop()
-        log.close()
