@@ -84,9 +84,10 @@ def push_image(
     return config
 
 
-def wishlist(registry: Any, *images: str) -> Any:
+def wishlist(registry: Any, *images: str, origin: str = "wishlist") -> Any:
     lines = "\n".join(f"  - 'http://{registry.host}/{image}'" for image in images)
-    return parse_wishlist(f"version: 1\nuser: cvmfs\ncvmfs_repo: {FQRN}\ninput:\n{lines}\n")
+    text = f"version: 1\nuser: cvmfs\ncvmfs_repo: {FQRN}\ninput:\n{lines}\n"
+    return parse_wishlist(text, origin)
 
 
 def events_of(log: EventLog, action: str) -> list[dict[str, Any]]:
@@ -184,6 +185,24 @@ def test_idempotent_retag_and_new_tag(
     with published(publisher) as repo:
         assert repo.readlink(f"/{docker_registry.host}/lib/app:stable").endswith(new_config[7:])
         assert repo.read_bytes(f"/.flat/{new_config[7:9]}/{new_config[7:]}/v2") == b"2"
+
+    # Both tags moved on: the first flat is orphaned, kept for the grace period, then removed.
+    push_image(
+        docker_registry, tmp_path, "lib/app", "1.0", [*layers, (make_layer([("v2", b"2")]), "gzip")]
+    )
+    old_flat = f"/.flat/{config[7:9]}/{config[7:]}"
+    kept = run_round(
+        publisher, wishlist(docker_registry, "lib/app:*"), SyncOptions(grace_seconds=3600)
+    )
+    assert kept.committed
+    with published(publisher) as repo:
+        assert repo.exists(old_flat)
+    gone = run_round(
+        publisher, wishlist(docker_registry, "lib/app:*"), SyncOptions(grace_seconds=0)
+    )
+    assert gone.committed
+    with published(publisher) as repo:
+        assert not repo.exists(old_flat) and len(repo.listdir("/.flat")) == 1
 
 
 @pytest.mark.service
@@ -375,3 +394,22 @@ def test_pinned_digest_and_size_limit(
         assert repo.readlink(f"/{docker_registry.host}/lib/app@{digest}").startswith("../../.flat/")
     again = run_round(publisher, spec, SyncOptions(grace_seconds=0))
     assert not again.committed  # pinned and unchanged: skipped, and not taken for unwanted
+
+
+@pytest.mark.service
+def test_wishlists_sharing_a_repository_remove_only_their_own(
+    docker_registry: Any, publisher: Publisher, tmp_path: Path
+) -> None:
+    push_image(docker_registry, tmp_path, "team-a/app", "1", base_layers()[:1])
+    push_image(docker_registry, tmp_path, "team-b/app", "1", base_layers()[1:2], label="b")
+    assert run_round(publisher, wishlist(docker_registry, "team-a/app:1", origin="a")).committed
+    assert run_round(publisher, wishlist(docker_registry, "team-b/app:1", origin="b")).committed
+    # Team a's wishlist never named team b's image: a round of it, grace or not, keeps it.
+    again = run_round(
+        publisher,
+        wishlist(docker_registry, "team-a/app:1", origin="a"),
+        SyncOptions(grace_seconds=0),
+    )
+    assert not again.committed
+    with published(publisher) as repo:
+        assert repo.exists(f"/{docker_registry.host}/team-b/app:1")

@@ -129,7 +129,6 @@ class _Plan:
     versions: list[PreparedVersion] = field(default_factory=list)
     aliases: list[tuple[ModelRef, str]] = field(default_factory=list)
     removals: list[str] = field(default_factory=list)
-    removed_images: list[ImageRecord] = field(default_factory=list)
 
     def empty(self) -> bool:
         return not (self.images or self.versions or self.aliases or self.removals)
@@ -262,6 +261,7 @@ class _Round:
             action = "publish_flat_image"
             planned_flats.add(target)
         record = ImageRecord(
+            owner=self.wishlist.origin,
             image=str(reference),
             registry=spec.registry,
             repository=spec.repository,
@@ -285,43 +285,62 @@ class _Round:
         )
 
     def plan_removals(self, repo: Any, existing: dict[str, ImageRecord], keep: set[str]) -> None:
+        """Schedule (and after the grace period, queue) removals of what this wishlist left.
+
+        Only links this wishlist published (``image.json``'s ``owner``) are candidates, so sync
+        processes with different wishlists can share a repository. A flat goes when no link
+        uses it any more: with its last link, or after the grace period when it was orphaned
+        by a tag that moved.
+        """
         unwanted: dict[str, float] = self.state["unwanted"]
         now = time.time()
-        final_flats = {r.flat for p, r in existing.items() if p in keep}
-        final_flats |= {p.record.flat for p in self.plan.images}
+        owner = self.wishlist.origin
+        replanned = {plan.record.public_path: plan.record for plan in self.plan.images}
+        mine = {p for p, r in existing.items() if r.owner == owner}
+        stale_links = {p for p in mine if p not in keep and p not in replanned}
+        due = set()
+        for key in sorted(stale_links):
+            since = unwanted.setdefault(key, now)
+            if now - since >= self.options.grace_seconds:
+                due.add(key)
+            else:
+                self.log(
+                    "schedule_removal",
+                    image=existing[key].image,
+                    public_path=key,
+                    remove_after_s=round(self.options.grace_seconds - (now - since), 1),
+                )
+        remaining = {p: r for p, r in existing.items() if p not in due}
+        remaining.update(replanned)
+        used_flats = {r.flat for r in remaining.values()}
         try:
             shards = [e.path for e in repo.listdir(FLAT_ROOT) if e.is_dir]
             flats = {e.path for s in shards for e in repo.listdir(s) if e.is_dir}
         except (FileNotFoundError, NotADirectoryError):
             flats = set()
-        candidates = {p for p in existing if p not in keep} | (flats - final_flats)
-        for key in list(unwanted):
-            if key not in candidates:
-                del unwanted[key]  # wanted again
-        for key in sorted(candidates):
-            since = unwanted.setdefault(key, now)
-            if now - since < self.options.grace_seconds:
-                self.log(
-                    "schedule_removal",
-                    public_path=key,
-                    remove_after_s=round(self.options.grace_seconds - (now - since), 1),
-                )
-                continue
-            record = existing.get(key)
-            if record is not None:
-                for path in (key, record.metadata):
-                    if repo.exists(path):
-                        self.plan.removals.append(path)
-                self.plan.removed_images.append(record)
-            elif repo.exists(key):
-                self.plan.removals.append(key)
-            self.log("remove_image", image=record.image if record else "", public_path=key)
-        # A link whose flat goes too takes its flat with it at once, not one grace period later.
-        for record in self.plan.removed_images:
-            flat = record.flat
-            if flat not in final_flats and flat not in self.plan.removals and repo.exists(flat):
-                self.plan.removals.append(flat)
-                unwanted.pop(flat, None)
+        freed = {existing[p].flat for p in due}
+        orphans = set()
+        for flat in sorted(flats - used_flats):
+            since = unwanted.setdefault(flat, now)
+            if flat in freed or now - since >= self.options.grace_seconds:
+                orphans.add(flat)
+        for key in list(unwanted):  # wanted again (or gone): forget the date
+            if (key in mine or key.startswith(FLAT_ROOT + "/")) and key not in (
+                stale_links | (flats - used_flats)
+            ):
+                del unwanted[key]
+        for key in sorted(due):
+            record = existing[key]
+            self.plan.removals += [p for p in (key, record.metadata) if repo.exists(p)]
+            unwanted.pop(key, None)
+            self.log("remove_image", image=record.image, public_path=key)
+        for flat in sorted(orphans):
+            unwanted.pop(flat, None)
+            self.log("remove_flat_image", private_path=flat)
+        for shard in sorted({f.rsplit("/", 1)[0] for f in orphans}):
+            inside = {f for f in flats if f.startswith(shard + "/")}
+            # An emptied /.flat/xx goes with its last flat.
+            self.plan.removals += [shard] if inside <= orphans else sorted(inside & orphans)
 
     # -- models ---------------------------------------------------------------------------------
     def plan_models(self, repo: Any, scratch: Path) -> None:

@@ -87,6 +87,7 @@ class ImageRecord:
     flat: str
     size_bytes: int
     synced: str
+    owner: str = ""  # the wishlist that asked for it: only that one removes it
 
     @property
     def public_path(self) -> str:
@@ -103,7 +104,7 @@ class ImageRecord:
     def from_bytes(cls, raw: bytes, what: str) -> ImageRecord:
         try:
             data = json.loads(raw)
-            return cls(**{k: data[k] for k in cls.__dataclass_fields__})
+            return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
         except (ValueError, KeyError, TypeError) as exc:
             raise FormatError(what, f"not an image record: {exc}") from exc
 

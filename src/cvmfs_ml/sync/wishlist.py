@@ -97,6 +97,7 @@ class Wishlist:
     output_format: str = ""
     images: list[ImageSpec] = field(default_factory=list)
     models: list[ModelSpec] = field(default_factory=list)
+    origin: str = "wishlist"  # names the wishlist in image.json: each removes only its own
 
 
 def parse_image(text: str, what: str = "image") -> ImageSpec:
@@ -242,6 +243,7 @@ def parse_wishlist(text: str, what: str = "wishlist") -> Wishlist:
         output_format=raw.get("output_format") or "",
         images=[parse_image(item, f"input[{i}]") for i, item in enumerate(inputs)],
         models=[_parse_model(item, i) for i, item in enumerate(models)],
+        origin=what,
     )
     names = [m.ref.key for m in wishlist.models]
     duplicate = next((n for n in names if names.count(n) > 1), None)
@@ -261,4 +263,4 @@ def load_wishlist(path: Path) -> Wishlist:
         raise ConfigError(f"{path}: not UTF-8 text") from exc
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read the wishlist: {exc.strerror or exc}") from exc
-    return parse_wishlist(text, str(path))
+    return parse_wishlist(text, str(path.resolve()))
