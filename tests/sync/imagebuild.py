@@ -43,13 +43,16 @@ def sha256(data: bytes) -> str:
 
 def make_layer(entries: list[tuple[str, Any]], **options: Any) -> bytes:
     """A tar layer. Entries: ``(name, bytes)`` file, ``(name, None)`` folder, ``(name, "->t")``
-    symlink, ``(name, "=>t")`` hard link; ``options`` may give ``modes={name: mode}``."""
+    symlink, ``(name, "=>t")`` hard link; ``options`` may give ``modes={name: mode}`` and
+    ``owners={name: uid}`` (gid the same)."""
     modes: dict[str, int] = options.get("modes", {})
+    owners: dict[str, int] = options.get("owners", {})
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as tar:
         for name, content in entries:
             info = tarfile.TarInfo(name)
             info.mtime = MTIME
+            info.uid = info.gid = owners.get(name, 0)
             if content is None:
                 info.type, info.mode = tarfile.DIRTYPE, modes.get(name, 0o755)
                 tar.addfile(info)

@@ -55,6 +55,7 @@ def base_layers() -> list[tuple[bytes, str]]:
             ("root", None),
         ],
         modes={"etc/shadow": 0o000, "bin/tool": 0o755, "root": 0o700},
+        owners={"usr/lib/a.so": 1000, "opt/old": 1000},
     )
     second = make_layer(
         [
@@ -125,6 +126,12 @@ def test_image_unpacked_flat_equals_independent_unpack(
         )
         assert manifest["config"]["digest"] == config
         assert repo.stat(f"{flat}/etc/shadow").uid == 0
+        # Owners come from the layers: the second layer's opaque whiteout keeps opt/old itself.
+        assert (repo.stat(f"{flat}/usr/lib/a.so").uid, repo.stat(f"{flat}/usr/lib/a.so").gid) == (
+            1000,
+            1000,
+        )
+        assert repo.stat(f"{flat}/opt/old").uid == 1000 and repo.stat(f"{flat}/opt/old/z").uid == 0
     assert tree == expected
     # The whiteouts did their work; the hard link reads as its target; modes survive.
     assert "tmp/gone" not in tree and {"opt/old/z"} == {p for p in tree if p.startswith("opt/old/")}

@@ -11,7 +11,8 @@
 Content is deduplicated three times: a config digest already flattened is only linked; layers are
 fetched once into a digest-addressed blob folder shared by every image of a round; and every
 file is a content-addressed CernVM-FS object, so files shared by images are stored once.
-Files and folders are published owned by root (uid/gid 0), as in the image.
+Owners are the layers' (uid/gid from the tar headers; the unprivileged unpacker records them
+and the publisher writes them), not the syncing user's.
 """
 
 from __future__ import annotations
@@ -118,6 +119,7 @@ class FlatImage:
     modes: dict[str, int]  # original modes of entries made readable for publishing
     size_bytes: int
     layers: int
+    owners: dict[str, tuple[int, int]]  # (uid, gid) from the layers, where not root
 
 
 def unpack_flat(
@@ -142,7 +144,7 @@ def unpack_flat(
         layers += 1
     writer.finish()
     modes = make_readable(dest)
-    return FlatImage(dest, config, modes, size, layers)
+    return FlatImage(dest, config, modes, size, layers, dict(writer.owners))
 
 
 def _root_owned(flat: FlatImage, at: str) -> Iterator[SourceItem]:
@@ -151,7 +153,7 @@ def _root_owned(flat: FlatImage, at: str) -> Iterator[SourceItem]:
         relative = item.path[prefix:] if item.path != at else ""
         if relative in flat.modes:
             item.mode = stat.S_IFMT(item.mode) | flat.modes[relative]
-        item.uid = item.gid = 0
+        item.uid, item.gid = flat.owners.get(relative, (0, 0))
         yield item
 
 

@@ -133,6 +133,9 @@ class TreeWriter:
         self.rootfs = rootfs
         self._dir_meta: dict[str, tuple[int, int]] = {}
         self._layer_written: set[str] = set()
+        #: rootfs mode: owners other than root, ``{relative path: (uid, gid)}`` from the tar
+        #: headers (an unprivileged writer cannot chown; the publisher applies them).
+        self.owners: dict[str, tuple[int, int]] = {}
 
     # -- paths ------------------------------------------------------------------------------------
     def _abs(self, relative: str) -> str:
@@ -187,8 +190,11 @@ class TreeWriter:
             prefix = relative + "/"
             for key in [k for k in self._dir_meta if k == relative or k.startswith(prefix)]:
                 del self._dir_meta[key]
+            for key in [k for k in self.owners if k == relative or k.startswith(prefix)]:
+                del self.owners[key]
         else:
             os.unlink(path)
+            self.owners.pop(relative, None)
 
     # -- entries ----------------------------------------------------------------------------------
     def write_file(
@@ -356,6 +362,21 @@ class TreeWriter:
             return
         if member.ischr() or member.isblk():
             raise UnsafeInputError(name, "device file in layer")
+        self._apply_entry(archive, member, relative, stats)
+        if self.rootfs and relative:
+            if member.uid or member.gid:
+                self.owners[relative] = (member.uid, member.gid)
+            else:
+                self.owners.pop(relative, None)
+
+    def _apply_entry(
+        self,
+        archive: tarfile.TarFile,
+        member: tarfile.TarInfo,
+        relative: str,
+        stats: LayerStats,
+    ) -> None:
+        name = member.name
         if member.isdir():
             self._mkdir(relative, member.mode, member.mtime, name)
             stats.directories += 1
