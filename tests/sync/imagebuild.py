@@ -215,7 +215,8 @@ def tree_of(root: Path) -> dict[str, Any]:
             elif stat.S_ISDIR(st.st_mode):
                 out[rel] = ("dir",)
             else:
-                os.chmod(path, stat.S_IMODE(st.st_mode) | 0o400)
+                if not os.access(path, os.R_OK):  # a 0000 file of the image, on a writable tree
+                    os.chmod(path, stat.S_IMODE(st.st_mode) | 0o400)
                 out[rel] = ("file", sha256(path.read_bytes()), stat.S_IMODE(st.st_mode))
     return out
 

@@ -7,8 +7,10 @@ compared with an independent unpack (``skopeo copy ... dir:`` plus the tar layer
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
 import threading
 from pathlib import Path
 from typing import Any
@@ -28,6 +30,7 @@ from sync.imagebuild import (
     published,
     published_tree,
     push_layout,
+    tree_of,
     write_oci_layout,
 )
 
@@ -420,3 +423,55 @@ def test_wishlists_sharing_a_repository_remove_only_their_own(
     assert not again.committed
     with published(publisher) as repo:
         assert repo.exists(f"/{docker_registry.host}/team-b/app:1")
+
+
+def _fuse_problem() -> str | None:
+    try:
+        import pyfuse3  # noqa: F401
+    except ImportError as exc:
+        return f"pyfuse3 not importable: {exc}"
+    if shutil.which("fusermount3") is None:
+        return "fusermount3 is not installed (Debian package fuse3)"
+    try:
+        os.close(os.open("/dev/fuse", os.O_RDWR))
+    except OSError as exc:
+        return f"/dev/fuse is not usable: {exc.strerror}"
+    return None
+
+
+@pytest.mark.service
+def test_mounted_public_path_is_the_image_tree(
+    docker_registry: Any, publisher: Publisher, tmp_path: Path
+) -> None:
+    """What Apptainer is given (``/cvmfs/<repo>/<registry>/<repo>:<tag>``, a plain directory
+    tree through a real mount) holds what ``skopeo copy ... dir:`` plus unpacking gives."""
+    problem = _fuse_problem()
+    if problem is not None:
+        if os.environ.get("CI"):
+            pytest.fail(f"FUSE cannot run: {problem}; CI must provide FUSE")
+        pytest.skip(problem)
+    if os.geteuid() != 0:
+        pytest.skip("the image holds a mode-0000 file only root can read through the mount")
+    from cvmfs_ml.client.fuse import mount
+
+    push_image(docker_registry, tmp_path, "lib/app", "1.0", base_layers())
+    assert run_round(publisher, wishlist(docker_registry, "lib/app:1.0")).errors == 0
+    expected = independent_unpack(docker_registry.host, "lib/app:1.0", tmp_path / "expected")
+    point = tmp_path / "mnt"
+    point.mkdir()
+    handle = mount(
+        publisher.repo_dir,
+        point,
+        public_key=publisher.keys.paths.master_public,
+        cache=tmp_path / "cache",
+        log_file=tmp_path / "fuse.log",
+        timeout=60.0,
+    )
+    try:
+        image = point / docker_registry.host / "lib" / "app:1.0"
+        assert image.is_symlink() and image.is_dir()
+        # Plus the nested catalog's marker, an empty file upstream shows (and DUCC writes) too.
+        marker = {".cvmfscatalog": ("file", hashlib.sha256(b"").hexdigest(), 0o644)}
+        assert tree_of(image) == {**expected, **marker}
+    finally:
+        handle.unmount(timeout=15)
