@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import threading
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ from typing import Any
 import pytest
 import urllib3
 
+from client.test_fuse import _fuse_problem
 from cvmfs_ml.errors import ConfigError
 from cvmfs_ml.publish.repository import Publisher
 from cvmfs_ml.sync.engine import SyncOptions, run_round
@@ -423,20 +423,6 @@ def test_wishlists_sharing_a_repository_remove_only_their_own(
     assert not again.committed
     with published(publisher) as repo:
         assert repo.exists(f"/{docker_registry.host}/team-b/app:1")
-
-
-def _fuse_problem() -> str | None:
-    try:
-        import pyfuse3  # noqa: F401
-    except ImportError as exc:
-        return f"pyfuse3 not importable: {exc}"
-    if shutil.which("fusermount3") is None:
-        return "fusermount3 is not installed (Debian package fuse3)"
-    try:
-        os.close(os.open("/dev/fuse", os.O_RDWR))
-    except OSError as exc:
-        return f"/dev/fuse is not usable: {exc.strerror}"
-    return None
 
 
 @pytest.mark.service
