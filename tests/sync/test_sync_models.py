@@ -28,6 +28,8 @@ from typer.testing import CliRunner
 from cvmfs_ml.bench.services import NotifyingDockerRegistry, free_port
 from cvmfs_ml.cli import app
 from cvmfs_ml.models.layout import ModelRef, read_record
+from cvmfs_ml.models.sources.oci import ANNOTATION_TITLE
+from cvmfs_ml.models.sources.oci_client import OCI_MANIFEST
 from cvmfs_ml.publish.repository import Publisher
 from cvmfs_ml.sync.auth import AuthFile
 from cvmfs_ml.sync.engine import SyncOptions, run_round
@@ -35,7 +37,7 @@ from cvmfs_ml.sync.events import EventLog
 from cvmfs_ml.sync.loop import SyncLoop
 from cvmfs_ml.sync.webhook import WebhookServer, parse_notification
 from cvmfs_ml.sync.wishlist import parse_wishlist
-from models.test_oci import TokenFront, push_modelpack
+from models.test_oci import TokenFront, push_blob, push_manifest, push_modelpack
 from sync.imagebuild import FQRN, make_layer, published, push_layout, sha256, write_oci_layout
 
 HTTP = urllib3.PoolManager()
@@ -429,3 +431,45 @@ def test_loop_rounds_and_metrics(publisher: Publisher, tmp_path: Path) -> None:
     loop.run(rounds=1)
     assert metrics.get_sample_value("cvmfs_ml_sync_rounds_total") == 1
     assert metrics.get_sample_value("cvmfs_ml_sync_last_revision") == reports[0]["revision_after"]
+
+
+@pytest.mark.service
+def test_a_bad_tag_does_not_stop_the_others(
+    docker_registry: Any, publisher: Publisher, tmp_path: Path
+) -> None:
+    host, base = docker_registry.host, docker_registry.url
+    oras_push(host, "ml/mixed:v1", {"w.bin": b"good"}, tmp_path / "p1")
+    evil = push_blob(base, "ml/mixed", b"evil")
+    config = push_blob(base, "ml/mixed", b"{}")
+    manifest = {
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "config": {"mediaType": "application/vnd.oci.empty.v1+json", **config},
+        "layers": [
+            {
+                "mediaType": "application/octet-stream",
+                **evil,
+                "annotations": {ANNOTATION_TITLE: "../evil"},
+            }
+        ],
+    }
+    push_manifest(base, "ml/mixed", "v2", manifest)
+    spec = parse_wishlist(
+        f"version: 1\nmodels:\n  - source: http://{host}/ml/mixed:v*\n    name: hep/mixed\n"
+    )
+    log = EventLog()
+    report = run_round(publisher, spec, log=log)
+    assert report.errors == 1 and report.committed
+    assert "'..'" in next(e.error for e in log.events if e.status == "error")
+    assert model_files(publisher, "/hep/mixed/v1") == {"w.bin": sha256(b"good")}
+    with published(publisher) as repo:
+        assert not repo.exists("/hep/mixed/v2")
+        assert repo.readlink("/hep/mixed/latest") == "v1"
+
+    # The tag of a published version moved: versions are immutable, so that is an error.
+    oras_push(host, "ml/mixed:v1", {"w.bin": b"changed"}, tmp_path / "p2")
+    log = EventLog()
+    moved = run_round(publisher, spec, log=log)
+    assert moved.errors == 2 and not moved.committed
+    assert any("immutable" in e.error for e in log.events)
+    assert model_files(publisher, "/hep/mixed/v1") == {"w.bin": sha256(b"good")}

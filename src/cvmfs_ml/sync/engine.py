@@ -21,6 +21,7 @@ import contextlib
 import fcntl
 import json
 import os
+import re
 import tempfile
 import time
 from collections.abc import Iterator
@@ -78,6 +79,11 @@ class RoundReport:
 
     def to_json(self) -> dict[str, Any]:
         return dict(self.__dict__, committed=self.committed)
+
+
+def _natural(version: str) -> tuple[Any, ...]:
+    """Sort key putting ``v10`` after ``v9``."""
+    return tuple(int(p) if p.isdigit() else p for p in re.split(r"(\d+)", version))
 
 
 @contextlib.contextmanager
@@ -360,7 +366,7 @@ class _Round:
             except (CvmfsMlError, OSError, ValueError) as exc:
                 self.fail("sync_model", spec.source, exc, model=spec.ref.key)
 
-    def _published_source(self, repo: Any, ref: ModelRef) -> dict[str, Any] | None:
+    def published_source(self, repo: Any, ref: ModelRef) -> dict[str, Any] | None:
         try:
             entry = repo.stat(ref.path)
         except FileNotFoundError:
@@ -369,7 +375,7 @@ class _Round:
             raise PublishError(f"{ref} is an alias, not a version")
         return read_record(repo, ref).source
 
-    def _add_version(
+    def add_version(
         self, ref: ModelRef, folder: Path, pulled: Any, what: str, aliases: list[str]
     ) -> None:
         prepared = prepare_version(
@@ -403,30 +409,14 @@ class _Round:
         for index, tag in enumerate(version_tags):
             reference = image.reference(tag)
             version = spec.version if (spec.version and not image.wildcard) else str(tag)
-            ref = spec.ref.with_version(version)
-            resolved = resolve(client, reference, platform=spec.platform)
-            by_digest.setdefault(resolved.digest, version)
-            source = self._published_source(repo, ref)
-            if source is not None:
-                if source.get("manifest_digest") == resolved.digest:
-                    self.log("skip_model", image=str(reference), model=str(ref), reason="unchanged")
-                    continue
-                raise PublishError(
-                    f"{ref} is published from {source.get('manifest_digest')} but {reference} is"
-                    f" now {resolved.digest}; versions are immutable (push a new tag)"
-                )
-            self.check_size(resolved)
-            folder = scratch / f"v{index}"
-            pulled = pull(
-                client,
-                resolved,
-                folder,
-                blob_dir=scratch / "blobs",
-                keep_blobs=False,
-                subpath=spec.subpath,
-            )
-            new_versions.append(version)
-            self._add_version(ref, folder, pulled, str(reference), [])
+            try:
+                ref = spec.ref.with_version(version)
+                resolved = resolve(client, reference, platform=spec.platform)
+                by_digest.setdefault(resolved.digest, version)
+                if self._plan_oci_version(repo, scratch / f"v{index}", spec, ref, resolved):
+                    new_versions.append(version)
+            except (CvmfsMlError, OSError, ValueError) as exc:  # the other tags still sync
+                self.fail("sync_model", str(reference), exc, model=f"{spec.ref.key}:{version}")
         for alias in alias_tags:
             try:
                 resolved = resolve(client, image.reference(alias), platform=spec.platform)
@@ -442,7 +432,39 @@ class _Round:
                 continue
             self.plan.aliases.append((spec.ref.with_version(version), alias))
         if ALIAS_LATEST not in alias_tags and new_versions:
-            self.plan.aliases.append((spec.ref.with_version(new_versions[-1]), ALIAS_LATEST))
+            newest = max(new_versions, key=_natural)
+            self.plan.aliases.append((spec.ref.with_version(newest), ALIAS_LATEST))
+
+    def _plan_oci_version(
+        self, repo: Any, folder: Path, spec: ModelSpec, ref: ModelRef, resolved: Any
+    ) -> bool:
+        """Pull one tag as version ``ref``; False when that version already holds it."""
+        source = self.published_source(repo, ref)
+        if source is not None:
+            if source.get("manifest_digest") == resolved.digest:
+                self.log(
+                    "skip_model", image=str(resolved.reference), model=str(ref), reason="unchanged"
+                )
+                return False
+            raise PublishError(
+                f"{ref} is published from {source.get('manifest_digest')} but"
+                f" {resolved.reference} is now {resolved.digest}; versions are immutable"
+                " (push a new tag)"
+            )
+        self.check_size(resolved)
+        client = self.client(
+            resolved.reference.registry, spec.image.plain_http if spec.image else None
+        )
+        pulled = pull(
+            client,
+            resolved,
+            folder,
+            blob_dir=folder.parent / "blobs",
+            keep_blobs=False,
+            subpath=spec.subpath,
+        )
+        self.add_version(ref, folder, pulled, str(resolved.reference), [])
+        return True
 
     def plan_mlflow_model(self, repo: Any, scratch: Path, spec: ModelSpec) -> None:
         from cvmfs_ml.sync.mlflow_source import plan_mlflow
@@ -454,7 +476,7 @@ class _Round:
         folder = Path(spec.source).expanduser()
         if not folder.exists():
             raise NotFoundError(str(folder), "the folder named in the wishlist")
-        self._add_version(ref, folder, None, str(folder), [ALIAS_LATEST, *spec.aliases])
+        self.add_version(ref, folder, None, str(folder), [ALIAS_LATEST, *spec.aliases])
 
     # -- commit ---------------------------------------------------------------------------------
     def commit(self) -> int:

@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from cvmfs_ml.errors import ConfigError, FormatError, NotFoundError
+from cvmfs_ml.errors import ConfigError, CvmfsMlError, FormatError, NotFoundError
 from cvmfs_ml.models.layout import ALIAS_LATEST, validate_component
 from cvmfs_ml.models.sources.mlflow import pull_registered_version
 from cvmfs_ml.sync.wishlist import ModelSpec
@@ -43,28 +43,34 @@ def _registry(spec: ModelSpec) -> tuple[list[Any], dict[str, str]]:
     return versions, aliases
 
 
+def _plan_version(work: Any, repo: Any, folder: Path, spec: ModelSpec, version: str) -> None:
+    ref = spec.ref.with_version(version)
+    source = work.published_source(repo, ref)
+    if source is not None:
+        if (source.get("registered_model"), source.get("model_version")) != (
+            spec.registered_model,
+            version,
+        ):
+            raise FormatError(str(ref), "published from another source than the wishlist's")
+        work.log("skip_model", image=spec.source, model=str(ref), reason="unchanged")
+        return
+    folder.mkdir(parents=True)
+    pulled = pull_registered_version(
+        spec.registered_model or "", version, folder, tracking_uri=spec.tracking_uri
+    )
+    work.add_version(ref, folder, pulled, f"{spec.source}/{version}", [])
+
+
 def plan_mlflow(work: Any, repo: Any, scratch: Path, spec: ModelSpec) -> None:
     """Plan the versions and aliases of ``spec`` into the round ``work`` (engine._Round)."""
     versions, aliases = _registry(spec)
     numbers = sorted(int(v.version) for v in versions)
     for model_version in sorted(versions, key=lambda v: int(v.version)):
         version = str(model_version.version)
-        ref = spec.ref.with_version(version)
-        source = work._published_source(repo, ref)
-        if source is not None:
-            if (source.get("registered_model"), source.get("model_version")) != (
-                spec.registered_model,
-                version,
-            ):
-                raise FormatError(str(ref), "published from another source than the wishlist's")
-            work.log("skip_model", image=spec.source, model=str(ref), reason="unchanged")
-            continue
-        folder = scratch / f"v{version}"
-        folder.mkdir(parents=True)
-        pulled = pull_registered_version(
-            spec.registered_model or "", version, folder, tracking_uri=spec.tracking_uri
-        )
-        work._add_version(ref, folder, pulled, f"{spec.source}/{version}", [])
+        try:
+            _plan_version(work, repo, scratch / f"v{version}", spec, version)
+        except (CvmfsMlError, OSError, ValueError) as exc:  # the other versions still sync
+            work.fail("sync_model", f"{spec.source}/{version}", exc, model=spec.ref.key)
     for alias, version in sorted(aliases.items()):
         try:
             validate_component(alias, "alias", version=True)
