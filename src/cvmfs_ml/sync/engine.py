@@ -9,10 +9,13 @@ processes can share a repository, as DUCC's ``/tmp/DUCC.lock``) and goes:
    registry, digest mismatch, hostile layer) is one ``error`` event and is left out whole.
 2. **Commit** everything that survived in ONE transaction: flat images, links, metadata, model
    versions and aliases, removals. Nothing changed -> no transaction, no revision.
-3. **Forget** what left the wishlist: links (and flats no link uses any more) are removed once
-   they have been unwanted for ``grace_seconds`` (first seen unwanted is kept in
+3. **Forget** what left the wishlist: links this wishlist published (``image.json``'s
+   ``owner``; other wishlists' links are never touched) and flats no link uses any more are
+   removed once they have been unwanted for ``grace_seconds`` (first seen unwanted is kept in
    ``<keys>/<fqrn>.sync-state.json``). Their objects are garbage collected at the first round
    after the next revision, once ``trunk-previous`` no longer names them.
+
+See ``docs/sync.md`` for the wishlist, the layout and the events.
 """
 
 from __future__ import annotations
