@@ -75,7 +75,8 @@ def alias_of(publisher: Publisher, model: str, alias: str) -> str:
 
 def push_small_image(host: str, tmp_path: Path, repository: str, tag: str) -> None:
     layout = tmp_path / f"layout-{tag}"
-    write_oci_layout(layout, [(make_layer([("etc", None), ("etc/os", b"test\n")]), "gzip")], tag)
+    layer = make_layer([("etc", None), ("etc/os", b"test\n"), ("etc/tag", tag.encode())])
+    write_oci_layout(layout, [(layer, "gzip")], tag)
     push_layout(layout, tag, host, repository)
 
 
@@ -183,19 +184,38 @@ def test_webhook_push_triggers_a_round(publisher: Publisher, tmp_path: Path) -> 
     try:
         host = registry.host
         oras_push(host, "ml/hooked:v1", {"w.bin": b"one"}, tmp_path / "p1")
+        push_small_image(host, tmp_path, "lib/hooked", "1")
+        push_small_image(host, tmp_path, "lib/hooked", "2")
         entry = f"models:\n  - source: http://{host}/ml/hooked:v*\n    name: hep/hooked\n"
-        write_wishlist(wishlist, host, images=[], models=entry)
+        write_wishlist(wishlist, host, images=["lib/hooked:*"], models=entry)
         thread = threading.Thread(target=loop.run, daemon=True)
         thread.start()
         wait_for(lambda: len(loop.reports) >= 1, 60, "the first full round")
         first = publisher.manifest().revision
         assert model_files(publisher, "/hep/hooked/v1") == {"w.bin": sha256(b"one")}
+        with published(publisher) as repo:
+            assert repo.exists(f"/{host}/lib/hooked:2")
 
         # A push; the interval is an hour, so only the notification can start the round.
         oras_push(host, "ml/hooked:v2", {"w.bin": b"two"}, tmp_path / "p2")
         wait_for(lambda: publisher.manifest().revision > first, 60, "the webhook-triggered round")
         assert model_files(publisher, "/hep/hooked/v2") == {"w.bin": sha256(b"two")}
         assert any(e.action == "webhook" for e in loop.log.events)
+
+        # A delete in the registry: a full round at once schedules the tag's removal.
+        digest = HTTP.request(
+            "HEAD",
+            f"http://{host}/v2/lib/hooked/manifests/2",
+            headers={"Accept": OCI_MANIFEST},
+        ).headers["Docker-Content-Digest"]
+        deleted = HTTP.request("DELETE", f"http://{host}/v2/lib/hooked/manifests/{digest}")
+        assert deleted.status == 202
+        wait_for(
+            lambda: any(e.action == "schedule_removal" for e in loop.log.events),
+            60,
+            "the full round after the delete",
+        )
+        assert len(loop.reports) >= 3
     finally:
         loop.stop()
         if thread is not None:

@@ -283,6 +283,8 @@ class _Round:
         )
         manifest = client.get_manifest(spec.repository, resolved.digest).data
         link_moves = old is None or old.flat != target or not repo.exists(public)
+        if flat is None and not link_moves:
+            action = "update_metadata"  # a new manifest for the same image: the link stays
         self.plan.images.append(_ImagePlan(record, manifest, flat, link_moves))
         self.log(
             action,

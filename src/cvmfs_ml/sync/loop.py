@@ -3,7 +3,8 @@
 The wishlist is read again before every round (DUCC's ``loop`` does the same), so editing it
 needs no restart; a wishlist broken by an edit is an ``error`` event and the loop carries on
 with the next round. A webhook call wakes the loop and runs a round limited to the repositories
-it names; the full round still comes every ``interval``.
+it names; the full round still comes every ``interval``, and at once after a delete event
+(removals, with their grace period, are decided in full rounds only).
 
 Counters (``cvmfs_ml_sync_rounds_total``, ``..._changes_total``, ``..._errors_total``,
 ``..._last_revision``) are registered in a Prometheus registry when one is given, so a service
@@ -71,12 +72,15 @@ class SyncLoop:
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._pending: set[str] = set()
+        self._full_now = False
 
     def notify(self, events: list[RegistryEvent]) -> None:
         """Webhook callback: remember the repositories and wake the loop."""
         with self._lock:
             for event in events:
                 self._pending.add(event.repository)
+                if event.action == "delete":  # removals happen in full rounds only
+                    self._full_now = True
                 self.log("webhook", image=f"{event.registry}/{event.repository}:{event.tag}",
                          event=event.action)  # fmt: skip
         self._wake.set()
@@ -119,6 +123,11 @@ class SyncLoop:
                 continue
             self._wake.wait(timeout=max(0.0, next_full - time.monotonic()))
             self._wake.clear()
+            with self._lock:
+                if self._full_now:
+                    self._full_now, next_full = False, time.monotonic()
+            if time.monotonic() >= next_full:
+                continue
             pending = self._take_pending()
             if pending and not self._stop.is_set():
                 self.run_once(pending)
