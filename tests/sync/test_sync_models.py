@@ -122,6 +122,8 @@ def test_cli_sync_publishes_image_and_models(
         link = repo.readlink(f"/{host}/lib/base:1")
         assert link.startswith("../../.flat/")
         assert repo.read_bytes(f"/{host}/lib/{link}/etc/os") == b"test\n"
+    checked = runner.invoke(app, ["repo", "check", str(publisher.repo_dir)])
+    assert checked.exit_code == 0, checked.output  # signatures, objects, nested catalogs
     info = runner.invoke(app, ["model", "info", str(publisher.repo_dir), "hep/net:v1", "--json"])
     assert info.exit_code == 0, info.output
     described = json.loads(info.stdout)
