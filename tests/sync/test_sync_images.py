@@ -349,6 +349,9 @@ input:
         ("version: 1\nmodels: [{source: /x, name: a/b}]", "needs 'version'"),
         ("version: 1\ninput: [: :", "not valid YAML"),
         ("version: 1", "nothing to sync"),
+        ("version: 1\nmodels: [{source: oci://a.b/c, name: a/b}]", "'latest' cannot be a version"),
+        ("version: 1\nmodels: [{source: s3://x/y, name: a/b}]", "unknown source scheme"),
+        ("version: 1\nmodels: [{source: /x, name: a/b, version: '1', colour: red}]", "'colour'"),
     ],
 )
 def test_malformed_wishlists(text: str, message: str) -> None:

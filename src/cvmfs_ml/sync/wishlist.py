@@ -37,7 +37,7 @@ from typing import Any
 import yaml
 
 from cvmfs_ml.errors import ConfigError, FormatError
-from cvmfs_ml.models.layout import ModelRef, validate_component
+from cvmfs_ml.models.layout import ALIAS_LATEST, ModelRef, validate_component
 from cvmfs_ml.models.sources.oci_client import OciReference
 
 __all__ = ["ImageSpec", "ModelSpec", "Wishlist", "load_wishlist", "parse_wishlist"]
@@ -204,6 +204,10 @@ def _parse_model(raw: Any, position: int) -> ModelSpec:
         image = parse_image(text, what)
         if image.digest is not None and version is None:
             raise ConfigError(f"{what}: a source pinned by digest needs 'version'")
+        if image.tag_pattern == ALIAS_LATEST and version is None:
+            raise ConfigError(
+                f"{what}: tag 'latest' cannot be a version name: give 'version' or a tag pattern"
+            )
         return ModelSpec(kind="oci", image=image, **common)
     if version is None:
         raise ConfigError(f"{what}: a folder source needs 'version'")
