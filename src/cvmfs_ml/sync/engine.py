@@ -24,7 +24,6 @@ import contextlib
 import fcntl
 import json
 import os
-import re
 import tempfile
 import time
 from collections.abc import Iterator
@@ -32,10 +31,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cvmfs_ml.errors import CvmfsMlError, NotFoundError, PublishError
-from cvmfs_ml.models.layout import ALIAS_LATEST, ModelRef, read_record, utc_timestamp
+from cvmfs_ml.errors import CvmfsMlError, PublishError
+from cvmfs_ml.models.layout import ModelRef, read_record, utc_timestamp
 from cvmfs_ml.models.publish import ModelBatch, PreparedVersion, open_published, prepare_version
-from cvmfs_ml.models.sources.oci import pull, resolve
+from cvmfs_ml.models.sources.oci import resolve
 from cvmfs_ml.models.sources.oci_client import RegistryClient
 from cvmfs_ml.publish.gc import collect_garbage
 from cvmfs_ml.publish.repository import Publisher
@@ -43,6 +42,7 @@ from cvmfs_ml.sync.auth import AuthFile
 from cvmfs_ml.sync.events import EventLog
 from cvmfs_ml.sync.images import (
     FLAT_ROOT,
+    FlatImage,
     ImageRecord,
     flat_path,
     public_path,
@@ -50,7 +50,9 @@ from cvmfs_ml.sync.images import (
     read_image_records,
     unpack_flat,
 )
-from cvmfs_ml.sync.wishlist import ImageSpec, ModelSpec, Wishlist
+from cvmfs_ml.sync.mlflow_source import plan_mlflow
+from cvmfs_ml.sync.model_sources import plan_folder, plan_oci
+from cvmfs_ml.sync.wishlist import ImageSpec, Wishlist
 
 __all__ = ["RoundReport", "SyncOptions", "run_round", "sync_lock"]
 
@@ -84,11 +86,6 @@ class RoundReport:
         return dict(self.__dict__, committed=self.committed)
 
 
-def _natural(version: str) -> tuple[Any, ...]:
-    """Sort key putting ``v10`` after ``v9``."""
-    return tuple(int(p) if p.isdigit() else p for p in re.split(r"(\d+)", version))
-
-
 @contextlib.contextmanager
 def sync_lock(publisher: Publisher) -> Iterator[None]:
     path = publisher.keys_dir / f"{publisher.fqrn}.sync.lock"
@@ -110,8 +107,8 @@ def _load_state(publisher: Publisher) -> dict[str, Any]:
         data = json.loads(_state_path(publisher).read_text())
     except (OSError, ValueError):
         data = {}
-    if not isinstance(data, dict):
-        data = {}
+    if not isinstance(data, dict) or not isinstance(data.get("unwanted", {}), dict):
+        data = {}  # a damaged state file only restarts the grace periods
     data.setdefault("unwanted", {})
     return data
 
@@ -128,7 +125,7 @@ def _save_state(publisher: Publisher, state: dict[str, Any]) -> None:
 class _ImagePlan:
     record: ImageRecord
     manifest: bytes
-    flat: Any  # FlatImage | None
+    flat: FlatImage | None  # None: the flat is already there, only link and metadata change
     replace_link: bool
 
 
@@ -361,17 +358,18 @@ class _Round:
                     assert spec.image is not None
                     if not self.wanted(spec.image.registry, spec.image.repository):
                         continue
-                    self.plan_oci_model(repo, scratch / f"model-{position}", spec)
+                    plan_oci(self, repo, scratch / f"model-{position}", spec)
                 elif self.options.only_repositories is not None:
                     continue
                 elif spec.kind == "mlflow":
-                    self.plan_mlflow_model(repo, scratch / f"model-{position}", spec)
+                    plan_mlflow(self, repo, scratch / f"model-{position}", spec)
                 else:
-                    self.plan_folder_model(spec)
+                    plan_folder(self, spec)
             except (CvmfsMlError, OSError, ValueError) as exc:
                 self.fail("sync_model", spec.source, exc, model=spec.ref.key)
 
     def published_source(self, repo: Any, ref: ModelRef) -> dict[str, Any] | None:
+        """``model.json``'s ``source`` of version ``ref`` as published, or None if absent."""
         try:
             entry = repo.stat(ref.path)
         except FileNotFoundError:
@@ -383,6 +381,7 @@ class _Round:
     def add_version(
         self, ref: ModelRef, folder: Path, pulled: Any, what: str, aliases: list[str]
     ) -> None:
+        """Hash and describe a fetched model (``pulled``) or a local ``folder`` as ``ref``."""
         prepared = prepare_version(
             pulled.folder if pulled is not None else folder,
             ref,
@@ -401,87 +400,6 @@ class _Round:
             size_bytes=prepared.record.size,
             public_path=ref.path,
         )
-
-    def plan_oci_model(self, repo: Any, scratch: Path, spec: ModelSpec) -> None:
-        image = spec.image
-        assert image is not None
-        client = self.client(image.registry, image.plain_http)
-        tags = self.tags(image)
-        alias_tags = list(spec.aliases)
-        version_tags = [t for t in tags if t not in alias_tags]
-        by_digest: dict[str, str] = {}
-        new_versions: list[str] = []
-        for index, tag in enumerate(version_tags):
-            reference = image.reference(tag)
-            version = spec.version if (spec.version and not image.wildcard) else str(tag)
-            try:
-                ref = spec.ref.with_version(version)
-                resolved = resolve(client, reference, platform=spec.platform)
-                by_digest.setdefault(resolved.digest, version)
-                if self._plan_oci_version(repo, scratch / f"v{index}", spec, ref, resolved):
-                    new_versions.append(version)
-            except (CvmfsMlError, OSError, ValueError) as exc:  # the other tags still sync
-                self.fail("sync_model", str(reference), exc, model=f"{spec.ref.key}:{version}")
-        for alias in alias_tags:
-            try:
-                resolved = resolve(client, image.reference(alias), platform=spec.platform)
-            except NotFoundError:
-                continue  # the registry has no such tag (yet)
-            version = by_digest.get(resolved.digest)
-            if version is None:
-                self.fail(
-                    "alias_model",
-                    str(image.reference(alias)),
-                    PublishError(f"tag {alias!r} names a manifest no version tag has"),
-                )
-                continue
-            self.plan.aliases.append((spec.ref.with_version(version), alias))
-        if ALIAS_LATEST not in alias_tags and new_versions:
-            newest = max(new_versions, key=_natural)
-            self.plan.aliases.append((spec.ref.with_version(newest), ALIAS_LATEST))
-
-    def _plan_oci_version(
-        self, repo: Any, folder: Path, spec: ModelSpec, ref: ModelRef, resolved: Any
-    ) -> bool:
-        """Pull one tag as version ``ref``; False when that version already holds it."""
-        source = self.published_source(repo, ref)
-        if source is not None:
-            if source.get("manifest_digest") == resolved.digest:
-                self.log(
-                    "skip_model", image=str(resolved.reference), model=str(ref), reason="unchanged"
-                )
-                return False
-            raise PublishError(
-                f"{ref} is published from {source.get('manifest_digest')} but"
-                f" {resolved.reference} is now {resolved.digest}; versions are immutable"
-                " (push a new tag)"
-            )
-        self.check_size(resolved)
-        client = self.client(
-            resolved.reference.registry, spec.image.plain_http if spec.image else None
-        )
-        pulled = pull(
-            client,
-            resolved,
-            folder,
-            blob_dir=folder.parent / "blobs",
-            keep_blobs=False,
-            subpath=spec.subpath,
-        )
-        self.add_version(ref, folder, pulled, str(resolved.reference), [])
-        return True
-
-    def plan_mlflow_model(self, repo: Any, scratch: Path, spec: ModelSpec) -> None:
-        from cvmfs_ml.sync.mlflow_source import plan_mlflow
-
-        plan_mlflow(self, repo, scratch, spec)
-
-    def plan_folder_model(self, spec: ModelSpec) -> None:
-        ref = spec.ref.with_version(spec.version)
-        folder = Path(spec.source).expanduser()
-        if not folder.exists():
-            raise NotFoundError(str(folder), "the folder named in the wishlist")
-        self.add_version(ref, folder, None, str(folder), [ALIAS_LATEST, *spec.aliases])
 
     # -- commit ---------------------------------------------------------------------------------
     def commit(self) -> int:
