@@ -154,6 +154,9 @@ def _root_owned(flat: FlatImage, at: str) -> Iterator[SourceItem]:
         if relative in flat.modes:
             item.mode = stat.S_IFMT(item.mode) | flat.modes[relative]
         item.uid, item.gid = flat.owners.get(relative, (0, 0))
+        # Scratch files are read once and deleted: remembering them in the publisher's file
+        # cache (one SQLite row each) would cost more than the publish itself.
+        item.file_key = None
         yield item
 
 
