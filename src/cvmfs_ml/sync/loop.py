@@ -111,17 +111,27 @@ class SyncLoop:
         return report
 
     def run(self, *, rounds: int | None = None) -> None:
-        """Loop until :meth:`stop` (or ``rounds`` rounds, full or webhook-triggered)."""
+        """Loop until :meth:`stop` (or ``rounds`` rounds, full or webhook-triggered).
+
+        A registry may notify before the pushed tag can be read (distribution sends the event
+        when the manifest is stored, then writes the tag), so a webhook round that changed
+        nothing or failed is tried again after 1, 2 and 4 seconds.
+        """
         done = 0
         next_full = time.monotonic()
+        retry_at: float | None = None
+        retry: frozenset[str] = frozenset()
+        attempts = 0
         while not self._stop.is_set() and (rounds is None or done < rounds):
             if time.monotonic() >= next_full:
                 self._take_pending()  # a full round covers them
+                retry_at, attempts = None, 0
                 next_full = time.monotonic() + self.interval
                 self.run_once()
                 done += 1
                 continue
-            self._wake.wait(timeout=max(0.0, next_full - time.monotonic()))
+            wake_at = next_full if retry_at is None else min(next_full, retry_at)
+            self._wake.wait(timeout=max(0.0, wake_at - time.monotonic()))
             self._wake.clear()
             with self._lock:
                 if self._full_now:
@@ -129,6 +139,14 @@ class SyncLoop:
             if time.monotonic() >= next_full:
                 continue
             pending = self._take_pending()
-            if pending and not self._stop.is_set():
-                self.run_once(pending)
-                done += 1
+            if pending:
+                attempts = 0  # a fresh notification starts a fresh series
+            elif retry_at is not None and time.monotonic() >= retry_at:
+                pending, retry_at = retry, None
+            if not pending or self._stop.is_set():
+                continue
+            report = self.run_once(pending)
+            done += 1
+            if (report is None or report.errors or not report.changes) and attempts < 3:
+                retry, retry_at = pending, time.monotonic() + 2.0**attempts
+                attempts += 1
