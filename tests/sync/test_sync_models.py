@@ -27,6 +27,7 @@ from typer.testing import CliRunner
 
 from cvmfs_ml.bench.services import NotifyingDockerRegistry, free_port
 from cvmfs_ml.cli import app
+from cvmfs_ml.errors import ConfigError
 from cvmfs_ml.models.layout import ModelRef, read_record
 from cvmfs_ml.models.sources.oci import ANNOTATION_TITLE
 from cvmfs_ml.models.sources.oci_client import OCI_MANIFEST
@@ -495,3 +496,27 @@ def test_a_bad_tag_does_not_stop_the_others(
     assert moved.errors == 2 and not moved.committed
     assert any("immutable" in e.error for e in log.events)
     assert model_files(publisher, "/hep/mixed/v1") == {"w.bin": sha256(b"good")}
+
+
+def test_auth_file_forms(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "auth.json"
+    path.write_text(
+        json.dumps(
+            {
+                "auths": {
+                    "https://index.docker.io/v1/": {"auth": base64.b64encode(b"hub:pw").decode()},
+                    "registry.example:5000": {"username": "u", "password": "p:with:colons"},
+                },
+                "credsStore": "desktop",
+            }
+        )
+    )
+    monkeypatch.setenv("REGISTRY_AUTH_FILE", str(path))
+    auth = AuthFile.load()
+    assert auth.path == path
+    assert auth.credentials("registry.hub.docker.com") == ("hub", "pw")
+    assert auth.credentials("registry.example:5000") == ("u", "p:with:colons")
+    assert auth.credentials("elsewhere.example") == (None, None)
+    path.write_text(json.dumps({"auths": {"x.example": {"auth": "not base64!"}}}))
+    with pytest.raises(ConfigError, match="not base64"):
+        AuthFile.load(path)
