@@ -484,11 +484,16 @@ def run_round(
             state["gc_after_revision"] = after
         gc_removed = None
         pending = state.get("gc_after_revision")
-        if options.gc and pending is not None and after > int(pending):
-            report = collect_garbage(publisher)
-            gc_removed = report.removed
-            state.pop("gc_after_revision", None)
-            log("gc", removed=report.removed, size_bytes=report.bytes_removed)
+        collectable = options.gc and publisher.settings.garbage_collection
+        if collectable and pending is not None and after > int(pending):
+            try:
+                report = collect_garbage(publisher)
+            except CvmfsMlError as exc:  # the round is published; gc is tried again next round
+                log("gc", status="error", error=str(exc).splitlines()[0])
+            else:
+                gc_removed = report.removed
+                state.pop("gc_after_revision", None)
+                log("gc", removed=report.removed, size_bytes=report.bytes_removed)
         _save_state(publisher, state)
         report_ = RoundReport(
             before, after, changes, work.errors, time.monotonic() - started, gc_removed
