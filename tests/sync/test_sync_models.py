@@ -326,24 +326,32 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         shutil.rmtree(db_dir, ignore_errors=True)
 
 
-def log_version(url: str, value: float) -> str:
+def log_version(url: str, value: float, tmp: Path) -> str:
     """Log and register a tiny pyfunc model in MLflow; its new version number."""
     import mlflow
 
-    mlflow.set_tracking_uri(url)
-    code = Path(tempfile.mkdtemp()) / "model_code.py"
+    code = Path(tempfile.mkdtemp(dir=tmp)) / "model_code.py"
     code.write_text(
         "import mlflow\nfrom mlflow.pyfunc import PythonModel\n"
         f"class M(PythonModel):\n    def predict(self, context, x, params=None):\n"
         f"        return {value}\nmlflow.models.set_model(M())\n"
     )
-    with mlflow.start_run():
-        info = mlflow.pyfunc.log_model(
-            name="model",
-            python_model=str(code),
-            registered_model_name="tiny",
-            pip_requirements=["numpy"],
-        )
+    # MLflow's tracking URI is process-wide (and copied to the environment): restore it, or
+    # every later MLflow test in this process would talk to this (stopped) server.
+    previous = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(url)
+    try:
+        with mlflow.start_run():
+            info = mlflow.pyfunc.log_model(
+                name="model",
+                python_model=str(code),
+                registered_model_name="tiny",
+                pip_requirements=["numpy"],
+            )
+    finally:
+        mlflow.set_tracking_uri(None)  # type: ignore[arg-type]
+        if previous is not None:
+            os.environ["MLFLOW_TRACKING_URI"] = previous
     return str(info.registered_model_version)
 
 
@@ -354,21 +362,22 @@ def test_mlflow_versions_and_aliases_follow(
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri=mlflow_server)
-    first = log_version(mlflow_server, 1.0)
+    first = log_version(mlflow_server, 1.0, tmp_path)
     client.set_registered_model_alias("tiny", "champion", first)
     spec = parse_wishlist(
         f"version: 1\nmodels:\n  - source: mlflow://{mlflow_server[len('http://') :]}/tiny\n"
         "    name: ml/tiny\n"
     )
-    report = run_round(publisher, spec, SyncOptions())
-    assert report.errors == 0 and report.committed
+    log0 = EventLog()
+    report = run_round(publisher, spec, SyncOptions(), log=log0)
+    assert report.errors == 0 and report.committed, [e.to_json() for e in log0.events if e.error]
     assert alias_of(publisher, "ml/tiny", "champion") == first
     with published(publisher) as repo:
         record = read_record(repo, ModelRef("ml", "tiny", first))
         assert repo.exists(f"/ml/tiny/{first}/MLmodel")
     assert record.source["registered_model"] == "tiny" and record.extra["mlflow"]["flavors"]
 
-    second = log_version(mlflow_server, 2.0)
+    second = log_version(mlflow_server, 2.0, tmp_path)
     client.set_registered_model_alias("tiny", "champion", second)
     log = EventLog()
     moved = run_round(publisher, spec, SyncOptions(), log=log)

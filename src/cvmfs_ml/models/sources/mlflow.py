@@ -170,8 +170,15 @@ def download_model(
             if getattr(model_version, "model_id", None):
                 source["model_id"] = model_version.model_id
             uri = f"models:/{model_version.name}/{model_version.version}"
+            # Where the registry says the version's files are: a models:/ URI would be
+            # resolved against the process-wide registry URI, not the one given here.
+            artifact_uri = client.get_model_version_download_uri(
+                model_version.name, str(model_version.version)
+            )
+        else:
+            artifact_uri = uri
         mlflow.artifacts.download_artifacts(
-            artifact_uri=uri, dst_path=str(dest), tracking_uri=tracking_uri
+            artifact_uri=artifact_uri, dst_path=str(dest), tracking_uri=tracking_uri
         )
     except MlflowException as exc:
         if getattr(exc, "error_code", "") == "RESOURCE_DOES_NOT_EXIST":
