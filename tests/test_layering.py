@@ -27,6 +27,16 @@ ALLOWED = {
         "models",
         "registry",
     },
+    "sync": {
+        "cvmfs",
+        "errors",
+        "storage",
+        "publish",
+        "client",
+        "replica",
+        "models",
+        "sync",
+    },
 }
 NETWORK_MODULES = {
     "socket",

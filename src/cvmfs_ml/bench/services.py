@@ -880,3 +880,27 @@ class MotoS3(Service):
 
     def _command(self) -> Sequence[str]:
         return [self.binary_path, "-H", LOOPBACK, "-p", str(self.port)]
+
+
+class NotifyingDockerRegistry(DockerRegistry):
+    """docker-registry with ``notifications`` sent to ``webhook`` (distribution's config.yml
+    ``notifications.endpoints``), each request carrying ``Authorization: Bearer <token>``."""
+
+    def __init__(
+        self, webhook: str, token: str, port: int | None = None, workdir: Path | None = None
+    ) -> None:
+        self.webhook, self.token = webhook, token
+        super().__init__(port=port, workdir=workdir)
+
+    def _prepare(self) -> None:
+        super()._prepare()
+        endpoint = (
+            "notifications:\n  endpoints:\n    - name: cvmfs-ml-sync\n"
+            f"      url: {self.webhook}\n      headers:\n"
+            f"        Authorization: [Bearer {self.token}]\n"
+            "      timeout: 2s\n      threshold: 3\n      backoff: 200ms\n"
+        )
+        self.conf_path.write_text(self.conf_path.read_text() + endpoint)
+
+
+__all__ += ["NotifyingDockerRegistry"]

@@ -24,6 +24,7 @@ from cvmfs_ml.cli.net import replica_app
 from cvmfs_ml.cli.refs import register_ref_commands
 from cvmfs_ml.cli.registry import register_registry_commands
 from cvmfs_ml.cli.repo import repo_app
+from cvmfs_ml.cli.sync import sync_command
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="CernVM-FS for ML models.")
 app.add_typer(repo_app, name="repo")
@@ -34,6 +35,7 @@ app.add_typer(replica_app, name="replica")
 app.add_typer(bench_app, name="bench")
 register_ref_commands(app, model_app)
 register_registry_commands(app)
+app.command("sync")(sync_command)
 
 
 # -- serve ---------------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -64,7 +65,11 @@ from cvmfs_ml.publish.sources import SourceItem
 
 __all__ = [
     "RESERVED_VERSIONS",
+    "ModelBatch",
+    "PreparedVersion",
     "list_models",
+    "open_published",
+    "prepare_version",
     "model_info",
     "prepare_source",
     "publish_model",
@@ -162,6 +167,19 @@ def _add_items(txn: Transaction, items: list[SourceItem], at: str, *, nested: bo
     symlinks), so it cannot go through ``add_folder``.
     """
     txn.add_items(lambda: iter(items), at, nested_catalog=nested)
+
+
+#: The published repository, read with the publisher's cached reader (call under the lock).
+open_published = _published
+
+
+@dataclass
+class PreparedVersion:
+    """A version scanned and hashed outside the lock, ready to be queued in a transaction."""
+
+    tree: SourceTree
+    record: ModelRecord
+    aliases: list[str]
 
 
 # -- preparing a source (outside the lock) ----------------------------------------------------
@@ -308,8 +326,7 @@ def _check_aliases(ref: ModelRef, aliases: Sequence[str]) -> list[str]:
 
 
 # -- the API ------------------------------------------------------------------------------------
-def publish_model(
-    publisher: Publisher,
+def prepare_version(
     src: Path,
     ref: ModelRef,
     *,
@@ -319,15 +336,8 @@ def publish_model(
     extra: dict | None = None,
     aliases: Sequence[str] = (ALIAS_LATEST,),
     publisher_name: str | None = None,
-) -> ModelRecord:
-    """Publish the file or folder ``src`` as version ``ref`` in one transaction.
-
-    ``source`` overrides the detected provenance (``{"type": "local", ...}`` or, for a hub
-    cache snapshot, ``{"type": "huggingface", "repo_id", "revision", ...}``); ``license``
-    overrides the one the model card or ``config.json`` declares. ``aliases`` (default
-    ``latest``) are pointed at the new version. Returns the record as published, or the
-    existing one when the same bytes were already published under ``ref`` (no new revision).
-    """
+) -> PreparedVersion:
+    """Scan, hash and describe ``src`` as version ``ref`` (slow; call outside the lock)."""
     version = ref.require_version()
     if version in RESERVED_VERSIONS:
         raise PublishError(f"{version!r} is reserved for an alias; pick another version name")
@@ -349,23 +359,110 @@ def publish_model(
         extra=dict(extra or {}),
         warnings=warnings,
     )
+    return PreparedVersion(tree, record, alias_list)
+
+
+class ModelBatch:
+    """Model changes queued into one transaction (a sync round: one revision for all).
+
+    Open it inside ``publisher.transaction()`` with the published repository read under that
+    lock; call :meth:`finish` before ``txn.commit()`` to write the index once.
+    """
+
+    def __init__(self, txn: Transaction, repo: Repository) -> None:
+        self.txn = txn
+        self.repo = repo
+        self.index = _load_index(repo)
+        self.changed = False
+        self._staged: set[str] = set()
+
+    def add_version(self, prepared: PreparedVersion) -> tuple[ModelRecord, bool]:
+        """Queue a version and its aliases; (record, False) when the same bytes are there."""
+        ref, record = prepared.record.ref, prepared.record
+        existing = _entry(self.repo, ref.path)
+        if existing is not None:
+            return _republish(self.repo, ref, existing, record), False
+        if ref.path in self._staged:
+            raise PublishError(f"{ref} is queued twice in one transaction")
+        for alias in prepared.aliases:
+            entry = _entry(self.repo, ref.alias_path(alias))
+            if entry is not None and not entry.is_symlink:
+                raise PublishError(f"{ref.key}/{alias} is a version, not an alias")
+        _add_items(
+            self.txn, _version_items(prepared.tree, ref, record.to_bytes()), ref.path, nested=True
+        )
+        for alias in prepared.aliases:
+            self.txn.symlink(ref.alias_path(alias), ref.require_version())
+        self.index.add(record, prepared.aliases)
+        self._staged.add(ref.path)
+        self.changed = True
+        record.aliases = sorted(prepared.aliases)
+        return record, True
+
+    def set_alias(self, ref: ModelRef, alias: str) -> bool:
+        """Point ``alias`` at version ``ref`` (published or queued); False if it already does."""
+        version = ref.require_version()
+        validate_component(alias, "alias", version=True)
+        if alias == version:
+            raise PublishError(f"alias {alias!r} is the version name itself")
+        current = _entry(self.repo, ref.alias_path(alias))
+        if current is not None and not current.is_symlink:
+            raise PublishError(f"{ref.key}/{alias} is a version, not an alias")
+        if current is not None and self.repo.readlink(ref.alias_path(alias)) == version:
+            return False
+        if ref.path not in self._staged:
+            target = _entry(self.repo, ref.path)
+            if target is None or not target.is_dir:
+                raise NotFoundError(f"model version {ref}", self.txn.publisher.fqrn)
+            _ensure_indexed(self.index, read_record(self.repo, ref))
+        self.index.set_alias(ref, alias)
+        self.txn.symlink(ref.alias_path(alias), version)
+        self.changed = True
+        return True
+
+    def finish(self) -> None:
+        if self.changed:
+            _write_index(self.txn, self.index)
+
+
+def publish_model(
+    publisher: Publisher,
+    src: Path,
+    ref: ModelRef,
+    *,
+    source: dict | None = None,
+    description: str = "",
+    license: str | None = None,
+    extra: dict | None = None,
+    aliases: Sequence[str] = (ALIAS_LATEST,),
+    publisher_name: str | None = None,
+) -> ModelRecord:
+    """Publish the file or folder ``src`` as version ``ref`` in one transaction.
+
+    ``source`` overrides the detected provenance (``{"type": "local", ...}`` or, for a hub
+    cache snapshot, ``{"type": "huggingface", "repo_id", "revision", ...}``); ``license``
+    overrides the one the model card or ``config.json`` declares. ``aliases`` (default
+    ``latest``) are pointed at the new version. Returns the record as published, or the
+    existing one when the same bytes were already published under ``ref`` (no new revision).
+    """
+    prepared = prepare_version(
+        src,
+        ref,
+        source=source,
+        description=description,
+        license=license,
+        extra=extra,
+        aliases=aliases,
+        publisher_name=publisher_name,
+    )
     with publisher.transaction() as txn:
         with _published(publisher) as repo:
-            existing = _entry(repo, ref.path)
-            if existing is not None:
-                return _republish(repo, ref, existing, record)
-            for alias in alias_list:
-                entry = _entry(repo, ref.alias_path(alias))
-                if entry is not None and not entry.is_symlink:
-                    raise PublishError(f"{ref.key}/{alias} is a version, not an alias")
-            index = _load_index(repo)
-        _add_items(txn, _version_items(tree, ref, record.to_bytes()), ref.path, nested=True)
-        for alias in alias_list:
-            txn.symlink(ref.alias_path(alias), version)
-        index.add(record, alias_list)
-        _write_index(txn, index)
+            batch = ModelBatch(txn, repo)
+            record, added = batch.add_version(prepared)
+            if not added:
+                return record
+        batch.finish()
         txn.commit(description=f"publish model {ref}")
-    record.aliases = sorted(alias_list)
     return record
 
 
@@ -440,23 +537,12 @@ def _as_ref(ns_name: str | ModelRef) -> ModelRef:
 def set_alias(publisher: Publisher, ns_name: str | ModelRef, alias: str, version: str) -> None:
     """Point ``ns/name/<alias>`` at ``version`` (creating or moving the alias)."""
     ref = _as_ref(ns_name).with_version(version)
-    validate_component(alias, "alias", version=True)
-    if alias == version:
-        raise PublishError(f"alias {alias!r} is the version name itself")
     with publisher.transaction() as txn:
         with _published(publisher) as repo:
-            target = _entry(repo, ref.path)
-            if target is None or not target.is_dir:
-                raise NotFoundError(f"model version {ref}", publisher.fqrn)
-            current = _entry(repo, ref.alias_path(alias))
-            if current is not None and not current.is_symlink:
-                raise PublishError(f"{ref.key}/{alias} is a version, not an alias")
-            record = read_record(repo, ref)
-            index = _load_index(repo)
-        _ensure_indexed(index, record)
-        index.set_alias(ref, alias)
-        txn.symlink(ref.alias_path(alias), version)
-        _write_index(txn, index)
+            batch = ModelBatch(txn, repo)
+            if not batch.set_alias(ref, alias):
+                return  # already there: no new revision
+        batch.finish()
         txn.commit(description=f"alias {ref.key}/{alias} -> {version}")
 
 

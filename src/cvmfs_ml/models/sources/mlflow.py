@@ -44,6 +44,7 @@ __all__ = [
     "is_mlflow_uri",
     "mlflow_metadata",
     "parse_models_uri",
+    "pull_registered_version",
     "read_mlmodel",
 ]
 
@@ -169,8 +170,15 @@ def download_model(
             if getattr(model_version, "model_id", None):
                 source["model_id"] = model_version.model_id
             uri = f"models:/{model_version.name}/{model_version.version}"
+            # Where the registry says the version's files are: a models:/ URI would be
+            # resolved against the process-wide registry URI, not the one given here.
+            artifact_uri = client.get_model_version_download_uri(
+                model_version.name, str(model_version.version)
+            )
+        else:
+            artifact_uri = uri
         mlflow.artifacts.download_artifacts(
-            artifact_uri=uri, dst_path=str(dest), tracking_uri=tracking_uri
+            artifact_uri=artifact_uri, dst_path=str(dest), tracking_uri=tracking_uri
         )
     except MlflowException as exc:
         if getattr(exc, "error_code", "") == "RESOURCE_DOES_NOT_EXIST":
@@ -201,6 +209,14 @@ def describe_folder(folder: Path, source: dict[str, Any]) -> PulledModel:
     flavors = sorted((metadata.get("flavors") or {}).keys())
     description = f"MLflow model ({', '.join(flavors)})" if flavors else "MLflow model"
     return PulledModel(folder, source, description, None, {"mlflow": metadata})
+
+
+def pull_registered_version(
+    name: str, version: str, dest: Path, *, tracking_uri: str | None = None
+) -> PulledModel:
+    """Download registered model ``name`` version ``version`` into the empty folder ``dest``."""
+    source = download_model(f"models:/{name}/{version}", dest, tracking_uri=tracking_uri)
+    return describe_folder(_model_root(dest), source)
 
 
 def ingest_mlflow(

@@ -78,6 +78,7 @@ __all__ = [
     "PulledModel",
     "ResolvedManifest",
     "classify",
+    "fetch_layers",
     "ingest_oci",
     "pull",
     "resolve",
@@ -246,6 +247,24 @@ def _fetch_all(
             for layer in layers
         }
         return {digest: future.result() for digest, future in futures.items()}
+
+
+def fetch_layers(
+    client: RegistryClient, resolved: ResolvedManifest, blob_dir: Path, *, workers: int = 4
+) -> dict[str, Path]:
+    """Every distributable layer of ``resolved``, verified, in ``blob_dir`` (by digest).
+
+    Blobs already in ``blob_dir`` are not downloaded again: layers shared by images are fetched
+    once.
+    """
+    kind = resolved.kind
+    wanted: dict[str, dict[str, Any]] = {}
+    for position, layer in enumerate(resolved.layers):
+        if not isinstance(layer, dict) or "digest" not in layer:
+            raise FormatError(f"manifest {resolved.digest}", f"layer {position} has no digest")
+        if not _foreign(layer, kind):
+            wanted.setdefault(str(layer["digest"]), layer)
+    return _fetch_all(client, resolved, list(wanted.values()), blob_dir, workers)
 
 
 def _digest_name(digest: str) -> str:
@@ -429,15 +448,10 @@ def pull(
     layers_out: list[dict[str, Any]] = []
     skipped: list[str] = []
     seen: set[str] = set()
+    blobs = fetch_layers(client, resolved, blob_dir, workers=workers)
     uses: dict[str, int] = {}
-    wanted: dict[str, dict[str, Any]] = {}
-    for position, layer in enumerate(resolved.layers):
-        if not isinstance(layer, dict) or "digest" not in layer:
-            raise FormatError(f"manifest {resolved.digest}", f"layer {position} has no digest")
+    for layer in resolved.layers:
         uses[str(layer["digest"])] = uses.get(str(layer["digest"]), 0) + 1
-        if not _foreign(layer, kind):
-            wanted.setdefault(str(layer["digest"]), layer)
-    blobs = _fetch_all(client, resolved, list(wanted.values()), blob_dir, workers)
     for layer in resolved.layers:
         media_type = str(layer.get("mediaType", ""))
         entry: dict[str, Any] = {

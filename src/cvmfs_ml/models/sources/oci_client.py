@@ -322,6 +322,39 @@ class RegistryClient:
             raise IntegrityError(url, served, digest)
         return Fetched(data, media_type, digest)
 
+    def list_tags(self, repository: str, *, limit: int = 10_000) -> list[str]:
+        """The repository's tags (``GET /v2/<name>/tags/list``, following ``Link`` pages).
+
+        Bounded by ``limit`` tags and :data:`MAX_MANIFEST_BYTES` per page: a registry answering
+        without end is an error, not a reason to wait.
+        """
+        path = f"/v2/{repository}/tags/list"
+        tags: list[str] = []
+        while path and len(tags) < limit:
+            response = self._get(path, repository, stream=True)
+            url = f"{self.base_url}{path}"
+            try:
+                if response.status == 404:
+                    raise NotFoundError(repository, self.registry)
+                if response.status != 200:
+                    raise self._fail(url, response, f"tags of {repository}")
+                data = response.read(MAX_MANIFEST_BYTES + 1, decode_content=True)
+                link = response.headers.get("Link", "")
+            finally:
+                response.release_conn()
+            if len(data) > MAX_MANIFEST_BYTES:
+                raise FormatError(url, f"tag list larger than {MAX_MANIFEST_BYTES} bytes")
+            try:
+                page = json.loads(data).get("tags") or []
+            except (ValueError, AttributeError) as exc:
+                raise FormatError(url, "tag list is not a JSON object") from exc
+            if not isinstance(page, list):
+                raise FormatError(url, "'tags' is not a list")
+            tags += [t for t in page if isinstance(t, str) and _TAG_RE.fullmatch(t)]
+            match = re.match(r"\s*<(/v2/[^>]+)>", link)
+            path = match.group(1) if match else ""
+        return sorted(set(tags))[:limit]
+
     def fetch_blob(
         self, repository: str, digest: str, dest: Path, *, size: int | None = None
     ) -> Path:

@@ -38,6 +38,7 @@ __all__ = [
     "LayerStats",
     "LinkReport",
     "TreeWriter",
+    "make_readable",
     "materialise_links",
     "open_decompressed",
     "resolve_in_root",
@@ -132,6 +133,9 @@ class TreeWriter:
         self.rootfs = rootfs
         self._dir_meta: dict[str, tuple[int, int]] = {}
         self._layer_written: set[str] = set()
+        #: rootfs mode: owners other than root, ``{relative path: (uid, gid)}`` from the tar
+        #: headers (an unprivileged writer cannot chown; the publisher applies them).
+        self.owners: dict[str, tuple[int, int]] = {}
 
     # -- paths ------------------------------------------------------------------------------------
     def _abs(self, relative: str) -> str:
@@ -186,8 +190,11 @@ class TreeWriter:
             prefix = relative + "/"
             for key in [k for k in self._dir_meta if k == relative or k.startswith(prefix)]:
                 del self._dir_meta[key]
+            for key in [k for k in self.owners if k == relative or k.startswith(prefix)]:
+                del self.owners[key]
         else:
             os.unlink(path)
+            self.owners.pop(relative, None)
 
     # -- entries ----------------------------------------------------------------------------------
     def write_file(
@@ -355,6 +362,21 @@ class TreeWriter:
             return
         if member.ischr() or member.isblk():
             raise UnsafeInputError(name, "device file in layer")
+        self._apply_entry(archive, member, relative, stats)
+        if self.rootfs and relative:
+            if member.uid or member.gid:
+                self.owners[relative] = (member.uid, member.gid)
+            else:
+                self.owners.pop(relative, None)
+
+    def _apply_entry(
+        self,
+        archive: tarfile.TarFile,
+        member: tarfile.TarInfo,
+        relative: str,
+        stats: LayerStats,
+    ) -> None:
+        name = member.name
         if member.isdir():
             self._mkdir(relative, member.mode, member.mtime, name)
             stats.directories += 1
@@ -383,6 +405,11 @@ class TreeWriter:
         else:
             raise UnsafeInputError(name, f"unsupported tar member type {member.type!r}")
 
+    def apply_blob(self, blob: Path, *, what: str = "layer") -> LayerStats:
+        """Apply the layer file ``blob`` (gzip, zstd or plain tar, decided by its bytes)."""
+        with open_decompressed(blob) as stream:
+            return self.apply_tar(stream, what=what)
+
     def drop_specials(self) -> list[str]:
         """Remove FIFOs (a model version holds files and folders only); their paths."""
         dropped = []
@@ -404,6 +431,29 @@ class TreeWriter:
             os.chmod(path, mode)
             os.utime(path, (mtime, mtime), follow_symlinks=False)
         self._dir_meta.clear()
+
+
+def make_readable(root: Path) -> dict[str, int]:
+    """Give the owner read (and folder search) access everywhere under ``root``.
+
+    Image layers hold files and folders their owner cannot read (``/etc/shadow`` with mode
+    0000, folders 0700 or 0000); an unprivileged publisher must still read them. Returns the
+    modes changed, ``{relative path: original mode}``, so they are published as they were.
+    """
+    changed: dict[str, int] = {}
+    root_mode = os.lstat(root).st_mode
+    if root_mode & 0o500 != 0o500:
+        changed[""] = stat.S_IMODE(root_mode)
+        os.chmod(root, stat.S_IMODE(root_mode) | 0o700)
+    for folder, dirs, files in os.walk(root):
+        for name in dirs + files:
+            path = os.path.join(folder, name)
+            st = os.lstat(path)
+            need = 0o700 if stat.S_ISDIR(st.st_mode) else 0o600 if stat.S_ISREG(st.st_mode) else 0
+            if need and st.st_mode & need != need:
+                changed[os.path.relpath(path, root)] = stat.S_IMODE(st.st_mode)
+                os.chmod(path, stat.S_IMODE(st.st_mode) | need)
+    return changed
 
 
 # -- symlinks of a root filesystem, made publishable as a model version ---------------------------

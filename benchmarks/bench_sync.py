@@ -1,0 +1,206 @@
+"""Sync benchmark (issue 11): registry -> repository, against plain copies of the same content.
+
+Content, generated here and pushed to Debian's ``docker-registry`` on loopback: one model
+artifact (a single random weights file, ``oras push``) and one container image (random files
+spread over four gzip layers, ``skopeo copy`` from an OCI layout). Sizes are the issue's
+(1 GiB artifact, ~200 MB image) times ``--scale``.
+
+Measured, each once, cold registry-side (fresh process, nothing cached in the repository):
+
+* ``skopeo copy docker://... dir:`` of the image and ``oras pull`` (the oras package) of the
+  artifact to local disk: the floor for "download everything";
+* one ``sync`` round that publishes both (fresh repository), and per-item rounds;
+* push-to-published latency: the time from the end of an ``oras push`` of a new tag to the new
+  revision's manifest being in place, with the registry's notifications calling the webhook
+  (interval one hour) and with polling alone (``--poll-interval``). A mounted client sees the
+  revision at its next manifest check (upstream's TTL or ``cvmfs-ml reload``), which is added
+  on the reader's side, not here.
+
+Usage::
+
+    python benchmarks/bench_sync.py --scale 0.05     # quick (~60 MB)
+    python benchmarks/bench_sync.py                   # the issue's sizes (~1.2 GB)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(_ROOT / "tests"))
+
+from cvmfs_ml.bench.services import DockerRegistry, NotifyingDockerRegistry  # noqa: E402
+from cvmfs_ml.publish.repository import create_repository  # noqa: E402
+from cvmfs_ml.sync.engine import SyncOptions, run_round  # noqa: E402
+from cvmfs_ml.sync.loop import SyncLoop  # noqa: E402
+from cvmfs_ml.sync.webhook import WebhookServer  # noqa: E402
+from cvmfs_ml.sync.wishlist import parse_wishlist  # noqa: E402
+from sync.imagebuild import make_layer, push_layout, write_oci_layout  # noqa: E402
+
+FQRN = "bench.sync"
+
+
+def oras_push(host: str, target: str, folder: Path, names: list[str]) -> None:
+    import oras.client
+
+    previous = os.getcwd()
+    os.chdir(folder)
+    try:
+        oras.client.OrasClient(insecure=True).push(target=f"{host}/{target}", files=names)
+    finally:
+        os.chdir(previous)
+
+
+def timed(action: Any) -> float:
+    start = time.perf_counter()
+    action()
+    return time.perf_counter() - start
+
+
+def wishlist(host: str, image: bool, model: bool) -> Any:
+    text = "version: 1\n"
+    if image:
+        text += f"input: ['http://{host}/bench/image:1']\n"
+    if model:
+        text += f"models:\n  - source: http://{host}/bench/model:v*\n    name: bench/model\n"
+    return parse_wishlist(text)
+
+
+def latency(work: Path, notify: bool, poll_interval: float) -> float:
+    """Seconds from the end of a push to the new revision being published."""
+    token = "bench"
+    folder = work / ("lat-hook" if notify else "lat-poll")
+    folder.mkdir()
+    publisher = create_repository(folder / "srv", FQRN)
+    spec_path = folder / "wishlist.yaml"
+    loop = SyncLoop(publisher, spec_path, interval=3600.0 if notify else poll_interval)
+    server = WebhookServer(loop.notify, token=token).start() if notify else None
+    registry = (
+        NotifyingDockerRegistry(server.url, token, workdir=folder / "registry")
+        if server is not None
+        else DockerRegistry(workdir=folder / "registry")
+    )
+    (folder / "w.bin").write_bytes(os.urandom(1 << 20))
+    try:
+        oras_push(registry.host, "bench/model:v1", folder, ["w.bin"])
+        spec_path.write_text(
+            f"version: 1\nmodels:\n  - source: http://{registry.host}/bench/model:v*\n"
+            "    name: bench/model\n"
+        )
+        thread = threading.Thread(target=loop.run, daemon=True)
+        thread.start()
+        deadline = time.monotonic() + 120
+        while not loop.reports and time.monotonic() < deadline:
+            time.sleep(0.05)
+        first = publisher.manifest().revision
+        (folder / "w.bin").write_bytes(os.urandom(1 << 20))
+        oras_push(registry.host, "bench/model:v2", folder, ["w.bin"])
+        pushed = time.perf_counter()
+        deadline = time.monotonic() + 10 * max(poll_interval, 10)
+        while publisher.manifest().revision == first and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return time.perf_counter() - pushed
+    finally:
+        loop.stop()
+        if server is not None:
+            server.stop()
+        registry.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--scale", type=float, default=1.0)
+    parser.add_argument("--poll-interval", type=float, default=10.0)
+    parser.add_argument("--out", type=Path, default=_ROOT / "bench-out" / "sync.json")
+    args = parser.parse_args()
+    model_bytes = int(2**30 * args.scale)
+    image_bytes = int(200e6 * args.scale)
+    results: dict[str, Any] = {
+        "scale": args.scale,
+        "model_bytes": model_bytes,
+        "image_bytes": image_bytes,
+    }
+    with tempfile.TemporaryDirectory(prefix="bench-sync.") as tmp:
+        work = Path(tmp)
+        registry = DockerRegistry(workdir=work / "registry")
+        try:
+            host = registry.host
+            (work / "model").mkdir()
+            with open(work / "model" / "weights.bin", "wb") as out:
+                for _ in range(0, model_bytes, 1 << 24):
+                    out.write(os.urandom(min(1 << 24, model_bytes)))
+            oras_push(host, "bench/model:v1", work / "model", ["weights.bin"])
+            per_layer = image_bytes // 4
+            layers = [
+                (
+                    make_layer([(f"data/l{i}/f{j}", os.urandom(per_layer // 8)) for j in range(8)]),
+                    "gzip",
+                )
+                for i in range(4)
+            ]
+            write_oci_layout(work / "layout", layers, "1")
+            push_layout(work / "layout", "1", host, "bench/image")
+
+            results["skopeo_copy_s"] = timed(
+                lambda: subprocess.run(
+                    [
+                        "skopeo",
+                        "--insecure-policy",
+                        "copy",
+                        "--src-tls-verify=false",
+                        f"docker://{host}/bench/image:1",
+                        f"dir:{work / 'skopeo'}",
+                    ],
+                    check=True,
+                    capture_output=True,
+                )
+            )
+
+            def oras_pull() -> None:
+                import oras.client
+
+                oras.client.OrasClient(insecure=True).pull(
+                    target=f"{host}/bench/model:v1", outdir=str(work / "pulled")
+                )
+
+            results["oras_pull_s"] = timed(oras_pull)
+            for name, image, model in (
+                ("image", True, False),
+                ("model", False, True),
+                ("both", True, True),
+            ):
+                publisher = create_repository(work / f"srv-{name}" / "root", FQRN)
+                spec = wishlist(host, image, model)
+                options = SyncOptions(scratch=work)
+                results[f"sync_{name}_s"] = timed(
+                    lambda p=publisher, s=spec, o=options: run_round(p, s, o)
+                )
+                results[f"resync_{name}_s"] = timed(
+                    lambda p=publisher, s=spec, o=options: run_round(p, s, o)
+                )
+                shutil.rmtree(work / f"srv-{name}")
+        finally:
+            registry.close()
+        results["ratio_image"] = results["sync_image_s"] / results["skopeo_copy_s"]
+        results["ratio_model"] = results["sync_model_s"] / results["oras_pull_s"]
+        results["push_to_published_webhook_s"] = latency(work, True, args.poll_interval)
+        results["push_to_published_poll_s"] = latency(work, False, args.poll_interval)
+        results["poll_interval_s"] = args.poll_interval
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2))
+    for key, value in results.items():
+        print(f"{key:32} {value:.3f}" if isinstance(value, float) else f"{key:32} {value}")
+
+
+if __name__ == "__main__":
+    main()

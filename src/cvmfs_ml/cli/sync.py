@@ -1,0 +1,167 @@
+"""``cvmfs-ml sync WISHLIST --repo REPO [--loop] [--interval S]``: registries -> repository."""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from cvmfs_ml.cli.common import friendly
+
+
+class _Progress:
+    """Errors as lines on stderr; on a terminal, a live status line with the current step."""
+
+    def __init__(self, live: bool) -> None:
+        self.status: Any = None
+        self.console: Any = None
+        if live:
+            from rich.console import Console
+
+            self.console = Console(stderr=True, highlight=False)
+            self.status = self.console.status("sync: starting")
+
+    def __enter__(self) -> _Progress:
+        if self.status is not None:
+            self.status.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.status is not None:
+            self.status.__exit__(None, None, None)
+
+    def __call__(self, event: Any) -> None:
+        if event.error:
+            line = f"error: {event.action} {event.image}: {event.error}"
+            if self.console is not None:
+                self.console.print(line, markup=False)  # above the live status line
+            else:
+                typer.echo(line, err=True)
+        elif self.status is not None:
+            what = event.image or event.public_path or event.extra.get("model", "")
+            self.status.update(f"sync: {event.action} {what}".rstrip())
+
+
+def _summary(report: Any, as_json: bool) -> None:
+    if as_json:
+        typer.echo(json.dumps(report.to_json(), sort_keys=True))
+        return
+    if report.committed:
+        what = f"revision {report.revision_before} -> {report.revision_after}"
+    else:
+        what = f"no new revision (still {report.revision_after})"
+    errors = f", {report.errors} error(s)" if report.errors else ""
+    freed = f", gc removed {report.gc_removed} object(s)" if report.gc_removed else ""
+    typer.echo(f"sync: {what}, {report.changes} change(s){errors}{freed}, {report.seconds:.1f} s")
+
+
+@friendly
+def sync_command(
+    wishlist: Annotated[Path, typer.Argument(help="DUCC v1 wishlist YAML (+ 'models:')")],
+    repo: Annotated[Path, typer.Option("--repo", help="local repository folder")],
+    loop: Annotated[bool, typer.Option("--loop", help="keep syncing every --interval")] = False,
+    interval: Annotated[float, typer.Option("--interval", help="seconds between rounds")] = 300.0,
+    keys: Annotated[Path | None, typer.Option("--keys", help="keys folder")] = None,
+    events: Annotated[
+        Path | None, typer.Option("--events", "-n", help="append JSON-lines events here")
+    ] = None,
+    grace_period: Annotated[
+        float, typer.Option("--grace-period", help="seconds before an unwanted image goes")
+    ] = 7 * 86400.0,
+    plain_http: Annotated[
+        bool, typer.Option("--plain-http", help="HTTP for references without a scheme")
+    ] = False,
+    auth_file: Annotated[
+        Path | None, typer.Option("--auth-file", help="docker/oras auth file (config.json)")
+    ] = None,
+    platform: Annotated[str, typer.Option("--platform")] = "linux/amd64",
+    no_gc: Annotated[bool, typer.Option("--no-gc", help="never garbage collect")] = False,
+    webhook_port: Annotated[
+        int | None, typer.Option("--webhook-port", help="with --loop: listen for notifications")
+    ] = None,
+    webhook_host: Annotated[str, typer.Option("--webhook-host")] = "127.0.0.1",
+    webhook_token: Annotated[
+        str | None, typer.Option("--webhook-token", envvar="CVMFS_ML_WEBHOOK_TOKEN")
+    ] = None,
+    rounds: Annotated[
+        int | None, typer.Option("--rounds", help="with --loop: stop after N rounds")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="one JSON report per round")] = False,
+) -> None:
+    """Sync images (unpacked, DUCC layout) and model artifacts (versions) into REPO."""
+    from cvmfs_ml.errors import ConfigError
+    from cvmfs_ml.publish.repository import Publisher
+    from cvmfs_ml.sync.auth import AuthFile
+    from cvmfs_ml.sync.engine import SyncOptions
+    from cvmfs_ml.sync.events import EventLog
+    from cvmfs_ml.sync.loop import SyncLoop
+    from cvmfs_ml.sync.wishlist import load_wishlist
+
+    if interval <= 0:
+        raise ConfigError("--interval must be positive")
+    if webhook_port is not None and not loop:
+        raise ConfigError("--webhook-port needs --loop")
+    load_wishlist(wishlist)  # a broken wishlist fails before anything starts
+    publisher = Publisher(repo, keys)
+    options = SyncOptions(
+        plain_http=plain_http,
+        grace_seconds=grace_period,
+        gc=not no_gc,
+        platform=platform,
+        auth=AuthFile.load(auth_file),
+    )
+    progress = _Progress(sys.stderr.isatty() and not as_json)
+    log = EventLog(events, echo=progress)
+    runner = SyncLoop(
+        publisher,
+        wishlist,
+        interval=interval,
+        options=options,
+        log=log,
+        on_round=lambda report: _summary(report, as_json),
+    )
+    try:
+        with progress:
+            _run(runner, loop, rounds, webhook_port, webhook_host, webhook_token)
+    finally:
+        log.close()
+
+
+def _run(
+    runner: Any,
+    loop: bool,
+    rounds: int | None,
+    webhook_port: int | None,
+    webhook_host: str,
+    webhook_token: str | None,
+) -> None:
+    from cvmfs_ml.sync.webhook import WebhookServer
+
+    server = None
+    try:
+        if not loop:
+            report = runner.run_once()
+            if report is None or report.errors:
+                failed = f"{report.errors} item(s)" if report is not None else "the round"
+                typer.echo(
+                    f"cvmfs-ml: sync: {failed} failed (errors above); fix and run again", err=True
+                )
+                raise typer.Exit(1)
+            return
+        if webhook_port is not None:
+            server = WebhookServer(
+                runner.notify, host=webhook_host, port=webhook_port, token=webhook_token
+            ).start()
+            typer.echo(f"sync: webhook listening at {server.url}", err=True)
+        signal.signal(signal.SIGTERM, lambda *_: runner.stop())
+        try:
+            runner.run(rounds=rounds)
+        except KeyboardInterrupt:
+            runner.stop()
+    finally:
+        if server is not None:
+            server.stop()

@@ -1,0 +1,194 @@
+"""Container images laid out as DUCC lays them out on unpacked.cern.ch (ecosystem.md §1.4).
+
+* ``/.flat/<c[0:2]>/<c>/`` - the image's root file system, ``c`` the hex of the image *config*
+  digest, one nested catalog per image: the layers applied in order with OCI whiteouts by
+  :class:`~cvmfs_ml.models.sources.unpack.TreeWriter` (the one place that applies layers).
+* ``/<registry>/<repository>:<tag>`` - the public link, relative, to ``../../.flat/..``.
+* ``/.metadata/<registry>/<repository>:<tag>/manifest.json`` - the source manifest as served
+  (DUCC's commit marker) and ``image.json`` next to it (digests, flat path, size): what the next
+  round compares with, so an unchanged tag is skipped without downloading anything.
+
+Content is deduplicated three times: a config digest already flattened is only linked; layers are
+fetched once into a digest-addressed blob folder shared by every image of a round; and every
+file is a content-addressed CernVM-FS object, so files shared by images are stored once.
+Owners are the layers' (uid/gid from the tar headers; the unprivileged unpacker records them
+and the publisher writes them), not the syncing user's.
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+import stat
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cvmfs_ml.errors import FormatError
+from cvmfs_ml.models.sources.oci import ResolvedManifest, fetch_layers
+from cvmfs_ml.models.sources.oci_client import RegistryClient, check_digest
+from cvmfs_ml.models.sources.unpack import TreeWriter, make_readable
+from cvmfs_ml.publish.repository import Transaction
+from cvmfs_ml.publish.sources import SourceItem, scan_folder
+
+__all__ = [
+    "FLAT_ROOT",
+    "METADATA_ROOT",
+    "FlatImage",
+    "ImageRecord",
+    "flat_path",
+    "link_target",
+    "metadata_folder",
+    "public_path",
+    "queue_image",
+    "unpack_flat",
+]
+
+FLAT_ROOT = "/.flat"
+METADATA_ROOT = "/.metadata"
+IMAGE_JSON = "image.json"
+
+
+def flat_path(config_digest: str) -> str:
+    """``/.flat/<hex[0:2]>/<hex>`` for the image config digest (DUCC's ``GetSingularityPath``)."""
+    hexdigest = check_digest(config_digest).split(":", 1)[1]
+    return f"{FLAT_ROOT}/{hexdigest[:2]}/{hexdigest}"
+
+
+def _name(repository: str, tag: str) -> str:
+    """``repo:tag``, or ``repo@sha256:...`` for an image pinned by digest (as DUCC names it)."""
+    return f"{repository}@{tag}" if ":" in tag else f"{repository}:{tag}"
+
+
+def public_path(registry: str, repository: str, tag: str) -> str:
+    """``/<registry>/<repository>:<tag>`` (``@<digest>`` when ``tag`` is a digest)."""
+    return f"/{registry}/{_name(repository, tag)}"
+
+
+def metadata_folder(registry: str, repository: str, tag: str) -> str:
+    return f"{METADATA_ROOT}/{registry}/{_name(repository, tag)}"
+
+
+def link_target(public: str, flat: str) -> str:
+    """The relative link from ``public`` to ``flat`` (``../../.flat/xx/...``)."""
+    return posixpath.relpath(flat, posixpath.dirname(public))
+
+
+@dataclass
+class ImageRecord:
+    """``image.json``: what a public link was synced from."""
+
+    image: str
+    registry: str
+    repository: str
+    tag: str
+    manifest_digest: str
+    config_digest: str
+    flat: str
+    size_bytes: int
+    synced: str
+    owner: str = ""  # the wishlist that asked for it: only that one removes it
+
+    @property
+    def public_path(self) -> str:
+        return public_path(self.registry, self.repository, self.tag)
+
+    @property
+    def metadata(self) -> str:
+        return metadata_folder(self.registry, self.repository, self.tag)
+
+    def to_bytes(self) -> bytes:
+        return json.dumps(self.__dict__, indent=2, sort_keys=True).encode() + b"\n"
+
+    @classmethod
+    def from_bytes(cls, raw: bytes, what: str) -> ImageRecord:
+        try:
+            data = json.loads(raw)
+            return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
+        except (ValueError, KeyError, TypeError) as exc:
+            raise FormatError(what, f"not an image record: {exc}") from exc
+
+
+@dataclass
+class FlatImage:
+    """An image unpacked in scratch space, ready to be queued."""
+
+    folder: Path
+    config_digest: str
+    modes: dict[str, int]  # original modes of entries made readable for publishing
+    size_bytes: int
+    layers: int
+    owners: dict[str, tuple[int, int]]  # (uid, gid) from the layers, where not root
+
+
+def unpack_flat(
+    client: RegistryClient, resolved: ResolvedManifest, dest: Path, blob_dir: Path
+) -> FlatImage:
+    """Download the layers of ``resolved`` and apply them in order into the new folder ``dest``.
+
+    Raises on a layer whose bytes do not match its digest, a layer that is not a tar, or a
+    hostile member (``..``, absolute names, writing through links, devices); the caller drops
+    ``dest`` and nothing of the image is published.
+    """
+    config = check_digest(str(resolved.config.get("digest", "")))
+    blobs = fetch_layers(client, resolved, blob_dir)
+    writer = TreeWriter(dest, rootfs=True)
+    size = layers = 0
+    for layer in resolved.layers:
+        blob = blobs.get(str(layer["digest"]))
+        if blob is None:  # foreign layer: lives elsewhere, skipped as DUCC does
+            continue
+        stats = writer.apply_blob(blob, what=f"layer {layer['digest']}")
+        size += stats.bytes
+        layers += 1
+    writer.finish()
+    modes = make_readable(dest)
+    return FlatImage(dest, config, modes, size, layers, dict(writer.owners))
+
+
+def _root_owned(flat: FlatImage, at: str) -> Iterator[SourceItem]:
+    prefix = len(at) + 1
+    for item in scan_folder(flat.folder, at, include_xattrs=False):
+        relative = item.path[prefix:] if item.path != at else ""
+        if relative in flat.modes:
+            item.mode = stat.S_IFMT(item.mode) | flat.modes[relative]
+        item.uid, item.gid = flat.owners.get(relative, (0, 0))
+        # Scratch files are read once and deleted: remembering them in the publisher's file
+        # cache (one SQLite row each) would cost more than the publish itself.
+        item.file_key = None
+        yield item
+
+
+def queue_image(
+    txn: Transaction,
+    record: ImageRecord,
+    manifest: bytes,
+    flat: FlatImage | None,
+    *,
+    replace_link: bool,
+) -> None:
+    """Queue the flat image (if new), the public link and the metadata into ``txn``."""
+    if flat is not None:
+        txn.add_items(lambda: _root_owned(flat, record.flat), record.flat, nested_catalog=True)
+    if replace_link:
+        txn.symlink(record.public_path, link_target(record.public_path, record.flat))
+    txn.add_bytes(f"{record.metadata}/manifest.json", manifest)
+    txn.add_bytes(f"{record.metadata}/{IMAGE_JSON}", record.to_bytes())
+
+
+def read_image_records(repo: Any) -> dict[str, ImageRecord]:
+    """Every synced image in the published repository, by public path."""
+    out: dict[str, ImageRecord] = {}
+    try:
+        entries = list(repo.walk(METADATA_ROOT))
+    except FileNotFoundError:
+        return out
+    for entry in entries:
+        if entry.is_regular and entry.path.endswith("/" + IMAGE_JSON):
+            try:
+                record = ImageRecord.from_bytes(repo.read_bytes(entry.path), entry.path)
+            except FormatError:
+                continue  # a hand-edited record: the image is converted again
+            out[record.public_path] = record
+    return out

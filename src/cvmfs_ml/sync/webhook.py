@@ -1,0 +1,176 @@
+"""Push notifications from registries: sync the named repository now, not at the next interval.
+
+Two payloads are understood (DUCC's ``ducc/webhook/registry_webhook.py`` takes the same two):
+
+* **Docker distribution notifications** (``notifications.endpoints`` in the registry's
+  ``config.yml``; envelope ``application/vnd.docker.distribution.events.v1+json``):
+  ``{"events": [{"action": "push", "target": {"repository", "tag", "digest", "mediaType"},
+  "request": {"host"}}]}``. Blob pushes are ignored; manifest pushes and deletes count.
+* **Harbor webhooks** (``PUSH_ARTIFACT``, ``DELETE_ARTIFACT``, ``REPLICATION``):
+  ``{"type", "event_data": {"repository": {"repo_full_name"}, "resources": [{"tag",
+  "resource_url"}]}}``.
+
+The server answers ``202`` and hands the repositories to a callback; the sync loop runs a round
+restricted to them. With a token configured, requests must carry ``Authorization: Bearer
+<token>`` (both registries can send a fixed header).
+"""
+
+from __future__ import annotations
+
+import hmac
+import http.server
+import json
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from cvmfs_ml.errors import FormatError
+
+__all__ = ["RegistryEvent", "WebhookServer", "parse_notification"]
+
+MAX_BODY_BYTES = 1 * 2**20
+_MANIFEST_HINTS = ("manifest", "index")
+_HARBOR_ACTIONS = {"PUSH_ARTIFACT": "push", "DELETE_ARTIFACT": "delete", "REPLICATION": "push"}
+
+
+@dataclass(frozen=True)
+class RegistryEvent:
+    action: str  # "push" or "delete"
+    repository: str
+    tag: str = ""
+    digest: str = ""
+    registry: str = ""
+
+
+def _docker_events(payload: dict[str, Any]) -> list[RegistryEvent]:
+    out = []
+    for event in payload.get("events") or []:
+        if not isinstance(event, dict):
+            continue
+        action = event.get("action")
+        target = event.get("target") or {}
+        if action not in ("push", "delete") or not isinstance(target, dict):
+            continue
+        media_type = str(target.get("mediaType") or "")
+        if action == "push" and not (
+            target.get("tag") or any(h in media_type for h in _MANIFEST_HINTS)
+        ):
+            continue  # a blob upload: the manifest push that follows is the event
+        repository = target.get("repository")
+        if not isinstance(repository, str) or not repository:
+            continue
+        host = (event.get("request") or {}).get("host", "")
+        out.append(RegistryEvent(action, repository, str(target.get("tag") or ""),
+                                 str(target.get("digest") or ""), str(host or "")))  # fmt: skip
+    return out
+
+
+def _harbor_events(payload: dict[str, Any]) -> list[RegistryEvent]:
+    action = _HARBOR_ACTIONS.get(str(payload.get("type")))
+    data = payload.get("event_data") or {}
+    if action is None or not isinstance(data, dict):
+        return []
+    repository = (data.get("repository") or {}).get("repo_full_name")
+    if not isinstance(repository, str) or not repository:
+        return []
+    out = []
+    for resource in data.get("resources") or [{}]:
+        resource = resource if isinstance(resource, dict) else {}
+        url = str(resource.get("resource_url") or "")
+        registry = url.split("/", 1)[0] if "/" in url else ""
+        out.append(RegistryEvent(action, repository, str(resource.get("tag") or ""),
+                                 str(resource.get("digest") or ""), registry))  # fmt: skip
+    return out
+
+
+def parse_notification(body: bytes) -> list[RegistryEvent]:
+    """The repository events in a Docker distribution or Harbor webhook body."""
+    try:
+        payload = json.loads(body)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise FormatError("webhook body", f"not JSON: {exc}") from exc
+    if not isinstance(payload, dict):
+        raise FormatError("webhook body", "not a JSON object")
+    if "events" in payload:
+        return _docker_events(payload)
+    if "type" in payload and "event_data" in payload:
+        return _harbor_events(payload)
+    raise FormatError("webhook body", "neither a Docker distribution nor a Harbor notification")
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    server: WebhookServer
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+    def _answer(self, status: int, text: str) -> None:
+        body = (text + "\n").encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "text/plain")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self) -> None:
+        self._answer(200, "cvmfs-ml sync webhook: POST registry notifications here")
+
+    def do_POST(self) -> None:
+        token = self.server.token
+        if token is not None:
+            given = self.headers.get("Authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+                self._answer(401, "missing or wrong token")
+                return
+        try:
+            length = int(self.headers.get("Content-Length", ""))
+        except ValueError:
+            self._answer(411, "Content-Length required")
+            return
+        if length < 0 or length > MAX_BODY_BYTES:
+            self._answer(413, f"body larger than {MAX_BODY_BYTES} bytes")
+            return
+        try:
+            events = parse_notification(self.rfile.read(length))
+        except FormatError as exc:
+            self._answer(400, str(exc))
+            return
+        if events:
+            self.server.on_events(events)
+        self._answer(202, f"{len(events)} event(s) accepted")
+
+
+class WebhookServer(http.server.ThreadingHTTPServer):
+    """Receives notifications on ``host:port`` (0 picks a free port) in a background thread."""
+
+    daemon_threads = True
+
+    def __init__(
+        self,
+        on_events: Callable[[list[RegistryEvent]], None],
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        token: str | None = None,
+    ) -> None:
+        self.on_events = on_events
+        self.token = token
+        super().__init__((host, port), _Handler)
+        self._thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        host, port = self.server_address[:2]
+        return f"http://{host}:{port}/"
+
+    def start(self) -> WebhookServer:
+        self._thread = threading.Thread(target=self.serve_forever, daemon=True, name="webhook")
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.shutdown()
+        self.server_close()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
