@@ -8,7 +8,6 @@ mounts at fresh folders and unmounts in teardown whatever happens, lazily if bus
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -16,26 +15,12 @@ from pathlib import Path
 import pytest
 
 from cvmfs_ml.client.mounts import MountHandle, is_mounted, mount
-
-
-def _fuse_problem() -> str | None:
-    try:
-        import pyfuse3  # noqa: F401
-        import trio  # noqa: F401
-    except ImportError as exc:
-        return f"pyfuse3/trio not importable: {exc}"
-    if shutil.which("fusermount3") is None:
-        return "fusermount3 is not installed (Debian package fuse3)"
-    try:
-        os.close(os.open("/dev/fuse", os.O_RDWR))
-    except OSError as exc:
-        return f"/dev/fuse is not usable: {exc.strerror}"
-    return None
+from fusecheck import fuse_problem
 
 
 @pytest.fixture(scope="session")
 def require_fuse() -> None:
-    problem = _fuse_problem()
+    problem = fuse_problem()
     if problem is None:
         return
     if os.environ.get("CI"):

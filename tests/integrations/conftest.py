@@ -9,7 +9,6 @@ it at ``<mounts>/<fqrn>`` so that ``CVMFS_MOUNT_DIR=<mounts>`` makes it "the" mo
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -26,6 +25,7 @@ from cvmfs_ml.models.publish import publish_model
 from cvmfs_ml.publish.repository import Publisher, create_repository
 from cvmfs_ml.publish.settings import PublishSettings
 from cvmfs_ml.storage.http import RepositoryServer
+from fusecheck import fuse_problem
 
 FQRN = "models.test.org"
 HIDDEN = 32
@@ -85,24 +85,10 @@ def site(tmp_path: Path) -> Iterator[Site]:
         server.stop()
 
 
-def _fuse_problem() -> str | None:
-    try:
-        import pyfuse3  # noqa: F401
-    except ImportError as exc:
-        return f"pyfuse3 not importable: {exc}"
-    if shutil.which("fusermount3") is None:
-        return "fusermount3 is not installed (Debian package fuse3)"
-    try:
-        os.close(os.open("/dev/fuse", os.O_RDWR))
-    except OSError as exc:
-        return f"/dev/fuse is not usable: {exc.strerror}"
-    return None
-
-
 @pytest.fixture
 def mount_site(site: Site, tmp_path: Path) -> Iterator[Callable[[], MountHandle]]:
     """``mount_site()`` mounts the site's repository at ``site.mounts/<fqrn>``; unmounted after."""
-    problem = _fuse_problem()
+    problem = fuse_problem()
     if problem is not None:
         if os.environ.get("CI"):
             pytest.fail(f"FUSE tests cannot run: {problem}; CI must provide FUSE")

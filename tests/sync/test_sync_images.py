@@ -17,12 +17,12 @@ from typing import Any
 import pytest
 import urllib3
 
-from client.test_fuse import _fuse_problem
 from cvmfs_ml.errors import ConfigError
 from cvmfs_ml.publish.repository import Publisher
 from cvmfs_ml.sync.engine import SyncOptions, run_round
 from cvmfs_ml.sync.events import EventLog
 from cvmfs_ml.sync.wishlist import parse_wishlist
+from fusecheck import fuse_problem
 from sync.imagebuild import (
     FQRN,
     independent_unpack,
@@ -434,7 +434,7 @@ def test_mounted_public_path_is_the_image_tree(
 ) -> None:
     """What Apptainer is given (``/cvmfs/<repo>/<registry>/<repo>:<tag>``, a plain directory
     tree through a real mount) holds what ``skopeo copy ... dir:`` plus unpacking gives."""
-    problem = _fuse_problem()
+    problem = fuse_problem()
     if problem is not None:
         if os.environ.get("CI"):
             pytest.fail(f"FUSE cannot run: {problem}; CI must provide FUSE")
