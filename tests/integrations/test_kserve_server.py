@@ -114,6 +114,11 @@ def test_server_on_a_mount_follows_the_alias_after_the_ttl(
 
     # a short TTL from the next revision on
     site.publisher.save_settings(dataclasses.replace(site.publisher.settings, ttl=2))
+    # set_alias makes no revision when prod already points at 1.0: publish one, so the mount
+    # starts on a revision that carries the short TTL
+    with site.publisher.transaction() as txn:
+        txn.add_bytes("/hep/mlp/.ttl", b"2\n")
+        txn.commit()
     set_alias(site.publisher, "hep/mlp", "prod", "1.0")
     mount_site()
     alias = site.mounts / FQRN / "hep" / "mlp" / "prod"

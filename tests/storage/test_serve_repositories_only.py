@@ -144,3 +144,18 @@ def test_key_names_are_never_served_even_inside_a_repository(tmp_path: Path, nam
     (publisher.repo_dir / name).write_bytes(b"-----BEGIN PRIVATE KEY-----\n")
     with RepositoryServer(tmp_path / "srv") as server:
         assert_no_keys_served(server, [f"/cvmfs/{FQRN}/{name}"])
+
+
+def test_plain_folders_only_when_named_and_never_their_keys(tmp_path: Path) -> None:
+    root = tmp_path / "srv"
+    (root / "plain" / "m").mkdir(parents=True)
+    (root / "plain" / "m" / "model.onnx").write_bytes(b"weights")
+    (root / "plain" / "m" / "site.key").write_text("-----BEGIN PRIVATE KEY-----\n")
+    (root / "other").mkdir()
+    (root / "other" / "x.bin").write_bytes(b"x")
+    with RepositoryServer(root) as server:  # by default: repositories only
+        assert status(server, "/cvmfs/plain/m/model.onnx")[0] == 404
+    with RepositoryServer(root, plain_folders=("plain",)) as server:
+        assert status(server, "/cvmfs/plain/m/model.onnx") == (200, b"weights")
+        assert status(server, "/cvmfs/other/x.bin")[0] == 404  # only the folders named
+        assert_no_keys_served(server, ["/cvmfs/plain/m/site.key", "/cvmfs/plain/../other/x.bin"])

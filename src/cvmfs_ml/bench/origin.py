@@ -16,7 +16,10 @@ from typing import Any
 from cvmfs_ml.bench.services import Nginx, OriginCounters, available
 from cvmfs_ml.errors import ConfigError
 
-__all__ = ["Origin"]
+__all__ = ["PLAIN_FOLDERS", "Origin"]
+
+PLAIN_FOLDERS = ("plain", "raw")
+"""Folders of ``srv/cvmfs/`` with plain copies of model files (download mode, curl cells)."""
 
 
 class Origin:
@@ -43,7 +46,8 @@ class Origin:
         else:
             from cvmfs_ml.storage.http import RepositoryServer
 
-            self._server = RepositoryServer(srv / "cvmfs").start()
+            # plain/ and raw/ hold plain copies for the download and curl cells
+            self._server = RepositoryServer(srv / "cvmfs", plain_folders=PLAIN_FOLDERS).start()
             self.port = self._server.port
         self.url = f"http://127.0.0.1:{self.port}"
 

@@ -142,6 +142,11 @@ class LiveUpdates:
         self.last_check: float | None = None  # wall clock of the last check
         self.last_error: str | None = None
         self.last_switch_seconds: float | None = None  # refresh start -> kernel told
+        # What the mount shows as its revision (user.revision, stats): taken over only once
+        # the kernel has been told what changed, so a reader that sees the new number never
+        # reads a name the kernel still maps to the old revision's inode.
+        self.followed_revision = self.repo.revision
+        self.followed_root_hash = self.repo.root_hash
 
     @property
     def pinned(self) -> bool:
@@ -193,6 +198,8 @@ class LiveUpdates:
                 self.last_switch_seconds = time.monotonic() - started
                 log.info("%s: now at revision %d (was %d)", self.repo.fqrn,
                          self.repo.revision, previous)  # fmt: skip
+            self.followed_revision = self.repo.revision
+            self.followed_root_hash = self.repo.root_hash
             result.update(changed=changed, revision=self.repo.revision,
                           seconds=round(time.monotonic() - started, 3))  # fmt: skip
             return result

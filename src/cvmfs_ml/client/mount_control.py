@@ -59,6 +59,14 @@ class MountCounters:
         self.last_io_error = time.time()
 
 
+def _shown(repo: Any, live: Any) -> tuple[int, Any]:
+    """The revision and root hash the mount shows: the live updater's once it has told the
+    kernel about a switch (:attr:`LiveUpdates.followed_revision`), else the repository's."""
+    if live is not None:
+        return live.followed_revision, live.followed_root_hash
+    return repo.revision, repo.root_hash
+
+
 def _host(repo: Any) -> str:
     return str(getattr(repo.source, "current_host", None) or getattr(repo.source, "root", ""))
 
@@ -90,8 +98,8 @@ def mount_stats(
         pass
     return {
         "fqrn": repo.fqrn,
-        "revision": repo.revision,
-        "root_hash": repo.root_hash.hex,
+        "revision": _shown(repo, live)[0],
+        "root_hash": _shown(repo, live)[1].hex,
         "host": _host(repo),
         "pid": os.getpid(),
         "uptime_seconds": round(time.time() - counters.started, 3),
@@ -145,8 +153,8 @@ def upstream_magic(
     fetch = _fetch_stats
     magic = {
         b"user.fqrn": lambda: text(repo.fqrn),
-        b"user.revision": lambda: text(repo.revision),
-        b"user.root_hash": lambda: text(repo.root_hash.hex),
+        b"user.revision": lambda: text(_shown(repo, live)[0]),
+        b"user.root_hash": lambda: text(_shown(repo, live)[1].hex),
         b"user.host": lambda: text(_host(repo)),
         b"user.host_list": host_list,
         b"user.proxy": proxy,

@@ -35,7 +35,7 @@ import socketserver
 import stat
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -157,12 +157,17 @@ class RepositoryServer:
         port: int = 0,
         access_log: Path | None = None,
         on_request: Callable[[RequestRecord], None] | None = None,
+        plain_folders: Sequence[str] = (),
     ) -> None:
         root = Path(root)
         if not root.is_dir():
             raise ConfigError(f"cannot serve {root}: not a directory")
         self.root = root
         self.real_root = os.path.realpath(root)
+        # Folders under ROOT served as plain files although they hold no repository: named
+        # explicitly by an embedding program (the benchmarks' plain model copies), never by
+        # default; key files stay refused in them too.
+        self.plain_folders = frozenset(plain_folders)
         self.on_request = on_request
         self._lock = threading.Lock()
         self._requests = 0
@@ -291,8 +296,9 @@ class RepositoryServer:
         # Only repositories are served: ROOT/<fqrn> must hold a manifest, and the file must
         # stay inside that folder, so keys or anything else that sits under ROOT never leaks.
         repo = os.path.realpath(os.path.join(self.real_root, parts[0]))
-        if not _inside(repo, self.real_root) or not os.path.isfile(
-            os.path.join(repo, ".cvmfspublished")
+        plain = parts[0] in self.plain_folders
+        if not _inside(repo, self.real_root) or not (
+            plain or os.path.isfile(os.path.join(repo, ".cvmfspublished"))
         ):
             return None
         real = os.path.realpath(os.path.join(repo, *parts[1:]))
@@ -300,7 +306,7 @@ class RepositoryServer:
             return None  # data/txn: a publisher's staging area, not published objects
         if _is_private_key(parts[-1]) or _is_private_key(os.path.basename(real)):
             return None
-        return Path(real), parts[-1], parts[1] == "data"
+        return Path(real), parts[-1], parts[1] == "data" and not plain
 
     def begin(self) -> None:
         """Note a request under way, so that stop() waits for it."""
