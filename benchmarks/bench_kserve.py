@@ -77,8 +77,10 @@ def main() -> None:
     shutil.copytree(original, srv / "origin", dirs_exist_ok=True)  # the stock HTTP origin
 
     rows: list[dict[str, object]] = []
-    with RepositoryServer(srv, plain_folders=("origin",)) as http, DelayProxy("127.0.0.1", http.port,
-                                                   rtt_ms=args.rtt_ms) as proxy:  # fmt: skip
+    with (
+        RepositoryServer(srv, plain_folders=("origin",)) as http,
+        DelayProxy("127.0.0.1", http.port, rtt_ms=args.rtt_ms) as proxy,
+    ):
         base = f"http://127.0.0.1:{proxy.port}"
         config = work / "client.conf"
         cache_base = work / "cache"
