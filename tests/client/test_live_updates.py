@@ -30,6 +30,7 @@ from cvmfs_ml.cvmfs.objects import Compression
 from cvmfs_ml.publish.repository import Publisher, create_repository
 from cvmfs_ml.publish.settings import PublishSettings
 from cvmfs_ml.storage.http import RepositoryServer
+from waiting import wait_until
 
 FQRN = "live.test"
 SLACK = 20.0  # seconds beyond the TTL a loaded CI machine may need
@@ -94,17 +95,6 @@ def long_ttl(tmp_path: Path) -> Iterator[Served]:
     served.server.stop()
 
 
-def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> float:
-    """Poll ``condition`` until true; seconds it took. Fails after ``timeout`` seconds."""
-    started = time.monotonic()
-    while True:
-        if condition():
-            return time.monotonic() - started
-        if time.monotonic() - started > timeout:
-            pytest.fail(f"{what}: not within {timeout:g} s")
-        time.sleep(0.1)
-
-
 def cli() -> typer.Typer:
     app = typer.Typer()
     register_client_commands(app)
@@ -142,7 +132,7 @@ def test_mount_follows_new_revisions_and_keeps_serving_offline(
         assert head == OLD_BLOB[:100_000]
 
         published = _publish_v2(short_ttl.publisher)
-        wait_for(lambda: revision(root) == 2, 2 + SLACK, "the mount taking revision 2")
+        wait_until(lambda: revision(root) == 2, 2 + SLACK, "the mount taking revision 2")
         seen = time.monotonic() - published
         assert os.readlink(root / "models/tagger/prod") == "2"
         assert (root / "models/tagger/prod/tagger.onnx").read_bytes() == b"weights v2"
@@ -177,7 +167,7 @@ def test_mount_follows_new_revisions_and_keeps_serving_offline(
 
     # offline: checks fail, the mount keeps serving revision 2 and says why a reload failed
     short_ttl.server.stop()
-    wait_for(lambda: stats(root)["refresh"]["failures"] > failures, 2 + SLACK,
+    wait_until(lambda: stats(root)["refresh"]["failures"] > failures, 2 + SLACK,
              "a failed check with the server stopped")  # fmt: skip
     assert (root / "data/note.txt").read_bytes() == b"two"
     assert (root / "data/blob.bin").read_bytes() == NEW_BLOB
@@ -194,7 +184,8 @@ def test_mount_follows_new_revisions_and_keeps_serving_offline(
         txn.commit()
     port = short_ttl.server.port
     short_ttl.server = RepositoryServer(short_ttl.publisher.repo_dir.parent, port=port).start()
-    wait_for(lambda: revision(root) == 3, 2 + SLACK, "the mount taking revision 3 after the outage")
+    wait_until(lambda: revision(root) == 3, 2 + SLACK,
+               "the mount taking revision 3 after the outage")  # fmt: skip
     assert (root / "data/note.txt").read_bytes() == b"three"
     assert stats(root)["refresh"]["last_error"] is None
 
@@ -237,7 +228,7 @@ def test_fsspec_instance_follows_new_revisions(short_ttl: Served, tmp_path: Path
         opened = fs.open(f"{FQRN}/data/blob.bin", "rb", block_size=64 * 1024, prefetch=False)
         head = opened.read(100_000)
         _publish_v2(short_ttl.publisher)
-        wait_for(lambda: fs.cat(f"{FQRN}/data/note.txt") == b"two", 2 + SLACK,
+        wait_until(lambda: fs.cat(f"{FQRN}/data/note.txt") == b"two", 2 + SLACK,
                  "the fsspec instance taking revision 2")  # fmt: skip
         assert fs.info(f"{FQRN}/models/tagger/prod")["destination"] == "2"
         assert fs.cat(f"{FQRN}/data/blob.bin") == NEW_BLOB

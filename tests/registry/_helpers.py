@@ -10,7 +10,6 @@ import os
 import signal
 import sys
 import tarfile
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +18,7 @@ from typing import Any
 import urllib3
 
 import cvmfs_ml
+import waiting
 from cvmfs_ml.client.repository import Repository
 from cvmfs_ml.publish.repository import Publisher
 from cvmfs_ml.registry.config import load_config, save_config
@@ -101,18 +101,10 @@ class RegistryEnv:
 def wait_until(
     condition: Callable[[], Any], timeout: float, what: Callable[[], str] | str = ""
 ) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            result = condition()
-        except (urllib3.exceptions.HTTPError, OSError):
-            result = None
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            detail = what() if callable(what) else what
-            raise AssertionError(f"condition not met within {timeout} s\n{detail}")
-        time.sleep(0.1)
+    """:func:`waiting.wait_until` where a server not answering yet counts as "not yet"."""
+    return waiting.wait_until(
+        condition, timeout, what, ignore=(urllib3.exceptions.HTTPError, OSError)
+    )
 
 
 def get(server: Service, path: str, token: str | None = None) -> urllib3.BaseHTTPResponse:

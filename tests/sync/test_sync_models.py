@@ -40,6 +40,7 @@ from cvmfs_ml.sync.webhook import WebhookServer, parse_notification
 from cvmfs_ml.sync.wishlist import parse_wishlist
 from models.test_oci import TokenFront, push_blob, push_manifest, push_modelpack
 from sync.imagebuild import FQRN, make_layer, published, push_layout, sha256, write_oci_layout
+from waiting import wait_until
 
 HTTP = urllib3.PoolManager()
 
@@ -167,15 +168,6 @@ def test_cli_errors_are_one_line(publisher: Publisher, tmp_path: Path) -> None:
 
 
 # -- webhook: the registry's own notifications wake the loop ---------------------------------------
-def wait_for(condition: Any, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-
-
 @pytest.mark.service
 def test_webhook_push_triggers_a_round(publisher: Publisher, tmp_path: Path) -> None:
     token = "hook-secret"
@@ -193,7 +185,7 @@ def test_webhook_push_triggers_a_round(publisher: Publisher, tmp_path: Path) -> 
         write_wishlist(wishlist, host, images=["lib/hooked:*"], models=entry)
         thread = threading.Thread(target=loop.run, daemon=True)
         thread.start()
-        wait_for(lambda: len(loop.reports) >= 1, 60, "the first full round")
+        wait_until(lambda: len(loop.reports) >= 1, 60, "the first full round")
         first = publisher.manifest().revision
         assert model_files(publisher, "/hep/hooked/v1") == {"w.bin": sha256(b"one")}
         with published(publisher) as repo:
@@ -201,7 +193,7 @@ def test_webhook_push_triggers_a_round(publisher: Publisher, tmp_path: Path) -> 
 
         # A push; the interval is an hour, so only the notification can start the round.
         oras_push(host, "ml/hooked:v2", {"w.bin": b"two"}, tmp_path / "p2")
-        wait_for(lambda: publisher.manifest().revision > first, 60, "the webhook-triggered round")
+        wait_until(lambda: publisher.manifest().revision > first, 60, "the webhook-triggered round")
         assert model_files(publisher, "/hep/hooked/v2") == {"w.bin": sha256(b"two")}
         assert any(e.action == "webhook" for e in loop.log.events)
 
@@ -213,7 +205,7 @@ def test_webhook_push_triggers_a_round(publisher: Publisher, tmp_path: Path) -> 
         ).headers["Docker-Content-Digest"]
         deleted = HTTP.request("DELETE", f"http://{host}/v2/lib/hooked/manifests/{digest}")
         assert deleted.status == 202
-        wait_for(
+        wait_until(
             lambda: any(e.action == "schedule_removal" for e in loop.log.events),
             60,
             "the full round after the delete",

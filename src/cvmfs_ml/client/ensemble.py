@@ -49,7 +49,7 @@ def fetch_trusted(
 ) -> Trusted:
     """Fetch the manifest, the whitelist and the certificate; the trust core's verdict.
 
-    ``source`` is an :class:`~cvmfs_ml.client.repository.ObjectSource`; ``nocache`` asks
+    ``source`` is an :class:`~cvmfs_ml.storage.base.ObjectSource`; ``nocache`` asks
     proxies for fresh root files. The certificate comes from ``cache`` when it is there.
     """
     raw, manifest = fetch_manifest(source, anchors, nocache=nocache)

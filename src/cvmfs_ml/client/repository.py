@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Protocol
+from typing import Any, BinaryIO
 from urllib.parse import urlsplit
 
 from cvmfs_ml.client.cache import ObjectCache
@@ -58,6 +58,7 @@ from cvmfs_ml.errors import (
     RollbackError,
     TrustError,
 )
+from cvmfs_ml.storage.base import ObjectSource
 
 __all__ = ["CvmfsFile", "FileLayout", "ObjectSource", "Repository"]
 
@@ -80,30 +81,6 @@ FETCHER_OPTIONS = frozenset(
     }
 )
 """Keyword options of :meth:`Repository.connect` that configure the HTTP fetcher."""
-
-
-class ObjectSource(Protocol):
-    """Where objects come from: a local store or the HTTP fetcher."""
-
-    def fetch(
-        self,
-        rel_path: str,
-        expected: Digest | None,
-        *,
-        compressed: bool,
-        nocache: bool = False,
-        max_bytes: int | None = None,
-    ) -> bytes: ...
-
-    def fetch_into(
-        self,
-        rel_path: str,
-        expected: Digest | None,
-        compressed: bool,
-        fileobj: BinaryIO,
-        *,
-        max_bytes: int | None = None,
-    ) -> int: ...
 
 
 @dataclass(frozen=True)

@@ -43,7 +43,6 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from cvmfs_ml.client.config import folder_fqrn, load_blacklist
-from cvmfs_ml.client.repository import ObjectSource
 from cvmfs_ml.client.trust import (
     MAX_CERTIFICATE_BYTES,
     MAX_MANIFEST_BYTES,
@@ -75,7 +74,7 @@ from cvmfs_ml.errors import (
     PublishError,
     SignatureError,
 )
-from cvmfs_ml.storage.base import ObjectStore, open_store
+from cvmfs_ml.storage.base import ObjectSource, ObjectStore, open_store
 from cvmfs_ml.storage.local import LocalStore
 
 __all__ = ["SyncReport", "sync_replica"]

@@ -27,6 +27,7 @@ from cvmfs_ml.errors import FormatError, IntegrityError
 
 __all__ = [
     "ObjectSink",
+    "ObjectSource",
     "ObjectStore",
     "copy_verified",
     "decode_verified",
@@ -50,7 +51,37 @@ class ObjectSink(Protocol):
 
 
 @runtime_checkable
-class ObjectStore(Protocol):
+class ObjectSource(Protocol):
+    """Where a reader gets verified objects: a store, the HTTP fetcher, an external server.
+
+    ``expected`` is checked while the object streams, ``compressed`` objects are inflated,
+    and content beyond ``max_bytes`` is refused before it is written (a zlib bomb, an
+    oversized object). ``nocache`` asks proxies for a fresh copy where there are any.
+    """
+
+    def fetch(
+        self,
+        rel_path: str,
+        expected: Digest | None,
+        *,
+        compressed: bool,
+        nocache: bool = False,
+        max_bytes: int | None = None,
+    ) -> bytes: ...
+
+    def fetch_into(
+        self,
+        rel_path: str,
+        expected: Digest | None,
+        compressed: bool,
+        fileobj: BinaryIO,
+        *,
+        nocache: bool = False,
+        max_bytes: int | None = None,
+    ) -> int: ...
+
+
+class ObjectStore(ObjectSource, Protocol):
     """A repository's files: content-addressed objects and a few mutable root files."""
 
     @property
@@ -118,26 +149,6 @@ class ObjectStore(Protocol):
         """Every object path (``data/xx/...``) with its stored size, staging excluded."""
         ...
 
-    def fetch(
-        self,
-        rel_path: str,
-        expected: Digest | None,
-        *,
-        compressed: bool,
-        nocache: bool = False,
-        max_bytes: int | None = None,
-    ) -> bytes: ...
-
-    def fetch_into(
-        self,
-        rel_path: str,
-        expected: Digest | None,
-        compressed: bool,
-        fileobj: BinaryIO,
-        *,
-        nocache: bool = False,
-        max_bytes: int | None = None,
-    ) -> int: ...
 
 
 def is_s3_location(location: object) -> bool:
