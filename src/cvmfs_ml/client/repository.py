@@ -11,11 +11,9 @@ an HTTP one (:class:`~cvmfs_ml.client.fetcher.Fetcher`): both offer ``fetch`` an
 
 from __future__ import annotations
 
-import bisect
 import collections
 import contextlib
 import datetime as dt
-import io
 import logging
 import os
 import posixpath
@@ -24,7 +22,6 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 from urllib.parse import urlsplit
@@ -40,6 +37,7 @@ from cvmfs_ml.client.config import (
 from cvmfs_ml.client.ensemble import Breadcrumb, fetch_manifest, fetch_trusted
 from cvmfs_ml.client.entries import listed, present, resolve_path
 from cvmfs_ml.client.external import ExternalSource, external_unset
+from cvmfs_ml.client.files import CvmfsFile, FileLayout
 from cvmfs_ml.client.prefetch import Fetched, Prefetcher
 from cvmfs_ml.client.trust import Blacklist, TrustAnchors, refuse_rollback
 from cvmfs_ml.cvmfs.catalog import Catalog, Chunk, DirectoryEntry, Flag
@@ -81,25 +79,6 @@ FETCHER_OPTIONS = frozenset(
     }
 )
 """Keyword options of :meth:`Repository.connect` that configure the HTTP fetcher."""
-
-
-@dataclass(frozen=True)
-class FileLayout:
-    """How a regular file's bytes are stored: pieces with their objects and compression."""
-
-    size: int
-    compressed: bool
-    pieces: tuple[Chunk, ...]  # a whole-file object is one piece at offset 0
-    chunked: bool = False  # pieces are ``P`` objects
-    external: str | None = None  # repository path of an external file (flag 128)
-
-    @property
-    def kind(self) -> ObjectKind:
-        return ObjectKind.PARTIAL if self.chunked else ObjectKind.FILE
-
-    @property
-    def offsets(self) -> list[int]:
-        return [p.offset for p in self.pieces]
 
 
 class _ClassOrInstance:
@@ -762,292 +741,6 @@ class Repository:
 
     def tag(self, name: str) -> Tag | None:
         return next((t for t in self.tags() if t.name == name), None)
-
-
-class CvmfsFile(io.RawIOBase):
-    """A read-only, seekable view of one file; pieces come from the cache, fetched lazily.
-
-    Safe for concurrent :meth:`pread` calls (FUSE serves one open file from many threads).
-    Open piece files are kept in a small LRU; a descriptor is closed only when no read is
-    using it, so a concurrent read never sees its descriptor closed (or reused) under it.
-    A reader that moves sequentially from piece to piece gets the next
-    ``repository.readahead_pieces`` pieces queued in the background, unless the whole file
-    was queued at open (``prefetched``).
-    """
-
-    max_open_pieces = 16
-    mode = "rb"
-
-    def __init__(self, repository: Repository, path: str, layout: FileLayout) -> None:
-        super().__init__()
-        self.repository = repository
-        self.name = path
-        self.layout = layout
-        self.prefetched = False
-        self.readahead = int(getattr(repository, "readahead_pieces", 0))
-        self._offsets = layout.offsets
-        self._pos = 0
-        self._lock = threading.Lock()
-        self._fds: collections.OrderedDict[int, int] = collections.OrderedDict()
-        self._users: dict[int, int] = {}
-        self._doomed: dict[int, int] = {}
-        self._last_index = -1
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self._pos
-
-    @property
-    def size(self) -> int:
-        return self.layout.size
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        if whence == io.SEEK_SET:
-            pos = offset
-        elif whence == io.SEEK_CUR:
-            pos = self._pos + offset
-        elif whence == io.SEEK_END:
-            pos = self.layout.size + offset
-        else:
-            raise ValueError(f"bad whence {whence}")
-        if pos < 0:
-            raise OSError(22, "negative seek position")
-        self._pos = pos
-        return pos
-
-    # -- piece descriptors --------------------------------------------------------------------
-    def _index(self, offset: int) -> int:
-        return bisect.bisect_right(self._offsets, offset) - 1
-
-    def is_open(self, size: int, offset: int) -> bool:
-        """Whether a read of ``size`` bytes at ``offset`` needs no fetch and no cache lookup.
-
-        The FUSE layer answers such reads on its event loop instead of a worker thread.
-        """
-        end = min(offset + size, self.layout.size)
-        if offset >= end:
-            return True
-        with self._lock:
-            return all(i in self._fds for i in range(self._index(offset), self._index(end - 1) + 1))
-
-    def _acquire(self, index: int) -> tuple[int, str, int]:
-        """An open descriptor of piece ``index`` (its use count raised), how, network bytes."""
-        with self._lock:
-            fd = self._fds.get(index)
-            if fd is not None:
-                self._fds.move_to_end(index)
-                self._users[index] = self._users.get(index, 0) + 1
-                return fd, "hit", 0
-        how, net = "hit", 0
-        for attempt in range(2):
-            path, got_how, got_net = self.repository.piece_fetch(self.layout, index)
-            if got_how != "hit":
-                how, net = "fetch", net + got_net
-            try:
-                fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-                break
-            except FileNotFoundError:  # evicted between lookup and open: look it up again
-                if attempt:
-                    raise
-        with self._lock:
-            existing = self._fds.get(index)
-            if existing is not None:  # another reader opened it meanwhile
-                os.close(fd)
-                fd = existing
-                self._fds.move_to_end(index)
-            else:
-                self._fds[index] = fd
-            self._users[index] = self._users.get(index, 0) + 1
-            self._close_idle()
-        return fd, how, net
-
-    def _release(self, index: int) -> None:
-        with self._lock:
-            left = self._users.get(index, 0) - 1
-            if left > 0:
-                self._users[index] = left
-            else:
-                self._users.pop(index, None)
-                doomed = self._doomed.pop(index, None)
-                if doomed is not None:
-                    os.close(doomed)
-            self._close_idle()
-
-    def _close_idle(self) -> None:
-        """Close least recently used descriptors beyond the limit that no read is using."""
-        excess = len(self._fds) - self.max_open_pieces
-        if excess <= 0:
-            return
-        for index in [i for i in self._fds if i not in self._users][:excess]:
-            os.close(self._fds.pop(index))
-
-    def _drop(self, index: int) -> None:
-        """Forget a piece's descriptor (its cache file was bad); closed once no read uses it."""
-        with self._lock:
-            fd = self._fds.pop(index, None)
-            if fd is None:
-                return
-            if index in self._users:
-                self._doomed[index] = fd
-            else:
-                os.close(fd)
-
-    def _note_piece(self, index: int) -> None:
-        """Queue read-ahead when a reader moves on to the next piece."""
-        last, self._last_index = self._last_index, index
-        if self.prefetched or self.readahead <= 0 or index == last:
-            return
-        if index == last + 1 or (last < 0 and index == 0):
-            self.repository.prefetcher.read_ahead(self.layout, index, self.readahead, self.name)
-
-    # -- reading ------------------------------------------------------------------------------
-    def _span(self, size: int, offset: int) -> int:
-        """The end of a read of ``size`` bytes at ``offset`` (clamped at the end of file)."""
-        if offset < 0:
-            raise OSError(22, "negative read offset")
-        return min(offset + max(0, size), self.layout.size)
-
-    def _read_span(self, offset: int, end: int, into: memoryview | None) -> list[bytes]:
-        """Read ``[offset, end)`` piece by piece: into ``into`` (returns ``[]``) or as bytes.
-
-        Each piece's bytes come from its verified cache file with one ``pread``/``preadv``
-        straight into the destination, so a large ``readinto`` costs one copy, not three.
-        """
-        started = time.monotonic()
-        parts: list[bytes] = []
-        source, net = "hit", 0
-        pos = offset
-        while pos < end:
-            index = self._index(pos)
-            piece = self.layout.pieces[index]
-            within = pos - piece.offset
-            want = min(end - pos, piece.size - within)
-            fd, how, got = self._acquire(index)
-            try:
-                if into is None:
-                    data = os.pread(fd, want, within)
-                    n = len(data)
-                else:
-                    n = _preadv_full(fd, into[pos - offset : pos - offset + want], within)
-            finally:
-                self._release(index)
-            if n != want:
-                self.repository.cache.invalidate(piece.digest)
-                self._drop(index)
-                raise IntegrityError(f"{self.name} piece {index}", f"{want} bytes", f"{n} bytes")
-            if how != "hit":
-                source, net = "fetch", net + got
-            self._note_piece(index)
-            if into is None:
-                parts.append(data)
-            pos += want
-        tracer = self.repository.tracer
-        if tracer is not None:
-            tracer.record(
-                self.name,
-                offset,
-                end - offset,
-                time.monotonic() - started,
-                source=source,
-                net_bytes=net,
-                size=self.layout.size,
-            )
-        return parts
-
-    def pread(self, size: int, offset: int) -> bytes:
-        """Read ``size`` bytes at ``offset`` without moving the position (FUSE, fsspec).
-
-        A read across pieces lands in place in the ``bytes`` it returns: a whole-file read
-        holds the file once in memory, not its pieces and their join.
-        """
-        end = self._span(size, offset)
-        if offset >= end:
-            return b""
-        if self._index(offset) == self._index(end - 1):
-            return self._read_span(offset, end, None)[0]
-        return _filled_bytes(end - offset, lambda view: self._read_span(offset, end, view))
-
-    def pread_buffer(self, size: int, offset: int) -> bytes | bytearray:
-        """:meth:`pread` that may answer with a ``bytearray`` (one copy when pieces are crossed).
-
-        For callers that only need the buffer protocol (the FUSE reply): a read inside one
-        piece is one ``pread`` as before; a read across pieces is filled in place instead of
-        read piece by piece and joined.
-        """
-        end = self._span(size, offset)
-        if offset >= end:
-            return b""
-        if self._index(offset) == self._index(end - 1):
-            return self._read_span(offset, end, None)[0]
-        buffer = bytearray(end - offset)
-        self._read_span(offset, end, memoryview(buffer))
-        return buffer
-
-    def pread_into(self, buffer: Any, offset: int) -> int:
-        """Fill ``buffer`` with the bytes at ``offset``; return how many (0 at end of file)."""
-        view = memoryview(buffer).cast("B")
-        end = self._span(len(view), offset)
-        if offset >= end:
-            return 0
-        self._read_span(offset, end, view)
-        return end - offset
-
-    def readinto(self, buffer: Any) -> int:
-        n = self.pread_into(buffer, self._pos)
-        self._pos += n
-        return n
-
-    def read(self, size: int | None = -1) -> bytes:
-        """Read up to ``size`` bytes (all remaining by default) without an extra copy."""
-        if size is None or size < 0:
-            return self.readall()
-        data = self.pread(size, self._pos)
-        self._pos += len(data)
-        return data
-
-    def readall(self) -> bytes:
-        data = self.pread(max(0, self.layout.size - self._pos), self._pos)
-        self._pos += len(data)
-        return data
-
-    def close(self) -> None:
-        with self._lock:
-            for fd in [*self._fds.values(), *self._doomed.values()]:
-                os.close(fd)
-            self._fds.clear()
-            self._doomed.clear()
-            self._users.clear()
-        super().close()
-
-
-def _filled_bytes(size: int, fill: Callable[[memoryview], object]) -> bytes:
-    """A ``bytes`` of ``size`` filled in place by ``fill(view)``: no second copy in memory.
-
-    ``BytesIO.getvalue()`` hands over its own buffer when nothing else holds it (CPython,
-    shrinking a large buffer with ``realloc``), so the bytes are written once, where they stay.
-    """
-    buffer = io.BytesIO()
-    buffer.seek(size - 1)
-    buffer.write(b"\0")
-    with buffer.getbuffer() as view:
-        fill(view)
-    return buffer.getvalue()
-
-
-def _preadv_full(fd: int, view: memoryview, offset: int) -> int:
-    """``preadv`` until ``view`` is full or the file ends; returns the bytes read."""
-    done = 0
-    while done < len(view):
-        n = os.preadv(fd, [view[done:]], offset + done)
-        if n <= 0:
-            break
-        done += n
-    return done
 
 
 def _keys(public_key: str | os.PathLike[str] | Sequence[Any] | None) -> list[Any]:
