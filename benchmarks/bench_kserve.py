@@ -37,13 +37,13 @@ import numpy as np
 
 from cvmfs_ml.bench.caches import drop_page_cache
 from cvmfs_ml.bench.generators import example_inputs, make_llm_onnx
-from cvmfs_ml.bench.netem import DelayProxy
 from cvmfs_ml.client.fuse import mount
 from cvmfs_ml.integrations.kserve_process import running_server, v2_infer
 from cvmfs_ml.models.layout import ModelRef
 from cvmfs_ml.models.publish import publish_model
 from cvmfs_ml.publish.repository import create_repository
 from cvmfs_ml.storage.http import RepositoryServer
+from cvmfs_ml.testing.netem import DelayProxy
 
 FQRN = "bench.kserve.org"
 

@@ -18,7 +18,7 @@ The origin also serves a plain copy of the weights file (``/cvmfs/raw/model.safe
 the ``curl`` rows are one GET of the whole file, as the issue's curl figures are.
 
 Networks (``--networks``): ``loopback`` (straight to the origin), ``rtt20`` (a
-:class:`~cvmfs_ml.bench.netem.DelayProxy` in front: 20 ms RTT, handshake RTT on new
+:class:`~cvmfs_ml.testing.netem.DelayProxy` in front: 20 ms RTT, handshake RTT on new
 connections, no cap) and ``rtt20-cap84`` (the same plus 84 MB/s *per connection*; parallel
 connections add up). The proxy runs in a thread of this driver, which only waits while a cell
 runs.

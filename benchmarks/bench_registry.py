@@ -29,9 +29,9 @@ from pathlib import Path
 
 import urllib3
 
-from cvmfs_ml.bench.services import free_port
 from cvmfs_ml.publish.repository import create_repository
 from cvmfs_ml.registry.config import add_token
+from cvmfs_ml.testing import free_port
 
 HTTP = urllib3.PoolManager(maxsize=64, retries=False, timeout=urllib3.Timeout(connect=10, read=600))
 

@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         child_main(json.loads(args.child))
         return 0
-    from cvmfs_ml.bench.services import MotoS3
+    from cvmfs_ml.testing import MotoS3
 
     src = ensure_content(args.cache, args.scale)
     report: dict[str, Any] = {"scale": args.scale, "compression": args.compression}

@@ -39,12 +39,12 @@ from typing import Any
 _ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(_ROOT / "tests"))
 
-from cvmfs_ml.bench.services import DockerRegistry, NotifyingDockerRegistry  # noqa: E402
 from cvmfs_ml.publish.repository import create_repository  # noqa: E402
 from cvmfs_ml.sync.engine import SyncOptions, run_round  # noqa: E402
 from cvmfs_ml.sync.loop import SyncLoop  # noqa: E402
 from cvmfs_ml.sync.webhook import WebhookServer  # noqa: E402
 from cvmfs_ml.sync.wishlist import parse_wishlist  # noqa: E402
+from cvmfs_ml.testing import DockerRegistry, NotifyingDockerRegistry  # noqa: E402
 from sync.imagebuild import make_layer, push_layout, write_oci_layout  # noqa: E402
 
 FQRN = "bench.sync"

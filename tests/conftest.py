@@ -2,7 +2,7 @@
 
 Two groups: the upstream-written reference repository, and real services on loopback
 (``nginx_factory``, ``reference_nginx``, ``squid_factory``, ``docker_registry``; the processes
-themselves are in ``cvmfs_ml.bench.services``, re-exported by ``tests/services.py``).
+themselves are in :mod:`cvmfs_ml.testing`).
 
 The upstream-written reference repository (``shared/fixtures/cvmfs-reference-repo`` beside the
 checkout) is the ground truth for format tests. ``CVMFS_ML_REFERENCE_REPO`` overrides its location
@@ -17,8 +17,7 @@ from pathlib import Path
 
 import pytest
 
-# tests/ is on sys.path through `pythonpath = ["tests"]` in pyproject.toml.
-from services import DockerRegistry, MotoS3, Nginx, Service, Squid, find_binary
+from cvmfs_ml.testing import DockerRegistry, MotoS3, Nginx, Service, Squid, find_binary
 
 _DEFAULT_REFERENCE_REPO = (
     Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "cvmfs-reference-repo"
@@ -45,7 +44,7 @@ def reference_served(reference_repo: Path) -> Path:
 
 
 # --------------------------------------------------------------------------------------------
-# Real services on loopback (nginx, Squid, docker-registry); see cvmfs_ml.bench.services.
+# Real services on loopback (nginx, Squid, docker-registry); see cvmfs_ml.testing.
 # Tests that use these fixtures are marked ``@pytest.mark.service``. A missing binary skips the
 # test on a developer machine but fails it in CI (``CI`` set), where .ci/run installs them all.
 # --------------------------------------------------------------------------------------------

@@ -38,6 +38,10 @@ ALLOWED = {
         "sync",
     },
 }
+# The loopback services for tests and benchmarks (cvmfs_ml.testing): they may use the layers
+# below, and only bench/ (and tests/) may import them.
+ALLOWED["testing"] = {"cvmfs", "errors", "storage", "publish", "client", "testing"}
+ALLOWED["bench"].add("testing")
 NETWORK_MODULES = {
     "socket",
     "http",
@@ -73,6 +77,18 @@ def test_layers_import_only_downwards() -> None:
                     target = name.split(".")[1]
                     if target not in allowed:
                         problems.append(f"{path.relative_to(PACKAGE)} imports {name}")
+    assert problems == []
+
+
+def test_only_bench_imports_the_testing_services() -> None:
+    problems = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        layer = path.relative_to(PACKAGE).parts[0]
+        if layer in ("testing", "bench"):
+            continue
+        for name in imports_of(path):
+            if name == "cvmfs_ml.testing" or name.startswith("cvmfs_ml.testing."):
+                problems.append(f"{path.relative_to(PACKAGE)} imports {name}")
     assert problems == []
 
 

@@ -29,7 +29,7 @@ def require_fuse() -> None:
 
 def require_service(binary: str) -> None:
     """Skip when a service binary (nginx, squid, docker-registry) is missing; fail in CI."""
-    from cvmfs_ml.bench.services import find_binary
+    from cvmfs_ml.testing import find_binary
 
     if find_binary(binary) is not None:
         return

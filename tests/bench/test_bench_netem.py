@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from cvmfs_ml.bench.netem import (
+from cvmfs_ml.testing.netem import (
     WAN_PROFILES,
     DelayProxy,
     WanProfile,

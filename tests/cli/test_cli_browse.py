@@ -16,7 +16,7 @@ from cvmfs_ml.models.layout import ModelRef
 from cvmfs_ml.models.publish import publish_model
 from cvmfs_ml.publish.repository import create_repository
 from cvmfs_ml.publish.settings import PublishSettings
-from services import Nginx, Squid
+from cvmfs_ml.testing import Nginx, Squid
 
 pytestmark = pytest.mark.service
 

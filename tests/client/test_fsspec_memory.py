@@ -25,7 +25,7 @@ import pytest
 from cvmfs_ml.cvmfs.objects import Compression
 from cvmfs_ml.publish.repository import create_repository
 from cvmfs_ml.publish.settings import PublishSettings
-from services import Nginx
+from cvmfs_ml.testing import Nginx
 
 pytestmark = [pytest.mark.service, pytest.mark.slow]
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 import parity_repo as case
-from services import Nginx
+from cvmfs_ml.testing import Nginx
 
 pytestmark = pytest.mark.service
 

@@ -29,7 +29,7 @@ from cvmfs_ml.cvmfs.objects import Compression, ObjectKind, object_path
 from cvmfs_ml.errors import DownloadError
 from cvmfs_ml.publish.repository import Publisher, create_repository
 from cvmfs_ml.publish.settings import PublishSettings
-from services import Nginx, Squid
+from cvmfs_ml.testing import Nginx, Squid
 
 pytestmark = pytest.mark.service
 

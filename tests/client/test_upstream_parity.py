@@ -29,6 +29,7 @@ from cvmfs_ml.client.locate import open_target
 from cvmfs_ml.client.repository import CvmfsFile, Repository
 from cvmfs_ml.cvmfs.symlinks import expand_variant_symlink
 from cvmfs_ml.errors import ConfigError, UnsafeInputError
+from cvmfs_ml.testing import Nginx, Squid
 from parity_repo import (
     BLOCK_DEV,
     CHAR_DEV,
@@ -39,7 +40,6 @@ from parity_repo import (
     ParityRepo,
     publish_parity_repo,
 )
-from services import Nginx, Squid
 
 pytestmark = pytest.mark.service
 

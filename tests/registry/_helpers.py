@@ -22,7 +22,7 @@ import waiting
 from cvmfs_ml.client.repository import Repository
 from cvmfs_ml.publish.repository import Publisher
 from cvmfs_ml.registry.config import load_config, save_config
-from services import Service
+from cvmfs_ml.testing import Service
 
 HTTP = urllib3.PoolManager(retries=False, timeout=urllib3.Timeout(connect=5, read=60))
 FQRNS = ("pub1.test", "pub2.test")

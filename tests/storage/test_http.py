@@ -16,7 +16,7 @@ import pytest
 
 from cvmfs_ml.errors import ConfigError
 from cvmfs_ml.storage.http import RepositoryServer, RequestRecord, parse_range
-from services import parse_nginx_access_log
+from cvmfs_ml.testing import parse_nginx_access_log
 
 FQRN = "ref.test.local"
 BASE = f"/cvmfs/{FQRN}"

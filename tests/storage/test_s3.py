@@ -27,7 +27,7 @@ from cvmfs_ml.errors import ConfigError, PublishError, StorageError
 from cvmfs_ml.publish.repository import Publisher, create_repository
 from cvmfs_ml.publish.settings import PublishSettings
 from cvmfs_ml.storage.s3 import S3Config, S3Store, parse_s3_location
-from services import MotoS3
+from cvmfs_ml.testing import MotoS3
 
 pytestmark = pytest.mark.service
 
@@ -133,7 +133,7 @@ def test_locations_and_config_in_upstream_words() -> None:
 
 
 def test_unreachable_endpoint_is_a_one_line_error(tmp_path: Path) -> None:
-    from services import free_port
+    from cvmfs_ml.testing import free_port
 
     config = tmp_path / "s3.conf"
     config.write_text(

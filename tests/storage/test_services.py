@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import urllib3
 
-from services import (
+from cvmfs_ml.testing import (
     CVMFS_SQUID_POLICY,
     AccessRecord,
     DockerRegistry,

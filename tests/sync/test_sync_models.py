@@ -25,7 +25,6 @@ import pytest
 import urllib3
 from typer.testing import CliRunner
 
-from cvmfs_ml.bench.services import NotifyingDockerRegistry, free_port
 from cvmfs_ml.cli import app
 from cvmfs_ml.errors import ConfigError
 from cvmfs_ml.models.layout import ModelRef, read_record
@@ -38,6 +37,7 @@ from cvmfs_ml.sync.events import EventLog
 from cvmfs_ml.sync.loop import SyncLoop
 from cvmfs_ml.sync.webhook import WebhookServer, parse_notification
 from cvmfs_ml.sync.wishlist import parse_wishlist
+from cvmfs_ml.testing import NotifyingDockerRegistry, free_port
 from models.test_oci import TokenFront, push_blob, push_manifest, push_modelpack
 from sync.imagebuild import FQRN, make_layer, published, push_layout, sha256, write_oci_layout
 from waiting import wait_until

@@ -13,8 +13,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from cvmfs_ml.bench.services import Nginx, OriginCounters, available
 from cvmfs_ml.errors import ConfigError
+from cvmfs_ml.testing import Nginx, OriginCounters, available
 
 __all__ = ["PLAIN_FOLDERS", "Origin"]
 

@@ -96,7 +96,7 @@ def _version(dist: str) -> str | None:
 
 
 def _binary_version(binary: str, args: Sequence[str]) -> str | None:
-    from cvmfs_ml.bench.services import find_binary
+    from cvmfs_ml.testing import find_binary
 
     path = find_binary(binary)
     if path is None:

@@ -6,8 +6,8 @@
 2. publishes them into one cvmfs-ml repository and serves it (nginx as in docs/nginx.conf,
    or the built-in server), with the plain model folders beside it for the download mode and
    a docker-registry for the OCI mode,
-3. for every network (loopback, or a :data:`~cvmfs_ml.bench.netem.WAN_PROFILES` entry emulated
-   by a :class:`~cvmfs_ml.bench.netem.DelayProxy` in front of the servers), every storage mode,
+3. for every network (loopback, or a :data:`~cvmfs_ml.testing.netem.WAN_PROFILES` entry emulated
+   by a :class:`~cvmfs_ml.testing.netem.DelayProxy` in front of the servers), every storage mode,
    model and cache state: prepares the caches, runs ``repeats`` measurements, each in a fresh
    :mod:`~cvmfs_ml.bench.worker` process, and counts what reached the origin,
 4. optionally runs N concurrent cold clients through one Squid, and records access patterns
@@ -46,13 +46,13 @@ from cvmfs_ml.bench.modes import (
     StorageMode,
     make_mode,
 )
-from cvmfs_ml.bench.netem import WAN_PROFILES, DelayProxy
-from cvmfs_ml.bench.netem import describe as describe_network
 from cvmfs_ml.bench.origin import Origin
-from cvmfs_ml.bench.services import OriginCounters
 from cvmfs_ml.bench.upstream import upstream_unavailable
 from cvmfs_ml.bench.zoo import BuiltModel, ModelSpec, build_model, missing_dependency, model_record
 from cvmfs_ml.errors import ConfigError, CvmfsMlError
+from cvmfs_ml.testing import OriginCounters
+from cvmfs_ml.testing.netem import WAN_PROFILES, DelayProxy
+from cvmfs_ml.testing.netem import describe as describe_network
 
 __all__ = [
     "FQRN",
@@ -315,7 +315,7 @@ class BenchEnvironment:
 
     def start_registry(self) -> Any:
         if self.registry is None:
-            from cvmfs_ml.bench.services import DockerRegistry
+            from cvmfs_ml.testing import DockerRegistry
 
             self.registry = DockerRegistry()
         return self.registry
@@ -341,7 +341,7 @@ class BenchEnvironment:
                 reg_host = f"127.0.0.1:{self._registry_proxies[network].port}"
         squid_url = None
         if squid if squid is not None else self.profile.squid:
-            from cvmfs_ml.bench.services import Squid
+            from cvmfs_ml.testing import Squid
 
             largest = max((m.files.nbytes for m in self.models.values()), default=0)
             proxy = Squid(cache_mem_mb=max(256, int(largest * 1.3 / _MiB)),
@@ -528,7 +528,7 @@ def run_concurrency(env: BenchEnvironment, model: BuiltModel, clients: int, *,
     no origin request).
     """
     from cvmfs_ml.bench.modes import FsspecMode
-    from cvmfs_ml.bench.services import Nginx, Squid, available
+    from cvmfs_ml.testing import Nginx, Squid, available
 
     if not (available("nginx") and available("squid")):
         raise ConfigError("the concurrency experiment needs nginx and squid")
