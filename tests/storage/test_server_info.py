@@ -71,3 +71,21 @@ def test_gc_records_last_gc_in_the_status_file(tmp_path: Path) -> None:
     with RepositoryServer(tmp_path / "srv") as server:
         code, _, body = get(server, "/cvmfs/gc.test/.cvmfs_status.json")
         assert code == 200 and json.loads(body) == status
+
+
+def test_one_date_format_for_gc_and_snapshots() -> None:
+    # gc (last_gc) and the replica (last_snapshot, .cvmfs_last_snapshot) share date_utc; the
+    # replica passes naive UTC times, which must not be shifted by the local time zone.
+    import datetime as dt
+
+    from cvmfs_ml.storage.info import date_utc, updated_status
+
+    aware = dt.datetime(2026, 11, 22, 1, 31, 3, tzinfo=dt.UTC)
+    assert date_utc(aware) == "Sun Nov 22 01:31:03 UTC 2026"
+    assert date_utc(aware.replace(tzinfo=None)) == date_utc(aware)
+    plus_two = dt.timezone(dt.timedelta(hours=2))
+    assert date_utc(aware.astimezone(plus_two)) == date_utc(aware)
+    assert DATE_UTC.match(date_utc())
+    kept = json.loads(updated_status(b'{"last_gc": "x", "other": 1}', last_snapshot="y"))
+    assert kept == {"last_gc": "x", "other": 1, "last_snapshot": "y"}
+    assert json.loads(updated_status(b"not json", last_snapshot="y")) == {"last_snapshot": "y"}

@@ -30,7 +30,6 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import fcntl
-import json
 import os
 import threading
 import time
@@ -75,6 +74,7 @@ from cvmfs_ml.errors import (
     SignatureError,
 )
 from cvmfs_ml.storage.base import ObjectSource, ObjectStore, open_store
+from cvmfs_ml.storage.info import STATUS_JSON, date_utc, updated_status
 from cvmfs_ml.storage.local import LocalStore
 
 __all__ = ["SyncReport", "sync_replica"]
@@ -85,7 +85,6 @@ REFLOG = ".cvmfsreflog"
 MASTER_REPLICA = ".cvmfs_master_replica"
 LAST_SNAPSHOT = ".cvmfs_last_snapshot"
 IS_SNAPSHOTTING = ".cvmfs_is_snapshotting"
-STATUS_JSON = ".cvmfs_status.json"
 
 _LOCK_NAME = "replica.lock"
 _TEMP_PREFIX = "replica."
@@ -171,7 +170,7 @@ def sync_replica(
         with _exclusive(dest.staging_dir() / _LOCK_NAME, dest.location):
             _remove_leftovers(dest.staging_dir())
             when = now or dt.datetime.now(dt.UTC)
-            dest.put_bytes(IS_SNAPSHOTTING, (_date_utc(when) + "\n").encode())
+            dest.put_bytes(IS_SNAPSHOTTING, (date_utc(when) + "\n").encode())
             try:
                 anchors = TrustAnchors(
                     fqrn, keys, blacklist if blacklist is not None else load_blacklist()
@@ -485,17 +484,10 @@ class _Snapshot:
             self.dest.link(f".cvmfsalt-{digest.hex}{kind.value}", object_path(digest, kind))
 
     def _write_status(self) -> None:
-        stamp = _date_utc(self.now)
+        stamp = date_utc(self.now)
         self.dest.put_bytes(LAST_SNAPSHOT, (stamp + "\n").encode())
-        status: dict[str, Any] = {}
         existing = self._read_replica_file(STATUS_JSON)
-        if existing:
-            with contextlib.suppress(ValueError):
-                loaded = json.loads(existing)
-                if isinstance(loaded, dict):
-                    status = loaded
-        status["last_snapshot"] = stamp
-        self.dest.put_bytes(STATUS_JSON, (json.dumps(status, indent=2) + "\n").encode())
+        self.dest.put_bytes(STATUS_JSON, updated_status(existing, last_snapshot=stamp))
 
 
 # ---------------------------------------------------------------------------------- helpers
@@ -560,9 +552,3 @@ def _is_missing(exc: BaseException) -> bool:
     if isinstance(exc, DownloadError) and exc.attempts:
         return all(reason.startswith("HTTP 404") for _url, _proxy, reason in exc.attempts)
     return False
-
-
-def _date_utc(when: dt.datetime) -> str:
-    """``date --utc`` output (``Sun Nov 22 01:31:03 UTC 2026``), as cvmfs_server writes it."""
-    when = when.astimezone(dt.UTC) if when.tzinfo else when
-    return f"{when:%a %b} {when.day:2d} {when:%H:%M:%S} UTC {when:%Y}"

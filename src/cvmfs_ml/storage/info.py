@@ -51,8 +51,13 @@ META_SKELETON: dict[str, Any] = {
 
 
 def date_utc(when: dt.datetime | None = None) -> str:
-    """``date --utc`` output (``Thu Dec  3 21:06:12 UTC 2026``), as cvmfs_server writes it."""
-    when = (when or dt.datetime.now(dt.UTC)).astimezone(dt.UTC)
+    """``date --utc`` output (``Thu Dec  3 21:06:12 UTC 2026``), as cvmfs_server writes it.
+
+    ``when`` defaults to now; a naive ``when`` is taken to be UTC already.
+    """
+    when = when or dt.datetime.now(dt.UTC)
+    if when.tzinfo is not None:
+        when = when.astimezone(dt.UTC)
     return f"{when:%a %b} {when.day:2d} {when:%H:%M:%S} UTC {when:%Y}"
 
 
