@@ -96,6 +96,36 @@ def test_nginx_serves_the_repository_with_cvmfs_cache_headers(
     ]
 
 
+@pytest.mark.service
+def test_nginx_never_serves_key_files_or_the_staging_area(
+    nginx_factory: Callable[..., Nginx], tmp_path: Path
+) -> None:
+    # docs/nginx.conf (the same text as the fixture's, checked below) refuses key material by
+    # name, wherever it sits in the served tree.
+    served = tmp_path / "cvmfs" / FQRN
+    secrets = [
+        f"{FQRN}.key",
+        f"{FQRN}.masterkey",
+        f"{FQRN}.crt",
+        f"{FQRN}.gw",
+        "nested/dir/signing.pem",
+        "nested/dir/OTHER.KEY",
+        "data/txn/partial.tmp",
+    ]
+    for name in [*secrets, "nested/dir/model.onnx", "data/ab/cdef"]:
+        (served / name).parent.mkdir(parents=True, exist_ok=True)
+        (served / name).write_bytes(b"secret " + name.encode())
+    nginx = nginx_factory(tmp_path)
+    http = urllib3.PoolManager(retries=False)
+    for name in secrets:
+        answer = http.request("GET", f"{nginx.repo_url(FQRN)}/{name}")
+        assert answer.status in (403, 404), name
+        assert b"secret" not in answer.data, name
+    for name in ("nested/dir/model.onnx", "data/ab/cdef"):
+        answer = http.request("GET", f"{nginx.repo_url(FQRN)}/{name}")
+        assert answer.status == 200 and answer.data == b"secret " + name.encode(), name
+
+
 # --------------------------------------------------------------------------------------------
 # Squid
 # --------------------------------------------------------------------------------------------

@@ -35,7 +35,9 @@ def nginx_site_config(root: str, listen: str, access_log: str) -> str:
 
     ``root`` holds ``cvmfs/<fqrn>/``; only ``/cvmfs/`` is served. The header policy follows
     upstream's Apache configuration (cvmfs-format.md §11): dot files 61 s, immutable ``data/``
-    objects three days, no ``Last-Modified``/``ETag``/conditional requests (Squid bugs).
+    objects three days, no ``Last-Modified``/``ETag``/conditional requests (Squid bugs). Key
+    material (``*.key``, ``*.masterkey``, ``*.pem``, ``*.crt``, ``*.gw``) and a publisher's
+    staging area (``data/txn/``) are never served, like ``cvmfs-ml serve`` does.
     docs/nginx.conf is this text with ``root=/srv``, ``listen=80`` and comments.
     """
     return f"""\
@@ -66,6 +68,14 @@ server {{
         types {{ }}
         default_type application/octet-stream;
         expires 61s;
+
+        location ~* "\\.(key|masterkey|pem|crt|gw)$" {{
+            return 404;
+        }}
+
+        location ~ "^/cvmfs/[^/]+/data/txn/" {{
+            return 404;
+        }}
 
         location ~ "^/cvmfs/[^/]+/data/" {{
             expires 3d;
