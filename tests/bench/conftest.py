@@ -8,7 +8,8 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from cvmfs_ml.bench.runner import BenchEnvironment, Profile
+from cvmfs_ml.bench.environment import BenchEnvironment
+from cvmfs_ml.bench.profiles import Profile
 from cvmfs_ml.bench.zoo import ModelSpec
 
 TINY_MODELS = (ModelSpec("mlp", "mlp"),

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from cvmfs_ml.bench.environment import BenchEnvironment, run_worker
 from cvmfs_ml.bench.modes import (
     MODES,
     CacheState,
@@ -19,7 +20,6 @@ from cvmfs_ml.bench.modes import (
     make_mode,
 )
 from cvmfs_ml.bench.residency import resident_fraction
-from cvmfs_ml.bench.runner import BenchEnvironment, run_worker
 from cvmfs_ml.bench.worker import run_spec
 from cvmfs_ml.errors import ConfigError
 

@@ -11,7 +11,9 @@ import urllib3
 import services as old_test_services
 from cvmfs_ml import testing as services
 from cvmfs_ml.bench import services as old_bench_services
-from cvmfs_ml.bench.runner import FQRN, BenchEnvironment, run_concurrency
+from cvmfs_ml.bench.concurrency import run_concurrency
+from cvmfs_ml.bench.environment import BenchEnvironment
+from cvmfs_ml.bench.profiles import FQRN
 from cvmfs_ml.errors import CvmfsMlError
 
 DOCS = Path(__file__).resolve().parents[2] / "docs"

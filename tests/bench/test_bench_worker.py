@@ -10,8 +10,9 @@ from typing import Any
 
 import numpy as np
 
+from cvmfs_ml.bench.environment import BenchEnvironment, run_worker
+from cvmfs_ml.bench.profiles import FQRN
 from cvmfs_ml.bench.residency import PAGE_SIZE
-from cvmfs_ml.bench.runner import FQRN, BenchEnvironment, run_worker
 from cvmfs_ml.bench.worker import run_spec
 from cvmfs_ml.bench.zoo import BuiltModel
 

@@ -15,44 +15,40 @@
 5. checks the results for sanity (identical outputs everywhere, hot not slower than cold,
    cold runs really started cold) and writes the report (:mod:`cvmfs_ml.bench.report`).
 
-Nothing here asserts timings; the checks compare runs of the same scenario family only.
+Nothing here asserts timings; the checks compare runs of the same scenario family only. The
+profiles live in :mod:`~cvmfs_ml.bench.profiles`, the environment and the worker runs in
+:mod:`~cvmfs_ml.bench.environment`, the Squid experiment in :mod:`~cvmfs_ml.bench.concurrency`;
+their public names are re-exported here.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
-import shutil
-import statistics
-import subprocess
-import sys
 import tempfile
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from cvmfs_ml.bench import report as rpt
+from cvmfs_ml.bench.concurrency import run_concurrency
+from cvmfs_ml.bench.environment import BenchEnvironment, run_worker
 from cvmfs_ml.bench.modes import (
     CacheState,
     Endpoint,
     FuseMode,
-    ModeContext,
     StorageMode,
     make_mode,
 )
-from cvmfs_ml.bench.origin import Origin
+from cvmfs_ml.bench.profiles import EXTRA_MODELS, FQRN, PROFILES, Profile, default_workdir
 from cvmfs_ml.bench.upstream import upstream_unavailable
-from cvmfs_ml.bench.zoo import BuiltModel, ModelSpec, build_model, missing_dependency, model_record
+from cvmfs_ml.bench.zoo import BuiltModel, model_record
 from cvmfs_ml.errors import ConfigError, CvmfsMlError
 from cvmfs_ml.testing import OriginCounters
-from cvmfs_ml.testing.netem import WAN_PROFILES, DelayProxy
-from cvmfs_ml.testing.netem import describe as describe_network
 
 __all__ = [
     "FQRN",
@@ -65,324 +61,13 @@ __all__ = [
     "run_worker",
 ]
 
-FQRN = "bench.cvmfs-ml.test"
-_MiB = 2**20
-# The benchmark's Squid must cache whole model files (test Squids default to 1 GiB objects).
-_SQUID_MAX_OBJECT_MB = 4096
 _STATE_ORDER = (CacheState.COLD, CacheState.WARM, CacheState.HOT)
 HOT_TOLERANCE = (1.25, 0.05)
 """hot counts as slower than cold only above cold × 1.25 + 50 ms (noise on tiny models)."""
 
 
-@dataclass(frozen=True)
-class Profile:
-    """What a benchmark run covers. ``short`` is the CI profile, ``full`` the real one.
-
-    ``network_modes``/``network_models`` restrict what runs on emulated WAN links (the matrix
-    grows fast); ``access_models`` are recorded as access patterns (traced FUSE load and mincore
-    residency) whether or not they are in ``models``. ``concurrency`` lists client counts for
-    the Squid experiment (needs nginx and squid), run with ``concurrency_model``.
-    """
-
-    name: str
-    models: tuple[ModelSpec, ...]
-    modes: tuple[str, ...] = ("local", "fuse", "fsspec")
-    states: tuple[str, ...] = ("cold", "warm", "hot")
-    networks: tuple[str, ...] = ("loopback",)
-    repeats: int = 3
-    inference_runs: int = 10
-    threads: int = 1
-    origin: str = "builtin"  # "builtin" | "nginx" (falls back to builtin when missing)
-    squid: bool = False  # matrix clients go through a Squid
-    network_modes: tuple[str, ...] = ("fuse", "fsspec", "download")
-    network_models: tuple[str, ...] = ()
-    access_models: tuple[ModelSpec, ...] = ()
-    concurrency: tuple[int, ...] = ()
-    concurrency_model: str = ""
-    compression: str = "auto"
-    timeout: float = 900.0
-    ort_config: dict[str, str] = field(default_factory=dict)
-
-    def with_(self, **changes: Any) -> Profile:
-        return replace(self, **changes)
-
-    def record(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["models"] = [asdict(m) for m in self.models]
-        d["access_models"] = [asdict(m) for m in self.access_models]
-        return d
-
-
-_SMALL_LLM = ModelSpec("llm-24m", "llm", size=24 * _MiB, dtype="float32")
-# The seed's case: a Phi-3-architecture decoder generating text with onnxruntime-genai (the
-# field report's Phi-4-mini); toy-sized in the short profile, >= 1 GiB of weights in the full.
-_SMALL_GENAI = ModelSpec("phi3-tiny", "genai", size=2 * _MiB)
-_GENAI_1G = ModelSpec("phi3-1g", "genai", size=2**30)
-PROFILES: dict[str, Profile] = {
-    "short": Profile(
-        name="short",
-        models=(ModelSpec("mlp", "mlp"), ModelSpec("part", "part"), _SMALL_LLM, _SMALL_GENAI),
-        modes=("local", "fuse", "fsspec", "upstream"),
-        states=("cold", "warm", "hot"),
-        repeats=3,
-        inference_runs=10,
-        access_models=(_SMALL_LLM, ModelSpec("st-16m", "safetensors", 16 * _MiB, "float16"),
-                       ModelSpec("pt-16m", "torch", 16 * _MiB, "float16")),
-        timeout=120.0,
-    ),
-    "full": Profile(
-        name="full",
-        models=(ModelSpec("mlp", "mlp"), ModelSpec("part", "part"),
-                ModelSpec("llm-2g", "llm", size=2 * 2**30, dtype="float32"),
-                ModelSpec("st-2g", "safetensors", size=2 * 2**30, dtype="float16"),
-                _GENAI_1G),
-        modes=("local", "fuse", "fsspec", "upstream", "download", "oci"),
-        states=("cold", "warm", "hot"),
-        networks=("loopback", "wan-20ms-1g"),
-        network_models=("part", "llm-2g", "phi3-1g"),
-        network_modes=("fuse", "fsspec", "upstream", "download"),
-        repeats=3,
-        inference_runs=10,
-        threads=2,
-        origin="nginx",
-        access_models=(ModelSpec("llm-2g", "llm", size=2 * 2**30, dtype="float32"),
-                       ModelSpec("st-2g", "safetensors", size=2 * 2**30, dtype="float16"),
-                       ModelSpec("pt-256m", "torch", 256 * _MiB, "float16")),
-        concurrency=(1, 4),
-        concurrency_model="llm-512m",
-    ),
-}
-_EXTRA_MODELS = {"llm-512m": ModelSpec("llm-512m", "llm", size=512 * _MiB, dtype="float32")}
-
-
-def default_workdir(out_dir: str | os.PathLike[str]) -> Path:
-    """Where models, the repository and caches live between runs: ``OUT/work``.
-
-    Beside the report, so a run never fills a home folder unasked (generated models reach
-    several GiB) and deleting the report folder deletes everything; ``--work`` shares one
-    folder between report folders.
-    """
-    return Path(out_dir) / "work"
-
-
-# --------------------------------------------------------------------------------------------
-# one measurement
-
-
-def run_worker(spec: dict[str, Any], scratch: Path, timeout: float) -> tuple[dict[str, Any], float]:
-    """Run :mod:`cvmfs_ml.bench.worker` on ``spec``; return (result, wall seconds)."""
-    spec_path = scratch / "spec.json"
-    result_path = scratch / "result.json"
-    spec_path.write_text(json.dumps(spec))
-    env = dict(os.environ, OMP_NUM_THREADS=str(spec.get("threads", 1)), PYTHONUNBUFFERED="1")
-    started = time.perf_counter()
-    try:
-        done = subprocess.run([sys.executable, "-m", "cvmfs_ml.bench.worker", str(spec_path),
-                               str(result_path)], capture_output=True, text=True,
-                              timeout=timeout, env=env, check=False)
-    except subprocess.TimeoutExpired:
-        return {"ok": False, "error": f"timed out after {timeout:.0f} s"}, time.perf_counter() - \
-            started
-    wall = time.perf_counter() - started
-    try:
-        result = json.loads(result_path.read_text())
-    except (OSError, ValueError):
-        tail = (done.stderr or done.stdout or "").strip().splitlines()[-3:]
-        result = {"ok": False, "error": f"worker exited with {done.returncode}: "
-                  + " | ".join(tail)}
-    return result, wall
-
-
 def _percentile(values: Sequence[float], q: float) -> float | None:
     return float(np.percentile(values, q)) if values else None
-
-
-# --------------------------------------------------------------------------------------------
-# environment: models, repository, servers, networks
-
-
-class BenchEnvironment:
-    """Models, the published repository, its servers and the per-network endpoints.
-
-    Use as a context manager; everything started is stopped on exit. ``workdir`` is reused
-    between runs: models and the repository are rebuilt only when their spec changed.
-    """
-
-    def __init__(self, workdir: str | os.PathLike[str], profile: Profile, *,
-                 log: Callable[[str], None] = print, global_drop: bool = False,
-                 mounted: str | os.PathLike[str] | None = None) -> None:
-        self.workdir = Path(workdir)
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        self.profile = profile
-        self.log = log
-        self.global_drop = global_drop
-        self.mounted = Path(mounted) if mounted else None
-        self.models: dict[str, BuiltModel] = {}
-        self.skipped: list[str] = []
-        self.publish_seconds: dict[str, float] = {}
-        self.origin: Origin | None = None
-        self.registry: Any = None
-        self._proxies: dict[str, list[DelayProxy]] = {}
-        self._registry_proxies: dict[str, DelayProxy] = {}
-        self._squids: list[Any] = []
-        self.srv = self.workdir / "srv"
-        self.keys = self.workdir / "keys"
-        self.public_key = self.keys / f"{FQRN}.pub"
-
-    # -- models -------------------------------------------------------------------------------
-    def build(self, specs: Sequence[ModelSpec]) -> list[BuiltModel]:
-        """Build (or reuse) the models; ones whose packages are missing are skipped and noted."""
-        built = []
-        for spec in specs:
-            if spec.name in self.models:
-                built.append(self.models[spec.name])
-                continue
-            reason = missing_dependency(spec)
-            if reason:
-                self.skipped.append(f"model {spec.name}: {reason}")
-                self.log(f"skip model {spec.name}: {reason}")
-                continue
-            model = build_model(spec, self.workdir / "models")
-            self.log(f"model {spec.name}: {model.files.nbytes / _MiB:.1f} MiB "
-                     + ("(reused)" if model.reused else f"(built in {model.build_seconds:.1f} s)"))
-            self.models[spec.name] = model
-            built.append(model)
-        return built
-
-    # -- repository ---------------------------------------------------------------------------
-    def publish(self) -> None:
-        """Publish every built model at ``/<name>`` (reusing an identical earlier repository)."""
-        from cvmfs_ml.cvmfs.objects import Compression
-        from cvmfs_ml.publish.repository import Publisher, create_repository
-        from cvmfs_ml.publish.settings import PublishSettings
-
-        settings = PublishSettings(compression=Compression(self.profile.compression))
-        stamp_path = self.srv / ".bench-publish.json"
-        wanted = {"settings": settings.to_conf(),
-                  "models": {n: asdict(m.spec) for n, m in self.models.items()}}
-        try:
-            stamp = json.loads(stamp_path.read_text())
-        except (OSError, ValueError):
-            stamp = {}
-        repo_dir = self.srv / "cvmfs" / FQRN
-        if stamp.get("settings") == wanted["settings"] and self.public_key.exists():
-            publisher = Publisher.open(repo_dir, self.keys)
-            done = stamp.get("models", {})
-            self.publish_seconds = dict(stamp.get("seconds", {}))
-        else:
-            shutil.rmtree(self.srv, ignore_errors=True)
-            shutil.rmtree(self.keys, ignore_errors=True)
-            (self.srv / "cvmfs").mkdir(parents=True)
-            publisher = create_repository(self.srv / "cvmfs", FQRN, keys_dir=self.keys,
-                                          settings=settings)
-            done = {}
-            self.publish_seconds = {}
-        for name, model in self.models.items():
-            if done.get(name) == asdict(model.spec):
-                continue
-            self.log(f"publish {name} ({model.files.nbytes / _MiB:.1f} MiB)")
-            with publisher.transaction() as txn:
-                if name in done:
-                    txn.remove(f"/{name}")
-                txn.add_folder(model.files.folder, at=f"/{name}")
-                result = txn.commit()
-            self.publish_seconds[name] = round(result.seconds, 3)
-            done[name] = asdict(model.spec)
-            self._plain(model)
-            stamp_path.write_text(json.dumps({**wanted, "models": done,
-                                              "seconds": self.publish_seconds}))
-        for model in self.models.values():
-            self._plain(model)
-
-    def _plain(self, model: BuiltModel) -> None:
-        """Hard links of the plain model folder at ``srv/cvmfs/plain/<name>`` (download mode)."""
-        dest = self.srv / "cvmfs" / "plain" / model.name
-        for rel in model.files.files:
-            target = dest / rel
-            if target.exists():
-                continue
-            target.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                os.link(model.files.folder / rel, target)
-            except OSError:
-                shutil.copy2(model.files.folder / rel, target)
-
-    # -- servers ------------------------------------------------------------------------------
-    def start_origin(self) -> Origin:
-        if self.origin is None:
-            self.origin = Origin(self.srv, self.profile.origin, self.log)
-        return self.origin
-
-    def start_registry(self) -> Any:
-        if self.registry is None:
-            from cvmfs_ml.testing import DockerRegistry
-
-            self.registry = DockerRegistry()
-        return self.registry
-
-    def endpoint(self, network: str, *, squid: bool | None = None,
-                 registry: bool = False) -> Endpoint:
-        """Where clients reach the repository on ``network`` (a delay proxy unless loopback)."""
-        origin = self.start_origin()
-        if network not in WAN_PROFILES:
-            raise ConfigError(f"unknown network {network!r}; known: {sorted(WAN_PROFILES)}")
-        reg_host = self.start_registry().host if registry else None
-        if WAN_PROFILES[network] is None:
-            base = origin.url
-        else:
-            if network not in self._proxies:
-                self._proxies[network] = [
-                    DelayProxy.from_profile(network, "127.0.0.1", origin.port).start()]
-            base = f"http://127.0.0.1:{self._proxies[network][0].port}"
-            if reg_host is not None:  # the registry sits behind the same emulated link
-                if network not in self._registry_proxies:
-                    self._registry_proxies[network] = DelayProxy.from_profile(
-                        network, "127.0.0.1", self.registry.port).start()
-                reg_host = f"127.0.0.1:{self._registry_proxies[network].port}"
-        squid_url = None
-        if squid if squid is not None else self.profile.squid:
-            from cvmfs_ml.testing import Squid
-
-            largest = max((m.files.nbytes for m in self.models.values()), default=0)
-            proxy = Squid(cache_mem_mb=max(256, int(largest * 1.3 / _MiB)),
-                          maximum_object_size_mb=_SQUID_MAX_OBJECT_MB)
-            self._squids.append(proxy)
-            squid_url = proxy.url
-        return Endpoint(network, f"{base}/cvmfs/{FQRN}", FQRN, self.public_key,
-                        plain_url=f"{base}/cvmfs/plain", proxy=squid_url, registry=reg_host)
-
-    def network_description(self, network: str) -> str:
-        text = describe_network(network)
-        for proxy in self._proxies.get(network, [])[:1]:
-            text += f" ({proxy.describe()})"
-        return text
-
-    def mode_context(self, endpoint: Endpoint | None) -> ModeContext:
-        return ModeContext(self.workdir, endpoint, global_drop=self.global_drop, log=self.log)
-
-    def close(self) -> None:
-        for proxies in self._proxies.values():
-            for proxy in proxies:
-                proxy.stop()
-        self._proxies.clear()
-        for proxy in self._registry_proxies.values():
-            proxy.stop()
-        self._registry_proxies.clear()
-        for squid in self._squids:
-            squid.close()
-        self._squids.clear()
-        if self.registry is not None:
-            self.registry.close()
-            self.registry = None
-        if self.origin is not None:
-            self.origin.close()
-            self.origin = None
-
-    def __enter__(self) -> BenchEnvironment:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 # --------------------------------------------------------------------------------------------
@@ -511,98 +196,6 @@ def _run_mode(run: _Run, mode_name: str, network: str, models: Sequence[BuiltMod
         env.log(f"mode {mode_name} on {network} failed: {exc}")
     finally:
         mode.stop()
-
-
-# --------------------------------------------------------------------------------------------
-# concurrency
-
-
-def run_concurrency(env: BenchEnvironment, model: BuiltModel, clients: int, *,
-                    network: str = "loopback", timeout: float = 900.0,
-                    threads: int = 1) -> dict[str, Any]:
-    """N cvmfs-ml clients (processes, empty caches) load ``model`` at once through one Squid.
-
-    Each client is a worker in the ``fsspec`` mode with its own empty cache. Reports per-client
-    time to first inference and wall time, the origin's requests and bytes (its access log),
-    and Squid's hit ratio (a request that joined a fetch under way counts as a hit: it caused
-    no origin request).
-    """
-    from cvmfs_ml.bench.modes import FsspecMode
-    from cvmfs_ml.testing import Nginx, Squid, available
-
-    if not (available("nginx") and available("squid")):
-        raise ConfigError("the concurrency experiment needs nginx and squid")
-    nginx = Nginx(env.srv)
-    proxy = DelayProxy.from_profile(network, "127.0.0.1", nginx.port).start() \
-        if WAN_PROFILES.get(network) else None
-    squid = Squid(cache_mem_mb=max(256, int(model.files.nbytes * 1.3 / _MiB)),
-                  maximum_object_size_mb=_SQUID_MAX_OBJECT_MB)
-    try:
-        base = f"http://127.0.0.1:{proxy.port if proxy else nginx.port}"
-        endpoint = Endpoint(network, f"{base}/cvmfs/{FQRN}", FQRN, env.public_key,
-                            proxy=squid.url)
-        origin_before = nginx.counters()
-        procs = []
-        with contextlib.ExitStack() as stack:
-            for i in range(clients):
-                scratch = Path(stack.enter_context(tempfile.TemporaryDirectory(
-                    prefix=f"c{i}.", dir=env.workdir)))
-                mode = FsspecMode()
-                mode.start(ModeContext(scratch, endpoint))
-                spec = {
-                    "model": {"name": model.name, "entry": model.files.entry,
-                              "files": list(model.files.files)},
-                    "runtime": model.files.runtime, "access": mode.access(model.files, scratch),
-                    "inputs": model.inputs, "inference_runs": 0, "threads": threads,
-                }
-                (scratch / "spec.json").write_text(json.dumps(spec))
-                procs.append((scratch, spec))
-            started = time.perf_counter()
-            running = [(scratch, subprocess.Popen(
-                [sys.executable, "-m", "cvmfs_ml.bench.worker", str(scratch / "spec.json"),
-                 str(scratch / "result.json")], stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL)) for scratch, _ in procs]
-            ended: dict[int, float] = {}
-            while len(ended) < len(running):  # note each client's own end time
-                now = time.perf_counter()
-                for i, (_scratch, p) in enumerate(running):
-                    if i not in ended and (p.poll() is not None or now - started > timeout):
-                        if p.poll() is None:
-                            p.kill()
-                            p.wait()
-                        ended[i] = now - started
-                time.sleep(0.01)
-            walls = [ended[i] for i in range(len(running))]
-            results = []
-            for scratch, _p in running:
-                try:
-                    results.append(json.loads((scratch / "result.json").read_text()))
-                except (OSError, ValueError):
-                    results.append({"ok": False, "error": "no result (killed or crashed)"})
-        origin = nginx.counters() - origin_before
-        records = squid.records()
-        data = [r for r in records if "/data/" in r.url]
-        hits = sum(1 for r in data if r.answered_locally)
-        ttfi = [r["first_inference_s"] for r in results if r.get("ok")]
-        return {
-            "clients": clients, "model": model.name, "model_bytes": model.files.nbytes,
-            "network": network, "ok": all(r.get("ok") for r in results),
-            "errors": [r.get("error") for r in results if not r.get("ok")],
-            "wall_s": walls, "wall_s_median": statistics.median(walls),
-            "wall_s_max": max(walls),
-            "first_inference_s": ttfi,
-            "origin_requests": origin.requests, "origin_bytes": origin.bytes,
-            "proxy_requests": len(records), "proxy_data_requests": len(data),
-            "proxy_bytes": sum(r.bytes for r in records),
-            "hit_ratio": (hits / len(data)) if data else None,
-            "origin_bytes_per_model": origin.bytes / model.files.nbytes
-            if model.files.nbytes else None,
-        }
-    finally:
-        squid.close()
-        if proxy is not None:
-            proxy.stop()
-        nginx.close()
 
 
 # --------------------------------------------------------------------------------------------
@@ -795,7 +388,7 @@ def run_profile(profile: Profile | str, out_dir: str | os.PathLike[str], *,
         conc_model = None
         if profile.concurrency and profile.concurrency_model:
             spec = next((m for m in profile.models if m.name == profile.concurrency_model),
-                        _EXTRA_MODELS.get(profile.concurrency_model))
+                        EXTRA_MODELS.get(profile.concurrency_model))
             if spec is not None:
                 conc_model = (env.build([spec]) or [None])[0]
         if any(m in modes for m in ("fuse", "fsspec", "download", "oci")) or access_models \

@@ -28,8 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from cvmfs_ml.bench import report as rpt
+from cvmfs_ml.bench.environment import run_worker
 from cvmfs_ml.bench.modes import CacheState, Endpoint, ModeContext, make_mode
-from cvmfs_ml.bench.runner import run_worker
 from cvmfs_ml.bench.zoo import BuiltModel, ModelSpec, build_model
 from cvmfs_ml.errors import ConfigError
 
