@@ -39,6 +39,7 @@ from cvmfs_ml.testing.moto_s3 import MotoS3
 from cvmfs_ml.testing.nginx import Nginx, nginx_main_config, nginx_site_config
 from cvmfs_ml.testing.service import (
     LOOPBACK,
+    LoggedService,
     Service,
     ServiceError,
     available,
@@ -50,6 +51,7 @@ from cvmfs_ml.testing.squid import CVMFS_SQUID_POLICY, Squid, squid_config
 __all__ = [
     "CVMFS_SQUID_POLICY",
     "LOOPBACK",
+    "LoggedService",
     "NGINX_LOG_FORMAT",
     "AccessRecord",
     "DockerRegistry",

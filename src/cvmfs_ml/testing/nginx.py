@@ -18,14 +18,7 @@ from cvmfs_ml.testing.accesslog import (
     OriginCounters,
     parse_nginx_access_log,
 )
-from cvmfs_ml.testing.service import (
-    LOOPBACK,
-    Service,
-    ServiceError,
-    read_log,
-    settled_records,
-    wait_for_records,
-)
+from cvmfs_ml.testing.service import LOOPBACK, LoggedService, ServiceError
 
 __all__ = ["Nginx", "nginx_main_config", "nginx_site_config"]
 
@@ -120,8 +113,7 @@ http {{
 """
 
 
-
-class Nginx(Service):
+class Nginx(LoggedService[AccessRecord]):
     """nginx serving ``root`` at ``http://127.0.0.1:PORT/`` like a CVMFS Stratum 0/1.
 
     A repository folder ``<root>/cvmfs/<fqrn>/`` is served at ``<url>/cvmfs/<fqrn>``; nothing
@@ -147,10 +139,6 @@ class Nginx(Service):
         return self.workdir / "nginx.conf"
 
     @property
-    def access_log(self) -> Path:
-        return self.workdir / "access.log"
-
-    @property
     def log_files(self) -> list[Path]:
         return [*super().log_files, self.workdir / "error.log", self.access_log]
 
@@ -158,17 +146,12 @@ class Nginx(Service):
         """The repository URL a client is configured with (``CVMFS_SERVER_URL``)."""
         return f"{self.url}/cvmfs/{fqrn}"
 
-    def requests(self, expect: int = 0, timeout: float = 5.0) -> list[AccessRecord]:
-        """The access log as records, after waiting (up to ``timeout``) for ``expect`` of them."""
-        return wait_for_records(
-            lambda: parse_nginx_access_log(read_log(self.access_log)), expect, timeout
-        )
+    def parse_log(self, text: str) -> list[AccessRecord]:
+        return parse_nginx_access_log(text)
 
     def counters(self, settle: float = 0.05) -> OriginCounters:
         """Requests and body bytes in the access log so far, once the log stopped growing."""
-        records = settled_records(
-            lambda: parse_nginx_access_log(read_log(self.access_log)), settle
-        )
+        records = self.settled_requests(settle)
         return OriginCounters(len(records), sum(r.bytes for r in records))
 
     def _prepare(self) -> None:

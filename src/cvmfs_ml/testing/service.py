@@ -27,12 +27,13 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Self, TypeVar
+from typing import Generic, Self, TypeVar
 
 from cvmfs_ml.errors import CvmfsMlError
 
 __all__ = [
     "LOOPBACK",
+    "LoggedService",
     "Service",
     "ServiceError",
     "available",
@@ -288,3 +289,25 @@ def settled_records(
             return now
         previous = now
     return previous
+
+
+class LoggedService(Service, Generic[RecordT]):
+    """A service that writes an access log, ``workdir/access.log``, read by :meth:`parse_log`."""
+
+    @property
+    def access_log(self) -> Path:
+        return self.workdir / "access.log"
+
+    def parse_log(self, text: str) -> list[RecordT]:
+        raise NotImplementedError(f"{type(self).__name__}.parse_log")
+
+    def _log_records(self) -> list[RecordT]:
+        return self.parse_log(read_log(self.access_log))
+
+    def requests(self, expect: int = 0, timeout: float = 5.0) -> list[RecordT]:
+        """The access log as records, after waiting (up to ``timeout``) for ``expect`` of them."""
+        return wait_for_records(self._log_records, expect, timeout)
+
+    def settled_requests(self, settle: float = 0.05) -> list[RecordT]:
+        """The access log so far as records, once the log stopped growing."""
+        return settled_records(self._log_records, settle)

@@ -15,14 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from cvmfs_ml.testing.accesslog import SquidRecord, parse_squid_access_log
-from cvmfs_ml.testing.service import (
-    LOOPBACK,
-    Service,
-    ServiceError,
-    read_log,
-    settled_records,
-    wait_for_records,
-)
+from cvmfs_ml.testing.service import LOOPBACK, LoggedService, ServiceError
 
 __all__ = ["CVMFS_SQUID_POLICY", "Squid", "squid_config"]
 
@@ -86,7 +79,7 @@ def squid_config(
     return "\n".join(lines) + "\n"
 
 
-class Squid(Service):
+class Squid(LoggedService[SquidRecord]):
     """A Squid forward proxy on loopback, memory cache only, tuned like a CVMFS site Squid.
 
     Use ``url`` as the client's proxy (``CVMFS_HTTP_PROXY``). ``parent`` (another
@@ -123,24 +116,15 @@ class Squid(Service):
         return self.workdir / "squid.conf"
 
     @property
-    def access_log(self) -> Path:
-        return self.workdir / "access.log"
-
-    @property
     def log_files(self) -> list[Path]:
         return [*super().log_files, self.workdir / "cache.log", self.access_log]
 
-    def requests(self, expect: int = 0, timeout: float = 5.0) -> list[SquidRecord]:
-        """The access log as records, after waiting (up to ``timeout``) for ``expect`` of them."""
-        return wait_for_records(
-            lambda: parse_squid_access_log(read_log(self.access_log)), expect, timeout
-        )
+    def parse_log(self, text: str) -> list[SquidRecord]:
+        return parse_squid_access_log(text)
 
     def records(self, settle: float = 0.05) -> list[SquidRecord]:
         """The access log so far as records, once the log stopped growing."""
-        return settled_records(
-            lambda: parse_squid_access_log(read_log(self.access_log)), settle
-        )
+        return self.settled_requests(settle)
 
     def _prepare(self) -> None:
         config = squid_config(
