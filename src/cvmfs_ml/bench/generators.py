@@ -12,7 +12,8 @@ The suite must not depend on a model hub, so every model it measures is built he
   particle-transformer.md (random weights; need torch and weaver-core; defined in
   :mod:`cvmfs_ml.bench.physics` and re-exported here).
 * :func:`fine_tune_variant` - a copy of a model with a few tensors changed, for dedup sweeps.
-* :func:`example_inputs` - valid, NaN-free inputs for any of the ONNX models above.
+* :func:`example_inputs` - valid, NaN-free inputs for any of the ONNX models above
+  (defined in :mod:`cvmfs_ml.bench.inputs` and re-exported here).
 
 Big models are written tensor by tensor in bounded blocks, so generating 2 GiB needs tens of
 MiB of memory. Gaussian float16/bfloat16 weights come from an inverse-CDF table indexed by raw
@@ -39,10 +40,10 @@ from typing import Any
 
 import numpy as np
 
+from cvmfs_ml.bench.inputs import example_inputs, require_onnx
 from cvmfs_ml.bench.physics import (
     make_particle_transformer_onnx,
     make_particlenet_onnx,
-    particle_inputs,
 )
 
 __all__ = [
@@ -252,16 +253,8 @@ def _write_tensor(w: _OverlappedWriter, spec: TensorSpec, dtype: str, seed: int,
 # ONNX models
 
 
-def _onnx() -> Any:
-    try:
-        import onnx
-    except ImportError as exc:  # pragma: no cover - onnx is a bench dependency
-        raise ImportError("the benchmark generators need onnx: pip install onnx") from exc
-    return onnx
-
-
 def _finish_model(graph: Any) -> Any:
-    onnx = _onnx()
+    onnx = require_onnx()
     model = onnx.helper.make_model(
         graph,
         opset_imports=[onnx.helper.make_opsetid("", _OPSET)],
@@ -277,7 +270,7 @@ def make_mlp_onnx(path: str | os.PathLike[str], hidden: int = 256, layers: int =
 
     It stands for the many small models (taggers, calibrations) that fit in one CVMFS object.
     """
-    onnx = _onnx()
+    onnx = require_onnx()
     from onnx import TensorProto, helper, numpy_helper
 
     path = Path(path)
@@ -405,7 +398,7 @@ def make_llm_onnx(
     conversion, not I/O. To measure the lazy-mmap loading path of performance-notes.md §7
     (session creation in milliseconds, pages faulted in by the first run), use float32.
     """
-    onnx = _onnx()
+    onnx = require_onnx()
     from onnx import TensorProto, numpy_helper
 
     if dtype not in ("float16", "float32"):
@@ -522,7 +515,7 @@ def _tensor_ranges(folder: Path) -> list[tuple[str, Path, int, int, str]]:
             ranges.append((f"{st.relative_to(folder)}:{name}", st, start + begin, end - begin, dt))
     onnx_names = {0: "", 1: "float32", 10: "float16", 16: "bfloat16"}
     for model_path in sorted(folder.rglob("*.onnx")):
-        onnx = _onnx()
+        onnx = require_onnx()
         model = onnx.load(str(model_path), load_external_data=False)
         for t in model.graph.initializer:
             if t.data_location != onnx.TensorProto.EXTERNAL:
@@ -580,83 +573,3 @@ def fine_tune_variant(src_folder: str | os.PathLike[str], dst_folder: str | os.P
         changed.append(name)
         changed_bytes += length
     return FineTuneResult(dst, tuple(changed), changed_bytes, total)
-
-
-# --------------------------------------------------------------------------------------------
-# inputs
-
-
-_ONNX_TO_NUMPY = {
-    "tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
-    "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(bool)": np.bool_,
-    "tensor(int8)": np.int8, "tensor(uint8)": np.uint8,
-}
-_ELEM_TO_TYPE = {1: "tensor(float)", 10: "tensor(float16)", 11: "tensor(double)",
-                 7: "tensor(int64)", 6: "tensor(int32)", 9: "tensor(bool)", 3: "tensor(int8)",
-                 2: "tensor(uint8)"}
-
-
-def _graph_inputs(model: Any) -> list[tuple[str, str, list[int | str | None]]]:
-    """(name, onnx type string, dims) of each real input, from a session or an ONNX file.
-
-    Reading the graph with ``load_external_data=False`` avoids mapping gigabytes of weights
-    just to learn the input shapes.
-    """
-    if hasattr(model, "get_inputs"):
-        return [(i.name, i.type, list(i.shape)) for i in model.get_inputs()]
-    onnx = _onnx()
-    proto = onnx.load(str(model), load_external_data=False)
-    initializers = {t.name for t in proto.graph.initializer}
-    result = []
-    for vi in proto.graph.input:
-        if vi.name in initializers:
-            continue
-        tt = vi.type.tensor_type
-        dims: list[int | str | None] = [
-            d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
-            for d in tt.shape.dim
-        ]
-        result.append((vi.name, _ELEM_TO_TYPE.get(tt.elem_type, "tensor(float)"), dims))
-    return result
-
-
-def example_inputs(model: str | os.PathLike[str] | Any, *, batch: int = 1, seq: int = 8,
-                   particles: int = 32, seed: int = 0) -> dict[str, np.ndarray]:
-    """Valid inputs for an ONNX model (a path or an ``onnxruntime.InferenceSession``).
-
-    Dynamic dimensions become small values: the first one ``batch``, the particle axis of
-    ``pf_*`` inputs ``particles``, any other ``seq``. Particle inputs get physically sensible,
-    wrap-padded values (see :func:`~cvmfs_ml.bench.physics.particle_inputs`); other floats
-    are N(0, 1), integers small non-negative ids. Only the names the model declares are
-    returned, since exporters drop unused inputs.
-    """
-    rng = np.random.default_rng(seed)
-    specs = _graph_inputs(model)
-    out: dict[str, np.ndarray] = {}
-    particle = None
-    for name, type_str, dims in specs:
-        concrete = []
-        for axis, d in enumerate(dims):
-            if isinstance(d, int) and d > 0:
-                concrete.append(d)
-            elif axis == 0:
-                concrete.append(batch)
-            elif name.startswith("pf_") and axis == 2:
-                concrete.append(particles)
-            else:
-                concrete.append(seq)
-        np_type = _ONNX_TO_NUMPY.get(type_str, np.float32)
-        if name in ("pf_points", "pf_features", "pf_vectors", "pf_mask") and len(concrete) == 3:
-            if particle is None:
-                n_feat = next((d[1] for n, _, d in specs if n == "pf_features"
-                               and len(d) > 1 and isinstance(d[1], int) and d[1] > 0), 17)
-                particle = particle_inputs(concrete[0], concrete[2], rng, n_feat)
-            out[name] = particle[name].astype(np_type)
-        elif np.issubdtype(np_type, np.floating):
-            out[name] = rng.standard_normal(concrete).astype(np_type)
-        elif np_type is np.bool_:
-            out[name] = np.ones(concrete, np.bool_)
-        else:
-            out[name] = rng.integers(0, 100, concrete).astype(np_type)
-    return out
-
