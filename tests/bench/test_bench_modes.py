@@ -16,6 +16,7 @@ from cvmfs_ml.bench.modes import (
     Endpoint,
     FsspecMode,
     FuseMode,
+    GetMode,
     ModeContext,
     make_mode,
 )
@@ -38,7 +39,7 @@ def _read_all(folder: Path) -> None:
 
 
 def test_mode_registry_and_misconfiguration(tmp_path: Path) -> None:
-    assert set(MODES) == {"local", "fuse", "fsspec", "path", "download", "oci"}
+    assert set(MODES) == {"local", "fuse", "fsspec", "get", "path", "download", "oci"}
     with pytest.raises(ConfigError):
         make_mode("carrier-pigeon")
     with pytest.raises(ConfigError):
@@ -96,6 +97,38 @@ def test_fsspec_states_wipe_and_keep_the_client_cache(bench_env: BenchEnvironmen
     assert warm["output_sha256"] == cold["output_sha256"]
     mode.prepare(model.files, CacheState.COLD)
     assert not any(p.is_file() and p.stat().st_size > 2**20 for p in mode.cache.rglob("*"))
+
+
+def test_get_mode_copies_through_the_client_cache(bench_env: BenchEnvironment,
+                                                  tmp_path: Path) -> None:
+    """``model get`` without a mount: cold fetches everything, warm nothing but the manifest;
+    the copy is the published model (same output) and is removed after the measurement."""
+    model = bench_env.models["llm-4m"]
+    reference = run_spec(_spec(model, {"kind": "path", "root": str(model.files.folder)}))
+    mode = GetMode()
+    mode.start(ModeContext(tmp_path, bench_env.endpoint("loopback")))
+    assert mode.settings()["mode"] == "get" and "model get" in mode.settings()["client"]
+    origin = bench_env.origin
+    assert origin is not None
+    digests = []
+    for state, most_bytes in ((CacheState.COLD, None), (CacheState.WARM, 64 * 1024)):
+        scratch = tmp_path / state.value
+        scratch.mkdir()
+        mode.prepare(model.files, state)
+        before = origin.counters()
+        result, _ = run_worker(_spec(model, mode.access(model.files, scratch)), scratch, 120)
+        assert result["ok"], result.get("error")
+        fetched = (origin.counters() - before).bytes
+        if most_bytes is None:
+            assert fetched >= 0.9 * model.files.nbytes
+        else:
+            assert fetched < most_bytes  # manifest and whitelist only: the copy is from cache
+        copy = scratch / "get" / "model.onnx.data"
+        assert copy.stat().st_size == (model.files.folder / "model.onnx.data").stat().st_size
+        digests.append(result["output_sha256"])
+        mode.after(model.files, scratch)
+        assert not (scratch / "get").exists()
+    assert digests == [reference["output_sha256"]] * 2
 
 
 @pytest.mark.service

@@ -17,6 +17,9 @@ fuse      a cvmfs-ml FUSE mount (``cvmfs-ml mount`` in its own process) of the p
 fsspec    the cvmfs-ml Python client (fsspec ``cvmfs`` filesystem): files are read into memory
           and the loader works from memory (ONNX external data via
           ``add_external_initializers_from_files_in_memory``)
+get       ``cvmfs-ml model get`` without a mount: the client fetches every piece in parallel
+          into its cache, verified, and hard-links (or copies) the files into a local folder,
+          then the loader opens that folder
 path      any mounted folder, e.g. an upstream ``/cvmfs/<repo>/<dir>`` (models at ROOT/<name>)
 download  HTTP GET of every file to local disk, then load (KServe's storage initializer)
 oci       ``oras pull`` of the model artifact from a local docker-registry, then load
@@ -61,6 +64,7 @@ __all__ = [
     "Endpoint",
     "FsspecMode",
     "FuseMode",
+    "GetMode",
     "LocalMode",
     "ModeContext",
     "ModelFiles",
@@ -410,6 +414,30 @@ class FsspecMode(StorageMode):
         return {**super().settings(), "client": getattr(self, "client", None)}
 
 
+class GetMode(FsspecMode):
+    """``cvmfs-ml model get`` with no mount: a verified local copy made through the client.
+
+    The copy (:func:`cvmfs_ml.models.refs.materialise`, what ``model get --copy`` runs) is made
+    by the measured process into its scratch folder, so its time counts; the client cache
+    lives across measurements like :class:`FsspecMode`'s: cold wipes it, warm keeps it (the
+    copy is then hard-linked from the cache, nothing fetched), hot keeps the page cache too.
+    """
+
+    name = "get"
+
+    def start(self, ctx: ModeContext) -> None:
+        super().start(ctx)
+        self.client = "model get (cvmfs_ml.models.refs.materialise)"
+
+    def access(self, model: ModelFiles, scratch: Path) -> dict[str, Any]:
+        spec = super().access(model, scratch)
+        spec.pop("storage_options", None)
+        return {**spec, "kind": "get", "dest": str(scratch / "get")}
+
+    def after(self, model: ModelFiles, scratch: Path) -> None:
+        shutil.rmtree(scratch / "get", ignore_errors=True)
+
+
 # --------------------------------------------------------------------------------------------
 # copy-then-load
 
@@ -490,7 +518,8 @@ class OciMode(StorageMode):
 
 
 MODES: dict[str, type[StorageMode]] = {
-    cls.name: cls for cls in (LocalMode, FuseMode, FsspecMode, PathMode, DownloadMode, OciMode)
+    cls.name: cls
+    for cls in (LocalMode, FuseMode, FsspecMode, GetMode, PathMode, DownloadMode, OciMode)
 }
 
 

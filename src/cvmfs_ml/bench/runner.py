@@ -38,6 +38,7 @@ from cvmfs_ml.bench import report as rpt
 from cvmfs_ml.bench.concurrency import run_concurrency
 from cvmfs_ml.bench.environment import BenchEnvironment, run_worker
 from cvmfs_ml.bench.modes import (
+    MODES,
     CacheState,
     Endpoint,
     FuseMode,
@@ -45,7 +46,7 @@ from cvmfs_ml.bench.modes import (
     make_mode,
 )
 from cvmfs_ml.bench.profiles import EXTRA_MODELS, FQRN, PROFILES, Profile, default_workdir
-from cvmfs_ml.bench.upstream import upstream_unavailable
+from cvmfs_ml.bench.upstream import UpstreamMode, upstream_unavailable
 from cvmfs_ml.bench.zoo import BuiltModel, model_record
 from cvmfs_ml.errors import ConfigError, CvmfsMlError
 from cvmfs_ml.testing import OriginCounters
@@ -64,6 +65,12 @@ __all__ = [
 _STATE_ORDER = (CacheState.COLD, CacheState.WARM, CacheState.HOT)
 HOT_TOLERANCE = (1.25, 0.05)
 """hot counts as slower than cold only above cold × 1.25 + 50 ms (noise on tiny models)."""
+
+
+def _needs_endpoint(mode_name: str) -> bool:
+    """Whether the mode reads the published repository (so it must be published and served)."""
+    cls = UpstreamMode if mode_name == "upstream" else MODES.get(mode_name)
+    return cls is not None and cls.needs_endpoint
 
 
 def _percentile(values: Sequence[float], q: float) -> float | None:
@@ -391,8 +398,7 @@ def run_profile(profile: Profile | str, out_dir: str | os.PathLike[str], *,
                         EXTRA_MODELS.get(profile.concurrency_model))
             if spec is not None:
                 conc_model = (env.build([spec]) or [None])[0]
-        if any(m in modes for m in ("fuse", "fsspec", "download", "oci")) or access_models \
-                or conc_model:
+        if any(_needs_endpoint(m) for m in modes) or access_models or conc_model:
             env.publish()
         for network in profile.networks:
             net_models = models if network == "loopback" else [
@@ -402,7 +408,7 @@ def run_profile(profile: Profile | str, out_dir: str | os.PathLike[str], *,
                 if network != "loopback" and mode_name not in profile.network_modes:
                     continue
                 endpoint = None
-                if mode_name in ("fuse", "fsspec", "download", "oci"):
+                if _needs_endpoint(mode_name):
                     try:
                         endpoint = env.endpoint(network, registry=mode_name == "oci")
                     except (CvmfsMlError, OSError) as exc:

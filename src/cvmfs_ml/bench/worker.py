@@ -10,6 +10,8 @@ The spec says how to reach the model (``access``) and how to load it (``runtime`
 * ``access.kind = "path"`` - the files are in a folder (local disk, a FUSE mount, ``/cvmfs``);
 * ``"cvmfs"`` - read every file into memory through the cvmfs-ml Python client (the fsspec
   filesystem when ``client == "fsspec"``, else :class:`~cvmfs_ml.client.repository.Repository`);
+* ``"get"`` - ``cvmfs-ml model get`` without a mount: the client fetches the model folder into
+  its cache (parallel, verified) and hard-links or copies it into a local folder, then load;
 * ``"download"`` - HTTP GET every file to a local folder first, then load from there (what
   KServe's storage initializer does);
 * ``"oci"`` - ``oras pull`` the model artifact from a registry to a local folder, then load.
@@ -92,6 +94,15 @@ def _resident(paths: list[Path]) -> tuple[float | None, dict[str, np.ndarray]]:
 # acquiring the bytes
 
 
+def _open_client(access: dict[str, Any]) -> Any:
+    """The cvmfs-ml client on the repository ``access`` names (URL, key, cache, proxy)."""
+    from cvmfs_ml.client.repository import Repository
+
+    return Repository.open(access["url"], fqrn=access.get("fqrn"),
+                           public_key=access.get("public_key"), cache=access.get("cache"),
+                           proxy=access.get("proxy"))
+
+
 def _read_cvmfs(access: dict[str, Any], files: list[str]) -> dict[str, bytes]:
     """Read ``files`` below ``access['root']`` into memory with the cvmfs-ml Python client."""
     root = access.get("root", "").strip("/")
@@ -104,16 +115,20 @@ def _read_cvmfs(access: dict[str, Any], files: list[str]) -> dict[str, bytes]:
             with fs.open(f"{access['fqrn']}/{root}/{name}", "rb") as f:
                 out[name] = f.read()
         return out
-    from cvmfs_ml.client.repository import Repository
-
-    with Repository.open(access["url"], fqrn=access.get("fqrn"),
-                         public_key=access.get("public_key"), cache=access.get("cache"),
-                         proxy=access.get("proxy")) as repo:
+    with _open_client(access) as repo:
         out = {}
         for name in files:
             with repo.open_file(f"/{root}/{name}") as f:
                 out[name] = f.read()
         return out
+
+
+def _model_get(access: dict[str, Any]) -> Path:
+    """``model get --copy``: materialise ``access['root']`` into ``access['dest']``."""
+    from cvmfs_ml.models.refs import materialise
+
+    with _open_client(access) as repo:
+        return materialise(repo, access["root"], Path(access["dest"]))
 
 
 def _download(access: dict[str, Any], files: list[str]) -> Path:
@@ -258,6 +273,8 @@ def _import_libraries(runtime: str, access: str, client: str | None) -> None:
     if access == "cvmfs":
         modules += (["fsspec", "cvmfs_ml.client.fsspec"] if client == "fsspec"
                     else ["cvmfs_ml.client.repository"])
+    elif access == "get":
+        modules += ["cvmfs_ml.client.repository", "cvmfs_ml.models.refs"]
     elif access == "download":
         modules.append("urllib3")
     elif access == "oci":
@@ -299,6 +316,8 @@ def run_spec(spec: dict[str, Any]) -> dict[str, Any]:
         folder = Path(access["root"])
     elif kind == "cvmfs":
         blobs = _read_cvmfs(access, files)
+    elif kind == "get":
+        folder = _model_get(access)
     elif kind == "download":
         folder = _download(access, files)
     elif kind == "oci":

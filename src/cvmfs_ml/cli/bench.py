@@ -58,7 +58,7 @@ def bench_run(
     ] = None,
     modes: Annotated[
         str | None,
-        typer.Option(help="comma list: local,fuse,fsspec,upstream,path,download,oci"),
+        typer.Option(help="comma list: local,fuse,fsspec,upstream,get,path,download,oci"),
     ] = None,
     models: Annotated[str | None, typer.Option(help="comma list of the profile's models")] = None,
     model: Annotated[
