@@ -39,3 +39,29 @@ def test_built_model_decodes_the_same_tokens_from_a_copy(tmp_path: Path) -> None
     assert np.array_equal(GreedyGenerator(copy, new_tokens=12).run()[0], tokens)
     other = make_phi3_genai(tmp_path / "other", 2 * 2**20, seed=4)  # other weights, other text
     assert not np.array_equal(GreedyGenerator(other, new_tokens=12).run()[0], tokens)
+
+
+def test_gpu_note_says_whether_a_cuda_device_exists(tmp_path: Path) -> None:
+    from cvmfs_ml.bench.genai import gpu_note
+
+    assert "no CUDA device here" in gpu_note(tmp_path)
+    (tmp_path / "nvidia0").touch()
+    (tmp_path / "nvidiactl").touch()  # the control node is not a device
+    note = gpu_note(tmp_path)
+    assert "nvidia0 present" in note and "CPU only" in note
+
+
+@pytest.mark.slow
+def test_a_run_with_the_llm_case_reports_the_gpu_cells(tmp_path: Path) -> None:
+    missing = [m for m in NEEDS if importlib.util.find_spec(m) is None]
+    if missing:
+        pytest.skip(f"needs {missing}")
+    from cvmfs_ml.bench.environment import BenchEnvironment
+    from cvmfs_ml.bench.genai import gpu_note
+    from cvmfs_ml.bench.profiles import Profile
+    from cvmfs_ml.bench.zoo import ModelSpec
+
+    specs = (ModelSpec("phi3-tiny", "genai", size=2 * 2**20),)
+    with BenchEnvironment(tmp_path, Profile(name="t", models=specs), log=lambda _m: None) as env:
+        env.build(specs)
+        assert env.skipped == [gpu_note()]

@@ -107,6 +107,11 @@ class BenchEnvironment:
                      + ("(reused)" if model.reused else f"(built in {model.build_seconds:.1f} s)"))
             self.models[spec.name] = model
             built.append(model)
+        if any(m.spec.kind == "genai" for m in built):
+            from cvmfs_ml.bench.genai import gpu_note
+
+            if (note := gpu_note()) not in self.skipped:
+                self.skipped.append(note)
         return built
 
     # -- repository ---------------------------------------------------------------------------

@@ -26,7 +26,7 @@ import numpy as np
 
 from cvmfs_ml.errors import ConfigError
 
-__all__ = ["PROMPT_IDS", "GreedyGenerator", "make_phi3_genai", "phi3_shape"]
+__all__ = ["PROMPT_IDS", "GreedyGenerator", "gpu_note", "make_phi3_genai", "phi3_shape"]
 
 PROMPT_IDS = (1, 5, 9, 33, 7, 11, 42, 3)
 """The prompt, as token ids (the benchmark measures loading and decoding, not tokenising)."""
@@ -49,6 +49,21 @@ def phi3_shape(total_bytes: int) -> dict[str, int]:
     return {"vocab_size": vocab, "hidden_size": hidden, "intermediate_size": inter,
             "num_hidden_layers": layers, "num_attention_heads": hidden // 32,
             "num_key_value_heads": hidden // 32}
+
+
+def gpu_note(dev: str | os.PathLike[str] = "/dev") -> str:
+    """What the report says about the generative case on a GPU (issue 13: "where a CUDA GPU
+    is present, the same on the GPU; skipped, and said so, where none is").
+
+    The suite builds and runs the model for the CPU only (``-e cpu``); a GPU run needs a CUDA
+    build of the model and of onnxruntime-genai, which no machine of this project had.
+    """
+    devices = sorted(p.name for p in Path(dev).glob("nvidia[0-9]*"))
+    if not devices:
+        return ("GPU: no CUDA device here (no /dev/nvidia*); the generative LLM case ran on "
+                "the CPU only")
+    return (f"GPU: CUDA device(s) {', '.join(devices)} present, but the suite runs the "
+            "generative LLM case on the CPU only (no CUDA run is built yet)")
 
 
 def _tokenizer(folder: Path, vocab_size: int) -> None:

@@ -18,7 +18,8 @@ from typing import Any
 from cvmfs_ml.bench.modes import ModelFiles
 from cvmfs_ml.errors import ConfigError
 
-__all__ = ["KINDS", "BuiltModel", "ModelSpec", "build_model", "missing_dependency", "user_model"]
+__all__ = ["KINDS", "BuiltModel", "ModelSpec", "build_model", "missing_dependency", "user_model",
+           "user_model_ref"]
 
 KINDS = ("mlp", "part", "llm", "safetensors", "torch", "genai", "user")
 _STAMP = ".bench-model.json"
@@ -98,6 +99,24 @@ def user_model(path: str | os.PathLike[str], name: str | None = None) -> ModelSp
     label = name or (source.stem if source.is_file() else source.name) or "model"
     safe = "".join(c if c.isalnum() or c in "-_." else "-" for c in label).strip(".-") or "model"
     return ModelSpec(safe, "user", path=str(source.absolute()))
+
+
+def user_model_ref(ref: str) -> ModelSpec:
+    """A published version, ``cvmfs://<fqrn>/<ns>/<name>:<version-or-alias>``, as a user model.
+
+    The files come from where ``cvmfs-ml model path`` finds them (the version's folder in a
+    mount, else a verified copy materialised from the client's cache, configured the usual
+    way); the benchmark then measures that copy like any user folder. The alias is read once:
+    the model is named ``<name>-<version>``.
+    """
+    from cvmfs_ml.models.refs import locate, parse_ref
+
+    uri = parse_ref(ref)
+    if uri.fqrn is None or uri.model is None:
+        raise ConfigError(f"--model {ref}: give the whole reference, "
+                          "cvmfs://<fqrn>/<namespace>/<name>:<version-or-alias>")
+    found = locate(uri)
+    return user_model(found.path, name=f"{uri.model.name}-{found.version or 'latest'}")
 
 
 def _user_runtime(source: Path) -> tuple[str, str]:

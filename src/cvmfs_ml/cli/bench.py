@@ -26,16 +26,19 @@ def _split(text: str | None) -> tuple[str, ...] | None:
     return tuple(t.strip() for t in text.split(",") if t.strip())
 
 
-def _user_models(paths: list[Path]) -> tuple[ModelSpec, ...]:
-    """``--model`` arguments as specs with distinct names (a REF is fetched first)."""
-    from cvmfs_ml.bench.zoo import user_model
+def _user_models(arguments: list[str]) -> tuple[ModelSpec, ...]:
+    """``--model`` arguments as specs with distinct names (a ``cvmfs://`` REF is fetched)."""
+    from cvmfs_ml.bench.zoo import user_model, user_model_ref
 
     specs: list[ModelSpec] = []
-    for path in paths:
-        if str(path).startswith("cvmfs:/") or (":" in str(path) and not path.exists()):
-            raise _fail(f"--model {path}: fetch a published model first "
-                        f"(`cvmfs-ml model get REF DIR`), then pass --model DIR")
-        spec = user_model(path)
+    for text in arguments:
+        if text.startswith("cvmfs://"):
+            spec = user_model_ref(text)
+        elif ":" in text and not Path(text).exists():
+            raise _fail(f"--model {text}: a reference needs its repository: "
+                        "cvmfs://<fqrn>/<namespace>/<name>:<version-or-alias>")
+        else:
+            spec = user_model(Path(text))
         taken = {s.name for s in specs}
         name, n = spec.name, 2
         while name in taken:
@@ -62,11 +65,12 @@ def bench_run(
     ] = None,
     models: Annotated[str | None, typer.Option(help="comma list of the profile's models")] = None,
     model: Annotated[
-        list[Path] | None,
+        list[str] | None,
         typer.Option(
             "--model",
             help="measure this model instead of the profile's (repeatable): an ONNX, "
-            "safetensors or PyTorch file, a folder with one .onnx, or a Hugging Face folder",
+            "safetensors or PyTorch file, a folder with one .onnx, a Hugging Face folder, "
+            "or a published version cvmfs://<fqrn>/<ns>/<name>:<version-or-alias>",
         ),
     ] = None,
     states: Annotated[str | None, typer.Option(help="comma list: cold,warm,hot")] = None,
