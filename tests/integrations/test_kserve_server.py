@@ -7,7 +7,6 @@ serves moves, with the new version's output (it polls where the alias points).
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -102,11 +101,6 @@ def test_server_without_a_mount_follows_the_alias(site: Site, tmp_path: Path) ->
         np.testing.assert_allclose(y, onnx_output(site.originals["2.0"]), rtol=1e-6)
 
 
-@pytest.mark.xfail(
-    importlib.util.find_spec("cvmfs_ml.client.fuse_live") is None,
-    reason="needs mounts that refresh when the TTL expires (issue 8 item 1, client-live branch)",
-    strict=True,
-)
 def test_server_on_a_mount_follows_the_alias_after_the_ttl(
     site: Site, mount_site: Callable[[], object], tmp_path: Path
 ) -> None:

@@ -115,3 +115,40 @@ def test_plugin_is_read_only_and_refuses_traversal(site: Site) -> None:
             CvmfsArtifactRepository("cvmfs://../etc")
     finally:
         del os.environ["CVMFS_ML_CONFIG"]
+
+
+def test_registered_model_to_repository_to_load_model_end_to_end(
+    site: Site, tmp_path: Path
+) -> None:
+    """docs/integrations.md's MLflow path, step by step with the real commands: register a
+    model in a tracking server, ``model ingest models:/NAME@ALIAS``, ``model alias``, then
+    ``mlflow.pyfunc.load_model("cvmfs://...")`` over HTTP gives the registered model's output."""
+    import mlflow.onnx
+    import onnx
+
+    tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = mlflow.MlflowClient(tracking_uri=tracking)
+    experiment = client.create_experiment("e2e", artifact_location=str(tmp_path / "artifacts"))
+    mlflow.set_tracking_uri(tracking)
+    try:
+        with mlflow.start_run(experiment_id=experiment):
+            mlflow.onnx.log_model(onnx.load(str(site.originals["2.0"] / "model.onnx")),
+                                  name="model", registered_model_name="tagger",
+                                  save_as_external_data=False)  # fmt: skip
+        client.set_registered_model_alias("tagger", "champion", "1")
+        x = np.linspace(-1, 1, 2 * HIDDEN, dtype=np.float32).reshape(2, HIDDEN)
+        expected = np.asarray(mlflow.pyfunc.load_model("models:/tagger/1").predict({"x": x})["y"])
+    finally:
+        mlflow.set_tracking_uri(None)
+    repo = str(site.publisher.repo_dir)
+    for args in (["model", "ingest", "models:/tagger@champion", "--repo", repo,
+                  "--as", "ml/tagger:1", "--tracking-uri", tracking],
+                 ["model", "alias", repo, "ml/tagger", "prod", "1"]):  # fmt: skip
+        done = subprocess.run([sys.executable, "-m", "cvmfs_ml.cli", *args], env=site.env,
+                              capture_output=True, text=True, timeout=300, check=False)  # fmt: skip
+        assert done.returncode == 0, done.stderr[-3000:]
+    env = _plugin_env(site, tmp_path)
+    got = _load(env, f"cvmfs://{FQRN}/ml/tagger:prod", tmp_path / "out.npy")
+    np.testing.assert_array_equal(got, expected)
+    np.testing.assert_array_equal(got, _load(env, f"cvmfs://{FQRN}/ml/tagger/1",
+                                             tmp_path / "out1.npy"))  # fmt: skip
