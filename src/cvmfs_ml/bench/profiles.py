@@ -12,7 +12,7 @@ from typing import Any
 
 from cvmfs_ml.bench.zoo import ModelSpec
 
-__all__ = ["EXTRA_MODELS", "FQRN", "PROFILES", "Profile", "default_workdir"]
+__all__ = ["EXTRA_MODELS", "FQRN", "PROFILES", "Profile", "choices", "default_workdir"]
 
 FQRN = "bench.cvmfs-ml.test"
 _MiB = 2**20
@@ -108,3 +108,12 @@ def default_workdir(out_dir: str | os.PathLike[str]) -> Path:
     folder between report folders.
     """
     return Path(out_dir) / "work"
+
+
+def choices() -> dict[str, set[str]]:
+    """The names a profile's ``modes``, ``states`` and ``networks`` may hold (``bench run``)."""
+    from cvmfs_ml.bench.modes import MODES
+    from cvmfs_ml.testing.netem import WAN_PROFILES
+
+    return {"modes": {*MODES, "upstream"}, "states": {"cold", "warm", "hot"},
+            "networks": set(WAN_PROFILES)}

@@ -13,6 +13,7 @@ import typer
 from cvmfs_ml.cli.common import JsonOption, _fail, friendly
 
 if TYPE_CHECKING:
+    from cvmfs_ml.bench.profiles import Profile
     from cvmfs_ml.bench.zoo import ModelSpec
 
 bench_app = typer.Typer(
@@ -45,6 +46,51 @@ def _user_models(arguments: list[str]) -> tuple[ModelSpec, ...]:
             name, n = f"{spec.name}-{n}", n + 1
         specs.append(spec if name == spec.name else replace(spec, name=name))
     return tuple(specs)
+
+
+def chosen_profile(
+    chosen: Profile,
+    *,
+    models: str | None = None,
+    model: list[str] | None = None,
+    modes: str | None = None,
+    states: str | None = None,
+    networks: str | None = None,
+    repeats: int | None = None,
+) -> Profile:
+    """``chosen`` narrowed by ``bench run``'s options; bad names fail here, before any build."""
+    from cvmfs_ml.bench.profiles import choices
+
+    changes: dict[str, object] = {}
+    if (names := _split(models)) is not None:
+        known = {m.name for m in chosen.models}
+        unknown = sorted(set(names) - known)
+        if unknown:
+            raise _fail(f"unknown models {unknown}; the profile has {sorted(known)}")
+        changes["models"] = tuple(m for m in chosen.models if m.name in names)
+        changes["access_models"] = tuple(m for m in chosen.access_models if m.name in names)
+        if chosen.concurrency_model not in names:  # the Squid experiment is a model of its own
+            changes["concurrency"] = ()
+    if model:
+        if models:
+            raise _fail("--model and --models exclude each other")
+        chosen_models = _user_models(model)
+        changes["models"] = chosen_models
+        changes["access_models"] = chosen_models
+        changes["network_models"] = tuple(m.name for m in chosen_models)
+        changes["concurrency"] = ()
+    allowed = choices()
+    for field, value in (("modes", modes), ("states", states), ("networks", networks)):
+        if (items := _split(value)) is not None:
+            if unknown := sorted(set(items) - allowed[field]):
+                known = ", ".join(sorted(allowed[field]))
+                raise _fail(f"unknown {field} {unknown}; known: {known}")
+            changes[field] = items
+    if repeats is not None:
+        if repeats < 1:
+            raise _fail("--repeats must be at least 1")
+        changes["repeats"] = repeats
+    return chosen.with_(**changes)
 
 
 @bench_app.command("run")
@@ -100,31 +146,8 @@ def bench_run(
 
     if profile not in PROFILES:
         raise _fail(f"unknown profile {profile!r}; known: {', '.join(sorted(PROFILES))}")
-    chosen = PROFILES[profile]
-    changes: dict[str, object] = {}
-    if (names := _split(models)) is not None:
-        known = {m.name for m in chosen.models}
-        unknown = sorted(set(names) - known)
-        if unknown:
-            raise _fail(f"unknown models {unknown}; the profile has {sorted(known)}")
-        changes["models"] = tuple(m for m in chosen.models if m.name in names)
-        changes["access_models"] = tuple(m for m in chosen.access_models if m.name in names)
-    if model:
-        if models:
-            raise _fail("--model and --models exclude each other")
-        chosen_models = _user_models(model)
-        changes["models"] = chosen_models
-        changes["access_models"] = chosen_models
-        changes["network_models"] = tuple(m.name for m in chosen_models)
-        changes["concurrency"] = ()
-    for field, value in (("modes", modes), ("states", states), ("networks", networks)):
-        if (items := _split(value)) is not None:
-            changes[field] = items
-    if repeats is not None:
-        if repeats < 1:
-            raise _fail("--repeats must be at least 1")
-        changes["repeats"] = repeats
-    chosen = chosen.with_(**changes)
+    chosen = chosen_profile(PROFILES[profile], models=models, model=model, modes=modes,
+                            states=states, networks=networks, repeats=repeats)
 
     def log(message: str) -> None:
         if not quiet:
