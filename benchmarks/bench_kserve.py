@@ -138,11 +138,8 @@ def main() -> None:
             dest = work / "stock-dest"
             shutil.rmtree(dest, ignore_errors=True)
             uris = [f"{base}/cvmfs/origin/{p.name}" for p in sorted(original.iterdir())]
-            code = (
-                "import sys\nfrom kserve_storage import Storage\n"
-                "Storage.download_files(sys.argv[2:], [sys.argv[1]] * len(sys.argv[2:]))"
-            )
-            subprocess.run([sys.executable, "-c", code, str(dest), *uris], env=env, check=True)
+            subprocess.run([sys.executable, "-m", "cvmfs_ml.integrations.kserve_stock", str(dest),
+                            *uris], env=env, check=True)  # fmt: skip
             return dest
 
         timed("initializer", initializer)

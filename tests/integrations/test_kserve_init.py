@@ -112,3 +112,33 @@ def test_unreachable_server_and_odd_arguments(site: Site, tmp_path: Path) -> Non
     (dest / "mine").write_text("x")
     assert "not empty" in init(site, f"cvmfs://{FQRN}/hep/mlp:1.0", dest, code=1)
     assert os.listdir(dest) == ["mine"]
+
+
+def test_stock_download_process_fetches_the_same_model(site: Site, tmp_path: Path) -> None:
+    """``python -m cvmfs_ml.integrations.kserve_stock`` (the benchmark's stock path): the real
+    ``kserve_storage`` over HTTP gives a folder with the original's output; a missing file is
+    one line and exit 1."""
+    from cvmfs_ml.storage.http import RepositoryServer
+
+    served = tmp_path / "served"
+    (served / "origin").mkdir(parents=True)
+    for item in site.originals["2.0"].iterdir():
+        (served / "origin" / item.name).write_bytes(item.read_bytes())
+    with RepositoryServer(served, plain_folders=("origin",)) as http:
+        base = f"{http.url}/cvmfs/origin"
+
+        def stock(dest: Path, *names: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run(
+                [sys.executable, "-m", "cvmfs_ml.integrations.kserve_stock", str(dest),
+                 *(f"{base}/{n}" for n in names)],
+                env=site.env, capture_output=True, text=True, timeout=120, check=False,
+            )  # fmt: skip
+
+        done = stock(tmp_path / "stock", "model.onnx", "labels.txt")
+        assert done.returncode == 0, done.stderr[-2000:]
+        np.testing.assert_array_equal(onnx_output(tmp_path / "stock"),
+                                      onnx_output(site.originals["2.0"]))  # fmt: skip
+        failed = stock(tmp_path / "none", "absent.onnx")
+    lines = failed.stderr.strip().splitlines()
+    assert failed.returncode == 1 and len(lines) == 1, failed.stderr
+    assert lines[0].startswith("kserve_storage download failed")
