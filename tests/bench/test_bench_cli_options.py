@@ -41,3 +41,17 @@ def test_the_command_refuses_a_bad_mode_in_one_line(tmp_path: Path) -> None:
     result = CliRunner().invoke(bench_app, ["run", "--modes", "fuse,ftp", "--out", str(out)])
     assert result.exit_code == 1 and "unknown modes ['ftp']" in result.output
     assert not out.exists()  # nothing built, nothing written
+
+
+def test_the_full_profile_measures_the_llm_case_as_issue_13_asks() -> None:
+    """Local disk, the FUSE mount and ``model get``; cold, warm and hot; loopback and 20 ms;
+    >= 1 GiB of weights. The short profile carries a toy version."""
+    full, short = PROFILES["full"], PROFILES["short"]
+    llm = next(m for m in full.models if m.kind == "genai")
+    assert llm.size >= 2**30
+    assert {"local", "fuse", "get", "upstream"} <= set(full.modes)
+    assert set(full.states) == {"cold", "warm", "hot"}
+    assert "wan-20ms-1g" in full.networks and llm.name in full.network_models
+    assert {"fuse", "get", "upstream"} <= set(full.network_modes)
+    assert any(m.kind == "genai" for m in short.models)
+    assert set(short.states) == {"cold", "warm", "hot"}
