@@ -50,8 +50,41 @@ def _run_copies(script: Path, env: dict[str, str], copies: int) -> list[dict[str
     return results
 
 
+def harness_config_errors(config: dict[str, Any]) -> list[str]:
+    """The harness's own checks of its YAML (``verifyYAML`` in its config reader, restated):
+    ``avail_client_configs`` and ``avail_cmds`` present and non-empty; at least one section
+    whose name holds ``run``; in each (``use_cvmfs`` a bool, default true) ``commands``,
+    ``cvmfs_build_dirs``, ``num_threads`` and ``client_configs`` non-empty, every command in
+    ``avail_cmds`` with repositories, every client config in ``avail_client_configs``."""
+    errors = [f"missing or empty: {label}" for label in ("avail_client_configs", "avail_cmds")
+              if not config.get(label)]  # fmt: skip
+    runs = [key for key in config if "run" in key]
+    if not runs:
+        errors.append('no "run" section')
+    for key in runs:
+        run = config[key]
+        if not isinstance(run.get("use_cvmfs", True), bool):
+            errors.append(f"{key}: use_cvmfs is not a boolean")
+        for label in ("commands", "cvmfs_build_dirs", "num_threads", "client_configs"):
+            if not run.get(label):
+                errors.append(f"{key}: mandatory {label} missing or empty")
+        for cmd in run.get("commands", []):
+            if cmd not in config.get("avail_cmds", {}):
+                errors.append(f"{key}: unknown cmd {cmd}")
+            elif not config["avail_cmds"][cmd].get("repos"):
+                errors.append(f"{key}: {cmd} has no repos")
+        for group in run.get("client_configs", []):
+            errors += [f"{key}: unknown client_config {name}" for name in group
+                       if name not in config.get("avail_client_configs", {})]  # fmt: skip
+    return errors
+
+
 def test_yaml_registers_every_script_in_the_harness_layout() -> None:
     config = yaml.safe_load((HARNESS / "benchmark.yaml").read_text())
+    assert harness_config_errors(config) == []
+    broken = {k: v for k, v in config.items() if k != "avail_client_configs"}
+    assert harness_config_errors(broken) == [
+        "missing or empty: avail_client_configs", "run-cvmfs-ml: unknown client_config default"]
     commands = config["avail_cmds"]
     assert commands, "no avail_cmds"
     for name, entry in commands.items():
