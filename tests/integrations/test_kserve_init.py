@@ -142,3 +142,22 @@ def test_stock_download_process_fetches_the_same_model(site: Site, tmp_path: Pat
     lines = failed.stderr.strip().splitlines()
     assert failed.returncode == 1 and len(lines) == 1, failed.stderr
     assert lines[0].startswith("kserve_storage download failed")
+
+
+def test_the_initializer_needs_only_the_base_install(site: Site, tmp_path: Path) -> None:
+    """The initializer image installs cvmfs-ml without extras: ``kserve-init`` (no mount)
+    must work with every extras-only package refused at import."""
+    from .base_install import extras_only_modules
+
+    launcher = Path(__file__).with_name("base_install.py")
+    blocked = extras_only_modules()
+    assert {"onnxruntime", "onnx", "kserve", "pyfuse3", "yaml"} <= blocked  # really refused
+    assert not blocked & {"numpy", "typer", "rich", "cryptography", "urllib3"}
+    dest = tmp_path / "dest"
+    done = subprocess.run(
+        [sys.executable, str(launcher), "kserve-init", "--copy", f"cvmfs://{FQRN}/hep/mlp:prod",
+         str(dest)], env=site.env, capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "copy from" in done.stderr
+    np.testing.assert_array_equal(onnx_output(dest), onnx_output(site.originals["1.0"]))
