@@ -27,22 +27,22 @@ COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
 FORWARD = """
 import sys, numpy as np, torch
-from transformers import AutoModel
-model = AutoModel.from_pretrained(sys.argv[1]).eval()
+from transformers import AutoModelForMaskedLM
+model = AutoModelForMaskedLM.from_pretrained(sys.argv[1]).eval()
 ids = torch.arange(1, 17).reshape(2, 8) % 90
 with torch.no_grad():
-    np.save(sys.argv[2], model(input_ids=ids).last_hidden_state.numpy())
+    np.save(sys.argv[2], model(input_ids=ids).logits.numpy())
 """
 
 
 def _tiny_bert(folder: Path) -> None:
     import torch
-    from transformers import BertConfig, BertModel
+    from transformers import BertConfig, BertForMaskedLM
 
     torch.manual_seed(0)
     config = BertConfig(vocab_size=99, hidden_size=32, num_hidden_layers=2,
                         num_attention_heads=4, intermediate_size=37)  # fmt: skip
-    BertModel(config).save_pretrained(folder, safe_serialization=True)
+    BertForMaskedLM(config).save_pretrained(folder, safe_serialization=True)
 
 
 def _hub_cache(snapshot: Path, cache: Path, repo_id: str) -> None:
