@@ -580,22 +580,25 @@ class Transaction:
                     else:
                         make_items, at, nested = payload  # type: ignore[misc]
                         self._apply(workspace, pipeline, make_items(), at, nested)
+            stages = pipeline.stats.stages
             now = max(int(time.time()), previous.timestamp)
-            root = workspace.commit(now=now, ttl=settings.ttl)
+            with stages.measure("catalog"):
+                root = workspace.commit(now=now, ttl=settings.ttl)
             revision = previous.revision + 1
             if root.revision != revision:
                 raise PublishError(
                     f"root catalog revision {root.revision} != manifest revision {revision}"
                 )
-            history = publisher._write_history(
-                previous.history,
-                root.digest,
-                root.size,
-                revision,
-                now,
-                tag=tag,
-                description=description,
-            )
+            with stages.measure("history"):
+                history = publisher._write_history(
+                    previous.history,
+                    root.digest,
+                    root.size,
+                    revision,
+                    now,
+                    tag=tag,
+                    description=description,
+                )
             certificate = publisher.store.put_object(
                 deflate(publisher.keys.certificate_pem),
                 ObjectKind.CERTIFICATE,
@@ -613,8 +616,10 @@ class Transaction:
                 timestamp=now,
                 unknown=(),
             )
-            publisher.store.flush()  # objects and catalogs durable before the manifest names them
-            manifest = publisher._sign_and_swap(manifest, previous_raw)
+            with stages.measure("fsync"):  # objects and catalogs durable before the manifest
+                publisher.store.flush()
+            with stages.measure("sign_swap"):
+                manifest = publisher._sign_and_swap(manifest, previous_raw)
         finally:
             publisher.progress = None
             workspace.close()
@@ -659,20 +664,26 @@ class Transaction:
         if dirtab is not None:
             nested |= {i.path for i, _ in staged if i.is_dir and i.path and dirtab.matches(i.path)}
         virtual_markers = nested - markers
-        for item, pending in staged:
-            editor.put(item, pending, nested_root=item.path in nested)
-            if item.path in virtual_markers:
-                # Upstream creates an empty marker in each directory the dirtab selects.
-                marker = SourceItem(
-                    path=f"{item.path}/{MARKER}",
-                    mode=stat.S_IFREG | 0o644,
-                    mtime=item.mtime,
-                    size=0,
-                    open=lambda: io.BytesIO(b""),
-                )
-                editor.put(marker, pipeline.add(marker), nested_root=False)
-        for path in sorted(nested):
-            editor.make_catalog_root(path)
+        stages = pipeline.stats.stages
+        with stages.measure("wait_workers"):
+            for _, pending in staged:
+                if pending is not None:
+                    pending.result()
+        with stages.measure("catalog"):
+            for item, pending in staged:
+                editor.put(item, pending, nested_root=item.path in nested)
+                if item.path in virtual_markers:
+                    # Upstream creates an empty marker in each directory the dirtab selects.
+                    marker = SourceItem(
+                        path=f"{item.path}/{MARKER}",
+                        mode=stat.S_IFREG | 0o644,
+                        mtime=item.mtime,
+                        size=0,
+                        open=lambda: io.BytesIO(b""),
+                    )
+                    editor.put(marker, pipeline.add(marker), nested_root=False)
+            for path in sorted(nested):
+                editor.make_catalog_root(path)
 
     def _dirtab(
         self, workspace: CatalogWorkspace, staged: list[tuple[SourceItem, PendingFile | None]]
