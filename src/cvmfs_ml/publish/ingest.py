@@ -27,7 +27,7 @@ from typing import BinaryIO
 
 from cvmfs_ml.cvmfs.catalog import Chunk
 from cvmfs_ml.cvmfs.chunking import Xor32Chunker
-from cvmfs_ml.cvmfs.hashing import Digest, new_hasher
+from cvmfs_ml.cvmfs.hashing import STAGING_SIZE, Digest, new_hasher, update_staged
 from cvmfs_ml.cvmfs.objects import Compression, ObjectKind, new_compressor, object_path
 from cvmfs_ml.errors import PublishError
 from cvmfs_ml.publish.filecache import FileCache, FileKey
@@ -181,6 +181,7 @@ class ContentPipeline:
         limit = max(_IN_FLIGHT_BYTES // _BLOCK, 2 * blocks_per_piece + 2)
         self._blocks = _BlockPool(_BLOCK, limit)
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="cvmfs-ml-ingest")
+        self._per_thread = threading.local()
         self._writing: set[str] = set()  # objects being written now, so a twin is not
         self._writing_lock = threading.Lock()
 
@@ -195,13 +196,21 @@ class ContentPipeline:
         self.close()
 
     # -- workers ------------------------------------------------------------------------------
+    def _staging(self) -> memoryview:
+        """This worker's cache-sized buffer for :func:`update_staged`."""
+        staging: memoryview | None = getattr(self._per_thread, "staging", None)
+        if staging is None:
+            staging = self._per_thread.staging = memoryview(bytearray(STAGING_SIZE))
+        return staging
+
     def _store(self, parts: Sequence[memoryview | bytes], kind: ObjectKind) -> Digest:
         stages = self.stats.stages
         size = sum(len(p) for p in parts)
         with stages.measure("hash", size):
             hasher = new_hasher(self.settings.hash_algorithm)
+            staging = self._staging()
             for part in parts:
-                hasher.update(part)
+                update_staged(hasher, part, staging)
             digest = Digest(self.settings.hash_algorithm, hasher.digest())
         rel = object_path(digest, kind)
         with self._writing_lock:
