@@ -40,11 +40,13 @@ def format_report(report: dict[str, Any]) -> str:
         out(f"upstream: {upstream['unavailable']}")
     out("")
     head = (f"{'':<22} {'median s':>8} {'spread s':>11} {'MB/s':>6} {'x cp+sync':>9} "
-            f"{'per round':>16} {'peak RSS':>9}")
+            f"{'per round':>16} {'peak RSS':>9} {'CPU s/GB':>8}")
     out(head)
     out("-" * len(head))
+    cp_cpu = [d["cpu"] for d in cp["details"] if "cpu" in d]
+    cp_cpu_text = f"{statistics.median(cp_cpu) / gb:>8.2f}" if cp_cpu else f"{'-':>8}"
     out(f"{'cp -r + sync':<22} {cp['median_s']:>8.2f} {_spread(cp['runs']):>11} "
-        f"{total / cp['median_s'] / 1e6:>6.0f} {1.0:>9.2f}")
+        f"{total / cp['median_s'] / 1e6:>6.0f} {1.0:>9.2f} {'':>16} {'':>9} {cp_cpu_text}")
     for name, key in (("read (local disk)", "read"), ("sha1, 1 thread, warm", "sha1_warm")):
         ref = refs[key]
         ratio, per_round = _ratio_line(ref["runs"], cp["runs"])
@@ -59,9 +61,10 @@ def format_report(report: dict[str, Any]) -> str:
     for mode, runs in report["publish"].items():
         ratio, per_round = _ratio_line(runs["runs"], cp["runs"])
         rss = max(d["peak_rss"] for d in runs["details"])
+        cpu = statistics.median(d["cpu_user"] + d["cpu_sys"] for d in runs["details"])
         out(f"{'publish ' + mode:<22} {runs['median_s']:>8.2f} {_spread(runs['runs']):>11} "
             f"{total / runs['median_s'] / 1e6:>6.0f} {ratio:>9.2f} {per_round:>16} "
-            f"{rss / 2**20:>5.0f} MiB")
+            f"{rss / 2**20:>5.0f} MiB {cpu / gb:>8.2f}")
         rss_ok = "met" if rss < GOAL_RSS else "NOT met"
         text = f"  {mode}: peak RSS < {GOAL_RSS / 1e6:.0f} MB {rss_ok}"
         if mode in ("none", "auto"):
@@ -75,7 +78,9 @@ def format_report(report: dict[str, Any]) -> str:
                      f"{again['objects_new']} new objects")
         goals.append(text)
     out("x cp+sync: median time / median time of cp -r + sync; per round: the same within each "
-        "round. Publish times include the publisher's own syncfs.")
+        "round. Publish times include the publisher's own syncfs. CPU s/GB: the process's own "
+        "(cp's excludes the kernel's writeback threads, and so does the publisher's, except the "
+        "writeback it starts itself); on a busy machine it is the figure that carries over.")
     lines += goals
     for mode, runs in report["publish"].items():
         order = sorted(range(len(runs["runs"])), key=runs["runs"].__getitem__)

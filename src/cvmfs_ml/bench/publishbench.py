@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -108,14 +109,17 @@ def time_cp_sync(src: Path, work: Path) -> dict[str, Any]:
     if dst.exists():
         shutil.rmtree(dst)
     os.sync()
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     subprocess.run(["cp", "-r", str(src), str(dst)], check=True)
     t1 = time.perf_counter()
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     os.sync()
     t2 = time.perf_counter()
     shutil.rmtree(dst)
     os.sync()
-    return {"seconds": t2 - t0, "cp_s": t1 - t0, "sync_s": t2 - t1}
+    cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+    return {"seconds": t2 - t0, "cp_s": t1 - t0, "sync_s": t2 - t1, "cpu": cpu}
 
 
 def time_read(src: Path, *, digest: Callable[[], Any] | None = None) -> float:
