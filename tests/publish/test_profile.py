@@ -88,3 +88,19 @@ def test_read_ahead_follows_the_reader_and_skips_sources_without_a_descriptor(
         ahead.position = ingest._BLOCK
         ahead.advance()
         assert ahead.ahead == ingest._BLOCK + ingest._READ_AHEAD > first
+
+
+def test_a_large_unchunked_file_is_measured_too(
+    make_repo: Callable[..., Publisher], tmp_path: Path
+) -> None:
+    pub = make_repo(compression=Compression.NONE, use_chunking=False)
+    size = ingest._WHOLE_IN_MEMORY + 12345  # streamed through one codec in the reading thread
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "big.bin").write_bytes(os.urandom(size))
+    with pub.transaction() as txn:
+        txn.add_folder(src)
+        result = txn.commit()
+    stages = result.stats.stages.totals()
+    assert stages["hash"].bytes == size and stages["write"].bytes == size
+    assert stages["read"].calls >= size // ingest._BLOCK

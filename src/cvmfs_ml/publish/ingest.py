@@ -345,7 +345,9 @@ class ContentPipeline:
 
     def _stream_whole(self, source: BinaryIO) -> PendingFile:
         """A large unchunked file (chunking off): one codec over the stream, bounded memory."""
-        first = source.read(_BLOCK)
+        stages = self.stats.stages
+        with stages.measure("read"):
+            first = source.read(_BLOCK)
         compression = self._decide(first)
         compressor = new_compressor(compression)
         hasher = new_hasher(self.settings.hash_algorithm)
@@ -353,15 +355,20 @@ class ContentPipeline:
         block, total = first, 0
         while block:
             total += len(block)
-            out = compressor.compress(block)
-            hasher.update(out)
-            writer.write(out)
-            block = source.read(_BLOCK)
+            with stages.measure("compress", len(block)):
+                out = compressor.compress(block)
+            with stages.measure("hash", len(out)):
+                hasher.update(out)
+            with stages.measure("write", len(out)):
+                writer.write(out)
+            with stages.measure("read"):
+                block = source.read(_BLOCK)
         tail = compressor.flush()
         hasher.update(tail)
         writer.write(tail)
         digest = Digest(self.settings.hash_algorithm, hasher.digest())
-        new = writer.commit(object_path(digest))
+        with stages.measure("write"):
+            new = writer.commit(object_path(digest))
         self.stats.count_object(new, writer.size)
         pending = PendingFile(total, compression is not Compression.NONE)
         done: Future[tuple[Digest, bool]] = Future()
