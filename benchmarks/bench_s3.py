@@ -1,6 +1,6 @@
 """Publish to S3 (moto's standalone server on loopback) versus a local folder, same input.
 
-The input is bench_publish.py's generated model (float16 safetensors + an LLM-shaped ONNX with
+The input is the publish benchmark's generated model (float16 safetensors + an LLM-shaped ONNX with
 external data; ``--scale 0.08`` is about 300 MB, ``--scale 1`` the issue's 3.76 GB). Each publish
 runs in a fresh interpreter so its own peak RSS (``VmHWM``) is measured; the page cache of the
 inputs is dropped before each run (``posix_fadvise``), so both sides read cold. The S3 side
@@ -26,8 +26,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_publish import _DEFAULT_CACHE, _vm_hwm_kib, ensure_content, make_cold
+from cvmfs_ml.bench.publishbench import make_cold
+from cvmfs_ml.bench.read_probe import _peak_rss
+from cvmfs_ml.bench.readbench import ensure_content
+
+_DEFAULT_CACHE = Path(__file__).resolve().parent.parent / "bench-out" / "cache" / "publish"
 
 _FQRN = "bench.s3.local"
 _MARK = "@@BENCH_S3@@"
@@ -53,7 +56,7 @@ def child_main(spec: dict[str, Any]) -> None:
     stats = result.stats
     print(_MARK + json.dumps({
         "seconds": seconds, "bytes_in": stats.bytes_in, "objects_new": stats.objects_new,
-        "bytes_stored": stats.bytes_stored, "peak_rss_mb": _vm_hwm_kib() / 1024,
+        "bytes_stored": stats.bytes_stored, "peak_rss_mb": _peak_rss() / 2**20,
         "mb_per_s": stats.bytes_in / seconds / 1e6, "workers": max(publisher.settings.worker_count,
                                             getattr(publisher.store, "upload_workers", 0)),
         "cpu_seconds": usage.ru_utime + usage.ru_stime,
@@ -83,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from cvmfs_ml.testing import MotoS3
 
-    src = ensure_content(args.cache, args.scale)
+    src = ensure_content(args.cache, args.scale).folder
     report: dict[str, Any] = {"scale": args.scale, "compression": args.compression}
     with tempfile.TemporaryDirectory(prefix="bench-s3.") as tmp:
         work = Path(tmp)

@@ -84,6 +84,30 @@ def new_hasher(algorithm: Algorithm) -> Hasher:
         raise FormatError("hash algorithm", "this Python's OpenSSL has no RIPEMD-160") from exc
 
 
+STAGING_SIZE = 256 * 1024
+"""Size of the buffer :func:`update_staged` copies through: well inside a core's L2 cache."""
+
+
+def update_staged(hasher: Hasher, data: bytes | memoryview, staging: memoryview) -> None:
+    """``hasher.update(data)``, fed through ``staging``, a small buffer that stays in cache.
+
+    Same result, faster for large ``data`` that is not in the CPU cache: SHA-1 (SHA-NI) reading
+    straight from memory ran at 1.1-1.4 GB/s here, against 1.7-1.8 GB/s for copying each 256 KiB
+    into a cache-resident buffer first and hashing that (memcpy streams at ~9 GB/s; the hash's
+    dependent loads do not). ``staging`` is the caller's, one per thread.
+    """
+    view = memoryview(data).cast("B")
+    size, step = len(view), len(staging)
+    if size < 2 * step:
+        hasher.update(view)
+        return
+    for start in range(0, size, step):
+        part = view[start : start + step]
+        n = len(part)
+        staging[:n] = part
+        hasher.update(staging[:n])
+
+
 def hash_bytes(data: bytes | memoryview, algorithm: Algorithm = Algorithm.SHA1) -> Digest:
     """The digest of ``data`` as a :class:`Digest`."""
     hasher = new_hasher(algorithm)
