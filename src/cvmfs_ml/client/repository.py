@@ -470,7 +470,7 @@ class Repository:
             rel = object_path(digest, kind)
             known = size is not None and (exact or size > 0)  # a 0 catalog size is "unknown"
             bound = size if known and size is not None else self.max_unsized_object
-            with self.cache.put_stream(digest) as sink:
+            with self.cache.put_stream(digest, size_hint=bound if known else None) as sink:
                 if fetch_into is None:
                     written = self.source.fetch_into(
                         rel, digest, compressed, sink, max_bytes=bound
