@@ -562,7 +562,7 @@ class Repository:
                 largest = max(piece.size for piece in layout.pieces)
                 handle.readahead = max(handle.readahead, (quota // 8) // max(1, largest))
             else:
-                self.prefetch_layout(layout, path=entry.path)
+                handle.prefetching = self.prefetch_layout(layout, path=entry.path)
                 handle.prefetched = True
         return handle
 
