@@ -7,6 +7,7 @@ import hashlib
 import json
 import mmap
 import os
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -27,6 +28,7 @@ from cvmfs_ml.client.repository import Repository
 from cvmfs_ml.cvmfs.catalog import Chunk
 from cvmfs_ml.cvmfs.hashing import hash_bytes
 from cvmfs_ml.cvmfs.objects import Compression
+from cvmfs_ml.models.refs import materialise
 from cvmfs_ml.publish.repository import create_repository
 from cvmfs_ml.publish.settings import PublishSettings
 from cvmfs_ml.storage.http import RepositoryServer
@@ -189,3 +191,26 @@ def test_page_push_once_per_piece_and_inode_and_not_where_the_reader_is(tmp_path
         worker.start()
         worker.join(10)
     assert stored == []
+
+
+@pytest.mark.parametrize("dest_on", ["same file system", "/dev/shm"])
+def test_materialised_chunked_file_is_copied_in_the_kernel(
+    reference_repo: Path, tmp_path: Path, dest_on: str
+) -> None:
+    """``model get``/the KServe initializer copy a chunked file piece by piece from the cache
+    (``copy_file_range``, or read/write across file systems): the same bytes either way."""
+    base = tmp_path if dest_on == "same file system" else Path(dest_on)
+    if not base.is_dir():
+        pytest.skip(f"{dest_on} is missing")
+    with (
+        Repository.open(
+            reference_repo / "cvmfs" / REF,
+            public_key=reference_repo / "keys" / f"{REF}.pub",
+            cache=tmp_path / "cache",
+        ) as repo,
+        tempfile.TemporaryDirectory(dir=base) as folder,
+    ):
+        assert len(repo.layout(BIG).pieces) > 1
+        copied = materialise(repo, BIG, Path(folder) / "out")
+        target = copied if copied.is_file() else copied / Path(BIG).name
+        assert target.read_bytes() == repo.read_bytes(BIG)
