@@ -46,7 +46,9 @@ def _fsspec(args: dict[str, Any]) -> dict[str, Any]:
     cpu = os.times()
     stats = getattr(repo.source, "stats", None)
     return {"boot_s": t1 - t0, "read_s": t2 - t1, "bytes": total, "peak_rss": _peak_rss(),
-            "requests": getattr(stats, "requests", None), "cpu_s": cpu.user + cpu.system}
+            "requests": getattr(stats, "requests", None), "cpu_s": cpu.user + cpu.system,
+            "fetch_cpu_s": {phase: round(getattr(stats, f"{phase}_cpu_s", 0.0), 3)
+                            for phase in ("receive", "hash", "store")}}
 
 
 def _ort(args: dict[str, Any]) -> dict[str, Any]:

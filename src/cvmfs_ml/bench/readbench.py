@@ -26,6 +26,7 @@ from typing import Any
 
 from cvmfs_ml.bench.origin import Origin
 from cvmfs_ml.bench.read_probe import probe
+from cvmfs_ml.errors import CvmfsMlError
 
 __all__ = ["MODES", "NETWORKS", "STATES", "Bench", "Cell", "Content", "Published", "ReadOptions",
            "ensure_content", "ensure_repository", "network"]
@@ -224,6 +225,16 @@ def cpu_seconds(pid: int) -> float | None:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def fetch_cpu(mountpoint: Path) -> dict[str, float] | None:
+    """Where the daemon's fetch threads spent CPU (receive, hash, store), from its stats."""
+    from cvmfs_ml.client.mount_control import read_mount_stats
+
+    try:
+        return read_mount_stats(mountpoint)["fetch"].get("cpu_seconds")
+    except (OSError, KeyError, ValueError, CvmfsMlError):
+        return None
+
+
 def vm_hwm(pid: int) -> int | None:
     """Peak RSS (``VmHWM``) of a live process, bytes."""
     try:
@@ -382,12 +393,14 @@ class Bench:
                     t = timed(["cat", str(target)])
                     rss = vm_hwm(handle.pid)
                     cpu = (cpu_seconds(handle.pid) or 0.0) - cpu0
+                    phases = fetch_cpu(self.mountpoint)
                 finally:
                     handle.unmount()
                 c.seconds.append(t)
                 c.rss.append(rss or 0)
-                c.extra.append({"daemon_cpu_s": round(cpu, 2)})
-                self.log(c, t, f"daemon CPU {cpu:.2f} s, peak RSS {(rss or 0) / 2**20:.0f} MiB")
+                c.extra.append({"daemon_cpu_s": round(cpu, 2), "fetch_cpu_s": phases})
+                self.log(c, t, f"daemon CPU {cpu:.2f} s (fetch threads: {phases}), "
+                         f"peak RSS {(rss or 0) / 2**20:.0f} MiB")
         if not ({"warm", "hot"} & set(states)):
             return
         if not any(self.cache.glob("??/*")):  # warm needs a full cache
@@ -452,13 +465,15 @@ class Bench:
                         "boot_s": result["boot_s"],
                         "requests": result["requests"],
                         "process_cpu_s": round(result["cpu_s"], 2),
+                        "fetch_cpu_s": result.get("fetch_cpu_s"),
                     }
                 )
                 self.log(
                     c,
                     result["read_s"],
                     f"boot {result['boot_s']:.2f} s, process CPU "
-                    f"{result['cpu_s']:.2f} s, peak RSS "
+                    f"{result['cpu_s']:.2f} s (fetch threads: {result.get('fetch_cpu_s')}), "
+                    "peak RSS "
                     f"{result['peak_rss'] / 2**20:.0f} MiB",
                 )
 

@@ -42,10 +42,12 @@ evicted down to half the quota, like upstream. Lookups update the LRU order in b
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import os
 import shutil
 import sqlite3
+import sys
 import threading
 import time
 import uuid
@@ -116,11 +118,12 @@ class TxnFile:
     what :meth:`cvmfs_ml.client.fetcher.Fetcher.fetch_into` does before a retry.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, size_hint: int | None = None) -> None:
         self.path = path
         self.committed_path: Path | None = None
         # Unbuffered: the fetcher writes 1 MiB blocks, which a buffer would only copy again.
         self._file: BinaryIO = open(path, "w+b", buffering=0)  # noqa: SIM115 - closed by the cache
+        self._reserved = preallocate(self._file.fileno(), size_hint or 0)
         self._pos = 0
         self._crc = 0
         self._crc_end = 0
@@ -152,6 +155,7 @@ class TxnFile:
         self._file.truncate(size)
         if size == 0:
             self._crc, self._crc_end, self._crc_valid = 0, 0, True
+            self._reserved = preallocate(self._file.fileno(), self._reserved)  # a retry
         elif size < self._crc_end:
             self._crc_valid = False
         return size
@@ -179,6 +183,8 @@ class TxnFile:
         """Flush and close; return (size, crc) of what was written."""
         self._file.flush()
         size = os.fstat(self._file.fileno()).st_size
+        if self._reserved > size:  # fewer bytes came than reserved: free the rest
+            os.ftruncate(self._file.fileno(), size)
         self._file.close()
         if not self._crc_valid or self._crc_end != size:
             return size, _crc_of_file(self.path)
@@ -444,8 +450,12 @@ class ObjectCache:
         return self._commit(digest, txn, pin)
 
     @contextlib.contextmanager
-    def put_stream(self, digest: Digest, *, pin: bool = False) -> Iterator[TxnFile]:
+    def put_stream(
+        self, digest: Digest, *, pin: bool = False, size_hint: int | None = None
+    ) -> Iterator[TxnFile]:
         """A file to write ``digest``'s content into; committed when the block exits cleanly.
+
+        ``size_hint`` (the catalog's size) reserves the file's blocks first (:func:`preallocate`).
 
         On an exception nothing is added and the temporary file is removed. After the block,
         ``txn.committed_path`` is the object's path::
@@ -453,7 +463,7 @@ class ObjectCache:
             with cache.put_stream(digest) as txn:
                 fetcher.fetch_into(object_path(digest, kind), digest, True, txn)
         """
-        txn = TxnFile(self._new_txn())
+        txn = TxnFile(self._new_txn(), size_hint)
         try:
             yield txn
         except BaseException:
@@ -738,6 +748,43 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError:  # exists, owned by someone else
         return True
     return True
+
+
+PREALLOCATE_MIN_BYTES = 1 << 20
+"""Objects from this size on get their blocks reserved before they are written."""
+
+_FALLOC_FL_KEEP_SIZE = 1
+
+
+def _load_fallocate() -> Callable[[int, int, int, int], int] | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        function = libc.fallocate
+    except (OSError, AttributeError):  # pragma: no cover - not glibc/musl
+        return None
+    function.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    function.restype = ctypes.c_int
+    return function  # type: ignore[no-any-return]
+
+
+_fallocate = _load_fallocate()
+
+
+def preallocate(fd: int, size: int) -> int:
+    """Reserve ``size`` bytes of blocks for ``fd`` without changing its size; bytes reserved.
+
+    Why: a buffered write into a file without blocks makes ext4 (and xfs) reserve and map
+    delayed-allocation blocks page by page, and that bookkeeping cost more CPU than the copy
+    itself while the cold reads here were profiled (0.75-1.65 s per GiB against 0.2-0.7 s with
+    the blocks reserved first). ``fallocate(FALLOC_FL_KEEP_SIZE)``, so a file that gets fewer
+    bytes than expected keeps its true size. Best effort: file systems without it (tmpfs is
+    fine, some network file systems are not) are written as before.
+    """
+    if _fallocate is None or size < PREALLOCATE_MIN_BYTES:
+        return 0
+    return size if _fallocate(fd, _FALLOC_FL_KEEP_SIZE, 0, size) == 0 else 0
 
 
 def _crc_of_file(path: Path) -> int:

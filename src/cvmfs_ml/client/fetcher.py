@@ -8,7 +8,8 @@ when one request finds a proxy or host broken, the following requests start from
 Every body is checked while it streams: the hash runs over the raw received bytes (the object
 name is the hash of the stored, usually compressed, bytes: §5), then the bytes are inflated into
 the sink. Memory stays bounded by the 1 MiB read buffer (plus zlib's window), so a multi-GB
-object never sits in memory when :meth:`Fetcher.fetch_into` is used.
+object never sits in memory when :meth:`Fetcher.fetch_into` is used. One request and its body
+are :mod:`cvmfs_ml.client.transfer`; this module is the failover around them.
 
 Failure rules (download.cc ``CallbackCurlHeader`` and ``VerifyAndFinalize``):
 
@@ -36,142 +37,43 @@ Failure rules (download.cc ``CallbackCurlHeader`` and ``VerifyAndFinalize``):
 
 from __future__ import annotations
 
-import enum
 import http.client
 import logging
 import random
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, fields
-from typing import TYPE_CHECKING, Any, BinaryIO, Protocol
+from typing import BinaryIO
 
 import urllib3
 from urllib3.exceptions import HTTPError as Urllib3Error
-from urllib3.exceptions import MaxRetryError, ProtocolError, ReadTimeoutError
+from urllib3.exceptions import MaxRetryError
 
 from cvmfs_ml import __version__
 from cvmfs_ml.client.config import DIRECT, ClientConfig
-from cvmfs_ml.cvmfs.hashing import Digest, new_hasher
-from cvmfs_ml.cvmfs.objects import Decompressor, stored_bound
-from cvmfs_ml.errors import ConfigError, DownloadError, FormatError
-
-if TYPE_CHECKING:
-    from cvmfs_ml.cvmfs.hashing import Hasher
+from cvmfs_ml.client.transfer import (
+    PIECE_SIZE,
+    Counters,
+    Failure,
+    FetchStats,
+    FileSink,
+    Job,
+    Kind,
+    MemorySink,
+    Sink,
+    check_status,
+    describe,
+    finish,
+    read_body,
+)
+from cvmfs_ml.cvmfs.hashing import Digest
+from cvmfs_ml.errors import ConfigError, DownloadError
 
 __all__ = ["DIRECT", "PIECE_SIZE", "FetchStats", "Fetcher"]
 
 log = logging.getLogger(__name__)
 
-PIECE_SIZE = 1 << 20
-"""Bytes read from the socket at a time: large enough for 5+ GB/s, small enough to stay cached."""
-
-_REDIRECTS = frozenset({301, 302, 303, 307, 308})
 _MAX_REDIRECTS = 4  # upstream: "follow up to 4 HTTP redirects"
-
-
-class _Kind(enum.Enum):
-    """What a failed try says about where to go next (upstream ``Failures``, simplified)."""
-
-    PROXY = "proxy"  # switch proxy now
-    HOST = "host"  # switch host now
-    PROXY_TRANSFER = "proxy transfer"  # back off and retry, then switch proxy
-    HOST_TRANSFER = "host transfer"  # back off and retry, then switch host
-    BAD_DATA = "bad data"  # retry once with no-cache, then blame the path
-
-
-class _Failure(Exception):
-    def __init__(self, kind: _Kind, reason: str) -> None:
-        super().__init__(reason)
-        self.kind = kind
-        self.reason = reason
-
-
-class _Sink(Protocol):
-    def write(self, data: bytes | memoryview, /) -> object: ...
-
-
-@dataclass(frozen=True, slots=True)
-class FetchStats:
-    """Counters since the fetcher was created; subtract two snapshots to measure an interval."""
-
-    fetches: int = 0  # successful fetch / fetch_into calls
-    requests: int = 0  # HTTP requests sent, retries included
-    bytes_received: int = 0  # raw body bytes read from the network
-    failovers: int = 0  # switches to another proxy or host
-    retries: int = 0  # same-path retries (backoff or no-cache)
-    bad_data: int = 0  # bodies that failed the hash, the length or the decoder
-
-    def __sub__(self, other: FetchStats) -> FetchStats:
-        return FetchStats(*(getattr(self, f.name) - getattr(other, f.name) for f in fields(self)))
-
-
-class _Counters:
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._values = dict.fromkeys((f.name for f in fields(FetchStats)), 0)
-
-    def add(self, name: str, amount: int = 1) -> None:
-        with self._lock:
-            self._values[name] += amount
-
-    def snapshot(self) -> FetchStats:
-        with self._lock:
-            return FetchStats(**self._values)
-
-
-class _MemorySink:
-    def __init__(self) -> None:
-        self.parts: list[bytes] = []
-
-    def write(self, data: bytes | memoryview) -> None:
-        self.parts.append(bytes(data))
-
-    def reset(self) -> None:
-        self.parts.clear()
-
-    def value(self) -> bytes:
-        return self.parts[0] if len(self.parts) == 1 else b"".join(self.parts)
-
-
-class _FileSink:
-    """Writes into the caller's file; rewinds it when a try has to start over."""
-
-    def __init__(self, fileobj: _Sink) -> None:
-        self._file = fileobj
-        self._seekable = bool(getattr(fileobj, "seekable", lambda: False)())
-        self._start = fileobj.tell() if self._seekable else 0  # type: ignore[attr-defined]
-        self.written = 0
-
-    def write(self, data: bytes | memoryview) -> None:
-        self._file.write(data)
-        self.written += len(data)
-
-    def reset(self) -> None:
-        if self.written == 0:
-            return
-        if not self._seekable:
-            raise OSError("the output cannot be rewound for a retry (not seekable)")
-        self._file.seek(self._start)  # type: ignore[attr-defined]
-        self._file.truncate()  # type: ignore[attr-defined]
-        self.written = 0
-
-
-@dataclass
-class _Job:
-    """One fetch: what to get and how to check it, plus upstream's ``JobInfo`` retry state."""
-
-    what: str
-    expected: Digest | None
-    compressed: bool
-    sink: _Sink
-    reset: Callable[[], None]
-    nocache: bool
-    retries_left: int
-    max_bytes: int | None = None  # content bound (inflated); the raw body is bounded to match
-    backoff: float = 0.0
-    attempts: list[tuple[str, str, str]] = field(default_factory=list)
-    byte_range: tuple[int, int] | None = None  # [first, last] byte of an HTTP Range request
 
 
 class Fetcher:
@@ -239,7 +141,7 @@ class Fetcher:
         self._group_burned = 0
         self._group_switched_at = 0.0
         self._managers: dict[str, urllib3.PoolManager] = {}
-        self._counters = _Counters()
+        self._counters = Counters()
         self._local = threading.local()
         if follow_redirects:
             self._retries: urllib3.Retry | bool = urllib3.Retry(
@@ -316,7 +218,7 @@ class Fetcher:
                 rel_path, expected, compressed, sink, nocache=nocache, max_bytes=max_bytes
             )
             return b""
-        memory = _MemorySink()
+        memory = MemorySink()
         self._run(rel_path, expected, compressed, memory, memory.reset, nocache,
                   max_bytes=max_bytes)
         return memory.value()
@@ -326,7 +228,7 @@ class Fetcher:
         rel_path: str,
         expected: Digest | None,
         compressed: bool,
-        fileobj: BinaryIO | _Sink,
+        fileobj: BinaryIO | Sink,
         *,
         nocache: bool = False,
         byte_range: tuple[int, int] | None = None,
@@ -342,7 +244,7 @@ class Fetcher:
         for those bytes only (HTTP ``Range``, as upstream fetches chunks of external files); a
         server that answers with the whole file fails.
         """
-        sink = _FileSink(fileobj)
+        sink = FileSink(fileobj)
         self._run(rel_path, expected, compressed, sink, sink.reset, nocache,
                   byte_range=byte_range, max_bytes=max_bytes)
         return sink.written
@@ -367,7 +269,7 @@ class Fetcher:
         rel_path: str,
         expected: Digest | None,
         compressed: bool,
-        sink: _Sink,
+        sink: Sink,
         reset: Callable[[], None],
         nocache: bool,
         *,
@@ -375,7 +277,7 @@ class Fetcher:
         max_bytes: int | None = None,
     ) -> None:
         rel = _clean_rel_path(rel_path)
-        job = _Job(rel, expected, compressed, sink, reset, nocache, self.max_retries, max_bytes)
+        job = Job(rel, expected, compressed, sink, reset, nocache, self.max_retries, max_bytes)
         job.byte_range = byte_range
         for n_host, host_index in enumerate(self._host_order()):
             url = f"{self._hosts[host_index]}/{rel}"
@@ -388,7 +290,7 @@ class Fetcher:
                 if outcome is None:
                     self._counters.add("fetches")
                     return
-                if outcome is _Kind.HOST:
+                if outcome is Kind.HOST:
                     log.info("host %s failed for %s, trying the next host", url, rel)
                     self._host_failed(host_index)
                     break
@@ -399,7 +301,7 @@ class Fetcher:
                 self._host_failed(host_index)
         raise DownloadError(rel, job.attempts)
 
-    def _try_path(self, job: _Job, url: str, proxy: str) -> _Kind | None:
+    def _try_path(self, job: Job, url: str, proxy: str) -> Kind | None:
         """Fetch one URL through one proxy, retrying the same path as upstream allows."""
         nocache = job.nocache
         while True:
@@ -410,28 +312,28 @@ class Fetcher:
             try:
                 self._transfer(job, url, proxy, nocache)
                 return None
-            except _Failure as failure:
+            except Failure as failure:
                 note = " (no-cache)" if nocache else ""
                 job.attempts.append((url, proxy, failure.reason + note))
                 log.debug("%s via %s: %s%s", url, proxy, failure.reason, note)
                 kind = failure.kind
-            if kind is _Kind.BAD_DATA:
+            if kind is Kind.BAD_DATA:
                 self._counters.add("bad_data")
                 if not nocache:
                     nocache = True
                     self._counters.add("retries")
                     continue
-                return _Kind.PROXY if proxy != DIRECT else _Kind.HOST
-            if kind in (_Kind.PROXY_TRANSFER, _Kind.HOST_TRANSFER):
+                return Kind.PROXY if proxy != DIRECT else Kind.HOST
+            if kind in (Kind.PROXY_TRANSFER, Kind.HOST_TRANSFER):
                 if job.retries_left > 0:
                     job.retries_left -= 1
                     self._counters.add("retries")
                     self._backoff(job)
                     continue
-                return _Kind.PROXY if kind is _Kind.PROXY_TRANSFER else _Kind.HOST
+                return Kind.PROXY if kind is Kind.PROXY_TRANSFER else Kind.HOST
             return kind
 
-    def _backoff(self, job: _Job) -> None:
+    def _backoff(self, job: Job) -> None:
         """Sleep before a same-path retry: random up to ``backoff_init``, then doubling."""
         if job.backoff == 0.0:
             job.backoff = self._rng.uniform(0.0, self.backoff_init)
@@ -443,8 +345,8 @@ class Fetcher:
 
     # ------------------------------------------------------------------ one HTTP request
 
-    def _transfer(self, job: _Job, url: str, proxy: str, nocache: bool) -> None:
-        transfer = _Kind.PROXY_TRANSFER if proxy != DIRECT else _Kind.HOST_TRANSFER
+    def _transfer(self, job: Job, url: str, proxy: str, nocache: bool) -> None:
+        transfer = Kind.PROXY_TRANSFER if proxy != DIRECT else Kind.HOST_TRANSFER
         headers = dict(self._headers)
         if nocache:
             headers["Pragma"] = "no-cache"
@@ -465,77 +367,19 @@ class Fetcher:
                 timeout=urllib3.Timeout(connect=seconds, read=seconds),
             )
         except MaxRetryError as exc:
-            raise _Failure(transfer, _describe(exc.reason or exc)) from exc
+            raise Failure(transfer, describe(exc.reason or exc)) from exc
         except (Urllib3Error, OSError, http.client.HTTPException) as exc:
-            raise _Failure(transfer, _describe(exc)) from exc
+            raise Failure(transfer, describe(exc)) from exc
         try:
-            _check_status(response, proxy)
+            check_status(response, proxy)
             if job.byte_range is not None and response.status != 206:
-                raise _Failure(_Kind.HOST, f"HTTP {response.status}: the server ignored Range")
-            self._read_body(response, transfer, job, seconds)
+                raise Failure(Kind.HOST, f"HTTP {response.status}: the server ignored Range")
+            read_body(
+                response, transfer, job, seconds, self._buffer(), self.low_speed_limit,
+                self._counters,
+            )
         finally:
-            _finish(response)
-
-    def _read_body(
-        self, response: urllib3.BaseHTTPResponse, transfer: _Kind, job: _Job, seconds: float
-    ) -> None:
-        length_header = response.headers.get("Content-Length")
-        length = int(length_header) if length_header and length_header.isdigit() else None
-        expected, sink = job.expected, job.sink
-        raw_limit = None if job.max_bytes is None else stored_bound(job.max_bytes, job.compressed)
-        if raw_limit is not None and length is not None and length > raw_limit:
-            raise _Failure(_Kind.BAD_DATA, f"announces {length} bytes, more than {raw_limit}")
-        hasher: Hasher | None = new_hasher(expected.algorithm) if expected else None
-        inflater = Decompressor(job.what, max_output=job.max_bytes) if job.compressed else None
-        view = self._buffer()
-        readinto = _readinto_for(response)
-        speed = _SpeedCheck(self.low_speed_limit, seconds)
-        total = 0
-        try:
-            while True:
-                room = view if raw_limit is None else view[: max(1, raw_limit - total + 1)]
-                try:
-                    n = readinto(room)
-                except (TimeoutError, ReadTimeoutError) as exc:
-                    raise _Failure(transfer, f"read timed out after {total} bytes") from exc
-                except (ProtocolError, OSError, http.client.HTTPException, Urllib3Error) as exc:
-                    raise _Failure(
-                        _Kind.BAD_DATA, f"truncated after {total} bytes: {_describe(exc)}"
-                    ) from exc
-                if not n:
-                    break
-                piece = view[:n]
-                total += n
-                if raw_limit is not None and total > raw_limit:
-                    raise _Failure(_Kind.BAD_DATA, f"larger than {raw_limit} bytes")
-                slow = speed.after(n)
-                if slow:
-                    raise _Failure(transfer, slow)
-                if hasher is not None:
-                    hasher.update(piece)
-                if inflater is None:
-                    sink.write(piece)
-                    continue
-                try:
-                    for out in inflater.pieces(piece):
-                        sink.write(out)
-                except FormatError as exc:
-                    raise _Failure(_Kind.BAD_DATA, exc.reason) from exc
-        finally:
-            self._counters.add("bytes_received", total)
-        if length is not None and total != length:
-            raise _Failure(_Kind.BAD_DATA, f"truncated: {total} of {length} bytes")
-        if hasher is not None and expected is not None:
-            got = Digest(expected.algorithm, hasher.digest())
-            if got != expected:
-                raise _Failure(_Kind.BAD_DATA, f"hash mismatch: got {got.hex}")
-        if inflater is not None:
-            try:
-                tail = inflater.flush()
-            except FormatError as exc:
-                raise _Failure(_Kind.BAD_DATA, exc.reason) from exc
-            if tail:
-                sink.write(tail)
+            finish(response)
 
     def _buffer(self) -> memoryview:
         """This thread's reusable read buffer (reads land here, never in fresh memory)."""
@@ -621,34 +465,6 @@ class Fetcher:
 # ---------------------------------------------------------------------- helpers
 
 
-class _SpeedCheck:
-    """curl's low-speed rule: fail when a ``seconds`` window moves fewer than ``limit * seconds``
-    bytes (upstream sets ``CURLOPT_LOW_SPEED_TIME`` to the timeout)."""
-
-    def __init__(self, limit: int, seconds: float) -> None:
-        self.limit = limit
-        self.seconds = max(seconds, 0.001)
-        self.start = time.monotonic()
-        self.moved = 0
-
-    def after(self, n: int) -> str | None:
-        """Count ``n`` bytes; the reason to give up, or None."""
-        if not self.limit:
-            return None
-        self.moved += n
-        now = time.monotonic()
-        elapsed = now - self.start
-        if elapsed < self.seconds:
-            return None
-        if self.moved < self.limit * elapsed:
-            return (
-                f"slower than CVMFS_LOW_SPEED_LIMIT={self.limit} B/s "
-                f"({self.moved} bytes in {elapsed:.1f} s)"
-            )
-        self.start, self.moved = now, 0
-        return None
-
-
 def _with_scheme(proxy: str) -> str:
     proxy = proxy.strip()
     if proxy.upper() == DIRECT:
@@ -661,103 +477,3 @@ def _clean_rel_path(rel_path: str) -> str:
     if not rel or "://" in rel or any(part in ("..", ".") for part in rel.split("/")):
         raise ValueError(f"not a repository-relative path: {rel_path!r}")
     return rel
-
-
-def _check_status(response: urllib3.BaseHTTPResponse, proxy: str) -> None:
-    """Map the status line to upstream's failure classes (download.cc CallbackCurlHeader)."""
-    status = response.status
-    if 200 <= status < 300:
-        return
-    reason = f"HTTP {status}"
-    if status in _REDIRECTS:
-        raise _Failure(_Kind.HOST, f"{reason} redirect not followed (CVMFS_FOLLOW_REDIRECTS)")
-    if status == 429:
-        raise _Failure(_Kind.HOST_TRANSFER, f"{reason} (throttled)")
-    if status // 100 == 5 or status in (400, 404):
-        if proxy != DIRECT and _proxy_says_error(response):
-            raise _Failure(_Kind.PROXY, f"{reason} from the proxy")
-        raise _Failure(_Kind.HOST, reason)
-    raise _Failure(_Kind.PROXY if proxy != DIRECT else _Kind.HOST, reason)
-
-
-def _proxy_says_error(response: urllib3.BaseHTTPResponse) -> bool:
-    if response.headers.get("X-Squid-Error"):
-        return True
-    return "error=" in response.headers.get("Proxy-Status", "")
-
-
-def _readinto_for(response: urllib3.BaseHTTPResponse) -> Callable[[memoryview], int]:
-    """The fastest way to read this body into a caller's buffer.
-
-    ``urllib3``'s own ``readinto`` reads into a fresh ``bytes`` and copies. When the body is the
-    plain ``http.client`` response underneath (no content decoding asked for), reading straight
-    into our buffer skips that copy; :func:`_finish` then hands the connection back to the pool.
-    """
-    raw = getattr(response, "_fp", None)
-    if isinstance(raw, http.client.HTTPResponse) and raw.chunked:
-        # http.client fills a whole chunk per readinto; read1 returns after one receive
-        chunked = raw
-
-        def read_some(view: memoryview) -> int:
-            data = chunked.read1(len(view))
-            view[: len(data)] = data
-            return len(data)
-
-        return read_some
-    if isinstance(raw, http.client.HTTPResponse):
-        fp = raw.fp
-        if fp is not None and not isinstance(fp, _OneReceive) and hasattr(fp, "readinto1"):
-            raw.fp = _OneReceive(fp)
-        return raw.readinto
-
-    def copy_read(view: memoryview) -> int:
-        data = response.read(len(view), decode_content=False)
-        view[: len(data)] = data
-        return len(data)
-
-    return copy_read
-
-
-class _OneReceive:
-    """The response's socket file, with ``readinto`` returning after one receive.
-
-    A buffered ``readinto`` waits until the whole buffer is full: a server trickling one byte a
-    second would keep it waiting for days without ever tripping the socket timeout, and the
-    low-speed rule would never get to look. ``readinto1`` returns what one ``recv`` gave
-    (straight into the caller's buffer when it is empty), so the rate is seen on every read.
-    """
-
-    def __init__(self, inner: Any) -> None:
-        self._inner = inner
-
-    def readinto(self, buffer: Any) -> int:
-        return int(self._inner.readinto1(buffer))
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._inner, name)
-
-
-def _finish(response: urllib3.BaseHTTPResponse) -> None:
-    """Return the connection to the pool if the body was read to the end, else drop it."""
-    raw = getattr(response, "_fp", None)
-    done = isinstance(raw, http.client.HTTPResponse) and raw.isclosed()
-    if not done:
-        response.close()
-    response.release_conn()
-
-
-def _describe(exc: BaseException) -> str:
-    """A short reason: the innermost cause of urllib3's wrapped exceptions."""
-    inner: BaseException = exc
-    while True:
-        nxt = getattr(inner, "reason", None)
-        if isinstance(nxt, BaseException) and nxt is not inner:
-            inner = nxt
-            continue
-        break
-    text = str(inner) or type(inner).__name__
-    if "Connection refused" in text or isinstance(inner, ConnectionRefusedError):
-        return "connection refused"
-    if isinstance(inner, (TimeoutError, urllib3.exceptions.TimeoutError)):
-        return f"timed out ({text})"
-    return text

@@ -23,6 +23,9 @@ from cvmfs_ml.cvmfs.objects import ObjectKind
 from cvmfs_ml.errors import IntegrityError
 
 if TYPE_CHECKING:
+    from concurrent.futures import Future
+
+    from cvmfs_ml.client.prefetch import Fetched
     from cvmfs_ml.client.repository import Repository
 
 __all__ = ["CvmfsFile", "FileLayout"]
@@ -68,6 +71,8 @@ class CvmfsFile(io.RawIOBase):
         self.name = path
         self.layout = layout
         self.prefetched = False
+        self.prefetching: list[Future[Fetched]] = []
+        """The fetches queued for this file at open (one per distinct piece object)."""
         self.readahead = int(getattr(repository, "readahead_pieces", 0))
         self._offsets = layout.offsets
         self._pos = 0
@@ -76,6 +81,8 @@ class CvmfsFile(io.RawIOBase):
         self._users: dict[int, int] = {}
         self._doomed: dict[int, int] = {}
         self._last_index = -1
+        self.pieces_read: set[int] = set()
+        """Pieces a read has touched (the page cache push leaves those and the next ones)."""
 
     def readable(self) -> bool:
         return True
@@ -184,6 +191,7 @@ class CvmfsFile(io.RawIOBase):
     def _note_piece(self, index: int) -> None:
         """Queue read-ahead when a reader moves on to the next piece."""
         last, self._last_index = self._last_index, index
+        self.pieces_read.add(index)
         if self.prefetched or self.readahead <= 0 or index == last:
             return
         if index == last + 1 or (last < 0 and index == 0):

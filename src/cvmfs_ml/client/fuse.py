@@ -67,6 +67,7 @@ from cvmfs_ml.client.mounts import (
     set_readahead,
     unmount,
 )
+from cvmfs_ml.client.page_push import push_when_fetched
 from cvmfs_ml.client.prefetch import warm
 from cvmfs_ml.client.repository import CvmfsFile, Repository
 from cvmfs_ml.cvmfs.catalog import DirectoryEntry
@@ -476,6 +477,8 @@ class CvmfsOperations(_OperationsBase):  # type: ignore[misc,valid-type]
             handle = await self._blocking(self.repo.open_file, path)
         except Exception as exc:
             raise self._fail(exc, f"open {path}", missing=errno.EIO) from exc
+        if handle.prefetching:  # pieces fetched for it go straight into the page cache
+            push_when_fetched(handle, inode, self._fuse.notify_store)
         fh = self._next_fh
         self._next_fh += 1
         self._files[fh] = handle

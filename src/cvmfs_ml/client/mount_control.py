@@ -83,6 +83,12 @@ def _fetch_stats(repo: Any) -> dict[str, Any]:
         "failovers": stats.failovers,
         "retries": stats.retries,
         "bad_data": stats.bad_data,
+        # where the fetch threads' CPU went (issue 8 item 9's profile, per phase)
+        "cpu_seconds": {
+            "receive": round(stats.receive_cpu_s, 3),
+            "hash": round(stats.hash_cpu_s, 3),
+            "store": round(stats.store_cpu_s, 3),
+        },
     }
 
 

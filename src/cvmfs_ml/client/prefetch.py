@@ -43,6 +43,7 @@ class Fetched(NamedTuple):
     path: Path
     how: str
     net_bytes: int
+    index: int = -1  # the piece of the layout it was fetched for
 
 
 @dataclass(frozen=True)
@@ -167,7 +168,7 @@ class Prefetcher:
         self, layout: FileLayout, index: int, path: str | None, page_in: bool = False
     ) -> Fetched:
         started = time.monotonic()
-        fetched = Fetched(*self.repository.piece_fetch(layout, index))
+        fetched = Fetched(*self.repository.piece_fetch(layout, index), index)
         if page_in and fetched.how == "hit":
             _page_in(fetched.path)
         tracer = self.repository.tracer

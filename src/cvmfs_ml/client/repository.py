@@ -7,6 +7,9 @@ decompressed in an :class:`~cvmfs_ml.client.cache.ObjectCache`; nested catalogs 
 
 The same class reads a local repository folder (:class:`~cvmfs_ml.storage.local.LocalStore`) and
 an HTTP one (:class:`~cvmfs_ml.client.fetcher.Fetcher`): both offer ``fetch`` and ``fetch_into``.
+Its parts live beside it: :mod:`.sources` (a location to a source), :mod:`.ensemble` and
+:mod:`.trust` (the trust chain), :mod:`.fetch_once` (objects into the cache, each fetched once),
+:mod:`.files` (file handles), :mod:`.prefetch` (fetching ahead of readers).
 """
 
 from __future__ import annotations
@@ -20,66 +23,39 @@ import posixpath
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, BinaryIO
-from urllib.parse import urlsplit
 
 from cvmfs_ml.client.cache import ObjectCache
-from cvmfs_ml.client.config import (
-    DIRECT,
-    folder_fqrn,
-    load_blacklist,
-    parse_proxy_list,
-    parse_server_urls,
-)
+from cvmfs_ml.client.config import load_blacklist
 from cvmfs_ml.client.ensemble import Breadcrumb, fetch_manifest, fetch_trusted
 from cvmfs_ml.client.entries import listed, present, resolve_path
 from cvmfs_ml.client.external import ExternalSource, external_unset
+from cvmfs_ml.client.fetch_once import FetchOnce
 from cvmfs_ml.client.files import CvmfsFile, FileLayout
 from cvmfs_ml.client.prefetch import Fetched, Prefetcher
+from cvmfs_ml.client.sources import FETCHER_OPTIONS, load_keys, open_source
 from cvmfs_ml.client.trust import Blacklist, TrustAnchors, refuse_rollback
 from cvmfs_ml.cvmfs.catalog import Catalog, Chunk, DirectoryEntry, Flag
 from cvmfs_ml.cvmfs.hashing import Digest
 from cvmfs_ml.cvmfs.history import HistoryDb, Tag
-from cvmfs_ml.cvmfs.keys import load_public_keys
 from cvmfs_ml.cvmfs.manifest import Manifest
-from cvmfs_ml.cvmfs.objects import MAX_UNSIZED_OBJECT, ObjectKind, object_path
+from cvmfs_ml.cvmfs.objects import ObjectKind
 from cvmfs_ml.cvmfs.whitelist import Whitelist
 from cvmfs_ml.errors import (
-    ConfigError,
     CvmfsMlError,
     FormatError,
-    IntegrityError,
     NotFoundError,
     RollbackError,
     TrustError,
 )
 from cvmfs_ml.storage.base import ObjectSource
 
-__all__ = ["CvmfsFile", "FileLayout", "ObjectSource", "Repository"]
+__all__ = ["FETCHER_OPTIONS", "CvmfsFile", "FileLayout", "ObjectSource", "Repository"]
 
 log = logging.getLogger(__name__)
-
-FETCHER_OPTIONS = frozenset(
-    {
-        "timeout",
-        "timeout_direct",
-        "low_speed_limit",
-        "max_retries",
-        "backoff_init",
-        "backoff_max",
-        "follow_redirects",
-        "pool_size",
-        "proxy_reset_after",
-        "host_reset_after",
-        "user_agent",
-        "rng",
-    }
-)
-"""Keyword options of :meth:`Repository.connect` that configure the HTTP fetcher."""
-
 
 class _ClassOrInstance:
     """``open`` on the class connects to a repository; on an instance it opens a file.
@@ -153,10 +129,10 @@ class Repository:
         self._pool = ThreadPoolExecutor(
             max(1, prefetch_workers), thread_name_prefix="cvmfs-ml-fetch"
         )
-        self._inflight: dict[Digest, Future[Path]] = {}
         self.prefetch_min_bytes = prefetch_min_bytes
         self.tracer = tracer
         self._init_refresh(pinned=tag is not None or root_hash is not None)
+        self._fetches = FetchOnce(source, cache, self._count)
         self.manifest = self._boot()
         self.root_hash = self.manifest.catalog
         if tag is not None:
@@ -193,54 +169,18 @@ class Repository:
         Fetcher settings (``timeout``, ``max_retries``, ``backoff_init``, ``pool_size``...) go to
         the :class:`~cvmfs_ml.client.fetcher.Fetcher`; the other options to :class:`Repository`.
         """
-        fetcher_options = {k: options.pop(k) for k in list(options) if k in FETCHER_OPTIONS}
-        s3_config = options.pop("s3_config", None)
-        source: ObjectSource
-        text = "" if not isinstance(location, (str, os.PathLike)) else os.fspath(location)
-        if not text:
-            # An object store the caller already has (a publisher's): read through it, not ours.
-            source = location  # type: ignore[assignment]
-            fqrn = fqrn or getattr(location, "fqrn", None)
-            if not fqrn:
-                raise ConfigError(f"{location!r}: pass the repository's fqrn")
-        elif text.startswith("s3://"):
-            from cvmfs_ml.storage.base import open_store
-
-            source = open_store(text, s3_config)  # type: ignore[assignment]
-            fqrn = fqrn or text.rstrip("/").rsplit("/", 1)[-1]
-        elif "://" in text:
-            from cvmfs_ml.client.fetcher import Fetcher
-
-            if fqrn is None:
-                first = next((u.strip() for u in text.split(";") if u.strip()), "")
-                fqrn = urlsplit(first).path.rstrip("/").rsplit("/", 1)[-1]
-                if not fqrn or "@" in fqrn:
-                    raise ConfigError(
-                        f"CVMFS_SERVER_URL: cannot tell the repository name from {first!r}; "
-                        "pass the fqrn"
-                    )
-            groups = parse_proxy_list(proxy) if isinstance(proxy, str) else proxy
-            source = Fetcher(parse_server_urls(text, fqrn), groups or [[DIRECT]], **fetcher_options)
-        else:
-            from cvmfs_ml.storage.local import LocalStore
-
-            if fetcher_options:
-                raise ConfigError(f"{sorted(fetcher_options)} only apply to http(s) locations")
-            folder = Path(text)
-            source = LocalStore(folder)
-            fqrn = fqrn or folder_fqrn(folder)  # the folder's name, never the manifest's N
-        keys = _keys(public_key)
+        source, fqrn, owned = open_source(location, fqrn, proxy, options)
+        keys = load_keys(public_key)
         own_cache = isinstance(cache, (str, os.PathLike))
         if isinstance(cache, (str, os.PathLike)):
             cache = ObjectCache(Path(cache), quota_bytes)
         try:
             repository = cls(source, fqrn, public_keys=keys, cache=cache, **options)
             # What connect() created, close() closes; a caller's own source or cache is theirs.
-            owned = [source] if text else []
-            repository._owned = (*owned, *([cache] if own_cache else []))
+            repository._owned = (*([source] if owned else []), *([cache] if own_cache else []))
             return repository
         except BaseException:
-            close = getattr(source, "close", None) if text else None
+            close = getattr(source, "close", None) if owned else None
             if close is not None:
                 close()
             if own_cache and isinstance(cache, ObjectCache):
@@ -422,100 +362,32 @@ class Repository:
         return len(self._catalogs)
 
     # -- objects ------------------------------------------------------------------------------
-    max_unsized_object = MAX_UNSIZED_OBJECT
-    """Bound on objects no catalog gives a size for (root catalog, history, meta-info)."""
+    @property
+    def source(self) -> ObjectSource:
+        """Where objects come from (a fetcher, a local folder, an object store)."""
+        return self._source
+
+    @source.setter
+    def source(self, value: ObjectSource) -> None:
+        self._source = value
+        fetches = getattr(self, "_fetches", None)
+        if fetches is not None:  # e.g. a test's counting wrapper around the real source
+            fetches.source = value
+
+    @property
+    def max_unsized_object(self) -> int:
+        """Bound on objects no catalog gives a size for (root catalog, history, meta-info)."""
+        return self._fetches.max_unsized_object
+
+    @max_unsized_object.setter
+    def max_unsized_object(self, value: int) -> None:
+        self._fetches.max_unsized_object = value
 
     def _object(
         self, digest: Digest, kind: ObjectKind, compressed: bool, size: int | None = None
     ) -> Path:
         """A verified, decompressed object in the cache (fetched once, even if asked twice)."""
-        return self._object_traced(digest, kind, compressed, size)[0]
-
-    def _object_traced(
-        self,
-        digest: Digest,
-        kind: ObjectKind,
-        compressed: bool,
-        size: int | None = None,
-        fetch_into: Callable[[BinaryIO, int | None], int] | None = None,
-        *,
-        exact: bool = True,
-    ) -> tuple[Path, str, int]:
-        """:meth:`_object` and how it was served, for tracing: ``(path, how, net_bytes)``.
-
-        ``how`` is ``"hit"`` (in the cache), ``"fetch"`` (this call fetched it; ``net_bytes``
-        came over the network or out of the store) or ``"wait"`` (another thread was fetching
-        it and this call waited for that fetch). ``fetch_into(sink, max_bytes)`` streams the
-        object into a sink from somewhere other than the source's ``data/`` (external files).
-
-        ``size`` is what the catalog says the content is: more is refused while it streams
-        (a zlib bomb, an oversized object) and, when ``exact``, less after it, before the
-        cache keeps it. Without a size, :attr:`max_unsized_object` bounds it.
-        """
-        path = self.cache.get_path(digest)
-        if path is not None:
-            self._count("cache_hits")
-            return path, "hit", 0
-        self._count("cache_misses")
-        with self._lock:
-            future = self._inflight.get(digest)
-            owner = future is None
-            if owner:
-                future = Future()
-                self._inflight[digest] = future
-        assert future is not None
-        if not owner:
-            return future.result(), "wait", 0
-        try:
-            rel = object_path(digest, kind)
-            known = size is not None and (exact or size > 0)  # a 0 catalog size is "unknown"
-            bound = size if known and size is not None else self.max_unsized_object
-            with self.cache.put_stream(digest) as sink:
-                if fetch_into is None:
-                    written = self.source.fetch_into(
-                        rel, digest, compressed, sink, max_bytes=bound
-                    )
-                else:
-                    written = fetch_into(sink, bound)
-                if exact and size is not None and written != size:
-                    raise FormatError(rel, f"holds {written} bytes, the catalog says {size}")
-            # Just committed (verified while it streamed): no second lookup needed.
-            path = sink.committed_path or self.cache.get_path(digest)
-            if path is None:
-                raise IntegrityError(f"cache entry {digest.hex}", "stored", "missing")
-            future.set_result(path)
-            net = self._network_bytes(rel, written) if fetch_into is None else written
-            return path, "fetch", net
-        except BaseException as exc:
-            future.set_exception(exc)
-            raise
-        finally:
-            with self._lock:
-                self._inflight.pop(digest, None)
-
-    _net_claimed = 0  # the fetcher's byte counter already attributed to traced fetches
-
-    def _network_bytes(self, rel: str, written: int) -> int:
-        """Bytes the fetch of ``rel`` moved: store file size, or the fetcher counter's growth.
-
-        The HTTP fetcher counts received bytes (retries and boot files included) but not per
-        call, so each fetch claims the growth since the previous claim: the total over a trace
-        is exact, the split between fetches that finish at the same moment is approximate.
-        """
-        stats = getattr(self.source, "stats", None)
-        received = getattr(stats, "bytes_received", None)
-        if isinstance(received, int):
-            with self._lock:
-                delta = received - self._net_claimed
-                self._net_claimed = max(self._net_claimed, received)
-            return max(0, delta)
-        local_path = getattr(self.source, "path", None)
-        if callable(local_path):
-            try:
-                return os.stat(local_path(rel)).st_size
-            except (OSError, TypeError, ValueError):
-                pass
-        return written
+        return self._fetches.get(digest, kind, compressed, size)[0]
 
     def load_catalog(self, mountpoint: str, digest: Digest, size: int | None = None) -> Catalog:
         """A catalog of this repository (any revision's) by hash: verified, opened once, kept
@@ -529,7 +401,7 @@ class Repository:
             catalog = self._catalogs.get(key)
             if catalog is not None:
                 return catalog
-        path = self._object_traced(digest, ObjectKind.CATALOG, True, size, exact=False)[0]
+        path = self._fetches.get(digest, ObjectKind.CATALOG, True, size, exact=False)[0]
         self.cache.pin(digest)
         catalog = Catalog(path, mountpoint, what=f"catalog {digest.hex} ({mountpoint or '/'})")
         if mountpoint and catalog.mountpoint != mountpoint:
@@ -647,7 +519,7 @@ class Repository:
         """:meth:`piece_path` and how it was served (``hit``/``fetch``/``wait``, net bytes)."""
         piece = layout.pieces[index]
         if layout.external is None:
-            return self._object_traced(piece.digest, layout.kind, layout.compressed, piece.size)
+            return self._fetches.get(piece.digest, layout.kind, layout.compressed, piece.size)
         source = self.external_source(layout.external)
         path = layout.external
         byte_range = (piece.offset, piece.size) if layout.chunked else None
@@ -657,7 +529,7 @@ class Repository:
                 path, piece.digest, layout.compressed, sink, byte_range, max_bytes
             )
 
-        return self._object_traced(
+        return self._fetches.get(
             piece.digest, layout.kind, layout.compressed, piece.size, fetch_external
         )
 
@@ -690,7 +562,7 @@ class Repository:
                 largest = max(piece.size for piece in layout.pieces)
                 handle.readahead = max(handle.readahead, (quota // 8) // max(1, largest))
             else:
-                self.prefetch_layout(layout, path=entry.path)
+                handle.prefetching = self.prefetch_layout(layout, path=entry.path)
                 handle.prefetched = True
         return handle
 
@@ -742,10 +614,3 @@ class Repository:
     def tag(self, name: str) -> Tag | None:
         return next((t for t in self.tags() if t.name == name), None)
 
-
-def _keys(public_key: str | os.PathLike[str] | Sequence[Any] | None) -> list[Any]:
-    if public_key is None:
-        return []
-    if isinstance(public_key, (str, os.PathLike)):
-        return load_public_keys(public_key)
-    return list(public_key)

@@ -34,8 +34,9 @@ import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
+from cvmfs_ml.client.cache import preallocate
 from cvmfs_ml.client.locate import open_target, target_fqrn
 from cvmfs_ml.errors import ConfigError, NotFoundError, UnsafeInputError
 from cvmfs_ml.models.layout import ModelRef
@@ -261,13 +262,29 @@ def _hard_link_or_copy(pieces: list[Path], target: Path, progress: Progress | No
                 progress(target.stat().st_size)
             return
     with open(target, "wb") as out:
+        preallocate(out.fileno(), sum(os.stat(piece).st_size for piece in pieces))
         for piece in pieces:
             with open(piece, "rb") as src:
-                while block := src.read(_COPY_BLOCK):
-                    out.write(block)
-                    if progress is not None:
-                        progress(len(block))
+                _append(src, out, progress)
     os.chmod(target, 0o444)
+
+
+def _append(src: BinaryIO, out: BinaryIO, progress: Progress | None) -> None:
+    """Copy ``src`` to the end of ``out`` inside the kernel (``copy_file_range``: one copy, or
+    none where the file system shares blocks), with a plain read/write loop as the fallback."""
+    while True:
+        try:
+            n = os.copy_file_range(src.fileno(), out.fileno(), _COPY_BLOCK)
+        except OSError:  # not supported here (another file system, an old kernel)
+            break
+        if n <= 0:
+            return
+        if progress is not None:
+            progress(n)
+    while block := src.read(_COPY_BLOCK):
+        out.write(block)
+        if progress is not None:
+            progress(len(block))
 
 
 def _materialise_file(repo: Any, entry: Any, target: Path, progress: Progress | None) -> None:
