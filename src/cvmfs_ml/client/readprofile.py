@@ -31,7 +31,8 @@ class ReadProfile:
     * ``lookup_*``: finding a piece in the cache (cachedb row, ``stat``, open) on a reader's path;
     * ``crc_*``: full CRC-32 passes over cache files (first lookup of a file not stamped at
       commit, see :mod:`.cache`);
-    * ``advise_*``: ``posix_fadvise(WILLNEED)`` of pieces ahead of a sequential reader;
+    * ``advise_*``: pieces paged in ahead of a sequential reader (seconds of a background
+      thread, mostly waiting for the disk);
     * ``handler_seconds``: time inside the FUSE read handler on the event loop (the loop's
       other time is pyfuse3 replying to the kernel, receiving requests, and idling).
     """
