@@ -175,7 +175,7 @@ def breakdown(doc: dict[str, Any]) -> list[str]:
                       "loop; reply = loop CPU outside the read handler: pyfuse3 receiving "
                       "requests and copying answers to the kernel; idle = wall - loop CPU; "
                       "reads answered on the loop / in a worker thread; lookups, CRC passes and "
-                      "WILLNEED advice as count/seconds):"]
+                      "pieces paged in ahead as count/seconds of a background thread):"]
         lines.append(f"  {r['network']} {r['mode']} {r['state']}:")
         for t, d in runs:
             p = d.get("read_profile") or {}

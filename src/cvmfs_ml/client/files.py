@@ -77,7 +77,7 @@ class CvmfsFile(io.RawIOBase):
 
     max_open_pieces = 16
     disk_ahead_bytes = 32 << 20
-    """How far ahead of a sequential reader cached pieces are opened and advised WILLNEED."""
+    """How far ahead of a sequential reader cached pieces are opened and paged in."""
     mode = "rb"
 
     def __init__(self, repository: Repository, path: str, layout: FileLayout) -> None:
