@@ -29,8 +29,9 @@ def _doc() -> dict[str, Any]:
             _cell("local", "hot", [0.1, 0.1, 0.1], [{}] * 3, network="-"),
             _cell("fuse", "warm", [0.6, 0.65, 0.9],
                   [{"daemon_cpu_s": 0.6, "disk_mib": 1024, "disk_busy_s": 0.5,
-                    "read_profile": profile}] * 3),
-            _cell("fuse", "hot", [0.11, 0.12, 0.13], [{"read_profile": {}}] * 3),
+                    "read_profile": profile, "local_s": local} for local in (0.6, 0.6, 1.0)]),
+            _cell("fuse", "hot", [0.11, 0.12, 0.13],
+                  [{"read_profile": {}, "local_s": 0.1}] * 3),
         ],
     }
 
@@ -48,6 +49,11 @@ def test_goals_use_this_runs_baselines_and_the_worst_run_is_shown() -> None:
     assert "1.08x" in warm_line  # median / local cold
     assert "1.50x" in warm_line  # worst run 0.9 / 0.6: the goal is not met in every run
     assert "upstream cvmfs2" in text
+    # paired with the local cat of the same round: 0.9 / 1.0 is the worst warm run
+    assert warm["paired_worst"] == max(0.6 / 0.6, 0.65 / 0.6, 0.9 / 1.0)
+    assert warm["goal_met_every_run"] is True  # 1.083 <= 1.1
+    assert hot["goal_met_every_run"] is False  # 0.13 / 0.1 > 1.2
+    assert "(local 1.00, 0.90x)" in text
 
 
 def test_breakdown_lists_every_run_with_the_daemons_counters() -> None:

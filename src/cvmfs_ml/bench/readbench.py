@@ -362,6 +362,17 @@ class Bench:
             drop([self.published.repo_dir / "data", self.published.raw], global_drop=False)
 
     # -- local ---------------------------------------------------------------------------------
+    def local_now(self, state: str) -> float:
+        """A ``cat`` of the local file in ``state`` (cold or hot) right now: the baseline a
+        warm or hot run of the same round is divided by, so a load that drifts during the
+        benchmark moves both sides ("in every run", issue 14)."""
+        path = self.content.weights
+        if state == "cold":
+            drop([path], global_drop=self.options.global_drop)
+        else:
+            timed(["cat", str(path)])
+        return timed(["cat", str(path)])
+
     def local(self) -> None:
         path = self.content.weights
         for state in ("cold", "hot"):
@@ -442,6 +453,7 @@ class Bench:
                 handle.unmount()
         warm, hot = self.cell(net, "fuse", "warm"), self.cell(net, "fuse", "hot")
         for _ in range(self.options.repeats):
+            local_cold = self.local_now("cold") if "warm" in states else None
             drop(cache_files, global_drop=self.options.global_drop)
             handle = self._mount(port)
             try:
@@ -454,17 +466,18 @@ class Bench:
                     warm.seconds.append(t)
                     warm.rss.append(vm_hwm(handle.pid) or 0)
                     warm.extra.append({"daemon_cpu_s": round(cpu, 2), **disk,
-                                       "read_profile": profile})  # fmt: skip
+                                       "read_profile": profile, "local_s": local_cold})  # fmt: skip
                     self.log(warm, t, f"daemon CPU {cpu:.2f} s, disk busy "
                              f"{disk.get('disk_busy_s', float('nan')):.2f} s")  # fmt: skip
                 if "hot" in states:
+                    local_hot = self.local_now("hot")
                     timed(["cat", str(target)])
                     profile0 = read_profile(self.mountpoint)
                     t = timed(["cat", str(target)])
                     profile = profile_delta(profile0, read_profile(self.mountpoint))
                     hot.seconds.append(t)
                     hot.rss.append(vm_hwm(handle.pid) or 0)
-                    hot.extra.append({"read_profile": profile})
+                    hot.extra.append({"read_profile": profile, "local_s": local_hot})
                     served = profile.get("loop_reads", 0) + profile.get("thread_reads", 0)
                     self.log(hot, t, f"(mount resident {resident(target):.0%}, "
                              f"daemon reads {served:.0f})")  # fmt: skip
@@ -486,6 +499,7 @@ class Bench:
             c = self.cell(net, "fsspec", state)
             repeats = self.options.cold_repeats if state == "cold" else self.options.repeats
             for _ in range(repeats):
+                local_s = self.local_now(state) if state in ("warm", "hot") else None
                 if state == "cold":
                     wipe_cache(self.cache)
                     self.drop_origin_if_asked()
@@ -506,6 +520,7 @@ class Bench:
                         "requests": result["requests"],
                         "process_cpu_s": round(result["cpu_s"], 2),
                         "read_profile": result.get("read_profile", {}),
+                        "local_s": local_s,
                     }
                 )
                 self.log(
