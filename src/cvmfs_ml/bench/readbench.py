@@ -499,7 +499,8 @@ class Bench:
             c = self.cell(net, "fsspec", state)
             repeats = self.options.cold_repeats if state == "cold" else self.options.repeats
             for _ in range(repeats):
-                local_s = self.local_now(state) if state in ("warm", "hot") else None
+                local_s = (self.local_now("cold" if state == "warm" else "hot")
+                           if state in ("warm", "hot") else None)  # fmt: skip
                 if state == "cold":
                     wipe_cache(self.cache)
                     self.drop_origin_if_asked()
