@@ -56,6 +56,8 @@ Usage::
     python benchmarks/bench_read.py                               # the issue's cells
     python benchmarks/bench_read.py --networks loopback --modes fuse,fsspec --no-ort
     python benchmarks/bench_read.py --show bench-out/read.json    # re-print a run
+    python benchmarks/bench_read.py --scale 0.5 --states warm,hot --modes local,fuse,fsspec \
+        --no-ort --repeats 5                                      # warm and hot only (issue 14)
 
 Times are medians of ``--repeats`` runs (``--cold-repeats`` for cold cells), with min and max.
 """
@@ -72,7 +74,7 @@ from pathlib import Path
 from typing import Any
 
 from cvmfs_ml.bench.origin import Origin
-from cvmfs_ml.bench.read_report import annotate, table
+from cvmfs_ml.bench.read_report import annotate, table, upstream_note
 from cvmfs_ml.bench.readbench import (
     MODES,
     NETWORKS,
@@ -213,6 +215,7 @@ def main(argv: list[str] | None = None) -> int:
         "fsspec": "fresh process, CvmfsFileSystem.open + readinto of an 8 MiB buffer; "
         "read_s excludes the repository boot (details.boot_s)",
         "parallel": args.parallel,
+        "upstream": upstream_note(),
         "cells": [c.to_json(size) for c in bench.cells],
     }
     annotate(doc)

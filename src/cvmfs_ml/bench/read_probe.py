@@ -33,22 +33,26 @@ def _peak_rss() -> int:
 def _fsspec(args: dict[str, Any]) -> dict[str, Any]:
     t0 = time.perf_counter()
     from cvmfs_ml.client.fsspec import CvmfsFileSystem
+    from cvmfs_ml.client.readprofile import READ_PROFILE
 
     fs = CvmfsFileSystem(url=args["url"], public_key=args["key"], cache=args["cache"])
     repo = fs.repository()
     t1 = time.perf_counter()
+    profile0 = READ_PROFILE.snapshot()
     view = memoryview(bytearray(8 << 20))
     total = 0
     with fs.open(args["path"], "rb") as f:
         while n := f.readinto(view):
             total += n
     t2 = time.perf_counter()
+    profile = {k: round(v - profile0[k], 6) for k, v in READ_PROFILE.snapshot().items()}
     cpu = os.times()
     stats = getattr(repo.source, "stats", None)
     return {"boot_s": t1 - t0, "read_s": t2 - t1, "bytes": total, "peak_rss": _peak_rss(),
             "requests": getattr(stats, "requests", None), "cpu_s": cpu.user + cpu.system,
             "fetch_cpu_s": {phase: round(getattr(stats, f"{phase}_cpu_s", 0.0), 3)
-                            for phase in ("receive", "hash", "store")}}
+                            for phase in ("receive", "hash", "store")},
+            "read_profile": profile}
 
 
 def _ort(args: dict[str, Any]) -> dict[str, Any]:

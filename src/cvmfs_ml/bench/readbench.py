@@ -235,6 +235,50 @@ def fetch_cpu(mountpoint: Path) -> dict[str, float] | None:
         return None
 
 
+def disk_counters(path: Path) -> tuple[int, int] | None:
+    """(bytes read, milliseconds busy) so far of the block device holding ``path``.
+
+    From ``/proc/diskstats`` (sectors read, ``io_ticks``): across a cell, how much the disk
+    read and how long it had I/O in flight, which tells a disk-bound read from one that leaves
+    the disk idle.
+    """
+    try:
+        dev = os.stat(path).st_dev
+        for line in Path("/proc/diskstats").read_text().splitlines():
+            f = line.split()
+            if (int(f[0]), int(f[1])) == (os.major(dev), os.minor(dev)):
+                return int(f[5]) * 512, int(f[12])
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def read_profile(mountpoint: Path) -> dict[str, float]:
+    """The mount daemon's read profile now (``cvmfs-ml stats``), empty when unavailable."""
+    try:
+        stats = json.loads(os.getxattr(mountpoint, "user.cvmfs_ml.stats"))
+    except (OSError, ValueError):
+        return {}
+    return dict(stats.get("read_profile") or {})
+
+
+def profile_delta(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """What a cell added to a read profile (counters are cumulative per process)."""
+    return {k: round(v - before.get(k, 0), 6) for k, v in after.items()
+            if isinstance(v, int | float)}  # fmt: skip
+
+
+def timed_with_disk(argv: list[str], path: Path) -> tuple[float, dict[str, float]]:
+    """:func:`timed`, and the disk's bytes read and busy milliseconds meanwhile."""
+    before = disk_counters(path)
+    t = timed(argv)
+    after = disk_counters(path)
+    if before is None or after is None:
+        return t, {}
+    return t, {"disk_mib": round((after[0] - before[0]) / 2**20, 1),
+               "disk_busy_s": round((after[1] - before[1]) / 1000, 3)}  # fmt: skip
+
+
 def vm_hwm(pid: int) -> int | None:
     """Peak RSS (``VmHWM``) of a live process, bytes."""
     try:
@@ -329,6 +373,17 @@ class Bench:
             drop([self.published.repo_dir / "data", self.published.raw], global_drop=False)
 
     # -- local ---------------------------------------------------------------------------------
+    def local_now(self, state: str) -> float:
+        """A ``cat`` of the local file in ``state`` (cold or hot) right now: the baseline a
+        warm or hot run of the same round is divided by, so a load that drifts during the
+        benchmark moves both sides ("in every run", issue 14)."""
+        path = self.content.weights
+        if state == "cold":
+            drop([path], global_drop=self.options.global_drop)
+        else:
+            timed(["cat", str(path)])
+        return timed(["cat", str(path)])
+
     def local(self) -> None:
         path = self.content.weights
         for state in ("cold", "hot"):
@@ -339,9 +394,9 @@ class Bench:
                 else:
                     timed(["cat", str(path)])  # make sure it is all in memory
                 before = resident(path)
-                t = timed(["cat", str(path)])
+                t, disk = timed_with_disk(["cat", str(path)], path)
                 c.seconds.append(t)
-                c.extra.append({"resident_before": before})
+                c.extra.append({"resident_before": before, **disk})
                 self.log(c, t, f"(resident before {before:.0%})")
 
     # -- curl ----------------------------------------------------------------------------------
@@ -411,23 +466,34 @@ class Bench:
                 handle.unmount()
         warm, hot = self.cell(net, "fuse", "warm"), self.cell(net, "fuse", "hot")
         for _ in range(self.options.repeats):
+            local_cold = self.local_now("cold") if "warm" in states else None
             drop(cache_files, global_drop=self.options.global_drop)
             handle = self._mount(port)
             try:
                 if "warm" in states:
+                    profile0 = read_profile(self.mountpoint)
                     cpu0 = cpu_seconds(handle.pid) or 0.0
-                    t = timed(["cat", str(target)])
+                    t, disk = timed_with_disk(["cat", str(target)], self.cache)
                     cpu = (cpu_seconds(handle.pid) or 0.0) - cpu0
+                    profile = profile_delta(profile0, read_profile(self.mountpoint))
                     warm.seconds.append(t)
                     warm.rss.append(vm_hwm(handle.pid) or 0)
-                    warm.extra.append({"daemon_cpu_s": round(cpu, 2)})
-                    self.log(warm, t, f"daemon CPU {cpu:.2f} s")
+                    warm.extra.append({"daemon_cpu_s": round(cpu, 2), **disk,
+                                       "read_profile": profile, "local_s": local_cold})  # fmt: skip
+                    self.log(warm, t, f"daemon CPU {cpu:.2f} s, disk busy "
+                             f"{disk.get('disk_busy_s', float('nan')):.2f} s")  # fmt: skip
                 if "hot" in states:
+                    local_hot = self.local_now("hot")
                     timed(["cat", str(target)])
+                    profile0 = read_profile(self.mountpoint)
                     t = timed(["cat", str(target)])
+                    profile = profile_delta(profile0, read_profile(self.mountpoint))
                     hot.seconds.append(t)
                     hot.rss.append(vm_hwm(handle.pid) or 0)
-                    self.log(hot, t, f"(mount resident {resident(target):.0%})")
+                    hot.extra.append({"read_profile": profile, "local_s": local_hot})
+                    served = profile.get("loop_reads", 0) + profile.get("thread_reads", 0)
+                    self.log(hot, t, f"(mount resident {resident(target):.0%}, "
+                             f"daemon reads {served:.0f})")  # fmt: skip
             finally:
                 handle.unmount()
 
@@ -446,6 +512,8 @@ class Bench:
             c = self.cell(net, "fsspec", state)
             repeats = self.options.cold_repeats if state == "cold" else self.options.repeats
             for _ in range(repeats):
+                local_s = (self.local_now("cold" if state == "warm" else "hot")
+                           if state in ("warm", "hot") else None)  # fmt: skip
                 if state == "cold":
                     wipe_cache(self.cache)
                     self.drop_origin_if_asked()
@@ -466,6 +534,8 @@ class Bench:
                         "requests": result["requests"],
                         "process_cpu_s": round(result["cpu_s"], 2),
                         "fetch_cpu_s": result.get("fetch_cpu_s"),
+                        "read_profile": result.get("read_profile", {}),
+                        "local_s": local_s,
                     }
                 )
                 self.log(

@@ -114,9 +114,8 @@ class Prefetcher:
         ``path`` names the file in trace records of the fetches. A piece whose object is
         already queued (by this file or another) shares that future. After the pool was shut
         down (repository closed) nothing is queued and the list is empty. ``page_in`` is for
-        a reader about to read the pieces: those already in the cache are read into the page
-        cache in the background (``POSIX_FADV_WILLNEED``), so a warm read streams from disk
-        ahead of the reader instead of waiting for the disk at every piece. Such reader-driven
+        a reader about to read the pieces (the reader's handle pages cached pieces in from
+        disk itself, a bounded window ahead: :mod:`cvmfs_ml.client.files`). Such reader-driven
         calls skip objects this prefetcher recently found or put in the cache (a loader that
         opens one file once per tensor, like onnxruntime, would otherwise queue every piece
         again at each open), as long as their cache file is still there.
@@ -169,8 +168,6 @@ class Prefetcher:
     ) -> Fetched:
         started = time.monotonic()
         fetched = Fetched(*self.repository.piece_fetch(layout, index), index)
-        if page_in and fetched.how == "hit":
-            _page_in(fetched.path)
         tracer = self.repository.tracer
         if tracer is not None and path is not None and fetched.how == "fetch":
             piece = layout.pieces[index]
@@ -211,24 +208,6 @@ class Prefetcher:
                     fetched += 1
                     net += result.net_bytes
         return WarmResult(files, total, pieces, fetched, net, time.monotonic() - started)
-
-
-def _page_in(path: Path) -> None:
-    """Start reading a cached piece into the page cache; returns at once (best effort).
-
-    A fetched piece is already there (it was just written); this is for pieces found in the
-    cache, whose pages a warm start has to read from disk.
-    """
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
-        return
-    try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _regular_files(repository: Repository, path: str) -> list[DirectoryEntry]:
