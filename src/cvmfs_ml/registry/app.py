@@ -29,7 +29,7 @@ from cvmfs_ml.registry.oci_store import OciStore
 from cvmfs_ml.registry.resumable import add_resumable_routes
 from cvmfs_ml.registry.service import Accepted, RegistryService
 from cvmfs_ml.registry.tarballs import RejectedError
-from cvmfs_ml.registry.web import add_web_routes
+from cvmfs_ml.registry.web import add_api_docs, add_web_routes
 
 __all__ = ["create_app"]
 
@@ -84,7 +84,7 @@ def create_app(service: RegistryService, *, manage_service: bool = True) -> Fast
             if manage_service:
                 await run_in_threadpool(service.stop)
 
-    app = FastAPI(title="cvmfs-ml registry", lifespan=lifespan)
+    app = FastAPI(title="cvmfs-ml registry", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.service = service
 
     def who(request: Request) -> Principal:
@@ -234,6 +234,7 @@ def create_app(service: RegistryService, *, manage_service: bool = True) -> Fast
         }  # fmt: skip
 
     add_web_routes(app, service)
+    add_api_docs(app)
     oci_store = OciStore(service.data_dir / "oci")
     models = add_oci_routes(app, service, oci_store)
     add_resumable_routes(app, service, oci_store)
