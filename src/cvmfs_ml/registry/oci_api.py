@@ -163,9 +163,9 @@ def add_oci_routes(app: FastAPI, service: RegistryService, store: OciStore) -> M
             raise
         return size
 
-    async def finish(upload_id: str, digest: str, size: int) -> None:
+    async def finish(name: str, upload_id: str, digest: str, size: int) -> None:
         try:
-            await run_in_threadpool(store.finish_upload, upload_id, digest)
+            await run_in_threadpool(store.finish_upload, upload_id, digest, name)
         except BaseException:
             preingest.abort(upload_id)
             raise
@@ -208,18 +208,18 @@ def add_oci_routes(app: FastAPI, service: RegistryService, store: OciStore) -> M
         check_name(name)
         service.check_rate(allowed(request, name, "publish"))
         source = request.query_params.get("from")
-        if mount is not None:
+        if mount is not None and source is not None:  # without "from": a plain upload (202)
             check_digest(mount)
-            if source is not None:
-                allowed(request, check_name(source), "read")
-            if store.has_blob(mount):
-                return blob_created(name, mount)  # blobs are shared: mounting is free
+            allowed(request, check_name(source), "read")
+            if store.holds(source, mount):
+                store.link(name, mount)  # blobs are stored once: mounting is a row
+                return blob_created(name, mount)
         upload_id = store.start_upload()
         if digest is None:
             return Response(status_code=202, headers=upload_headers(name, upload_id, 0))
         try:
             size = await receive(request, upload_id)
-            await finish(upload_id, check_digest(digest), size)
+            await finish(name, upload_id, check_digest(digest), size)
         except BaseException:
             store.cancel_upload(upload_id)
             raise
@@ -247,7 +247,7 @@ def add_oci_routes(app: FastAPI, service: RegistryService, store: OciStore) -> M
             raise OciError(400, "DIGEST_INVALID", "the closing PUT needs ?digest=")
         check_digest(digest)
         size = await receive(request, upload_id)
-        await finish(upload_id, digest, size)
+        await finish(name, upload_id, digest, size)
         return blob_created(name, digest)
 
     @app.get("/v2/{name:path}/blobs/uploads/{upload_id}")
@@ -272,7 +272,7 @@ def add_oci_routes(app: FastAPI, service: RegistryService, store: OciStore) -> M
         check_name(name)
         allowed(request, name, "read")
         path = store.blob_path(digest)
-        if not path.is_file():
+        if not store.holds(name, digest):
             raise OciError(404, "BLOB_UNKNOWN", f"blob {digest} unknown", {"digest": digest})
         headers = {**_API_HEADER, "Docker-Content-Digest": digest}
         if request.method == "HEAD":
@@ -285,7 +285,7 @@ def add_oci_routes(app: FastAPI, service: RegistryService, store: OciStore) -> M
     def delete_blob(request: Request, name: str, digest: str) -> Response:
         check_name(name)
         allowed(request, name, "admin")
-        store.delete_blob(digest)
+        store.delete_blob(name, digest)
         return Response(status_code=202, headers=_API_HEADER)
 
     # -- manifests ----------------------------------------------------------------------------
