@@ -437,7 +437,6 @@ KNOWN_DIFFERENCES = {
     "push single POST",  # 201 (ours, monolithic in one request) or 202 (reference: an upload)
     "push single POST: PUT",  # so only the reference needs the closing PUT
     "DELETE tag",  # deleting by tag is optional; distribution 2.8 refuses it
-    "pull blob GET Range",  # both may serve a range or the whole blob
 }
 
 
