@@ -23,6 +23,7 @@ import dataclasses
 import io
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -35,7 +36,7 @@ from pathlib import Path
 
 import urllib3
 
-from cvmfs_ml.bench.services import free_port
+from cvmfs_ml.bench.services import DockerRegistry, free_port
 from cvmfs_ml.publish.repository import create_repository
 from cvmfs_ml.registry.config import add_token, load_config, save_config
 
@@ -94,6 +95,10 @@ def _oras_push(base: str, server: int, token: str, size: int, work: Path, reps: 
     client = oras.client.OrasClient(hostname=f"127.0.0.1:{port}", insecure=True)
     client.login("bench", token, hostname=f"127.0.0.1:{port}",
                  config_path=str(work / "docker-config.json"))  # fmt: skip
+    reference = None
+    if shutil.which("docker-registry"):  # the same push to a Go registry: the client's share
+        reference = DockerRegistry(workdir=work / "docker-registry")
+        to_reference = oras.client.OrasClient(hostname=reference.host, insecure=True)
     rounds = []
     for rep in range(1, reps + 1):
         folder = work / f"oras-model-{rep}"
@@ -120,11 +125,25 @@ def _oras_push(base: str, server: int, token: str, size: int, work: Path, reps: 
                 break
             time.sleep(0.01)
         total_s = time.monotonic() - start
+        reference_s = None
+        if reference is not None:  # after ours is published: the two do not overlap
+            os.chdir(folder)
+            try:
+                start = time.monotonic()
+                to_reference.push(target=f"{reference.host}/bench/big:{rep}",
+                                  files=["weights.bin"], do_chunked=True,
+                                  chunk_size=16 * 2**20)  # fmt: skip
+                reference_s = time.monotonic() - start
+            finally:
+                os.chdir(cwd)
         rounds.append({
             "state": state["state"], "push_s": pushed_s, "push_and_publish_s": total_s,
             "local_publish_s": local_s, "ratio_to_local": local_s / total_s,
             "server_cpu_s": _cpu_seconds(server) - cpu,
+            "docker_registry_push_s": reference_s,
         })  # fmt: skip
+    if reference is not None:
+        reference.close()
     mib = size / 2**20
     ratios = sorted(r["ratio_to_local"] for r in rounds)
     return {

@@ -148,3 +148,30 @@ def test_a_stalled_pipeline_gives_the_feed_up(
         assert pre.prime(folder, _source(digest, "weights.bin"), timeout=30) == 0
     finally:
         pre.close()
+
+
+def test_only_a_bounded_number_of_uploads_are_fed_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fed = create_repository(tmp_path / "srv", "fed.test", settings=SETTINGS)
+    monkeypatch.setattr(preingest_module, "MAX_SESSIONS", 1)
+    first, second, third = (os.urandom(200_000) for _ in range(3))
+    pre = Preingest(fed)
+    try:
+        _feed(pre, "e" * 32, first[:100_000])  # the first upload is half way
+        _feed(pre, "f" * 32, second)  # a second one at the same time: not fed
+        pre.finish("f" * 32, "sha256:" + hashlib.sha256(second).hexdigest(), len(second))
+        _feed(pre, "e" * 32, first, start=100_000)
+        pre.finish("e" * 32, "sha256:" + hashlib.sha256(first).hexdigest(), len(first))
+        _feed(pre, "0" * 32, third)  # the slot is free again
+        pre.finish("0" * 32, "sha256:" + hashlib.sha256(third).hexdigest(), len(third))
+        folder = tmp_path / "model"
+        folder.mkdir()
+        source: dict[str, object] = {"layers": []}
+        for name, data in (("first", first), ("second", second), ("third", third)):
+            (folder / name).write_bytes(data)
+            digest = "sha256:" + hashlib.sha256(data).hexdigest()
+            source["layers"].append({"digest": digest, "as": "file", "path": name})  # type: ignore[attr-defined]
+        assert pre.prime(folder, source, timeout=30) == 2  # first and third, not second
+    finally:
+        pre.close()

@@ -42,8 +42,9 @@ __all__ = ["Preingest"]
 log = logging.getLogger("cvmfs_ml.registry")
 
 FEED_BYTES = 16 * 2**20  # received but not yet read by the pipeline: the bound on its memory
-FEED_STALL_SECONDS = 10.0  # a feed blocked this long (or idle between requests 5 min) is given up
-IDLE_SECONDS = 300.0
+FEED_STALL_SECONDS = 10.0  # a feed blocked this long is given up...
+IDLE_SECONDS = 60.0  # ...and so is an upload with no new bytes for this long (the client left)
+MAX_SESSIONS = 1  # uploads fed at once: each holds up to FEED_BYTES + the pipeline's blocks
 KEEP_FINISHED = 256  # finished blobs remembered (digest -> content)
 _PACKED_MAGIC = (b"\x1f\x8b", b"\x28\xb5\x2f\xfd", b"BZh", b"\xfd7zXZ\x00")
 
@@ -155,7 +156,10 @@ class Preingest:
         with self._lock:
             session = self._active.get(upload_id)
             if session is None and offset == 0 and self.enabled and not _packed(chunk):
-                session = self._active[upload_id] = _Session(self.publisher)
+                for gone in [k for k, s in self._active.items() if s.feed.aborted]:
+                    del self._active[gone]  # left idle by a client that went away
+                if len(self._active) < MAX_SESSIONS:  # memory stays bounded: others go unfed
+                    session = self._active[upload_id] = _Session(self.publisher)
         if session is None:
             return
         if session.offset != offset:  # not fed from the start (a restart): give up
