@@ -12,7 +12,9 @@ reading the file.
 
 Whatever goes wrong is only a cache miss, and the publish reads the file as it always did: a
 restart (sessions are in memory), a blob not fed from its first byte, a feed that fell too far
-behind, a garbage collection in between (the cache checks every object is still stored).
+behind, a garbage collection in between (the cache checks every object is still stored), a
+transaction of that repository starting meanwhile (taking the lock clears the staging folder,
+where the pipeline's objects are being written: the write fails, the feed stops).
 Blobs that look like tarballs (gzip, zstd or tar headers) are not fed: those layers are
 unpacked, not published as one file. Objects of blobs never published are garbage, which the
 next cleanup's collection removes.
