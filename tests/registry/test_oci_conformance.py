@@ -162,6 +162,12 @@ class Workflows:
                    "Content-Length": str(len(third))},
             )  # fmt: skip
             assert skipped.status == 416
+        if not self.reference:  # the session answers under its own repository only
+            elsewhere = self.location(one).replace(self.name, self.cross)
+            assert self.request("chunked: GET status elsewhere", "GET", elsewhere).status == 404
+            hijack = self.request("chunked: PATCH elsewhere", "PATCH", elsewhere, second,
+                                  **{"Content-Range": "12000-19999"})  # fmt: skip
+            assert hijack.status == 404 and self.error_code(hijack) == "BLOB_UPLOAD_UNKNOWN"
         status = self.request("chunked: GET status", "GET", self.location(one))
         assert status.status == 204 and status.headers["Range"] == "0-11999"
         assert status.headers["Location"]

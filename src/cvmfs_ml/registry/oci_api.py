@@ -215,6 +215,7 @@ def add_oci_routes(app: FastAPI, service: RegistryService, store: OciStore) -> M
                 store.link(name, mount)  # blobs are stored once: mounting is a row
                 return blob_created(name, mount)
         upload_id = store.start_upload()
+        store.bind_upload(upload_id, name)
         if digest is None:
             return Response(status_code=202, headers=upload_headers(name, upload_id, 0))
         try:
@@ -229,7 +230,7 @@ def add_oci_routes(app: FastAPI, service: RegistryService, store: OciStore) -> M
     async def patch_upload(request: Request, name: str, upload_id: str) -> Response:
         check_name(name)
         allowed(request, name, "publish")
-        current = store.upload_size(upload_id)
+        current = store.upload_of(name, upload_id)
         content_range = request.headers.get("content-range")
         if content_range:
             match = re.fullmatch(r"(?:bytes )?(\d+)-(\d+)", content_range.strip())
@@ -246,6 +247,7 @@ def add_oci_routes(app: FastAPI, service: RegistryService, store: OciStore) -> M
         if digest is None:
             raise OciError(400, "DIGEST_INVALID", "the closing PUT needs ?digest=")
         check_digest(digest)
+        store.upload_of(name, upload_id)  # 404 unless it is this repository's session
         size = await receive(request, upload_id)
         await finish(name, upload_id, digest, size)
         return blob_created(name, digest)
@@ -254,14 +256,14 @@ def add_oci_routes(app: FastAPI, service: RegistryService, store: OciStore) -> M
     def upload_status(request: Request, name: str, upload_id: str) -> Response:
         check_name(name)
         allowed(request, name, "publish")
-        size = store.upload_size(upload_id)
+        size = store.upload_of(name, upload_id)
         return Response(status_code=204, headers=upload_headers(name, upload_id, size))
 
     @app.delete("/v2/{name:path}/blobs/uploads/{upload_id}")
     def cancel_upload(request: Request, name: str, upload_id: str) -> Response:
         check_name(name)
         allowed(request, name, "publish")
-        store.upload_size(upload_id)  # 404 if unknown
+        store.upload_of(name, upload_id)  # 404 if unknown here
         preingest.abort(upload_id)
         store.cancel_upload(upload_id)
         return Response(status_code=204, headers=_API_HEADER)

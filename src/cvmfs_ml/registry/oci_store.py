@@ -222,6 +222,22 @@ class OciStore:
         with self._lock:
             self._hashers.pop(upload_id, None)
         (self.uploads / upload_id).unlink(missing_ok=True)
+        (self.uploads / f"{upload_id}.repo").unlink(missing_ok=True)
+
+    def bind_upload(self, upload_id: str, repo: str) -> None:
+        """The session belongs to ``repo``: its URL answers only under that name."""
+        (self.uploads / f"{upload_id}.repo").write_text(repo)
+
+    def upload_of(self, repo: str, upload_id: str) -> int:
+        """The size of ``repo``'s session ``upload_id``; 404 for any other session."""
+        size = self.upload_size(upload_id)
+        try:
+            owner = (self.uploads / f"{upload_id}.repo").read_text()
+        except FileNotFoundError:
+            owner = None
+        if owner != repo:
+            raise OciError(404, "BLOB_UPLOAD_UNKNOWN", f"upload {upload_id} unknown")
+        return size
 
     # -- manifests and tags -------------------------------------------------------------------
     def put_manifest(self, repo: str, body: bytes, media_type: str, tags: list[str]) -> str:
