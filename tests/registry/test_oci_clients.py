@@ -90,4 +90,5 @@ def test_oci_upload_sessions_are_rate_limited(registry_env: RegistryEnv) -> None
     assert [HTTP.request("POST", url, headers=writer).status for _ in range(2)] == [202, 202]
     limited = HTTP.request("POST", url, headers=writer)
     assert limited.status == 429
+    assert json.loads(limited.data)["errors"][0]["code"] == "TOOMANYREQUESTS"
     assert HTTP.request("POST", url, headers=_auth(registry_env.tokens["all"])).status == 202

@@ -264,6 +264,11 @@ class Workflows:
         )
         gone = self.request("pull blob GET absent", "GET", f"/v2/{self.name}/blobs/{absent}")
         assert gone.status == 404 and self.error_code(gone) == "BLOB_UNKNOWN"
+        if not self.reference:  # errors outside the endpoints are in the spec's form too
+            bad_n = self.request("tags list n=abc", "GET", f"/v2/{self.name}/tags/list?n=abc")
+            assert bad_n.status == 400 and self.error_code(bad_n) == "UNSUPPORTED"
+            wrong = self.request("DELETE /v2/", "DELETE", "/v2/")
+            assert wrong.status == 405 and self.error_code(wrong) == "UNSUPPORTED"
         nope = self.request(
             "pull manifest GET absent", "GET", f"/v2/{self.name}/manifests/does-not-exist"
         )
