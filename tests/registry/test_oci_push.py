@@ -72,6 +72,8 @@ def test_oras_push_lands_a_model_version(
                                   outdir=str(out))  # fmt: skip
     assert sorted(Path(p).name for p in pulled) == ["config.json", "weights.bin"]
     assert (out / "weights.bin").read_bytes() == weights
+    # The weights were stored while they uploaded; the publish reused them.
+    assert "1 file(s) of localhost/grp/tiny:" + tag in registry.logs()
 
 
 def test_push_needs_a_token_with_the_namespace(

@@ -171,3 +171,27 @@ def test_identical_concurrent_publishes_collapse_into_one_job(
     with sqlite3.connect(registry_env.data / "queue.sqlite") as db:
         assert db.execute("SELECT COUNT(*) FROM jobs WHERE cid='grp/same'").fetchone()[0] == 1
     assert list((registry_env.data / "spool").glob("*")) == []
+
+
+def test_revision_visibility_at_the_local_stratum1(
+    registry_env: RegistryEnv, tmp_path: Path
+) -> None:
+    server = registry_env.start(extra=["--stratum1", str(tmp_path / "stratum1")])
+    token = registry_env.tokens["writer"]
+    body = make_tarball({"s1.txt": b"replicated\n"})
+    job = json.loads(post(server, "/api/v1/cids/grp/s1", body, token).data)
+    done = wait_until(
+        lambda: (j := job_json(server, job["id"], token))["state"] == "published" and j,
+        120, server.logs,
+    )  # fmt: skip
+    url = f"/api/v1/repositories/{done['repository']}/revisions/{done['revision']}"
+    answer = wait_until(
+        lambda: (a := json.loads(get(server, url).data))["visible_at_stratum1"] and a,
+        120, server.logs,
+    )  # fmt: skip
+    assert answer["visible"] is True and answer["stratum1_revision"] >= done["revision"]
+    later = f"/api/v1/repositories/{done['repository']}/revisions/{done['revision'] + 1}"
+    assert json.loads(get(server, later).data)["visible_at_stratum1"] is False
+    assert get(server, "/api/v1/repositories/no.such.repo/revisions/1").status == 404
+    metrics = text(get(server, "/metrics"))
+    assert re.search(r"cvmfs_registry_time_to_stratum1_seconds_count\{[^}]*\} 1\.0", metrics)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import json
 import os
 import shutil
@@ -71,3 +72,37 @@ def test_page_lists_models_with_paths_and_snippets(
     assert [m["ref"] for m in listed] == ["physics/jet-tagger:1.2"]
     assert listed[0]["cvmfs_path"] == f"/cvmfs/{FQRNS[0]}/physics/jet-tagger/1.2"
     assert get(server, "/docs").status == 200  # the OpenAPI page
+
+
+def test_page_searches_by_format_and_shows_aliases_and_snippets(
+    registry_env: RegistryEnv, tmp_path: Path
+) -> None:
+    from models.formats.test_api import _onnx
+
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    (plain / "weights.bin").write_bytes(b"\x01" * 2048)
+    publish_model(registry_env.publisher(), plain, ModelRef("physics", "jet-tagger", "1.2"))
+    vision = tmp_path / "vision"
+    vision.mkdir()
+    _onnx(vision / "model.onnx")
+    publish_model(registry_env.publisher(), vision, ModelRef("vision", "resnet", "2"),
+                  aliases=("latest", "prod"))  # fmt: skip
+    server = registry_env.start()
+    page = text(get(server, "/?format=onnx"))
+    assert "vision/resnet" in page and "jet-tagger" not in page
+    assert "<span class=tag>prod</span>" in page and "<span class=tag>latest</span>" in page
+    path = f"/cvmfs/{FQRNS[0]}/vision/resnet/2"
+    assert f'onnxruntime.InferenceSession("{path}/model.onnx")' in html.unescape(page)
+    assert f"ls {path}" in page and "storageUri" in page and "fsspec.open(" in page
+    assert "format <b>onnx</b>" in page
+    everything = text(get(server, "/"))
+    assert "vision/resnet" in everything and "jet-tagger" in everything
+    jet = everything.split("physics/jet-tagger", 1)[1].split("<h2", 1)[0]
+    assert "ls /cvmfs/" in jet and "onnxruntime" not in jet  # no ONNX snippet for a .bin
+    listed = json.loads(get(server, "/api/v1/models?format=onnx").data)
+    assert [m["ref"] for m in listed] == ["vision/resnet:2"]
+    assert sorted(listed[0]["aliases"]) == ["latest", "prod"]
+    assert json.loads(get(server, "/api/v1/models?q=resnet&format=gguf").data) == []
+    # Hostile search text comes back escaped, never as markup.
+    assert "<script>" not in text(get(server, "/?q=%3Cscript%3Ealert(1)%3C/script%3E"))

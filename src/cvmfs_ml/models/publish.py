@@ -60,6 +60,7 @@ from cvmfs_ml.models.sources.local import (
     hash_tree,
     scan_source,
 )
+from cvmfs_ml.publish.filecache import FileKey
 from cvmfs_ml.publish.repository import Publisher, Transaction
 from cvmfs_ml.publish.sources import SourceItem
 
@@ -268,6 +269,18 @@ def _opener(path: Path) -> Callable[[], BinaryIO]:
     return lambda: path.open("rb")
 
 
+def _file_key(path: Path, size: int) -> FileKey | None:
+    """What lets the publisher's file cache reuse a file it stored before, unread (the same key
+    as for ``add_folder``: device, inode, size and times; the registry also primes it)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    if st.st_size != size:
+        return None
+    return FileKey(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
 def _version_items(tree: SourceTree, ref: ModelRef, model_json: bytes) -> list[SourceItem]:
     """The version folder, its sub-folders, files and ``model.json``, parents first."""
     now = int(time.time())
@@ -286,6 +299,7 @@ def _version_items(tree: SourceTree, ref: ModelRef, model_json: bytes) -> list[S
                 mtime=f.mtime,
                 size=f.size,
                 open=_opener(f.real),
+                file_key=_file_key(f.real, f.size),
             )
         )
     items.append(

@@ -17,8 +17,12 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exception_handlers import http_exception_handler, request_validation_exception_handler
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from cvmfs_ml.registry.auth import authenticate, require, require_reader
@@ -29,7 +33,7 @@ from cvmfs_ml.registry.oci_store import OciStore
 from cvmfs_ml.registry.resumable import add_resumable_routes
 from cvmfs_ml.registry.service import Accepted, RegistryService
 from cvmfs_ml.registry.tarballs import RejectedError
-from cvmfs_ml.registry.web import add_web_routes
+from cvmfs_ml.registry.web import add_api_docs, add_web_routes
 
 __all__ = ["create_app"]
 
@@ -84,7 +88,7 @@ def create_app(service: RegistryService, *, manage_service: bool = True) -> Fast
             if manage_service:
                 await run_in_threadpool(service.stop)
 
-    app = FastAPI(title="cvmfs-ml registry", lifespan=lifespan)
+    app = FastAPI(title="cvmfs-ml registry", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.service = service
 
     def who(request: Request) -> Principal:
@@ -102,9 +106,8 @@ def create_app(service: RegistryService, *, manage_service: bool = True) -> Fast
         if path.startswith(("/v2", "/token")):
             name = _oci_name(path)
             action = "pull" if request.method in ("GET", "HEAD") else "pull,push"
-            code = {401: "UNAUTHORIZED", 403: "DENIED", 404: "NAME_UNKNOWN"}.get(
-                exc.status, "UNSUPPORTED"
-            )
+            code = {401: "UNAUTHORIZED", 403: "DENIED", 404: "NAME_UNKNOWN", 413: "SIZE_INVALID",
+                    429: "TOOMANYREQUESTS"}.get(exc.status, "UNSUPPORTED")  # fmt: skip
             extra = challenge(request, name, action) if exc.status == 401 else {}
             return oci_error(exc.status, code, exc.reason, headers=extra)
         headers = challenge(request, None, "") if exc.status == 401 else {}
@@ -119,6 +122,19 @@ def create_app(service: RegistryService, *, manage_service: bool = True) -> Fast
         if exc.status >= 500:
             return _text(f"Server error: {exc.reason}", exc.status)
         return _text(f"Bad request: {exc.reason}", exc.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, exc: RequestValidationError) -> Response:
+        if request.url.path.startswith("/v2"):  # the spec's error body, not FastAPI's
+            return oci_error(400, "UNSUPPORTED", "invalid request parameters",
+                             jsonable_encoder(exc.errors()))  # fmt: skip
+        return await request_validation_exception_handler(request, exc)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        if request.url.path.startswith("/v2"):
+            return oci_error(exc.status_code, "UNSUPPORTED", str(exc.detail))
+        return await http_exception_handler(request, exc)
 
     @app.exception_handler(InvalidCidError)
     async def bad_cid(request: Request, exc: InvalidCidError) -> Response:
@@ -234,6 +250,7 @@ def create_app(service: RegistryService, *, manage_service: bool = True) -> Fast
         }  # fmt: skip
 
     add_web_routes(app, service)
+    add_api_docs(app)
     oci_store = OciStore(service.data_dir / "oci")
     models = add_oci_routes(app, service, oci_store)
     add_resumable_routes(app, service, oci_store)

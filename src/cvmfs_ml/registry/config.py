@@ -97,6 +97,7 @@ class RegistryConfig:
     uploads_per_minute: int = 0  # per token; 0: no limit
     unpack_images: bool = True  # publish pushed container images unpacked, as model versions
     cleanup_hour: int = 3  # UTC hour of the daily cleanup (+1 per repository); -1: never
+    preingest: bool = True  # store pushed blobs' objects while they upload (registry/preingest.py)
     tokens: dict[str, TokenRecord] = field(default_factory=dict)
 
     def authenticate(self, token: str) -> Principal | None:

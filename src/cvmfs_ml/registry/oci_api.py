@@ -16,6 +16,7 @@ token, it hands the same token back, so the client sends it as ``Bearer`` from t
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import logging
 import re
@@ -41,6 +42,7 @@ from cvmfs_ml.registry.oci_store import (
     check_digest,
     check_name,
 )
+from cvmfs_ml.registry.preingest import Preingest
 from cvmfs_ml.registry.service import RegistryService
 from cvmfs_ml.registry.tarballs import RejectedError
 
@@ -70,9 +72,14 @@ class ModelPublisher:
     def __init__(self, service: RegistryService, store: OciStore) -> None:
         self.service = service
         self.store = store
+        first = service.workers[service.repositories[0]].publisher
+        self.preingest = Preingest(first, lambda: service.config.preingest)
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="registry-oci-publish")
+        # The models layer's publishing code loads now, not in the first push's time.
+        self._pool.submit(importlib.import_module, "cvmfs_ml.models.publish")
 
     def close(self) -> None:
+        self.preingest.close()
         self._pool.shutdown(wait=True)
 
     def submit(self, repo: str, tag: str, digest: str, document: dict[str, Any], who: str) -> None:
@@ -105,7 +112,7 @@ class ModelPublisher:
             result = ingest_oci(
                 worker.publisher, OciReference("localhost", repo, tag, digest), ref,
                 client=LocalRegistryClient(self.store),  # type: ignore[arg-type]
-                publisher_name=who,
+                publisher_name=who, before_publish=self.preingest.prime,
             )  # fmt: skip
         except (CvmfsMlError, ValueError, OSError) as exc:
             log.warning("publishing %s:%s as %s failed: %s", repo, tag, ref, exc)
@@ -114,13 +121,15 @@ class ModelPublisher:
             return
         revision = worker.publisher.manifest().revision
         self.service.metrics.publishes.labels(worker.fqrn).inc()
-        log.info("published %s:%s as model %s in revision %d", repo, tag, ref, revision)
+        log.info("published %s:%s as model %s in revision %d (%s)", repo, tag, ref, revision,
+                 ", ".join(f"{k} {v:.2f} s" for k, v in result.seconds.items()))  # fmt: skip
         self.store.set_publish(repo, tag, digest, "published", model=str(result.ref),
                                revision=revision)  # fmt: skip
 
 
 def add_oci_routes(app: FastAPI, service: RegistryService, store: OciStore) -> ModelPublisher:
     models = ModelPublisher(service, store)
+    preingest = models.preingest
 
     def allowed(request: Request, name: str | None, action: str) -> str:
         principal = authenticate(service.config, request.headers.get("authorization"))
@@ -142,11 +151,25 @@ def add_oci_routes(app: FastAPI, service: RegistryService, store: OciStore) -> M
         if declared and declared.isdigit() and int(declared) > limit:
             raise OciError(413, "SIZE_INVALID", f"blob larger than {limit} bytes")
         size = 0
-        with store.appending(upload_id, limit) as write:
-            size = store.upload_size(upload_id)
-            async for chunk in request.stream():
-                size = write(chunk)
+        try:
+            with store.appending(upload_id, limit) as write:
+                size = store.upload_size(upload_id)
+                async for chunk in request.stream():
+                    if chunk:
+                        offset, size = size, write(chunk)
+                        await preingest.feed(upload_id, offset, chunk)
+        except BaseException:
+            preingest.abort(upload_id)
+            raise
         return size
+
+    async def finish(name: str, upload_id: str, digest: str, size: int) -> None:
+        try:
+            await run_in_threadpool(store.finish_upload, upload_id, digest, name)
+        except BaseException:
+            preingest.abort(upload_id)
+            raise
+        preingest.finish(upload_id, digest, size)
 
     def blob_created(name: str, digest: str) -> Response:
         headers = {**_API_HEADER, "Location": f"/v2/{name}/blobs/{digest}",
@@ -185,18 +208,19 @@ def add_oci_routes(app: FastAPI, service: RegistryService, store: OciStore) -> M
         check_name(name)
         service.check_rate(allowed(request, name, "publish"))
         source = request.query_params.get("from")
-        if mount is not None:
+        if mount is not None and source is not None:  # without "from": a plain upload (202)
             check_digest(mount)
-            if source is not None:
-                allowed(request, check_name(source), "read")
-            if store.has_blob(mount):
-                return blob_created(name, mount)  # blobs are shared: mounting is free
+            allowed(request, check_name(source), "read")
+            if store.holds(source, mount):
+                store.link(name, mount)  # blobs are stored once: mounting is a row
+                return blob_created(name, mount)
         upload_id = store.start_upload()
+        store.bind_upload(upload_id, name)
         if digest is None:
             return Response(status_code=202, headers=upload_headers(name, upload_id, 0))
         try:
-            await receive(request, upload_id)
-            await run_in_threadpool(store.finish_upload, upload_id, check_digest(digest))
+            size = await receive(request, upload_id)
+            await finish(name, upload_id, check_digest(digest), size)
         except BaseException:
             store.cancel_upload(upload_id)
             raise
@@ -206,7 +230,7 @@ def add_oci_routes(app: FastAPI, service: RegistryService, store: OciStore) -> M
     async def patch_upload(request: Request, name: str, upload_id: str) -> Response:
         check_name(name)
         allowed(request, name, "publish")
-        current = store.upload_size(upload_id)
+        current = store.upload_of(name, upload_id)
         content_range = request.headers.get("content-range")
         if content_range:
             match = re.fullmatch(r"(?:bytes )?(\d+)-(\d+)", content_range.strip())
@@ -223,22 +247,24 @@ def add_oci_routes(app: FastAPI, service: RegistryService, store: OciStore) -> M
         if digest is None:
             raise OciError(400, "DIGEST_INVALID", "the closing PUT needs ?digest=")
         check_digest(digest)
-        await receive(request, upload_id)
-        await run_in_threadpool(store.finish_upload, upload_id, digest)
+        store.upload_of(name, upload_id)  # 404 unless it is this repository's session
+        size = await receive(request, upload_id)
+        await finish(name, upload_id, digest, size)
         return blob_created(name, digest)
 
     @app.get("/v2/{name:path}/blobs/uploads/{upload_id}")
     def upload_status(request: Request, name: str, upload_id: str) -> Response:
         check_name(name)
         allowed(request, name, "publish")
-        size = store.upload_size(upload_id)
+        size = store.upload_of(name, upload_id)
         return Response(status_code=204, headers=upload_headers(name, upload_id, size))
 
     @app.delete("/v2/{name:path}/blobs/uploads/{upload_id}")
     def cancel_upload(request: Request, name: str, upload_id: str) -> Response:
         check_name(name)
         allowed(request, name, "publish")
-        store.upload_size(upload_id)  # 404 if unknown
+        store.upload_of(name, upload_id)  # 404 if unknown here
+        preingest.abort(upload_id)
         store.cancel_upload(upload_id)
         return Response(status_code=204, headers=_API_HEADER)
 
@@ -248,7 +274,7 @@ def add_oci_routes(app: FastAPI, service: RegistryService, store: OciStore) -> M
         check_name(name)
         allowed(request, name, "read")
         path = store.blob_path(digest)
-        if not path.is_file():
+        if not store.holds(name, digest):
             raise OciError(404, "BLOB_UNKNOWN", f"blob {digest} unknown", {"digest": digest})
         headers = {**_API_HEADER, "Docker-Content-Digest": digest}
         if request.method == "HEAD":
@@ -261,7 +287,7 @@ def add_oci_routes(app: FastAPI, service: RegistryService, store: OciStore) -> M
     def delete_blob(request: Request, name: str, digest: str) -> Response:
         check_name(name)
         allowed(request, name, "admin")
-        store.delete_blob(digest)
+        store.delete_blob(name, digest)
         return Response(status_code=202, headers=_API_HEADER)
 
     # -- manifests ----------------------------------------------------------------------------

@@ -3,8 +3,10 @@
 Blobs are files named by digest (``blobs/sha256/<hex>``), written only after their digest was
 checked; an upload session is a file in ``uploads/`` that grows chunk by chunk (never held in
 memory) with its running hash kept beside it in memory, recomputed from the file after a
-restart. Manifests are blobs too; which repository holds which manifest, tags and referrers
-are rows in a small SQLite database.
+restart. Manifests are blobs too; which repository holds which blob and manifest, tags and
+referrers are rows in a small SQLite database. A blob is stored once however many repositories
+hold it, but each repository sees only the blobs pushed or mounted into it (as distribution's
+per-repository links do): a reader of one namespace cannot fetch another's blob by digest.
 """
 
 from __future__ import annotations
@@ -44,6 +46,9 @@ CREATE TABLE IF NOT EXISTS manifests (
 );
 CREATE TABLE IF NOT EXISTS tags (
     repo TEXT NOT NULL, tag TEXT NOT NULL, digest TEXT NOT NULL, PRIMARY KEY (repo, tag)
+);
+CREATE TABLE IF NOT EXISTS blob_links (
+    repo TEXT NOT NULL, digest TEXT NOT NULL, PRIMARY KEY (repo, digest)
 );
 CREATE TABLE IF NOT EXISTS publishes (
     repo TEXT NOT NULL, tag TEXT NOT NULL, digest TEXT NOT NULL, state TEXT NOT NULL,
@@ -119,11 +124,29 @@ class OciStore:
     def has_blob(self, digest: str) -> bool:
         return self.blob_path(digest).is_file()
 
-    def delete_blob(self, digest: str) -> None:
-        path = self.blob_path(digest)
-        if not path.is_file():
-            raise OciError(404, "BLOB_UNKNOWN", f"blob {digest} unknown")
-        path.unlink()
+    def holds(self, repo: str, digest: str) -> bool:
+        """Whether ``repo`` holds blob ``digest`` (pushed or mounted there, still stored)."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT 1 FROM blob_links WHERE repo=? AND digest=?", (repo, digest)
+            ).fetchone()
+        return row is not None and self.has_blob(digest)
+
+    def link(self, repo: str, digest: str) -> None:
+        with self._lock:
+            self._db.execute("INSERT OR IGNORE INTO blob_links VALUES (?,?)", (repo, digest))
+
+    def delete_blob(self, repo: str, digest: str) -> None:
+        """Remove ``digest`` from ``repo``; the file goes once no repository holds it."""
+        if not self.holds(repo, digest):
+            raise OciError(404, "BLOB_UNKNOWN", f"blob {digest} unknown", {"digest": digest})
+        with self._lock:
+            self._db.execute("DELETE FROM blob_links WHERE repo=? AND digest=?", (repo, digest))
+            others = self._db.execute(
+                "SELECT 1 FROM blob_links WHERE digest=? LIMIT 1", (digest,)
+            ).fetchone()
+            if others is None:
+                self.blob_path(digest).unlink(missing_ok=True)
 
     # -- upload sessions ----------------------------------------------------------------------
     def start_upload(self) -> str:
@@ -178,8 +201,9 @@ class OciStore:
         path = self._session(upload_id)
         return path, self._hasher(upload_id, path).hexdigest()
 
-    def finish_upload(self, upload_id: str, digest: str) -> Path:
-        """Check the session against ``digest`` and make it the blob (or 400, session kept)."""
+    def finish_upload(self, upload_id: str, digest: str, repo: str | None = None) -> Path:
+        """Check the session against ``digest`` and make it the blob (or 400, session kept);
+        ``repo`` then holds it."""
         check_digest(digest)
         path = self._session(upload_id)
         actual = "sha256:" + self._hasher(upload_id, path).hexdigest()
@@ -190,12 +214,30 @@ class OciStore:
         target = self.blob_path(digest)
         os.replace(path, target)
         self.cancel_upload(upload_id)
+        if repo is not None:
+            self.link(repo, digest)
         return target
 
     def cancel_upload(self, upload_id: str) -> None:
         with self._lock:
             self._hashers.pop(upload_id, None)
         (self.uploads / upload_id).unlink(missing_ok=True)
+        (self.uploads / f"{upload_id}.repo").unlink(missing_ok=True)
+
+    def bind_upload(self, upload_id: str, repo: str) -> None:
+        """The session belongs to ``repo``: its URL answers only under that name."""
+        (self.uploads / f"{upload_id}.repo").write_text(repo)
+
+    def upload_of(self, repo: str, upload_id: str) -> int:
+        """The size of ``repo``'s session ``upload_id``; 404 for any other session."""
+        size = self.upload_size(upload_id)
+        try:
+            owner = (self.uploads / f"{upload_id}.repo").read_text()
+        except FileNotFoundError:
+            owner = None
+        if owner != repo:
+            raise OciError(404, "BLOB_UPLOAD_UNKNOWN", f"upload {upload_id} unknown")
+        return size
 
     # -- manifests and tags -------------------------------------------------------------------
     def put_manifest(self, repo: str, body: bytes, media_type: str, tags: list[str]) -> str:
@@ -225,7 +267,7 @@ class OciStore:
                 raise OciError(400, "MANIFEST_INVALID", "a descriptor lacks its digest")
             digest = descriptor["digest"]
             check_digest(digest)
-            known = self.has_blob(digest)
+            known = self.holds(repo, digest)
             if known and isinstance(descriptor.get("size"), int):
                 known = self.blob_path(digest).stat().st_size == descriptor["size"]
             if not known:
@@ -251,6 +293,7 @@ class OciStore:
             )  # fmt: skip
             for tag in tags:
                 self._db.execute("INSERT OR REPLACE INTO tags VALUES (?,?,?)", (repo, tag, digest))
+            self._db.execute("INSERT OR IGNORE INTO blob_links VALUES (?,?)", (repo, digest))
             self._db.execute("COMMIT")
         return digest
 
@@ -351,7 +394,7 @@ class LocalRegistryClient:
         self, repository: str, digest: str, dest: Path, *, size: int | None = None
     ) -> Path:
         source = self.store.blob_path(digest)
-        if not source.is_file():
+        if not self.store.holds(repository, digest):
             raise NotFoundError(f"blob {digest}", repository)
         dest = Path(dest)
         if dest.exists():

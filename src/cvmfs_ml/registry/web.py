@@ -11,7 +11,9 @@ import html
 from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse
+from fastapi.staticfiles import StaticFiles
 
 from cvmfs_ml.client.repository import Repository
 from cvmfs_ml.errors import CvmfsMlError
@@ -20,7 +22,7 @@ from cvmfs_ml.models.publish import list_models
 from cvmfs_ml.registry.auth import require_reader
 from cvmfs_ml.registry.service import RegistryService
 
-__all__ = ["add_web_routes", "model_rows"]
+__all__ = ["add_api_docs", "add_web_routes", "model_rows"]
 
 MAX_LISTED = 500
 _STYLE = """
@@ -136,3 +138,37 @@ def add_web_routes(app: FastAPI, service: RegistryService) -> None:
         readable(request)
         fqrn, records = model_rows(service, q, format)
         return [{**r.info(), "cvmfs_path": f"/cvmfs/{fqrn}{r.path}"} for r in records]
+
+
+SWAGGER_UI = "/static/swagger-ui"
+
+
+def add_api_docs(app: FastAPI) -> None:
+    """``/docs``: Swagger UI served from this service (the ``swagger-ui-bundle-v2`` package),
+    not from a CDN, so the API page works where the service has no way out; without the
+    package, a plain page pointing at ``/openapi.json``. ``app`` is made with ``docs_url=None``."""
+    try:
+        import swagger_ui_bundle
+    except ImportError:
+        swagger_ui_bundle = None
+
+    if swagger_ui_bundle is not None:
+        app.mount(SWAGGER_UI, StaticFiles(directory=swagger_ui_bundle.swagger_ui_path),
+                  name="swagger-ui")  # fmt: skip
+
+    @app.get("/docs", include_in_schema=False)
+    def docs() -> HTMLResponse:
+        if swagger_ui_bundle is None:
+            return HTMLResponse(
+                "<!doctype html><title>cvmfs-ml registry API</title><p>The OpenAPI document:"
+                ' <a href="/openapi.json">/openapi.json</a> (install swagger-ui-bundle-v2 for'
+                " the interactive page)</p>"
+            )
+        return get_swagger_ui_html(
+            openapi_url=app.openapi_url or "/openapi.json",
+            title=f"{app.title} API",
+            swagger_js_url=f"{SWAGGER_UI}/swagger-ui-bundle.js",
+            swagger_css_url=f"{SWAGGER_UI}/swagger-ui.css",
+            swagger_favicon_url=f"{SWAGGER_UI}/favicon-32x32.png",
+            swagger_ui_parameters={"validatorUrl": None},  # its default is an outside service
+        )

@@ -37,7 +37,7 @@ import datetime as dt
 import json
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -526,6 +526,7 @@ def ingest_oci(
     publisher_name: str | None = None,
     force: bool = False,
     client: RegistryClient | None = None,
+    before_publish: Callable[[Path, dict[str, Any]], object] | None = None,
 ) -> IngestResult:
     """Publish the OCI artifact or image ``reference`` as model version ``ref``.
 
@@ -534,6 +535,8 @@ def ingest_oci(
     written and the existing record is returned with ``skipped=True`` (``force`` re-publishes,
     which :func:`publish_model` refuses if the version exists). ``blob_dir`` keeps verified
     blobs between runs (digest-addressed); by default they live in a scratch folder.
+    ``before_publish(folder, source)`` runs once the artifact is laid out in ``folder`` (the
+    registry tells the publisher's file cache what the blobs it already stored became).
     """
     from cvmfs_ml.models.publish import publish_model
 
@@ -567,6 +570,8 @@ def ingest_oci(
                 subpath=subpath,
             )
             seconds["pull"] = time.perf_counter() - start
+            if before_publish is not None:
+                before_publish(folder, pulled.source)
             start = time.perf_counter()
             record = publish_model(
                 publisher,

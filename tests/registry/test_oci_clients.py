@@ -1,0 +1,94 @@
+"""More of what real clients do against ``/v2/``: a KitOps ModelKit push becomes a model
+version; oras-py lists tags page by page (following ``Link``) and deletes a tag; upload
+sessions count against the per-token rate limit."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import pytest
+from typer.testing import CliRunner
+
+from cvmfs_ml.cli import app
+
+from ._helpers import FQRNS, HTTP, RegistryEnv, RegistryServer
+from .test_oci_push import _auth, _oras, _published
+
+
+def test_kitops_push_is_published_as_a_model(
+    registry_env: RegistryEnv, registry: RegistryServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from models import test_oci
+
+    class Authorised:  # the models tests' push helpers, with the token added
+        def request(self, method: str, url: str, **kw: Any) -> Any:
+            kw["headers"] = {**(kw.get("headers") or {}), **_auth(registry_env.tokens["all"])}
+            return HTTP.request(method, url, **kw)
+
+    monkeypatch.setattr(test_oci, "HTTP", Authorised())
+    base, repo = registry.url, "ml/kit"
+    model = random.Random(3).randbytes(50_000)
+    kitfile = {"manifestVersion": "1.0",
+               "package": {"name": "kit", "description": "a ModelKit", "authors": ["me"]},
+               "model": {"name": "kit", "path": "model/model.gguf", "license": "MIT"}}  # fmt: skip
+    layers = [
+        ("application/vnd.kitops.modelkit.model.v1.tar+gzip",
+         test_oci.gz(test_oci.make_tar([("model", None), ("model/model.gguf", model)]))),
+        ("application/vnd.kitops.modelkit.docs.v1.tar",
+         test_oci.make_tar([("README.md", b"hi\n")])),
+    ]  # fmt: skip
+    manifest = {
+        "schemaVersion": 2, "mediaType": test_oci.OCI_MANIFEST,
+        "config": {"mediaType": test_oci.KITOPS_CONFIG,
+                   **test_oci.push_blob(base, repo, json.dumps(kitfile).encode())},
+        "layers": [{"mediaType": mt, **test_oci.push_blob(base, repo, blob)}
+                   for mt, blob in layers],
+    }  # fmt: skip
+    digest = test_oci.push_manifest(base, repo, "v1", manifest)
+    state = _published(registry, repo, "v1")
+    assert state["model"] == "ml/kit:v1" and state["digest"] == digest
+    assert registry_env.read(FQRNS[0], "/ml/kit/v1/model/model.gguf") == model
+    assert registry_env.read(FQRNS[0], "/ml/kit/v1/README.md") == b"hi\n"
+    info = CliRunner().invoke(
+        app, ["model", "info", str(registry_env.root / FQRNS[0]), "ml/kit:v1", "--json"]
+    )
+    record = json.loads(info.stdout)
+    assert record["source"]["kind"] == "kitops" and record["license"] == "MIT"
+
+
+def test_oras_lists_tags_page_by_page_and_deletes_one(
+    registry_env: RegistryEnv, registry: RegistryServer, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    monkeypatch.chdir(tmp_path)
+    host = f"127.0.0.1:{registry.port}"
+    # Three components: a plain artifact store, not published as a model version.
+    target = f"{host}/grp/docs/notes"
+    writer = _oras(registry, "writer", registry_env.tokens["writer"])
+    for tag in ("c", "a", "e", "b", "d"):
+        Path("notes.txt").write_bytes(os.urandom(1000))  # a manifest of its own per tag
+        assert writer.push(target=f"{target}:{tag}", files=["notes.txt"]).status_code == 201
+    assert writer.get_tags(target) == ["a", "b", "c", "d", "e"]
+    assert writer.get_tags(target, N=2) == ["a", "b"]  # one page of 2
+    listed = HTTP.request("GET", f"{registry.url}/v2/grp/docs/notes/tags/list?n=2")
+    assert listed.headers["Link"] == '</v2/grp/docs/notes/tags/list?n=2&last=b>; rel="next"'
+    # oras delete_tag (it deletes the tag's manifest by digest) needs the admin scope.
+    admin = _oras(registry, "admin", registry_env.tokens["admin"])
+    assert admin.delete_tag(target, "c") is True
+    assert admin.get_tags(target) == ["a", "b", "d", "e"]
+
+
+def test_oci_upload_sessions_are_rate_limited(registry_env: RegistryEnv) -> None:
+    registry_env.set_config(uploads_per_minute=2)
+    server = registry_env.start()
+    url = f"{server.url}/v2/grp/limited/blobs/uploads/"
+    writer = _auth(registry_env.tokens["writer"])
+    assert [HTTP.request("POST", url, headers=writer).status for _ in range(2)] == [202, 202]
+    limited = HTTP.request("POST", url, headers=writer)
+    assert limited.status == 429
+    assert json.loads(limited.data)["errors"][0]["code"] == "TOOMANYREQUESTS"
+    assert HTTP.request("POST", url, headers=_auth(registry_env.tokens["all"])).status == 202
