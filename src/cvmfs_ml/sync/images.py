@@ -34,6 +34,7 @@ from cvmfs_ml.publish.sources import SourceItem, scan_folder
 
 __all__ = [
     "FLAT_ROOT",
+    "IMAGE_JSON",
     "METADATA_ROOT",
     "FlatImage",
     "ImageRecord",
