@@ -51,6 +51,7 @@ __all__ = [
     "metadata_folder",
     "public_path",
     "queue_image",
+    "scratch_items",
     "unpack_flat",
 ]
 
@@ -158,6 +159,7 @@ def unpack_flat(
     blob_dir: Path,
     *,
     workers: int = 4,
+    stream: bool = True,
 ) -> FlatImage:
     """Download the layers of ``resolved`` and apply them in order into the new folder ``dest``.
 
@@ -173,7 +175,8 @@ def unpack_flat(
     writer = TreeWriter(dest, rootfs=True)
     size = 0
     stream_first = (
-        hasattr(client, "open_blob")
+        stream
+        and hasattr(client, "open_blob")
         and bool(layers)
         and not fetched_blob(blob_dir, str(layers[0]["digest"])).exists()
     )
@@ -215,7 +218,9 @@ def _consumed(path: str) -> Callable[[], BinaryIO]:
     return open_once
 
 
-def _root_owned(flat: FlatImage, at: str) -> Iterator[SourceItem]:
+def scratch_items(flat: Any, at: str) -> Iterator[SourceItem]:
+    """The unpacked ``flat`` (a :class:`FlatImage` or a layer) as items at ``at``, with the
+    layers' modes and owners."""
     prefix = len(at) + 1
     for item in scan_folder(flat.folder, at, include_xattrs=False):
         relative = item.path[prefix:] if item.path != at else ""
@@ -240,7 +245,7 @@ def queue_image(
 ) -> None:
     """Queue the flat image (if new), the public link and the metadata into ``txn``."""
     if flat is not None:
-        txn.add_items(lambda: _root_owned(flat, record.flat), record.flat, nested_catalog=True)
+        txn.add_items(lambda: scratch_items(flat, record.flat), record.flat, nested_catalog=True)
     if replace_link:
         txn.symlink(record.public_path, link_target(record.public_path, record.flat))
     txn.add_bytes(f"{record.metadata}/manifest.json", manifest)

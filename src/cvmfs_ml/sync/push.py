@@ -74,9 +74,7 @@ def publish_image(
         with open_published(publisher) as repo:
             have_flat = repo.exists(target)
             try:
-                old = ImageRecord.from_bytes(
-                    repo.read_bytes(f"{meta}/{IMAGE_JSON}"), public
-                )
+                old = ImageRecord.from_bytes(repo.read_bytes(f"{meta}/{IMAGE_JSON}"), public)
             except (FileNotFoundError, NotADirectoryError):
                 old = None
             linked = repo.exists(public)

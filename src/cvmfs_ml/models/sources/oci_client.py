@@ -232,6 +232,7 @@ class RegistryClient:
             raise_on_status=False,
         )
         self._http = urllib3.PoolManager(
+            maxsize=8,  # layers download in parallel: one kept connection each
             retries=retry,
             timeout=urllib3.Timeout(connect=min(timeout, 15.0), read=timeout),
             cert_reqs="CERT_REQUIRED" if verify_tls else "CERT_NONE",

@@ -138,10 +138,12 @@ class TreeWriter:
     otherwise artifact semantics (escaping symlinks refused, ``.wh.`` names are ordinary files).
     """
 
-    def __init__(self, dest: Path, *, rootfs: bool = False) -> None:
+    def __init__(self, dest: Path, *, rootfs: bool = False, whiteouts: bool = True) -> None:
         self.dest = Path(dest)
         self.dest.mkdir(parents=True, exist_ok=True)
         self.rootfs = rootfs
+        # False: one layer on its own (DUCC's .layers/), its whiteout files kept as they are.
+        self.whiteouts = whiteouts
         self._dir_meta: dict[str, tuple[int, int]] = {}
         self._layer_written: set[str] = set()
         #: rootfs mode: owners other than root, ``{relative path: (uid, gid)}`` from the tar
@@ -368,7 +370,7 @@ class TreeWriter:
         name = member.name
         relative = safe_relative(name, name)
         basename = relative.rpartition("/")[2]
-        if self.rootfs and basename.startswith(WHITEOUT_PREFIX):
+        if self.rootfs and self.whiteouts and basename.startswith(WHITEOUT_PREFIX):
             self._whiteout(relative, name, stats)
             return
         if member.ischr() or member.isblk():
