@@ -80,6 +80,22 @@ def test_a_pushed_image_is_published_flat_with_its_public_link(
     assert registry_env.read(FQRNS[0], f"/{host}/grp/base:stable/etc/new.conf") == b"k=v\n"
 
 
+def test_a_hostile_pushed_image_fails_with_nothing_published(
+    registry_env: RegistryEnv, registry: RegistryServer, tmp_path: Path
+) -> None:
+    if shutil.which("skopeo") is None:
+        pytest.skip("skopeo is not installed")
+    hostile = make_layer([("etc", None), ("../escape", b"out of the tree")])
+    write_oci_layout(tmp_path / "layout", [(hostile, "gzip")], "1")
+    before = registry_env.revision()
+    _push(tmp_path / "layout", "1", f"docker://127.0.0.1:{registry.port}/grp/evil:1",
+          f"ci:{registry_env.tokens['writer']}")  # fmt: skip
+    state = _settled(registry, "/api/v1/oci/grp/evil/1")
+    assert state["state"] == "failed" and ".." in state["reason"], state
+    assert registry_env.revision() == before
+    assert not (tmp_path / "escape").exists()
+
+
 def test_the_public_registry_name_is_checked() -> None:
     from cvmfs_ml.registry.image_push import image_registry_name
 

@@ -128,3 +128,22 @@ def test_layers_key_in_the_wishlist() -> None:
     assert not parse_wishlist("version: 1\ninput: ['r.io/a:1']\n").layers
     with pytest.raises(ConfigError, match="'layers' must be true or false"):
         parse_wishlist("version: 1\nlayers: yes-please\ninput: ['r.io/a:1']\n")
+
+
+@pytest.mark.service
+def test_cli_layers_flag(docker_registry: Any, publisher: Publisher, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from cvmfs_ml.cli import app
+
+    layer = make_layer([("etc", None), ("etc/motd", b"hi\n")])
+    push_image(docker_registry, tmp_path, "lib/tiny", "1", [(layer, "gzip")])
+    wishlist_file = tmp_path / "wishlist.yaml"
+    wishlist_file.write_text(f"version: 1\ninput: ['http://{docker_registry.host}/lib/tiny:1']\n")
+    args = ["sync", str(wishlist_file), "--repo", str(publisher.repo_dir), "--layers"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    digest = hashlib.sha256(gzip.compress(layer, mtime=0)).hexdigest()
+    with published(publisher) as repo:
+        assert repo.read_bytes(f"/.layers/{digest[:2]}/{digest}/layerfs/etc/motd") == b"hi\n"
+        assert repo.exists("/podmanStore/overlay-images/images.json")
