@@ -143,10 +143,10 @@ def _apply_streamed(
     whole tree away (nothing of it was published).
     """
     digest = str(layer["digest"])
-    size = layer.get("size")
-    with client.open_blob(
-        resolved.reference.repository, digest, size=size if isinstance(size, int) else None
-    ) as blob, decompressed(io.BufferedReader(blob, _STREAM_BUFFER)) as stream:
+    with (
+        client.open_blob(resolved.reference.repository, digest, size=int(layer["size"])) as blob,
+        decompressed(io.BufferedReader(blob, _STREAM_BUFFER)) as stream,
+    ):
         stats = writer.apply_tar(stream, what=f"layer {digest}")
         blob.finish()
     return stats
@@ -178,6 +178,7 @@ def unpack_flat(
         stream
         and hasattr(client, "open_blob")
         and bool(layers)
+        and isinstance(layers[0].get("size"), int)  # a bound on what the stream may send
         and not fetched_blob(blob_dir, str(layers[0]["digest"])).exists()
     )
     later = layers[1:] if stream_first else layers
