@@ -53,7 +53,7 @@ from cvmfs_ml.sync.images import (
 )
 from cvmfs_ml.sync.layers import LayerSet, layer_folder
 from cvmfs_ml.sync.mlflow_source import plan_mlflow
-from cvmfs_ml.sync.model_sources import plan_folder, plan_oci
+from cvmfs_ml.sync.model_sources import plan_folder, plan_oci, verified_files
 from cvmfs_ml.sync.wishlist import ImageSpec, Wishlist
 
 __all__ = ["RoundReport", "SyncOptions", "run_round", "sync_lock"]
@@ -405,6 +405,7 @@ class _Round:
             extra=(pulled.extra or None) if pulled is not None else None,
             aliases=aliases,
             publisher_name="cvmfs-ml sync",
+            known_sha256=verified_files(pulled.source) if pulled is not None else None,
         )
         self.plan.versions.append(prepared)
         self.log(
