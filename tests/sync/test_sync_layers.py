@@ -121,6 +121,27 @@ def test_layers_and_podman_store(
     # Nothing changed: no revision.
     again = run_round(publisher, spec, SyncOptions(layers=True))
     assert not again.committed
+    # lib/other leaves the wishlist: its own layer goes with its flat, the shared one stays
+    # with one back-link, and the podman store forgets it.
+    log = EventLog()
+    only_a = wishlist(docker_registry, "lib/app:1")
+    report = run_round(publisher, only_a, SyncOptions(layers=True, grace_seconds=0), log=log)
+    assert report.errors == 0 and report.committed
+    top_digest = hashlib.sha256(gzip.compress(top, mtime=0)).hexdigest()
+    top_id = podman_layer_ids([diff_ids[0], f"sha256:{hashlib.sha256(top).hexdigest()}"])[1]
+    assert [e["private_path"] for e in events_of(log, "remove_layer")] == [
+        f"/.layers/{top_digest[:2]}/{top_digest}"
+    ]
+    with published(publisher) as repo:
+        assert not repo.exists(f"/.layers/{top_digest[:2]}/{top_digest}")
+        assert json.loads(repo.read_bytes(origin)) == [config_a]
+        images = json.loads(repo.read_bytes("/podmanStore/overlay-images/images.json"))
+        assert [i["id"] for i in images] == [config_a[7:]]
+        assert not repo.exists(f"/podmanStore/overlay-images/{config_b[7:]}")
+        stored = json.loads(repo.read_bytes("/podmanStore/overlay-layers/layers.json"))
+        assert {layer["id"] for layer in stored} == set(ids)
+        assert not repo.exists(f"/podmanStore/overlay/{top_id}")
+        assert repo.exists(f"/podmanStore/overlay/{ids[0]}/diff")
 
 
 def test_layers_key_in_the_wishlist() -> None:

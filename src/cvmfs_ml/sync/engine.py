@@ -363,6 +363,12 @@ class _Round:
             inside = {f for f in flats if f.startswith(shard + "/")}
             # An emptied /.flat/xx goes with its last flat.
             self.plan.removals += [shard] if inside <= orphans else sorted(inside & orphans)
+        if self.layers is not None:  # layers go with the last flat that uses them
+            kept = (flats | {r.flat for r in remaining.values()}) - orphans
+            used = {"sha256:" + flat.rsplit("/", 1)[1] for flat in kept}
+            for path in self.layers.plan_removals(repo, used):
+                self.plan.removals.append(path)
+                self.log("remove_layer", private_path=path)
 
     # -- models ---------------------------------------------------------------------------------
     def plan_models(self, repo: Any, scratch: Path) -> None:
@@ -436,7 +442,7 @@ class _Round:
                         replace_link=image.replace_link,
                     )
                     changes += 1
-                if self.layers is not None and self.layers.images:
+                if self.layers is not None and (self.layers.images or self.layers.dropped):
                     self.layers.queue(txn, repo, scratch_items)
                     changes += len(self.layers.new)
                     for digest in sorted(self.layers.new):

@@ -180,9 +180,41 @@ class LayerSet:
     new: dict[str, UnpackedLayer] = field(default_factory=dict)
     origins: dict[str, set[str]] = field(default_factory=dict)
     images: list[_PodmanImage] = field(default_factory=list)
+    dropped: set[str] = field(default_factory=set)  # config digests no image uses any more
+    pruned: dict[str, list[str]] = field(default_factory=dict)  # kept layers' new origin.json
 
-    def empty(self) -> bool:
-        return not (self.new or self.origins or self.images)
+    def plan_removals(self, repo: Any, used_configs: set[str]) -> list[str]:
+        """The layer folders none of whose images is left (``used_configs``: the config digests
+        of the flats that stay); the podman store forgets those images with them."""
+        removals = []
+        try:
+            shards = [e.path for e in repo.listdir(LAYERS_ROOT) if e.is_dir]
+        except (FileNotFoundError, NotADirectoryError):
+            shards = []
+        for shard in shards:
+            for entry in repo.listdir(shard):
+                if not entry.is_dir:
+                    continue
+                origin = _read_json(repo, f"{entry.path}/.metadata/origin.json", [])
+                configs = {c for c in origin if isinstance(c, str)}
+                digest = "sha256:" + entry.path.rsplit("/", 1)[1]
+                if digest in self.origins:  # used by an image of this round
+                    continue
+                if not configs & used_configs:
+                    removals.append(entry.path)
+                    self.dropped |= configs
+                elif configs - used_configs:
+                    self.pruned[digest] = sorted(configs & used_configs)
+                    self.dropped |= configs - used_configs
+        images = _read_json(repo, f"{PODMAN_ROOT}/overlay-images/images.json", [])
+        for image in images if isinstance(images, list) else []:
+            config = f"sha256:{image.get('id', '')}" if isinstance(image, dict) else ""
+            if config != "sha256:" and config not in used_configs:
+                self.dropped.add(config)
+        return removals
+
+    def changes_podman(self) -> bool:
+        return bool(self.images or self.dropped)
 
     def plan(
         self,
@@ -246,13 +278,15 @@ class LayerSet:
                 nested_catalog=True,
             )
             txn.add_bytes(f"{folder}/.metadata/layers.json", layer.metadata())
+        for digest, remaining in sorted(self.pruned.items()):
+            txn.add_bytes(f"{layer_folder(digest)}/.metadata/origin.json", _json(remaining))
         for digest, configs in sorted(self.origins.items()):
             path = f"{layer_folder(digest)}/.metadata/origin.json"
             old = _read_json(repo, path, [])
             merged = sorted({*(c for c in old if isinstance(c, str)), *configs})
             if merged != old:
                 txn.add_bytes(path, _json(merged))
-        if self.images:
+        if self.changes_podman():
             self._queue_podman(txn, repo)
 
     def _queue_podman(self, txn: Transaction, repo: Any) -> None:
@@ -260,6 +294,11 @@ class LayerSet:
         layers_path = f"{PODMAN_ROOT}/overlay-layers/layers.json"
         images = {i["id"]: i for i in _read_json(repo, images_path, []) if isinstance(i, dict)}
         layers = {i["id"]: i for i in _read_json(repo, layers_path, []) if isinstance(i, dict)}
+        for image_id in sorted(images):
+            if f"sha256:{image_id}" in self.dropped:
+                del images[image_id]
+                if repo.exists(f"{PODMAN_ROOT}/overlay-images/{image_id}"):
+                    txn.remove(f"{PODMAN_ROOT}/overlay-images/{image_id}")
         now = utc_timestamp()
         for image in self.images:
             image_id = image.config_digest.split(":", 1)[1]
@@ -312,6 +351,20 @@ class LayerSet:
                         txn.add_bytes(f"{base}/lower", ":".join(reversed(lower)).encode())
                 lower.append(f"l/{_short_id(layer_id)}")
                 parent = layer_id
+        used = set()  # the layer chains of the images that stay
+        for image in images.values():
+            layer_id = image.get("layer")
+            while isinstance(layer_id, str) and layer_id in layers and layer_id not in used:
+                used.add(layer_id)
+                layer_id = layers[layer_id].get("parent")
+        for layer_id in sorted(set(layers) - used):
+            del layers[layer_id]
+            for path in (
+                f"{PODMAN_ROOT}/overlay/{layer_id}",
+                f"{PODMAN_ROOT}/overlay/l/{_short_id(layer_id)}",
+            ):
+                if repo.exists(path):
+                    txn.remove(path)
         txn.add_bytes(images_path, _json([images[k] for k in sorted(images)]))
         txn.add_bytes(layers_path, _json([layers[k] for k in sorted(layers)]))
         for lock in ("overlay-images/images.lock", "overlay-layers/layers.lock"):
