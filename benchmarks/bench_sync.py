@@ -12,14 +12,16 @@ Measured, each once, cold registry-side (fresh process, nothing cached in the re
 * one ``sync`` round that publishes both (fresh repository), and per-item rounds;
 * push-to-published latency: the time from the end of an ``oras push`` of a new tag to the new
   revision's manifest being in place, with the registry's notifications calling the webhook
-  (interval one hour) and with polling alone (``--poll-interval``). A mounted client sees the
-  revision at its next manifest check (upstream's TTL or ``cvmfs-ml reload``), which is added
-  on the reader's side, not here.
+  (interval one hour) and with polling alone (``--poll-interval``);
+* with ``--mount-ttl S``, "a mounted client sees it": the same push, until the new version's
+  file exists on a FUSE mount of the repository (HTTP server on loopback, repository TTL ``S``;
+  the push lands at a random moment of the mount's check cycle).
 
 Usage::
 
     python benchmarks/bench_sync.py --scale 0.05     # quick (~60 MB)
     python benchmarks/bench_sync.py                   # the issue's sizes (~1.2 GB)
+    python benchmarks/bench_sync.py --mount-ttl 4     # + push -> visible on a FUSE mount
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import shutil
 import subprocess
 import sys
@@ -40,6 +43,7 @@ _ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(_ROOT / "tests"))
 
 from cvmfs_ml.publish.repository import create_repository  # noqa: E402
+from cvmfs_ml.publish.settings import PublishSettings  # noqa: E402
 from cvmfs_ml.sync.engine import SyncOptions, run_round  # noqa: E402
 from cvmfs_ml.sync.loop import SyncLoop  # noqa: E402
 from cvmfs_ml.sync.webhook import WebhookServer  # noqa: E402
@@ -76,51 +80,100 @@ def wishlist(host: str, image: bool, model: bool) -> Any:
     return parse_wishlist(text)
 
 
-def latency(work: Path, notify: bool, poll_interval: float) -> float:
-    """Seconds from the end of a push to the new revision being published."""
+def latency(
+    work: Path, notify: bool, poll_interval: float, mount_ttl: int = 0, image: bool = False
+) -> tuple[float, float | None]:
+    """Seconds from the end of a push of a new tag to the new revision being published, and
+    (with ``mount_ttl``) to its file being readable on a FUSE mount of the repository (served
+    over HTTP, TTL ``mount_ttl``). ``image``: a small image pushed with skopeo (a synced image
+    behind its public link), else a 1 MiB ``oras push`` (a model version)."""
     token = "bench"
-    folder = work / ("lat-hook" if notify else "lat-poll")
-    folder.mkdir()
-    publisher = create_repository(folder / "srv", FQRN)
+    name = f"{'hook' if notify else 'poll'}-{'image' if image else 'model'}-{mount_ttl}"
+    folder = work / f"lat-{name}"
+    folder.mkdir(parents=True)
+    settings = PublishSettings(ttl=mount_ttl) if mount_ttl else None
+    publisher = create_repository(folder / "srv", FQRN, settings=settings)
     spec_path = folder / "wishlist.yaml"
     loop = SyncLoop(publisher, spec_path, interval=3600.0 if notify else poll_interval)
-    server = WebhookServer(loop.notify, token=token).start() if notify else None
+    hook = WebhookServer(loop.notify, token=token).start() if notify else None
     registry = (
-        NotifyingDockerRegistry(server.url, token, workdir=folder / "registry")
-        if server is not None
+        NotifyingDockerRegistry(hook.url, token, workdir=folder / "registry")
+        if hook is not None
         else DockerRegistry(workdir=folder / "registry")
     )
-    (folder / "w.bin").write_bytes(os.urandom(1 << 20))
+    host = registry.host
+
+    def push(tag: str) -> Path:
+        """Push version ``tag``; the path of one of its files, relative to the repository."""
+        if image:
+            layer = make_layer([("etc", None), ("etc/version", tag.encode() + os.urandom(1 << 20))])
+            write_oci_layout(folder / f"layout-{tag}", [(layer, "gzip")], tag)
+            push_layout(folder / f"layout-{tag}", tag, host, "bench/image")
+            return Path(f"{host}/bench/image:{tag}/etc/version")
+        (folder / "w.bin").write_bytes(os.urandom(1 << 20))
+        oras_push(host, f"bench/model:{tag}", folder, ["w.bin"])
+        return Path(f"bench/model/{tag}/w.bin")
+
+    mounted = None
     try:
-        oras_push(registry.host, "bench/model:v1", folder, ["w.bin"])
-        spec_path.write_text(
-            f"version: 1\nmodels:\n  - source: http://{registry.host}/bench/model:v*\n"
-            "    name: bench/model\n"
-        )
+        push("v1")
+        images = f"input: ['http://{host}/bench/image:*']\n"
+        models = f"models:\n  - source: http://{host}/bench/model:v*\n    name: bench/model\n"
+        spec_path.write_text("version: 1\n" + (images if image else models))
         thread = threading.Thread(target=loop.run, daemon=True)
         thread.start()
         deadline = time.monotonic() + 120
         while not loop.reports and time.monotonic() < deadline:
             time.sleep(0.05)
         first = publisher.manifest().revision
-        (folder / "w.bin").write_bytes(os.urandom(1 << 20))
-        oras_push(registry.host, "bench/model:v2", folder, ["w.bin"])
+        if mount_ttl:
+            mounted = _mount(publisher, folder)
+            time.sleep(random.uniform(0, mount_ttl))  # land anywhere in the check cycle
+        wanted = push("v2")
         pushed = time.perf_counter()
         deadline = time.monotonic() + 10 * max(poll_interval, 10)
         while publisher.manifest().revision == first and time.monotonic() < deadline:
             time.sleep(0.02)
-        return time.perf_counter() - pushed
+        published = time.perf_counter() - pushed
+        if mounted is None:
+            return published, None
+        point = mounted[1]
+        deadline = time.monotonic() + 3 * mount_ttl + 60
+        while not (point / wanted).exists():
+            if time.monotonic() > deadline:
+                raise SystemExit(f"the mount never showed {wanted}")
+            time.sleep(0.02)
+        return published, time.perf_counter() - pushed
     finally:
+        if mounted is not None:
+            mounted[0].unmount()
+            mounted[2].stop()
         loop.stop()
-        if server is not None:
-            server.stop()
+        if hook is not None:
+            hook.stop()
         registry.close()
+
+
+def _mount(publisher: Any, folder: Path) -> tuple[Any, Path, Any]:
+    """A FUSE mount of ``publisher``'s repository through a local HTTP server."""
+    from cvmfs_ml.client.mounts import mount
+    from cvmfs_ml.storage.http import RepositoryServer
+
+    server = RepositoryServer(publisher.repo_dir.parent).start()
+    point = folder / "mnt"
+    point.mkdir()
+    handle = mount(f"{server.url}/cvmfs/{FQRN}", point, cache=folder / "cache",
+                   public_key=publisher.keys.paths.master_public)  # fmt: skip
+    return handle, point, server
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--scale", type=float, default=1.0)
     parser.add_argument("--poll-interval", type=float, default=10.0)
+    parser.add_argument(
+        "--mount-ttl", type=int, default=0, help="also push -> visible on a FUSE mount (TTL s)"
+    )
     parser.add_argument("--out", type=Path, default=_ROOT / "bench-out" / "sync.json")
     args = parser.parse_args()
     model_bytes = int(2**30 * args.scale)
@@ -193,9 +246,21 @@ def main() -> None:
             registry.close()
         results["ratio_image"] = results["sync_image_s"] / results["skopeo_copy_s"]
         results["ratio_model"] = results["sync_model_s"] / results["oras_pull_s"]
-        results["push_to_published_webhook_s"] = latency(work, True, args.poll_interval)
-        results["push_to_published_poll_s"] = latency(work, False, args.poll_interval)
+        results["ratio_both"] = results["sync_both_s"] / (
+            results["skopeo_copy_s"] + results["oras_pull_s"]
+        )
+        results["push_to_published_webhook_s"] = latency(work, True, args.poll_interval)[0]
+        results["push_to_published_poll_s"] = latency(work, False, args.poll_interval)[0]
         results["poll_interval_s"] = args.poll_interval
+        if args.mount_ttl:
+            for what, image in (("model", False), ("image", True)):
+                for how, notify in (("webhook", True), ("poll", False)):
+                    published, visible = latency(
+                        work, notify, args.poll_interval, args.mount_ttl, image
+                    )
+                    results[f"mount_{what}_{how}_published_s"] = published
+                    results[f"mount_{what}_{how}_visible_s"] = visible
+            results["mount_ttl_s"] = args.mount_ttl
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2))
     for key, value in results.items():

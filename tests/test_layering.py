@@ -26,6 +26,7 @@ ALLOWED = {
         "replica",
         "models",
         "registry",
+        "sync",  # a pushed container image is published by sync's unpacker
     },
     "sync": {
         "cvmfs",

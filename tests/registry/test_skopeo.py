@@ -91,13 +91,15 @@ def test_skopeo_copy_pushes_and_pulls_the_same_digests(
     pushed = sorted(p.name for p in (tmp_path / "image" / "blobs" / "sha256").iterdir())
     pulled = sorted(p.name for p in (tmp_path / "back" / "blobs" / "sha256").iterdir())
     assert pulled == pushed
-    # The image is unpacked and published at grp/img/1.
+    # The image is unpacked and published in DUCC's layout, behind its public link.
     state = wait_until(
         lambda: (s := json.loads(get(registry, "/api/v1/oci/grp/img/1").data))["state"]
         in ("published", "failed", "skipped") and s, 120, registry.logs,
     )  # fmt: skip
     assert state["state"] == "published", state
-    assert registry_env.read(FQRNS[0], "/grp/img/1/etc/hello.txt") == b"hello from a layer\n"
+    public = f"/127.0.0.1:{registry.port}/grp/img:1"
+    assert state["model"] == public
+    assert registry_env.read(FQRNS[0], f"{public}/etc/hello.txt") == b"hello from a layer\n"
     # Without credentials the push is refused.
     refused = subprocess.run(
         [skopeo, *common, "copy", "--dest-tls-verify=false", f"oci:{tmp_path / 'image'}:1",

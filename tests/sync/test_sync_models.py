@@ -130,6 +130,12 @@ def test_cli_sync_publishes_image_and_models(
     assert info.exit_code == 0, info.output
     described = json.loads(info.stdout)
     assert described["source"]["kind"] == "artifact" and described["file_count"] == 2
+    # model.json's digests (taken from the verified blobs, not read again) are the files'.
+    with published(publisher) as repo:
+        record = read_record(repo, ModelRef("hep", "net", "v1"))
+    assert {f.path: f.sha256 for f in record.files} == {
+        k: sha256(v) for k, v in oras_files.items()
+    }
     logged = [json.loads(line) for line in events.read_text().splitlines()]
     assert {"publish_flat_image", "publish_model", "publish"} <= {e["action"] for e in logged}
     assert all(e["status"] == "ok" for e in logged)
@@ -521,3 +527,14 @@ def test_auth_file_forms(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Non
     path.write_text(json.dumps({"auths": {"x.example": {"auth": "not base64!"}}}))
     with pytest.raises(ConfigError, match="not base64"):
         AuthFile.load(path)
+
+
+def test_verified_files_only_for_whole_blob_layers() -> None:
+    from cvmfs_ml.sync.model_sources import verified_files
+
+    files = [{"digest": "sha256:" + "a" * 64, "as": "file", "path": "w.bin"}]
+    assert verified_files({"type": "oci", "layers": files}) == {"w.bin": "a" * 64}
+    tar = {"digest": "sha256:" + "b" * 64, "as": "unpacked"}
+    assert verified_files({"type": "oci", "layers": [*files, tar]}) == {}  # could overwrite
+    assert verified_files({"type": "oci", "layers": files, "subpath": "models"}) == {}
+    assert verified_files({"type": "mlflow"}) == {} and verified_files(None) == {}

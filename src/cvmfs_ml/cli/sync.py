@@ -80,6 +80,9 @@ def sync_command(
     ] = None,
     platform: Annotated[str, typer.Option("--platform")] = "linux/amd64",
     no_gc: Annotated[bool, typer.Option("--no-gc", help="never garbage collect")] = False,
+    layers: Annotated[
+        bool, typer.Option("--layers", help="also /.layers/ and podmanStore/ (DUCC's layout)")
+    ] = False,
     webhook_port: Annotated[
         int | None, typer.Option("--webhook-port", help="with --loop: listen for notifications")
     ] = None,
@@ -113,6 +116,7 @@ def sync_command(
         gc=not no_gc,
         platform=platform,
         auth=AuthFile.load(auth_file),
+        layers=layers,
     )
     progress = _Progress(sys.stderr.isatty() and not as_json)
     log = EventLog(events, echo=progress)

@@ -28,7 +28,7 @@ import stat
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -184,8 +184,12 @@ class PreparedVersion:
 
 
 # -- preparing a source (outside the lock) ----------------------------------------------------
-def prepare_source(src: Path) -> tuple[SourceTree, dict[str, Any], str | None]:
+def prepare_source(
+    src: Path, known_sha256: Mapping[str, str] | None = None
+) -> tuple[SourceTree, dict[str, Any], str | None]:
     """Scan and hash ``src``: (tree, detected ``source`` info, detected license).
+
+    ``known_sha256``: files (by relative path) whose digest is already known (not read again).
 
     A Hugging Face cache snapshot (``snapshots/<commit>`` or ``models--*`` folder) is resolved
     within its ``models--*`` folder; anything else is a local file or folder.
@@ -207,7 +211,7 @@ def prepare_source(src: Path) -> tuple[SourceTree, dict[str, Any], str | None]:
             f"{src} has a top-level {MODEL_JSON}: that name is reserved for the metadata "
             "cvmfs-ml writes; rename the file"
         )
-    return hash_tree(tree), info, license_
+    return hash_tree(tree, known=known_sha256), info, license_
 
 
 def _compact(desc: ModelDescription) -> dict[str, Any]:
@@ -350,13 +354,16 @@ def prepare_version(
     extra: dict | None = None,
     aliases: Sequence[str] = (ALIAS_LATEST,),
     publisher_name: str | None = None,
+    known_sha256: Mapping[str, str] | None = None,
 ) -> PreparedVersion:
-    """Scan, hash and describe ``src`` as version ``ref`` (slow; call outside the lock)."""
+    """Scan, hash and describe ``src`` as version ``ref`` (slow; call outside the lock).
+
+    ``known_sha256`` names files already verified against a digest (see :func:`hash_tree`)."""
     version = ref.require_version()
     if version in RESERVED_VERSIONS:
         raise PublishError(f"{version!r} is reserved for an alias; pick another version name")
     alias_list = _check_aliases(ref, aliases)
-    tree, detected, detected_license = prepare_source(Path(src))
+    tree, detected, detected_license = prepare_source(Path(src), known_sha256)
     models, warnings = _describe(tree)
     record = ModelRecord(
         ref=ref,

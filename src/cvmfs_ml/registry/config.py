@@ -95,7 +95,8 @@ class RegistryConfig:
     batch_max_jobs: int = 64
     batch_max_bytes: int = 2 * 2**30
     uploads_per_minute: int = 0  # per token; 0: no limit
-    unpack_images: bool = True  # publish pushed container images unpacked, as model versions
+    unpack_images: bool = True  # publish pushed container images unpacked (DUCC's .flat layout)
+    image_registry: str = ""  # <registry> of pushed images' public links; "": the Host pushed to
     cleanup_hour: int = 3  # UTC hour of the daily cleanup (+1 per repository); -1: never
     preingest: bool = True  # store pushed blobs' objects while they upload (registry/preingest.py)
     tokens: dict[str, TokenRecord] = field(default_factory=dict)

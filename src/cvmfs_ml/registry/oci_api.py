@@ -5,8 +5,9 @@ digest, tags list, referrers and delete, with errors in the spec's JSON form. A 
 model artifact (ORAS, ModelPack, KitOps) pushed to ``<namespace>/<name>:<version>`` is then
 published through the models layer as that model version, one at a time, in the first
 repository; its state is at ``/api/v1/oci/<namespace>/<name>/<version>``. A pushed container
-image is unpacked (layers applied in order, whiteouts honoured: the unpacker the models layer
-shares with ``cvmfs-ml sync``) and published the same way, unless ``unpack_images`` is off.
+image is published as ``cvmfs-ml sync`` publishes it, in DUCC's layout (``/.flat/<config>/``
+and the link ``/<registry>/<repository>:<tag>``, :mod:`cvmfs_ml.registry.image_push`), unless
+``unpack_images`` is off.
 
 ``/token`` answers the ``WWW-Authenticate: Bearer realm=...`` challenge: given a registry
 token as the Basic password (``oras login``, ``skopeo --creds NAME:TOKEN``) or as a bearer
@@ -32,6 +33,7 @@ from cvmfs_ml.models.layout import ModelRef
 from cvmfs_ml.models.sources.oci import classify, ingest_oci
 from cvmfs_ml.models.sources.oci_client import OCI_INDEX, OciReference
 from cvmfs_ml.registry.auth import ANONYMOUS_TOKEN, authenticate, require, token_from_header
+from cvmfs_ml.registry.image_push import image_registry_name, publish_pushed_image
 from cvmfs_ml.registry.oci_store import (
     DIGEST_RE,
     MAX_MANIFEST_BYTES,
@@ -82,7 +84,8 @@ class ModelPublisher:
         self.preingest.close()
         self._pool.shutdown(wait=True)
 
-    def submit(self, repo: str, tag: str, digest: str, document: dict[str, Any], who: str) -> None:
+    def submit(self, repo: str, tag: str, digest: str, document: dict[str, Any], who: str,
+               host: str = "") -> None:  # fmt: skip
         kind = classify(document)
         parts = repo.split("/")
         reason = None
@@ -92,8 +95,14 @@ class ModelPublisher:
             reason = "a container image, and unpack_images is off"
         elif kind not in (*_MODEL_KINDS, "image"):
             reason = f"a {kind}, not a model artifact or an image"
-        elif len(parts) != 2:
+        elif len(parts) != 2 and kind != "image":
             reason = "model repositories are <namespace>/<name>"
+        if reason is None and kind == "image":  # DUCC's layout, by sync's unpacker
+            registry = image_registry_name(self.service.config.image_registry, host)
+            self.store.set_publish(repo, tag, digest, "queued")
+            self._pool.submit(publish_pushed_image, self.service, self.store, repo, tag, digest,
+                              registry)  # fmt: skip
+            return
         if reason is None:
             try:
                 ref = ModelRef(parts[0], parts[1], tag)
@@ -331,7 +340,7 @@ def add_oci_routes(app: FastAPI, service: RegistryService, store: OciStore) -> M
         if isinstance(document.get("subject"), dict):
             headers["OCI-Subject"] = str(document["subject"].get("digest"))
         for tag in tags:
-            models.submit(name, tag, digest, document, who)
+            models.submit(name, tag, digest, document, who, request.headers.get("host", ""))
         return Response(status_code=201, headers=headers)
 
     @app.delete("/v2/{name:path}/manifests/{reference}")

@@ -48,10 +48,12 @@ from cvmfs_ml.sync.images import (
     public_path,
     queue_image,
     read_image_records,
+    scratch_items,
     unpack_flat,
 )
+from cvmfs_ml.sync.layers import LayerSet, layer_folder
 from cvmfs_ml.sync.mlflow_source import plan_mlflow
-from cvmfs_ml.sync.model_sources import plan_folder, plan_oci
+from cvmfs_ml.sync.model_sources import plan_folder, plan_oci, verified_files
 from cvmfs_ml.sync.wishlist import ImageSpec, Wishlist
 
 __all__ = ["RoundReport", "SyncOptions", "run_round", "sync_lock"]
@@ -67,6 +69,7 @@ class SyncOptions:
     only_repositories: frozenset[str] | None = None  # a webhook names what changed
     scratch: Path | None = None
     max_bytes: int = 256 * 2**30  # per image or model version, as the manifest declares it
+    layers: bool = False  # also DUCC's /.layers/ and podman's store (sync/layers.py)
 
 
 @dataclass
@@ -152,6 +155,7 @@ class _Round:
         self.plan = _Plan()
         self.errors = 0
         self.state = _load_state(publisher)
+        self.layers = LayerSet() if (options.layers or wishlist.layers) else None
 
     def close(self) -> None:
         for client in self.clients.values():
@@ -253,6 +257,7 @@ class _Round:
         if old is not None and old.manifest_digest == resolved.digest and repo.exists(public):
             self.log("skip_image", image=str(reference), public_path=public, reason="unchanged")
             return
+        manifest = client.get_manifest(spec.repository, resolved.digest).data
         flat = None
         target = flat_path(config)
         size = 0
@@ -262,10 +267,18 @@ class _Round:
         else:
             self.check_size(resolved)
             folder = scratch / "images" / target.rsplit("/", 1)[1]
-            flat = unpack_flat(client, resolved, folder, scratch / "blobs")
+            flat = unpack_flat(
+                client, resolved, folder, scratch / "blobs", stream=self.layers is None
+            )
             size = flat.size_bytes
             action = "publish_flat_image"
-            planned_flats.add(target)
+        if self.layers is not None:  # after the flat, whose blobs it reuses
+            self.check_size(resolved)
+            skipped = self.layers.plan(
+                repo, client, resolved, manifest, public[1:], scratch / "layers", scratch / "blobs"
+            )
+            for digest in skipped:
+                self.log("skip_layer", image=str(reference), layer_digest=digest)
         record = ImageRecord(
             owner=self.wishlist.origin,
             image=str(reference),
@@ -278,10 +291,11 @@ class _Round:
             size_bytes=size,
             synced=utc_timestamp(),
         )
-        manifest = client.get_manifest(spec.repository, resolved.digest).data
         link_moves = old is None or old.flat != target or not repo.exists(public)
         if flat is None and not link_moves:
             action = "update_metadata"  # a new manifest for the same image: the link stays
+        if flat is not None:
+            planned_flats.add(target)
         self.plan.images.append(_ImagePlan(record, manifest, flat, link_moves))
         self.log(
             action,
@@ -349,6 +363,12 @@ class _Round:
             inside = {f for f in flats if f.startswith(shard + "/")}
             # An emptied /.flat/xx goes with its last flat.
             self.plan.removals += [shard] if inside <= orphans else sorted(inside & orphans)
+        if self.layers is not None:  # layers go with the last flat that uses them
+            kept = (flats | {r.flat for r in remaining.values()}) - orphans
+            used = {"sha256:" + flat.rsplit("/", 1)[1] for flat in kept}
+            for path in self.layers.plan_removals(repo, used):
+                self.plan.removals.append(path)
+                self.log("remove_layer", private_path=path)
 
     # -- models ---------------------------------------------------------------------------------
     def plan_models(self, repo: Any, scratch: Path) -> None:
@@ -391,6 +411,7 @@ class _Round:
             extra=(pulled.extra or None) if pulled is not None else None,
             aliases=aliases,
             publisher_name="cvmfs-ml sync",
+            known_sha256=verified_files(pulled.source) if pulled is not None else None,
         )
         self.plan.versions.append(prepared)
         self.log(
@@ -421,6 +442,12 @@ class _Round:
                         replace_link=image.replace_link,
                     )
                     changes += 1
+                if self.layers is not None and (self.layers.images or self.layers.dropped):
+                    self.layers.queue(txn, repo, scratch_items)
+                    changes += len(self.layers.new)
+                    for digest in sorted(self.layers.new):
+                        self.log("publish_layer", layer_digest=digest,
+                                 private_path=layer_folder(digest))  # fmt: skip
                 for prepared in plan.versions:
                     try:
                         _, added = batch.add_version(prepared)

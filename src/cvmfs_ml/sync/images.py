@@ -17,23 +17,32 @@ and the publisher writes them), not the syncing user's.
 
 from __future__ import annotations
 
+import io
 import json
+import os
 import posixpath
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from cvmfs_ml.errors import FormatError
-from cvmfs_ml.models.sources.oci import ResolvedManifest, fetch_layers
+from cvmfs_ml.models.sources.oci import (
+    ResolvedManifest,
+    distributable_layers,
+    fetch_layer,
+    fetched_blob,
+)
 from cvmfs_ml.models.sources.oci_client import RegistryClient, check_digest
-from cvmfs_ml.models.sources.unpack import TreeWriter, make_readable
+from cvmfs_ml.models.sources.unpack import LayerStats, TreeWriter, decompressed, make_readable
 from cvmfs_ml.publish.repository import Transaction
 from cvmfs_ml.publish.sources import SourceItem, scan_folder
 
 __all__ = [
     "FLAT_ROOT",
+    "IMAGE_JSON",
     "METADATA_ROOT",
     "FlatImage",
     "ImageRecord",
@@ -42,12 +51,14 @@ __all__ = [
     "metadata_folder",
     "public_path",
     "queue_image",
+    "scratch_items",
     "unpack_flat",
 ]
 
 FLAT_ROOT = "/.flat"
 METADATA_ROOT = "/.metadata"
 IMAGE_JSON = "image.json"
+_STREAM_BUFFER = 1 << 20
 
 
 def flat_path(config_digest: str) -> str:
@@ -120,34 +131,97 @@ class FlatImage:
     size_bytes: int
     layers: int
     owners: dict[str, tuple[int, int]]  # (uid, gid) from the layers, where not root
+    consume: bool = True  # scratch: each file is deleted once the publisher has opened it
+
+
+def _apply_streamed(
+    writer: TreeWriter, client: Any, resolved: ResolvedManifest, layer: dict[str, Any]
+) -> LayerStats:
+    """Apply ``layer`` while it downloads: HTTP -> verify -> decompress -> untar, no blob file.
+
+    The digest is checked at the end of the stream; if it does not match, the caller throws the
+    whole tree away (nothing of it was published).
+    """
+    digest = str(layer["digest"])
+    with (
+        client.open_blob(resolved.reference.repository, digest, size=int(layer["size"])) as blob,
+        decompressed(io.BufferedReader(blob, _STREAM_BUFFER)) as stream,
+    ):
+        stats = writer.apply_tar(stream, what=f"layer {digest}")
+        blob.finish()
+    return stats
 
 
 def unpack_flat(
-    client: RegistryClient, resolved: ResolvedManifest, dest: Path, blob_dir: Path
+    client: RegistryClient,
+    resolved: ResolvedManifest,
+    dest: Path,
+    blob_dir: Path,
+    *,
+    workers: int = 4,
+    stream: bool = True,
 ) -> FlatImage:
     """Download the layers of ``resolved`` and apply them in order into the new folder ``dest``.
 
+    Downloads overlap the unpacking: the first layer not yet in ``blob_dir`` is unpacked as it
+    streams in, while the others download in parallel into ``blob_dir`` (shared by the images of
+    a round, so a base layer is fetched once) and are applied as soon as their turn comes.
     Raises on a layer whose bytes do not match its digest, a layer that is not a tar, or a
     hostile member (``..``, absolute names, writing through links, devices); the caller drops
     ``dest`` and nothing of the image is published.
     """
     config = check_digest(str(resolved.config.get("digest", "")))
-    blobs = fetch_layers(client, resolved, blob_dir)
+    layers = distributable_layers(resolved)  # foreign layers live elsewhere: skipped as DUCC does
     writer = TreeWriter(dest, rootfs=True)
-    size = layers = 0
-    for layer in resolved.layers:
-        blob = blobs.get(str(layer["digest"]))
-        if blob is None:  # foreign layer: lives elsewhere, skipped as DUCC does
-            continue
-        stats = writer.apply_blob(blob, what=f"layer {layer['digest']}")
-        size += stats.bytes
-        layers += 1
+    size = 0
+    stream_first = (
+        stream
+        and hasattr(client, "open_blob")
+        and bool(layers)
+        and isinstance(layers[0].get("size"), int)  # a bound on what the stream may send
+        and not fetched_blob(blob_dir, str(layers[0]["digest"])).exists()
+    )
+    later = layers[1:] if stream_first else layers
+    with ThreadPoolExecutor(max(1, workers), thread_name_prefix="sync-layer") as pool:
+        futures: dict[str, Future[Path]] = {}
+        for layer in later:
+            digest = str(layer["digest"])
+            if digest not in futures:
+                futures[digest] = pool.submit(fetch_layer, client, resolved, layer, blob_dir)
+        try:
+            for position, layer in enumerate(layers):
+                digest = str(layer["digest"])
+                if position == 0 and stream_first:
+                    stats = _apply_streamed(writer, client, resolved, layer)
+                else:
+                    stats = writer.apply_blob(futures[digest].result(), what=f"layer {digest}")
+                size += stats.bytes
+        finally:
+            for future in futures.values():
+                future.cancel()
     writer.finish()
     modes = make_readable(dest)
-    return FlatImage(dest, config, modes, size, layers, dict(writer.owners))
+    return FlatImage(dest, config, modes, size, len(layers), dict(writer.owners))
 
 
-def _root_owned(flat: FlatImage, at: str) -> Iterator[SourceItem]:
+def _consumed(path: str) -> Callable[[], BinaryIO]:
+    """Open the scratch file ``path`` once: its name goes as soon as it is open.
+
+    The publisher reads each file exactly once; unlinked scratch files never reach the disk
+    (their dirty pages are dropped, not written by the publish's ``syncfs``).
+    """
+
+    def open_once() -> BinaryIO:
+        handle = open(path, "rb")  # noqa: SIM115 - the publisher closes it
+        os.unlink(path)
+        return handle
+
+    return open_once
+
+
+def scratch_items(flat: Any, at: str) -> Iterator[SourceItem]:
+    """The unpacked ``flat`` (a :class:`FlatImage` or a layer) as items at ``at``, with the
+    layers' modes and owners."""
     prefix = len(at) + 1
     for item in scan_folder(flat.folder, at, include_xattrs=False):
         relative = item.path[prefix:] if item.path != at else ""
@@ -157,6 +231,8 @@ def _root_owned(flat: FlatImage, at: str) -> Iterator[SourceItem]:
         # Scratch files are read once and deleted: remembering them in the publisher's file
         # cache (one SQLite row each) would cost more than the publish itself.
         item.file_key = None
+        if item.open is not None and flat.consume:
+            item.open = _consumed(str(flat.folder / relative))
         yield item
 
 
@@ -170,7 +246,7 @@ def queue_image(
 ) -> None:
     """Queue the flat image (if new), the public link and the metadata into ``txn``."""
     if flat is not None:
-        txn.add_items(lambda: _root_owned(flat, record.flat), record.flat, nested_catalog=True)
+        txn.add_items(lambda: scratch_items(flat, record.flat), record.flat, nested_catalog=True)
     if replace_link:
         txn.symlink(record.public_path, link_target(record.public_path, record.flat))
     txn.add_bytes(f"{record.metadata}/manifest.json", manifest)

@@ -43,7 +43,7 @@ from cvmfs_ml.models.sources.oci_client import OciReference
 __all__ = ["ImageSpec", "ModelSpec", "Wishlist", "load_wishlist", "parse_wishlist"]
 
 MAX_WISHLIST_BYTES = 4 * 2**20
-_DUCC_KEYS = {"version", "user", "cvmfs_repo", "output_format", "input", "models"}
+_DUCC_KEYS = {"version", "user", "cvmfs_repo", "output_format", "input", "models", "layers"}
 _MODEL_KEYS = {"source", "name", "aliases", "version", "platform", "subpath", "tracking_uri"}
 _TAG_PATTERN_RE = re.compile(r"[A-Za-z0-9_*][A-Za-z0-9._*-]{0,127}")
 
@@ -98,6 +98,7 @@ class Wishlist:
     images: list[ImageSpec] = field(default_factory=list)
     models: list[ModelSpec] = field(default_factory=list)
     origin: str = "wishlist"  # names the wishlist in image.json: each removes only its own
+    layers: bool = False  # also DUCC's /.layers/ and podman's store (sync/layers.py)
 
 
 def parse_image(text: str, what: str = "image") -> ImageSpec:
@@ -237,6 +238,8 @@ def parse_wishlist(text: str, what: str = "wishlist") -> Wishlist:
         raise ConfigError(f"{what}: 'models' must be a list")
     if not inputs and not models:
         raise ConfigError(f"{what}: nothing to sync: 'input' and 'models' are both empty")
+    if not isinstance(raw.get("layers", False), bool):
+        raise ConfigError(f"{what}: 'layers' must be true or false")
     for key in ("user", "cvmfs_repo", "output_format"):
         if raw.get(key) is not None and not isinstance(raw[key], str):
             raise ConfigError(f"{what}: {key!r} must be a string")
@@ -248,6 +251,7 @@ def parse_wishlist(text: str, what: str = "wishlist") -> Wishlist:
         images=[parse_image(item, f"input[{i}]") for i, item in enumerate(inputs)],
         models=[_parse_model(item, i) for i, item in enumerate(models)],
         origin=what,
+        layers=bool(raw.get("layers", False)),
     )
     names = [m.ref.key for m in wishlist.models]
     duplicate = next((n for n in names if names.count(n) > 1), None)

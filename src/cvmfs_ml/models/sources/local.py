@@ -17,7 +17,7 @@ import hashlib
 import json
 import os
 import stat
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -159,12 +159,21 @@ def _sha256(file: SourceFile) -> SourceFile:
     return replace(file, sha256=digest.hexdigest())
 
 
-def hash_tree(tree: SourceTree, *, workers: int = 4) -> SourceTree:
-    """``tree`` with the SHA-256 of every file filled in (files hashed in parallel)."""
+def hash_tree(
+    tree: SourceTree, *, workers: int = 4, known: Mapping[str, str] | None = None
+) -> SourceTree:
+    """``tree`` with the SHA-256 of every file filled in (files hashed in parallel).
+
+    ``known`` gives the SHA-256 of files (by path) whose bytes were already verified against
+    it, e.g. a registry blob moved into place as the file: they are not read again.
+    """
     if not tree.files:
         return tree
-    with ThreadPoolExecutor(max(1, min(workers, len(tree.files)))) as pool:
-        files = list(pool.map(_sha256, tree.files))
+    known = known or {}
+    todo = [f for f in tree.files if f.path not in known]
+    with ThreadPoolExecutor(max(1, min(workers, len(todo) or 1))) as pool:
+        hashed = {f.path: f for f in pool.map(_sha256, todo)}
+    files = [hashed.get(f.path) or replace(f, sha256=known[f.path]) for f in tree.files]
     return replace(tree, files=files)
 
 

@@ -78,7 +78,10 @@ __all__ = [
     "PulledModel",
     "ResolvedManifest",
     "classify",
+    "distributable_layers",
+    "fetch_layer",
     "fetch_layers",
+    "fetched_blob",
     "ingest_oci",
     "pull",
     "resolve",
@@ -204,6 +207,12 @@ def classify(manifest: dict[str, Any]) -> str:
 
 
 # -- pull ------------------------------------------------------------------------------------------
+def fetched_blob(blob_dir: Path, digest: str) -> Path:
+    """Where :func:`fetch_layers` keeps blob ``digest`` in ``blob_dir``."""
+    algorithm, hexdigest = check_digest(digest).split(":", 1)
+    return blob_dir / algorithm / hexdigest
+
+
 def _blob_path(blob_dir: Path, digest: str) -> Path:
     algorithm, hexdigest = check_digest(digest).split(":", 1)
     folder = blob_dir / algorithm
@@ -249,6 +258,26 @@ def _fetch_all(
         return {digest: future.result() for digest, future in futures.items()}
 
 
+def distributable_layers(resolved: ResolvedManifest) -> list[dict[str, Any]]:
+    """The layers of ``resolved`` in order, without foreign ones (their digests checked)."""
+    kind = resolved.kind
+    out = []
+    for position, layer in enumerate(resolved.layers):
+        if not isinstance(layer, dict) or "digest" not in layer:
+            raise FormatError(f"manifest {resolved.digest}", f"layer {position} has no digest")
+        check_digest(str(layer["digest"]))
+        if not _foreign(layer, kind):
+            out.append(layer)
+    return out
+
+
+def fetch_layer(
+    client: RegistryClient, resolved: ResolvedManifest, layer: dict[str, Any], blob_dir: Path
+) -> Path:
+    """One layer, verified, in ``blob_dir`` (kept if already there)."""
+    return _fetch(client, resolved, layer, blob_dir)
+
+
 def fetch_layers(
     client: RegistryClient, resolved: ResolvedManifest, blob_dir: Path, *, workers: int = 4
 ) -> dict[str, Path]:
@@ -257,13 +286,9 @@ def fetch_layers(
     Blobs already in ``blob_dir`` are not downloaded again: layers shared by images are fetched
     once.
     """
-    kind = resolved.kind
     wanted: dict[str, dict[str, Any]] = {}
-    for position, layer in enumerate(resolved.layers):
-        if not isinstance(layer, dict) or "digest" not in layer:
-            raise FormatError(f"manifest {resolved.digest}", f"layer {position} has no digest")
-        if not _foreign(layer, kind):
-            wanted.setdefault(str(layer["digest"]), layer)
+    for layer in distributable_layers(resolved):
+        wanted.setdefault(str(layer["digest"]), layer)
     return _fetch_all(client, resolved, list(wanted.values()), blob_dir, workers)
 
 

@@ -13,10 +13,13 @@ sees it; a registry is not trusted to serve what it names.
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
+import io
 import json
 import os
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +38,7 @@ __all__ = [
     "Fetched",
     "OciReference",
     "RegistryClient",
+    "VerifiedBlob",
     "check_digest",
 ]
 
@@ -156,6 +160,46 @@ def _parse_challenge(header: str) -> tuple[str, dict[str, str]]:
     return scheme.lower(), values
 
 
+class VerifiedBlob(io.RawIOBase):
+    """A blob's bytes from an HTTP response, hashed and counted as they go by."""
+
+    def __init__(
+        self, response: urllib3.BaseHTTPResponse, digest: str, size: int | None, url: str
+    ) -> None:
+        super().__init__()
+        self._response = response
+        self.digest = digest
+        self.size = size
+        self.url = url
+        algorithm = digest.split(":", 1)[0]
+        self._hasher = hashlib.new(algorithm)
+        self.received = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        data = self._response.read(len(buffer))
+        n = len(data)
+        self.received += n
+        if self.size is not None and self.received > self.size:
+            raise IntegrityError(self.url, f"{self.size} bytes", f"more than {self.size} bytes")
+        self._hasher.update(data)
+        buffer[:n] = data
+        return n
+
+    def finish(self) -> None:
+        """Read what is left, then check size and digest (:class:`IntegrityError`)."""
+        while self.read(1 << 20):
+            pass
+        if self.size is not None and self.received != self.size:
+            raise IntegrityError(self.url, f"{self.size} bytes", f"{self.received} bytes")
+        algorithm = self.digest.split(":", 1)[0]
+        actual = f"{algorithm}:{self._hasher.hexdigest()}"
+        if actual != self.digest:
+            raise IntegrityError(self.url, self.digest, actual)
+
+
 class RegistryClient:
     """Pull manifests and blobs from one registry host, authenticating on demand.
 
@@ -188,6 +232,7 @@ class RegistryClient:
             raise_on_status=False,
         )
         self._http = urllib3.PoolManager(
+            maxsize=8,  # layers download in parallel: one kept connection each
             retries=retry,
             timeout=urllib3.Timeout(connect=min(timeout, 15.0), read=timeout),
             cert_reqs="CERT_REQUIRED" if verify_tls else "CERT_NONE",
@@ -354,6 +399,31 @@ class RegistryClient:
             match = re.match(r"\s*<(/v2/[^>]+)>", link)
             path = match.group(1) if match else ""
         return sorted(set(tags))[:limit]
+
+    @contextlib.contextmanager
+    def open_blob(
+        self, repository: str, digest: str, *, size: int | None = None
+    ) -> Iterator[VerifiedBlob]:
+        """Blob ``digest`` as a stream, checked as it is read (for unpacking while downloading).
+
+        The digest and size are checked when the stream reaches its end
+        (:meth:`VerifiedBlob.finish` reads what the consumer left): whatever was made from the
+        bytes must be thrown away if that raises.
+        """
+        check_digest(digest)
+        path = f"/v2/{repository}/blobs/{digest}"
+        url = f"{self.base_url}{path}"
+        response = self._get(path, repository, stream=True)
+        try:
+            if response.status == 404:
+                raise NotFoundError(f"blob {digest}", f"{self.registry}/{repository}")
+            if response.status != 200:
+                raise self._fail(url, response, f"blob {digest}")
+            yield VerifiedBlob(response, digest, size, url)
+        except urllib3.exceptions.HTTPError as exc:
+            raise DownloadError(f"blob {digest}", [(url, "direct", str(exc))]) from exc
+        finally:
+            response.release_conn()
 
     def fetch_blob(
         self, repository: str, digest: str, dest: Path, *, size: int | None = None

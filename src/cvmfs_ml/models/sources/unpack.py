@@ -38,6 +38,7 @@ __all__ = [
     "LayerStats",
     "LinkReport",
     "TreeWriter",
+    "decompressed",
     "make_readable",
     "materialise_links",
     "open_decompressed",
@@ -72,23 +73,33 @@ def sniff_compression(path: Path) -> str:
 @contextlib.contextmanager
 def open_decompressed(path: Path) -> Iterator[BinaryIO]:
     """A forward-only stream of ``path``'s decompressed bytes (gzip, zstd or as is)."""
-    kind = sniff_compression(path)
-    with open(path, "rb") as raw:
-        if kind == "gzip":
-            try:
-                from isal import igzip as gzip_module  # 3-4x faster inflate when present
-            except ImportError:  # pragma: no cover - isal is an optional accelerator
-                import gzip as gzip_module
-            with gzip_module.GzipFile(fileobj=raw, mode="rb") as stream:
-                yield stream  # type: ignore[misc]
-        elif kind == "zstd":
-            import zstandard
+    with open(path, "rb") as raw, decompressed(raw, sniff_compression(path)) as stream:
+        yield stream
 
-            reader = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)
-            with reader:
-                yield reader  # type: ignore[misc]
-        else:
-            yield raw
+
+@contextlib.contextmanager
+def decompressed(raw: BinaryIO, kind: str | None = None) -> Iterator[BinaryIO]:
+    """``raw`` decompressed; ``kind`` (``gzip``, ``zstd``, ``none``) sniffed when not given
+    (``raw`` must then be an :class:`io.BufferedReader`, whose ``peek`` does not consume)."""
+    if kind is None:
+        head = raw.peek(4)[:4]  # type: ignore[attr-defined]
+        kind = "gzip" if head.startswith(_GZIP_MAGIC) else "none"
+        kind = "zstd" if head.startswith(_ZSTD_MAGIC) else kind
+    if kind == "gzip":
+        try:
+            from isal import igzip as gzip_module  # 3-4x faster inflate when present
+        except ImportError:  # pragma: no cover - isal is an optional accelerator
+            import gzip as gzip_module
+        with gzip_module.GzipFile(fileobj=raw, mode="rb") as stream:
+            yield stream  # type: ignore[misc]
+    elif kind == "zstd":
+        import zstandard
+
+        reader = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)
+        with reader:
+            yield reader  # type: ignore[misc]
+    else:
+        yield raw
 
 
 def safe_relative(name: str, what: str = "") -> str:
@@ -127,10 +138,12 @@ class TreeWriter:
     otherwise artifact semantics (escaping symlinks refused, ``.wh.`` names are ordinary files).
     """
 
-    def __init__(self, dest: Path, *, rootfs: bool = False) -> None:
+    def __init__(self, dest: Path, *, rootfs: bool = False, whiteouts: bool = True) -> None:
         self.dest = Path(dest)
         self.dest.mkdir(parents=True, exist_ok=True)
         self.rootfs = rootfs
+        # False: one layer on its own (DUCC's .layers/), its whiteout files kept as they are.
+        self.whiteouts = whiteouts
         self._dir_meta: dict[str, tuple[int, int]] = {}
         self._layer_written: set[str] = set()
         #: rootfs mode: owners other than root, ``{relative path: (uid, gid)}`` from the tar
@@ -357,7 +370,7 @@ class TreeWriter:
         name = member.name
         relative = safe_relative(name, name)
         basename = relative.rpartition("/")[2]
-        if self.rootfs and basename.startswith(WHITEOUT_PREFIX):
+        if self.rootfs and self.whiteouts and basename.startswith(WHITEOUT_PREFIX):
             self._whiteout(relative, name, stats)
             return
         if member.ischr() or member.isblk():
