@@ -24,7 +24,7 @@ def replica_sync(
     dest: Annotated[
         str,
         typer.Argument(
-            help="replica folder, served as /cvmfs/<fqrn>, or s3://BUCKET[/PREFIX]/FQRN"
+            help="replica folder, served as /cvmfs/<fqrn>, or s3://BUCKET\\[/PREFIX]/FQRN"
         ),
     ],
     key: KeyOption = None,

@@ -39,7 +39,7 @@ repo_app = typer.Typer(no_args_is_help=True, help="Create, publish and inspect r
 @friendly
 def repo_create(
     root: Annotated[
-        str, typer.Argument(help="folder that will hold ROOT/<fqrn>, or s3://BUCKET[/PREFIX]")
+        str, typer.Argument(help="folder that will hold ROOT/<fqrn>, or s3://BUCKET\\[/PREFIX]")
     ],
     fqrn: Annotated[str, typer.Option("--fqrn", help="repository name, e.g. models.cern.ch")],
     keys: Annotated[Path | None, typer.Option("--keys", help="keys folder (ROOT/../keys)")] = None,
@@ -86,7 +86,7 @@ def repo_create(
 @repo_app.command("publish")
 @friendly
 def repo_publish(
-    repo: Annotated[str, typer.Argument(help="repository folder or s3://BUCKET[/PREFIX]/FQRN")],
+    repo: Annotated[str, typer.Argument(help="repository folder or s3://BUCKET\\[/PREFIX]/FQRN")],
     src: Annotated[Path, typer.Argument(help="folder or tarball to publish")],
     at: Annotated[str, typer.Option("--at", help="path inside the repository")] = "/",
     tag: Annotated[str | None, typer.Option("--tag", help="name this revision")] = None,
@@ -135,7 +135,7 @@ def repo_publish(
 @repo_app.command("rm")
 @friendly
 def repo_rm(
-    repo: Annotated[str, typer.Argument(help="repository folder or s3://BUCKET[/PREFIX]/FQRN")],
+    repo: Annotated[str, typer.Argument(help="repository folder or s3://BUCKET\\[/PREFIX]/FQRN")],
     paths: Annotated[list[str], typer.Argument(help="paths to remove")],
     keys: Annotated[Path | None, typer.Option("--keys")] = None,
     s3_config: S3ConfigOption = None,
@@ -348,7 +348,7 @@ def repo_diff(
 @repo_app.command("gc")
 @friendly
 def repo_gc(
-    repo: Annotated[str, typer.Argument(help="repository folder or s3://BUCKET[/PREFIX]/FQRN")],
+    repo: Annotated[str, typer.Argument(help="repository folder or s3://BUCKET\\[/PREFIX]/FQRN")],
     keys: Annotated[Path | None, typer.Option("--keys")] = None,
     s3_config: S3ConfigOption = None,
     dry_run: Annotated[bool, typer.Option("--dry-run")] = False,
@@ -377,7 +377,7 @@ def repo_gc(
 @repo_app.command("tag")
 @friendly
 def repo_tag(
-    repo: Annotated[str, typer.Argument(help="repository folder or s3://BUCKET[/PREFIX]/FQRN")],
+    repo: Annotated[str, typer.Argument(help="repository folder or s3://BUCKET\\[/PREFIX]/FQRN")],
     name: Annotated[str, typer.Argument()],
     description: Annotated[str, typer.Option("-m", "--message")] = "",
     remove: Annotated[bool, typer.Option("--remove", "-d")] = False,
@@ -399,7 +399,7 @@ def repo_tag(
 @repo_app.command("rollback")
 @friendly
 def repo_rollback(
-    repo: Annotated[str, typer.Argument(help="repository folder or s3://BUCKET[/PREFIX]/FQRN")],
+    repo: Annotated[str, typer.Argument(help="repository folder or s3://BUCKET\\[/PREFIX]/FQRN")],
     tag: Annotated[str, typer.Argument(help="tag whose tree becomes the new revision")],
     keys: Annotated[Path | None, typer.Option("--keys")] = None,
     s3_config: S3ConfigOption = None,
@@ -414,7 +414,7 @@ def repo_rollback(
 @repo_app.command("resign")
 @friendly
 def repo_resign(
-    repo: Annotated[str, typer.Argument(help="repository folder or s3://BUCKET[/PREFIX]/FQRN")],
+    repo: Annotated[str, typer.Argument(help="repository folder or s3://BUCKET\\[/PREFIX]/FQRN")],
     days: Annotated[int | None, typer.Option(help="validity in days")] = None,
     keys: Annotated[Path | None, typer.Option("--keys")] = None,
     s3_config: S3ConfigOption = None,

@@ -1,6 +1,6 @@
 """The ``--s3-config FILE`` option every command that takes a REPO accepts.
 
-``REPO`` may be ``s3://BUCKET[/PREFIX]/FQRN``; the endpoint and credentials come from the file
+``REPO`` may be ``s3://BUCKET\\[/PREFIX]/FQRN``; the endpoint and credentials come from the file
 (upstream's ``KEY=value`` syntax, ``CVMFS_S3_HOST=...``) or, without it, from the environment.
 """
 
@@ -17,7 +17,7 @@ S3ConfigOption = Annotated[
     Path | None,
     typer.Option(
         "--s3-config",
-        help="CVMFS_S3_* settings (KEY=value) for an s3://BUCKET[/PREFIX]/FQRN repository; "
+        help="CVMFS_S3_* settings (KEY=value) for an s3://BUCKET\\[/PREFIX]/FQRN repository; "
         "default: the environment",
     ),
 ]
