@@ -8,9 +8,7 @@ from pathlib import Path
 import pytest
 import urllib3
 
-import services as old_test_services
 from cvmfs_ml import testing as services
-from cvmfs_ml.bench import services as old_bench_services
 from cvmfs_ml.bench.concurrency import run_concurrency
 from cvmfs_ml.bench.environment import BenchEnvironment
 from cvmfs_ml.bench.profiles import FQRN
@@ -21,12 +19,7 @@ DOCS = Path(__file__).resolve().parents[2] / "docs"
 
 def test_the_test_suite_runs_the_benchmark_services(tmp_path: Path) -> None:
     # One implementation (cvmfs_ml.testing), so tests, benchmarks and (through
-    # tests/storage/test_services.py) docs/nginx.conf and docs/squid.conf agree. The two old
-    # import paths, kept for branches written before the move, name the same objects.
-    for old in (old_test_services, old_bench_services):
-        assert old.__all__ == services.__all__
-        for name in services.__all__:
-            assert getattr(old, name) is getattr(services, name), name
+    # tests/storage/test_services.py) docs/nginx.conf and docs/squid.conf agree.
     assert issubclass(services.ServiceError, CvmfsMlError)
     squid_doc = (DOCS / "squid.conf").read_text()
     assert all(line in squid_doc for line in services.CVMFS_SQUID_POLICY)

@@ -32,7 +32,7 @@ from cvmfs_ml.models.refs import materialise
 from cvmfs_ml.publish.repository import create_repository
 from cvmfs_ml.publish.settings import PublishSettings
 from cvmfs_ml.storage.http import RepositoryServer
-from services import Nginx
+from cvmfs_ml.testing import Nginx
 
 REF = "ref.test.local"
 BIG = "/big/random-24MiB.bin"

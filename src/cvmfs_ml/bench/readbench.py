@@ -182,7 +182,7 @@ def network(name: str, origin_port: int) -> Iterator[tuple[int, str]]:
     if spec is None:
         yield origin_port, "loopback, straight to the origin"
         return
-    from cvmfs_ml.bench.netem import DelayProxy
+    from cvmfs_ml.testing.netem import DelayProxy
 
     with DelayProxy("127.0.0.1", origin_port, **spec) as proxy:
         yield proxy.port, proxy.describe()
