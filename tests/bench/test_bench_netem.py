@@ -208,6 +208,10 @@ def test_profiles_and_descriptions(server: int) -> None:
     assert proxy.rate == 84e6 and proxy.link_rate is None and proxy.rtt == pytest.approx(0.02)
     linked = DelayProxy.from_profile("wan-100ms-100m", "127.0.0.1", server)
     assert linked.link_rate == 12.5e6 and linked.rate is None
+    latency_only = DelayProxy.from_profile("wan-20ms", "127.0.0.1", server)
+    assert latency_only.rtt == pytest.approx(0.02)
+    assert latency_only.rate is None and latency_only.link_rate is None
+    assert "MB/s" not in latency_only.describe() and "MB/s" not in describe("wan-20ms")
     assert "84 MB/s per connection" in proxy.describe()
     assert isinstance(tc_netem_available(), bool)
     text = describe("wan-20ms-1g")

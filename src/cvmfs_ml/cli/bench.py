@@ -123,7 +123,8 @@ def bench_run(
     networks: Annotated[
         str | None,
         typer.Option(
-            help="comma list: loopback,lan-1ms-10g,wan-20ms-1g,wan-100ms-100m,wan-20ms-cap84MBps"
+            help="comma list: loopback,lan-1ms-10g,wan-20ms,wan-20ms-1g,wan-100ms-100m,"
+            "wan-20ms-cap84MBps"
         ),
     ] = None,
     repeats: Annotated[int | None, typer.Option(help="measurements per scenario")] = None,
