@@ -31,5 +31,7 @@ def test_every_help_renders_its_brackets() -> None:
         assert result.exit_code == 0, (path, result.output, result.exception)
         if path == ("repo", "create"):
             assert "s3://BUCKET[/PREFIX]" in result.output
+        if path in (("repo", "publish"), ("model", "rm")):  # common.REPO_HELP
+            assert "s3://BUCKET[/PREFIX]/FQRN" in result.output
         if path == ("model", "publish"):
             assert "hf:ORG/NAME[@REV]" in result.output

@@ -16,6 +16,7 @@ import typer
 from cvmfs_ml.cli.client import ConfigOption, ProxyOption
 from cvmfs_ml.cli.common import (
     LOCATION_HELP,
+    REPO_HELP,
     BlacklistOption,
     JsonOption,
     KeyOption,
@@ -102,7 +103,7 @@ def model_publish(
         str, typer.Argument(help="file, folder, HF cache snapshot, or hf:ORG/NAME\\[@REV]")
     ],
     repo: Annotated[
-        str, typer.Option("--repo", help="repository folder or s3://BUCKET\\[/PREFIX]/FQRN")
+        str, typer.Option("--repo", help=REPO_HELP)
     ],
     as_ref: Annotated[str, typer.Option("--as", help="NAMESPACE/NAME:VERSION")],
     description: Annotated[str, typer.Option("--description", "-m")] = "",
@@ -254,7 +255,7 @@ def model_info_cmd(
 @model_app.command("rm")
 @friendly
 def model_rm(
-    repo: Annotated[str, typer.Argument(help="repository folder or s3://BUCKET\\[/PREFIX]/FQRN")],
+    repo: Annotated[str, typer.Argument(help=REPO_HELP)],
     ref: Annotated[str, typer.Argument(help="NAMESPACE/NAME:VERSION")],
     keys: KeysOption = None,
     s3_config: S3ConfigOption = None,
@@ -275,7 +276,7 @@ def model_rm(
 @model_app.command("alias")
 @friendly
 def model_alias(
-    repo: Annotated[str, typer.Argument(help="repository folder or s3://BUCKET\\[/PREFIX]/FQRN")],
+    repo: Annotated[str, typer.Argument(help=REPO_HELP)],
     model: Annotated[str, typer.Argument(help="NAMESPACE/NAME")],
     alias: Annotated[str, typer.Argument(help="alias name, e.g. latest, stable, prod")],
     version: Annotated[str | None, typer.Argument(help="version the alias points at")] = None,
@@ -331,7 +332,7 @@ def model_check(
 @model_app.command("reindex")
 @friendly
 def model_reindex(
-    repo: Annotated[str, typer.Argument(help="repository folder or s3://BUCKET\\[/PREFIX]/FQRN")],
+    repo: Annotated[str, typer.Argument(help=REPO_HELP)],
     keys: KeysOption = None,
     s3_config: S3ConfigOption = None,
 ) -> None:

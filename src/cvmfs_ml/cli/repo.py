@@ -16,6 +16,7 @@ import typer
 from cvmfs_ml.cli.client import ConfigOption, ProxyOption
 from cvmfs_ml.cli.common import (
     LOCATION_HELP,
+    REPO_HELP,
     BlacklistOption,
     JsonOption,
     KeyOption,
@@ -86,7 +87,7 @@ def repo_create(
 @repo_app.command("publish")
 @friendly
 def repo_publish(
-    repo: Annotated[str, typer.Argument(help="repository folder or s3://BUCKET\\[/PREFIX]/FQRN")],
+    repo: Annotated[str, typer.Argument(help=REPO_HELP)],
     src: Annotated[Path, typer.Argument(help="folder or tarball to publish")],
     at: Annotated[str, typer.Option("--at", help="path inside the repository")] = "/",
     tag: Annotated[str | None, typer.Option("--tag", help="name this revision")] = None,
@@ -135,7 +136,7 @@ def repo_publish(
 @repo_app.command("rm")
 @friendly
 def repo_rm(
-    repo: Annotated[str, typer.Argument(help="repository folder or s3://BUCKET\\[/PREFIX]/FQRN")],
+    repo: Annotated[str, typer.Argument(help=REPO_HELP)],
     paths: Annotated[list[str], typer.Argument(help="paths to remove")],
     keys: Annotated[Path | None, typer.Option("--keys")] = None,
     s3_config: S3ConfigOption = None,
@@ -348,7 +349,7 @@ def repo_diff(
 @repo_app.command("gc")
 @friendly
 def repo_gc(
-    repo: Annotated[str, typer.Argument(help="repository folder or s3://BUCKET\\[/PREFIX]/FQRN")],
+    repo: Annotated[str, typer.Argument(help=REPO_HELP)],
     keys: Annotated[Path | None, typer.Option("--keys")] = None,
     s3_config: S3ConfigOption = None,
     dry_run: Annotated[bool, typer.Option("--dry-run")] = False,
@@ -377,7 +378,7 @@ def repo_gc(
 @repo_app.command("tag")
 @friendly
 def repo_tag(
-    repo: Annotated[str, typer.Argument(help="repository folder or s3://BUCKET\\[/PREFIX]/FQRN")],
+    repo: Annotated[str, typer.Argument(help=REPO_HELP)],
     name: Annotated[str, typer.Argument()],
     description: Annotated[str, typer.Option("-m", "--message")] = "",
     remove: Annotated[bool, typer.Option("--remove", "-d")] = False,
@@ -399,7 +400,7 @@ def repo_tag(
 @repo_app.command("rollback")
 @friendly
 def repo_rollback(
-    repo: Annotated[str, typer.Argument(help="repository folder or s3://BUCKET\\[/PREFIX]/FQRN")],
+    repo: Annotated[str, typer.Argument(help=REPO_HELP)],
     tag: Annotated[str, typer.Argument(help="tag whose tree becomes the new revision")],
     keys: Annotated[Path | None, typer.Option("--keys")] = None,
     s3_config: S3ConfigOption = None,
@@ -414,7 +415,7 @@ def repo_rollback(
 @repo_app.command("resign")
 @friendly
 def repo_resign(
-    repo: Annotated[str, typer.Argument(help="repository folder or s3://BUCKET\\[/PREFIX]/FQRN")],
+    repo: Annotated[str, typer.Argument(help=REPO_HELP)],
     days: Annotated[int | None, typer.Option(help="validity in days")] = None,
     keys: Annotated[Path | None, typer.Option("--keys")] = None,
     s3_config: S3ConfigOption = None,
