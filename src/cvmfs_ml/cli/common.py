@@ -139,7 +139,7 @@ def open_repository(
     )
 
 
-# Help texts are Rich markup: "\\[" shows a literal "[" ("[/PREFIX]" alone is a closing tag).
+# Help texts are Rich markup: a backslash keeps a "[" literal (else "[/PREFIX]" is a closing tag).
 REPO_HELP = "repository folder or s3://BUCKET\\[/PREFIX]/FQRN"
 LOCATION_HELP = "repository: http(s)://.../cvmfs/<fqrn>, a repository folder, or a FQRN (--config)"
 
