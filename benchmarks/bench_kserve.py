@@ -60,11 +60,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size-mib", type=int, default=128)
     parser.add_argument("--rtt-ms", type=float, default=0.0)
-    parser.add_argument("--work", type=Path, default=None, help="working folder (default: temp)")
+    parser.add_argument("--work", type=Path, default=None,
+                        help="working folder, kept (default: a temporary one, removed at the end)")
     parser.add_argument("--out", type=Path, default=None, help="write results JSON here")
     args = parser.parse_args()
-    work = args.work or Path(tempfile.mkdtemp(prefix="bench-kserve."))
-    work.mkdir(parents=True, exist_ok=True)
+    if args.work is not None:
+        args.work.mkdir(parents=True, exist_ok=True)
+        run(args, args.work)
+        return
+    # Without --work the model, the repository and the client caches (three copies of the
+    # model, ~3.5x its size) live only as long as the run.
+    with tempfile.TemporaryDirectory(prefix="bench-kserve.") as work:
+        run(args, Path(work))
+
+
+def run(args: argparse.Namespace, work: Path) -> None:
     original = work / "origin" / "model"
     if not (original / "model.onnx").exists():
         make_llm_onnx(original, args.size_mib * 2**20, dtype="float32")
