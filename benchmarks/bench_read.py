@@ -23,6 +23,13 @@ connections, no cap) and ``rtt20-cap84`` (the same plus 84 MB/s *per connection*
 connections add up). The proxy runs in a thread of this driver, which only waits while a cell
 runs.
 
+The machine: before the cells, a probe writes 2 GiB into a new file twice
+(:mod:`cvmfs_ml.bench.fresh_pages`) and reports CPU per GiB into fresh and into reused page
+cache. On a VM whose host takes freed memory back (free page reporting), fresh pages cost
+several times more, and a cold read through a cache fills about twice the file's size of them
+where curl fills none; the table says so when the charge is there (``--no-fresh-page-probe``
+skips it).
+
 Cache states (every cell is one timed read of the whole file):
 
 * ``cold`` - the client cache is wiped, the page cache of the local file and of the client
@@ -73,6 +80,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from cvmfs_ml.bench.fresh_pages import measure_fresh_page_cost
 from cvmfs_ml.bench.origin import Origin
 from cvmfs_ml.bench.read_report import annotate, table, upstream_note
 from cvmfs_ml.bench.readbench import (
@@ -136,6 +144,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--prepare", action="store_true", help="only generate and publish the content"
     )
+    parser.add_argument(
+        "--no-fresh-page-probe",
+        dest="fresh_page_probe",
+        action="store_false",
+        help="skip the probe of what fresh page cache costs on this machine (2 GiB, ~3 s)",
+    )
     parser.add_argument("--show", type=Path, help="print the table of a saved run and exit")
     args = parser.parse_args(argv)
     if args.show:
@@ -169,6 +183,9 @@ def main(argv: list[str] | None = None) -> int:
             f"(min/median/max {[s // 2**20 for s in published.chunk_sizes]} MiB)",
             flush=True,
         )
+        fresh = measure_fresh_page_cost(work) if args.fresh_page_probe else None
+        if fresh is not None:
+            print(fresh.describe(), flush=True)
         if not args.ort_only:
             if "local" in modes:
                 bench.local()
@@ -216,6 +233,7 @@ def main(argv: list[str] | None = None) -> int:
         "read_s excludes the repository boot (details.boot_s)",
         "parallel": args.parallel,
         "upstream": upstream_note(),
+        "fresh_page_cost": fresh.to_json() if fresh is not None else None,
         "cells": [c.to_json(size) for c in bench.cells],
     }
     annotate(doc)

@@ -167,8 +167,22 @@ def table(doc: dict[str, Any]) -> str:
         lines.append(f"peak RSS, worst cell: {worst['peak_rss_bytes'] / 2**20:.0f} MiB "
                      f"({worst['mode']}; goals: daemon < {GOALS['daemon_rss_mb']:.0f} MB, "
                      f"fsspec < {GOALS['fsspec_rss_mb']:.0f} MB)")
+    fresh = doc.get("fresh_page_cost")
+    if fresh:
+        lines.append(fresh_page_note(fresh))
     lines += breakdown(doc)
     return "\n".join(lines)
+
+
+def fresh_page_note(fresh: dict[str, Any]) -> str:
+    """The machine's charge for fresh page cache (:mod:`.fresh_pages`), in one line."""
+    note = (f"page cache on this machine: {fresh['fresh_s_per_gib']:.2f} s CPU per GiB written "
+            f"into fresh pages, {fresh['reused_s_per_gib']:.2f} s into reused ones")
+    if fresh.get("charge_s_per_gib", 0) >= 0.2:
+        note += ("; a cold FUSE read fills about twice the file's size of fresh page cache "
+                 "(cache files + the mounted file) and curl none, so that charge weighs on "
+                 "the x-curl ratios here")
+    return note
 
 
 def upstream_note() -> str:
