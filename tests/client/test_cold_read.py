@@ -14,24 +14,27 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import numpy as np
 import pytest
 
+from cvmfs_ml.bench.residency import resident_fraction
 from cvmfs_ml.client.cache import PREALLOCATE_MIN_BYTES, ObjectCache, TxnFile, crc32, preallocate
-from cvmfs_ml.client.files import FileLayout
+from cvmfs_ml.client.files import DROP_BEHIND_PIECES, FileLayout
 from cvmfs_ml.client.mount_control import read_mount_stats
 from cvmfs_ml.client.mounts import MountHandle
 from cvmfs_ml.client.page_push import PUSH_BLOCK, push_when_fetched
 from cvmfs_ml.client.prefetch import Fetched
 from cvmfs_ml.client.repository import Repository
 from cvmfs_ml.cvmfs.catalog import Chunk
-from cvmfs_ml.cvmfs.hashing import hash_bytes
+from cvmfs_ml.cvmfs.hashing import Digest, hash_bytes
 from cvmfs_ml.cvmfs.objects import Compression
 from cvmfs_ml.models.refs import materialise
 from cvmfs_ml.publish.repository import create_repository
 from cvmfs_ml.publish.settings import PublishSettings
 from cvmfs_ml.storage.http import RepositoryServer
+from cvmfs_ml.storage.local import drop_cached_pages
 from cvmfs_ml.testing import Nginx
 
 REF = "ref.test.local"
@@ -106,32 +109,27 @@ def test_fetched_pieces_reach_the_page_cache_before_the_reader(
     """A large file opened on a mount has its pieces stored in the kernel's page cache as they
     arrive: an mmap loader then reads the whole file with a few FUSE requests (pieces' edge
     pages), not one per readahead window, and every byte is the published one."""
-    tree = tmp_path / "tree"
-    tree.mkdir()
-    data = np.random.default_rng(7).integers(0, 256, 64 * 2**20, dtype=np.uint8).tobytes()
-    (tree / "weights.bin").write_bytes(data)
-    settings = PublishSettings(
-        compression=Compression.NONE, min_chunk_size=4 * 2**20, avg_chunk_size=8 * 2**20,
-        max_chunk_size=16 * 2**20, workers=2,
-    )  # fmt: skip
-    publisher = create_repository(tmp_path / "srv", "push.test", settings=settings)
-    with publisher.transaction() as txn:
-        txn.add_folder(tree, "/")
-        txn.commit()
-    with Repository.open(publisher.repo_dir, public_key=publisher.keys.paths.master_public) as r:
-        pieces = len(r.layout("/weights.bin").pieces)
+    publisher, data, digests = _publish_weights(tmp_path, "push.test", 64, 4, seed=7)
+    pieces = len(digests)
     assert pieces >= 4
     server = RepositoryServer(publisher.repo_dir.parent).start()
+    cache_dir = tmp_path / "client-cache"
     try:
-        handle = mounter(
-            f"{server.url}/cvmfs/push.test", public_key=publisher.keys.paths.master_public
-        )
+        handle = mounter(f"{server.url}/cvmfs/push.test", cache=cache_dir,
+                         public_key=publisher.keys.paths.master_public)  # fmt: skip
         path = handle.mountpoint / "weights.bin"
         with open(path, "rb") as f:  # the open queues every piece, each pushed once fetched
             deadline = time.monotonic() + 60
             while read_mount_stats(handle.mountpoint)["fetch"]["bytes"] < len(data):
                 assert time.monotonic() < deadline, "the pieces were not fetched in 60 s"
                 time.sleep(0.05)
+            if _drops_pages(tmp_path):  # pushed, a piece's cache file leaves the page cache
+                cache = ObjectCache(cache_dir)
+                files = [cache.path_of(d) for d in digests]
+                cache.close()
+                while _resident_bytes(files) > 0:  # nothing was read: only pushes drop
+                    assert time.monotonic() < deadline, [resident_fraction(p) for p in files]
+                    time.sleep(0.05)
             before = _fuse_reads(handle.mountpoint)
             with mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as mapped:
                 digest = hashlib.sha256(mapped).hexdigest()
@@ -141,6 +139,33 @@ def test_fetched_pieces_reach_the_page_cache_before_the_reader(
     assert digest == hashlib.sha256(data).hexdigest()
     # without the push: 64 MiB in windows of at most 1 MiB, 64 requests or more
     assert requests <= 3 * pieces + 4
+
+
+def _resident_bytes(paths: list[Path]) -> float:
+    return sum(resident_fraction(p) * p.stat().st_size for p in paths)
+
+
+def _publish_weights(
+    tmp_path: Path, fqrn: str, mib: int, min_chunk_mib: int, *, seed: int
+) -> tuple[Any, bytes, list[Digest]]:
+    """A repository holding ``/weights.bin`` (``mib`` MiB of random bytes, uncompressed,
+    chunks of ``min_chunk_mib`` to 4x that): the publisher, the bytes, the pieces' digests."""
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    data = np.random.default_rng(seed).integers(0, 256, mib * 2**20, dtype=np.uint8).tobytes()
+    (tree / "weights.bin").write_bytes(data)
+    settings = PublishSettings(
+        compression=Compression.NONE, min_chunk_size=min_chunk_mib * 2**20,
+        avg_chunk_size=2 * min_chunk_mib * 2**20, max_chunk_size=4 * min_chunk_mib * 2**20,
+        workers=2,
+    )  # fmt: skip
+    publisher = create_repository(tmp_path / "srv", fqrn, settings=settings)
+    with publisher.transaction() as txn:
+        txn.add_folder(tree, "/")
+        txn.commit()
+    with Repository.open(publisher.repo_dir, public_key=publisher.keys.paths.master_public) as r:
+        digests = [p.digest for p in r.layout("/weights.bin").pieces]
+    return publisher, data, digests
 
 
 def _fuse_reads(mountpoint: Path) -> int:
@@ -214,3 +239,56 @@ def test_materialised_chunked_file_is_copied_in_the_kernel(
         copied = materialise(repo, BIG, Path(folder) / "out")
         target = copied if copied.is_file() else copied / Path(BIG).name
         assert target.read_bytes() == repo.read_bytes(BIG)
+
+
+def _drops_pages(folder: Path) -> bool:
+    """Whether this file system lets go of a written file's pages (tmpfs keeps them)."""
+    probe = folder / "drop-probe"
+    fd = os.open(probe, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        os.write(fd, os.urandom(1 << 20))
+        drop_cached_pages(fd)
+    finally:
+        os.close(fd)
+    try:
+        return resident_fraction(probe) == 0.0
+    finally:
+        probe.unlink()
+
+
+@pytest.mark.service
+def test_a_mount_drops_the_cache_files_of_pieces_its_reader_has_left_behind(
+    mounter: Callable[..., MountHandle], tmp_path: Path
+) -> None:
+    """A sequential read through a mount leaves the bytes in the mounted file's page cache;
+    the cache files of the pieces it left behind leave the page cache (a node holds the model
+    once, and refills fresh pages less), the ones around the reader stay, and every byte read,
+    hot or after the drop, is the published one."""
+    if not _drops_pages(tmp_path):
+        pytest.skip("this file system keeps a file's pages whatever it is told (tmpfs)")
+    publisher, data, digests = _publish_weights(tmp_path, "drop.test", 48, 2, seed=11)
+    assert len(digests) >= 2 + DROP_BEHIND_PIECES
+    server = RepositoryServer(publisher.repo_dir.parent).start()
+    cache_dir = tmp_path / "client-cache"
+    try:
+        handle = mounter(f"{server.url}/cvmfs/drop.test", cache=cache_dir,
+                         public_key=publisher.keys.paths.master_public)  # fmt: skip
+        path = handle.mountpoint / "weights.bin"
+        with open(path, "rb", buffering=0) as f:  # sequential, as cat or a loader reads
+            first = hashlib.sha256()
+            while block := f.read(1 << 20):
+                first.update(block)
+        cache = ObjectCache(cache_dir)
+        files = [cache.path_of(d) for d in digests]
+        behind = files[: len(files) - DROP_BEHIND_PIECES]
+        deadline = time.monotonic() + 30
+        while any(resident_fraction(p) > 0 for p in behind):  # dropped by a background thread
+            assert time.monotonic() < deadline, [resident_fraction(p) for p in files]
+            time.sleep(0.05)
+        assert all(p.stat().st_size > 0 for p in files)  # dropped from memory, not the cache
+        assert resident_fraction(files[-1]) > 0  # the reader never left the last piece
+        hot = hashlib.sha256(path.read_bytes()).hexdigest()
+        cache.close()
+    finally:
+        server.stop()
+    assert first.hexdigest() == hot == hashlib.sha256(data).hexdigest()

@@ -28,14 +28,14 @@ def test_large_objects_start_writeback_small_and_durable_ones_do_not(
     store: LocalStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     started: list[int] = []
-    real = local._start_writeback
+    real = local.start_writeback
 
     def recording(fd: int) -> None:
         started.append(os.fstat(fd).st_size)
         real(fd)
 
-    monkeypatch.setattr(local, "_start_writeback", recording)
-    big = os.urandom(local._WRITEBACK_FROM + 1)
+    monkeypatch.setattr(local, "start_writeback", recording)
+    big = os.urandom(local.WRITEBACK_FROM + 1)
     half = len(big) // 2
     store.put_parts("data/ab/big", [memoryview(big)[:half], memoryview(big)[half:]])
     store.put_parts("data/ab/small", [b"x" * 100])

@@ -76,6 +76,7 @@ from typing import BinaryIO
 from cvmfs_ml.client.readprofile import READ_PROFILE
 from cvmfs_ml.cvmfs.hashing import Digest
 from cvmfs_ml.errors import ConfigError
+from cvmfs_ml.storage.local import WRITEBACK_FROM, start_writeback
 
 __all__ = ["ALWAYS_VERIFY_BYTES", "CacheUsage", "ObjectCache", "TxnFile", "crc32"]
 
@@ -202,6 +203,8 @@ class TxnFile:
         size = os.fstat(self._file.fileno()).st_size
         if self._reserved > size:  # fewer bytes came than reserved: free the rest
             os.ftruncate(self._file.fileno(), size)
+        if size >= WRITEBACK_FROM:  # on disk soon, so its pages can be dropped soon
+            start_writeback(self._file.fileno())
         self._file.close()
         if not self._crc_valid or self._crc_end != size:
             return size, _crc_of_file(self.path)

@@ -31,12 +31,14 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cvmfs_ml.client.readprofile import READ_PROFILE
 from cvmfs_ml.cvmfs.catalog import Chunk
 from cvmfs_ml.cvmfs.objects import ObjectKind
 from cvmfs_ml.errors import IntegrityError
+from cvmfs_ml.storage.local import drop_cached_pages
 
 if TYPE_CHECKING:
     from concurrent.futures import Future
@@ -89,6 +91,10 @@ class CvmfsFile(io.RawIOBase):
         self.name = path
         self.layout = layout
         self.prefetched = False
+        self.drop_behind = False
+        """Drop the cache files' pages of pieces whose bytes now sit in the page cache of the
+        file itself (FUSE, with ``keep_cache``): read and left behind, or pushed."""
+        self._drop_next = 0  # pieces before this one were considered for dropping
         self.prefetching: list[Future[Fetched]] = []
         """The fetches queued for this file at open (one per distinct piece object)."""
         self.readahead = int(getattr(repository, "readahead_pieces", 0))
@@ -232,12 +238,32 @@ class CvmfsFile(io.RawIOBase):
         """Queue read-ahead (network and disk) when a reader moves on to the next piece."""
         last, self._last_index = self._last_index, index
         self.pieces_read.add(index)
+        if self.drop_behind and index > last:
+            self._drop_left_behind(index)
         if index == last or not (index == last + 1 or (last < 0 and index == 0)):
             return
         self._disk_ahead(index)
         if self.prefetched or self.readahead <= 0:
             return
         self.repository.prefetcher.read_ahead(self.layout, index, self.readahead, self.name)
+
+    def _drop_left_behind(self, index: int) -> None:
+        """Drop the cache files of pieces that were read and lie :data:`DROP_BEHIND_PIECES` or
+        more behind ``index`` (each piece is considered once; unread ones are kept)."""
+        limit = index - DROP_BEHIND_PIECES
+        start = self._drop_next
+        if limit < start:
+            return
+        self._drop_next = limit + 1
+        read = self.pieces_read
+        self.drop_pages([i for i in range(start, limit + 1) if i in read])
+
+    def drop_pages(self, indexes: list[int]) -> None:
+        """Take the cache files of pieces ``indexes`` out of the page cache, on a background
+        thread (their writeback is waited for first: :func:`drop_cached_pages`)."""
+        if indexes:
+            paths = [self.repository.cache.path_of(self.layout.pieces[i].digest) for i in indexes]
+            _advise_pool().submit(_drop_files, paths)
 
     def _disk_ahead(self, index: int) -> None:
         """Have the kernel read cached pieces after ``index`` (and ``index`` itself at the
@@ -449,6 +475,17 @@ def _filled_bytes(size: int, fill: Callable[[memoryview], object]) -> bytes:
     return buffer.getvalue()
 
 
+DROP_BEHIND_PIECES = 2
+"""How far behind the reader's newest piece a piece it read leaves the page cache
+(:attr:`CvmfsFile.drop_behind`): not the piece just left, whose last requests may still be
+in flight (the kernel's read-ahead sends several at a time and they can finish out of order).
+
+Why drop at all: on a mount the bytes a reader got stay in the mounted file's page cache
+(``keep_cache``), so the cache files' pages hold the same bytes a second time: a 2 GiB model
+took 4 GiB of page cache. Dropped, the node holds it once, and the next pieces' cache files
+are written into the pages just freed, which on a VM whose host takes freed memory back
+(:mod:`cvmfs_ml.bench.fresh_pages`) is much cheaper than fresh ones."""
+
 _RWF_NOWAIT = getattr(os, "RWF_NOWAIT", 0)
 _nowait_works = bool(_RWF_NOWAIT)  # cleared when a file system refuses it
 
@@ -483,6 +520,18 @@ def _preadv_full(fd: int, view: memoryview, offset: int, flags: int = 0) -> int:
         READ_PROFILE.add(pread_calls=calls, pread_bytes=done,
                          pread_seconds=time.perf_counter() - started)  # fmt: skip
     return done
+
+
+def _drop_files(paths: list[Path]) -> None:
+    for path in paths:
+        try:
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        except OSError:  # evicted meanwhile: nothing left to drop
+            continue
+        try:
+            drop_cached_pages(fd)
+        finally:
+            os.close(fd)
 
 
 _devnull = -1

@@ -490,6 +490,9 @@ class CvmfsOperations(_OperationsBase):  # type: ignore[misc,valid-type]
             handle = await self._blocking(self.repo.open_file, path)
         except Exception as exc:
             raise self._fail(exc, f"open {path}", missing=errno.EIO) from exc
+        # What a reader has read sits in this file's page cache (keep_cache): the cache files'
+        # copies of the pieces it has left behind are dropped, so a node holds a model once.
+        handle.drop_behind = True
         if handle.prefetching:  # pieces fetched for it go straight into the page cache
             push_when_fetched(handle, inode, self._fuse.notify_store)
         fh = self._next_fh

@@ -87,8 +87,11 @@ def _push(
         _store_file(fd, offsets, inode, store)
     except OSError as exc:  # the inode was forgotten, the mount is going away: harmless
         log.debug("page cache push of %s piece %d: %s", handle.name, fetched.index, exc)
+        return
     finally:
         os.close(fd)
+    if handle.drop_behind:  # its bytes are in the mounted file's page cache now
+        handle.drop_pages([fetched.index])
 
 
 def _reader_is_near(handle: CvmfsFile, index: int) -> bool:
