@@ -9,7 +9,6 @@ import mmap
 import os
 import tempfile
 import threading
-import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from pathlib import Path
@@ -36,6 +35,7 @@ from cvmfs_ml.publish.settings import PublishSettings
 from cvmfs_ml.storage.http import RepositoryServer
 from cvmfs_ml.storage.local import drop_cached_pages
 from cvmfs_ml.testing import Nginx
+from waiting import wait_until
 
 REF = "ref.test.local"
 BIG = "/big/random-24MiB.bin"
@@ -119,17 +119,16 @@ def test_fetched_pieces_reach_the_page_cache_before_the_reader(
                          public_key=publisher.keys.paths.master_public)  # fmt: skip
         path = handle.mountpoint / "weights.bin"
         with open(path, "rb") as f:  # the open queues every piece, each pushed once fetched
-            deadline = time.monotonic() + 60
-            while read_mount_stats(handle.mountpoint)["fetch"]["bytes"] < len(data):
-                assert time.monotonic() < deadline, "the pieces were not fetched in 60 s"
-                time.sleep(0.05)
+            wait_until(
+                lambda: read_mount_stats(handle.mountpoint)["fetch"]["bytes"] >= len(data),
+                60, "every piece fetched",
+            )  # fmt: skip
             if _drops_pages(tmp_path):  # pushed, a piece's cache file leaves the page cache
                 cache = ObjectCache(cache_dir)
                 files = [cache.path_of(d) for d in digests]
                 cache.close()
-                while _resident_bytes(files) > 0:  # nothing was read: only pushes drop
-                    assert time.monotonic() < deadline, [resident_fraction(p) for p in files]
-                    time.sleep(0.05)
+                wait_until(lambda: _resident_bytes(files) == 0, 30,  # nothing read: only pushes
+                           lambda: f"resident: {[resident_fraction(p) for p in files]}")
             before = _fuse_reads(handle.mountpoint)
             with mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as mapped:
                 digest = hashlib.sha256(mapped).hexdigest()
@@ -244,14 +243,9 @@ def test_materialised_chunked_file_is_copied_in_the_kernel(
 def _drops_pages(folder: Path) -> bool:
     """Whether this file system lets go of a written file's pages (tmpfs keeps them)."""
     probe = folder / "drop-probe"
-    fd = os.open(probe, os.O_RDWR | os.O_CREAT, 0o600)
+    probe.write_bytes(os.urandom(1 << 20))
     try:
-        os.write(fd, os.urandom(1 << 20))
-        drop_cached_pages(fd)
-    finally:
-        os.close(fd)
-    try:
-        return resident_fraction(probe) == 0.0
+        return drop_cached_pages(probe) and resident_fraction(probe) == 0.0
     finally:
         probe.unlink()
 
@@ -281,10 +275,8 @@ def test_a_mount_drops_the_cache_files_of_pieces_its_reader_has_left_behind(
         cache = ObjectCache(cache_dir)
         files = [cache.path_of(d) for d in digests]
         behind = files[: len(files) - DROP_BEHIND_PIECES]
-        deadline = time.monotonic() + 30
-        while any(resident_fraction(p) > 0 for p in behind):  # dropped by a background thread
-            assert time.monotonic() < deadline, [resident_fraction(p) for p in files]
-            time.sleep(0.05)
+        wait_until(lambda: all(resident_fraction(p) == 0 for p in behind), 30,  # in background
+                   lambda: f"resident: {[resident_fraction(p) for p in files]}")
         assert all(p.stat().st_size > 0 for p in files)  # dropped from memory, not the cache
         assert resident_fraction(files[-1]) > 0  # the reader never left the last piece
         hot = hashlib.sha256(path.read_bytes()).hexdigest()

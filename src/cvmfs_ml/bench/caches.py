@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cvmfs_ml.errors import CvmfsMlError
+from cvmfs_ml.storage.local import drop_cached_pages
 
 __all__ = ["DropResult", "drop_page_cache", "wipe_cvmfs_ml_cache", "wipe_upstream_cache"]
 
@@ -45,29 +46,6 @@ def _walk(paths: Iterable[str | os.PathLike[str]]) -> Iterator[Path]:
             yield path
 
 
-def _advise_dontneed(path: Path) -> bool:
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOATIME", 0))
-    except PermissionError:
-        try:
-            fd = os.open(path, os.O_RDONLY)
-        except OSError:
-            return False
-    except OSError:
-        return False
-    try:
-        try:
-            os.fdatasync(fd)  # DONTNEED skips dirty pages; a read-only FUSE file may refuse
-        except OSError:
-            pass
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        return True
-    except OSError:
-        return False
-    finally:
-        os.close(fd)
-
-
 def drop_page_cache(paths: str | os.PathLike[str] | Iterable[str | os.PathLike[str]],
                     *, global_drop: bool = False) -> DropResult:
     """Evict the page cache of ``paths`` (files, or folders recursively).
@@ -80,7 +58,7 @@ def drop_page_cache(paths: str | os.PathLike[str] | Iterable[str | os.PathLike[s
         paths = [paths]
     files = failed = 0
     for path in _walk(paths):
-        if _advise_dontneed(path):
+        if drop_cached_pages(path):  # written back first: DONTNEED skips dirty pages
             files += 1
         else:
             failed += 1

@@ -524,14 +524,7 @@ def _preadv_full(fd: int, view: memoryview, offset: int, flags: int = 0) -> int:
 
 def _drop_files(paths: list[Path]) -> None:
     for path in paths:
-        try:
-            fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-        except OSError:  # evicted meanwhile: nothing left to drop
-            continue
-        try:
-            drop_cached_pages(fd)
-        finally:
-            os.close(fd)
+        drop_cached_pages(path)  # a file evicted meanwhile has nothing left to drop
 
 
 _devnull = -1

@@ -67,20 +67,33 @@ def start_writeback(fd: int) -> None:
         _SYNC_FILE_RANGE(fd, 0, 0, _SYNC_FILE_RANGE_WRITE)
 
 
-def drop_cached_pages(fd: int) -> None:
-    """Take ``fd``'s pages out of the page cache (a file whose bytes are held elsewhere).
+def drop_cached_pages(path: str | os.PathLike[str]) -> bool:
+    """Take the file at ``path`` out of the page cache; whether the kernel took the advice.
 
     ``POSIX_FADV_DONTNEED`` skips pages that are dirty or being written, so the file's
     writeback is finished first (``sync_file_range``, which waits for the data only: no
-    journal commit and no device flush, unlike ``fdatasync``). Advice only: errors are ignored.
+    journal commit and no device flush, unlike ``fdatasync``). Advice only: a file that is gone
+    or cannot be opened is ``False``, not an error.
     """
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOATIME", 0) | getattr(os, "O_CLOEXEC", 0))
+    except PermissionError:  # O_NOATIME needs ownership
+        try:
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        except OSError:
+            return False
+    except OSError:
+        return False
     try:
         if _SYNC_FILE_RANGE is not None:
             _SYNC_FILE_RANGE(fd, 0, 0, _SYNC_FILE_RANGE_WAIT_BEFORE | _SYNC_FILE_RANGE_WRITE
                              | _SYNC_FILE_RANGE_WAIT_AFTER)  # fmt: skip
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        return True
     except OSError:
-        pass
+        return False
+    finally:
+        os.close(fd)
 
 
 def _fsync_dir(folder: Path) -> None:
