@@ -45,7 +45,9 @@ Cache states (every cell is one timed read of the whole file):
   fsspec, a new process whose cache files are in the page cache.
 
 Modes: ``local`` (``cat`` of the local file), ``curl`` (one GET of the plain copy, body to
-/dev/null), ``fuse`` (``cat`` of the file on a cvmfs-ml FUSE mount, daemon started with
+/dev/null), ``download`` (the same GET into a new file in the work folder, deleted after each
+run: the download a user makes before loading, whose bytes end in the page cache as a mount's
+do), ``fuse`` (``cat`` of the file on a cvmfs-ml FUSE mount, daemon started with
 :func:`cvmfs_ml.client.fuse.mount`; the mount time is not counted) and ``fsspec`` (a fresh
 Python process reads every byte through ``CvmfsFileSystem.open`` into a reused 8 MiB buffer;
 the timed part is open + read, the repository boot is reported separately). Peak RSS is the
@@ -202,6 +204,8 @@ def main(argv: list[str] | None = None) -> int:
                     )
                     if "curl" in modes and "cold" in states:
                         bench.curl(net, port)
+                    if "download" in modes and "cold" in states:
+                        bench.download(net, port)
                     if "fuse" in modes and cell_states:
                         bench.fuse(net, port, cell_states)
                     if "fsspec" in modes and cell_states:
@@ -233,6 +237,7 @@ def main(argv: list[str] | None = None) -> int:
         + "); fresh "
         "mount; origin page cache " + ("dropped" if args.drop_origin else "kept (warm origin)"),
         "curl": "one GET of a plain copy of the file served by the same origin",
+        "download": "the same GET into a new file on local disk (curl -o)",
         "fsspec": "fresh process, CvmfsFileSystem.open + readinto of an 8 MiB buffer; "
         "read_s excludes the repository boot (details.boot_s)",
         "parallel": args.parallel,

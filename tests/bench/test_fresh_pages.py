@@ -31,5 +31,5 @@ def test_report_explains_the_charge_only_when_there_is_one() -> None:
     charged = FreshPageCost(1.41, 0.18, 2 << 30, True).to_json()
     flat = FreshPageCost(0.20, 0.18, 2 << 30, False).to_json()
     assert "1.41 s CPU per GiB" in fresh_page_note(charged)
-    assert "weighs on the x-curl ratios" in fresh_page_note(charged)
+    assert "weighs on the ×curl ratios" in fresh_page_note(charged)
     assert "weighs" not in fresh_page_note(flat)

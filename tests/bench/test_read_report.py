@@ -73,3 +73,21 @@ def test_profile_delta_is_what_a_cell_added() -> None:
     after = {"loop_reads": 30, "loop_seconds": 0.75, "crc_files": 1}
     assert profile_delta(before, after) == {"loop_reads": 20, "loop_seconds": 0.25,
                                             "crc_files": 1}
+
+
+def test_cold_rows_show_both_downloads_and_the_goal_stays_on_curl() -> None:
+    doc = _doc()
+    doc["cells"] += [
+        _cell("curl", "cold", [1.0, 1.0, 1.0], [{}] * 3, network="rtt20"),
+        _cell("download", "cold", [2.0, 2.0, 2.0], [{}] * 3, network="rtt20"),
+        _cell("fuse", "cold", [3.0, 3.0, 3.0], [{}] * 3, network="rtt20"),
+    ]
+    annotate(doc)
+    cold = next(c for c in doc["cells"] if c["mode"] == "fuse" and c["state"] == "cold")
+    assert cold["goal_s"] == 1.5 * 1.0  # the goal is against curl to /dev/null
+    assert cold["goal_met"] is False
+    text = table(doc)
+    line = next(x for x in text.splitlines() if x.startswith("rtt20") and "fuse" in x)
+    assert "3.00x" in line and "1.50x" in line  # x curl, then x download into a file
+    download = next(x for x in text.splitlines() if x.startswith("rtt20") and "download" in x)
+    assert "1.50x" not in download  # a baseline row has no ratio to itself

@@ -42,6 +42,7 @@ from cvmfs_ml.models.sources.oci import (
     MODELPACK_CONFIG,
     classify,
     ingest_oci,
+    known_file_digests,
 )
 from cvmfs_ml.models.sources.oci_client import OCI_INDEX, OCI_MANIFEST, OciReference, RegistryClient
 from cvmfs_ml.models.sources.unpack import TreeWriter, safe_relative
@@ -378,6 +379,62 @@ def test_kitops_modelkit(docker_registry: Any, publisher: Publisher) -> None:
 
 # -- other artifacts: ORAS (Go) directories, untitled blobs and tars, Docker images ------------
 @pytest.mark.service
+def test_blob_files_are_not_hashed_again(
+    docker_registry: Any, publisher: Publisher, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A layer blob laid out as one file was verified against its digest when fetched: the
+    models layer takes that SHA-256 instead of reading the (multi-GiB) file again."""
+    import cvmfs_ml.models.sources.local as local_source
+
+    base, repo = docker_registry.url, "ml/two-files"
+    weights, config = random.Random(7).randbytes(300_000), b'{"layers": 2}\n'
+    manifest = {
+        "schemaVersion": 2, "mediaType": OCI_MANIFEST,
+        "artifactType": "application/vnd.example.model",
+        "config": {"mediaType": "application/vnd.oci.empty.v1+json",
+                   **push_blob(base, repo, b"{}")},
+        "layers": [
+            {"mediaType": "application/octet-stream", **push_blob(base, repo, weights),
+             "annotations": {ANNOTATION_TITLE: "weights/model.bin"}},
+            {"mediaType": "application/json", **push_blob(base, repo, config),
+             "annotations": {ANNOTATION_TITLE: "config.json"}},
+        ],
+    }  # fmt: skip
+    push_manifest(base, repo, "v1", manifest)
+    read_again: list[str] = []
+    real_sha256 = local_source._sha256
+
+    def counting(file: Any) -> Any:
+        read_again.append(file.path)
+        return real_sha256(file)
+
+    monkeypatch.setattr(local_source, "_sha256", counting)
+    ingest_oci(publisher, f"oci://{docker_registry.host}/{repo}:v1",
+               ModelRef.parse("fast/model:1"), plain_http=True)  # fmt: skip
+    assert read_again == []
+    expected = {"weights/model.bin": sha256(weights), "config.json": sha256(config)}
+    assert record_of(publisher, "fast/model:1").digests() == expected
+    assert read_back(publisher, "/fast/model/1") == expected  # the bytes agree with the record
+
+
+def test_known_file_digests_only_when_every_layer_is_a_file() -> None:
+    hexdigest = "ab" * 32
+    files = {"type": "oci", "kind": "artifact", "layers": [
+        {"as": "file", "path": "a.bin", "digest": f"sha256:{hexdigest}"},
+        {"as": "file", "path": "b/c.json", "digest": f"sha256:{'cd' * 32}"},
+    ]}  # fmt: skip
+    assert known_file_digests(files) == {"a.bin": hexdigest, "b/c.json": "cd" * 32}
+    unpacked = {"as": "unpacked", "digest": "sha256:" + "e" * 64}
+    mixed = {**files, "layers": [*files["layers"], unpacked]}
+    assert known_file_digests(mixed) == {}  # an unpacked layer may write over a file's path
+    assert known_file_digests({**files, "kind": "image"}) == {}
+    assert known_file_digests({**files, "subpath": "models"}) == {}
+    other = {**files, "layers": [{"as": "file", "path": "a.bin", "digest": "sha512:" + "0" * 128}]}
+    assert known_file_digests(other) == {}
+    assert known_file_digests({"type": "mlflow"}) == {} and known_file_digests(None) == {}
+    assert known_file_digests({**files, "layers": []}) == {}
+
+
 def test_generic_artifact_layers(docker_registry: Any, publisher: Publisher) -> None:
     base, repo = docker_registry.url, "ml/generic"
     packed_dir = gz(make_tar([("weights", None), ("weights/a.bin", b"A" * 1000)]))

@@ -527,14 +527,3 @@ def test_auth_file_forms(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Non
     path.write_text(json.dumps({"auths": {"x.example": {"auth": "not base64!"}}}))
     with pytest.raises(ConfigError, match="not base64"):
         AuthFile.load(path)
-
-
-def test_verified_files_only_for_whole_blob_layers() -> None:
-    from cvmfs_ml.sync.model_sources import verified_files
-
-    files = [{"digest": "sha256:" + "a" * 64, "as": "file", "path": "w.bin"}]
-    assert verified_files({"type": "oci", "layers": files}) == {"w.bin": "a" * 64}
-    tar = {"digest": "sha256:" + "b" * 64, "as": "unpacked"}
-    assert verified_files({"type": "oci", "layers": [*files, tar]}) == {}  # could overwrite
-    assert verified_files({"type": "oci", "layers": files, "subpath": "models"}) == {}
-    assert verified_files({"type": "mlflow"}) == {} and verified_files(None) == {}

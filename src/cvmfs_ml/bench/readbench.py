@@ -4,7 +4,8 @@
 content (a float16 safetensors file and an LLM-shaped ONNX model with float32 external data,
 generated once and reused), the repository it is published in (compression none, upstream's
 4/8/16 MiB chunks), the origin and the emulated networks, and the cells: ``local`` (``cat`` of
-the local file), ``curl`` (one GET of a plain copy: the single-stream download), ``fuse``
+the local file), ``curl`` (one GET of a plain copy: the single-stream download, body to
+``/dev/null``), ``download`` (the same GET into a new local file), ``fuse``
 (``cat`` on a cvmfs-ml mount), ``fsspec`` (a fresh process reading through
 :class:`~cvmfs_ml.client.fsspec.CvmfsFileSystem`) and the onnxruntime cells, each in cold,
 warm and hot cache states (see the script's docstring for their definitions).
@@ -44,7 +45,7 @@ NETWORKS: dict[str, dict[str, Any] | None] = {
     "rtt20": {"rtt_ms": 20.0},
     "rtt20-cap84": {"rtt_ms": 20.0, "rate_bytes_per_s": 84e6},
 }
-MODES = ("local", "curl", "fuse", "fsspec")
+MODES = ("local", "curl", "download", "fuse", "fsspec")
 STATES = ("cold", "warm", "hot")
 
 
@@ -413,6 +414,25 @@ class Bench:
         for _ in range(repeats):
             self.drop_origin_if_asked()
             t = timed(["curl", "-sS", "-f", "-o", "/dev/null", url])
+            c.seconds.append(t)
+            self.log(c, t)
+
+    def download(self, net: str, port: int) -> None:
+        """One GET of the plain copy into a new file on local disk, as a user downloads a model
+        before loading it: the bytes end in the page cache, as they do behind a cold read of a
+        mount, where ``curl`` to ``/dev/null`` keeps none (see :mod:`.fresh_pages`)."""
+        url = f"http://127.0.0.1:{port}/cvmfs/{_RAW_REL}"
+        target = self.work / "download.bin"
+        c = self.cell(net, "download", "cold")
+        if not self.options.drop_origin:
+            timed(["cat", str(self.published.raw)])
+        for _ in range(self.options.cold_repeats):
+            self.drop_origin_if_asked()
+            target.unlink(missing_ok=True)
+            try:
+                t = timed(["curl", "-sS", "-f", "-o", str(target), url])
+            finally:
+                target.unlink(missing_ok=True)
             c.seconds.append(t)
             self.log(c, t)
 

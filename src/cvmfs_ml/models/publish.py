@@ -457,6 +457,7 @@ def publish_model(
     extra: dict | None = None,
     aliases: Sequence[str] = (ALIAS_LATEST,),
     publisher_name: str | None = None,
+    known_sha256: Mapping[str, str] | None = None,
 ) -> ModelRecord:
     """Publish the file or folder ``src`` as version ``ref`` in one transaction.
 
@@ -465,6 +466,7 @@ def publish_model(
     overrides the one the model card or ``config.json`` declares. ``aliases`` (default
     ``latest``) are pointed at the new version. Returns the record as published, or the
     existing one when the same bytes were already published under ``ref`` (no new revision).
+    ``known_sha256`` names files already verified against a digest (see :func:`hash_tree`).
     """
     prepared = prepare_version(
         src,
@@ -475,6 +477,7 @@ def publish_model(
         extra=extra,
         aliases=aliases,
         publisher_name=publisher_name,
+        known_sha256=known_sha256,
     )
     with publisher.transaction() as txn:
         with _published(publisher) as repo:

@@ -28,6 +28,7 @@ from typing import Any
 
 from cvmfs_ml.errors import CvmfsMlError, NotFoundError
 from cvmfs_ml.models.sources.oci_client import Fetched
+from cvmfs_ml.storage.local import DropBehind
 
 __all__ = ["LocalRegistryClient", "OciError", "OciStore", "StoredManifest"]
 
@@ -184,6 +185,7 @@ class OciStore:
         hasher = self._hasher(upload_id, path)
         with open(path, "ab") as handle:
             size = handle.tell()
+            behind = DropBehind(handle.fileno(), size)  # blobs are read back rarely, if ever
 
             def write(chunk: bytes) -> int:
                 nonlocal size
@@ -192,6 +194,8 @@ class OciStore:
                     raise OciError(413, "SIZE_INVALID", f"blob larger than {limit} bytes")
                 handle.write(chunk)
                 hasher.update(chunk)
+                handle.flush()
+                behind.wrote(size)
                 return size
 
             yield write

@@ -34,7 +34,7 @@ from typing import Any
 from cvmfs_ml.errors import CvmfsMlError, PublishError
 from cvmfs_ml.models.layout import ModelRef, read_record, utc_timestamp
 from cvmfs_ml.models.publish import ModelBatch, PreparedVersion, open_published, prepare_version
-from cvmfs_ml.models.sources.oci import resolve
+from cvmfs_ml.models.sources.oci import known_file_digests, resolve
 from cvmfs_ml.models.sources.oci_client import RegistryClient
 from cvmfs_ml.publish.gc import collect_garbage
 from cvmfs_ml.publish.repository import Publisher
@@ -53,7 +53,7 @@ from cvmfs_ml.sync.images import (
 )
 from cvmfs_ml.sync.layers import LayerSet, layer_folder
 from cvmfs_ml.sync.mlflow_source import plan_mlflow
-from cvmfs_ml.sync.model_sources import plan_folder, plan_oci, verified_files
+from cvmfs_ml.sync.model_sources import plan_folder, plan_oci
 from cvmfs_ml.sync.wishlist import ImageSpec, Wishlist
 
 __all__ = ["RoundReport", "SyncOptions", "run_round", "sync_lock"]
@@ -411,7 +411,7 @@ class _Round:
             extra=(pulled.extra or None) if pulled is not None else None,
             aliases=aliases,
             publisher_name="cvmfs-ml sync",
-            known_sha256=verified_files(pulled.source) if pulled is not None else None,
+            known_sha256=known_file_digests(pulled.source) if pulled is not None else None,
         )
         self.plan.versions.append(prepared)
         self.log(

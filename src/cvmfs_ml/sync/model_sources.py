@@ -20,7 +20,7 @@ from cvmfs_ml.models.layout import ALIAS_LATEST, ModelRef
 from cvmfs_ml.models.sources.oci import pull, resolve
 from cvmfs_ml.sync.wishlist import ModelSpec
 
-__all__ = ["plan_folder", "plan_oci", "verified_files"]
+__all__ = ["plan_folder", "plan_oci"]
 
 
 def _natural(version: str) -> tuple[Any, ...]:
@@ -96,25 +96,6 @@ def _plan_oci_version(
     )
     work.add_version(ref, folder, pulled, str(resolved.reference), [])
     return True
-
-
-def verified_files(source: dict[str, Any] | None) -> dict[str, str]:
-    """``{path: sha256 hex}`` of a pulled artifact's files that are whole registry blobs.
-
-    Their bytes were checked against the blob digest while downloading, so ``model.json``'s
-    SHA-256 need not read them again (a 1 GiB weights file is one read less). Only when every
-    layer became one such file: an unpacked tar layer could have replaced one.
-    """
-    layers = (source or {}).get("layers") or []
-    if (source or {}).get("type") != "oci" or not layers or (source or {}).get("subpath"):
-        return {}
-    known = {}
-    for layer in layers:
-        digest = str(layer.get("digest", ""))
-        if layer.get("as") != "file" or not digest.startswith("sha256:"):
-            return {}
-        known[str(layer.get("path"))] = digest.split(":", 1)[1]
-    return known
 
 
 def plan_folder(work: Any, spec: ModelSpec) -> None:

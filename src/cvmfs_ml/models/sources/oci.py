@@ -83,6 +83,7 @@ __all__ = [
     "fetch_layers",
     "fetched_blob",
     "ingest_oci",
+    "known_file_digests",
     "pull",
     "resolve",
 ]
@@ -533,6 +534,27 @@ def pull(
     return PulledModel(folder, source, description, licence)
 
 
+def known_file_digests(source: dict[str, Any] | None) -> dict[str, str]:
+    """``{path: sha256 hex}`` of a pulled artifact's files that are whole layer blobs.
+
+    A blob's bytes were checked against its ``sha256:`` digest when it was fetched, so
+    ``model.json``'s SHA-256 need not read a multi-GiB weights file again. Only when every
+    layer of ``source`` (:func:`pull`'s record) became one such file: an unpacked layer may
+    write over a path, and a ``subpath`` moves the paths; then nothing is known.
+    """
+    source = source or {}
+    layers = source.get("layers") or []
+    if source.get("type") != "oci" or source.get("kind") == "image" or source.get("subpath"):
+        return {}
+    known: dict[str, str] = {}
+    for layer in layers:
+        algorithm, _, hexdigest = str(layer.get("digest", "")).partition(":")
+        if layer.get("as") != "file" or algorithm != "sha256" or len(hexdigest) != 64:
+            return {}
+        known[str(layer["path"])] = hexdigest
+    return known
+
+
 # -- ingest ----------------------------------------------------------------------------------------
 def ingest_oci(
     publisher: Publisher,
@@ -608,6 +630,7 @@ def ingest_oci(
                 extra=pulled.extra or None,
                 aliases=aliases,
                 publisher_name=publisher_name,
+                known_sha256=known_file_digests(pulled.source),
             )
             seconds["publish"] = time.perf_counter() - start
         return IngestResult(ref, record, pulled.source, skipped=False, seconds=seconds)
