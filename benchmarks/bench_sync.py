@@ -5,7 +5,8 @@ artifact (a single random weights file, ``oras push``) and one container image (
 spread over four gzip layers, ``skopeo copy`` from an OCI layout). Sizes are the issue's
 (1 GiB artifact, ~200 MB image) times ``--scale``.
 
-Measured, each once, cold registry-side (fresh process, nothing cached in the repository):
+Measured in ``--repeats`` interleaved rounds (medians and each round's figures reported; the
+ratios are per round), cold registry-side (nothing cached in the repository):
 
 * ``skopeo copy docker://... dir:`` of the image and ``oras pull`` (the oras package) of the
   artifact to local disk: the floor for "download everything";
@@ -31,6 +32,7 @@ import json
 import os
 import random
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -174,6 +176,7 @@ def main() -> None:
     parser.add_argument(
         "--mount-ttl", type=int, default=0, help="also push -> visible on a FUSE mount (TTL s)"
     )
+    parser.add_argument("--repeats", type=int, default=3, help="rounds of every measurement")
     parser.add_argument("--out", type=Path, default=_ROOT / "bench-out" / "sync.json")
     args = parser.parse_args()
     model_bytes = int(2**30 * args.scale)
@@ -204,51 +207,58 @@ def main() -> None:
             write_oci_layout(work / "layout", layers, "1")
             push_layout(work / "layout", "1", host, "bench/image")
 
-            results["skopeo_copy_s"] = timed(
-                lambda: subprocess.run(
-                    [
-                        "skopeo",
-                        "--insecure-policy",
-                        "copy",
-                        "--src-tls-verify=false",
-                        f"docker://{host}/bench/image:1",
-                        f"dir:{work / 'skopeo'}",
-                    ],
-                    check=True,
-                    capture_output=True,
-                )
-            )
+            def skopeo_copy(rep: int) -> None:
+                subprocess.run(
+                    ["skopeo", "--insecure-policy", "copy", "--src-tls-verify=false",
+                     f"docker://{host}/bench/image:1", f"dir:{work / f'skopeo-{rep}'}"],
+                    check=True, capture_output=True,
+                )  # fmt: skip
 
-            def oras_pull() -> None:
+            def oras_pull(rep: int) -> None:
                 import oras.client
 
                 oras.client.OrasClient(insecure=True).pull(
-                    target=f"{host}/bench/model:v1", outdir=str(work / "pulled")
+                    target=f"{host}/bench/model:v1", outdir=str(work / f"pulled-{rep}")
                 )
 
-            results["oras_pull_s"] = timed(oras_pull)
-            for name, image, model in (
-                ("image", True, False),
-                ("model", False, True),
-                ("both", True, True),
-            ):
-                publisher = create_repository(work / f"srv-{name}" / "root", FQRN)
-                spec = wishlist(host, image, model)
-                options = SyncOptions(scratch=work)
-                results[f"sync_{name}_s"] = timed(
-                    lambda p=publisher, s=spec, o=options: run_round(p, s, o)
-                )
-                results[f"resync_{name}_s"] = timed(
-                    lambda p=publisher, s=spec, o=options: run_round(p, s, o)
-                )
-                shutil.rmtree(work / f"srv-{name}")
+            # Each measurement once per round, rounds interleaved: this machine's speed drifts
+            # (memory the host took back costs CPU to touch again), and a round moves both the
+            # copy and the sync; the ratios are per round and their median is reported.
+            runs: dict[str, list[float]] = {}
+            for rep in range(args.repeats):
+                runs.setdefault("skopeo_copy_s", []).append(timed(lambda r=rep: skopeo_copy(r)))
+                runs.setdefault("oras_pull_s", []).append(timed(lambda r=rep: oras_pull(r)))
+                shutil.rmtree(work / f"skopeo-{rep}")
+                shutil.rmtree(work / f"pulled-{rep}")
+                for name, image, model in (
+                    ("image", True, False),
+                    ("model", False, True),
+                    ("both", True, True),
+                ):
+                    publisher = create_repository(work / f"srv-{name}" / "root", FQRN)
+                    spec = wishlist(host, image, model)
+                    options = SyncOptions(scratch=work)
+                    runs.setdefault(f"sync_{name}_s", []).append(
+                        timed(lambda p=publisher, s=spec, o=options: run_round(p, s, o))
+                    )
+                    runs.setdefault(f"resync_{name}_s", []).append(
+                        timed(lambda p=publisher, s=spec, o=options: run_round(p, s, o))
+                    )
+                    shutil.rmtree(work / f"srv-{name}")
+                print(f"round {rep + 1}: " + ", ".join(f"{k} {v[-1]:.2f}" for k, v in runs.items()),
+                      file=sys.stderr, flush=True)  # fmt: skip
         finally:
             registry.close()
-        results["ratio_image"] = results["sync_image_s"] / results["skopeo_copy_s"]
-        results["ratio_model"] = results["sync_model_s"] / results["oras_pull_s"]
-        results["ratio_both"] = results["sync_both_s"] / (
-            results["skopeo_copy_s"] + results["oras_pull_s"]
-        )
+        copies, pulls = runs["skopeo_copy_s"], runs["oras_pull_s"]
+        ratios = {
+            "ratio_image": [i / c for i, c in zip(runs["sync_image_s"], copies, strict=True)],
+            "ratio_model": [m / p for m, p in zip(runs["sync_model_s"], pulls, strict=True)],
+            "ratio_both": [b / (c + p) for b, c, p in
+                           zip(runs["sync_both_s"], copies, pulls, strict=True)],
+        }  # fmt: skip
+        for key, values in {**runs, **ratios}.items():
+            results[key] = statistics.median(values)
+            results[f"{key}_all"] = [round(v, 3) for v in values]
         results["push_to_published_webhook_s"] = latency(work, True, args.poll_interval)[0]
         results["push_to_published_poll_s"] = latency(work, False, args.poll_interval)[0]
         results["poll_interval_s"] = args.poll_interval
