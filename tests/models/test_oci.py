@@ -802,3 +802,91 @@ def test_safe_relative() -> None:
     for bad in ("/a", "a/../..", ".."):
         with pytest.raises(UnsafeInputError):
             safe_relative(bad)
+
+
+# -- blobs stored while they download (sync) -------------------------------------------------------
+def _layout(publisher: Publisher, path: str) -> tuple[object, ...]:
+    with published(publisher) as repo:
+        layout = repo.layout(path)
+        return tuple((p.offset, p.size, p.digest.hex) for p in layout.pieces), layout.chunked
+
+
+def test_a_streamed_blob_is_published_unread_as_a_plain_publish_would(
+    docker_registry: Any, publisher: Publisher, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from cvmfs_ml.models.publish import publish_model
+    from cvmfs_ml.models.sources.blob_ingest import BlobIngest
+    from cvmfs_ml.models.sources.oci import pull, resolve
+    from cvmfs_ml.publish.ingest import ContentPipeline
+
+    base, repo = docker_registry.url, "ml/streamed"
+    # compressible and incompressible halves: compression and chunk cuts both matter
+    weights = bytes(range(256)) * 2000 + random.Random(3).randbytes(700_000)
+    config = b'{"hidden": 8}\n'  # below the chunk size: downloaded as before
+    manifest = {
+        "schemaVersion": 2, "mediaType": OCI_MANIFEST, "artifactType": "application/vnd.x.model",
+        "config": {"mediaType": "application/vnd.oci.empty.v1+json",
+                   **push_blob(base, repo, b"{}")},
+        "layers": [
+            {"mediaType": "application/vnd.oci.image.layer.v1.tar",  # what oras-py sends
+             **push_blob(base, repo, weights), "annotations": {ANNOTATION_TITLE: "weights.bin"}},
+            {"mediaType": "application/json", **push_blob(base, repo, config),
+             "annotations": {ANNOTATION_TITLE: "config.json"}},
+        ],
+    }  # fmt: skip
+    push_manifest(base, repo, "v1", manifest)
+    reused: dict[str, bool] = {}
+    real_add = ContentPipeline.add
+
+    def add(self: ContentPipeline, item: Any) -> Any:  # a spy: the real add runs
+        pending = real_add(self, item)
+        reused[item.path] = pending.known is not None
+        return pending
+
+    monkeypatch.setattr(ContentPipeline, "add", add)
+    ingest = BlobIngest(publisher)
+    with RegistryClient(docker_registry.host, plain_http=True) as client:
+        resolved = resolve(client, OciReference.parse(f"{docker_registry.host}/{repo}:v1"))
+        pulled = pull(client, resolved, tmp_path / "model", blob_dir=tmp_path / "blobs",
+                      keep_blobs=False, ingest=ingest)  # fmt: skip
+    assert reused == {"/blob": False}  # the weights went through the pipeline as they came
+    assert ingest.remember(pulled.folder, pulled.source) == 1
+    publish_model(publisher, pulled.folder, ModelRef.parse("s/m:1"), source=pulled.source,
+                  known_sha256=known_file_digests(pulled.source))  # fmt: skip
+    assert reused["/s/m/1/weights.bin"] is True  # the publish took the stored objects
+    assert reused["/s/m/1/config.json"] is False
+    plain = create_repository(tmp_path / "plain-srv", "plain.test", settings=publisher.settings)
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "plain" / "weights.bin").write_bytes(weights)
+    (tmp_path / "plain" / "config.json").write_bytes(config)
+    publish_model(plain, tmp_path / "plain", ModelRef.parse("s/m:1"))
+    streamed = _layout(publisher, "/s/m/1/weights.bin")
+    assert streamed == _layout(plain, "/s/m/1/weights.bin")  # the same chunks and objects
+    assert streamed[1] is True and len(streamed[0]) > 3
+    assert read_back(publisher, "/s/m/1") == {"weights.bin": sha256(weights),
+                                              "config.json": sha256(config)}  # fmt: skip
+
+
+def test_a_streamed_blob_longer_than_its_manifest_says_is_refused(
+    docker_registry: Any, publisher: Publisher, tmp_path: Path
+) -> None:
+    from cvmfs_ml.models.sources.blob_ingest import BlobIngest
+
+    data = random.Random(4).randbytes(300_000)
+    descriptor = push_blob(docker_registry.url, "ml/liar", data)
+    ingest = BlobIngest(publisher)
+    dest = tmp_path / "blobs" / "liar"
+    dest.parent.mkdir()
+    with RegistryClient(docker_registry.host, plain_http=True) as client:
+        with pytest.raises(IntegrityError):
+            ingest.fetch(client, "ml/liar", descriptor["digest"], 200_000, dest)
+        assert list(dest.parent.iterdir()) == []  # neither the blob nor a partial file
+        assert ingest.fetch(client, "ml/liar", descriptor["digest"], 300_000, dest) == dest
+    assert dest.read_bytes() == data  # the stream is free again after the failure
+    (tmp_path / "m").mkdir()
+    os.replace(dest, tmp_path / "m" / "w.bin")
+    source = {"type": "oci", "layers": [{"digest": descriptor["digest"], "as": "file",
+                                         "path": "w.bin"}]}  # fmt: skip
+    assert ingest.remember(tmp_path / "m", source) == 1
+    (tmp_path / "m" / "w.bin").write_bytes(data[:-1])  # not the blob's size: not recorded
+    assert ingest.remember(tmp_path / "m", source) == 0

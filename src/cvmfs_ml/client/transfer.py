@@ -43,6 +43,7 @@ __all__ = [
     "Kind",
     "MemorySink",
     "Sink",
+    "body_readinto",
     "check_status",
     "describe",
     "finish",
@@ -200,7 +201,7 @@ def read_body(
         raise Failure(Kind.BAD_DATA, f"announces {length} bytes, more than {raw_limit}")
     hasher: Hasher | None = new_hasher(expected.algorithm) if expected else None
     inflater = Decompressor(job.what, max_output=job.max_bytes) if job.compressed else None
-    readinto = _readinto_for(response)
+    readinto = body_readinto(response)
     speed = SpeedCheck(low_speed_limit, seconds)
     clock = time.thread_time
     total = 0
@@ -313,7 +314,7 @@ def _proxy_says_error(response: urllib3.BaseHTTPResponse) -> bool:
     return "error=" in response.headers.get("Proxy-Status", "")
 
 
-def _readinto_for(response: urllib3.BaseHTTPResponse) -> Callable[[memoryview], int]:
+def body_readinto(response: urllib3.BaseHTTPResponse) -> Callable[[memoryview], int]:
     """The fastest way to read this body into a caller's buffer.
 
     ``urllib3``'s own ``readinto`` reads into a fresh ``bytes`` and copies. When the body is the

@@ -13,8 +13,11 @@ The cache is a SQLite file beside the keys; only publishers (under the repositor
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
+import stat
 import threading
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -27,7 +30,7 @@ if TYPE_CHECKING:
     from cvmfs_ml.publish.ingest import FileContent
     from cvmfs_ml.publish.settings import PublishSettings
 
-__all__ = ["FileCache", "FileKey", "settings_fingerprint"]
+__all__ = ["FileCache", "FileKey", "remember_laid_out", "settings_fingerprint"]
 
 
 class FileKey(NamedTuple):
@@ -112,3 +115,29 @@ class FileCache:
                 "INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (*key, self.fingerprint, json.dumps(data)),
             )
+
+
+def remember_laid_out(
+    cache_path: Path, settings: PublishSettings, files: Iterable[tuple[Path, FileContent]]
+) -> int:
+    """Record that each file at ``path`` holds ``content``, whose objects are already stored
+    (made while its bytes arrived, before the file was laid out): the next publish of the
+    file takes them instead of reading it. Call once the file is in its final place; its key
+    is taken now. A path that is not a regular file of the content's size is skipped.
+    Returns how many were recorded."""
+    recorded = 0
+    cache: FileCache | None = None
+    try:
+        for path, content in files:
+            st = os.stat(path, follow_symlinks=False)
+            if not stat.S_ISREG(st.st_mode) or st.st_size != content.size:
+                continue
+            if cache is None:
+                cache = FileCache(cache_path, settings)
+            cache.remember(FileKey(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns,
+                                   st.st_ctime_ns), content)  # fmt: skip
+            recorded += 1
+    finally:
+        if cache is not None:
+            cache.close()
+    return recorded

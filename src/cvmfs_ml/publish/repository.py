@@ -185,6 +185,11 @@ class Publisher:
     ) -> Publisher:
         return cls(repo_dir, keys_dir, s3_config=s3_config)
 
+    @property
+    def file_cache_path(self) -> Path:
+        """The publisher's :class:`~cvmfs_ml.publish.filecache.FileCache` (beside the keys)."""
+        return self.keys_dir / f"{self.fqrn}.files.db"
+
     def manifest(self) -> Manifest:
         return Manifest.parse(self.store.get_bytes(MANIFEST))
 

@@ -182,7 +182,7 @@ class Transaction:
         assert self._base is not None
         previous_raw, previous = self._base
         workspace = CatalogWorkspace(publisher.store, previous.catalog, settings.hash_algorithm)
-        file_cache = FileCache(publisher.keys_dir / f"{publisher.fqrn}.files.db", settings)
+        file_cache = FileCache(publisher.file_cache_path, settings)
         pipeline = ContentPipeline(publisher.store, settings, file_cache)
         publisher.progress = pipeline.stats
         try:

@@ -26,7 +26,6 @@ import asyncio
 import collections
 import io
 import logging
-import os
 import stat
 import threading
 import time
@@ -34,7 +33,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from cvmfs_ml.publish.filecache import FileCache, FileKey
+from cvmfs_ml.publish.filecache import remember_laid_out
 from cvmfs_ml.publish.ingest import ContentPipeline, FileContent
 from cvmfs_ml.publish.repository import Publisher
 from cvmfs_ml.publish.sources import SourceItem
@@ -211,29 +210,17 @@ class Preingest:
         cache what each file made from a fed blob became. Returns how many files it told."""
         if source.get("subpath"):
             return 0
-        primed, started = 0, time.monotonic()
-        cache: FileCache | None = None
-        try:
-            for layer in source.get("layers") or []:
-                if layer.get("as") != "file":
-                    continue
-                with self._lock:
-                    session = self._finished.get(str(layer.get("digest")))
-                content = session.wait(timeout) if session is not None else None
-                if content is None:
-                    continue
-                st = os.stat(Path(folder) / str(layer["path"]), follow_symlinks=False)
-                if not stat.S_ISREG(st.st_mode) or st.st_size != content.size:
-                    continue
-                if cache is None:
-                    cache = FileCache(self.publisher.keys_dir / f"{self.publisher.fqrn}.files.db",
-                                      self.publisher.settings)  # fmt: skip
-                key = FileKey(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-                cache.remember(key, content)
-                primed += 1
-        finally:
-            if cache is not None:
-                cache.close()
+        started = time.monotonic()
+        files: list[tuple[Path, FileContent]] = []
+        for layer in source.get("layers") or []:
+            if layer.get("as") != "file":
+                continue
+            with self._lock:
+                session = self._finished.get(str(layer.get("digest")))
+            content = session.wait(timeout) if session is not None else None
+            if content is not None:
+                files.append((Path(folder) / str(layer["path"]), content))
+        primed = remember_laid_out(self.publisher.file_cache_path, self.publisher.settings, files)
         if primed:
             log.info("%d file(s) of %s stored while uploading (waited %.2f s for the last)",
                      primed, source.get("reference"), time.monotonic() - started)  # fmt: skip

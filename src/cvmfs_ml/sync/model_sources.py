@@ -17,6 +17,7 @@ from typing import Any
 
 from cvmfs_ml.errors import CvmfsMlError, NotFoundError, PublishError
 from cvmfs_ml.models.layout import ALIAS_LATEST, ModelRef
+from cvmfs_ml.models.sources.blob_ingest import BlobIngest
 from cvmfs_ml.models.sources.oci import pull, resolve
 from cvmfs_ml.sync.wishlist import ModelSpec
 
@@ -86,6 +87,7 @@ def _plan_oci_version(
         )
     work.check_size(resolved)
     client = work.client(resolved.reference.registry, spec.image.plain_http if spec.image else None)
+    ingest = BlobIngest(work.publisher)  # the weights are stored while they download
     pulled = pull(
         client,
         resolved,
@@ -93,7 +95,9 @@ def _plan_oci_version(
         blob_dir=folder.parent / "blobs",
         keep_blobs=False,
         subpath=spec.subpath,
+        ingest=ingest,
     )
+    ingest.remember(pulled.folder, pulled.source)
     work.add_version(ref, folder, pulled, str(resolved.reference), [])
     return True
 

@@ -51,6 +51,7 @@ from cvmfs_ml.models.sources.base import (
     published_record,
     same_source,
 )
+from cvmfs_ml.models.sources.blob_ingest import BlobIngest
 from cvmfs_ml.models.sources.oci_client import (
     DOCKER_MANIFEST,
     DOCKER_MANIFEST_LIST,
@@ -222,10 +223,20 @@ def _blob_path(blob_dir: Path, digest: str) -> Path:
 
 
 def _fetch(
-    client: RegistryClient, resolved: ResolvedManifest, descriptor: dict[str, Any], blob_dir: Path
+    client: RegistryClient,
+    resolved: ResolvedManifest,
+    descriptor: dict[str, Any],
+    blob_dir: Path,
+    ingest: BlobIngest | None = None,
 ) -> Path:
     digest = str(descriptor.get("digest", ""))
     size = descriptor.get("size")
+    if ingest is not None and isinstance(size, int) and _may_be_a_file(descriptor, resolved.kind):
+        dest = _blob_path(blob_dir, digest)
+        if not dest.exists() and ingest.wants(size):
+            fetched = ingest.fetch(client, resolved.reference.repository, digest, size, dest)
+            if fetched is not None:
+                return fetched
     return client.fetch_blob(
         resolved.reference.repository,
         digest,
@@ -241,19 +252,37 @@ def _foreign(layer: dict[str, Any], kind: str) -> bool:
     )
 
 
+def _may_be_a_file(layer: dict[str, Any], kind: str) -> bool:
+    """Whether an artifact's layer will be laid out as one file, as far as the manifest
+    tells (:func:`_place_artifact_layer` decides; a wrong guess only costs work)."""
+    media_type = str(layer.get("mediaType", ""))
+    annotations = layer.get("annotations") or {}
+    if kind == "image" or media_type == ORAS_DIRECTORY_LAYER:
+        return False
+    if str(annotations.get(ANNOTATION_UNPACK, "")).lower() == "true":
+        return False
+    if kind in ("modelpack", "kitops") or not annotations.get(ANNOTATION_TITLE):
+        return not _is_tar_type(media_type) and ".tar" not in media_type
+    return True  # a titled layer is a file, whatever its media type claims (oras-py's do)
+
+
 def _fetch_all(
     client: RegistryClient,
     resolved: ResolvedManifest,
     layers: list[dict[str, Any]],
     blob_dir: Path,
     workers: int,
+    ingest: BlobIngest | None = None,
 ) -> dict[str, Path]:
     """Download ``layers`` in parallel (as DUCC does); ``{digest: verified blob file}``."""
     if workers <= 1 or len(layers) <= 1:
-        return {str(layer["digest"]): _fetch(client, resolved, layer, blob_dir) for layer in layers}
+        return {
+            str(layer["digest"]): _fetch(client, resolved, layer, blob_dir, ingest)
+            for layer in layers
+        }
     with ThreadPoolExecutor(min(workers, len(layers)), thread_name_prefix="oci-blob") as pool:
         futures = {
-            str(layer["digest"]): pool.submit(_fetch, client, resolved, layer, blob_dir)
+            str(layer["digest"]): pool.submit(_fetch, client, resolved, layer, blob_dir, ingest)
             for layer in layers
         }
         return {digest: future.result() for digest, future in futures.items()}
@@ -280,17 +309,22 @@ def fetch_layer(
 
 
 def fetch_layers(
-    client: RegistryClient, resolved: ResolvedManifest, blob_dir: Path, *, workers: int = 4
+    client: RegistryClient,
+    resolved: ResolvedManifest,
+    blob_dir: Path,
+    *,
+    workers: int = 4,
+    ingest: BlobIngest | None = None,
 ) -> dict[str, Path]:
     """Every distributable layer of ``resolved``, verified, in ``blob_dir`` (by digest).
 
     Blobs already in ``blob_dir`` are not downloaded again: layers shared by images are fetched
-    once.
+    once. With ``ingest``, a large artifact layer is stored as objects while it downloads.
     """
     wanted: dict[str, dict[str, Any]] = {}
     for layer in distributable_layers(resolved):
         wanted.setdefault(str(layer["digest"]), layer)
-    return _fetch_all(client, resolved, list(wanted.values()), blob_dir, workers)
+    return _fetch_all(client, resolved, list(wanted.values()), blob_dir, workers, ingest)
 
 
 def _digest_name(digest: str) -> str:
@@ -454,6 +488,7 @@ def pull(
     keep_blobs: bool = True,
     subpath: str = "",
     workers: int = 4,
+    ingest: BlobIngest | None = None,
 ) -> PulledModel:
     """Download and lay out ``resolved`` into the new folder ``dest``.
 
@@ -462,7 +497,10 @@ def pull(
     publishable with :func:`~cvmfs_ml.models.sources.unpack.materialise_links` and FIFOs
     dropped, both recorded in ``source``. ``keep_blobs=False`` lets single-use raw blobs be
     moved into place instead of copied (use it when ``blob_dir`` is scratch space). Blobs are
-    downloaded by ``workers`` threads before any is laid out.
+    downloaded by ``workers`` threads before any is laid out. With ``ingest``, a large blob
+    of an artifact is also stored as a publisher's objects while it downloads; call
+    ``ingest.remember(folder, source)`` once the result is final (see
+    :mod:`~cvmfs_ml.models.sources.blob_ingest`).
     """
     dest = Path(dest)
     subpath = safe_relative(subpath.lstrip("/"), "subpath")
@@ -474,7 +512,7 @@ def pull(
     layers_out: list[dict[str, Any]] = []
     skipped: list[str] = []
     seen: set[str] = set()
-    blobs = fetch_layers(client, resolved, blob_dir, workers=workers)
+    blobs = fetch_layers(client, resolved, blob_dir, workers=workers, ingest=ingest)
     uses: dict[str, int] = {}
     for layer in resolved.layers:
         uses[str(layer["digest"])] = uses.get(str(layer["digest"]), 0) + 1

@@ -15,6 +15,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import hashlib
+import http.client
 import io
 import json
 import os
@@ -27,6 +28,8 @@ from urllib.parse import urlencode, urlsplit
 
 import urllib3
 
+from cvmfs_ml.client.transfer import body_readinto
+from cvmfs_ml.client.transfer import finish as finish_response
 from cvmfs_ml.errors import DownloadError, FormatError, IntegrityError, NotFoundError
 
 __all__ = [
@@ -174,18 +177,31 @@ class VerifiedBlob(io.RawIOBase):
         algorithm = digest.split(":", 1)[0]
         self._hasher = hashlib.new(algorithm)
         self.received = 0
+        encoding = str(response.headers.get("Content-Encoding", "identity")).lower()
+        # Straight into the caller's buffer where urllib3 has nothing to decode: a fresh
+        # bytes object per read costs a copy and, at multi-MiB reads, new memory each time.
+        self._read_into = body_readinto(response) if encoding == "identity" else None
 
     def readable(self) -> bool:
         return True
 
     def readinto(self, buffer: Any) -> int:
-        data = self._response.read(len(buffer))
-        n = len(data)
+        view = memoryview(buffer).cast("B")
+        try:
+            if self._read_into is not None:
+                n = self._read_into(view)
+            else:
+                data = self._response.read(len(view))
+                n = len(data)
+                view[:n] = data
+        except (OSError, http.client.HTTPException, urllib3.exceptions.HTTPError) as exc:
+            raise DownloadError(
+                f"blob {self.digest}", [(self.url, "direct", f"after {self.received} bytes: {exc}")]
+            ) from exc
         self.received += n
         if self.size is not None and self.received > self.size:
             raise IntegrityError(self.url, f"{self.size} bytes", f"more than {self.size} bytes")
-        self._hasher.update(data)
-        buffer[:n] = data
+        self._hasher.update(view[:n])
         return n
 
     def finish(self) -> None:
@@ -423,7 +439,7 @@ class RegistryClient:
         except urllib3.exceptions.HTTPError as exc:
             raise DownloadError(f"blob {digest}", [(url, "direct", str(exc))]) from exc
         finally:
-            response.release_conn()
+            finish_response(response)  # pooled again only if the body was read to its end
 
     def fetch_blob(
         self, repository: str, digest: str, dest: Path, *, size: int | None = None
