@@ -10,10 +10,13 @@ laid out, :meth:`BlobIngest.remember` records each file made from such a blob in
 publisher's file cache, so the publish takes the stored objects instead of reading the file:
 the same mechanism as the registry's pre-ingest of pushed blobs.
 
-Anything that goes wrong is only a cache miss: a blob whose digest does not match raises as
-before and its content is never recorded; objects made for a blob that is never published
-are garbage, which the next garbage collection removes. One blob streams at a time (memory
-stays at one pipeline's bound); the others download as before.
+A blob whose size or digest does not match raises as it did before (:class:`IntegrityError`)
+and its content is never recorded; a failure of the pipeline itself (the store) fails the
+download the same way, and the caller (a sync round) tries that tag again next round. Objects
+made for a blob that is never published are garbage, which the next garbage collection
+removes; a file cache entry whose objects are gone is a miss, and the publish reads the file.
+One blob streams at a time (memory stays at one pipeline's bound); the others download as
+before.
 """
 
 from __future__ import annotations
@@ -63,9 +66,6 @@ class _Tee(io.RawIOBase):
         self._written += n
         self._behind.wrote(self._written)
         return n
-
-    def close(self) -> None:  # the pipeline closes its source; the response is not ours
-        super().close()
 
 
 class BlobIngest:
