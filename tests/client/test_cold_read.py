@@ -19,7 +19,8 @@ import numpy as np
 import pytest
 
 from cvmfs_ml.bench.residency import resident_fraction
-from cvmfs_ml.client.cache import PREALLOCATE_MIN_BYTES, ObjectCache, TxnFile, crc32, preallocate
+from cvmfs_ml.client.cache import ObjectCache
+from cvmfs_ml.client.cache_file import PREALLOCATE_MIN_BYTES, TxnFile, crc32, preallocate
 from cvmfs_ml.client.files import DROP_BEHIND_PIECES, FileLayout
 from cvmfs_ml.client.mount_control import read_mount_stats
 from cvmfs_ml.client.mounts import MountHandle

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from cvmfs_ml.client.cache import preallocate
+from cvmfs_ml.client.cache_file import preallocate
 from cvmfs_ml.client.locate import open_target, target_fqrn
 from cvmfs_ml.errors import ConfigError, NotFoundError, UnsafeInputError
 from cvmfs_ml.models.layout import ModelRef
