@@ -85,7 +85,8 @@ def mount_command(
 
     Without -d the command serves until unmounted (Ctrl-C or `cvmfs-ml umount`).
     """
-    from cvmfs_ml.client.fuse import mount, run_foreground
+    from cvmfs_ml.client.fuse import mount
+    from cvmfs_ml.client.fuse_daemon import run_foreground
 
     use_blacklist(blacklist)
     if not mountpoint.is_dir():

@@ -35,24 +35,21 @@ fetch everything below it (``cvmfs-ml warm MOUNTED_PATH`` uses it); ``user.cvmfs
 and ``user.cvmfs_ml.stats`` of the root serve ``cvmfs-ml reload`` and ``cvmfs-ml stats``.
 
 New revisions are taken on the TTL (:mod:`cvmfs_ml.client.fuse_live`).
-:func:`cvmfs_ml.client.mounts.mount` starts this module as a daemon process (pyfuse3 keeps one
-mount per process and readers should not share the daemon's GIL) and returns once the mount
-answers; ``MountHandle.unmount()`` (or ``fusermount3 -u``) ends it.
+:func:`cvmfs_ml.client.mounts.mount` starts :mod:`cvmfs_ml.client.fuse_daemon`, which serves
+these operations, as a daemon process (pyfuse3 keeps one mount per process and readers should
+not share the daemon's GIL) and returns once the mount answers; ``MountHandle.unmount()`` (or
+``fusermount3 -u``) ends it.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import errno
 import json
 import logging
 import os
-import signal
-import tempfile
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 from cvmfs_ml.client.entries import device_number, hardlink_key
@@ -68,7 +65,6 @@ from cvmfs_ml.client.mount_control import (
 )
 from cvmfs_ml.client.mounts import (
     MountHandle,
-    check_mountpoint,
     is_mounted,
     mount,
     set_readahead,
@@ -86,7 +82,7 @@ __all__ = [
     "MountHandle",
     "is_mounted",
     "mount",
-    "serve",
+    "require_pyfuse3",
     "set_readahead",
     "unmount",
 ]
@@ -136,7 +132,7 @@ except ImportError:  # pragma: no cover - mount() reports it; the rest of the mo
     _OperationsBase = object
 
 
-def _require_pyfuse3() -> Any:
+def require_pyfuse3() -> Any:
     if _pyfuse3 is None:
         raise ConfigError("FUSE mounts need pyfuse3 and trio: pip install 'cvmfs-ml[fuse]'")
     return _pyfuse3
@@ -163,7 +159,7 @@ class CvmfsOperations(_OperationsBase):  # type: ignore[misc,valid-type]
     ) -> None:
         import trio
 
-        pyfuse3 = _require_pyfuse3()
+        pyfuse3 = require_pyfuse3()
         super().__init__()
         self._fuse = pyfuse3
         self._trio = trio
@@ -551,206 +547,3 @@ def _version() -> str:
         return version("cvmfs-ml")
     except Exception:  # not installed as a distribution
         return "unknown"
-
-
-# ------------------------------------------------------------------------------ daemon
-@dataclass
-class _State:
-    terminated: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
-def serve(
-    repository: Repository,
-    mountpoint: str | os.PathLike[str],
-    *,
-    allow_other: bool | None = None,
-    readahead_kb: int = 1024,
-    workers: int = 16,
-    debug: bool = False,
-    ready: Callable[[], None] | None = None,
-    flush_trace_every: float = 1.0,
-    nonempty: bool = False,
-    tag: str | None = None,
-) -> None:
-    """Mount ``repository`` at ``mountpoint`` and serve requests until unmounted.
-
-    Returns after ``fusermount3 -u`` (or SIGINT/SIGTERM/SIGHUP, which unmount first).
-    ``ready`` is called once the mount answers requests. ``allow_other`` (default: when
-    running as root) lets other users read the mount, as upstream's mounts do. A folder that
-    is a mount point already, or (unless ``nonempty``) holds files, is refused. New revisions
-    are followed on the TTL unless the repository is pinned (:mod:`.fuse_live`).
-    """
-    import trio
-
-    pyfuse3 = _require_pyfuse3()
-    target = check_mountpoint(mountpoint, nonempty=nonempty)
-    operations = CvmfsOperations(repository, workers=workers, tag=tag)
-    options = {"ro", "default_permissions", f"fsname=cvmfs-ml:{repository.fqrn}",
-               "subtype=cvmfs-ml"}  # fmt: skip
-    if allow_other if allow_other is not None else os.geteuid() == 0:
-        options.add("allow_other")
-    if debug:
-        options.add("debug")
-    state = _State()
-    pyfuse3.init(operations, target, options)
-    try:
-        trio.run(_serve_async, operations, target, state, readahead_kb, ready, flush_trace_every)
-    finally:
-        # After an outside `fusermount3 -u` the mount is gone: unmounting again could hit a
-        # new mount at the same place. Unmount only if we stopped on our own.
-        pyfuse3.close(unmount=state.terminated or is_mounted(target))
-        tracer = repository.tracer
-        if tracer is not None:
-            tracer.flush()
-
-
-async def _serve_async(
-    operations: CvmfsOperations,
-    mountpoint: str,
-    state: _State,
-    readahead_kb: int,
-    ready: Callable[[], None] | None,
-    flush_every: float,
-) -> None:
-    import trio
-
-    pyfuse3 = _require_pyfuse3()
-
-    async def on_signals() -> None:
-        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
-            async for signum in signals:
-                log.info("signal %d: unmounting %s", signum, mountpoint)
-                state.terminated = True
-                pyfuse3.terminate()
-                return
-
-    async def flush_trace() -> None:
-        tracer = operations.repo.tracer
-        while tracer is not None:
-            await trio.sleep(flush_every)
-            tracer.flush()
-
-    async def announce() -> None:
-        # A stat of the mount point goes through the kernel to this loop: once it returns,
-        # the mount serves requests.
-        await trio.to_thread.run_sync(os.stat, mountpoint)
-        state.extra["readahead_kb"] = await trio.to_thread.run_sync(
-            set_readahead, mountpoint, readahead_kb
-        )
-        log.info("mounted %s at %s (read_ahead_kb=%s)", operations.repo.fqrn, mountpoint,
-                 state.extra["readahead_kb"])  # fmt: skip
-        if ready is not None:
-            ready()
-
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(on_signals)
-        nursery.start_soon(flush_trace)
-        nursery.start_soon(announce)
-        nursery.start_soon(operations.live.run)
-        await pyfuse3.main()
-        nursery.cancel_scope.cancel()
-
-
-# ------------------------------------------------------------------------------ entry point
-def run_foreground(
-    target: str,
-    mountpoint: str,
-    *,
-    public_key: str | None = None,
-    cache: str | None = None,
-    proxy: str | None = None,
-    config_files: Sequence[str] = (),
-    trace: str | None = None,
-    tag: str | None = None,
-    allow_other: bool | None = None,
-    readahead_kb: int = 1024,
-    prefetch_workers: int | None = None,
-    debug: bool = False,
-    ready: Callable[[], None] | None = None,
-    nonempty: bool = False,
-) -> None:
-    """Open ``target`` and serve it at ``mountpoint`` in this process until unmounted."""
-    from cvmfs_ml.client.locate import open_target
-    from cvmfs_ml.client.trace import Tracer
-
-    check_mountpoint(mountpoint, nonempty=nonempty)  # before any download
-    tracer = Tracer(trace) if trace else None
-    options: dict[str, Any] = {"tracer": tracer}
-    if tag is not None:
-        options["tag"] = tag
-    if prefetch_workers is not None:
-        options["prefetch_workers"] = prefetch_workers
-    repository = open_target(
-        target, public_key=public_key, cache=cache, proxy=proxy, config_files=config_files,
-        **options,
-    )  # fmt: skip
-    try:
-        serve(
-            repository, mountpoint, allow_other=allow_other, readahead_kb=readahead_kb,
-            debug=debug, ready=ready, nonempty=nonempty, tag=tag,
-            workers=max(16, 2 * (prefetch_workers or 8)),
-        )  # fmt: skip
-    finally:
-        repository.close()
-        if tracer is not None:
-            tracer.close()
-
-
-def _main(argv: Sequence[str] | None = None) -> int:
-    """``python -m cvmfs_ml.client.fuse TARGET MOUNTPOINT ...``: the daemon ``mount()`` starts."""
-    parser = argparse.ArgumentParser(prog="python -m cvmfs_ml.client.fuse")
-    parser.add_argument("target")
-    parser.add_argument("mountpoint")
-    parser.add_argument("--key")
-    parser.add_argument("--cache")
-    parser.add_argument("--proxy")
-    parser.add_argument("--config", action="append", default=[])
-    parser.add_argument("--trace")
-    parser.add_argument("--tag")
-    parser.add_argument("--allow-other", action=argparse.BooleanOptionalAction, default=None)
-    parser.add_argument("--readahead-kb", type=int, default=1024)
-    parser.add_argument("--parallel", type=int)
-    parser.add_argument("--ready-fd", type=int)
-    parser.add_argument("--debug", action="store_true")
-    parser.add_argument("--nonempty", action="store_true")
-    args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.debug else logging.INFO,
-        format="%(asctime)s cvmfs-ml-fuse[%(process)d] %(levelname)s %(message)s",
-    )
-    ready_fd = args.ready_fd
-
-    def say(message: str) -> None:
-        nonlocal ready_fd
-        if ready_fd is None:
-            return
-        with contextlib.suppress(OSError):
-            os.write(ready_fd, (message.replace("\n", " ") + "\n").encode())
-            os.close(ready_fd)
-        ready_fd = None
-
-    try:
-        run_foreground(
-            args.target, args.mountpoint, public_key=args.key, cache=args.cache,
-            proxy=args.proxy, config_files=args.config, trace=args.trace, tag=args.tag,
-            allow_other=args.allow_other, readahead_kb=args.readahead_kb,
-            prefetch_workers=args.parallel, debug=args.debug, ready=lambda: say("ready"),
-            nonempty=args.nonempty,
-        )  # fmt: skip
-    except Exception as exc:
-        log.error("%s", exc, exc_info=args.debug)
-        say(f"{type(exc).__name__}: {exc}")
-        return 1
-    say("the daemon stopped before the mount was ready")
-    return 0
-
-
-def _module_main() -> None:
-    # A tempfile default in a detached daemon must not point into a removed cwd.
-    tempfile.tempdir = tempfile.gettempdir()
-    raise SystemExit(_main())
-
-
-if __name__ == "__main__":
-    _module_main()

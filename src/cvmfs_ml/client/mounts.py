@@ -1,10 +1,11 @@
 """Start, find and stop mount daemons: the mount table, ``mount()`` and ``unmount()``.
 
-``mount()`` starts ``python -m cvmfs_ml.client.fuse`` as a separate process (pyfuse3 keeps one
-mount per process, and readers should not share the daemon's GIL) and returns once the mount
-answers. Before it starts anything it refuses a folder that is already a mount point (saying
-what is mounted there) or that holds files (unless ``nonempty``): mounting "just in case" from a
-job prologue must never pull a working mount from under running jobs, nor hide a folder's files.
+``mount()`` starts ``python -m cvmfs_ml.client.fuse_daemon`` as a separate process (pyfuse3
+keeps one mount per process, and readers should not share the daemon's GIL) and returns once
+the mount answers. Before it starts anything it refuses a folder that is already a mount point
+(saying what is mounted there) or that holds files (unless ``nonempty``): mounting "just in
+case" from a job prologue must never pull a working mount from under running jobs, nor hide a
+folder's files.
 """
 
 from __future__ import annotations
@@ -237,7 +238,7 @@ def mount(
         return None if p is None else os.path.abspath(os.fspath(p))
 
     point = Path(check_mountpoint(mountpoint, nonempty=nonempty))
-    argv = [sys.executable, "-m", "cvmfs_ml.client.fuse", text, str(point)]
+    argv = [sys.executable, "-m", "cvmfs_ml.client.fuse_daemon", text, str(point)]
     if nonempty:
         argv.append("--nonempty")
     for flag, value in (
