@@ -267,3 +267,39 @@ def test_oversized_blobs_and_manifests_are_refused(
     manifest = HTTP.request("PUT", f"{base}/v2/grp/big/manifests/v1", body=huge, headers=typed)
     assert manifest.status == 413
     assert HTTP.request("GET", f"{base}/v2/grp/big/manifests/v1").status == 404
+
+
+def test_a_patch_cut_off_mid_body_keeps_what_arrived(
+    registry_env: RegistryEnv, registry: RegistryServer
+) -> None:
+    """The server gathers an upload's body in blocks (``RECEIVE_BLOCK``) before writing it; a
+    client that goes away mid-body still finds every byte that arrived in the session, and
+    resumes from there, as when each piece was written as it came."""
+    import socket
+    from urllib.parse import urlsplit
+
+    from cvmfs_ml.registry.oci_api import RECEIVE_BLOCK
+
+    base, auth = registry.url, _auth(registry_env.tokens["writer"])
+    name = "grp/cut"
+    blob = os.urandom(RECEIVE_BLOCK + RECEIVE_BLOCK // 2 + 12345)
+    sent = RECEIVE_BLOCK + RECEIVE_BLOCK // 4  # one full block and part of the next
+    start = HTTP.request("POST", f"{base}/v2/{name}/blobs/uploads/", headers=auth)
+    location = base + start.headers["Location"]
+    url = urlsplit(location)
+    with socket.create_connection((url.hostname, url.port), timeout=30) as conn:
+        head = (f"PATCH {url.path} HTTP/1.1\r\nHost: {url.netloc}\r\n"
+                f"Authorization: {auth['Authorization']}\r\n"
+                f"Content-Type: application/octet-stream\r\nContent-Length: {len(blob)}\r\n"
+                f"Content-Range: 0-{len(blob) - 1}\r\n\r\n")  # fmt: skip
+        conn.sendall(head.encode() + blob[:sent])
+    # the server sees the disconnect after the bytes that came before it
+    wait_until(lambda: HTTP.request("GET", location, headers=auth).headers.get("Range")
+               == f"0-{sent - 1}", 60, "the session to hold what was sent")  # fmt: skip
+    rest = HTTP.request("PATCH", location, body=blob[sent:],
+                        headers={**auth, "Content-Range": f"{sent}-{len(blob) - 1}"})  # fmt: skip
+    assert rest.status == 202, rest.data
+    digest = "sha256:" + hashlib.sha256(blob).hexdigest()
+    done = HTTP.request("PUT", f"{location}?digest={digest}", headers=auth)
+    assert done.status == 201, done.data
+    assert HTTP.request("GET", f"{base}/v2/{name}/blobs/{digest}").data == blob
