@@ -409,9 +409,22 @@ def test_blob_files_are_not_hashed_again(
         return real_sha256(file)
 
     monkeypatch.setattr(local_source, "_sha256", counting)
+    from cvmfs_ml.publish.ingest import ContentPipeline
+
+    reused: dict[str, bool] = {}
+    real_add = ContentPipeline.add
+
+    def add(self: ContentPipeline, item: Any) -> Any:  # a spy: the real add runs
+        pending = real_add(self, item)
+        reused[item.path] = pending.known is not None
+        return pending
+
+    monkeypatch.setattr(ContentPipeline, "add", add)
     ingest_oci(publisher, f"oci://{docker_registry.host}/{repo}:v1",
                ModelRef.parse("fast/model:1"), plain_http=True)  # fmt: skip
     assert read_again == []
+    # the weights were stored while they downloaded (BlobIngest): the publish read nothing
+    assert reused["/blob"] is False and reused["/fast/model/1/weights/model.bin"] is True
     expected = {"weights/model.bin": sha256(weights), "config.json": sha256(config)}
     assert record_of(publisher, "fast/model:1").digests() == expected
     assert read_back(publisher, "/fast/model/1") == expected  # the bytes agree with the record

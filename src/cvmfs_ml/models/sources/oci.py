@@ -646,6 +646,9 @@ def ingest_oci(
         with tempfile.TemporaryDirectory(prefix="cvmfs-ml-oci.") as scratch:
             folder = Path(scratch) / "model"
             start = time.perf_counter()
+            # Large blobs from a remote registry are stored while they download; a caller
+            # with its own client (the registry service) pre-ingested its blobs already.
+            ingest = BlobIngest(publisher) if own_client else None
             pulled = pull(
                 client,
                 resolved,
@@ -653,7 +656,10 @@ def ingest_oci(
                 blob_dir=Path(blob_dir) if blob_dir else Path(scratch) / "blobs",
                 keep_blobs=blob_dir is not None,
                 subpath=subpath,
+                ingest=ingest,
             )
+            if ingest is not None:
+                ingest.remember(pulled.folder, pulled.source)
             seconds["pull"] = time.perf_counter() - start
             if before_publish is not None:
                 before_publish(folder, pulled.source)
