@@ -379,6 +379,23 @@ def test_kitops_modelkit(docker_registry: Any, publisher: Publisher) -> None:
 
 # -- other artifacts: ORAS (Go) directories, untitled blobs and tars, Docker images ------------
 @pytest.mark.service
+def _spy_on_reuse(monkeypatch: pytest.MonkeyPatch) -> dict[str, bool]:
+    """``{path: whether the publish took it from the file cache}`` for every file a content
+    pipeline adds from now on (the real ``add`` runs)."""
+    from cvmfs_ml.publish.ingest import ContentPipeline
+
+    reused: dict[str, bool] = {}
+    real_add = ContentPipeline.add
+
+    def add(self: ContentPipeline, item: Any) -> Any:
+        pending = real_add(self, item)
+        reused[item.path] = pending.known is not None
+        return pending
+
+    monkeypatch.setattr(ContentPipeline, "add", add)
+    return reused
+
+
 def test_blob_files_are_not_hashed_again(
     docker_registry: Any, publisher: Publisher, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -409,17 +426,7 @@ def test_blob_files_are_not_hashed_again(
         return real_sha256(file)
 
     monkeypatch.setattr(local_source, "_sha256", counting)
-    from cvmfs_ml.publish.ingest import ContentPipeline
-
-    reused: dict[str, bool] = {}
-    real_add = ContentPipeline.add
-
-    def add(self: ContentPipeline, item: Any) -> Any:  # a spy: the real add runs
-        pending = real_add(self, item)
-        reused[item.path] = pending.known is not None
-        return pending
-
-    monkeypatch.setattr(ContentPipeline, "add", add)
+    reused = _spy_on_reuse(monkeypatch)
     ingest_oci(publisher, f"oci://{docker_registry.host}/{repo}:v1",
                ModelRef.parse("fast/model:1"), plain_http=True)  # fmt: skip
     assert read_again == []
@@ -830,7 +837,6 @@ def test_a_streamed_blob_is_published_unread_as_a_plain_publish_would(
     from cvmfs_ml.models.publish import publish_model
     from cvmfs_ml.models.sources.blob_ingest import BlobIngest
     from cvmfs_ml.models.sources.oci import pull, resolve
-    from cvmfs_ml.publish.ingest import ContentPipeline
 
     base, repo = docker_registry.url, "ml/streamed"
     # compressible and incompressible halves: compression and chunk cuts both matter
@@ -848,15 +854,7 @@ def test_a_streamed_blob_is_published_unread_as_a_plain_publish_would(
         ],
     }  # fmt: skip
     push_manifest(base, repo, "v1", manifest)
-    reused: dict[str, bool] = {}
-    real_add = ContentPipeline.add
-
-    def add(self: ContentPipeline, item: Any) -> Any:  # a spy: the real add runs
-        pending = real_add(self, item)
-        reused[item.path] = pending.known is not None
-        return pending
-
-    monkeypatch.setattr(ContentPipeline, "add", add)
+    reused = _spy_on_reuse(monkeypatch)
     ingest = BlobIngest(publisher)
     with RegistryClient(docker_registry.host, plain_http=True) as client:
         resolved = resolve(client, OciReference.parse(f"{docker_registry.host}/{repo}:v1"))
