@@ -205,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
                     if "curl" in modes and "cold" in states:
                         bench.curl(net, port)
                     if "download" in modes and "cold" in states:
-                        bench.download(net, port)
+                        bench.curl(net, port, into_file=True)
                     if "fuse" in modes and cell_states:
                         bench.fuse(net, port, cell_states)
                     if "fsspec" in modes and cell_states:

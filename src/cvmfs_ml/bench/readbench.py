@@ -401,36 +401,23 @@ class Bench:
                 self.log(c, t, f"(resident before {before:.0%})")
 
     # -- curl ----------------------------------------------------------------------------------
-    def curl(self, net: str, port: int) -> None:
-        url = f"http://127.0.0.1:{port}/cvmfs/{_RAW_REL}"
-        c = self.cell(net, "curl", "cold")
-        if not self.options.drop_origin:
-            timed(["cat", str(self.published.raw)])  # the origin keeps its files in memory
-        repeats = (
-            self.options.cold_repeats
-            if NETWORKS[net] and "rate_bytes_per_s" in (NETWORKS[net] or {})
-            else self.options.repeats
-        )
-        for _ in range(repeats):
-            self.drop_origin_if_asked()
-            t = timed(["curl", "-sS", "-f", "-o", "/dev/null", url])
-            c.seconds.append(t)
-            self.log(c, t)
-
-    def download(self, net: str, port: int) -> None:
-        """One GET of the plain copy into a new file on local disk, as a user downloads a model
-        before loading it: the bytes end in the page cache, as they do behind a cold read of a
-        mount, where ``curl`` to ``/dev/null`` keeps none (see :mod:`.fresh_pages`)."""
+    def curl(self, net: str, port: int, *, into_file: bool = False) -> None:
+        """One GET of the plain copy: body to ``/dev/null`` (``curl``), or, ``into_file``, into a
+        new file on local disk (``download``), as a user downloads a model before loading it:
+        the bytes then end in the page cache, as they do behind a cold read of a mount, where
+        ``/dev/null`` keeps none (see :mod:`.fresh_pages`)."""
         url = f"http://127.0.0.1:{port}/cvmfs/{_RAW_REL}"
         target = self.work / "download.bin"
-        c = self.cell(net, "download", "cold")
+        c = self.cell(net, "download" if into_file else "curl", "cold")
         if not self.options.drop_origin:
-            timed(["cat", str(self.published.raw)])
-        for _ in range(self.options.cold_repeats):
+            timed(["cat", str(self.published.raw)])  # the origin keeps its files in memory
+        capped = "rate_bytes_per_s" in (NETWORKS[net] or {})
+        for _ in range(self.options.cold_repeats if into_file or capped else self.options.repeats):
             self.drop_origin_if_asked()
             target.unlink(missing_ok=True)
             try:
-                t = timed(["curl", "-sS", "-f", "-o", str(target), url])
+                t = timed(["curl", "-sS", "-f", "-o", str(target) if into_file else "/dev/null",
+                           url])  # fmt: skip
             finally:
                 target.unlink(missing_ok=True)
             c.seconds.append(t)

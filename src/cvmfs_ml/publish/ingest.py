@@ -48,12 +48,10 @@ __all__ = ["FileContent", "IngestStats", "ContentPipeline", "PendingFile"]
 _BLOCK = 8 * 2**20
 _IN_FLIGHT_BYTES = 96 * 2**20  # pieces queued or being stored: the bulk of peak memory
 _WHOLE_IN_MEMORY = 32 * 2**20  # an unchunked file larger than this streams through one codec
-_AUTO_WHOLE = 2**20  # files up to this size are compressed whole for ``auto``, kept if it pays
-_AUTO_SAMPLE = 256 * 2**10  # larger ones: a zlib pass over this many of their first bytes
-# decides. 256 KiB estimates the saving as 1 MiB did (float16 weights: 7.52% against 7.50%;
-# random bytes: none either way) at a quarter of the cost. A pass over incompressible data
-# runs at ~50 MB/s, on the reading thread: with 1 MiB, the sync of a 200 MB image of 6 MB
-# files took 1.47-1.55 s, with 256 KiB 0.95-1.07 s (skopeo's copy: 0.9 s).
+_AUTO_SAMPLE = 2**20
+# A 256 KiB sample was tried (the same estimate on float16 weights and random bytes, a quarter
+# of the cost): it chose zlib for bench_publish.py's content, whose `auto` publish then took
+# 40.3 s against 7.95 s with `none`. The sample stays 1 MiB.
 _READ_AHEAD = 4 * _BLOCK  # bytes the kernel is asked to read ahead of the reader
 
 
@@ -349,7 +347,7 @@ class ContentPipeline:
                     self._blocks.unref(owner)
                 raise PublishError(f"a file of {size} bytes grew while it was being published")
         compression = self.settings.compression
-        if compression is Compression.AUTO and piece.size > _AUTO_WHOLE:
+        if compression is Compression.AUTO and piece.size > _AUTO_SAMPLE:
             compression = self._decide(piece.segments[0])
         pending = PendingFile(piece.size, compression is not Compression.NONE)
         pending.whole = self._submit(piece, compression, ObjectKind.FILE)

@@ -230,19 +230,19 @@ def _fetch(
     ingest: BlobIngest | None = None,
 ) -> Path:
     digest = str(descriptor.get("digest", ""))
-    size = descriptor.get("size")
-    if ingest is not None and isinstance(size, int) and _may_be_a_file(descriptor, resolved.kind):
-        dest = _blob_path(blob_dir, digest)
-        if not dest.exists() and ingest.wants(size):
-            fetched = ingest.fetch(client, resolved.reference.repository, digest, size, dest)
-            if fetched is not None:
-                return fetched
-    return client.fetch_blob(
-        resolved.reference.repository,
-        digest,
-        _blob_path(blob_dir, digest),
-        size=int(size) if isinstance(size, int) else None,
-    )
+    size = descriptor.get("size") if isinstance(descriptor.get("size"), int) else None
+    dest = _blob_path(blob_dir, digest)
+    if (
+        ingest is not None
+        and ingest.wants(size)
+        and _may_be_a_file(descriptor, resolved.kind)
+        and not dest.exists()
+    ):
+        assert size is not None  # wants() says so
+        fetched = ingest.fetch(client, resolved.reference.repository, digest, size, dest)
+        if fetched is not None:
+            return fetched
+    return client.fetch_blob(resolved.reference.repository, digest, dest, size=size)
 
 
 def _foreign(layer: dict[str, Any], kind: str) -> bool:
