@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from cvmfs_ml.bench.residency import resident_fraction
+from cvmfs_ml.bench.residency import drops_written_pages, resident_fraction
 from cvmfs_ml.client.cache import ObjectCache
 from cvmfs_ml.client.cache_file import PREALLOCATE_MIN_BYTES, TxnFile, crc32, preallocate
 from cvmfs_ml.client.files import DROP_BEHIND_PIECES, FileLayout
@@ -34,7 +34,6 @@ from cvmfs_ml.models.refs import materialise
 from cvmfs_ml.publish.repository import create_repository
 from cvmfs_ml.publish.settings import PublishSettings
 from cvmfs_ml.storage.http import RepositoryServer
-from cvmfs_ml.storage.local import drop_cached_pages
 from cvmfs_ml.testing import Nginx
 from waiting import wait_until
 
@@ -124,7 +123,7 @@ def test_fetched_pieces_reach_the_page_cache_before_the_reader(
                 lambda: read_mount_stats(handle.mountpoint)["fetch"]["bytes"] >= len(data),
                 60, "every piece fetched",
             )  # fmt: skip
-            if _drops_pages(tmp_path):  # pushed, a piece's cache file leaves the page cache
+            if drops_written_pages(tmp_path):  # pushed, a piece's cache file leaves the page cache
                 cache = ObjectCache(cache_dir)
                 files = [cache.path_of(d) for d in digests]
                 cache.close()
@@ -241,16 +240,6 @@ def test_materialised_chunked_file_is_copied_in_the_kernel(
         assert target.read_bytes() == repo.read_bytes(BIG)
 
 
-def _drops_pages(folder: Path) -> bool:
-    """Whether this file system lets go of a written file's pages (tmpfs keeps them)."""
-    probe = folder / "drop-probe"
-    probe.write_bytes(os.urandom(1 << 20))
-    try:
-        return drop_cached_pages(probe) and resident_fraction(probe) == 0.0
-    finally:
-        probe.unlink()
-
-
 @pytest.mark.service
 def test_a_mount_drops_the_cache_files_of_pieces_its_reader_has_left_behind(
     mounter: Callable[..., MountHandle], tmp_path: Path
@@ -259,7 +248,7 @@ def test_a_mount_drops_the_cache_files_of_pieces_its_reader_has_left_behind(
     the cache files of the pieces it left behind leave the page cache (a node holds the model
     once, and refills fresh pages less), the ones around the reader stay, and every byte read,
     hot or after the drop, is the published one."""
-    if not _drops_pages(tmp_path):
+    if not drops_written_pages(tmp_path):
         pytest.skip("this file system keeps a file's pages whatever it is told (tmpfs)")
     publisher, data, digests = _publish_weights(tmp_path, "drop.test", 48, 2, seed=11)
     assert len(digests) >= 2 + DROP_BEHIND_PIECES

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cvmfs_ml.errors import CvmfsMlError
-from cvmfs_ml.storage.local import drop_cached_pages
+from cvmfs_ml.storage.pagecache import drop_cached_pages
 
 __all__ = ["DropResult", "drop_page_cache", "wipe_cvmfs_ml_cache", "wipe_upstream_cache"]
 

@@ -20,7 +20,13 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-__all__ = ["PAGE_SIZE", "resident_fraction", "residency_map", "residency_maps"]
+__all__ = [
+    "PAGE_SIZE",
+    "drops_written_pages",
+    "resident_fraction",
+    "residency_map",
+    "residency_maps",
+]
 
 PAGE_SIZE = mmap.PAGESIZE
 _WINDOW = 1 << 30  # map at most 1 GiB at a time: bounded address space for huge files
@@ -78,3 +84,17 @@ def residency_maps(
     """Residency of several files, keyed by label (or by path when given a list)."""
     items = paths.items() if isinstance(paths, Mapping) else ((str(p), p) for p in paths)
     return {label: residency_map(p) for label, p in items}
+
+
+def drops_written_pages(folder: str | os.PathLike[str]) -> bool:
+    """Whether files in ``folder`` leave the page cache when asked (tmpfs keeps them): checks
+    that say "not resident" mean something only where this is true."""
+    from cvmfs_ml.storage.pagecache import drop_cached_pages
+
+    probe = os.path.join(folder, f".drop-probe-{os.getpid()}")
+    with open(probe, "wb") as out:
+        out.write(os.urandom(1 << 20))
+    try:
+        return drop_cached_pages(probe) and resident_fraction(probe) == 0.0
+    finally:
+        os.unlink(probe)

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from cvmfs_ml.client.readprofile import READ_PROFILE
-from cvmfs_ml.storage.local import WRITEBACK_FROM, start_writeback
+from cvmfs_ml.storage.pagecache import WRITEBACK_FROM, start_writeback
 
 __all__ = ["PREALLOCATE_MIN_BYTES", "TxnFile", "crc32", "crc_of_file", "preallocate"]
 

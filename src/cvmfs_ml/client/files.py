@@ -38,7 +38,7 @@ from cvmfs_ml.client.readprofile import READ_PROFILE
 from cvmfs_ml.cvmfs.catalog import Chunk
 from cvmfs_ml.cvmfs.objects import ObjectKind
 from cvmfs_ml.errors import IntegrityError
-from cvmfs_ml.storage.local import drop_cached_pages
+from cvmfs_ml.storage.pagecache import drop_cached_pages
 
 if TYPE_CHECKING:
     from concurrent.futures import Future

@@ -1,7 +1,8 @@
 """File content to objects: read -> chunk -> (compress, hash, store) in parallel.
 
 The calling thread reads each file once with ``readinto`` into blocks from a small pool and
-finds chunk boundaries in them (numpy, fast); a piece is a list of ``memoryview`` segments of
+finds chunk boundaries in them (numpy, fast; for a large file a reader thread fills the blocks
+a few ahead, so reading overlaps chunking); a piece is a list of ``memoryview`` segments of
 those blocks, handed to a thread pool that compresses, hashes and writes it (zlib, ISA-L,
 hashlib and ``os.write`` release the GIL). Nothing is copied on the way for ``none``: the
 benchmark showed fresh buffers and their page faults, not hashing, bounded the reader
@@ -13,7 +14,8 @@ ahead (``POSIX_FADV_WILLNEED``), so a cold file's reads overlap chunking and has
 hash through a small cache-resident buffer (:func:`~cvmfs_ml.cvmfs.hashing.update_staged`,
 SHA-1 about 30% faster on data coming from memory); and every stage is timed into
 ``IngestStats.stages`` (:mod:`cvmfs_ml.publish.profile`). The local store starts each large
-object's writeback as it is written, so the ``syncfs`` before the manifest swap finds little left.
+object around the page cache as it is written (``O_DIRECT``), so the ``syncfs`` before the
+manifest swap finds little left.
 
 Files whose size, inode and change time are those of a file already published with the same
 settings are not read at all (:class:`~cvmfs_ml.publish.filecache.FileCache`).
@@ -24,10 +26,11 @@ from __future__ import annotations
 import io
 import math
 import os
+import queue
 import threading
 import warnings
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import BinaryIO
@@ -43,7 +46,7 @@ from cvmfs_ml.publish.settings import PublishSettings
 from cvmfs_ml.publish.sources import SourceItem
 from cvmfs_ml.storage.base import ObjectStore
 
-__all__ = ["FileContent", "IngestStats", "ContentPipeline", "PendingFile"]
+__all__ = ["FileContent", "IngestStats", "ContentPipeline", "PendingFile", "zlib_pays"]
 
 _BLOCK = 8 * 2**20
 _IN_FLIGHT_BYTES = 96 * 2**20  # pieces queued or being stored: the bulk of peak memory
@@ -51,8 +54,13 @@ _WHOLE_IN_MEMORY = 32 * 2**20  # an unchunked file larger than this streams thro
 _AUTO_SAMPLE = 2**20
 # A 256 KiB sample was tried (the same estimate on float16 weights and random bytes, a quarter
 # of the cost): it chose zlib for bench_publish.py's content, whose `auto` publish then took
-# 40.3 s against 7.95 s with `none`. The sample stays 1 MiB.
+# 40.3 s against 7.95 s with `none` (a safetensors file's JSON header weighs more in a smaller
+# sample: 14.5% saved in 256 KiB, 9.3% in 1 MiB). The sample stays 1 MiB, but bytes that do
+# not compress at all (random, already compressed: -0.04% on 64 KiB) are told apart on its
+# first 64 KiB, at 1/16 of the cost; anything else still gets the whole sample.
+_AUTO_QUICK_SAMPLE = 64 * 2**10
 _READ_AHEAD = 4 * _BLOCK  # bytes the kernel is asked to read ahead of the reader
+_READER_DEPTH = 2  # blocks a large file's reader thread may fill ahead of the chunker
 
 
 @dataclass(frozen=True)
@@ -188,7 +196,9 @@ class ContentPipeline:
         max_piece = settings.max_chunk_size if settings.use_chunking else _WHOLE_IN_MEMORY
         max_piece = max(max_piece, settings.min_chunk_size, _WHOLE_IN_MEMORY)
         blocks_per_piece = math.ceil(max_piece / _BLOCK) + 1
-        limit = max(_IN_FLIGHT_BYTES // _BLOCK, 2 * blocks_per_piece + 2)
+        # The reading side holds at most two pieces, the block being chunked, the blocks read
+        # ahead and the one being read into: with fewer blocks the reader could wait forever.
+        limit = max(_IN_FLIGHT_BYTES // _BLOCK, 2 * blocks_per_piece + 2 + _READER_DEPTH)
         self._blocks = _BlockPool(_BLOCK, limit)
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="cvmfs-ml-ingest")
         self._per_thread = threading.local()
@@ -283,8 +293,8 @@ class ContentPipeline:
         if not sample:
             return Compression.ZLIB
         with self.stats.stages.measure("compress", len(sample)):
-            saving = 1 - len(zlib.compress(sample, 1)) / len(sample)
-        return Compression.ZLIB if saving >= self.settings.auto_min_saving else Compression.NONE
+            pays = zlib_pays(sample, self.settings.auto_min_saving)
+        return Compression.ZLIB if pays else Compression.NONE
 
     def add(self, item: SourceItem) -> PendingFile:
         """Read one regular file and queue its pieces; returns a handle to wait on."""
@@ -407,29 +417,38 @@ class ContentPipeline:
                     pending.pieces.append((ready.offset, ready.size, fut))
             held = None
 
-        while (read := self._read_block(source, ahead)) is not None:
-            block, view = read
-            if compression is None:
-                compression = self._decide(view)
-                pending = PendingFile(size, compression is not Compression.NONE)
-            start = 0
-            with self.stats.stages.measure("chunk", len(view)):
-                cuts = chunker.feed(view)
-            for cut in cuts:
-                end = cut - position
-                if end > start:
-                    current.segments.append(view[start:end])
+        def read() -> tuple[bytearray, memoryview] | None:
+            return self._read_block(source, ahead)
+
+        # A large file's blocks are read on a thread of their own, a few ahead: reading (a
+        # download's receive and checksum, or a file's page-cache copy) overlaps chunking.
+        reader = _BlockReader(read, self._blocks.unref) if size > 2 * _BLOCK else None
+        try:
+            for block, view in reader if reader is not None else iter(read, None):
+                if compression is None:
+                    compression = self._decide(view)
+                    pending = PendingFile(size, compression is not Compression.NONE)
+                start = 0
+                with self.stats.stages.measure("chunk", len(view)):
+                    cuts = chunker.feed(view)
+                for cut in cuts:
+                    end = cut - position
+                    if end > start:
+                        current.segments.append(view[start:end])
+                        current.owners.append(block)
+                        self._blocks.ref(block)
+                    emit(current)
+                    current = _Piece(cut)
+                    start = end
+                if start < len(view):
+                    current.segments.append(view[start:])
                     current.owners.append(block)
                     self._blocks.ref(block)
-                emit(current)
-                current = _Piece(cut)
-                start = end
-            if start < len(view):
-                current.segments.append(view[start:])
-                current.owners.append(block)
-                self._blocks.ref(block)
-            position += len(view)
-            self._blocks.unref(block)  # the reader moves on; pieces keep their references
+                position += len(view)
+                self._blocks.unref(block)  # the reader moves on; pieces keep their references
+        finally:
+            if reader is not None:
+                reader.close()
         if pending is None or compression is None:  # the file shrank to nothing meanwhile
             compression = self._decide(b"")
             pending = PendingFile(0, compression is not Compression.NONE)
@@ -444,6 +463,55 @@ class ContentPipeline:
             emit(current)
         pending.size = position
         return pending
+
+
+_Filled = tuple[bytearray, memoryview]  # a block from the pool and the part of it filled
+
+
+class _BlockReader:
+    """Fills blocks on a thread of its own, at most ``_READER_DEPTH`` ahead of the consumer.
+
+    ``read`` returns a block and its filled view, or ``None`` at the end; its errors reach the
+    consumer in order. :meth:`close` stops the thread and gives back what it read ahead.
+    """
+
+    def __init__(
+        self,
+        read: Callable[[], _Filled | None],
+        release: Callable[[bytearray], None],
+    ) -> None:
+        self._read = read
+        self._release = release
+        self._queue: queue.Queue[_Filled | BaseException | None] = queue.Queue(_READER_DEPTH)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="cvmfs-ml-read", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                item = self._read()
+                self._queue.put(item)
+                if item is None:
+                    return
+        except BaseException as exc:  # raised on the consumer's thread
+            self._queue.put(exc)
+
+    def __iter__(self) -> Iterator[_Filled]:
+        while (item := self._queue.get()) is not None:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    def close(self) -> None:
+        self._stop.set()
+        while self._thread.is_alive() or not self._queue.empty():
+            try:
+                item = self._queue.get(timeout=0.05)
+            except queue.Empty:
+                continue
+            if isinstance(item, tuple):
+                self._release(item[0])
 
 
 class _ReadAhead:
@@ -476,6 +544,19 @@ class _ReadAhead:
                 self.fd = None
                 return
             self.ahead = want
+
+
+def zlib_pays(sample: bytes, min_saving: float) -> bool:
+    """Whether zlib (level 1) saves at least ``min_saving`` of ``sample``: ``auto``'s estimate.
+
+    Bytes that do not compress at all are recognised on the first 64 KiB: there, zlib saves
+    less than a quarter of ``min_saving`` only on random or already compressed bytes, and the
+    rest of the sample would have to save several times ``min_saving`` to change the answer.
+    """
+    quick = sample[:_AUTO_QUICK_SAMPLE]
+    if len(sample) > len(quick) and 1 - len(zlib.compress(quick, 1)) / len(quick) < min_saving / 4:
+        return False
+    return 1 - len(zlib.compress(sample, 1)) / len(sample) >= min_saving
 
 
 def _readinto_full(source: BinaryIO, block: bytearray) -> int:

@@ -28,7 +28,7 @@ from typing import Any
 
 from cvmfs_ml.errors import CvmfsMlError, NotFoundError
 from cvmfs_ml.models.sources.oci_client import Fetched
-from cvmfs_ml.storage.local import DropBehind
+from cvmfs_ml.storage.pagecache import DropBehind
 
 __all__ = ["LocalRegistryClient", "OciError", "OciStore", "StoredManifest"]
 

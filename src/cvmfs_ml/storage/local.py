@@ -12,8 +12,6 @@ publisher killed at any point leaves only stray files in ``txn``.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import fcntl
 import itertools
 import os
@@ -28,112 +26,13 @@ from cvmfs_ml.cvmfs.hashing import Algorithm, Digest, hash_bytes
 from cvmfs_ml.cvmfs.objects import ObjectKind, object_path, stored_bound
 from cvmfs_ml.errors import FormatError, NotFoundError, PublishError
 from cvmfs_ml.storage.base import copy_verified, decode_verified
+from cvmfs_ml.storage.pagecache import WRITEBACK_FROM, start_writeback, syncfs, write_parts_direct
 
-__all__ = ["DropBehind", "LocalStore", "ObjectWriter"]
+__all__ = ["LocalStore", "ObjectWriter"]
 
 _SPILL_BYTES = 64 * 2**20  # objects larger than this are staged in a file, not in memory
 _READ_BLOCK = 4 * 2**20
 _counter = itertools.count()
-
-
-def _load_libc(function: str):  # type: ignore[no-untyped-def]
-    name = ctypes.util.find_library("c")
-    try:
-        return getattr(ctypes.CDLL(name, use_errno=True), function, None) if name else None
-    except OSError:
-        return None
-
-
-_SYNCFS = _load_libc("syncfs")
-_SYNC_FILE_RANGE = _load_libc("sync_file_range")
-if _SYNC_FILE_RANGE is not None:
-    _SYNC_FILE_RANGE.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-_SYNC_FILE_RANGE_WAIT_BEFORE = 1
-_SYNC_FILE_RANGE_WRITE = 2
-_SYNC_FILE_RANGE_WAIT_AFTER = 4
-WRITEBACK_FROM = 2**20
-"""Objects (and client cache files) at least this large start their writeback at once."""
-
-
-def start_writeback(fd: int) -> None:
-    """Ask the kernel to start writing ``fd``'s dirty pages now, without waiting for them.
-
-    Only a head start: durability still comes from :meth:`LocalStore.flush` before the manifest
-    swap. Without it the kernel leaves a publish's objects dirty until the end (the
-    background threshold is a share of RAM), and the final ``syncfs`` then writes them all
-    while nothing else happens; started early, the disk writes overlap reading and hashing.
-    """
-    if _SYNC_FILE_RANGE is not None:
-        _SYNC_FILE_RANGE(fd, 0, 0, _SYNC_FILE_RANGE_WRITE)
-
-
-def drop_cached_pages(path: str | os.PathLike[str]) -> bool:
-    """Take the file at ``path`` out of the page cache; whether the kernel took the advice.
-
-    ``POSIX_FADV_DONTNEED`` skips pages that are dirty or being written, so the file's
-    writeback is finished first (``sync_file_range``, which waits for the data only: no
-    journal commit and no device flush, unlike ``fdatasync``). Advice only: a file that is gone
-    or cannot be opened is ``False``, not an error.
-    """
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOATIME", 0) | getattr(os, "O_CLOEXEC", 0))
-    except PermissionError:  # O_NOATIME needs ownership
-        try:
-            fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-        except OSError:
-            return False
-    except OSError:
-        return False
-    try:
-        if _SYNC_FILE_RANGE is not None:
-            _SYNC_FILE_RANGE(fd, 0, 0, _SYNC_FILE_RANGE_WAIT_BEFORE | _SYNC_FILE_RANGE_WRITE
-                             | _SYNC_FILE_RANGE_WAIT_AFTER)  # fmt: skip
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        return True
-    except OSError:
-        return False
-    finally:
-        os.close(fd)
-
-
-class DropBehind:
-    """Keeps a file that is written once, from start to end, out of the page cache behind the
-    writer: every ``window`` bytes its writeback starts, and the range written a window before
-    that is dropped once it is on disk.
-
-    For streams nobody reads back soon (a registry's uploaded blobs): their pages are freed as
-    the writing goes on and the next writes reuse them. On VMs whose host takes freed memory
-    back (free page reporting, as on Firecracker), filling fresh pages costs several times the
-    CPU of reused ones (``docs/benchmarks.md``): a 1 GiB file written in 4 MiB blocks took
-    0.24-0.27 s of system time this way against 0.90-1.18 s, and the closing ``fsync`` found
-    little left to write. Advice only: where the calls are missing or fail, the file is
-    written as before.
-    """
-
-    def __init__(self, fd: int, start: int = 0, window: int = 32 * 2**20) -> None:
-        self._fd = fd
-        self._window = window
-        self._started = start  # writeback asked for up to here
-        self._dropped = start  # dropped from the page cache up to here
-
-    def wrote(self, end: int) -> None:
-        """The file now holds ``end`` bytes (written since the last call, in order)."""
-        if _SYNC_FILE_RANGE is None or end - self._started < self._window:
-            return
-        try:
-            _SYNC_FILE_RANGE(self._fd, self._started, end - self._started,
-                             _SYNC_FILE_RANGE_WRITE)  # fmt: skip
-            self._started = end
-            behind = end - self._window  # one window stays cached, its writeback running
-            if behind - self._dropped >= self._window:
-                _SYNC_FILE_RANGE(self._fd, self._dropped, behind - self._dropped,
-                                 _SYNC_FILE_RANGE_WAIT_BEFORE | _SYNC_FILE_RANGE_WRITE
-                                 | _SYNC_FILE_RANGE_WAIT_AFTER)  # fmt: skip
-                os.posix_fadvise(self._fd, self._dropped, behind - self._dropped,
-                                 os.POSIX_FADV_DONTNEED)  # fmt: skip
-                self._dropped = behind
-        except OSError:  # advice only
-            pass
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -201,8 +100,9 @@ class ObjectWriter:
 class LocalStore:
     """Objects and root files of one repository in a local folder."""
 
-    def __init__(self, root: Path | str) -> None:
+    def __init__(self, root: Path | str, *, direct_writes: bool = True) -> None:
         self.root = Path(root)
+        self.direct_writes = direct_writes
 
     def __repr__(self) -> str:
         return f"LocalStore({str(self.root)!r})"
@@ -274,16 +174,16 @@ class LocalStore:
             txn.mkdir(parents=True, exist_ok=True)
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
-            written = 0
-            for part in parts:
-                view = memoryview(part)
-                written += len(view)
-                while view:
-                    view = view[os.write(fd, view) :]
-            if durable:
-                os.fsync(fd)
-            elif written >= WRITEBACK_FROM:
-                start_writeback(fd)
+            size = sum(memoryview(part).nbytes for part in parts)
+            if durable or size < WRITEBACK_FROM or not self._write_direct(fd, parts):
+                for part in parts:
+                    view = memoryview(part)
+                    while view:
+                        view = view[os.write(fd, view) :]
+                if durable:
+                    os.fsync(fd)
+                elif size >= WRITEBACK_FROM:
+                    start_writeback(fd)
         except BaseException:
             os.close(fd)
             tmp.unlink(missing_ok=True)
@@ -294,6 +194,17 @@ class LocalStore:
         except FileNotFoundError:
             target.parent.mkdir(parents=True, exist_ok=True)
             os.replace(tmp, target)
+
+    def _write_direct(self, fd: int, parts: Sequence[bytes | memoryview]) -> bool:
+        """Large objects go around the page cache (:func:`write_parts_direct`): a publisher
+        writes them once, and whoever reads them (a Stratum 1, a proxy) does so later, if at
+        all. False where the file system refuses, which is remembered."""
+        if not self.direct_writes:
+            return False
+        if write_parts_direct(fd, parts):
+            return True
+        self.direct_writes = False
+        return False
 
     def object_writer(self) -> ObjectWriter:
         return ObjectWriter(self)
@@ -342,8 +253,7 @@ class LocalStore:
         """
         fd = os.open(self.root, os.O_RDONLY)
         try:
-            if _SYNCFS is None or _SYNCFS(fd) != 0:
-                os.sync()
+            syncfs(fd)
         finally:
             os.close(fd)
 

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 from cvmfs_ml.publish.filecache import remember_laid_out
 from cvmfs_ml.publish.ingest import ContentPipeline, FileContent
 from cvmfs_ml.publish.sources import SourceItem
-from cvmfs_ml.storage.local import DropBehind
+from cvmfs_ml.storage.pagecache import UncachedWriter
 
 if TYPE_CHECKING:
     from cvmfs_ml.models.sources.oci_client import RegistryClient, VerifiedBlob
@@ -43,28 +43,22 @@ __all__ = ["BlobIngest"]
 class _Tee(io.RawIOBase):
     """The verified blob stream, each read also written to the blob's file.
 
-    The file is kept out of the page cache behind the writer (:class:`DropBehind`): the
-    pipeline has the bytes already, and the file is read again only for its header (to
+    The file is written around the page cache on a thread of its own (:class:`UncachedWriter`):
+    the pipeline has the bytes already, and the file is read again only for its header (to
     describe the model) or by a later publish that misses the file cache.
     """
 
-    def __init__(self, blob: VerifiedBlob, fd: int) -> None:
+    def __init__(self, blob: VerifiedBlob, file: UncachedWriter) -> None:
         super().__init__()
         self._blob = blob
-        self._fd = fd
-        self._written = 0
-        self._behind = DropBehind(fd)
+        self._file = file
 
     def readable(self) -> bool:
         return True
 
     def readinto(self, buffer: Any) -> int:
         n = self._blob.readinto(buffer)
-        view = memoryview(buffer).cast("B")[:n]
-        while view:
-            view = view[os.write(self._fd, view) :]
-        self._written += n
-        self._behind.wrote(self._written)
+        self._file.write(memoryview(buffer).cast("B")[:n])
         return n
 
 
@@ -94,17 +88,16 @@ class BlobIngest:
             self._busy = True
         part = dest.with_name(dest.name + f".part-{os.getpid()}")
         try:
-            fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-            try:
-                with client.open_blob(repository, digest, size=size) as blob:
-                    with ContentPipeline(self.publisher.store, self.publisher.settings) as pipeline:
-                        tee = _Tee(blob, fd)
-                        item = SourceItem("/blob", stat.S_IFREG | 0o644, 0, size=size,
-                                          open=lambda: tee)  # fmt: skip
-                        content = pipeline.add(item).result()
-                    blob.finish()  # the whole stream was read: this checks size and digest
-            finally:
-                os.close(fd)
+            with client.open_blob(repository, digest, size=size) as blob:
+                with (
+                    UncachedWriter(part) as file,
+                    ContentPipeline(self.publisher.store, self.publisher.settings) as pipeline,
+                ):
+                    tee = _Tee(blob, file)
+                    item = SourceItem("/blob", stat.S_IFREG | 0o644, 0, size=size,
+                                      open=lambda: tee)  # fmt: skip
+                    content = pipeline.add(item).result()
+                blob.finish()  # the whole stream was read: this checks size and digest
             os.replace(part, dest)
         finally:
             part.unlink(missing_ok=True)
