@@ -901,3 +901,31 @@ def test_a_streamed_blob_longer_than_its_manifest_says_is_refused(
     assert ingest.remember(tmp_path / "m", source) == 1
     (tmp_path / "m" / "w.bin").write_bytes(data[:-1])  # not the blob's size: not recorded
     assert ingest.remember(tmp_path / "m", source) == 0
+
+
+def test_a_streamed_blob_whose_bytes_do_not_match_its_digest_is_refused(
+    docker_registry: Any, publisher: Publisher, tmp_path: Path
+) -> None:
+    """The blob is stored as objects while it downloads: a blob altered in the registry's
+    storage (same size, one bit) is refused all the same, and its content never recorded."""
+    from cvmfs_ml.models.sources.blob_ingest import BlobIngest
+
+    data = random.Random(5).randbytes(3 * 2**20 + 11)
+    descriptor = push_blob(docker_registry.url, "ml/tampered", data)
+    stored = [p for p in docker_registry.storage.rglob("data") if p.read_bytes() == data]
+    assert len(stored) == 1
+    stored[0].write_bytes(data[:-1] + bytes([data[-1] ^ 1]))  # one bit, in the last block
+    ingest = BlobIngest(publisher)
+    dest = tmp_path / "blobs" / "tampered"
+    dest.parent.mkdir()
+    with (
+        RegistryClient(docker_registry.host, plain_http=True) as client,
+        pytest.raises(IntegrityError),
+    ):
+        ingest.fetch(client, "ml/tampered", descriptor["digest"], len(data), dest)
+    assert list(dest.parent.iterdir()) == []  # neither the blob nor a partial file
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "w.bin").write_bytes(data)
+    source = {"type": "oci", "layers": [{"digest": descriptor["digest"], "as": "file",
+                                         "path": "w.bin"}]}  # fmt: skip
+    assert ingest.remember(tmp_path / "m", source) == 0  # its content was never recorded

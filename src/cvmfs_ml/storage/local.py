@@ -98,7 +98,11 @@ class ObjectWriter:
 
 
 class LocalStore:
-    """Objects and root files of one repository in a local folder."""
+    """Objects and root files of one repository in a local folder.
+
+    ``direct_writes``: objects of 1 MiB and more are written around the page cache
+    (``O_DIRECT``) where the file system allows it, and through it where not.
+    """
 
     def __init__(self, root: Path | str, *, direct_writes: bool = True) -> None:
         self.root = Path(root)
