@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import hashlib
 import itertools
 import os
 import random
@@ -125,11 +126,32 @@ def test_uncached_writer_writes_every_byte_in_order(
     tmp_path: Path, size: int, direct: bool
 ) -> None:
     data = os.urandom(size)
+    hasher = hashlib.sha256()
     path = tmp_path / "blob"
-    with UncachedWriter(path, block=64 * 2**10, buffers=2, direct=direct) as file:
+    with UncachedWriter(path, block=64 * 2**10, buffers=2, direct=direct, hasher=hasher) as file:
         for piece in chunks(data, size):
             assert file.write(piece) == len(piece)
         assert file.size == size
+    assert path.read_bytes() == data
+    assert hasher.hexdigest() == hashlib.sha256(data).hexdigest()  # every byte, in order
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_appending_requests_hash_and_write_every_byte_once(tmp_path: Path, direct: bool) -> None:
+    """An upload session: each request appends where the last one stopped (any alignment),
+    one hasher runs across them, and the file ends exactly at its length after each."""
+    data = os.urandom(3 * 2**20 + 12345)
+    cuts = [0, 1, 4095, 4097, 70_000, 2**20 + 3, len(data)]
+    hasher = hashlib.sha256()
+    path = tmp_path / "session"
+    path.touch()
+    for a, b in itertools.pairwise(cuts):
+        with UncachedWriter(path, block=64 * 2**10, direct=direct, append=True, hasher=hasher) as f:
+            assert f.size == a
+            for piece in chunks(data[a:b], b):
+                f.write(piece)
+        assert path.stat().st_size == b
+        assert hasher.copy().hexdigest() == hashlib.sha256(data[:b]).hexdigest()
     assert path.read_bytes() == data
 
 
@@ -164,7 +186,7 @@ def test_an_aborted_writer_stops(tmp_path: Path) -> None:
     with pytest.raises(RuntimeError), UncachedWriter(path, block=4096, buffers=2) as file:
         file.write(os.urandom(10_000))
         raise RuntimeError("the download failed")
-    assert not file._thread.is_alive()
+    assert not any(thread.is_alive() for thread in file._threads)
 
 
 def test_drop_behind_keeps_only_the_last_windows_of_a_written_file(tmp_path: Path) -> None:
@@ -181,3 +203,14 @@ def test_drop_behind_keeps_only_the_last_windows_of_a_written_file(tmp_path: Pat
         # everything up to two windows before the end was written back and dropped
         assert resident_fraction(path) <= 2 / blocks + 1e-9
     assert path.read_bytes() == data  # the bytes are all there, read back from the disk
+
+
+def test_many_writing_threads_keep_few_buffers(store: LocalStore) -> None:
+    """A server's thread pools hold dozens of threads: the aligned buffers are shared."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    data = os.urandom(5 * 2**20 + 3)
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(lambda i: store.put_parts(f"data/ef/o{i}", [data]), range(48)))
+    assert len(pagecache._scratch_pool._free) <= pagecache._SCRATCH_KEPT
+    assert all(store.get_bytes(f"data/ef/o{i}") == data for i in range(48))

@@ -54,8 +54,11 @@ def registry_serve(
 
     from cvmfs_ml.registry.app import create_app
     from cvmfs_ml.registry.config import ConfigFile
+    from cvmfs_ml.registry.heap import bound_malloc_arenas
     from cvmfs_ml.registry.logs import configure_logging
     from cvmfs_ml.registry.service import RegistryService
+
+    bound_malloc_arenas()  # before the service starts its threads
 
     data_dir = data or ((config.parent if config else repo[0].parent) / "registry-data")
     service = RegistryService(
