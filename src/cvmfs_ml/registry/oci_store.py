@@ -190,8 +190,8 @@ class OciStore:
         """
         path = self._session(upload_id)
         hasher = self._hasher(upload_id, path)
-        # Two blocks of the size the API hands over (RECEIVE_BLOCK): one filling, one being
-        # hashed or written; more only added to the server's peak RSS.
+        # Two blocks of the size the API hands over (RECEIVE_BLOCK): one filling while the
+        # other is hashed and written.
         writer = UncachedWriter(path, block=4 * 2**20, buffers=2, append=True, hasher=hasher)
         size = writer.size
 

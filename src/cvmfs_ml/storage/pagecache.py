@@ -248,11 +248,12 @@ def _read_tail(path: Path, offset: int, length: int) -> bytes:
 
 
 class UncachedWriter:
-    """Writes ``path`` (created or truncated) from a stream of :meth:`write` calls, around the
-    page cache and off the caller's thread.
+    """Writes ``path`` (created, or truncated unless ``append``) from a stream of :meth:`write`
+    calls, around the page cache and off the caller's thread.
 
-    For a stream kept on disk but not read back soon: a blob that a sync stores as objects while
-    it downloads (its file is a fallback and the source of a model's header). In a sync of a
+    For streams kept on disk but not read back soon: a blob that a sync stores as objects while
+    it downloads (its file is a fallback and the source of a model's header), a blob pushed to
+    the registry (`OciStore.appending`, with the upload's ``hasher``). In a sync of a
     1 GiB artifact, the blob file's buffered writes (with :class:`DropBehind`) cost 1.3-1.5 s
     of system time on the downloading thread, the round's bottleneck; here the caller only
     copies its bytes into page-aligned buffers, and a writer thread writes them with
