@@ -129,6 +129,11 @@ def test_fetched_pieces_reach_the_page_cache_before_the_reader(
                 cache.close()
                 wait_until(lambda: _resident_bytes(files) == 0, 30,  # nothing read: only pushes
                            lambda: f"resident: {[resident_fraction(p) for p in files]}")
+            wait_until(lambda: resident_fraction(path) >= 0.99, 30,  # every piece pushed
+                       lambda: f"mounted file resident: {resident_fraction(path)}")  # fmt: skip
+            # A loaded machine may reclaim pushed pages (never read, so the first to go)
+            # before the read: each page missing now may cost the read one request.
+            missing_pages = round((1 - resident_fraction(path)) * len(data) / mmap.PAGESIZE)
             before = _fuse_reads(handle.mountpoint)
             with mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as mapped:
                 digest = hashlib.sha256(mapped).hexdigest()
@@ -137,7 +142,7 @@ def test_fetched_pieces_reach_the_page_cache_before_the_reader(
         server.stop()
     assert digest == hashlib.sha256(data).hexdigest()
     # without the push: 64 MiB in windows of at most 1 MiB, 64 requests or more
-    assert requests <= 3 * pieces + 4
+    assert requests <= 3 * pieces + 4 + missing_pages
 
 
 def _resident_bytes(paths: list[Path]) -> float:
@@ -215,6 +220,12 @@ def test_page_push_once_per_piece_and_inode_and_not_where_the_reader_is(tmp_path
         worker.start()
         worker.join(10)
     assert stored == []
+    # fetched before the open registered it (a busy event loop): pushed all the same
+    done: Future[Fetched] = Future()
+    done.set_result(Fetched(piece_file, "fetch", 0, 1))
+    push_when_fetched(SimpleNamespace(prefetching=[done], layout=layout, pieces_read=set(),
+                                      name="f"), 10, store)  # type: ignore[arg-type]  # fmt: skip
+    wait_until(lambda: sum(n for i, _, n in stored if i == 10) == size, 10, "the late push")
 
 
 @pytest.mark.parametrize("dest_on", ["same file system", "/dev/shm"])

@@ -14,7 +14,8 @@ and only when this process fetched them: a partial reader of a small or quota-bo
 nothing it did not ask for. Pieces a read has touched, and the next few after the furthest
 read, are left out: a sequential reader asks for those itself and would get them twice.
 The bytes go from the verified cache file through one reused 1 MiB buffer per thread
-(bounded memory), on the prefetch thread that fetched the piece.
+(bounded memory), on the prefetch thread that fetched the piece, or on a thread of its own for
+a piece fetched before its open was registered here.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import os
 import threading
 import weakref
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -51,24 +52,42 @@ Store = Callable[[int, int, Any], None]
 
 def push_when_fetched(handle: CvmfsFile, inode: int, store: Store) -> None:
     """Store each piece queued for ``handle`` at open in the page cache of ``inode`` once it
-    has been fetched (pieces already cached, or fetched by another reader, are left alone)."""
+    has been fetched (pieces already cached, or fetched by another reader, are left alone).
+
+    A piece whose fetch finished before this call (the open's prefetch is quick, the event
+    loop that calls this is busy) is pushed all the same, from a thread of its own: on a
+    loaded machine that was most of a file, and its reader then asked for every page."""
     caller = threading.get_ident()
     for future in handle.prefetching:
-        if future.done():
-            continue
         with _registered_lock:  # a loader that opens the file per tensor: one push per piece
             inodes = _registered.setdefault(future, set())
             if inode in inodes:
                 continue
             inodes.add(inode)
-        future.add_done_callback(lambda f: _push(f, handle, inode, store, caller))
+        if future.done():
+            _late_pusher().submit(_push, future, handle, inode, store, None)
+        else:
+            future.add_done_callback(lambda f: _push(f, handle, inode, store, caller))
+
+
+_late_lock = threading.Lock()
+_late: ThreadPoolExecutor | None = None
+
+
+def _late_pusher() -> ThreadPoolExecutor:
+    global _late
+    with _late_lock:
+        if _late is None:
+            _late = ThreadPoolExecutor(1, thread_name_prefix="cvmfs-ml-late-push")
+        return _late
 
 
 def _push(
-    future: Future[Fetched], handle: CvmfsFile, inode: int, store: Store, caller: int
+    future: Future[Fetched], handle: CvmfsFile, inode: int, store: Store, caller: int | None
 ) -> None:
-    if threading.get_ident() == caller:  # finished before the callback was added: not ours
-        return  # (and never copy megabytes on the caller's thread, the FUSE event loop)
+    if threading.get_ident() == caller:  # finished as the callback was added: pushed late
+        _late_pusher().submit(_push, future, handle, inode, store, None)
+        return  # (never copy megabytes on the caller's thread, the FUSE event loop)
     if future.cancelled() or future.exception() is not None:
         return
     fetched = future.result()
