@@ -70,6 +70,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
+from cvmfs_ml.client import cachedb
 from cvmfs_ml.client.cache_file import TxnFile, crc32, crc_of_file
 from cvmfs_ml.cvmfs.hashing import Digest
 from cvmfs_ml.errors import ConfigError
@@ -82,26 +83,6 @@ ALWAYS_VERIFY_BYTES = 64 * 1024
 _BUSY_TIMEOUT_MS = 60_000
 _QUARANTINE_KEEP = 16
 _STALE_TXN_SECONDS = 24 * 3600
-_SCHEMA = "cvmfs-ml/1"
-
-_DDL = """
-CREATE TABLE IF NOT EXISTS cache_catalog (
-    sha1 TEXT PRIMARY KEY,        -- digest hex incl. algorithm id (upstream's column name)
-    size INTEGER NOT NULL,        -- bytes of the decompressed file
-    acseq INTEGER NOT NULL,       -- LRU sequence, larger is more recent
-    type INTEGER NOT NULL DEFAULT 0,  -- 1 when stored pinned (catalogs), else 0
-    checksum INTEGER NOT NULL,    -- CRC-32 of the file
-    stamp TEXT                    -- "inode:ctime_ns" right after the commit (see get_path)
-);
-CREATE INDEX IF NOT EXISTS cache_catalog_acseq ON cache_catalog (acseq);
-CREATE TABLE IF NOT EXISTS pins (
-    sha1 TEXT NOT NULL,
-    pid INTEGER NOT NULL,
-    count INTEGER NOT NULL,
-    PRIMARY KEY (sha1, pid)
-);
-CREATE TABLE IF NOT EXISTS properties (key TEXT PRIMARY KEY, value);
-"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,13 +168,13 @@ class ObjectCache:
         self._check_foreign(db)
         db.execute("BEGIN IMMEDIATE")
         try:
-            for statement in _DDL.split(";"):
+            for statement in cachedb.DDL.split(";"):
                 if statement.strip():
                     db.execute(statement)
             columns = {row[1] for row in db.execute("PRAGMA table_info(cache_catalog)")}
             if "stamp" not in columns:
                 db.execute("ALTER TABLE cache_catalog ADD COLUMN stamp TEXT")
-            db.execute("INSERT OR IGNORE INTO properties VALUES ('schema', ?)", (_SCHEMA,))
+            db.execute("INSERT OR IGNORE INTO properties VALUES ('schema', ?)", (cachedb.SCHEMA,))
             db.execute("INSERT OR IGNORE INTO properties VALUES ('size', 0)")
             db.execute("COMMIT")
         except BaseException:
@@ -241,7 +222,7 @@ class ObjectCache:
                 stale = now - entry.stat().st_mtime > _STALE_TXN_SECONDS
             except (ValueError, FileNotFoundError):
                 pid, stale = -1, True
-            if stale or not _pid_alive(pid):
+            if stale or not cachedb.pid_alive(pid):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(entry.path)
 
@@ -269,9 +250,7 @@ class ObjectCache:
         normal miss path (fetch, then put) repairs it.
         """
         text = digest.hex
-        rows = self._read(
-            "SELECT size, checksum, stamp FROM cache_catalog WHERE sha1 = ?", (text,)
-        )
+        rows = self._read("SELECT size, checksum, stamp FROM cache_catalog WHERE sha1 = ?", (text,))
         if not rows:
             return None
         size, checksum = int(rows[0][0]), int(rows[0][1])  # type: ignore[call-overload]
@@ -427,16 +406,16 @@ class ObjectCache:
                 old = db.execute(
                     "SELECT size FROM cache_catalog WHERE sha1 = ?", (text,)
                 ).fetchone()
-                seq = _next_seq(db)
+                seq = cachedb.next_seq(db)
                 db.execute(
                     "INSERT OR REPLACE INTO cache_catalog (sha1, size, acseq, type, checksum) "
                     "VALUES (?, ?, ?, ?, ?)",
                     (text, size, seq, 1 if pin else 0, checksum),
                 )
-                _add_size(db, size - (int(old[0]) if old else 0))
+                cachedb.add_size(db, size - (int(old[0]) if old else 0))
                 if pin:
-                    _pin(db, text, os.getpid())
-                if self.quota_bytes is not None and _total(db) > self.quota_bytes:
+                    cachedb.pin(db, text, os.getpid())
+                if self.quota_bytes is not None and cachedb.total(db) > self.quota_bytes:
                     self._evict(db, self.quota_bytes // 2, keep=text)
                 st = final.stat()  # under the lock: nobody can evict it yet
                 db.execute(
@@ -455,7 +434,7 @@ class ObjectCache:
     def pin(self, digest: Digest) -> None:
         """Keep ``digest`` from eviction until :meth:`unpin` (counted; per process)."""
         with self._write() as db:
-            _pin(db, digest.hex, os.getpid())
+            cachedb.pin(db, digest.hex, os.getpid())
 
     def unpin(self, digest: Digest) -> None:
         """Undo one :meth:`pin` by this process."""
@@ -469,7 +448,7 @@ class ObjectCache:
     def is_pinned(self, digest: Digest) -> bool:
         """Whether a live process pins ``digest``."""
         rows = self._read("SELECT pid FROM pins WHERE sha1 = ?", (digest.hex,))
-        return any(_pid_alive(int(pid)) for (pid,) in rows)  # type: ignore[call-overload]
+        return any(cachedb.pid_alive(int(pid)) for (pid,) in rows)  # type: ignore[call-overload]
 
     # ------------------------------------------------------------------ eviction and upkeep
 
@@ -483,10 +462,10 @@ class ObjectCache:
             return self._evict(db, target_bytes)
 
     def _evict(self, db: sqlite3.Connection, target: int, keep: str | None = None) -> int:
-        total = _total(db)
+        total = cachedb.total(db)
         if total <= target:
             return 0
-        _drop_dead_pins(db)
+        cachedb.drop_dead_pins(db)
         victims: list[tuple[str, int]] = []
         freed = 0
         rows = db.execute(
@@ -501,7 +480,7 @@ class ObjectCache:
             victims.append((text, size))
             freed += size
         db.executemany("DELETE FROM cache_catalog WHERE sha1 = ?", [(t,) for t, _ in victims])
-        _add_size(db, -freed)
+        cachedb.add_size(db, -freed)
         for text, _ in victims:
             self._verified.pop(text, None)
             with contextlib.suppress(FileNotFoundError):
@@ -512,14 +491,14 @@ class ObjectCache:
         """Current size, entry count, bytes pinned by live processes, quota, quarantined files."""
         with self._locked():
             db = self._connect()
-            total = _total(db)
+            total = cachedb.total(db)
             entries = db.execute("SELECT COUNT(*) FROM cache_catalog").fetchone()[0]
             pinned = db.execute(
                 "SELECT c.sha1, c.size, p.pid FROM cache_catalog c JOIN pins p USING (sha1)"
             ).fetchall()
         live: dict[str, int] = {}
         for text, size, pid in pinned:
-            if _pid_alive(pid):
+            if cachedb.pid_alive(pid):
                 live[text] = size
         quarantined = sum(1 for _ in os.scandir(self.quarantine_dir))
         return CacheUsage(total, int(entries), sum(live.values()), self.quota_bytes, quarantined)
@@ -601,7 +580,7 @@ class ObjectCache:
 
     def _flush_touches(self, db: sqlite3.Connection) -> None:
         if self._touches:
-            seq = _next_seq(db)
+            seq = cachedb.next_seq(db)
             db.executemany(
                 "UPDATE cache_catalog SET acseq = ? WHERE sha1 = ?",
                 [(seq + i, text) for i, text in enumerate(self._touches)],
@@ -616,7 +595,7 @@ class ObjectCache:
             old = db.execute("SELECT size FROM cache_catalog WHERE sha1 = ?", (text,)).fetchone()
             if old:
                 db.execute("DELETE FROM cache_catalog WHERE sha1 = ?", (text,))
-                _add_size(db, -int(old[0]))
+                cachedb.add_size(db, -int(old[0]))
         self._verified.pop(text, None)
 
     def _quarantine(self, text: str, path: Path) -> None:
@@ -624,7 +603,7 @@ class ObjectCache:
             old = db.execute("SELECT size FROM cache_catalog WHERE sha1 = ?", (text,)).fetchone()
             if old:
                 db.execute("DELETE FROM cache_catalog WHERE sha1 = ?", (text,))
-                _add_size(db, -int(old[0]))
+                cachedb.add_size(db, -int(old[0]))
             target = self.quarantine_dir / f"{text}.{os.getpid()}.{time.time_ns()}"
             try:
                 os.replace(path, target)
@@ -642,49 +621,3 @@ class ObjectCache:
         for entry in entries[:-_QUARANTINE_KEEP]:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(entry.path)
-
-
-# ---------------------------------------------------------------------- helpers
-
-
-def _total(db: sqlite3.Connection) -> int:
-    return int(db.execute("SELECT value FROM properties WHERE key = 'size'").fetchone()[0])
-
-
-def _add_size(db: sqlite3.Connection, delta: int) -> None:
-    if delta:
-        db.execute("UPDATE properties SET value = value + ? WHERE key = 'size'", (delta,))
-
-
-def _next_seq(db: sqlite3.Connection) -> int:
-    return int(db.execute("SELECT COALESCE(MAX(acseq), 0) + 1 FROM cache_catalog").fetchone()[0])
-
-
-def _pin(db: sqlite3.Connection, text: str, pid: int) -> None:
-    db.execute(
-        "INSERT INTO pins (sha1, pid, count) VALUES (?, ?, 1) "
-        "ON CONFLICT (sha1, pid) DO UPDATE SET count = count + 1",
-        (text, pid),
-    )
-
-
-def _drop_dead_pins(db: sqlite3.Connection) -> None:
-    pids = [int(row[0]) for row in db.execute("SELECT DISTINCT pid FROM pins")]
-    dead = [(pid,) for pid in pids if not _pid_alive(pid)]
-    if dead:
-        db.executemany("DELETE FROM pins WHERE pid = ?", dead)
-
-
-def _pid_alive(pid: int) -> bool:
-    """Whether a process with this id exists (pins and txn files of dead ones are ignored)."""
-    if pid <= 0:
-        return False
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    return True

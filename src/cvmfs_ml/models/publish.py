@@ -282,7 +282,7 @@ def _file_key(path: Path, size: int) -> FileKey | None:
         return None
     if st.st_size != size:
         return None
-    return FileKey(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    return FileKey.of(st)
 
 
 def _version_items(tree: SourceTree, ref: ModelRef, model_json: bytes) -> list[SourceItem]:

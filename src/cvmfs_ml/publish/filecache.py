@@ -42,6 +42,11 @@ class FileKey(NamedTuple):
     mtime_ns: int
     ctime_ns: int
 
+    @classmethod
+    def of(cls, st: os.stat_result) -> FileKey:
+        """The key of the file ``st`` describes (device, inode, size and times)."""
+        return cls(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
 
 def settings_fingerprint(settings: PublishSettings) -> str:
     """The settings that decide object names; a change of any of them misses the cache."""
@@ -134,8 +139,7 @@ def remember_laid_out(
                 continue
             if cache is None:
                 cache = FileCache(cache_path, settings)
-            cache.remember(FileKey(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns,
-                                   st.st_ctime_ns), content)  # fmt: skip
+            cache.remember(FileKey.of(st), content)
             recorded += 1
     finally:
         if cache is not None:

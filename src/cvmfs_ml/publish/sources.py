@@ -131,9 +131,7 @@ def scan_folder(src: Path, at: str = "", *, include_xattrs: bool = True) -> Iter
         if stat.S_ISREG(mode):
             result.size = st.st_size
             result.open = _opener(path)
-            result.file_key = FileKey(
-                st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
-            )
+            result.file_key = FileKey.of(st)
         elif stat.S_ISLNK(mode):
             result.symlink = os.readlink(path)
             result.size = len(os.fsencode(result.symlink))

@@ -39,7 +39,6 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -52,14 +51,22 @@ from cvmfs_ml.models.sources.base import (
     same_source,
 )
 from cvmfs_ml.models.sources.blob_ingest import BlobIngest
-from cvmfs_ml.models.sources.oci_client import (
-    DOCKER_MANIFEST,
-    DOCKER_MANIFEST_LIST,
-    OCI_INDEX,
-    OCI_MANIFEST,
-    OciReference,
-    RegistryClient,
-    check_digest,
+from cvmfs_ml.models.sources.oci_client import OciReference, RegistryClient, check_digest
+from cvmfs_ml.models.sources.oci_manifest import (
+    ANNOTATION_FILE_METADATA,
+    ANNOTATION_FILEPATH,
+    ANNOTATION_TITLE,
+    ANNOTATION_UNPACK,
+    FOREIGN_LAYERS,
+    KITOPS_CONFIG,
+    KITOPS_PREFIX,
+    MODELPACK_ARTIFACT,
+    MODELPACK_CONFIG,
+    MODELPACK_PREFIX,
+    ORAS_DIRECTORY_LAYER,
+    ResolvedManifest,
+    classify,
+    resolve,
 )
 from cvmfs_ml.models.sources.unpack import (
     TreeWriter,
@@ -89,123 +96,11 @@ __all__ = [
     "resolve",
 ]
 
-ANNOTATION_TITLE = "org.opencontainers.image.title"
-ANNOTATION_UNPACK = "io.deis.oras.content.unpack"
-ANNOTATION_FILEPATH = "org.cncf.model.filepath"
-ANNOTATION_FILE_METADATA = "org.cncf.model.file.metadata+json"
-
-MODELPACK_PREFIX = "application/vnd.cncf.model."
-MODELPACK_ARTIFACT = "application/vnd.cncf.model.manifest.v1+json"
-MODELPACK_CONFIG = "application/vnd.cncf.model.config.v1+json"
-KITOPS_PREFIX = "application/vnd.kitops.modelkit."
-KITOPS_CONFIG = "application/vnd.kitops.modelkit.config.v1+json"
-IMAGE_CONFIGS = frozenset(
-    {"application/vnd.oci.image.config.v1+json", "application/vnd.docker.container.image.v1+json"}
-)
-ORAS_DIRECTORY_LAYER = "application/vnd.oci.image.layer.v1.tar+gzip"
-FOREIGN_LAYERS = frozenset(
-    {
-        "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip",
-        "application/vnd.oci.image.layer.nondistributable.v1.tar",
-        "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip",
-        "application/vnd.oci.image.layer.nondistributable.v1.tar+zstd",
-    }
-)
 MAX_CONFIG_BYTES = 4 * 2**20
 _TAR_SUFFIXES = (".tar", ".tar+gzip", ".tar+zstd", ".tar.gzip", ".tar.gz")
 # Image config keys worth keeping in model.json (the rest is build history).
 _IMAGE_CONFIG_KEYS = ("architecture", "os", "variant", "created", "author")
 _IMAGE_RUNTIME_KEYS = ("Env", "Entrypoint", "Cmd", "WorkingDir", "User", "Labels", "ExposedPorts")
-
-
-@dataclass
-class ResolvedManifest:
-    """The one manifest an ingest is about, and how it was reached."""
-
-    reference: OciReference
-    manifest: dict[str, Any]
-    digest: str
-    media_type: str
-    index_digest: str | None = None
-
-    @property
-    def kind(self) -> str:
-        return classify(self.manifest)
-
-    @property
-    def layers(self) -> list[dict[str, Any]]:
-        return list(self.manifest.get("layers") or [])
-
-    @property
-    def config(self) -> dict[str, Any]:
-        return dict(self.manifest.get("config") or {})
-
-
-# -- resolve ---------------------------------------------------------------------------------------
-def _platform_matches(entry: dict[str, Any], platform: str) -> bool:
-    wanted = platform.split("/")
-    found = entry.get("platform") or {}
-    have = [found.get("os", ""), found.get("architecture", ""), found.get("variant", "")]
-    return all(w == h for w, h in zip(wanted, have, strict=False))
-
-
-def resolve(
-    client: RegistryClient, reference: OciReference, *, platform: str = "linux/amd64"
-) -> ResolvedManifest:
-    """Fetch the manifest of ``reference``; an index is narrowed to ``platform``.
-
-    Index entries without a platform (artifact indexes) match any platform; the first match wins.
-    """
-    fetched = client.get_manifest(reference.repository, reference.reference)
-    document = fetched.json()
-    media_type = fetched.media_type or str(document.get("mediaType") or "")
-    index_digest = None
-    if media_type in (OCI_INDEX, DOCKER_MANIFEST_LIST) or (
-        not media_type and "manifests" in document
-    ):
-        index_digest = fetched.digest
-        candidates = [
-            m
-            for m in document.get("manifests") or []
-            if isinstance(m, dict) and (not m.get("platform") or _platform_matches(m, platform))
-        ]
-        if not candidates:
-            raise NotFoundError(f"{reference} for platform {platform}", "image index")
-        child = candidates[0]
-        digest = check_digest(str(child.get("digest", "")))
-        fetched = client.get_manifest(reference.repository, digest)
-        document = fetched.json()
-        media_type = fetched.media_type or str(child.get("mediaType") or "")
-    if media_type not in (OCI_MANIFEST, DOCKER_MANIFEST) and "layers" not in document:
-        raise FormatError(f"manifest {fetched.digest}", f"unsupported media type {media_type!r}")
-    if not isinstance(document.get("layers", []), list):
-        raise FormatError(f"manifest {fetched.digest}", "'layers' is not a list")
-    return ResolvedManifest(
-        reference, document, fetched.digest, media_type or OCI_MANIFEST, index_digest
-    )
-
-
-def classify(manifest: dict[str, Any]) -> str:
-    """``"modelpack"``, ``"kitops"``, ``"image"`` or ``"artifact"`` (see the module docs)."""
-    config_type = str((manifest.get("config") or {}).get("mediaType", ""))
-    layer_types = [str(layer.get("mediaType", "")) for layer in manifest.get("layers") or []]
-    if (
-        manifest.get("artifactType") == MODELPACK_ARTIFACT
-        or config_type.startswith(MODELPACK_PREFIX)
-        or any(t.startswith(MODELPACK_PREFIX) for t in layer_types)
-    ):
-        return "modelpack"
-    if config_type.startswith(KITOPS_PREFIX) or any(
-        t.startswith(KITOPS_PREFIX) for t in layer_types
-    ):
-        return "kitops"
-    titled = any(
-        ANNOTATION_TITLE in (layer.get("annotations") or {})
-        for layer in manifest.get("layers") or []
-    )
-    if config_type in IMAGE_CONFIGS and not titled:
-        return "image"
-    return "artifact"
 
 
 # -- pull ------------------------------------------------------------------------------------------

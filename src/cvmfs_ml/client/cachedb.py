@@ -1,0 +1,83 @@
+"""The client cache's database (``<root>/cachedb``): its schema and the SQL that every
+:class:`~cvmfs_ml.client.cache.ObjectCache` write runs inside one ``BEGIN IMMEDIATE``
+transaction: sizes, LRU order and pins by process."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+
+__all__ = [
+    "DDL",
+    "SCHEMA",
+    "add_size",
+    "drop_dead_pins",
+    "next_seq",
+    "pid_alive",
+    "pin",
+    "total",
+]
+
+SCHEMA = "cvmfs-ml/1"
+
+DDL = """
+CREATE TABLE IF NOT EXISTS cache_catalog (
+    sha1 TEXT PRIMARY KEY,        -- digest hex incl. algorithm id (upstream's column name)
+    size INTEGER NOT NULL,        -- bytes of the decompressed file
+    acseq INTEGER NOT NULL,       -- LRU sequence, larger is more recent
+    type INTEGER NOT NULL DEFAULT 0,  -- 1 when stored pinned (catalogs), else 0
+    checksum INTEGER NOT NULL,    -- CRC-32 of the file
+    stamp TEXT                    -- "inode:ctime_ns" right after the commit (see get_path)
+);
+CREATE INDEX IF NOT EXISTS cache_catalog_acseq ON cache_catalog (acseq);
+CREATE TABLE IF NOT EXISTS pins (
+    sha1 TEXT NOT NULL,
+    pid INTEGER NOT NULL,
+    count INTEGER NOT NULL,
+    PRIMARY KEY (sha1, pid)
+);
+CREATE TABLE IF NOT EXISTS properties (key TEXT PRIMARY KEY, value);
+"""
+
+
+def total(db: sqlite3.Connection) -> int:
+    return int(db.execute("SELECT value FROM properties WHERE key = 'size'").fetchone()[0])
+
+
+def add_size(db: sqlite3.Connection, delta: int) -> None:
+    if delta:
+        db.execute("UPDATE properties SET value = value + ? WHERE key = 'size'", (delta,))
+
+
+def next_seq(db: sqlite3.Connection) -> int:
+    return int(db.execute("SELECT COALESCE(MAX(acseq), 0) + 1 FROM cache_catalog").fetchone()[0])
+
+
+def pin(db: sqlite3.Connection, text: str, pid: int) -> None:
+    db.execute(
+        "INSERT INTO pins (sha1, pid, count) VALUES (?, ?, 1) "
+        "ON CONFLICT (sha1, pid) DO UPDATE SET count = count + 1",
+        (text, pid),
+    )
+
+
+def drop_dead_pins(db: sqlite3.Connection) -> None:
+    pids = [int(row[0]) for row in db.execute("SELECT DISTINCT pid FROM pins")]
+    dead = [(pid,) for pid in pids if not pid_alive(pid)]
+    if dead:
+        db.executemany("DELETE FROM pins WHERE pid = ?", dead)
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this id exists (pins and txn files of dead ones are ignored)."""
+    if pid <= 0:
+        return False
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
