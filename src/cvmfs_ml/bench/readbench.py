@@ -452,15 +452,18 @@ class Bench:
                 handle = self._mount(port)
                 try:
                     cpu0 = cpu_seconds(handle.pid) or 0.0
+                    profile0 = read_profile(self.mountpoint)
                     t = timed(["cat", str(target)])
                     rss = vm_hwm(handle.pid)
                     cpu = (cpu_seconds(handle.pid) or 0.0) - cpu0
                     phases = fetch_cpu(self.mountpoint)
+                    profile = profile_delta(profile0, read_profile(self.mountpoint))
                 finally:
                     handle.unmount()
                 c.seconds.append(t)
                 c.rss.append(rss or 0)
-                c.extra.append({"daemon_cpu_s": round(cpu, 2), "fetch_cpu_s": phases})
+                c.extra.append({"daemon_cpu_s": round(cpu, 2), "fetch_cpu_s": phases,
+                                "read_profile": profile})  # fmt: skip
                 self.log(c, t, f"daemon CPU {cpu:.2f} s (fetch threads: {phases}), "
                          f"peak RSS {(rss or 0) / 2**20:.0f} MiB")
         if not ({"warm", "hot"} & set(states)):
