@@ -219,6 +219,49 @@ def test_compression_settings_and_auto(make_repo, tmp_path: Path) -> None:
         assert_clean(publisher)
 
 
+def test_direct_writes_follow_server_conf(make_repo, tmp_path: Path) -> None:
+    """``CVMFS_ML_DIRECT_WRITES``: a local repository's large objects go around the page cache
+    by default, and through it when the server.conf says false (a server with memory to spare,
+    whose Stratum 1s then read them from memory); the setting reaches publishers opened later."""
+    from cvmfs_ml.bench.residency import drops_written_pages, resident_fraction
+    from cvmfs_ml.publish.settings import load_settings, settings_path
+
+    mib = 2**20
+    publisher = make_repo(compression=Compression.NONE, min_chunk_size=2 * mib,
+                          avg_chunk_size=4 * mib, max_chunk_size=8 * mib)  # fmt: skip
+    assert publisher.settings.direct_writes and publisher.store.direct_writes
+
+    def publish_residency(name: str) -> list[float]:
+        """Publish a file; how much of each of its objects of 1 MiB or more is cached."""
+        src = tmp_path / name
+        src.mkdir()
+        (src / "w.bin").write_bytes(os.urandom(12 * mib))
+        with publisher.transaction() as txn:
+            txn.add_folder(src, f"/{name}")
+            txn.commit()
+        with reader(publisher) as repo:
+            layout = repo.layout(f"/{name}/w.bin")
+            paths = [publisher.repo_dir / repo_object(p.digest, layout) for p in layout.pieces]
+            large = [path for path in paths if path.stat().st_size >= mib]  # not the tail
+            assert large
+            residency = [resident_fraction(path) for path in large]  # before any read
+            assert repo.read_bytes(f"/{name}/w.bin") == (src / "w.bin").read_bytes()
+        return residency
+
+    around = publish_residency("around")
+    publisher.save_settings(publisher.settings.with_(direct_writes=False))
+    conf = settings_path(publisher.keys_dir, publisher.fqrn).read_text()
+    assert "CVMFS_ML_DIRECT_WRITES=false" in conf
+    assert not load_settings(publisher.keys_dir, publisher.fqrn).direct_writes
+    publisher = Publisher.open(publisher.repo_dir, publisher.keys_dir)  # a later publish
+    assert not publisher.store.direct_writes
+    through = publish_residency("through")
+    if drops_written_pages(publisher.repo_dir):  # a file system that shows the difference
+        assert max(around) == 0.0
+        assert min(through) >= 0.9  # (a page or two reclaimed under memory pressure)
+    assert_clean(publisher)
+
+
 def repo_object(digest, layout) -> str:
     from cvmfs_ml.cvmfs.objects import object_path
 

@@ -38,6 +38,7 @@ from cvmfs_ml.publish.ingest import IngestStats
 from cvmfs_ml.publish.settings import PublishSettings, load_settings, save_settings
 from cvmfs_ml.publish.transaction import PublishResult, Transaction
 from cvmfs_ml.storage.base import ObjectStore, is_s3_location, open_store
+from cvmfs_ml.storage.local import LocalStore
 
 __all__ = ["PublishResult", "Publisher", "Transaction", "create_repository", "default_keys_dir"]
 
@@ -170,6 +171,7 @@ class Publisher:
         self.fqrn = fqrn or self.manifest().fqrn or self.location.rstrip("/").rsplit("/", 1)[-1]
         self.keys = KeySet.load(self.keys_dir, self.fqrn)
         self.settings = load_settings(self.keys_dir, self.fqrn)
+        self._apply_store_settings()
         self.progress: IngestStats | None = None
         """The running commit's counters (files and bytes read, objects new and reused), for
         progress displays that poll them; None between commits."""
@@ -201,6 +203,11 @@ class Publisher:
     def save_settings(self, settings: PublishSettings) -> None:
         save_settings(self.keys_dir, self.fqrn, settings)
         self.settings = settings
+        self._apply_store_settings()
+
+    def _apply_store_settings(self) -> None:
+        if isinstance(self.store, LocalStore) and not self.settings.direct_writes:
+            self.store.direct_writes = False  # CVMFS_ML_DIRECT_WRITES=false: the page cache
 
     # -- locking ------------------------------------------------------------------------------
     @contextlib.contextmanager

@@ -35,6 +35,7 @@ _KEYS = {
     "whitelist_days": "CVMFS_ML_WHITELIST_DAYS",
     "workers": "CVMFS_ML_PUBLISH_WORKERS",
     "auto_min_saving": "CVMFS_ML_AUTO_MIN_SAVING",
+    "direct_writes": "CVMFS_ML_DIRECT_WRITES",
 }
 
 
@@ -46,6 +47,13 @@ class PublishSettings:
     than ``auto_min_saving`` of it: model weights save 7-8% and inflate at ~300 MB/s per thread,
     which makes zlib the largest cost of a cold load (performance-notes.md). ``file_mbyte_limit``
     is off (0) by default because model files are large; upstream warns above 1024 MB.
+
+    ``direct_writes`` (a local repository's objects of 1 MiB and more written with
+    ``O_DIRECT``, around the page cache): on by default, because filling the page cache is the
+    largest cost of a publish on VMs whose host takes freed memory back (``docs/benchmarks.md``),
+    and a publisher rarely reads its objects again. Off, they are written through the page
+    cache, where the first reader (a Stratum 1's snapshot, a proxy's miss) finds them in
+    memory: the better choice on a server with memory to spare and cheap pages.
     """
 
     compression: Compression = Compression.AUTO
@@ -62,6 +70,7 @@ class PublishSettings:
     whitelist_days: int = 30
     workers: int = 0  # 0: one per core
     auto_min_saving: float = 0.10
+    direct_writes: bool = True
 
     @property
     def chunk_params(self) -> ChunkParams:
