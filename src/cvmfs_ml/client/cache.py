@@ -462,30 +462,12 @@ class ObjectCache:
             return self._evict(db, target_bytes)
 
     def _evict(self, db: sqlite3.Connection, target: int, keep: str | None = None) -> int:
-        total = cachedb.total(db)
-        if total <= target:
-            return 0
-        cachedb.drop_dead_pins(db)
-        victims: list[tuple[str, int]] = []
-        freed = 0
-        rows = db.execute(
-            "SELECT sha1, size FROM cache_catalog "
-            "WHERE sha1 NOT IN (SELECT sha1 FROM pins) ORDER BY acseq ASC"
-        )
-        for text, size in rows:
-            if total - freed <= target:
-                break
-            if text == keep:
-                continue
-            victims.append((text, size))
-            freed += size
-        db.executemany("DELETE FROM cache_catalog WHERE sha1 = ?", [(t,) for t, _ in victims])
-        cachedb.add_size(db, -freed)
-        for text, _ in victims:
+        before = cachedb.total(db)
+        for text in cachedb.take_victims(db, target, keep):
             self._verified.pop(text, None)
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.root / text[:2] / text[2:])
-        return freed
+        return before - cachedb.total(db)
 
     def usage(self) -> CacheUsage:
         """Current size, entry count, bytes pinned by live processes, quota, quarantined files."""
@@ -509,9 +491,7 @@ class ObjectCache:
         Processes that still have objects open keep reading them; their pins are gone.
         """
         with self._write() as db:
-            db.execute("DELETE FROM cache_catalog")
-            db.execute("DELETE FROM pins")
-            db.execute("UPDATE properties SET value = 0 WHERE key = 'size'")
+            cachedb.empty(db)
             for i in range(256):
                 for entry in os.scandir(self.root / f"{i:02x}"):
                     with contextlib.suppress(FileNotFoundError):
@@ -545,8 +525,7 @@ class ObjectCache:
             missing = known - on_disk
             db.executemany("DELETE FROM cache_catalog WHERE sha1 = ?", [(t,) for t in missing])
             dropped = len(missing)
-            total = db.execute("SELECT COALESCE(SUM(size), 0) FROM cache_catalog").fetchone()[0]
-            db.execute("UPDATE properties SET value = ? WHERE key = 'size'", (total,))
+            cachedb.recount(db)
         return dropped, removed
 
     def close(self) -> None:

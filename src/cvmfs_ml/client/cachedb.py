@@ -12,9 +12,12 @@ __all__ = [
     "SCHEMA",
     "add_size",
     "drop_dead_pins",
+    "empty",
     "next_seq",
     "pid_alive",
     "pin",
+    "recount",
+    "take_victims",
     "total",
 ]
 
@@ -47,6 +50,44 @@ def total(db: sqlite3.Connection) -> int:
 def add_size(db: sqlite3.Connection, delta: int) -> None:
     if delta:
         db.execute("UPDATE properties SET value = value + ? WHERE key = 'size'", (delta,))
+
+
+def recount(db: sqlite3.Connection) -> None:
+    """Set the running total to the sum of the rows (after rows were dropped by hand)."""
+    value = db.execute("SELECT COALESCE(SUM(size), 0) FROM cache_catalog").fetchone()[0]
+    db.execute("UPDATE properties SET value = ? WHERE key = 'size'", (value,))
+
+
+def empty(db: sqlite3.Connection) -> None:
+    """Forget every entry and pin; the total is zero."""
+    db.execute("DELETE FROM cache_catalog")
+    db.execute("DELETE FROM pins")
+    db.execute("UPDATE properties SET value = 0 WHERE key = 'size'")
+
+
+def take_victims(db: sqlite3.Connection, target: int, keep: str | None) -> list[str]:
+    """Drop the least recently used unpinned rows (never ``keep``) until at most ``target``
+    bytes remain, or none are left to drop; return their digests (the caller removes the
+    files, inside the same transaction)."""
+    total_now = total(db)
+    if total_now <= target:
+        return []
+    drop_dead_pins(db)
+    victims: list[str] = []
+    freed = 0
+    rows = db.execute(
+        "SELECT sha1, size FROM cache_catalog "
+        "WHERE sha1 NOT IN (SELECT sha1 FROM pins) ORDER BY acseq ASC"
+    )
+    for text, size in rows:
+        if total_now - freed <= target:
+            break
+        if text != keep:
+            victims.append(text)
+            freed += size
+    db.executemany("DELETE FROM cache_catalog WHERE sha1 = ?", [(t,) for t in victims])
+    add_size(db, -freed)
+    return victims
 
 
 def next_seq(db: sqlite3.Connection) -> int:
