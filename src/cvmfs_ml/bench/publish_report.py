@@ -67,7 +67,7 @@ def format_report(report: dict[str, Any]) -> str:
             f"{rss / 2**20:>5.0f} MiB {cpu / gb:>8.2f}")
         rss_ok = "met" if rss < GOAL_RSS else "NOT met"
         text = f"  {mode}: peak RSS < {GOAL_RSS / 1e6:.0f} MB {rss_ok}"
-        if mode in ("none", "auto"):
+        if mode.partition("+")[0] in ("none", "auto"):
             text += f"; x cp+sync <= {GOAL_X_CP}: {'met' if ratio <= GOAL_X_CP else 'NOT met'}"
         if upstream.get("publish"):
             text += f"; x upstream {runs['median_s'] / upstream['publish']['median_s']:.2f}"

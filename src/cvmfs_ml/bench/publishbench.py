@@ -47,7 +47,9 @@ from cvmfs_ml.bench.residency import resident_fraction
 
 __all__ = ["COMPRESSIONS", "PublishOptions", "Samples", "run_publish_bench", "upstream_status"]
 
-COMPRESSIONS = ("none", "auto", "zlib", "isal")
+COMPRESSIONS = ("none", "auto", "zlib", "isal", "none+buffered", "auto+buffered")
+"""Publish modes: the compression, and ``+buffered`` for ``CVMFS_ML_DIRECT_WRITES=false``
+(objects written through the page cache), so both ways run in the same rounds."""
 FQRN = "bench.publish.local"
 _BLOCK = 8 * 2**20
 GOAL_X_CP = 1.2  # issue 14: publish time / (cp -r + sync) time, for none and auto
@@ -150,7 +152,10 @@ def fresh_repository(work: Path, compression: str) -> Path:
         shutil.rmtree(base)
     root = base / "srv"
     root.mkdir(parents=True)
-    settings = PublishSettings(compression=Compression(compression))
+    algorithm, _, variant = compression.partition("+")
+    settings = PublishSettings(
+        compression=Compression(algorithm), direct_writes=variant != "buffered"
+    )
     create_repository(root, FQRN, keys_dir=base / "keys", settings=settings)
     os.sync()
     return root / FQRN
