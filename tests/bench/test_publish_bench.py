@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.fixture(scope="module")
 def report(tmp_path_factory: pytest.TempPathFactory) -> dict:
     base = tmp_path_factory.mktemp("publish-bench")
-    options = PublishOptions(scale=0.002, rounds=2, modes=("none", "isal"),
+    options = PublishOptions(scale=0.002, rounds=2, modes=("none", "isal", "none+buffered"),
                              cache_dir=base / "cache", work_dir=base / "work")
     return run_publish_bench(options, log=lambda line: None)
 
@@ -29,7 +29,7 @@ def test_rounds_measure_both_sides_of_each_ratio(report: dict) -> None:
     assert total > 5 * 2**20 and report["content"]["files"] >= 2
     for ref in ("cp_r_sync", "read", "sha1_warm"):
         assert len(report["references"][ref]["runs"]) == 2
-    for mode in ("none", "isal"):
+    for mode in ("none", "isal", "none+buffered"):
         runs = report["publish"][mode]
         assert len(runs["runs"]) == 2 and runs["min_s"] <= runs["median_s"] <= runs["max_s"]
         for detail in runs["details"]:
@@ -44,6 +44,18 @@ def test_rounds_measure_both_sides_of_each_ratio(report: dict) -> None:
         "stages"]
 
 
+def test_buffered_modes_publish_through_the_page_cache(tmp_path: Path) -> None:
+    """``+buffered`` is ``CVMFS_ML_DIRECT_WRITES=false`` with the same compression."""
+    from cvmfs_ml.bench.publishbench import FQRN, fresh_repository
+    from cvmfs_ml.publish.settings import load_settings
+
+    for mode, direct, compression in (("none", True, "none"), ("auto+buffered", False, "auto")):
+        fresh_repository(tmp_path, mode)
+        settings = load_settings(tmp_path / mode / "keys", FQRN)
+        assert settings.direct_writes is direct
+        assert settings.compression.value == compression
+
+
 def test_upstream_is_detected_and_its_absence_said() -> None:
     reason = upstream_status(None)
     if shutil.which("cvmfs_server") is None:
@@ -55,7 +67,7 @@ def test_upstream_is_detected_and_its_absence_said() -> None:
 def test_report_prints_ratios_spread_and_stages(report: dict) -> None:
     text = format_report(report)
     assert "cp -r + sync" in text and "x cp+sync" in text
-    assert "publish none" in text and "publish isal" in text
+    assert "publish none" in text and "publish isal" in text and "none+buffered" in text
     assert "stages of a 'none' publish" in text and "CPU s/GB" in text
     if report["upstream"]["unavailable"]:
         assert report["upstream"]["unavailable"] in text
