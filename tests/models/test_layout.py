@@ -420,7 +420,7 @@ def test_concurrent_processes_do_not_lose_index_entries(
 
 def test_long_header_metadata_stays_out_of_model_json() -> None:
     from cvmfs_ml.models.formats import ModelDescription, TensorInfo
-    from cvmfs_ml.models.publish import _compact
+    from cvmfs_ml.models.prepare import compact_description as _compact
 
     desc = ModelDescription(
         format="gguf",

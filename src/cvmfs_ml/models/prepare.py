@@ -1,0 +1,182 @@
+"""Preparing a model version outside the publisher's lock: scanning and hashing the source,
+describing its model files for ``model.json``, and the items the version folder is made of.
+
+This is the slow part of a publish (every byte is read and hashed), so
+:mod:`cvmfs_ml.models.publish` runs it before taking the repository lock, and concurrent
+publishers hash in parallel.
+"""
+
+from __future__ import annotations
+
+import getpass
+import io
+import json
+import os
+import socket
+import stat
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from cvmfs_ml.errors import PublishError
+from cvmfs_ml.models.formats import ModelDescription, describe, describe_folder, detect
+from cvmfs_ml.models.layout import MODEL_JSON, ModelRef
+from cvmfs_ml.models.sources.huggingface import describe_hf_snapshot, find_hf_snapshot
+from cvmfs_ml.models.sources.local import (
+    SourceTree,
+    describe_local,
+    detect_license,
+    hash_tree,
+    scan_source,
+)
+from cvmfs_ml.publish.filecache import FileKey
+from cvmfs_ml.publish.sources import SourceItem
+
+__all__ = [
+    "compact_description",
+    "describe_models",
+    "prepare_source",
+    "primary_format",
+    "version_items",
+    "whoami",
+]
+
+# Metadata values longer than this (as JSON) stay out of model.json: headers can carry large
+# values (vocabularies, embedded configs) that belong in the model file, not in model.json.
+_MAX_METADATA_JSON = 2048
+_MAX_TENSORS_LISTED = 64
+
+
+def prepare_source(
+    src: Path, known_sha256: Mapping[str, str] | None = None
+) -> tuple[SourceTree, dict[str, Any], str | None]:
+    """Scan and hash ``src``: (tree, detected ``source`` info, detected license).
+
+    ``known_sha256``: files (by relative path) whose digest is already known (not read again).
+
+    A Hugging Face cache snapshot (``snapshots/<commit>`` or ``models--*`` folder) is resolved
+    within its ``models--*`` folder; anything else is a local file or folder.
+    """
+    src = Path(src)
+    snapshot = find_hf_snapshot(src) if src.is_dir() else None
+    if snapshot is not None:
+        tree = scan_source(snapshot.snapshot, bound=snapshot.repo_folder)
+        info = describe_hf_snapshot(snapshot)
+        license_ = info.get("license")
+    else:
+        tree = scan_source(src)
+        info = describe_local(src)
+        license_ = detect_license(src) if src.is_dir() else None
+    if not tree.files:
+        raise PublishError(f"{src} holds no files to publish")
+    if any(f.path == MODEL_JSON for f in tree.files):
+        raise PublishError(
+            f"{src} has a top-level {MODEL_JSON}: that name is reserved for the metadata "
+            "cvmfs-ml writes; rename the file"
+        )
+    return hash_tree(tree, known=known_sha256), info, license_
+
+
+def compact_description(desc: ModelDescription) -> dict[str, Any]:
+    out = desc.to_json(weights=False)
+    kept, omitted = {}, []
+    for key, value in out.get("metadata", {}).items():
+        if len(json.dumps(value, default=str)) <= _MAX_METADATA_JSON:
+            kept[key] = value
+        else:
+            omitted.append(key)
+    out["metadata"] = kept
+    if omitted:
+        out["metadata_omitted"] = sorted(omitted)
+    for key in ("inputs", "outputs"):
+        if len(out[key]) > _MAX_TENSORS_LISTED:
+            out[f"{key}_count"] = len(out[key])
+            out[key] = out[key][:_MAX_TENSORS_LISTED]
+    return out
+
+
+def describe_models(tree: SourceTree) -> tuple[dict[str, dict[str, Any]], list[str]]:
+    """Header-only descriptions of the model files; advisory, so it never blocks a publish."""
+    try:
+        if tree.root.is_dir():
+            found = describe_folder(tree.root, strict=False)
+        else:
+            only = tree.files[0]
+            if detect(only.real, name=only.path) is None:
+                return {}, []
+            found = {only.path: describe(only.real, name=only.path)}
+    except Exception as exc:  # a parser bug must not make a model unpublishable
+        return {}, [f"could not describe the model files: {type(exc).__name__}: {exc}"]
+    warnings = [f"{path}: {w}" for path, d in found.items() for w in d.warnings]
+    return {path: compact_description(d) for path, d in found.items()}, warnings
+
+
+def primary_format(models: dict[str, dict[str, Any]], tree: SourceTree) -> str | None:
+    """The format of the model holding the most bytes (a folder model counts its files)."""
+
+    def weight(path: str) -> int:
+        if path == ".":
+            return tree.size
+        return sum(f.size for f in tree.files if f.path == path or f.path.startswith(path + "/"))
+
+    if not models:
+        return None
+    return models[max(models, key=lambda p: (weight(p), p))]["format"]
+
+
+def whoami() -> str:
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = str(os.getuid())
+    return f"{user}@{socket.gethostname()}"
+
+
+def _opener(path: Path) -> Callable[[], BinaryIO]:
+    return lambda: path.open("rb")
+
+
+def _file_key(path: Path, size: int) -> FileKey | None:
+    """What lets the publisher's file cache reuse a file it stored before, unread (the same key
+    as for ``add_folder``: device, inode, size and times; the registry also primes it)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    if st.st_size != size:
+        return None
+    return FileKey.of(st)
+
+
+def version_items(tree: SourceTree, ref: ModelRef, model_json: bytes) -> list[SourceItem]:
+    """The version folder, its sub-folders, files and ``model.json``, parents first."""
+    now = int(time.time())
+    base = ref.path
+    items = [SourceItem(path=base, mode=stat.S_IFDIR | 0o755, mtime=now, size=4096)]
+    items += [
+        SourceItem(path=f"{base}/{d}", mode=stat.S_IFDIR | 0o755, mtime=now, size=4096)
+        for d in sorted(tree.dirs)
+    ]
+    for f in tree.files:
+        mode = 0o755 if f.mode & 0o111 else 0o644
+        items.append(
+            SourceItem(
+                path=f"{base}/{f.path}",
+                mode=stat.S_IFREG | mode,
+                mtime=f.mtime,
+                size=f.size,
+                open=_opener(f.real),
+                file_key=_file_key(f.real, f.size),
+            )
+        )
+    items.append(
+        SourceItem(
+            path=f"{base}/{MODEL_JSON}",
+            mode=stat.S_IFREG | 0o644,
+            mtime=now,
+            size=len(model_json),
+            open=lambda: io.BytesIO(model_json),
+        )
+    )
+    return items
