@@ -259,6 +259,8 @@ def test_direct_writes_follow_server_conf(make_repo, tmp_path: Path) -> None:
     if drops_written_pages(publisher.repo_dir):  # a file system that shows the difference
         assert max(around) == 0.0
         assert min(through) >= 0.9  # (a page or two reclaimed under memory pressure)
+    publisher.save_settings(publisher.settings.with_(direct_writes=True))  # and back, at once
+    assert publisher.store.direct_writes
     assert_clean(publisher)
 
 

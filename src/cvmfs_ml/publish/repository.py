@@ -159,6 +159,7 @@ class Publisher:
         store: ObjectStore | None = None,
     ) -> None:
         self.store = store if store is not None else open_store(repo_dir, s3_config)
+        self._own_store = store is None  # ours: the repository's settings decide how it writes
         self.location = self.store.location
         self.is_local = not is_s3_location(str(repo_dir))
         self.repo_dir = Path(repo_dir) if self.is_local else Path(self.store.staging_dir())
@@ -206,8 +207,12 @@ class Publisher:
         self._apply_store_settings()
 
     def _apply_store_settings(self) -> None:
-        if isinstance(self.store, LocalStore) and not self.settings.direct_writes:
-            self.store.direct_writes = False  # CVMFS_ML_DIRECT_WRITES=false: the page cache
+        """``CVMFS_ML_DIRECT_WRITES`` on a local store this publisher opened (a store given by
+        the caller is only ever switched off: the caller chose how it writes)."""
+        if not isinstance(self.store, LocalStore):
+            return
+        if self._own_store or not self.settings.direct_writes:
+            self.store.direct_writes = self.settings.direct_writes
 
     # -- locking ------------------------------------------------------------------------------
     @contextlib.contextmanager
