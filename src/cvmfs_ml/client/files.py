@@ -29,11 +29,11 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from cvmfs_ml.client.background import BackgroundPool
 from cvmfs_ml.client.readprofile import READ_PROFILE
 from cvmfs_ml.cvmfs.catalog import Chunk
 from cvmfs_ml.cvmfs.objects import ObjectKind
@@ -550,16 +550,5 @@ def _page_in(fd: int, size: int) -> None:
         os.posix_fadvise(fd, done, 0, os.POSIX_FADV_WILLNEED)
 
 
-_pool_lock = threading.Lock()
-_pool: ThreadPoolExecutor | None = None
-_pool_pid = 0
-
-
-def _advise_pool() -> ThreadPoolExecutor:
-    """The process's small pool for disk read-ahead advice (a fresh one after a fork)."""
-    global _pool, _pool_pid
-    with _pool_lock:
-        if _pool is None or _pool_pid != os.getpid():
-            _pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="cvmfs-ml-disk-ahead")
-            _pool_pid = os.getpid()
-        return _pool
+_advise_pool = BackgroundPool("cvmfs-ml-disk-ahead", 2).get
+"""The process's small pool for disk read-ahead advice and drop-behind."""

@@ -25,8 +25,10 @@ import os
 import threading
 import weakref
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
+
+from cvmfs_ml.client.background import BackgroundPool
 
 if TYPE_CHECKING:
     from cvmfs_ml.client.files import CvmfsFile
@@ -70,16 +72,8 @@ def push_when_fetched(handle: CvmfsFile, inode: int, store: Store) -> None:
             future.add_done_callback(lambda f: _push(f, handle, inode, store, caller))
 
 
-_late_lock = threading.Lock()
-_late: ThreadPoolExecutor | None = None
-
-
-def _late_pusher() -> ThreadPoolExecutor:
-    global _late
-    with _late_lock:
-        if _late is None:
-            _late = ThreadPoolExecutor(1, thread_name_prefix="cvmfs-ml-late-push")
-        return _late
+_late_pusher = BackgroundPool("cvmfs-ml-late-push", 1).get
+"""One thread for pushes that must not run on the caller's thread (the FUSE event loop)."""
 
 
 def _push(
