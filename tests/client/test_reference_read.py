@@ -90,7 +90,7 @@ def test_nested_catalog_and_chunked_files(reference_repo: Path) -> None:
         zeros = repo.layout("/zeros-20MiB.bin")
         assert len(zeros.pieces) == 10 and len({p.digest for p in zeros.pieces}) == 1
         # Reads that straddle chunk boundaries, at odd offsets.
-        with repo.open("/big/random-24MiB.bin") as handle:
+        with repo.open_file("/big/random-24MiB.bin") as handle:
             whole = handle.read()
             for offset in (0, 777556, 777557, 5_000_001, len(whole) - 3):
                 handle.seek(offset)

@@ -229,7 +229,7 @@ def test_clients_read_the_bucket_url_identically(s3env: S3Env, tmp_path: Path) -
         got = {}
         for entry in repo.walk("/"):
             if entry.is_regular:
-                with repo.open(entry.path) as handle:
+                with repo.open_file(entry.path) as handle:
                     got[entry.path.lstrip("/")] = hashlib.sha256(handle.read()).hexdigest()
         assert got == expected
         assert repo.stat("/model/latest").symlink == "weights.bin"
@@ -257,7 +257,7 @@ def test_large_objects_go_up_in_parallel_multipart(s3env: S3Env, tmp_path: Path)
     with Repository.connect(s3env.url, public_key=s3env.pub) as repo:
         entry = repo.stat("/blob.bin")
         assert not entry.is_chunked
-        with repo.open("/blob.bin") as handle:
+        with repo.open_file("/blob.bin") as handle:
             assert handle.read() == data
     store = publisher.store
     assert isinstance(store, S3Store)
@@ -375,7 +375,7 @@ def test_replica_syncs_from_the_bucket(s3env: S3Env, tmp_path: Path) -> None:
     assert report.revision == 1 and report.objects_copied > 0
     with Repository.connect(dest, public_key=s3env.pub) as replica:
         assert check_repository(replica).ok
-        with replica.open("/m/model/weights.bin") as handle:
+        with replica.open_file("/m/model/weights.bin") as handle:
             assert handle.read() == (src / "model" / "weights.bin").read_bytes()
     again = sync_replica(s3env.location, dest, s3env.pub, s3_config=s3env.params)
     assert again.up_to_date
@@ -483,6 +483,6 @@ def test_replica_into_a_bucket_is_read_over_http(
     url = f"{moto_s3.url}/{s3env.bucket}/stratum1/{FQRN}"
     with Repository.connect(url, public_key=pub) as replica:
         assert check_repository(replica).ok
-        with replica.open("/m/model/weights.bin") as handle:
+        with replica.open_file("/m/model/weights.bin") as handle:
             assert handle.read() == (src / "model" / "weights.bin").read_bytes()
     assert sync_replica(stratum0.repo_dir, dest, pub, s3_config=s3env.params).up_to_date

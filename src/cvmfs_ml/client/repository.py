@@ -57,23 +57,6 @@ __all__ = ["FETCHER_OPTIONS", "CvmfsFile", "FileLayout", "ObjectSource", "Reposi
 
 log = logging.getLogger(__name__)
 
-class _ClassOrInstance:
-    """``open`` on the class connects to a repository; on an instance it opens a file.
-
-    Both spellings are part of the documented API (``Repository.open(url, fqrn, key)`` and
-    ``repo.open(path)``), so one name dispatches on how it is reached.
-    """
-
-    def __init__(self, for_class: Any, for_instance: Any) -> None:
-        self._for_class = for_class
-        self._for_instance = for_instance
-
-    def __get__(self, obj: Any, owner: Any = None) -> Any:
-        if obj is None:
-            return self._for_class.__get__(owner, owner)
-        return self._for_instance.__get__(obj, owner)
-
-
 def _utcnow() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
@@ -186,6 +169,11 @@ class Repository:
             if own_cache and isinstance(cache, ObjectCache):
                 cache.close()
             raise
+
+    open = connect
+    """``Repository.open(location, ...)``: another name for :meth:`connect` (as ``tarfile.open``
+    or ``fsspec.open`` name theirs). Files are opened with :meth:`open_file`, which takes a
+    path only: one name, one meaning."""
 
     _owned: tuple[Any, ...] = ()
 
@@ -599,9 +587,6 @@ class Repository:
         returns more detail and takes a concurrency.
         """
         return self.prefetcher.prefetch(path, wait_for=wait).bytes
-
-    open = _ClassOrInstance(connect, open_file)
-    """``Repository.open(location, ...)`` connects; ``repo.open(path)`` opens a file."""
 
     # -- tags ---------------------------------------------------------------------------------
     def tags(self) -> list[Tag]:
