@@ -37,6 +37,18 @@ def test_markdown_subset_renders_and_escapes() -> None:
     assert page.count("<ul>") == 2
 
 
+def test_links_only_to_files_beside_the_report() -> None:
+    page = markdown_to_html(
+        "| picture |\n|---|\n| [heatmap-x](access/heatmap-x.png) |\n\n"
+        "[a](javascript:alert(1)) [b](../etc/passwd) [c](x/../../y) [d](http://e.org/f)"
+    )
+    assert '<td><a href="access/heatmap-x.png">heatmap-x</a></td>' in page
+    # anything with a scheme or a way out of the report's folder stays text
+    assert page.count("<a ") == 1
+    assert "[a](javascript:alert(1))" in page and "[b](../etc/passwd)" in page
+    assert "[c](x/../../y)" in page and "[d](http://e.org/f)" in page
+
+
 def test_chromium_shows_the_report(tmp_path: Path) -> None:
     browser = shutil.which("chromium") or shutil.which("chromium-browser")
     if browser is None:

@@ -207,6 +207,12 @@ def test_html_report_holds_the_tables_and_plots(run: tuple[dict[str, Any], Path]
     # every scenario's mode and state pair appears as table cells, and every plot is inline
     for s in doc["summary"]:
         assert s["mode"] in parser.cells and s["cache_state"] in parser.cells
-    assert len(parser.images) == len(doc["plots"]) >= 1
+    # the plots, then each access picture once (residency maps repeat over table rows)
+    pictures = {a["png"] for a in doc["access_patterns"] if a.get("png")}
+    assert len(pictures) >= 2
+    assert len(parser.images) == len(doc["plots"]) + len(pictures) and len(doc["plots"]) >= 1
     assert all(src.startswith("data:image/png;base64,iVBOR") for src in parser.images)
+    # and the access table links each picture file beside the page
+    for png in pictures:
+        assert f'href="{png}"' in page and (out / png).is_file()
     assert "<script" not in page

@@ -95,7 +95,7 @@ def make_phi3_genai(folder: str | os.PathLike[str], total_bytes: int, *, seed: i
         config = Phi3Config(**shape, max_position_embeddings=512,
                             original_max_position_embeddings=512, pad_token_id=0,
                             bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
-        Phi3ForCausalLM(config).save_pretrained(hf)
+        _save_quietly(Phi3ForCausalLM(config), hf)
         _tokenizer(hf, shape["vocab_size"])
         env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
         # The builder picks the architecture from the model name; the weights come from -i.
@@ -109,6 +109,20 @@ def make_phi3_genai(folder: str | os.PathLike[str], total_bytes: int, *, seed: i
             raise ConfigError(f"onnxruntime-genai's builder failed: {tail[0]}")
     (out / "phi3-shape.json").write_text(json.dumps(shape) + "\n")
     return out
+
+
+def _save_quietly(model: Any, folder: Path) -> None:
+    """``save_pretrained`` without transformers' "Writing model shards" bar on stderr: the
+    benchmark has its own progress lines (and ``--quiet`` promises none)."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        model.save_pretrained(folder)
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
 
 
 class GreedyGenerator:

@@ -27,11 +27,19 @@ code { background: #f2f2f2; padding: 0 .2em; } img { max-width: 100%; margin: .5
 """
 
 
+# A link the report makes to a file beside it: a relative path of plain characters only (no
+# scheme, no "..", no quotes), so text from a results file cannot smuggle in a URL.
+_LINK = re.compile(r"\[([^\]]+)\]\(((?!\.\./)[A-Za-z0-9_][A-Za-z0-9_./-]*)\)")
+
+
 def _inline(text: str) -> str:
-    """Escape, then render ``code`` and **bold** spans."""
+    """Escape, then render ``code``, **bold** and [links](to/a/file/beside/the/report)."""
     out = html.escape(text, quote=False)
     out = re.sub(r"`([^`]+)`", r"<code>\1</code>", out)
-    return re.sub(r"\*\*([^*]+)\*\*", r"<strong>\1</strong>", out)
+    out = re.sub(r"\*\*([^*]+)\*\*", r"<strong>\1</strong>", out)
+    return _LINK.sub(
+        lambda m: m.group(0) if ".." in m.group(2).split("/")
+        else f'<a href="{m.group(2)}">{m.group(1)}</a>', out)
 
 
 def _cells(line: str) -> list[str]:

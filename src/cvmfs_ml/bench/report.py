@@ -389,11 +389,12 @@ def write_markdown(doc: Mapping[str, Any], path: str | os.PathLike[str]) -> Path
             frac = a.get("fraction_of_file")
             seq = a.get("sequential_fraction")
             med = a.get("median_read_size")
+            picture = f"[{Path(a['png']).stem}]({a['png']})" if a.get("png") else "–"
             lines.append(
                 f"| {a['model']} | {a['runtime']} | {a['source']} | {a.get('file', '*')} | "
                 f"{'–' if frac is None else f'{frac * 100:.0f}%'} | {a.get('read_count', '–')} | "
                 f"{_fmt_bytes(med)} | {'–' if seq is None else f'{seq * 100:.0f}%'} | "
-                f"{a.get('png', '')} |")
+                f"{picture} |")
         lines.append("")
     for skipped in doc.get("skipped", []):
         lines.append(f"- not measured: {skipped}")
@@ -438,8 +439,11 @@ def write_report(doc: dict[str, Any], out_dir: str | os.PathLike[str]) -> dict[s
     paths["markdown"] = write_markdown(doc, out / "summary.md")
     from cvmfs_ml.bench.html_report import write_html_report
 
+    # The access pictures (residency maps, read heat maps) go on the page too, after the plots:
+    # report.html is meant to be the one file people pass around.
+    pictures = dict.fromkeys(str(a["png"]) for a in doc.get("access_patterns", []) if a.get("png"))
     paths["html"] = write_html_report(
-        paths["markdown"], [out / name for name in doc["plots"]], out / "report.html",
+        paths["markdown"], [out / name for name in [*doc["plots"], *pictures]], out / "report.html",
         title=f"cvmfs-ml benchmark: {doc.get('profile')} ({doc.get('run_id')})")
     return paths
 
