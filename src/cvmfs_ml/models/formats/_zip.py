@@ -11,7 +11,7 @@ import struct
 import zipfile
 from typing import Any
 
-from cvmfs_ml.models.formats.base import ModelFormatError, ReadableFile, SubFile
+from cvmfs_ml.models.formats.base import ZIP_ERRORS, ModelFormatError, ReadableFile, SubFile
 
 __all__ = ["member_file", "open_zip", "read_member"]
 
@@ -21,7 +21,7 @@ def open_zip(f: ReadableFile, what: str) -> zipfile.ZipFile:
     try:
         f.seek(0)
         return zipfile.ZipFile(f)  # type: ignore[arg-type]
-    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
+    except ZIP_ERRORS as exc:
         raise ModelFormatError(what, f"bad zip archive: {exc}") from None
 
 
@@ -37,7 +37,7 @@ def read_member(z: zipfile.ZipFile, name: str, what: str, limit: int) -> bytes:
         )
     try:
         return z.read(info)
-    except (zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError) as exc:
+    except ZIP_ERRORS as exc:
         raise ModelFormatError(what, f"cannot read zip member {name!r}: {exc}") from None
 
 
@@ -52,4 +52,7 @@ def member_file(z: zipfile.ZipFile, f: ReadableFile, name: str, what: str) -> An
         name_len, extra_len = struct.unpack("<HH", local[26:30])
         start = info.header_offset + 30 + name_len + extra_len
         return SubFile(f, start, info.file_size)
-    return z.open(info)
+    try:
+        return z.open(info)
+    except ZIP_ERRORS as exc:
+        raise ModelFormatError(what, f"cannot open zip member {name!r}: {exc}") from None

@@ -13,12 +13,23 @@ import io
 import os
 import posixpath
 import struct
+import zipfile
+import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from functools import cached_property
 from typing import Any, Protocol, runtime_checkable
 
 from cvmfs_ml.errors import FormatError
+
+ZIP_ERRORS: tuple[type[BaseException], ...] = (
+    zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError, RuntimeError,
+    zlib.error,
+)  # fmt: skip
+"""What :mod:`zipfile` raises on a damaged or hostile archive: an unsupported "version
+needed" or compression (``NotImplementedError``), an encrypted member (``RuntimeError``), a
+corrupt deflate stream (``zlib.error``), offsets past the end (``ValueError``, ``OSError``),
+besides ``BadZipFile``."""
 
 __all__ = [
     "HEAD_SIZE",
@@ -366,10 +377,8 @@ class Probe:
         """Member names when the file is a zip archive (central directory only), else None."""
         if not self.head.startswith((b"PK\x03\x04", b"PK\x05\x06")):
             return None
-        import zipfile
-
         try:
             with zipfile.ZipFile(self.f) as z:  # type: ignore[arg-type]
                 return z.namelist()
-        except (zipfile.BadZipFile, OSError, ValueError, EOFError):
+        except ZIP_ERRORS:
             return None

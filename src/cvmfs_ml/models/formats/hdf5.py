@@ -20,6 +20,7 @@ from typing import Any
 
 from cvmfs_ml.models.formats._zip import member_file, open_zip, read_member
 from cvmfs_ml.models.formats.base import (
+    ZIP_ERRORS,
     ModelDescription,
     ModelFormatError,
     Probe,
@@ -32,6 +33,12 @@ from cvmfs_ml.models.formats.base import (
 __all__ = ["FORMATS", "SIGNATURE", "describe", "detect", "find_superblock"]
 
 FORMATS = ("keras", "hdf5")
+_H5_ERRORS: tuple[type[BaseException], ...] = (
+    OSError, ValueError, KeyError, RuntimeError, TypeError, OverflowError, *ZIP_ERRORS,
+)  # fmt: skip
+"""What h5py raises on a damaged or hostile file: it turns the HDF5 library's errors into
+these built-in types, from any call (opening, reading attributes, visiting groups), and a
+weights file inside a Keras zip adds the zip's own (read through :func:`member_file`)."""
 SIGNATURE = b"\x89HDF\r\n\x1a\n"
 _SUPERBLOCK_OFFSETS = (0, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536)
 _KERAS_ATTRS = ("keras_version", "model_config", "layer_names")
@@ -69,7 +76,7 @@ def detect(probe: Probe) -> str | None:
         probe.f.seek(0)
         with h5py.File(probe.f, "r") as h5:
             return "keras" if any(a in h5.attrs for a in _KERAS_ATTRS) else "hdf5"
-    except (OSError, ValueError, KeyError):
+    except _H5_ERRORS:
         return None
 
 
@@ -78,7 +85,12 @@ def describe(f: ReadableFile, source: Source) -> ModelDescription:
     f.seek(0)
     if f.read(4) in (b"PK\x03\x04", b"PK\x05\x06"):
         return _describe_keras_zip(f, source)
-    return _describe_h5(f, source)
+    try:
+        return _describe_h5(f, source)
+    except ModelFormatError:
+        raise  # a ValueError too, and already says what is wrong
+    except _H5_ERRORS as exc:
+        raise ModelFormatError(source.path, f"bad HDF5 file: {exc}") from None
 
 
 def _json_member(z: Any, name: str, what: str) -> Any:
@@ -127,11 +139,7 @@ def _describe_h5(f: ReadableFile, source: Source) -> ModelDescription:
     except ImportError:
         return ModelDescription(format="hdf5", warnings=["h5py is not installed: not inspected"])
     f.seek(0)
-    try:
-        h5 = h5py.File(f, "r")
-    except (OSError, ValueError) as exc:
-        raise ModelFormatError(what, f"bad HDF5 file: {exc}") from None
-    with h5:
+    with h5py.File(f, "r") as h5:
         attrs = {k: _attr(h5.attrs[k]) for k in h5.attrs if k in (*_KERAS_ATTRS, "backend")}
         if not any(a in attrs for a in _KERAS_ATTRS):
             desc = ModelDescription(format="hdf5")
@@ -176,7 +184,9 @@ def _count_h5(f: Any, what: str, desc: ModelDescription, *, keras: bool) -> None
     try:
         with h5py.File(f, "r") as h5:
             _walk(h5, desc, keras=keras)
-    except (OSError, ValueError) as exc:
+    except ModelFormatError:
+        raise
+    except _H5_ERRORS as exc:
         raise ModelFormatError(what, f"bad HDF5 weights file: {exc}") from None
 
 

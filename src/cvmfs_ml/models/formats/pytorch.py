@@ -29,6 +29,7 @@ from cvmfs_ml.models.formats._unpickle import (
 )
 from cvmfs_ml.models.formats._zip import open_zip, read_member
 from cvmfs_ml.models.formats.base import (
+    ZIP_ERRORS,
     ModelDescription,
     ModelFormatError,
     Probe,
@@ -128,7 +129,7 @@ def _load_pickle(z: zipfile.ZipFile, name: str, what: str, desc: ModelDescriptio
     try:
         root, _storages = restricted_loads(data)
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError,
-            IndexError, KeyError, RecursionError, MemoryError) as exc:  # fmt: skip
+            IndexError, KeyError, RecursionError, MemoryError, *ZIP_ERRORS) as exc:  # fmt: skip
         raise ModelFormatError(what, f"{name} is not a valid pickle: {exc}") from None
     return root
 
