@@ -7,6 +7,7 @@ compared with an independent unpack (``skopeo copy ... dir:`` plus the tar layer
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import os
@@ -280,6 +281,25 @@ def test_hostile_inputs_do_not_stop_the_round(
     )
     data_file.write_bytes(tampered_layer.replace(b"original", b"ORIGINAL"))
 
+    # Two layers that break while they are decoded: a gzip stream cut short, pushed as it is
+    # (so the registry serves exactly the bytes its digest names), and a zstd layer damaged in
+    # the registry's storage (decoded as it streams in, before its digest can be checked).
+    # Each decoder raises its own type (EOFError, zstandard.ZstdError), which once stopped the
+    # whole round.
+    whole = make_layer([("big", os.urandom(300_000))])
+    cut = gzip.compress(whole, mtime=0)[:-5000]
+    push_image(docker_registry, tmp_path, "lib/cut-gzip", "1", [(cut, "none")])
+    push_image(docker_registry, tmp_path, "lib/bad-zstd", "1", [(whole, "zstd")])
+    zstd_file = next(
+        p
+        for p in docker_registry.storage.rglob("data")
+        if p.read_bytes().startswith(b"\x28\xb5\x2f\xfd")
+    )
+    damaged = bytearray(zstd_file.read_bytes())
+    for i in range(len(damaged) // 3, len(damaged) // 3 + 64):
+        damaged[i] ^= 0xA5
+    zstd_file.write_bytes(bytes(damaged))
+
     log = EventLog()
     spec = wishlist(
         docker_registry,
@@ -287,6 +307,8 @@ def test_hostile_inputs_do_not_stop_the_round(
         "lib/through-link:1",
         "lib/hardlink:1",
         "lib/tampered:1",
+        "lib/cut-gzip:1",
+        "lib/bad-zstd:1",
         "lib/good:1",
     )
     spec.images.append(
@@ -294,16 +316,20 @@ def test_hostile_inputs_do_not_stop_the_round(
     )
     report = run_round(publisher, spec, log=log)
     errors = {e.image: e.error for e in log.events if e.status == "error"}
-    assert report.errors == 5, errors
+    assert report.errors == 7, errors
     assert "'..'" in errors[f"{docker_registry.host}/lib/dotdot:1"]
     assert "symlink" in errors[f"{docker_registry.host}/lib/through-link:1"]
     assert "refusing 'a'" in errors[f"{docker_registry.host}/lib/hardlink:1"]
     assert "sha256" in errors[f"{docker_registry.host}/lib/tampered:1"]
     assert "127.0.0.1:9" in errors["127.0.0.1:9/lib/x:1"]
+    assert "gzip stream" in errors[f"{docker_registry.host}/lib/cut-gzip:1"]
+    # zstd may decode damaged bytes without noticing; then the digest check catches them
+    bad_zstd = errors[f"{docker_registry.host}/lib/bad-zstd:1"]
+    assert "zstd stream" in bad_zstd or "sha256" in bad_zstd
     assert report.committed  # the good image went through in the same round
     with published(publisher) as repo:
         assert repo.exists(f"/{docker_registry.host}/lib/good:1")
-        for bad in ("dotdot", "through-link", "hardlink", "tampered"):
+        for bad in ("dotdot", "through-link", "hardlink", "tampered", "cut-gzip", "bad-zstd"):
             assert not repo.exists(f"/{docker_registry.host}/lib/{bad}:1")
             assert not repo.exists(f"/.metadata/{docker_registry.host}/lib/{bad}:1")
         assert len(repo.listdir("/.flat")) == 1

@@ -27,12 +27,12 @@ import posixpath
 import shutil
 import stat
 import tarfile
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
 from cvmfs_ml.errors import FormatError, UnsafeInputError
+from cvmfs_ml.models.sources.decompress import decompressed, open_decompressed, sniff_compression
 
 __all__ = [
     "LayerStats",
@@ -50,56 +50,7 @@ __all__ = [
 WHITEOUT_PREFIX = ".wh."
 OPAQUE_WHITEOUT = ".wh..wh..opq"
 
-_GZIP_MAGIC = b"\x1f\x8b"
-_ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 _COPY_BUFFER = 1 << 20
-
-
-def sniff_compression(path: Path) -> str:
-    """``"gzip"``, ``"zstd"`` or ``"none"`` from the first bytes of ``path``.
-
-    Media types say what a layer should be, but registries hold mislabelled layers (a ``+gzip``
-    type on an uncompressed tar, Docker's gzip-only types on zstd), so the bytes decide.
-    """
-    with open(path, "rb") as handle:
-        head = handle.read(4)
-    if head.startswith(_GZIP_MAGIC):
-        return "gzip"
-    if head.startswith(_ZSTD_MAGIC):
-        return "zstd"
-    return "none"
-
-
-@contextlib.contextmanager
-def open_decompressed(path: Path) -> Iterator[BinaryIO]:
-    """A forward-only stream of ``path``'s decompressed bytes (gzip, zstd or as is)."""
-    with open(path, "rb") as raw, decompressed(raw, sniff_compression(path)) as stream:
-        yield stream
-
-
-@contextlib.contextmanager
-def decompressed(raw: BinaryIO, kind: str | None = None) -> Iterator[BinaryIO]:
-    """``raw`` decompressed; ``kind`` (``gzip``, ``zstd``, ``none``) sniffed when not given
-    (``raw`` must then be an :class:`io.BufferedReader`, whose ``peek`` does not consume)."""
-    if kind is None:
-        head = raw.peek(4)[:4]  # type: ignore[attr-defined]
-        kind = "gzip" if head.startswith(_GZIP_MAGIC) else "none"
-        kind = "zstd" if head.startswith(_ZSTD_MAGIC) else kind
-    if kind == "gzip":
-        try:
-            from isal import igzip as gzip_module  # 3-4x faster inflate when present
-        except ImportError:  # pragma: no cover - isal is an optional accelerator
-            import gzip as gzip_module
-        with gzip_module.GzipFile(fileobj=raw, mode="rb") as stream:
-            yield stream  # type: ignore[misc]
-    elif kind == "zstd":
-        import zstandard
-
-        reader = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)
-        with reader:
-            yield reader  # type: ignore[misc]
-    else:
-        yield raw
 
 
 def safe_relative(name: str, what: str = "") -> str:
