@@ -185,6 +185,17 @@ def test_distribution_api_errors_and_details(
     }  # fmt: skip
     unknown = put("v1", json.dumps(manifest).encode())
     assert unknown.status == 400 and code(unknown) == "MANIFEST_BLOB_UNKNOWN"
+    # Structures that are not the spec's are refused with 400, not a server error (an index
+    # whose manifests are a number, a config that is a string, a layer's size as text...).
+    for broken in (
+        {"schemaVersion": 2, "manifests": 5},
+        {"schemaVersion": 2, "manifests": [{"digest": empty_digest, "size": 2, "platform": 1}]},
+        {**manifest, "layers": [{**manifest["layers"][0], "size": "3"}]},
+        {**manifest, "layers": [{**manifest["layers"][0], "annotations": {"a": 1}}]},
+        {**manifest, "artifactType": {"x": 1}},
+    ):
+        answer = put("v1", json.dumps(broken).encode())
+        assert answer.status == 400 and code(answer) == "MANIFEST_INVALID", broken
     manifest["layers"] = [{"mediaType": "application/octet-stream", "digest": digest,
                            "size": len(blob), "annotations": {
                                "org.opencontainers.image.title": "blob.bin"}}]  # fmt: skip

@@ -288,7 +288,10 @@ class ModelRecord:
             ref = ModelRef(str(data["namespace"]), str(data["name"]), str(data["version"]))
         except (KeyError, ValueError) as exc:
             raise FormatError(what, f"bad namespace/name/version: {exc}") from exc
-        files = [ModelFile.from_json(f) for f in data.get("files") or []]
+        listed = data.get("files") or []
+        if not isinstance(listed, list):
+            raise FormatError(what, f"'files' is not a list but {type(listed).__name__}")
+        files = [ModelFile.from_json(f) for f in listed]
         return cls._build(ref, data, files, what)
 
     @classmethod
@@ -378,12 +381,28 @@ class Index:
         if not isinstance(schema, str) or not schema.startswith("cvmfs-ml.index/"):
             raise FormatError(INDEX_PATH, f"not a cvmfs-ml index (schema {schema!r})")
         models: dict[str, ModelEntry] = {}
-        for key, value in (data.get("models") or {}).items():
-            if not isinstance(value, dict):
+        listed = data.get("models") or {}
+        if not isinstance(listed, dict):
+            raise FormatError(INDEX_PATH, "'models' is not an object")
+        for key, value in listed.items():
+            versions = value.get("versions") or {} if isinstance(value, dict) else None
+            aliases = value.get("aliases") or {} if isinstance(value, dict) else None
+            if (
+                not isinstance(versions, dict)
+                or not isinstance(aliases, dict)
+                or not all(isinstance(s, dict) for s in versions.values())
+            ):
                 raise FormatError(INDEX_PATH, f"bad entry for {key!r}")
+            namespace, _, name = str(key).partition("/")
+            try:
+                ModelRef(namespace, name)  # each a valid component, as readers split the key
+                for label in (*versions, *aliases, *aliases.values()):
+                    validate_component(label, "version or alias", version=True)
+            except ValueError as exc:
+                raise FormatError(INDEX_PATH, f"bad entry for {key!r}: {exc}") from exc
             models[key] = ModelEntry(
-                versions={str(v): dict(s) for v, s in (value.get("versions") or {}).items()},
-                aliases={str(a): str(v) for a, v in (value.get("aliases") or {}).items()},
+                versions={str(v): dict(s) for v, s in versions.items()},
+                aliases={str(a): str(v) for a, v in aliases.items()},
                 unknown={k: v for k, v in value.items() if k not in ("versions", "aliases")},
             )
         unknown = {k: v for k, v in data.items() if k not in ("schema", "updated", "models")}

@@ -26,8 +26,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cvmfs_ml.errors import CvmfsMlError, NotFoundError
+from cvmfs_ml.errors import CvmfsMlError, FormatError, NotFoundError
 from cvmfs_ml.models.sources.oci_client import Fetched
+from cvmfs_ml.models.sources.oci_manifest import check_index, check_manifest
 from cvmfs_ml.storage.pagecache import UncachedWriter
 
 __all__ = ["LocalRegistryClient", "OciError", "OciStore", "StoredManifest"]
@@ -271,14 +272,17 @@ class OciStore:
             raise OciError(400, "MANIFEST_INVALID",
                            f"Content-Type {media_type} but mediaType {declared}")  # fmt: skip
         descriptors: list[Any] = []
-        if "manifests" in document:  # an index
-            descriptors = document.get("manifests") or []
-        else:
-            if not isinstance(document.get("config"), dict) or not isinstance(
-                document.get("layers", []), list
-            ):
-                raise OciError(400, "MANIFEST_INVALID", "manifest needs config and layers")
-            descriptors = [document["config"], *document.get("layers", [])]
+        try:  # what is stored here is read back by the ingest and by every client: spec only
+            if "manifests" in document:  # an index
+                check_index(document, "image index")
+                descriptors = document["manifests"]
+            else:
+                if not isinstance(document.get("config"), dict):
+                    raise OciError(400, "MANIFEST_INVALID", "manifest needs config and layers")
+                check_manifest(document, "manifest")
+                descriptors = [document["config"], *document.get("layers", [])]
+        except FormatError as exc:
+            raise OciError(400, "MANIFEST_INVALID", str(exc)) from exc
         for descriptor in descriptors:
             if not isinstance(descriptor, dict) or not isinstance(descriptor.get("digest"), str):
                 raise OciError(400, "MANIFEST_INVALID", "a descriptor lacks its digest")

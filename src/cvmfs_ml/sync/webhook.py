@@ -43,9 +43,24 @@ class RegistryEvent:
     registry: str = ""
 
 
+def _listed(value: Any, what: str) -> list[Any]:
+    """``value`` if it is a JSON array (or absent), else a :class:`FormatError`: the body comes
+    from the network, and a sender's wrong type must be a 400, not a crashed handler."""
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise FormatError("webhook body", f"{what} is not an array")
+    return value
+
+
+def _object(value: Any) -> dict[str, Any]:
+    """``value`` if it is a JSON object, else empty (optional parts of an event)."""
+    return value if isinstance(value, dict) else {}
+
+
 def _docker_events(payload: dict[str, Any]) -> list[RegistryEvent]:
     out = []
-    for event in payload.get("events") or []:
+    for event in _listed(payload.get("events"), "'events'"):
         if not isinstance(event, dict):
             continue
         action = event.get("action")
@@ -60,7 +75,7 @@ def _docker_events(payload: dict[str, Any]) -> list[RegistryEvent]:
         repository = target.get("repository")
         if not isinstance(repository, str) or not repository:
             continue
-        host = (event.get("request") or {}).get("host", "")
+        host = _object(event.get("request")).get("host", "")
         out.append(RegistryEvent(action, repository, str(target.get("tag") or ""),
                                  str(target.get("digest") or ""), str(host or "")))  # fmt: skip
     return out
@@ -71,12 +86,12 @@ def _harbor_events(payload: dict[str, Any]) -> list[RegistryEvent]:
     data = payload.get("event_data") or {}
     if action is None or not isinstance(data, dict):
         return []
-    repository = (data.get("repository") or {}).get("repo_full_name")
+    repository = _object(data.get("repository")).get("repo_full_name")
     if not isinstance(repository, str) or not repository:
         return []
     out = []
-    for resource in data.get("resources") or [{}]:
-        resource = resource if isinstance(resource, dict) else {}
+    for resource in _listed(data.get("resources"), "'event_data.resources'") or [{}]:
+        resource = _object(resource)
         url = str(resource.get("resource_url") or "")
         registry = url.split("/", 1)[0] if "/" in url else ""
         out.append(RegistryEvent(action, repository, str(resource.get("tag") or ""),

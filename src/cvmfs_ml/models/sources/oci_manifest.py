@@ -33,6 +33,8 @@ __all__ = [
     "MODELPACK_PREFIX",
     "ORAS_DIRECTORY_LAYER",
     "ResolvedManifest",
+    "check_index",
+    "check_manifest",
     "classify",
     "resolve",
 ]
@@ -88,6 +90,8 @@ class ResolvedManifest:
 def _platform_matches(entry: dict[str, Any], platform: str) -> bool:
     wanted = platform.split("/")
     found = entry.get("platform") or {}
+    if not isinstance(found, dict):
+        return False
     have = [found.get("os", ""), found.get("architecture", ""), found.get("variant", "")]
     return all(w == h for w, h in zip(wanted, have, strict=False))
 
@@ -107,6 +111,7 @@ def resolve(
         not media_type and "manifests" in document
     ):
         index_digest = fetched.digest
+        check_index(document, f"image index {fetched.digest}")
         candidates = [
             m
             for m in document.get("manifests") or []
@@ -121,11 +126,71 @@ def resolve(
         media_type = fetched.media_type or str(child.get("mediaType") or "")
     if media_type not in (OCI_MANIFEST, DOCKER_MANIFEST) and "layers" not in document:
         raise FormatError(f"manifest {fetched.digest}", f"unsupported media type {media_type!r}")
-    if not isinstance(document.get("layers", []), list):
-        raise FormatError(f"manifest {fetched.digest}", "'layers' is not a list")
+    check_manifest(document, f"manifest {fetched.digest}")
     return ResolvedManifest(
         reference, document, fetched.digest, media_type or OCI_MANIFEST, index_digest
     )
+
+
+def _strings(value: Any) -> bool:
+    return isinstance(value, dict) and all(
+        isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+    )
+
+
+def _descriptor_problem(value: Any) -> str | None:
+    """What is wrong with a descriptor (image-spec ``descriptor.md``), or None."""
+    if not isinstance(value, dict):
+        return "is not an object"
+    if not isinstance(value.get("mediaType", ""), str):
+        return "has a mediaType that is not a string"
+    if not isinstance(value.get("digest"), str):
+        return "has no digest string"
+    size = value.get("size")
+    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+        return "has no size (a non-negative integer)"
+    if "annotations" in value and not _strings(value["annotations"]):
+        return "has annotations that are not strings"
+    return None
+
+
+def _check_common(document: dict[str, Any], what: str) -> None:
+    """The fields manifests and indexes share: ``artifactType`` and ``annotations``."""
+    if not isinstance(document.get("artifactType", ""), str):
+        raise FormatError(what, "'artifactType' is not a string")
+    if "annotations" in document and not _strings(document["annotations"]):
+        raise FormatError(what, "'annotations' are not strings")
+
+
+def check_manifest(document: dict[str, Any], what: str) -> None:
+    """Refuse an image manifest whose structure is not the spec's: a registry is not trusted,
+    and everything after this (classify, the layout, the sync's records) reads these fields."""
+    layers = document.get("layers", [])
+    if not isinstance(layers, list):
+        raise FormatError(what, "'layers' is not a list")
+    if "config" in document:
+        problem = _descriptor_problem(document["config"])
+        if problem:
+            raise FormatError(what, f"config {problem}")
+    for index, layer in enumerate(layers):
+        problem = _descriptor_problem(layer)
+        if problem:
+            raise FormatError(what, f"layer {index} {problem}")
+    _check_common(document, what)
+
+
+def check_index(document: dict[str, Any], what: str) -> None:
+    """Refuse an image index whose ``manifests`` are not a list of descriptors."""
+    manifests = document.get("manifests")
+    if not isinstance(manifests, list):
+        raise FormatError(what, "'manifests' is not a list")
+    for index, entry in enumerate(manifests):
+        problem = _descriptor_problem(entry)
+        if problem is None and not isinstance(entry.get("platform", {}), dict):
+            problem = "has a platform that is not an object"
+        if problem:
+            raise FormatError(what, f"manifest {index} {problem}")
+    _check_common(document, what)
 
 
 def classify(manifest: dict[str, Any]) -> str:
