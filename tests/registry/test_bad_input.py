@@ -136,3 +136,32 @@ def test_oversized_bodies_are_refused_with_or_without_length(
     wait_until(lambda: text(get(strict, "/pubapi/exists?cid=grp/fine")).startswith("PRESENT"),
                120, strict.logs)  # fmt: skip
     assert registry_env.read(FQRNS[0], "/sw/grp/fine/fine.txt") == b"fine\n"
+
+
+def test_hard_links_move_with_the_stripping(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A hard link names its leader by its path in the tarball: after ``striplevels`` the
+    leader is found under its stripped name, and one stripped away is refused (400)."""
+    from pathlib import Path
+
+    from cvmfs_ml.registry.tarballs import RejectedError, check_tarball, tarball_items
+
+    def build(tar: tarfile.TarFile) -> None:
+        _member(tar, "top", type=tarfile.DIRTYPE)
+        _member(tar, "top/a.bin", size=5)
+        _member(tar, "top/b.bin", type=tarfile.LNKTYPE, linkname="top/a.bin")
+
+    tarball = Path(tmp_path) / "t.tar"
+    tarball.write_bytes(_tar(build))
+    assert check_tarball(tarball, 1, max_members=10, max_unpacked_bytes=100) == (3, 5)
+    links = {i.path: i.same_as for i in tarball_items(tarball, "/sw/g/c", 1) if i.same_as}
+    assert links == {"/sw/g/c/b.bin": "/sw/g/c/a.bin"}
+
+    def to_top(tar: tarfile.TarFile) -> None:
+        _member(tar, "a.bin", size=5)
+        _member(tar, "top", type=tarfile.DIRTYPE)
+        _member(tar, "top/b.bin", type=tarfile.LNKTYPE, linkname="a.bin")
+
+    tarball.write_bytes(_tar(to_top))
+    with pytest.raises(RejectedError, match="stripped away") as refused:
+        check_tarball(tarball, 1, max_members=10, max_unpacked_bytes=100)
+    assert refused.value.status == 400

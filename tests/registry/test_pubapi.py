@@ -195,3 +195,26 @@ def test_revision_visibility_at_the_local_stratum1(
     assert get(server, "/api/v1/repositories/no.such.repo/revisions/1").status == 404
     metrics = text(get(server, "/metrics"))
     assert re.search(r"cvmfs_registry_time_to_stratum1_seconds_count\{[^}]*\} 1\.0", metrics)
+
+
+def test_tarball_with_hard_links_publishes(
+    registry_env: RegistryEnv, registry: RegistryServer, tmp_path: Path
+) -> None:
+    """GNU tar stores a second name of a file as a hard link member (no data of its own); the
+    upload check once read every regular member's data and failed on it (a server error)."""
+    tree = tmp_path / "proj"
+    (tree / "lib").mkdir(parents=True)
+    (tree / "lib" / "libx.so.1").write_bytes(bytes(range(256)) * 40)
+    (tree / "lib" / "libx.so").hardlink_to(tree / "lib" / "libx.so.1")
+    tarball = tmp_path / "h.tgz"
+    subprocess.run(["tar", "-czf", str(tarball), "-C", str(tmp_path), "proj"], check=True)
+    listing = subprocess.run(["tar", "-tvzf", str(tarball)], capture_output=True, text=True)
+    assert " link to " in listing.stdout  # really a hard link member
+    token = registry_env.tokens["writer"]
+    assert curl_publish(registry, tarball, "grp/hard1", token, strip=1) == "OK\n"
+    wait_until(
+        lambda: text(get(registry, "/pubapi/exists?cid=grp/hard1", token)).startswith("PRESENT:"),
+        120, registry.logs,
+    )  # fmt: skip
+    for name in ("lib/libx.so.1", "lib/libx.so"):
+        assert registry_env.read(FQRNS[0], f"/sw/grp/hard1/{name}") == bytes(range(256)) * 40

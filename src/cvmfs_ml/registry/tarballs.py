@@ -56,6 +56,13 @@ def tarball_items(tarball: Path, at: str, strip: int = 0) -> Iterator[SourceItem
             resolved = posixpath.normpath(posixpath.join(posixpath.dirname(relative), item.symlink))
             if item.symlink.startswith("/") or resolved == ".." or resolved.startswith("../"):
                 raise UnsafeInputError(relative, f"symlink {item.symlink!r} leaves the CID")
+        if item.same_as:
+            # A hard link names its leader by the leader's path in the tarball: it moves with
+            # the stripping too (a leader stripped away was dropped above, so is refused).
+            leader = [p for p in item.same_as.split("/") if p]
+            if len(leader) <= strip:
+                raise UnsafeInputError(relative, f"hard link to {item.same_as!r}, stripped away")
+            item.same_as = join_repo_path(base, "/".join(leader[strip:]))
         item.path = join_repo_path(base, relative)
         yield item
 
@@ -103,7 +110,7 @@ def check_tarball(
         _check_compressed_stream(tarball)
         for item in tarball_items(tarball, "/check", strip):
             members += 1
-            if item.is_regular:
+            if item.is_regular and not item.same_as:  # a hard link's bytes are its leader's
                 unpacked += item.size
                 if unpacked <= max_unpacked_bytes:
                     _read_through(item)
