@@ -23,6 +23,7 @@ from cvmfs_ml.errors import FormatError, NotFoundError
 from cvmfs_ml.models.layout import ModelRef, read_record
 from cvmfs_ml.models.sources.mlflow import (
     _safe_uri,
+    describe_folder,
     ingest_mlflow,
     mlflow_metadata,
     parse_models_uri,
@@ -240,6 +241,23 @@ def test_mlmodel_metadata_without_mlflow(tmp_path: Path) -> None:
     assert meta["model_uuid"] == "0123abcd"
     with pytest.raises(NotFoundError):
         read_mlmodel(tmp_path / "elsewhere")
+
+
+def test_hostile_mlmodel_files_are_refused_at_once(tmp_path: Path) -> None:
+    """An MLmodel comes with the model, from whoever logged it: a "billion laughs" of YAML
+    aliases (nine lines that stand for 10^9 values) once hung the sync in json.dumps, and a huge
+    file was read whole. Both are refused before anything walks the tree."""
+    lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
+    lines += [f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 10) + "]" for i in range(1, 9)]
+    lines += ["flavors: {python_function: {loader_module: x}}", "signature: {inputs: *a8}"]
+    (tmp_path / "MLmodel").write_text("\n".join(lines) + "\n")
+    with pytest.raises(FormatError, match="aliases"):
+        describe_folder(tmp_path, {})
+    (tmp_path / "MLmodel").write_text("flavors: {}\n" + "# padding\n" * 200_000)
+    with pytest.raises(FormatError, match="limit"):
+        read_mlmodel(tmp_path)
+    (tmp_path / "MLmodel").write_text("flavors: [onnx, python_function]\nmodel_uuid: [1]\n")
+    assert describe_folder(tmp_path, {}).description == "MLflow model"  # odd types: no crash
 
 
 def test_tracking_uri_passwords_are_not_recorded() -> None:

@@ -79,6 +79,10 @@ def parse_models_uri(uri: str) -> tuple[str, str | None, str | None]:
     return match.group("name"), match.group("version"), match.group("alias")
 
 
+MAX_MLMODEL_BYTES = 1 << 20
+"""An MLmodel file is a few kB of YAML; anything near this is not one."""
+
+
 def read_mlmodel(folder: Path) -> dict[str, Any]:
     """The parsed ``MLmodel`` of ``folder`` (FormatError when missing or not a YAML mapping)."""
     path = Path(folder) / MLMODEL
@@ -88,8 +92,17 @@ def read_mlmodel(folder: Path) -> dict[str, Any]:
         import yaml
     except ImportError as exc:  # pragma: no cover - PyYAML comes with mlflow-skinny
         raise ConfigError("reading MLmodel needs PyYAML: pip install pyyaml") from exc
+    size = path.stat().st_size
+    if size > MAX_MLMODEL_BYTES:
+        raise FormatError(str(path), f"{size} bytes, over the {MAX_MLMODEL_BYTES}-byte limit")
     try:
-        data = yaml.safe_load(path.read_text())
+        text = path.read_text()
+        # An alias repeats a node without copying it, so ten lines can stand for a billion
+        # values once anything walks the tree (json.dumps below did, and hung the sync).
+        # MLflow never writes anchors or aliases: refuse them before building anything.
+        if any(isinstance(event, yaml.AliasEvent) for event in yaml.parse(text, yaml.SafeLoader)):
+            raise FormatError(str(path), "YAML aliases (*name) are not accepted in MLmodel")
+        data = yaml.safe_load(text)
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise FormatError(str(path), f"not YAML: {exc}") from exc
     if not isinstance(data, dict):
@@ -206,7 +219,8 @@ def describe_folder(folder: Path, source: dict[str, Any]) -> PulledModel:
         source["model_uuid"] = metadata["model_uuid"]
     if metadata.get("run_id") and not source.get("run_id"):
         source["run_id"] = metadata["run_id"]
-    flavors = sorted((metadata.get("flavors") or {}).keys())
+    listed = metadata.get("flavors")
+    flavors = sorted(map(str, listed)) if isinstance(listed, dict) else []
     description = f"MLflow model ({', '.join(flavors)})" if flavors else "MLflow model"
     return PulledModel(folder, source, description, None, {"mlflow": metadata})
 
