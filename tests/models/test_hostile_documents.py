@@ -129,3 +129,38 @@ def test_index_names_and_labels_are_checked() -> None:
     ):
         with pytest.raises(CvmfsMlError, match="bad entry"):
             Index.from_bytes(json.dumps({**INDEX, "models": models}).encode())
+
+
+DEEP = b'{"a":' * 20_000 + b"1" + b"}" * 20_000  # 200 kB; json.loads: RecursionError
+
+
+def _safetensors_with(header: bytes) -> bytes:
+    return len(header).to_bytes(8, "little") + header
+
+
+@pytest.mark.parametrize("what", [
+    "webhook", "index.json", "OCI manifest", "meta-info", "safetensors header", "jsontext",
+])  # fmt: skip
+def test_deeply_nested_json_is_malformed_json(what: str) -> None:
+    """Nesting too deep for Python's parser is a RecursionError, which no handler written for
+    malformed JSON (ValueError) caught: it is malformed JSON like any other now."""
+    import io
+
+    from cvmfs_ml.cvmfs import jsontext
+    from cvmfs_ml.cvmfs.meta import parse_metainfo
+    from cvmfs_ml.models.formats import describe
+    from cvmfs_ml.models.sources.oci_client import Fetched
+
+    parse: dict[str, Callable[[], Any]] = {
+        "webhook": lambda: parse_notification(DEEP),
+        "index.json": lambda: Index.from_bytes(DEEP),
+        "OCI manifest": lambda: Fetched(DEEP, "application/json", "sha256:" + "0" * 64).json(),
+        "meta-info": lambda: parse_metainfo(DEEP),
+        "safetensors header": lambda: describe(
+            io.BytesIO(_safetensors_with(DEEP)), name="m.safetensors"
+        ),
+        "jsontext": lambda: jsontext.loads(DEEP),
+    }
+    expected = ValueError if what == "jsontext" else CvmfsMlError
+    with pytest.raises(expected, match="nested too deeply"):
+        parse[what]()

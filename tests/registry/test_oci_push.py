@@ -196,6 +196,8 @@ def test_distribution_api_errors_and_details(
     ):
         answer = put("v1", json.dumps(broken).encode())
         assert answer.status == 400 and code(answer) == "MANIFEST_INVALID", broken
+    deep = b'{"a":' * 20_000 + b"1" + b"}" * 20_000  # RecursionError in json.loads: was a 500
+    assert code(put("v1", deep)) == "MANIFEST_INVALID"
     manifest["layers"] = [{"mediaType": "application/octet-stream", "digest": digest,
                            "size": len(blob), "annotations": {
                                "org.opencontainers.image.title": "blob.bin"}}]  # fmt: skip

@@ -12,6 +12,7 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
+from cvmfs_ml.cvmfs import jsontext
 from cvmfs_ml.errors import FormatError
 
 __all__ = [
@@ -71,7 +72,7 @@ def parse_metainfo(data: bytes, *, strict: bool = False) -> dict[str, Any]:
     before it uploads an edited file.
     """
     try:
-        info = json.loads(data.decode("utf-8"))
+        info = jsontext.loads(data.decode("utf-8"))
     except UnicodeDecodeError as exc:
         raise FormatError(_WHAT, f"not UTF-8 at byte {exc.start}") from exc
     except json.JSONDecodeError as exc:

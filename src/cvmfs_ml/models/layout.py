@@ -56,6 +56,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from cvmfs_ml.cvmfs import jsontext
 from cvmfs_ml.errors import FormatError, NotFoundError
 
 __all__ = [
@@ -374,7 +375,7 @@ class Index:
     @classmethod
     def from_bytes(cls, raw: bytes) -> Index:
         try:
-            data = json.loads(raw)
+            data = jsontext.loads(raw)
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise FormatError(INDEX_PATH, f"not JSON: {exc}") from exc
         schema = data.get("schema") if isinstance(data, dict) else None
@@ -512,7 +513,7 @@ def read_record(repo: TreeReader, ref: ModelRef) -> ModelRecord:
     except FileNotFoundError as exc:
         raise NotFoundError(ref.model_json_path) from exc
     try:
-        record = ModelRecord.from_json(json.loads(raw), what=ref.model_json_path)
+        record = ModelRecord.from_json(jsontext.loads(raw), what=ref.model_json_path)
     except json.JSONDecodeError as exc:
         raise FormatError(ref.model_json_path, f"not JSON: {exc}") from exc
     if record.ref != ref:

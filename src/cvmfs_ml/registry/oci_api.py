@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib
-import json
 import logging
 import re
 from concurrent.futures import ThreadPoolExecutor
@@ -28,6 +27,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
+from cvmfs_ml.cvmfs import jsontext
 from cvmfs_ml.errors import CvmfsMlError
 from cvmfs_ml.models.layout import ModelRef
 from cvmfs_ml.models.sources.oci import classify, ingest_oci
@@ -351,7 +351,7 @@ def add_oci_routes(app: FastAPI, service: RegistryService, store: OciStore) -> M
         if DIGEST_RE.fullmatch(reference) and reference != actual:
             raise OciError(400, "DIGEST_INVALID", f"manifest has digest {actual}, not {reference}")
         digest = await run_in_threadpool(store.put_manifest, name, bytes(body), media_type, tags)
-        document = json.loads(bytes(body))
+        document = jsontext.loads(bytes(body))
         headers = {**_API_HEADER, "Location": f"/v2/{name}/manifests/{digest}",
                    "Docker-Content-Digest": digest}  # fmt: skip
         if isinstance(document.get("subject"), dict):

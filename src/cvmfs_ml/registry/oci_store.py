@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cvmfs_ml.cvmfs import jsontext
 from cvmfs_ml.errors import CvmfsMlError, FormatError, NotFoundError
 from cvmfs_ml.models.sources.oci_client import Fetched
 from cvmfs_ml.models.sources.oci_manifest import check_index, check_manifest
@@ -261,7 +262,7 @@ class OciStore:
     def put_manifest(self, repo: str, body: bytes, media_type: str, tags: list[str]) -> str:
         """Validate and store a manifest (its blobs must be here); returns its digest."""
         try:
-            document = json.loads(body)
+            document = jsontext.loads(body)
         except (UnicodeDecodeError, ValueError) as exc:
             raise OciError(400, "MANIFEST_INVALID", f"manifest is not JSON: {exc}") from exc
         if not isinstance(document, dict):

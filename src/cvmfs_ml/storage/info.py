@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from cvmfs_ml import __version__
+from cvmfs_ml.cvmfs import jsontext
 from cvmfs_ml.cvmfs.manifest import Manifest
 from cvmfs_ml.errors import FormatError
 
@@ -66,7 +67,7 @@ def updated_status(existing: bytes | None, **fields: str) -> bytes:
     status: dict[str, Any] = {}
     if existing and len(existing) <= _MAX_JSON:
         try:
-            loaded = json.loads(existing)
+            loaded = jsontext.loads(existing)
         except ValueError:
             loaded = None
         if isinstance(loaded, dict):
@@ -127,7 +128,7 @@ def meta_json(root: Path) -> bytes:
     path = Path(root) / "info" / "v1" / "meta.json"
     try:
         raw = path.read_bytes() if path.stat().st_size <= _MAX_JSON else b""
-        if isinstance(json.loads(raw), dict):
+        if isinstance(jsontext.loads(raw), dict):
             return raw
     except (OSError, ValueError):
         pass

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from cvmfs_ml.cvmfs import jsontext
 from cvmfs_ml.errors import FormatError
 from cvmfs_ml.models.sources.oci import (
     ResolvedManifest,
@@ -115,7 +116,7 @@ class ImageRecord:
     @classmethod
     def from_bytes(cls, raw: bytes, what: str) -> ImageRecord:
         try:
-            data = json.loads(raw)
+            data = jsontext.loads(raw)
             return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
         except (ValueError, KeyError, TypeError) as exc:
             raise FormatError(what, f"not an image record: {exc}") from exc

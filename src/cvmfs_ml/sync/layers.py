@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cvmfs_ml.cvmfs import jsontext
 from cvmfs_ml.errors import FormatError
 from cvmfs_ml.models.layout import utc_timestamp
 from cvmfs_ml.models.sources.oci import ResolvedManifest, distributable_layers, fetch_layer
@@ -153,7 +154,7 @@ def _read_json(repo: Any, path: str, default: Any) -> Any:
     try:
         if repo.stat(path).size > _MAX_JSON:
             raise FormatError(path, f"larger than {_MAX_JSON} bytes")
-        return json.loads(repo.read_bytes(path))
+        return jsontext.loads(repo.read_bytes(path))
     except (FileNotFoundError, NotADirectoryError):
         return default
     except ValueError as exc:

@@ -19,12 +19,12 @@ from __future__ import annotations
 
 import hmac
 import http.server
-import json
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from cvmfs_ml.cvmfs import jsontext
 from cvmfs_ml.errors import FormatError
 
 __all__ = ["RegistryEvent", "WebhookServer", "parse_notification"]
@@ -102,7 +102,7 @@ def _harbor_events(payload: dict[str, Any]) -> list[RegistryEvent]:
 def parse_notification(body: bytes) -> list[RegistryEvent]:
     """The repository events in a Docker distribution or Harbor webhook body."""
     try:
-        payload = json.loads(body)
+        payload = jsontext.loads(body)
     except (UnicodeDecodeError, ValueError) as exc:
         raise FormatError("webhook body", f"not JSON: {exc}") from exc
     if not isinstance(payload, dict):

@@ -15,6 +15,7 @@ import json
 import posixpath
 from typing import Any
 
+from cvmfs_ml.cvmfs import jsontext
 from cvmfs_ml.models.formats._protobuf import (
     LEN,
     VARINT,
@@ -72,7 +73,7 @@ def _manifest(source: DirSource) -> dict[str, Any] | None:
         return None
     try:
         with source.opener(source.sibling("Manifest.json"), "rb") as f:
-            data = json.loads(f.read(16 << 20))
+            data = jsontext.loads(f.read(16 << 20))
     except (OSError, json.JSONDecodeError, UnicodeDecodeError):
         return None
     if isinstance(data, dict) and isinstance(data.get("itemInfoEntries"), dict):

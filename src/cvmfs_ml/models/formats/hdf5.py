@@ -18,6 +18,7 @@ import json
 import zipfile
 from typing import Any
 
+from cvmfs_ml.cvmfs import jsontext
 from cvmfs_ml.models.formats._zip import member_file, open_zip, read_member
 from cvmfs_ml.models.formats.base import (
     ZIP_ERRORS,
@@ -95,7 +96,7 @@ def describe(f: ReadableFile, source: Source) -> ModelDescription:
 
 def _json_member(z: Any, name: str, what: str) -> Any:
     try:
-        return json.loads(read_member(z, name, what, _MAX_JSON))
+        return jsontext.loads(read_member(z, name, what, _MAX_JSON))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ModelFormatError(what, f"{name} is not valid JSON: {exc}") from None
 
@@ -154,7 +155,7 @@ def _describe_h5(f: ReadableFile, source: Source) -> ModelDescription:
         config = attrs.get("model_config")
         if isinstance(config, str):
             try:
-                parsed = json.loads(config)
+                parsed = jsontext.loads(config)
             except json.JSONDecodeError as exc:
                 raise ModelFormatError(what, f"model_config is not valid JSON: {exc}") from None
             if isinstance(parsed, dict):

@@ -14,6 +14,7 @@ import json
 import struct
 from typing import Any
 
+from cvmfs_ml.cvmfs import jsontext
 from cvmfs_ml.models.formats.base import (
     BlockReader,
     ModelDescription,
@@ -73,7 +74,7 @@ def describe(f: ReadableFile, source: Source) -> ModelDescription:
     if not raw.startswith(b"{"):
         raise ModelFormatError(what, "safetensors header does not start with '{'")
     try:
-        header = json.loads(raw.decode("utf-8"))
+        header = jsontext.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ModelFormatError(what, f"safetensors header is not valid JSON: {exc}") from None
     if not isinstance(header, dict):

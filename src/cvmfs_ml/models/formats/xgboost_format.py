@@ -17,6 +17,7 @@ import re
 import struct
 from typing import Any
 
+from cvmfs_ml.cvmfs import jsontext
 from cvmfs_ml.models.formats.base import (
     BlockReader,
     ModelDescription,
@@ -234,7 +235,7 @@ def describe(f: ReadableFile, source: Source) -> ModelDescription:
     desc.metadata["encoding"] = "json"
     if reader.size <= MAX_JSON:
         try:
-            doc = json.loads(reader.read_at(0, reader.size, "JSON"))
+            doc = jsontext.loads(reader.read_at(0, reader.size, "JSON"))
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise ModelFormatError(what, f"not valid JSON: {exc}") from None
         if not isinstance(doc, dict) or "learner" not in doc:

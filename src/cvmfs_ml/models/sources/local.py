@@ -14,7 +14,6 @@ a version is a no-op or a conflict.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import stat
 from collections.abc import Iterator, Mapping
@@ -23,6 +22,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from cvmfs_ml.cvmfs import jsontext
 from cvmfs_ml.errors import NotFoundError, PublishError, UnsafeInputError
 
 __all__ = [
@@ -229,7 +229,7 @@ def detect_license(folder: Path) -> str | None:
     if isinstance(value, str) and value:
         return value
     try:
-        config = json.loads((Path(folder) / "config.json").read_text())
+        config = jsontext.loads((Path(folder) / "config.json").read_text())
     except (OSError, ValueError):
         return None
     found = config.get("license") if isinstance(config, dict) else None

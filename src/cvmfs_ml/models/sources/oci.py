@@ -42,6 +42,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from cvmfs_ml.cvmfs import jsontext
 from cvmfs_ml.errors import FormatError, NotFoundError, UnsafeInputError
 from cvmfs_ml.models.layout import ModelRef
 from cvmfs_ml.models.sources.base import (
@@ -239,7 +240,7 @@ def _file_metadata(annotations: dict[str, Any]) -> tuple[int, float | None]:
     if not raw:
         return 0o644, None
     try:
-        meta = json.loads(raw) if isinstance(raw, str) else dict(raw)
+        meta = jsontext.loads(raw) if isinstance(raw, str) else dict(raw)
     except (ValueError, TypeError):
         return 0o644, None
     mode = meta.get("mode")
@@ -335,7 +336,7 @@ def _read_config(client: RegistryClient, resolved: ResolvedManifest, blob_dir: P
         return None
     path = _fetch(client, resolved, descriptor, blob_dir)
     try:
-        return json.loads(path.read_bytes())
+        return jsontext.loads(path.read_bytes())
     except (UnicodeDecodeError, json.JSONDecodeError):
         return None  # configs of ORAS artifacts may be anything; only JSON is kept
 

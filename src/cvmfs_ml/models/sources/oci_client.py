@@ -30,6 +30,7 @@ import urllib3
 
 from cvmfs_ml.client.transfer import body_readinto
 from cvmfs_ml.client.transfer import finish as finish_response
+from cvmfs_ml.cvmfs import jsontext
 from cvmfs_ml.errors import DownloadError, FormatError, IntegrityError, NotFoundError
 
 __all__ = [
@@ -148,7 +149,7 @@ class Fetched:
 
     def json(self) -> dict[str, Any]:
         try:
-            value = json.loads(self.data)
+            value = jsontext.loads(self.data)
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise FormatError(f"manifest {self.digest}", f"not JSON: {exc}") from exc
         if not isinstance(value, dict):
@@ -303,7 +304,7 @@ class RegistryClient:
                 url, [(token_url, "direct", f"token request answered {response.status}")]
             )
         try:
-            body = json.loads(response.data)
+            body = jsontext.loads(response.data)
             token = body.get("token") or body.get("access_token")
         except (ValueError, AttributeError) as exc:
             raise DownloadError(url, [(token_url, "direct", "token answer is not JSON")]) from exc
@@ -371,7 +372,7 @@ class RegistryClient:
         media_type = response.headers.get("Content-Type", "").split(";")[0].strip()
         if not media_type or media_type in ("application/json", "application/octet-stream"):
             try:
-                media_type = str(json.loads(data).get("mediaType") or "")
+                media_type = str(jsontext.loads(data).get("mediaType") or "")
             except (ValueError, AttributeError):
                 media_type = ""
         algorithm = reference.split(":", 1)[0] if _DIGEST_RE.fullmatch(reference) else "sha256"
@@ -406,7 +407,7 @@ class RegistryClient:
             if len(data) > MAX_MANIFEST_BYTES:
                 raise FormatError(url, f"tag list larger than {MAX_MANIFEST_BYTES} bytes")
             try:
-                page = json.loads(data).get("tags") or []
+                page = jsontext.loads(data).get("tags") or []
             except (ValueError, AttributeError) as exc:
                 raise FormatError(url, "tag list is not a JSON object") from exc
             if not isinstance(page, list):
