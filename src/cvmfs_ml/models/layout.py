@@ -309,6 +309,9 @@ class ModelRecord:
             "created", "published_by", "source", "size", "file_count", "files", "models",
             "extra", "warnings",
         }  # fmt: skip
+        for key in ("format", "license", "published_by"):  # shown as text by every reader
+            if data.get(key) is not None and not isinstance(data[key], str):
+                raise FormatError(what, f"{key!r} of {ref} is not a string")
         try:
             return cls(
                 ref=ref,
