@@ -929,3 +929,18 @@ def test_a_streamed_blob_whose_bytes_do_not_match_its_digest_is_refused(
     source = {"type": "oci", "layers": [{"digest": descriptor["digest"], "as": "file",
                                          "path": "w.bin"}]}  # fmt: skip
     assert ingest.remember(tmp_path / "m", source) == 0  # its content was never recorded
+
+
+def test_file_metadata_annotations_of_any_shape() -> None:
+    """ModelPack's per-file metadata is an annotation anyone can write: a JSON list, a mode
+    that is not a number, an mtime of 1e400 (inf) or in year 1 fall back to the defaults
+    instead of failing the layout (os.utime refuses inf) or raising AttributeError."""
+    from cvmfs_ml.models.sources.oci import _file_metadata
+    from cvmfs_ml.models.sources.oci_manifest import ANNOTATION_FILE_METADATA as KEY
+
+    assert _file_metadata({KEY: '{"mode": 420, "mtime": "2025-01-02T03:04:05Z"}'}) == (
+        0o644, 1735787045.0,
+    )  # fmt: skip
+    for raw in ("[1, 2]", '"text"', "1e400", '{"mode": "rwx", "mtime": 1e400}',
+                '{"mtime": true}', '{"mtime": "0001-01-01T00:00:00"}', "{" * 5000):  # fmt: skip
+        assert _file_metadata({KEY: raw}) == (0o644, None), raw

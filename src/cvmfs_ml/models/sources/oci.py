@@ -243,6 +243,8 @@ def _file_metadata(annotations: dict[str, Any]) -> tuple[int, float | None]:
         meta = jsontext.loads(raw) if isinstance(raw, str) else dict(raw)
     except (ValueError, TypeError):
         return 0o644, None
+    if not isinstance(meta, dict):
+        return 0o644, None
     mode = meta.get("mode")
     mode = int(mode) & 0o777 if isinstance(mode, int) and mode & 0o777 else 0o644
     mtime = meta.get("mtime")
@@ -250,10 +252,12 @@ def _file_metadata(annotations: dict[str, Any]) -> tuple[int, float | None]:
     if isinstance(mtime, str):
         try:
             stamp = dt.datetime.fromisoformat(mtime.replace("Z", "+00:00")).timestamp()
-        except ValueError:
+        except (ValueError, OverflowError):
             stamp = None
-    elif isinstance(mtime, (int, float)):
+    elif isinstance(mtime, (int, float)) and not isinstance(mtime, bool):
         stamp = float(mtime)
+    if stamp is not None and not 0 <= stamp < 2**33:  # nan, inf, 1e400: os.utime refuses
+        stamp = None
     return mode, stamp
 
 
