@@ -268,6 +268,30 @@ def test_webhook_payloads_and_token() -> None:
         server.stop()
 
 
+def test_webhook_drops_a_sender_that_stalls() -> None:
+    """A sender that declares a body and stops sending loses its connection after the read
+    timeout (it held a thread forever before); senders after it are served meanwhile."""
+    import socket
+    import time
+
+    received: list[Any] = []
+    server = WebhookServer(received.extend, read_timeout=0.5).start()
+    try:
+        host, port = server.server_address[:2]
+        stalled = socket.create_connection((host, port), timeout=30)
+        stalled.sendall(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n{")
+        ok = HTTP.request("POST", server.url, body=b'{"events": []}')
+        assert ok.status == 202
+        deadline = time.monotonic() + 30
+        closed = False
+        while not closed and time.monotonic() < deadline:
+            closed = stalled.recv(4096) == b""  # the server hangs up, answering nothing
+        assert closed
+        stalled.close()
+    finally:
+        server.stop()
+
+
 # -- MLflow: registered model versions and aliases ------------------------------------------------
 @pytest.fixture(scope="module")
 def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:

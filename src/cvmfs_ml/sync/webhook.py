@@ -117,6 +117,13 @@ def parse_notification(body: bytes) -> list[RegistryEvent]:
 class _Handler(http.server.BaseHTTPRequestHandler):
     server: WebhookServer
 
+    def setup(self) -> None:
+        # Every read and write of the connection is bounded: a sender that declares a body
+        # and stalls (or never finishes its headers) loses the connection after this long
+        # instead of holding a thread forever.
+        self.timeout = self.server.read_timeout
+        super().setup()
+
     def log_message(self, *args: Any) -> None:
         pass
 
@@ -168,9 +175,11 @@ class WebhookServer(http.server.ThreadingHTTPServer):
         host: str = "127.0.0.1",
         port: int = 0,
         token: str | None = None,
+        read_timeout: float = 30.0,
     ) -> None:
         self.on_events = on_events
         self.token = token
+        self.read_timeout = read_timeout
         super().__init__((host, port), _Handler)
         self._thread: threading.Thread | None = None
 
