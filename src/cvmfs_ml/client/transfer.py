@@ -267,8 +267,9 @@ class SpeedCheck:
     """curl's low-speed rule: fail when a ``seconds`` window moves fewer than ``limit * seconds``
     bytes (upstream sets ``CURLOPT_LOW_SPEED_TIME`` to the timeout)."""
 
-    def __init__(self, limit: int, seconds: float) -> None:
+    def __init__(self, limit: int, seconds: float, name: str = "CVMFS_LOW_SPEED_LIMIT") -> None:
         self.limit = limit
+        self.name = name  # the setting to name in the reason
         self.seconds = max(seconds, 0.001)
         self.start = time.monotonic()
         self.moved = 0
@@ -284,7 +285,7 @@ class SpeedCheck:
             return None
         if self.moved < self.limit * elapsed:
             return (
-                f"slower than CVMFS_LOW_SPEED_LIMIT={self.limit} B/s "
+                f"slower than {self.name}={self.limit} B/s "
                 f"({self.moved} bytes in {elapsed:.1f} s)"
             )
         self.start, self.moved = now, 0

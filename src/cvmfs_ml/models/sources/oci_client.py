@@ -28,7 +28,7 @@ from urllib.parse import urlencode, urlsplit
 
 import urllib3
 
-from cvmfs_ml.client.transfer import body_readinto
+from cvmfs_ml.client.transfer import SpeedCheck, body_readinto
 from cvmfs_ml.client.transfer import finish as finish_response
 from cvmfs_ml.cvmfs import jsontext
 from cvmfs_ml.errors import DownloadError, FormatError, IntegrityError, NotFoundError
@@ -53,6 +53,7 @@ DOCKER_MANIFEST_LIST = "application/vnd.docker.distribution.manifest.list.v2+jso
 MANIFEST_TYPES = (OCI_MANIFEST, OCI_INDEX, DOCKER_MANIFEST, DOCKER_MANIFEST_LIST)
 
 MAX_MANIFEST_BYTES = 16 * 2**20  # the spec asks registries to accept at least 4 MiB
+MAX_TOKEN_BYTES = 2**20
 _HASHES = {"sha256": 64, "sha512": 128}
 _DIGEST_RE = re.compile(r"(sha256|sha512):([0-9a-f]+)")
 _TAG_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
@@ -168,10 +169,16 @@ class VerifiedBlob(io.RawIOBase):
     """A blob's bytes from an HTTP response, hashed and counted as they go by."""
 
     def __init__(
-        self, response: urllib3.BaseHTTPResponse, digest: str, size: int | None, url: str
+        self,
+        response: urllib3.BaseHTTPResponse,
+        digest: str,
+        size: int | None,
+        url: str,
+        speed: SpeedCheck | None = None,
     ) -> None:
         super().__init__()
         self._response = response
+        self._speed = speed
         self.digest = digest
         self.size = size
         self.url = url
@@ -202,6 +209,10 @@ class VerifiedBlob(io.RawIOBase):
         self.received += n
         if self.size is not None and self.received > self.size:
             raise IntegrityError(self.url, f"{self.size} bytes", f"more than {self.size} bytes")
+        slow = self._speed.after(n) if self._speed is not None else None
+        if slow:
+            reason = f"after {self.received} bytes: {slow}"
+            raise DownloadError(f"blob {self.digest}", [(self.url, "direct", reason)])
         self._hasher.update(view[:n])
         return n
 
@@ -234,8 +245,13 @@ class RegistryClient:
         verify_tls: bool = True,
         timeout: float = 60.0,
         retries: int = 3,
+        low_speed_limit: int = 1024,
     ) -> None:
         self.registry = registry
+        self.timeout = timeout
+        self.low_speed_limit = low_speed_limit
+        """Bytes per second a blob must average over each ``timeout`` seconds (0: no limit):
+        the read timeout alone never ends a registry that sends a byte now and then."""
         self.base_url = f"{'http' if plain_http else 'https'}://{registry}"
         self._credentials = (username, password or "") if username else None
         self._tokens: dict[str, str] = {}
@@ -258,6 +274,9 @@ class RegistryClient:
 
     def close(self) -> None:
         self._http.clear()
+
+    def _speed_check(self) -> SpeedCheck:
+        return SpeedCheck(self.low_speed_limit, self.timeout, "the low-speed limit")
 
     def __enter__(self) -> RegistryClient:
         return self
@@ -296,15 +315,21 @@ class RegistryClient:
         headers = {"Authorization": self._basic_header()} if self._credentials else {}
         token_url = f"{realm}{'&' if '?' in realm else '?'}{urlencode(query)}"
         try:
-            response = self._http.request("GET", token_url, headers=headers)
+            response = self._http.request(
+                "GET", token_url, headers=headers, preload_content=False
+            )
+            data = response.read(MAX_TOKEN_BYTES + 1)  # a token is a few kB, not a stream
+            response.release_conn()
         except urllib3.exceptions.HTTPError as exc:
             raise DownloadError(token_url, [(token_url, "direct", str(exc))]) from exc
         if response.status != 200:
             raise DownloadError(
                 url, [(token_url, "direct", f"token request answered {response.status}")]
             )
+        if len(data) > MAX_TOKEN_BYTES:
+            raise DownloadError(url, [(token_url, "direct", "token answer over 1 MiB")])
         try:
-            body = jsontext.loads(response.data)
+            body = jsontext.loads(data)
             token = body.get("token") or body.get("access_token")
         except (ValueError, AttributeError) as exc:
             raise DownloadError(url, [(token_url, "direct", "token answer is not JSON")]) from exc
@@ -436,7 +461,7 @@ class RegistryClient:
                 raise NotFoundError(f"blob {digest}", f"{self.registry}/{repository}")
             if response.status != 200:
                 raise self._fail(url, response, f"blob {digest}")
-            yield VerifiedBlob(response, digest, size, url)
+            yield VerifiedBlob(response, digest, size, url, self._speed_check())
         except urllib3.exceptions.HTTPError as exc:
             raise DownloadError(f"blob {digest}", [(url, "direct", str(exc))]) from exc
         finally:
@@ -454,34 +479,16 @@ class RegistryClient:
         dest = Path(dest)
         if dest.exists() and (size is None or dest.stat().st_size == size):
             return dest
-        algorithm, expected_hex = digest.split(":", 1)
-        path = f"/v2/{repository}/blobs/{digest}"
-        url = f"{self.base_url}{path}"
-        response = self._get(path, repository, stream=True)
         part = dest.with_name(dest.name + f".part-{os.getpid()}")
+        buffer = memoryview(bytearray(1 << 20))
         try:
-            if response.status == 404:
-                raise NotFoundError(f"blob {digest}", f"{self.registry}/{repository}")
-            if response.status != 200:
-                raise self._fail(url, response, f"blob {digest}")
-            hasher = hashlib.new(algorithm)
-            received = 0
-            with open(part, "wb") as out:
-                for block in response.stream(1 << 20):
-                    received += len(block)
-                    if size is not None and received > size:
-                        raise IntegrityError(url, f"{size} bytes", f"more than {size} bytes")
-                    hasher.update(block)
-                    out.write(block)
-            if size is not None and received != size:
-                raise IntegrityError(url, f"{size} bytes", f"{received} bytes")
-            if hasher.hexdigest() != expected_hex:
-                raise IntegrityError(url, digest, f"{algorithm}:{hasher.hexdigest()}")
+            # open_blob's reads return after one receive: the low-speed rule sees a slow
+            # registry at once, not after a whole buffer has trickled in.
+            with self.open_blob(repository, digest, size=size) as blob, open(part, "wb") as out:
+                while n := blob.readinto(buffer):
+                    out.write(buffer[:n])
+                blob.finish()
             os.replace(part, dest)
-        except urllib3.exceptions.HTTPError as exc:
-            raise DownloadError(f"blob {digest}", [(url, "direct", str(exc))]) from exc
         finally:
-            response.release_conn()
-            if part.exists():
-                part.unlink()
+            part.unlink(missing_ok=True)
         return dest

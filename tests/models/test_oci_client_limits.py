@@ -1,0 +1,119 @@
+"""The OCI client against a registry that misbehaves on purpose (a real HTTP server on loopback):
+a blob trickled slower than the low-speed limit fails in bounded time (the read timeout alone
+never ends a server that sends a little now and then), and a token answer without end is cut
+off at 1 MiB instead of filling memory."""
+
+from __future__ import annotations
+
+import hashlib
+import http.server
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from cvmfs_ml.errors import DownloadError
+from cvmfs_ml.models.sources.oci_client import RegistryClient
+
+BLOB = bytes(range(256)) * 64  # 16 KiB
+DIGEST = "sha256:" + hashlib.sha256(BLOB).hexdigest()
+
+
+class _Misbehaving(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    mode = "fast"
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        if self.path.startswith("/token"):
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            try:
+                self.wfile.write(b'{"token": "')
+                for _ in range(64):  # 64 MiB of token, if anyone read it all
+                    self.wfile.write(b"x" * (1 << 20))
+            except OSError:
+                pass  # the client hung up, as it should
+            return
+        if self.mode == "auth" and "Authorization" not in self.headers:
+            realm = f"http://127.0.0.1:{self.server.server_address[1]}/token"
+            self.send_response(401)
+            self.send_header("WWW-Authenticate", f'Bearer realm="{realm}",service="x"')
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(BLOB)))
+        self.end_headers()
+        if self.mode != "trickle":
+            self.wfile.write(BLOB)
+            return
+        try:
+            for at in range(0, len(BLOB), 20):  # 20 bytes every 0.1 s: 200 B/s
+                self.wfile.write(BLOB[at : at + 20])
+                self.wfile.flush()
+                time.sleep(0.1)
+        except OSError:
+            pass
+
+
+@pytest.fixture()
+def registry() -> Iterator[tuple[http.server.ThreadingHTTPServer, str]]:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Misbehaving)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server, f"127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def _client(host: str) -> RegistryClient:
+    return RegistryClient(host, plain_http=True, timeout=1.0, retries=0, low_speed_limit=4096)
+
+
+def test_a_fast_blob_passes(registry: tuple[http.server.ThreadingHTTPServer, str],
+                            tmp_path: Path) -> None:  # fmt: skip
+    _server, host = registry
+    _Misbehaving.mode = "fast"
+    dest = _client(host).fetch_blob("lib/x", DIGEST, tmp_path / "b", size=len(BLOB))
+    assert dest.read_bytes() == BLOB
+
+
+@pytest.mark.parametrize("how", ["stream", "file"])
+def test_a_trickled_blob_fails_in_bounded_time(
+    registry: tuple[http.server.ThreadingHTTPServer, str], tmp_path: Path, how: str
+) -> None:
+    _server, host = registry
+    _Misbehaving.mode = "trickle"  # the whole blob would take 8 s at 200 B/s
+    client = _client(host)
+    start = time.monotonic()
+    with pytest.raises(DownloadError, match="low-speed limit=4096 B/s"):
+        if how == "file":
+            client.fetch_blob("lib/x", DIGEST, tmp_path / "b", size=len(BLOB))
+        else:
+            with client.open_blob("lib/x", DIGEST, size=len(BLOB)) as blob:
+                blob.finish()
+    assert time.monotonic() - start < 6  # one window (1 s) and a read, not the whole 8 s
+    assert not (tmp_path / "b").exists()
+
+
+def test_an_endless_token_answer_is_cut_off(
+    registry: tuple[http.server.ThreadingHTTPServer, str],
+) -> None:
+    import resource
+
+    _server, host = registry
+    _Misbehaving.mode = "auth"
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(DownloadError, match="token answer over 1 MiB"):
+        _client(host).get_manifest("lib/x", "v1")
+    grown_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    assert grown_mib < 32  # the 64 MiB answer was not read whole
