@@ -91,3 +91,19 @@ def test_bench_run_refuses_a_bare_ref_and_a_bad_model_in_one_line(tmp_path: Path
         proc = _cli("bench", "run", "--model", arg, "--out", str(tmp_path / "o"), timeout=120)
         assert proc.returncode != 0
         assert words in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_a_model_no_loader_reads_fails_in_one_line(tmp_path: Path) -> None:
+    """Every cell failing (a safetensors file cut short: its header says more bytes than there
+    are) is exit 1 and one line naming the first failure, not one error line per cell and
+    exit 0."""
+    cut = tmp_path / "cut.safetensors"
+    make_safetensors(cut, total_bytes=2**20)
+    with open(cut, "r+b") as f:
+        f.truncate(cut.stat().st_size // 2)
+    proc = _cli("bench", "run", "--model", str(cut), "--modes", "local", "--states", "cold",
+                "--repeats", "2", "--out", str(tmp_path / "o"), "--quiet", timeout=300)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("cvmfs-ml: all 2 measurements failed"), lines
+    assert "cut/local/loopback/cold" in lines[0] and "Traceback" not in proc.stderr

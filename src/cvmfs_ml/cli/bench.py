@@ -160,6 +160,14 @@ def bench_run(
         f"wrote {out / 'results.json'}, {out / 'summary.md'} "
         f"({len(doc['measurements'])} measurements in {doc['seconds']:.0f} s)"
     )
+    measured = doc["measurements"]
+    if measured and not any(m.get("ok") for m in measured):
+        # Nothing was measured (a model no loader can read, say): one line and exit 1, not the
+        # same error once per cell and a report of failures with exit 0.
+        first = measured[0]
+        cell = f"{first['model']}/{first['mode']}/{first['network']}/{first['cache_state']}"
+        reason = str(first.get("error") or "failed").split(". ")[0]
+        raise _fail(f"all {len(measured)} measurements failed; the first ({cell}): {reason}")
     for name in failed:
         typer.echo(f"check failed: {name}: {doc['checks'][name]['detail']}", err=True)
     for error in doc["errors"]:
