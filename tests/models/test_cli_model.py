@@ -107,6 +107,8 @@ def test_errors_are_one_line_and_non_zero(repo: Path, src: Path, tmp_path: Path)
     err = cli("publish", src, "--repo", repo, "--as", "hep/pt:1", code=1)
     assert "changed: weights.bin" in err
     assert "no such" in cli("info", repo, "hep/nope", code=1)
+    # a mistyped version or alias: the error says what the model has
+    assert "(in hep/pt, which has 1, latest)" in cli("info", repo, "hep/pt:prdo", code=1)
     assert "no such" in cli("rm", repo, "hep/pt:9", code=1)
     assert "invalid alias" in cli("alias", repo, "hep/pt", "a/b", "1", code=1)
     assert "VERSION" in cli("alias", repo, "hep/pt", "beta", code=1)

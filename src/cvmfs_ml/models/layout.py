@@ -491,8 +491,11 @@ def resolve_version(repo: TreeReader, ref: ModelRef) -> ModelRef:
             newest = max(versions, key=lambda v: (versions[v].created, v))
             return ref.with_version(newest)
     entry = _stat_or_none(repo, ref.path)
-    if entry is None:
-        raise NotFoundError(f"model version or alias {ref}")
+    if entry is None:  # say what there is: the user mistyped a version or an alias
+        here = repo.listdir(ref.model_path) if _exists(repo, ref.model_path) else []
+        names = ", ".join(sorted(posixpath.basename(e.path) for e in here))
+        raise NotFoundError(f"model version or alias {ref}", f"{ref.key}, which has {names}"
+                            if names else "")  # fmt: skip
     if entry.is_symlink:
         target = repo.readlink(ref.path)
         if "/" in target:
