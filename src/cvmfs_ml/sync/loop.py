@@ -13,6 +13,7 @@ hosting the loop exposes them with its other metrics.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -46,6 +47,9 @@ class _Metrics:
         self.changes.inc(report.changes)
         self.errors.inc(report.errors)
         self.revision.set(report.revision_after)
+
+
+_logger = logging.getLogger(__name__)
 
 
 class SyncLoop:
@@ -102,6 +106,17 @@ class SyncLoop:
         except (CvmfsMlError, OSError) as exc:  # the loop goes on: the next round may heal it
             message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             self.log("sync_round", status="error", error=message)
+            return None
+        except Exception as exc:  # a bug, or an input that no check knows yet
+            # A service that feeds a repository must outlive a round that fails this way: the
+            # error is an event (and counts on the metrics), the traceback goes to the debug
+            # log for whoever looks into it, and the next round runs as planned.
+            _logger.debug("sync round failed", exc_info=True)
+            first = str(exc).splitlines()[0] if str(exc) else ""
+            error = f"internal error (please report): {type(exc).__name__}: {first}"
+            self.log("sync_round", status="error", error=error)
+            if self.metrics is not None:
+                self.metrics.errors.inc()
             return None
         self.reports.append(report)
         if self.metrics is not None:
