@@ -443,10 +443,8 @@ def test_credentials_from_the_auth_file(
         front.server_close()
 
 
-def test_loop_rounds_and_metrics(publisher: Publisher, tmp_path: Path) -> None:
-    """``--loop`` re-reads the wishlist each round; a folder source needs no registry."""
-    from prometheus_client import CollectorRegistry
-
+def _local_folder_wishlist(tmp_path: Path) -> Path:
+    """A wishlist of one folder source (``hep/local:1``, a 1000-byte weights file)."""
     folder = tmp_path / "model"
     folder.mkdir()
     (folder / "weights.bin").write_bytes(b"w" * 1000)
@@ -454,6 +452,15 @@ def test_loop_rounds_and_metrics(publisher: Publisher, tmp_path: Path) -> None:
     wishlist.write_text(
         f"version: 1\nmodels:\n  - source: {folder}\n    name: hep/local\n    version: '1'\n"
     )
+    return wishlist
+
+
+def test_loop_rounds_and_metrics(publisher: Publisher, tmp_path: Path) -> None:
+    """``--loop`` re-reads the wishlist each round; a folder source needs no registry."""
+    from prometheus_client import CollectorRegistry
+
+    wishlist = _local_folder_wishlist(tmp_path)
+    good = wishlist.read_text()
     result = CliRunner().invoke(
         app,
         [
@@ -479,9 +486,7 @@ def test_loop_rounds_and_metrics(publisher: Publisher, tmp_path: Path) -> None:
     wishlist.write_text("version: 1\ninput: [: :\n")  # broken by an edit: an error, not a crash
     loop.run(rounds=2)
     assert [e.status for e in loop.log.events if e.action == "sync_round"] == ["error", "error"]
-    wishlist.write_text(
-        f"version: 1\nmodels:\n  - source: {folder}\n    name: hep/local\n    version: '1'\n"
-    )
+    wishlist.write_text(good)
     loop.run(rounds=1)
     assert metrics.get_sample_value("cvmfs_ml_sync_rounds_total") == 1
     assert metrics.get_sample_value("cvmfs_ml_sync_last_revision") == reports[0]["revision_after"]
@@ -561,13 +566,7 @@ def test_the_loop_outlives_a_round_that_fails_unexpectedly(
     The fault is injected (mocked), since every real one found so far is now a FormatError."""
     import cvmfs_ml.sync.loop as loop_module
 
-    folder = tmp_path / "model"
-    folder.mkdir()
-    (folder / "weights.bin").write_bytes(b"w" * 1000)
-    wishlist = tmp_path / "wishlist.yaml"
-    wishlist.write_text(
-        f"version: 1\nmodels:\n  - source: {folder}\n    name: hep/local\n    version: '1'\n"
-    )
+    wishlist = _local_folder_wishlist(tmp_path)
     calls = []
 
     def first_round_breaks(*args: Any, **kwargs: Any) -> Any:
