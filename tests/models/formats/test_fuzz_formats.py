@@ -237,3 +237,44 @@ def test_the_named_cases_reach_the_publish_as_warnings(tmp_path: Path) -> None:
     assert models["weights.safetensors"]["tensors"] == 2
     assert any("model.pt" in w and "encrypted" in w for w in warnings), warnings
     assert not any("could not describe" in w for w in warnings), warnings
+
+
+def _keras_h5(path: Path) -> bytes:
+    h5py = pytest.importorskip("h5py")
+    with h5py.File(path, "w") as h5:
+        h5.create_dataset("dense/kernel", data=np.zeros((4, 4)))
+        h5.attrs["keras_version"] = "2.0"
+    return path.read_bytes()
+
+
+def test_hdf5_asking_for_gigabytes_is_described_in_a_capped_child(tmp_path: Path) -> None:
+    """A Keras HDF5 file whose one variable-length attribute claims 4 GB (its length field
+    patched): in this process h5py allocated ~4 GiB and took ~5 s before raising. Described in
+    the memory-capped child, it is a quick ModelFormatError and this process does not grow."""
+    import resource
+    import time
+
+    from cvmfs_ml.models.formats.base import Source
+    from cvmfs_ml.models.formats.hdf5 import describe_h5_here
+    from cvmfs_ml.models.formats.isolated import describe_hdf5_in_child
+
+    genuine = tmp_path / "ok.h5"
+    data = bytearray(_keras_h5(genuine))
+    # The same description from the child as from this process (the JSON round trip).
+    here = describe_h5_here(io.BytesIO(bytes(data)), Source(str(genuine)))
+    assert describe_hdf5_in_child(str(genuine)).to_json() == here.to_json()
+    assert describe(genuine).metadata["keras_version"] == "2.0"
+
+    heap = data.find(b"GCOL")
+    ref = data.find(struct.pack("<I", 3) + struct.pack("<Q", heap))  # "2.0": length, heap
+    assert heap > 0 and ref > 0
+    data[ref : ref + 4] = struct.pack("<I", 0xF0000000)
+    bomb = tmp_path / "bomb.h5"
+    bomb.write_bytes(bytes(data))
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    start = time.monotonic()
+    with pytest.raises(ModelFormatError, match=r"bomb\.h5"):
+        describe(bomb)
+    assert time.monotonic() - start < 60
+    grown_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    assert grown_mib < 256, grown_mib
