@@ -22,8 +22,8 @@ from cvmfs_ml.models.formats.base import ModelDescription, ModelFormatError, Sou
 
 __all__ = ["MAX_CHILD_MEMORY", "TIMEOUT", "describe_hdf5_in_child"]
 
-MAX_CHILD_MEMORY = 3 << 30
-"""Address space of the child: Python, numpy and h5py take well under 1 GiB of it."""
+MAX_CHILD_MEMORY = 1 << 30
+"""Address space of the child: Python, numpy and h5py take about 160 MB of it (VmPeak)."""
 TIMEOUT = 120.0
 """Seconds a description may take (a real HDF5 header is described in well under one)."""
 
