@@ -85,23 +85,23 @@ def detect(probe: Probe) -> str | None:
 def describe(f: ReadableFile, source: Source) -> ModelDescription:
     """Describe a Keras v3 zip, a legacy Keras HDF5 file, or a plain HDF5 file.
 
-    A local HDF5 file is described by a memory-capped child process
+    A local file is described by a memory-capped child process
     (:mod:`~cvmfs_ml.models.formats.isolated`): h5py's C library can be made to allocate
-    gigabytes by a few hostile bytes. Other files (open file objects, remote openers) are
-    described here.
+    gigabytes by a few hostile bytes (a Keras v3 zip holds an HDF5 file too). Other files (open
+    file objects, remote openers) are described here.
     """
-    f.seek(0)
-    if f.read(4) in (b"PK\x03\x04", b"PK\x05\x06"):
-        return _describe_keras_zip(f, source)
     if source.opener is open and os.path.isfile(source.path):
         from cvmfs_ml.models.formats.isolated import describe_hdf5_in_child
 
         return describe_hdf5_in_child(source.path)
-    return describe_h5_here(f, source)
+    return describe_here(f, source)
 
 
-def describe_h5_here(f: ReadableFile, source: Source) -> ModelDescription:
-    """Describe an HDF5 file in this process (the child of :mod:`.isolated` calls this)."""
+def describe_here(f: ReadableFile, source: Source) -> ModelDescription:
+    """:func:`describe` in this process (the child of :mod:`.isolated` calls this)."""
+    f.seek(0)
+    if f.read(4) in (b"PK\x03\x04", b"PK\x05\x06"):
+        return _describe_keras_zip(f, source)
     try:
         return _describe_h5(f, source)
     except ModelFormatError:

@@ -1,4 +1,5 @@
-"""HDF5 files described in a child process with bounded memory and time.
+"""HDF5 files (and Keras v3 zips, which hold one) described in a child process with bounded
+memory and time.
 
 h5py is the HDF5 C library underneath, and a hostile HDF5 file of a few kB can make it allocate
 gigabytes before it notices the damage: a fuzzed 6 kB Keras file (one variable-length
@@ -67,7 +68,7 @@ def _child(path: str) -> dict[str, Any]:
 
     try:
         with open(path, "rb") as f:
-            description = hdf5.describe_h5_here(f, Source(path, open))
+            description = hdf5.describe_here(f, Source(path, open))
     except (ModelFormatError, MemoryError) as exc:
         reason = exc.reason if isinstance(exc, ModelFormatError) else "out of memory"
         return {"error": str(reason)}
