@@ -251,7 +251,16 @@ def test_hostile_mlmodel_files_are_refused_at_once(tmp_path: Path) -> None:
     lines += [f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 10) + "]" for i in range(1, 9)]
     lines += ["flavors: {python_function: {loader_module: x}}", "signature: {inputs: *a8}"]
     (tmp_path / "MLmodel").write_text("\n".join(lines) + "\n")
-    with pytest.raises(FormatError, match="aliases"):
+    with pytest.raises(FormatError, match="aliases stand for"):
+        describe_folder(tmp_path, {})
+    # Aliases as PyYAML writes them for an object that appears twice are fine, and so is a
+    # recursive one refused rather than looped over.
+    (tmp_path / "MLmodel").write_text(
+        "flavors:\n  a: &env {conda: conda.yaml}\n  b: {env: *env}\nmodel_uuid: u1\n"
+    )
+    assert describe_folder(tmp_path, {}).source["model_uuid"] == "u1"
+    (tmp_path / "MLmodel").write_text("flavors: &f {x: *f}\n")
+    with pytest.raises(FormatError, match="recursive"):
         describe_folder(tmp_path, {})
     (tmp_path / "MLmodel").write_text("flavors: {}\n" + "# padding\n" * 200_000)
     with pytest.raises(FormatError, match="limit"):

@@ -81,6 +81,32 @@ def parse_models_uri(uri: str) -> tuple[str, str | None, str | None]:
 
 MAX_MLMODEL_BYTES = 1 << 20
 """An MLmodel file is a few kB of YAML; anything near this is not one."""
+MAX_MLMODEL_VALUES = 1_000_000
+"""Values an MLmodel may stand for once its aliases are expanded (a real one: hundreds)."""
+
+
+def _expanded_size(node: Any, seen: dict[int, int | None]) -> int:
+    """Nodes under ``node`` with aliases expanded, counted without expanding them (a node met
+    again adds its count; a node inside itself, a recursive alias, is refused)."""
+    import yaml
+
+    if node is None:
+        return 0
+    key = id(node)
+    if key in seen:
+        known = seen[key]
+        if known is None:
+            raise yaml.YAMLError("recursive YAML aliases")
+        return known
+    seen[key] = None
+    if isinstance(node, yaml.SequenceNode):
+        count = 1 + sum(_expanded_size(child, seen) for child in node.value)
+    elif isinstance(node, yaml.MappingNode):
+        count = 1 + sum(_expanded_size(k, seen) + _expanded_size(v, seen) for k, v in node.value)
+    else:
+        count = 1
+    seen[key] = count
+    return count
 
 
 def read_mlmodel(folder: Path) -> dict[str, Any]:
@@ -99,12 +125,16 @@ def read_mlmodel(folder: Path) -> dict[str, Any]:
         text = path.read_text()
         # An alias repeats a node without copying it, so ten lines can stand for a billion
         # values once anything walks the tree (json.dumps below did, and hung the sync).
-        # MLflow never writes anchors or aliases: refuse them before building anything.
-        if any(isinstance(event, yaml.AliasEvent) for event in yaml.parse(text, yaml.SafeLoader)):
-            raise FormatError(str(path), "YAML aliases (*name) are not accepted in MLmodel")
+        # PyYAML writes aliases for objects that appear twice, so they are allowed, but the
+        # tree they stand for is counted (each node once) before anything is built.
+        values = _expanded_size(yaml.compose(text, yaml.SafeLoader), {})
+        if values > MAX_MLMODEL_VALUES:
+            raise FormatError(str(path), f"its YAML aliases stand for {values} values or more")
         data = yaml.safe_load(text)
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise FormatError(str(path), f"not YAML: {exc}") from exc
+    except RecursionError:
+        raise FormatError(str(path), "YAML nested too deeply") from None
     if not isinstance(data, dict):
         raise FormatError(str(path), "MLmodel is not a mapping")
     return data

@@ -319,7 +319,10 @@ class RegistryClient:
                 "GET", token_url, headers=headers, preload_content=False
             )
             data = response.read(MAX_TOKEN_BYTES + 1)  # a token is a few kB, not a stream
-            response.release_conn()
+            if len(data) > MAX_TOKEN_BYTES:
+                response.close()  # the rest stays unread: this connection is not reused
+            else:
+                response.release_conn()
         except urllib3.exceptions.HTTPError as exc:
             raise DownloadError(token_url, [(token_url, "direct", str(exc))]) from exc
         if response.status != 200:
