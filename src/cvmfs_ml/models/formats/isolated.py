@@ -29,6 +29,9 @@ TIMEOUT = 120.0
 """Seconds a description may take (a real HDF5 header is described in well under one)."""
 
 
+_THREAD_VARIABLES = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+
+
 def _tensors(items: Any) -> list[TensorInfo]:
     return [TensorInfo(str(t["name"]), str(t["dtype"]), tuple(t["shape"])) for t in items or []]
 
@@ -43,10 +46,13 @@ def _from_json(data: dict[str, Any]) -> ModelDescription:
 
 def describe_hdf5_in_child(path: str) -> ModelDescription:
     """The description of the HDF5 file at ``path``, made by a memory-capped child."""
+    # One BLAS thread: OpenBLAS reserves address space per thread when numpy is imported
+    # (gigabytes on a many-core node), which would count against the child's cap.
+    env = {**os.environ, **dict.fromkeys(_THREAD_VARIABLES, "1")}
     try:
         proc = subprocess.run(
             [sys.executable, "-m", "cvmfs_ml.models.formats.isolated", os.fspath(path)],
-            capture_output=True, text=True, timeout=TIMEOUT,
+            capture_output=True, text=True, timeout=TIMEOUT, env=env,
         )  # fmt: skip
     except subprocess.TimeoutExpired:
         raise ModelFormatError(path, f"describing it took over {TIMEOUT:g} s") from None
