@@ -267,6 +267,9 @@ def test_hostile_mlmodel_files_are_refused_at_once(tmp_path: Path) -> None:
         read_mlmodel(tmp_path)
     (tmp_path / "MLmodel").write_text("flavors: [onnx, python_function]\nmodel_uuid: [1]\n")
     assert describe_folder(tmp_path, {}).description == "MLflow model"  # odd types: no crash
+    deep = "[" * 20_000 + "]" * 20_000  # a signature as JSON text: RecursionError in json.loads
+    (tmp_path / "MLmodel").write_text(f"flavors: {{}}\nsignature: {{inputs: '{deep}'}}\n")
+    assert mlflow_metadata(read_mlmodel(tmp_path))["signature"]["inputs"] == deep  # kept as text
 
 
 def test_tracking_uri_passwords_are_not_recorded() -> None:

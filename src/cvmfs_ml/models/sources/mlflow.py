@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+from cvmfs_ml.cvmfs import jsontext
 from cvmfs_ml.errors import ConfigError, FormatError, NotFoundError
 from cvmfs_ml.models.layout import ModelRef
 from cvmfs_ml.models.sources.base import (
@@ -144,7 +145,7 @@ def _parse_schema(value: Any) -> Any:
     """Signature parts are JSON strings inside the YAML; keep them as JSON values."""
     if isinstance(value, str):
         try:
-            return json.loads(value)
+            return jsontext.loads(value)
         except json.JSONDecodeError:
             return value
     return value
