@@ -87,8 +87,12 @@ def test_model_get_and_path_cli_without_mount(site: Site, tmp_path: Path) -> Non
     line = cli(site, "model", "get", f"cvmfs://{FQRN}/hep/mlp:1.0", tmp_path / "busy", code=1)
     assert "not empty" in line.stderr
     assert os.listdir(tmp_path / "busy") == ["mine.txt"]
+    # A mistyped version names what the model has (and fetches nothing into DEST)
     missing = cli(site, "model", "get", f"cvmfs://{FQRN}/hep/mlp:9.9", tmp_path / "m", code=1)
-    assert "no such file" in missing.stderr and not (tmp_path / "m").exists()
+    assert "hep/mlp:9.9" in missing.stderr and not (tmp_path / "m").exists()
+    assert "hep/mlp has 1.0, 2.0, latest, prod" in missing.stderr, missing.stderr
+    unknown = cli(site, "model", "path", f"cvmfs://{FQRN}/hep/nothing:1.0", code=1)
+    assert "hep/nothing:1.0" in unknown.stderr and " has " not in unknown.stderr
 
 
 def test_resolve_and_get_link_into_a_mount(
@@ -108,6 +112,8 @@ def test_resolve_and_get_link_into_a_mount(
     assert Path(printed.strip()) == site.mounts / FQRN / "hep" / "mlp" / "2.0"
     by_name = cli(site, "model", "path", "hep/mlp:prod", "--repo", FQRN).stdout  # via the mount
     assert Path(by_name.strip()) == site.mounts / FQRN / "hep" / "mlp" / "1.0"
+    missing = cli(site, "model", "path", f"cvmfs://{FQRN}/hep/mlp:9.9", code=1)
+    assert "hep/mlp has 1.0, 2.0, latest, prod" in missing.stderr, missing.stderr
     # --copy ignores the mount
     copied = tmp_path / "copied"
     cli(site, "model", "get", f"cvmfs://{FQRN}/hep/mlp:2.0", copied, "--copy")

@@ -17,16 +17,7 @@ import pytest
 from cvmfs_ml.client.repository import Repository
 from cvmfs_ml.cvmfs.objects import Compression
 from cvmfs_ml.errors import FormatError, NotFoundError, PublishError
-from cvmfs_ml.models.layout import (
-    INDEX_PATH,
-    Index,
-    ModelFile,
-    ModelRecord,
-    ModelRef,
-    check_layout,
-    read_index,
-    scan_models,
-)
+from cvmfs_ml.models.layout import INDEX_PATH, Index, ModelFile, ModelRecord, ModelRef
 from cvmfs_ml.models.publish import (
     list_models,
     model_info,
@@ -36,6 +27,7 @@ from cvmfs_ml.models.publish import (
     remove_model,
     set_alias,
 )
+from cvmfs_ml.models.tree import check_layout, read_index, scan_models
 from cvmfs_ml.publish.repository import Publisher, create_repository
 from cvmfs_ml.publish.settings import PublishSettings
 

@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 from cvmfs_ml.client.repository import Repository
 from cvmfs_ml.cvmfs.objects import Compression
 from cvmfs_ml.errors import FormatError, NotFoundError
-from cvmfs_ml.models.layout import ModelRef, read_record
+from cvmfs_ml.models.layout import ModelRef
 from cvmfs_ml.models.sources.mlflow import (
     _safe_uri,
     describe_folder,
@@ -29,6 +29,7 @@ from cvmfs_ml.models.sources.mlflow import (
     parse_models_uri,
     read_mlmodel,
 )
+from cvmfs_ml.models.tree import read_record
 from cvmfs_ml.publish.repository import Publisher, create_repository
 from cvmfs_ml.publish.settings import PublishSettings
 

@@ -32,7 +32,7 @@ from cvmfs_ml.cli.ingest import model_ingest
 from cvmfs_ml.client.repository import Repository
 from cvmfs_ml.cvmfs.objects import Compression
 from cvmfs_ml.errors import DownloadError, FormatError, IntegrityError, UnsafeInputError
-from cvmfs_ml.models.layout import ModelRef, read_record
+from cvmfs_ml.models.layout import ModelRef
 from cvmfs_ml.models.sources.oci import (
     ANNOTATION_FILE_METADATA,
     ANNOTATION_FILEPATH,
@@ -46,6 +46,7 @@ from cvmfs_ml.models.sources.oci import (
 )
 from cvmfs_ml.models.sources.oci_client import OCI_INDEX, OCI_MANIFEST, OciReference, RegistryClient
 from cvmfs_ml.models.sources.unpack import TreeWriter, safe_relative
+from cvmfs_ml.models.tree import read_record
 from cvmfs_ml.publish.repository import Publisher, create_repository
 from cvmfs_ml.publish.settings import PublishSettings
 

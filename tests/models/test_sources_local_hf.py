@@ -21,7 +21,7 @@ from safetensors.numpy import save
 from cvmfs_ml.client.repository import Repository
 from cvmfs_ml.cvmfs.objects import Compression
 from cvmfs_ml.errors import NotFoundError, UnsafeInputError
-from cvmfs_ml.models.layout import ModelRef, check_layout
+from cvmfs_ml.models.layout import ModelRef
 from cvmfs_ml.models.publish import publish_model
 from cvmfs_ml.models.sources.huggingface import (
     describe_hf_snapshot,
@@ -38,6 +38,7 @@ from cvmfs_ml.models.sources.local import (
     read_model_card,
     scan_source,
 )
+from cvmfs_ml.models.tree import check_layout
 from cvmfs_ml.publish.repository import create_repository
 from cvmfs_ml.publish.settings import PublishSettings
 

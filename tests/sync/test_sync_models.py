@@ -27,9 +27,10 @@ from typer.testing import CliRunner
 
 from cvmfs_ml.cli import app
 from cvmfs_ml.errors import ConfigError
-from cvmfs_ml.models.layout import ModelRef, read_record
+from cvmfs_ml.models.layout import ModelRef
 from cvmfs_ml.models.sources.oci import ANNOTATION_TITLE
 from cvmfs_ml.models.sources.oci_client import OCI_MANIFEST
+from cvmfs_ml.models.tree import read_record
 from cvmfs_ml.publish.repository import Publisher
 from cvmfs_ml.sync.auth import AuthFile
 from cvmfs_ml.sync.engine import SyncOptions, run_round

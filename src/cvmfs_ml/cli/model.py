@@ -315,7 +315,7 @@ def model_check(
     as_json: JsonOption = False,
 ) -> None:
     """Compare the index with the tree (versions, model.json, aliases); exit 1 on a mismatch."""
-    from cvmfs_ml.models.layout import check_layout
+    from cvmfs_ml.models.tree import check_layout
 
     with open_repository(repo, key, config=config, proxy=proxy) as repository:
         problems = check_layout(repository)

@@ -41,23 +41,23 @@ repository costs one file, not a walk::
          "versions": {"1.0": {<model.json without files/models/extra>}},
          "aliases": {"latest": "1.0"}}}}
 
-The tree is the truth: :func:`scan_models` rebuilds the index from it and :func:`check_layout`
-lists every difference between the two. Unknown keys are kept when a document is read and
-written back, so an older cvmfs-ml does not drop what a newer one added.
+The tree is the truth: :func:`cvmfs_ml.models.tree.scan_models` rebuilds the index from it and
+:func:`cvmfs_ml.models.tree.check_layout` lists every difference between the two. Unknown keys
+are kept when a document is read and written back, so an older cvmfs-ml does not drop what a
+newer one added.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import json
-import posixpath
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 from cvmfs_ml.cvmfs import jsontext
-from cvmfs_ml.errors import FormatError, NotFoundError
+from cvmfs_ml.errors import FormatError
 
 __all__ = [
     "ALIAS_LATEST",
@@ -70,12 +70,7 @@ __all__ = [
     "ModelFile",
     "ModelRecord",
     "ModelRef",
-    "TreeReader",
-    "check_layout",
-    "read_index",
-    "read_record",
-    "resolve_version",
-    "scan_models",
+    "is_valid_name",
     "utc_timestamp",
     "validate_component",
 ]
@@ -110,6 +105,11 @@ def validate_component(value: str, what: str, *, version: bool = False) -> str:
             f"invalid {what} {value!r}: use 1-128 {allowed}, starting with a letter or digit"
         )
     return value
+
+
+def is_valid_name(value: str) -> bool:
+    """Whether ``value`` is a namespace or model name :func:`validate_component` accepts."""
+    return _NAME_RE.fullmatch(value) is not None
 
 
 def utc_timestamp(when: dt.datetime | None = None) -> str:
@@ -448,157 +448,3 @@ class Index:
         entry = self.models.get(ref.key)
         if entry is not None:
             entry.aliases.pop(alias, None)
-
-
-# -- reading a repository --------------------------------------------------------------------
-class TreeReader(Protocol):
-    """What the readers below need of :class:`cvmfs_ml.client.repository.Repository`."""
-
-    def stat(self, path: str) -> Any: ...
-
-    def listdir(self, path: str = "") -> list[Any]: ...
-
-    def read_bytes(self, path: str) -> bytes: ...
-
-    def readlink(self, path: str) -> str: ...
-
-
-def _exists(repo: TreeReader, path: str) -> bool:
-    try:
-        repo.stat(path)
-        return True
-    except FileNotFoundError:  # NotFoundError is one
-        return False
-
-
-def read_index(repo: TreeReader) -> Index:
-    """The repository's index, or an empty one if no model was ever published."""
-    if not _exists(repo, INDEX_PATH):
-        return Index()
-    return Index.from_bytes(repo.read_bytes(INDEX_PATH))
-
-
-def resolve_version(repo: TreeReader, ref: ModelRef) -> ModelRef:
-    """``ref`` with its version resolved: an alias is followed, a missing version means
-    ``latest`` (or, without a ``latest`` alias, the most recently created version)."""
-    if ref.version is None:
-        if _exists(repo, ref.alias_path(ALIAS_LATEST)):
-            ref = ref.with_version(ALIAS_LATEST)
-        else:
-            versions = _versions(repo, ref)
-            if not versions:
-                raise NotFoundError(f"model {ref.key}")
-            newest = max(versions, key=lambda v: (versions[v].created, v))
-            return ref.with_version(newest)
-    entry = _stat_or_none(repo, ref.path)
-    if entry is None:  # say what there is: the user mistyped a version or an alias
-        here = repo.listdir(ref.model_path) if _exists(repo, ref.model_path) else []
-        names = ", ".join(sorted(posixpath.basename(e.path) for e in here))
-        raise NotFoundError(f"model version or alias {ref}", f"{ref.key}, which has {names}"
-                            if names else "")  # fmt: skip
-    if entry.is_symlink:
-        target = repo.readlink(ref.path)
-        if "/" in target:
-            raise FormatError(ref.path, f"alias target {target!r} is not a sibling version")
-        ref = ref.with_version(target)
-    return ref
-
-
-def _stat_or_none(repo: TreeReader, path: str) -> Any:
-    try:
-        return repo.stat(path)
-    except FileNotFoundError:
-        return None
-
-
-def read_record(repo: TreeReader, ref: ModelRef) -> ModelRecord:
-    """The ``model.json`` of ``ref`` (an alias or no version resolves first), with its aliases."""
-    ref = resolve_version(repo, ref)
-    try:
-        raw = repo.read_bytes(ref.model_json_path)
-    except FileNotFoundError as exc:
-        raise NotFoundError(ref.model_json_path) from exc
-    try:
-        record = ModelRecord.from_json(jsontext.loads(raw), what=ref.model_json_path)
-    except json.JSONDecodeError as exc:
-        raise FormatError(ref.model_json_path, f"not JSON: {exc}") from exc
-    if record.ref != ref:
-        raise FormatError(ref.model_json_path, f"describes {record.ref}, not {ref}")
-    record.aliases = sorted(a for a, v in _aliases(repo, ref).items() if v == ref.version)
-    return record
-
-
-def _aliases(repo: TreeReader, ref: ModelRef) -> dict[str, str]:
-    out = {}
-    for entry in repo.listdir(ref.model_path):
-        if entry.is_symlink:
-            out[posixpath.basename(entry.path)] = repo.readlink(entry.path)
-    return out
-
-
-def _versions(repo: TreeReader, ref: ModelRef) -> dict[str, ModelRecord]:
-    if not _exists(repo, ref.model_path):
-        return {}
-    out = {}
-    for entry in repo.listdir(ref.model_path):
-        name = posixpath.basename(entry.path)
-        if entry.is_dir and _exists(repo, f"{entry.path}/{MODEL_JSON}"):
-            out[name] = read_record(repo, ref.with_version(name))
-    return out
-
-
-def scan_models(repo: TreeReader) -> Index:
-    """Rebuild the index from the tree: every ``/<ns>/<name>/<version>/model.json`` and every
-    alias symlink beside the versions (other content of the repository is ignored)."""
-    index = Index()
-    for top in repo.listdir(""):
-        namespace = posixpath.basename(top.path)
-        if not top.is_dir or _NAME_RE.fullmatch(namespace) is None:
-            continue
-        for model in repo.listdir(top.path):
-            name = posixpath.basename(model.path)
-            if not model.is_dir or _NAME_RE.fullmatch(name) is None:
-                continue
-            ref = ModelRef(namespace, name)
-            versions = _versions(repo, ref)
-            if not versions:
-                continue
-            entry = index.models.setdefault(ref.key, ModelEntry())
-            for version, record in versions.items():
-                entry.versions[version] = record.summary()
-            entry.aliases = {a: v for a, v in _aliases(repo, ref).items() if v in versions}
-    return index
-
-
-def check_layout(repo: TreeReader) -> list[str]:
-    """Every way the index and the tree disagree (empty when consistent).
-
-    Checks: each indexed version has a ``model.json`` describing it, each version in the tree
-    is indexed with the same summary, aliases match the symlinks, and no alias dangles.
-    """
-    problems: list[str] = []
-    index = read_index(repo)
-    tree = scan_models(repo)
-    for key in sorted(set(index.models) | set(tree.models)):
-        listed, found = index.models.get(key), tree.models.get(key)
-        if listed is None:
-            problems.append(f"{key}: in the tree but not in the index")
-            continue
-        if found is None:
-            problems.append(f"{key}: in the index but has no version in the tree")
-            continue
-        for version in sorted(set(listed.versions) | set(found.versions)):
-            if version not in found.versions:
-                problems.append(f"{key}:{version}: indexed but missing from the tree")
-            elif version not in listed.versions:
-                problems.append(f"{key}:{version}: in the tree but not indexed")
-            elif listed.versions[version] != found.versions[version]:
-                problems.append(f"{key}:{version}: index entry differs from model.json")
-        if listed.aliases != found.aliases:
-            problems.append(f"{key}: aliases {listed.aliases} indexed, {found.aliases} in the tree")
-    for key in sorted(tree.models):
-        namespace, name = key.split("/", 1)
-        for alias, target in _aliases(repo, ModelRef(namespace, name)).items():
-            if target not in tree.models[key].versions:
-                problems.append(f"{key}: alias {alias} -> {target} dangles")
-    return problems

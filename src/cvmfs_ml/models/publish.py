@@ -38,10 +38,6 @@ from cvmfs_ml.models.layout import (
     ModelFile,
     ModelRecord,
     ModelRef,
-    TreeReader,
-    read_index,
-    read_record,
-    scan_models,
     utc_timestamp,
     validate_component,
 )
@@ -53,6 +49,13 @@ from cvmfs_ml.models.prepare import (
     whoami,
 )
 from cvmfs_ml.models.sources.local import SourceTree
+from cvmfs_ml.models.tree import (
+    TreeReader,
+    read_index,
+    read_record,
+    scan_models,
+    stat_or_none,
+)
 from cvmfs_ml.publish.repository import Publisher, Transaction
 from cvmfs_ml.publish.sources import SourceItem
 
@@ -135,13 +138,6 @@ def _load_index(repo: TreeReader) -> Index:
         except FileNotFoundError:
             return scan_models(repo)
     return index
-
-
-def _entry(repo: TreeReader, path: str) -> Any:
-    try:
-        return repo.stat(path)
-    except FileNotFoundError:
-        return None
 
 
 def _write_index(txn: Transaction, index: Index) -> None:
@@ -253,13 +249,13 @@ class ModelBatch:
     def add_version(self, prepared: PreparedVersion) -> tuple[ModelRecord, bool]:
         """Queue a version and its aliases; (record, False) when the same bytes are there."""
         ref, record = prepared.record.ref, prepared.record
-        existing = _entry(self.repo, ref.path)
+        existing = stat_or_none(self.repo, ref.path)
         if existing is not None:
             return _republish(self.repo, ref, existing, record), False
         if ref.path in self._staged:
             raise PublishError(f"{ref} is queued twice in one transaction")
         for alias in prepared.aliases:
-            entry = _entry(self.repo, ref.alias_path(alias))
+            entry = stat_or_none(self.repo, ref.alias_path(alias))
             if entry is not None and not entry.is_symlink:
                 raise PublishError(f"{ref.key}/{alias} is a version, not an alias")
         _add_items(
@@ -279,13 +275,13 @@ class ModelBatch:
         validate_component(alias, "alias", version=True)
         if alias == version:
             raise PublishError(f"alias {alias!r} is the version name itself")
-        current = _entry(self.repo, ref.alias_path(alias))
+        current = stat_or_none(self.repo, ref.alias_path(alias))
         if current is not None and not current.is_symlink:
             raise PublishError(f"{ref.key}/{alias} is a version, not an alias")
         if current is not None and self.repo.readlink(ref.alias_path(alias)) == version:
             return False
         if ref.path not in self._staged:
-            target = _entry(self.repo, ref.path)
+            target = stat_or_none(self.repo, ref.path)
             if target is None or not target.is_dir:
                 raise NotFoundError(f"model version {ref}", self.txn.publisher.fqrn)
             _ensure_indexed(self.index, read_record(self.repo, ref))
@@ -369,7 +365,7 @@ def remove_model(publisher: Publisher, ref: ModelRef) -> None:
     ref.require_version()
     with publisher.transaction() as txn:
         with _published(publisher) as repo:
-            entry = _entry(repo, ref.path)
+            entry = stat_or_none(repo, ref.path)
             if entry is None:
                 raise NotFoundError(f"model version {ref}", publisher.fqrn)
             if entry.is_symlink:
@@ -428,7 +424,7 @@ def remove_alias(publisher: Publisher, ns_name: str | ModelRef, alias: str) -> N
     ref = _as_ref(ns_name)
     with publisher.transaction() as txn:
         with _published(publisher) as repo:
-            current = _entry(repo, ref.alias_path(alias))
+            current = stat_or_none(repo, ref.alias_path(alias))
             if current is None or not current.is_symlink:
                 raise NotFoundError(f"alias {ref.key}/{alias}", publisher.fqrn)
             index = _load_index(repo)

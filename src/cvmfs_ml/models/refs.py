@@ -40,6 +40,7 @@ from cvmfs_ml.client.cache_file import preallocate
 from cvmfs_ml.client.locate import open_target, target_fqrn
 from cvmfs_ml.errors import ConfigError, NotFoundError, UnsafeInputError
 from cvmfs_ml.models.layout import ModelRef
+from cvmfs_ml.models.tree import missing_version
 
 __all__ = [
     "CvmfsUri",
@@ -396,7 +397,13 @@ def locate(
         name = uri.fqrn or (target_fqrn(repo) if repo else None)
         mount = _repo_mount(repo) or (mounted_root(name, roots) if name else None)
         if mount is not None:
-            found = resolve_in_mount(mount, uri.path)
+            try:
+                found = resolve_in_mount(mount, uri.path)
+            except NotFoundError:
+                if uri.model is None:
+                    raise
+                raise _missing(uri, lambda path: os.listdir(mount / path.lstrip("/")),
+                               str(mount)) from None  # fmt: skip
             version = found.name if uri.model is not None else None
             if dest is not None:
                 link_tree(found, Path(dest))
@@ -413,7 +420,14 @@ def locate(
         if _complete(known):
             return Resolved(known, False, known.name)
     with _open(uri, repo, key, config_files, cache, env) as repository:
-        entry = repository.resolve(uri.path)
+        try:
+            entry = repository.resolve(uri.path)
+        except NotFoundError:
+            if uri.model is None:
+                raise
+            raise _missing(uri, lambda path: [posixpath.basename(e.path)
+                                              for e in repository.listdir(path)],
+                           repository.fqrn) from None  # fmt: skip
         if uri.model is not None and not entry.is_dir:
             raise NotFoundError(f"model version {uri}", repository.fqrn)
         version = posixpath.basename(entry.path) if uri.model is not None else None
@@ -423,6 +437,16 @@ def locate(
                 return Resolved(dest, False, version)
         materialise(repository, entry.path, Path(dest), progress=progress)
         return Resolved(Path(dest), False, version)
+
+
+def _missing(uri: CvmfsUri, listdir: Callable[[str], list[str]], where: str) -> NotFoundError:
+    """The error for a model version or alias that is not there, naming those that are."""
+    assert uri.model is not None
+    try:
+        names = listdir(uri.model.model_path)
+    except (FileNotFoundError, NotADirectoryError):  # no such model at all
+        names = []
+    return missing_version(uri.model, names, where)
 
 
 def _complete(folder: Path) -> bool:

@@ -32,10 +32,11 @@ from pathlib import Path
 from typing import Any
 
 from cvmfs_ml.errors import CvmfsMlError, PublishError
-from cvmfs_ml.models.layout import ModelRef, read_record, utc_timestamp
+from cvmfs_ml.models.layout import ModelRef, utc_timestamp
 from cvmfs_ml.models.publish import ModelBatch, PreparedVersion, open_published, prepare_version
 from cvmfs_ml.models.sources.oci import known_file_digests, resolve
 from cvmfs_ml.models.sources.oci_client import RegistryClient
+from cvmfs_ml.models.tree import read_record
 from cvmfs_ml.publish.gc import collect_garbage
 from cvmfs_ml.publish.repository import Publisher
 from cvmfs_ml.sync.auth import AuthFile

@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cvmfs_ml.models.layout import ModelRecord, ModelRef, read_record
+from cvmfs_ml.models.layout import ModelRecord, ModelRef
+from cvmfs_ml.models.tree import read_record
 from cvmfs_ml.publish.repository import Publisher
 
 __all__ = ["IngestResult", "PulledModel", "published_record", "same_source"]
