@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 from cvmfs_ml.storage.http import RepositoryServer
 
@@ -52,3 +54,17 @@ def test_wait_prints_the_path_once_visible(registry_env: RegistryEnv) -> None:
     )  # fmt: skip
     assert gone.returncode == 1 and "127.0.0.1:9" in gone.stderr
     assert len(gone.stderr.strip().splitlines()) == 1
+
+
+def test_wait_fails_at_once_on_what_waiting_cannot_fix(tmp_path: Path) -> None:
+    """A repository name with no configured server, or no key: one line at once, not after
+    the (here 600 s) timeout. An unreachable server is still waited for (above)."""
+    env = {k: v for k, v in os.environ.items() if k != "CVMFS_ML_CONFIG"} | {"HOME": str(tmp_path)}
+    for target in ("no-such-repo.example.org", ""):
+        argv = [sys.executable, "-m", "cvmfs_ml.cli", "wait", "grp/x", "--repo", target,
+                "--timeout", "600", "--interval", "0.2"]  # fmt: skip
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=120,
+                              env=env)  # fmt: skip
+        assert done.returncode == 1, done.stderr
+        assert len(done.stderr.strip().splitlines()) == 1
+        assert "not visible" not in done.stderr and "is not a URL" in done.stderr
