@@ -67,3 +67,50 @@ def test_demo_cli_refuses_a_foreign_folder_in_one_line(tmp_path: Path) -> None:
     assert "not made by the demo" in proc.stderr and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
     assert (tmp_path / "keep.txt").read_text() == "keep"
+
+
+@pytest.mark.service
+def test_sigterm_cleans_up_what_the_demo_started(tmp_path: Path) -> None:
+    """A walltime kill (SIGTERM) used to end the process on the spot: the demo's FUSE mount and
+    its daemon stayed behind, serving a repository whose server had gone."""
+    import signal
+    import subprocess
+    import sys
+
+    from waiting import wait_until
+
+    if not os.path.exists("/dev/fuse"):
+        pytest.skip("needs FUSE for the mount it must clean up")
+    out = tmp_path / "demo"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cvmfs_ml.cli", "demo", "--out", str(out), "--llm-mib", "8"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+
+    def mounts() -> list[str]:
+        return [line for line in Path("/proc/mounts").read_text().splitlines() if str(out) in line]
+
+    def ours() -> list[str]:
+        found = []
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if str(out).encode() in cmdline and int(pid) != proc.pid:
+                found.append(cmdline.replace(b"\0", b" ").decode(errors="replace"))
+        return found
+
+    try:
+        wait_until(lambda: mounts() or proc.poll() is not None, 600, "the demo mounted")
+        assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 128 + signal.SIGTERM, err
+        assert "stopping (SIGTERM)" in err and "Traceback" not in err, err
+        assert mounts() == []
+        wait_until(lambda: not ours(), 30, lambda: f"processes left: {ours()}")
+    finally:
+        proc.kill()
+        for line in mounts():
+            subprocess.run(["fusermount3", "-uz", line.split()[1]], check=False)

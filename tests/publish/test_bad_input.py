@@ -14,12 +14,15 @@ from cvmfs_ml.client.check import check_repository
 from cvmfs_ml.client.repository import Repository
 from cvmfs_ml.cvmfs.keys import dump_public_key, generate_rsa_key
 from cvmfs_ml.errors import (
+    ConfigError,
     FormatError,
     IntegrityError,
     SignatureError,
     UnsafeInputError,
     WhitelistExpiredError,
 )
+from cvmfs_ml.publish.repository import create_repository
+from cvmfs_ml.publish.settings import PublishSettings
 
 
 def tarball_with(tmp_path: Path, name: str, build) -> Path:  # type: ignore[no-untyped-def]
@@ -172,3 +175,41 @@ def test_expired_whitelist_of_our_repo_is_fixed_by_resign(make_repo) -> None:
     publisher.resign()
     with Repository.open(publisher.repo_dir, public_key=key) as repo:
         assert repo.revision == 0
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [{"ttl": -1}, {"ttl": 0}, {"ttl": 2**32}, {"whitelist_days": 0}, {"whitelist_days": -1},
+     {"whitelist_days": 10**9}, {"workers": -1}, {"auto_min_saving": 1.5},
+     {"min_chunk_size": 8 << 20, "avg_chunk_size": 4 << 20}],
+)  # fmt: skip
+def test_settings_no_client_could_use_are_refused_before_anything_is_written(
+    tmp_path: Path, changes: dict[str, object]
+) -> None:
+    """Before, a TTL of -1 failed only when the manifest was signed, after the keys and the
+    folder were written (so the corrected command then failed on "key files already exist"),
+    and 0 or fewer whitelist days wrote a repository whose whitelist had already expired."""
+    with pytest.raises(ConfigError):
+        create_repository(tmp_path / "srv", "t.test", settings=PublishSettings().with_(**changes))
+    assert not tmp_path.exists() or list(tmp_path.iterdir()) == []
+
+
+def test_resign_refuses_a_whitelist_that_would_be_expired(make_repo) -> None:
+    publisher = make_repo()
+    before = (publisher.repo_dir / ".cvmfswhitelist").read_bytes()
+    for days in (0, -1, 10**6):
+        with pytest.raises(ConfigError, match="whitelist must be valid"):
+            publisher.resign(valid_for=dt.timedelta(days=days))
+    assert (publisher.repo_dir / ".cvmfswhitelist").read_bytes() == before
+
+
+def test_create_with_keys_of_an_earlier_repository_writes_nothing(
+    make_repo, tmp_path: Path
+) -> None:
+    first = make_repo()
+    keys = first.keys_dir
+    before = {p.name: p.read_bytes() for p in keys.iterdir()}
+    with pytest.raises(ConfigError, match="already holds keys"):
+        create_repository(tmp_path / "other", first.fqrn, keys_dir=keys)
+    assert not (tmp_path / "other").exists()
+    assert {p.name: p.read_bytes() for p in keys.iterdir()} == before

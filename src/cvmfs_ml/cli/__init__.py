@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import os
+import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -113,8 +114,29 @@ def demo(
         raise typer.Exit(1)
 
 
+def _stop_on_sigterm() -> None:
+    """SIGTERM unwinds like Ctrl-C instead of ending the process on the spot.
+
+    Python's default ends the process without running ``finally`` blocks, so a batch system's
+    walltime kill or a ``timeout`` left what a command had started: the demo's and the
+    benchmarks' mounts (their daemons still running, their servers gone), nginx, squid and
+    registry processes, and half-written work folders. Raising ``SystemExit`` here runs every
+    context manager on the way out. A second SIGTERM ends the process at once, as the first one
+    used to.
+    """
+
+    def stop(signum: int, frame: object) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        print("cvmfs-ml: stopping (SIGTERM): cleaning up what was started", file=sys.stderr)
+        raise SystemExit(128 + signal.SIGTERM)
+
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, stop)
+
+
 def main() -> None:
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    _stop_on_sigterm()
     # Repository names are bytes (issue 9): print an undecodable one as the bytes it is, like ls.
     for stream in (sys.stdout, sys.stderr):
         if isinstance(stream, io.TextIOWrapper):

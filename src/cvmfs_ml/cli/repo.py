@@ -422,7 +422,9 @@ def repo_resign(
 ) -> None:
     """Sign a fresh whitelist with the master key (before the old one expires)."""
     from cvmfs_ml.publish.repository import Publisher
+    from cvmfs_ml.publish.settings import whitelist_validity
 
+    valid_for = whitelist_validity(days) if days is not None else None
     publisher = Publisher.open(repo, keys, s3_config=s3_params(s3_config))
-    publisher.resign(valid_for=dt.timedelta(days=days) if days else None)
+    publisher.resign(valid_for=valid_for)
     typer.echo(f"whitelist of {publisher.fqrn} re-signed")

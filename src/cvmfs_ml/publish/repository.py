@@ -27,7 +27,7 @@ from pathlib import Path
 from cvmfs_ml.cvmfs.catalog import DirectoryEntry, WritableCatalog
 from cvmfs_ml.cvmfs.hashing import Digest, hash_bytes
 from cvmfs_ml.cvmfs.history import TRUNK, TRUNK_PREVIOUS, HistoryDb, Tag
-from cvmfs_ml.cvmfs.keys import KeySet
+from cvmfs_ml.cvmfs.keys import KeyPaths, KeySet
 from cvmfs_ml.cvmfs.manifest import Manifest, sign_manifest
 from cvmfs_ml.cvmfs.names import validate_fqrn
 from cvmfs_ml.cvmfs.objects import ObjectKind, deflate, object_path
@@ -35,7 +35,12 @@ from cvmfs_ml.cvmfs.reflog import Reflog, RefType
 from cvmfs_ml.cvmfs.whitelist import make_whitelist
 from cvmfs_ml.errors import ConfigError, LockedError, NotFoundError, PublishError
 from cvmfs_ml.publish.ingest import IngestStats
-from cvmfs_ml.publish.settings import PublishSettings, load_settings, save_settings
+from cvmfs_ml.publish.settings import (
+    PublishSettings,
+    load_settings,
+    save_settings,
+    whitelist_validity,
+)
 from cvmfs_ml.publish.transaction import PublishResult, Transaction
 from cvmfs_ml.storage.base import ObjectStore, is_s3_location, open_store
 from cvmfs_ml.storage.local import LocalStore
@@ -82,11 +87,17 @@ def create_repository(
     else:
         location = Path(root) / fqrn
         keys_dir = keys_dir if keys_dir is not None else Path(root).resolve().parent / "keys"
+    keys_dir = Path(keys_dir)
+    # Checked before anything is written, so a refused create leaves no folder and no keys.
+    existing = [p.name for p in KeyPaths.for_repo(keys_dir, fqrn) if p.exists()]
     store = open_store(location, s3_config)
-    store.create_skeleton()
     if store.exists(MANIFEST):
         raise PublishError(f"{store.location} already holds a repository")
-    keys_dir = Path(keys_dir)
+    if existing:
+        raise ConfigError(f"{keys_dir} already holds keys for {fqrn} ({', '.join(existing)}): "
+                          "pass --keys with another folder, or remove them if no repository "
+                          "uses them")  # fmt: skip
+    store.create_skeleton()
     now = now or _utcnow()
     settings = settings or PublishSettings()
     keys = KeySet.create(keys_dir, fqrn, now)
@@ -361,6 +372,8 @@ class Publisher:
         self, *, now: dt.datetime | None = None, valid_for: dt.timedelta | None = None
     ) -> None:
         """Sign a fresh whitelist with the master key (do this before it expires)."""
+        if valid_for is not None:
+            whitelist_validity(valid_for / dt.timedelta(days=1))
         if self.keys.master_private is None:
             raise PublishError(f"no master key {self.fqrn}.masterkey in {self.keys_dir}")
         days = self.settings.whitelist_days

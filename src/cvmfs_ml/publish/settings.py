@@ -7,6 +7,7 @@ properties of the repository, not of one command line.
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import shlex
 from dataclasses import dataclass, fields, replace
@@ -17,7 +18,26 @@ from cvmfs_ml.cvmfs.hashing import Algorithm
 from cvmfs_ml.cvmfs.objects import Compression
 from cvmfs_ml.errors import ConfigError
 
-__all__ = ["PublishSettings", "load_settings", "save_settings", "settings_path"]
+__all__ = [
+    "MAX_WHITELIST_DAYS",
+    "PublishSettings",
+    "load_settings",
+    "save_settings",
+    "settings_path",
+    "whitelist_validity",
+]
+
+MAX_WHITELIST_DAYS = 3650
+"""A whitelist is the master key's time-limited trust in a certificate: ten years is no limit."""
+
+
+def whitelist_validity(days: float) -> dt.timedelta:
+    """``days`` as a whitelist's validity; an expired whitelist (0 or fewer days) would lock
+    every client out, and a huge one overflows the date."""
+    if not 0 < days <= MAX_WHITELIST_DAYS:  # also refuses NaN
+        raise ConfigError(f"a whitelist must be valid for more than 0 and at most "
+                          f"{MAX_WHITELIST_DAYS} days, not {days:g}")  # fmt: skip
+    return dt.timedelta(days=days)
 
 # Upstream's variable for each field (cvmfs_server_coda.sh, server.conf).
 _KEYS = {
@@ -72,6 +92,29 @@ class PublishSettings:
     auto_min_saving: float = 0.10
     direct_writes: bool = True
 
+    def __post_init__(self) -> None:
+        """Refuse values that would write a repository no client can use (an expired whitelist,
+        a TTL the manifest cannot hold), before anything is written."""
+        limits = {
+            "ttl": (1, 2**32 - 1),  # the manifest's D field is an unsigned 32-bit number
+            "whitelist_days": (1, MAX_WHITELIST_DAYS),
+            "file_mbyte_limit": (0, 2**31),
+            "workers": (0, 1024),
+        }
+        for name, (low, high) in limits.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+                raise ConfigError(f"{_KEYS[name]} must be a whole number in {low}..{high}, "
+                                  f"got {value!r}")  # fmt: skip
+        if not 0.0 <= self.auto_min_saving <= 1.0:
+            raise ConfigError(f"{_KEYS['auto_min_saving']} must be in 0..1, "
+                              f"got {self.auto_min_saving!r}")  # fmt: skip
+        if self.use_chunking:
+            try:
+                self.chunk_params  # noqa: B018 - validates the sizes and min < avg < max
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
+
     @property
     def chunk_params(self) -> ChunkParams:
         return ChunkParams(self.min_chunk_size, self.avg_chunk_size, self.max_chunk_size)
@@ -81,9 +124,7 @@ class PublishSettings:
         return self.workers or max(2, os.cpu_count() or 2)
 
     def with_(self, **changes: object) -> PublishSettings:
-        settings = replace(self, **changes)  # type: ignore[arg-type]
-        settings.chunk_params  # noqa: B018 - validates min < avg < max
-        return settings
+        return replace(self, **changes)  # type: ignore[arg-type]
 
     def to_conf(self) -> str:
         lines = []

@@ -47,6 +47,9 @@ def wait_for_cid(
     timeout's message. A target that no retry can fix (a name with no configured server, a
     missing key, an unsafe value) fails at once, so a typo costs no 20 minutes of waiting.
     """
+    if not (interval > 0 and timeout >= 0):  # also refuses NaN
+        raise ConfigError(f"--interval must be above 0 and --timeout at least 0 (seconds), "
+                          f"not {interval:g} and {timeout:g}")  # fmt: skip
     path = ContentId.parse(cid).repo_path(prefix)
     deadline = clock() + timeout
     opened: dict[str, Repository] = {}
