@@ -108,7 +108,7 @@ def compare_results(baseline: Mapping[str, Any], new: Mapping[str, Any], *,
                     threshold: float = 0.25,
                     metrics: Mapping[str, tuple[str, float]] | None = None) -> CompareReport:
     """Compare the scenario medians of two result documents."""
-    if threshold < 0:
+    if not threshold >= 0:  # written so that NaN fails too
         raise ValueError("threshold must not be negative")
     metrics = DEFAULT_METRICS if metrics is None else metrics
     base = _summary(baseline, "baseline")

@@ -44,7 +44,7 @@ app.command("sync")(sync_command)
 @friendly
 def serve(
     root: Annotated[Path, typer.Argument(help="folder holding <fqrn>/ repository folders")],
-    port: Annotated[int, typer.Option("--port")] = 8080,
+    port: Annotated[int, typer.Option("--port", min=0, max=65535)] = 8080,
     host: Annotated[str, typer.Option("--host")] = "127.0.0.1",
 ) -> None:
     """Serve ROOT/<fqrn>/ at http://HOST:PORT/cvmfs/<fqrn> (cache headers as a Stratum 1)."""
@@ -78,7 +78,9 @@ def demo(
             "default: a new folder under the system's temporary folder",
         ),
     ] = None,
-    llm_mib: Annotated[int, typer.Option(help="size of the LLM-shaped model's weights, MiB")] = 64,
+    llm_mib: Annotated[
+        int, typer.Option(min=1, help="size of the LLM-shaped model's weights, MiB")
+    ] = 64,
 ) -> None:
     """Create, publish a generated model, serve, read back cold, run onnxruntime, compare."""
     from rich.console import Console

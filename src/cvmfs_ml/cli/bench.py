@@ -253,14 +253,16 @@ def bench_export(
 @bench_app.command("sweep")
 @friendly
 def bench_sweep(
-    size_mib: Annotated[int, typer.Option("--size-mib", help="LLM-shaped model size")] = 2048,
+    size_mib: Annotated[
+        int, typer.Option("--size-mib", min=1, help="LLM-shaped model size")
+    ] = 2048,
     chunks: Annotated[str, typer.Option(
         help="comma list of MIN/AVG/MAX chunk sizes in MiB, or 'off'")] = "4/8/16,16/32/64",
     compression: Annotated[str, typer.Option(help="comma list: zlib,none,auto")] = "zlib,none",
     fraction: Annotated[float, typer.Option(
         help="share of the bytes the simulated fine-tune changes")] = 0.05,
     load_mode: Annotated[str, typer.Option(help="fuse | fsspec")] = "fuse",
-    repeats: Annotated[int, typer.Option(help="cold loads per point")] = 1,
+    repeats: Annotated[int, typer.Option(min=1, help="cold loads per point")] = 1,
     out: Annotated[Path, typer.Option("--out")] = Path("bench-results/sweep"),
     work: Annotated[Path | None, typer.Option("--work")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
@@ -272,6 +274,8 @@ def bench_sweep(
 
     if load_mode not in ("fuse", "fsspec"):
         raise _fail("--load-mode must be fuse or fsspec")
+    if not 0 <= fraction <= 1:  # written so that NaN fails too
+        raise _fail(f"--fraction must be within 0..1, not {fraction:g}")
     spec = ModelSpec(f"llm-{size_mib}m", "llm", size=size_mib * 2**20, dtype="float32")
     doc = run_sweep(spec, parse_points(chunks, compression), out,
                     workdir=work or default_workdir(out), fine_tune_fraction=fraction,

@@ -34,7 +34,9 @@ def replica_sync(
     proxy: Annotated[
         str | None, typer.Option("--proxy", help="CVMFS_HTTP_PROXY syntax (default DIRECT)")
     ] = None,
-    workers: Annotated[int, typer.Option("--workers", help="parallel downloads")] = 8,
+    workers: Annotated[
+        int, typer.Option("--workers", min=1, max=256, help="parallel downloads")
+    ] = 8,
     full_history: Annotated[
         bool, typer.Option("--full-history", help="first run: also copy earlier revisions")
     ] = False,

@@ -27,7 +27,7 @@ def registry_serve(
     repo: Annotated[
         list[Path], typer.Option("--repo", help="repository folder (repeat for two or more)")
     ],
-    port: Annotated[int, typer.Option("--port")] = 8081,
+    port: Annotated[int, typer.Option("--port", min=0, max=65535)] = 8081,
     host: Annotated[str, typer.Option("--host")] = "127.0.0.1",
     config: Annotated[
         Path | None, typer.Option("--config", help="registry configuration file (JSON)")

@@ -84,14 +84,16 @@ def sync_command(
         bool, typer.Option("--layers", help="also /.layers/ and podmanStore/ (DUCC's layout)")
     ] = False,
     webhook_port: Annotated[
-        int | None, typer.Option("--webhook-port", help="with --loop: listen for notifications")
+        int | None,
+        typer.Option("--webhook-port", min=0, max=65535,
+                     help="with --loop: listen for notifications"),
     ] = None,
     webhook_host: Annotated[str, typer.Option("--webhook-host")] = "127.0.0.1",
     webhook_token: Annotated[
         str | None, typer.Option("--webhook-token", envvar="CVMFS_ML_WEBHOOK_TOKEN")
     ] = None,
     rounds: Annotated[
-        int | None, typer.Option("--rounds", help="with --loop: stop after N rounds")
+        int | None, typer.Option("--rounds", min=1, help="with --loop: stop after N rounds")
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="one JSON report per round")] = False,
 ) -> None:
@@ -104,8 +106,8 @@ def sync_command(
     from cvmfs_ml.sync.loop import SyncLoop
     from cvmfs_ml.sync.wishlist import load_wishlist
 
-    if interval <= 0:
-        raise ConfigError("--interval must be positive")
+    if not interval > 0 or not grace_period >= 0:  # written so that NaN fails too
+        raise ConfigError("--interval must be above 0 and --grace-period at least 0 (seconds)")
     if webhook_port is not None and not loop:
         raise ConfigError("--webhook-port needs --loop")
     load_wishlist(wishlist)  # a broken wishlist fails before anything starts

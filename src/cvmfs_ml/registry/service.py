@@ -27,7 +27,7 @@ from cvmfs_ml.registry.config import ConfigFile, RegistryConfig
 from cvmfs_ml.registry.jobs import Job, JobStore
 from cvmfs_ml.registry.metrics import RegistryMetrics
 from cvmfs_ml.registry.tarballs import RejectedError, check_tarball
-from cvmfs_ml.registry.worker import CleanupReport, RepositoryWorker
+from cvmfs_ml.registry.worker import CleanupReport, RepositoryWorker, check_poll_seconds
 
 __all__ = ["Accepted", "RegistryService", "Upload", "UploadFile"]
 
@@ -100,6 +100,8 @@ class RegistryService:
         """``stratum1``: a folder to snapshot every repository into after each publish."""
         if not repositories:
             raise ConfigError("the registry needs at least one repository (--repo)")
+        check_poll_seconds(poll_seconds)
+        publishers = [Publisher.open(Path(folder)) for folder in repositories]  # before writing
         self.config_file = config
         self.data_dir = Path(data_dir)
         self.spool = self.data_dir / "spool"
@@ -107,8 +109,7 @@ class RegistryService:
         self.store = JobStore(self.data_dir / "queue.sqlite")
         self.metrics = RegistryMetrics(self.store.queue_stats)
         self.workers: dict[str, RepositoryWorker] = {}
-        for index, folder in enumerate(repositories):
-            publisher = Publisher.open(Path(folder))
+        for index, publisher in enumerate(publishers):
             self.workers[publisher.fqrn] = RepositoryWorker(
                 publisher, self.store, config, self.metrics, poll_seconds=poll_seconds,
                 stratum1=stratum1, index=index,

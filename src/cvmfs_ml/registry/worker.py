@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cvmfs_ml.client.repository import Repository
-from cvmfs_ml.errors import CvmfsMlError
+from cvmfs_ml.errors import ConfigError, CvmfsMlError
 from cvmfs_ml.publish.gc import collect_garbage
 from cvmfs_ml.publish.repository import Publisher, PublishResult
 from cvmfs_ml.registry.cid import ContentId
@@ -44,6 +44,14 @@ class CleanupReport:
     bytes_removed: int
 
 
+def check_poll_seconds(poll_seconds: float) -> float:
+    """``poll_seconds`` if a worker can idle that long between looks at its queue."""
+    if not 0 < poll_seconds <= 3600:  # 0 or less would spin a core; NaN fails too
+        raise ConfigError(f"the worker's poll must be above 0 and at most 3600 s, "
+                          f"not {poll_seconds:g}")  # fmt: skip
+    return poll_seconds
+
+
 class RepositoryWorker:
     """The publishing thread of one repository."""
 
@@ -59,6 +67,7 @@ class RepositoryWorker:
         index: int = 0,
         clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
     ) -> None:
+        check_poll_seconds(poll_seconds)
         self.publisher = publisher
         self.stratum1 = Path(stratum1) / publisher.fqrn if stratum1 is not None else None
         self.fqrn = publisher.fqrn
