@@ -4,12 +4,9 @@ from __future__ import annotations
 
 import errno
 import json
-import lzma
 import os
 import sqlite3
 import stat
-import tarfile
-import zlib
 from collections.abc import Callable, Sequence
 from functools import wraps
 from pathlib import Path
@@ -19,6 +16,7 @@ import typer
 
 from cvmfs_ml.client.entries import device_number
 from cvmfs_ml.errors import CvmfsMlError
+from cvmfs_ml.publish.archive import STREAM_ERRORS
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -29,8 +27,6 @@ def _fail(message: str, code: int = 1) -> typer.Exit:
 
 
 _DISK_FULL = "no space left on the device; free space (e.g. 'cvmfs-ml repo gc') and try again"
-# What a broken archive raises from the standard library when no layer below named the cause.
-_ARCHIVE_ERRORS = (tarfile.TarError, EOFError, zlib.error, lzma.LZMAError)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -64,7 +60,7 @@ def describe_error(exc: BaseException) -> str | None:
             f"text that cannot be written in this encoding ({_first_line(exc)}); "
             "use a UTF-8 locale (e.g. LC_ALL=C.UTF-8)"
         )
-    if isinstance(exc, _ARCHIVE_ERRORS):
+    if isinstance(exc, STREAM_ERRORS):  # what a broken archive raises, unnamed below
         return f"corrupt or truncated archive: {_first_line(exc)}"
     return None
 
@@ -83,7 +79,7 @@ def friendly(func: F) -> F:
             return func(*args, **kwargs)
         except BrokenPipeError:
             raise typer.Exit(0) from None
-        except (CvmfsMlError, OSError, sqlite3.Error, UnicodeError, *_ARCHIVE_ERRORS) as exc:
+        except (CvmfsMlError, OSError, sqlite3.Error, UnicodeError, *STREAM_ERRORS) as exc:
             raise _fail(describe_error(exc) or _first_line(exc)) from exc
 
     return wrapper  # type: ignore[return-value]

@@ -9,14 +9,12 @@ bounds on member count and unpacked size (a small compressed body can expand eno
 from __future__ import annotations
 
 import importlib
-import lzma
 import posixpath
-import tarfile
-import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
 from cvmfs_ml.errors import CvmfsMlError, UnsafeInputError
+from cvmfs_ml.publish.archive import STREAM_ERRORS
 from cvmfs_ml.publish.sources import SourceItem, join_repo_path, scan_tarball
 
 __all__ = ["MAX_STRIP", "RejectedError", "check_tarball", "tarball_items"]
@@ -124,7 +122,7 @@ def check_tarball(
                 )
     except UnsafeInputError as exc:
         raise RejectedError(400, f"unsafe tarball: {exc}", "unsafe") from exc
-    except (tarfile.TarError, EOFError, zlib.error, lzma.LZMAError, OSError, ValueError) as exc:
+    except (*STREAM_ERRORS, ValueError) as exc:
         if isinstance(exc, CvmfsMlError):
             raise RejectedError(400, f"bad tarball: {exc}", "bad_tarball") from exc
         raise RejectedError(400, f"not a readable tarball: {exc}", "bad_tarball") from exc

@@ -28,6 +28,7 @@ from cvmfs_ml.models.formats.base import (
     Source,
     suffix_of,
 )
+from cvmfs_ml.publish.archive import STREAM_ERRORS
 
 __all__ = ["FORMATS", "SCAN_BUDGET", "describe", "detect"]
 
@@ -77,7 +78,7 @@ def _decompress_head(kind: str, data: bytes) -> bytes:
         if kind == "bz2":
             return bz2.BZ2Decompressor().decompress(data, 64)
         return lzma.LZMADecompressor().decompress(data, 64)
-    except (zlib.error, OSError, EOFError, lzma.LZMAError, ValueError):
+    except (*STREAM_ERRORS, ValueError):
         return b""
 
 
@@ -196,7 +197,7 @@ def describe(f: ReadableFile, source: Source) -> ModelDescription:
     try:
         budget = _Budget(_stream(f, compression), SCAN_BUDGET)
         found, stopped = scan_globals(budget)
-    except (OSError, EOFError, zlib.error, lzma.LZMAError) as exc:
+    except STREAM_ERRORS as exc:
         found, stopped = [], f"{type(exc).__name__}: {exc}"
     is_joblib = is_joblib or any(g.startswith("joblib.") for g in found)
     desc = ModelDescription(format="joblib" if is_joblib else "pickle", unsafe=True)

@@ -75,6 +75,7 @@ from cvmfs_ml.models.sources.unpack import (
     open_decompressed,
     safe_relative,
 )
+from cvmfs_ml.publish.archive import STREAM_ERRORS
 from cvmfs_ml.publish.repository import Publisher
 
 __all__ = [
@@ -268,7 +269,7 @@ def _oras_directory(blob: Path, title: str) -> bool:
     try:
         with open_decompressed(blob) as stream, tarfile.open(fileobj=stream, mode="r|") as tar:
             names = [m.name for m in tar]
-    except (tarfile.TarError, OSError, EOFError, ValueError):
+    except (*STREAM_ERRORS, ValueError):
         return False
     prefix = title.rstrip("/")
     for name in names:
