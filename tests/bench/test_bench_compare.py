@@ -87,6 +87,38 @@ def test_bad_input_is_rejected(tmp_path: Path) -> None:
         compare_results(_doc(), _doc(), threshold=-1)
 
 
+def _shapes() -> list[Any]:
+    """Results documents of the wrong shape, each of which raised TypeError or AttributeError
+    inside compare or export before (found by mutating a real results.json)."""
+    good = _doc()
+    odd: list[Any] = [[], None, "x", {"measurements": 5}, {"summary": [None]}]
+    for section, field, value in (("summary", "mode", {}), ("summary", "network", ["a"]),
+                                  ("measurements", "model", [1]), ("summary", "cache_state", {})):
+        doc = copy.deepcopy(good)
+        doc[section][0][field] = value
+        odd.append(doc)
+    odd.append({**copy.deepcopy(good), "versions": 1e300})
+    return odd
+
+
+@pytest.mark.parametrize("doc", _shapes())
+def test_results_of_the_wrong_shape_are_a_format_error(tmp_path: Path, doc: Any) -> None:
+    from cvmfs_ml.bench.export import cvmfs_ci_rows
+    from cvmfs_ml.bench.report import check_results
+
+    with pytest.raises(FormatError):
+        compare_results(_doc(), doc)
+    with pytest.raises(FormatError):
+        cvmfs_ci_rows(check_results(doc))
+    path = tmp_path / "odd.json"
+    path.write_text(json.dumps(doc))
+    runner = CliRunner()
+    for args in (["compare", str(path), str(path)], ["export", str(path), "--format", "cvmfs-ci"]):
+        done = runner.invoke(bench_app, args)
+        assert done.exit_code in (1, 2), (args, done.output)
+        assert done.exception is None or isinstance(done.exception, SystemExit), done.exception
+
+
 def test_cli_exit_codes(tmp_path: Path) -> None:
     base, slow = tmp_path / "base.json", tmp_path / "new.json"
     base.write_text(json.dumps(_doc(2.0)))

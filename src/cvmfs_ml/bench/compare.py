@@ -13,15 +13,12 @@ slower 2 ms load is 0.8 ms: noise, not a regression).
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-from cvmfs_ml.bench.report import SCENARIO_KEY, SCHEMA, summarise
-from cvmfs_ml.errors import FormatError
+from cvmfs_ml.bench.report import SCENARIO_KEY, check_results, load_results, summarise
 
 __all__ = ["DEFAULT_METRICS", "CompareReport", "Delta", "compare_files", "compare_results"]
 
@@ -96,9 +93,7 @@ class CompareReport:
 
 
 def _summary(doc: Mapping[str, Any], what: str) -> dict[tuple[Any, ...], Mapping[str, Any]]:
-    if not isinstance(doc, Mapping) or ("summary" not in doc and "measurements" not in doc):
-        raise FormatError(what, f"not a benchmark result ({SCHEMA}): no summary or measurements")
-    rows = doc.get("summary")
+    rows = check_results(doc, what).get("summary")
     if rows is None:
         rows = summarise(doc["measurements"])
     return {tuple(r.get(k) for k in SCENARIO_KEY): r for r in rows}
@@ -134,13 +129,6 @@ def compare_results(baseline: Mapping[str, Any], new: Mapping[str, Any], *,
     return report
 
 
-def _load(path: str | os.PathLike[str]) -> dict[str, Any]:
-    try:
-        return json.loads(Path(path).read_text())
-    except json.JSONDecodeError as exc:
-        raise FormatError(str(path), f"not JSON: {exc}") from exc
-
-
 def compare_files(baseline: str | os.PathLike[str], new: str | os.PathLike[str], *,
                   threshold: float = 0.25, metrics: Sequence[str] | None = None) -> CompareReport:
     """:func:`compare_results` on two ``results.json`` files (``metrics`` limits the metrics)."""
@@ -150,4 +138,5 @@ def compare_files(baseline: str | os.PathLike[str], new: str | os.PathLike[str],
         if unknown:
             raise ValueError(f"unknown metrics {unknown}; known: {sorted(DEFAULT_METRICS)}")
         chosen = {m: DEFAULT_METRICS[m] for m in metrics}
-    return compare_results(_load(baseline), _load(new), threshold=threshold, metrics=chosen)
+    return compare_results(load_results(baseline), load_results(new), threshold=threshold,
+                           metrics=chosen)  # fmt: skip

@@ -27,12 +27,17 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from cvmfs_ml.cvmfs import jsontext
+from cvmfs_ml.errors import FormatError
+
 __all__ = [
     "MEASUREMENT_FIELDS",
     "SCENARIO_KEY",
     "SCHEMA",
     "METRIC_LABELS",
     "SUMMARY_METRICS",
+    "check_results",
+    "load_results",
     "machine_info",
     "metric_label",
     "plot_load_times",
@@ -168,6 +173,47 @@ def _num(value: Any) -> float | None:
     if isinstance(value, (int, float)) and math.isfinite(value):
         return float(value)
     return None
+
+
+_SCALARS = (str, int, float, bool, type(None))
+
+
+def check_results(doc: Any, what: str = "results.json") -> dict[str, Any]:
+    """``doc`` if it has the shape of a ``bench run`` result, else :class:`FormatError`.
+
+    Results files are passed around (CI artefacts, another machine's run, an older version's),
+    so ``bench compare`` and ``bench export`` read them as outside input: rows that are not
+    objects, or scenario fields that are lists, used to end in a ``TypeError`` deep inside.
+    """
+    if not isinstance(doc, dict):
+        raise FormatError(what, f"not a benchmark result ({SCHEMA}): not a JSON object")
+    if "summary" not in doc and "measurements" not in doc:
+        raise FormatError(what, f"not a benchmark result ({SCHEMA}): no summary or measurements")
+    for section in ("measurements", "summary"):
+        if section not in doc:
+            continue
+        rows = doc[section]
+        if not isinstance(rows, list):
+            raise FormatError(what, f"'{section}' is not a list")
+        for number, row in enumerate(rows):
+            if not isinstance(row, dict):
+                raise FormatError(what, f"{section}[{number}] is not an object")
+            odd = [k for k in SCENARIO_KEY if not isinstance(row.get(k), _SCALARS)]
+            if odd:
+                raise FormatError(what, f"{section}[{number}]: {', '.join(odd)} "
+                                        "not text or a number")  # fmt: skip
+    for field in ("versions", "machine"):
+        if field in doc and not isinstance(doc[field], dict):
+            raise FormatError(what, f"'{field}' is not an object")
+    return doc
+
+
+def load_results(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The checked document of a ``results.json`` file (:func:`check_results`)."""
+    try:
+        return check_results(jsontext.loads(Path(path).read_text()), str(path))
+    except json.JSONDecodeError as exc:
+        raise FormatError(str(path), f"not JSON: {exc}") from exc
 
 
 def summarise(measurements: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:

@@ -230,17 +230,16 @@ def bench_export(
     import sys
 
     from cvmfs_ml.bench.export import cvmfs_ci_rows, write_cvmfs_ci
+    from cvmfs_ml.bench.report import load_results
+    from cvmfs_ml.errors import FormatError
 
     if fmt != "cvmfs-ci":
         raise _fail(f"unknown --format {fmt!r}; known: cvmfs-ci")
     try:
-        doc = json.loads(results.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise _fail(
-            f"cannot read {results}: {exc}; pass the results.json of a `bench run`"
-        ) from exc
-    if not isinstance(doc, dict):
-        raise _fail(f"{results} is not a `bench run` results.json")
+        doc = load_results(results)
+    except (OSError, UnicodeDecodeError, FormatError) as exc:
+        raise _fail(f"cannot read {results}: {exc}; pass the results.json of a `bench run`"
+                    ) from exc  # fmt: skip
     rows = cvmfs_ci_rows(doc)
     if out is None:
         write_cvmfs_ci(rows, sys.stdout)

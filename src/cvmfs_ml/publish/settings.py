@@ -39,6 +39,7 @@ def whitelist_validity(days: float) -> dt.timedelta:
                           f"{MAX_WHITELIST_DAYS} days, not {days:g}")  # fmt: skip
     return dt.timedelta(days=days)
 
+
 # Upstream's variable for each field (cvmfs_server_coda.sh, server.conf).
 _KEYS = {
     "compression": "CVMFS_COMPRESSION_ALGORITHM",
