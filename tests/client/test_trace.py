@@ -64,6 +64,25 @@ def test_load_trace_names_the_bad_line(tmp_path: Path) -> None:
         load_trace(path)
 
 
+@pytest.mark.parametrize(
+    "line",
+    ['{"path": "/a", "offset": 1e400, "length": 1}',  # infinity: OverflowError before
+     '{"path": "/a", "offset": -5, "length": 1}', '{"path": "/a", "offset": 0, "length": -1}',
+     '{"path": "/a", "offset": 0, "length": 1, "t": NaN}',
+     '{"path": "/a", "offset": 0, "length": 1, "source": "weird"}',
+     '{"path": "/a", "offset": "0", "length": 1}', '[1, 2]', "[" * 100_000],
+)  # fmt: skip
+def test_load_trace_refuses_what_no_client_writes(tmp_path: Path, line: str) -> None:
+    """Before, these were summarised as garbage (negative spans, NaN times) or raised
+    ``OverflowError``/``RecursionError``, which ``trace report`` showed as a traceback."""
+    from cvmfs_ml.errors import FormatError
+
+    path = tmp_path / "odd.jsonl"
+    path.write_text(json.dumps({"path": "/a", "offset": 0, "length": 4}) + "\n" + line + "\n")
+    with pytest.raises(FormatError, match="trace line 2"):
+        load_trace(path)
+
+
 def test_summary_tells_sequential_from_random() -> None:
     seq = [_record("/seq", i * MiB, MiB, float(i), size=8 * MiB) for i in range(8)]
     order = [5, 1, 7, 3, 0, 6, 2, 4]

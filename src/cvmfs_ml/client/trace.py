@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import statistics
 import threading
@@ -35,6 +36,9 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, TextIO
+
+from cvmfs_ml.cvmfs import jsontext
+from cvmfs_ml.errors import FormatError
 
 __all__ = [
     "TraceRecord",
@@ -153,8 +157,9 @@ class Tracer:
 def load_trace(source: str | os.PathLike[str] | Iterable[str]) -> list[TraceRecord]:
     """Read a trace file (or an iterable of JSON lines); blank lines are skipped.
 
-    A line that is not a trace record raises :class:`ValueError` naming its line number, so a
-    wrong file is reported instead of summarised as garbage.
+    A line that is not a trace record (negative or infinite numbers, an unknown source)
+    raises :class:`~cvmfs_ml.errors.FormatError` naming its line number, so a wrong file is
+    reported instead of summarised as garbage.
     """
     if isinstance(source, (str, os.PathLike)):
         with open(source, encoding="utf-8") as handle:
@@ -164,22 +169,40 @@ def load_trace(source: str | os.PathLike[str] | Iterable[str]) -> list[TraceReco
         if not line.strip():
             continue
         try:
-            data = json.loads(line)
+            data = jsontext.loads(line)
+            if not isinstance(data, dict):
+                raise TypeError("not a JSON object")
+            source_kind = str(data.get("source", "hit"))
+            if source_kind not in SOURCES:
+                raise ValueError(f"source {source_kind!r} is not one of {', '.join(SOURCES)}")
             records.append(
                 TraceRecord(
                     path=str(data["path"]),
-                    offset=int(data["offset"]),
-                    length=int(data["length"]),
-                    t=float(data.get("t", 0.0)),
-                    seconds=float(data.get("seconds", 0.0)),
-                    source=str(data.get("source", "hit")),
-                    net_bytes=int(data.get("net_bytes", 0)),
-                    size=None if data.get("size") is None else int(data["size"]),
+                    offset=_count(data["offset"], "offset"),
+                    length=_count(data["length"], "length"),
+                    t=_finite(data.get("t", 0.0), "t"),
+                    seconds=_finite(data.get("seconds", 0.0), "seconds"),
+                    source=source_kind,
+                    net_bytes=_count(data.get("net_bytes", 0), "net_bytes"),
+                    size=None if data.get("size") is None else _count(data["size"], "size"),
                 )
             )
-        except (ValueError, KeyError, TypeError) as exc:
-            raise ValueError(f"trace line {number} is not a trace record: {exc}") from exc
+        except (ValueError, KeyError, TypeError, OverflowError) as exc:
+            raise FormatError(f"trace line {number}", f"not a trace record: {exc}") from None
     return records
+
+
+def _count(value: object, name: str) -> int:
+    """A byte count or offset: a whole number from 0 (a trace is outside input)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+        raise ValueError(f"{name} must be a number of bytes (0 or more), not {value!r}")
+    return int(value)  # OverflowError for infinity
+
+
+def _finite(value: object, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, not {value!r}")
+    return float(value)
 
 
 def accesses_from_trace(
