@@ -163,10 +163,21 @@ def repo_check(
     no_data: Annotated[bool, typer.Option("--no-data", help="skip hashing data objects")] = False,
     as_json: JsonOption = False,
     blacklist: BlacklistOption = None,
+    repair_reflog: Annotated[bool, typer.Option(
+        "--repair-reflog", help="first rebuild a damaged .cvmfsreflog (a local or S3 "
+        "repository you publish; like cvmfs_server check -r)")] = False,
+    keys: Annotated[Path | None, typer.Option("--keys", help="keys folder, for --repair-reflog")
+                    ] = None,
 ) -> None:
     """Verify signatures, catalogs, counters and every referenced object; exit 1 on a defect."""
     from cvmfs_ml.client.check import check_repository
+    from cvmfs_ml.publish.repository import Publisher
 
+    if repair_reflog:
+        publisher = Publisher.open(repo, keys, s3_config=s3_params(s3_config))
+        count = publisher.repair_reflog()
+        typer.echo(f"rebuilt .cvmfsreflog of {publisher.fqrn}: {count} references; manifest "
+                   "re-signed", err=True)  # fmt: skip
     use_blacklist(blacklist)
     with open_repository(repo, key, config=config, proxy=proxy,
                          s3_config=s3_params(s3_config)) as repository:

@@ -33,8 +33,15 @@ from cvmfs_ml.cvmfs.names import validate_fqrn
 from cvmfs_ml.cvmfs.objects import ObjectKind, deflate, object_path
 from cvmfs_ml.cvmfs.reflog import Reflog, RefType
 from cvmfs_ml.cvmfs.whitelist import make_whitelist
-from cvmfs_ml.errors import ConfigError, LockedError, NotFoundError, PublishError
+from cvmfs_ml.errors import (
+    ConfigError,
+    FormatError,
+    LockedError,
+    NotFoundError,
+    PublishError,
+)
 from cvmfs_ml.publish.ingest import IngestStats
+from cvmfs_ml.publish.reflog_repair import reachable_references
 from cvmfs_ml.publish.settings import (
     PublishSettings,
     load_settings,
@@ -332,21 +339,30 @@ class Publisher:
 
         return self._edit_history(previous, commit)
 
-    def _sign_and_swap(self, manifest: Manifest, expected: bytes | None) -> Manifest:
+    def _sign_and_swap(
+        self,
+        manifest: Manifest,
+        expected: bytes | None,
+        rebuilt: list[tuple[Digest, RefType]] | None = None,
+    ) -> Manifest:
         """Update the reflog, sign the manifest and swap it in: the publish point.
 
         ``expected`` is the manifest the change started from: the swap is a compare-and-swap
         against it, so a publisher that lost a race fails instead of dropping a revision.
         Everything the new manifest names was made durable (``store.flush``) by the caller.
+        ``rebuilt`` starts a new reflog with these references instead of extending the stored
+        one (:meth:`repair_reflog`).
         """
         store = self.store
         with tempfile.TemporaryDirectory(dir=store.staging_dir()) as tmp:
             path = Path(tmp) / REFLOG
-            if store.exists(REFLOG):
-                path.write_bytes(store.get_bytes(REFLOG))
-                reflog = Reflog.open(path, writable=True)
-            else:
+            if rebuilt is not None:
                 reflog = Reflog.create(path, self.fqrn)
+                for digest, kind in rebuilt:
+                    reflog.add(digest, kind)
+            else:
+                stored = self._open_stored_reflog(path, has_manifest=expected is not None)
+                reflog = stored if stored is not None else Reflog.create(path, self.fqrn)
             reflog.add(manifest.catalog, RefType.CATALOG)
             if manifest.certificate is not None:
                 reflog.add(manifest.certificate, RefType.CERTIFICATE)
@@ -367,6 +383,53 @@ class Publisher:
         store.put_bytes(REFLOG, raw_reflog, durable=True)
         store.remove(REFLOG_PENDING)
         return manifest
+
+    def _open_stored_reflog(self, path: Path, *, has_manifest: bool = True) -> Reflog | None:
+        """The stored reflog copied to ``path`` and opened for writing, ``None`` if there is
+        none and none should be; :class:`PublishError` if it does not open, is missing, or is
+        not the one the stored manifest names.
+
+        The stored manifest, not the one a change started from: a writer that ignored the lock
+        may have published meanwhile, and the swap then fails saying so.
+        """
+        named = self.manifest().reflog if has_manifest else None
+        if not self.store.exists(REFLOG):
+            if named is not None:
+                raise self._damaged_reflog("it is missing, and the manifest names one")
+            return None
+        raw = self.store.get_bytes(REFLOG)
+        if named is not None and hash_bytes(raw, named.algorithm) != named:
+            raise self._damaged_reflog(f"its hash is not the manifest's ({named.hex[:12]}...)")
+        path.write_bytes(raw)
+        try:
+            return Reflog.open(path, writable=True)
+        except FormatError as exc:
+            raise self._damaged_reflog(exc.reason) from None
+
+    def check_reflog(self) -> None:
+        """Refuse to start a change that the reflog would stop at its end (before any upload
+        is ingested); :meth:`_sign_and_swap` checks it again."""
+        with tempfile.TemporaryDirectory(dir=self.store.staging_dir()) as tmp:
+            reflog = self._open_stored_reflog(Path(tmp) / REFLOG)
+            if reflog is not None:
+                reflog.close()
+
+    def _damaged_reflog(self, reason: str) -> PublishError:
+        return PublishError(f"{REFLOG} of {self.fqrn} is damaged ({reason}); nothing was "
+                            f"published: rebuild it with 'cvmfs-ml repo check "
+                            f"{self.location} --repair-reflog'")  # fmt: skip
+
+    def repair_reflog(self) -> int:
+        """Rebuild ``.cvmfsreflog`` from the catalog and history chains (upstream's
+        ``cvmfs_server check -r``) and re-sign the manifest with its hash; the revision and
+        everything else stay as they are. Returns the number of references."""
+        with self.lock():
+            raw, manifest = self._manifest_raw()
+            refs = reachable_references(
+                self.store, manifest, (tag.root_catalog for tag in self.tags())
+            )
+            self._sign_and_swap(manifest, raw, rebuilt=refs)
+            return len(refs)
 
     def resign(
         self, *, now: dt.datetime | None = None, valid_for: dt.timedelta | None = None

@@ -75,6 +75,7 @@ class Transaction:
         try:
             # The revision this transaction starts from: the manifest swap compares against it.
             self._base = self.publisher._manifest_raw()
+            self.publisher.check_reflog()  # fail now, not after ingesting gigabytes
         except BaseException:
             self._lock.__exit__(None, None, None)
             raise
