@@ -67,6 +67,43 @@ def test_second_mount_on_a_mounted_folder_leaves_the_first_working(
     assert first.process is not None and first.process.poll() is None
 
 
+@pytest.mark.parametrize("interrupt", [KeyboardInterrupt, SystemExit])
+def test_a_mount_interrupted_while_starting_leaves_no_mount_or_daemon(
+    served: tuple[str, Path, Publisher], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    interrupt: type[BaseException],
+) -> None:
+    """Ctrl-C, or a SIGTERM (the CLI turns it into SystemExit), after the daemon mounted but
+    before ``mount()`` returned the handle: the caller cannot unmount what it never got, and
+    the daemon runs in its own session, so before this the mount and daemon stayed behind
+    (the demo's SIGTERM test caught it on a loaded machine)."""
+    import cvmfs_ml.client.mounts as mounts
+    from waiting import wait_until
+
+    url, key, _publisher = served
+    point = tmp_path / "mnt"
+    point.mkdir()
+    started: list[int] = []
+    real_wait = mounts._wait_ready
+
+    def interrupted_once_mounted(read_fd: int, process: subprocess.Popen[bytes],
+                                 timeout: float) -> str:  # fmt: skip
+        started.append(process.pid)
+        wait_until(lambda: is_mounted(point), 60, "the daemon mounted")
+        raise interrupt()
+
+    monkeypatch.setattr(mounts, "_wait_ready", interrupted_once_mounted)
+    with pytest.raises(interrupt):
+        mount(url, point, public_key=key, cache=tmp_path / "cache", timeout=60)
+    monkeypatch.setattr(mounts, "_wait_ready", real_wait)
+    assert not is_mounted(point)
+    wait_until(lambda: not os.path.exists(f"/proc/{started[0]}"), 30, "the daemon exited")
+    handle = mount(url, point, public_key=key, cache=tmp_path / "cache", timeout=60)
+    try:  # the folder is usable again at once
+        assert (point / "hello.txt").read_bytes() == b"hello\n"
+    finally:
+        handle.unmount()
+
+
 def test_dead_daemon_mount_is_reported_and_can_be_cleared(
     mounter: Callable[..., MountHandle], served: tuple[str, Path, Publisher], tmp_path: Path
 ) -> None:

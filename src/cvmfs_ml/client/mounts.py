@@ -276,19 +276,41 @@ def mount(
     handle = MountHandle(point, process.pid, process, log_path)
     try:
         message = _wait_ready(read_fd, process, timeout)
+    except BaseException:
+        # Interrupted while waiting (Ctrl-C, or SIGTERM turned into SystemExit by the CLI):
+        # the daemon runs in its own session, so no signal to our process group reaches it,
+        # and the caller never gets the handle that would unmount it.
+        _stop_started(handle)
+        raise
     finally:
         os.close(read_fd)
     if message != "ready":
-        # Unmount only what this daemon mounted (the folder was no mount point when it
-        # started, and the daemon still runs): a daemon that gave up never touches a mount.
-        if process.poll() is None and is_mounted(point):
-            with contextlib.suppress(Exception):
-                handle.unmount(timeout=5)
-        if process.poll() is None:
-            process.kill()
-            process.wait(timeout=5)
+        _stop_started(handle)
         raise CvmfsMlError(f"mount of {text} at {point} failed: {message}")
     return handle
+
+
+def _stop_started(handle: MountHandle) -> None:
+    """Stop a daemon :func:`mount` started and will not hand over, and its mount if it made one.
+
+    SIGTERM first: the daemon unmounts before it exits. It may be anywhere in its start, so a
+    daemon that does not exit is killed, and a mount it left behind (it mounted but died before
+    it could unmount) is detached. Only a cvmfs-ml mount is touched: the folder was no mount
+    point when the daemon started.
+    """
+    process = handle.process
+    assert process is not None
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=5)
+    source = mounted_source(handle.mountpoint)
+    if source is not None and source.startswith("cvmfs-ml:"):
+        with contextlib.suppress(OSError, subprocess.TimeoutExpired):
+            unmount(handle.mountpoint, lazy=True, timeout=5)
 
 
 def _wait_ready(read_fd: int, process: subprocess.Popen[bytes], timeout: float) -> str:
