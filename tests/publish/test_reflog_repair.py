@@ -77,7 +77,13 @@ def test_a_damaged_reflog_stops_publishing_until_repaired(
         txn.commit()
     assert (publisher.repo_dir / ".cvmfspublished").read_bytes() == manifest_before
 
-    # The CLI repairs it (and then checks the repository as usual)
+    # `repo check` reports it (it said "ok" before), then repairs it and checks again
+    checked = subprocess.run(
+        [sys.executable, "-m", "cvmfs_ml.cli", "repo", "check", str(publisher.repo_dir)],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert checked.returncode == 1, (checked.stdout, checked.stderr)
+    assert "--repair-reflog" in checked.stderr and checked.stdout.startswith("FAILED")
     done = subprocess.run(
         [sys.executable, "-m", "cvmfs_ml.cli", "repo", "check", str(publisher.repo_dir),
          "--repair-reflog"], capture_output=True, text=True, timeout=120, check=False,

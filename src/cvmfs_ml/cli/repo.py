@@ -182,6 +182,9 @@ def repo_check(
     with open_repository(repo, key, config=config, proxy=proxy,
                          s3_config=s3_params(s3_config)) as repository:
         report = check_repository(repository, data=not no_data)
+    problem = _reflog_problem(repo, keys, s3_config)
+    if problem is not None:
+        report.problems.append(problem)
     if as_json:
         typer.echo(
             json.dumps(
@@ -202,6 +205,25 @@ def repo_check(
         )
     if not report.ok:
         raise typer.Exit(1)
+
+
+def _reflog_problem(repo: str, keys: Path | None, s3_config: Path | None) -> str | None:
+    """Why the next publish would stop at the reflog, for a repository whose keys are at hand.
+
+    Only there: a Stratum 1 keeps a reflog of its own, which the manifest's ``Y`` does not name.
+    """
+    from cvmfs_ml.errors import CvmfsMlError
+    from cvmfs_ml.publish.repository import Publisher
+
+    try:
+        publisher = Publisher.open(repo, keys, s3_config=s3_params(s3_config))
+    except (CvmfsMlError, OSError):
+        return None  # a URL, a replica, or keys kept elsewhere: not ours to check
+    try:
+        publisher.check_reflog()
+    except CvmfsMlError as exc:
+        return str(exc)
+    return None
 
 
 @repo_app.command("ls")

@@ -408,8 +408,9 @@ class Publisher:
 
     def check_reflog(self) -> None:
         """Refuse to start a change that the reflog would stop at its end (before any upload
-        is ingested); :meth:`_sign_and_swap` checks it again."""
-        with tempfile.TemporaryDirectory(dir=self.store.staging_dir()) as tmp:
+        is ingested); :meth:`_sign_and_swap` checks it again. Writes nothing to the repository
+        (``repo check`` runs it too)."""
+        with tempfile.TemporaryDirectory() as tmp:
             reflog = self._open_stored_reflog(Path(tmp) / REFLOG)
             if reflog is not None:
                 reflog.close()
