@@ -99,3 +99,13 @@ def test_a_damaged_reflog_stops_publishing_until_repaired(
                          public_key=publisher.keys.paths.master_public) as repo:  # fmt: skip
         assert repo.read_bytes("/third/a.txt") == b"one\n"
         assert check_repository(repo).ok
+
+
+def test_repair_reflog_of_a_url_says_to_give_the_folder() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "cvmfs_ml.cli", "repo", "check", "http://127.0.0.1:9/cvmfs/a.test",
+         "--repair-reflog"], capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines() == [done.stderr.strip()]
+    assert "not a URL" in done.stderr

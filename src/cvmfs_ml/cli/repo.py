@@ -174,6 +174,9 @@ def repo_check(
     from cvmfs_ml.publish.repository import Publisher
 
     if repair_reflog:
+        if repo.startswith(("http://", "https://")):
+            raise _fail("--repair-reflog rebuilds the reflog of a repository you publish: give "
+                        "its folder or s3:// location, not a URL")  # fmt: skip
         publisher = Publisher.open(repo, keys, s3_config=s3_params(s3_config))
         count = publisher.repair_reflog()
         typer.echo(f"rebuilt .cvmfsreflog of {publisher.fqrn}: {count} references; manifest "
