@@ -18,11 +18,14 @@ user needs to fix the problem (the path, the expected and the actual value, what
     ├── PublishError             a transaction that cannot be committed
     │   └── LockedError          another publisher holds the repository lock
     ├── DownloadError            every host and proxy failed (carries the attempts)
+    ├── CacheFullError           the client cache's disk has no room, even after eviction
     └── ConfigError              a configuration value that cannot be used
 """
 
 from __future__ import annotations
 
+import errno
+import sqlite3
 from collections.abc import Sequence
 
 
@@ -110,9 +113,29 @@ class DownloadError(CvmfsMlError, OSError):
         self.attempts = list(attempts)
 
 
+class CacheFullError(CvmfsMlError, OSError):
+    """The client cache's disk has no room for an object, even after evicting what it could
+    (the disk is full of other files, or of entries that running processes pin)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(errno.ENOSPC, message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
 class ConfigError(CvmfsMlError, ValueError):
     """A configuration value (URL list, proxy list, key, setting) that cannot be used."""
 
 
 class StorageError(CvmfsMlError, OSError):
     """The object store (an S3 service) refused a request or could not be reached."""
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """Whether ``exc`` says a disk is full: a write's ENOSPC (or a quota's EDQUOT), or SQLite's
+    "database or disk is full"."""
+    if isinstance(exc, OSError):
+        return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    return isinstance(exc, sqlite3.OperationalError) and "disk is full" in str(exc)

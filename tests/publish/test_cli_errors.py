@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import lzma
 import os
@@ -12,7 +11,6 @@ import subprocess
 import sys
 import tarfile
 import zlib
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,6 +18,7 @@ import pytest
 from cvmfs_ml.cli.common import describe_error
 from cvmfs_ml.errors import ConfigError
 from cvmfs_ml.publish.repository import create_repository
+from disks import fill, small_tmpfs
 
 from .test_hostile_ingest import cli
 
@@ -92,34 +91,6 @@ def test_a_corrupt_database_is_one_line(tmp_path: Path) -> None:
 
 
 # -- a full disk -------------------------------------------------------------------------------
-@contextlib.contextmanager
-def small_tmpfs(where: Path, size: str) -> Iterator[Path]:
-    where.mkdir(parents=True, exist_ok=True)
-    mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", str(where)],
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({mounted.stderr.strip()}); needs root")
-    try:
-        yield where
-    finally:
-        subprocess.run(["umount", "-l", str(where)], capture_output=True, timeout=30)
-
-
-def fill(path: Path) -> None:
-    """Write until the file system is full."""
-    with open(path, "wb") as out:
-        with contextlib.suppress(OSError):
-            while True:
-                out.write(b"\0" * 65536)
-                out.flush()
-        with contextlib.suppress(OSError):
-            os.fsync(out.fileno())
-
-
 def test_disk_full_during_publish_and_gc(tmp_path: Path) -> None:
     with small_tmpfs(tmp_path / "disk", "4m") as disk:
         srv = disk / "srv"

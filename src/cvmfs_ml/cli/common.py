@@ -15,7 +15,7 @@ from typing import Annotated, Any, TypeVar
 import typer
 
 from cvmfs_ml.client.entries import device_number
-from cvmfs_ml.errors import CvmfsMlError
+from cvmfs_ml.errors import CvmfsMlError, is_disk_full
 from cvmfs_ml.publish.archive import STREAM_ERRORS
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -26,7 +26,10 @@ def _fail(message: str, code: int = 1) -> typer.Exit:
     return typer.Exit(code)
 
 
-_DISK_FULL = "no space left on the device; free space (e.g. 'cvmfs-ml repo gc') and try again"
+_DISK_FULL = (
+    "no space left on the device; free space on it (for a repository: 'cvmfs-ml repo gc') "
+    "and try again"
+)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -40,7 +43,7 @@ def describe_error(exc: BaseException) -> str | None:
         return _first_line(exc)
     if isinstance(exc, OSError):
         where = f"{exc.filename}: " if exc.filename else ""
-        if exc.errno == errno.ENOSPC:
+        if is_disk_full(exc):
             return f"{where}{_DISK_FULL}"
         if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
             return f"{where}{exc.strerror}; check the owner and permissions (or run as its owner)"
@@ -50,7 +53,7 @@ def describe_error(exc: BaseException) -> str | None:
             return f"{where}{exc.strerror}"
         return _first_line(exc)
     if isinstance(exc, sqlite3.Error):
-        if "disk is full" in str(exc):
+        if is_disk_full(exc):
             return f"a database write failed: {_DISK_FULL}"
         return f"database error: {_first_line(exc)}"
     if isinstance(exc, UnicodeDecodeError):

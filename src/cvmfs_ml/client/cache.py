@@ -51,8 +51,8 @@ system) in a file already stamped, until an explicit :meth:`ObjectCache.verify` 
 an attacker with write access to the cache, who could fix up the cachedb too.
 Upstream's cache does not check content on reads at all (``cvmfs_fsck`` does, offline).
 
-Quota: when a put takes the total over ``quota_bytes``, least-recently used unpinned entries are
-evicted down to half the quota, like upstream. Lookups update the LRU order in batches.
+Quota and disk space: :mod:`.cache_space` (eviction down to half the quota, like upstream, and
+room made when the disk fills up first). Lookups update the LRU order in batches.
 """
 
 from __future__ import annotations
@@ -66,12 +66,12 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
 from cvmfs_ml.client import cachedb
 from cvmfs_ml.client.cache_file import TxnFile, crc32, crc_of_file
+from cvmfs_ml.client.cache_space import CacheSpace, CacheUsage
 from cvmfs_ml.cvmfs.hashing import Digest
 from cvmfs_ml.errors import ConfigError
 
@@ -85,18 +85,7 @@ _QUARANTINE_KEEP = 16
 _STALE_TXN_SECONDS = 24 * 3600
 
 
-@dataclass(frozen=True, slots=True)
-class CacheUsage:
-    """What :meth:`ObjectCache.usage` reports."""
-
-    size_bytes: int
-    entries: int
-    pinned_bytes: int
-    quota_bytes: int | None
-    quarantined: int
-
-
-class ObjectCache:
+class ObjectCache(CacheSpace):
     """Verified, decompressed objects by digest, with a quota, LRU eviction and pins.
 
     ``quota_bytes`` of ``None`` means unlimited. One instance may be shared by threads; several
@@ -450,40 +439,7 @@ class ObjectCache:
         rows = self._read("SELECT pid FROM pins WHERE sha1 = ?", (digest.hex,))
         return any(cachedb.pid_alive(int(pid)) for (pid,) in rows)  # type: ignore[call-overload]
 
-    # ------------------------------------------------------------------ eviction and upkeep
-
-    def evict_to(self, target_bytes: int) -> int:
-        """Evict least-recently used unpinned entries until at most ``target_bytes`` remain.
-
-        Returns the bytes freed (less than needed when pins hold the rest).
-        """
-        with self._write() as db:
-            self._flush_touches(db)
-            return self._evict(db, target_bytes)
-
-    def _evict(self, db: sqlite3.Connection, target: int, keep: str | None = None) -> int:
-        before = cachedb.total(db)
-        for text in cachedb.take_victims(db, target, keep):
-            self._verified.pop(text, None)
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.root / text[:2] / text[2:])
-        return before - cachedb.total(db)
-
-    def usage(self) -> CacheUsage:
-        """Current size, entry count, bytes pinned by live processes, quota, quarantined files."""
-        with self._locked():
-            db = self._connect()
-            total = cachedb.total(db)
-            entries = db.execute("SELECT COUNT(*) FROM cache_catalog").fetchone()[0]
-            pinned = db.execute(
-                "SELECT c.sha1, c.size, p.pid FROM cache_catalog c JOIN pins p USING (sha1)"
-            ).fetchall()
-        live: dict[str, int] = {}
-        for text, size, pid in pinned:
-            if cachedb.pid_alive(pid):
-                live[text] = size
-        quarantined = sum(1 for _ in os.scandir(self.quarantine_dir))
-        return CacheUsage(total, int(entries), sum(live.values()), self.quota_bytes, quarantined)
+    # ------------------------------------------------------------------ upkeep
 
     def wipe(self) -> None:
         """Remove every object, pin and quarantined file (``bench drop-caches``).

@@ -10,6 +10,7 @@ how each request was served and how many bytes it moved.
 from __future__ import annotations
 
 import os
+import sqlite3
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -19,7 +20,7 @@ from typing import BinaryIO
 from cvmfs_ml.client.cache import ObjectCache
 from cvmfs_ml.cvmfs.hashing import Digest
 from cvmfs_ml.cvmfs.objects import MAX_UNSIZED_OBJECT, ObjectKind, object_path
-from cvmfs_ml.errors import FormatError, IntegrityError
+from cvmfs_ml.errors import CacheFullError, FormatError, IntegrityError, is_disk_full
 from cvmfs_ml.storage.base import ObjectSource
 
 __all__ = ["FetchInto", "FetchOnce"]
@@ -54,6 +55,7 @@ class FetchOnce:
         fetch_into: FetchInto | None = None,
         *,
         exact: bool = True,
+        retried: bool = False,
     ) -> tuple[Path, str, int]:
         """The object's cache path and how it was served, for tracing: ``(path, how, net)``.
 
@@ -79,24 +81,31 @@ class FetchOnce:
                 self._inflight[digest] = future
         assert future is not None
         if not owner:
-            return future.result(), "wait", 0
+            try:
+                return future.result(), "wait", 0
+            except CacheFullError:
+                if retried:
+                    raise
+            # The disk was full of other fetches (read-ahead) then: try it once from here.
+            return self.get(digest, kind, compressed, size, fetch_into, exact=exact, retried=True)
         try:
             rel = object_path(digest, kind)
             known = size is not None and (exact or size > 0)  # a 0 catalog size is "unknown"
             bound = size if known and size is not None else self.max_unsized_object
-            with self.cache.put_stream(digest, size_hint=bound if known else None) as sink:
-                if fetch_into is None:
-                    written = self.source.fetch_into(
-                        rel, digest, compressed, sink, max_bytes=bound
-                    )
-                else:
-                    written = fetch_into(sink, bound)
-                if exact and size is not None and written != size:
-                    raise FormatError(rel, f"holds {written} bytes, the catalog says {size}")
-            # Just committed (verified while it streamed): no second lookup needed.
-            path = sink.committed_path or self.cache.get_path(digest)
-            if path is None:
-                raise IntegrityError(f"cache entry {digest.hex}", "stored", "missing")
+            for attempt in range(2):
+                try:
+                    path, written = self._store(digest, rel, compressed, size if exact else None,
+                                                bound, known, fetch_into)  # fmt: skip
+                    break
+                except (OSError, sqlite3.OperationalError) as exc:
+                    if isinstance(exc, CacheFullError) or not is_disk_full(exc):
+                        raise
+                    if attempt:
+                        raise CacheFullError(
+                            f"the cache disk {self.cache.root} is full, even after evicting "
+                            f"for {rel}: free space on it, or move CVMFS_CACHE_BASE"
+                        ) from exc
+                    self.cache.make_room(bound if known else 0)
             future.set_result(path)
             net = self._network_bytes(rel, written) if fetch_into is None else written
             return path, "fetch", net
@@ -106,6 +115,30 @@ class FetchOnce:
         finally:
             with self._lock:
                 self._inflight.pop(digest, None)
+
+    def _store(
+        self,
+        digest: Digest,
+        rel: str,
+        compressed: bool,
+        size: int | None,
+        bound: int,
+        known: bool,
+        fetch_into: FetchInto | None,
+    ) -> tuple[Path, int]:
+        """Fetch into a new cache entry (``size``: exactly that many bytes); its path, bytes."""
+        with self.cache.put_stream(digest, size_hint=bound if known else None) as sink:
+            if fetch_into is None:
+                written = self.source.fetch_into(rel, digest, compressed, sink, max_bytes=bound)
+            else:
+                written = fetch_into(sink, bound)
+            if size is not None and written != size:
+                raise FormatError(rel, f"holds {written} bytes, the catalog says {size}")
+        # Just committed (verified while it streamed): no second lookup needed.
+        path = sink.committed_path or self.cache.get_path(digest)
+        if path is None:
+            raise IntegrityError(f"cache entry {digest.hex}", "stored", "missing")
+        return path, written
 
     def _network_bytes(self, rel: str, written: int) -> int:
         """Bytes the fetch of ``rel`` moved: store file size, or the fetcher counter's growth.
@@ -128,3 +161,4 @@ class FetchOnce:
             except (OSError, TypeError, ValueError):
                 pass
         return written
+

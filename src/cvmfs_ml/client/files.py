@@ -256,7 +256,12 @@ class CvmfsFile(io.RawIOBase):
             return
         self._drop_next = limit + 1
         read = self.pieces_read
-        self.drop_pages([i for i in range(start, limit + 1) if i in read])
+        behind = [i for i in range(start, limit + 1) if i in read]
+        with self._lock:  # an evicted cache file keeps its disk space while it is open
+            for index in behind:
+                if index in self._fds and index not in self._users:
+                    os.close(self._fds.pop(index))
+        self.drop_pages(behind)
 
     def drop_pages(self, indexes: list[int]) -> None:
         """Take the cache files of pieces ``indexes`` out of the page cache, on a background

@@ -537,16 +537,16 @@ class Repository:
 
         ``prefetch=None`` queues every piece of files of ``prefetch_min_bytes`` or more;
         smaller (or ``prefetch=False``) files get a sequential read-ahead instead. A file that
-        cannot stay whole in the cache (over half the quota, what an eviction keeps) gets a
-        read-ahead window of an eighth of the quota instead: queued whole, its first pieces
+        cannot stay whole in the cache (over half of what it can hold, what an eviction keeps)
+        gets a read-ahead window of an eighth of that instead: queued whole, its first pieces
         would be evicted to make room for the last before they are read, and fetched twice.
         """
         entry = self.resolve(path)
         layout = self.layout(entry)
         handle = CvmfsFile(self, entry.path, layout)
         if prefetch or (prefetch is None and layout.size >= self.prefetch_min_bytes):
-            quota = self.cache.quota_bytes
-            if quota is not None and layout.size > quota // 2:
+            quota = self.cache.capacity_bytes()  # a disk smaller than the quota limits it too
+            if layout.size > quota // 2:
                 largest = max(piece.size for piece in layout.pieces)
                 handle.readahead = max(handle.readahead, (quota // 8) // max(1, largest))
             else:
@@ -598,4 +598,3 @@ class Repository:
 
     def tag(self, name: str) -> Tag | None:
         return next((t for t in self.tags() if t.name == name), None)
-
