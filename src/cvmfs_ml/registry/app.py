@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import re
+import sqlite3
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -25,6 +26,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
+from cvmfs_ml.errors import is_disk_full
 from cvmfs_ml.registry.auth import authenticate, require, require_reader
 from cvmfs_ml.registry.cid import ContentId, InvalidCidError
 from cvmfs_ml.registry.config import Principal
@@ -122,6 +124,18 @@ def create_app(service: RegistryService, *, manage_service: bool = True) -> Fast
         if exc.status >= 500:
             return _text(f"Server error: {exc.reason}", exc.status)
         return _text(f"Bad request: {exc.reason}", exc.status)
+
+    async def disk_full(request: Request, exc: Exception) -> Response:
+        """A full spool or data disk: 507 with what to do, not a 500 with a traceback; what
+        was received is discarded where it was written (``_receive``, the upload stores)."""
+        if not is_disk_full(exc):
+            raise exc  # a bug or another fault: the server's 500 and its traceback
+        log.error("%s %s: the registry's disk is full: %s", request.method, request.url.path, exc)
+        reason = "the registry's disk is full; this upload was not stored, try again later"
+        return await rejected(request, RejectedError(507, reason, "disk_full"))
+
+    app.add_exception_handler(OSError, disk_full)
+    app.add_exception_handler(sqlite3.OperationalError, disk_full)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError) -> Response:

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from cvmfs_ml.cvmfs import jsontext
-from cvmfs_ml.errors import CvmfsMlError, FormatError, NotFoundError
+from cvmfs_ml.errors import CvmfsMlError, FormatError, NotFoundError, is_disk_full
 from cvmfs_ml.models.sources.oci_client import Fetched
 from cvmfs_ml.models.sources.oci_manifest import check_index, check_manifest
 from cvmfs_ml.storage.pagecache import UncachedWriter
@@ -184,7 +184,8 @@ class OciStore:
     def appending(self, upload_id: str, limit: int) -> Iterator[Callable[[bytes], int]]:
         """A writer for one request's body: ``write(chunk)`` returns the session's size.
 
-        What arrived is kept when the request fails (a resumable upload goes on from there).
+        What arrived is kept when the request fails (a resumable upload goes on from there),
+        except on a full disk, where the session goes back to where this request began.
         The bytes are copied into aligned buffers that other threads hash (the session's
         SHA-256) and write around the page cache (:class:`UncachedWriter`): blobs are read back
         rarely, if ever, and py-spy found a 1 GiB push's event loop busy in these writes and
@@ -195,7 +196,7 @@ class OciStore:
         # Two blocks of the size the API hands over (RECEIVE_BLOCK): one filling while the
         # other is hashed and written.
         writer = UncachedWriter(path, block=4 * 2**20, buffers=2, append=True, hasher=hasher)
-        size = writer.size
+        size = start = writer.size
 
         def write(chunk: bytes) -> int:
             nonlocal size
@@ -206,14 +207,21 @@ class OciStore:
             return size
 
         try:
-            yield write
-        finally:
             try:
-                writer.close()
-            except BaseException:
-                with self._lock:  # its state may not match the file: rebuilt from the file
+                yield write
+            finally:
+                try:
+                    writer.close()
+                except BaseException:
+                    with self._lock:  # its state may not match the file: rebuilt from the file
+                        self._hashers.pop(upload_id, None)
+                    raise
+        except (OSError, sqlite3.OperationalError) as exc:
+            if is_disk_full(exc):  # kept, this request's bytes would keep the disk full
+                with self._lock:
                     self._hashers.pop(upload_id, None)
-                raise
+                os.truncate(path, start)  # a resumable upload goes on from here once it fits
+            raise
 
     def session_sha256(self, upload_id: str) -> tuple[Path, str]:
         """The session's file and the SHA-256 hex of what it holds so far."""
