@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import re
+import sqlite3
 
 from cvmfs_ml.errors import CvmfsMlError
 from cvmfs_ml.models.sources.oci_client import OciReference
@@ -48,10 +49,11 @@ def publish_pushed_image(
             public_registry=registry,
             max_bytes=service.config.max_unpacked_bytes,
         )
-    except (CvmfsMlError, ValueError, OSError) as exc:
-        log.warning("publishing image %s:%s failed: %s", repo, tag, exc)
+    except (CvmfsMlError, ValueError, OSError, sqlite3.OperationalError) as exc:
+        reason = worker.failure_reason(exc)
+        log.warning("publishing image %s:%s failed: %s", repo, tag, reason)
         service.metrics.errors.labels("oci_publish").inc()
-        store.set_publish(repo, tag, digest, "failed", reason=str(exc))
+        store.set_publish(repo, tag, digest, "failed", reason=reason)
         return
     if pushed.changed:
         service.metrics.publishes.labels(worker.fqrn).inc()

@@ -20,6 +20,7 @@ import hashlib
 import importlib
 import logging
 import re
+import sqlite3
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -125,10 +126,11 @@ class ModelPublisher:
                 client=LocalRegistryClient(self.store),  # type: ignore[arg-type]
                 publisher_name=who, before_publish=self.preingest.prime,
             )  # fmt: skip
-        except (CvmfsMlError, ValueError, OSError) as exc:
-            log.warning("publishing %s:%s as %s failed: %s", repo, tag, ref, exc)
+        except (CvmfsMlError, ValueError, OSError, sqlite3.OperationalError) as exc:
+            reason = worker.failure_reason(exc)
+            log.warning("publishing %s:%s as %s failed: %s", repo, tag, ref, reason)
             self.service.metrics.errors.labels("oci_publish").inc()
-            self.store.set_publish(repo, tag, digest, "failed", reason=str(exc), model=str(ref))
+            self.store.set_publish(repo, tag, digest, "failed", reason=reason, model=str(ref))
             return
         revision = worker.publisher.manifest().revision
         self.service.metrics.publishes.labels(worker.fqrn).inc()

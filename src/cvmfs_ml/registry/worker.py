@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cvmfs_ml.client.repository import Repository
-from cvmfs_ml.errors import ConfigError, CvmfsMlError
+from cvmfs_ml.errors import ConfigError, CvmfsMlError, is_disk_full
 from cvmfs_ml.publish.gc import collect_garbage
 from cvmfs_ml.publish.repository import Publisher, PublishResult
 from cvmfs_ml.registry.cid import ContentId
@@ -183,6 +183,8 @@ class RepositoryWorker:
             result = self._commit(jobs, prefix)
         except Exception as exc:
             if len(jobs) > 1:
+                if is_disk_full(exc):  # the batch's objects go before the jobs try alone
+                    self.relieve_full_disk()
                 log.warning("batch of %d failed in %s (%s); retrying one by one",
                             len(jobs), self.fqrn, exc)  # fmt: skip
                 for job in jobs:
@@ -190,12 +192,15 @@ class RepositoryWorker:
                 return
             job = jobs[0]
             kind = "publish" if isinstance(exc, CvmfsMlError) else "internal"
+            if is_disk_full(exc):  # expected on a service: no traceback, and room made
+                kind = "disk_full"
+            reason = self.failure_reason(exc, job.size)
             if kind == "internal":
                 log.exception("publishing %s failed", job.cid)
             else:
-                log.warning("publishing %s failed: %s", job.cid, exc)
+                log.warning("publishing %s failed: %s", job.cid, reason)
             self.metrics.errors.labels(kind).inc()
-            self.store.fail(job, str(exc) or type(exc).__name__)
+            self.store.fail(job, reason)
             _remove(job.upload)
             return
         now = time.time()
@@ -209,6 +214,36 @@ class RepositoryWorker:
         log.info("published %d CID(s) in %s revision %d", len(jobs), self.fqrn, result.revision)
         if self.stratum1 is not None:
             self._replicate(jobs)
+
+    def failure_reason(self, exc: BaseException, size: int | None = None) -> str:
+        """The reason to record for a publish into this repository that raised ``exc``; on a
+        full disk, after :meth:`relieve_full_disk`."""
+        if is_disk_full(exc):
+            return disk_full_reason(size, self.relieve_full_disk())
+        return str(exc) or type(exc).__name__
+
+    def relieve_full_disk(self) -> int:
+        """Collect garbage now, after a publish that found the repository's disk full; return
+        the bytes free afterwards (-1 where the store is not a local folder).
+
+        The failed transaction's objects stay behind (as upstream's do) until a collection,
+        and on a full disk they would fail every publish until the daily cleanup.
+        """
+        if self.publisher.settings.garbage_collection:
+            try:
+                report = collect_garbage(self.publisher)
+            except Exception as exc:  # a report, not a reason to stop the thread
+                log.warning("garbage collection of %s on a full disk failed: %s", self.fqrn, exc)
+            else:
+                log.warning("%s: disk full; garbage collection removed %d objects (%d bytes)",
+                            self.fqrn, report.removed, report.bytes_removed)  # fmt: skip
+        if not self.publisher.is_local:  # its staging folder's disk is not the store's
+            return -1
+        try:
+            fs = os.statvfs(self.publisher.repo_dir)
+        except OSError:
+            return -1
+        return fs.f_bavail * fs.f_frsize
 
     def _replicate(self, jobs: list[Job]) -> None:
         """Snapshot the new revision into the local Stratum 1 (what clients read)."""
@@ -269,6 +304,16 @@ class RepositoryWorker:
         log.info("cleanup of %s: %d CID(s) removed, %d objects (%d bytes) collected",
                  self.fqrn, len(removed), objects, freed)  # fmt: skip
         return CleanupReport(self.fqrn, removed, revision, objects, freed)
+
+
+def disk_full_reason(size: int | None, free: int) -> str:
+    """Why an upload of ``size`` bytes failed on a full repository disk (``free``: -1 unknown)."""
+    what = "this upload" if size is None else f"this upload ({size / 2**20:.1f} MiB)"
+    space = f"{free / 2**20:.1f} MiB free" if free >= 0 else "free space unknown"
+    return (
+        f"the repository's disk is full: {what} did not fit ({space} after collecting "
+        "garbage); ask the registry's operator for space"
+    )
 
 
 def _published(publisher: Publisher) -> Repository:
