@@ -31,7 +31,7 @@ from cvmfs_ml.models.layout import ModelRef
 from cvmfs_ml.models.sources.oci import ANNOTATION_TITLE
 from cvmfs_ml.models.sources.oci_client import OCI_MANIFEST
 from cvmfs_ml.models.tree import read_record
-from cvmfs_ml.publish.repository import Publisher
+from cvmfs_ml.publish.repository import Publisher, create_repository
 from cvmfs_ml.sync.auth import AuthFile
 from cvmfs_ml.sync.engine import SyncOptions, run_round
 from cvmfs_ml.sync.events import EventLog
@@ -586,3 +586,27 @@ def test_the_loop_outlives_a_round_that_fails_unexpectedly(
     assert len(errors) == 1 and errors[0].action == "sync_round"
     assert errors[0].error.startswith("internal error (please report): TypeError")
     assert model_files(publisher, "/hep/local/1") == {"weights.bin": sha256(b"w" * 1000)}
+
+
+def test_a_round_that_fills_the_disk_cleans_up_after_itself(tmp_path: Path) -> None:
+    """Before, the round failed with ``[Errno 28] No space left on device`` and left its
+    objects on the disk until some later collection, so the next rounds failed as well."""
+    from disks import small_tmpfs
+
+    with small_tmpfs(tmp_path / "disk", "12m") as disk:
+        publisher = create_repository(disk / "srv", FQRN)
+        wishlist = _local_folder_wishlist(tmp_path)
+        (tmp_path / "model" / "weights.bin").write_bytes(os.urandom(20 * 2**20))
+        args = ["sync", str(wishlist), "--repo", str(publisher.repo_dir)]
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 1
+        assert "the repository's disk is full, nothing was published" in result.output
+        assert "unreferenced objects collected" in result.output
+        assert publisher.manifest().revision == 0
+        fs = os.statvfs(disk)
+        assert fs.f_bavail * fs.f_frsize > 8 * 2**20  # what the round wrote is gone
+
+        (tmp_path / "model" / "weights.bin").write_bytes(b"w" * 1000)
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 0, result.output
+        assert model_files(publisher, "/hep/local/1") == {"weights.bin": sha256(b"w" * 1000)}

@@ -24,6 +24,7 @@ import contextlib
 import fcntl
 import json
 import os
+import sqlite3
 import tempfile
 import time
 from collections.abc import Iterator
@@ -31,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cvmfs_ml.errors import CvmfsMlError, PublishError
+from cvmfs_ml.errors import CvmfsMlError, PublishError, is_disk_full
 from cvmfs_ml.models.layout import ModelRef, utc_timestamp
 from cvmfs_ml.models.publish import ModelBatch, PreparedVersion, open_published, prepare_version
 from cvmfs_ml.models.sources.oci import known_file_digests, resolve
@@ -99,6 +100,26 @@ def sync_lock(publisher: Publisher) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _disk_full(publisher: Publisher, options: SyncOptions, log: EventLog) -> PublishError:
+    """The error for a round that ran out of disk, after collecting the objects it left (as
+    upstream's, a failed transaction's objects stay until a collection; on a full disk they
+    would fail every later round)."""
+    collected = ""
+    if options.gc and publisher.settings.garbage_collection:
+        try:
+            report = collect_garbage(publisher)
+        except CvmfsMlError as exc:
+            log("gc", status="error", error=str(exc).splitlines()[0])
+        else:
+            log("gc", removed=report.removed, size_bytes=report.bytes_removed)
+            freed = report.bytes_removed / 2**20
+            collected = f"; {freed:.1f} MiB of unreferenced objects collected"
+    return PublishError(
+        f"{publisher.fqrn}: the repository's disk is full, nothing was published{collected}; "
+        "free space on it (or sync fewer images or models per round) and run again"
+    )
 
 
 # -- state kept next to the keys (not published: it is the syncer's memory) ---------------------
@@ -503,7 +524,12 @@ def run_round(
                         work.plan_removals(repo, existing, keep)
                 changes = 0
                 if not work.plan.empty():
-                    changes = work.commit()
+                    try:
+                        changes = work.commit()
+                    except (OSError, sqlite3.OperationalError) as exc:
+                        if not is_disk_full(exc):
+                            raise
+                        raise _disk_full(publisher, options, log) from exc
         finally:
             work.close()
         after = publisher.manifest().revision
