@@ -95,6 +95,17 @@ def test_model_get_and_path_cli_without_mount(site: Site, tmp_path: Path) -> Non
     assert "hep/nothing:1.0" in unknown.stderr and " has " not in unknown.stderr
 
 
+def test_model_get_onto_a_full_disk_names_it_and_leaves_nothing(site: Site, tmp_path: Path) -> None:
+    """A write's ENOSPC names no file, so the line said only "no space left on the device"."""
+    from disks import fill, small_tmpfs
+
+    with small_tmpfs(tmp_path / "small", "1m") as disk:
+        fill(disk / "filler")
+        failed = cli(site, "model", "get", f"cvmfs://{FQRN}/hep/mlp:1.0", disk / "got", code=1)
+        assert f"{disk}: no space left on the device" in failed.stderr, failed.stderr
+        assert os.listdir(disk) == ["filler"]
+
+
 def test_resolve_and_get_link_into_a_mount(
     site: Site, mount_site: Callable[[], object], tmp_path: Path
 ) -> None:

@@ -38,7 +38,13 @@ from typing import Any, BinaryIO
 
 from cvmfs_ml.client.cache_file import preallocate
 from cvmfs_ml.client.locate import open_target, target_fqrn
-from cvmfs_ml.errors import ConfigError, NotFoundError, UnsafeInputError
+from cvmfs_ml.errors import (
+    ConfigError,
+    CvmfsMlError,
+    NotFoundError,
+    UnsafeInputError,
+    is_disk_full,
+)
 from cvmfs_ml.models.layout import ModelRef
 from cvmfs_ml.models.tree import missing_version
 
@@ -212,8 +218,11 @@ def _staging(dest: Path) -> Any:
     stage = Path(tempfile.mkdtemp(prefix=f".{dest.name}.partial-", dir=dest.parent))
     try:
         yield stage
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(stage, ignore_errors=True)
+        if isinstance(exc, OSError) and is_disk_full(exc) and not isinstance(exc, CvmfsMlError):
+            # A write's ENOSPC names no file: say which disk is full (not the cache's).
+            raise OSError(exc.errno, exc.strerror, os.path.abspath(dest.parent)) from exc
         raise
     try:
         if dest.is_dir():
