@@ -103,6 +103,31 @@ def test_put_stream_discards_on_exception(tmp_path: Path) -> None:
     assert cache.usage().entries == 0
 
 
+@pytest.mark.parametrize("removed", ["the whole cache", "txn and object folders"])
+def test_folders_removed_under_a_live_cache_are_made_again(tmp_path: Path, removed: str) -> None:
+    """A temporary-file cleaner, or ``rm -rf`` of the cache under a running mount: before,
+    every later put failed (``txn/...tmp: No such file or directory``), so every read of a
+    file not yet cached gave EIO until the mount was restarted."""
+    import shutil
+
+    cache = ObjectCache(tmp_path / "c")
+    first, data = numbered(1, 100_000)
+    cache.put_bytes(first, data)
+    if removed == "the whole cache":
+        shutil.rmtree(tmp_path / "c")
+    else:
+        shutil.rmtree(cache.txn_dir)
+        for folder in (tmp_path / "c").glob("[0-9a-f][0-9a-f]"):
+            shutil.rmtree(folder)
+    assert cache.get_path(first) is None  # gone: a miss, fetched again by the caller
+    for digest, content in (numbered(2, 100_000), (first, data)):
+        with cache.put_stream(digest) as txn:
+            txn.write(content)
+        path = cache.get_path(digest)
+        assert path is not None and path.read_bytes() == content
+    cache.close()
+
+
 def test_put_stream_rewind_and_rewrite_keeps_a_correct_checksum(tmp_path: Path) -> None:
     """What Fetcher.fetch_into does on a retry: seek back, truncate, write again."""
     cache = ObjectCache(tmp_path)
@@ -482,3 +507,35 @@ def test_concurrent_puts_of_one_object_from_threads(tmp_path: Path) -> None:
     assert cache.get_path(digest) is not None
     assert cache.path_of(digest).read_bytes() == content
     assert cache.usage().size_bytes == len(content) and cache.usage().entries == 1
+
+
+def _open_and_put(root: str, barrier: object, index: int) -> None:
+    barrier.wait()  # type: ignore[attr-defined]
+    with ObjectCache(root) as cache:
+        digest, content = numbered(100 + index, 50_000)
+        cache.put_bytes(digest, content)
+        assert cache.get_path(digest) is not None
+
+
+def test_a_damaged_cachedb_is_set_aside_once_and_the_cache_starts_empty(tmp_path: Path) -> None:
+    """Before, ``DatabaseError: file is not a database`` stopped every mount and reader of the
+    cache until someone removed the file by hand."""
+    cache = ObjectCache(tmp_path)
+    old, content = numbered(1, 100_000)
+    cache.put_bytes(old, content)
+    cache.close()
+    (tmp_path / "cachedb").write_bytes(b"not a database, a disk error" * 200)
+    (tmp_path / "cachedb-wal").unlink(missing_ok=True)
+    barrier = FORK.Barrier(3)  # three processes meet it at once
+    workers = [FORK.Process(target=_open_and_put, args=(str(tmp_path), barrier, i)) for i in (1, 2)]
+    for worker in workers:
+        worker.start()
+    barrier.wait()
+    _open_and_put(str(tmp_path), FORK.Barrier(1), 3)
+    for worker in workers:
+        worker.join(60)
+    assert [w.exitcode for w in workers] == [0, 0]
+    assert len(list(tmp_path.glob("cachedb.damaged.*[0-9]"))) == 1  # moved aside once
+    with ObjectCache(tmp_path) as cache:
+        assert cache.get_path(old) is None and not cache.path_of(old).exists()  # not trusted
+        assert cache.usage().entries == 3  # what the three processes put, all kept

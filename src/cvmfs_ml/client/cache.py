@@ -59,6 +59,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import os
 import shutil
 import sqlite3
@@ -74,6 +75,8 @@ from cvmfs_ml.client.cache_file import TxnFile, crc32, crc_of_file
 from cvmfs_ml.client.cache_space import CacheSpace, CacheUsage
 from cvmfs_ml.cvmfs.hashing import Digest
 from cvmfs_ml.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 __all__ = ["ALWAYS_VERIFY_BYTES", "CacheUsage", "ObjectCache", "TxnFile", "crc32"]
 
@@ -108,7 +111,16 @@ class ObjectCache(CacheSpace):
         self._touches: dict[str, None] = {}
         self._last_flush = time.monotonic()
         with self._locked():
-            self._connect()
+            try:
+                self._connect()
+            except sqlite3.DatabaseError as exc:
+                if isinstance(exc, sqlite3.OperationalError):  # busy, locked, unreadable
+                    raise
+                aside = cachedb.set_aside_if_damaged(self.root)
+                if aside is not None:  # (else another process did it a moment ago)
+                    log.warning("cache %s: its database was damaged (%s); moved to %s, the "
+                                "cache starts empty", self.root, exc, aside.name)  # fmt: skip
+                self._connect()
         self._clean_txn()
 
     # ------------------------------------------------------------------ setup
@@ -222,8 +234,17 @@ class ObjectCache(CacheSpace):
         text = digest.hex
         return self.root / text[:2] / text[2:]
 
-    def _new_txn(self) -> Path:
-        return self.txn_dir / f"{os.getpid()}.{uuid.uuid4().hex}.tmp"
+    def _new_txn(self, size_hint: int | None = None) -> TxnFile:
+        """A new file in ``txn/``; the folders are made again if something removed them (a
+        temporary-file cleaner, ``rm -rf`` of the cache under a running mount)."""
+        for attempt in range(2):
+            try:
+                return TxnFile(self.txn_dir / f"{os.getpid()}.{uuid.uuid4().hex}.tmp", size_hint)
+            except FileNotFoundError:
+                if attempt:
+                    raise
+                self._make_dirs()
+        raise AssertionError("unreachable")
 
     # ------------------------------------------------------------------ lookups
 
@@ -349,7 +370,7 @@ class ObjectCache(CacheSpace):
 
         ``pin`` pins it in the same transaction, so eviction can never remove it in between.
         """
-        txn = TxnFile(self._new_txn())
+        txn = self._new_txn()
         try:
             txn.write(data)
         except BaseException:
@@ -371,7 +392,7 @@ class ObjectCache(CacheSpace):
             with cache.put_stream(digest) as txn:
                 fetcher.fetch_into(object_path(digest, kind), digest, True, txn)
         """
-        txn = TxnFile(self._new_txn(), size_hint)
+        txn = self._new_txn(size_hint)
         try:
             yield txn
         except BaseException:
@@ -391,7 +412,11 @@ class ObjectCache(CacheSpace):
                 )
             with self._write() as db:
                 self._flush_touches(db)
-                os.replace(txn.path, final)
+                try:
+                    os.replace(txn.path, final)
+                except FileNotFoundError:  # its folder was removed (see _new_txn)
+                    final.parent.mkdir(exist_ok=True)
+                    os.replace(txn.path, final)
                 old = db.execute(
                     "SELECT size FROM cache_catalog WHERE sha1 = ?", (text,)
                 ).fetchone()

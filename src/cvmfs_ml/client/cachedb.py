@@ -4,8 +4,12 @@ transaction: sizes, LRU order and pins by process."""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import sqlite3
+import time
+from pathlib import Path
 
 __all__ = [
     "DDL",
@@ -17,6 +21,7 @@ __all__ = [
     "pid_alive",
     "pin",
     "recount",
+    "set_aside_if_damaged",
     "take_victims",
     "total",
 ]
@@ -122,3 +127,44 @@ def pid_alive(pid: int) -> bool:
     except PermissionError:  # exists, owned by someone else
         return True
     return True
+
+
+def _opens(path: Path) -> bool:
+    """Whether ``path`` is absent or opens as a SQLite database (the schema is read)."""
+    try:
+        db = sqlite3.connect(path, timeout=60)
+        try:
+            db.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        finally:
+            db.close()
+    except sqlite3.OperationalError:  # locked, busy, unreadable: not known to be damaged
+        return True
+    except sqlite3.DatabaseError:  # "file is not a database", "disk image is malformed"
+        return False
+    return True
+
+
+def set_aside_if_damaged(root: Path) -> Path | None:
+    """Move a damaged ``<root>/cachedb`` aside and empty the cache; where it went, or None.
+
+    Why: a cachedb that no longer opens (a disk error, a crash on a file system that lost
+    its writes, someone else's file) stopped every mount and reader of the cache until an
+    administrator removed it. Upstream's client rebuilds its cache database in that case; here
+    the entries go with it, because without their checksums a file cannot be trusted (they
+    are fetched again). Under an exclusive lock, and checked again inside it, so that of
+    several processes starting at once only one moves it, never the new database.
+    """
+    with open(root / "cachedb.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if _opens(root / "cachedb"):
+            return None
+        aside = root / f"cachedb.damaged.{time.time_ns()}"
+        for suffix in ("", "-wal", "-shm"):
+            with contextlib.suppress(FileNotFoundError):
+                os.replace(root / f"cachedb{suffix}", root / f"{aside.name}{suffix}")
+        for i in range(256):
+            with contextlib.suppress(FileNotFoundError), os.scandir(root / f"{i:02x}") as it:
+                for entry in it:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(entry.path)
+    return aside
