@@ -124,3 +124,24 @@ def test_make_room_evicts_the_least_recently_used_and_capacity_follows_the_disk(
         with pytest.raises(CacheFullError):
             cache.make_room(64 * MiB)  # more than the disk could ever give
         cache.close()
+
+
+def test_warming_more_than_the_cache_can_hold_is_refused_up_front(
+    repo: tuple[Path, Path, dict[str, bytes]], tmp_path: Path
+) -> None:
+    """Before, ``warm`` fetched pieces until the disk was full, evicting its own first pieces
+    for its last (every byte fetched for nothing), and ended on the disk-full error."""
+    from cvmfs_ml.client.prefetch import warm
+    from cvmfs_ml.errors import ConfigError
+
+    folder, key, files = repo
+    with (
+        small_tmpfs(tmp_path / "disk", "48m") as disk,
+        open_target(str(folder), public_key=key, cache=disk / "cache") as repository,
+    ):
+        with pytest.raises(ConfigError, match=r"warming 5 file\(s\) of 136 MiB needs more"):
+            warm(repository, "/")
+        assert not any((disk / "cache" / "txn").iterdir())
+        done = warm(repository, "/small")  # what fits is warmed
+        assert (done.files, done.bytes) == (4, 32 * MiB)
+        assert repository.read_bytes("/small/f3.bin") == files["/small/f3.bin"]

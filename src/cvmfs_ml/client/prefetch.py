@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
 from cvmfs_ml.cvmfs.hashing import Digest
-from cvmfs_ml.errors import CvmfsMlError
+from cvmfs_ml.errors import ConfigError, CvmfsMlError
 
 if TYPE_CHECKING:
     from cvmfs_ml.client.repository import FileLayout, Repository
@@ -191,14 +191,22 @@ class Prefetcher:
         """Fetch every piece of the files at ``paths`` (folders: every file below them)."""
         started = time.monotonic()
         futures: list[Future[Fetched]] = []
-        files = total = pieces = 0
-        for path in [paths] if isinstance(paths, str) else paths:
-            for entry in _regular_files(self.repository, path):
-                layout = self.repository.layout(entry)
-                futures += self.fetch_pieces(layout, path=entry.path)
-                files += 1
-                total += layout.size
-                pieces += len(layout.pieces)
+        layouts = [
+            (entry.path, self.repository.layout(entry))
+            for path in ([paths] if isinstance(paths, str) else paths)
+            for entry in _regular_files(self.repository, path)
+        ]
+        files, total = len(layouts), sum(layout.size for _, layout in layouts)
+        pieces = sum(len(layout.pieces) for _, layout in layouts)
+        room = self.repository.cache.capacity_bytes()
+        if total > room:  # its first pieces would be evicted for its last: all fetched for nothing
+            raise ConfigError(
+                f"warming {files} file(s) of {total / 2**20:.0f} MiB needs more than the cache "
+                f"can hold ({room / 2**20:.0f} MiB: CVMFS_QUOTA_LIMIT, or what its disk holds); "
+                "raise the quota, give the cache more disk, or warm less"
+            )
+        for path, layout in layouts:
+            futures += self.fetch_pieces(layout, path=path)
         fetched = net = 0
         if wait_for:
             done, _ = wait(futures)
