@@ -92,6 +92,10 @@ class CvmfsFile(io.RawIOBase):
         self.layout = layout
         self.prefetched = False
         self.drop_behind = False
+        # Also close the pieces left behind: for a file larger than what the cache can keep,
+        # whose first pieces are evicted while it is read, an open cache file would keep its
+        # disk space (a disk smaller than the quota then filled up with deleted files).
+        self.close_behind = False
         """Drop the cache files' pages of pieces whose bytes now sit in the page cache of the
         file itself (FUSE, with ``keep_cache``): read and left behind, or pushed."""
         self._drop_next = 0  # pieces before this one were considered for dropping
@@ -257,10 +261,11 @@ class CvmfsFile(io.RawIOBase):
         self._drop_next = limit + 1
         read = self.pieces_read
         behind = [i for i in range(start, limit + 1) if i in read]
-        with self._lock:  # an evicted cache file keeps its disk space while it is open
-            for index in behind:
-                if index in self._fds and index not in self._users:
-                    os.close(self._fds.pop(index))
+        if self.close_behind:
+            with self._lock:
+                for index in behind:
+                    if index in self._fds and index not in self._users:
+                        os.close(self._fds.pop(index))
         self.drop_pages(behind)
 
     def drop_pages(self, indexes: list[int]) -> None:

@@ -538,9 +538,8 @@ class Repository:
         ``prefetch=None`` queues every piece of files of ``prefetch_min_bytes`` or more;
         smaller (or ``prefetch=False``) files get a sequential read-ahead instead. A file that
         cannot stay whole in the cache (over half of what it can hold, what an eviction keeps)
-        gets a read-ahead window of an eighth of that instead: queued whole, its first pieces
-        would be evicted to make room for the last before they are read, and fetched twice.
-        """
+        gets a read-ahead window of an eighth of that (queued whole, its first pieces would be
+        evicted for the last before they are read) and closes the pieces it leaves behind."""
         entry = self.resolve(path)
         layout = self.layout(entry)
         handle = CvmfsFile(self, entry.path, layout)
@@ -549,6 +548,7 @@ class Repository:
             if layout.size > quota // 2:
                 largest = max(piece.size for piece in layout.pieces)
                 handle.readahead = max(handle.readahead, (quota // 8) // max(1, largest))
+                handle.close_behind = True
             else:
                 handle.prefetching = self.prefetch_layout(layout, path=entry.path)
                 handle.prefetched = True
