@@ -14,10 +14,12 @@ import sqlite3
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future
+from errno import EMFILE, ENFILE
 from pathlib import Path
 from typing import BinaryIO
 
 from cvmfs_ml.client.cache import ObjectCache
+from cvmfs_ml.client.files import release_idle_descriptors
 from cvmfs_ml.cvmfs.hashing import Digest
 from cvmfs_ml.cvmfs.objects import MAX_UNSIZED_OBJECT, ObjectKind, object_path
 from cvmfs_ml.errors import CacheFullError, FormatError, IntegrityError, is_disk_full
@@ -92,19 +94,25 @@ class FetchOnce:
             rel = object_path(digest, kind)
             known = size is not None and (exact or size > 0)  # a 0 catalog size is "unknown"
             bound = size if known and size is not None else self.max_unsized_object
-            for attempt in range(2):
+            released = made_room = False  # each remedy is tried once
+            while True:
                 try:
                     path, written = self._store(digest, rel, compressed, size if exact else None,
                                                 bound, known, fetch_into)  # fmt: skip
                     break
                 except (OSError, sqlite3.OperationalError) as exc:
+                    if getattr(exc, "errno", None) in (EMFILE, ENFILE) and not released:
+                        released = True  # the cache file could not be opened
+                        release_idle_descriptors()
+                        continue
                     if isinstance(exc, CacheFullError) or not is_disk_full(exc):
                         raise
-                    if attempt:
+                    if made_room:
                         raise CacheFullError(
                             f"the cache disk {self.cache.root} is full, even after evicting "
                             f"for {rel}: free space on it, or move CVMFS_CACHE_BASE"
                         ) from exc
+                    made_room = True
                     self.cache.make_room(bound if known else 0)
             future.set_result(path)
             net = self._network_bytes(rel, written) if fetch_into is None else written

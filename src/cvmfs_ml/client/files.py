@@ -28,6 +28,7 @@ import io
 import os
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,7 +47,7 @@ if TYPE_CHECKING:
     from cvmfs_ml.client.prefetch import Fetched
     from cvmfs_ml.client.repository import Repository
 
-__all__ = ["CvmfsFile", "FileLayout"]
+__all__ = ["CvmfsFile", "FileLayout", "release_idle_descriptors"]
 
 
 @dataclass(frozen=True)
@@ -92,12 +93,12 @@ class CvmfsFile(io.RawIOBase):
         self.layout = layout
         self.prefetched = False
         self.drop_behind = False
-        # Also close the pieces left behind: for a file larger than what the cache can keep,
-        # whose first pieces are evicted while it is read, an open cache file would keep its
-        # disk space (a disk smaller than the quota then filled up with deleted files).
-        self.close_behind = False
         """Drop the cache files' pages of pieces whose bytes now sit in the page cache of the
         file itself (FUSE, with ``keep_cache``): read and left behind, or pushed."""
+        self.close_behind = False
+        """With :attr:`drop_behind`, also close the pieces left behind: for a file larger than
+        the cache can keep, whose first pieces are evicted while it is read, an open cache
+        file would keep its disk space (a disk smaller than the quota filled up)."""
         self._drop_next = 0  # pieces before this one were considered for dropping
         self.prefetching: list[Future[Fetched]] = []
         """The fetches queued for this file at open (one per distinct piece object)."""
@@ -113,6 +114,8 @@ class CvmfsFile(io.RawIOBase):
         """Pieces a read has touched (the page cache push leaves those and the next ones)."""
         self._advised = -1  # the last piece given to the disk read-ahead
         self._closing = False
+        with _open_files_lock:
+            _open_files.add(self)
 
     def readable(self) -> bool:
         return True
@@ -171,7 +174,7 @@ class CvmfsFile(io.RawIOBase):
             if got_how != "hit":
                 how, net = "fetch", net + got_net
             try:
-                fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+                fd = _open_piece(path)
                 break
             except FileNotFoundError:  # evicted between lookup and open: look it up again
                 if attempt:
@@ -219,13 +222,19 @@ class CvmfsFile(io.RawIOBase):
                     os.close(doomed)
             self._close_idle()
 
-    def _close_idle(self) -> None:
-        """Close least recently used descriptors beyond the limit that no read is using."""
-        excess = len(self._fds) - self.max_open_pieces
+    def _close_idle(self, keep: int | None = None) -> None:
+        """Close least recently used descriptors beyond ``keep`` (default: the limit) that no
+        read is using."""
+        excess = len(self._fds) - (self.max_open_pieces if keep is None else keep)
         if excess <= 0:
             return
         for index in [i for i in self._fds if i not in self._users][:excess]:
             os.close(self._fds.pop(index))
+
+    def close_idle(self) -> None:
+        """Close every descriptor no read is using (the process ran out of descriptors)."""
+        with self._lock:
+            self._close_idle(keep=0)
 
     def _drop(self, index: int) -> None:
         """Forget a piece's descriptor (its cache file was bad); closed once no read uses it."""
@@ -530,6 +539,35 @@ def _preadv_full(fd: int, view: memoryview, offset: int, flags: int = 0) -> int:
         READ_PROFILE.add(pread_calls=calls, pread_bytes=done,
                          pread_seconds=time.perf_counter() - started)  # fmt: skip
     return done
+
+
+_open_files: weakref.WeakSet[CvmfsFile] = weakref.WeakSet()
+_open_files_lock = threading.Lock()
+
+
+def _open_piece(path: Path) -> int:
+    """Open a piece's cache file; out of descriptors, close the idle ones of every open file
+    of this process and try again.
+
+    Why: each open file keeps up to :attr:`CvmfsFile.max_open_pieces` pieces open, and a mount
+    serves every job of a node: thirty sharded models read at once passed the 1024 descriptors
+    a process gets by default, and every read then failed with EMFILE.
+    """
+    try:
+        return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno not in (errno.EMFILE, errno.ENFILE):
+            raise
+    release_idle_descriptors()
+    return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+
+
+def release_idle_descriptors() -> None:
+    """Close the pieces no read is using, in every open file of this process."""
+    with _open_files_lock:
+        handles = list(_open_files)
+    for handle in handles:
+        handle.close_idle()
 
 
 def _drop_files(paths: list[Path]) -> None:

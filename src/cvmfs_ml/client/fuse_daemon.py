@@ -13,6 +13,7 @@ import argparse
 import contextlib
 import logging
 import os
+import resource
 import signal
 import tempfile
 from collections.abc import Callable, Sequence
@@ -23,7 +24,7 @@ from cvmfs_ml.client.fuse import CvmfsOperations, require_pyfuse3
 from cvmfs_ml.client.mounts import check_mountpoint, is_mounted, set_readahead
 from cvmfs_ml.client.repository import Repository
 
-__all__ = ["run_foreground", "serve"]
+__all__ = ["raise_open_file_limit", "run_foreground", "serve"]
 
 log = logging.getLogger("cvmfs_ml.fuse")
 
@@ -148,6 +149,11 @@ def run_foreground(
     from cvmfs_ml.client.locate import open_target
     from cvmfs_ml.client.trace import Tracer
 
+    allowed = raise_open_file_limit()
+    if allowed < MIN_OPEN_FILES:
+        log.warning("only %d open files allowed (the hard limit): a busy mount may run out; "
+                    "raise it (ulimit -Hn, or LimitNOFILE= for a service)", allowed)  # fmt: skip
+
     check_mountpoint(mountpoint, nonempty=nonempty)  # before any download
     tracer = Tracer(trace) if trace else None
     options: dict[str, Any] = {"tracer": tracer}
@@ -169,6 +175,27 @@ def run_foreground(
         repository.close()
         if tracer is not None:
             tracer.close()
+
+
+NFILES = 131072
+"""Open files the daemon asks for: upstream's ``CVMFS_NFILES`` default (its ``cvmfs2`` raises
+its limit the same way). A mount serves every job of a node, and each file being read keeps
+up to 16 pieces open: the 1024 a process gets by default ran out with thirty sharded models."""
+MIN_OPEN_FILES = 8192
+
+
+def raise_open_file_limit(wanted: int = NFILES) -> int:
+    """Raise this process's soft limit on open files to ``wanted``, within the hard limit;
+    return the soft limit now."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError) as exc:
+            log.warning("cannot raise the open file limit to %d: %s", target, exc)
+    return wanted if soft == resource.RLIM_INFINITY else soft
 
 
 def _main(argv: Sequence[str] | None = None) -> int:
