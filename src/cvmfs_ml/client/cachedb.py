@@ -158,13 +158,16 @@ def set_aside_if_damaged(root: Path) -> Path | None:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if _opens(root / "cachedb"):
             return None
-        aside = root / f"cachedb.damaged.{time.time_ns()}"
-        for suffix in ("", "-wal", "-shm"):
-            with contextlib.suppress(FileNotFoundError):
-                os.replace(root / f"cachedb{suffix}", root / f"{aside.name}{suffix}")
+        # While the damaged file is in place no process can use the cache, so the entries go
+        # first and the file last: a process that creates the new database once it is gone
+        # must find neither its entries removed nor its journal moved away.
         for i in range(256):
             with contextlib.suppress(FileNotFoundError), os.scandir(root / f"{i:02x}") as it:
                 for entry in it:
                     with contextlib.suppress(FileNotFoundError):
                         os.unlink(entry.path)
+        aside = root / f"cachedb.damaged.{time.time_ns()}"
+        for suffix in ("-wal", "-shm", ""):
+            with contextlib.suppress(FileNotFoundError):
+                os.replace(root / f"cachedb{suffix}", root / f"{aside.name}{suffix}")
     return aside
