@@ -1,10 +1,11 @@
 """A mount that many readers use at once, under a small limit on open files.
 
 Each file being read keeps up to 16 pieces open, and a mount serves every job of a node: before,
-the daemon kept the limit it was started with (1024 by default), and once thirty sharded models
-were read at once every further read failed with EMFILE. Now the daemon raises its limit as
-upstream's cvmfs2 does (``CVMFS_NFILES``), and where the hard limit is small it closes the idle
-pieces of every open file and tries again. A real mount, started under real limits.
+the daemon kept the limit it was started with (often 1024), and once the pieces of the files
+being read passed it every further read failed with EMFILE (sixty files at once under a limit
+of 80 here). Now the daemon raises its limit as upstream's cvmfs2 does (``CVMFS_NFILES``), and
+where the hard limit is small it closes the idle pieces of every open file and tries again.
+A real mount, started under real limits.
 """
 
 from __future__ import annotations

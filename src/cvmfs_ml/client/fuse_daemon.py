@@ -180,7 +180,7 @@ def run_foreground(
 NFILES = 131072
 """Open files the daemon asks for: upstream's ``CVMFS_NFILES`` default (its ``cvmfs2`` raises
 its limit the same way). A mount serves every job of a node, and each file being read keeps
-up to 16 pieces open: the 1024 a process gets by default ran out with thirty sharded models."""
+up to 16 pieces open: 64 sharded files read at once can pass the 1024 a process often gets."""
 MIN_OPEN_FILES = 8192
 
 
