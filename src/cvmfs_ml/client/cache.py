@@ -473,10 +473,7 @@ class ObjectCache(CacheSpace):
         """
         with self._write() as db:
             cachedb.empty(db)
-            for i in range(256):
-                for entry in os.scandir(self.root / f"{i:02x}"):
-                    with contextlib.suppress(FileNotFoundError):
-                        os.unlink(entry.path)
+            cachedb.remove_entries(self.root)
             shutil.rmtree(self.quarantine_dir, ignore_errors=True)
             self.quarantine_dir.mkdir(exist_ok=True)
             self._verified.clear()

@@ -21,6 +21,7 @@ __all__ = [
     "pid_alive",
     "pin",
     "recount",
+    "remove_entries",
     "set_aside_if_damaged",
     "take_victims",
     "total",
@@ -161,13 +162,18 @@ def set_aside_if_damaged(root: Path) -> Path | None:
         # While the damaged file is in place no process can use the cache, so the entries go
         # first and the file last: a process that creates the new database once it is gone
         # must find neither its entries removed nor its journal moved away.
-        for i in range(256):
-            with contextlib.suppress(FileNotFoundError), os.scandir(root / f"{i:02x}") as it:
-                for entry in it:
-                    with contextlib.suppress(FileNotFoundError):
-                        os.unlink(entry.path)
+        remove_entries(root)
         aside = root / f"cachedb.damaged.{time.time_ns()}"
         for suffix in ("-wal", "-shm", ""):
             with contextlib.suppress(FileNotFoundError):
                 os.replace(root / f"cachedb{suffix}", root / f"{aside.name}{suffix}")
     return aside
+
+
+def remove_entries(root: Path) -> None:
+    """Remove every object file of the cache at ``root`` (its 256 folders stay)."""
+    for i in range(256):
+        with contextlib.suppress(FileNotFoundError), os.scandir(root / f"{i:02x}") as entries:
+            for entry in entries:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(entry.path)

@@ -29,7 +29,7 @@ import os
 import threading
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -222,19 +222,20 @@ class CvmfsFile(io.RawIOBase):
                     os.close(doomed)
             self._close_idle()
 
-    def _close_idle(self, keep: int | None = None) -> None:
-        """Close least recently used descriptors beyond ``keep`` (default: the limit) that no
-        read is using."""
-        excess = len(self._fds) - (self.max_open_pieces if keep is None else keep)
+    def _close_idle(self) -> None:
+        """Close least recently used descriptors beyond the limit that no read is using."""
+        excess = len(self._fds) - self.max_open_pieces
         if excess <= 0:
             return
         for index in [i for i in self._fds if i not in self._users][:excess]:
             os.close(self._fds.pop(index))
 
-    def close_idle(self) -> None:
-        """Close every descriptor no read is using (the process ran out of descriptors)."""
+    def close_idle(self, indexes: Iterable[int] | None = None) -> None:
+        """Close the descriptors of pieces ``indexes`` (default: all) that no read is using."""
         with self._lock:
-            self._close_idle(keep=0)
+            for index in list(self._fds if indexes is None else indexes):
+                if index in self._fds and index not in self._users:
+                    os.close(self._fds.pop(index))
 
     def _drop(self, index: int) -> None:
         """Forget a piece's descriptor (its cache file was bad); closed once no read uses it."""
@@ -271,10 +272,7 @@ class CvmfsFile(io.RawIOBase):
         read = self.pieces_read
         behind = [i for i in range(start, limit + 1) if i in read]
         if self.close_behind:
-            with self._lock:
-                for index in behind:
-                    if index in self._fds and index not in self._users:
-                        os.close(self._fds.pop(index))
+            self.close_idle(behind)
         self.drop_pages(behind)
 
     def drop_pages(self, indexes: list[int]) -> None:
@@ -547,12 +545,9 @@ _open_files_lock = threading.Lock()
 
 def _open_piece(path: Path) -> int:
     """Open a piece's cache file; out of descriptors, close the idle ones of every open file
-    of this process and try again.
-
-    Why: each open file keeps up to :attr:`CvmfsFile.max_open_pieces` pieces open, and a mount
-    serves every job of a node; past the process's limit every read failed with EMFILE (sixty
-    files read at once under a limit of 80, in the tests).
-    """
+    of this process and try again. Why: each file keeps up to :attr:`CvmfsFile.max_open_pieces`
+    open, and a mount serves every job of a node (sixty files read at once under a limit of 80
+    failed with EMFILE)."""
     try:
         return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError as exc:
