@@ -7,9 +7,13 @@ proxies that relay, corrupt, truncate, refuse or stall.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import http.client
 import http.server
 import io
+import os
+import resource
 import socket
 import threading
 import time
@@ -630,3 +634,47 @@ def test_object_path_round_trip_for_fixture() -> None:
         ObjectKind.PARTIAL,
         ObjectKind.FILE,
     }
+
+
+# ---------------------------------------------------------------- the client's own limits
+
+
+@contextlib.contextmanager
+def no_descriptors_left() -> Iterator[None]:
+    """Every file descriptor this process may open is taken (EMFILE on the next one)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    highest = max(int(name) for name in os.listdir("/proc/self/fd"))
+    resource.setrlimit(resource.RLIMIT_NOFILE, (highest + 16, hard))
+    taken: list[int] = []
+    try:
+        while True:
+            try:
+                taken.append(os.open(os.devnull, os.O_RDONLY))
+            except OSError as exc:
+                assert exc.errno == errno.EMFILE
+                break
+        yield
+    finally:
+        for fd in taken:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_running_out_of_descriptors_is_not_a_server_failure(
+    origin: Server, servers: list[Server]
+) -> None:
+    """No socket for want of descriptors is this process's shortage: before, it was retried and
+    then blamed on the server (and each proxy), which left a healthy host out of rotation for
+    CVMFS_HOST_RESET_AFTER. It is an ``OSError`` EMFILE now, for the caller to free some."""
+    second = start(servers, Origin)
+    fetcher = Fetcher([origin.repo_url, second.repo_url], proxy_groups=[["127.0.0.1:9", DIRECT]],
+                      **FAST)  # fmt: skip
+    rel, digest, content = OBJECTS[2]
+    with no_descriptors_left(), pytest.raises(OSError) as caught:
+        fetcher.fetch(rel, digest, compressed=True)
+    assert caught.value.errno == errno.EMFILE and not isinstance(caught.value, DownloadError)
+    assert rel in str(caught.value)
+    assert fetcher.current_host == origin.repo_url
+    assert fetcher.stats.failovers == 0 and fetcher.stats.retries == 0
+    assert fetcher.fetch(rel, digest, compressed=True) == content  # once descriptors are free
+    assert not second.requests

@@ -53,6 +53,7 @@ ERRORS = [
     OSError(errno.ENOSPC, "No space left on device", "/srv/data/ab/cd"),
     PermissionError(errno.EACCES, "Permission denied", "/data/secret.bin"),
     OSError(errno.EADDRINUSE, "Address already in use"),
+    OSError(errno.EMFILE, "Too many open files: no socket for http://s1/cvmfs/x/data/ab/cd"),
     sqlite3.OperationalError("database or disk is full"),
     sqlite3.DatabaseError("file is not a database"),
     UnicodeEncodeError("utf-8", "caf\udce9", 3, 4, "surrogates not allowed"),
@@ -72,6 +73,8 @@ def test_each_known_cause_maps_to_one_line(exc: BaseException) -> None:
         assert "no space left" in line and "gc" in line
     if isinstance(exc, PermissionError):
         assert "/data/secret.bin" in line and "permission" in line.lower()
+    if getattr(exc, "errno", 0) == errno.EMFILE:
+        assert "http://s1/" in line and "ulimit -n" in line
 
 
 def test_a_bug_is_not_disguised() -> None:

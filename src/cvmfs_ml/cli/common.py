@@ -47,6 +47,8 @@ def describe_error(exc: BaseException) -> str | None:
             return f"{where}{_DISK_FULL}"
         if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
             return f"{where}{exc.strerror}; check the owner and permissions (or run as its owner)"
+        if exc.errno in (errno.EMFILE, errno.ENFILE):
+            return f"{where}{exc.strerror}; raise the open-file limit (ulimit -n) and try again"
         if exc.errno == errno.EADDRINUSE:
             return f"{exc.strerror}: choose another --port or stop the program using it"
         if exc.strerror:

@@ -32,13 +32,18 @@ Failure rules (download.cc ``CallbackCurlHeader`` and ``VerifyAndFinalize``):
   out of rotation, and a host that really serves bad bytes still fails once all proxies have.
 * A proxy failure moves to the next proxy of the group, then to the next group. When every proxy
   has failed for one host, that is a host failure and the next host is tried through all proxies.
+* No socket for want of file descriptors (EMFILE, ENFILE) is this process's shortage, not a
+  failure of any server or proxy: it is raised as that ``OSError`` at once, with no retry and
+  no failover, for the caller to close idle files and try again.
 * When nothing works, :class:`~cvmfs_ml.errors.DownloadError` lists every ``(url, proxy, reason)``.
 """
 
 from __future__ import annotations
 
+import errno
 import http.client
 import logging
+import os
 import random
 import threading
 import time
@@ -366,10 +371,14 @@ class Fetcher:
                 decode_content=False,
                 timeout=urllib3.Timeout(connect=seconds, read=seconds),
             )
-        except MaxRetryError as exc:
-            raise Failure(transfer, describe(exc.reason or exc)) from exc
         except (Urllib3Error, OSError, http.client.HTTPException) as exc:
-            raise Failure(transfer, describe(exc)) from exc
+            shortage = _descriptor_shortage(exc)
+            if shortage is not None:
+                # No socket for want of descriptors: this process's shortage, not the server's
+                # or the proxy's, so no failover; the caller frees some (FetchOnce) or says so.
+                raise OSError(shortage, f"{os.strerror(shortage)}: no socket for {url}") from exc
+            reason = (exc.reason or exc) if isinstance(exc, MaxRetryError) else exc
+            raise Failure(transfer, describe(reason)) from exc
         try:
             check_status(response, proxy)
             if job.byte_range is not None and response.status != 206:
@@ -463,6 +472,22 @@ class Fetcher:
 
 
 # ---------------------------------------------------------------------- helpers
+
+
+def _descriptor_shortage(exc: BaseException) -> int | None:
+    """EMFILE or ENFILE when ``exc`` (or what it wraps) is a socket this process could not
+    open for want of file descriptors."""
+    seen: set[int] = set()
+    todo: list[object] = [exc]
+    while todo:
+        item = todo.pop()
+        if not isinstance(item, BaseException) or id(item) in seen:
+            continue
+        seen.add(id(item))
+        if isinstance(item, OSError) and item.errno in (errno.EMFILE, errno.ENFILE):
+            return item.errno
+        todo += [item.__cause__, item.__context__, getattr(item, "reason", None)]
+    return None
 
 
 def _with_scheme(proxy: str) -> str:
