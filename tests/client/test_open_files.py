@@ -17,6 +17,7 @@ import resource
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -24,6 +25,7 @@ import pytest
 
 from cvmfs_ml.publish.repository import create_repository
 from cvmfs_ml.publish.settings import PublishSettings
+from cvmfs_ml.testing.nginx import Nginx
 
 pytestmark = pytest.mark.usefixtures("require_fuse")
 
@@ -50,7 +52,9 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]
     return publisher.repo_dir, digests
 
 
-def mount_under_limit(repo: Path, point: Path, cache: Path, soft: int, hard: int) -> int:
+def mount_under_limit(
+    target: str, point: Path, cache: Path, soft: int, hard: int, *extra: str
+) -> int:
     """``cvmfs-ml mount -d`` with RLIMIT_NOFILE (soft, hard); the daemon's pid."""
 
     def limit() -> None:
@@ -58,8 +62,8 @@ def mount_under_limit(repo: Path, point: Path, cache: Path, soft: int, hard: int
 
     point.mkdir()
     result = subprocess.run(
-        [sys.executable, "-m", "cvmfs_ml", "mount", str(repo), str(point), "--cache", str(cache),
-         "-d", "--log", str(cache.parent / f"{point.name}.log")],
+        [sys.executable, "-m", "cvmfs_ml", "mount", target, str(point), "--cache", str(cache),
+         "-d", "--log", str(cache.parent / f"{point.name}.log"), *extra],
         capture_output=True, text=True, timeout=120, preexec_fn=limit,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
@@ -97,13 +101,29 @@ def unmount(point: Path) -> None:
         subprocess.run(["fusermount3", "-uz", str(point)], capture_output=True, timeout=30)
 
 
-@pytest.mark.parametrize(("soft", "hard"), [(80, 80), (80, 4096)])
+@pytest.mark.parametrize(
+    ("source", "soft", "hard"), [("folder", 80, 80), ("folder", 80, 4096), ("http", 80, 80)]
+)
 def test_many_files_read_at_once_under_a_small_open_file_limit(
-    repo: tuple[Path, dict[str, str]], tmp_path: Path, soft: int, hard: int
+    repo: tuple[Path, dict[str, str]],
+    tmp_path: Path,
+    nginx_factory: Callable[..., Nginx],
+    source: str,
+    soft: int,
+    hard: int,
 ) -> None:
+    """Over HTTP the fetches' sockets count too. Their keep-alive pool is opened early and
+    kept, so here the cache files meet the limit first; a socket that cannot be opened is
+    ``test_fetcher``'s case (the daemon's own shortage, not a server failure)."""
     folder, digests = repo
     point = tmp_path / "mnt"
-    pid = mount_under_limit(folder, point, tmp_path / "cache", soft, hard)
+    target, extra = str(folder), []
+    if source == "http":
+        (tmp_path / "www" / "cvmfs").mkdir(parents=True)
+        (tmp_path / "www" / "cvmfs" / FQRN).symlink_to(folder)
+        target = nginx_factory(tmp_path / "www").repo_url(FQRN)
+        extra = ["--key", str(folder.parent.parent / "keys" / f"{FQRN}.pub")]
+    pid = mount_under_limit(target, point, tmp_path / "cache", soft, hard, *extra)
     try:
         limits = Path(f"/proc/{pid}/limits").read_text()
         allowed = int(re.search(r"Max open files\s+(\d+)", limits).group(1))  # type: ignore[union-attr]
@@ -114,3 +134,23 @@ def test_many_files_read_at_once_under_a_small_open_file_limit(
         unmount(point)
     log = (tmp_path / "mnt.log").read_text()
     assert f"only {hard} open files allowed" in log and "ERROR" not in log, log
+
+
+def test_cvmfs_nfiles_from_the_client_configuration(
+    repo: tuple[Path, dict[str, str]], tmp_path: Path
+) -> None:
+    """Upstream's ``CVMFS_NFILES`` sets how far the daemon raises its limit; one below the
+    suggested minimum is the site's choice, so no warning about the hard limit."""
+    folder, digests = repo
+    config = tmp_path / "client.conf"
+    config.write_text("CVMFS_NFILES=3000\n")
+    point = tmp_path / "mnt"
+    pid = mount_under_limit(str(folder), point, tmp_path / "cache", 1024, 4096,
+                            "--config", str(config))  # fmt: skip
+    try:
+        limits = Path(f"/proc/{pid}/limits").read_text()
+        assert re.search(r"Max open files\s+3000\s+4096\s", limits), limits
+        assert hashlib.sha256((point / "s0.bin").read_bytes()).hexdigest() == digests["s0.bin"]
+    finally:
+        unmount(point)
+    assert "open files allowed" not in (tmp_path / "mnt.log").read_text()

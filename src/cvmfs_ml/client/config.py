@@ -51,6 +51,13 @@ _TRUE = frozenset({"yes", "on", "1", "true"})
 _FALSE = frozenset({"no", "off", "0", "false", ""})
 
 
+NFILES = 131072
+"""Open files a mount's daemon asks for: upstream's ``CVMFS_NFILES`` default (its ``cvmfs2``
+raises its limit the same way). A mount serves every job of a node, and each file being read
+keeps up to 16 pieces open: 64 sharded files read at once can pass the 1024 a process often
+gets."""
+
+
 @dataclass(frozen=True)
 class ClientConfig:
     """Everything the fetcher and the cache need, already validated.
@@ -77,6 +84,7 @@ class ClientConfig:
     host_reset_after: float = 1800.0
     follow_redirects: bool = False
     parallel: int = 8
+    nfiles: int = NFILES
     params: dict[str, str] = field(default_factory=dict, repr=False)
     sources: list[Path] = field(default_factory=list)
 
@@ -496,6 +504,7 @@ def _build(
         host_reset_after=_number(params, "CVMFS_HOST_RESET_AFTER", 1800.0, 0.0),
         follow_redirects=_boolean(params, "CVMFS_FOLLOW_REDIRECTS", False),
         parallel=_integer(params, "CVMFS_ML_PARALLEL", 8, 1),
+        nfiles=_integer(params, "CVMFS_NFILES", NFILES, 64),
         params=params,
         sources=sources,
     )

@@ -20,9 +20,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from cvmfs_ml.client.config import NFILES, load_config
 from cvmfs_ml.client.fuse import CvmfsOperations, require_pyfuse3
 from cvmfs_ml.client.mounts import check_mountpoint, is_mounted, set_readahead
 from cvmfs_ml.client.repository import Repository
+from cvmfs_ml.errors import ConfigError
 
 __all__ = ["raise_open_file_limit", "run_foreground", "serve"]
 
@@ -149,8 +151,9 @@ def run_foreground(
     from cvmfs_ml.client.locate import open_target
     from cvmfs_ml.client.trace import Tracer
 
-    allowed = raise_open_file_limit()
-    if allowed < MIN_OPEN_FILES:
+    wanted = configured_open_files(target, config_files)
+    allowed = raise_open_file_limit(wanted)
+    if allowed < min(wanted, MIN_OPEN_FILES):
         log.warning("only %d open files allowed (the hard limit): a busy mount may run out; "
                     "raise it (ulimit -Hn, or LimitNOFILE= for a service)", allowed)  # fmt: skip
 
@@ -177,11 +180,20 @@ def run_foreground(
             tracer.close()
 
 
-NFILES = 131072
-"""Open files the daemon asks for: upstream's ``CVMFS_NFILES`` default (its ``cvmfs2`` raises
-its limit the same way). A mount serves every job of a node, and each file being read keeps
-up to 16 pieces open: 64 sharded files read at once can pass the 1024 a process often gets."""
 MIN_OPEN_FILES = 8192
+
+
+def configured_open_files(target: str, config_files: Sequence[str] = ()) -> int:
+    """``CVMFS_NFILES`` of ``target``'s client configuration, else :data:`NFILES`.
+
+    A URL or folder mounts without a complete configuration; then the default applies.
+    """
+    from cvmfs_ml.client.locate import target_fqrn
+
+    try:
+        return load_config(target_fqrn(target), list(config_files)).nfiles
+    except ConfigError:
+        return NFILES
 
 
 def raise_open_file_limit(wanted: int = NFILES) -> int:
