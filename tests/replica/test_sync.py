@@ -15,11 +15,13 @@ import json
 import os
 import re
 import shutil
+import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
 import typer
+from disks import small_tmpfs
 from typer.testing import CliRunner
 
 from cvmfs_ml.cli.net import replica_app
@@ -39,6 +41,7 @@ from cvmfs_ml.errors import (
 from cvmfs_ml.publish.repository import Publisher, create_repository
 from cvmfs_ml.publish.settings import PublishSettings
 from cvmfs_ml.replica.sync import sync_replica
+
 
 FQRN = "replica.test"
 REF = "ref.test.local"
@@ -347,3 +350,29 @@ def test_cli_replica_sync(s0: Publisher, tmp_path: Path) -> None:
     assert again.exit_code == 0 and f"{FQRN}: up to date" in again.output
     missing = CliRunner().invoke(app, ["replica", "sync", str(tmp_path / "nope"), str(s1)])
     assert missing.exit_code == 1
+
+
+def test_cli_replica_sync_onto_a_full_disk(s0: Publisher, tmp_path: Path) -> None:
+    """A Stratum 1's disk that fills up: one line naming the replica's disk, nothing about
+    ``repo gc`` (a Stratum 0's remedy); what was copied stays, and the next sync, with room,
+    reuses it and completes."""
+    app = typer.Typer()
+    app.add_typer(replica_app, name="replica")
+    with small_tmpfs(tmp_path / "disk", "512k") as disk:
+        s1 = disk / FQRN
+        args = ["replica", "sync", str(s0.repo_dir), str(s1), "--key", str(key_of(s0))]
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 1
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and "replica" in lines[0] and "full" in lines[0], lines
+        assert "repo gc" not in lines[0] and str(s1) in lines[0]
+        assert not (s1 / ".cvmfspublished").exists()  # nothing is served half-copied
+        kept = [p for p in (s1 / "data").glob("[0-9a-f][0-9a-f]/*") if p.is_file()]
+        assert kept and all(  # each one whole: what it holds is what it is named for
+            p.read_bytes() == (s0.repo_dir / p.relative_to(s1)).read_bytes() for p in kept
+        )
+        subprocess.run(["mount", "-o", "remount,size=8m", str(disk)], check=True, timeout=30)
+        again = CliRunner().invoke(app, [*args, "--json"])
+        assert again.exit_code == 0, again.output
+        report = json.loads(again.stdout)
+        assert report["revision"] == 1 and report["objects_present"] >= len(kept)

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import sqlite3
 from typing import Annotated
 
 import typer
 
 from cvmfs_ml.cli.common import JsonOption, KeyOption, _default_key, _fail, friendly
 from cvmfs_ml.cli.s3 import S3ConfigOption, s3_params
+from cvmfs_ml.errors import is_disk_full
 
 replica_app = typer.Typer(
     no_args_is_help=True, help="Stratum 1 replicas: verified copies of a served repository."
@@ -56,18 +58,30 @@ def replica_sync(
     def poll() -> tuple[int, int] | None:
         return (live[0].bytes_copied, live[0].objects_copied) if live else None
 
-    with polled_progress("replica sync", None, poll, unit="objects"):
-        report = sync_replica(
-            upstream,
-            dest,
-            public_key,
-            fqrn,
-            proxy=proxy,
-            workers=workers,
-            full_history=full_history,
-            s3_config=s3_params(s3_config),
-            on_report=live.append,
-        )
+    try:
+        with polled_progress("replica sync", None, poll, unit="objects"):
+            report = sync_replica(
+                upstream,
+                dest,
+                public_key,
+                fqrn,
+                proxy=proxy,
+                workers=workers,
+                full_history=full_history,
+                s3_config=s3_params(s3_config),
+                on_report=live.append,
+            )
+    except (OSError, sqlite3.Error) as exc:
+        if not is_disk_full(exc):
+            raise
+        # A Stratum 1 has no garbage of its own to collect (not 'repo gc', the generic hint):
+        # the objects copied so far are valid, and the next sync reuses them.
+        copied = live[0].bytes_copied / 1e6 if live else 0.0
+        raise _fail(
+            f"the replica's disk is full ({dest}): its served revision is unchanged and the "
+            f"{copied:.1f} MB copied so far stay for the next sync; free space on it and run "
+            "replica sync again"
+        ) from exc
     if as_json:
         typer.echo(json.dumps(report.to_dict(), indent=2))
         return
