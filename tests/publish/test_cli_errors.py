@@ -81,16 +81,43 @@ def test_a_bug_is_not_disguised() -> None:
     assert describe_error(KeyError("x")) is None
 
 
-def test_a_corrupt_database_is_one_line(tmp_path: Path) -> None:
+@pytest.mark.parametrize("damage", ["not a database", "malformed pages"])
+def test_a_damaged_file_cache_is_set_aside_and_the_publish_goes_on(
+    tmp_path: Path, damage: str
+) -> None:
+    """The publisher's ``files.db`` only saves reading unchanged files again: once damaged
+    (found when it opens, or at a page read mid-publish), it is moved aside (kept for a
+    post-mortem) with one warning, and the publish goes on. Before, every publish of the
+    repository failed with "database error: ...". """
     result = cli("repo", "create", str(tmp_path / "srv"), "--fqrn", "db.test")
     assert result.returncode == 0, result.stderr
-    (tmp_path / "keys" / "db.test.files.db").write_bytes(b"this is not sqlite" * 100)
-    (tmp_path / "src").mkdir()
-    (tmp_path / "src" / "f").write_bytes(b"x")
-    before = (tmp_path / "srv" / "db.test" / ".cvmfspublished").read_bytes()
-    result = cli("repo", "publish", str(tmp_path / "srv" / "db.test"), str(tmp_path / "src"))
-    one_line_failure(result, "database")
-    assert (tmp_path / "srv" / "db.test" / ".cvmfspublished").read_bytes() == before
+    repo = tmp_path / "srv" / "db.test"
+    src = tmp_path / "src"
+    src.mkdir()
+    for index in range(300):  # enough rows for the table to span pages past the first
+        (src / f"f{index}").write_bytes(f"file {index}\n".encode())
+    assert cli("repo", "publish", str(repo), str(src)).returncode == 0
+    damaged = tmp_path / "keys" / "db.test.files.db"
+    with damaged.open("r+b") as db_file:
+        if damage == "not a database":
+            db_file.truncate(0)
+            db_file.write(b"this is not sqlite" * 100)
+        else:  # the header stays: it opens, and a later page read finds the damage
+            db_file.seek(4096)
+            db_file.write(os.urandom(damaged.stat().st_size - 4096))
+    before = damaged.read_bytes()
+    for path in src.iterdir():
+        os.utime(path)  # changed as far as the cache can tell: each file is looked up
+    result = cli("repo", "publish", str(repo), str(src))
+    assert result.returncode == 0, result.stderr
+    warning = [line for line in result.stderr.decode().splitlines() if "damaged" in line]
+    assert len(warning) == 1 and "files.db" in warning[0], result.stderr
+    aside = list((tmp_path / "keys").glob("db.test.files.db.damaged.*"))
+    assert len(aside) == 1 and aside[0].read_bytes() == before
+    with sqlite3.connect(damaged) as db:  # a working cache again
+        assert db.execute("SELECT count(*) FROM files").fetchone()[0] > 0
+    listing = cli("repo", "cat", str(repo), "/f7")
+    assert listing.returncode == 0 and listing.stdout == b"file 7\n"
 
 
 # -- a full disk -------------------------------------------------------------------------------

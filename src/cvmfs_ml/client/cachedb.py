@@ -8,8 +8,9 @@ import contextlib
 import fcntl
 import os
 import sqlite3
-import time
 from pathlib import Path
+
+from cvmfs_ml.storage import sqlitefile
 
 __all__ = [
     "DDL",
@@ -130,21 +131,6 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-def _opens(path: Path) -> bool:
-    """Whether ``path`` is absent or opens as a SQLite database (the schema is read)."""
-    try:
-        db = sqlite3.connect(path, timeout=60)
-        try:
-            db.execute("SELECT count(*) FROM sqlite_master").fetchone()
-        finally:
-            db.close()
-    except sqlite3.OperationalError:  # locked, busy, unreadable: not known to be damaged
-        return True
-    except sqlite3.DatabaseError:  # "file is not a database", "disk image is malformed"
-        return False
-    return True
-
-
 def set_aside_if_damaged(root: Path) -> Path | None:
     """Move a damaged ``<root>/cachedb`` aside and empty the cache; where it went, or None.
 
@@ -157,16 +143,12 @@ def set_aside_if_damaged(root: Path) -> Path | None:
     """
     with open(root / "cachedb.lock", "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if _opens(root / "cachedb"):
+        if not sqlitefile.is_damaged(root / "cachedb"):
             return None
         # While the damaged file is in place no process can use the cache, so the entries go
-        # first and the file last: a process that creates the new database once it is gone
-        # must find neither its entries removed nor its journal moved away.
+        # first and the file last (set_aside: its journal before it).
         remove_entries(root)
-        aside = root / f"cachedb.damaged.{time.time_ns()}"
-        for suffix in ("-wal", "-shm", ""):
-            with contextlib.suppress(FileNotFoundError):
-                os.replace(root / f"cachedb{suffix}", root / f"{aside.name}{suffix}")
+        aside = sqlitefile.set_aside(root / "cachedb")
     return aside
 
 

@@ -13,6 +13,7 @@ The cache is a SQLite file beside the keys; only publishers (under the repositor
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sqlite3
 import stat
@@ -24,6 +25,7 @@ from typing import TYPE_CHECKING, NamedTuple
 from cvmfs_ml.cvmfs.catalog import Chunk
 from cvmfs_ml.cvmfs.hashing import Digest
 from cvmfs_ml.cvmfs.objects import ObjectKind, object_path
+from cvmfs_ml.storage import sqlitefile
 from cvmfs_ml.storage.base import ObjectStore
 
 if TYPE_CHECKING:
@@ -31,6 +33,8 @@ if TYPE_CHECKING:
     from cvmfs_ml.publish.settings import PublishSettings
 
 __all__ = ["FileCache", "FileKey", "remember_laid_out", "settings_fingerprint"]
+
+log = logging.getLogger(__name__)
 
 
 class FileKey(NamedTuple):
@@ -64,17 +68,56 @@ def settings_fingerprint(settings: PublishSettings) -> str:
 
 
 class FileCache:
+    """What each local file published before became, by :class:`FileKey` and settings.
+
+    A file that no longer opens as a database (a disk error, a crash on a file system that
+    lost its writes) is moved aside and the cache starts empty: it only saves reading
+    unchanged files again, so a damaged one must not stop every publish.
+    """
+
     def __init__(self, path: Path, settings: PublishSettings) -> None:
         self.path = Path(path)
         self.fingerprint = settings_fingerprint(settings)
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute(
-            "CREATE TABLE IF NOT EXISTS files (device INTEGER, inode INTEGER, size INTEGER, "
-            "mtime_ns INTEGER, ctime_ns INTEGER, settings TEXT, content TEXT, "
-            "PRIMARY KEY (device, inode, size, mtime_ns, ctime_ns, settings))"
-        )
+        try:
+            self._db = self._connect()
+        except sqlite3.DatabaseError as exc:
+            if not sqlitefile.is_damage(exc):
+                raise
+            self._db = self._start_again(exc)
+
+    def _execute(self, sql: str, params: tuple[object, ...]) -> tuple[object, ...] | None:
+        """One statement under the lock; its first row. Damage found now (a page that no
+        longer reads) starts the cache again, and the statement counts as a miss."""
+        with self._lock:
+            try:
+                return self._db.execute(sql, params).fetchone()  # type: ignore[no-any-return]
+            except sqlite3.DatabaseError as exc:
+                if not sqlitefile.is_damage(exc):
+                    raise
+                self._db.close()
+                self._db = self._start_again(exc)
+                return None
+
+    def _start_again(self, exc: sqlite3.DatabaseError) -> sqlite3.Connection:
+        aside = sqlitefile.set_aside(self.path)
+        log.warning("the publisher's file cache %s was damaged (%s): moved to %s; unchanged "
+                    "files are read once more", self.path, exc, aside.name)  # fmt: skip
+        return self._connect()
+
+    def _connect(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute(
+                "CREATE TABLE IF NOT EXISTS files (device INTEGER, inode INTEGER, size INTEGER, "
+                "mtime_ns INTEGER, ctime_ns INTEGER, settings TEXT, content TEXT, "
+                "PRIMARY KEY (device, inode, size, mtime_ns, ctime_ns, settings))"
+            )
+        except BaseException:
+            db.close()
+            raise
+        return db
 
     def close(self) -> None:
         with self._lock:
@@ -83,16 +126,15 @@ class FileCache:
     def lookup(self, key: FileKey, store: ObjectStore) -> FileContent | None:
         from cvmfs_ml.publish.ingest import FileContent
 
-        with self._lock:
-            row = self._db.execute(
-                "SELECT content FROM files WHERE device = ? AND inode = ? AND size = ? AND "
-                "mtime_ns = ? AND ctime_ns = ? AND settings = ?",
-                (*key, self.fingerprint),
-            ).fetchone()
+        row = self._execute(
+            "SELECT content FROM files WHERE device = ? AND inode = ? AND size = ? AND "
+            "mtime_ns = ? AND ctime_ns = ? AND settings = ?",
+            (*key, self.fingerprint),
+        )
         if row is None:
             return None
         try:
-            data = json.loads(row[0])
+            data = json.loads(row[0])  # type: ignore[arg-type]
             if data["digest"] is not None:
                 content = FileContent(
                     data["size"], data["compressed"], Digest.from_hex(data["digest"])
@@ -115,11 +157,10 @@ class FileCache:
             "digest": content.digest.hex if content.digest else None,
             "chunks": [[c.offset, c.size, c.digest.hex] for c in content.chunks],
         }
-        with self._lock:
-            self._db.execute(
-                "INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (*key, self.fingerprint, json.dumps(data)),
-            )
+        self._execute(
+            "INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (*key, self.fingerprint, json.dumps(data)),
+        )
 
 
 def remember_laid_out(
