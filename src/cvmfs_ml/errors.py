@@ -133,6 +133,11 @@ class StorageError(CvmfsMlError, OSError):
     """The object store (an S3 service) refused a request or could not be reached."""
 
 
+class DamagedDatabaseError(CvmfsMlError):
+    """A database of ours that holds state (not a cache) no longer opens: it is left as it is
+    for its operator, who restores it or moves it aside."""
+
+
 def is_disk_full(exc: BaseException) -> bool:
     """Whether ``exc`` says a disk is full: a write's ENOSPC (or a quota's EDQUOT), or SQLite's
     "database or disk is full"."""

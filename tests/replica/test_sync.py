@@ -21,7 +21,6 @@ from typing import Any
 
 import pytest
 import typer
-from disks import small_tmpfs
 from typer.testing import CliRunner
 
 from cvmfs_ml.cli.net import replica_app
@@ -41,7 +40,7 @@ from cvmfs_ml.errors import (
 from cvmfs_ml.publish.repository import Publisher, create_repository
 from cvmfs_ml.publish.settings import PublishSettings
 from cvmfs_ml.replica.sync import sync_replica
-
+from disks import small_tmpfs
 
 FQRN = "replica.test"
 REF = "ref.test.local"

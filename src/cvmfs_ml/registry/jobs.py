@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cvmfs_ml.storage import sqlitefile
+
 __all__ = ["ACTIVE", "CidRecord", "Job", "JobStore"]
 
 QUEUED, PUBLISHING, PUBLISHED, FAILED = "queued", "publishing", "published", "failed"
@@ -110,9 +112,11 @@ class JobStore:
         self._lock = threading.Lock()
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
         self._db.row_factory = sqlite3.Row
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.executescript(_SCHEMA)
+        lost = "the jobs waiting in it are lost; their uploads stay in the spool folder"
+        with sqlitefile.damage_refused(self.path, lost):
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.executescript(_SCHEMA)
 
     def close(self) -> None:
         with self._lock:

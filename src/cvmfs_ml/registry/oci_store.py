@@ -30,6 +30,7 @@ from cvmfs_ml.cvmfs import jsontext
 from cvmfs_ml.errors import CvmfsMlError, FormatError, NotFoundError, is_disk_full
 from cvmfs_ml.models.sources.oci_client import Fetched
 from cvmfs_ml.models.sources.oci_manifest import check_index, check_manifest
+from cvmfs_ml.storage import sqlitefile
 from cvmfs_ml.storage.pagecache import UncachedWriter
 
 __all__ = ["LocalRegistryClient", "OciError", "OciStore", "StoredManifest"]
@@ -104,8 +105,10 @@ class OciStore:
         self._hashers: dict[str, Any] = {}
         self._db = sqlite3.connect(self.root / "oci.sqlite", check_same_thread=False,
                                    isolation_level=None)  # fmt: skip
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.executescript(_SCHEMA)
+        lost = "the tags and manifests pushed are forgotten; their blobs stay"
+        with sqlitefile.damage_refused(self.root / "oci.sqlite", lost):
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.executescript(_SCHEMA)
         self._prune_sessions()
 
     def _prune_sessions(self, max_age: float = 7 * 86400) -> None:

@@ -3,7 +3,9 @@ damaged one aside with its journal.
 
 Our SQLite files that are caches (the client's ``cachedb``, the publisher's ``files.db``) are
 rebuilt when they no longer open, as upstream rebuilds its cache database: a disk error or a
-crash on a file system that lost its writes must not stop every later mount or publish.
+crash on a file system that lost its writes must not stop every later mount or publish. Files
+that hold state nothing else has (the registry's queue and OCI index) are left for their
+operator instead, with one line that names them (:func:`damage_refused`).
 """
 
 from __future__ import annotations
@@ -12,9 +14,12 @@ import contextlib
 import os
 import sqlite3
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["is_damaged", "is_damage", "set_aside"]
+from cvmfs_ml.errors import DamagedDatabaseError
+
+__all__ = ["damage_refused", "is_damage", "is_damaged", "set_aside"]
 
 
 def is_damage(exc: BaseException) -> bool:
@@ -46,3 +51,18 @@ def set_aside(path: Path) -> Path:
         with contextlib.suppress(FileNotFoundError):
             os.replace(f"{path}{suffix}", f"{aside}{suffix}")
     return aside
+
+
+@contextlib.contextmanager
+def damage_refused(path: Path, lost: str) -> Iterator[None]:
+    """Damage found in ``path`` inside the block becomes a :class:`DamagedDatabaseError` that
+    names the file and what moving it aside loses (``lost``)."""
+    try:
+        yield
+    except sqlite3.DatabaseError as exc:
+        if not is_damage(exc):
+            raise
+        raise DamagedDatabaseError(
+            f"{path} is damaged ({exc}): restore it from a backup, or move it aside to start "
+            f"with an empty one ({lost})"
+        ) from exc
