@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sqlite3
 import subprocess
 import sys
 from collections.abc import Callable
@@ -145,3 +146,73 @@ def test_warming_more_than_the_cache_can_hold_is_refused_up_front(
         done = warm(repository, "/small")  # what fits is warmed
         assert (done.files, done.bytes) == (4, 32 * MiB)
         assert repository.read_bytes("/small/f3.bin") == files["/small/f3.bin"]
+
+
+def test_fsspec_reads_a_file_larger_than_its_cache_disk(
+    repo: tuple[Path, Path, dict[str, bytes]], tmp_path: Path
+) -> None:
+    """fsspec, like the mount, closes the pieces it leaves behind in a file larger than the
+    cache keeps. Before, it kept them open: evicted, they held their blocks, and reading the
+    104 MB file through a 48 or 64 MiB cache disk failed with CacheFullError."""
+    import fsspec
+
+    folder, key, files = repo
+    with small_tmpfs(tmp_path / "disk", "48m") as disk:
+        fs = fsspec.filesystem(
+            "cvmfs", server_url=str(folder), public_key=str(key),
+            cache_storage=str(disk / "cache"), skip_instance_cache=True,
+        )  # fmt: skip
+        got = hashlib.sha256()
+        with fs.open(f"{FQRN}/big.bin", "rb") as handle:
+            while block := handle.read(4 * MiB):
+                got.update(block)
+        assert got.hexdigest() == digest(files["/big.bin"])
+
+
+def test_a_disk_too_full_to_record_an_eviction_is_the_cache_full_error(tmp_path: Path) -> None:
+    """Evicted files that are still open keep their blocks, so the eviction's own database
+    write can find no room (a reader holding its pieces, as above). That surfaced as SQLite's
+    "database or disk is full", which no caller maps; it is the CacheFullError now."""
+    with small_tmpfs(tmp_path / "disk", "16m") as disk:
+        cache = ObjectCache(disk / "cache", quota_bytes=4000 * MiB)
+        blobs = [os.urandom(2 * MiB) for _ in range(3)]
+        held = []
+        for blob in blobs:
+            name = hash_bytes(blob)
+            cache.put_bytes(name, blob)
+            held.append(open(cache.path_of(name), "rb"))  # noqa: SIM115 - a reader's pieces
+        with sqlite3.connect(disk / "cache" / "cachedb") as db:  # the journal holds no room
+            db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        fill(disk / "other", leave=0)
+        try:
+            with pytest.raises(CacheFullError, match=r"cache disk .*free space on it"):
+                cache.make_room(4 * MiB)
+        finally:
+            for handle in held:
+                handle.close()
+        (disk / "other").unlink()
+        cache.close()
+
+
+def test_reads_of_what_is_cached_go_on_when_the_lru_order_cannot_be_written(
+    tmp_path: Path,
+) -> None:
+    """The LRU order is written in batches on lookups; on a disk with no room left that write
+    failed, and with it the read of an object that was right there in the cache."""
+    with small_tmpfs(tmp_path / "disk", "8m") as disk:
+        cache = ObjectCache(disk / "cache", quota_bytes=4000 * MiB)
+        blobs = [os.urandom(1024) + bytes([i]) for i in range(100)]
+        names = [hash_bytes(blob) for blob in blobs]
+        for name, blob in zip(names, blobs, strict=True):
+            cache.put_bytes(name, blob)
+        with sqlite3.connect(disk / "cache" / "cachedb") as db:  # the journal holds no room
+            db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        fill(disk / "other", leave=0)
+        for name, blob in zip(names, blobs, strict=True):  # past one batch of LRU updates
+            path = cache.get_path(name)
+            assert path is not None and path.read_bytes() == blob
+        cache.close()
+        (disk / "other").unlink()
+        cache = ObjectCache(disk / "cache", quota_bytes=4000 * MiB)
+        assert all(cache.contains(name) for name in names)
+        cache.close()

@@ -74,7 +74,7 @@ from cvmfs_ml.client import cachedb
 from cvmfs_ml.client.cache_file import TxnFile, crc32, crc_of_file
 from cvmfs_ml.client.cache_space import CacheSpace, CacheUsage
 from cvmfs_ml.cvmfs.hashing import Digest
-from cvmfs_ml.errors import ConfigError
+from cvmfs_ml.errors import ConfigError, is_disk_full
 
 log = logging.getLogger(__name__)
 
@@ -511,9 +511,7 @@ class ObjectCache(CacheSpace):
         with self._locked():
             if self._db is None:
                 return
-            if self._touches:
-                with self._write() as db:
-                    self._flush_touches(db)
+            self._write_touches()
             self._db.close()
             self._db = None
 
@@ -532,8 +530,20 @@ class ObjectCache(CacheSpace):
             self._touches[text] = None
             if len(self._touches) < 64 and time.monotonic() - self._last_flush < 1.0:
                 return
+            self._write_touches()
+
+    def _write_touches(self) -> None:
+        """Write the pending LRU updates, unless the disk is full: the order is advice, and
+        a read of what is cached must not fail for it (the next fetch makes room)."""
+        if not self._touches:
+            return
+        try:
             with self._write() as db:
                 self._flush_touches(db)
+        except sqlite3.OperationalError as exc:
+            if not is_disk_full(exc):
+                raise
+            self._last_flush = time.monotonic()
 
     def _flush_touches(self, db: sqlite3.Connection) -> None:
         if self._touches:

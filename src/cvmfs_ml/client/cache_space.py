@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from cvmfs_ml.client import cachedb
-from cvmfs_ml.errors import CacheFullError
+from cvmfs_ml.errors import CacheFullError, is_disk_full
 
 __all__ = ["CacheSpace", "CacheUsage"]
 
@@ -89,13 +89,23 @@ class CacheSpace:
         requires it. Returns the bytes freed; raises :class:`CacheFullError` when even that
         leaves no room (other files or pinned entries fill the disk).
         """
-        with self._write() as db:
-            self._flush_touches(db)
-            cached = cachedb.total(db)
-            fs = os.statvfs(self.root)
-            free = fs.f_bavail * fs.f_frsize
-            holds = cached + free - max(_ROOM_MARGIN, (cached + free) // 32)
-            freed = self._evict(db, max(0, min(holds // 2, holds - needed)))
+        try:
+            with self._write() as db:
+                self._flush_touches(db)
+                cached = cachedb.total(db)
+                fs = os.statvfs(self.root)
+                free = fs.f_bavail * fs.f_frsize
+                holds = cached + free - max(_ROOM_MARGIN, (cached + free) // 32)
+                freed = self._evict(db, max(0, min(holds // 2, holds - needed)))
+        except sqlite3.OperationalError as exc:
+            if not is_disk_full(exc):
+                raise
+            # The evicted files were still open (their blocks stay until closed), so not even
+            # the database's journal had room: the same answer as any disk too full to cache.
+            raise CacheFullError(
+                f"the cache disk {self.root} is too full even to record an eviction: free "
+                "space on it, or move CVMFS_CACHE_BASE"
+            ) from exc
         if free + freed < needed:  # other files, pins, or files being written fill it
             raise CacheFullError(
                 f"the cache disk {self.root} has no room for {needed} more bytes (at most "

@@ -96,9 +96,10 @@ class CvmfsFile(io.RawIOBase):
         """Drop the cache files' pages of pieces whose bytes now sit in the page cache of the
         file itself (FUSE, with ``keep_cache``): read and left behind, or pushed."""
         self.close_behind = False
-        """With :attr:`drop_behind`, also close the pieces left behind: for a file larger than
-        the cache can keep, whose first pieces are evicted while it is read, an open cache
-        file would keep its disk space (a disk smaller than the quota filled up)."""
+        """Close the pieces left behind: for a file larger than the cache can keep, whose
+        first pieces are evicted while it is read, an open cache file would keep its disk
+        space (a disk smaller than the quota filled up). For every reader, the mount's and
+        fsspec's alike."""
         self._drop_next = 0  # pieces before this one were considered for dropping
         self.prefetching: list[Future[Fetched]] = []
         """The fetches queued for this file at open (one per distinct piece object)."""
@@ -252,7 +253,7 @@ class CvmfsFile(io.RawIOBase):
         """Queue read-ahead (network and disk) when a reader moves on to the next piece."""
         last, self._last_index = self._last_index, index
         self.pieces_read.add(index)
-        if self.drop_behind and index > last:
+        if (self.drop_behind or self.close_behind) and index > last:
             self._drop_left_behind(index)
         if index == last or not (index == last + 1 or (last < 0 and index == 0)):
             return
@@ -273,7 +274,8 @@ class CvmfsFile(io.RawIOBase):
         behind = [i for i in range(start, limit + 1) if i in read]
         if self.close_behind:
             self.close_idle(behind)
-        self.drop_pages(behind)
+        if self.drop_behind:
+            self.drop_pages(behind)
 
     def drop_pages(self, indexes: list[int]) -> None:
         """Take the cache files of pieces ``indexes`` out of the page cache, on a background

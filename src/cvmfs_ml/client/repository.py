@@ -34,7 +34,7 @@ from cvmfs_ml.client.ensemble import Breadcrumb, fetch_manifest, fetch_trusted
 from cvmfs_ml.client.entries import listed, present, resolve_path
 from cvmfs_ml.client.external import ExternalSource, external_unset
 from cvmfs_ml.client.fetch_once import FetchOnce
-from cvmfs_ml.client.files import CvmfsFile, FileLayout
+from cvmfs_ml.client.files import DROP_BEHIND_PIECES, CvmfsFile, FileLayout
 from cvmfs_ml.client.prefetch import Fetched, Prefetcher
 from cvmfs_ml.client.sources import FETCHER_OPTIONS, load_keys, open_source
 from cvmfs_ml.client.trust import Blacklist, TrustAnchors, refuse_rollback
@@ -539,16 +539,18 @@ class Repository:
         smaller (or ``prefetch=False``) files get a sequential read-ahead instead. A file that
         cannot stay whole in the cache (over half of what it can hold, what an eviction keeps)
         gets a read-ahead window of an eighth of that (queued whole, its first pieces would be
-        evicted for the last before they are read) and closes the pieces it leaves behind."""
+        evicted for the last before they are read), within that half with the pieces still
+        open (DROP_BEHIND_PIECES), and closes the pieces it leaves behind."""
         entry = self.resolve(path)
         layout = self.layout(entry)
         handle = CvmfsFile(self, entry.path, layout)
         if prefetch or (prefetch is None and layout.size >= self.prefetch_min_bytes):
             quota = self.cache.capacity_bytes()  # a disk smaller than the quota limits it too
             if layout.size > quota // 2:
-                largest = max(piece.size for piece in layout.pieces)
-                handle.readahead = max(handle.readahead, (quota // 8) // max(1, largest))
-                handle.close_behind = True
+                largest = max(1, *(piece.size for piece in layout.pieces))
+                wanted = max(handle.readahead, (quota // 8) // largest)
+                fits = (quota // 2) // largest - DROP_BEHIND_PIECES
+                handle.readahead, handle.close_behind = max(1, min(wanted, fits)), True
             else:
                 handle.prefetching = self.prefetch_layout(layout, path=entry.path)
                 handle.prefetched = True
