@@ -24,6 +24,7 @@ import pytest
 from cvmfs_ml.client.config import external_config
 from cvmfs_ml.client.entries import device_number, hardlink_key
 from cvmfs_ml.client.external import ExternalSource
+from cvmfs_ml.client.files import DROP_BEHIND_PIECES
 from cvmfs_ml.client.fsspec import CvmfsFileSystem
 from cvmfs_ml.client.locate import open_target
 from cvmfs_ml.client.repository import CvmfsFile, Repository
@@ -375,7 +376,11 @@ def test_a_file_larger_than_the_cache_gets_a_read_ahead_window(
     with repo, handle:
         assert not handle.prefetched  # not queued whole: a window follows the reader
         largest = max(p.size for p in handle.layout.pieces)
-        assert handle.readahead == max(repo.readahead_pieces, (quota // 8) // largest)
+        # the window, with the pieces still open behind the reader, fits in half the quota
+        # (what an eviction keeps), so that no piece is evicted before it is read
+        fits = (quota // 2) // largest - DROP_BEHIND_PIECES
+        assert handle.readahead == max(1, min(repo.readahead_pieces, fits))
+        assert (handle.readahead + DROP_BEHIND_PIECES) * largest <= quota // 2
         assert handle.read() == parity.original("/ext/big.bin")
     repo, handle = opened(64 * 2**20)
     with repo, handle:
