@@ -18,6 +18,7 @@ from fsspec.tests.abstract import AbstractFixtures
 from fsspec.tests.abstract.get import AbstractGetTests
 
 from cvmfs_ml.client.fsspec import CvmfsFileSystem
+from cvmfs_ml.errors import ConfigError
 from cvmfs_ml.publish.repository import create_repository
 from cvmfs_ml.publish.settings import PublishSettings
 from cvmfs_ml.storage.http import RepositoryServer
@@ -245,3 +246,18 @@ class TestAbstractGet(AbstractFixtures, AbstractGetTests):
             fs.get(src + "/", target, recursive=True)
             assert local_fs.isfile(local_join(target, "file"))
             assert not local_fs.exists(local_join(target, "src"))
+
+
+def test_unknown_storage_options_are_refused_naming_them(reference_repo: Path) -> None:
+    """Before, an option fsspec passed on that we do not know (a typo) was dropped silently,
+    and the reader met "cannot open repository" later, far from the cause."""
+    with pytest.raises(ConfigError, match=r"'server_ulr' \(did you mean 'server_url'\?\)"):
+        fsspec.filesystem("cvmfs", server_ulr=str(reference_repo / "cvmfs" / "ref.test.local"))
+    with pytest.raises(ConfigError, match=r"unknown storage option 'repo';.*server_url"):
+        fsspec.open("cvmfs://ref.test.local/README", repo="/srv/cvmfs").open()
+    # fsspec's own options, which every filesystem takes, still pass
+    fs = fsspec.filesystem(
+        "cvmfs", server_url=str(reference_repo / "cvmfs" / "ref.test.local"),
+        use_listings_cache=False, listings_expiry_time=5, skip_instance_cache=True,
+    )  # fmt: skip
+    assert fs.ls("ref.test.local", detail=False)

@@ -28,6 +28,7 @@ User guide: docs/fsspec.md.
 from __future__ import annotations
 
 import datetime as dt
+import difflib
 import errno
 import io
 import logging
@@ -72,6 +73,30 @@ class CvmfsBufferedFile(io.BufferedReader):
         return self.cvmfs_file.pread(size, offset)
 
 
+_OPTIONS = ("fqrn", "server_url", "url", "public_key", "cache_storage", "cache", "proxy",
+            "config", "tag", "prefetch", "block_size", "external_url")  # fmt: skip
+_FSSPEC_OPTIONS = frozenset({"use_listings_cache", "listings_expiry_time", "max_paths",
+                             "asynchronous", "loop", "skip_instance_cache"})  # fmt: skip
+"""What :class:`~fsspec.spec.AbstractFileSystem` itself takes, for every filesystem."""
+
+
+def _refuse_unknown(options: dict[str, Any]) -> None:
+    """Refuse storage options neither we nor fsspec know: a typo (``server_ulr=``, ``repo=``)
+    was dropped silently, and showed up only later as "cannot open repository"."""
+    unknown = sorted(set(options) - _FSSPEC_OPTIONS)
+    if not unknown:
+        return
+    hints = [
+        f"{name!r} (did you mean {close[0]!r}?)" if close else repr(name)
+        for name in unknown
+        for close in [difflib.get_close_matches(name, _OPTIONS, n=1, cutoff=0.6)]
+    ]
+    raise ConfigError(
+        f"cvmfs: unknown storage option {', '.join(hints)}; the options are "
+        f"{', '.join(_OPTIONS)} (docs/fsspec.md)"
+    )
+
+
 class CvmfsFileSystem(AbstractFileSystem):
     """Read-only fsspec filesystem over CernVM-FS repositories (protocol ``cvmfs``).
 
@@ -113,6 +138,7 @@ class CvmfsFileSystem(AbstractFileSystem):
         external_url: str | None = None,
         **storage_options: Any,
     ) -> None:
+        _refuse_unknown(storage_options)
         super().__init__(**storage_options)
         if url is not None and server_url is not None and url != server_url:
             raise ConfigError("cvmfs: give server_url or url, not both")
