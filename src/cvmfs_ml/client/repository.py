@@ -547,7 +547,7 @@ class Repository:
         if prefetch or (prefetch is None and layout.size >= self.prefetch_min_bytes):
             quota = self.cache.capacity_bytes()  # a disk smaller than the quota limits it too
             if layout.size > quota // 2:
-                largest = max(1, *(piece.size for piece in layout.pieces))
+                largest = max([1, *(piece.size for piece in layout.pieces)])
                 wanted = max(handle.readahead, (quota // 8) // largest)
                 fits = (quota // 2) // largest - DROP_BEHIND_PIECES
                 handle.readahead, handle.close_behind = max(1, min(wanted, fits)), True
