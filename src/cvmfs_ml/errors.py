@@ -97,7 +97,8 @@ class PublishError(CvmfsMlError):
 
 
 class LockedError(PublishError):
-    """Another publisher holds the repository's lock."""
+    """Another process holds a lock this one needs: a repository's (another publisher), a
+    replica's, or a registry's data folder."""
 
 
 class DownloadError(CvmfsMlError, OSError):

@@ -1,4 +1,8 @@
-"""The registry's own databases found damaged when it starts.
+"""The registry's data folder: its databases found damaged, and a second registry on it.
+
+A second ``registry serve`` on the same ``--data`` (another port, a restart that overlaps the
+old process) took the first one's jobs being published for interrupted and queued them again,
+and deleted the bodies it was receiving as orphans. It is refused now, in one line.
 
 The queue (``<data>/queue.sqlite``) and the OCI store's index (``<data>/oci/oci.sqlite``) hold
 state that nothing else has (jobs waiting, pushed tags), so unlike a cache they are not
@@ -9,13 +13,19 @@ not a database", which named neither.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from cvmfs_ml.errors import LockedError
 from cvmfs_ml.publish.repository import create_repository
+from cvmfs_ml.registry.config import ConfigFile
+from cvmfs_ml.registry.service import RegistryService
+
+from ._helpers import RegistryEnv, get, text
 
 
 @pytest.mark.parametrize(
@@ -39,3 +49,33 @@ def test_registry_refuses_a_damaged_database_naming_it(
     assert "damaged" in lines[0] and "move it aside" in lines[0] and lost in lines[0]
     assert "Traceback" not in result.stderr
     assert damaged.read_bytes() == b"not a database, whatever it was" * 64  # left as it was
+
+
+def test_a_second_registry_on_the_same_data_folder_is_refused(registry_env: RegistryEnv) -> None:
+    first = registry_env.start()
+    entries_before = sorted(p.name for p in registry_env.data.iterdir())
+    second = subprocess.run(
+        [sys.executable, "-m", "cvmfs_ml", "registry", "serve",
+         *(a for repo in registry_env.repos for a in ("--repo", str(repo))),
+         "--config", str(registry_env.config), "--data", str(registry_env.data), "--port", "0"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert second.returncode == 1, second.stderr
+    lines = [line for line in second.stderr.splitlines() if line.startswith("cvmfs-ml: ")]
+    assert len(lines) == 1 and "another registry (pid " in lines[0], second.stderr
+    assert str(registry_env.data) in lines[0] and "--data" in lines[0]
+    assert "Traceback" not in second.stderr
+    assert text(get(first, "/pubapi/ping")) == "OK\n"  # the first one is untouched
+    assert sorted(p.name for p in registry_env.data.iterdir()) == entries_before
+
+
+def test_the_data_folder_is_free_again_once_a_service_stops(registry_env: RegistryEnv) -> None:
+    def service() -> RegistryService:
+        return RegistryService(registry_env.repos, registry_env.data,
+                               ConfigFile(registry_env.config))  # fmt: skip
+
+    first = service()
+    with pytest.raises(LockedError, match=rf"pid {os.getpid()}\) serves"):
+        service()
+    first.stop()
+    service().stop()

@@ -9,6 +9,7 @@ service backs the user-pub endpoints, the JSON API and tests.
 from __future__ import annotations
 
 import collections
+import fcntl
 import hashlib
 import logging
 import os
@@ -20,7 +21,7 @@ from pathlib import Path
 from typing import BinaryIO, Protocol
 
 from cvmfs_ml.cvmfs.manifest import Manifest
-from cvmfs_ml.errors import ConfigError, CvmfsMlError
+from cvmfs_ml.errors import ConfigError, CvmfsMlError, LockedError
 from cvmfs_ml.publish.repository import Publisher
 from cvmfs_ml.registry.cid import ContentId
 from cvmfs_ml.registry.config import ConfigFile, RegistryConfig
@@ -87,6 +88,31 @@ class UploadFile:
         self.path.unlink(missing_ok=True)
 
 
+def _claim(data_dir: Path) -> BinaryIO:
+    """Hold ``<data>/registry.lock`` for as long as this service lives; one line when another
+    registry holds it.
+
+    Why: a second ``registry serve`` on the same folder (another port, a restart overlapping
+    the old process) would take the first one's jobs being published for interrupted and
+    queue them again, and delete the bodies it is receiving as orphans.
+    """
+    handle = open(data_dir / "registry.lock", "a+b")  # noqa: SIM115 - held until stop()
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read(32).decode(errors="replace").strip() or "?"
+        handle.close()
+        raise LockedError(
+            f"another registry (pid {holder}) serves {data_dir}: stop it first, or give this "
+            "one its own --data folder"
+        ) from None
+    handle.truncate(0)
+    handle.write(f"{os.getpid()}\n".encode())
+    handle.flush()
+    return handle
+
+
 class RegistryService:
     def __init__(
         self,
@@ -106,7 +132,12 @@ class RegistryService:
         self.data_dir = Path(data_dir)
         self.spool = self.data_dir / "spool"
         self.spool.mkdir(parents=True, exist_ok=True)
-        self.store = JobStore(self.data_dir / "queue.sqlite")
+        self._data_lock = _claim(self.data_dir)
+        try:
+            self.store = JobStore(self.data_dir / "queue.sqlite")
+        except BaseException:
+            self._data_lock.close()
+            raise
         self.metrics = RegistryMetrics(self.store.queue_stats)
         self.workers: dict[str, RepositoryWorker] = {}
         for index, publisher in enumerate(publishers):
@@ -138,6 +169,7 @@ class RegistryService:
         for worker in self.workers.values():
             worker.stop()
         self.store.close()
+        self._data_lock.close()
 
     def _remove_orphan_uploads(self) -> None:
         """Uploads no job refers to (a body cut off mid-transfer by a crash)."""
