@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import http.server
+import json
 import threading
 import time
 from collections.abc import Iterator
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from cvmfs_ml.errors import DownloadError
+from cvmfs_ml.errors import DownloadError, FormatError
 from cvmfs_ml.models.sources.oci_client import RegistryClient
 
 BLOB = bytes(range(256)) * 256  # 64 KiB: 32 s when trickled, so "failed early" has margin
@@ -24,11 +25,15 @@ DIGEST = "sha256:" + hashlib.sha256(BLOB).hexdigest()
 class _Misbehaving(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     mode = "fast"
+    pages = 0
 
     def log_message(self, *args: object) -> None:
         pass
 
     def do_GET(self) -> None:
+        if "/tags/list" in self.path:
+            self._tags_page()
+            return
         if self.path.startswith("/token"):
             self.send_response(200)
             self.send_header("Content-Type", "application/json")
@@ -60,6 +65,20 @@ class _Misbehaving(http.server.BaseHTTPRequestHandler):
                 time.sleep(0.1)
         except OSError:
             pass
+
+
+    def _tags_page(self) -> None:
+        """Pages that never end: each links to a next one, and brings no tag not seen before
+        (``empty``: none at all; ``same``: the same one again)."""
+        type(self).pages += 1
+        tags = [] if self.mode == "empty" else ["v1"]
+        body = json.dumps({"name": "m", "tags": tags}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Link", f'</v2/m/tags/list?n=1&last=x{self.pages}>; rel="next"')
+        self.end_headers()
+        self.wfile.write(body)
 
 
 @pytest.fixture()
@@ -117,3 +136,17 @@ def test_an_endless_token_answer_is_cut_off(
         _client(host).get_manifest("lib/x", "v1")
     grown_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
     assert grown_mib < 32  # the 64 MiB answer was not read whole
+
+
+@pytest.mark.parametrize("mode", ["empty", "same"])
+def test_tag_list_pages_without_end_are_refused(
+    registry: tuple[http.server.ThreadingHTTPServer, str], mode: str
+) -> None:
+    """Before, pages with no tags that link to another page were followed forever (and pages
+    repeating one tag 10,000 times): ``sync`` of that image never finished its round."""
+    server, host = registry
+    handler = server.RequestHandlerClass
+    handler.mode, handler.pages = mode, 0  # type: ignore[attr-defined]
+    with pytest.raises(FormatError, match="no tag not seen before"):
+        _client(host).list_tags("m")
+    assert handler.pages <= 2  # type: ignore[attr-defined]

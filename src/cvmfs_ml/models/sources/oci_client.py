@@ -415,12 +415,13 @@ class RegistryClient:
     def list_tags(self, repository: str, *, limit: int = 10_000) -> list[str]:
         """The repository's tags (``GET /v2/<name>/tags/list``, following ``Link`` pages).
 
-        Bounded by ``limit`` tags and :data:`MAX_MANIFEST_BYTES` per page: a registry answering
-        without end is an error, not a reason to wait.
+        Bounded by ``limit`` tags and :data:`MAX_MANIFEST_BYTES` per page, and each further page
+        must bring a tag not seen before: a registry answering without end is an error, not a
+        reason to wait.
         """
         path = f"/v2/{repository}/tags/list"
-        tags: list[str] = []
-        while path and len(tags) < limit:
+        found: set[str] = set()
+        while path and len(found) < limit:
             response = self._get(path, repository, stream=True)
             url = f"{self.base_url}{path}"
             try:
@@ -440,10 +441,14 @@ class RegistryClient:
                 raise FormatError(url, "tag list is not a JSON object") from exc
             if not isinstance(page, list):
                 raise FormatError(url, "'tags' is not a list")
-            tags += [t for t in page if isinstance(t, str) and _TAG_RE.fullmatch(t)]
+            new = {t for t in page if isinstance(t, str) and _TAG_RE.fullmatch(t)} - found
+            found |= new
             match = re.match(r"\s*<(/v2/[^>]+)>", link)
             path = match.group(1) if match else ""
-        return sorted(set(tags))[:limit]
+            if path and not new:  # a registry that pages on and on: nothing would end it
+                raise FormatError(url, "tag list page links to a next one but brings no tag "
+                                       "not seen before")  # fmt: skip
+        return sorted(found)[:limit]
 
     @contextlib.contextmanager
     def open_blob(
