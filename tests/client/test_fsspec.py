@@ -8,12 +8,15 @@ import hashlib
 import json
 import os
 import pickle
+import sys
 from collections.abc import Iterator
 from hashlib import md5
 from pathlib import Path
+from typing import Any
 
 import fsspec
 import pytest
+from fsspec.spec import AbstractFileSystem
 from fsspec.tests.abstract import AbstractFixtures
 from fsspec.tests.abstract.get import AbstractGetTests
 
@@ -261,3 +264,62 @@ def test_unknown_storage_options_are_refused_naming_them(reference_repo: Path) -
         use_listings_cache=False, listings_expiry_time=5, skip_instance_cache=True,
     )  # fmt: skip
     assert fs.ls("ref.test.local", detail=False)
+
+
+class _FsspecsOwnWalk(CvmfsFileSystem):
+    """Our filesystem with fsspec's recursive walk, as the reference for ours."""
+
+    def walk(self, path: str, maxdepth: int | None = None, **kwargs: Any) -> Any:
+        kwargs.setdefault("enter_links", False)
+        return AbstractFileSystem.walk(self, path, maxdepth=maxdepth, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"maxdepth": 1}, {"maxdepth": 3}, {"topdown": False}, {"topdown": False, "maxdepth": 2},
+     {"detail": True}, {"prune": "deep"}],
+    ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "default",
+)
+@pytest.mark.parametrize("root", ["", REF, f"{REF}/deep"])
+def test_walk_yields_what_fsspecs_walk_does(
+    reference_repo: Path, tmp_path: Path, root: str, options: dict[str, Any]
+) -> None:
+    """Our walk keeps its levels on a stack instead of recursing; what it yields, in what
+    order, with ``maxdepth``, bottom-up, details and a top-down caller pruning ``dirs``, is
+    what fsspec's own walk yields on the same repository (upstream's reference one)."""
+    options = dict(options)  # the parameter is shared between the roots
+    prune = options.pop("prune", None)
+
+    def walked(cls: type[CvmfsFileSystem]) -> list[Any]:
+        fs = cls(url=str(reference_repo / "cvmfs" / REF), cache=str(tmp_path / "cache"),
+                 public_key=str(reference_repo / "keys" / f"{REF}.pub"),
+                 skip_instance_cache=True)  # fmt: skip
+        out = []
+        for top, dirs, files in fs.walk(root, **options):
+            out.append((top, json.dumps(dirs, sort_keys=True, default=str),
+                        json.dumps(files, sort_keys=True, default=str)))  # fmt: skip
+            if prune in dirs:
+                dirs.remove(prune)  # a top-down caller skipping a folder
+        fs.close()
+        return out
+
+    ours = walked(CvmfsFileSystem)
+    assert ours == walked(_FsspecsOwnWalk)
+    assert len(ours) > 1 or options.get("maxdepth") == 1
+
+
+def test_a_tree_deeper_than_the_recursion_limit_is_walked(tmp_path: Path) -> None:
+    """fsspec's recursive walk ended in RecursionError below ~1000 levels; a user-pub tarball
+    can hold such a tree, and ``find`` over the repository then failed for everyone."""
+    depth = sys.getrecursionlimit() + 200
+    leaf = "/" + "/".join(["d"] * depth) + "/leaf.txt"
+    publisher = create_repository(tmp_path / "srv", "deep.test")
+    with publisher.transaction() as txn:
+        txn.add_bytes(leaf, b"at the bottom\n")
+        txn.commit()
+    fs = CvmfsFileSystem(url=str(publisher.repo_dir), cache=str(tmp_path / "cache"),
+                         skip_instance_cache=True)  # fmt: skip
+    assert fs.find("deep.test") == [f"deep.test{leaf}"]
+    assert fs.du("deep.test") == len(b"at the bottom\n")
+    assert len(list(fs.walk("deep.test", topdown=False))) == depth + 1
+    fs.close()

@@ -30,10 +30,12 @@ from __future__ import annotations
 import datetime as dt
 import difflib
 import errno
+import functools
 import io
 import logging
 import os
 import threading
+from collections.abc import Iterator
 from typing import Any
 
 from fsspec.spec import AbstractFileSystem
@@ -325,9 +327,37 @@ class CvmfsFileSystem(AbstractFileSystem):
     ) -> Any:
         """fsspec's walk (and so ``find``, ``du``, ``get(recursive=True)``), as ``os.walk``
         does it: links to folders are listed but not entered. An alias (``prod -> 1``) would
-        otherwise list a version once per alias, and a link to a parent would never end."""
+        otherwise list a version once per alias, and a link to a parent would never end.
+
+        fsspec's own walk recurses once per level, so a tree deeper than Python's recursion
+        limit (a tarball anyone with a token can publish) ended in ``RecursionError``; here it
+        asks fsspec for one level at a time and keeps the levels on a stack. The order, the
+        pruning of ``dirs`` by a top-down caller and ``maxdepth`` are fsspec's.
+        """
+        if maxdepth is not None and maxdepth < 1:
+            raise ValueError("maxdepth must be at least 1")
         kwargs.setdefault("enter_links", False)
-        return super().walk(path, maxdepth=maxdepth, topdown=topdown, on_error=on_error, **kwargs)
+        one_level = functools.partial(
+            super().walk, maxdepth=1, topdown=True, on_error=on_error, **kwargs
+        )
+        entry = next(one_level(path), None)
+        stack: list[tuple[Any, Iterator[str]]] = []  # each level above, and its folders to visit
+        while entry is not None or stack:
+            if entry is not None:
+                if topdown:
+                    yield entry  # the caller may prune entry[1] before we go on
+                deeper = maxdepth is None or len(stack) + 1 < maxdepth
+                stack.append((entry, iter(list(entry[1]) if deeper else [])))
+                entry = None
+                continue
+            level, folders = stack[-1]
+            name = next(folders, None)
+            if name is None:
+                stack.pop()
+                if not topdown:
+                    yield level
+                continue
+            entry = next(one_level(f"{level[0]}/{name}" if level[0] else name), None)
 
     def exists(self, path: str, **kwargs: Any) -> bool:
         try:
