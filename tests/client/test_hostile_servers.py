@@ -123,6 +123,11 @@ class _Hostile(http.server.BaseHTTPRequestHandler):
                 self.wfile.write(bytes([byte]))
                 self.wfile.flush()
                 time.sleep(1.0)
+        elif self.mode == "slow-headers":  # a status line and headers that never end
+            for byte in b"HTTP/1.1 200 OK\r\nX-Trickle: " + b"a" * 600:
+                self.wfile.write(bytes([byte]))
+                self.wfile.flush()
+                time.sleep(0.5)  # well within the 1 s read timeout each time
         elif self.mode == "slow-chunked":  # one big chunk, trickled
             data = (self.folder / self.spoil).read_bytes()
             self.send_response(200)
@@ -295,6 +300,24 @@ def test_one_byte_a_second_fails_over_to_the_next_mirror(
     bad = hostile(mode, object_rel(published, "/model.bin"))
     alone = run_client(published, bad, tmp_path / "alone", "/model.bin")
     assert "slower than CVMFS_LOW_SPEED_LIMIT=1024 B/s" in str(alone["error"]), alone
+    assert float(alone["seconds"]) < 30  # type: ignore[arg-type]
+    behind = run_client(published, f"{bad};{good}", tmp_path / "behind", "/model.bin")
+    assert behind["sha256"] == hashlib.sha256(PAYLOAD).hexdigest()
+    assert float(behind["seconds"]) < 30  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("spoil", [".cvmfspublished", "object"])
+def test_headers_trickled_forever_fail_over_in_bounded_time(
+    published: Publisher, hostile: Callable[[str, str], str], good: str, tmp_path: Path,
+    spoil: str,
+) -> None:
+    """Before, a server sending its headers a byte every half second held the fetch forever:
+    each byte restarted the socket timeout, and the low-speed rule only looks at bodies. The
+    headers now get one read timeout in all, as upstream's curl gives them."""
+    rel = spoil if spoil == ".cvmfspublished" else object_rel(published, "/model.bin")
+    bad = hostile("slow-headers", rel)
+    alone = run_client(published, bad, tmp_path / "alone", "/model.bin")
+    assert "timed out" in str(alone["error"]), alone
     assert float(alone["seconds"]) < 30  # type: ignore[arg-type]
     behind = run_client(published, f"{bad};{good}", tmp_path / "behind", "/model.bin")
     assert behind["sha256"] == hashlib.sha256(PAYLOAD).hexdigest()

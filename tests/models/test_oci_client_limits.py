@@ -45,6 +45,15 @@ class _Misbehaving(http.server.BaseHTTPRequestHandler):
             except OSError:
                 pass  # the client hung up, as it should
             return
+        if self.mode == "slow-headers":  # headers a byte at a time, never finished
+            try:
+                for byte in b"HTTP/1.1 200 OK\r\nX-Trickle: " + b"a" * 600:
+                    self.wfile.write(bytes([byte]))
+                    self.wfile.flush()
+                    time.sleep(0.5)  # within the 1 s read timeout, every time
+            except OSError:
+                pass
+            return
         if self.mode == "auth" and "Authorization" not in self.headers:
             realm = f"http://127.0.0.1:{self.server.server_address[1]}/token"
             self.send_response(401)
@@ -121,6 +130,20 @@ def test_a_trickled_blob_fails_in_bounded_time(
             with client.open_blob("lib/x", DIGEST, size=len(BLOB)) as blob:
                 blob.finish()
     assert time.monotonic() - start < 20  # one window (1 s) and a read, not the whole 32 s
+    assert not (tmp_path / "b").exists()
+
+
+def test_headers_trickled_forever_fail_in_bounded_time(
+    registry: tuple[http.server.ThreadingHTTPServer, str], tmp_path: Path
+) -> None:
+    """A registry (or a proxy before it) sending its headers a byte every half second: each
+    byte restarted the read timeout, so a sync round waited for it forever."""
+    _server, host = registry
+    _Misbehaving.mode = "slow-headers"
+    start = time.monotonic()
+    with pytest.raises(DownloadError, match="timed out"):
+        _client(host).fetch_blob("lib/x", DIGEST, tmp_path / "b", size=len(BLOB))
+    assert time.monotonic() - start < 20
     assert not (tmp_path / "b").exists()
 
 

@@ -25,6 +25,8 @@ Failure rules (download.cc ``CallbackCurlHeader`` and ``VerifyAndFinalize``):
 * A transfer slower than ``low_speed_limit`` bytes/s over one timeout (upstream's
   ``CVMFS_LOW_SPEED_LIMIT``, curl's low-speed rule) is a transfer error: a trickling proxy or
   server is left for the next one. Reads return after each receive so the rate is always seen.
+  The status line and headers get one timeout in all (:mod:`.http_pools`): a socket timeout
+  restarts with every byte, so headers trickled a byte at a time held a fetch forever.
 * Data that fails the hash, the zlib decoder or the announced length is fetched once more on the
   same path with ``Cache-Control: no-cache`` and ``Pragma: no-cache``; a second bad body is a
   failure of that proxy (of the host when DIRECT). Upstream makes it a host failure even through
@@ -56,6 +58,7 @@ from urllib3.exceptions import MaxRetryError
 
 from cvmfs_ml import __version__
 from cvmfs_ml.client.config import DIRECT, ClientConfig
+from cvmfs_ml.client.http_pools import pool_manager
 from cvmfs_ml.client.transfer import (
     PIECE_SIZE,
     Counters,
@@ -407,10 +410,7 @@ class Fetcher:
                     "maxsize": self._pool_size,
                     "block": False,
                 }
-                if proxy == DIRECT:
-                    manager = urllib3.PoolManager(**options)
-                else:
-                    manager = urllib3.ProxyManager(proxy, **options)
+                manager = pool_manager(None if proxy == DIRECT else proxy, **options)
                 self._managers[proxy] = manager
             return manager
 

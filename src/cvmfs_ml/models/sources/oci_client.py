@@ -28,6 +28,7 @@ from urllib.parse import urlencode, urlsplit
 
 import urllib3
 
+from cvmfs_ml.client.http_pools import pool_manager
 from cvmfs_ml.client.transfer import SpeedCheck, body_readinto
 from cvmfs_ml.client.transfer import finish as finish_response
 from cvmfs_ml.cvmfs import jsontext
@@ -264,7 +265,7 @@ class RegistryClient:
             allowed_methods=frozenset({"GET", "HEAD"}),
             raise_on_status=False,
         )
-        self._http = urllib3.PoolManager(
+        self._http = pool_manager(
             maxsize=8,  # layers download in parallel: one kept connection each
             retries=retry,
             timeout=urllib3.Timeout(connect=min(timeout, 15.0), read=timeout),

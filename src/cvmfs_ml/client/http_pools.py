@@ -1,0 +1,110 @@
+"""urllib3 pools whose responses must bring their headers within one read timeout.
+
+A socket timeout restarts with every byte received, so a server (or proxy) that sends its status
+line and headers one byte every few seconds held a fetch for as long as it liked: the body's
+low-speed rule (:class:`~cvmfs_ml.client.transfer.SpeedCheck`) never got to look, because the
+headers never ended. Upstream's curl applies its low-speed rule from the first byte, so there a
+response whose headers take longer than the timeout fails like a slow body. Here the headers get
+one deadline, the connection's read timeout, spread over their receives; the body is read from
+the socket itself, as before (no extra call per receive).
+
+:func:`pool_manager` makes a ``PoolManager`` (or a ``ProxyManager``) with these pools; the fetcher
+and the OCI registry client use it.
+"""
+
+from __future__ import annotations
+
+import io
+import socket
+import time
+from typing import Any
+
+import urllib3
+from urllib3.connection import HTTPConnection, HTTPSConnection
+
+__all__ = ["pool_manager"]
+
+
+class _HeaderDeadlineSocket:
+    """A connection's socket while one response's headers arrive: each receive waits at most
+    what is left of the deadline. Disarmed, receives go straight to the socket."""
+
+    def __init__(self, sock: socket.socket, seconds: float) -> None:
+        self._sock = sock
+        self._seconds = seconds
+        self._deadline = time.monotonic() + seconds
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sock, name)
+
+    def recv_into(self, buffer: Any, nbytes: int = 0, flags: int = 0) -> int:
+        left = self._deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError(f"the response's headers took longer than {self._seconds:g} s")
+        timeout = self._sock.gettimeout()
+        self._sock.settimeout(left if timeout is None else min(timeout, left))
+        try:
+            return self._sock.recv_into(buffer, nbytes, flags)
+        finally:
+            self._sock.settimeout(timeout)
+
+    def makefile(self, mode: str = "rb", buffering: int | None = None, **_: Any) -> io.IOBase:
+        """What ``http.client`` reads the response from: a buffered reader whose receives are
+        this object's (the socket counts it as one of its files, as its own makefile does)."""
+        if not hasattr(self._sock, "_io_refs"):  # not a socket (TLS inside a TLS proxy)
+            return self._sock.makefile(mode, buffering)  # type: ignore[no-any-return]
+        self._sock._io_refs += 1
+        raw = socket.SocketIO(self, "rb")  # type: ignore[arg-type]
+        return io.BufferedReader(raw, buffering or io.DEFAULT_BUFFER_SIZE)
+
+    def disarm(self) -> None:
+        """The headers are in: the body's receives go to the socket directly."""
+        self.recv_into = self._sock.recv_into  # type: ignore[method-assign]
+
+
+class _HeaderDeadline:
+    """``getresponse`` with the headers bounded by the read timeout (a mixin for urllib3's
+    connection classes, which set ``timeout`` to the read timeout before calling it)."""
+
+    sock: Any
+    timeout: Any
+
+    def getresponse(self) -> Any:
+        seconds = self.timeout
+        if self.sock is None or not isinstance(seconds, int | float) or seconds <= 0:
+            return super().getresponse()  # type: ignore[misc]
+        real = self.sock
+        guard = _HeaderDeadlineSocket(real, float(seconds))
+        self.sock = guard
+        try:
+            return super().getresponse()  # type: ignore[misc]
+        finally:
+            guard.disarm()
+            if self.sock is guard:  # (a response that closes the connection set it to None)
+                self.sock = real
+
+
+class _HTTPConnection(_HeaderDeadline, HTTPConnection):
+    pass
+
+
+class _HTTPSConnection(_HeaderDeadline, HTTPSConnection):
+    pass
+
+
+class _HTTPPool(urllib3.HTTPConnectionPool):
+    ConnectionCls = _HTTPConnection
+
+
+class _HTTPSPool(urllib3.HTTPSConnectionPool):
+    ConnectionCls = _HTTPSConnection
+
+
+def pool_manager(proxy: str | None = None, **options: Any) -> urllib3.PoolManager:
+    """A ``PoolManager`` (through ``proxy``: a ``ProxyManager``) with ``options``, whose
+    responses must bring their headers within the read timeout."""
+    manager = (
+        urllib3.PoolManager(**options) if proxy is None else urllib3.ProxyManager(proxy, **options)
+    )
+    manager.pool_classes_by_scheme = {"http": _HTTPPool, "https": _HTTPSPool}
+    return manager
