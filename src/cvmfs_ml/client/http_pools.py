@@ -22,7 +22,12 @@ from typing import Any
 import urllib3
 from urllib3.connection import HTTPConnection, HTTPSConnection
 
-__all__ = ["pool_manager"]
+__all__ = ["HeaderTimeout", "pool_manager"]
+
+
+class HeaderTimeout(TimeoutError):
+    """A response's headers did not arrive within the read timeout (urllib3 reports it as its
+    ``ReadTimeoutError``, with this as the cause)."""
 
 
 class _HeaderDeadlineSocket:
@@ -40,7 +45,7 @@ class _HeaderDeadlineSocket:
     def recv_into(self, buffer: Any, nbytes: int = 0, flags: int = 0) -> int:
         left = self._deadline - time.monotonic()
         if left <= 0:
-            raise TimeoutError(f"the response's headers took longer than {self._seconds:g} s")
+            raise HeaderTimeout(f"the response's headers took longer than {self._seconds:g} s")
         timeout = self._sock.gettimeout()
         self._sock.settimeout(left if timeout is None else min(timeout, left))
         try:
@@ -92,11 +97,12 @@ class _HTTPSConnection(_HeaderDeadline, HTTPSConnection):
     pass
 
 
-class _HTTPPool(urllib3.HTTPConnectionPool):
+# urllib3's names, which its error messages show ("HTTPConnectionPool(host=...): ...")
+class HTTPConnectionPool(urllib3.HTTPConnectionPool):
     ConnectionCls = _HTTPConnection
 
 
-class _HTTPSPool(urllib3.HTTPSConnectionPool):
+class HTTPSConnectionPool(urllib3.HTTPSConnectionPool):
     ConnectionCls = _HTTPSConnection
 
 
@@ -106,5 +112,5 @@ def pool_manager(proxy: str | None = None, **options: Any) -> urllib3.PoolManage
     manager = (
         urllib3.PoolManager(**options) if proxy is None else urllib3.ProxyManager(proxy, **options)
     )
-    manager.pool_classes_by_scheme = {"http": _HTTPPool, "https": _HTTPSPool}
+    manager.pool_classes_by_scheme = {"http": HTTPConnectionPool, "https": HTTPSConnectionPool}
     return manager

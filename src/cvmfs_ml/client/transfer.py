@@ -27,6 +27,7 @@ from urllib3.exceptions import HTTPError as Urllib3Error
 from urllib3.exceptions import ProtocolError, ReadTimeoutError
 
 from cvmfs_ml.client.config import DIRECT
+from cvmfs_ml.client.http_pools import HeaderTimeout
 from cvmfs_ml.cvmfs.hashing import Digest, new_hasher
 from cvmfs_ml.cvmfs.objects import Decompressor, stored_bound
 from cvmfs_ml.errors import FormatError
@@ -388,5 +389,7 @@ def describe(exc: BaseException) -> str:
     if "Connection refused" in text or isinstance(inner, ConnectionRefusedError):
         return "connection refused"
     if isinstance(inner, (TimeoutError, urllib3.exceptions.TimeoutError)):
+        if isinstance(inner.__cause__, HeaderTimeout):  # urllib3 words all read timeouts alike
+            text = str(inner.__cause__)
         return f"timed out ({text})"
     return text
