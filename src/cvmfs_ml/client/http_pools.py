@@ -42,16 +42,23 @@ class _HeaderDeadlineSocket:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._sock, name)
 
-    def recv_into(self, buffer: Any, nbytes: int = 0, flags: int = 0) -> int:
+    def recv_into(self, buffer: Any, *args: Any) -> int:
         left = self._deadline - time.monotonic()
         if left <= 0:
-            raise HeaderTimeout(f"the response's headers took longer than {self._seconds:g} s")
+            raise self._late()
         timeout = self._sock.gettimeout()
         self._sock.settimeout(left if timeout is None else min(timeout, left))
         try:
-            return self._sock.recv_into(buffer, nbytes, flags)
+            return self._sock.recv_into(buffer, *args)
+        except TimeoutError as exc:
+            if timeout is None or left < timeout:  # the deadline, not the socket's own timeout
+                raise self._late() from exc
+            raise
         finally:
             self._sock.settimeout(timeout)
+
+    def _late(self) -> HeaderTimeout:
+        return HeaderTimeout(f"the response's headers took longer than {self._seconds:g} s")
 
     def makefile(self, mode: str = "rb", buffering: int | None = None, **_: Any) -> io.IOBase:
         """What ``http.client`` reads the response from: a buffered reader whose receives are
@@ -60,7 +67,8 @@ class _HeaderDeadlineSocket:
             return self._sock.makefile(mode, buffering)  # type: ignore[no-any-return]
         self._sock._io_refs += 1
         raw = socket.SocketIO(self, "rb")  # type: ignore[arg-type]
-        return io.BufferedReader(raw, buffering or io.DEFAULT_BUFFER_SIZE)
+        size = buffering if buffering and buffering > 0 else io.DEFAULT_BUFFER_SIZE
+        return io.BufferedReader(raw, size)
 
     def disarm(self) -> None:
         """The headers are in: the body's receives go to the socket directly."""
