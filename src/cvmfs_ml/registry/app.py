@@ -28,6 +28,7 @@ from starlette.requests import ClientDisconnect
 
 from cvmfs_ml.errors import is_disk_full
 from cvmfs_ml.registry.auth import authenticate, require, require_reader
+from cvmfs_ml.registry.bodies import body_chunks
 from cvmfs_ml.registry.cid import ContentId, InvalidCidError
 from cvmfs_ml.registry.config import Principal
 from cvmfs_ml.registry.oci_api import add_oci_routes, challenge, oci_error
@@ -64,7 +65,7 @@ async def _receive(request: Request, service: RegistryService) -> Any:
             raise RejectedError(413, f"body larger than {limit} bytes", "oversized")
     upload = await run_in_threadpool(service.new_upload)
     try:
-        async for chunk in request.stream():
+        async for chunk in body_chunks(request, service.config):
             upload.write(chunk)
     except ClientDisconnect:
         upload.discard()
@@ -108,7 +109,8 @@ def create_app(service: RegistryService, *, manage_service: bool = True) -> Fast
         if path.startswith(("/v2", "/token")):
             name = _oci_name(path)
             action = "pull" if request.method in ("GET", "HEAD") else "pull,push"
-            code = {401: "UNAUTHORIZED", 403: "DENIED", 404: "NAME_UNKNOWN", 413: "SIZE_INVALID",
+            code = {401: "UNAUTHORIZED", 403: "DENIED", 404: "NAME_UNKNOWN",
+                    408: "BLOB_UPLOAD_INVALID", 413: "SIZE_INVALID",
                     429: "TOOMANYREQUESTS"}.get(exc.status, "UNSUPPORTED")  # fmt: skip
             extra = challenge(request, name, action) if exc.status == 401 else {}
             return oci_error(exc.status, code, exc.reason, headers=extra)

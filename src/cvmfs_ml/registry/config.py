@@ -95,6 +95,8 @@ class RegistryConfig:
     batch_max_jobs: int = 64
     batch_max_bytes: int = 2 * 2**30
     uploads_per_minute: int = 0  # per token; 0: no limit
+    upload_low_speed_limit: int = 1024  # B/s an upload averages over each window; 0: no limit
+    upload_low_speed_seconds: float = 60.0  # that window (registry/bodies.py)
     unpack_images: bool = True  # publish pushed container images unpacked (DUCC's .flat layout)
     image_registry: str = ""  # <registry> of pushed images' public links; "": the Host pushed to
     cleanup_hour: int = 3  # UTC hour of the daily cleanup (+1 per repository); -1: never

@@ -34,6 +34,7 @@ from cvmfs_ml.models.layout import ModelRef
 from cvmfs_ml.models.sources.oci import classify, ingest_oci
 from cvmfs_ml.models.sources.oci_client import OCI_INDEX, OciReference
 from cvmfs_ml.registry.auth import ANONYMOUS_TOKEN, authenticate, require, token_from_header
+from cvmfs_ml.registry.bodies import body_chunks
 from cvmfs_ml.registry.image_push import image_registry_name, publish_pushed_image
 from cvmfs_ml.registry.oci_store import (
     DIGEST_RE,
@@ -173,7 +174,7 @@ def add_oci_routes(app: FastAPI, service: RegistryService, store: OciStore) -> M
                 # make that a few hundred calls instead of tens of thousands.
                 block = bytearray()
                 try:
-                    async for chunk in request.stream():
+                    async for chunk in body_chunks(request, service.config):
                         block += chunk
                         if len(block) >= RECEIVE_BLOCK:
                             full, block = block, bytearray()
@@ -344,7 +345,7 @@ def add_oci_routes(app: FastAPI, service: RegistryService, store: OciStore) -> M
             if not TAG_RE.fullmatch(tag):
                 raise OciError(400, "TAG_INVALID", f"invalid tag {tag!r}")
         body = bytearray()
-        async for chunk in request.stream():
+        async for chunk in body_chunks(request, service.config):
             body += chunk
             if len(body) > MAX_MANIFEST_BYTES:
                 raise OciError(413, "SIZE_INVALID", f"manifest over {MAX_MANIFEST_BYTES} bytes")

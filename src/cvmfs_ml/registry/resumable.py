@@ -19,6 +19,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from cvmfs_ml.registry.auth import authenticate, require
+from cvmfs_ml.registry.bodies import body_chunks
 from cvmfs_ml.registry.cid import ContentId
 from cvmfs_ml.registry.oci_store import OciError, OciStore
 from cvmfs_ml.registry.service import RegistryService
@@ -96,7 +97,7 @@ def add_resumable_routes(app: FastAPI, service: RegistryService, store: OciStore
             )  # fmt: skip
         try:
             with store.appending(upload_id, service.config.max_upload_bytes) as write:
-                async for chunk in request.stream():
+                async for chunk in body_chunks(request, service.config):
                     write(chunk)
         except OciError as exc:
             raise RejectedError(exc.status, exc.message, "oversized") from exc
