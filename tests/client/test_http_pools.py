@@ -93,9 +93,9 @@ def server(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[str
         httpd.server_close()
 
 
-def _manager(cert: Path) -> urllib3.PoolManager:
+def _manager(cert: Path, read: float) -> urllib3.PoolManager:
     return pool_manager(
-        retries=False, timeout=urllib3.Timeout(connect=5, read=2), ca_certs=str(cert),
+        retries=False, timeout=urllib3.Timeout(connect=5, read=read), ca_certs=str(cert),
     )  # fmt: skip
 
 
@@ -103,7 +103,7 @@ def test_bodies_and_kept_alive_connections_are_untouched(
     server: tuple[str, _Server, Path],
 ) -> None:
     url, handler, cert = server
-    manager = _manager(cert)
+    manager = _manager(cert, read=10)  # the pauses take 0.4 s: a wide margin under load
     for path in ("/a", "/b", "/pauses"):  # one connection for all three, kept alive
         response = manager.request("GET", url + path, preload_content=False)
         got = bytearray()
@@ -120,6 +120,6 @@ def test_headers_trickled_forever_fail_within_one_timeout(
     url, _handler, cert = server
     start = time.monotonic()
     with pytest.raises(urllib3.exceptions.ReadTimeoutError) as caught:
-        _manager(cert).request("GET", url + "/trickle")
+        _manager(cert, read=2).request("GET", url + "/trickle")
     assert isinstance(caught.value.__cause__, HeaderTimeout)
     assert time.monotonic() - start < 10  # 2 s of headers, not 400 bytes at 0.3 s each

@@ -75,6 +75,7 @@ from cvmfs_ml.client.cache_file import TxnFile, crc32, crc_of_file
 from cvmfs_ml.client.cache_space import CacheSpace, CacheUsage
 from cvmfs_ml.cvmfs.hashing import Digest
 from cvmfs_ml.errors import ConfigError, is_disk_full
+from cvmfs_ml.storage import sqlitefile
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +115,7 @@ class ObjectCache(CacheSpace):
             try:
                 self._connect()
             except sqlite3.DatabaseError as exc:
-                if isinstance(exc, sqlite3.OperationalError):  # busy, locked, unreadable
+                if not sqlitefile.is_damage(exc):  # busy, locked, unreadable, disk full
                     raise
                 aside = cachedb.set_aside_if_damaged(self.root)
                 if aside is not None:  # (else another process did it a moment ago)

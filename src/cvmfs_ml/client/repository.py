@@ -535,12 +535,10 @@ class Repository:
     def open_file(self, path: str, *, prefetch: bool | None = None) -> CvmfsFile:
         """A seekable binary file; large files are prefetched in parallel unless disabled.
 
-        ``prefetch=None`` queues every piece of files of ``prefetch_min_bytes`` or more;
-        smaller (or ``prefetch=False``) files get a sequential read-ahead instead. A file that
-        cannot stay whole in the cache (over half of what it can hold, what an eviction keeps)
-        gets a read-ahead window of an eighth of that (queued whole, its first pieces would be
-        evicted for the last before they are read), within that half with the pieces still
-        open (DROP_BEHIND_PIECES), and closes the pieces it leaves behind."""
+        ``prefetch=None`` queues every piece of files of ``prefetch_min_bytes`` or more, else a
+        read-ahead. A file over half of what the cache holds (what eviction keeps) would evict
+        its first pieces for its last: it gets a window of an eighth of that, fitting in the
+        half with the pieces still open (DROP_BEHIND_PIECES), and closes those left behind."""
         entry = self.resolve(path)
         layout = self.layout(entry)
         handle = CvmfsFile(self, entry.path, layout)
