@@ -254,7 +254,9 @@ def verify_whitelist(
     if not whitelist.valid_at(now):
         raise WhitelistExpiredError(
             f"{_WHAT} of {fqrn} expired at {whitelist.expires:%Y-%m-%d %H:%M} UTC "
-            f"(now {_utc_seconds(now):%Y-%m-%d %H:%M} UTC); the publisher must re-sign it"
+            f"(now {_utc_seconds(now):%Y-%m-%d %H:%M} UTC): the publisher must re-sign it "
+            "(`cvmfs-ml repo resign`, upstream `cvmfs_server resign`), unless this machine's "
+            "clock is wrong"
         )
     if whitelist.pkcs7:
         raise SignatureError(f"{_WHAT}: PKCS#7 whitelists (Vpkcs7) are not supported")

@@ -157,6 +157,9 @@ class OciStore:
     # -- upload sessions ----------------------------------------------------------------------
     def start_upload(self) -> str:
         upload_id = uuid.uuid4().hex
+        # This folder and the blobs' are made again if removed under a running registry (a tmp
+        # cleaner, an operator tidying up): else every push answers 500 until a restart.
+        self.uploads.mkdir(parents=True, exist_ok=True)
         (self.uploads / upload_id).touch()
         with self._lock:
             self._hashers[upload_id] = hashlib.sha256()
@@ -242,6 +245,7 @@ class OciStore:
         with open(path, "rb") as handle:
             os.fsync(handle.fileno())
         target = self.blob_path(digest)
+        target.parent.mkdir(parents=True, exist_ok=True)
         os.replace(path, target)
         self.cancel_upload(upload_id)
         if repo is not None:
@@ -310,6 +314,7 @@ class OciStore:
         target = self.blob_path(digest)
         if not target.exists():
             tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}")
+            target.parent.mkdir(parents=True, exist_ok=True)
             tmp.write_bytes(body)
             os.replace(tmp, target)
         subject = document.get("subject") if isinstance(document.get("subject"), dict) else None

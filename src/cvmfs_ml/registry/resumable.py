@@ -116,6 +116,7 @@ def add_resumable_routes(app: FastAPI, service: RegistryService, store: OciStore
         who = owner(request, cid)
         path, sha256 = store.session_sha256(upload_id)
         spooled = service.spool / f"{upload_id}.upload"
+        service.spool.mkdir(parents=True, exist_ok=True)  # made again if removed meanwhile
         os.replace(path, spooled)
         store.cancel_upload(upload_id)
         (store.uploads / f"{upload_id}.cid").unlink(missing_ok=True)

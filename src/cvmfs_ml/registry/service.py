@@ -59,6 +59,7 @@ class UploadFile:
 
     def __init__(self, spool: Path, limit: int) -> None:
         self.path = spool / f"{uuid.uuid4().hex}.upload"
+        spool.mkdir(parents=True, exist_ok=True)  # made again if removed under a running registry
         self.limit = limit
         self.size = 0
         self._hash = hashlib.sha256()
