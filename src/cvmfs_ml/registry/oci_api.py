@@ -21,7 +21,9 @@ import importlib
 import logging
 import re
 import sqlite3
-from concurrent.futures import ThreadPoolExecutor
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -73,27 +75,70 @@ def challenge(request: Request, name: str | None, action: str) -> dict[str, str]
 
 
 class ModelPublisher:
-    """Publishes pushed model artifacts through the models layer, one at a time."""
+    """Publishes pushed model artifacts through the models layer, one at a time.
+
+    Each tag pushed is one publish, queued here (memory only) and recorded in the store's
+    ``publishes``. Stopping waits for the publish under way, not for those still queued: they
+    are cancelled and recorded as failed (pushing the tag again queues it again), so a long
+    queue cannot hold a SIGTERM. Nothing resumes a publish after a restart, so those a past
+    run left queued or publishing (killed) are recorded as failed when the next one starts.
+    """
+
+    STOPPED = "the registry stopped before publishing it: push the tag again"
+    INTERRUPTED = "the registry stopped while publishing it: push the tag again"
 
     def __init__(self, service: RegistryService, store: OciStore) -> None:
         self.service = service
         self.store = store
         first = service.workers[service.repositories[0]].publisher
         self.preingest = Preingest(first, lambda: service.config.preingest)
+        self._lock = threading.Lock()
+        self._queued: dict[Future[None], tuple[str, str, str, str | None]] = {}
+        forgotten = store.fail_unfinished(self.INTERRUPTED)
+        if forgotten:
+            log.info("%d pushed tag(s) were not published before the last stop", forgotten)
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="registry-oci-publish")
         # The models layer's publishing code loads now, not in the first push's time.
         self._pool.submit(importlib.import_module, "cvmfs_ml.models.publish")
 
     def close(self) -> None:
         self.preingest.close()
-        self._pool.shutdown(wait=True)
+        with self._lock:
+            queued = list(self._queued.items())
+        cancelled = 0
+        for future, (repo, tag, digest, model) in queued:
+            if future.cancel():  # not started: false for the one under way, which finishes
+                self.store.set_publish(repo, tag, digest, "failed", reason=self.STOPPED,
+                                       model=model)  # fmt: skip
+                cancelled += 1
+        if cancelled:
+            log.info("stopping: %d queued publish(es) of pushed tags cancelled", cancelled)
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def _queue(self, repo: str, tag: str, digest: str, model: str | None,
+               task: Callable[..., None], *args: Any) -> None:  # fmt: skip
+        self.store.set_publish(repo, tag, digest, "queued", model=model)
+        try:
+            future = self._pool.submit(task, *args)
+        except RuntimeError:  # shut down: the registry is stopping
+            self.store.set_publish(repo, tag, digest, "failed", reason=self.STOPPED, model=model)
+            return
+        with self._lock:
+            self._queued[future] = (repo, tag, digest, model)
+            if future.done():  # finished before it was recorded: its callback found nothing
+                del self._queued[future]
+        future.add_done_callback(self._forget)
+
+    def _forget(self, future: Future[None]) -> None:
+        with self._lock:
+            self._queued.pop(future, None)
 
     def submit(self, repo: str, tag: str, digest: str, document: dict[str, Any], who: str,
                host: str = "") -> None:  # fmt: skip
-        kind = classify(document)
+        kind = "index" if "manifests" in document else classify(document)
         parts = repo.split("/")
         reason = None
-        if "manifests" in document:
+        if kind == "index":
             reason = "an index: push the model manifest itself"
         elif kind == "image" and not self.service.config.unpack_images:
             reason = "a container image, and unpack_images is off"
@@ -103,9 +148,8 @@ class ModelPublisher:
             reason = "model repositories are <namespace>/<name>"
         if reason is None and kind == "image":  # DUCC's layout, by sync's unpacker
             registry = image_registry_name(self.service.config.image_registry, host)
-            self.store.set_publish(repo, tag, digest, "queued")
-            self._pool.submit(publish_pushed_image, self.service, self.store, repo, tag, digest,
-                              registry)  # fmt: skip
+            self._queue(repo, tag, digest, None, publish_pushed_image, self.service, self.store,
+                        repo, tag, digest, registry)  # fmt: skip
             return
         if reason is None:
             try:
@@ -115,8 +159,7 @@ class ModelPublisher:
         if reason is not None:
             self.store.set_publish(repo, tag, digest, "skipped", reason=reason)
             return
-        self.store.set_publish(repo, tag, digest, "queued", model=str(ref))
-        self._pool.submit(self._publish, repo, tag, digest, ref, who)
+        self._queue(repo, tag, digest, str(ref), self._publish, repo, tag, digest, ref, who)
 
     def _publish(self, repo: str, tag: str, digest: str, ref: ModelRef, who: str) -> None:
         self.store.set_publish(repo, tag, digest, "publishing", model=str(ref))
@@ -341,6 +384,12 @@ def add_oci_routes(app: FastAPI, service: RegistryService, store: OciStore) -> M
             if not TAG_RE.fullmatch(reference):
                 raise OciError(400, "TAG_INVALID", f"invalid tag {reference!r}")
             tags.append(reference)
+        tags = list(dict.fromkeys(tags))  # each tag is one publish: once each
+        limit = service.config.max_tags_per_push
+        if len(tags) > limit:  # each is a model version queued on the one publishing thread
+            message = f"{len(tags)} tags in one push; at most {limit} (max_tags_per_push)"
+            detail = {"limit": limit, "key": "max_tags_per_push"}
+            raise OciError(400, "TAG_INVALID", message, detail)
         for tag in tags:
             if not TAG_RE.fullmatch(tag):
                 raise OciError(400, "TAG_INVALID", f"invalid tag {tag!r}")
@@ -357,8 +406,9 @@ def add_oci_routes(app: FastAPI, service: RegistryService, store: OciStore) -> M
         document = jsontext.loads(bytes(body))
         headers = {**_API_HEADER, "Location": f"/v2/{name}/manifests/{digest}",
                    "Docker-Content-Digest": digest}  # fmt: skip
-        if isinstance(document.get("subject"), dict):
-            headers["OCI-Subject"] = str(document["subject"].get("digest"))
+        subject = document.get("subject")  # the store checked it: a descriptor, or absent
+        if isinstance(subject, dict) and isinstance(subject.get("digest"), str):
+            headers["OCI-Subject"] = subject["digest"]
         for tag in tags:
             models.submit(name, tag, digest, document, who, request.headers.get("host", ""))
         return Response(status_code=201, headers=headers)

@@ -84,6 +84,55 @@ def check_digest(digest: str) -> str:
     return digest
 
 
+ANY_DIGEST_RE = re.compile(r"[a-z0-9]+(?:[+._-][a-z0-9]+)*:[a-zA-Z0-9=_-]{1,256}")
+"""A digest of any algorithm (image-spec ``descriptor.md``): what a ``subject`` may name."""
+
+
+def _invalid(message: str) -> OciError:
+    return OciError(400, "MANIFEST_INVALID", message)
+
+
+def _check_descriptor(value: Any, what: str) -> None:
+    """Refuse a descriptor whose fields are not of the spec's types (image-spec
+    ``descriptor.md``): these fields are stored, sent back in headers and read by the ingest."""
+    if not isinstance(value, dict):
+        raise _invalid(f"{what} is not an object")
+    for key in ("mediaType", "artifactType"):
+        if not isinstance(value.get(key, ""), str):
+            raise _invalid(f"{what}'s {key} is not a string")
+    digest = value.get("digest")
+    if not isinstance(digest, str) or not ANY_DIGEST_RE.fullmatch(digest):
+        raise _invalid(f"{what} has no digest (algorithm:hex)")
+    size = value.get("size")
+    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+        raise _invalid(f"{what} has no size (a non-negative integer)")
+    urls = value.get("urls", [])
+    if not isinstance(urls, list) or not all(isinstance(u, str) for u in urls):
+        raise _invalid(f"{what}'s urls are not a list of strings")
+    for key in ("annotations", "platform"):
+        if not isinstance(value.get(key, {}), dict):
+            raise _invalid(f"{what}'s {key} is not an object")
+
+
+def _check_document_fields(document: dict[str, Any]) -> None:
+    """The top-level fields a manifest or an index may carry, of the spec's types, before
+    anything reads them: ``mediaType``, ``artifactType``, ``subject``, ``config``, ``layers``
+    and ``manifests`` (their descriptors). An index's ``config`` is not the spec's, but it is
+    read like a manifest's: it must be a descriptor too."""
+    for key in ("mediaType", "artifactType"):
+        if not isinstance(document.get(key, ""), str):
+            raise _invalid(f"'{key}' is not a string")
+    for key in ("subject", "config"):
+        if key in document:
+            _check_descriptor(document[key], key)
+    for key in ("layers", "manifests"):
+        entries = document.get(key, [])
+        if not isinstance(entries, list):
+            raise _invalid(f"'{key}' is not a list")
+        for number, entry in enumerate(entries):
+            _check_descriptor(entry, f"{key}[{number}]")
+
+
 @dataclass(frozen=True)
 class StoredManifest:
     digest: str
@@ -122,6 +171,21 @@ class OciStore:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        """``BEGIN IMMEDIATE`` ... ``COMMIT`` under the lock. Whatever raises inside (or the
+        commit itself) rolls back: a connection left inside a transaction would refuse every
+        later one ("cannot start a transaction within a transaction") until a restart."""
+        with self._lock:
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+                yield self._db
+                self._db.execute("COMMIT")
+            except BaseException:
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                raise
 
     # -- blobs --------------------------------------------------------------------------------
     def blob_path(self, digest: str) -> Path:
@@ -282,8 +346,9 @@ class OciStore:
             raise OciError(400, "MANIFEST_INVALID", f"manifest is not JSON: {exc}") from exc
         if not isinstance(document, dict):
             raise OciError(400, "MANIFEST_INVALID", "manifest is not a JSON object")
+        _check_document_fields(document)
         declared = document.get("mediaType")
-        media_type = media_type or str(declared or "")
+        media_type = media_type or declared or ""
         if declared and declared != media_type:
             raise OciError(400, "MANIFEST_INVALID",
                            f"Content-Type {media_type} but mediaType {declared}")  # fmt: skip
@@ -317,22 +382,19 @@ class OciStore:
             target.parent.mkdir(parents=True, exist_ok=True)
             tmp.write_bytes(body)
             os.replace(tmp, target)
-        subject = document.get("subject") if isinstance(document.get("subject"), dict) else None
+        subject = document.get("subject") or {}  # checked above: a descriptor, or absent
         artifact_type = document.get("artifactType") or (document.get("config") or {}).get(
             "mediaType"
         )
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            self._db.execute(
+        with self._transaction() as db:
+            db.execute(
                 "INSERT OR REPLACE INTO manifests VALUES (?,?,?,?,?,?,?)",
-                (repo, digest, media_type, artifact_type,
-                 subject.get("digest") if subject else None,
+                (repo, digest, media_type, artifact_type, subject.get("digest"),
                  json.dumps(document.get("annotations") or {}), len(body)),
             )  # fmt: skip
             for tag in tags:
-                self._db.execute("INSERT OR REPLACE INTO tags VALUES (?,?,?)", (repo, tag, digest))
-            self._db.execute("INSERT OR IGNORE INTO blob_links VALUES (?,?)", (repo, digest))
-            self._db.execute("COMMIT")
+                db.execute("INSERT OR REPLACE INTO tags VALUES (?,?,?)", (repo, tag, digest))
+            db.execute("INSERT OR IGNORE INTO blob_links VALUES (?,?)", (repo, digest))
         return digest
 
     def resolve(self, repo: str, reference: str) -> StoredManifest:
@@ -355,16 +417,13 @@ class OciStore:
 
     def delete_manifest(self, repo: str, reference: str) -> None:
         found = self.resolve(repo, reference)
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
+        with self._transaction() as db:
             if DIGEST_RE.fullmatch(reference):
-                self._db.execute("DELETE FROM manifests WHERE repo=? AND digest=?",
-                                 (repo, found.digest))  # fmt: skip
-                self._db.execute("DELETE FROM tags WHERE repo=? AND digest=?",
-                                 (repo, found.digest))  # fmt: skip
+                db.execute("DELETE FROM manifests WHERE repo=? AND digest=?",
+                           (repo, found.digest))  # fmt: skip
+                db.execute("DELETE FROM tags WHERE repo=? AND digest=?", (repo, found.digest))
             else:
-                self._db.execute("DELETE FROM tags WHERE repo=? AND tag=?", (repo, reference))
-            self._db.execute("COMMIT")
+                db.execute("DELETE FROM tags WHERE repo=? AND tag=?", (repo, reference))
 
     def tags(self, repo: str) -> list[str]:
         with self._lock:
@@ -410,6 +469,17 @@ class OciStore:
             return None
         keys = ("digest", "state", "reason", "model", "revision")
         return {"repository": repo, "tag": tag, **dict(zip(keys, row, strict=True))}
+
+    def fail_unfinished(self, reason: str) -> int:
+        """Publishes still queued or publishing (a past run's: nothing resumes them) fail with
+        ``reason``, so that their state does not say "queued" forever; returns how many."""
+        with self._lock:
+            cursor = self._db.execute(
+                "UPDATE publishes SET state='failed', reason=?"
+                " WHERE state IN ('queued', 'publishing')",
+                (reason,),
+            )
+        return cursor.rowcount
 
 
 class LocalRegistryClient:
