@@ -256,13 +256,13 @@ def test_hdf5_asking_for_gigabytes_is_described_in_a_capped_child(tmp_path: Path
 
     from cvmfs_ml.models.formats.base import Source
     from cvmfs_ml.models.formats.hdf5 import describe_here
-    from cvmfs_ml.models.formats.isolated import describe_hdf5_in_child
+    from cvmfs_ml.models.formats.isolated import describe_in_child
 
     genuine = tmp_path / "ok.h5"
     data = bytearray(_keras_h5(genuine))
     # The same description from the child as from this process (the JSON round trip).
     here = describe_here(io.BytesIO(bytes(data)), Source(str(genuine)))
-    assert describe_hdf5_in_child(str(genuine)).to_json() == here.to_json()
+    assert describe_in_child(str(genuine), "hdf5").to_json() == here.to_json()
     assert describe(genuine).metadata["keras_version"] == "2.0"
 
     heap = data.find(b"GCOL")

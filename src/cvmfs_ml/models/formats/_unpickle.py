@@ -23,6 +23,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from cvmfs_ml.models.formats.base import numel
+
 __all__ = [
     "StorageRef",
     "Stub",
@@ -56,10 +58,9 @@ class TensorRef:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
+        """Elements (:func:`~cvmfs_ml.models.formats.base.numel`: a shape no real tensor has is
+        a :class:`~cvmfs_ml.models.formats.base.ModelFormatError`)."""
+        return numel(self.shape, "data.pkl")
 
 
 class Stub:

@@ -45,6 +45,8 @@ __all__ = [
     "add_dtype",
     "file_size",
     "jsonable",
+    "MAX_ELEMENTS",
+    "MAX_RANK",
     "numel",
     "suffix_of",
 ]
@@ -142,11 +144,32 @@ def jsonable(value: Any) -> Any:
     return str(value)
 
 
-def numel(shape: Iterable[int]) -> int:
-    """Number of elements of a tensor with this (fully known) shape."""
+MAX_RANK = 64
+"""More dimensions than any real tensor has (frameworks stop at 8 to 64)."""
+MAX_ELEMENTS = 1 << 64
+"""More elements than any real tensor has."""
+
+
+def numel(shape: Iterable[int], what: str = "a tensor") -> int:
+    """Number of elements of a tensor with this (fully known) shape.
+
+    :class:`ModelFormatError` for a shape no real tensor has: over :data:`MAX_RANK` dimensions,
+    a negative dimension, or over :data:`MAX_ELEMENTS` elements. Why: a header of a few MB
+    (200,000 dimensions of 2**62, or dimensions of 4000 digits) made the product's big
+    integers take time quadratic in its size, and publishing hung.
+    """
     n = 1
-    for d in shape:
-        n *= int(d)
+    for rank, d in enumerate(shape, 1):
+        d = int(d)
+        if rank > MAX_RANK or not 0 <= d <= MAX_ELEMENTS:
+            if rank > MAX_RANK:
+                problem = f"over {MAX_RANK} dimensions"
+            else:  # a bit count: str() of an int of over 4300 digits raises
+                problem = f"a dimension {d}" if d < 0 else f"a dimension of {d.bit_length()} bits"
+            raise ModelFormatError(what, f"a tensor shape with {problem}: not a real tensor")
+        n *= d
+        if n > MAX_ELEMENTS:
+            raise ModelFormatError(what, "a tensor of over 2**64 elements: not a real tensor")
     return n
 
 

@@ -197,7 +197,7 @@ def describe(f: ReadableFile, source: Source) -> ModelDescription:
     params = 0
     bytes_by_type: dict[str, int] = {}
     for name, shape, gtype, offset in infos:
-        count = numel(shape)
+        count = numel(shape, what)
         tname, block, size = GGML_TYPES.get(gtype, (f"type_{gtype}", 0, 0))
         params += count
         add_dtype(desc.dtypes, tname, count)

@@ -91,9 +91,9 @@ def describe(f: ReadableFile, source: Source) -> ModelDescription:
     file objects, remote openers) are described here.
     """
     if source.opener is open and os.path.isfile(source.path):
-        from cvmfs_ml.models.formats.isolated import describe_hdf5_in_child
+        from cvmfs_ml.models.formats.isolated import describe_in_child
 
-        return describe_hdf5_in_child(source.path)
+        return describe_in_child(source.path, "hdf5")
     return describe_here(f, source)
 
 

@@ -25,6 +25,7 @@ from cvmfs_ml.models.formats._protobuf import (
     iter_fields,
 )
 from cvmfs_ml.models.formats.base import (
+    MAX_RANK,
     BlockReader,
     ModelDescription,
     ModelFormatError,
@@ -36,7 +37,7 @@ from cvmfs_ml.models.formats.base import (
     numel,
 )
 
-__all__ = ["FORMAT", "describe", "detect", "dtype_name"]
+__all__ = ["FORMAT", "MAX_EXTERNAL_FILES", "describe", "detect", "dtype_name"]
 
 FORMAT = "onnx"
 
@@ -44,6 +45,9 @@ FORMAT = "onnx"
 _TENSOR_PAYLOAD = frozenset({4, 5, 6, 7, 9, 10, 11})
 # A node or attribute larger than this may embed a weight (Constant nodes) and is slimmed too.
 _BIG = 1 << 16
+MAX_EXTERNAL_FILES = 65536
+"""More external data files than a real model has (one per initializer at most; models save
+them in one file or a few hundred): each is listed in model.json and checked on disk."""
 _MAX_DEPTH = 8
 
 _DTYPE_NAMES = {
@@ -212,11 +216,13 @@ def _describe_model(model: Any, source: Source) -> ModelDescription:
     initializer_names |= {s.values.name for s in graph.sparse_initializer}
     desc.inputs = [_value_info(v) for v in graph.input if v.name not in initializer_names]
     desc.outputs = [_value_info(v) for v in graph.output]
+    if any(len(t.shape) > MAX_RANK for t in (*desc.inputs, *desc.outputs)):
+        raise ModelFormatError(source.path, f"an input or output of over {MAX_RANK} dimensions")
 
     params = 0
-    locations: list[str] = []
+    locations: dict[str, None] = {}  # in order of first use (a list's `in` made this quadratic)
     for t in graph.initializer:
-        count = numel(t.dims)
+        count = numel(t.dims, source.path)
         dtype = dtype_name(t.data_type)
         params += count
         add_dtype(desc.dtypes, dtype, count)
@@ -227,10 +233,13 @@ def _describe_model(model: Any, source: Source) -> ModelDescription:
                 raise ModelFormatError(
                     source.path, f"initializer {t.name!r} is external but has no location"
                 )
-            if location not in locations:
-                locations.append(location)
+            locations[location] = None
+            if len(locations) > MAX_EXTERNAL_FILES:
+                raise ModelFormatError(
+                    source.path, f"over {MAX_EXTERNAL_FILES} external data files: not a real model"
+                )
     for s in graph.sparse_initializer:
-        count = numel(s.dims)
+        count = numel(s.dims, source.path)
         dtype = dtype_name(s.values.data_type)
         params += count
         add_dtype(desc.dtypes, dtype, count)

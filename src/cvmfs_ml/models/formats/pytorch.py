@@ -15,6 +15,7 @@ recognised and flagged unsafe, but its contents are not parsed. Loading any of t
 
 from __future__ import annotations
 
+import os
 import pickle
 import re
 import zipfile
@@ -71,7 +72,22 @@ def detect(probe: Probe) -> str | None:
 
 
 def describe(f: ReadableFile, source: Source) -> ModelDescription:
-    """Describe a PyTorch checkpoint or TorchScript archive (``data.pkl`` read with stubs)."""
+    """Describe a PyTorch checkpoint or TorchScript archive (``data.pkl`` read with stubs).
+
+    A local file is described by a memory-capped child process
+    (:mod:`~cvmfs_ml.models.formats.isolated`): a few kB of hostile pickle can make the C
+    unpickler take gigabytes, or crash the process. Other files (open file objects, remote
+    openers) are described here.
+    """
+    if source.opener is open and os.path.isfile(source.path):
+        from cvmfs_ml.models.formats.isolated import describe_in_child
+
+        return describe_in_child(source.path, "pytorch")
+    return describe_here(f, source)
+
+
+def describe_here(f: ReadableFile, source: Source) -> ModelDescription:
+    """:func:`describe` in this process (the child of :mod:`.isolated` calls this)."""
     what = source.path
     f.seek(0)
     if f.read(len(LEGACY_MAGIC)) == LEGACY_MAGIC:

@@ -96,7 +96,7 @@ def _describe_header(header: dict[str, Any], data_size: int, what: str) -> Model
     params = 0
     for name, info in header.items():
         dtype, shape, begin, end = _tensor_entry(name, info, what)
-        count = numel(shape)
+        count = numel(shape, what)
         bits = count * DTYPE_BITS[dtype]
         if bits % 8 or end - begin != bits // 8:
             raise ModelFormatError(

@@ -187,7 +187,7 @@ def describe(f: ReadableFile, source: Source) -> ModelDescription:
                 continue
             if _buffer_has_data(fb, buffers[buffer_index]) and None not in info.shape:
                 counted.add(buffer_index)
-                count = numel(d for d in info.shape if isinstance(d, int))
+                count = numel((d for d in info.shape if isinstance(d, int)), what)
                 params += count
                 add_dtype(desc.dtypes, info.dtype, count)
                 desc.weights.append(info)

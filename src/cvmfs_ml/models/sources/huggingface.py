@@ -90,8 +90,10 @@ def _refs(repo_folder: Path) -> dict[str, str]:
     out = {}
     if base.is_dir():
         for path in sorted(base.rglob("*")):
-            if path.is_file():
-                out[path.relative_to(base).as_posix()] = path.read_text().strip()
+            if path.is_file():  # a commit hash: the first bytes are plenty
+                with open(path, "rb") as handle:
+                    ref = handle.read(256).decode("utf-8", errors="replace").strip()
+                out[path.relative_to(base).as_posix()] = ref
     return out
 
 

@@ -178,13 +178,39 @@ def hash_tree(
 
 
 # -- what the folder says about itself -------------------------------------------------------
+# Bounds on what a folder says about itself, which ends up in model.json and in the index every
+# later listing reads: a 300 MB README took 5 GB to split into lines, and a licence string of
+# 50 MB made /.cvmfs-ml/index.json 150 MB.
+MAX_CARD_BYTES = 256 << 10
+"""How much of README.md is read for its front matter (which comes first)."""
+MAX_CONFIG_BYTES = 4 << 20
+"""A config.json larger than this is not read for a licence."""
+MAX_VALUE_CHARS = 256
+"""A model card value or licence longer than this is cut (with an ellipsis)."""
+MAX_LIST_ITEMS = 64
+"""A model card list (tags, base_model...) keeps this many items."""
+
+
+def _head(path: Path, limit: int) -> str | None:
+    """The first ``limit`` bytes of ``path`` as text (None if it does not open)."""
+    try:
+        with open(path, "rb") as handle:
+            return handle.read(limit).decode("utf-8", errors="replace")
+    except OSError:
+        return None
+
+
+def _cut(text: str) -> str:
+    return text if len(text) <= MAX_VALUE_CHARS else text[: MAX_VALUE_CHARS - 1] + "…"
+
+
 def read_model_card(folder: Path) -> dict[str, Any]:
     """Top-level keys of the YAML front matter of ``folder/README.md`` (a Hugging Face model
-    card): scalars and ``- item`` lists only, which is all we read (license, tags...)."""
-    readme = Path(folder) / "README.md"
-    try:
-        text = readme.read_text(encoding="utf-8", errors="replace")
-    except OSError:
+    card): scalars and ``- item`` lists only, which is all we read (license, tags...), within
+    :data:`MAX_CARD_BYTES`, values cut at :data:`MAX_VALUE_CHARS`, lists at
+    :data:`MAX_LIST_ITEMS`."""
+    text = _head(Path(folder) / "README.md", MAX_CARD_BYTES)
+    if text is None:
         return {}
     lines = text.splitlines()
     if not lines or lines[0].strip() != "---":
@@ -198,8 +224,9 @@ def read_model_card(folder: Path) -> dict[str, Any]:
             continue
         if line.startswith((" ", "\t", "-")):
             item = line.strip()
-            if key is not None and item.startswith("- ") and isinstance(out.get(key), list):
-                out[key].append(_scalar(item[2:]))
+            listed = out.get(key) if key is not None else None
+            if item.startswith("- ") and isinstance(listed, list) and len(listed) < MAX_LIST_ITEMS:
+                listed.append(_scalar(item[2:]))
             continue
         name, sep, value = line.partition(":")
         if not sep:
@@ -213,8 +240,8 @@ def read_model_card(folder: Path) -> dict[str, Any]:
 def _scalar(text: str) -> str:
     text = text.strip()
     if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
-        return text[1:-1]
-    return text
+        text = text[1:-1]
+    return _cut(text)
 
 
 def detect_license(folder: Path) -> str | None:
@@ -223,17 +250,20 @@ def detect_license(folder: Path) -> str | None:
     card = read_model_card(folder)
     value = card.get("license")
     if isinstance(value, list):
-        value = ", ".join(str(v) for v in value) or None
+        value = _cut(", ".join(str(v) for v in value)) or None
     if value == "other" and isinstance(card.get("license_name"), str):
         value = card["license_name"]
     if isinstance(value, str) and value:
         return value
+    path = Path(folder) / "config.json"
     try:
-        config = jsontext.loads((Path(folder) / "config.json").read_text())
+        if path.stat().st_size > MAX_CONFIG_BYTES:
+            return None
+        config = jsontext.loads(path.read_bytes())
     except (OSError, ValueError):
         return None
     found = config.get("license") if isinstance(config, dict) else None
-    return found if isinstance(found, str) and found else None
+    return _cut(found) if isinstance(found, str) and found else None
 
 
 def describe_local(src: Path) -> dict[str, Any]:

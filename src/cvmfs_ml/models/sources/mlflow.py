@@ -134,6 +134,10 @@ def read_mlmodel(folder: Path) -> dict[str, Any]:
         data = yaml.safe_load(text)
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise FormatError(str(path), f"not YAML: {exc}") from exc
+    except ValueError as exc:  # a value PyYAML cannot build: a 5000-digit int, a 13th month
+        # (Python's own words for the first suggest raising an interpreter limit: not for us)
+        reason = "a number of over 4300 digits" if "digits" in str(exc) else str(exc)
+        raise FormatError(str(path), f"holds a value YAML cannot build: {reason}") from None
     except RecursionError:
         raise FormatError(str(path), "YAML nested too deeply") from None
     if not isinstance(data, dict):
