@@ -16,9 +16,21 @@ import typer
 
 from cvmfs_ml.client.entries import device_number
 from cvmfs_ml.errors import CvmfsMlError, is_disk_full
+from cvmfs_ml.models.sources.limits import UNPACK_FLOOR, UNPACK_RATIO
 from cvmfs_ml.publish.archive import STREAM_ERRORS
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+
+MAX_BYTES_HELP = (
+    "refuse an image or model version whose manifest declares more bytes of layers than this"
+    " (compressed, checked before any download)"
+)
+MAX_UNPACKED_HELP = (
+    "refuse an image or model version whose layers unpack to more bytes than this (default:"
+    f" {UNPACK_RATIO} times the bytes its manifest declares, at least {UNPACK_FLOOR >> 30} GiB,"
+    " so a small gzip layer of zeros cannot fill the disk)"
+)
 
 
 def _fail(message: str, code: int = 1) -> typer.Exit:

@@ -20,7 +20,8 @@ from typing import Annotated, Any
 
 import typer
 
-from cvmfs_ml.cli.common import JsonOption, _fail, friendly
+from cvmfs_ml.cli.common import MAX_BYTES_HELP, MAX_UNPACKED_HELP, JsonOption, _fail, friendly
+from cvmfs_ml.models.sources.limits import MAX_BYTES
 
 __all__ = ["model_ingest", "source_kind"]
 
@@ -98,6 +99,12 @@ def model_ingest(
     force: Annotated[
         bool, typer.Option("--force", help="publish even if the same source is recorded")
     ] = False,
+    max_bytes: Annotated[
+        int, typer.Option("--max-bytes", min=1, help="OCI: " + MAX_BYTES_HELP)
+    ] = MAX_BYTES,
+    max_unpacked_bytes: Annotated[
+        int | None, typer.Option("--max-unpacked-bytes", min=1, help="OCI: " + MAX_UNPACKED_HELP)
+    ] = None,
     as_json: JsonOption = False,
 ) -> None:
     """Publish a model from an OCI registry or MLflow (same source again: nothing to do)."""
@@ -128,7 +135,8 @@ def model_ingest(
 
             result = ingest_oci(
                 publisher, uri, ref, plain_http=plain_http, username=username, password=password,
-                platform=platform, subpath=subpath, blob_dir=blob_cache, **common,
+                platform=platform, subpath=subpath, blob_dir=blob_cache, max_bytes=max_bytes,
+                max_unpacked=max_unpacked_bytes, **common,
             )  # fmt: skip
         else:
             from cvmfs_ml.models.sources.mlflow import ingest_mlflow

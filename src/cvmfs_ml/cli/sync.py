@@ -10,7 +10,8 @@ from typing import Annotated, Any
 
 import typer
 
-from cvmfs_ml.cli.common import friendly
+from cvmfs_ml.cli.common import MAX_BYTES_HELP, MAX_UNPACKED_HELP, friendly
+from cvmfs_ml.models.sources.limits import MAX_BYTES
 
 
 class _Progress:
@@ -95,6 +96,12 @@ def sync_command(
     rounds: Annotated[
         int | None, typer.Option("--rounds", min=1, help="with --loop: stop after N rounds")
     ] = None,
+    max_bytes: Annotated[
+        int, typer.Option("--max-bytes", min=1, help=MAX_BYTES_HELP)
+    ] = MAX_BYTES,
+    max_unpacked_bytes: Annotated[
+        int | None, typer.Option("--max-unpacked-bytes", min=1, help=MAX_UNPACKED_HELP)
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="one JSON report per round")] = False,
 ) -> None:
     """Sync images (unpacked, DUCC layout) and model artifacts (versions) into REPO."""
@@ -119,6 +126,8 @@ def sync_command(
         platform=platform,
         auth=AuthFile.load(auth_file),
         layers=layers,
+        max_bytes=max_bytes,
+        max_unpacked_bytes=max_unpacked_bytes,
     )
     progress = _Progress(sys.stderr.isatty() and not as_json)
     log = EventLog(events, echo=progress)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import logging
 import os
 import sqlite3
 import tempfile
@@ -35,6 +36,7 @@ from typing import Any
 from cvmfs_ml.errors import CvmfsMlError, PublishError, is_disk_full
 from cvmfs_ml.models.layout import ModelRef, utc_timestamp
 from cvmfs_ml.models.publish import ModelBatch, PreparedVersion, open_published, prepare_version
+from cvmfs_ml.models.sources.limits import MAX_BYTES, check_declared
 from cvmfs_ml.models.sources.oci import known_file_digests, resolve
 from cvmfs_ml.models.sources.oci_client import RegistryClient
 from cvmfs_ml.models.tree import read_record
@@ -60,6 +62,8 @@ from cvmfs_ml.sync.wishlist import ImageSpec, Wishlist
 
 __all__ = ["RoundReport", "SyncOptions", "run_round", "sync_lock"]
 
+_logger = logging.getLogger(__name__)
+
 
 @dataclass
 class SyncOptions:
@@ -70,7 +74,8 @@ class SyncOptions:
     auth: AuthFile = field(default_factory=AuthFile)
     only_repositories: frozenset[str] | None = None  # a webhook names what changed
     scratch: Path | None = None
-    max_bytes: int = 256 * 2**30  # per image or model version, as the manifest declares it
+    max_bytes: int = MAX_BYTES  # per image or model version, as the manifest declares it
+    max_unpacked_bytes: int | None = None  # what one unpacks to; None: models/sources/limits.py
     layers: bool = False  # also DUCC's /.layers/ and podman's store (sync/layers.py)
 
 
@@ -199,8 +204,13 @@ class _Round:
         return self.clients[key]
 
     def fail(self, action: str, what: str, exc: BaseException, **fields: Any) -> None:
+        """One error event for ``what``; the round goes on with the others."""
         self.errors += 1
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if not isinstance(exc, (CvmfsMlError, OSError, ValueError)):
+            # A bug, or an input no check knows yet: still only this entry's failure.
+            _logger.debug("%s %s failed", action, what, exc_info=exc)
+            message = f"internal error (please report): {type(exc).__name__}: {message}"
         self.log(action, image=what, status="error", error=message, **fields)
 
     def wanted(self, registry: str, repository: str) -> bool:
@@ -209,12 +219,7 @@ class _Round:
 
     def check_size(self, resolved: Any) -> None:
         """Refuse, before any download, what declares more than ``max_bytes`` of layers."""
-        declared = sum(int(layer.get("size") or 0) for layer in resolved.layers)
-        if declared > self.options.max_bytes:
-            raise PublishError(
-                f"{resolved.reference} declares {declared} bytes of layers, more than the limit"
-                f" of {self.options.max_bytes} (SyncOptions.max_bytes)"
-            )
+        check_declared(resolved, self.options.max_bytes)
 
     def tags(self, spec: ImageSpec) -> list[str | None]:
         """The tags an entry names (a wildcard is listed); ``[None]`` for a pinned digest."""
@@ -242,7 +247,7 @@ class _Round:
                 continue
             try:
                 tags = self.tags(spec)
-            except CvmfsMlError as exc:
+            except Exception as exc:  # one entry's failure, whatever it is
                 self.fail("expand_wildcard", spec.text, exc)
                 keep |= owned  # an unreachable registry removes nothing
                 continue
@@ -254,7 +259,7 @@ class _Round:
                     self.plan_image(
                         repo, scratch, spec, reference, existing, flats_now, planned_flats
                     )
-                except (CvmfsMlError, OSError) as exc:
+                except Exception as exc:  # this image fails, not the round
                     self.fail("convert_image", str(reference), exc, public_path=public)
         return keep
 
@@ -290,15 +295,17 @@ class _Round:
             self.check_size(resolved)
             folder = scratch / "images" / target.rsplit("/", 1)[1]
             flat = unpack_flat(
-                client, resolved, folder, scratch / "blobs", stream=self.layers is None
-            )
+                client, resolved, folder, scratch / "blobs", stream=self.layers is None,
+                max_unpacked=self.options.max_unpacked_bytes,
+            )  # fmt: skip
             size = flat.size_bytes
             action = "publish_flat_image"
         if self.layers is not None:  # after the flat, whose blobs it reuses
             self.check_size(resolved)
             skipped = self.layers.plan(
-                repo, client, resolved, manifest, public[1:], scratch / "layers", scratch / "blobs"
-            )
+                repo, client, resolved, manifest, public[1:], scratch / "layers", scratch / "blobs",
+                self.options.max_unpacked_bytes,
+            )  # fmt: skip
             for digest in skipped:
                 self.log("skip_layer", image=str(reference), layer_digest=digest)
         record = ImageRecord(
@@ -407,7 +414,7 @@ class _Round:
                     plan_mlflow(self, repo, scratch / f"model-{position}", spec)
                 else:
                     plan_folder(self, spec)
-            except (CvmfsMlError, OSError, ValueError) as exc:
+            except Exception as exc:  # this model fails, not the round
                 self.fail("sync_model", spec.source, exc, model=spec.ref.key)
 
     def published_source(self, repo: Any, ref: ModelRef) -> dict[str, Any] | None:

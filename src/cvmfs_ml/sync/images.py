@@ -21,6 +21,7 @@ import io
 import json
 import os
 import posixpath
+import shutil
 import stat
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -30,6 +31,7 @@ from typing import Any, BinaryIO
 
 from cvmfs_ml.cvmfs import jsontext
 from cvmfs_ml.errors import FormatError
+from cvmfs_ml.models.sources.limits import UnpackBudget
 from cvmfs_ml.models.sources.oci import (
     ResolvedManifest,
     distributable_layers,
@@ -161,6 +163,7 @@ def unpack_flat(
     *,
     workers: int = 4,
     stream: bool = True,
+    max_unpacked: int | None = None,
 ) -> FlatImage:
     """Download the layers of ``resolved`` and apply them in order into the new folder ``dest``.
 
@@ -168,12 +171,32 @@ def unpack_flat(
     streams in, while the others download in parallel into ``blob_dir`` (shared by the images of
     a round, so a base layer is fetched once) and are applied as soon as their turn comes.
     Raises on a layer whose bytes do not match its digest, a layer that is not a tar, or a
-    hostile member (``..``, absolute names, writing through links, devices); the caller drops
-    ``dest`` and nothing of the image is published.
+    hostile member (``..``, absolute names, writing through links, devices, sparse files), or
+    layers unpacking to more than ``max_unpacked`` bytes (default:
+    :meth:`~cvmfs_ml.models.sources.limits.UnpackBudget.for_layers`); ``dest`` is removed
+    then, and nothing of the image is published.
     """
-    config = check_digest(str(resolved.config.get("digest", "")))
     layers = distributable_layers(resolved)  # foreign layers live elsewhere: skipped as DUCC does
-    writer = TreeWriter(dest, rootfs=True)
+    budget = UnpackBudget.for_layers(resolved.layers, max_unpacked)
+    try:
+        return _unpack_layers(client, resolved, layers, dest, blob_dir, workers, stream, budget)
+    except BaseException:
+        shutil.rmtree(dest, ignore_errors=True)  # a refused image leaves no scratch behind
+        raise
+
+
+def _unpack_layers(
+    client: RegistryClient,
+    resolved: ResolvedManifest,
+    layers: list[dict[str, Any]],
+    dest: Path,
+    blob_dir: Path,
+    workers: int,
+    stream: bool,
+    budget: UnpackBudget,
+) -> FlatImage:
+    config = check_digest(str(resolved.config.get("digest", "")))
+    writer = TreeWriter(dest, rootfs=True, budget=budget)
     size = 0
     stream_first = (
         stream

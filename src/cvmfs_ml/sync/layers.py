@@ -33,6 +33,7 @@ from typing import Any
 from cvmfs_ml.cvmfs import jsontext
 from cvmfs_ml.errors import FormatError
 from cvmfs_ml.models.layout import utc_timestamp
+from cvmfs_ml.models.sources.limits import MAX_CONFIG_BYTES, UnpackBudget
 from cvmfs_ml.models.sources.oci import ResolvedManifest, distributable_layers, fetch_layer
 from cvmfs_ml.models.sources.oci_client import check_digest
 from cvmfs_ml.models.sources.unpack import TreeWriter, make_readable, open_decompressed
@@ -132,9 +133,11 @@ class UnpackedLayer:
         )
 
 
-def unpack_layer(blob: Path, digest: str, dest: Path) -> UnpackedLayer:
+def unpack_layer(
+    blob: Path, digest: str, dest: Path, budget: UnpackBudget | None = None
+) -> UnpackedLayer:
     """Unpack the layer file ``blob`` on its own into ``dest`` (whiteout files kept)."""
-    writer = TreeWriter(dest, rootfs=True, whiteouts=False)
+    writer = TreeWriter(dest, rootfs=True, whiteouts=False, budget=budget)
     with open_decompressed(blob) as stream:
         hashing = _Hashing(stream)
         writer.apply_tar(io.BufferedReader(hashing, 1 << 20), what=f"layer {digest}")
@@ -144,6 +147,21 @@ def unpack_layer(blob: Path, digest: str, dest: Path) -> UnpackedLayer:
     return UnpackedLayer(
         digest, diff_id, hashing.size, blob.stat().st_size, dest, modes, dict(writer.owners)
     )
+
+
+def _image_config(client: Any, resolved: ResolvedManifest, blob_dir: Path) -> bytes:
+    """The image's config blob, at most :data:`MAX_CONFIG_BYTES` (checked on the declared size
+    before it is fetched, and on what is read)."""
+    size = resolved.config.get("size")
+    what = f"config {resolved.config.get('digest')}"
+    if not isinstance(size, int) or size > MAX_CONFIG_BYTES:
+        raise FormatError(what, f"declares {size} bytes, more than the limit of {MAX_CONFIG_BYTES}")
+    path = fetch_layer(client, resolved, resolved.config, blob_dir)
+    with open(path, "rb") as handle:
+        data = handle.read(MAX_CONFIG_BYTES + 1)
+    if len(data) > MAX_CONFIG_BYTES:
+        raise FormatError(what, f"more than the limit of {MAX_CONFIG_BYTES} bytes")
+    return data
 
 
 def _json(data: Any) -> bytes:
@@ -226,9 +244,16 @@ class LayerSet:
         name: str,
         scratch: Path,
         blob_dir: Path,
+        max_unpacked: int | None = None,
     ) -> list[str]:
-        """Unpack the layers of ``resolved`` not yet published; returns the digests skipped."""
+        """Unpack the layers of ``resolved`` not yet published; returns the digests skipped.
+
+        What they unpack to is held to ``max_unpacked`` bytes, as the flat image is (default:
+        :meth:`~cvmfs_ml.models.sources.limits.UnpackBudget.for_layers`).
+        """
         config_digest = check_digest(str(resolved.config.get("digest", "")))
+        config = _image_config(client, resolved, blob_dir)  # refused before any layer work
+        budget = UnpackBudget.for_layers(resolved.layers, max_unpacked)
         skipped: list[str] = []
         diff_ids: list[str] = []
         sizes: list[int] = []
@@ -246,11 +271,10 @@ class LayerSet:
                 continue
             if done is None:
                 blob = fetch_layer(client, resolved, layer, blob_dir)
-                done = unpack_layer(blob, digest, scratch / digest.replace(":", "-"))
+                done = unpack_layer(blob, digest, scratch / digest.replace(":", "-"), budget)
                 new[digest] = done
             diff_ids.append(done.diff_id)
             sizes.append(done.size)
-        config = fetch_layer(client, resolved, resolved.config, blob_dir).read_bytes()
         self.images.append(
             _PodmanImage(
                 config_digest,

@@ -15,7 +15,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from cvmfs_ml.errors import CvmfsMlError, NotFoundError, PublishError
+from cvmfs_ml.errors import NotFoundError, PublishError
 from cvmfs_ml.models.layout import ALIAS_LATEST, ModelRef
 from cvmfs_ml.models.sources.blob_ingest import BlobIngest
 from cvmfs_ml.models.sources.oci import pull, resolve
@@ -48,7 +48,7 @@ def plan_oci(work: Any, repo: Any, scratch: Path, spec: ModelSpec) -> None:
             by_digest.setdefault(resolved.digest, version)
             if _plan_oci_version(work, repo, scratch / f"v{index}", spec, ref, resolved):
                 new_versions.append(version)
-        except (CvmfsMlError, OSError, ValueError) as exc:  # the other tags still sync
+        except Exception as exc:  # the other tags still sync
             work.fail("sync_model", str(reference), exc, model=f"{spec.ref.key}:{version}")
     for alias in alias_tags:
         try:
@@ -96,6 +96,7 @@ def _plan_oci_version(
         keep_blobs=False,
         subpath=spec.subpath,
         ingest=ingest,
+        max_unpacked=work.options.max_unpacked_bytes,
     )
     ingest.remember(pulled.folder, pulled.source)
     work.add_version(ref, folder, pulled, str(resolved.reference), [])

@@ -34,7 +34,6 @@ zstd tars, one file per blob). This module keeps DUCC's pattern and widens what 
 from __future__ import annotations
 
 import datetime as dt
-import json
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -52,6 +51,7 @@ from cvmfs_ml.models.sources.base import (
     same_source,
 )
 from cvmfs_ml.models.sources.blob_ingest import BlobIngest
+from cvmfs_ml.models.sources.limits import MAX_BYTES, MAX_CONFIG_BYTES, UnpackBudget, check_declared
 from cvmfs_ml.models.sources.oci_client import OciReference, RegistryClient, check_digest
 from cvmfs_ml.models.sources.oci_manifest import (
     ANNOTATION_FILE_METADATA,
@@ -98,7 +98,6 @@ __all__ = [
     "resolve",
 ]
 
-MAX_CONFIG_BYTES = 4 * 2**20
 _TAR_SUFFIXES = (".tar", ".tar+gzip", ".tar+zstd", ".tar.gzip", ".tar.gz")
 # Image config keys worth keeping in model.json (the rest is build history).
 _IMAGE_CONFIG_KEYS = ("architecture", "os", "variant", "created", "author")
@@ -342,7 +341,7 @@ def _read_config(client: RegistryClient, resolved: ResolvedManifest, blob_dir: P
     path = _fetch(client, resolved, descriptor, blob_dir)
     try:
         return jsontext.loads(path.read_bytes())
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except ValueError:
         return None  # configs of ORAS artifacts may be anything; only JSON is kept
 
 
@@ -390,6 +389,7 @@ def pull(
     subpath: str = "",
     workers: int = 4,
     ingest: BlobIngest | None = None,
+    max_unpacked: int | None = None,
 ) -> PulledModel:
     """Download and lay out ``resolved`` into the new folder ``dest``.
 
@@ -401,7 +401,8 @@ def pull(
     downloaded by ``workers`` threads before any is laid out. With ``ingest``, a large blob
     of an artifact is also stored as a publisher's objects while it downloads; call
     ``ingest.remember(folder, source)`` once the result is final (see
-    :mod:`~cvmfs_ml.models.sources.blob_ingest`).
+    :mod:`~cvmfs_ml.models.sources.blob_ingest`). What the layers unpack to is held to
+    ``max_unpacked`` bytes (default: :class:`~cvmfs_ml.models.sources.limits.UnpackBudget`'s).
     """
     dest = Path(dest)
     subpath = safe_relative(subpath.lstrip("/"), "subpath")
@@ -409,7 +410,8 @@ def pull(
         raise FormatError(str(dest), "destination folder is not empty")
     kind = resolved.kind
     config = _read_config(client, resolved, blob_dir)
-    writer = TreeWriter(dest, rootfs=kind == "image")
+    budget = UnpackBudget.for_layers(resolved.layers, max_unpacked)
+    writer = TreeWriter(dest, rootfs=kind == "image", budget=budget)
     layers_out: list[dict[str, Any]] = []
     skipped: list[str] = []
     seen: set[str] = set()
@@ -513,6 +515,8 @@ def ingest_oci(
     force: bool = False,
     client: RegistryClient | None = None,
     before_publish: Callable[[Path, dict[str, Any]], object] | None = None,
+    max_bytes: int = MAX_BYTES,
+    max_unpacked: int | None = None,
 ) -> IngestResult:
     """Publish the OCI artifact or image ``reference`` as model version ``ref``.
 
@@ -523,6 +527,8 @@ def ingest_oci(
     blobs between runs (digest-addressed); by default they live in a scratch folder.
     ``before_publish(folder, source)`` runs once the artifact is laid out in ``folder`` (the
     registry tells the publisher's file cache what the blobs it already stored became).
+    A manifest declaring more than ``max_bytes`` of layers is refused before any download;
+    ``max_unpacked`` bounds what the layers unpack to (:mod:`cvmfs_ml.models.sources.limits`).
     """
     from cvmfs_ml.models.publish import publish_model
 
@@ -544,6 +550,7 @@ def ingest_oci(
         ):
             assert existing is not None
             return IngestResult(ref, existing, existing.source, skipped=True, seconds=seconds)
+        check_declared(resolved, max_bytes)
         with tempfile.TemporaryDirectory(prefix="cvmfs-ml-oci.") as scratch:
             folder = Path(scratch) / "model"
             start = time.perf_counter()
@@ -558,6 +565,7 @@ def ingest_oci(
                 keep_blobs=blob_dir is not None,
                 subpath=subpath,
                 ingest=ingest,
+                max_unpacked=max_unpacked,
             )
             if ingest is not None:
                 ingest.remember(pulled.folder, pulled.source)

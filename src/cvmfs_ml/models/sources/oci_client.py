@@ -17,7 +17,6 @@ import contextlib
 import hashlib
 import http.client
 import io
-import json
 import os
 import re
 from collections.abc import Iterator
@@ -152,7 +151,7 @@ class Fetched:
     def json(self) -> dict[str, Any]:
         try:
             value = jsontext.loads(self.data)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        except ValueError as exc:  # jsontext: every failure is a JSONDecodeError
             raise FormatError(f"manifest {self.digest}", f"not JSON: {exc}") from exc
         if not isinstance(value, dict):
             raise FormatError(f"manifest {self.digest}", "not a JSON object")

@@ -16,7 +16,9 @@ In both modes nothing is ever written *through* a symlink: a member whose parent
 symlink on disk is refused, and files are created with ``O_NOFOLLOW`` after removing whatever was
 there, so a hostile layer cannot write outside ``dest``. Directory modes and mtimes are applied by
 :meth:`TreeWriter.finish`, after every layer, so a read-only directory in a lower layer cannot
-block a later one.
+block a later one. Sparse members are refused (:mod:`tarfile` would write a hole of a TiB as
+zeros, and CernVM-FS cannot store holes), and with a :class:`UnpackBudget` the bytes written are
+counted as they are written and held to its limit.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from typing import Any, BinaryIO
 
 from cvmfs_ml.errors import FormatError, UnsafeInputError
 from cvmfs_ml.models.sources.decompress import decompressed, open_decompressed, sniff_compression
+from cvmfs_ml.models.sources.limits import UnpackBudget
 
 __all__ = [
     "LayerStats",
@@ -89,8 +92,17 @@ class TreeWriter:
     otherwise artifact semantics (escaping symlinks refused, ``.wh.`` names are ordinary files).
     """
 
-    def __init__(self, dest: Path, *, rootfs: bool = False, whiteouts: bool = True) -> None:
+    def __init__(
+        self,
+        dest: Path,
+        *,
+        rootfs: bool = False,
+        whiteouts: bool = True,
+        budget: UnpackBudget | None = None,
+    ) -> None:
         self.dest = Path(dest)
+        self.budget = budget  # shared by the writers of one image (sync/layers.py has several)
+        self._what = "layer"  # the layer being applied, for errors
         self.dest.mkdir(parents=True, exist_ok=True)
         self.rootfs = rootfs
         # False: one layer on its own (DUCC's .layers/), its whiteout files kept as they are.
@@ -184,6 +196,8 @@ class TreeWriter:
                 block = source.read(_COPY_BUFFER)
                 if not block:
                     break
+                if self.budget is not None:
+                    self.budget.spend(len(block), self._what, member)
                 out.write(block)
                 written += len(block)
             os.fchmod(out.fileno(), self._file_mode(mode))
@@ -217,7 +231,10 @@ class TreeWriter:
         if mtime is not None:
             os.utime(target, (mtime, mtime))
         self._layer_written.add(relative)
-        return os.path.getsize(target)
+        size = os.path.getsize(target)
+        if self.budget is not None:
+            self.budget.spend(size, self._what, member)
+        return size
 
     def _file_mode(self, mode: int) -> int:
         # Set-id bits only make sense inside a container image's own tree.
@@ -302,6 +319,7 @@ class TreeWriter:
         """Apply one (decompressed) tar stream on top of what is already in ``dest``."""
         stats = LayerStats()
         self._layer_written = set()
+        self._what = what
         try:
             archive = tarfile.open(fileobj=stream, mode="r|")  # noqa: SIM115 - closed below
         except tarfile.TarError as exc:
@@ -319,6 +337,12 @@ class TreeWriter:
         self, archive: tarfile.TarFile, member: tarfile.TarInfo, stats: LayerStats
     ) -> None:
         name = member.name
+        if member.issparse():  # tarfile would write the holes as zeros: 1 KiB may claim a TiB
+            raise FormatError(
+                self._what,
+                f"{name!r} is a sparse file (declaring {member.size} bytes);"
+                " CernVM-FS cannot store holes",
+            )
         relative = safe_relative(name, name)
         basename = relative.rpartition("/")[2]
         if self.rootfs and self.whiteouts and basename.startswith(WHITEOUT_PREFIX):

@@ -1,0 +1,86 @@
+"""How much one OCI image or artifact may take: what its manifest declares, what its layers
+unpack to, and its config blob.
+
+A registry is not trusted. The compressed size its manifest declares for the layers is checked
+before anything is downloaded (:func:`check_declared`), and each blob is then held to its declared
+size as it streams in. That alone does not bound the disk: a 4 MiB gzip layer of zeros unpacks to
+4 GiB. So what the layers of one image or model version write is counted as it is written
+(:class:`UnpackBudget`, spent by :class:`~cvmfs_ml.models.sources.unpack.TreeWriter`) and held to
+a limit: by default :data:`UNPACK_RATIO` times the declared size, at least :data:`UNPACK_FLOOR`
+(real layers compress 2 to 10 times), or the absolute limit an operator sets
+(``--max-unpacked-bytes`` of ``cvmfs-ml sync`` and ``cvmfs-ml model ingest``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from cvmfs_ml.errors import FormatError, PublishError
+
+__all__ = [
+    "MAX_BYTES",
+    "MAX_CONFIG_BYTES",
+    "UNPACK_FLOOR",
+    "UNPACK_RATIO",
+    "UnpackBudget",
+    "check_declared",
+    "declared_bytes",
+]
+
+MAX_BYTES = 256 * 2**30  # declared (compressed) bytes of the layers of one image or version
+MAX_CONFIG_BYTES = 4 * 2**20  # an image config is a few kB of JSON
+UNPACK_RATIO = 20
+UNPACK_FLOOR = 2**30
+
+
+def declared_bytes(layers: Iterable[Any]) -> int:
+    """The sizes the layer descriptors declare, summed (checked to be integers by
+    :func:`~cvmfs_ml.models.sources.oci_manifest.check_manifest`)."""
+    return sum(int(layer.get("size") or 0) for layer in layers if isinstance(layer, dict))
+
+
+def check_declared(resolved: Any, max_bytes: int) -> int:
+    """Refuse, before any download, a manifest declaring more than ``max_bytes`` of layers;
+    returns the declared bytes."""
+    declared = declared_bytes(resolved.layers)
+    if declared > max_bytes:
+        raise PublishError(
+            f"{resolved.reference} declares {declared} bytes of layers, more than the limit"
+            f" of {max_bytes} (--max-bytes)"
+        )
+    return declared
+
+
+@dataclass
+class UnpackBudget:
+    """The bytes of file content the layers of one image or artifact may still write."""
+
+    limit: int
+    rule: str  # where the limit comes from, for the error
+    used: int = 0
+
+    @classmethod
+    def for_layers(cls, layers: Iterable[Any], max_unpacked: int | None = None) -> UnpackBudget:
+        """``max_unpacked`` if set, else :data:`UNPACK_RATIO` times what ``layers`` declare,
+        at least :data:`UNPACK_FLOOR`."""
+        if max_unpacked is not None:
+            return cls(max_unpacked, "set by --max-unpacked-bytes")
+        declared = declared_bytes(layers)
+        return cls(
+            max(UNPACK_FLOOR, UNPACK_RATIO * declared),
+            f"{UNPACK_RATIO} times the {declared} bytes the manifest declares, at least"
+            f" {UNPACK_FLOOR}; --max-unpacked-bytes sets another",
+        )
+
+    def spend(self, size: int, what: str, member: str) -> None:
+        """Count ``size`` more bytes written for ``member`` of layer ``what``; FormatError
+        once the total passes the limit (the caller throws the whole tree away)."""
+        self.used += size
+        if self.used > self.limit:
+            raise FormatError(
+                what,
+                f"unpacks to more than {self.limit} bytes (at {member!r}), the limit for one"
+                f" image or artifact ({self.rule})",
+            )

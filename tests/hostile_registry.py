@@ -1,0 +1,117 @@
+"""A registry on loopback that serves whatever a test puts in it, however malformed.
+
+docker-registry checks what is pushed to it (a manifest whose ``size`` has 5000 digits, or whose
+config declares a GiB it does not have, never gets in), so the tests of what a hostile registry
+may send serve those documents from here: ``GET /v2/<repository>/manifests/<tag or digest>`` and
+``GET /v2/<repository>/blobs/<digest>``, 404 for anything else. Every path asked for is kept in
+:attr:`HostileRegistry.requests`, so a test can tell that a blob was refused *before* it was
+downloaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.server
+import json
+import threading
+from typing import Any
+
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+IMAGE_CONFIG = "application/vnd.oci.image.config.v1+json"
+TAR_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
+
+
+def digest_of(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: _Server
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+    def _answer(self, status: int, body: bytes, content_type: str) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def do_HEAD(self) -> None:
+        self.do_GET()
+
+    def do_GET(self) -> None:
+        registry = self.server.registry
+        path = self.path.split("?", 1)[0]
+        with registry.lock:
+            registry.requests.append(path)
+        if path in ("/v2", "/v2/"):
+            return self._answer(200, b"{}", "application/json")
+        head = kind = ref = ""
+        parts = path.split("/")
+        if len(parts) >= 5 and parts[-2] in ("manifests", "blobs"):
+            head, kind, ref = "/".join(parts[2:-2]), parts[-2], parts[-1]
+        if kind == "manifests" and (head, ref) in registry.manifests:
+            body, media_type = registry.manifests[(head, ref)]
+            return self._answer(200, body, media_type)
+        if kind == "blobs" and ref in registry.blobs:
+            return self._answer(200, registry.blobs[ref], "application/octet-stream")
+        return self._answer(404, b'{"errors": [{"code": "UNKNOWN"}]}', "application/json")
+
+
+class _Server(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+    registry: HostileRegistry
+
+
+class HostileRegistry:
+    """Serves :attr:`manifests` (``{(repository, tag or digest): (bytes, media type)}``) and
+    :attr:`blobs` (``{digest: bytes}``) over plain HTTP on 127.0.0.1; use as a context manager."""
+
+    def __init__(self) -> None:
+        self.manifests: dict[tuple[str, str], tuple[bytes, str]] = {}
+        self.blobs: dict[str, bytes] = {}
+        self.requests: list[str] = []
+        self.lock = threading.Lock()
+        self._server = _Server(("127.0.0.1", 0), _Handler)
+        self._server.registry = self
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    @property
+    def host(self) -> str:
+        return f"127.0.0.1:{self._server.server_address[1]}"
+
+    def __enter__(self) -> HostileRegistry:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout=10)
+
+    def blob(self, data: bytes, media_type: str) -> dict[str, Any]:
+        """Serve ``data``; its descriptor."""
+        self.blobs[digest_of(data)] = data
+        return {"mediaType": media_type, "digest": digest_of(data), "size": len(data)}
+
+    def manifest(self, repository: str, tag: str, body: bytes | dict[str, Any]) -> str:
+        """Serve ``body`` (bytes as they are, or a document as JSON) under ``tag`` and its
+        digest; returns the digest."""
+        raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+        entry = (raw, OCI_MANIFEST)
+        self.manifests[(repository, tag)] = entry
+        self.manifests[(repository, digest_of(raw))] = entry
+        return digest_of(raw)
+
+    def asked_for(self, digest: str) -> bool:
+        """Whether blob ``digest`` was requested."""
+        with self.lock:
+            return any(path.endswith(f"/blobs/{digest}") for path in self.requests)
+
+
+def image_manifest(config: dict[str, Any], layers: list[dict[str, Any]]) -> dict[str, Any]:
+    return {"schemaVersion": 2, "mediaType": OCI_MANIFEST, "config": config, "layers": layers}
