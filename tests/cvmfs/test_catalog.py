@@ -122,3 +122,43 @@ def test_chunks_must_tile(reference_catalog: Path, tmp_path: Path) -> None:
         db.execute("DELETE FROM chunks WHERE offset = 777557")
     with Catalog(bad, "") as catalog, pytest.raises(FormatError, match="tile"):
         catalog.chunks("/big/random-24MiB.bin")
+
+
+def _nested_catalog_of(reference_served: Path, root: Path, tmp_path: Path) -> Path:
+    """The reference root catalog's one nested catalog (upstream wrote it), decompressed."""
+    with Catalog(root) as catalog:
+        (ref,) = catalog.nested_catalogs()
+    stored = reference_served / "data" / ref.digest.hex[:2] / (ref.digest.hex[2:] + "C")
+    path = tmp_path / "nested.db"
+    path.write_bytes(zlib.decompress(stored.read_bytes()))
+    return path
+
+
+def test_a_nested_catalog_must_be_mounted_where_its_root_prefix_says(
+    reference_served: Path, reference_catalog: Path, tmp_path: Path
+) -> None:
+    """Upstream writes ``root_prefix`` into nested catalogs (not the root one): a catalog listed
+    under /moved that was made for /nested showed /nested's tree under /moved, silently."""
+    nested = _nested_catalog_of(reference_served, reference_catalog, tmp_path)
+    with Catalog(nested) as catalog:
+        assert catalog.mountpoint == "/nested"
+    with Catalog(nested, "/nested") as catalog:
+        assert catalog.mountpoint == "/nested"
+    with pytest.raises(FormatError, match="root_prefix '/nested' != mount point '/moved'"):
+        Catalog(nested, "/moved")
+    with pytest.raises(FormatError, match="root_prefix"):
+        Catalog(nested, "")  # not a root catalog either
+    with Catalog(reference_catalog, "") as root:  # no root_prefix: the caller's word stands
+        assert root.mountpoint == ""
+
+
+def test_a_nested_catalog_listed_twice_is_refused(reference_catalog: Path) -> None:
+    """``/nested`` and ``/nested/`` are one mount point: a catalog listing both made every walk
+    visit the subtree twice, and a chain of 24 of them 2**24 times (gc ran out of memory)."""
+    with sqlite3.connect(reference_catalog) as db:
+        path, sha1, size = db.execute("SELECT path, sha1, size FROM nested_catalogs").fetchone()
+        db.execute("INSERT INTO nested_catalogs VALUES (?, ?, ?)", (path + "/", sha1, size))
+        db.execute("INSERT INTO nested_catalogs VALUES ('/nested-x', ?, ?)", (sha1, size))
+    db.close()
+    with Catalog(reference_catalog) as catalog, pytest.raises(FormatError, match="listed twice"):
+        catalog.nested_catalogs()

@@ -391,9 +391,8 @@ class Repository:
                 return catalog
         path = self._fetches.get(digest, ObjectKind.CATALOG, True, size, exact=False)[0]
         self.cache.pin(digest)
+        # (Catalog checks its root_prefix against the mount point its parent gives)
         catalog = Catalog(path, mountpoint, what=f"catalog {digest.hex} ({mountpoint or '/'})")
-        if mountpoint and catalog.mountpoint != mountpoint:
-            raise FormatError(catalog.what, f"root_prefix {catalog.mountpoint!r} != {mountpoint!r}")
         with self._lock:
             return self._catalogs.setdefault(key, catalog)
 

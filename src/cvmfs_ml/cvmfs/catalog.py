@@ -100,8 +100,16 @@ class Catalog:
             raise FormatError(self.what, f"not a readable catalog: {exc}") from exc
         if "md5path_1" not in self._columns:
             raise FormatError(self.what, "no catalog table")
-        prefix = self._properties.get("root_prefix", "")
-        self.mountpoint = _normalise(mountpoint if mountpoint is not None else prefix)
+        prefix = self._properties.get("root_prefix")
+        claimed = _normalise(prefix) if isinstance(prefix, str) else None
+        self.mountpoint = _normalise(mountpoint if mountpoint is not None else claimed or "")
+        # Where the parent mounts it (``mountpoint``) and where it says it belongs must agree:
+        # a catalog listed under /b that was made for /a showed /a's tree under /b. Root
+        # catalogs carry no root_prefix (upstream writes it for nested ones only).
+        if claimed is not None and claimed != self.mountpoint:
+            raise FormatError(
+                self.what, f"root_prefix {prefix!r} != mount point {self.mountpoint or '/'!r}"
+            )
         has_mtimens = "mtimens" in self._columns and self.schema_revision >= 7
         has_xattr = "xattr" in self._columns
         self._select = (
@@ -206,7 +214,8 @@ class Catalog:
 
     def nested_catalogs(self) -> list[NestedRef]:
         rows = self._query("SELECT path, sha1, size FROM nested_catalogs ORDER BY path")
-        refs = []
+        refs: list[NestedRef] = []
+        seen: set[str] = set()
         for path, text, size in rows:
             if not isinstance(path, str) or not isinstance(text, str):
                 raise FormatError(self.what, f"nested catalog row {path!r} has wrong types")
@@ -218,6 +227,12 @@ class Catalog:
                 raise FormatError(self.what, f"nested catalog {path!r}: {exc}") from None
             if not refs[-1].path.startswith(self.mountpoint + "/"):
                 raise FormatError(self.what, f"nested catalog {path!r} is not below {self.what}")
+            if refs[-1].path in seen:
+                # "/a/b" and "/a/b/" are one mount point: listed twice, every walk of the tree
+                # took both, and a chain of 24 such catalogs made 2**24 visits (gc ran out of
+                # memory).
+                raise FormatError(self.what, f"nested catalog {refs[-1].path!r} listed twice")
+            seen.add(refs[-1].path)
         return refs
 
     def find_nested(self, path: str) -> NestedRef | None:
