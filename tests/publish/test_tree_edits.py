@@ -195,3 +195,27 @@ def test_merging_keeps_hard_link_groups_apart(publisher: Publisher, tmp_path: Pa
         one = {repo.stat(f"/h/one/{n}").hardlink_group for n in "fg"}
         two = {repo.stat(f"/h/n/two/{n}").hardlink_group for n in "fg"}
         assert len(one) == len(two) == 1 and one != two
+
+
+def test_nested_catalogs_chained_deep_publish_and_edit(publisher: Publisher) -> None:
+    """A nested catalog at each of 120 levels (the walk to a path's catalog starts at the
+    deepest open one now; scanning every open catalog at every level was cubic in the depth,
+    and a 1500-level upload kept the publisher busy for over ten minutes)."""
+    depth = 120
+    levels = ["/deep" + "/a" * i for i in range(1, depth + 1)]
+    with publisher.transaction() as txn:
+        for level in levels:
+            txn.add_bytes(f"{level}/.cvmfscatalog", b"")
+            txn.add_bytes(f"{level}/f", level.encode())
+        txn.commit()
+    with publisher.transaction() as txn:  # edits at both ends of the chain, catalogs reopened
+        txn.add_bytes(f"{levels[-1]}/g", b"last")
+        txn.add_bytes(f"{levels[0]}/g", b"first")
+        txn.remove(f"{levels[depth // 2]}/f")
+        txn.commit()
+    with open_repo(publisher) as repo:
+        assert_clean_and_nested(repo, *levels)
+        assert repo.read_bytes(f"{levels[-1]}/g") == b"last"
+        assert repo.read_bytes(f"{levels[0]}/g") == b"first"
+        assert not repo.exists(f"{levels[depth // 2]}/f")
+        assert all(repo.read_bytes(f"{lv}/f") == lv.encode() for lv in levels[depth // 2 + 1 :])

@@ -131,24 +131,29 @@ class CatalogWorkspace:
             item.revision = max(item.revision, published.revision)
 
     def catalog_for(self, path: str) -> WritableCatalog:
-        """The writable catalog that holds ``path`` (the child, for a mount point itself)."""
-        current = self.root()
-        while True:
-            child = self._child_for(current, path)
-            if child is None:
-                return current
-            current = child
+        """The writable catalog that holds ``path`` (the child, for a mount point itself).
 
-    def _child_for(self, catalog: WritableCatalog, path: str) -> WritableCatalog | None:
-        for mountpoint, item in self._open.items():
-            if item.parent == catalog.mountpoint and (
-                path == mountpoint or path.startswith(mountpoint + "/")
-            ):
+        The walk starts at the deepest open catalog above ``path`` (the ancestors of an open
+        catalog are open), found by looking its parent folders up, nearest first: scanning
+        every open catalog at every level made publishing cubic in the nesting depth (800
+        levels of nested catalogs took 37 s, 1500 over ten minutes).
+        """
+        current = self._deepest_open(path)
+        while True:
+            refs = current.nested_refs()
+            ref = next((r for r in refs if path == r.path or path.startswith(r.path + "/")), None)
+            if ref is None:
+                return current
+            current = self._open_existing(ref.path, ref.digest, current.mountpoint).writable
+
+    def _deepest_open(self, path: str) -> WritableCatalog:
+        prefix = path
+        while prefix:
+            item = self._open.get(prefix)
+            if item is not None:
                 return item.writable
-        for ref in catalog.nested_refs():
-            if path == ref.path or path.startswith(ref.path + "/"):
-                return self._open_existing(ref.path, ref.digest, catalog.mountpoint).writable
-        return None
+            prefix = prefix[: prefix.rfind("/")]
+        return self.root()
 
     # -- structure changes --------------------------------------------------------------------
     def create_nested(self, entry: DirectoryEntry) -> WritableCatalog:
