@@ -27,14 +27,27 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
+from cvmfs_ml.client.files import DROP_BEHIND_PIECES
 from cvmfs_ml.cvmfs.hashing import Digest
 from cvmfs_ml.errors import ConfigError, CvmfsMlError
 
 if TYPE_CHECKING:
+    from cvmfs_ml.client.files import CvmfsFile
     from cvmfs_ml.client.repository import FileLayout, Repository
     from cvmfs_ml.cvmfs.catalog import DirectoryEntry
 
-__all__ = ["Fetched", "Prefetcher", "WarmResult", "warm"]
+__all__ = ["Fetched", "Prefetcher", "WarmResult", "fit_window", "warm"]
+
+
+def fit_window(handle: CvmfsFile, quota: int) -> None:
+    """Read a file over half of what the cache holds (``quota``, what eviction keeps) through a
+    window: queued whole, it would evict its first pieces for its last. The window is an eighth
+    of the quota, fitting in half of it with the pieces still open behind the reader
+    (:data:`~cvmfs_ml.client.files.DROP_BEHIND_PIECES`); the pieces left behind are closed."""
+    largest = max([1, *(piece.size for piece in handle.layout.pieces)])
+    wanted = max(handle.readahead, (quota // 8) // largest)
+    fits = (quota // 2) // largest - DROP_BEHIND_PIECES
+    handle.readahead, handle.close_behind = max(1, min(wanted, fits)), True
 
 
 class Fetched(NamedTuple):

@@ -34,8 +34,8 @@ from cvmfs_ml.client.ensemble import Breadcrumb, fetch_manifest, fetch_trusted
 from cvmfs_ml.client.entries import listed, present, resolve_path
 from cvmfs_ml.client.external import ExternalSource, external_unset
 from cvmfs_ml.client.fetch_once import FetchOnce
-from cvmfs_ml.client.files import DROP_BEHIND_PIECES, CvmfsFile, FileLayout
-from cvmfs_ml.client.prefetch import Fetched, Prefetcher
+from cvmfs_ml.client.files import CvmfsFile, FileLayout
+from cvmfs_ml.client.prefetch import Fetched, Prefetcher, fit_window
 from cvmfs_ml.client.sources import FETCHER_OPTIONS, load_keys, open_source
 from cvmfs_ml.client.trust import Blacklist, TrustAnchors, refuse_rollback
 from cvmfs_ml.cvmfs.catalog import Catalog, Chunk, DirectoryEntry, Flag
@@ -126,6 +126,7 @@ class Repository:
         if root_hash is not None:
             self.root_hash = root_hash
         self.root = self._load_catalog("", self.root_hash)
+        self._tree = {"": self.root}  # this revision's catalogs by mount point, as walked
 
     # -- construction -------------------------------------------------------------------------
     @classmethod
@@ -292,7 +293,7 @@ class Repository:
                 del self._retired[:-2]
                 self.manifest = manifest
                 self.root_hash = manifest.catalog
-                self.root = root
+                self.root, self._tree = root, {"": root}
             self._count("refresh_switches")
             self._close_catalogs(expired)
             return True
@@ -398,14 +399,19 @@ class Repository:
 
     # -- lookups ------------------------------------------------------------------------------
     def _catalog_for(self, path: str, *, for_listing: bool = False) -> Catalog:
-        catalog = self.root
+        """The catalog holding ``path``'s entry (its own, for a listing of a mount point), walked
+        to from the deepest catalog of this revision already walked to above ``path`` (found by
+        parent folder): from the root every time, 800 nested catalogs took 17 s to list."""
+        tree = self._tree
+        start = path if for_listing else path[: path.rfind("/")]
+        while (catalog := tree.get(start)) is None:
+            start = start[: start.rfind("/")]
         while True:
             ref = catalog.find_nested(path)
-            if ref is None:
-                return catalog
-            if ref.path == path and not for_listing:
+            if ref is None or (ref.path == path and not for_listing):
                 return catalog  # the parent's mount point row answers stat (§8.3 step 4)
             catalog = self._load_catalog(ref.path, ref.digest, ref.size)
+            tree[ref.path] = catalog
 
     @staticmethod
     def _normalise(path: str) -> str:
@@ -535,19 +541,14 @@ class Repository:
         """A seekable binary file; large files are prefetched in parallel unless disabled.
 
         ``prefetch=None`` queues every piece of files of ``prefetch_min_bytes`` or more, else a
-        read-ahead. A file over half of what the cache holds (what eviction keeps) would evict
-        its first pieces for its last: it gets a window of an eighth of that, fitting in the
-        half with the pieces still open (DROP_BEHIND_PIECES), and closes those left behind."""
+        read-ahead; a file over half of what the cache holds gets a window (:func:`fit_window`)."""
         entry = self.resolve(path)
         layout = self.layout(entry)
         handle = CvmfsFile(self, entry.path, layout)
         if prefetch or (prefetch is None and layout.size >= self.prefetch_min_bytes):
             quota = self.cache.capacity_bytes()  # a disk smaller than the quota limits it too
             if layout.size > quota // 2:
-                largest = max([1, *(piece.size for piece in layout.pieces)])
-                wanted = max(handle.readahead, (quota // 8) // largest)
-                fits = (quota // 2) // largest - DROP_BEHIND_PIECES
-                handle.readahead, handle.close_behind = max(1, min(wanted, fits)), True
+                fit_window(handle, quota)
             else:
                 handle.prefetching = self.prefetch_layout(layout, path=entry.path)
                 handle.prefetched = True

@@ -83,6 +83,7 @@ class Catalog:
     ) -> None:
         self.file = Path(path)
         self.what = what or f"catalog {self.file.name}"
+        self._nested: list[NestedRef] | None = None
         self._lock = threading.Lock()
         try:
             if raw is None:
@@ -213,6 +214,13 @@ class Catalog:
         return chunks
 
     def nested_catalogs(self) -> list[NestedRef]:
+        """The direct child catalogs, checked (read once: the file never changes, and every
+        lookup below this catalog asks; a query per level made a deep chain quadratic)."""
+        if self._nested is None:
+            self._nested = self._read_nested()
+        return list(self._nested)
+
+    def _read_nested(self) -> list[NestedRef]:
         rows = self._query("SELECT path, sha1, size FROM nested_catalogs ORDER BY path")
         refs: list[NestedRef] = []
         seen: set[str] = set()
