@@ -52,7 +52,7 @@ from cvmfs_ml.client.trust import (
     refuse_rollback,
     verify_ensemble,
 )
-from cvmfs_ml.cvmfs.catalog import Catalog, sized_objects
+from cvmfs_ml.cvmfs.catalog import Catalog, NestedRef, sized_objects
 from cvmfs_ml.cvmfs.hashing import Digest
 from cvmfs_ml.cvmfs.history import HistoryDb
 from cvmfs_ml.cvmfs.keys import load_public_keys
@@ -191,6 +191,19 @@ def sync_replica(
 # ---------------------------------------------------------------------------------- snapshot
 
 
+@dataclass
+class _Level:
+    """A catalog of the walk waiting for its nested catalogs: closed, only its downloaded
+    (compressed) file on disk, the nested references still to visit and its objects' futures."""
+
+    digest: Digest
+    rel: str
+    stored: Path
+    previous: Digest | None
+    nested: list[NestedRef]
+    pending: list[Future[None]]
+
+
 class _Snapshot:
     """One run of :func:`sync_replica` (the steps of the module docstring)."""
 
@@ -318,8 +331,41 @@ class _Snapshot:
         """Copy a catalog after its objects and nested catalogs; returns its predecessor.
 
         A catalog already in the replica stops the walk (its subtree is complete) and returns
-        None. With ``required`` false, a catalog the source lacks is noted and skipped.
+        None. With ``required`` false, a catalog the source lacks is noted and skipped. An
+        explicit stack (no recursion: nested chains can be thousands of levels deep) visits
+        nested catalogs one at a time, in order, each committed after its whole subtree; a
+        pending level holds no open catalog nor file descriptor (see :class:`_Level`).
         """
+        root = self._open_level(digest, mountpoint, required=required, size=size)
+        if root is None:
+            return None
+        stack = [root]
+        try:
+            while stack:
+                level = stack[-1]
+                if level.nested:
+                    ref = level.nested.pop()
+                    child = self._open_level(ref.digest, ref.path, required=True, size=ref.size)
+                    if child is not None:
+                        stack.append(child)
+                    continue
+                for future in level.pending:
+                    future.result()
+                self._commit(level.stored, level.rel)
+                stack.pop()
+                level.stored.unlink(missing_ok=True)
+                self._count(catalogs_copied=1)
+                self._new_catalogs.append(level.digest)
+        finally:
+            for level in stack:  # a failure: drop the downloads of the uncommitted levels
+                level.stored.unlink(missing_ok=True)
+        return root.previous
+
+    def _open_level(
+        self, digest: Digest, mountpoint: str, *, required: bool, size: int = 0
+    ) -> _Level | None:
+        """Download a catalog, read its predecessor and nested references, schedule its data
+        objects and close it; None when it is in the replica already (or skipped)."""
         rel = object_path(digest, ObjectKind.CATALOG)
         if self.dest.exists(rel):
             self._count(catalogs_present=1)
@@ -335,16 +381,12 @@ class _Snapshot:
             with self._opened_catalog(stored, digest, mountpoint, size) as catalog:
                 previous = catalog.previous_revision
                 pending = self._copy_referenced(catalog)
-                for ref in catalog.nested_catalogs():
-                    self._sync_catalog(ref.digest, ref.path, required=True, size=ref.size)
-                for future in pending:
-                    future.result()
-            self._commit(stored, rel)
-        finally:
+                nested = catalog.nested_catalogs()
+        except BaseException:
             stored.unlink(missing_ok=True)
-        self._count(catalogs_copied=1)
-        self._new_catalogs.append(digest)
-        return previous
+            raise
+        nested.reverse()  # popped from the end: visited in the catalog's order
+        return _Level(digest, rel, stored, previous, nested, pending)
 
     @contextlib.contextmanager
     def _opened_catalog(
