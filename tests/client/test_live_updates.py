@@ -313,3 +313,32 @@ def test_tree_changes_names_what_a_new_revision_changed(long_ttl: Served, tmp_pa
     assert all(entry.is_dir for _, entry in changes.folders)
     assert inode["/models/tagger"] in folders  # a new child: the folder's entry changed
     assert changes.appeared == [(inode["/data"], "/data/new.txt")]
+
+
+def test_a_refresh_walks_the_new_revisions_nested_catalogs(tmp_path: Path) -> None:
+    """Lookups start at the deepest catalog already walked to; a refresh must start them over
+    (the old revision's /sub/deep catalog answering for the new one would serve stale bytes)."""
+    from cvmfs_ml.client.repository import Repository
+    from cvmfs_ml.errors import NotFoundError
+
+    publisher = create_repository(tmp_path / "srv", "nested.live.test")
+    with publisher.transaction() as txn:
+        for path in ("/sub", "/sub/deep", "/sub/deep/er"):
+            txn.add_bytes(f"{path}/.cvmfscatalog", b"")
+        txn.add_bytes("/sub/deep/x", b"one")
+        txn.add_bytes("/sub/deep/er/gone", b"old")
+        txn.commit()
+    key = publisher.keys_dir / f"{publisher.fqrn}.pub"
+    with Repository.open(str(publisher.repo_dir), public_key=key) as repo:
+        assert repo.read_bytes("/sub/deep/x") == b"one"
+        assert repo.read_bytes("/sub/deep/er/gone") == b"old"
+        with publisher.transaction() as txn:
+            txn.add_bytes("/sub/deep/x", b"two")
+            txn.remove("/sub/deep/er/gone")
+            txn.commit()
+        assert repo.read_bytes("/sub/deep/x") == b"one"  # no refresh yet: the old revision
+        assert repo.refresh()
+        assert repo.read_bytes("/sub/deep/x") == b"two"
+        with pytest.raises(NotFoundError):
+            repo.stat("/sub/deep/er/gone")
+        assert [e.name for e in repo.listdir("/sub/deep/er")] == [".cvmfscatalog"]
