@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import sqlite3
 import stat
 from collections.abc import Callable, Sequence
@@ -31,6 +32,26 @@ MAX_UNPACKED_HELP = (
     f" {UNPACK_RATIO} times the bytes its manifest declares, at least {UNPACK_FLOOR >> 30} GiB,"
     " so a small gzip layer of zeros cannot fill the disk)"
 )
+
+
+# Characters that act on a terminal instead of showing: C0 and C1 controls (ESC starts escape
+# sequences; a newline makes one name look like two), bidi overrides (they reorder what
+# follows), and the surrogates non-UTF-8 names decode to.
+_HIDDEN = re.compile("[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
+
+
+def _escape(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    if 0xDC80 <= code <= 0xDCFF:  # a byte that was not UTF-8 (surrogateescape)
+        code -= 0xDC00
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def visible(text: object) -> str:
+    """``text`` for a terminal, with what would act on it instead of showing written as escapes
+    (``\\x1b``, ``\\n``...). Names, tags and model fields come from repositories anyone can
+    publish: printed raw, an escape sequence in a file name drives the reader's terminal."""
+    return _HIDDEN.sub(_escape, str(text))
 
 
 def _fail(message: str, code: int = 1) -> typer.Exit:

@@ -24,6 +24,7 @@ from cvmfs_ml.cli.common import (
     friendly,
     open_repository,
     use_blacklist,
+    visible,
 )
 from cvmfs_ml.cli.s3 import S3ConfigOption, s3_params
 
@@ -194,16 +195,15 @@ def model_ls(
         return
     header = ("MODEL", "VERSION", "FORMAT", "SIZE", "CREATED", "ALIASES")
     rows = [
-        (
-            r.ref.key,
-            r.version,
-            r.format or "-",
-            _size(r.size),
-            r.created,
-            ",".join(r.aliases) or "-",
+        tuple(
+            visible(cell)  # every field comes from the repository's index
+            for cell in (
+                r.ref.key, r.version, r.format or "-", _size(r.size), r.created,
+                ",".join(r.aliases) or "-",
+            )
         )
         for r in records
-    ]
+    ]  # fmt: skip
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
     for row in [header, *rows]:
         typer.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
@@ -249,7 +249,7 @@ def model_info_cmd(
         lines.append(f"model file:   {path} ({desc.get('format')}{counted})")
     lines.append("files:")
     lines += [f"  {f.sha256[:16]}  {f.size:>14,}  {f.path}" for f in record.files]
-    typer.echo("\n".join(lines))
+    typer.echo("\n".join(visible(line) for line in lines))  # model.json is anyone's
 
 
 @model_app.command("rm")

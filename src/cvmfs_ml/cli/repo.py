@@ -27,6 +27,7 @@ from cvmfs_ml.cli.common import (
     json_text,
     open_repository,
     use_blacklist,
+    visible,
 )
 from cvmfs_ml.cli.s3 import S3ConfigOption, s3_params
 from cvmfs_ml.client.entries import device_number
@@ -268,7 +269,7 @@ def repo_ls(
             rdev = device_number(e)
             size = f"{os.major(rdev)}, {os.minor(rdev)}" if rdev else str(e.size)
             name = e.path if recursive else (e.name or e.path)
-            typer.echo(f"{kind}{stat.S_IMODE(e.mode):04o} {size:>12} {name}{target}")
+            typer.echo(f"{kind}{stat.S_IMODE(e.mode):04o} {size:>12} {visible(name + target)}")
 
 
 @repo_app.command("stat")
@@ -353,7 +354,8 @@ def repo_tags(
         return
     for t in tags:
         when = dt.datetime.fromtimestamp(t.timestamp, dt.UTC).strftime("%Y-%m-%d %H:%M")
-        typer.echo(f"{t.name:<24} r{t.revision:<5} {when}  {t.root_catalog.hex}  {t.description}")
+        line = f"{t.name:<24} r{t.revision:<5} {when}  {t.root_catalog.hex}  {t.description}"
+        typer.echo(visible(line))
 
 
 @repo_app.command("diff")
@@ -379,7 +381,7 @@ def repo_diff(
         typer.echo(json.dumps([{"change": c, "path": p} for c, p in changes]))
         return
     for change, path in changes:
-        typer.echo(f"{change} {path}")
+        typer.echo(f"{change} {visible(path)}")
 
 
 @repo_app.command("gc")

@@ -1,0 +1,73 @@
+"""What the CLI prints from a repository reaches the reader's terminal as text, never as commands.
+
+File names, symlink targets, tag descriptions and model.json fields come from repositories
+anyone can publish. Printed raw, an escape sequence in a file name (``ESC ] 0 ; ... BEL`` sets
+the window title, ``ESC [ 2 J`` clears the screen, some terminals answer queries into the
+input) drove the terminal of whoever ran ``repo ls``, and a newline made one name look like two
+lines. They are shown as escapes now; JSON output was and is escaped by the encoder.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cvmfs_ml.cli.common import visible
+
+HOSTILE = "title\x1b]0;owned\x07"
+
+
+@pytest.mark.parametrize(
+    ("text", "shown"),
+    [
+        ("plain name.onnx", "plain name.onnx"),
+        ("é ü 模型", "é ü 模型"),  # printable text of any script stays as it is
+        ("a\x1b[2Jb", "a\\x1b[2Jb"),
+        ("two\nlines\ttab", "two\\x0alines\\x09tab"),
+        ("c1\x9bcsi\x7f", "c1\\x9bcsi\\x7f"),
+        ("bidi\u202eexe.txt", "bidi\\u202eexe.txt"),  # "Trojan source" reordering
+        ("raw\udcffbyte", "raw\\xffbyte"),  # a name that was not UTF-8 (surrogateescape)
+    ],
+)
+def test_visible_escapes_what_acts_on_a_terminal(text: str, shown: str) -> None:
+    assert visible(text) == shown
+
+
+def _cli(*args: str | Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "cvmfs_ml", *map(str, args)],
+        capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+
+
+def test_names_and_model_fields_print_as_escapes(tmp_path: Path) -> None:
+    assert _cli("repo", "create", tmp_path / "srv", "--fqrn", "term.test").returncode == 0
+    repo = tmp_path / "srv" / "term.test"
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / HOSTILE).write_bytes(b"x")
+    (src / "two\nlines").write_bytes(b"y")
+    (src / "link").symlink_to(HOSTILE)
+    (src / "README.md").write_text(f"---\nlicense: {HOSTILE}\n---\n")
+    published = _cli("model", "publish", src, "--repo", repo, "--as", "t/m:1")
+    assert published.returncode == 0, published.stderr
+    raw = _cli("repo", "publish", repo, src, "--at", "/raw")  # symlinks kept as they are
+    assert raw.returncode == 0, raw.stderr
+
+    listing = _cli("repo", "ls", repo, "/raw")
+    assert listing.returncode == 0, listing.stderr
+    assert "\x1b" not in listing.stdout and "\x07" not in listing.stdout
+    assert "title\\x1b]0;owned\\x07" in listing.stdout
+    assert "two\\x0alines" in listing.stdout
+    assert "link -> title\\x1b]0;owned\\x07" in listing.stdout
+    assert len(listing.stdout.splitlines()) == 4  # README.md, link and the two: one line each
+
+    info = _cli("model", "info", repo, "t/m:1")
+    assert info.returncode == 0, info.stderr
+    assert "\x1b" not in info.stdout and "\x07" not in info.stdout
+    assert "license:      title\\x1b]0;owned\\x07" in info.stdout
+    listed = _cli("model", "ls", repo)
+    assert listed.returncode == 0 and "t/m" in listed.stdout, listed.stderr
