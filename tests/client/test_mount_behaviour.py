@@ -104,6 +104,43 @@ def test_a_mount_interrupted_while_starting_leaves_no_mount_or_daemon(
         handle.unmount()
 
 
+def test_a_daemon_stopped_just_after_mounting_unmounts(
+    served: tuple[str, Path, Publisher], tmp_path: Path
+) -> None:
+    """SIGTERM between the mount and the loop's signal receiver ended the daemon by the signal's
+    default action, with the mount left behind, dead (the demo's SIGTERM test failed on a
+    loaded machine twice). The signal is sent by the daemon itself right after ``pyfuse3.init``
+    mounted, so the test lands in that window every time."""
+    import sys
+
+    url, key, _publisher = served
+    point = tmp_path / "mnt"
+    point.mkdir()
+    code = (
+        "import os, signal, sys, pyfuse3\n"
+        "real = pyfuse3.init\n"
+        "def init(*args, **kwargs):\n"
+        "    real(*args, **kwargs)\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)  # mounted; the loop is not running yet\n"
+        "pyfuse3.init = init\n"
+        "from cvmfs_ml.client import fuse_daemon\n"
+        "sys.argv[0] = 'fuse_daemon'\n"
+        "fuse_daemon._module_main()\n"
+    )
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", code, url, str(point), "--key", str(key),
+             "--cache", str(tmp_path / "cache")],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert "before serving: unmounting" in done.stderr
+        assert not is_mounted(point)
+    finally:
+        if is_mounted(point):
+            subprocess.run(["fusermount3", "-u", "-z", str(point)], check=False, timeout=30)
+
+
 def test_dead_daemon_mount_is_reported_and_can_be_cleared(
     mounter: Callable[..., MountHandle], served: tuple[str, Path, Publisher], tmp_path: Path
 ) -> None:

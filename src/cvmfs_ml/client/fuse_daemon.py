@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import inspect
 import logging
 import os
 import resource
@@ -34,7 +35,11 @@ log = logging.getLogger("cvmfs_ml.fuse")
 @dataclass
 class _State:
     terminated: bool = False
+    early_signal: int = 0  # a stop signal that came before the loop could take it
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def note_signal(self, signum: int, _frame: Any) -> None:
+        self.early_signal = signum
 
 
 def serve(
@@ -70,6 +75,11 @@ def serve(
     if debug:
         options.add("debug")
     state = _State()
+    # From the mount to the loop's signal receiver, a stop signal's default action would end
+    # the process with the mount left behind, dead ("transport endpoint is not connected"):
+    # a job's SIGTERM just as the mount came up did. It is noted here and acted on at once.
+    for signum in _STOP_SIGNALS:
+        signal.signal(signum, state.note_signal)
     pyfuse3.init(operations, target, options)
     try:
         trio.run(_serve_async, operations, target, state, readahead_kb, ready, flush_trace_every)
@@ -80,6 +90,9 @@ def serve(
         tracer = repository.tracer
         if tracer is not None:
             tracer.flush()
+
+
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 async def _serve_async(
@@ -95,7 +108,12 @@ async def _serve_async(
     pyfuse3 = require_pyfuse3()
 
     async def on_signals() -> None:
-        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
+        with trio.open_signal_receiver(*_STOP_SIGNALS) as signals:
+            if state.early_signal:
+                log.info("signal %d before serving: unmounting %s", state.early_signal, mountpoint)
+                state.terminated = True
+                pyfuse3.terminate()
+                return
             async for signum in signals:
                 log.info("signal %d: unmounting %s", signum, mountpoint)
                 state.terminated = True
@@ -110,8 +128,11 @@ async def _serve_async(
 
     async def announce() -> None:
         # A stat of the mount point goes through the kernel to this loop: once it returns,
-        # the mount serves requests.
-        await trio.to_thread.run_sync(os.stat, mountpoint)
+        # the mount serves requests. Abandoned when a signal stops the loop first: nothing
+        # will answer it then, and waiting for its thread kept the daemon from unmounting.
+        named = inspect.signature(trio.to_thread.run_sync).parameters  # trio renamed it
+        abandon = "abandon_on_cancel" if "abandon_on_cancel" in named else "cancellable"
+        await trio.to_thread.run_sync(os.stat, mountpoint, **{abandon: True})
         state.extra["readahead_kb"] = await trio.to_thread.run_sync(
             set_readahead, mountpoint, readahead_kb
         )
