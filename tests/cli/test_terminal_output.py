@@ -29,7 +29,9 @@ HOSTILE = "title\x1b]0;owned\x07"
         ("two\nlines\ttab", "two\\x0alines\\x09tab"),
         ("c1\x9bcsi\x7f", "c1\\x9bcsi\\x7f"),
         ("bidi\u202eexe.txt", "bidi\\u202eexe.txt"),  # "Trojan source" reordering
-        ("raw\udcffbyte", "raw\\xffbyte"),  # a name that was not UTF-8 (surrogateescape)
+        ("raw\udcffbyte", "raw\udcffbyte"),  # not UTF-8: written as the same byte, as ls does
+        ("c1\udc9bbyte", "c1\\x9bbyte"),  # ... unless it is a C1 control (CSI)
+        ("lone\ud800", "lone\\ud800"),  # no byte decodes to it: it could not be written
     ],
 )
 def test_visible_escapes_what_acts_on_a_terminal(text: str, shown: str) -> None:

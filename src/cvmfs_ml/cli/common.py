@@ -36,13 +36,17 @@ MAX_UNPACKED_HELP = (
 
 # Characters that act on a terminal instead of showing: C0 and C1 controls (ESC starts escape
 # sequences; a newline makes one name look like two), bidi overrides (they reorder what
-# follows), and the surrogates non-UTF-8 names decode to.
-_HIDDEN = re.compile("[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
+# follows), a name's non-UTF-8 bytes in the C1 range (surrogateescape's \udc80-\udc9f: CSI on
+# an 8-bit terminal), and surrogates no byte decodes to. Other non-UTF-8 bytes are written as
+# they are, as `ls` does: scripts read names back as the same bytes.
+_HIDDEN = re.compile(
+    "[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069\ud800-\udc9f\udd00-\udfff]"
+)
 
 
 def _escape(match: re.Match[str]) -> str:
     code = ord(match.group())
-    if 0xDC80 <= code <= 0xDCFF:  # a byte that was not UTF-8 (surrogateescape)
+    if 0xDC80 <= code <= 0xDC9F:  # a C1 byte that was not UTF-8 (surrogateescape)
         code -= 0xDC00
     return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
 
