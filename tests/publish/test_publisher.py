@@ -82,6 +82,22 @@ def test_republishing_unchanged_content_writes_no_objects(make_repo, tree: Path)
     assert_clean(publisher)
 
 
+def test_the_file_cache_does_not_sync_every_row(tmp_path: Path) -> None:
+    """One row per published file, each its own commit: with SQLite's default FULL sync in WAL
+    mode every row was an fsync, and a publish of 50,000 small files spent 8 of its 25 s there
+    (13 s in all now). NORMAL never corrupts a WAL database; a power cut may lose the last
+    rows, which only means reading those files again."""
+    from cvmfs_ml.publish.filecache import FileCache
+    from cvmfs_ml.publish.settings import PublishSettings
+
+    cache = FileCache(tmp_path / "files.db", PublishSettings())
+    try:
+        assert cache._db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert cache._db.execute("PRAGMA synchronous").fetchone()[0] == 1  # NORMAL
+    finally:
+        cache.close()
+
+
 def test_a_changed_file_is_read_again(make_repo, tree: Path) -> None:
     publisher = make_repo()
     with publisher.transaction() as txn:

@@ -109,6 +109,10 @@ class FileCache:
         db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
         try:
             db.execute("PRAGMA journal_mode=WAL")
+            # A cache: a row lost with the last moments before a power cut is one file read
+            # again. In WAL mode NORMAL still never corrupts the file, and it does not sync
+            # every row's commit: a publish of 50,000 small files spent 8 of its 25 s there.
+            db.execute("PRAGMA synchronous=NORMAL")
             db.execute(
                 "CREATE TABLE IF NOT EXISTS files (device INTEGER, inode INTEGER, size INTEGER, "
                 "mtime_ns INTEGER, ctime_ns INTEGER, settings TEXT, content TEXT, "
