@@ -78,18 +78,21 @@ def serve(
     # From the mount to the loop's signal receiver, a stop signal's default action would end
     # the process with the mount left behind, dead ("transport endpoint is not connected"):
     # a job's SIGTERM just as the mount came up did. It is noted here and acted on at once.
-    for signum in _STOP_SIGNALS:
-        signal.signal(signum, state.note_signal)
+    previous = {signum: signal.signal(signum, state.note_signal) for signum in _STOP_SIGNALS}
     pyfuse3.init(operations, target, options)
     try:
         trio.run(_serve_async, operations, target, state, readahead_kb, ready, flush_trace_every)
     finally:
-        # After an outside `fusermount3 -u` the mount is gone: unmounting again could hit a
-        # new mount at the same place. Unmount only if we stopped on our own.
-        pyfuse3.close(unmount=state.terminated or is_mounted(target))
-        tracer = repository.tracer
-        if tracer is not None:
-            tracer.flush()
+        try:
+            # After an outside `fusermount3 -u` the mount is gone: unmounting again could hit
+            # a new mount at the same place. Unmount only if we stopped on our own.
+            pyfuse3.close(unmount=state.terminated or is_mounted(target))
+            tracer = repository.tracer
+            if tracer is not None:
+                tracer.flush()
+        finally:  # once unmounted (`mount --foreground`: the CLI's handlers again)
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
 
 
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
