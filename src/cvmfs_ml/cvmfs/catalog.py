@@ -216,9 +216,12 @@ class Catalog:
     def nested_catalogs(self) -> list[NestedRef]:
         """The direct child catalogs, checked (read once: the file never changes, and every
         lookup below this catalog asks; a query per level made a deep chain quadratic)."""
+        return list(self._nested_refs())
+
+    def _nested_refs(self) -> list[NestedRef]:
         if self._nested is None:
             self._nested = self._read_nested()
-        return list(self._nested)
+        return self._nested
 
     def _read_nested(self) -> list[NestedRef]:
         rows = self._query("SELECT path, sha1, size FROM nested_catalogs ORDER BY path")
@@ -246,7 +249,7 @@ class Catalog:
     def find_nested(self, path: str) -> NestedRef | None:
         """The direct child catalog whose mount point is ``path`` or a prefix of it (§8.3)."""
         path = _normalise(path)
-        for ref in self.nested_catalogs():
+        for ref in self._nested_refs():  # every lookup asks: no copy
             if path == ref.path or path.startswith(ref.path + "/"):
                 return ref
         return None

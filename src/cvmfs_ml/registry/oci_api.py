@@ -125,9 +125,7 @@ class ModelPublisher:
             return
         with self._lock:
             self._queued[future] = (repo, tag, digest, model)
-            if future.done():  # finished before it was recorded: its callback found nothing
-                del self._queued[future]
-        future.add_done_callback(self._forget)
+        future.add_done_callback(self._forget)  # at once if it finished already
 
     def _forget(self, future: Future[None]) -> None:
         with self._lock:

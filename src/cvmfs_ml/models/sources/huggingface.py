@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from cvmfs_ml.errors import NotFoundError
-from cvmfs_ml.models.sources.local import detect_license, read_model_card
+from cvmfs_ml.models.sources.local import detect_license, read_model_card, text_head
 
 __all__ = [
     "HfSnapshot",
@@ -91,9 +91,7 @@ def _refs(repo_folder: Path) -> dict[str, str]:
     if base.is_dir():
         for path in sorted(base.rglob("*")):
             if path.is_file():  # a commit hash: the first bytes are plenty
-                with open(path, "rb") as handle:
-                    ref = handle.read(256).decode("utf-8", errors="replace").strip()
-                out[path.relative_to(base).as_posix()] = ref
+                out[path.relative_to(base).as_posix()] = (text_head(path, 256) or "").strip()
     return out
 
 

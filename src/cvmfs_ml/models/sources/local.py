@@ -34,6 +34,7 @@ __all__ = [
     "hash_tree",
     "read_model_card",
     "scan_source",
+    "text_head",
 ]
 
 #: Entries never published from a folder: version-control and tool caches (``hf download
@@ -191,7 +192,7 @@ MAX_LIST_ITEMS = 64
 """A model card list (tags, base_model...) keeps this many items."""
 
 
-def _head(path: Path, limit: int) -> str | None:
+def text_head(path: Path, limit: int) -> str | None:
     """The first ``limit`` bytes of ``path`` as text (None if it does not open)."""
     try:
         with open(path, "rb") as handle:
@@ -209,7 +210,7 @@ def read_model_card(folder: Path) -> dict[str, Any]:
     card): scalars and ``- item`` lists only, which is all we read (license, tags...), within
     :data:`MAX_CARD_BYTES`, values cut at :data:`MAX_VALUE_CHARS`, lists at
     :data:`MAX_LIST_ITEMS`."""
-    text = _head(Path(folder) / "README.md", MAX_CARD_BYTES)
+    text = text_head(Path(folder) / "README.md", MAX_CARD_BYTES)
     if text is None:
         return {}
     lines = text.splitlines()

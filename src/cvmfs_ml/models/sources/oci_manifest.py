@@ -5,6 +5,7 @@ to the manifest an ingest or a sync is about (:func:`resolve`), classified by ki
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +21,7 @@ from cvmfs_ml.models.sources.oci_client import (
 )
 
 __all__ = [
+    "ANY_DIGEST_RE",
     "ANNOTATION_FILEPATH",
     "ANNOTATION_FILE_METADATA",
     "ANNOTATION_TITLE",
@@ -138,59 +140,68 @@ def _strings(value: Any) -> bool:
     )
 
 
+ANY_DIGEST_RE = re.compile(r"[a-z0-9]+(?:[+._-][a-z0-9]+)*:[a-zA-Z0-9=_-]{1,256}")
+"""A digest of any algorithm (image-spec ``descriptor.md``): no room for a line break that
+would end up in a response header (``OCI-Subject``) or a file name."""
+
+
 def _descriptor_problem(value: Any) -> str | None:
     """What is wrong with a descriptor (image-spec ``descriptor.md``), or None."""
     if not isinstance(value, dict):
         return "is not an object"
-    if not isinstance(value.get("mediaType", ""), str):
-        return "has a mediaType that is not a string"
-    if not isinstance(value.get("digest"), str):
-        return "has no digest string"
+    for key in ("mediaType", "artifactType"):
+        if not isinstance(value.get(key, ""), str):
+            return f"has a {key} that is not a string"
+    digest = value.get("digest")
+    if not isinstance(digest, str) or not ANY_DIGEST_RE.fullmatch(digest):
+        return "has no digest (algorithm:encoded)"
     size = value.get("size")
     if not isinstance(size, int) or isinstance(size, bool) or size < 0:
         return "has no size (a non-negative integer)"
+    urls = value.get("urls", [])
+    if not isinstance(urls, list) or not all(isinstance(u, str) for u in urls):
+        return "has urls that are not a list of strings"
     if "annotations" in value and not _strings(value["annotations"]):
         return "has annotations that are not strings"
+    if not isinstance(value.get("platform", {}), dict):
+        return "has a platform that is not an object"
     return None
 
 
-def _check_common(document: dict[str, Any], what: str) -> None:
-    """The fields manifests and indexes share: ``artifactType`` and ``annotations``."""
-    if not isinstance(document.get("artifactType", ""), str):
-        raise FormatError(what, "'artifactType' is not a string")
+def check_manifest(document: dict[str, Any], what: str) -> None:
+    """Refuse a manifest whose structure is not the spec's: a registry (or a pusher) is not
+    trusted, and everything after this (classify, the layout, the sync's records, the
+    registry's store and headers) reads these fields. Indexes get this check too: their
+    ``config`` and ``layers`` are not the spec's, but they are read like a manifest's."""
+    for key in ("mediaType", "artifactType"):
+        if not isinstance(document.get(key, ""), str):
+            raise FormatError(what, f"'{key}' is not a string")
     if "annotations" in document and not _strings(document["annotations"]):
         raise FormatError(what, "'annotations' are not strings")
-
-
-def check_manifest(document: dict[str, Any], what: str) -> None:
-    """Refuse an image manifest whose structure is not the spec's: a registry is not trusted,
-    and everything after this (classify, the layout, the sync's records) reads these fields."""
+    for key in ("config", "subject"):
+        problem = _descriptor_problem(document[key]) if key in document else None
+        if problem:
+            raise FormatError(what, f"{key} {problem}")
     layers = document.get("layers", [])
     if not isinstance(layers, list):
         raise FormatError(what, "'layers' is not a list")
-    if "config" in document:
-        problem = _descriptor_problem(document["config"])
-        if problem:
-            raise FormatError(what, f"config {problem}")
     for index, layer in enumerate(layers):
         problem = _descriptor_problem(layer)
         if problem:
             raise FormatError(what, f"layer {index} {problem}")
-    _check_common(document, what)
 
 
 def check_index(document: dict[str, Any], what: str) -> None:
-    """Refuse an image index whose ``manifests`` are not a list of descriptors."""
+    """Refuse an image index whose ``manifests`` are not a list of descriptors, or whose other
+    fields fail :func:`check_manifest`."""
     manifests = document.get("manifests")
     if not isinstance(manifests, list):
         raise FormatError(what, "'manifests' is not a list")
     for index, entry in enumerate(manifests):
         problem = _descriptor_problem(entry)
-        if problem is None and not isinstance(entry.get("platform", {}), dict):
-            problem = "has a platform that is not an object"
         if problem:
             raise FormatError(what, f"manifest {index} {problem}")
-    _check_common(document, what)
+    check_manifest(document, what)
 
 
 def classify(manifest: dict[str, Any]) -> str:
