@@ -75,10 +75,15 @@ class FileCache:
     unchanged files again, so a damaged one must not stop every publish.
     """
 
+    save_every = 1024
+    """Rows remembered are written in one transaction per this many (and at :meth:`close`):
+    one commit per row cost a publish of 50,000 small files 4 of its 14 s."""
+
     def __init__(self, path: Path, settings: PublishSettings) -> None:
         self.path = Path(path)
         self.fingerprint = settings_fingerprint(settings)
         self._lock = threading.Lock()
+        self._unsaved: list[tuple[object, ...]] = []
         try:
             self._db = self._connect()
         except sqlite3.DatabaseError as exc:
@@ -93,11 +98,15 @@ class FileCache:
             try:
                 return self._db.execute(sql, params).fetchone()  # type: ignore[no-any-return]
             except sqlite3.DatabaseError as exc:
-                if not sqlitefile.is_damage(exc):
-                    raise
-                self._db.close()
-                self._db = self._start_again(exc)
+                self._start_again_if_damaged(exc)
                 return None
+
+    def _start_again_if_damaged(self, exc: sqlite3.DatabaseError) -> None:
+        """Re-raise ``exc`` unless it says the file is damaged; then start with an empty one."""
+        if not sqlitefile.is_damage(exc):
+            raise exc
+        self._db.close()
+        self._db = self._start_again(exc)
 
     def _start_again(self, exc: sqlite3.DatabaseError) -> sqlite3.Connection:
         aside = sqlitefile.set_aside(self.path)
@@ -124,8 +133,31 @@ class FileCache:
         return db
 
     def close(self) -> None:
+        try:
+            self.save()
+        finally:
+            with self._lock:
+                self._db.close()
+
+    def save(self) -> None:
+        """Write the rows remembered since the last save (lost in a crash before: those files
+        are read once more at the next publish)."""
+        rows, self._unsaved = self._unsaved, []
+        if not rows:
+            return
         with self._lock:
-            self._db.close()
+            try:
+                self._db.execute("BEGIN")
+                try:
+                    self._db.executemany(
+                        "INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?, ?, ?)", rows
+                    )
+                    self._db.execute("COMMIT")
+                except BaseException:
+                    self._db.execute("ROLLBACK")
+                    raise
+            except sqlite3.DatabaseError as exc:
+                self._start_again_if_damaged(exc)
 
     def lookup(self, key: FileKey, store: ObjectStore) -> FileContent | None:
         from cvmfs_ml.publish.ingest import FileContent
@@ -161,10 +193,9 @@ class FileCache:
             "digest": content.digest.hex if content.digest else None,
             "chunks": [[c.offset, c.size, c.digest.hex] for c in content.chunks],
         }
-        self._execute(
-            "INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (*key, self.fingerprint, json.dumps(data)),
-        )
+        self._unsaved.append((*key, self.fingerprint, json.dumps(data)))
+        if len(self._unsaved) >= self.save_every:
+            self.save()
 
 
 def remember_laid_out(

@@ -157,7 +157,13 @@ class _Piece:
 
 
 class PendingFile:
-    """A file whose pieces are still being stored; :meth:`result` waits for them."""
+    """A file whose pieces are still being stored; :meth:`result` waits for them.
+
+    A publish keeps one per file until the catalog is written, so once settled it keeps only
+    its :class:`FileContent`: the futures (a lock and a condition each, about 1 KB) are let go.
+    """
+
+    __slots__ = ("compressed", "known", "on_done", "pieces", "size", "whole")
 
     def __init__(self, size: int, compressed: bool) -> None:
         self.size = size
@@ -179,7 +185,16 @@ class PendingFile:
         self.known = content
         for cache, key in self.on_done:
             cache.remember(key, content)
+        self.whole, self.pieces, self.on_done = None, [], []
         return content
+
+    def done(self) -> bool:
+        """Whether :meth:`result` would return (or raise) without waiting."""
+        if self.known is not None:
+            return True
+        if self.whole is not None:
+            return self.whole.done()
+        return all(fut.done() for _, _, fut in self.pieces)
 
 
 class ContentPipeline:

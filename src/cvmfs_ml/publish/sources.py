@@ -34,9 +34,12 @@ from cvmfs_ml.publish.filecache import FileKey
 __all__ = ["SourceItem", "join_repo_path", "scan_folder", "scan_tarball"]
 
 
-@dataclass
+@dataclass(slots=True)
 class SourceItem:
-    """One entry to publish at ``path`` (a full repository path, ``/a/b``)."""
+    """One entry to publish at ``path`` (a full repository path, ``/a/b``).
+
+    Slotted: a publish holds one per entry until its catalog rows are written.
+    """
 
     path: str
     mode: int

@@ -12,6 +12,7 @@ import contextlib
 import io
 import stat
 import time
+from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -122,7 +123,8 @@ class Transaction:
 
         For sources that are not a plain folder or tarball: a resolved snapshot, an unpacked
         image. ``at`` is created with its missing parents; ``nested_catalog`` makes it a
-        nested catalog root.
+        nested catalog root. The items are consumed: a file's ``open`` and ``file_key`` are
+        cleared once it is read, so that a publish of many files holds little per file.
         """
         self._ops.append(("items", (make_items, at, nested_catalog)))
 
@@ -258,16 +260,27 @@ class Transaction:
         editor = TreeEditor(workspace)
         editor.ensure_parents(base)
         # Content first (one pass over every byte, in parallel); rows once all is stored.
+        # Every entry is held until then, so what is held per entry is kept small: a file's
+        # opener is dropped once read, and a file whose objects are stored keeps only its
+        # digests (200,000 small files held 670 MB of futures and openers).
         staged: list[tuple[SourceItem, PendingFile | None]] = []
         by_path: dict[str, PendingFile] = {}
+        unsettled: deque[PendingFile] = deque()
+        dirtab: Dirtab | None = None
         for item in items:
             if item.same_as:  # a hard link: the content of a file added before it
                 if item.same_as not in by_path:
                     raise PublishError(f"{item.path}: hard link to {item.same_as}, not added")
                 staged.append((item, by_path[item.same_as]))
             elif item.is_regular:
-                by_path[item.path] = pipeline.add(item)
-                staged.append((item, by_path[item.path]))
+                if item.path == DIRTAB:
+                    dirtab = _read_dirtab(item)
+                pending = by_path[item.path] = pipeline.add(item)
+                item.open = item.file_key = None
+                staged.append((item, pending))
+                unsettled.append(pending)
+                while unsettled and unsettled[0].done():
+                    unsettled.popleft().result()
             else:
                 staged.append((item, None))
         markers = {
@@ -275,7 +288,6 @@ class Transaction:
         }
         if "" in markers:
             raise PublishError("a .cvmfscatalog marker in the repository root is not allowed")
-        dirtab = self._dirtab(workspace, staged)
         nested = set(markers)
         if nested_root and base:
             nested.add(base)
@@ -303,15 +315,12 @@ class Transaction:
             for path in sorted(nested):
                 editor.make_catalog_root(path)
 
-    def _dirtab(
-        self, workspace: CatalogWorkspace, staged: list[tuple[SourceItem, PendingFile | None]]
-    ) -> Dirtab | None:
-        for item, _ in staged:
-            if item.path == DIRTAB and item.open is not None:
-                with item.open() as handle:
-                    raw = handle.read(1 << 20)
-                try:
-                    return Dirtab.parse(raw.decode())
-                except UnicodeDecodeError as exc:
-                    raise PublishError(f"{DIRTAB}: not UTF-8 text ({exc.reason})") from exc
-        return None
+
+def _read_dirtab(item: SourceItem) -> Dirtab:
+    assert item.open is not None
+    with item.open() as handle:
+        raw = handle.read(1 << 20)
+    try:
+        return Dirtab.parse(raw.decode())
+    except UnicodeDecodeError as exc:
+        raise PublishError(f"{DIRTAB}: not UTF-8 text ({exc.reason})") from exc
