@@ -54,6 +54,7 @@ from typing import Any, TypeVar
 
 from cvmfs_ml.client.entries import device_number, hardlink_key
 from cvmfs_ml.client.fuse_live import LiveUpdates, TreeChanges, entry_name
+from cvmfs_ml.client.inode_table import InodeTable
 from cvmfs_ml.client.mount_control import (
     CONTROL_XATTRS,
     RELOAD_XATTR,
@@ -165,15 +166,9 @@ class CvmfsOperations(_OperationsBase):  # type: ignore[misc,valid-type]
         self._trio = trio
         self.repo = repository
         self._limiter = trio.CapacityLimiter(max(2, workers))
-        self._paths: dict[int, str] = {pyfuse3.ROOT_INODE: ""}
-        self._inodes: dict[str, int] = {"": pyfuse3.ROOT_INODE}
-        # Hard-link groups share one inode, as with upstream's client; a group lives in one
-        # directory and its id is unique in that directory's catalog (cvmfs-format.md §4.3).
-        self._groups: dict[tuple[str, int], int] = {}
-        self._entries: dict[int, DirectoryEntry] = {}
-        self._next_inode = pyfuse3.ROOT_INODE + 1
+        self.inodes = InodeTable(pyfuse3.ROOT_INODE)
         self._files: dict[int, CvmfsFile] = {}
-        self._dirs: dict[int, list[tuple[bytes, Any]]] = {}
+        self._dirs: dict[int, list[DirectoryEntry]] = {}
         self._next_fh = 1
         self.reads = 0
         self.read_sizes: dict[int, int] = {}
@@ -220,36 +215,24 @@ class CvmfsOperations(_OperationsBase):  # type: ignore[misc,valid-type]
         return self._fuse.FUSEError(code)
 
     def _inode_for(self, path: str, entry: DirectoryEntry | None = None) -> int:
-        """The inode of ``path``; members of a hard-link group share one, as upstream's do
-        (groups are per directory, so the folder and the group number name it)."""
-        inode = self._inodes.get(path)
-        if inode is None:
-            group = hardlink_key(entry) if entry is not None else None
-            inode = self._groups.get(group) if group is not None else None
-            if inode is None:
-                inode = self._next_inode
-                self._next_inode += 1
-                self._paths[inode] = path
-                if group is not None:
-                    self._groups[group] = inode
-            self._inodes[path] = inode
-        return inode
+        """The inode of ``path``; members of a hard-link group share one, as upstream's do."""
+        return self.inodes.inode_for(path, hardlink_key(entry) if entry is not None else None)
 
     def _path(self, inode: int) -> str:
-        try:
-            return self._paths[inode]
-        except KeyError:
-            raise self._fuse.FUSEError(errno.ENOENT) from None
+        path = self.inodes.path(inode)
+        if path is None:
+            raise self._fuse.FUSEError(errno.ENOENT)
+        return path
 
     async def _entry(self, inode: int) -> DirectoryEntry:
-        entry = self._entries.get(inode)
+        entry = self.inodes.entry(inode)
         if entry is None:
             path = self._path(inode)
             try:
                 entry = await self._blocking(self.repo.stat, path)
             except Exception as exc:
                 raise self._fail(exc, f"stat {path or '/'}") from exc
-            self._entries[inode] = entry
+            self.inodes.set_entry(inode, entry)
         return entry
 
     def _attributes(self, inode: int, entry: DirectoryEntry) -> Any:
@@ -276,15 +259,15 @@ class CvmfsOperations(_OperationsBase):  # type: ignore[misc,valid-type]
     # -- metadata -----------------------------------------------------------------------------
     async def lookup(self, parent_inode: int, name: bytes, ctx: Any = None) -> Any:
         parent = self._path(parent_inode)
-        if name == b".":
-            return self._attributes(parent_inode, await self._entry(parent_inode))
-        if name == b"..":
+        if name in (b".", b".."):
             up = parent.rsplit("/", 1)[0] if parent else ""
-            inode = self._inode_for(up)
-            return self._attributes(inode, await self._entry(inode))
+            inode = parent_inode if name == b"." else self._inode_for(up)
+            attributes = self._attributes(inode, await self._entry(inode))
+            self.inodes.handed_out(inode)
+            return attributes
         path = f"{parent}/{_decode(name)}"
-        inode = self._inodes.get(path)
-        entry = self._entries.get(inode) if inode is not None else None
+        inode = self.inodes.current(path)
+        entry = self.inodes.entry(inode) if inode is not None else None
         if entry is None:
             try:
                 entry = await self._blocking(self.repo.stat, path)
@@ -293,9 +276,13 @@ class CvmfsOperations(_OperationsBase):  # type: ignore[misc,valid-type]
             except Exception as exc:
                 raise self._fail(exc, f"lookup {path}") from exc
             inode = self._inode_for(path, entry)
-            self._entries[inode] = entry
-        assert inode is not None
+            self.inodes.set_entry(inode, entry)
+        self.inodes.handed_out(inode)
         return self._attributes(inode, entry)
+
+    async def forget(self, inode_list: list[tuple[int, int]]) -> None:
+        for inode, count in inode_list:
+            self.inodes.forget(inode, count)
 
     def _negative(self, parent_inode: int, path: str) -> Any:
         """A "does not exist" answer the kernel caches until the name appears (or one TTL)."""
@@ -312,7 +299,7 @@ class CvmfsOperations(_OperationsBase):  # type: ignore[misc,valid-type]
     # -- live updates (cvmfs_ml.client.fuse_live) -----------------------------------------------
     def known_entries(self) -> list[tuple[str, int, DirectoryEntry | None]]:
         """``(path, inode, entry served)`` for every path the kernel may have cached."""
-        return [(path, inode, self._entries.get(inode)) for path, inode in self._inodes.items()]
+        return self.inodes.known()
 
     def missing_names(self) -> list[tuple[int, str]]:
         return list(self._missing)
@@ -326,13 +313,12 @@ class CvmfsOperations(_OperationsBase):  # type: ignore[misc,valid-type]
         """
         targets: list[tuple[int, bytes] | int] = []
         for path, inode in changes.renamed:
-            if self._inodes.get(path) == inode:
-                del self._inodes[path]
-            parent = self._inodes.get(path.rsplit("/", 1)[0])
+            self.inodes.detach(path, inode)
+            parent = self.inodes.current(path.rsplit("/", 1)[0])
             if parent is not None:
                 targets.append((parent, entry_name(path)))
         for inode, entry in changes.folders:
-            self._entries[inode] = entry
+            self.inodes.set_entry(inode, entry)
             targets.append(inode)
         for parent, path in changes.appeared:
             self._missing.pop((parent, path), None)
@@ -358,22 +344,30 @@ class CvmfsOperations(_OperationsBase):  # type: ignore[misc,valid-type]
         except Exception as exc:
             raise self._fail(exc, f"listdir {path or '/'}") from exc
         self.counters.dir_opens += 1
-        listing = []
-        for child in children:
-            child_inode = self._inode_for(child.path, child)
-            self._entries.setdefault(child_inode, child)
-            listing.append((_encode(child.name), self._attributes(child_inode, child)))
         fh = self._next_fh
         self._next_fh += 1
-        self._dirs[fh] = listing
+        self._dirs[fh] = children
         return fh
 
     async def readdir(self, fh: int, start_id: int, token: Any) -> None:
+        """Entries from ``start_id`` on, each given its inode as it is handed over (an inode
+        the kernel refused now is dropped again: only a forget would remove it later)."""
         listing = self._dirs.get(fh, [])
+        inodes = self.inodes
         for index in range(start_id, len(listing)):
-            name, attr = listing[index]
-            if not self._fuse.readdir_reply(token, name, attr, index + 1):
+            child = listing[index]
+            inode = inodes.current(child.path)
+            entry = inodes.entry(inode) if inode is not None else None
+            if entry is None:
+                inode = self._inode_for(child.path, child)
+                entry = inodes.entry(inode)
+                if entry is None:
+                    inodes.set_entry(inode, entry := child)
+            attr = self._attributes(inode, entry)
+            if not self._fuse.readdir_reply(token, _encode(child.name), attr, index + 1):
+                inodes.drop_if_unknown(inode)
                 break
+            inodes.handed_out(inode)
 
     async def releasedir(self, fh: int) -> None:
         self._dirs.pop(fh, None)
@@ -391,7 +385,7 @@ class CvmfsOperations(_OperationsBase):  # type: ignore[misc,valid-type]
         data.f_blocks = total // 4096
         data.f_bfree = max(0, total - used) // 4096
         data.f_bavail = data.f_bfree
-        data.f_files = len(self._paths)
+        data.f_files = len(self.inodes)
         data.f_ffree = 0
         data.f_favail = 0
         data.f_namemax = 255
@@ -441,6 +435,10 @@ class CvmfsOperations(_OperationsBase):  # type: ignore[misc,valid-type]
             return await self._control(name, ctx)
         if name in entry.xattrs:
             return bytes(entry.xattrs[name])
+        if not name.startswith(b"user."):
+            # Every magic attribute is a user.* one. ``ls -l`` asks for security.selinux and
+            # system.posix_acl_access of every file: answered here, not in a worker thread.
+            raise self._fuse.FUSEError(self._fuse.ENOATTR)
         try:
             magic = await self._blocking(self._magic, entry)
             getter = magic.get(name)
@@ -458,7 +456,7 @@ class CvmfsOperations(_OperationsBase):  # type: ignore[misc,valid-type]
             return control_reply(await self.live.check(forced=True))
         try:
             stats = mount_stats(self.repo, self.live, self.counters, len(self._files),
-                                len(self._paths))  # fmt: skip
+                                len(self.inodes))  # fmt: skip
         except Exception as exc:
             raise self._fail(exc, "stats") from exc
         stats["fuse"]["reads"] = self.reads
@@ -479,7 +477,7 @@ class CvmfsOperations(_OperationsBase):  # type: ignore[misc,valid-type]
         if not entry.is_regular:
             raise self._fuse.FUSEError(errno.EACCES)
         path = self._path(inode)
-        if self._inodes.get(path) != inode:  # an older revision's inode: its path moved on
+        if self.inodes.current(path) != inode:  # an older revision's inode: its path moved on
             raise self._fuse.FUSEError(errno.ESTALE)
         self.counters.opens += 1
         try:
