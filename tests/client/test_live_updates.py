@@ -342,3 +342,44 @@ def test_a_refresh_walks_the_new_revisions_nested_catalogs(tmp_path: Path) -> No
         with pytest.raises(NotFoundError):
             repo.stat("/sub/deep/er/gone")
         assert [e.name for e in repo.listdir("/sub/deep/er")] == [".cvmfscatalog"]
+
+
+def _hard_linked_tarball(path: Path, content: bytes) -> Path:
+    """A tarball with /links/a and /links/b, one file with two names (a hard-link group)."""
+    import io
+    import tarfile
+
+    with tarfile.open(path, "w") as tar:
+        info = tarfile.TarInfo("links/a")
+        info.size = len(content)
+        tar.addfile(info, io.BytesIO(content))
+        link = tarfile.TarInfo("links/b")
+        link.type, link.linkname = tarfile.LNKTYPE, "links/a"
+        tar.addfile(link)
+    return path
+
+
+@pytest.mark.service
+def test_a_new_revision_of_hard_linked_files_is_read_after_reload(
+    mounter: Callable[..., MountHandle], long_ttl: Served, tmp_path: Path
+) -> None:
+    """The group (folder, number) comes back in the new revision: it must get a new inode,
+    not the old one, which a reader still holds open with its pages in the kernel."""
+    publisher = long_ttl.publisher
+    with publisher.transaction() as txn:
+        txn.add_tarball(_hard_linked_tarball(tmp_path / "one.tar", b"one"), "/")
+        txn.commit()
+    root = mounter(long_ttl.url, public_key=long_ttl.key).mountpoint
+    assert (root / "links/a").read_bytes() == b"one"
+    assert (root / "links/a").stat().st_ino == (root / "links/b").stat().st_ino
+    held = (root / "links/a").open("rb")
+    with publisher.transaction() as txn:
+        txn.remove("/links")  # the folder starts again: the new group is number 1 again
+        txn.add_tarball(_hard_linked_tarball(tmp_path / "two.tar", b"two"), "/")
+        txn.commit()
+    result = CliRunner().invoke(cli(), ["reload", str(root)])
+    assert result.exit_code == 0, result.output
+    assert (root / "links/a").read_bytes() == b"two"
+    assert (root / "links/b").read_bytes() == b"two"
+    assert held.read() == b"one"  # a file opened before reads the revision it opened
+    held.close()
