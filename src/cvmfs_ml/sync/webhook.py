@@ -13,13 +13,22 @@ Two payloads are understood (DUCC's ``ducc/webhook/registry_webhook.py`` takes t
 The server answers ``202`` and hands the repositories to a callback; the sync loop runs a round
 restricted to them. With a token configured, requests must carry ``Authorization: Bearer
 <token>`` (both registries can send a fixed header).
+
+Everything a sender controls is bounded: the body (1 MiB), the events in it (1000 distinct),
+each receive (``read_timeout``), the whole request (``request_timeout``, so a sender trickling a
+byte at a time cannot hold a connection for days), and the connections served at once (more
+are answered ``503`` without a thread of their own).
 """
 
 from __future__ import annotations
 
 import hmac
 import http.server
+import io
+import logging
+import socket
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -30,6 +39,10 @@ from cvmfs_ml.errors import FormatError
 __all__ = ["RegistryEvent", "WebhookServer", "parse_notification"]
 
 MAX_BODY_BYTES = 1 * 2**20
+MAX_EVENTS = 1000  # distinct events in one notification; registries send one or a few
+MAX_CONNECTIONS = 32  # served at once; a registry sends its notifications one by one
+_BUSY = b"HTTP/1.0 503 Service Unavailable\r\nContent-Length: 5\r\nRetry-After: 1\r\n\r\nbusy\n"
+_logger = logging.getLogger(__name__)
 _MANIFEST_HINTS = ("manifest", "index")
 _HARBOR_ACTIONS = {"PUSH_ARTIFACT": "push", "DELETE_ARTIFACT": "delete", "REPLICATION": "push"}
 
@@ -108,10 +121,38 @@ def parse_notification(body: bytes) -> list[RegistryEvent]:
     if not isinstance(payload, dict):
         raise FormatError("webhook body", "not a JSON object")
     if "events" in payload:
-        return _docker_events(payload)
-    if "type" in payload and "event_data" in payload:
-        return _harbor_events(payload)
-    raise FormatError("webhook body", "neither a Docker distribution nor a Harbor notification")
+        events = _docker_events(payload)
+    elif "type" in payload and "event_data" in payload:
+        events = _harbor_events(payload)
+    else:
+        raise FormatError("webhook body", "neither a Docker distribution nor a Harbor notification")
+    # Each event is a logged line and a remembered repository in the sync loop: the same event
+    # repeated counts once, and a body naming thousands is refused rather than fanned out.
+    unique = list(dict.fromkeys(events))
+    if len(unique) > MAX_EVENTS:
+        raise FormatError("webhook body", f"more than {MAX_EVENTS} events; send fewer at a time")
+    return unique
+
+
+class _DeadlineReader(io.RawIOBase):
+    """The connection's receives, each bounded by ``per_read`` and by what is left of one
+    deadline for the whole request. A socket timeout alone bounds the wait for each piece, so
+    a sender trickling one byte a second kept its connection (and a thread) for as long as it
+    liked; here every receive is checked against the deadline before it starts."""
+
+    def __init__(self, sock: socket.socket, per_read: float, deadline: float) -> None:
+        super().__init__()
+        self._sock, self._per_read, self._deadline = sock, per_read, deadline
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        left = self._deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("the request took longer than its deadline")
+        self._sock.settimeout(min(left, self._per_read))
+        return self._sock.recv_into(buffer)
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
@@ -123,6 +164,11 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         # instead of holding a thread forever.
         self.timeout = self.server.read_timeout
         super().setup()
+        self.rfile.close()
+        deadline = time.monotonic() + self.server.request_timeout
+        self.rfile = io.BufferedReader(
+            _DeadlineReader(self.connection, self.server.read_timeout, deadline)
+        )
 
     def log_message(self, *args: Any) -> None:
         pass
@@ -153,8 +199,12 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if length < 0 or length > MAX_BODY_BYTES:
             self._answer(413, f"body larger than {MAX_BODY_BYTES} bytes")
             return
+        body = self.rfile.read(length)
+        if len(body) < length:  # the sender closed early: a cut body is no notification
+            self._answer(400, f"body shorter than its Content-Length ({len(body)} < {length})")
+            return
         try:
-            events = parse_notification(self.rfile.read(length))
+            events = parse_notification(body)
         except FormatError as exc:
             self._answer(400, str(exc))
             return
@@ -176,12 +226,46 @@ class WebhookServer(http.server.ThreadingHTTPServer):
         port: int = 0,
         token: str | None = None,
         read_timeout: float = 30.0,
+        request_timeout: float = 60.0,
+        max_connections: int = MAX_CONNECTIONS,
     ) -> None:
         self.on_events = on_events
         self.token = token
         self.read_timeout = read_timeout
+        self.request_timeout = request_timeout
+        self._slots = threading.BoundedSemaphore(max_connections)
         super().__init__((host, port), _Handler)
         self._thread: threading.Thread | None = None
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        # A thread per connection, but only so many at once: a flood of connections (each
+        # held until its deadline) would otherwise start threads until the process has none
+        # left. Beyond the limit the sender is told to come back, from this thread, at once.
+        if not self._slots.acquire(blocking=False):
+            try:
+                request.settimeout(1.0)
+                request.sendall(_BUSY)
+            except OSError:
+                pass
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # socketserver prints a traceback to stderr for any error of a connection, such as
+        # a sender resetting it mid-body: that is the sender's failure, not the service's, and
+        # the service's stderr is for lines an operator acts on.
+        _logger.debug("webhook connection from %s failed", client_address, exc_info=True)
 
     @property
     def url(self) -> str:
