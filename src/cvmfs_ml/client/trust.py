@@ -27,9 +27,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cvmfs_ml.cvmfs.hashing import Digest, hash_bytes
-from cvmfs_ml.cvmfs.manifest import FqrnMismatchError, Manifest, verify_manifest
+from cvmfs_ml.cvmfs.manifest import (
+    MAX_MANIFEST_BYTES,
+    FqrnMismatchError,
+    Manifest,
+    verify_manifest,
+)
 from cvmfs_ml.cvmfs.objects import Decompressor
 from cvmfs_ml.cvmfs.whitelist import (
+    MAX_WHITELIST_BYTES,
     Whitelist,
     certificate_fingerprint,
     matching_line,
@@ -52,10 +58,6 @@ __all__ = [
     "verify_ensemble",
 ]
 
-MAX_MANIFEST_BYTES = 64 * 1024
-"""``.cvmfspublished`` is a few hundred bytes plus a 256-byte signature."""
-MAX_WHITELIST_BYTES = 1024 * 1024
-"""``.cvmfswhitelist``: a fingerprint line (~70 bytes) per certificate; room for thousands."""
 MAX_CERTIFICATE_BYTES = 256 * 1024
 """A PEM certificate (or a short chain) as stored and as inflated; mkfs writes ~1.2 KiB."""
 MAX_BLACKLIST_BYTES = 16 * 1024 * 1024

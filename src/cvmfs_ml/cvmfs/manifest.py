@@ -27,6 +27,7 @@ from cvmfs_ml.cvmfs.keys import certificate_public_key
 from cvmfs_ml.errors import FormatError, SignatureError, TrustError
 
 __all__ = [
+    "MAX_MANIFEST_BYTES",
     "DEFAULT_TTL",
     "EMPTY_PATH_MD5",
     "FqrnMismatchError",
@@ -39,6 +40,9 @@ __all__ = [
 EMPTY_PATH_MD5 = hashlib.md5(b"", usedforsecurity=False).hexdigest()
 """``R``: the MD5 of the root path, which is always the empty string (§2.1)."""
 
+MAX_MANIFEST_BYTES = 64 * 1024
+"""``.cvmfspublished`` is a few hundred bytes plus a 256-byte signature: what a reader
+accepts (client, replica, S3 store)."""
 DEFAULT_TTL = 240
 """``D``: upstream's default catalog TTL in seconds (``catalog::Catalog::kDefaultTTL``)."""
 

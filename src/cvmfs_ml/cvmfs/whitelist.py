@@ -31,6 +31,7 @@ from cvmfs_ml.cvmfs.manifest import FqrnMismatchError, split_signed
 from cvmfs_ml.errors import FormatError, SignatureError, WhitelistExpiredError
 
 __all__ = [
+    "MAX_WHITELIST_BYTES",
     "DEFAULT_VALIDITY",
     "Whitelist",
     "certificate_fingerprint",
@@ -43,6 +44,8 @@ __all__ = [
     "verify_whitelist",
 ]
 
+MAX_WHITELIST_BYTES = 1024 * 1024
+"""``.cvmfswhitelist``: a fingerprint line (~70 bytes) per certificate; room for thousands."""
 DEFAULT_VALIDITY = dt.timedelta(days=30)
 """mkfs and ``resign`` sign for 30 days with a master-key file (7 with a smart card)."""
 

@@ -34,6 +34,13 @@ from cvmfs_ml.cvmfs.hashing import Algorithm, Digest, hash_bytes
 from cvmfs_ml.cvmfs.objects import ObjectKind, object_path, stored_bound
 from cvmfs_ml.errors import ConfigError, FormatError, NotFoundError, PublishError, StorageError
 from cvmfs_ml.storage.base import copy_verified, decode_verified
+from cvmfs_ml.storage.s3_guard import (
+    STREAM_ERRORS,
+    checked_pages,
+    read_body,
+    refuse_redirects,
+    whole_read_limit,
+)
 
 __all__ = ["S3Config", "S3ObjectWriter", "S3Store", "parse_s3_location"]
 
@@ -228,6 +235,7 @@ class S3Store:
             aws_secret_access_key=config.secret_key,
             config=botocore_config,
         )
+        refuse_redirects(self._client)
         self._transfer = TransferConfig(
             multipart_threshold=config.multipart_threshold,
             multipart_chunksize=config.multipart_chunk,
@@ -312,19 +320,26 @@ class S3Store:
 
     def _call(self, operation: str, **kwargs: Any) -> Any:
         """One S3 request (botocore retries it); failures become :class:`StorageError`."""
-        from botocore.exceptions import BotoCoreError, ClientError
+        from botocore.exceptions import ClientError
 
         try:
             return getattr(self._client, operation)(**kwargs)
         except ClientError as exc:
             code = str(exc.response.get("Error", {}).get("Code", ""))
-            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            meta = exc.response.get("ResponseMetadata", {})
+            status = meta.get("HTTPStatusCode")
             if code in ("NoSuchKey", "404", "NotFound") or status == 404:
                 raise NotFoundError(kwargs.get("Key", self.bucket), self._location) from exc
             if code == "PreconditionFailed" or status in (409, 412):
                 raise _PreconditionFailed(str(exc)) from exc
+            if isinstance(status, int) and 300 <= status < 400:  # not followed: s3_guard
+                where = str(meta.get("HTTPHeaders", {}).get("location", ""))[:200]
+                raise StorageError(
+                    f"S3 {operation} on {self._location}: redirected ({status}) to {where!r};"
+                    " set CVMFS_S3_HOST and CVMFS_S3_REGION to the bucket's own endpoint"
+                ) from exc
             raise StorageError(f"S3 {operation} on {self._location}: {code or status}") from exc
-        except BotoCoreError as exc:
+        except STREAM_ERRORS as exc:  # botocore's own, and what it lets through (urllib3's)
             raise StorageError(f"S3 {operation} on {self._location}: {exc}") from exc
 
     def _remember(self, rel_path: str) -> None:
@@ -334,7 +349,7 @@ class S3Store:
 
     def _upload(self, rel_path: str, fileobj: BinaryIO, size: int) -> None:
         """Upload a file object; multipart in parallel parts above the threshold."""
-        from botocore.exceptions import BotoCoreError, ClientError
+        from botocore.exceptions import ClientError
 
         key = self._key(rel_path)
         if size < self.config.multipart_threshold:
@@ -344,7 +359,7 @@ class S3Store:
                 self._client.upload_fileobj(
                     fileobj, self.bucket, key, ExtraArgs=self._extra, Config=self._transfer
                 )
-            except (BotoCoreError, ClientError) as exc:
+            except (ClientError, *STREAM_ERRORS) as exc:
                 raise StorageError(f"S3 multipart upload of {key}: {exc}") from exc
         self._remember(rel_path)
 
@@ -411,7 +426,8 @@ class S3Store:
         condition: dict[str, str]
         try:
             current = self._call("get_object", Bucket=self.bucket, Key=key)
-            body, etag = current["Body"].read(), current["ETag"]
+            etag = current["ETag"]
+            body = read_body(current, whole_read_limit(rel_path), rel_path, self._location)
             condition = {"IfMatch": etag}
         except NotFoundError:
             body, condition = None, {"IfNoneMatch": "*"}
@@ -461,21 +477,23 @@ class S3Store:
 
     # -- reading --------------------------------------------------------------------------------
     def get_bytes(self, rel_path: str) -> bytes:
+        """The whole object, bounded (:func:`~cvmfs_ml.storage.s3_guard.whole_read_limit`)."""
         answer = self._call("get_object", Bucket=self.bucket, Key=self._key(rel_path))
-        return bytes(answer["Body"].read())
+        return read_body(answer, whole_read_limit(rel_path), rel_path, self._location)
 
     def list_sizes(self) -> Iterator[tuple[str, int]]:
         paginator = self._client.get_paginator("list_objects_v2")
-        from botocore.exceptions import BotoCoreError, ClientError
+        from botocore.exceptions import ClientError
 
+        pages = paginator.paginate(Bucket=self.bucket, Prefix=self.prefix + "data/")
         try:
-            for page in paginator.paginate(Bucket=self.bucket, Prefix=self.prefix + "data/"):
+            for page in checked_pages(pages, self._location):
                 for item in page.get("Contents", []):
                     rel = item["Key"][len(self.prefix) :]
                     parts = rel.split("/")
                     if len(parts) == 3 and len(parts[1]) == 2:
                         yield rel, int(item["Size"])
-        except (BotoCoreError, ClientError) as exc:
+        except (ClientError, *STREAM_ERRORS) as exc:
             raise StorageError(f"S3 listing of {self._location}: {exc}") from exc
 
     def list_objects(self) -> Iterator[str]:
@@ -493,14 +511,15 @@ class S3Store:
     ) -> bytes:
         """Read with credentials through the S3 API (the fetcher interface, for the server side).
 
-        ``max_bytes`` bounds the content: a larger stored body is refused before it is read.
+        ``max_bytes`` bounds the content: a larger stored body is refused before it is read
+        (by its declared length, and by what arrives: the two need not agree).
         """
+        limit = whole_read_limit(rel_path)
         if max_bytes is not None:
             limit = stored_bound(max_bytes, compressed)
-            size = self._call("head_object", Bucket=self.bucket, Key=self._key(rel_path))
-            if int(size.get("ContentLength", 0)) > limit:
-                raise FormatError(rel_path, f"larger than {limit} bytes")
-        return decode_verified(self.get_bytes(rel_path), rel_path, expected, compressed, max_bytes)
+        answer = self._call("get_object", Bucket=self.bucket, Key=self._key(rel_path))
+        stored = read_body(answer, limit, rel_path, self._location)
+        return decode_verified(stored, rel_path, expected, compressed, max_bytes)
 
     def fetch_into(
         self,
@@ -515,9 +534,14 @@ class S3Store:
         answer = self._call("get_object", Bucket=self.bucket, Key=self._key(rel_path))
         body = answer["Body"]
         try:
+            declared = int(answer.get("ContentLength") or 0)
+            if max_bytes is not None and declared > stored_bound(max_bytes, compressed):
+                raise FormatError(rel_path, f"{self._location} declares {declared} bytes")
             return copy_verified(
                 body.iter_chunks(_READ_BLOCK), rel_path, expected, compressed, fileobj, max_bytes
             )
+        except STREAM_ERRORS as exc:
+            raise StorageError(f"S3 read of {rel_path} from {self._location}: {exc}") from exc
         finally:
             body.close()
 
