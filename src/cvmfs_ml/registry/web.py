@@ -19,6 +19,7 @@ from cvmfs_ml.client.repository import Repository
 from cvmfs_ml.errors import CvmfsMlError
 from cvmfs_ml.models.layout import ModelRecord
 from cvmfs_ml.models.publish import list_models
+from cvmfs_ml.models.tree import read_record
 from cvmfs_ml.registry.auth import require_reader
 from cvmfs_ml.registry.service import RegistryService
 
@@ -43,26 +44,42 @@ def _size(n: int) -> str:
     return str(n)
 
 
+def _full(repo: Repository, summary: ModelRecord) -> ModelRecord:
+    """The version's ``model.json``, or its index summary (no files) where that does not read:
+    one broken document must not empty the page of every other model."""
+    try:
+        return read_record(repo, summary.ref)
+    except (CvmfsMlError, OSError):
+        return summary
+
+
 def model_rows(
     service: RegistryService, query: str = "", fmt: str = ""
-) -> tuple[str, list[ModelRecord]]:
-    """The first repository's FQRN and its model versions matching ``query`` and ``fmt``."""
+) -> tuple[str, list[ModelRecord], int]:
+    """The first repository's FQRN, its model versions matching ``query`` and ``fmt`` (at most
+    :data:`MAX_LISTED`), and how many matched.
+
+    The search runs on the index (one file) and only the versions shown have their
+    ``model.json`` read: reading every version's, then keeping the first 500, made each view
+    cost a read per published version and left versions past the 500th unfindable."""
     worker = service.workers[service.repositories[0]]
     publisher = worker.publisher
     cache = service.data_dir / "web-cache"
+    query, fmt = query.strip().lower(), fmt.strip().lower()
     try:
         with Repository.open(
             publisher.repo_dir, fqrn=publisher.fqrn,
             public_key=publisher.keys.paths.master_public, cache=cache,
         ) as repo:  # fmt: skip
-            records = list_models(repo, full=True)[:MAX_LISTED]
+            matching = [
+                r for r in list_models(repo)
+                if (not query or query in r.ref.key.lower())
+                and (not fmt or (r.format or "") == fmt)
+            ]  # fmt: skip
+            records = [_full(repo, r) for r in matching[:MAX_LISTED]]
     except (CvmfsMlError, OSError):  # no index yet: no models
-        records = []
-    query, fmt = query.strip().lower(), fmt.strip().lower()
-    return publisher.fqrn, [
-        r for r in records
-        if (not query or query in r.ref.key.lower()) and (not fmt or (r.format or "") == fmt)
-    ]  # fmt: skip
+        matching, records = [], []
+    return publisher.fqrn, records, len(matching)
 
 
 def _snippets(fqrn: str, record: ModelRecord) -> str:
@@ -79,8 +96,8 @@ def _snippets(fqrn: str, record: ModelRecord) -> str:
     return "<pre>" + html.escape("\n".join(lines)) + "</pre>"
 
 
-def _page(service: RegistryService, fqrn: str, records: list[ModelRecord], query: str,
-          fmt: str) -> str:  # fmt: skip
+def _page(service: RegistryService, fqrn: str, records: list[ModelRecord], matched: int,
+          query: str, fmt: str) -> str:  # fmt: skip
     formats = sorted({r.format for r in records if r.format})
     parts = [
         "<!doctype html><html lang=en><head><meta charset=utf-8>",
@@ -89,7 +106,8 @@ def _page(service: RegistryService, fqrn: str, records: list[ModelRecord], query
         '<form method=get action="/"><input name=q placeholder="search by name" value="'
         f'{html.escape(query)}"> <input name=format placeholder="format (onnx, gguf...)" value="'
         f'{html.escape(fmt)}"> <button>Search</button></form>',
-        f"<p>{len(records)} model version(s)"
+        f"<p>{matched} model version(s)"
+        + (f" (the first {len(records)} shown; search to narrow)" if matched > len(records) else "")
         + (f"; formats: {html.escape(', '.join(formats))}" if formats else "")
         + ' &middot; <a href="/docs">API</a> &middot; <a href="/api/v1/models">JSON</a></p>',
     ]  # fmt: skip
@@ -130,13 +148,13 @@ def add_web_routes(app: FastAPI, service: RegistryService) -> None:
     @app.get("/", response_class=HTMLResponse)
     def index(request: Request, q: str = "", format: str = "") -> HTMLResponse:
         readable(request)
-        fqrn, records = model_rows(service, q, format)
-        return HTMLResponse(_page(service, fqrn, records, q, format))
+        fqrn, records, matched = model_rows(service, q, format)
+        return HTMLResponse(_page(service, fqrn, records, matched, q, format))
 
     @app.get("/api/v1/models")
     def models(request: Request, q: str = "", format: str = "") -> list[dict[str, Any]]:
         readable(request)
-        fqrn, records = model_rows(service, q, format)
+        fqrn, records, _ = model_rows(service, q, format)
         return [{**r.info(), "cvmfs_path": f"/cvmfs/{fqrn}{r.path}"} for r in records]
 
 
