@@ -59,6 +59,12 @@ def pair_arguments(args: Sequence[str]) -> list[tuple[str, Path]]:
     dests = [os.path.abspath(dest) for _, dest in pairs]
     if len(set(dests)) != len(dests):
         raise ConfigError("each URI needs its own DEST folder")
+    # A DEST inside another would be written into the first model's folder (an extra folder
+    # in what the server loads): refused before anything is written.
+    for outer in dests:
+        inner = next((d for d in dests if d.startswith(outer.rstrip(os.sep) + os.sep)), None)
+        if inner is not None:
+            raise ConfigError(f"DEST {inner} is inside DEST {outer}; give each URI its own folder")
     return pairs
 
 
