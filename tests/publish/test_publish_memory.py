@@ -4,7 +4,9 @@ A publish reads every file before it writes catalog rows, so it holds something 
 then. That used to be the file's opener, its ``SourceItem`` dict and one future per object (a lock
 and a condition each): 3.3-3.8 KB per file, 757 MB of peak RSS for 200,000 empty files. A
 fresh process publishes a warm-up folder, then a folder of many empty files, and reports its peak
-RSS (``VmHWM``) after each: the growth per file is what the publish holds per entry.
+RSS (``VmHWM``) after each: the growth per file is what the publish holds per entry. The files
+are in one folder, whose listing the walk holds while its files are read (as ``DirEntry``
+objects with their stat results, 0.8 KB each, before).
 """
 
 from __future__ import annotations
@@ -57,7 +59,7 @@ def _folder(base: Path, folders: int, per_folder: int) -> Path:
 
 def test_memory_per_small_file_is_bounded(tmp_path: Path) -> None:
     warmup = _folder(tmp_path / "warmup", 2, 200)
-    many = _folder(tmp_path / "many", FILES // 2000, 2000)
+    many = _folder(tmp_path / "many", 1, FILES)  # one folder: its listing is held too
     out = subprocess.run(
         [sys.executable, "-c", PUBLISHER, str(tmp_path / "srv"), str(warmup), str(many)],
         capture_output=True,

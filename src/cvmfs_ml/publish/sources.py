@@ -148,14 +148,17 @@ def scan_folder(src: Path, at: str = "", *, include_xattrs: bool = True) -> Iter
     stack = [(str(src), join_repo_path(at, ""))]
     while stack:
         folder, repo_folder = stack.pop()
+        # Names only: a DirEntry keeps its stat result, and a folder's entries live until the
+        # last is published (a folder of 300,000 files held 240 MB of them).
         with os.scandir(folder) as it:
-            entries = sorted(it, key=lambda e: e.name)
-        for entry in entries:
-            st = entry.stat(follow_symlinks=False)
-            repo_path = f"{repo_folder}/{entry.name}"
-            yield item(entry.path, st, repo_path)
+            names = sorted(entry.name for entry in it)
+        for name in names:
+            path = os.path.join(folder, name)
+            st = os.lstat(path)
+            repo_path = f"{repo_folder}/{name}"
+            yield item(path, st, repo_path)
             if stat.S_ISDIR(st.st_mode):
-                stack.append((entry.path, repo_path))
+                stack.append((path, repo_path))
 
 
 def scan_tarball(path: Path, at: str = "", plan: TarPlan | None = None) -> Iterator[SourceItem]:
