@@ -40,6 +40,7 @@ from cvmfs_ml.cvmfs.catalog_rows import (
 )
 from cvmfs_ml.cvmfs.catalog_writer import WritableCatalog, totals
 from cvmfs_ml.cvmfs.hashing import Algorithm, Digest, md5_pair
+from cvmfs_ml.cvmfs.idle_connections import IdleConnections
 from cvmfs_ml.errors import FormatError
 
 __all__ = [
@@ -66,11 +67,19 @@ __all__ = [
 ]
 
 
+MAX_OPEN_CATALOGS = 128
+"""Read-only catalogs whose connection stays open (:mod:`~cvmfs_ml.cvmfs.idle_connections`)."""
+
+_OPEN = IdleConnections(MAX_OPEN_CATALOGS)
+
+
 class Catalog:
     """A catalog file opened read-only.
 
     Safe to share between threads (one connection guarded by a lock: queries are short).
     ``mountpoint`` is the repository path of the catalog's root (``""`` for the root catalog).
+    A file-backed catalog's connection may be closed while idle (:data:`MAX_OPEN_CATALOGS`)
+    and is opened again on the next query: the file must stay in place until :meth:`close`.
     """
 
     def __init__(
@@ -85,20 +94,24 @@ class Catalog:
         self.what = what or f"catalog {self.file.name}"
         self._nested: list[NestedRef] | None = None
         self._lock = threading.Lock()
+        self._in_memory = raw is not None
+        self._closed = False
+        self._db: sqlite3.Connection | None = None
         try:
             if raw is None:
-                uri = f"file:{self.file}?mode=ro&immutable=1"
-                self._db = sqlite3.connect(uri, uri=True, check_same_thread=False)
+                self._db = self._connect()
             else:  # held in memory: nothing touches the disk (gc on a full disk)
                 self._db = sqlite3.connect(":memory:", check_same_thread=False)
                 self._db.deserialize(raw)
-            # Upstream stores names and link targets as raw bytes in TEXT columns: bytes that
-            # are not UTF-8 come back as surrogates, and encode back to the same bytes.
-            self._db.text_factory = decode_text
+                self._db.text_factory = decode_text
             self._properties = dict(self._db.execute("SELECT key, value FROM properties"))
             self._columns = {row[1] for row in self._db.execute("PRAGMA table_info(catalog)")}
         except sqlite3.DatabaseError as exc:
+            if self._db is not None:
+                self._db.close()
             raise FormatError(self.what, f"not a readable catalog: {exc}") from exc
+        if not self._in_memory:
+            _OPEN.touch(self)
         if "md5path_1" not in self._columns:
             raise FormatError(self.what, "no catalog table")
         prefix = self._properties.get("root_prefix")
@@ -155,10 +168,31 @@ class Catalog:
             return None
         return Digest.from_hex(text)
 
+    # -- the connection -------------------------------------------------------------------------
+    def _connect(self) -> sqlite3.Connection:
+        uri = f"file:{self.file}?mode=ro&immutable=1"
+        db = sqlite3.connect(uri, uri=True, check_same_thread=False)
+        # Upstream stores names and link targets as raw bytes in TEXT columns: bytes that
+        # are not UTF-8 come back as surrogates, and encode back to the same bytes.
+        db.text_factory = decode_text
+        return db
+
+    def _disconnect(self) -> None:
+        """Close the connection while idle (the caller holds the lock); reopened on demand."""
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+
     # -- queries ------------------------------------------------------------------------------
     def _query(self, sql: str, args: tuple = ()) -> list[tuple]:
         with self._lock:
+            if self._closed:
+                raise FormatError(self.what, "catalog already closed")
             try:
+                if self._db is None:
+                    self._db = self._connect()
+                if not self._in_memory:
+                    _OPEN.touch(self)
                 return self._db.execute(sql, args).fetchall()
             except sqlite3.DatabaseError as exc:
                 raise FormatError(self.what, f"corrupt catalog: {exc}") from exc
@@ -282,15 +316,15 @@ class Catalog:
 
     def close(self) -> None:
         with self._lock:
-            self._db.close()
+            self._closed = True
+            self._disconnect()
+        _OPEN.forget(self)
 
     def __enter__(self) -> Catalog:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
 
 
 def referenced_objects(catalog: Catalog) -> Iterator[tuple[Digest, bool, bool]]:
