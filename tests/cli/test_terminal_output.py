@@ -4,11 +4,13 @@ File names, symlink targets, tag descriptions and model.json fields come from re
 anyone can publish. Printed raw, an escape sequence in a file name (``ESC ] 0 ; ... BEL`` sets
 the window title, ``ESC [ 2 J`` clears the screen, some terminals answer queries into the
 input) drove the terminal of whoever ran ``repo ls``, and a newline made one name look like two
-lines. They are shown as escapes now; JSON output was and is escaped by the encoder.
+lines. They are shown as escapes now. JSON output is escaped by the encoder, except what it
+leaves raw (C1 controls such as CSI, bidi overrides): those are written as ``\\uXXXX`` too.
 """
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -73,3 +75,21 @@ def test_names_and_model_fields_print_as_escapes(tmp_path: Path) -> None:
     assert "license:      title\\x1b]0;owned\\x07" in info.stdout
     listed = _cli("model", "ls", repo)
     assert listed.returncode == 0 and "t/m" in listed.stdout, listed.stderr
+
+
+def test_json_output_escapes_c1_controls_and_bidi_overrides(tmp_path: Path) -> None:
+    assert _cli("repo", "create", tmp_path / "srv", "--fqrn", "json.test").returncode == 0
+    repo = tmp_path / "srv" / "json.test"
+    name = "csi\u009b2Jbidi\u202etxt.exe"
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / name).write_bytes(b"x")
+    (src / "README.md").write_text(f"---\nlicense: {name}\n---\n")
+    assert _cli("model", "publish", src, "--repo", repo, "--as", "t/m:1").returncode == 0
+    assert _cli("repo", "publish", repo, src, "--at", "/raw").returncode == 0
+    for args in (("repo", "ls", repo, "/raw"), ("model", "info", repo, "t/m:1")):
+        args = (*args, "--json")
+        out = _cli(*args)
+        assert out.returncode == 0, out.stderr
+        assert "\u009b" not in out.stdout and "\u202e" not in out.stdout, args
+        assert name in json.dumps(json.loads(out.stdout), ensure_ascii=False), args

@@ -208,15 +208,21 @@ def use_blacklist(path: Path | None) -> None:
     os.environ["CVMFS_BLACKLIST"] = str(path.resolve())
 
 
+# What the JSON encoder leaves raw but a terminal acts on: DEL, C1 controls (0x9b is CSI on an
+# 8-bit terminal) and bidi overrides. Escaped as \\uXXXX, which decodes to the same text.
+_JSON_HIDDEN = re.compile("[\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+
+
 def json_text(value: Any, **options: Any) -> str:
-    """JSON for stdout: UTF-8 as is; names that are not UTF-8 (surrogates) as ``\\udcXX``
-    escapes, which ``json.loads`` + ``os.fsencode`` turn back into the same bytes."""
+    """JSON for stdout: UTF-8 as is, except characters that act on a terminal (escaped);
+    names that are not UTF-8 (surrogates) as ``\\udcXX`` escapes, which ``json.loads`` +
+    ``os.fsencode`` turn back into the same bytes."""
     text = json.dumps(value, ensure_ascii=False, **options)
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
         return json.dumps(value, ensure_ascii=True, **options)
-    return text
+    return _JSON_HIDDEN.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
 
 
 def _entry_json(entry: Any) -> dict[str, Any]:

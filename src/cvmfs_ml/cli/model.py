@@ -22,6 +22,7 @@ from cvmfs_ml.cli.common import (
     KeyOption,
     _fail,
     friendly,
+    json_text,
     open_repository,
     use_blacklist,
     visible,
@@ -188,7 +189,7 @@ def model_ls(
     with open_repository(repo, key, config=config, proxy=proxy) as repository:
         records = list_models(repository)
     if as_json:
-        typer.echo(json.dumps([_row(r) for r in records], ensure_ascii=False))
+        typer.echo(json_text([_row(r) for r in records]))
         return
     if not records:
         typer.echo("no models", err=True)
@@ -228,7 +229,7 @@ def model_info_cmd(
     with open_repository(repo, key, config=config, proxy=proxy) as repository:
         record = model_info(repository, parsed)
     if as_json:
-        typer.echo(json.dumps(record.info(), ensure_ascii=False))
+        typer.echo(json_text(record.info()))
         return
     source = ", ".join(f"{k}={v}" for k, v in record.source.items() if k != "refs")
     lines = [
