@@ -262,3 +262,36 @@ def test_only_root_and_the_owner_may_reload(
             handle.unmount()
     finally:
         shutil.rmtree(outside, ignore_errors=True)
+
+
+def test_a_daemon_that_outlives_sigkill_still_has_its_mount_detached(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A daemon blocked on a request to its own mount is in uninterruptible sleep: SIGKILL
+    takes effect only once the mount goes. A process that survives SIGKILL cannot be made on
+    purpose, so this one is a stand-in; the unmount must still be tried (it frees the daemon),
+    where a timeout waiting for the kill used to skip it."""
+    from cvmfs_ml.client import mounts
+
+    unmounted: list[Path] = []
+
+    class Unkillable:
+        def poll(self) -> int | None:
+            return 0 if unmounted else None
+
+        def terminate(self) -> None:
+            pass
+
+        def kill(self) -> None:
+            pass
+
+        def wait(self, timeout: float | None = None) -> int:
+            if not unmounted:
+                raise subprocess.TimeoutExpired("cvmfs-ml mount", timeout or 0)
+            return 0
+
+    monkeypatch.setattr(mounts, "mounted_source", lambda point: "cvmfs-ml:stuck.test")
+    monkeypatch.setattr(mounts, "unmount", lambda point, **_: unmounted.append(point))
+    handle = MountHandle(tmp_path, pid=1, process=Unkillable())  # type: ignore[arg-type]
+    mounts._stop_started(handle)
+    assert unmounted == [tmp_path]

@@ -306,11 +306,17 @@ def _stop_started(handle: MountHandle) -> None:
             process.wait(timeout=10)
         except subprocess.TimeoutExpired:
             process.kill()
-            process.wait(timeout=5)
+            # A daemon blocked on a request to its own mount outlives SIGKILL until that
+            # mount goes: the unmount below must happen all the same.
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.wait(timeout=5)
     source = mounted_source(handle.mountpoint)
     if source is not None and source.startswith("cvmfs-ml:"):
         with contextlib.suppress(OSError, subprocess.TimeoutExpired):
             unmount(handle.mountpoint, lazy=True, timeout=5)
+    if process.poll() is None:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(timeout=5)
 
 
 def _wait_ready(read_fd: int, process: subprocess.Popen[bytes], timeout: float) -> str:
