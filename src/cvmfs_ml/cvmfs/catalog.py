@@ -361,16 +361,24 @@ def sized_objects(catalog: Catalog) -> Iterator[tuple[Digest, bool, bool, int]]:
 
 
 def walk_catalog_tree(
-    root: Digest, load: Callable[[str, Digest], Catalog]
+    root: Digest, load: Callable[[str, Digest], Catalog], seen: set[Digest] | None = None
 ) -> Iterator[tuple[str, Digest, Catalog]]:
     """Depth-first ``(mountpoint, digest, catalog)`` over a root catalog and its nested ones.
 
     ``load(mountpoint, digest)`` fetches and opens one catalog: the only I/O, supplied by the
-    caller (publisher, client, replica), so the traversal itself stays pure.
+    caller (publisher, client, replica), so the traversal itself stays pure. A catalog's children
+    are read before it is yielded, so the caller may close it once done with it. Catalogs in
+    ``seen`` are skipped with their subtree (the same hash is the same tree: the revisions a
+    collection keeps share most of theirs), and the ones walked are added to it.
     """
     stack = [("", root)]
     while stack:
         mountpoint, digest = stack.pop()
+        if seen is not None:
+            if digest in seen:
+                continue
+            seen.add(digest)
         catalog = load(mountpoint, digest)
+        children = catalog.nested_catalogs()
         yield mountpoint, digest, catalog
-        stack.extend((ref.path, ref.digest) for ref in reversed(catalog.nested_catalogs()))
+        stack.extend((ref.path, ref.digest) for ref in reversed(children))

@@ -70,27 +70,22 @@ def collect_garbage(
         ):
             if digest is not None:
                 keep.add(object_path(digest, kind))
-        opened: list[Catalog] = []
 
         def load(mountpoint: str, digest: Digest) -> Catalog:
             raw = store.fetch(object_path(digest, ObjectKind.CATALOG), digest, compressed=True)
-            catalog = Catalog(f"{digest.hex}.db", mountpoint, raw=raw)
-            opened.append(catalog)
-            return catalog
+            return Catalog(f"{digest.hex}.db", mountpoint, raw=raw)
 
+        # One catalog in memory at a time: each is closed once read (holding every one until
+        # the end made gc's memory the size of all catalogs of all kept revisions).
         seen: set[Digest] = set()
         for root in roots:
-            for _mountpoint, digest, catalog in walk_catalog_tree(root, load):
-                if digest in seen:
-                    continue
-                seen.add(digest)
-                progress.catalogs += 1
-                keep.add(object_path(digest, ObjectKind.CATALOG))
-                for obj, is_chunk, _compressed in referenced_objects(catalog):
-                    kind = ObjectKind.PARTIAL if is_chunk else ObjectKind.FILE
-                    keep.add(object_path(obj, kind))
-        for catalog in opened:
-            catalog.close()
+            for _mountpoint, digest, catalog in walk_catalog_tree(root, load, seen):
+                with catalog:
+                    progress.catalogs += 1
+                    keep.add(object_path(digest, ObjectKind.CATALOG))
+                    for obj, is_chunk, _compressed in referenced_objects(catalog):
+                        kind = ObjectKind.PARTIAL if is_chunk else ObjectKind.FILE
+                        keep.add(object_path(obj, kind))
         doomed: list[str] = []
         bytes_removed = bytes_kept = 0
         for rel, size in store.list_sizes():
