@@ -18,23 +18,18 @@ from pathlib import Path
 
 import pytest
 
+from memprobe import PROBE
+
 pytestmark = pytest.mark.slow
 
 FILES = 30_000
 PER_FILE_LIMIT = 1536  # bytes; the publisher held 3.3 KB per file before
 
-PUBLISHER = r"""
+PUBLISHER = PROBE + r"""
 import json, sys
 from pathlib import Path
 from cvmfs_ml.publish.repository import create_repository
 from cvmfs_ml.publish.settings import PublishSettings
-
-def peak_kb():
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1])
-    raise RuntimeError("no VmHWM in /proc/self/status")
 
 root, warmup, many = map(Path, sys.argv[1:4])
 publisher = create_repository(root, sys.argv[4], settings=PublishSettings(workers=2))
@@ -76,17 +71,10 @@ def test_memory_per_small_file_is_bounded(tmp_path: Path) -> None:
 
 
 CATALOGS = 800
-NESTED_READER = r"""
+NESTED_READER = PROBE + r"""
 import json, sys
 from pathlib import Path
 from cvmfs_ml.client.repository import Repository
-
-def rss_kb():
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise RuntimeError("no VmRSS in /proc/self/status")
 
 repo_dir, key, cache, count = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 with Repository.open(repo_dir, fqrn="nested.test", public_key=key, cache=cache) as repo:

@@ -141,6 +141,31 @@ def test_a_gzip_bomb_stops_at_the_unpacked_limit(
 
 
 @pytest.mark.service
+@pytest.mark.parametrize("layers", [False, True], ids=["flat", "with-layers"])
+def test_many_empty_files_stop_at_the_member_limit(
+    docker_registry: Any, publisher: Publisher, tmp_path: Path, layers: bool
+) -> None:
+    """Empty files cost no bytes, so the byte limit never stops them: a 70 MB gzip layer holds
+    ten million, an inode and ~1 KB of publisher memory each. Members are counted across the
+    image's layers."""
+    push_image(docker_registry, tmp_path, "sizes/good-many", "1", GOOD)
+    lower = make_layer([("d", None), *((f"d/a{i}", b"") for i in range(30))])
+    upper = make_layer([(f"d/b{i}", b"") for i in range(30)])
+    push_image(docker_registry, tmp_path, "sizes/many", "1", [(lower, "gzip"), (upper, "gzip")])
+    good = f"{docker_registry.host}/sizes/good-many:1"
+    bad = f"{docker_registry.host}/sizes/many:1"
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    options = SyncOptions(max_members=40, scratch=scratch)
+    _, errors = round_with_one_bad(publisher, bad, good, layers=layers, options=options)
+    assert errors[bad].startswith("layer sha256:")
+    assert "more than 40 tar members counting the layers before it (at 'd/b9')" in errors[bad]
+    assert "--max-members" in errors[bad] and "\n" not in errors[bad]
+    assert_good_published_bad_not(publisher, good, bad)
+    assert not any(scratch.iterdir())
+
+
+@pytest.mark.service
 def test_cli_max_unpacked_bytes(docker_registry: Any, publisher: Publisher, tmp_path: Path) -> None:
     from typer.testing import CliRunner
 

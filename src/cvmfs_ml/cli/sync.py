@@ -11,7 +11,7 @@ from typing import Annotated, Any
 import typer
 
 from cvmfs_ml.cli.common import MAX_BYTES_HELP, MAX_UNPACKED_HELP, friendly
-from cvmfs_ml.models.sources.limits import MAX_BYTES
+from cvmfs_ml.models.sources.limits import MAX_BYTES, MAX_MEMBERS
 
 
 class _Progress:
@@ -102,6 +102,14 @@ def sync_command(
     max_unpacked_bytes: Annotated[
         int | None, typer.Option("--max-unpacked-bytes", min=1, help=MAX_UNPACKED_HELP)
     ] = None,
+    max_members: Annotated[
+        int,
+        typer.Option(
+            "--max-members",
+            min=1,
+            help="refuse an image whose layers hold more tar members than this",
+        ),
+    ] = MAX_MEMBERS,
     as_json: Annotated[bool, typer.Option("--json", help="one JSON report per round")] = False,
 ) -> None:
     """Sync images (unpacked, DUCC layout) and model artifacts (versions) into REPO."""
@@ -128,6 +136,7 @@ def sync_command(
         layers=layers,
         max_bytes=max_bytes,
         max_unpacked_bytes=max_unpacked_bytes,
+        max_members=max_members,
     )
     progress = _Progress(sys.stderr.isatty() and not as_json)
     log = EventLog(events, echo=progress)

@@ -31,7 +31,7 @@ from typing import Any, BinaryIO
 
 from cvmfs_ml.cvmfs import jsontext
 from cvmfs_ml.errors import FormatError
-from cvmfs_ml.models.sources.limits import UnpackBudget
+from cvmfs_ml.models.sources.limits import MAX_MEMBERS, UnpackBudget
 from cvmfs_ml.models.sources.oci import (
     ResolvedManifest,
     distributable_layers,
@@ -164,6 +164,7 @@ def unpack_flat(
     workers: int = 4,
     stream: bool = True,
     max_unpacked: int | None = None,
+    max_members: int = MAX_MEMBERS,
 ) -> FlatImage:
     """Download the layers of ``resolved`` and apply them in order into the new folder ``dest``.
 
@@ -173,11 +174,12 @@ def unpack_flat(
     Raises on a layer whose bytes do not match its digest, a layer that is not a tar, or a
     hostile member (``..``, absolute names, writing through links, devices, sparse files), or
     layers unpacking to more than ``max_unpacked`` bytes (default:
-    :meth:`~cvmfs_ml.models.sources.limits.UnpackBudget.for_layers`); ``dest`` is removed
-    then, and nothing of the image is published.
+    :meth:`~cvmfs_ml.models.sources.limits.UnpackBudget.for_layers`) or holding more than
+    ``max_members`` tar members; ``dest`` is removed then, and nothing of the image is
+    published.
     """
     layers = distributable_layers(resolved)  # foreign layers live elsewhere: skipped as DUCC does
-    budget = UnpackBudget.for_layers(resolved.layers, max_unpacked)
+    budget = UnpackBudget.for_layers(resolved.layers, max_unpacked, max_members)
     try:
         return _unpack_layers(client, resolved, layers, dest, blob_dir, workers, stream, budget)
     except BaseException:
@@ -247,6 +249,7 @@ def scratch_items(flat: Any, at: str) -> Iterator[SourceItem]:
     """The unpacked ``flat`` (a :class:`FlatImage` or a layer) as items at ``at``, with the
     layers' modes and owners."""
     prefix = len(at) + 1
+    folder = str(flat.folder)
     for item in scan_folder(flat.folder, at, include_xattrs=False):
         relative = item.path[prefix:] if item.path != at else ""
         if relative in flat.modes:
@@ -256,7 +259,7 @@ def scratch_items(flat: Any, at: str) -> Iterator[SourceItem]:
         # cache (one SQLite row each) would cost more than the publish itself.
         item.file_key = None
         if item.open is not None and flat.consume:
-            item.open = _consumed(str(flat.folder / relative))
+            item.open = _consumed(os.path.join(folder, relative))  # not Path: per entry
         yield item
 
 

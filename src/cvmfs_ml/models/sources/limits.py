@@ -9,6 +9,12 @@ size as it streams in. That alone does not bound the disk: a 4 MiB gzip layer of
 a limit: by default :data:`UNPACK_RATIO` times the declared size, at least :data:`UNPACK_FLOOR`
 (real layers compress 2 to 10 times), or the absolute limit an operator sets
 (``--max-unpacked-bytes`` of ``cvmfs-ml sync`` and ``cvmfs-ml model ingest``).
+
+Bytes do not bound the entries: a 70 MB gzip layer holds ten million empty files, which cost no
+bytes but an inode in scratch space each and about 1 KB of publisher memory each until the
+catalog is written. So the tar members of one image or artifact are counted too and held to
+:data:`MAX_MEMBERS` (``--max-members`` of ``cvmfs-ml sync``), as the registry holds a user's
+tarball to ``max_tar_members``.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from cvmfs_ml.errors import FormatError, PublishError
 __all__ = [
     "MAX_BYTES",
     "MAX_CONFIG_BYTES",
+    "MAX_MEMBERS",
     "UNPACK_FLOOR",
     "UNPACK_RATIO",
     "UnpackBudget",
@@ -33,6 +40,7 @@ MAX_BYTES = 256 * 2**30  # declared (compressed) bytes of the layers of one imag
 MAX_CONFIG_BYTES = 4 * 2**20  # an image config is a few kB of JSON
 UNPACK_RATIO = 20
 UNPACK_FLOOR = 2**30
+MAX_MEMBERS = 2_000_000  # tar members of one image or version; large real images have ~500,000
 
 
 def declared_bytes(layers: Iterable[Any]) -> int:
@@ -55,24 +63,43 @@ def check_declared(resolved: Any, max_bytes: int) -> int:
 
 @dataclass
 class UnpackBudget:
-    """The bytes of file content the layers of one image or artifact may still write."""
+    """The bytes of file content, and the tar members, the layers of one image or artifact may
+    still write."""
 
     limit: int
     rule: str  # where the limit comes from, for the error
     used: int = 0
+    max_members: int = MAX_MEMBERS
+    members: int = 0
 
     @classmethod
-    def for_layers(cls, layers: Iterable[Any], max_unpacked: int | None = None) -> UnpackBudget:
+    def for_layers(
+        cls,
+        layers: Iterable[Any],
+        max_unpacked: int | None = None,
+        max_members: int = MAX_MEMBERS,
+    ) -> UnpackBudget:
         """``max_unpacked`` if set, else :data:`UNPACK_RATIO` times what ``layers`` declare,
-        at least :data:`UNPACK_FLOOR`."""
+        at least :data:`UNPACK_FLOOR`; at most ``max_members`` tar members."""
         if max_unpacked is not None:
-            return cls(max_unpacked, "set by --max-unpacked-bytes")
+            return cls(max_unpacked, "set by --max-unpacked-bytes", max_members=max_members)
         declared = declared_bytes(layers)
         return cls(
             max(UNPACK_FLOOR, UNPACK_RATIO * declared),
             f"{UNPACK_RATIO} times the {declared} bytes the manifest declares, at least"
             f" {UNPACK_FLOOR}; --max-unpacked-bytes sets another",
+            max_members=max_members,
         )
+
+    def count(self, what: str, member: str) -> None:
+        """Count one more tar member of layer ``what``; FormatError past ``max_members``."""
+        self.members += 1
+        if self.members > self.max_members:
+            raise FormatError(
+                what,
+                f"more than {self.max_members} tar members counting the layers before it (at"
+                f" {member!r}), the limit for one image or artifact (--max-members)",
+            )
 
     def spend(self, size: int, what: str, member: str) -> None:
         """Count ``size`` more bytes written for ``member`` of layer ``what``; FormatError
