@@ -12,6 +12,7 @@ import json
 import os
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,14 +43,25 @@ class Event:
         return out
 
 
+MAX_KEPT_EVENTS = 10_000
+
+
 class EventLog:
-    """Collects a round's events; appends each to ``path`` (if any) as it happens."""
+    """Collects events; appends each to ``path`` (if any) as it happens.
+
+    The latest ``max_kept`` stay in memory for callers to look at (the file has them all): a
+    ``sync --loop`` service logs for months, and every event it ever emitted used to stay.
+    """
 
     def __init__(
-        self, path: Path | None = None, *, echo: Callable[[Event], None] | None = None
+        self,
+        path: Path | None = None,
+        *,
+        echo: Callable[[Event], None] | None = None,
+        max_kept: int = MAX_KEPT_EVENTS,
     ) -> None:
         self.path = Path(path) if path else None
-        self.events: list[Event] = []
+        self.events: deque[Event] = deque(maxlen=max_kept)
         self._echo = echo
         self._lock = threading.Lock()
         self._handle: TextIO | None = None

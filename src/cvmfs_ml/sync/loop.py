@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -50,6 +51,7 @@ class _Metrics:
 
 
 _logger = logging.getLogger(__name__)
+MAX_KEPT_REPORTS = 100
 
 
 class SyncLoop:
@@ -71,7 +73,8 @@ class SyncLoop:
         self.log = log or EventLog()
         self.on_round = on_round
         self.metrics = _Metrics(metrics_registry) if metrics_registry is not None else None
-        self.reports: list[RoundReport] = []
+        # The latest rounds (a service runs for months; each round's report is also an event)
+        self.reports: deque[RoundReport] = deque(maxlen=MAX_KEPT_REPORTS)
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._lock = threading.Lock()
