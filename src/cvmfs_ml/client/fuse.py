@@ -356,13 +356,10 @@ class CvmfsOperations(_OperationsBase):  # type: ignore[misc,valid-type]
         inodes = self.inodes
         for index in range(start_id, len(listing)):
             child = listing[index]
-            inode = inodes.current(child.path)
-            entry = inodes.entry(inode) if inode is not None else None
+            inode = self._inode_for(child.path, child)
+            entry = inodes.entry(inode)  # an inode keeps the entry it was first served with
             if entry is None:
-                inode = self._inode_for(child.path, child)
-                entry = inodes.entry(inode)
-                if entry is None:
-                    inodes.set_entry(inode, entry := child)
+                inodes.set_entry(inode, entry := child)
             attr = self._attributes(inode, entry)
             if not self._fuse.readdir_reply(token, _encode(child.name), attr, index + 1):
                 inodes.drop_if_unknown(inode)

@@ -147,15 +147,11 @@ class FileCache:
             return
         with self._lock:
             try:
-                self._db.execute("BEGIN")
-                try:
+                with self._db:  # one transaction: committed, or rolled back on an error
+                    self._db.execute("BEGIN")
                     self._db.executemany(
                         "INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?, ?, ?)", rows
                     )
-                    self._db.execute("COMMIT")
-                except BaseException:
-                    self._db.execute("ROLLBACK")
-                    raise
             except sqlite3.DatabaseError as exc:
                 self._start_again_if_damaged(exc)
 
