@@ -286,6 +286,33 @@ def test_corrupted_file_is_detected_quarantined_and_refetchable(tmp_path: Path) 
     assert repaired is not None and repaired.read_bytes() == content
 
 
+def test_two_readers_of_one_corrupt_copy_keep_the_fresh_copy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Reader B finds the copy corrupt; before B moves it aside, reader A has already done so
+    and stored a fresh copy (a job and the prefetcher, in CI). B must leave the fresh one."""
+    import cvmfs_ml.client.cache as cache_module
+
+    digest, content = obj(os.urandom(5000))
+    ObjectCache(tmp_path).put_bytes(digest, content)
+    flip_byte(tmp_path / digest.hex[:2] / digest.hex[2:], 99)
+    reader_a, reader_b = ObjectCache(tmp_path), ObjectCache(tmp_path)
+    real_crc = cache_module.crc_of_file
+
+    def crc_then_a_repairs(path: Path) -> int:
+        found = real_crc(path)  # B's check reads the corrupt bytes ...
+        monkeypatch.setattr(cache_module, "crc_of_file", real_crc)
+        assert reader_a.get_path(digest) is None  # ... then A quarantines and refetches
+        reader_a.put_bytes(digest, content)
+        return found
+
+    monkeypatch.setattr(cache_module, "crc_of_file", crc_then_a_repairs)
+    assert reader_b.get_path(digest) is None  # B saw corruption: its caller refetches
+    assert reader_b.usage().quarantined == 1  # one corrupt copy, moved aside once
+    fresh = reader_a.get_path(digest)
+    assert fresh is not None and fresh.read_bytes() == content
+
+
 def test_truncated_or_missing_file_is_detected(tmp_path: Path) -> None:
     cache = ObjectCache(tmp_path)
     cut, cut_bytes = numbered(1, 4000)

@@ -274,7 +274,7 @@ class ObjectCache(CacheSpace):
             return None
         identity = (st.st_ino, st.st_mtime_ns, st.st_size)
         if st.st_size != size:
-            self._quarantine(text, path)
+            self._quarantine(text, path, st)
             return None
         # A large file whose inode and ctime are those recorded at commit has not been written
         # since (any write or rename moves ctime, and ctime cannot be set back), so it is
@@ -289,7 +289,7 @@ class ObjectCache(CacheSpace):
                 self._forget_missing(text, path)
                 return None
             if actual != checksum:
-                self._quarantine(text, path)
+                self._quarantine(text, path, st)
                 return None
             self._verified[text] = identity
             if st.st_size > ALWAYS_VERIFY_BYTES:
@@ -353,14 +353,14 @@ class ObjectCache(CacheSpace):
             self._forget_missing(text, path)
             return False
         if not good:
-            self._quarantine(text, path)
+            self._quarantine(text, path, st)
             return False
         self._verified[text] = (st.st_ino, st.st_mtime_ns, st.st_size)
         return True
 
-    def invalidate(self, digest: Digest) -> None:
-        """Move an entry the caller found wrong to ``quarantaine/``; the next lookup misses."""
-        self._quarantine(digest.hex, self.path_of(digest))
+    def invalidate(self, digest: Digest, checked: os.stat_result | None = None) -> None:
+        """Move the entry the caller found wrong (``checked``: its ``stat``) to ``quarantaine/``."""
+        self._quarantine(digest.hex, self.path_of(digest), checked)
 
     # ------------------------------------------------------------------ adding
 
@@ -566,8 +566,17 @@ class ObjectCache(CacheSpace):
                 cachedb.add_size(db, -int(old[0]))
         self._verified.pop(text, None)
 
-    def _quarantine(self, text: str, path: Path) -> None:
-        with self._write() as db:
+    def _quarantine(self, text: str, path: Path, checked: os.stat_result | None = None) -> None:
+        """Move ``path`` (``checked``: the file found wrong) aside and forget its row."""
+        with self._write() as db:  # the lock every commit's rename holds
+            # Two readers (a job and the prefetcher) can find one corrupt copy at once: the
+            # first may have stored a fresh copy already, which the second must leave alone.
+            if checked is not None:
+                try:
+                    if not os.path.samestat(path.stat(), checked):
+                        return
+                except FileNotFoundError:
+                    return
             old = db.execute("SELECT size FROM cache_catalog WHERE sha1 = ?", (text,)).fetchone()
             if old:
                 db.execute("DELETE FROM cache_catalog WHERE sha1 = ?", (text,))

@@ -366,12 +366,13 @@ class CvmfsFile(io.RawIOBase):
                 else:
                     dest = into[pos - offset : pos - offset + want]
                     n = _preadv_full(fd, dest, within, _RWF_NOWAIT if nowait else 0)
+                if n != want and not nowait:  # this copy, not a fresh one stored meanwhile
+                    self.repository.cache.invalidate(piece.digest, os.fstat(fd))
             finally:
                 self._release(index)
             if n != want:
                 if nowait:  # not (all) in the page cache, or short: the blocking path decides
                     return None
-                self.repository.cache.invalidate(piece.digest)
                 self._drop(index)
                 raise IntegrityError(f"{self.name} piece {index}", f"{want} bytes", f"{n} bytes")
             if how != "hit":
