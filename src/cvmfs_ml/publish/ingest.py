@@ -44,6 +44,7 @@ from cvmfs_ml.publish.filecache import FileCache, FileKey
 from cvmfs_ml.publish.profile import StageClock
 from cvmfs_ml.publish.settings import PublishSettings
 from cvmfs_ml.publish.sources import SourceItem
+from cvmfs_ml.publish.streamed import stream_object
 from cvmfs_ml.storage.base import ObjectStore
 
 __all__ = ["FileContent", "IngestStats", "ContentPipeline", "PendingFile", "zlib_pays"]
@@ -384,27 +385,19 @@ class ContentPipeline:
         with stages.measure("read"):
             first = source.read(_BLOCK)
         compression = self._decide(first)
-        compressor = new_compressor(compression)
-        hasher = new_hasher(self.settings.hash_algorithm)
-        writer = self.store.object_writer()
-        block, total = first, 0
-        while block:
-            total += len(block)
-            with stages.measure("compress", len(block)):
-                out = compressor.compress(block)
-            with stages.measure("hash", len(out)):
-                hasher.update(out)
-            with stages.measure("write", len(out)):
-                writer.write(out)
-            with stages.measure("read"):
-                block = source.read(_BLOCK)
-        tail = compressor.flush()
-        hasher.update(tail)
-        writer.write(tail)
-        digest = Digest(self.settings.hash_algorithm, hasher.digest())
-        with stages.measure("write"):
-            new = writer.commit(object_path(digest))
-        self.stats.count_object(new, writer.size)
+
+        def blocks() -> Iterator[bytes]:
+            block = first
+            while block:
+                yield block
+                with stages.measure("read"):
+                    block = source.read(_BLOCK)
+
+        digest, new, total, stored = stream_object(
+            self.store, blocks(), compression, self.settings.hash_algorithm, ObjectKind.FILE,
+            stages,
+        )  # fmt: skip
+        self.stats.count_object(new, stored)
         pending = PendingFile(total, compression is not Compression.NONE)
         done: Future[tuple[Digest, bool]] = Future()
         done.set_result((digest, compression is not Compression.NONE))

@@ -26,7 +26,7 @@ STAGES: dict[str, str] = {
     "hash": "content hash of stored bytes (SHA-1 by default)",
     "compress": "zlib / ISA-L compression, auto's trial compression",
     "write": "writing objects into the store (exists check, write, rename)",
-    "wait_workers": "reader waiting for the last pieces at the end of the content",
+    "wait_workers": "reader waiting for files being stored (too many held, or at the end)",
     "catalog": "catalog rows and the catalog databases (SQLite, compress, store)",
     "history": "the tag database of the new revision",
     "fsync": "making objects and catalogs durable before the manifest names them",

@@ -12,21 +12,19 @@ import contextlib
 import io
 import stat
 import time
-from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from cvmfs_ml.cvmfs.catalog import parent_path
 from cvmfs_ml.cvmfs.hashing import Digest
 from cvmfs_ml.cvmfs.manifest import Manifest
 from cvmfs_ml.cvmfs.objects import ObjectKind, deflate
 from cvmfs_ml.errors import PublishError
 from cvmfs_ml.publish.archive import read_tar_plan
-from cvmfs_ml.publish.dirtab import Dirtab
+from cvmfs_ml.publish.entry_writer import EntryWriter
 from cvmfs_ml.publish.filecache import FileCache
-from cvmfs_ml.publish.ingest import ContentPipeline, IngestStats, PendingFile
+from cvmfs_ml.publish.ingest import ContentPipeline, IngestStats
 from cvmfs_ml.publish.sources import SourceItem, join_repo_path, scan_folder, scan_tarball
 from cvmfs_ml.publish.tree import TreeEditor, lookup
 from cvmfs_ml.publish.workspace import CatalogWorkspace
@@ -34,10 +32,7 @@ from cvmfs_ml.publish.workspace import CatalogWorkspace
 if TYPE_CHECKING:
     from cvmfs_ml.publish.repository import Publisher
 
-__all__ = ["DIRTAB", "MARKER", "PublishResult", "Transaction"]
-
-MARKER = ".cvmfscatalog"
-DIRTAB = "/.cvmfsdirtab"
+__all__ = ["PublishResult", "Transaction"]
 
 
 @dataclass(frozen=True)
@@ -259,68 +254,7 @@ class Transaction:
         base = join_repo_path(at, "")
         editor = TreeEditor(workspace)
         editor.ensure_parents(base)
-        # Content first (one pass over every byte, in parallel); rows once all is stored.
-        # Every entry is held until then, so what is held per entry is kept small: a file's
-        # opener is dropped once read, and a file whose objects are stored keeps only its
-        # digests (200,000 small files held 670 MB of futures and openers).
-        staged: list[tuple[SourceItem, PendingFile | None]] = []
-        by_path: dict[str, PendingFile] = {}
-        unsettled: deque[PendingFile] = deque()
-        dirtab: Dirtab | None = None
+        writer = EntryWriter(editor, pipeline, base, nested_root)
         for item in items:
-            if item.same_as:  # a hard link: the content of a file added before it
-                if item.same_as not in by_path:
-                    raise PublishError(f"{item.path}: hard link to {item.same_as}, not added")
-                staged.append((item, by_path[item.same_as]))
-            elif item.is_regular:
-                if item.path == DIRTAB:
-                    dirtab = _read_dirtab(item)
-                pending = by_path[item.path] = pipeline.add(item)
-                item.open = item.file_key = None
-                staged.append((item, pending))
-                unsettled.append(pending)
-                while unsettled and unsettled[0].done():
-                    unsettled.popleft().result()
-            else:
-                staged.append((item, None))
-        markers = {
-            parent_path(i.path) for i, _ in staged if i.path.endswith("/" + MARKER) and i.is_regular
-        }
-        if "" in markers:
-            raise PublishError("a .cvmfscatalog marker in the repository root is not allowed")
-        nested = set(markers)
-        if nested_root and base:
-            nested.add(base)
-        if dirtab is not None:
-            nested |= {i.path for i, _ in staged if i.is_dir and i.path and dirtab.matches(i.path)}
-        virtual_markers = nested - markers
-        stages = pipeline.stats.stages
-        with stages.measure("wait_workers"):
-            for _, pending in staged:
-                if pending is not None:
-                    pending.result()
-        with stages.measure("catalog"):
-            for item, pending in staged:
-                editor.put(item, pending, nested_root=item.path in nested)
-                if item.path in virtual_markers:
-                    # Upstream creates an empty marker in each directory the dirtab selects.
-                    marker = SourceItem(
-                        path=f"{item.path}/{MARKER}",
-                        mode=stat.S_IFREG | 0o644,
-                        mtime=item.mtime,
-                        size=0,
-                        open=lambda: io.BytesIO(b""),
-                    )
-                    editor.put(marker, pipeline.add(marker), nested_root=False)
-            for path in sorted(nested):
-                editor.make_catalog_root(path)
-
-
-def _read_dirtab(item: SourceItem) -> Dirtab:
-    assert item.open is not None
-    with item.open() as handle:
-        raw = handle.read(1 << 20)
-    try:
-        return Dirtab.parse(raw.decode())
-    except UnicodeDecodeError as exc:
-        raise PublishError(f"{DIRTAB}: not UTF-8 text ({exc.reason})") from exc
+            writer.add(item)
+        writer.finish()

@@ -138,6 +138,15 @@ class TreeEditor:
         if content is not None and content.is_chunked:
             catalog.put_chunks(path, content.chunks)
 
+    def content_of(self, leader: str, path: str) -> FileContent:
+        """The content of the regular file ``leader``, written earlier: ``path`` links to it."""
+        catalog = self.workspace.catalog_for(leader)
+        entry = catalog.lookup(leader)
+        if entry is None or not entry.is_regular:
+            raise PublishError(f"{path}: hard link to {leader}, which was not added before it")
+        chunks = tuple(catalog.chunk_list(leader)) if entry.is_chunked else ()
+        return FileContent(entry.size, entry.is_compressed, entry.digest, chunks)
+
     def _hardlinks(self, mountpoint: str, item: SourceItem) -> int:
         """``(group << 32) | linkcount`` (cvmfs-format.md §4.3); group 0 outside a group."""
         if not item.link_group or item.link_count < 2:

@@ -24,13 +24,16 @@ from cvmfs_ml.cvmfs.catalog import (
     totals,
 )
 from cvmfs_ml.cvmfs.hashing import Algorithm, Digest
-from cvmfs_ml.cvmfs.objects import Compression, ObjectKind, deflate, object_path
+from cvmfs_ml.cvmfs.objects import Compression, ObjectKind, object_path
 from cvmfs_ml.errors import PublishError
+from cvmfs_ml.publish.profile import StageClock
+from cvmfs_ml.publish.streamed import stream_object
 from cvmfs_ml.storage.base import ObjectStore
 
 __all__ = ["CatalogWorkspace", "CommittedCatalog"]
 
 MARKER = ".cvmfscatalog"
+_CATALOG_BLOCK = 2**20  # catalogs are compressed and stored as they are read
 
 
 @dataclass
@@ -186,14 +189,17 @@ class CatalogWorkspace:
         owner = self._open[parent.mountpoint]
         child = WritableCatalog.create(self._temp_path(), root_entry, nested=True)
         item = _Open(child, None, 0, {}, parent=parent.mountpoint)
-        for ref in parent.move_below(path, child):
-            moved = totals(self.readonly(ref.path, ref.digest).statistics())
-            self._subtract(owner, moved)
-            for key, value in moved.items():
-                item.delta[key] = item.delta.get(key, 0) + value
-        for mountpoint, other in self._open.items():
-            if other.parent == parent.mountpoint and mountpoint.startswith(path + "/"):
-                other.parent = path
+        # Nothing below yet (a marker met before the rest of its directory): nothing to move,
+        # and no scan of the parent's nested catalogs (thousands of markers made it quadratic).
+        if parent.children(path):
+            for ref in parent.move_below(path, child):
+                moved = totals(self.readonly(ref.path, ref.digest).statistics())
+                self._subtract(owner, moved)
+                for key, value in moved.items():
+                    item.delta[key] = item.delta.get(key, 0) + value
+            for mountpoint, other in self._open.items():
+                if other.parent == parent.mountpoint and mountpoint.startswith(path + "/"):
+                    other.parent = path
         parent.put(replace(root_entry, flags=int(Flag.DIR | Flag.NESTED_MOUNTPOINT)))
         self._open[path] = item
         return child
@@ -304,9 +310,11 @@ class CatalogWorkspace:
             subtree=subtree,
             ttl=ttl,
         )
-        raw = writable.file.read_bytes()
-        digest = self.store.put_object(
-            deflate(raw, Compression.ZLIB), ObjectKind.CATALOG, self.algorithm
-        )
+        with writable.file.open("rb") as handle:
+            blocks = iter(lambda: handle.read(_CATALOG_BLOCK), b"")
+            digest, _, size, _ = stream_object(
+                self.store, blocks, Compression.ZLIB, self.algorithm, ObjectKind.CATALOG,
+                StageClock(),
+            )  # fmt: skip
         del self._open[mountpoint]
-        return CommittedCatalog(digest, len(raw), revision, counters), root_entry
+        return CommittedCatalog(digest, size, revision, counters), root_entry
