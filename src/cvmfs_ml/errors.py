@@ -28,6 +28,18 @@ import errno
 import sqlite3
 from collections.abc import Sequence
 
+ECHO_LIMIT = 200
+"""How many characters of one piece of user input a message repeats (:func:`bounded`)."""
+
+
+def bounded(text: str, limit: int = ECHO_LIMIT) -> str:
+    """``text`` for an error message: at most its first ``limit`` characters, then ``...`` and
+    the total length. Messages echo what they were given (a URI, a path, a reference); given
+    6000 characters, they must not repeat all of them, once or several times."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(text)} characters)"
+
 
 class CvmfsMlError(Exception):
     """Root of every error raised on purpose by cvmfs-ml."""
@@ -87,7 +99,7 @@ class UnsafeInputError(CvmfsMlError, ValueError):
     """Input that would write outside the tree or create something a repository must not hold."""
 
     def __init__(self, member: str, reason: str) -> None:
-        super().__init__(f"refusing {member!r}: {reason}")
+        super().__init__(f"refusing {bounded(repr(member))}: {reason}")
         self.member = member
         self.reason = reason
 

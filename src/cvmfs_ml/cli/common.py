@@ -16,7 +16,7 @@ from typing import Annotated, Any, TypeVar
 import typer
 
 from cvmfs_ml.client.entries import device_number
-from cvmfs_ml.errors import CvmfsMlError, is_disk_full
+from cvmfs_ml.errors import ECHO_LIMIT, CvmfsMlError, bounded, is_disk_full
 from cvmfs_ml.models.sources.limits import UNPACK_FLOOR, UNPACK_RATIO
 from cvmfs_ml.publish.archive import STREAM_ERRORS
 
@@ -58,9 +58,29 @@ def visible(text: object) -> str:
     return _HIDDEN.sub(_escape, str(text))
 
 
+# A run of more characters without a space than a word errors.bounded already cut (its first
+# ECHO_LIMIT and "...") is one piece of input echoed whole (a URI, a path); a line this long is
+# many of them. Both are cut (errors.bounded), with their lengths.
+_LONG_WORD = re.compile(rf"\S{{{ECHO_LIMIT + 4},}}")
+_LINE_LIMIT = 8 * ECHO_LIMIT
+
+
+def one_line(message: str) -> str:
+    """``message`` as the one line printed on stderr: each long word (an echoed URI, path or
+    name) cut to its first characters and its length, the line bounded as well, and whatever
+    would act on a terminal (a newline included) written as an escape (:func:`visible`)."""
+    text = _LONG_WORD.sub(lambda match: bounded(match.group()), message)
+    return visible(bounded(text, _LINE_LIMIT))
+
+
 def _fail(message: str, code: int = 1) -> typer.Exit:
-    typer.echo(f"cvmfs-ml: {message}", err=True)
+    typer.echo(f"cvmfs-ml: {one_line(message)}", err=True)
     return typer.Exit(code)
+
+
+def warn(message: str) -> None:
+    """One ``cvmfs-ml: warning: ...`` line on stderr (bounded like an error's)."""
+    typer.echo(f"cvmfs-ml: warning: {one_line(message)}", err=True)
 
 
 _DISK_FULL = (

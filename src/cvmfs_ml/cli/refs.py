@@ -16,7 +16,7 @@ from typing import Annotated, Any
 
 import typer
 
-from cvmfs_ml.cli.common import KeyOption, _fail, friendly
+from cvmfs_ml.cli.common import KeyOption, _fail, friendly, warn
 
 RepoOption = Annotated[
     str | None,
@@ -54,9 +54,14 @@ def _locate(ref: str, dest: Path | None, repo: str | None, key: str | None,
             config: list[Path] | None, cache: Path | None, copy: bool) -> Any:  # fmt: skip
     from cvmfs_ml.models.refs import locate
 
+    notes: list[str] = []  # printed once it worked: a failure stays one line
     with _progress(f"fetching {ref}") as progress:
-        return locate(ref, repo=repo, key=key, config_files=config or [], cache=cache,
-                      use_mount=not copy, dest=dest, progress=progress)  # fmt: skip
+        found = locate(ref, repo=repo, key=key, config_files=config or [], cache=cache,
+                       use_mount=not copy, dest=dest, progress=progress,
+                       warn=notes.append)  # fmt: skip
+    for note in notes:
+        warn(note)
+    return found
 
 
 def model_get(
@@ -95,9 +100,12 @@ def kserve_init(
     """KServe storage-initializer entry point for cvmfs:// URIs."""
     from cvmfs_ml.integrations.kserve import initialise, pair_arguments
 
+    notes: list[str] = []  # printed once it worked: a failure stays one line
     with _progress("initialising") as progress:
         done = initialise(pair_arguments(args), config_files=config or [], use_mount=not copy,
-                          progress=progress)  # fmt: skip
+                          progress=progress, warn=notes.append)  # fmt: skip
+    for note in notes:
+        warn(note)
     for item in done:
         typer.echo(f"{item.uri} -> {item.dest} ({item.how} from {item.source})", err=True)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 from pathlib import Path
@@ -10,7 +11,7 @@ from typing import Annotated, Any
 
 import typer
 
-from cvmfs_ml.cli.common import MAX_BYTES_HELP, MAX_UNPACKED_HELP, friendly
+from cvmfs_ml.cli.common import MAX_BYTES_HELP, MAX_UNPACKED_HELP, friendly, one_line
 from cvmfs_ml.models.sources.limits import MAX_BYTES, MAX_MEMBERS
 
 
@@ -37,7 +38,7 @@ class _Progress:
 
     def __call__(self, event: Any) -> None:
         if event.error:
-            line = f"error: {event.action} {event.image}: {event.error}"
+            line = one_line(f"error: {event.action} {event.image}: {event.error}")
             if self.console is not None:
                 self.console.print(line, markup=False)  # above the live status line
             else:
@@ -110,6 +111,15 @@ def sync_command(
             help="refuse an image whose layers hold more tar members than this",
         ),
     ] = MAX_MEMBERS,
+    scratch: Annotated[
+        Path | None,
+        typer.Option(
+            "--scratch",
+            help="folder where image layers and model files are unpacked before they are"
+            " published (created if missing; each round's files are removed as it ends;"
+            " default: the system's temporary folder, TMPDIR)",
+        ),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="one JSON report per round")] = False,
 ) -> None:
     """Sync images (unpacked, DUCC layout) and model artifacts (versions) into REPO."""
@@ -126,6 +136,8 @@ def sync_command(
     if webhook_port is not None and not loop:
         raise ConfigError("--webhook-port needs --loop")
     load_wishlist(wishlist)  # a broken wishlist fails before anything starts
+    if scratch is not None:
+        _check_scratch(scratch)  # so does a scratch folder that cannot be written
     publisher = Publisher(repo, keys)
     options = SyncOptions(
         plain_http=plain_http,
@@ -137,6 +149,7 @@ def sync_command(
         max_bytes=max_bytes,
         max_unpacked_bytes=max_unpacked_bytes,
         max_members=max_members,
+        scratch=scratch,
     )
     progress = _Progress(sys.stderr.isatty() and not as_json)
     log = EventLog(events, echo=progress)
@@ -153,6 +166,22 @@ def sync_command(
             _run(runner, loop, rounds, webhook_port, webhook_host, webhook_token)
     finally:
         log.close()
+
+
+def _check_scratch(scratch: Path) -> None:
+    """``--scratch`` is a folder (made if missing) this user can write."""
+    from cvmfs_ml.errors import ConfigError
+
+    if scratch.exists() and not scratch.is_dir():
+        raise ConfigError(f"--scratch {scratch} is not a folder; give a writable folder")
+    try:
+        scratch.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(
+            f"--scratch {scratch}: cannot make it ({exc.strerror or exc}); give a writable folder"
+        ) from exc
+    if not os.access(scratch, os.W_OK | os.X_OK):
+        raise ConfigError(f"--scratch {scratch}: cannot write there; give a writable folder")
 
 
 def _run(

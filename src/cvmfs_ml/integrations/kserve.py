@@ -13,6 +13,19 @@ destination gets symlinks into the mount, exactly what ``kserve_storage`` does f
 (the serving container must mount ``/cvmfs`` at the same place). Otherwise the files are read
 through the client (parallel prefetch, every piece verified) and written into ``dest``.
 
+Symlinks in the model folder. KServe's own initializer copies files (or links a local path), and
+a link copied as it is dangles when its target is outside the folder; following links blindly
+would let a hostile model make the initializer copy ``/etc/shadow`` into the served folder. So:
+
+* with a mount, ``dest`` links into the mount, and every link in it behaves exactly as on the
+  node's ``/cvmfs`` (the serving container mounts it at the same place); nothing is read here;
+* in a copy, a link that leads to something inside the folder stays a link; one that leads out
+  of the folder to a regular file of the same repository becomes that file's bytes (read from
+  the repository and verified, so a model sharing weights with another still loads); any other
+  one (to a folder elsewhere, out of the repository, to nothing) is written as the same link and
+  reported in one warning line. Nothing outside the repository is ever read, and a linked
+  folder is never copied whole (a link to the repository's root would copy all of it).
+
 Every URI is checked (syntax, then that the repository answers and the path exists) before
 anything is written, and a destination is filled only once complete; so a bad URI leaves every
 ``dest`` as it was. Failures raise :class:`~cvmfs_ml.errors.CvmfsMlError`; the CLI prints one
@@ -93,10 +106,12 @@ def initialise(
     env: Mapping[str, str] = os.environ,
     use_mount: bool = True,
     progress: Callable[[int], None] | None = None,
+    warn: Callable[[str], None] | None = None,
 ) -> list[Initialised]:
     """Fill each ``dest`` with its ``cvmfs://`` URI's file or folder (see the module docstring).
 
     All URIs are parsed, and all repositories opened and paths found, before the first write.
+    ``warn`` hears of each link a copy keeps as it is (one line each).
     """
     from cvmfs_ml.client.config import load_config
     from cvmfs_ml.client.locate import open_target
@@ -125,7 +140,8 @@ def initialise(
                 link_tree(plan.found, plan.dest)
                 done.append(Initialised(plan.text, plan.dest, "link", str(plan.found)))
             else:
-                materialise(plan.repository, plan.path, plan.dest, progress=progress)
+                materialise(plan.repository, plan.path, plan.dest, progress=progress,
+                            warn=warn)  # fmt: skip
                 source = f"{plan.uri.fqrn}:{plan.path or '/'}"
                 done.append(Initialised(plan.text, plan.dest, "copy", source))
         return done

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from cvmfs_ml.client.cache_file import preallocate
+from cvmfs_ml.client.entries import resolve_path as follow_links
 from cvmfs_ml.client.locate import open_target, target_fqrn
 from cvmfs_ml.errors import (
     ConfigError,
@@ -72,6 +73,9 @@ NESTED_MARKER = ".cvmfscatalog"
 Progress = Callable[[int], None]
 """Called with the number of bytes just written (for progress bars)."""
 
+Warn = Callable[[str], None]
+"""Called with one line about something written differently from the source (a kept link)."""
+
 
 @dataclass(frozen=True)
 class CvmfsUri:
@@ -98,14 +102,19 @@ class CvmfsUri:
 
 def _check_fqrn(fqrn: str, text: str) -> str:
     if len(fqrn) > 255 or _FQRN_RE.fullmatch(fqrn) is None:
-        raise UnsafeInputError(text, f"{fqrn!r} is not a repository name (like models.example.org)")
+        # The name is the start of ``text``, which the error shows: not repeated here.
+        raise UnsafeInputError(
+            text, f"the name after {SCHEME} is not a repository name (like models.example.org)"
+        )
     return fqrn
 
 
 def _clean_path(path: str, text: str) -> str:
     """``path`` with empty components dropped; ``.``/``..``, NUL and backslashes refused."""
-    if len(path) > _MAX_PATH or "\0" in path or "\\" in path:
-        raise UnsafeInputError(text, "the path has a NUL or backslash, or is too long")
+    if len(path) > _MAX_PATH:
+        raise UnsafeInputError(text, f"the path is longer than {_MAX_PATH} characters")
+    if "\0" in path or "\\" in path:
+        raise UnsafeInputError(text, "the path has a NUL or a backslash")
     parts = [p for p in path.split("/") if p]
     if any(p in (".", "..") for p in parts):
         raise UnsafeInputError(text, "'.' and '..' are not allowed in a cvmfs:// path")
@@ -306,19 +315,70 @@ def _materialise_file(repo: Any, entry: Any, target: Path, progress: Progress | 
         raise UnsafeInputError(entry.path, f"materialised {size} bytes, catalog says {entry.size}")
 
 
-def _inside(base: str, link_path: str, target: str) -> bool:
-    if target.startswith("/"):
+_NO_REPOSITORY = "/"  # no folder is named "/": every absolute link target leads out of the folder
+
+
+def _stays_inside(repo: Any, base: str, link: str) -> bool:
+    """Whether the link at ``link`` (below ``base``) leads to something inside ``base`` when
+    followed the way the copy in the destination will be: every link on the way, relative, and
+    no ``..`` above ``base``. Raises ``FileNotFoundError``/``OSError`` for a link that leads to
+    nothing (missing, a loop), which does the same in the destination."""
+    try:
+        follow_links(lambda path: repo.stat(base + path), link[len(base) :], _NO_REPOSITORY)
+    except UnsafeInputError:
         return False
-    joined = posixpath.normpath(posixpath.join(posixpath.dirname(link_path), target))
-    return joined == base or joined.startswith(base + "/")
+    return True
 
 
-def materialise(repo: Any, path: str, dest: Path, *, progress: Progress | None = None) -> Path:
+def _followed(repo: Any, base: str, entry: Any) -> Any:
+    """Where the link ``entry`` leads: ``None`` inside ``base`` (as the copy will follow it),
+    else the repository's entry, or why it is neither (a string)."""
+    try:
+        if _stays_inside(repo, base, entry.path):
+            return None
+        resolved = repo.resolve(entry.path)  # the repository's own entries only, never this disk
+    except UnsafeInputError:
+        return "leads outside the folder and the repository"
+    except FileNotFoundError:
+        return "leads to nothing"
+    except OSError as exc:  # a loop, a file used as a folder
+        return f"cannot be followed ({exc.strerror or exc})"
+    if resolved.is_regular:
+        return resolved
+    return "leads outside the folder to a " + ("folder" if resolved.is_dir else "special file")
+
+
+def _materialise_link(repo: Any, base: str, entry: Any, target: Path, progress: Progress | None,
+                      warn: Warn | None) -> None:  # fmt: skip
+    """One symlink of a copied folder (see :func:`materialise`)."""
+    if not entry.symlink or "\0" in entry.symlink:  # what no file system stores as a link
+        if warn is not None:
+            warn(f"{entry.path}: a link to {entry.symlink!r} cannot be written; left out")
+        return
+    found = _followed(repo, base, entry)
+    if found is not None and not isinstance(found, str):
+        _materialise_file(repo, found, target, progress)  # verified bytes of the repository
+        return
+    os.symlink(entry.symlink, target)
+    if found is not None and warn is not None:
+        rel = entry.path[len(base) :].lstrip("/")
+        warn(f"{rel}: a link to {entry.symlink!r} that {found}, kept as it is (not followed)")
+
+
+def materialise(repo: Any, path: str, dest: Path, *, progress: Progress | None = None,
+                warn: Warn | None = None) -> Path:  # fmt: skip
     """Write the file or folder at ``path`` (symlinks followed) of ``repo`` into ``dest``.
 
     Every piece is prefetched in parallel, verified by the client, then hard-linked from the
-    cache or copied; the folder appears at ``dest`` only when complete. Symlinks inside the
-    folder that stay inside it are kept as links; others are written as what they point to.
+    cache or copied; the folder appears at ``dest`` only when complete.
+
+    Symlinks inside the folder are followed the way the destination will follow them. One that
+    leads to something inside the folder is kept as a link. One that leads out of it to a
+    regular file of the repository is written as that file's bytes (from the repository,
+    verified; a model that shares weights with another keeps working). Any other one (to a
+    folder elsewhere, to a path outside the repository such as ``/etc/shadow``, to nothing) is
+    kept as the same link, and ``warn`` is told: nothing outside the repository is ever read,
+    and a folder elsewhere is not copied whole.
     """
     _check_dest(dest)
     top = repo.resolve(path)
@@ -335,12 +395,8 @@ def materialise(repo: Any, path: str, dest: Path, *, progress: Progress | None =
             target = stage / rel
             if entry.is_dir:
                 target.mkdir()
-            elif entry.is_symlink and _inside(base, entry.path, entry.symlink):
-                os.symlink(entry.symlink, target)
             elif entry.is_symlink:
-                resolved = repo.resolve(entry.path)
-                if resolved.is_regular:
-                    _materialise_file(repo, resolved, target, progress)
+                _materialise_link(repo, base, entry, target, progress, warn)
             elif entry.is_regular:
                 _materialise_file(repo, entry, target, progress)
         for folder in [stage, *(p for p in stage.rglob("*") if p.is_dir() and not p.is_symlink())]:
@@ -396,9 +452,11 @@ def locate(
     use_mount: bool = True,
     dest: Path | None = None,
     progress: Progress | None = None,
+    warn: Warn | None = None,
 ) -> Resolved:
     """The local folder of ``ref`` (see the module docstring); ``dest`` materialises there
-    instead of in the cache's ``materialised/`` folder (and links there from a mount)."""
+    instead of in the cache's ``materialised/`` folder (and links there from a mount).
+    ``warn`` hears of links a copy keeps as they are (:func:`materialise`)."""
     uri = ref if isinstance(ref, CvmfsUri) else parse_ref(ref)
     config = _config(uri.fqrn, config_files, env)
     if use_mount:
@@ -444,7 +502,7 @@ def locate(
             dest = base / repository.fqrn / entry.path.lstrip("/")
             if _complete(dest):
                 return Resolved(dest, False, version)
-        materialise(repository, entry.path, Path(dest), progress=progress)
+        materialise(repository, entry.path, Path(dest), progress=progress, warn=warn)
         return Resolved(Path(dest), False, version)
 
 
