@@ -76,6 +76,7 @@ from cvmfs_ml.client.prefetch import warm
 from cvmfs_ml.client.readprofile import READ_PROFILE
 from cvmfs_ml.client.repository import CvmfsFile, Repository
 from cvmfs_ml.cvmfs.catalog import DirectoryEntry
+from cvmfs_ml.cvmfs.hashing import Digest
 from cvmfs_ml.errors import ConfigError, CvmfsMlError, NotFoundError
 
 __all__ = [
@@ -168,7 +169,10 @@ class CvmfsOperations(_OperationsBase):  # type: ignore[misc,valid-type]
         self._limiter = trio.CapacityLimiter(max(2, workers))
         self.inodes = InodeTable(pyfuse3.ROOT_INODE)
         self._files: dict[int, CvmfsFile] = {}
-        self._dirs: dict[int, list[DirectoryEntry]] = {}
+        # Open directory handles share the listing of one directory at one revision: a listing
+        # of 300,000 entries is about 150 MB, and every process that lists it opens a handle.
+        self._dirs: dict[int, tuple[str, Digest]] = {}
+        self._listings: dict[tuple[str, Digest], tuple[list[DirectoryEntry], int]] = {}
         self._next_fh = 1
         self.reads = 0
         self.read_sizes: dict[int, int] = {}
@@ -339,20 +343,27 @@ class CvmfsOperations(_OperationsBase):  # type: ignore[misc,valid-type]
         if not entry.is_dir:
             raise self._fuse.FUSEError(errno.ENOTDIR)
         path = self._path(inode)
-        try:
-            children = await self._blocking(self.repo.listdir, path)
-        except Exception as exc:
-            raise self._fail(exc, f"listdir {path or '/'}") from exc
+        key = (path, self.repo.root_hash)
+        shared = self._listings.get(key)
+        if shared is None:
+            try:
+                children = await self._blocking(self.repo.listdir, path)
+            except Exception as exc:
+                raise self._fail(exc, f"listdir {path or '/'}") from exc
+            shared = self._listings.get(key, (children, 0))  # or one listed meanwhile
+            self.counters.dir_listings += 1
+        self._listings[key] = (shared[0], shared[1] + 1)
         self.counters.dir_opens += 1
         fh = self._next_fh
         self._next_fh += 1
-        self._dirs[fh] = children
+        self._dirs[fh] = key
         return fh
 
     async def readdir(self, fh: int, start_id: int, token: Any) -> None:
         """Entries from ``start_id`` on, each given its inode as it is handed over (an inode
         the kernel refused now is dropped again: only a forget would remove it later)."""
-        listing = self._dirs.get(fh, [])
+        key = self._dirs.get(fh)
+        listing = self._listings[key][0] if key is not None else []
         inodes = self.inodes
         for index in range(start_id, len(listing)):
             child = listing[index]
@@ -367,7 +378,14 @@ class CvmfsOperations(_OperationsBase):  # type: ignore[misc,valid-type]
             inodes.handed_out(inode)
 
     async def releasedir(self, fh: int) -> None:
-        self._dirs.pop(fh, None)
+        key = self._dirs.pop(fh, None)
+        if key is None:
+            return
+        listing, users = self._listings[key]
+        if users > 1:
+            self._listings[key] = (listing, users - 1)
+        else:
+            del self._listings[key]
 
     async def statfs(self, ctx: Any = None) -> Any:
         data = self._fuse.StatvfsData()

@@ -51,6 +51,7 @@ class MountCounters:
     started: float = field(default_factory=time.time)
     opens: int = 0
     dir_opens: int = 0
+    dir_listings: int = 0  # opendir calls that listed (the others shared an open listing)
     io_errors: int = 0
     last_io_error: float = 0.0
 
