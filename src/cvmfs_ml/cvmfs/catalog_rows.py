@@ -13,6 +13,7 @@ import enum
 import stat
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 
 from cvmfs_ml.cvmfs.hashing import Algorithm, Digest
 from cvmfs_ml.errors import FormatError
@@ -138,10 +139,15 @@ def encode_xattrs(xattrs: Mapping[bytes, bytes] | None) -> bytes | None:
     return bytes(out)
 
 
-def decode_xattrs(blob: bytes | None) -> dict[bytes, bytes]:
+NO_XATTRS: Mapping[bytes, bytes] = MappingProxyType({})
+"""The extended attributes of nearly every entry: one shared, read-only empty mapping (an empty
+dict per entry was 64 bytes of each listing, inode table and catalog walk entry)."""
+
+
+def decode_xattrs(blob: bytes | None) -> Mapping[bytes, bytes]:
     """Inverse of :func:`encode_xattrs`."""
     if not blob:
-        return {}
+        return NO_XATTRS
     if len(blob) < 2 or blob[0] != 1:
         raise FormatError("xattrs", "unknown xattr blob version")
     count, pos, out = blob[1], 2, {}
@@ -190,7 +196,7 @@ class DirectoryEntry:
     gid: int = 0
     hardlinks: int = 1
     mtimens: int | None = None
-    xattrs: Mapping[bytes, bytes] = field(default_factory=dict)
+    xattrs: Mapping[bytes, bytes] = field(default_factory=lambda: NO_XATTRS)
 
     @property
     def name(self) -> str:
