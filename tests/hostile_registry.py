@@ -16,6 +16,8 @@ import json
 import threading
 from typing import Any
 
+from quiet_http import QuietHTTPServer
+
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 IMAGE_CONFIG = "application/vnd.oci.image.config.v1+json"
 TAR_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
@@ -62,8 +64,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         return self._answer(404, b'{"errors": [{"code": "UNKNOWN"}]}', "application/json")
 
 
-class _Server(http.server.ThreadingHTTPServer):
-    daemon_threads = True
+class _Server(QuietHTTPServer):
     registry: HostileRegistry
 
 

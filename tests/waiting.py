@@ -33,3 +33,17 @@ def wait_until(
             detail = what() if callable(what) else what
             raise AssertionError(f"not within {timeout:g} s: {detail}")
         time.sleep(interval)
+
+
+class ManualClock:
+    """A stand-in for the ``time`` module of code under test whose clock only the test moves
+    (``now``): a delay passes when the test says so, never because a loaded machine was slow.
+    ``sleep`` is the real one (backoffs still pause; they do not read this clock)."""
+
+    sleep = staticmethod(time.sleep)
+
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now  # whole numbers: steps add up exactly
+
+    def monotonic(self) -> float:
+        return self.now

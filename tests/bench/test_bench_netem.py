@@ -23,6 +23,7 @@ from cvmfs_ml.testing.netem import (
     describe,
     tc_netem_available,
 )
+from quiet_http import QuietTCPServer
 
 _ZEROS = memoryview(bytes(1 << 20))
 
@@ -43,8 +44,7 @@ class _Handler(socketserver.BaseRequestHandler):
                     n -= k
 
 
-class _Server(socketserver.ThreadingTCPServer):
-    daemon_threads = True
+class _Server(QuietTCPServer):
     allow_reuse_address = True
 
 
@@ -86,7 +86,7 @@ def test_round_trip_takes_at_least_the_rtt(server: int) -> None:
     # RTTs are large so that a loaded machine's scheduling delays (tens of ms) cannot reach
     # the next RTT: each bound separates "one RTT" from "two RTTs", whatever the load.
     with socket.create_connection(("127.0.0.1", server)) as direct:
-        assert _echo(direct) < 0.1
+        assert min(_echo(direct) for _ in range(3)) < 0.1  # one slow scheduling is no delay
     with (
         DelayProxy("127.0.0.1", server, rtt_ms=200) as proxy,
         socket.create_connection(("127.0.0.1", proxy.port)) as sock,
@@ -129,15 +129,16 @@ def test_rate_cap_limits_one_connection(server: int) -> None:
 
 
 def test_per_connection_cap_scales_with_connections(server: int) -> None:
-    # A slow cap makes the time the cap's, not the CPU's: one connection needs n / cap = 0.5 s,
-    # three sharing one cap would need 1.6 s; three with a cap each, about 0.5 s.
-    n, cap = 2 << 20, 4e6
+    # A slow cap makes the time the cap's, not the CPU's: one connection needs n / cap = 1 s,
+    # three sharing one cap would need 3.1 s; three with a cap each, about 1 s (the bound
+    # between leaves a loaded machine a second).
+    n, cap = 2 << 20, 2e6
     with DelayProxy("127.0.0.1", server, rtt_ms=2, rate_bytes_per_s=cap) as proxy:
         start = time.perf_counter()
         with ThreadPoolExecutor(3) as pool:
             assert sum(pool.map(lambda _: _get(proxy.port, n), range(3))) == 3 * n
         elapsed = time.perf_counter() - start
-    assert 0.8 * n / cap <= elapsed < 2.2 * n / cap
+    assert 0.8 * n / cap <= elapsed < 2 * n / cap
 
 
 def test_link_cap_is_shared(server: int) -> None:
@@ -220,4 +221,4 @@ def test_profiles_and_descriptions(server: int) -> None:
         DelayProxy.from_profile("loopback", "127.0.0.1", server) as fast,
         socket.create_connection(("127.0.0.1", fast.port)) as sock,
     ):
-        assert _echo(sock) < 0.05
+        assert min(_echo(sock) for _ in range(3)) < 0.05  # the fastest of three: no delay added

@@ -109,7 +109,7 @@ def test_sigterm_cleans_up_what_the_demo_started(tmp_path: Path) -> None:
         assert proc.returncode == 128 + signal.SIGTERM, err
         assert "stopping (SIGTERM)" in err and "Traceback" not in err, err
         assert mounts() == []
-        wait_until(lambda: not ours(), 30, lambda: f"processes left: {ours()}")
+        wait_until(lambda: not ours(), 60, lambda: f"processes left: {ours()}")
     finally:
         proc.kill()
         for line in mounts():

@@ -1,21 +1,25 @@
-"""Fixtures for client tests that mount repositories with FUSE.
+"""Fixtures for client tests: FUSE mounts, and the fetcher tests' loopback servers.
 
 ``require_fuse`` skips a test when FUSE cannot work here (no pyfuse3, no ``fusermount3``, no
 usable ``/dev/fuse``) and fails it in CI (``CI`` set), which must provide FUSE. ``mounter``
-mounts at fresh folders and unmounts in teardown whatever happens, lazily if busy.
+mounts at fresh folders and unmounts in teardown whatever happens, lazily if busy. ``origin``,
+``servers``, ``closed_port`` and ``clock`` serve the fetcher tests (client/fetcher_servers.py).
 """
 
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
+from client.fetcher_servers import Origin, Server
 from cvmfs_ml.client.mounts import MountHandle, is_mounted, mount
 from fusecheck import fuse_problem
+from waiting import ManualClock
 
 
 @pytest.fixture(scope="session")
@@ -51,3 +55,36 @@ def mounter(tmp_path: Path, require_fuse: None) -> Iterator[Callable[..., MountH
         finally:
             if is_mounted(handle.mountpoint):
                 subprocess.run(["fusermount3", "-uz", str(handle.mountpoint)], check=False)
+
+
+@pytest.fixture(scope="module")
+def origin() -> Iterator[Server]:
+    server = Server(Origin)
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def servers() -> Iterator[list[Server]]:
+    """Per-test servers, closed at the end: append to the list."""
+    started: list[Server] = []
+    yield started
+    for server in started:
+        server.close()
+
+
+@pytest.fixture
+def closed_port() -> str:
+    """An address nothing listens on (connection refused)."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    return f"http://127.0.0.1:{port}"
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> ManualClock:
+    """The fetcher's clock: reset delays pass when the test moves it, not with the load."""
+    monkeypatch.setattr("cvmfs_ml.client.fetcher.time", fake := ManualClock())
+    return fake

@@ -127,9 +127,9 @@ def test_fetched_pieces_reach_the_page_cache_before_the_reader(
                 cache = ObjectCache(cache_dir)
                 files = [cache.path_of(d) for d in digests]
                 cache.close()
-                wait_until(lambda: _resident_bytes(files) == 0, 30,  # nothing read: only pushes
+                wait_until(lambda: _resident_bytes(files) == 0, 60,  # nothing read: only pushes
                            lambda: f"resident: {[resident_fraction(p) for p in files]}")
-            wait_until(lambda: resident_fraction(path) >= 0.99, 30,  # every piece pushed
+            wait_until(lambda: resident_fraction(path) >= 0.99, 60,  # every piece pushed
                        lambda: f"mounted file resident: {resident_fraction(path)}")  # fmt: skip
             # A loaded machine may reclaim pushed pages (never read, so the first to go)
             # before the read: each page missing now may cost the read one request.
@@ -201,7 +201,7 @@ def test_page_push_once_per_piece_and_inode_and_not_where_the_reader_is(tmp_path
     push_when_fetched(opened(set()), 8, store)  # type: ignore[arg-type]  # another inode
     worker = threading.Thread(target=future.set_result, args=(Fetched(piece_file, "fetch", 0, 1),))
     worker.start()
-    worker.join(10)
+    worker.join(60)
     assert sorted({inode for inode, _, _ in stored}) == [7, 8]
     for inode in (7, 8):
         blocks = [(at, n) for i, at, n in stored if i == inode]
@@ -218,14 +218,14 @@ def test_page_push_once_per_piece_and_inode_and_not_where_the_reader_is(tmp_path
             target=future.set_result, args=(Fetched(piece_file, "fetch", 0, 1),)
         )
         worker.start()
-        worker.join(10)
+        worker.join(60)
     assert stored == []
     # fetched before the open registered it (a busy event loop): pushed all the same
     done: Future[Fetched] = Future()
     done.set_result(Fetched(piece_file, "fetch", 0, 1))
     push_when_fetched(SimpleNamespace(prefetching=[done], layout=layout, pieces_read=set(),
                                       name="f"), 10, store)  # type: ignore[arg-type]  # fmt: skip
-    wait_until(lambda: sum(n for i, _, n in stored if i == 10) == size, 10, "the late push")
+    wait_until(lambda: sum(n for i, _, n in stored if i == 10) == size, 60, "the late push")
 
 
 @pytest.mark.parametrize("dest_on", ["same file system", "/dev/shm"])
@@ -276,7 +276,7 @@ def test_a_mount_drops_the_cache_files_of_pieces_its_reader_has_left_behind(
         cache = ObjectCache(cache_dir)
         files = [cache.path_of(d) for d in digests]
         behind = files[: len(files) - DROP_BEHIND_PIECES]
-        wait_until(lambda: all(resident_fraction(p) == 0 for p in behind), 30,  # in background
+        wait_until(lambda: all(resident_fraction(p) == 0 for p in behind), 60,  # in background
                    lambda: f"resident: {[resident_fraction(p) for p in files]}")
         assert all(p.stat().st_size > 0 for p in files)  # dropped from memory, not the cache
         assert resident_fraction(files[-1]) > 0  # the reader never left the last piece

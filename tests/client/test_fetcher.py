@@ -9,22 +9,29 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import http.client
-import http.server
 import io
 import os
 import resource
-import socket
-import threading
-import time
-import urllib.parse
-import zlib
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
+from client.fetcher_servers import (
+    BIGGEST,
+    FAST,
+    FQRN,
+    OBJECTS,
+    REPO_DIR,
+    Fixed,
+    Origin,
+    Proxy,
+    Redirect,
+    Server,
+    hits,
+    start,
+)
 from cvmfs_ml import __version__
 from cvmfs_ml.client.cache import ObjectCache
 from cvmfs_ml.client.config import load_config
@@ -32,190 +39,9 @@ from cvmfs_ml.client.fetcher import DIRECT, Fetcher, FetchStats
 from cvmfs_ml.cvmfs.hashing import Digest, hash_bytes
 from cvmfs_ml.cvmfs.objects import ObjectKind, object_path, parse_object_path
 from cvmfs_ml.errors import DownloadError
+from waiting import ManualClock
 
 pytestmark = pytest.mark.service
-
-FIXTURE = Path("/work/shared/fixtures/cvmfs-reference-repo")
-REPO_DIR = FIXTURE / "cvmfs" / "ref.test.local"
-FQRN = "ref.test.local"
-FAST = {"backoff_init": 0.01, "backoff_max": 0.02, "timeout": 2.0, "timeout_direct": 2.0}
-
-
-def reference_objects() -> list[tuple[str, Digest, bytes]]:
-    """(relative path, digest, decompressed content) of every object in the reference repo."""
-    out = []
-    for path in sorted((REPO_DIR / "data").rglob("*")):
-        if path.is_file():
-            rel = path.relative_to(REPO_DIR).as_posix()
-            digest, _kind = parse_object_path(rel)
-            out.append((rel, digest, zlib.decompress(path.read_bytes())))
-    return out
-
-
-OBJECTS = reference_objects()
-BIGGEST = max(OBJECTS, key=lambda o: len(o[2]))
-
-
-# ---------------------------------------------------------------- servers
-
-
-class Server:
-    """A threaded HTTP server on loopback that records what it was asked."""
-
-    def __init__(self, handler: type[http.server.BaseHTTPRequestHandler], **attrs: object) -> None:
-        self.requests: list[tuple[str, dict[str, str]]] = []
-        self.connections = 0
-        self.lock = threading.Lock()
-        cls = type("Handler", (handler,), {"state": self, **attrs})
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), cls)
-        self.httpd.daemon_threads = True
-        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True)
-        self.thread.start()
-
-    @property
-    def address(self) -> str:
-        return f"http://127.0.0.1:{self.httpd.server_port}"
-
-    @property
-    def repo_url(self) -> str:
-        return f"{self.address}/cvmfs/{FQRN}"
-
-    def record(self, handler: http.server.BaseHTTPRequestHandler) -> None:
-        with self.lock:
-            self.requests.append((handler.path, dict(handler.headers.items())))
-
-    def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
-class Recording(http.server.BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    disable_nagle_algorithm = True  # otherwise delayed ACKs cost 40 ms per response
-    state: Server
-
-    def setup(self) -> None:
-        with self.state.lock:
-            self.state.connections += 1
-        super().setup()
-
-    def log_message(self, format: str, *args: object) -> None:
-        pass
-
-    def reply(self, status: int, body: bytes = b"", headers: dict[str, str] | None = None) -> None:
-        self.send_response(status)
-        for key, value in (headers or {}).items():
-            self.send_header(key, value)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-
-class Origin(Recording, http.server.SimpleHTTPRequestHandler):
-    """Serves the reference repository as a Stratum 0 web root (/cvmfs/<fqrn>/...)."""
-
-    def __init__(self, *args: object, **kwargs: object) -> None:
-        super().__init__(*args, directory=str(FIXTURE), **kwargs)  # type: ignore[misc]
-
-    def do_GET(self) -> None:
-        self.state.record(self)
-        super().do_GET()
-
-    def copyfile(self, source: object, outputfile: object) -> None:
-        self.connection.sendfile(source)  # type: ignore[arg-type]
-
-
-class Fixed(Recording):
-    """Answers every request with ``status`` (and ``extra`` headers)."""
-
-    status = 404
-    extra: dict[str, str] = {}  # noqa: RUF012
-
-    def do_GET(self) -> None:
-        self.state.record(self)
-        self.reply(self.status, b"no", self.extra)
-
-
-class Redirect(Recording):
-    target = ""
-
-    def do_GET(self) -> None:
-        self.state.record(self)
-        path = self.path.split("/cvmfs/", 1)[1]
-        self.reply(302, b"", {"Location": f"{self.target}/cvmfs/{path}"})
-
-
-class Proxy(Recording):
-    """A forward proxy (absolute-URI requests) with a fault ``mode``."""
-
-    mode = "pass"
-
-    def do_GET(self) -> None:
-        self.state.record(self)
-        nocache = self.headers.get("Cache-Control") == "no-cache"
-        if self.mode == "forbidden":
-            self.reply(403, b"denied")
-            return
-        if self.mode == "squid-error":
-            self.reply(503, b"", {"X-Squid-Error": "ERR_CONNECT_FAIL 111"})
-            return
-        if self.mode == "hang":
-            time.sleep(1.0)
-            self.close_connection = True
-            return
-        target = urllib.parse.urlsplit(self.path)
-        conn = http.client.HTTPConnection(target.hostname, target.port, timeout=5)
-        conn.request("GET", target.path)
-        response = conn.getresponse()
-        status, body = response.status, response.read()
-        conn.close()
-        if status == 200 and (self.mode == "corrupt" or (self.mode == "stale" and not nocache)):
-            middle = len(body) // 2
-            body = body[:middle] + bytes([body[middle] ^ 0xFF]) + body[middle + 1 :]
-        if status == 200 and self.mode == "truncate":
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body[: len(body) // 2])
-            self.close_connection = True
-            return
-        self.reply(status, body)
-
-
-@pytest.fixture(scope="module")
-def origin() -> Iterator[Server]:
-    server = Server(Origin)
-    yield server
-    server.close()
-
-
-@pytest.fixture
-def servers() -> Iterator[list[Server]]:
-    """Per-test servers, closed at the end: append to the list."""
-    started: list[Server] = []
-    yield started
-    for server in started:
-        server.close()
-
-
-def start(servers: list[Server], handler: type[Recording], **attrs: object) -> Server:
-    server = Server(handler, **attrs)
-    servers.append(server)
-    return server
-
-
-@pytest.fixture
-def closed_port() -> str:
-    """An address nothing listens on (connection refused)."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    sock.close()
-    return f"http://127.0.0.1:{port}"
-
-
-def hits(server: Server, rel: str) -> list[dict[str, str]]:
-    return [headers for path, headers in server.requests if path.endswith(rel)]
 
 
 # ---------------------------------------------------------------- plain fetching
@@ -324,13 +150,16 @@ def test_host_failover_404_then_500_then_good(origin: Server, servers: list[Serv
     assert len(missing.requests) == len(broken.requests) == 1
 
 
-def test_host_reset_after_returns_to_the_first_host(origin: Server, servers: list[Server]) -> None:
+def test_host_reset_after_returns_to_the_first_host(
+    origin: Server, servers: list[Server], clock: ManualClock
+) -> None:
     broken = start(servers, Fixed, status=503)
-    fetcher = Fetcher([broken.repo_url, origin.repo_url], host_reset_after=0.2, **FAST)
+    fetcher = Fetcher([broken.repo_url, origin.repo_url], host_reset_after=100, **FAST)
     rel, digest, content = OBJECTS[5]
     assert fetcher.fetch(rel, digest, compressed=True) == content
+    clock.now += 99
     assert fetcher.current_host == origin.repo_url
-    time.sleep(0.25)
+    clock.now += 1
     assert fetcher.current_host == broken.repo_url
     assert fetcher.fetch(rel, digest, compressed=True) == content
     assert len(broken.requests) == 2
@@ -382,199 +211,6 @@ def test_corrupt_host_is_refetched_without_cache_then_skipped(
     requests = hits(origin, rel)[before:]
     assert len(requests) == 2 and requests[1]["Cache-Control"] == "no-cache"
     assert fetcher.stats.bad_data == 2
-
-
-# ---------------------------------------------------------------- proxies
-
-
-def test_requests_go_through_the_proxy_in_absolute_form(
-    origin: Server, servers: list[Server]
-) -> None:
-    proxy = start(servers, Proxy)
-    rel, digest, content = OBJECTS[10]
-    fetcher = Fetcher([origin.repo_url], [[proxy.address]], **FAST)
-    assert fetcher.fetch(rel, digest, compressed=True) == content
-    assert proxy.requests[0][0] == f"{origin.repo_url}/{rel}"
-
-
-def test_refused_proxy_fails_over_to_next_group(
-    origin: Server, servers: list[Server], closed_port: str
-) -> None:
-    proxy = start(servers, Proxy)
-    rel, digest, content = OBJECTS[11]
-    fetcher = Fetcher([origin.repo_url], [[closed_port], [proxy.address]], max_retries=1, **FAST)
-    assert fetcher.fetch(rel, digest, compressed=True) == content
-    assert fetcher.stats.retries == 1  # the refused proxy got one backoff retry
-    assert fetcher.stats.failovers == 1
-    # the next fetch goes straight to the working group
-    fetcher.fetch(OBJECTS[12][0], OBJECTS[12][1], compressed=True)
-    assert fetcher.stats.retries == 1 and len(proxy.requests) == 2
-
-
-def test_proxy_within_a_group_then_reset_to_first_group(
-    origin: Server, servers: list[Server], closed_port: str
-) -> None:
-    good = start(servers, Proxy)
-    fetcher = Fetcher(
-        [origin.repo_url],
-        [[closed_port, "127.0.0.1:1"], [good.address]],
-        max_retries=0,
-        proxy_reset_after=0.2,
-        **FAST,
-    )
-    assert all(p.startswith("http://") for p in fetcher.proxy_groups[0])  # scheme added
-    rel, digest, content = OBJECTS[13]
-    assert fetcher.fetch(rel, digest, compressed=True) == content
-    assert fetcher.stats.failovers == 2  # both proxies of group 1, then group 2
-    time.sleep(0.25)
-    assert fetcher.fetch(rel, digest, compressed=True) == content
-    assert fetcher.stats.failovers == 4  # after the reset, group 1 was tried again
-
-
-def test_corrupting_proxy_gets_a_no_cache_retry_then_is_skipped(
-    origin: Server, servers: list[Server]
-) -> None:
-    bad = start(servers, Proxy, mode="corrupt")
-    good = start(servers, Proxy)
-    rel, digest, content = BIGGEST
-    fetcher = Fetcher([origin.repo_url], [[bad.address], [good.address]], **FAST)
-    assert fetcher.fetch(rel, digest, compressed=True) == content
-    seen = [headers for _, headers in bad.requests]
-    assert len(seen) == 2
-    assert "Cache-Control" not in seen[0]
-    assert seen[1]["Cache-Control"] == "no-cache" and seen[1]["Pragma"] == "no-cache"
-    assert len(good.requests) == 1
-    assert fetcher.current_host == origin.repo_url  # the proxy was blamed, not the host
-    assert fetcher.proxy_groups == [[bad.address], [good.address]]
-    stats = fetcher.stats
-    assert (stats.bad_data, stats.retries, stats.failovers) == (2, 1, 1)
-
-
-def test_corruption_of_raw_objects_is_caught_by_the_hash(
-    origin: Server, servers: list[Server]
-) -> None:
-    """Uncompressed objects (catalog flag 0x800) have no zlib check: the hash must catch it."""
-    bad = start(servers, Proxy, mode="corrupt")
-    good = start(servers, Proxy)
-    rel, digest, _ = BIGGEST
-    stored = (REPO_DIR / rel).read_bytes()
-    fetcher = Fetcher([origin.repo_url], [[bad.address], [good.address]], **FAST)
-    assert fetcher.fetch(rel, digest, compressed=False) == stored
-    assert len(bad.requests) == 2 and len(good.requests) == 1
-    assert fetcher.stats.bad_data == 2
-
-
-def test_stale_proxy_cache_is_fixed_by_the_no_cache_retry(
-    origin: Server, servers: list[Server], tmp_path: Path
-) -> None:
-    stale = start(servers, Proxy, mode="stale")
-    rel, digest, content = BIGGEST
-    fetcher = Fetcher([origin.repo_url], [[stale.address]], **FAST)
-    with open(tmp_path / "out", "w+b") as out:
-        assert fetcher.fetch_into(rel, digest, True, out) == len(content)
-    # the first (corrupt) try was rewound: the file holds exactly the good content
-    assert (tmp_path / "out").read_bytes() == content
-    assert len(stale.requests) == 2 and fetcher.stats.failovers == 0
-
-
-def test_truncating_proxy_is_detected(origin: Server, servers: list[Server]) -> None:
-    short = start(servers, Proxy, mode="truncate")
-    good = start(servers, Proxy)
-    rel, digest, content = BIGGEST
-    fetcher = Fetcher([origin.repo_url], [[short.address], [good.address]], **FAST)
-    assert fetcher.fetch(rel, digest, compressed=True) == content
-    assert len(short.requests) == 2 and len(good.requests) == 1
-    assert fetcher.stats.bad_data == 2
-
-
-def test_squid_error_is_a_proxy_failure_not_a_host_failure(
-    origin: Server, servers: list[Server]
-) -> None:
-    squid = start(servers, Proxy, mode="squid-error")
-    good = start(servers, Proxy)
-    rel, digest, content = OBJECTS[14]
-    fetcher = Fetcher(
-        [origin.repo_url, "http://127.0.0.2:9/cvmfs/x"], [[squid.address], [good.address]], **FAST
-    )
-    assert fetcher.fetch(rel, digest, compressed=True) == content
-    assert fetcher.current_host == origin.repo_url
-    assert len(squid.requests) == 1 and len(good.requests) == 1
-
-
-def test_host_5xx_through_a_proxy_blames_the_host(origin: Server, servers: list[Server]) -> None:
-    broken = start(servers, Fixed, status=502)
-    proxy = start(servers, Proxy)
-    rel, digest, content = OBJECTS[15]
-    fetcher = Fetcher([broken.repo_url, origin.repo_url], [[proxy.address]], **FAST)
-    assert fetcher.fetch(rel, digest, compressed=True) == content
-    assert fetcher.current_host == origin.repo_url
-    assert fetcher.stats.failovers == 1 and len(proxy.requests) == 2
-
-
-def test_other_status_through_a_proxy_blames_the_proxy(
-    origin: Server, servers: list[Server]
-) -> None:
-    denying = start(servers, Proxy, mode="forbidden")
-    good = start(servers, Proxy)
-    rel, digest, content = OBJECTS[16]
-    fetcher = Fetcher([origin.repo_url], [[denying.address], [good.address]], **FAST)
-    assert fetcher.fetch(rel, digest, compressed=True) == content
-    assert len(denying.requests) == 1  # proxy HTTP errors are not retried
-
-
-def test_stalled_proxy_times_out(origin: Server, servers: list[Server]) -> None:
-    stalled = start(servers, Proxy, mode="hang")
-    good = start(servers, Proxy)
-    rel, digest, content = OBJECTS[17]
-    fetcher = Fetcher(
-        [origin.repo_url], [[stalled.address], [good.address]], max_retries=0,
-        **{**FAST, "timeout": 0.3},
-    )  # fmt: skip
-    started = time.monotonic()
-    assert fetcher.fetch(rel, digest, compressed=True) == content
-    assert time.monotonic() - started < 1.0
-    assert fetcher.stats.failovers == 1
-
-
-# ---------------------------------------------------------------- total failure
-
-
-def test_everything_down_names_every_attempt(servers: list[Server], closed_port: str) -> None:
-    missing = start(servers, Fixed, status=404)
-    dead_host = f"{closed_port}/cvmfs/{FQRN}"
-    rel, digest, _ = OBJECTS[18]
-    fetcher = Fetcher([dead_host, missing.repo_url], max_retries=1, **FAST)
-    with pytest.raises(DownloadError) as caught:
-        fetcher.fetch(rel, digest, compressed=True)
-    error = caught.value
-    assert error.what == rel
-    assert [(url, proxy) for url, proxy, _ in error.attempts] == [
-        (f"{dead_host}/{rel}", DIRECT),
-        (f"{dead_host}/{rel}", DIRECT),
-        (f"{missing.repo_url}/{rel}", DIRECT),
-    ]
-    assert "connection refused" in error.attempts[0][2]
-    assert error.attempts[2][2] == "HTTP 404"
-    assert dead_host in str(error) and missing.repo_url in str(error)
-
-
-def test_all_proxies_down_for_every_host(
-    origin: Server, servers: list[Server], closed_port: str
-) -> None:
-    second = start(servers, Origin)
-    proxies = [[closed_port], ["http://127.0.0.1:1"]]
-    fetcher = Fetcher([origin.repo_url, second.repo_url], proxies, max_retries=0, **FAST)
-    rel, digest, _ = OBJECTS[19]
-    with pytest.raises(DownloadError) as caught:
-        fetcher.fetch(rel, digest, compressed=True)
-    tried = {(url.split("/cvmfs/")[0], proxy) for url, proxy, _ in caught.value.attempts}
-    assert tried == {
-        (origin.address, closed_port),
-        (origin.address, "http://127.0.0.1:1"),
-        (second.address, closed_port),
-        (second.address, "http://127.0.0.1:1"),
-    }
-    assert not second.requests  # never reached without a working proxy
 
 
 # ---------------------------------------------------------------- concurrency

@@ -33,6 +33,7 @@ from cvmfs_ml.publish.repository import Publisher, create_repository
 from cvmfs_ml.publish.settings import PublishSettings
 from cvmfs_ml.storage.http import RepositoryServer
 from cvmfs_ml.storage.local import LocalStore
+from quiet_http import QuietHTTPServer
 
 FQRN = "hostile.test"
 PAYLOAD = os.urandom(3 * 2**20)  # one whole-file object (no chunking below)
@@ -127,7 +128,7 @@ class _Hostile(http.server.BaseHTTPRequestHandler):
             for byte in b"HTTP/1.1 200 OK\r\nX-Trickle: " + b"a" * 600:
                 self.wfile.write(bytes([byte]))
                 self.wfile.flush()
-                time.sleep(0.5)  # well within the 1 s read timeout each time
+                time.sleep(0.2)  # well within the 1 s read timeout each time, even loaded
         elif self.mode == "slow-chunked":  # one big chunk, trickled
             data = (self.folder / self.spoil).read_bytes()
             self.send_response(200)
@@ -153,8 +154,7 @@ def hostile(published: Publisher) -> Iterator[Callable[[str, str], str]]:
             (_Hostile,),
             {"folder": published.repo_dir, "mode": mode, "spoil": spoil, "hits": []},
         )
-        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-        server.daemon_threads = True
+        server = QuietHTTPServer(("127.0.0.1", 0), handler)
         threading.Thread(target=server.serve_forever, daemon=True).start()
         servers.append(server)
         return f"http://127.0.0.1:{server.server_address[1]}/cvmfs/{FQRN}"
@@ -319,7 +319,7 @@ def test_headers_trickled_forever_fail_over_in_bounded_time(
     published: Publisher, hostile: Callable[[str, str], str], good: str, tmp_path: Path,
     spoil: str,
 ) -> None:
-    """Before, a server sending its headers a byte every half second held the fetch forever:
+    """Before, a server sending its headers a byte at a time held the fetch forever:
     each byte restarted the socket timeout, and the low-speed rule only looks at bodies. The
     headers now get one read timeout in all, as upstream's curl gives them."""
     rel = spoil if spoil == ".cvmfspublished" else object_rel(published, "/model.bin")

@@ -30,6 +30,8 @@ from cvmfs_ml.errors import DownloadError
 from cvmfs_ml.publish.repository import Publisher, create_repository
 from cvmfs_ml.publish.settings import PublishSettings
 from cvmfs_ml.testing import Nginx, Squid
+from quiet_http import QuietHTTPServer
+from waiting import wait_until
 
 pytestmark = pytest.mark.service
 
@@ -81,8 +83,15 @@ def key_of(root: Path) -> Path:
     return root / "keys" / f"{FQRN}.pub"
 
 
-def data_paths(nginx: Nginx) -> list[str]:
-    return [r.path for r in nginx.requests() if "/data/" in r.path]
+def data_paths(nginx: Nginx, expect: int = 0) -> list[str]:
+    """The data objects in nginx's access log, once it holds ``expect`` lines (each is written
+    after its answer went out, so a client that is done can be ahead of the log)."""
+    return [r.path for r in nginx.requests(expect=expect) if "/data/" in r.path]
+
+
+def upstream(records: list) -> int:
+    """How many of Squid's records cost a request to the origin (one nginx line each)."""
+    return sum(r.contacted_upstream for r in records)
 
 
 def read_all(repo: Repository) -> None:
@@ -139,8 +148,7 @@ class FaultProxy:
                 self.end_headers()
                 self.wfile.write(send)
 
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
+        self.httpd = QuietHTTPServer(("127.0.0.1", 0), Handler)
         threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True).start()
         self.url = f"http://127.0.0.1:{self.httpd.server_port}"
 
@@ -179,14 +187,18 @@ def test_reads_through_squid_and_a_second_client_costs_the_origin_nothing(
     ) as first:
         read_all(first)
         assert first.source.stats.failovers == 0
-    after_first = data_paths(nginx)
+        asked = first.source.stats.requests
+    after_first = data_paths(nginx, upstream(squid.requests(expect=asked)))
     assert len(after_first) == len(set(after_first)) > 20  # every object once
     with Repository.open(
         url, public_key=key_of(template), proxy=squid.url, cache=tmp_path / "c2", **FAST
     ) as second:
         read_all(second)
-    assert data_paths(nginx) == after_first  # the second client was served by Squid alone
-    served_by_squid = [r for r in squid.requests() if "/data/" in r.url]
+        asked += second.source.stats.requests
+    through = squid.requests(expect=asked)
+    # the second client was served by Squid alone
+    assert data_paths(nginx, upstream(through)) == after_first
+    served_by_squid = [r for r in through if "/data/" in r.url]
     assert len(served_by_squid) == 2 * len(after_first)
     assert all(r.url.startswith(url) for r in served_by_squid)  # absolute-form requests
 
@@ -200,7 +212,8 @@ def test_first_host_down_the_second_is_used(
         read_all(repo)
         assert repo.source.current_host == nginx.repo_url(FQRN)
         assert repo.source.stats.failovers == 1  # switched once, then stayed
-    assert any(r.path.endswith("/.cvmfspublished") for r in nginx.requests())
+    wait_until(lambda: any(r.path.endswith("/.cvmfspublished") for r in nginx.requests()), 60,
+               "the manifest request in nginx's log")  # fmt: skip
 
 
 @pytest.mark.parametrize("mode", ["corrupt", "truncate"])
@@ -228,7 +241,7 @@ def test_damaging_proxy_is_detected_and_the_next_proxy_used(
         assert repo.source.proxy_groups == [[bad.url], [squid.url]]
     # the damaged path was retried once with no-cache, then skipped for good
     assert [cache for _, cache in bad.requests][-2:] == [None, "no-cache"]
-    assert len(squid.requests()) > 20
+    assert len(squid.requests(expect=21)) > 20
 
 
 def test_all_hosts_down_names_what_was_tried(tmp_path: Path, closed_port: int) -> None:
@@ -291,6 +304,7 @@ def test_stale_manifest_in_squid_is_bypassed_and_refresh_sees_new_revisions(
     assert via_squid.refresh() is True
     assert via_squid.read_bytes("/a.txt") == b"revision two\n"
     via_squid.close()
+    asked = via_squid.source.stats.requests  # through Squid so far
 
     # Rollback check + no-cache retry: a client whose breadcrumb says revision 3 gets a stale
     # revision 2 from Squid first, and must then fetch past the cache instead of failing.
@@ -299,16 +313,24 @@ def test_stale_manifest_in_squid_is_bypassed_and_refresh_sees_new_revisions(
         txn.commit()
     with Repository.open(url, public_key=key, cache=tmp_path / "b", **FAST) as direct:
         assert direct.revision == 3
-    before = len([r for r in nginx.requests() if r.path.endswith("/.cvmfspublished")])
+        direct_asked = direct.source.stats.requests
+    # logs are written after the answers: wait for a line per request that reached nginx
+    to_origin = direct_asked + upstream(squid.requests(expect=asked))
+    before = len([r for r in nginx.requests(expect=to_origin)
+                  if r.path.endswith("/.cvmfspublished")])  # fmt: skip
     with Repository.open(
         url, public_key=key, proxy=squid.url, cache=tmp_path / "b", **FAST
     ) as through_squid:
         assert through_squid.revision == 3
         assert through_squid.read_bytes("/a.txt") == b"revision three\n"
-    manifests = [r for r in squid.requests() if r.url.endswith("/.cvmfspublished")]
+        asked += through_squid.source.stats.requests
+    records = squid.requests(expect=asked)
+    manifests = [r for r in records if r.url.endswith("/.cvmfspublished")]
     assert not manifests[-2].contacted_upstream  # the stale copy, from Squid's cache
     assert manifests[-1].contacted_upstream  # the no-cache retry went to nginx
-    after = len([r for r in nginx.requests() if r.path.endswith("/.cvmfspublished")])
+    to_origin = direct_asked + upstream(records)
+    after = len([r for r in nginx.requests(expect=to_origin)
+                 if r.path.endswith("/.cvmfspublished")])  # fmt: skip
     assert after == before + 1
 
 
@@ -373,13 +395,16 @@ def test_cache_file_corrupted_on_disk_is_detected_and_refetched(
         read_all(repo)
         piece = repo.layout("/model/weights.bin").pieces[3].digest
         cached = repo.cache.path_of(piece)
+        asked = repo.source.stats.requests  # all to nginx: one log line each
     damaged = bytearray(cached.read_bytes())
     damaged[100] ^= 0x55
     cached.write_bytes(bytes(damaged))
     rel = f"/cvmfs/{FQRN}/{object_path(piece, ObjectKind.PARTIAL)}"
-    assert data_paths(nginx).count(rel) == 1
+    assert data_paths(nginx, asked).count(rel) == 1
     with Repository.open(url, public_key=key, cache=tmp_path / "c") as repo:
         read_all(repo)
         assert repo.cache.usage().quarantined == 1
-    assert data_paths(nginx).count(rel) == 2  # refetched from the origin, nothing else
-    assert len(data_paths(nginx)) == len(set(data_paths(nginx))) + 1
+        asked += repo.source.stats.requests
+    paths = data_paths(nginx, asked)
+    assert paths.count(rel) == 2  # refetched from the origin, nothing else
+    assert len(paths) == len(set(paths)) + 1

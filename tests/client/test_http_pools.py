@@ -22,6 +22,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from cvmfs_ml.client.http_pools import HeaderTimeout, pool_manager
+from quiet_http import QuietHTTPServer
 
 BODY = hashlib.sha256(b"seed").digest() * (3 * 2**20 // 32)  # 3 MiB
 
@@ -78,8 +79,7 @@ def _certificate(folder: Path) -> tuple[Path, Path]:
 def server(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[str, _Server, Path]]:
     """(base URL, handler class, CA file): a threaded server, with TLS for ``https``."""
     handler = type("Handler", (_Server,), {"connections": set()})
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    httpd.daemon_threads = True
+    httpd = QuietHTTPServer(("127.0.0.1", 0), handler)
     cert, key = _certificate(tmp_path)
     if request.param == "https":
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)

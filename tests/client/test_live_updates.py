@@ -33,7 +33,7 @@ from cvmfs_ml.storage.http import RepositoryServer
 from waiting import wait_until
 
 FQRN = "live.test"
-SLACK = 20.0  # seconds beyond the TTL a loaded CI machine may need
+SLACK = 60.0  # seconds beyond the TTL a loaded CI machine may need (waits end when done)
 OLD_BLOB = os.urandom(3 * 2**20 + 17)
 NEW_BLOB = os.urandom(3 * 2**20 + 5)
 

@@ -96,7 +96,7 @@ def test_a_mount_interrupted_while_starting_leaves_no_mount_or_daemon(
         mount(url, point, public_key=key, cache=tmp_path / "cache", timeout=60)
     monkeypatch.setattr(mounts, "_wait_ready", real_wait)
     assert not is_mounted(point)
-    wait_until(lambda: not os.path.exists(f"/proc/{started[0]}"), 30, "the daemon exited")
+    wait_until(lambda: not os.path.exists(f"/proc/{started[0]}"), 60, "the daemon exited")
     handle = mount(url, point, public_key=key, cache=tmp_path / "cache", timeout=60)
     try:  # the folder is usable again at once
         assert (point / "hello.txt").read_bytes() == b"hello\n"
@@ -149,12 +149,12 @@ def test_dead_daemon_mount_is_reported_and_can_be_cleared(
     point = first.mountpoint
     assert first.process is not None
     first.process.kill()  # the daemon dies; the kernel keeps a mount that answers ENOTCONN
-    first.process.wait(timeout=10)
+    first.process.wait(timeout=60)
     with pytest.raises(ConfigError, match="already a mount point"):
         mount(url, point, public_key=key, cache=tmp_path / "c2", timeout=30)
     result = CliRunner().invoke(cli(), ["umount", str(point)])
     assert result.exit_code == 0, result.output
-    again = mount(url, point, public_key=key, cache=tmp_path / "c2", timeout=30,
+    again = mount(url, point, public_key=key, cache=tmp_path / "c2", timeout=60,
                   log_file=tmp_path / "again.log")  # fmt: skip
     try:
         assert (point / "hello.txt").read_bytes() == b"hello\n"
@@ -175,7 +175,7 @@ def test_non_empty_folder_needs_nonempty(
                                         "--cache", str(tmp_path / "cache")])  # fmt: skip
     assert result.exit_code == 1 and "--nonempty" in result.stderr
     assert not is_mounted(point)
-    handle = mount(url, point, public_key=key, cache=tmp_path / "cache", timeout=30,
+    handle = mount(url, point, public_key=key, cache=tmp_path / "cache", timeout=60,
                    nonempty=True, log_file=tmp_path / "fuse.log")  # fmt: skip
     try:
         assert (point / "hello.txt").read_bytes() == b"hello\n"
@@ -244,7 +244,7 @@ def test_only_root_and_the_owner_may_reload(
         os.chmod(outside, 0o755)
         point = outside / "mnt"
         point.mkdir()
-        handle = mount(url, point, public_key=key, cache=outside / "cache", timeout=30,
+        handle = mount(url, point, public_key=key, cache=outside / "cache", timeout=60,
                        allow_other=True)  # fmt: skip
         try:
             probe = ("import os,sys\n"

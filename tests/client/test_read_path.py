@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import pytest
 from cvmfs_ml.client.cache import ObjectCache
 from cvmfs_ml.client.repository import Repository
 from cvmfs_ml.cvmfs.hashing import Algorithm, Digest
+from waiting import wait_until
 
 REF = "ref.test.local"
 BIG = "/big/random-24MiB.bin"
@@ -29,11 +29,9 @@ def repo(reference_repo: Path, tmp_path: Path) -> Iterator[Repository]:
         yield opened
 
 
-def _settle(repo: Repository, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while repo.prefetcher.pending and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert repo.prefetcher.pending == 0
+def _settle(repo: Repository) -> None:
+    wait_until(lambda: repo.prefetcher.pending == 0, 60,
+               lambda: f"{repo.prefetcher.pending} prefetches still pending")  # fmt: skip
 
 
 def test_pread_into_crosses_pieces_and_stops_at_the_end(repo: Repository) -> None:

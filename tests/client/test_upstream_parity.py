@@ -95,7 +95,7 @@ def test_variant_symlink_expansion(target: str, variables: dict, expanded: str) 
 
 
 # -- the client API -------------------------------------------------------------------------------
-def _external_requests(server: Nginx, expect: int, timeout: float = 10.0) -> list:
+def _external_requests(server: Nginx, expect: int, timeout: float = 60.0) -> list:
     """The external-data requests in the access log, once ``expect`` of them are there (nginx
     logs a request after its response went out), or what there is after ``timeout``."""
     deadline = time.monotonic() + timeout

@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from cvmfs_ml.client.fuse import MountHandle
 from cvmfs_ml.client.readprofile import READ_PROFILE
 from cvmfs_ml.client.repository import Repository
 from cvmfs_ml.cvmfs.hashing import Algorithm, Digest
+from waiting import wait_until
 
 REF = "ref.test.local"
 BIG = "/big/random-24MiB.bin"
@@ -31,15 +31,6 @@ def repo(reference_repo: Path, tmp_path: Path) -> Iterator[Repository]:
         cache=tmp_path / "cache",
     ) as opened:
         yield opened
-
-
-def _wait_for(condition: Callable[[], bool], timeout: float = 20.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.01)
-    return condition()
 
 
 def _drop_page_cache(path: Path) -> None:
@@ -64,13 +55,15 @@ def test_a_sequential_reader_gets_the_next_cached_pieces_opened_and_advised(
         assert handle.pread_into(buffer, 0) == 4096
         assert bytes(buffer) == expected[:4096]
         # pieces 1 and 2 are opened by the disk read-ahead, not by a read
-        assert _wait_for(lambda: handle.is_open(10, layout.pieces[2].offset))
-        assert READ_PROFILE.snapshot()["advise_pieces"] >= before + 3
+        wait_until(lambda: handle.is_open(10, layout.pieces[2].offset), 60, "piece 2 opened")
+        # each piece is counted once paged in, after it was opened: wait for the count too
+        wait_until(lambda: READ_PROFILE.snapshot()["advise_pieces"] >= before + 3, 60,
+                   lambda: f"advised: {READ_PROFILE.snapshot()['advise_pieces'] - before}")
         last = layout.pieces[-1]
         assert not handle.is_open(10, last.offset) or len(layout.pieces) <= 3
         # an open piece is then served without a lookup: the nowait read gives the bytes
         start = layout.pieces[2].offset - 100
-        assert _wait_for(lambda: handle.pread_nowait(buffer, start) is not None)
+        wait_until(lambda: handle.pread_nowait(buffer, start) is not None, 60, "a nowait read")
         assert bytes(buffer) == expected[start : start + 4096]
 
 

@@ -49,6 +49,7 @@ from cvmfs_ml.models.sources.unpack import TreeWriter, safe_relative
 from cvmfs_ml.models.tree import read_record
 from cvmfs_ml.publish.repository import Publisher, create_repository
 from cvmfs_ml.publish.settings import PublishSettings
+from quiet_http import QuietHTTPServer
 
 HTTP = urllib3.PoolManager()
 
@@ -646,7 +647,7 @@ def test_image_layers_with_whiteouts(docker_registry: Any, publisher: Publisher)
 
 
 # -- token auth: a Bearer-challenging front in front of the real registry --------------------------
-class TokenFront(http.server.ThreadingHTTPServer):
+class TokenFront(QuietHTTPServer):
     """Answers ``/token`` for user ``alice``/``secret`` and forwards ``/v2/`` GETs with a token."""
 
     token = "t0ken-for-tests"

@@ -17,6 +17,7 @@ import pytest
 
 from cvmfs_ml.errors import DownloadError, FormatError
 from cvmfs_ml.models.sources.oci_client import RegistryClient
+from quiet_http import QuietHTTPServer
 
 BLOB = bytes(range(256)) * 256  # 64 KiB: 32 s when trickled, so "failed early" has margin
 DIGEST = "sha256:" + hashlib.sha256(BLOB).hexdigest()
@@ -92,8 +93,7 @@ class _Misbehaving(http.server.BaseHTTPRequestHandler):
 
 @pytest.fixture()
 def registry() -> Iterator[tuple[http.server.ThreadingHTTPServer, str]]:
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Misbehaving)
-    server.daemon_threads = True
+    server = QuietHTTPServer(("127.0.0.1", 0), _Misbehaving)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:

@@ -351,11 +351,11 @@ def test_lock_serialises_publishers(make_repo) -> None:
     def hold() -> None:
         with publisher.transaction():
             entered.set()
-            release.wait(10)
+            release.wait(60)  # set as soon as the test checked the lock
 
     thread = threading.Thread(target=hold)
     thread.start()
-    assert entered.wait(10)
+    assert entered.wait(60)
     try:
         with pytest.raises(LockedError), other.transaction(wait=False):
             pass

@@ -79,7 +79,8 @@ def test_waiting_jobs_become_one_revision_and_duplicates_collapse(
             i = cid.split("c")[-1]
             data = registry_env.read(record.repo, f"/sw/{cid}/f{i}.txt")
             assert data == f"content {i}\n".encode()
-        assert list((registry_env.data / "spool").glob("*.upload")) == []
+        # a job is marked published, then its body removed from the spool
+        wait_until(lambda: not list((registry_env.data / "spool").glob("*.upload")), 60)
         # Published: a new publish of the same CID answers with its path, no job.
         present = _accept(service, "grp/c3", bodies["grp/c3"])
         assert present.job is None and present.present is not None
@@ -134,7 +135,7 @@ def test_kill9_mid_publish_loses_nothing(registry_env: RegistryEnv) -> None:
     with Repository.open(publisher.repo_dir, public_key=publisher.keys.paths.master_public) as r:
         report = check_repository(r)
         assert report.ok, report.problems
-    assert list((registry_env.data / "spool").glob("*")) == []
+    wait_until(lambda: not list((registry_env.data / "spool").glob("*")), 60)  # then removed
 
 
 def test_cleanup_removes_stale_cids_and_never_blocks_the_other_repository(
@@ -168,7 +169,7 @@ def test_cleanup_removes_stale_cids_and_never_blocks_the_other_repository(
         cleaner = threading.Thread(target=lambda: reports.append(service.cleanup(first, 30)))
         try:
             cleaner.start()
-            wait_until(lambda: service.workers[first].cleaning, 30)
+            wait_until(lambda: service.workers[first].cleaning, 60)
             job = _accept(service, "grp/during", make_tarball({"d": b"during cleanup"})).job
             assert job is not None and job.repo == FQRNS[1]  # routed to the other repository
             wait_until(lambda: _published(service, job.id), 120)
@@ -291,7 +292,7 @@ def test_a_job_that_cannot_be_published_fails_alone_with_its_reason(
         for job in small:  # the batch was retried job by job: the others are published
             wait_until(lambda j=job: _published(service, j.id), 120)
         assert service.exists(ContentId("grp/lost")) is None
-        assert list((registry_env.data / "spool").glob("*.upload")) == []
+        wait_until(lambda: not list((registry_env.data / "spool").glob("*.upload")), 60)
         metrics = service.metrics.render().decode()
         assert 'cvmfs_registry_errors_total{kind="internal"} 1.0' in metrics
         # Publishing the CID again makes a new job that succeeds.

@@ -73,7 +73,7 @@ def test_a_user_pub_body_too_slow_is_refused_and_discarded(
     status, body = _send_slowly(server.port, head, b"x" * 100000, pause)
     assert " 408 " in status, (status, body)
     assert b"send it again" in body
-    wait_until(lambda: not list((slow_env.data / "spool").glob("*.upload")), 30)
+    wait_until(lambda: not list((slow_env.data / "spool").glob("*.upload")), 60)
     ping = HTTP.request("GET", f"{server.url}/pubapi/ping")
     assert ping.status == 200  # the server goes on serving
 

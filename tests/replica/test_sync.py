@@ -321,14 +321,16 @@ def test_stratum_1_from_http_serves_clients_like_the_stratum_0(
         expected = tree(a)
         assert b.manifest == a.manifest and tree(b) == expected
     # The replica alone serves a client: nothing reaches the Stratum 0 any more.
-    before = len(origin.requests())
+    # (requests_so_far: every request answered so far, none still on its way to the log)
+    before = len(origin.requests_so_far())
     servers = f"{replica.url}/cvmfs/@fqrn@;{origin.url}/cvmfs/@fqrn@"
     with Repository.open(servers, FQRN, key, cache=tmp_path / "c") as client:
         assert tree(client) == expected
-    assert len(origin.requests()) == before
+        assert client.source.stats.failovers == 0
+    assert len(origin.requests_so_far()) == before
     # A second snapshot asks the Stratum 0 for the root files only.
     sync_replica(origin.repo_url(FQRN), s1, key_of(s0))
-    new = [r.path for r in origin.requests()[before:]]
+    new = [r.path for r in origin.requests_so_far()[before:]]
     assert any(p.endswith("/.cvmfspublished") for p in new)
     assert [p for p in new if "/data/" in p and not p.endswith("X")] == []  # X: verification
 

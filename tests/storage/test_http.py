@@ -263,7 +263,7 @@ def test_keep_alive_serves_two_requests_on_one_connection(
         assert conn.sock is sock
     finally:
         conn.close()
-    assert server.wait_for_requests(2) == 2
+    assert server.wait_for_requests(2, timeout=60) == 2
 
 
 def test_head_sends_headers_without_a_body(
@@ -357,10 +357,10 @@ def test_concurrent_clients(server: RepositoryServer, root: Path) -> None:
     for thread in threads:
         thread.start()
     for thread in threads:
-        thread.join(timeout=30)
+        thread.join(timeout=60)
     assert failures == []
     # The server counts a request after its body is sent, which may be after the client read it.
-    assert server.wait_for_requests(len(objects)) == len(objects)
+    assert server.wait_for_requests(len(objects), timeout=60) == len(objects)
 
 
 def test_stop_closes_idle_connections_and_the_port(root: Path) -> None:

@@ -16,6 +16,7 @@ import pytest
 
 from cvmfs_ml.errors import CvmfsMlError, FormatError, StorageError
 from cvmfs_ml.storage.s3 import S3Config, S3Store
+from quiet_http import QuietHTTPServer
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
@@ -80,8 +81,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.wfile.write(body)
 
 
-class _Server(http.server.ThreadingHTTPServer):
-    daemon_threads = True
+class _Server(QuietHTTPServer):
 
     def __init__(self) -> None:
         super().__init__(("127.0.0.1", 0), _Handler)

@@ -212,12 +212,12 @@ def test_webhook_push_triggers_a_round(publisher: Publisher, tmp_path: Path) -> 
         ).headers["Docker-Content-Digest"]
         deleted = HTTP.request("DELETE", f"http://{host}/v2/lib/hooked/manifests/{digest}")
         assert deleted.status == 202
-        wait_until(
-            lambda: any(e.action == "schedule_removal" for e in loop.log.events),
+        wait_until(  # the event is logged during the round, its report added at its end
+            lambda: any(e.action == "schedule_removal" for e in loop.log.events)
+            and len(loop.reports) >= 3,
             60,
-            "the full round after the delete",
+            lambda: f"the full round after the delete ({len(loop.reports)} rounds done)",
         )
-        assert len(loop.reports) >= 3
     finally:
         loop.stop()
         if thread is not None:

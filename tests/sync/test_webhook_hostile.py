@@ -21,8 +21,23 @@ from waiting import wait_until
 HTTP = urllib3.PoolManager(retries=False, timeout=urllib3.Timeout(connect=10, read=60))
 
 
-def _handlers_alive() -> list[threading.Thread]:
-    return [t for t in threading.enumerate() if "process_request_thread" in t.name]
+class _Counting(WebhookServer):
+    """The webhook server, counting its own connection threads: other servers' threads (an
+    earlier test's keep-alive connection, still open) are none of its business."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.handlers = 0
+        self._count_lock = threading.Lock()
+        super().__init__(*args, **kwargs)
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        with self._count_lock:
+            self.handlers += 1
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            with self._count_lock:
+                self.handlers -= 1
 
 
 def _trickle(server: WebhookServer, head: bytes, piece: bytes, closed: threading.Event) -> None:
@@ -67,21 +82,21 @@ def test_a_trickling_sender_is_dropped_at_the_request_deadline(head: bytes, piec
 
 
 def test_a_connection_flood_is_answered_busy_without_threads() -> None:
-    server = WebhookServer(lambda _: None, read_timeout=60, request_timeout=120,
-                           max_connections=4).start()  # fmt: skip
+    server = _Counting(lambda _: None, read_timeout=60, request_timeout=120, max_connections=4)
+    server.start()
     idle = []
     try:
         for _ in range(4):  # each holds a slot: headers started, never finished
             sock = socket.create_connection(server.server_address[:2], timeout=30)
             sock.sendall(b"POST / HTTP/1.1\r\n")
             idle.append(sock)
-        wait_until(lambda: len(_handlers_alive()) >= 4, 60, "four connections being served")
+        wait_until(lambda: server.handlers >= 4, 60, "four connections being served")
 
         def refused() -> bool:
             return HTTP.request("POST", server.url, body=b"{}").status == 503
 
         wait_until(refused, 60, "a fifth sender told 503", ignore=(urllib3.exceptions.HTTPError,))
-        assert len(_handlers_alive()) == 4  # no thread was started for it
+        assert server.handlers == 4  # no thread was started for it
         for sock in idle:
             sock.close()
         wait_until(lambda: HTTP.request("POST", server.url, body=b'{"events": []}').status == 202,
@@ -95,15 +110,16 @@ def test_a_connection_flood_is_answered_busy_without_threads() -> None:
 def test_a_reset_mid_body_prints_no_traceback(capsys: pytest.CaptureFixture[str]) -> None:
     """socketserver printed 'Exception occurred during processing of request' and a traceback
     of ConnectionResetError to the sync service's stderr for every such sender."""
-    server = WebhookServer(lambda _: None, read_timeout=30).start()
+    server = _Counting(lambda _: None, read_timeout=30)
+    server.start()
     try:
-        wait_until(lambda: not _handlers_alive(), 60, "no connection being served")
+        wait_until(lambda: not server.handlers, 60, "no connection being served")
         sock = socket.create_connection(server.server_address[:2], timeout=30)
         sock.sendall(b'POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n{"ev')
-        wait_until(_handlers_alive, 60, "the server reading the body")
+        wait_until(lambda: server.handlers, 60, "the server reading the body")
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         sock.close()  # RST
-        wait_until(lambda: not _handlers_alive(), 60, "the reset connection's handler ending")
+        wait_until(lambda: not server.handlers, 60, "the reset connection's handler ending")
         assert HTTP.request("POST", server.url, body=b'{"events": []}').status == 202
     finally:
         server.stop()

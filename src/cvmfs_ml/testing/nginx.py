@@ -9,6 +9,7 @@ recommends.
 from __future__ import annotations
 
 import os
+import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -19,6 +20,8 @@ from cvmfs_ml.testing.accesslog import (
     parse_nginx_access_log,
 )
 from cvmfs_ml.testing.service import LOOPBACK, LoggedService, ServiceError
+
+_MARKER = "/cvmfs-ml-log-marker-"
 
 __all__ = ["Nginx", "nginx_main_config", "nginx_site_config"]
 
@@ -147,11 +150,18 @@ class Nginx(LoggedService[AccessRecord]):
         return f"{self.url}/cvmfs/{fqrn}"
 
     def parse_log(self, text: str) -> list[AccessRecord]:
-        return parse_nginx_access_log(text)
+        return [r for r in parse_nginx_access_log(text) if not r.path.startswith(_MARKER)]
 
-    def counters(self, settle: float = 0.05) -> OriginCounters:
-        """Requests and body bytes in the access log so far, once the log stopped growing."""
-        records = self.settled_requests(settle)
+    def requests_so_far(self, timeout: float = 60.0) -> list[AccessRecord]:
+        """Every request answered before this call, none missing, markers left out (for
+        "nothing more reached the origin" checks; :meth:`log_before_marker`)."""
+        marker = f"{_MARKER}{uuid.uuid4().hex}"
+        return self.parse_log(self.log_before_marker(marker, marker, timeout))
+
+    def counters(self) -> OriginCounters:
+        """Requests answered and body bytes sent so far (:meth:`requests_so_far`: every
+        request answered before the call is counted, however late its log line)."""
+        records = self.requests_so_far()
         return OriginCounters(len(records), sum(r.bytes for r in records))
 
     def _prepare(self) -> None:

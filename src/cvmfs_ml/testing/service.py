@@ -10,13 +10,14 @@ Each service:
 * is a context manager; ``stop()`` terminates the process and waits for it, ``close()`` also
   removes the temporary folder the service made itself.
 
-The log helpers at the end (:func:`wait_for_records`, :func:`settled_records`) are how the
-services read their access logs without sleeping blindly.
+The log helpers at the end (:func:`wait_for_records`, :meth:`LoggedService.log_before_marker`)
+are how the services read their access logs without sleeping blindly.
 """
 
 from __future__ import annotations
 
 import contextlib
+import http.client
 import os
 import shutil
 import signal
@@ -40,7 +41,6 @@ __all__ = [
     "find_binary",
     "free_port",
     "read_log",
-    "settled_records",
     "wait_for_records",
 ]
 
@@ -92,7 +92,7 @@ class Service:
 
     binary: str = ""
     stop_signal: int = signal.SIGTERM
-    start_timeout: float = 20.0
+    start_timeout: float = 60.0  # a deadline, not a wait: a loaded machine starts slowly
     stop_timeout: float = 10.0
 
     def __init__(self, port: int | None = None, workdir: Path | None = None) -> None:
@@ -273,24 +273,6 @@ def wait_for_records(
     return records
 
 
-def settled_records(
-    read: Callable[[], list[RecordT]], settle: float, tries: int = 40
-) -> list[RecordT]:
-    """Re-read a log until two reads ``settle`` seconds apart agree (at most ``tries`` reads).
-
-    For callers that do not know how many records to expect (a benchmark counting what a run
-    caused): the server logs after the response went out, so the last lines may still come.
-    """
-    previous = read()
-    for _ in range(tries - 1):
-        time.sleep(settle)
-        now = read()
-        if now == previous:
-            return now
-        previous = now
-    return previous
-
-
 class LoggedService(Service, Generic[RecordT]):
     """A service that writes an access log, ``workdir/access.log``, read by :meth:`parse_log`."""
 
@@ -304,10 +286,35 @@ class LoggedService(Service, Generic[RecordT]):
     def _log_records(self) -> list[RecordT]:
         return self.parse_log(read_log(self.access_log))
 
-    def requests(self, expect: int = 0, timeout: float = 5.0) -> list[RecordT]:
-        """The access log as records, after waiting (up to ``timeout``) for ``expect`` of them."""
+    def requests(self, expect: int = 0, timeout: float = 60.0) -> list[RecordT]:
+        """The access log as records, after waiting (up to ``timeout``) for ``expect`` of them.
+
+        The wait ends as soon as they are there; the long default is for loaded machines.
+        """
         return wait_for_records(self._log_records, expect, timeout)
 
-    def settled_requests(self, settle: float = 0.05) -> list[RecordT]:
-        """The access log so far as records, once the log stopped growing."""
-        return settled_records(self._log_records, settle)
+    def log_before_marker(self, marker: str, path: str, timeout: float,
+                          headers: dict[str, str] | None = None) -> str:  # fmt: skip
+        """The access log up to the line of a marker request sent now (``GET path``, whose
+        line holds ``marker``), without that line.
+
+        A server logs a request after its answer went out, so a client that is done can be ahead
+        of the log. The services here run one process that answers and logs requests one at a
+        time (nginx ``worker_processes 1``, Squid ``-N``), so every request answered before the
+        marker was sent is logged before it: nothing is missing, and no wait is guessed.
+        """
+        conn = http.client.HTTPConnection(LOOPBACK, self.port, timeout=timeout)
+        try:
+            conn.request("GET", path, headers=headers or {})
+            conn.getresponse().read()
+        finally:
+            conn.close()
+        deadline = time.monotonic() + timeout
+        while True:
+            lines = read_log(self.access_log).splitlines(keepends=True)
+            at = next((i for i, line in enumerate(lines) if marker in line), None)
+            if at is not None:
+                return "".join(lines[:at])
+            if time.monotonic() > deadline:
+                raise ServiceError(f"{type(self).__name__} did not log {marker} in {timeout:g} s")
+            time.sleep(0.02)

@@ -17,6 +17,9 @@ from pathlib import Path
 from cvmfs_ml.testing.accesslog import SquidRecord, parse_squid_access_log
 from cvmfs_ml.testing.service import LOOPBACK, LoggedService, ServiceError
 
+# A marker URL on a port nothing listens on: Squid answers it at once, with an error, and logs it.
+_MARKER = f"http://{LOOPBACK}:9/cvmfs-ml-log-marker-"
+
 __all__ = ["CVMFS_SQUID_POLICY", "Squid", "squid_config"]
 
 # Lines every Squid in front of CVMFS needs, whatever its size. docs/squid.conf contains each of
@@ -120,11 +123,15 @@ class Squid(LoggedService[SquidRecord]):
         return [*super().log_files, self.workdir / "cache.log", self.access_log]
 
     def parse_log(self, text: str) -> list[SquidRecord]:
-        return parse_squid_access_log(text)
+        return [r for r in parse_squid_access_log(text) if not r.url.startswith(_MARKER)]
 
-    def records(self, settle: float = 0.05) -> list[SquidRecord]:
-        """The access log so far as records, once the log stopped growing."""
-        return self.settled_requests(settle)
+    def records(self, timeout: float = 60.0) -> list[SquidRecord]:
+        """Every request answered before this call, none missing, markers left out (a benchmark
+        counting what a run cost, a test checking what went through; :meth:`log_before_marker`).
+        The marker goes through the proxy in absolute form and gets an error page at once."""
+        marker = f"{_MARKER}{uuid.uuid4().hex}"
+        text = self.log_before_marker(marker, marker, timeout, {"Host": f"{LOOPBACK}:9"})
+        return self.parse_log(text)
 
     def _prepare(self) -> None:
         config = squid_config(
