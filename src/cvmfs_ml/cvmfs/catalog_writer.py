@@ -186,6 +186,14 @@ class WritableCatalog:
         ).fetchall()
         return [_entry_from_row(f"{path}/{row[11]}", row) for row in rows if row[11]]
 
+    def has_children(self, path: str) -> bool:
+        """Whether any row lies directly below ``path`` (without reading them)."""
+        row = self._db.execute(
+            "SELECT 1 FROM catalog WHERE parent_1 = ? AND parent_2 = ? LIMIT 1",
+            md5_pair(_normalise(path)),
+        ).fetchone()
+        return row is not None
+
     def put_chunks(self, path: str, chunks: Iterable[Chunk]) -> None:
         key = md5_pair(_normalise(path))
         self._db.execute("DELETE FROM chunks WHERE md5path_1 = ? AND md5path_2 = ?", key)

@@ -191,7 +191,7 @@ class CatalogWorkspace:
         item = _Open(child, None, 0, {}, parent=parent.mountpoint)
         # Nothing below yet (a marker met before the rest of its directory): nothing to move,
         # and no scan of the parent's nested catalogs (thousands of markers made it quadratic).
-        if parent.children(path):
+        if parent.has_children(path):
             for ref in parent.move_below(path, child):
                 moved = totals(self.readonly(ref.path, ref.digest).statistics())
                 self._subtract(owner, moved)
