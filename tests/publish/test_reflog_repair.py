@@ -109,3 +109,21 @@ def test_repair_reflog_of_a_url_says_to_give_the_folder() -> None:
     assert done.returncode == 1
     assert done.stderr.strip().splitlines() == [done.stderr.strip()]
     assert "not a URL" in done.stderr
+
+
+def test_publishing_needs_no_system_temporary_folder(
+    make_repo, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The reflog check at the start of a transaction copied the reflog to the system's
+    temporary folder; a publisher whose ``/tmp`` is small, full or not writable failed there
+    although every other scratch file goes to the repository's staging folder."""
+    publisher = make_repo()
+    src = write_tree(tmp_path / "src", {"a.txt": b"one\n"})
+    with publisher.transaction() as txn:
+        txn.add_folder(src, "/first")
+        txn.commit()
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path / "no-such-folder"))
+    with publisher.transaction() as txn:
+        txn.add_folder(src, "/second")
+        txn.commit()
+    assert publisher.manifest().revision == 2

@@ -409,8 +409,9 @@ class Publisher:
     def check_reflog(self) -> None:
         """Refuse to start a change that the reflog would stop at its end (before any upload
         is ingested); :meth:`_sign_and_swap` checks it again. Writes nothing to the repository
-        (``repo check`` runs it too)."""
-        with tempfile.TemporaryDirectory() as tmp:
+        (``repo check`` runs it too). Its copy goes to the staging folder, as a publish's other
+        scratch files do: the system's temporary folder may be small or not writable."""
+        with tempfile.TemporaryDirectory(dir=self.store.staging_dir()) as tmp:
             reflog = self._open_stored_reflog(Path(tmp) / REFLOG)
             if reflog is not None:
                 reflog.close()
