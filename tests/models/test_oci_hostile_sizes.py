@@ -25,7 +25,7 @@ from cvmfs_ml.models.sources.limits import MAX_BYTES, UNPACK_FLOOR, UNPACK_RATIO
 from cvmfs_ml.models.sources.oci import ANNOTATION_TITLE, ingest_oci
 from cvmfs_ml.publish.repository import Publisher, create_repository
 from hostile_registry import IMAGE_CONFIG, TAR_GZIP, HostileRegistry, image_manifest
-from models.test_oci import make_tar, push_blob, push_manifest, repo_state
+from models.oci_helpers import make_tar, push_blob, push_manifest, repo_state
 from sync.test_sync_hostile_sizes import sparse_layer
 
 app = typer.Typer()
