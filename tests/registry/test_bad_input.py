@@ -165,3 +165,34 @@ def test_hard_links_move_with_the_stripping(tmp_path) -> None:  # type: ignore[n
     with pytest.raises(RejectedError, match="stripped away") as refused:
         check_tarball(tarball, 1, max_members=10, max_unpacked_bytes=100)
     assert refused.value.status == 400
+
+
+def test_catalog_markers_past_the_limit_are_refused(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Each .cvmfscatalog file of an upload makes a nested catalog: a tarball of a few kB made
+    thousands, each a catalog object that the one publishing thread writes and clients fetch.
+    A folder of that name is no marker; a tarball at the limit passes."""
+    from pathlib import Path
+
+    from cvmfs_ml.registry.tarballs import RejectedError, check_tarball
+
+    def build(count: int):  # type: ignore[no-untyped-def]
+        def members(tar: tarfile.TarFile) -> None:
+            _member(tar, "top", type=tarfile.DIRTYPE)
+            for i in range(count):
+                _member(tar, f"top/m{i}", type=tarfile.DIRTYPE)
+                _member(tar, f"top/m{i}/.cvmfscatalog", size=0)
+            _member(tar, "top/dir", type=tarfile.DIRTYPE)
+            _member(tar, "top/dir/.cvmfscatalog", type=tarfile.DIRTYPE)
+
+        return _tar(members)
+
+    tarball = Path(tmp_path) / "t.tar"
+    tarball.write_bytes(build(3))
+    limits = {"max_members": 100, "max_unpacked_bytes": 100}
+    assert check_tarball(tarball, 1, **limits, max_catalogs=3) == (9, 0)
+    with pytest.raises(RejectedError, match=r"more than 2 \.cvmfscatalog files") as refused:
+        check_tarball(tarball, 1, **limits, max_catalogs=2)
+    assert refused.value.status == 413
+    tarball.write_bytes(build(1001))  # the registry's default
+    with pytest.raises(RejectedError, match="more than 1000"):
+        check_tarball(tarball, 1, max_members=10_000, max_unpacked_bytes=100)

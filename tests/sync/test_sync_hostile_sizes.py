@@ -166,6 +166,35 @@ def test_many_empty_files_stop_at_the_member_limit(
 
 
 @pytest.mark.service
+@pytest.mark.parametrize("layers", [False, True], ids=["flat", "with-layers"])
+def test_many_catalog_markers_stop_at_the_catalog_limit(
+    docker_registry: Any, publisher: Publisher, tmp_path: Path, layers: bool
+) -> None:
+    """Each .cvmfscatalog file makes its folder a nested catalog: a few bytes of layer made
+    thousands of catalogs (3000 took 12 s to publish, and each is an object clients fetch).
+    Markers are counted across the image's layers; folders named .cvmfscatalog are not markers,
+    and an image at the limit is published."""
+    marker = ".cvmfscatalog"
+    lower = make_layer([("a", None), (f"a/{marker}", b""), ("b", None), (f"b/{marker}", b""),
+                        ("c", None), (f"c/{marker}", None)])  # fmt: skip
+    upper = make_layer([("d", None), (f"d/{marker}", b"")])
+    push_image(docker_registry, tmp_path, "sizes/two-catalogs", "1", [(lower, "gzip")])
+    push_image(docker_registry, tmp_path, "sizes/catalogs", "1", [(lower, "gzip"), (upper, "gzip")])
+    good = f"{docker_registry.host}/sizes/two-catalogs:1"
+    bad = f"{docker_registry.host}/sizes/catalogs:1"
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    options = SyncOptions(max_catalogs=2, scratch=scratch)
+    _, errors = round_with_one_bad(publisher, bad, good, layers=layers, options=options)
+    assert errors[bad].startswith("layer sha256:")
+    limit = "more than 2 .cvmfscatalog files (nested catalogs) counting the layers before it"
+    assert f"{limit} (at 'd/{marker}')" in errors[bad]
+    assert "--max-catalogs" in errors[bad] and "\n" not in errors[bad]
+    assert_good_published_bad_not(publisher, good, bad)
+    assert not any(scratch.iterdir())
+
+
+@pytest.mark.service
 def test_cli_max_unpacked_bytes(docker_registry: Any, publisher: Publisher, tmp_path: Path) -> None:
     from typer.testing import CliRunner
 

@@ -12,7 +12,7 @@ from typing import Annotated, Any
 import typer
 
 from cvmfs_ml.cli.common import MAX_BYTES_HELP, MAX_UNPACKED_HELP, friendly, one_line
-from cvmfs_ml.models.sources.limits import MAX_BYTES, MAX_MEMBERS
+from cvmfs_ml.models.sources.limits import MAX_BYTES, MAX_CATALOGS, MAX_MEMBERS
 
 
 class _Progress:
@@ -111,6 +111,15 @@ def sync_command(
             help="refuse an image whose layers hold more tar members than this",
         ),
     ] = MAX_MEMBERS,
+    max_catalogs: Annotated[
+        int,
+        typer.Option(
+            "--max-catalogs",
+            min=0,
+            help="refuse an image whose layers hold more .cvmfscatalog files (each one a nested"
+            " catalog) than this",
+        ),
+    ] = MAX_CATALOGS,
     scratch: Annotated[
         Path | None,
         typer.Option(
@@ -149,6 +158,7 @@ def sync_command(
         max_bytes=max_bytes,
         max_unpacked_bytes=max_unpacked_bytes,
         max_members=max_members,
+        max_catalogs=max_catalogs,
         scratch=scratch,
     )
     progress = _Progress(sys.stderr.isatty() and not as_json)

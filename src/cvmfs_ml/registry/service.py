@@ -235,6 +235,7 @@ class RegistryService:
                 upload.path,
                 strip,
                 max_members=config.max_tar_members,
+                max_catalogs=config.max_tar_catalogs,
                 max_unpacked_bytes=config.max_unpacked_bytes,
             )
             job, created = self.store.enqueue(

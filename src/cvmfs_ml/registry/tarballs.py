@@ -14,8 +14,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from cvmfs_ml.errors import CvmfsMlError, UnsafeInputError
+from cvmfs_ml.models.sources.limits import MAX_CATALOGS
 from cvmfs_ml.publish.archive import STREAM_ERRORS
 from cvmfs_ml.publish.sources import SourceItem, join_repo_path, scan_tarball
+from cvmfs_ml.publish.workspace import MARKER
 
 __all__ = ["MAX_STRIP", "RejectedError", "check_tarball", "tarball_items"]
 
@@ -95,19 +97,34 @@ def _check_compressed_stream(tarball: Path) -> None:
 
 
 def check_tarball(
-    tarball: Path, strip: int, *, max_members: int, max_unpacked_bytes: int
+    tarball: Path,
+    strip: int,
+    *,
+    max_members: int,
+    max_unpacked_bytes: int,
+    max_catalogs: int = MAX_CATALOGS,
 ) -> tuple[int, int]:
     """Validate the whole tarball, reading every member.
 
     Returns ``(members, unpacked bytes)`` or raises :class:`RejectedError` (400 for a broken or
-    unsafe archive, 413 past a bound)."""
+    unsafe archive, 413 past a bound: members, bytes, or ``.cvmfscatalog`` files, each of which
+    makes a nested catalog)."""
     if not 0 <= strip <= MAX_STRIP:
         raise RejectedError(400, f"striplevels must be 0 to {MAX_STRIP}")
-    members = unpacked = 0
+    members = unpacked = catalogs = 0
     try:
         _check_compressed_stream(tarball)
         for item in tarball_items(tarball, "/check", strip):
             members += 1
+            if item.is_regular and posixpath.basename(item.path) == MARKER:
+                catalogs += 1
+                if catalogs > max_catalogs:
+                    raise RejectedError(
+                        413,
+                        f"tarball has more than {max_catalogs} .cvmfscatalog files (each one a"
+                        " nested catalog)",
+                        "oversized",
+                    )
             if item.is_regular and not item.same_as:  # a hard link's bytes are its leader's
                 unpacked += item.size
                 if unpacked <= max_unpacked_bytes:

@@ -36,7 +36,7 @@ from typing import Any
 from cvmfs_ml.errors import CvmfsMlError, PublishError, is_disk_full
 from cvmfs_ml.models.layout import ModelRef, utc_timestamp
 from cvmfs_ml.models.publish import ModelBatch, PreparedVersion, open_published, prepare_version
-from cvmfs_ml.models.sources.limits import MAX_BYTES, MAX_MEMBERS, check_declared
+from cvmfs_ml.models.sources.limits import MAX_BYTES, MAX_CATALOGS, MAX_MEMBERS, check_declared
 from cvmfs_ml.models.sources.oci import known_file_digests, resolve
 from cvmfs_ml.models.sources.oci_client import RegistryClient
 from cvmfs_ml.models.tree import read_record
@@ -77,6 +77,7 @@ class SyncOptions:
     max_bytes: int = MAX_BYTES  # per image or model version, as the manifest declares it
     max_unpacked_bytes: int | None = None  # what one unpacks to; None: models/sources/limits.py
     max_members: int = MAX_MEMBERS  # tar members of one image's layers (empty files cost too)
+    max_catalogs: int = MAX_CATALOGS  # .cvmfscatalog files of one image's layers
     layers: bool = False  # also DUCC's /.layers/ and podman's store (sync/layers.py)
 
 
@@ -298,6 +299,7 @@ class _Round:
             flat = unpack_flat(
                 client, resolved, folder, scratch / "blobs", stream=self.layers is None,
                 max_unpacked=self.options.max_unpacked_bytes, max_members=self.options.max_members,
+                max_catalogs=self.options.max_catalogs,
             )  # fmt: skip
             size = flat.size_bytes
             action = "publish_flat_image"
@@ -306,6 +308,7 @@ class _Round:
             skipped = self.layers.plan(
                 repo, client, resolved, manifest, public[1:], scratch / "layers", scratch / "blobs",
                 self.options.max_unpacked_bytes, self.options.max_members,
+                self.options.max_catalogs,
             )  # fmt: skip
             for digest in skipped:
                 self.log("skip_layer", image=str(reference), layer_digest=digest)

@@ -31,7 +31,7 @@ from typing import Any, BinaryIO
 
 from cvmfs_ml.cvmfs import jsontext
 from cvmfs_ml.errors import FormatError
-from cvmfs_ml.models.sources.limits import MAX_MEMBERS, UnpackBudget
+from cvmfs_ml.models.sources.limits import MAX_CATALOGS, MAX_MEMBERS, UnpackBudget
 from cvmfs_ml.models.sources.oci import (
     ResolvedManifest,
     distributable_layers,
@@ -165,6 +165,7 @@ def unpack_flat(
     stream: bool = True,
     max_unpacked: int | None = None,
     max_members: int = MAX_MEMBERS,
+    max_catalogs: int = MAX_CATALOGS,
 ) -> FlatImage:
     """Download the layers of ``resolved`` and apply them in order into the new folder ``dest``.
 
@@ -175,11 +176,11 @@ def unpack_flat(
     hostile member (``..``, absolute names, writing through links, devices, sparse files), or
     layers unpacking to more than ``max_unpacked`` bytes (default:
     :meth:`~cvmfs_ml.models.sources.limits.UnpackBudget.for_layers`) or holding more than
-    ``max_members`` tar members; ``dest`` is removed then, and nothing of the image is
-    published.
+    ``max_members`` tar members or ``max_catalogs`` ``.cvmfscatalog`` files; ``dest`` is
+    removed then, and nothing of the image is published.
     """
     layers = distributable_layers(resolved)  # foreign layers live elsewhere: skipped as DUCC does
-    budget = UnpackBudget.for_layers(resolved.layers, max_unpacked, max_members)
+    budget = UnpackBudget.for_layers(resolved.layers, max_unpacked, max_members, max_catalogs)
     try:
         return _unpack_layers(client, resolved, layers, dest, blob_dir, workers, stream, budget)
     except BaseException:

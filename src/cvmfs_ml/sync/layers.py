@@ -33,7 +33,12 @@ from typing import Any
 from cvmfs_ml.cvmfs import jsontext
 from cvmfs_ml.errors import FormatError
 from cvmfs_ml.models.layout import utc_timestamp
-from cvmfs_ml.models.sources.limits import MAX_CONFIG_BYTES, MAX_MEMBERS, UnpackBudget
+from cvmfs_ml.models.sources.limits import (
+    MAX_CATALOGS,
+    MAX_CONFIG_BYTES,
+    MAX_MEMBERS,
+    UnpackBudget,
+)
 from cvmfs_ml.models.sources.oci import ResolvedManifest, distributable_layers, fetch_layer
 from cvmfs_ml.models.sources.oci_client import check_digest
 from cvmfs_ml.models.sources.unpack import TreeWriter, make_readable, open_decompressed
@@ -246,16 +251,17 @@ class LayerSet:
         blob_dir: Path,
         max_unpacked: int | None = None,
         max_members: int = MAX_MEMBERS,
+        max_catalogs: int = MAX_CATALOGS,
     ) -> list[str]:
         """Unpack the layers of ``resolved`` not yet published; returns the digests skipped.
 
-        What they unpack to is held to ``max_unpacked`` bytes and ``max_members`` tar members,
-        as the flat image is (default:
+        What they unpack to is held to ``max_unpacked`` bytes, ``max_members`` tar members and
+        ``max_catalogs`` ``.cvmfscatalog`` files, as the flat image is (default:
         :meth:`~cvmfs_ml.models.sources.limits.UnpackBudget.for_layers`).
         """
         config_digest = check_digest(str(resolved.config.get("digest", "")))
         config = _image_config(client, resolved, blob_dir)  # refused before any layer work
-        budget = UnpackBudget.for_layers(resolved.layers, max_unpacked, max_members)
+        budget = UnpackBudget.for_layers(resolved.layers, max_unpacked, max_members, max_catalogs)
         skipped: list[str] = []
         diff_ids: list[str] = []
         sizes: list[int] = []

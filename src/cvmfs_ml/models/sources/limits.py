@@ -15,6 +15,13 @@ bytes but an inode in scratch space each and about 1 KB of publisher memory each
 catalog is written. So the tar members of one image or artifact are counted too and held to
 :data:`MAX_MEMBERS` (``--max-members`` of ``cvmfs-ml sync``), as the registry holds a user's
 tarball to ``max_tar_members``.
+
+Nor do bytes bound the nested catalogs: each ``.cvmfscatalog`` file in a layer makes its folder a
+nested catalog when published, a catalog object that every client reading below it fetches and
+a connection, a commit and a signature-chain entry for the publisher (3000 took 12 s to
+publish). Upstream puts no limit on them, but an image or model from outside has no reason to
+carry more than a few, so their markers are held to :data:`MAX_CATALOGS` (``--max-catalogs`` of
+``cvmfs-ml sync``, ``max_tar_catalogs`` of the registry).
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ from cvmfs_ml.errors import FormatError, PublishError
 
 __all__ = [
     "MAX_BYTES",
+    "MAX_CATALOGS",
     "MAX_CONFIG_BYTES",
     "MAX_MEMBERS",
     "UNPACK_FLOOR",
@@ -41,6 +49,7 @@ MAX_CONFIG_BYTES = 4 * 2**20  # an image config is a few kB of JSON
 UNPACK_RATIO = 20
 UNPACK_FLOOR = 2**30
 MAX_MEMBERS = 2_000_000  # tar members of one image or version; large real images have ~500,000
+MAX_CATALOGS = 1000  # nested-catalog markers (.cvmfscatalog files) of one image or version
 
 
 def declared_bytes(layers: Iterable[Any]) -> int:
@@ -71,6 +80,8 @@ class UnpackBudget:
     used: int = 0
     max_members: int = MAX_MEMBERS
     members: int = 0
+    max_catalogs: int = MAX_CATALOGS
+    catalogs: int = 0
 
     @classmethod
     def for_layers(
@@ -78,27 +89,40 @@ class UnpackBudget:
         layers: Iterable[Any],
         max_unpacked: int | None = None,
         max_members: int = MAX_MEMBERS,
+        max_catalogs: int = MAX_CATALOGS,
     ) -> UnpackBudget:
         """``max_unpacked`` if set, else :data:`UNPACK_RATIO` times what ``layers`` declare,
-        at least :data:`UNPACK_FLOOR`; at most ``max_members`` tar members."""
+        at least :data:`UNPACK_FLOOR`; at most ``max_members`` tar members, of which at most
+        ``max_catalogs`` nested-catalog markers."""
         if max_unpacked is not None:
-            return cls(max_unpacked, "set by --max-unpacked-bytes", max_members=max_members)
+            return cls(max_unpacked, "set by --max-unpacked-bytes", max_members=max_members,
+                       max_catalogs=max_catalogs)  # fmt: skip
         declared = declared_bytes(layers)
         return cls(
             max(UNPACK_FLOOR, UNPACK_RATIO * declared),
             f"{UNPACK_RATIO} times the {declared} bytes the manifest declares, at least"
             f" {UNPACK_FLOOR}; --max-unpacked-bytes sets another",
             max_members=max_members,
+            max_catalogs=max_catalogs,
         )
 
-    def count(self, what: str, member: str) -> None:
-        """Count one more tar member of layer ``what``; FormatError past ``max_members``."""
+    def count(self, what: str, member: str, *, marker: bool = False) -> None:
+        """Count one more tar member of layer ``what`` (``marker``: a ``.cvmfscatalog`` file);
+        FormatError past ``max_members`` members or ``max_catalogs`` markers."""
         self.members += 1
         if self.members > self.max_members:
             raise FormatError(
                 what,
                 f"more than {self.max_members} tar members counting the layers before it (at"
                 f" {member!r}), the limit for one image or artifact (--max-members)",
+            )
+        self.catalogs += marker
+        if self.catalogs > self.max_catalogs:
+            raise FormatError(
+                what,
+                f"more than {self.max_catalogs} .cvmfscatalog files (nested catalogs) counting"
+                f" the layers before it (at {member!r}), the limit for one image or artifact"
+                " (--max-catalogs)",
             )
 
     def spend(self, size: int, what: str, member: str) -> None:

@@ -36,6 +36,7 @@ from typing import Any, BinaryIO
 from cvmfs_ml.errors import FormatError, UnsafeInputError
 from cvmfs_ml.models.sources.decompress import decompressed, open_decompressed, sniff_compression
 from cvmfs_ml.models.sources.limits import UnpackBudget
+from cvmfs_ml.publish.workspace import MARKER
 
 __all__ = [
     "LayerStats",
@@ -337,7 +338,8 @@ class TreeWriter:
             while (member := archive.next()) is not None:
                 archive.members.clear()
                 if self.budget is not None:
-                    self.budget.count(self._what, member.name)
+                    marker = not member.isdir() and posixpath.basename(member.name) == MARKER
+                    self.budget.count(self._what, member.name, marker=marker)
                 self._apply_member(archive, member, stats)
         except tarfile.TarError as exc:
             raise FormatError(what, f"broken tar archive: {exc}") from exc
