@@ -22,14 +22,16 @@ from .test_oci_push import _auth, _oras, _published
 def test_kitops_push_is_published_as_a_model(
     registry_env: RegistryEnv, registry: RegistryServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from models import test_oci
+    from cvmfs_ml.models.sources.oci import KITOPS_CONFIG
+    from cvmfs_ml.models.sources.oci_client import OCI_MANIFEST
+    from models import oci_helpers
 
     class Authorised:  # the models tests' push helpers, with the token added
         def request(self, method: str, url: str, **kw: Any) -> Any:
             kw["headers"] = {**(kw.get("headers") or {}), **_auth(registry_env.tokens["all"])}
             return HTTP.request(method, url, **kw)
 
-    monkeypatch.setattr(test_oci, "HTTP", Authorised())
+    monkeypatch.setattr(oci_helpers, "HTTP", Authorised())
     base, repo = registry.url, "ml/kit"
     model = random.Random(3).randbytes(50_000)
     kitfile = {"manifestVersion": "1.0",
@@ -37,18 +39,18 @@ def test_kitops_push_is_published_as_a_model(
                "model": {"name": "kit", "path": "model/model.gguf", "license": "MIT"}}  # fmt: skip
     layers = [
         ("application/vnd.kitops.modelkit.model.v1.tar+gzip",
-         test_oci.gz(test_oci.make_tar([("model", None), ("model/model.gguf", model)]))),
+         oci_helpers.gz(oci_helpers.make_tar([("model", None), ("model/model.gguf", model)]))),
         ("application/vnd.kitops.modelkit.docs.v1.tar",
-         test_oci.make_tar([("README.md", b"hi\n")])),
+         oci_helpers.make_tar([("README.md", b"hi\n")])),
     ]  # fmt: skip
     manifest = {
-        "schemaVersion": 2, "mediaType": test_oci.OCI_MANIFEST,
-        "config": {"mediaType": test_oci.KITOPS_CONFIG,
-                   **test_oci.push_blob(base, repo, json.dumps(kitfile).encode())},
-        "layers": [{"mediaType": mt, **test_oci.push_blob(base, repo, blob)}
+        "schemaVersion": 2, "mediaType": OCI_MANIFEST,
+        "config": {"mediaType": KITOPS_CONFIG,
+                   **oci_helpers.push_blob(base, repo, json.dumps(kitfile).encode())},
+        "layers": [{"mediaType": mt, **oci_helpers.push_blob(base, repo, blob)}
                    for mt, blob in layers],
     }  # fmt: skip
-    digest = test_oci.push_manifest(base, repo, "v1", manifest)
+    digest = oci_helpers.push_manifest(base, repo, "v1", manifest)
     state = _published(registry, repo, "v1")
     assert state["model"] == "ml/kit:v1" and state["digest"] == digest
     assert registry_env.read(FQRNS[0], "/ml/kit/v1/model/model.gguf") == model

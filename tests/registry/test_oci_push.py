@@ -233,15 +233,15 @@ def test_modelpack_push_is_published_as_a_model(
     registry_env: RegistryEnv, registry: RegistryServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # The ModelPack artifact the models tests push to docker-registry, pushed here with a token.
-    from models import test_oci
+    from models import oci_helpers
 
     class Authorised:  # the same calls, each with the token added to its headers
         def request(self, method: str, url: str, **kw: Any) -> Any:
             kw["headers"] = {**(kw.get("headers") or {}), **_auth(registry_env.tokens["all"])}
             return HTTP.request(method, url, **kw)
 
-    monkeypatch.setattr(test_oci, "HTTP", Authorised())
-    manifest_digest, expected = test_oci.push_modelpack(registry.url, "cncf/tiny", "1.0")
+    monkeypatch.setattr(oci_helpers, "HTTP", Authorised())
+    manifest_digest, expected = oci_helpers.push_modelpack(registry.url, "cncf/tiny", "1.0")
     state = _published(registry, "cncf/tiny", "1.0")
     assert state["model"] == "cncf/tiny:1.0" and state["digest"] == manifest_digest
     for path, data in expected.items():

@@ -19,7 +19,7 @@ from cvmfs_ml.cli import app
 from cvmfs_ml.publish.repository import Publisher
 from publish.test_cli_errors import one_line_failure, without_dac_override
 from sync.imagebuild import FQRN, published
-from sync.test_sync_models import push_small_image, write_wishlist
+from sync.model_helpers import push_small_image, write_wishlist
 
 
 @pytest.mark.service
