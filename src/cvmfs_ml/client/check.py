@@ -14,7 +14,7 @@ import io
 from dataclasses import dataclass, field, replace
 
 from cvmfs_ml.client.repository import Repository
-from cvmfs_ml.cvmfs.catalog import Catalog, DirectoryEntry, Flag, sized_objects, totals
+from cvmfs_ml.cvmfs.catalog import MARKER, Catalog, DirectoryEntry, Flag, sized_objects, totals
 from cvmfs_ml.cvmfs.hashing import Digest
 from cvmfs_ml.cvmfs.objects import ObjectKind, object_path
 from cvmfs_ml.errors import CvmfsMlError
@@ -131,7 +131,7 @@ def _check_tree(
 
 def _check_entries(report: CheckReport, catalog: Catalog, mountpoint: str, where: str) -> None:
     for entry in catalog.entries():
-        if entry.name == ".cvmfscatalog" and entry.path != f"{mountpoint}/.cvmfscatalog":
+        if entry.name == MARKER and entry.path != f"{mountpoint}/{MARKER}":
             # swissknife_check.cc: a marker makes its directory a catalog root; one
             # anywhere else means a nested catalog the publisher failed to create.
             report.problems.append(

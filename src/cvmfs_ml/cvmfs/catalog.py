@@ -52,6 +52,7 @@ __all__ = [
     "Chunk",
     "DirectoryEntry",
     "Flag",
+    "MARKER",
     "NULL_HASH_HEX",
     "NestedRef",
     "WritableCatalog",
@@ -66,6 +67,9 @@ __all__ = [
     "walk_catalog_tree",
 ]
 
+MARKER = ".cvmfscatalog"
+"""A file of this name makes its directory the root of a nested catalog (``cvmfs_server``'s
+convention; also what ``.cvmfsdirtab`` rules put in the directories they select)."""
 
 MAX_OPEN_CATALOGS = 128
 """Read-only catalogs whose connection stays open (:mod:`~cvmfs_ml.cvmfs.idle_connections`)."""

@@ -24,6 +24,7 @@ from mlflow.entities import FileInfo
 from mlflow.exceptions import MlflowException
 from mlflow.store.artifact.artifact_repo import ArtifactRepository
 
+from cvmfs_ml.cvmfs.catalog import MARKER
 from cvmfs_ml.errors import CvmfsMlError, UnsafeInputError
 from cvmfs_ml.models.refs import SCHEME, mount_roots, mounted_root, parse_uri, resolve_path
 
@@ -106,7 +107,7 @@ class CvmfsArtifactRepository(ArtifactRepository):
                 posixpath.join(prefix, name) if prefix else name, is_dir, None if is_dir else size
             )
             for name, is_dir, size in sorted(items)
-            if name != ".cvmfscatalog"
+            if name != MARKER
         ]
 
     def _download_file(self, remote_file_path: str, local_path: str) -> None:

@@ -39,6 +39,7 @@ from typing import Any, BinaryIO
 from cvmfs_ml.client.cache_file import preallocate
 from cvmfs_ml.client.entries import resolve_path as follow_links
 from cvmfs_ml.client.locate import open_target, target_fqrn
+from cvmfs_ml.cvmfs.catalog import MARKER
 from cvmfs_ml.errors import (
     ConfigError,
     CvmfsMlError,
@@ -68,7 +69,6 @@ SCHEME = "cvmfs://"
 _FQRN_RE = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9_-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9_-]+)*")
 _MAX_PATH = 4096
 _COPY_BLOCK = 8 * 2**20
-NESTED_MARKER = ".cvmfscatalog"
 
 Progress = Callable[[int], None]
 """Called with the number of bytes just written (for progress bars)."""
@@ -264,7 +264,7 @@ def link_tree(source: Path, dest: Path) -> Path:
     with _staging(dest) as stage:
         if source.is_dir():
             for entry in sorted(source.iterdir()):
-                if entry.name == NESTED_MARKER:
+                if entry.name == MARKER:
                     continue
                 os.symlink(entry, stage / entry.name)
         else:
@@ -389,7 +389,7 @@ def materialise(repo: Any, path: str, dest: Path, *, progress: Progress | None =
             _materialise_file(repo, top, stage / posixpath.basename(base), progress)
             return dest
         for entry in repo.walk(base):
-            if posixpath.basename(entry.path) == NESTED_MARKER:
+            if posixpath.basename(entry.path) == MARKER:
                 continue  # the publisher's nested-catalog marker, not part of the model
             rel = entry.path[len(base) :].lstrip("/")
             target = stage / rel

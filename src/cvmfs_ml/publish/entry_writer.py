@@ -23,13 +23,12 @@ import io
 import stat
 from collections import deque
 
-from cvmfs_ml.cvmfs.catalog import parent_path
+from cvmfs_ml.cvmfs.catalog import MARKER, parent_path
 from cvmfs_ml.errors import PublishError
 from cvmfs_ml.publish.dirtab import Dirtab
 from cvmfs_ml.publish.ingest import ContentPipeline, FileContent, PendingFile
 from cvmfs_ml.publish.sources import SourceItem
 from cvmfs_ml.publish.tree import TreeEditor, lookup
-from cvmfs_ml.publish.workspace import MARKER
 
 __all__ = ["DIRTAB", "MAX_UNSETTLED", "EntryWriter"]
 

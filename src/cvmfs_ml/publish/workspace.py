@@ -15,6 +15,7 @@ from pathlib import Path
 
 from cvmfs_ml.cvmfs.catalog import (
     COUNTERS,
+    MARKER,
     Catalog,
     DirectoryEntry,
     Flag,
@@ -32,7 +33,6 @@ from cvmfs_ml.storage.base import ObjectStore
 
 __all__ = ["CatalogWorkspace", "CommittedCatalog"]
 
-MARKER = ".cvmfscatalog"
 _CATALOG_BLOCK = 2**20  # catalogs are compressed and stored as they are read
 
 

@@ -13,11 +13,11 @@ import posixpath
 from collections.abc import Iterator
 from pathlib import Path
 
+from cvmfs_ml.cvmfs.catalog import MARKER
 from cvmfs_ml.errors import CvmfsMlError, UnsafeInputError
 from cvmfs_ml.models.sources.limits import MAX_CATALOGS
 from cvmfs_ml.publish.archive import STREAM_ERRORS
 from cvmfs_ml.publish.sources import SourceItem, join_repo_path, scan_tarball
-from cvmfs_ml.publish.workspace import MARKER
 
 __all__ = ["MAX_STRIP", "RejectedError", "check_tarball", "tarball_items"]
 

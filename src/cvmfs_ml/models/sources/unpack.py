@@ -33,10 +33,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from cvmfs_ml.cvmfs.catalog import MARKER
 from cvmfs_ml.errors import FormatError, UnsafeInputError
 from cvmfs_ml.models.sources.decompress import decompressed, open_decompressed, sniff_compression
 from cvmfs_ml.models.sources.limits import UnpackBudget
-from cvmfs_ml.publish.workspace import MARKER
 
 __all__ = [
     "LayerStats",
