@@ -93,3 +93,27 @@ def test_json_output_escapes_c1_controls_and_bidi_overrides(tmp_path: Path) -> N
         assert out.returncode == 0, out.stderr
         assert "\u009b" not in out.stdout and "\u202e" not in out.stdout, args
         assert name in json.dumps(json.loads(out.stdout), ensure_ascii=False), args
+
+
+def test_repo_check_problems_print_as_escapes(tmp_path: Path) -> None:
+    """A problem names what it found it in: a nested catalog's folder is a name from the
+    repository, and ``repo check`` printed it raw on stderr."""
+    assert _cli("repo", "create", tmp_path / "srv", "--fqrn", "term.test").returncode == 0
+    repo = tmp_path / "srv" / "term.test"
+    nested = tmp_path / "src" / HOSTILE
+    nested.mkdir(parents=True)
+    (nested / ".cvmfscatalog").write_bytes(b"")
+    (nested / "weights.bin").write_bytes(b"w")
+    assert _cli("repo", "publish", repo, tmp_path / "src").returncode == 0
+    manifest = (repo / ".cvmfspublished").read_bytes().split(b"\n--\n")[0]
+    root = next(line[1:].decode() for line in manifest.splitlines() if line.startswith(b"C"))
+    for catalog in (repo / "data").glob("*/*C"):
+        if catalog.parent.name + catalog.name[:-1] != root:
+            catalog.unlink()  # the nested catalog is gone: a problem naming its folder
+
+    checked = _cli("repo", "check", repo)
+    assert checked.returncode == 1, checked.stderr
+    problems = [line for line in checked.stderr.splitlines() if line.startswith("problem: ")]
+    assert problems, checked.stderr
+    assert "\x1b" not in checked.stderr and "\x07" not in checked.stderr
+    assert any("title\\x1b]0;owned\\x07" in line for line in problems), problems

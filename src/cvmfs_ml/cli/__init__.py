@@ -18,7 +18,7 @@ import typer
 
 from cvmfs_ml.cli.bench import bench_app
 from cvmfs_ml.cli.client import register_client_commands
-from cvmfs_ml.cli.common import friendly
+from cvmfs_ml.cli.common import OneLineUsageErrors, friendly, warn
 from cvmfs_ml.cli.ingest import model_ingest
 from cvmfs_ml.cli.model import model_app
 from cvmfs_ml.cli.net import replica_app
@@ -27,7 +27,12 @@ from cvmfs_ml.cli.registry import register_registry_commands
 from cvmfs_ml.cli.repo import repo_app
 from cvmfs_ml.cli.sync import sync_command
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, help="CernVM-FS for ML models.")
+app = typer.Typer(
+    cls=OneLineUsageErrors,
+    no_args_is_help=True,
+    add_completion=False,
+    help="CernVM-FS for ML models.",
+)
 app.add_typer(repo_app, name="repo")
 model_app.command("ingest")(model_ingest)
 app.add_typer(model_app, name="model")
@@ -52,10 +57,9 @@ def serve(
 
     keys = private_keys_under(root) if root.is_dir() else []
     if keys:
-        typer.echo(
-            f"cvmfs-ml: warning: {len(keys)} private key file(s) under {root} (e.g. {keys[0]}); "
-            "they are never served, but keep keys out of a web root",
-            err=True,
+        warn(
+            f"{len(keys)} private key file(s) under {root} (e.g. {keys[0]}); "
+            "they are never served, but keep keys out of a web root"
         )
     server = RepositoryServer(root, host=host, port=port)
     typer.echo(f"serving {root} at {server.url}/cvmfs/<fqrn>", err=True)
@@ -143,7 +147,7 @@ def main() -> None:
     for stream in (sys.stdout, sys.stderr):
         if isinstance(stream, io.TextIOWrapper):
             stream.reconfigure(errors="surrogateescape")
-    app()
+    app(prog_name="cvmfs-ml")  # also under ``python -m cvmfs_ml``: usage lines name the command
 
 
 __all__ = ["app", "main"]

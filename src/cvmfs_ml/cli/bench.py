@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from cvmfs_ml.cli.common import JsonOption, _fail, friendly
+from cvmfs_ml.cli.common import JsonOption, _fail, friendly, one_line
 
 if TYPE_CHECKING:
     from cvmfs_ml.bench.profiles import Profile
@@ -169,9 +169,9 @@ def bench_run(
         reason = str(first.get("error") or "failed").split(". ")[0]
         raise _fail(f"all {len(measured)} measurements failed; the first ({cell}): {reason}")
     for name in failed:
-        typer.echo(f"check failed: {name}: {doc['checks'][name]['detail']}", err=True)
+        typer.echo(one_line(f"check failed: {name}: {doc['checks'][name]['detail']}"), err=True)
     for error in doc["errors"]:
-        typer.echo(f"error: {error}", err=True)
+        typer.echo(one_line(f"error: {error}"), err=True)
 
 
 @bench_app.command("compare")

@@ -23,6 +23,7 @@ from cvmfs_ml.cli.common import (
     KeyOption,
     _fail,
     friendly,
+    one_line,
     use_blacklist,
 )
 
@@ -229,7 +230,7 @@ def _warm_mounted(path: Path, parallel: int) -> dict[str, Any]:
                 while n := handle.readinto(buffer):
                     count += n
         except OSError as exc:
-            typer.echo(f"cvmfs-ml: warm: {file}: {exc.strerror or exc}", err=True)
+            typer.echo(f"cvmfs-ml: {one_line(f'warm: {file}: {exc.strerror or exc}')}", err=True)
         with lock:
             total[0] += count
 

@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
 import re
 import sqlite3
 import stat
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from functools import wraps
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
+from typer.core import TyperGroup
 
 from cvmfs_ml.client.entries import device_number
 from cvmfs_ml.errors import ECHO_LIMIT, CvmfsMlError, bounded, is_disk_full
@@ -81,6 +83,44 @@ def _fail(message: str, code: int = 1) -> typer.Exit:
 def warn(message: str) -> None:
     """One ``cvmfs-ml: warning: ...`` line on stderr (bounded like an error's)."""
     typer.echo(f"cvmfs-ml: warning: {one_line(message)}", err=True)
+
+
+# click's UsageError, whichever click typer uses (its own copy since typer 0.2x): BadParameter's
+# base class in every version, so no private module is imported for it.
+_USAGE_ERROR: type[Exception] = next(
+    cls for cls in typer.BadParameter.__mro__ if cls.__name__ == "UsageError"
+)
+
+
+class OneLineUsageErrors(TyperGroup):
+    """The top-level group: a command line the parser refuses (unknown option or command, a
+    value of the wrong type, a missing argument) is one bounded ``cvmfs-ml: ...`` line on
+    stderr and exit status 2, instead of typer's usage line, hint and framed box, which echoed
+    the offending word in full. A group called without a command still prints its help.
+    """
+
+    def make_context(self, *args: Any, **kwargs: Any) -> Any:  # the top level's own options
+        with _usage_errors_on_one_line():
+            return super().make_context(*args, **kwargs)
+
+    def invoke(self, ctx: Any) -> Any:  # the subcommands' parsing and BadParameter from a body
+        with _usage_errors_on_one_line():
+            return super().invoke(ctx)
+
+
+@contextlib.contextmanager
+def _usage_errors_on_one_line() -> Iterator[None]:
+    try:
+        yield
+    except _USAGE_ERROR as exc:
+        if type(exc).__name__ == "NoArgsIsHelpError":  # its message is the help: typer prints it
+            raise
+        ctx = getattr(exc, "ctx", None)
+        message = exc.format_message().rstrip(".")  # type: ignore[attr-defined]
+        if ctx is not None:
+            message += f"; see '{ctx.command_path} --help'"
+        typer.echo(f"cvmfs-ml: {one_line(message)}", err=True)
+        raise typer.Exit(getattr(exc, "exit_code", 2)) from None
 
 
 _DISK_FULL = (

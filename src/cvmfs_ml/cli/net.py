@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from cvmfs_ml.cli.common import JsonOption, KeyOption, _default_key, _fail, friendly
+from cvmfs_ml.cli.common import JsonOption, KeyOption, _default_key, _fail, friendly, one_line
 from cvmfs_ml.cli.s3 import S3ConfigOption, s3_params
 from cvmfs_ml.errors import is_disk_full
 
@@ -93,4 +93,4 @@ def replica_sync(
         f"{report.objects_present} objects already present, in {report.seconds:.1f} s"
     )
     for skipped in report.skipped:
-        typer.echo(f"skipped (garbage-collected upstream): {skipped}", err=True)
+        typer.echo(one_line(f"skipped (garbage-collected upstream): {skipped}"), err=True)

@@ -16,7 +16,7 @@ from typing import Annotated, Any
 
 import typer
 
-from cvmfs_ml.cli.common import KeyOption, _fail, friendly, warn
+from cvmfs_ml.cli.common import KeyOption, _fail, friendly, one_line, warn
 
 RepoOption = Annotated[
     str | None,
@@ -107,7 +107,7 @@ def kserve_init(
     for note in notes:
         warn(note)
     for item in done:
-        typer.echo(f"{item.uri} -> {item.dest} ({item.how} from {item.source})", err=True)
+        typer.echo(one_line(f"{item.uri} -> {item.dest} ({item.how} from {item.source})"), err=True)
 
 
 def _one_line(func: Callable[..., None]) -> Callable[..., None]:

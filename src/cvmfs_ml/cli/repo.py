@@ -25,6 +25,7 @@ from cvmfs_ml.cli.common import (
     _fail,
     friendly,
     json_text,
+    one_line,
     open_repository,
     use_blacklist,
     visible,
@@ -202,7 +203,7 @@ def repo_check(
         )
     else:
         for problem in report.problems:
-            typer.echo(f"problem: {problem}", err=True)
+            typer.echo(one_line(f"problem: {problem}"), err=True)
         typer.echo(
             f"{'ok' if report.ok else 'FAILED'}: {report.catalogs} catalogs, {report.objects} "
             f"objects ({report.bytes_checked / 1e6:.1f} MB), revisions {sorted(report.revisions)}"
