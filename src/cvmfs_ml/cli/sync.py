@@ -11,7 +11,8 @@ from typing import Annotated, Any
 
 import typer
 
-from cvmfs_ml.cli.common import MAX_BYTES_HELP, MAX_UNPACKED_HELP, friendly, one_line
+from cvmfs_ml.cli.common import MAX_BYTES_HELP, MAX_UNPACKED_HELP, REPO_HELP, friendly, one_line
+from cvmfs_ml.cli.s3 import S3ConfigOption, s3_params
 from cvmfs_ml.models.sources.limits import MAX_BYTES, MAX_CATALOGS, MAX_MEMBERS
 
 
@@ -64,10 +65,11 @@ def _summary(report: Any, as_json: bool) -> None:
 @friendly
 def sync_command(
     wishlist: Annotated[Path, typer.Argument(help="DUCC v1 wishlist YAML (+ 'models:')")],
-    repo: Annotated[Path, typer.Option("--repo", help="local repository folder")],
+    repo: Annotated[str, typer.Option("--repo", help=REPO_HELP)],
     loop: Annotated[bool, typer.Option("--loop", help="keep syncing every --interval")] = False,
     interval: Annotated[float, typer.Option("--interval", help="seconds between rounds")] = 300.0,
     keys: Annotated[Path | None, typer.Option("--keys", help="keys folder")] = None,
+    s3_config: S3ConfigOption = None,
     events: Annotated[
         Path | None, typer.Option("--events", "-n", help="append JSON-lines events here")
     ] = None,
@@ -147,7 +149,7 @@ def sync_command(
     load_wishlist(wishlist)  # a broken wishlist fails before anything starts
     if scratch is not None:
         _check_scratch(scratch)  # so does a scratch folder that cannot be written
-    publisher = Publisher(repo, keys)
+    publisher = Publisher.open(repo, keys, s3_config=s3_params(s3_config))
     options = SyncOptions(
         plain_http=plain_http,
         grace_seconds=grace_period,
