@@ -129,8 +129,14 @@ def test_cli_errors_are_one_line(publisher: Publisher, tmp_path: Path) -> None:
     wrong_repo.write_text(
         "version: 1\ncvmfs_repo: other.repo\ninput: ['http://127.0.0.1:9/a/b:1']\n"
     )
-    result = CliRunner().invoke(app, ["sync", str(wrong_repo), "--repo", str(publisher.repo_dir)])
-    assert result.exit_code == 1 and "other.repo" in result.output
+    # A wishlist for another repository is a mistake of the command, found before any round:
+    # one line, and a loop does not start (it logged the same error every interval, exit 0).
+    for loop in ([], ["--loop", "--rounds", "1", "--interval", "1"]):
+        args = ["sync", str(wrong_repo), "--repo", str(publisher.repo_dir), *loop]
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 1 and "other.repo" in result.output, result.output
+        assert result.output.count("\n") == 1, result.output
+        assert result.output.startswith("cvmfs-ml: "), result.output
     assert "Traceback" not in result.output
 
 

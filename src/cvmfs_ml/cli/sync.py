@@ -137,7 +137,7 @@ def sync_command(
     from cvmfs_ml.errors import ConfigError
     from cvmfs_ml.publish.repository import Publisher
     from cvmfs_ml.sync.auth import AuthFile
-    from cvmfs_ml.sync.engine import SyncOptions
+    from cvmfs_ml.sync.engine import SyncOptions, check_target
     from cvmfs_ml.sync.events import EventLog
     from cvmfs_ml.sync.loop import SyncLoop
     from cvmfs_ml.sync.wishlist import load_wishlist
@@ -146,10 +146,11 @@ def sync_command(
         raise ConfigError("--interval must be above 0 and --grace-period at least 0 (seconds)")
     if webhook_port is not None and not loop:
         raise ConfigError("--webhook-port needs --loop")
-    load_wishlist(wishlist)  # a broken wishlist fails before anything starts
+    wanted = load_wishlist(wishlist)  # a broken wishlist fails before anything starts
     if scratch is not None:
         _check_scratch(scratch)  # so does a scratch folder that cannot be written
     publisher = Publisher.open(repo, keys, s3_config=s3_params(s3_config))
+    check_target(wanted, publisher)  # and one for another repository
     options = SyncOptions(
         plain_http=plain_http,
         grace_seconds=grace_period,

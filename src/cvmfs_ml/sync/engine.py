@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cvmfs_ml.errors import CvmfsMlError, PublishError, is_disk_full
+from cvmfs_ml.errors import ConfigError, CvmfsMlError, PublishError, is_disk_full
 from cvmfs_ml.models.layout import ModelRef, utc_timestamp
 from cvmfs_ml.models.publish import ModelBatch, PreparedVersion, open_published, prepare_version
 from cvmfs_ml.models.sources.limits import MAX_BYTES, MAX_CATALOGS, MAX_MEMBERS, check_declared
@@ -60,7 +60,7 @@ from cvmfs_ml.sync.mlflow_source import plan_mlflow
 from cvmfs_ml.sync.model_sources import plan_folder, plan_oci
 from cvmfs_ml.sync.wishlist import ImageSpec, Wishlist
 
-__all__ = ["RoundReport", "SyncOptions", "run_round", "sync_lock"]
+__all__ = ["RoundReport", "SyncOptions", "check_target", "run_round", "sync_lock"]
 
 _logger = logging.getLogger(__name__)
 
@@ -506,6 +506,15 @@ class _Round:
         return changes
 
 
+def check_target(wishlist: Wishlist, publisher: Publisher) -> None:
+    """The wishlist's ``cvmfs_repo`` (when it names one) is the repository synced into."""
+    if wishlist.cvmfs_repo and wishlist.cvmfs_repo != publisher.fqrn:
+        raise ConfigError(
+            f"the wishlist is for {wishlist.cvmfs_repo!r}, the repository is {publisher.fqrn!r}:"
+            " fix its cvmfs_repo or --repo"
+        )
+
+
 def run_round(
     publisher: Publisher,
     wishlist: Wishlist,
@@ -516,10 +525,7 @@ def run_round(
     options = options or SyncOptions()
     log = log or EventLog()
     started = time.monotonic()
-    if wishlist.cvmfs_repo and wishlist.cvmfs_repo != publisher.fqrn:
-        raise PublishError(
-            f"the wishlist is for {wishlist.cvmfs_repo!r}, the repository is {publisher.fqrn!r}"
-        )
+    check_target(wishlist, publisher)
     with sync_lock(publisher):
         before = publisher.manifest().revision
         log("start_sync", repository=publisher.fqrn, revision=before)
