@@ -59,6 +59,15 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if kind == "manifests" and (head, ref) in registry.manifests:
             body, media_type = registry.manifests[(head, ref)]
             return self._answer(200, body, media_type)
+        if kind == "blobs" and ref in registry.stalled:  # half the bytes, then nothing
+            body = registry.blobs[ref]
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body[: len(body) // 2])
+            self.wfile.flush()
+            registry.release.wait(timeout=60)
+            return None
         if kind == "blobs" and ref in registry.blobs:
             return self._answer(200, registry.blobs[ref], "application/octet-stream")
         return self._answer(404, b'{"errors": [{"code": "UNKNOWN"}]}', "application/json")
@@ -76,6 +85,8 @@ class HostileRegistry:
         self.manifests: dict[tuple[str, str], tuple[bytes, str]] = {}
         self.blobs: dict[str, bytes] = {}
         self.requests: list[str] = []
+        self.stalled: set[str] = set()  # blobs sent half-way, then held until ``release``
+        self.release = threading.Event()
         self.lock = threading.Lock()
         self._server = _Server(("127.0.0.1", 0), _Handler)
         self._server.registry = self
@@ -90,6 +101,7 @@ class HostileRegistry:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        self.release.set()
         self._server.shutdown()
         self._server.server_close()
         self._thread.join(timeout=10)

@@ -26,7 +26,6 @@ import json
 import logging
 import os
 import sqlite3
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -58,6 +57,7 @@ from cvmfs_ml.sync.images import (
 from cvmfs_ml.sync.layers import LayerSet, layer_folder
 from cvmfs_ml.sync.mlflow_source import plan_mlflow
 from cvmfs_ml.sync.model_sources import plan_folder, plan_oci
+from cvmfs_ml.sync.scratch import round_scratch
 from cvmfs_ml.sync.wishlist import ImageSpec, Wishlist
 
 __all__ = ["RoundReport", "SyncOptions", "check_target", "run_round", "sync_lock"]
@@ -531,8 +531,7 @@ def run_round(
         log("start_sync", repository=publisher.fqrn, revision=before)
         work = _Round(publisher, wishlist, options, log)
         try:
-            with tempfile.TemporaryDirectory(prefix="cvmfs-ml-sync.", dir=options.scratch) as tmp:
-                scratch = Path(tmp)
+            with round_scratch(options.scratch) as scratch:
                 with open_published(publisher) as repo:
                     existing = read_image_records(repo)
                     keep = work.plan_images(repo, scratch, existing)
