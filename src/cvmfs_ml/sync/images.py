@@ -17,6 +17,7 @@ and the publisher writes them), not the syncing user's.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -31,7 +32,12 @@ from typing import Any, BinaryIO
 
 from cvmfs_ml.cvmfs import jsontext
 from cvmfs_ml.errors import FormatError
-from cvmfs_ml.models.sources.limits import MAX_CATALOGS, MAX_MEMBERS, UnpackBudget
+from cvmfs_ml.models.sources.limits import (
+    MAX_CATALOGS,
+    MAX_CONFIG_BYTES,
+    MAX_MEMBERS,
+    UnpackBudget,
+)
 from cvmfs_ml.models.sources.oci import (
     ResolvedManifest,
     distributable_layers,
@@ -39,7 +45,13 @@ from cvmfs_ml.models.sources.oci import (
     fetched_blob,
 )
 from cvmfs_ml.models.sources.oci_client import RegistryClient, check_digest
-from cvmfs_ml.models.sources.unpack import LayerStats, TreeWriter, decompressed, make_readable
+from cvmfs_ml.models.sources.unpack import (
+    LayerStats,
+    TreeWriter,
+    decompressed,
+    make_readable,
+    open_decompressed,
+)
 from cvmfs_ml.publish.repository import Transaction
 from cvmfs_ml.publish.sources import SourceItem, scan_folder
 
@@ -48,8 +60,10 @@ __all__ = [
     "IMAGE_JSON",
     "METADATA_ROOT",
     "FlatImage",
+    "HashingReader",
     "ImageRecord",
     "flat_path",
+    "image_config",
     "link_target",
     "metadata_folder",
     "public_path",
@@ -137,8 +151,88 @@ class FlatImage:
     consume: bool = True  # scratch: each file is deleted once the publisher has opened it
 
 
+class HashingReader(io.RawIOBase):
+    """Counts and hashes what is read through it (the layer's diff ID)."""
+
+    def __init__(self, stream: Any) -> None:
+        super().__init__()
+        self._stream = stream
+        self._hasher = hashlib.sha256()
+        self.size = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        data = self._stream.read(len(buffer))
+        self._hasher.update(data)
+        self.size += len(data)
+        buffer[: len(data)] = data
+        return len(data)
+
+    def drain(self, budget: UnpackBudget | None = None, what: str = "layer") -> str:
+        """Read what the tar reader left (the diff ID covers it): counted in ``budget``, so
+        compressed zeros after the archive's end cannot keep it hashing for ever."""
+        while chunk := self.read(1 << 20):
+            if budget is not None:
+                budget.spend(len(chunk), what, "(after the end of the archive)")
+        return f"sha256:{self._hasher.hexdigest()}"
+
+
+def image_config(client: Any, resolved: ResolvedManifest, blob_dir: Path) -> bytes:
+    """The image's config blob, at most :data:`MAX_CONFIG_BYTES` (checked on the declared size
+    before it is fetched, and on what is read)."""
+    size = resolved.config.get("size")
+    what = f"config {resolved.config.get('digest')}"
+    if not isinstance(size, int) or size > MAX_CONFIG_BYTES:
+        raise FormatError(what, f"declares {size} bytes, more than the limit of {MAX_CONFIG_BYTES}")
+    path = fetch_layer(client, resolved, resolved.config, blob_dir)
+    with open(path, "rb") as handle:
+        data = handle.read(MAX_CONFIG_BYTES + 1)
+    if len(data) > MAX_CONFIG_BYTES:
+        raise FormatError(what, f"more than the limit of {MAX_CONFIG_BYTES} bytes")
+    return data
+
+
+def _diff_ids(config: bytes, resolved: ResolvedManifest) -> list[str | None]:
+    """The uncompressed digest the config names for each layer of ``resolved`` (None: none
+    named; a config without ``rootfs.diff_ids`` cannot be another image's, whose has them)."""
+    what = f"config {resolved.config.get('digest')}"
+    try:
+        rootfs = jsontext.loads(config).get("rootfs")
+    except (ValueError, AttributeError) as exc:
+        raise FormatError(what, "not a JSON object") from exc
+    named = rootfs.get("diff_ids") if isinstance(rootfs, dict) else None
+    if named is None:
+        return [None] * len(resolved.layers)
+    if not isinstance(named, list) or len(named) != len(resolved.layers):
+        raise FormatError(what, "rootfs.diff_ids does not name one digest per layer")
+    return [check_digest(str(d)) for d in named]
+
+
+def _verified(what: str, got: str, expected: str | None) -> None:
+    if expected is not None and got != expected:
+        raise FormatError(
+            what,
+            f"not the layer its image config names (rootfs.diff_ids), image refused: diff ID"
+            f" {got}, expected {expected}",
+        )
+
+
+def _apply_hashed(writer: TreeWriter, stream: BinaryIO, what: str, expected: str | None) -> Any:
+    """Apply the decompressed tar ``stream``, checking its digest against ``expected``."""
+    hashing = HashingReader(stream)
+    stats = writer.apply_tar(io.BufferedReader(hashing, _STREAM_BUFFER), what=what)
+    _verified(what, hashing.drain(writer.budget, what), expected)
+    return stats
+
+
 def _apply_streamed(
-    writer: TreeWriter, client: Any, resolved: ResolvedManifest, layer: dict[str, Any]
+    writer: TreeWriter,
+    client: Any,
+    resolved: ResolvedManifest,
+    layer: dict[str, Any],
+    expected: str | None,
 ) -> LayerStats:
     """Apply ``layer`` while it downloads: HTTP -> verify -> decompress -> untar, no blob file.
 
@@ -150,7 +244,7 @@ def _apply_streamed(
         client.open_blob(resolved.reference.repository, digest, size=int(layer["size"])) as blob,
         decompressed(io.BufferedReader(blob, _STREAM_BUFFER)) as stream,
     ):
-        stats = writer.apply_tar(stream, what=f"layer {digest}")
+        stats = _apply_hashed(writer, stream, f"layer {digest}", expected)
         blob.finish()
     return stats
 
@@ -199,6 +293,9 @@ def _unpack_layers(
     budget: UnpackBudget,
 ) -> FlatImage:
     config = check_digest(str(resolved.config.get("digest", "")))
+    diff_ids = _diff_ids(image_config(client, resolved, blob_dir), resolved)
+    named = zip(resolved.layers, diff_ids, strict=True)
+    expected = {id(layer): diff_id for layer, diff_id in named}  # by position, foreign ones too
     writer = TreeWriter(dest, rootfs=True, budget=budget)
     size = 0
     stream_first = (
@@ -219,9 +316,12 @@ def _unpack_layers(
             for position, layer in enumerate(layers):
                 digest = str(layer["digest"])
                 if position == 0 and stream_first:
-                    stats = _apply_streamed(writer, client, resolved, layer)
+                    stats = _apply_streamed(writer, client, resolved, layer, expected[id(layer)])
                 else:
-                    stats = writer.apply_blob(futures[digest].result(), what=f"layer {digest}")
+                    with open_decompressed(futures[digest].result()) as stream:
+                        stats = _apply_hashed(
+                            writer, stream, f"layer {digest}", expected[id(layer)]
+                        )
                 size += stats.bytes
         finally:
             for future in futures.values():

@@ -35,7 +35,6 @@ from cvmfs_ml.errors import FormatError
 from cvmfs_ml.models.layout import utc_timestamp
 from cvmfs_ml.models.sources.limits import (
     MAX_CATALOGS,
-    MAX_CONFIG_BYTES,
     MAX_MEMBERS,
     UnpackBudget,
 )
@@ -43,6 +42,7 @@ from cvmfs_ml.models.sources.oci import ResolvedManifest, distributable_layers, 
 from cvmfs_ml.models.sources.oci_client import check_digest
 from cvmfs_ml.models.sources.unpack import TreeWriter, make_readable, open_decompressed
 from cvmfs_ml.publish.repository import Transaction
+from cvmfs_ml.sync.images import HashingReader, image_config
 
 __all__ = [
     "LAYERS_ROOT",
@@ -87,31 +87,6 @@ def _big_data_name(key: str) -> str:
     return "=" + base64.b64encode(key.encode()).decode()
 
 
-class _Hashing(io.RawIOBase):
-    """Counts and hashes what is read through it (the layer's diff ID)."""
-
-    def __init__(self, stream: Any) -> None:
-        super().__init__()
-        self._stream = stream
-        self._hasher = hashlib.sha256()
-        self.size = 0
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: Any) -> int:
-        data = self._stream.read(len(buffer))
-        self._hasher.update(data)
-        self.size += len(data)
-        buffer[: len(data)] = data
-        return len(data)
-
-    def drain(self) -> str:
-        while self.read(1 << 20):
-            pass
-        return f"sha256:{self._hasher.hexdigest()}"
-
-
 @dataclass
 class UnpackedLayer:
     """One layer unpacked alone in scratch space (what :func:`_root_owned` publishes)."""
@@ -144,29 +119,14 @@ def unpack_layer(
     """Unpack the layer file ``blob`` on its own into ``dest`` (whiteout files kept)."""
     writer = TreeWriter(dest, rootfs=True, whiteouts=False, budget=budget)
     with open_decompressed(blob) as stream:
-        hashing = _Hashing(stream)
+        hashing = HashingReader(stream)
         writer.apply_tar(io.BufferedReader(hashing, 1 << 20), what=f"layer {digest}")
-        diff_id = hashing.drain()
+        diff_id = hashing.drain(budget, f"layer {digest}")
     writer.finish()
     modes = make_readable(dest)
     return UnpackedLayer(
         digest, diff_id, hashing.size, blob.stat().st_size, dest, modes, dict(writer.owners)
     )
-
-
-def _image_config(client: Any, resolved: ResolvedManifest, blob_dir: Path) -> bytes:
-    """The image's config blob, at most :data:`MAX_CONFIG_BYTES` (checked on the declared size
-    before it is fetched, and on what is read)."""
-    size = resolved.config.get("size")
-    what = f"config {resolved.config.get('digest')}"
-    if not isinstance(size, int) or size > MAX_CONFIG_BYTES:
-        raise FormatError(what, f"declares {size} bytes, more than the limit of {MAX_CONFIG_BYTES}")
-    path = fetch_layer(client, resolved, resolved.config, blob_dir)
-    with open(path, "rb") as handle:
-        data = handle.read(MAX_CONFIG_BYTES + 1)
-    if len(data) > MAX_CONFIG_BYTES:
-        raise FormatError(what, f"more than the limit of {MAX_CONFIG_BYTES} bytes")
-    return data
 
 
 def _json(data: Any) -> bytes:
@@ -260,7 +220,7 @@ class LayerSet:
         :meth:`~cvmfs_ml.models.sources.limits.UnpackBudget.for_layers`).
         """
         config_digest = check_digest(str(resolved.config.get("digest", "")))
-        config = _image_config(client, resolved, blob_dir)  # refused before any layer work
+        config = image_config(client, resolved, blob_dir)  # refused before any layer work
         budget = UnpackBudget.for_layers(resolved.layers, max_unpacked, max_members, max_catalogs)
         skipped: list[str] = []
         diff_ids: list[str] = []
