@@ -9,13 +9,17 @@ import json
 import socket
 import struct
 import threading
+import tracemalloc
+from pathlib import Path
 from typing import Any
 
 import pytest
 import urllib3
 
+from cvmfs_ml.publish.repository import Publisher
 from cvmfs_ml.sync import webhook
-from cvmfs_ml.sync.webhook import WebhookServer
+from cvmfs_ml.sync.loop import SyncLoop
+from cvmfs_ml.sync.webhook import RegistryEvent, WebhookServer
 from waiting import wait_until
 
 HTTP = urllib3.PoolManager(retries=False, timeout=urllib3.Timeout(connect=10, read=60))
@@ -149,3 +153,27 @@ def test_cut_bodies_and_event_floods_are_400s() -> None:
         assert flood.status == 400 and b"more than" in flood.data and len(received) == 1
     finally:
         server.stop()
+
+
+def test_notifications_during_a_long_round_take_bounded_memory(
+    publisher: Publisher, tmp_path: Path
+) -> None:
+    """The loop remembered every repository notified while a round ran (a set that grew by up
+    to 1000 per request, for as long as the round took); past a bound it runs a full round,
+    which covers them all, instead."""
+    loop = SyncLoop(publisher, tmp_path / "wishlist.yaml", interval=3600.0)
+
+    def flood(batch: int) -> None:
+        loop.notify([RegistryEvent("push", f"r/{batch}/{i}", "t") for i in range(1000)])
+
+    tracemalloc.start()
+    try:
+        for batch in range(50):  # the event log keeps its latest 10,000 events: full by now
+            flood(batch)
+        before = tracemalloc.get_traced_memory()[0]
+        for batch in range(50, 150):
+            flood(batch)
+        grown = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert grown < 2**20, f"{grown} bytes more after 100,000 more notified repositories"

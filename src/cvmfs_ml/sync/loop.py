@@ -52,6 +52,7 @@ class _Metrics:
 
 _logger = logging.getLogger(__name__)
 MAX_KEPT_REPORTS = 100
+MAX_PENDING = 1000  # repositories remembered for a limited round; more: a full round instead
 
 
 class SyncLoop:
@@ -85,8 +86,11 @@ class SyncLoop:
         """Webhook callback: remember the repositories and wake the loop."""
         with self._lock:
             for event in events:
-                self._pending.add(event.repository)
                 if event.action == "delete":  # removals happen in full rounds only
+                    self._full_now = True
+                elif len(self._pending) < MAX_PENDING:
+                    self._pending.add(event.repository)
+                else:  # a sender naming repositories without end: a full round covers them
                     self._full_now = True
                 self.log("webhook", image=f"{event.registry}/{event.repository}:{event.tag}",
                          event=event.action)  # fmt: skip
