@@ -36,8 +36,20 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         mode, query = self.server.mode, urllib.parse.urlparse(self.path).query
         with self.server.lock:
             self.server.requests += 1
+        if "list-type=2" in query and mode == "no-size":  # a key without its Size
+            return self._xml(
+                "<ListBucketResult><Name>bucket</Name><IsTruncated>false</IsTruncated>"
+                "<Contents><Key>stratum0/hostile.test/data/ab/cdef</Key></Contents>"
+                "</ListBucketResult>"
+            )
         if "list-type=2" in query:
             return self._listing(urllib.parse.parse_qs(query))
+        if query.startswith("uploads"):  # an upload without its Initiated date
+            return self._xml(
+                "<ListMultipartUploadsResult><Bucket>bucket</Bucket>"
+                "<Upload><Key>stratum0/hostile.test/data/ab/cdef</Key><UploadId>u1</UploadId>"
+                "</Upload></ListMultipartUploadsResult>"
+            )
         if mode == "endless":  # chunked, no length: 1 MiB pieces until the reader hangs up
             # (256 MiB at most: a store that reads it all fails the test, not the machine)
             self._head(200, {"Transfer-Encoding": "chunked"})
@@ -62,6 +74,11 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                              "Content-Length": "0"})  # fmt: skip
 
     do_HEAD = do_GET
+
+    def _xml(self, text: str) -> None:
+        body = ('<?xml version="1.0" encoding="UTF-8"?>' + text).encode()
+        self._head(200, {"Content-Length": str(len(body)), "Content-Type": "application/xml"})
+        self.wfile.write(body)
 
     def _listing(self, query: dict[str, list[str]]) -> None:
         token = query.get("continuation-token", ["A"])[0]
@@ -162,3 +179,15 @@ def test_every_failure_here_is_ours(endpoint: tuple[_Server, S3Store]) -> None:
         server.mode = mode
         with pytest.raises(CvmfsMlError):
             store.fetch(".cvmfspublished", None, compressed=False, max_bytes=100)
+
+
+def test_answers_missing_their_fields_are_ours(endpoint: tuple[_Server, S3Store]) -> None:
+    """botocore leaves out what an answer does not carry: a listed key without ``Size`` and a
+    multipart upload without ``Initiated`` were a raw KeyError (a traceback from any publish,
+    whose start cleans abandoned uploads, and from gc)."""
+    server, store = endpoint
+    assert store.clean_staging() == 0  # an upload of unknown age is not abandoned: left alone
+    assert server.requests == 1
+    server.mode = "no-size"
+    with pytest.raises(StorageError, match="no Size"):
+        list(store.list_sizes())

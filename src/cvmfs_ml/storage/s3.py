@@ -301,11 +301,16 @@ class S3Store:
         cutoff = dt.datetime.now(dt.UTC) - _STALE_UPLOAD
         answer = self._call("list_multipart_uploads", Bucket=self.bucket, Prefix=self.prefix)
         for upload in answer.get("Uploads", []):
-            if upload["Initiated"] < cutoff:
+            initiated = upload.get("Initiated")
+            if not isinstance(initiated, dt.datetime) or not upload.get("UploadId"):
+                continue  # an answer without them (not S3's): of unknown age, left alone
+            if initiated.tzinfo is None:
+                initiated = initiated.replace(tzinfo=dt.UTC)
+            if initiated < cutoff:
                 self._call(
                     "abort_multipart_upload",
                     Bucket=self.bucket,
-                    Key=upload["Key"],
+                    Key=str(upload.get("Key", "")),
                     UploadId=upload["UploadId"],
                 )
                 count += 1
@@ -489,10 +494,16 @@ class S3Store:
         try:
             for page in checked_pages(pages, self._location):
                 for item in page.get("Contents", []):
-                    rel = item["Key"][len(self.prefix) :]
+                    key, size = item.get("Key"), item.get("Size")
+                    if not isinstance(key, str) or not isinstance(size, int):
+                        raise StorageError(
+                            f"S3 listing of {self._location}: an entry with no Key or no Size"
+                            f" ({str(key)[:200]!r}); is CVMFS_S3_HOST an S3 endpoint?"
+                        )
+                    rel = key[len(self.prefix) :]
                     parts = rel.split("/")
                     if len(parts) == 3 and len(parts[1]) == 2:
-                        yield rel, int(item["Size"])
+                        yield rel, size
         except (ClientError, *STREAM_ERRORS) as exc:
             raise StorageError(f"S3 listing of {self._location}: {exc}") from exc
 
