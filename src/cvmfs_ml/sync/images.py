@@ -156,15 +156,15 @@ class HashingReader(io.RawIOBase):
 
     def __init__(self, stream: Any) -> None:
         super().__init__()
-        self._stream = stream
-        self._hasher = hashlib.sha256()
+        self._read = getattr(stream, "read1", stream.read)  # what has arrived: no waiting for
+        self._hasher = hashlib.sha256()  # a full buffer while a layer streams in
         self.size = 0
 
     def readable(self) -> bool:
         return True
 
     def readinto(self, buffer: Any) -> int:
-        data = self._stream.read(len(buffer))
+        data = self._read(len(buffer))
         self._hasher.update(data)
         self.size += len(data)
         buffer[: len(data)] = data
