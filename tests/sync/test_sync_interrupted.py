@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -29,14 +30,17 @@ from waiting import wait_until
 pytestmark = pytest.mark.service
 
 
-def _sync(wishlist: Path, publisher: Publisher, scratch: Path) -> subprocess.Popen[bytes]:
+def _sync(
+    wishlist: Path, publisher: Publisher, scratch: Path, *more: str, stderr: Any = None
+) -> subprocess.Popen[bytes]:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
     args = ["sync", str(wishlist), "--repo", str(publisher.repo_dir), "--scratch", str(scratch)]
+    args += more
     return subprocess.Popen(
         [sys.executable, "-m", "cvmfs_ml", *args],
         env=env,
         stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
+        stderr=stderr or subprocess.PIPE,
     )
 
 
@@ -91,3 +95,47 @@ def test_a_live_rounds_scratch_is_never_taken(tmp_path: Path) -> None:
         assert not other.exists()
         assert (live / "layer").exists()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_second_sigterm_stops_a_loop_mid_round(publisher: Publisher, tmp_path: Path) -> None:
+    """``sync --loop`` finishes its round on SIGTERM; a second one (as after a service
+    manager's patience, or an operator's) did nothing, so a round held by a registry went on
+    until the registry let go. It now unwinds at once, as every other command does."""
+    scratch = tmp_path / "scratch"
+    with HostileRegistry() as registry:
+        tar = make_layer([("etc", None), ("big", os.urandom(2**20))])
+        layer = registry.blob(gzip.compress(tar, mtime=0), TAR_GZIP)
+        config = registry.blob(json.dumps({"os": "linux"}).encode(), IMAGE_CONFIG)
+        registry.manifest("lib/base", "1", image_manifest(config, [layer]))
+        wishlist = tmp_path / "wishlist.yaml"
+        wishlist.write_text(
+            f"version: 1\ncvmfs_repo: {FQRN}\ninput: ['http://{registry.host}/lib/base:1']\n"
+        )
+        registry.stalled.add(layer["digest"])  # held until the test ends (60 s at most)
+        log = tmp_path / "stderr"
+        with log.open("wb") as stderr:
+            process = _sync(
+                wishlist, publisher, scratch, "--loop", "--interval", "3600", stderr=stderr
+            )
+        try:
+            wait_until(
+                lambda: registry.asked_for(layer["digest"]) and any(scratch.glob("*/images/*")),
+                60,
+                "the round unpacking into its scratch folder",
+            )
+            process.send_signal(signal.SIGTERM)
+            wait_until(  # (two at once would be one: signals do not queue)
+                lambda: b"stopping after this round" in log.read_bytes(), 30, "the first SIGTERM"
+            )
+            assert process.poll() is None  # it lets the round finish
+            process.send_signal(signal.SIGTERM)
+            process.communicate(timeout=30)  # not the registry's 60 s
+            err = log.read_bytes()
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait(timeout=60)
+    assert process.returncode == 128 + signal.SIGTERM, err.decode()
+    assert "Traceback" not in err.decode()
+    assert list(scratch.iterdir()) == []  # unwound: the round's folder went with it
+    assert publisher.manifest().revision == 0

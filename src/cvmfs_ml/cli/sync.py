@@ -197,6 +197,23 @@ def _check_scratch(scratch: Path) -> None:
         raise ConfigError(f"--scratch {scratch}: cannot write there; give a writable folder")
 
 
+def _first_sigterm(runner: Any) -> Any:
+    """SIGTERM lets the round finish; a second one unwinds at once, as for any command."""
+
+    def stop(signum: int, frame: object) -> None:
+        signal.signal(signal.SIGTERM, _second_sigterm)
+        typer.echo("cvmfs-ml: sync: stopping after this round (SIGTERM again: now)", err=True)
+        runner.stop()
+
+    return stop
+
+
+def _second_sigterm(signum: int, frame: object) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a third ends the process on the spot
+    typer.echo("cvmfs-ml: sync: stopping now (SIGTERM): cleaning up the round", err=True)
+    raise SystemExit(128 + signal.SIGTERM)
+
+
 def _run(
     runner: Any,
     loop: bool,
@@ -223,7 +240,7 @@ def _run(
                 runner.notify, host=webhook_host, port=webhook_port, token=webhook_token
             ).start()
             typer.echo(f"sync: webhook listening at {server.url}", err=True)
-        signal.signal(signal.SIGTERM, lambda *_: runner.stop())
+        signal.signal(signal.SIGTERM, _first_sigterm(runner))
         try:
             runner.run(rounds=rounds)
         except KeyboardInterrupt:
