@@ -66,7 +66,19 @@ def plan_oci(work: Any, repo: Any, scratch: Path, spec: ModelSpec) -> None:
         work.plan.aliases.append((spec.ref.with_version(version), alias))
     if ALIAS_LATEST not in alias_tags and new_versions:
         newest = max(new_versions, key=_natural)
-        work.plan.aliases.append((spec.ref.with_version(newest), ALIAS_LATEST))
+        current = _alias_target(repo, spec.ref, ALIAS_LATEST)
+        if current is None or _natural(newest) > _natural(current):  # never back to an older
+            work.plan.aliases.append((spec.ref.with_version(newest), ALIAS_LATEST))
+
+
+def _alias_target(repo: Any, ref: ModelRef, alias: str) -> str | None:
+    """The version ``alias`` of model ``ref`` names in the published revision, if any."""
+    path = ref.with_version(alias).path
+    try:
+        entry = repo.stat(path)
+    except FileNotFoundError:
+        return None
+    return str(repo.readlink(path)) if entry.is_symlink else None
 
 
 def _plan_oci_version(
