@@ -139,3 +139,55 @@ def test_a_second_sigterm_stops_a_loop_mid_round(publisher: Publisher, tmp_path:
     assert "Traceback" not in err.decode()
     assert list(scratch.iterdir()) == []  # unwound: the round's folder went with it
     assert publisher.manifest().revision == 0
+
+
+_PUSH = """
+import sys
+from pathlib import Path
+from cvmfs_ml.models.sources.oci_client import OciReference, RegistryClient
+from cvmfs_ml.publish.repository import Publisher
+from cvmfs_ml.sync.push import publish_image
+repo, host, scratch = sys.argv[1:4]
+publish_image(Publisher(repo), RegistryClient(host, plain_http=True),
+              OciReference(host, "lib/base", "1", None), public_registry="pushed.example",
+              scratch=Path(scratch))
+"""
+
+
+def test_a_killed_image_push_leaves_no_scratch_after_the_next(
+    publisher: Publisher, tmp_path: Path
+) -> None:
+    """The same for an image pushed to our registry (``sync/push.py``): a registry server
+    killed while it unpacked one left ``cvmfs-ml-push.<random>/`` for ever."""
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    with HostileRegistry() as registry:
+        tar = make_layer([("etc", None), ("etc/os", b"pushed\n"), ("big", os.urandom(2**20))])
+        layer = registry.blob(gzip.compress(tar, mtime=0), TAR_GZIP)
+        config = registry.blob(json.dumps({"os": "linux"}).encode(), IMAGE_CONFIG)
+        registry.manifest("lib/base", "1", image_manifest(config, [layer]))
+        registry.stalled.add(layer["digest"])
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+        args = [str(publisher.repo_dir), registry.host, str(scratch)]
+        process = subprocess.Popen([sys.executable, "-c", _PUSH, *args], env=env)
+        try:
+            wait_until(
+                lambda: registry.asked_for(layer["digest"]) and any(scratch.glob("*/flat")),
+                60,
+                "the push unpacking into its scratch folder",
+            )
+            process.send_signal(signal.SIGKILL)
+            process.wait(timeout=60)
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait(timeout=60)
+        assert any(scratch.iterdir())  # what it left
+        registry.stalled.clear()
+        registry.release.set()
+        done = subprocess.run([sys.executable, "-c", _PUSH, *args], env=env, timeout=120)
+    assert done.returncode == 0
+    with published(publisher) as repo:
+        link = repo.readlink("/pushed.example/lib/base:1")
+        assert repo.read_bytes(f"/pushed.example/lib/{link}/etc/os") == b"pushed\n"
+    assert list(scratch.iterdir()) == []

@@ -11,7 +11,6 @@ links to (its orphan check and this publish do not interleave).
 
 from __future__ import annotations
 
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +31,7 @@ from cvmfs_ml.sync.images import (
     queue_image,
     unpack_flat,
 )
+from cvmfs_ml.sync.scratch import round_scratch
 
 __all__ = ["PUSH_OWNER", "PushedImage", "publish_image"]
 
@@ -87,11 +87,11 @@ def publish_image(
                 f"{reference} declares {declared} bytes of layers (limit {max_bytes})"
             )
         manifest = client.get_manifest(reference.repository, resolved.digest).data
-        with tempfile.TemporaryDirectory(prefix="cvmfs-ml-push.", dir=scratch) as tmp:
+        with round_scratch(scratch) as tmp:  # what a killed push left goes first
             flat = None
             size = old.size_bytes if old is not None and old.flat == target else 0
             if not have_flat:
-                flat = unpack_flat(client, resolved, Path(tmp) / "flat", Path(tmp) / "blobs")
+                flat = unpack_flat(client, resolved, tmp / "flat", tmp / "blobs")
                 size = flat.size_bytes
             record = ImageRecord(
                 owner=PUSH_OWNER,

@@ -1,4 +1,5 @@
-"""A round's scratch folder, and the removal of those that killed rounds left.
+"""A round's scratch folder, and the removal of those that killed rounds left (a sync round's,
+or an image push's: :mod:`cvmfs_ml.sync.push`).
 
 Each round unpacks into ``cvmfs-ml-sync.<random>/`` under ``--scratch`` (or ``TMPDIR``) and
 removes it as it ends. A process that cannot unwind (``kill -9``, the OOM killer, a power cut)
