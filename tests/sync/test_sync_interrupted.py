@@ -16,6 +16,7 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,27 @@ def _sync(
     )
 
 
+def _kill_mid_unpack(
+    process: subprocess.Popen[bytes], registry: HostileRegistry, unpacking: Callable[[], bool]
+) -> None:
+    """SIGKILL ``process`` (no unwinding: as the OOM killer would) once it is held by the
+    registry's stalled blob and ``unpacking()``; then the registry lets go."""
+    try:
+        wait_until(
+            lambda: any(registry.asked_for(d) for d in registry.stalled) and unpacking(),
+            60,
+            "unpacking into the scratch folder",
+        )
+        process.send_signal(signal.SIGKILL)
+        process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=60)
+    registry.stalled.clear()
+    registry.release.set()
+
+
 def test_a_killed_round_leaves_no_scratch_after_the_next(
     publisher: Publisher, tmp_path: Path
 ) -> None:
@@ -60,22 +82,8 @@ def test_a_killed_round_leaves_no_scratch_after_the_next(
         )
         registry.stalled.add(layers[0]["digest"])  # the round streams half of it, then waits
         process = _sync(wishlist, publisher, scratch)
-        try:
-            wait_until(
-                lambda: registry.asked_for(layers[0]["digest"])
-                and any(p.is_file() for p in scratch.rglob("*")),
-                60,
-                "the round unpacking into its scratch folder",
-            )
-            process.send_signal(signal.SIGKILL)  # no unwinding: as the OOM killer would
-            process.communicate(timeout=60)
-        finally:
-            if process.poll() is None:
-                process.kill()
-                process.wait(timeout=60)
+        _kill_mid_unpack(process, registry, lambda: any(p.is_file() for p in scratch.rglob("*")))
         assert any(scratch.iterdir())  # what it left
-        registry.stalled.clear()
-        registry.release.set()
 
         process = _sync(wishlist, publisher, scratch)
         _, err = process.communicate(timeout=120)
@@ -170,21 +178,8 @@ def test_a_killed_image_push_leaves_no_scratch_after_the_next(
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
         args = [str(publisher.repo_dir), registry.host, str(scratch)]
         process = subprocess.Popen([sys.executable, "-c", _PUSH, *args], env=env)
-        try:
-            wait_until(
-                lambda: registry.asked_for(layer["digest"]) and any(scratch.glob("*/flat")),
-                60,
-                "the push unpacking into its scratch folder",
-            )
-            process.send_signal(signal.SIGKILL)
-            process.wait(timeout=60)
-        finally:
-            if process.poll() is None:
-                process.kill()
-                process.wait(timeout=60)
+        _kill_mid_unpack(process, registry, lambda: any(scratch.glob("*/flat")))
         assert any(scratch.iterdir())  # what it left
-        registry.stalled.clear()
-        registry.release.set()
         done = subprocess.run([sys.executable, "-c", _PUSH, *args], env=env, timeout=120)
     assert done.returncode == 0
     with published(publisher) as repo:
