@@ -14,6 +14,7 @@ import gzip
 import json
 import os
 import signal
+import stat
 import subprocess
 import sys
 from collections.abc import Callable
@@ -103,6 +104,36 @@ def test_a_live_rounds_scratch_is_never_taken(tmp_path: Path) -> None:
         assert not other.exists()
         assert (live / "layer").exists()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_what_others_left_in_a_shared_scratch_is_not_touched(tmp_path: Path) -> None:
+    """In a shared folder (the default, /tmp) names like a round's may be anyone's: a link
+    named like a round folder, with a lock file beside it, is not followed, removed or used
+    to change the folder's mode, and another user's folder stays theirs."""
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "kept").write_bytes(b"x")
+    victim_mode = stat.S_IMODE(victim.stat().st_mode)
+    shared = tmp_path / "tmp"
+    shared.mkdir()
+    shared.chmod(0o1777)
+    (shared / "cvmfs-ml-sync.link").symlink_to(victim)
+    (shared / "cvmfs-ml-sync.link.lock").write_bytes(b"")
+    theirs = shared / "cvmfs-ml-sync.theirs"
+    theirs.mkdir()
+    (theirs / "their-file").write_bytes(b"y")
+    (shared / "cvmfs-ml-sync.theirs.lock").write_bytes(b"")
+    if os.geteuid() == 0:  # as root, another user's files are the case that matters
+        for path in (theirs, theirs / "their-file", shared / "cvmfs-ml-sync.theirs.lock"):
+            os.lchown(path, 65534, 65534)
+    with round_scratch(shared) as folder:
+        assert folder.is_dir()
+    assert (shared / "cvmfs-ml-sync.link").is_symlink()
+    assert (victim / "kept").read_bytes() == b"x"
+    assert stat.S_IMODE(shared.stat().st_mode) == 0o1777
+    assert stat.S_IMODE(victim.stat().st_mode) == victim_mode
+    if os.geteuid() == 0:
+        assert (theirs / "their-file").read_bytes() == b"y"
 
 
 def test_a_second_sigterm_stops_a_loop_mid_round(publisher: Publisher, tmp_path: Path) -> None:
