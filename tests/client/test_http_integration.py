@@ -25,25 +25,19 @@ import pytest
 
 from cvmfs_ml.client.cache import ObjectCache
 from cvmfs_ml.client.repository import Repository
-from cvmfs_ml.cvmfs.objects import Compression, ObjectKind, object_path
+from cvmfs_ml.cvmfs.objects import ObjectKind, object_path
 from cvmfs_ml.errors import DownloadError
 from cvmfs_ml.publish.repository import Publisher, create_repository
-from cvmfs_ml.publish.settings import PublishSettings
 from cvmfs_ml.testing import Nginx, Squid
 from quiet_http import QuietHTTPServer
+from repos import SMALL_CHUNKS
 from waiting import wait_until
 
 pytestmark = pytest.mark.service
 
 FQRN = "http.test"
 FAST = {"backoff_init": 0.01, "backoff_max": 0.02, "timeout": 5.0, "timeout_direct": 5.0}
-SETTINGS = PublishSettings(
-    compression=Compression.ZLIB,
-    min_chunk_size=64 * 1024,
-    avg_chunk_size=128 * 1024,
-    max_chunk_size=256 * 1024,
-    workers=2,
-)
+SETTINGS = SMALL_CHUNKS
 FILES = {
     "/a.txt": b"hello over http\n",
     "/model/weights.bin": os.urandom(3 * 2**20),  # ~24 chunks, in the nested catalog

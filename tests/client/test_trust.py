@@ -24,7 +24,7 @@ from cvmfs_ml.client.config import load_config
 from cvmfs_ml.client.repository import Repository
 from cvmfs_ml.client.session import open_configured
 from cvmfs_ml.cvmfs.manifest import FqrnMismatchError
-from cvmfs_ml.cvmfs.objects import Compression, ObjectKind, object_path
+from cvmfs_ml.cvmfs.objects import ObjectKind, object_path
 from cvmfs_ml.errors import (
     ConfigError,
     IntegrityError,
@@ -34,17 +34,11 @@ from cvmfs_ml.errors import (
     WhitelistExpiredError,
 )
 from cvmfs_ml.publish.repository import Publisher, create_repository
-from cvmfs_ml.publish.settings import PublishSettings
 from cvmfs_ml.storage.http import RepositoryServer
+from repos import SMALL_CHUNKS
 
 FQRN = "trust.test"
-SETTINGS = PublishSettings(
-    compression=Compression.ZLIB,
-    min_chunk_size=64 * 1024,
-    avg_chunk_size=128 * 1024,
-    max_chunk_size=256 * 1024,
-    workers=2,
-)
+SETTINGS = SMALL_CHUNKS
 BIG = os.urandom(700 * 1024)  # chunked into several P objects
 
 

@@ -11,11 +11,9 @@ from __future__ import annotations
 import gzip
 import hashlib
 import http.server
-import io
 import json
 import os
 import random
-import tarfile
 from typing import Any
 
 import urllib3
@@ -34,6 +32,7 @@ from cvmfs_ml.models.sources.oci_client import OCI_MANIFEST
 from cvmfs_ml.models.tree import read_record
 from cvmfs_ml.publish.repository import Publisher
 from quiet_http import QuietHTTPServer
+from sync.imagebuild import make_layer as make_tar  # one tar builder for layers and models
 
 HTTP = urllib3.PoolManager()
 
@@ -82,28 +81,6 @@ def registry_digest(base: str, repo: str, tag: str, accept: str = OCI_MANIFEST) 
     response = HTTP.request("HEAD", f"{base}/v2/{repo}/manifests/{tag}", headers={"Accept": accept})
     assert response.status == 200
     return response.headers["Docker-Content-Digest"]
-
-
-def make_tar(entries: list[tuple[str, Any]], *, mtime: int = 1_700_000_000) -> bytes:
-    """Tar of entries: ``(name, bytes)`` files, ``(name, None)`` dirs, ``(name, "->t")`` links."""
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        for name, content in entries:
-            info = tarfile.TarInfo(name)
-            info.mtime = mtime
-            if content is None:
-                info.type, info.mode = tarfile.DIRTYPE, 0o755
-                tar.addfile(info)
-            elif isinstance(content, str) and content.startswith("->"):
-                info.type, info.linkname = tarfile.SYMTYPE, content[2:]
-                tar.addfile(info)
-            elif isinstance(content, str) and content.startswith("=>"):
-                info.type, info.linkname = tarfile.LNKTYPE, content[2:]
-                tar.addfile(info)
-            else:
-                info.size, info.mode = len(content), 0o644
-                tar.addfile(info, io.BytesIO(content))
-    return buffer.getvalue()
 
 
 def gz(data: bytes) -> bytes:

@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 
 from cvmfs_ml.client.repository import Repository
-from cvmfs_ml.cvmfs.objects import Compression
 from cvmfs_ml.errors import FormatError, NotFoundError, PublishError
 from cvmfs_ml.models.layout import INDEX_PATH, Index, ModelFile, ModelRecord, ModelRef
 from cvmfs_ml.models.publish import (
@@ -29,15 +28,9 @@ from cvmfs_ml.models.publish import (
 )
 from cvmfs_ml.models.tree import check_layout, read_index, scan_models
 from cvmfs_ml.publish.repository import Publisher, create_repository
-from cvmfs_ml.publish.settings import PublishSettings
+from repos import SMALL_CHUNKS
 
-SETTINGS = PublishSettings(
-    compression=Compression.ZLIB,
-    min_chunk_size=64 * 1024,
-    avg_chunk_size=128 * 1024,
-    max_chunk_size=256 * 1024,
-    workers=2,
-)
+SETTINGS = SMALL_CHUNKS
 
 
 @pytest.fixture

@@ -8,17 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from cvmfs_ml.cvmfs.objects import Compression
 from cvmfs_ml.publish.repository import Publisher, create_repository
-from cvmfs_ml.publish.settings import PublishSettings
-
-SMALL_CHUNKS = PublishSettings(
-    compression=Compression.ZLIB,
-    min_chunk_size=64 * 1024,
-    avg_chunk_size=128 * 1024,
-    max_chunk_size=256 * 1024,
-    workers=2,
-)
+from repos import SMALL_CHUNKS
 
 
 @pytest.fixture

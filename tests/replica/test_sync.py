@@ -27,7 +27,7 @@ from cvmfs_ml.cli.net import replica_app
 from cvmfs_ml.client.repository import Repository
 from cvmfs_ml.cvmfs.catalog import Catalog, referenced_objects
 from cvmfs_ml.cvmfs.hashing import Digest
-from cvmfs_ml.cvmfs.objects import Compression, ObjectKind, inflate, object_path
+from cvmfs_ml.cvmfs.objects import ObjectKind, inflate, object_path
 from cvmfs_ml.errors import (
     IntegrityError,
     LockedError,
@@ -38,19 +38,13 @@ from cvmfs_ml.errors import (
     WhitelistExpiredError,
 )
 from cvmfs_ml.publish.repository import Publisher, create_repository
-from cvmfs_ml.publish.settings import PublishSettings
 from cvmfs_ml.replica.sync import sync_replica
 from disks import small_tmpfs
+from repos import SMALL_CHUNKS
 
 FQRN = "replica.test"
 REF = "ref.test.local"
-SETTINGS = PublishSettings(
-    compression=Compression.ZLIB,
-    min_chunk_size=64 * 1024,
-    avg_chunk_size=128 * 1024,
-    max_chunk_size=256 * 1024,
-    workers=2,
-)
+SETTINGS = SMALL_CHUNKS
 
 
 def tree(repo: Repository) -> list[tuple[Any, ...]]:
