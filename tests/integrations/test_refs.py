@@ -178,3 +178,18 @@ def test_editing_a_hard_linked_copy_does_not_poison_the_cache(site: Site, tmp_pa
     assert (fresh / "model.onnx").read_bytes() == (
         site.originals["1.0"] / "model.onnx"
     ).read_bytes()
+
+
+def test_model_path_with_repo_keeps_the_copy_in_the_configured_cache(site: Site) -> None:
+    """``NS/NAME:V --repo FQRN|URL`` materialised under the system's temporary folder
+    (``/tmp/materialised/...``, shared by every user and trusted as complete without asking the
+    server) instead of ``CVMFS_CACHE_BASE/materialised``: the FQRN was taken from the reference
+    only, so the configuration (``@fqrn@`` in its server URL) did not load."""
+    cache_base = site.config.parent / "cache"
+    url = f"{site.server.url}/cvmfs/{FQRN}"
+    key = site.publisher.keys.paths.master_public
+    for repo in (FQRN, url):
+        printed = cli(site, "model", "path", "hep/mlp:prod", "--repo", repo, "--key", key).stdout
+        folder = Path(printed.strip())
+        assert folder == cache_base / "materialised" / FQRN / "hep" / "mlp" / "1.0", printed
+        np.testing.assert_array_equal(onnx_output(folder), onnx_output(site.originals["1.0"]))

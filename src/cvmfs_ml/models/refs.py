@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from cvmfs_ml.client.cache_file import preallocate
+from cvmfs_ml.client.config import _default_cache_base as default_cache_base
 from cvmfs_ml.client.entries import resolve_path as follow_links
 from cvmfs_ml.client.locate import open_target, target_fqrn
 from cvmfs_ml.cvmfs.catalog import MARKER
@@ -458,11 +459,11 @@ def locate(
     instead of in the cache's ``materialised/`` folder (and links there from a mount).
     ``warn`` hears of links a copy keeps as they are (:func:`materialise`)."""
     uri = ref if isinstance(ref, CvmfsUri) else parse_ref(ref)
-    config = _config(uri.fqrn, config_files, env)
+    fqrn = uri.fqrn or (target_fqrn(repo) if repo else None)
+    config = _config(fqrn, config_files, env)
     if use_mount:
         roots = mount_roots(env, config.params if config is not None else {})
-        name = uri.fqrn or (target_fqrn(repo) if repo else None)
-        mount = _repo_mount(repo) or (mounted_root(name, roots) if name else None)
+        mount = _repo_mount(repo) or (mounted_root(fqrn, roots) if fqrn else None)
         if mount is not None:
             try:
                 found = resolve_in_mount(mount, uri.path)
@@ -476,10 +477,8 @@ def locate(
                 link_tree(found, Path(dest))
                 return Resolved(Path(dest), True, version)
             return Resolved(found, True, version)
-    base = (
-        config.cache_base if config is not None else Path(tempfile.gettempdir())
-    ) / "materialised"
-    fqrn = uri.fqrn or (target_fqrn(repo) if repo else None)
+    # Never a shared folder such as /tmp: a complete copy there is trusted without the server.
+    base = (config.cache_base if config is not None else default_cache_base(env)) / "materialised"
     if dest is None and fqrn and uri.model is not None:
         # Only versions are ever materialised (an alias is stored under the version it named),
         # and a version never changes: a complete copy is good without asking the server.
