@@ -161,3 +161,29 @@ def test_the_initializer_needs_only_the_base_install(site: Site, tmp_path: Path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "copy from" in done.stderr
     np.testing.assert_array_equal(onnx_output(dest), onnx_output(site.originals["1.0"]))
+
+
+def test_initializer_fills_a_volume_root_as_kserve_hands_it_over(
+    site: Site, mount_site: Callable[[], object], tmp_path: Path
+) -> None:
+    """In a pod ``/mnt/models`` is an emptyDir volume: its own mount point. The copy was staged
+    beside it (``/mnt/.models.partial-*``) and moved in by rename, which cannot cross a mount
+    point: every copy failed with "Invalid cross-device link" (and every link from a mount)."""
+    from disks import small_tmpfs
+
+    with small_tmpfs(tmp_path / "mnt" / "models", "8m") as models:
+        init(site, f"cvmfs://{FQRN}/hep/mlp:prod", models)
+        assert not (models / "model.onnx").is_symlink()
+        np.testing.assert_array_equal(onnx_output(models), onnx_output(site.originals["1.0"]))
+        assert not [p for p in os.listdir(models) if p.startswith(".")], "staging left inside"
+        assert os.listdir(tmp_path / "mnt") == ["models"], "staging left beside"
+    with small_tmpfs(tmp_path / "mnt" / "tiny", "4k") as tiny:  # too small: fails, left empty
+        failed = init(site, f"cvmfs://{FQRN}/hep/mlp:prod", tiny, code=1)
+        assert f"{tiny}: no space left on the device" in failed, failed
+        assert os.listdir(tiny) == []
+    with small_tmpfs(tmp_path / "mnt" / "linked", "1m") as linked:
+        mount_site()
+        init(site, f"cvmfs://{FQRN}/hep/mlp:2.0", linked)
+        assert (linked / "model.onnx").is_symlink()
+        np.testing.assert_array_equal(onnx_output(linked), onnx_output(site.originals["2.0"]))
+        assert sorted(os.listdir(tmp_path / "mnt")) == ["linked", "models", "tiny"]

@@ -223,23 +223,30 @@ def _check_dest(dest: Path) -> None:
 
 @contextlib.contextmanager
 def _staging(dest: Path) -> Any:
-    """A fresh folder beside ``dest``, moved into place on success and removed on failure."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{dest.name}.partial-", dir=dest.parent))
+    """A fresh folder beside ``dest``, moved into place on success and removed on failure.
+
+    Inside ``dest`` where it is a volume's root (KServe's ``/mnt/models`` emptyDir): nothing
+    can be renamed onto a mount point or across one."""
+    parent = dest if dest.is_dir() and os.path.ismount(dest) else dest.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{dest.name}.partial-", dir=parent))
     try:
         yield stage
     except BaseException as exc:
         shutil.rmtree(stage, ignore_errors=True)
         if isinstance(exc, OSError) and is_disk_full(exc) and not isinstance(exc, CvmfsMlError):
             # A write's ENOSPC names no file: say which disk is full (not the cache's).
-            raise OSError(exc.errno, exc.strerror, os.path.abspath(dest.parent)) from exc
+            raise OSError(exc.errno, exc.strerror, os.path.abspath(parent)) from exc
         raise
+    if parent == dest:
+        _move_entries(stage, dest)
+        return
     try:
         if dest.is_dir():
             dest.rmdir()  # empty (checked before); fails for a volume's mount point
         os.replace(stage, dest)
     except OSError as exc:
-        if exc.errno in (errno.EBUSY, errno.EXDEV):  # dest is a volume's mount point
+        if exc.errno in (errno.EBUSY, errno.EXDEV):  # a bind mount ismount() does not see
             _move_entries(stage, dest)
             return
         shutil.rmtree(stage, ignore_errors=True)
@@ -249,11 +256,21 @@ def _staging(dest: Path) -> Any:
 
 
 def _move_entries(stage: Path, dest: Path) -> None:
-    """Move ``stage``'s entries into an existing ``dest`` (a volume's root cannot be renamed)."""
+    """Move ``stage``'s entries into an existing ``dest`` (a volume's root cannot be renamed),
+    copying across file systems; on failure ``dest`` is left as empty as it was."""
+    moved: list[Path] = []
     try:
         dest.mkdir(exist_ok=True)
-        for entry in stage.iterdir():
-            os.replace(entry, dest / entry.name)
+        for entry in sorted(stage.iterdir()):
+            moved.append(dest / entry.name)
+            shutil.move(entry, dest / entry.name)
+    except BaseException:
+        for path in moved:
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+        raise
     finally:
         shutil.rmtree(stage, ignore_errors=True)
 
