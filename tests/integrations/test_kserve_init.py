@@ -187,3 +187,20 @@ def test_initializer_fills_a_volume_root_as_kserve_hands_it_over(
         assert (linked / "model.onnx").is_symlink()
         np.testing.assert_array_equal(onnx_output(linked), onnx_output(site.originals["2.0"]))
         assert sorted(os.listdir(tmp_path / "mnt")) == ["linked", "models", "tiny"]
+
+
+def test_a_later_failing_copy_takes_back_the_earlier_ones(site: Site, tmp_path: Path) -> None:
+    """The second pair's copy failing (its volume full) left the first DEST filled, although
+    the initializer "writes nothing" on an error; a restarted init container then found that
+    emptyDir not empty and failed for ever."""
+    from disks import small_tmpfs
+
+    made, given = tmp_path / "made", tmp_path / "given"
+    given.mkdir()  # as KServe hands it over: existing and empty
+    with small_tmpfs(tmp_path / "tiny", "4k") as tiny:
+        failed = init(site, f"cvmfs://{FQRN}/hep/mlp:1.0", made, f"cvmfs://{FQRN}/hep/mlp:2.0",
+                      given, f"cvmfs://{FQRN}/hep/mlp:prod", tiny, code=1)  # fmt: skip
+        assert "no space left" in failed, failed
+        assert not made.exists() and os.listdir(given) == [] and os.listdir(tiny) == []
+    init(site, f"cvmfs://{FQRN}/hep/mlp:2.0", given)  # the retry works
+    np.testing.assert_array_equal(onnx_output(given), onnx_output(site.originals["2.0"]))

@@ -34,7 +34,9 @@ line and exits 1, which KServe reports as the init container's failure.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,6 +101,27 @@ def _check_dest(dest: Path) -> None:
         raise ConfigError(f"{dest} is not empty; KServe hands the initializer an empty folder")
 
 
+def _fill(plan: _Plan, progress: Callable[[int], None] | None,
+          warn: Callable[[str], None] | None) -> Initialised:  # fmt: skip
+    if plan.found is not None:
+        link_tree(plan.found, plan.dest)
+        return Initialised(plan.text, plan.dest, "link", str(plan.found))
+    materialise(plan.repository, plan.path, plan.dest, progress=progress, warn=warn)
+    return Initialised(plan.text, plan.dest, "copy", f"{plan.uri.fqrn}:{plan.path or '/'}")
+
+
+def _empty(dest: Path, *, keep: bool) -> None:
+    """Take back what was written at ``dest``: its entries, and the folder unless it was given."""
+    if not keep:
+        shutil.rmtree(dest, ignore_errors=True)
+        return
+    for entry in dest.iterdir():
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+
+
 def initialise(
     pairs: Sequence[tuple[str, Path]],
     *,
@@ -134,16 +157,16 @@ def initialise(
             if plan.uri.model is not None and not entry.is_dir:
                 raise NotFoundError(f"model version {plan.uri}", fqrn)
             plan.path = entry.path
-        done = []
-        for plan in plans:
-            if plan.found is not None:
-                link_tree(plan.found, plan.dest)
-                done.append(Initialised(plan.text, plan.dest, "link", str(plan.found)))
-            else:
-                materialise(plan.repository, plan.path, plan.dest, progress=progress,
-                            warn=warn)  # fmt: skip
-                source = f"{plan.uri.fqrn}:{plan.path or '/'}"
-                done.append(Initialised(plan.text, plan.dest, "copy", source))
+        done: list[Initialised] = []
+        existed = {plan.dest: plan.dest.is_dir() for plan in plans}
+        try:
+            for plan in plans:
+                done.append(_fill(plan, progress, warn))
+        except BaseException:
+            for item in done:  # a failure writes nothing: a restarted container starts over
+                with contextlib.suppress(OSError):
+                    _empty(item.dest, keep=existed[item.dest])
+            raise
         return done
     finally:
         for repository in opened.values():
