@@ -121,3 +121,25 @@ def test_server_on_a_mount_follows_the_alias_after_the_ttl(
         set_alias(site.publisher, "hep/mlp", "prod", "2.0")
         y = wait_for_version(server, "2.0", timeout=60)  # TTL 2 s + what a loaded machine needs
         np.testing.assert_allclose(y, onnx_output(site.originals["2.0"]), rtol=1e-6)
+
+
+def test_a_cvmfs_reference_on_a_mount_stays_in_the_repository(
+    site: Site, mount_site: Callable[[], object], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An alias leading out of the repository (``evil -> /``) was followed on the mount with
+    ``realpath``: the server walked the node's own disk for ``*.onnx`` and served what it found
+    there. ``kserve-init`` and ``model path`` refuse such a link; so does the server now."""
+    from cvmfs_ml.errors import UnsafeInputError
+    from cvmfs_ml.integrations.kserve_server import source_for
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    os.symlink(site.originals["2.0"] / "model.onnx", outside / "model.onnx")
+    with site.publisher.transaction() as txn:
+        txn.symlink("/hep/mlp/evil", str(outside))
+        txn.commit()
+    mount_site()
+    monkeypatch.setenv("CVMFS_MOUNT_DIR", str(site.mounts))
+    assert source_for(f"cvmfs://{FQRN}/hep/mlp:prod")() == site.mounts / FQRN / "hep/mlp/1.0"
+    with pytest.raises(UnsafeInputError, match="outside the repository"):
+        source_for(f"cvmfs://{FQRN}/hep/mlp:evil")()

@@ -51,13 +51,18 @@ def _onnx_file(folder: Path, model_file: str | None) -> Path:
 def source_for(location: str) -> Callable[[], Path]:
     """A function giving the folder ``location`` names *now* (aliases resolved at each call)."""
     if location.startswith("cvmfs://"):
-        from cvmfs_ml.models.refs import locate, mount_roots, mounted_root, parse_uri
+        from cvmfs_ml.models.refs import (
+            locate,
+            mount_roots,
+            mounted_root,
+            parse_uri,
+            resolve_in_mount,
+        )
 
         uri = parse_uri(location)
         mount = mounted_root(uri.fqrn or "", mount_roots())
-        if mount is not None:
-            link = mount / uri.path
-            return lambda: Path(os.path.realpath(link))
+        if mount is not None:  # an alias that leads out of the repository is refused
+            return lambda: resolve_in_mount(mount, uri.path)
         return lambda: locate(uri).path
     path = Path(location)
     return lambda: Path(os.path.realpath(path))
