@@ -193,3 +193,21 @@ def test_model_path_with_repo_keeps_the_copy_in_the_configured_cache(site: Site)
         folder = Path(printed.strip())
         assert folder == cache_base / "materialised" / FQRN / "hep" / "mlp" / "1.0", printed
         np.testing.assert_array_equal(onnx_output(folder), onnx_output(site.originals["1.0"]))
+
+
+def test_a_reference_naming_another_repository_than_repo_is_refused(
+    site: Site, tmp_path: Path
+) -> None:
+    """``cvmfs://other.test.org/hep/mlp:prod --repo <models.test.org>`` fetched models.test.org's
+    model without a word: a mistyped (or a dev/prod) repository name gave another model."""
+    url = f"{site.server.url}/cvmfs/{FQRN}"
+    key = site.publisher.keys.paths.master_public
+    dest = tmp_path / "got"
+    for repo in (url, FQRN, str(site.publisher.repo_dir)):
+        failed = cli(site, "model", "get", "cvmfs://other.test.org/hep/mlp:prod", dest,
+                     "--repo", repo, "--key", key, code=1)  # fmt: skip
+        assert "other.test.org" in failed.stderr and FQRN in failed.stderr, failed.stderr
+        assert not dest.exists()
+    same = cli(site, "model", "get", f"cvmfs://{FQRN}/hep/mlp:prod", dest, "--repo", url,
+               "--key", key)  # fmt: skip
+    assert "version 1.0" in same.stdout

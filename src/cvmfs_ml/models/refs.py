@@ -450,6 +450,15 @@ def _repo_mount(repo: str | None) -> Path | None:
     return point if point.is_dir() and os.path.ismount(point) else None
 
 
+def _repo_name(repo: str | None) -> str | None:
+    """The repository name ``repo`` stands for (URL, folder, mount or FQRN), where it says one."""
+    if repo is None:
+        return None
+    mount = _repo_mount(repo)
+    name = mount.name if mount is not None else target_fqrn(repo)
+    return name if name and _FQRN_RE.fullmatch(name) else None
+
+
 @dataclass(frozen=True)
 class Resolved:
     """Where a reference was found: ``path`` and whether it is inside a mount."""
@@ -476,6 +485,10 @@ def locate(
     instead of in the cache's ``materialised/`` folder (and links there from a mount).
     ``warn`` hears of links a copy keeps as they are (:func:`materialise`)."""
     uri = ref if isinstance(ref, CvmfsUri) else parse_ref(ref)
+    named = _repo_name(repo)
+    if uri.fqrn and named and named != uri.fqrn:  # a mistyped name must not give another model
+        raise ConfigError(f"{uri} names repository {uri.fqrn}, but repo {repo} is {named}; "
+                          "give the reference as NS/NAME:VERSION or drop the repo")  # fmt: skip
     fqrn = uri.fqrn or (target_fqrn(repo) if repo else None)
     config = _config(fqrn, config_files, env)
     if use_mount:
