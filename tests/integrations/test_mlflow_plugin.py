@@ -152,3 +152,26 @@ def test_registered_model_to_repository_to_load_model_end_to_end(
     np.testing.assert_array_equal(got, expected)
     np.testing.assert_array_equal(got, _load(env, f"cvmfs://{FQRN}/ml/tagger/1",
                                              tmp_path / "out1.npy"))  # fmt: skip
+
+
+def test_a_link_that_cannot_be_followed_does_not_hide_the_model(
+    site: Site, mount_site: Callable[[], object], tmp_path: Path
+) -> None:
+    """One dangling link in a version folder made the whole listing empty (MLflow then found no
+    ``MLmodel``), one leading out of the repository failed it, and one to a folder (``..``,
+    ``.``) was downloaded whole or for ever; such links are left out, as ``kserve-init`` does not
+    follow them in a copy, and the model loads (client and mount)."""
+    expected = _publish_mlflow_model(site, tmp_path)
+    with site.publisher.transaction() as txn:
+        txn.symlink("/ml/mlp/1.0/nothing.bin", "missing.bin")
+        txn.symlink("/ml/mlp/1.0/passwd", "/etc/passwd")
+        txn.symlink("/ml/mlp/1.0/up", "../../../../../../..")
+        txn.symlink("/ml/mlp/1.0/all", "../..")  # the repository's root: not downloaded whole
+        txn.symlink("/ml/mlp/1.0/loop", ".")  # nor downloaded into itself for ever
+        txn.commit()
+    env = _plugin_env(site, tmp_path)
+    got = _load(env, f"cvmfs://{FQRN}/ml/mlp:prod", tmp_path / "client.npy")
+    np.testing.assert_array_equal(got, expected)
+    mount_site()
+    mounted = _load(env, f"cvmfs://{FQRN}/ml/mlp:prod", tmp_path / "mount.npy")
+    np.testing.assert_array_equal(mounted, expected)

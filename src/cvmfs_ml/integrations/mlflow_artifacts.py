@@ -14,6 +14,9 @@ hash. Writing (``log_artifact``) is refused: repositories are published with ``c
 
 from __future__ import annotations
 
+import errno
+import logging
+import os
 import posixpath
 import shutil
 import threading
@@ -26,11 +29,20 @@ from mlflow.store.artifact.artifact_repo import ArtifactRepository
 
 from cvmfs_ml.cvmfs.catalog import MARKER
 from cvmfs_ml.errors import CvmfsMlError, UnsafeInputError
-from cvmfs_ml.models.refs import SCHEME, mount_roots, mounted_root, parse_uri, resolve_path
+from cvmfs_ml.models.refs import (
+    SCHEME,
+    mount_roots,
+    mounted_root,
+    parse_uri,
+    resolve_in_mount,
+    resolve_path,
+)
 
 __all__ = ["CvmfsArtifactRepository"]
 
 _COPY_BLOCK = 8 * 2**20
+
+log = logging.getLogger(__name__)
 
 
 def _alias_path(path: str) -> str:
@@ -75,8 +87,6 @@ class CvmfsArtifactRepository(ArtifactRepository):
 
     def _local(self, rel: str) -> Path:
         assert self._mount is not None
-        from cvmfs_ml.models.refs import resolve_in_mount
-
         return resolve_in_mount(self._mount, rel)
 
     def list_artifacts(self, path: str | None = None) -> list[FileInfo]:
@@ -87,17 +97,15 @@ class CvmfsArtifactRepository(ArtifactRepository):
                 folder = self._local(rel)
                 if not folder.is_dir():
                     return []
-                items = [(e.name, e.is_dir(), e.stat().st_size) for e in folder.iterdir()]
+                items = [item for e in folder.iterdir()
+                         if (item := self._mounted(rel, e.name)) is not None]  # fmt: skip
             else:
                 repo = self._client()
                 top = resolve_path(repo, rel)
                 if not top.is_dir:
                     return []
-                items = []
-                for entry in repo.listdir(top.path):
-                    target = repo.resolve(entry.path) if entry.is_symlink else entry
-                    name = posixpath.basename(entry.path)
-                    items.append((name, target.is_dir, target.size))
+                items = [item for entry in repo.listdir(top.path)
+                         if (item := self._entry(repo, entry)) is not None]  # fmt: skip
         except FileNotFoundError:
             return []
         except CvmfsMlError as exc:
@@ -109,6 +117,30 @@ class CvmfsArtifactRepository(ArtifactRepository):
             for name, is_dir, size in sorted(items)
             if name != MARKER
         ]
+
+    # Links left out of a listing, as kserve-init does not follow them in a copy: one to nothing
+    # or out of the repository (MLflow would fail the whole download on it), and one to a
+    # folder (MLflow downloads a listed folder whole: '../..' is the repository, '.' a loop).
+    def _mounted(self, rel: str, name: str) -> tuple[str, bool, int] | None:
+        path = posixpath.join(rel, name)
+        try:
+            target = self._local(path)
+            if target.is_dir() and os.path.islink(self._local(rel) / name):
+                raise IsADirectoryError(errno.EISDIR, "a link to a folder", name)
+            return name, target.is_dir(), target.stat().st_size
+        except (CvmfsMlError, OSError) as exc:
+            log.warning("%s%s/%s: left out: %s", SCHEME, self.fqrn, path, exc)
+            return None
+
+    def _entry(self, repo: Any, entry: Any) -> tuple[str, bool, int] | None:
+        try:
+            target = repo.resolve(entry.path) if entry.is_symlink else entry
+            if entry.is_symlink and target.is_dir:
+                raise IsADirectoryError(errno.EISDIR, "a link to a folder", entry.path)
+        except (CvmfsMlError, OSError) as exc:  # NotFoundError and UnsafeInputError are ours
+            log.warning("%s%s%s: left out: %s", SCHEME, self.fqrn, entry.path, exc)
+            return None
+        return posixpath.basename(entry.path), target.is_dir, target.size
 
     def _download_file(self, remote_file_path: str, local_path: str) -> None:
         rel = self._rel(remote_file_path)
