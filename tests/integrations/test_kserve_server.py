@@ -143,3 +143,27 @@ def test_a_cvmfs_reference_on_a_mount_stays_in_the_repository(
     assert source_for(f"cvmfs://{FQRN}/hep/mlp:prod")() == site.mounts / FQRN / "hep/mlp/1.0"
     with pytest.raises(UnsafeInputError, match="outside the repository"):
         source_for(f"cvmfs://{FQRN}/hep/mlp:evil")()
+
+
+@pytest.mark.parametrize(
+    ("model_dir", "reason"),
+    [
+        ("cvmfs://bad name/x", "not a repository name"),  # was a traceback: parsed unguarded
+        (f"cvmfs://{FQRN}/hep/../x", "'..' are not allowed"),
+        (f"cvmfs://{FQRN}/hep/mlp:9.9", "hep/mlp has 1.0, 2.0, latest, prod"),
+    ],
+)
+def test_a_model_dir_that_cannot_load_is_one_line(
+    site: Site, tmp_path: Path, model_dir: str, reason: str
+) -> None:
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-m", "cvmfs_ml.integrations.kserve_server", "--model_name", "mlp",
+         "--model_dir", model_dir], env=site.env, capture_output=True, text=True, timeout=120,
+        check=False,
+    )  # fmt: skip
+    lines = [line for line in result.stderr.splitlines() if not line.startswith("INFO")]
+    assert result.returncode == 1 and len(lines) == 1, result.stderr[-3000:]
+    assert lines[0].startswith("cvmfs-ml kserve_server: cannot load") and reason in lines[0]

@@ -173,15 +173,15 @@ def main(argv: list[str] | None = None) -> None:
                         help="seconds between alias checks (0: never)")  # fmt: skip
     args, _ = parser.parse_known_args(argv)
     logging.basicConfig(level=logging.INFO)
-    model = CvmfsOnnxModel(
-        args.model_name,
-        source_for(args.model_dir),
-        model_file=args.model_file,
-        poll_interval=args.poll_interval,
-    )
     try:
+        model = CvmfsOnnxModel(
+            args.model_name,
+            source_for(args.model_dir),
+            model_file=args.model_file,
+            poll_interval=args.poll_interval,
+        )
         model.load()
-    except Exception as exc:  # no such folder, not ONNX...: one line and exit 1, no traceback
+    except Exception as exc:  # a bad reference, no such folder, not ONNX...: one line, exit 1
         reason = f"{type(exc).__name__}: {exc}".splitlines()[0]
         raise SystemExit(
             f"cvmfs-ml kserve_server: cannot load {args.model_dir}: {reason}"
