@@ -146,3 +146,16 @@ def test_ls_and_info_over_http(repo: Path, src: Path) -> None:
         info = json.loads(cli("info", url, "hep/pt:latest", "--key", key, "--json"))
     assert [r["ref"] for r in rows] == ["hep/pt:1"]
     assert info["version"] == "1" and info["aliases"] == ["latest"]
+
+
+def test_writing_commands_given_a_url_say_to_use_the_folder(repo: Path, src: Path) -> None:
+    """``model publish --repo http://host/cvmfs/<fqrn>`` said "no such file or directory:
+    http:/host/cvmfs/<fqrn>/.cvmfspublished (in no repository here)": the URL taken for a
+    folder, its '//' folded. Writing needs the repository folder and its keys."""
+    with RepositoryServer(repo.parent) as server:
+        url = f"{server.url}/cvmfs/cli.test"
+        for args in (("publish", src, "--repo", url, "--as", "hep/pt:1"),
+                     ("rm", url, "hep/pt:1"), ("alias", url, "hep/pt", "prod", "1"),
+                     ("reindex", url)):  # fmt: skip
+            line = cli(*args, code=1)
+            assert f"{url} is a URL" in line and "repository folder" in line, line

@@ -46,6 +46,16 @@ def _ref(text: str, *, require_version: bool = False) -> Any:
         raise _fail(str(exc)) from exc
 
 
+def _publisher(repo: str, keys: Path | None, s3_config: Path | None) -> Any:
+    """The writing commands' repository: its folder (or S3 bucket) with the keys, never a URL."""
+    from cvmfs_ml.publish.repository import Publisher
+
+    if repo.startswith(("http://", "https://")):
+        raise _fail(f"{repo} is a URL; writing needs the repository folder (or s3://) and its "
+                    "keys: run this where the repository is published")  # fmt: skip
+    return Publisher.open(repo, keys, s3_config=s3_params(s3_config))
+
+
 def _size(n: int) -> str:
     value = float(n)
     for unit in ("B", "kB", "MB", "GB", "TB"):
@@ -126,12 +136,11 @@ def model_publish(
     """Publish SRC as an immutable version (same bytes again: nothing to do)."""
     from cvmfs_ml.models.layout import ALIAS_LATEST
     from cvmfs_ml.models.publish import publish_model
-    from cvmfs_ml.publish.repository import Publisher
 
     ref = _ref(as_ref, require_version=True)
     path = _resolve_source(src, revision)
     aliases = ([] if no_latest else [ALIAS_LATEST]) + list(alias or [])
-    publisher = Publisher.open(repo, keys, s3_config=s3_params(s3_config))
+    publisher = _publisher(repo, keys, s3_config)
     before = publisher.manifest().revision
     from cvmfs_ml.cli.progress import publish_progress
 
@@ -263,10 +272,9 @@ def model_rm(
 ) -> None:
     """Remove a version in a new revision (its data stays until `repo gc`)."""
     from cvmfs_ml.models.publish import remove_model
-    from cvmfs_ml.publish.repository import Publisher
 
     parsed = _ref(ref, require_version=True)
-    publisher = Publisher.open(repo, keys, s3_config=s3_params(s3_config))
+    publisher = _publisher(repo, keys, s3_config)
     remove_model(publisher, parsed)
     typer.echo(
         f"revision {publisher.manifest().revision}: removed {parsed} "
@@ -287,12 +295,11 @@ def model_alias(
 ) -> None:
     """Point ALIAS at VERSION (create or move it), or remove it with --remove."""
     from cvmfs_ml.models.publish import remove_alias, set_alias
-    from cvmfs_ml.publish.repository import Publisher
 
     parsed = _ref(model)
     if parsed.version is not None:
         raise _fail(f"give the model as NAMESPACE/NAME and the version separately, not {model}")
-    publisher = Publisher.open(repo, keys, s3_config=s3_params(s3_config))
+    publisher = _publisher(repo, keys, s3_config)
     try:
         if remove:
             remove_alias(publisher, parsed, alias)
@@ -339,9 +346,8 @@ def model_reindex(
 ) -> None:
     """Rewrite /.cvmfs-ml/index.json from the tree (after hand edits with `repo rm`)."""
     from cvmfs_ml.models.publish import reindex
-    from cvmfs_ml.publish.repository import Publisher
 
-    index = reindex(Publisher.open(repo, keys, s3_config=s3_params(s3_config)))
+    index = reindex(_publisher(repo, keys, s3_config))
     versions = sum(len(m.versions) for m in index.models.values())
     typer.echo(f"index rebuilt: {len(index.models)} models, {versions} versions")
 
