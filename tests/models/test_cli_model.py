@@ -110,6 +110,10 @@ def test_errors_are_one_line_and_non_zero(repo: Path, src: Path, tmp_path: Path)
     # a mistyped version or alias: the error says what the model has
     assert "(in hep/pt, which has 1, latest)" in cli("info", repo, "hep/pt:prdo", code=1)
     assert "no such" in cli("rm", repo, "hep/pt:9", code=1)
+    # an alias: the line said "remove it with remove_alias" (a Python function, not a command)
+    assert "`cvmfs-ml model alias REPO hep/pt latest --remove`" in cli(
+        "rm", repo, "hep/pt:latest", code=1
+    )
     assert "invalid alias" in cli("alias", repo, "hep/pt", "a/b", "1", code=1)
     assert "VERSION" in cli("alias", repo, "hep/pt", "beta", code=1)
     assert "no such" in cli("publish", tmp_path / "absent", "--repo", repo, "--as", "a/b:1", code=1)

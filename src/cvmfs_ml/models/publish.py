@@ -369,7 +369,10 @@ def remove_model(publisher: Publisher, ref: ModelRef) -> None:
             if entry is None:
                 raise NotFoundError(f"model version {ref}", publisher.fqrn)
             if entry.is_symlink:
-                raise PublishError(f"{ref} is an alias: remove it with remove_alias")
+                raise PublishError(
+                    f"{ref} is an alias, not a version: remove it with "
+                    f"`cvmfs-ml model alias REPO {ref.key} {ref.version} --remove` (remove_alias)"
+                )
             record = read_record(repo, ref)
             index = _load_index(repo)
             _ensure_indexed(index, record)
