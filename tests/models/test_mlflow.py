@@ -208,6 +208,33 @@ def test_unknown_model_is_not_found(tracking: dict[str, Any], publisher: Publish
     assert publisher.manifest().revision == 0
 
 
+def test_a_tracking_server_that_is_down_fails_within_a_bound(publisher: Publisher) -> None:
+    """MLflow retries a refused connection 7 times with a doubling backoff: ``model ingest
+    models:/...`` against a server that is down took 4 minutes 10 seconds to say so."""
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    _require_mlflow()
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # closed once the block ends: connections are refused
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    started = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, "-m", "cvmfs_ml", "model", "ingest", "models:/tiny/1", "--repo",
+         str(publisher.repo_dir), "--as", "ml/tiny:1", "--tracking-uri",
+         f"http://127.0.0.1:{port}"], env=env, capture_output=True, text=True, timeout=300,
+        check=False,
+    )  # fmt: skip
+    took = time.monotonic() - started
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 1 and len(lines) == 1, result.stderr[-2000:]
+    assert "models:/tiny/1" in lines[0] and took < 60, (took, lines[0])
+    assert publisher.manifest().revision == 0
+
+
 # -- no MLflow needed ----------------------------------------------------------------------------
 def test_parse_models_uri() -> None:
     assert parse_models_uri("models:/tiny/3") == ("tiny", "3", None)

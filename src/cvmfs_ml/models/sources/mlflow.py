@@ -19,6 +19,7 @@ Re-ingesting the same MLflow model (same ``model_uuid``) into the same version w
 from __future__ import annotations
 
 import json
+import os
 import re
 import tempfile
 import time
@@ -178,6 +179,15 @@ def _safe_uri(uri: str | None) -> str | None:
     return urlunsplit(parts._replace(netloc=netloc))
 
 
+# MLflow retries a failed request 7 times with a doubling backoff, 120 s each: against a tracking
+# server that is down, 4 minutes before a word. Bounded here unless the user set them.
+_HTTP_BOUNDS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
+}
+
+
 def download_model(
     uri: str,
     dest: Path,
@@ -188,7 +198,8 @@ def download_model(
     """Download the MLflow model ``uri`` into the empty folder ``dest``; returns ``source``.
 
     ``models:/`` URIs are resolved through the registry first (alias -> version), then the
-    pinned ``models:/NAME/VERSION`` is downloaded.
+    pinned ``models:/NAME/VERSION`` is downloaded. MLflow's HTTP retries are bounded
+    (``_HTTP_BOUNDS``) where the ``MLFLOW_HTTP_REQUEST_*`` variables are not set.
     """
     try:
         import mlflow
@@ -196,6 +207,8 @@ def download_model(
         from mlflow.exceptions import MlflowException
     except ImportError as exc:
         raise ConfigError(f"{uri} needs MLflow: pip install mlflow-skinny") from exc
+    for name, value in _HTTP_BOUNDS.items():
+        os.environ.setdefault(name, value)  # read by MLflow at each request
     source: dict[str, Any] = {"type": "mlflow", "uri": uri}
     try:
         client = MlflowClient(tracking_uri=tracking_uri, registry_uri=registry_uri)
