@@ -258,3 +258,20 @@ def test_snapshot_symlink_leaving_the_repo_folder_is_refused(
     with pytest.raises(UnsafeInputError, match="outside"):
         publish_model(publisher, hf_repo.folder, ModelRef.parse("hf/jet-tagger:r1"))
     assert publisher.manifest().revision == 0
+
+
+def test_a_ref_naming_a_folder_outside_the_snapshots_is_refused(
+    hf_repo: HfRepo, tmp_path: Path
+) -> None:
+    """``refs/main`` holding ``../../../secret`` (a hub cache copied from elsewhere) made
+    ``model publish hf:ORG/NAME`` publish that folder, here a private key, as the model."""
+    secret = hf_repo.cache.parent / "secret"
+    secret.mkdir()
+    (secret / "id_rsa").write_text("private")
+    (hf_repo.folder / "refs" / "main").write_text("../../../secret")
+    publisher = create_repository(tmp_path / "srv", "hf.test")
+    with pytest.raises(UnsafeInputError, match="refs/main"):
+        lookup_cached("cern/jet-tagger", cache_dir=hf_repo.cache)
+    with pytest.raises(UnsafeInputError, match="refs/main"):
+        publish_model(publisher, hf_repo.folder, ModelRef.parse("hf/jet-tagger:r1"))
+    assert publisher.manifest().revision == 0

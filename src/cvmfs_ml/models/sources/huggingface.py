@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cvmfs_ml.errors import NotFoundError
+from cvmfs_ml.errors import NotFoundError, UnsafeInputError
 from cvmfs_ml.models.sources.local import detect_license, read_model_card, text_head
 
 __all__ = [
@@ -132,6 +132,9 @@ def find_hf_snapshot(path: Path, revision: str | None = None) -> HfSnapshot | No
 def _commit_for(repo_folder: Path, revision: str) -> str:
     refs = _refs(repo_folder)
     commit = refs.get(revision, revision)
+    if revision in refs and (commit in ("", ".", "..") or "/" in commit or "\\" in commit):
+        # A hub cache from elsewhere: a ref must name a folder of snapshots/, not lead out of it.
+        raise UnsafeInputError(f"{repo_folder}/refs/{revision}", f"names {commit!r}, not a commit")
     if (repo_folder / "snapshots" / commit).is_dir() and (
         revision in refs or _COMMIT_RE.fullmatch(commit)
     ):
