@@ -275,3 +275,22 @@ def test_a_ref_naming_a_folder_outside_the_snapshots_is_refused(
     with pytest.raises(UnsafeInputError, match="refs/main"):
         publish_model(publisher, hf_repo.folder, ModelRef.parse("hf/jet-tagger:r1"))
     assert publisher.manifest().revision == 0
+
+
+def test_a_snapshot_that_is_a_link_out_of_the_cache_is_refused(
+    hf_repo: HfRepo, tmp_path: Path
+) -> None:
+    """``snapshots/<commit>`` itself a link to a folder elsewhere was published as the model:
+    only the links inside a snapshot were held to the ``models--*`` folder."""
+    secret = hf_repo.cache.parent / "secret"
+    secret.mkdir()
+    (secret / "id_rsa").write_text("private")
+    commit = "c" * 40
+    (hf_repo.folder / "snapshots" / commit).symlink_to(secret)
+    (hf_repo.folder / "refs" / "main").write_text(commit)
+    publisher = create_repository(tmp_path / "srv", "hf.test")
+    with pytest.raises(UnsafeInputError, match="outside"):
+        lookup_cached("cern/jet-tagger", cache_dir=hf_repo.cache)
+    with pytest.raises(UnsafeInputError, match="outside"):
+        publish_model(publisher, hf_repo.folder / "snapshots" / commit, ModelRef.parse("a/b:1"))
+    assert publisher.manifest().revision == 0

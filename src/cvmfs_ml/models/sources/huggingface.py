@@ -118,9 +118,13 @@ def find_hf_snapshot(path: Path, revision: str | None = None) -> HfSnapshot | No
             return None
         repo_folder = path
         commit = _commit_for(repo_folder, revision or "main")
+    snapshot = repo_folder / "snapshots" / commit
+    if Path(os.path.realpath(repo_folder)) not in Path(os.path.realpath(snapshot)).parents:
+        # like the links inside it, the snapshot folder may not lead out of models--*
+        raise UnsafeInputError(str(snapshot), f"it leads outside {repo_folder}")
     refs = sorted(name for name, value in _refs(repo_folder).items() if value == commit)
     return HfSnapshot(
-        snapshot=repo_folder / "snapshots" / commit,
+        snapshot=snapshot,
         repo_folder=repo_folder,
         repo_type=parsed[0],
         repo_id=parsed[1],
