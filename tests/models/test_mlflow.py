@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 
 from cvmfs_ml.client.repository import Repository
 from cvmfs_ml.cvmfs.objects import Compression
-from cvmfs_ml.errors import FormatError, NotFoundError
+from cvmfs_ml.errors import FormatError, NotFoundError, UnsafeInputError
 from cvmfs_ml.models.layout import ModelRef
 from cvmfs_ml.models.sources.mlflow import (
     _safe_uri,
@@ -236,6 +236,24 @@ def test_a_tracking_server_that_is_down_fails_within_a_bound(publisher: Publishe
 
 
 # -- no MLflow needed ----------------------------------------------------------------------------
+def test_an_mlmodel_error_never_shows_a_file_of_the_machine(tmp_path: Path) -> None:
+    """An MLflow folder whose ``MLmodel`` was a link to a local file (a private key) was read,
+    and PyYAML's error, quoting the offending lines, put the key on stderr (a CI log)."""
+    key = tmp_path / "id_rsa"
+    key.write_text("-----BEGIN KEY-----\nSECRETSECRET: [x\n")
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "MLmodel").symlink_to(key)
+    with pytest.raises(UnsafeInputError, match="outside") as refused:
+        read_mlmodel(folder)
+    assert "SECRET" not in str(refused.value)
+    (folder / "MLmodel").unlink()
+    shutil.copy(key, folder / "MLmodel")  # a broken MLmodel of its own: where, not what
+    with pytest.raises(FormatError, match=r"not YAML: .*line 2, column 1") as broken:
+        read_mlmodel(folder)
+    assert "SECRET" not in str(broken.value) and "BEGIN" not in str(broken.value)
+
+
 def test_parse_models_uri() -> None:
     assert parse_models_uri("models:/tiny/3") == ("tiny", "3", None)
     assert parse_models_uri("models:/my-model@champion") == ("my-model", None, "champion")

@@ -29,7 +29,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from cvmfs_ml.cvmfs import jsontext
-from cvmfs_ml.errors import ConfigError, FormatError, NotFoundError
+from cvmfs_ml.errors import ConfigError, FormatError, NotFoundError, UnsafeInputError
 from cvmfs_ml.models.layout import ModelRef
 from cvmfs_ml.models.sources.base import (
     IngestResult,
@@ -116,6 +116,9 @@ def read_mlmodel(folder: Path) -> dict[str, Any]:
     path = Path(folder) / MLMODEL
     if not path.is_file():
         raise NotFoundError(str(path), "not an MLflow model folder")
+    if Path(os.path.realpath(folder)) not in Path(os.path.realpath(path)).parents:
+        # a link to a file of this machine (a key): never read, and never quoted in an error
+        raise UnsafeInputError(str(path), "a link that leads outside the model folder")
     try:
         import yaml
     except ImportError as exc:  # pragma: no cover - PyYAML comes with mlflow-skinny
@@ -133,6 +136,10 @@ def read_mlmodel(folder: Path) -> dict[str, Any]:
         if values > MAX_MLMODEL_VALUES:
             raise FormatError(str(path), f"its YAML aliases stand for {values} values or more")
         data = yaml.safe_load(text)
+    except yaml.MarkedYAMLError as exc:  # where, not the lines PyYAML quotes
+        mark = exc.problem_mark
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        raise FormatError(str(path), f"not YAML: {exc.problem or exc.context}{where}") from None
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise FormatError(str(path), f"not YAML: {exc}") from exc
     except ValueError as exc:  # a value PyYAML cannot build: a 5000-digit int, a 13th month
