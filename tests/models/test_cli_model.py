@@ -10,6 +10,7 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
+from cvmfs_ml.cli.ingest import model_ingest
 from cvmfs_ml.cli.model import model_app
 from cvmfs_ml.cvmfs.objects import Compression
 from cvmfs_ml.publish.repository import create_repository
@@ -163,3 +164,8 @@ def test_writing_commands_given_a_url_say_to_use_the_folder(repo: Path, src: Pat
                      ("reindex", url)):  # fmt: skip
             line = cli(*args, code=1)
             assert f"{url} is a URL" in line and "repository folder" in line, line
+        (src / "MLmodel").write_text("flavors: {}\n")  # model ingest of an MLflow folder
+        ingest = typer.Typer()
+        ingest.command()(model_ingest)
+        result = runner.invoke(ingest, [str(src), "--repo", url, "--as", "hep/pt:1"])
+        assert result.exit_code == 1 and f"{url} is a URL" in result.stderr, result.stderr

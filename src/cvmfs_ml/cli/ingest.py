@@ -55,7 +55,7 @@ def model_ingest(
             " models:/NAME@ALIAS, runs:/RUN/PATH, or an MLflow model folder"
         ),
     ],
-    repo: Annotated[Path, typer.Option("--repo", help="repository folder (holds .cvmfspublished)")],
+    repo: Annotated[str, typer.Option("--repo", help="repository folder (holds .cvmfspublished)")],
     as_ref: Annotated[str, typer.Option("--as", help="NAMESPACE/NAME:VERSION")],
     keys: Annotated[
         Path | None, typer.Option("--keys", help="keys folder (default: ROOT/../keys)")
@@ -108,8 +108,8 @@ def model_ingest(
     as_json: JsonOption = False,
 ) -> None:
     """Publish a model from an OCI registry or MLflow (same source again: nothing to do)."""
+    from cvmfs_ml.cli.model import open_publisher
     from cvmfs_ml.models.layout import ALIAS_LATEST, ModelRef
-    from cvmfs_ml.publish.repository import Publisher
 
     try:
         ref = ModelRef.parse(as_ref, require_version=True)
@@ -122,7 +122,7 @@ def model_ingest(
             "model folder (plain folders: cvmfs-ml model publish)"
         )
     aliases = ([] if no_latest else [ALIAS_LATEST]) + list(alias or [])
-    publisher = Publisher.open(repo, keys)
+    publisher = open_publisher(repo, keys)
     common: dict[str, Any] = {
         "description": description,
         "license": license_,

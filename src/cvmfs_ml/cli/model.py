@@ -46,7 +46,7 @@ def _ref(text: str, *, require_version: bool = False) -> Any:
         raise _fail(str(exc)) from exc
 
 
-def _publisher(repo: str, keys: Path | None, s3_config: Path | None) -> Any:
+def open_publisher(repo: str, keys: Path | None, s3_config: Path | None = None) -> Any:
     """The writing commands' repository: its folder (or S3 bucket) with the keys, never a URL."""
     from cvmfs_ml.publish.repository import Publisher
 
@@ -140,7 +140,7 @@ def model_publish(
     ref = _ref(as_ref, require_version=True)
     path = _resolve_source(src, revision)
     aliases = ([] if no_latest else [ALIAS_LATEST]) + list(alias or [])
-    publisher = _publisher(repo, keys, s3_config)
+    publisher = open_publisher(repo, keys, s3_config)
     before = publisher.manifest().revision
     from cvmfs_ml.cli.progress import publish_progress
 
@@ -274,7 +274,7 @@ def model_rm(
     from cvmfs_ml.models.publish import remove_model
 
     parsed = _ref(ref, require_version=True)
-    publisher = _publisher(repo, keys, s3_config)
+    publisher = open_publisher(repo, keys, s3_config)
     remove_model(publisher, parsed)
     typer.echo(
         f"revision {publisher.manifest().revision}: removed {parsed} "
@@ -299,7 +299,7 @@ def model_alias(
     parsed = _ref(model)
     if parsed.version is not None:
         raise _fail(f"give the model as NAMESPACE/NAME and the version separately, not {model}")
-    publisher = _publisher(repo, keys, s3_config)
+    publisher = open_publisher(repo, keys, s3_config)
     try:
         if remove:
             remove_alias(publisher, parsed, alias)
@@ -347,9 +347,9 @@ def model_reindex(
     """Rewrite /.cvmfs-ml/index.json from the tree (after hand edits with `repo rm`)."""
     from cvmfs_ml.models.publish import reindex
 
-    index = reindex(_publisher(repo, keys, s3_config))
+    index = reindex(open_publisher(repo, keys, s3_config))
     versions = sum(len(m.versions) for m in index.models.values())
     typer.echo(f"index rebuilt: {len(index.models)} models, {versions} versions")
 
 
-__all__ = ["model_app"]
+__all__ = ["model_app", "open_publisher"]
