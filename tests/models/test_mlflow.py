@@ -254,6 +254,25 @@ def test_an_mlmodel_error_never_shows_a_file_of_the_machine(tmp_path: Path) -> N
     assert "SECRET" not in str(broken.value) and "BEGIN" not in str(broken.value)
 
 
+def test_ingest_prints_what_the_mlmodel_says_as_text(publisher: Publisher, tmp_path: Path) -> None:
+    """The ``model_uuid`` of an MLmodel (whoever logged it) was printed raw: an escape sequence
+    drove the publisher's terminal and a newline split the one-line report."""
+    import typer
+
+    from cvmfs_ml.cli.ingest import model_ingest
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "MLmodel").write_text('flavors: {}\nmodel_uuid: "abc\\e]0;owned\\a\\nline two"\n')
+    app = typer.Typer()
+    app.command()(model_ingest)
+    out = CliRunner().invoke(app, [str(folder), "--repo", str(publisher.repo_dir), "--as", "a/b:1"],
+                             color=True)  # as on a terminal: nothing stripped  # fmt: skip
+    assert out.exit_code == 0, out.output
+    assert len(out.stdout.splitlines()) == 1 and "\x1b" not in out.stdout, repr(out.stdout)
+    assert "abc\\x1b]0;owned" in out.stdout, repr(out.stdout)
+
+
 def test_parse_models_uri() -> None:
     assert parse_models_uri("models:/tiny/3") == ("tiny", "3", None)
     assert parse_models_uri("models:/my-model@champion") == ("my-model", None, "champion")

@@ -20,7 +20,14 @@ from typing import Annotated, Any
 
 import typer
 
-from cvmfs_ml.cli.common import MAX_BYTES_HELP, MAX_UNPACKED_HELP, JsonOption, _fail, friendly
+from cvmfs_ml.cli.common import (
+    MAX_BYTES_HELP,
+    MAX_UNPACKED_HELP,
+    JsonOption,
+    _fail,
+    friendly,
+    visible,
+)
 from cvmfs_ml.models.sources.limits import MAX_BYTES
 
 __all__ = ["model_ingest", "source_kind"]
@@ -152,11 +159,11 @@ def model_ingest(
         typer.echo(json.dumps({**result.to_json(), "revision": revision}))
         return
     identity = result.source.get("manifest_digest") or result.source.get("model_uuid") or ""
-    if result.skipped:
-        typer.echo(f"{ref} already holds {uri} ({identity}); nothing to do")
+    if result.skipped:  # the identity is the source's (an MLmodel's model_uuid): visible()
+        typer.echo(visible(f"{ref} already holds {uri} ({identity}); nothing to do"))
         return
     record = result.record
-    typer.echo(
+    typer.echo(visible(
         f"revision {revision}: ingested {uri} ({identity}) as {ref} at {record.path} "
         f"({record.file_count} files, {_size(record.size)}, format {record.format or 'unknown'})"
-    )
+    ))  # fmt: skip
