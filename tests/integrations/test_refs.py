@@ -211,3 +211,26 @@ def test_a_reference_naming_another_repository_than_repo_is_refused(
     same = cli(site, "model", "get", f"cvmfs://{FQRN}/hep/mlp:prod", dest, "--repo", url,
                "--key", key)  # fmt: skip
     assert "version 1.0" in same.stdout
+
+
+def test_names_from_the_repository_are_printed_as_text(site: Site, tmp_path: Path) -> None:
+    """``model get`` and ``kserve-init`` printed the version an alias named raw: a folder name
+    with an escape sequence (anyone can publish one) drove the terminal, a newline split the
+    report line."""
+    name = "v\x1b]0;owned\x07\nx"
+    with site.publisher.transaction() as txn:
+        txn.mkdir(f"/hep/mlp/{name}")
+        txn.add_bytes(f"/hep/mlp/{name}/a.txt", b"hi\n")
+        txn.symlink("/hep/mlp/evil", name)
+        txn.commit()
+    got = cli(site, "model", "get", f"cvmfs://{FQRN}/hep/mlp:evil", tmp_path / "got")
+    init = subprocess.run(
+        [sys.executable, "-m", "cvmfs_ml.cli", "kserve-init", f"cvmfs://{FQRN}/hep/mlp:evil",
+         str(tmp_path / "init")], env=site.env, capture_output=True, text=True, timeout=120,
+        check=False,
+    )  # fmt: skip
+    assert init.returncode == 0, init.stderr
+    for out in (got.stdout, init.stderr):
+        assert len(out.strip().splitlines()) == 1 and "\x1b" not in out and "\x07" not in out, out
+        assert "v\\x1b]0;owned" in out, out
+    assert (tmp_path / "got" / "a.txt").read_text() == "hi\n"

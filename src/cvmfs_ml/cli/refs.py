@@ -16,7 +16,7 @@ from typing import Annotated, Any
 
 import typer
 
-from cvmfs_ml.cli.common import KeyOption, _fail, friendly, one_line, warn
+from cvmfs_ml.cli.common import KeyOption, _fail, friendly, one_line, visible, warn
 
 RepoOption = Annotated[
     str | None,
@@ -77,7 +77,7 @@ def model_get(
     found = _locate(ref, dest, repo, key, config, cache, copy)
     how = "linked from the mount" if found.mounted else "copied and verified"
     version = f", version {found.version}" if found.version else ""
-    typer.echo(f"{ref} -> {found.path} ({how}{version})")
+    typer.echo(visible(f"{ref} -> {found.path} ({how}{version})"))  # names from the repository
 
 
 def model_path(
