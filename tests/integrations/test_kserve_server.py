@@ -129,7 +129,7 @@ def test_a_cvmfs_reference_on_a_mount_stays_in_the_repository(
     """An alias leading out of the repository (``evil -> /``) was followed on the mount with
     ``realpath``: the server walked the node's own disk for ``*.onnx`` and served what it found
     there. ``kserve-init`` and ``model path`` refuse such a link; so does the server now."""
-    from cvmfs_ml.errors import UnsafeInputError
+    from cvmfs_ml.errors import FormatError, UnsafeInputError
     from cvmfs_ml.integrations.kserve_server import source_for
 
     outside = tmp_path / "outside"
@@ -137,12 +137,15 @@ def test_a_cvmfs_reference_on_a_mount_stays_in_the_repository(
     os.symlink(site.originals["2.0"] / "model.onnx", outside / "model.onnx")
     with site.publisher.transaction() as txn:
         txn.symlink("/hep/mlp/evil", str(outside))
+        txn.symlink("/hep/mlp/up", "..")  # the namespace: every model in it
         txn.commit()
     mount_site()
     monkeypatch.setenv("CVMFS_MOUNT_DIR", str(site.mounts))
     assert source_for(f"cvmfs://{FQRN}/hep/mlp:prod")() == site.mounts / FQRN / "hep/mlp/1.0"
     with pytest.raises(UnsafeInputError, match="outside the repository"):
         source_for(f"cvmfs://{FQRN}/hep/mlp:evil")()
+    with pytest.raises(FormatError, match="not a version"):
+        source_for(f"cvmfs://{FQRN}/hep/mlp:up")()
 
 
 @pytest.mark.parametrize(

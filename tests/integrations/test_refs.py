@@ -234,3 +234,27 @@ def test_names_from_the_repository_are_printed_as_text(site: Site, tmp_path: Pat
         assert len(out.strip().splitlines()) == 1 and "\x1b" not in out and "\x07" not in out, out
         assert "v\\x1b]0;owned" in out, out
     assert (tmp_path / "got" / "a.txt").read_text() == "hi\n"
+
+
+def test_an_alias_that_is_not_a_sibling_version_is_refused(
+    site: Site, mount_site: Callable[[], object], tmp_path: Path
+) -> None:
+    """An alias ``up -> ..`` made ``model path``/``kserve-init`` take the namespace folder for the
+    version and copy every model in it (``self -> .``: every version of the model); an alias
+    names a version folder beside it, as ``model info`` already required."""
+    with site.publisher.transaction() as txn:
+        txn.symlink("/hep/mlp/up", "..")
+        txn.symlink("/hep/mlp/self", ".")
+        txn.commit()
+    for alias in ("up", "self"):
+        ref = f"cvmfs://{FQRN}/hep/mlp:{alias}"
+        failed = cli(site, "model", "path", ref, code=1)
+        assert "not a version" in failed.stderr, failed.stderr
+        cli(site, "kserve-init", ref, tmp_path / alias, code=1)
+        assert not (tmp_path / alias).exists()
+    assert not (site.config.parent / "cache" / "materialised").exists()
+    mount_site()
+    for alias in ("up", "self"):
+        failed = cli(site, "model", "get", f"cvmfs://{FQRN}/hep/mlp:{alias}", tmp_path / "m",
+                     code=1)  # fmt: skip
+        assert "not a version" in failed.stderr and not (tmp_path / "m").exists()

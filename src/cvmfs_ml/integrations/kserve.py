@@ -45,6 +45,7 @@ from typing import Any
 from cvmfs_ml.errors import ConfigError, NotFoundError
 from cvmfs_ml.models.refs import (
     CvmfsUri,
+    check_version,
     link_tree,
     materialise,
     mount_roots,
@@ -149,6 +150,7 @@ def initialise(
             mount = mounted_root(fqrn, mount_roots(env, config.params)) if use_mount else None
             if mount is not None:
                 plan.mount, plan.found = mount, resolve_in_mount(mount, plan.uri.path)
+                check_version(plan.uri, str(plan.found.relative_to(os.path.realpath(mount))))
                 continue
             if fqrn not in opened:
                 opened[fqrn] = open_target(fqrn, config_files=config_files, env=env)
@@ -156,6 +158,7 @@ def initialise(
             entry = plan.repository.resolve(plan.uri.path)
             if plan.uri.model is not None and not entry.is_dir:
                 raise NotFoundError(f"model version {plan.uri}", fqrn)
+            check_version(plan.uri, entry.path)
             plan.path = entry.path
         done: list[Initialised] = []
         existed = {plan.dest: plan.dest.is_dir() for plan in plans}

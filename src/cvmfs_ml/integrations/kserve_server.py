@@ -52,6 +52,7 @@ def source_for(location: str) -> Callable[[], Path]:
     """A function giving the folder ``location`` names *now* (aliases resolved at each call)."""
     if location.startswith("cvmfs://"):
         from cvmfs_ml.models.refs import (
+            check_version,
             locate,
             mount_roots,
             mounted_root,
@@ -61,9 +62,15 @@ def source_for(location: str) -> Callable[[], Path]:
 
         uri = parse_uri(location)
         mount = mounted_root(uri.fqrn or "", mount_roots())
-        if mount is not None:  # an alias that leads out of the repository is refused
-            return lambda: resolve_in_mount(mount, uri.path)
-        return lambda: locate(uri).path
+        if mount is None:
+            return lambda: locate(uri).path
+
+        def in_mount() -> Path:  # an alias out of the repository, or to '..', is refused
+            found = resolve_in_mount(mount, uri.path)
+            check_version(uri, str(found.relative_to(os.path.realpath(mount))))
+            return found
+
+        return in_mount
     path = Path(location)
     return lambda: Path(os.path.realpath(path))
 

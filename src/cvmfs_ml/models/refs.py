@@ -44,6 +44,7 @@ from cvmfs_ml.cvmfs.catalog import MARKER
 from cvmfs_ml.errors import (
     ConfigError,
     CvmfsMlError,
+    FormatError,
     NotFoundError,
     UnsafeInputError,
     is_disk_full,
@@ -54,6 +55,7 @@ from cvmfs_ml.models.tree import missing_version
 __all__ = [
     "CvmfsUri",
     "Resolved",
+    "check_version",
     "link_tree",
     "locate",
     "materialise",
@@ -201,6 +203,15 @@ def resolve_in_mount(mount: Path, path: str) -> Path:
     if not found.exists():
         raise NotFoundError(path or "/", str(mount))
     return found
+
+
+def check_version(uri: CvmfsUri, path: str) -> None:
+    """A model reference must lead to a folder beside its alias (``prod -> 1.0``): an alias
+    ``..`` or ``.`` would hand over the namespace or the model, every version in it."""
+    if uri.model is None:
+        return
+    if posixpath.dirname("/" + path.strip("/")) != "/" + uri.model.model_path.strip("/"):
+        raise FormatError(str(uri), f"leads to /{path.strip('/')}, not a version of the model")
 
 
 def resolve_path(repo: Any, path: str) -> Any:
@@ -502,6 +513,7 @@ def locate(
                     raise
                 raise _missing(uri, lambda path: os.listdir(mount / path.lstrip("/")),
                                str(mount)) from None  # fmt: skip
+            check_version(uri, str(found.relative_to(os.path.realpath(mount))))
             version = found.name if uri.model is not None else None
             if dest is not None:
                 link_tree(found, Path(dest))
@@ -526,6 +538,7 @@ def locate(
                            repository.fqrn) from None  # fmt: skip
         if uri.model is not None and not entry.is_dir:
             raise NotFoundError(f"model version {uri}", repository.fqrn)
+        check_version(uri, entry.path)
         version = posixpath.basename(entry.path) if uri.model is not None else None
         if dest is None:
             dest = base / repository.fqrn / entry.path.lstrip("/")
