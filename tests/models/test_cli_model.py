@@ -169,3 +169,19 @@ def test_writing_commands_given_a_url_say_to_use_the_folder(repo: Path, src: Pat
         ingest.command()(model_ingest)
         result = runner.invoke(ingest, [str(src), "--repo", url, "--as", "hep/pt:1"])
         assert result.exit_code == 1 and f"{url} is a URL" in result.stderr, result.stderr
+
+
+def test_check_prints_names_from_the_repository_as_text(repo: Path, src: Path) -> None:
+    """``model check`` printed each problem raw: an alias whose target holds an escape sequence
+    and a newline (anyone's repository) drove the terminal and split the problem line."""
+    from cvmfs_ml.publish.repository import Publisher
+
+    cli("publish", src, "--repo", repo, "--as", "hep/pt:1")
+    with Publisher.open(repo).transaction() as txn:
+        txn.symlink("/hep/pt/evil", "v\x1b]0;owned\x07\nx")
+        txn.commit()
+    result = runner.invoke(app, ["model", "check", str(repo)], color=True)
+    assert result.exit_code == 1
+    problems = [line for line in result.stderr.splitlines() if line.startswith("problem:")]
+    assert len(result.stderr.splitlines()) == len(problems) == 1, result.stderr
+    assert "\x1b" not in result.stderr and "v\\x1b]0;owned" in problems[0], result.stderr

@@ -330,8 +330,8 @@ def model_check(
     if as_json:
         typer.echo(json.dumps({"ok": not problems, "problems": problems}))
     else:
-        for problem in problems:
-            typer.echo(f"problem: {problem}", err=True)
+        for problem in problems:  # names from the repository: anyone's
+            typer.echo(visible(f"problem: {problem}"), err=True)
         typer.echo("ok: index matches the tree" if not problems else "FAILED")
     if problems:
         raise typer.Exit(1)
