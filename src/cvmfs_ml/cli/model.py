@@ -23,6 +23,7 @@ from cvmfs_ml.cli.common import (
     _fail,
     friendly,
     json_text,
+    one_line,
     open_repository,
     use_blacklist,
     visible,
@@ -331,7 +332,7 @@ def model_check(
         typer.echo(json.dumps({"ok": not problems, "problems": problems}))
     else:
         for problem in problems:  # names from the repository: anyone's
-            typer.echo(visible(f"problem: {problem}"), err=True)
+            typer.echo(one_line(f"problem: {problem}"), err=True)
         typer.echo("ok: index matches the tree" if not problems else "FAILED")
     if problems:
         raise typer.Exit(1)

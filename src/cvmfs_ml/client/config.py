@@ -33,6 +33,7 @@ __all__ = [
     "DIRECT",
     "ClientConfig",
     "ExternalConfig",
+    "default_cache_base",
     "external_config",
     "folder_fqrn",
     "load_blacklist",
@@ -369,7 +370,9 @@ def _public_keys(params: Mapping[str, str], etc_dir: Path | None) -> list[Path]:
     return []
 
 
-def _default_cache_base(env: Mapping[str, str]) -> Path:
+def default_cache_base(env: Mapping[str, str]) -> Path:
+    """This user's cache folder when no configuration names one (``$XDG_CACHE_HOME`` or
+    ``~/.cache``, then ``cvmfs-ml``): never a folder other users write to."""
     xdg = env.get("XDG_CACHE_HOME", "").strip()
     base = Path(xdg) if xdg else Path(env.get("HOME") or Path.home()) / ".cache"
     return base / "cvmfs-ml"
@@ -468,7 +471,7 @@ def _build(
     sources: list[Path],
 ) -> ClientConfig:
     base_text = params.get("CVMFS_CACHE_BASE", "").strip()
-    cache_base = Path(base_text).expanduser() if base_text else _default_cache_base(env)
+    cache_base = Path(base_text).expanduser() if base_text else default_cache_base(env)
     shared = _boolean(params, "CVMFS_SHARED_CACHE", True)
     dir_text = params.get("CVMFS_CACHE_DIR", "").strip()
     if dir_text:

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from cvmfs_ml.client.cache_file import preallocate
-from cvmfs_ml.client.config import _default_cache_base as default_cache_base
+from cvmfs_ml.client.config import default_cache_base
 from cvmfs_ml.client.entries import resolve_path as follow_links
 from cvmfs_ml.client.locate import open_target, target_fqrn
 from cvmfs_ml.cvmfs.catalog import MARKER
