@@ -21,6 +21,7 @@ from fsspec.tests.abstract import AbstractFixtures
 from fsspec.tests.abstract.get import AbstractGetTests
 
 from cvmfs_ml.client.fsspec import CvmfsFileSystem
+from cvmfs_ml.cvmfs.manifest import FqrnMismatchError
 from cvmfs_ml.errors import ConfigError
 from cvmfs_ml.publish.repository import create_repository
 from cvmfs_ml.publish.settings import PublishSettings
@@ -323,3 +324,19 @@ def test_a_tree_deeper_than_the_recursion_limit_is_walked(tmp_path: Path) -> Non
     assert fs.du("deep.test") == len(b"at the bottom\n")
     assert len(list(fs.walk("deep.test", topdown=False))) == depth + 1
     fs.close()
+
+
+def test_the_fqrn_given_is_the_one_verified(reference_repo: Path, tmp_path: Path) -> None:
+    """``fqrn`` names the repository the manifest must belong to, whatever the location's
+    name: a folder of another repository's signed files is refused under the name given (it
+    was served as that repository), and a mirror folder named otherwise is read as ``fqrn``."""
+    options = {"public_key": str(reference_repo / "keys" / f"{REF}.pub"),
+               "cache": str(tmp_path / "cache"), "skip_instance_cache": True}  # fmt: skip
+    other = CvmfsFileSystem(server_url=str(reference_repo / "cvmfs" / REF), fqrn="other.org",
+                            **options)  # fmt: skip
+    with pytest.raises(FqrnMismatchError, match=r"other\.org"):
+        other.cat("other.org/hello.txt")
+    mirror = tmp_path / "mirror"
+    mirror.symlink_to(reference_repo / "cvmfs" / REF)
+    fs = CvmfsFileSystem(server_url=str(mirror), fqrn=REF, **options)
+    assert fs.cat(f"{REF}/hello.txt").startswith(b"Hello from the CernVM-FS")

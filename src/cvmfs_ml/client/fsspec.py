@@ -211,6 +211,7 @@ class CvmfsFileSystem(AbstractFileSystem):
             try:
                 repo = open_target(
                     self.url if own and self.url else name,
+                    fqrn=name,  # verified against the manifest, whatever the location's name
                     public_key=self.public_key if own else None,
                     cache=self.cache,
                     proxy=self.proxy if own else None,

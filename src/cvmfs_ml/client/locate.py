@@ -85,6 +85,7 @@ def _upstream_reading(
 def open_target(
     target: str,
     *,
+    fqrn: str | None = None,
     public_key: str | os.PathLike[str] | None = None,
     cache: ObjectCache | str | os.PathLike[str] | None = None,
     proxy: str | None = None,
@@ -99,9 +100,11 @@ def open_target(
     For a URL or folder the configuration (if it names keys or a cache for that FQRN) only
     fills in what is not given; a local folder falls back to the keys ``repo create`` wrote.
     ``use_config_cache=False`` keeps a private temporary cache when ``cache`` is not given.
+    ``fqrn`` is the repository the manifest must belong to where the caller names it (a
+    mirror's URL or folder need not end in it); else the target implies it (:func:`target_fqrn`).
     ``options`` go to :class:`Repository` (``tag``, ``tracer``, ``prefetch_workers``...).
     """
-    fqrn = target_fqrn(target)
+    fqrn = fqrn or target_fqrn(target)
     local = not is_url(target) and (Path(target) / ".cvmfspublished").is_file()
     try:
         config: ClientConfig | None = load_config(fqrn, list(config_files), env)
