@@ -8,12 +8,14 @@ import io
 import json
 import os
 import signal
+import socket
 import sys
 import tarfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import urllib3
 
@@ -140,3 +142,15 @@ def make_tarball(files: dict[str, bytes], *, top: str = "", gz: bool = True) -> 
 
 def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def start_body(location: str, headers: dict[str, str], length: int) -> socket.socket:
+    """A PATCH to ``location`` whose ``length`` body bytes the caller sends (``sendall``) when
+    it likes: a client in the middle of its body. Read the reply with ``makefile``."""
+    url = urlsplit(location)
+    conn = socket.create_connection((url.hostname, url.port), timeout=60)
+    lines = [f"PATCH {url.path} HTTP/1.1", f"Host: {url.netloc}",
+             "Content-Type: application/octet-stream", f"Content-Length: {length}",
+             *(f"{key}: {value}" for key, value in headers.items())]  # fmt: skip
+    conn.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
+    return conn

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import sqlite3
 import time
 from pathlib import Path
@@ -17,7 +18,7 @@ import pytest
 from cvmfs_ml.registry.oci_api import ModelPublisher
 from cvmfs_ml.registry.oci_store import OciStore
 
-from ._helpers import HTTP, RegistryEnv, RegistryServer, get, wait_until
+from ._helpers import HTTP, RegistryEnv, RegistryServer, get, start_body, wait_until
 
 MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 INDEX = "application/vnd.oci.image.index.v1+json"
@@ -188,3 +189,35 @@ def test_sigterm_does_not_wait_for_queued_publishes(
     assert (names[-1], f"v{limit - 1}", "failed", ModelPublisher.STOPPED) in rows
     assert states.count("failed") == len(cancelled), rows  # no publish failed otherwise
     assert "queued publish(es) of pushed tags cancelled" in registry.logs()
+
+
+def test_a_second_request_on_an_upload_being_written_is_refused(
+    registry_env: RegistryEnv, registry: RegistryServer
+) -> None:
+    """Two PATCHes on one session at once both wrote from the offset each found, into one
+    running hash: the file kept one's bytes, the hash saw both, and a PUT with that hash
+    stored a blob under a digest its bytes do not have. The second now answers 416."""
+    from cvmfs_ml.registry.oci_api import RECEIVE_BLOCK
+
+    pusher = Pusher(registry, registry_env.tokens["writer"], "grp/race")
+    first, rest, other = os.urandom(RECEIVE_BLOCK + 4096), os.urandom(2**20), os.urandom(2**19)
+    start = HTTP.request("POST", f"{pusher.base}/blobs/uploads/", headers=pusher.auth)
+    location = registry.url + start.headers["Location"]
+    with start_body(location, pusher.auth, len(first) + len(rest)) as conn:
+        conn.sendall(first)
+        # its first block is on disk: the request is writing the session
+        wait_until(lambda: HTTP.request("GET", location, headers=pusher.auth).headers["Range"]
+                   == f"0-{RECEIVE_BLOCK - 1}", 60, registry.logs)  # fmt: skip
+        meanwhile = HTTP.request("PATCH", location, body=other, headers=pusher.auth)
+        assert meanwhile.status == 416, meanwhile.data
+        conn.sendall(rest)
+        reply = conn.makefile("rb").readline()
+        assert reply.split()[1] == b"202", reply
+    blob = first + rest
+    status = HTTP.request("GET", location, headers=pusher.auth)
+    assert status.headers["Range"] == f"0-{len(blob) - 1}"
+    done = HTTP.request("PUT", f"{location}?digest={_digest(blob)}", headers=pusher.auth)
+    assert done.status == 201, done.data
+    stored = HTTP.request("GET", f"{pusher.base}/blobs/{_digest(blob)}", headers=pusher.auth)
+    assert stored.data == blob
+    assert "Traceback" not in registry.logs()

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from cvmfs_ml.cli import app
 
-from ._helpers import FQRNS, HTTP, RegistryEnv, RegistryServer, get, wait_until
+from ._helpers import FQRNS, HTTP, RegistryEnv, RegistryServer, get, start_body, wait_until
 
 
 def _oras(server: RegistryServer, user: str | None = None, token: str | None = None) -> Any:
@@ -288,9 +288,6 @@ def test_a_patch_cut_off_mid_body_keeps_what_arrived(
     """The server gathers an upload's body in blocks (``RECEIVE_BLOCK``) before writing it; a
     client that goes away mid-body still finds every byte that arrived in the session, and
     resumes from there, as when each piece was written as it came."""
-    import socket
-    from urllib.parse import urlsplit
-
     from cvmfs_ml.registry.oci_api import RECEIVE_BLOCK
 
     base, auth = registry.url, _auth(registry_env.tokens["writer"])
@@ -299,13 +296,9 @@ def test_a_patch_cut_off_mid_body_keeps_what_arrived(
     sent = RECEIVE_BLOCK + RECEIVE_BLOCK // 4  # one full block and part of the next
     start = HTTP.request("POST", f"{base}/v2/{name}/blobs/uploads/", headers=auth)
     location = base + start.headers["Location"]
-    url = urlsplit(location)
-    with socket.create_connection((url.hostname, url.port), timeout=30) as conn:
-        head = (f"PATCH {url.path} HTTP/1.1\r\nHost: {url.netloc}\r\n"
-                f"Authorization: {auth['Authorization']}\r\n"
-                f"Content-Type: application/octet-stream\r\nContent-Length: {len(blob)}\r\n"
-                f"Content-Range: 0-{len(blob) - 1}\r\n\r\n")  # fmt: skip
-        conn.sendall(head.encode() + blob[:sent])
+    headers = {**auth, "Content-Range": f"0-{len(blob) - 1}"}
+    with start_body(location, headers, len(blob)) as conn:
+        conn.sendall(blob[:sent])
     # the server sees the disconnect after the bytes that came before it
     wait_until(lambda: HTTP.request("GET", location, headers=auth).headers.get("Range")
                == f"0-{sent - 1}", 60, "the session to hold what was sent")  # fmt: skip

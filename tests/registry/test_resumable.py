@@ -5,8 +5,29 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from typing import Any
 
-from ._helpers import FQRNS, HTTP, RegistryEnv, get, job_json, make_tarball, wait_until
+from ._helpers import (
+    FQRNS,
+    HTTP,
+    RegistryEnv,
+    RegistryServer,
+    get,
+    job_json,
+    make_tarball,
+    start_body,
+    wait_until,
+)  # fmt: skip
+
+
+def _publish(server: RegistryServer, location: str, auth: dict[str, str]) -> dict[str, Any]:
+    """PUT the session: its job, once published."""
+    queued = HTTP.request("PUT", location, headers=auth)
+    assert queued.status == 202, queued.data
+    job = json.loads(queued.data)
+    return wait_until(  # type: ignore[no-any-return]
+        lambda: (d := job_json(server, job["id"]))["state"] == "published" and d, 120, server.logs
+    )
 
 
 def test_resumable_upload_survives_a_restart(registry_env: RegistryEnv) -> None:
@@ -37,12 +58,7 @@ def test_resumable_upload_survives_a_restart(registry_env: RegistryEnv) -> None:
     rest = HTTP.request("PATCH", location, body=body[half:],
                         headers={**auth, "Content-Range": f"{half}-{len(body) - 1}"})  # fmt: skip
     assert json.loads(rest.data)["offset"] == len(body)
-    queued = HTTP.request("PUT", location, headers=auth)
-    assert queued.status == 202, queued.data
-    job = json.loads(queued.data)
-    done = wait_until(
-        lambda: (d := job_json(server, job["id"]))["state"] == "published" and d, 120, server.logs
-    )
+    done = _publish(server, location, auth)
     assert registry_env.read(done["repository"], f"/sw/{cid}/big.bin") == payload
     assert HTTP.request("GET", location, headers=auth).status == 404  # the session is gone
     assert done["repository"] in FQRNS
@@ -63,3 +79,37 @@ def test_resumable_upload_with_the_wrong_bytes_is_refused(registry_env: Registry
     assert json.loads(get(server, f"/api/v1/cids/{cid}").data)["state"] == "missing"
     assert list((registry_env.data / "spool").glob("*")) == []
     assert [registry_env.revision(f) for f in FQRNS] == [0, 0]
+
+
+def test_a_piece_or_publish_while_a_piece_is_written_is_refused(
+    registry_env: RegistryEnv,
+) -> None:
+    """A second PATCH, or the PUT, while a piece is still arriving answers 416: both wrote
+    into the one session (and its running hash) at once, so what was published was not the
+    bytes the hash described."""
+    server = registry_env.start()
+    auth = {"Authorization": f"Bearer {registry_env.tokens['writer']}"}
+    payload = os.urandom(5 * 2**20)
+    body = make_tarball({"big.bin": payload}, gz=False)
+    cid = f"grp/sha256:{hashlib.sha256(body).hexdigest()}"
+    created = HTTP.request("POST", f"{server.url}/api/v1/uploads?cid={cid}", headers=auth)
+    location = server.url + json.loads(created.data)["location"]
+    cut = 4 * 2**20 + 4096
+
+    def offset() -> int:
+        return int(json.loads(HTTP.request("GET", location, headers=auth).data)["offset"])
+
+    with start_body(location, {**auth, "Content-Range": f"0-{len(body) - 1}"}, len(body)) as conn:
+        conn.sendall(body[:cut])
+        wait_until(lambda: offset() == 4 * 2**20, 60, server.logs)  # its first block is written
+        other = {**auth, "Content-Range": f"{4 * 2**20}-{len(body) - 1}"}
+        meanwhile = HTTP.request("PATCH", location, body=body[4 * 2**20 :], headers=other)
+        assert meanwhile.status == 416, meanwhile.data
+        early = HTTP.request("PUT", location, headers=auth)
+        assert early.status == 416 and "error" in json.loads(early.data), early.data
+        conn.sendall(body[cut:])
+        reply = conn.makefile("rb").readline()
+        assert reply.split()[1] == b"202", reply
+    assert offset() == len(body)
+    done = _publish(server, location, auth)
+    assert registry_env.read(done["repository"], f"/sw/{cid}/big.bin") == payload

@@ -103,6 +103,7 @@ class OciStore:
             folder.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         self._hashers: dict[str, Any] = {}
+        self._busy: set[str] = set()  # sessions a request is writing or finishing
         self._db = sqlite3.connect(self.root / "oci.sqlite", check_same_thread=False,
                                    isolation_level=None)  # fmt: skip
         lost = "the tags and manifests pushed are forgotten; their blobs stay"
@@ -186,6 +187,23 @@ class OciStore:
             raise OciError(404, "BLOB_UPLOAD_UNKNOWN", f"upload {upload_id} unknown")
         return path
 
+    @contextlib.contextmanager
+    def claimed(self, upload_id: str) -> Iterator[None]:
+        """One request at a time writes or finishes a session, else 416: two PATCHes at once
+        each wrote from the offset it found into one running hash, so the file kept one's
+        bytes while the hash saw both's, and a PUT with that hash stored a blob under a digest
+        its bytes do not have."""
+        with self._lock:
+            if upload_id in self._busy:
+                raise OciError(416, "BLOB_UPLOAD_INVALID", f"upload {upload_id} is receiving"
+                               " another request: ask its offset once that one ends")  # fmt: skip
+            self._busy.add(upload_id)
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._busy.discard(upload_id)
+
     def upload_size(self, upload_id: str) -> int:
         return self._session(upload_id).stat().st_size
 
@@ -212,6 +230,10 @@ class OciStore:
         rarely, if ever, and py-spy found a 1 GiB push's event loop busy in these writes and
         hashes for most of the push.
         """
+        with self.claimed(upload_id):
+            yield from self._appending(upload_id, limit)
+
+    def _appending(self, upload_id: str, limit: int) -> Iterator[Callable[[bytes], int]]:
         path = self._session(upload_id)
         hasher = self._hasher(upload_id, path)
         # Two blocks of the size the API hands over (RECEIVE_BLOCK): one filling while the
@@ -253,6 +275,10 @@ class OciStore:
         """Check the session against ``digest`` and make it the blob (or 400, session kept);
         ``repo`` then holds it."""
         check_digest(digest)
+        with self.claimed(upload_id):
+            return self._finish_upload(upload_id, digest, repo)
+
+    def _finish_upload(self, upload_id: str, digest: str, repo: str | None) -> Path:
         path = self._session(upload_id)
         actual = "sha256:" + self._hasher(upload_id, path).hexdigest()
         if actual != digest:

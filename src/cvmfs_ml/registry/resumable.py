@@ -99,8 +99,9 @@ def add_resumable_routes(app: FastAPI, service: RegistryService, store: OciStore
             with store.appending(upload_id, service.config.max_upload_bytes) as write:
                 async for chunk in body_chunks(request, service.config):
                     write(chunk)
-        except OciError as exc:
-            raise RejectedError(exc.status, exc.message, "oversized") from exc
+        except OciError as exc:  # 413, or 416: another request is writing the session
+            kind = "oversized" if exc.status == 413 else "upload"
+            raise RejectedError(exc.status, exc.message, kind) from exc
         return answer(upload_id)
 
     @app.delete("/api/v1/uploads/{upload_id}")
@@ -114,10 +115,14 @@ def add_resumable_routes(app: FastAPI, service: RegistryService, store: OciStore
     async def publish(request: Request, upload_id: str, striplevels: int = 0) -> Response:
         cid = session_cid(upload_id)
         who = owner(request, cid)
-        path, sha256 = store.session_sha256(upload_id)
         spooled = service.spool / f"{upload_id}.upload"
-        service.spool.mkdir(parents=True, exist_ok=True)  # made again if removed meanwhile
-        os.replace(path, spooled)
+        try:
+            with store.claimed(upload_id):  # not while a piece is still being written
+                path, sha256 = store.session_sha256(upload_id)
+                service.spool.mkdir(parents=True, exist_ok=True)  # made again if removed
+                os.replace(path, spooled)
+        except OciError as exc:
+            raise RejectedError(exc.status, exc.message, "upload") from exc
         store.cancel_upload(upload_id)
         (store.uploads / f"{upload_id}.cid").unlink(missing_ok=True)
         accepted = await run_in_threadpool(
