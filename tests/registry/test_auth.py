@@ -134,3 +134,31 @@ def test_token_cli_shows_the_token_once_and_stores_a_hash(tmp_path: Path) -> Non
     revoked = runner.invoke(app, ["registry", "token", "revoke", "ci", "--config", str(config)])
     assert revoked.exit_code == 0
     assert load_config(config).authenticate(token) is None
+
+
+def test_a_broken_edit_of_the_config_keeps_the_service_on_the_last_good_one(
+    registry_env: RegistryEnv, registry: RegistryServer
+) -> None:
+    """A config file that does not parse for a moment (an editor half-way, a typo) answered
+    every request 500 with a traceback and killed both publishing threads for good: CIDs
+    queued after it were never published, even once the file was fixed."""
+    good = registry_env.config.read_text()
+    registry_env.config.write_text('{"anonymous_read": tru')
+    assert get(registry, "/pubapi/exists?cid=grp/x", registry_env.tokens["writer"]).status == 200
+    wait_until(lambda: "last good configuration" in registry.logs(), 30, registry.logs)
+    # the workers read it too (each poll); they keep publishing with the last good one
+    body = make_tarball({"f.txt": b"during a broken edit\n"})
+    queued = post(registry, "/pubapi/publish?cid=grp/edit", body, registry_env.tokens["writer"])
+    assert queued.status == 200, queued.data
+    wait_until(lambda: text(get(registry, "/pubapi/exists?cid=grp/edit")).startswith("PRESENT"),
+               60, registry.logs)  # fmt: skip
+    health = json.loads(get(registry, "/healthz").data)
+    assert all(r["worker_alive"] for r in health["repositories"].values()), health
+    registry_env.config.write_text(good)  # fixed: a token revoked in it takes effect
+    revoke_token(registry_env.config, "writer")
+    wait_until(lambda: get(registry, "/pubapi/exists?cid=grp/x", registry_env.tokens["writer"])
+               .status == 401, 30, registry.logs)  # fmt: skip
+    assert "Traceback" not in registry.logs()
+    assert (
+        registry.logs().count("last good configuration") == 1
+    )  # once per edit, not once per request

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import logging
 import os
 import re
 import secrets
@@ -35,6 +36,7 @@ __all__ = [
     "parse_scope",
 ]
 
+log = logging.getLogger("cvmfs_ml.registry")
 TOKEN_PREFIX = "cvr_"
 _SCOPE = re.compile(r"(read|publish):(\*|[A-Za-z0-9_][A-Za-z0-9_.-]{0,99})|admin")
 
@@ -205,7 +207,12 @@ def revoke_token(path: Path, name: str) -> None:
 
 
 class ConfigFile:
-    """The configuration, re-read whenever the file's mtime or size changes."""
+    """The configuration, re-read whenever the file's mtime or size changes.
+
+    A change that does not load (an editor half-way, a typo) is logged once and the last good
+    configuration stays in force until the file is fixed: raising it here answered every
+    request 500 and killed the publishing threads, which read it each poll, for good.
+    """
 
     def __init__(self, path: Path | None, overrides: dict[str, Any] | None = None) -> None:
         self.path = Path(path) if path is not None else None
@@ -228,6 +235,10 @@ class ConfigFile:
             stamp = None
         with self._lock:
             if stamp != self._stamp:
-                self._config = self._load()  # a broken edit raises; the caller answers 500
                 self._stamp = stamp
+                try:
+                    self._config = self._load()
+                except ConfigError as exc:
+                    log.error("%s (the registry keeps its last good configuration until the"
+                              " file is fixed)", exc)  # fmt: skip
             return self._config
