@@ -15,6 +15,7 @@ import hashlib
 import hmac
 import json
 import logging
+import math
 import os
 import re
 import secrets
@@ -39,6 +40,21 @@ __all__ = [
 log = logging.getLogger("cvmfs_ml.registry")
 TOKEN_PREFIX = "cvr_"
 _SCOPE = re.compile(r"(read|publish):(\*|[A-Za-z0-9_][A-Za-z0-9_.-]{0,99})|admin")
+_PREFIX = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*(?:/[A-Za-z0-9_][A-Za-z0-9_.-]*)*")  # no '..'
+_BOUNDS: dict[str, tuple[float, float, str]] = {  # each value that cannot work is refused
+    "max_upload_bytes": (1, math.inf, "at least 1"),
+    "max_unpacked_bytes": (1, math.inf, "at least 1"),
+    "max_tar_members": (1, math.inf, "at least 1"),
+    "max_tar_catalogs": (0, math.inf, "0 or more"),
+    "max_tags_per_push": (1, math.inf, "at least 1"),
+    "max_days": (math.ulp(0), math.inf, "more than 0 (days)"),
+    "batch_max_jobs": (1, math.inf, "at least 1"),  # 0 claimed no job, ever
+    "batch_max_bytes": (1, math.inf, "at least 1"),
+    "uploads_per_minute": (0, math.inf, "0 (no limit) or more"),
+    "upload_low_speed_limit": (0, math.inf, "0 (no limit) or more"),
+    "upload_low_speed_seconds": (0, 86400, "0 (no limit) to 86400"),
+    "cleanup_hour": (-1, 23, "an hour 0-23, or -1 (never)"),
+}
 
 
 def parse_scope(text: str) -> str:
@@ -141,6 +157,12 @@ class RegistryConfig:
                     value, (type(default), int) if isinstance(default, float) else type(default)
                 ):
                     raise ConfigError(f"{where}: {key} must be a {type(default).__name__}")
+                low, high, what = _BOUNDS.get(key, (-math.inf, math.inf, ""))
+                if isinstance(value, (int, float)) and not low <= value <= high:  # NaN too
+                    raise ConfigError(f"{where}: {key} must be {what}, not {value}")
+                if key == "prefix" and not _PREFIX.fullmatch(value):
+                    raise ConfigError(f"{where}: prefix must be a relative path such as 'sw'"
+                                      f" (no '..', '.' or leading '/'), not {value!r}")  # fmt: skip
                 values[key] = value
         tokens: dict[str, TokenRecord] = {}
         for name, raw in (data.get("tokens") or {}).items():
