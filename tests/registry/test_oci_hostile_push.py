@@ -221,3 +221,34 @@ def test_a_second_request_on_an_upload_being_written_is_refused(
     stored = HTTP.request("GET", f"{pusher.base}/blobs/{_digest(blob)}", headers=pusher.auth)
     assert stored.data == blob
     assert "Traceback" not in registry.logs()
+
+
+def _metric(server: RegistryServer, line: str) -> float:
+    """The value of the metric ``line`` starts with (0 when absent)."""
+    for row in get(server, "/metrics").data.decode().splitlines():
+        if row.startswith(line + " "):
+            return float(row.split()[-1])
+    return 0.0
+
+
+def test_the_same_push_again_publishes_nothing_and_counts_nothing(
+    registry_env: RegistryEnv, registry: RegistryServer
+) -> None:
+    """A push repeated (a retrying CI job) publishes no revision; the publishes counter
+    ("revisions published") went up for it all the same."""
+    pusher = Pusher(registry, registry_env.tokens["writer"], "grp/again")
+    document = pusher.model(b"again" * 1000)
+    publishes = 'cvmfs_registry_publishes_total{repository="pub1.test"}'
+
+    def published() -> dict[str, Any] | None:
+        state = json.loads(get(registry, "/api/v1/oci/grp/again/v1").data)
+        assert state["state"] not in ("failed", "skipped"), state
+        return state if state["state"] == "published" else None
+
+    assert pusher.put("v1", document).status == 201
+    first = wait_until(published, 120, registry.logs)
+    assert _metric(registry, publishes) == 1
+    assert pusher.put("v1", document).status == 201  # queued again, found already there
+    again = wait_until(published, 120, registry.logs)
+    assert again["revision"] == first["revision"] == registry_env.revision()
+    assert _metric(registry, publishes) == 1

@@ -175,9 +175,12 @@ class ModelPublisher:
             self.store.set_publish(repo, tag, digest, "failed", reason=reason, model=str(ref))
             return
         revision = worker.publisher.manifest().revision
-        self.service.metrics.publishes.labels(worker.fqrn).inc()
-        log.info("published %s:%s as model %s in revision %d (%s)", repo, tag, ref, revision,
-                 ", ".join(f"{k} {v:.2f} s" for k, v in result.seconds.items()))  # fmt: skip
+        if result.skipped:  # the same push again: that version records this manifest already
+            log.info("%s:%s is model %s already; nothing published", repo, tag, ref)
+        else:
+            self.service.metrics.publishes.labels(worker.fqrn).inc()
+            log.info("published %s:%s as model %s in revision %d (%s)", repo, tag, ref, revision,
+                     ", ".join(f"{k} {v:.2f} s" for k, v in result.seconds.items()))  # fmt: skip
         self.store.set_publish(repo, tag, digest, "published", model=str(result.ref),
                                revision=revision)  # fmt: skip
 
