@@ -94,3 +94,30 @@ def test_oci_upload_sessions_are_rate_limited(registry_env: RegistryEnv) -> None
     assert limited.status == 429
     assert json.loads(limited.data)["errors"][0]["code"] == "TOOMANYREQUESTS"
     assert HTTP.request("POST", url, headers=_auth(registry_env.tokens["all"])).status == 202
+
+
+def test_a_clean_push_counts_no_errors(
+    registry_env: RegistryEnv, registry: RegistryServer, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    """An ordinary ``oras push`` asks first, without its token (the 401 challenge), and HEADs
+    each blob to learn it is not there yet (404): cvmfs_registry_errors_total counted three
+    errors for a push that went right, so an alert on it fired on every push."""
+    monkeypatch.chdir(tmp_path)
+    Path("weights.bin").write_bytes(os.urandom(50_000))
+    client = _oras(registry, token=registry_env.tokens["writer"])
+    pushed = client.push(target=f"127.0.0.1:{registry.port}/grp/clean:v1", files=["weights.bin"])
+    assert pushed.status_code == 201
+    _published(registry, "grp/clean", "v1")
+    metrics = HTTP.request("GET", f"{registry.url}/metrics").data.decode()
+    assert "cvmfs_registry_errors_total{" not in metrics, metrics
+    # What did go wrong still counts: a token the registry does not know, a broken manifest.
+    bogus = {"Authorization": "Bearer cvr_unknown"}
+    assert HTTP.request("GET", f"{registry.url}/v2/grp/clean/tags/list", headers=bogus).status \
+        == 401  # fmt: skip
+    broken = HTTP.request("PUT", f"{registry.url}/v2/grp/clean/manifests/v2", body=b"[",
+                          headers=_auth(registry_env.tokens["writer"]))  # fmt: skip
+    assert broken.status == 400
+    metrics = HTTP.request("GET", f"{registry.url}/metrics").data.decode()
+    assert 'cvmfs_registry_errors_total{kind="auth"} 1.0' in metrics
+    assert 'cvmfs_registry_errors_total{kind="oci"} 1.0' in metrics

@@ -104,9 +104,13 @@ def create_app(service: RegistryService, *, manage_service: bool = True) -> Fast
 
     @app.exception_handler(RejectedError)
     async def rejected(request: Request, exc: RejectedError) -> Response:
-        service.metrics.errors.labels(exc.kind).inc()
         path = request.url.path
-        if path.startswith(("/v2", "/token")):
+        oci = path.startswith(("/v2", "/token"))
+        # The challenge is a step of the token flow (clients ask without credentials first),
+        # not an error: counted, every push went up by one.
+        if not (oci and exc.status == 401 and "authorization" not in request.headers):
+            service.metrics.errors.labels(exc.kind).inc()
+        if oci:
             name = _oci_name(path)
             action = "pull" if request.method in ("GET", "HEAD") else "pull,push"
             code = {401: "UNAUTHORIZED", 403: "DENIED", 404: "NAME_UNKNOWN",

@@ -460,7 +460,8 @@ def add_oci_routes(app: FastAPI, service: RegistryService, store: OciStore) -> M
 
     @app.exception_handler(OciError)
     async def oci_failed(request: Request, exc: OciError) -> Response:
-        service.metrics.errors.labels("oci").inc()
+        if exc.status != 404 or request.method not in ("GET", "HEAD"):  # else an answer: every
+            service.metrics.errors.labels("oci").inc()  # push HEADs its blobs before sending
         return oci_error(exc.status, exc.code, exc.message, exc.detail)
 
     return models
