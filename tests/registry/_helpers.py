@@ -144,12 +144,15 @@ def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def start_body(location: str, headers: dict[str, str], length: int) -> socket.socket:
-    """A PATCH to ``location`` whose ``length`` body bytes the caller sends (``sendall``) when
-    it likes: a client in the middle of its body. Read the reply with ``makefile``."""
+def start_body(
+    location: str, headers: dict[str, str], length: int, method: str = "PATCH"
+) -> socket.socket:
+    """A request to ``location`` whose ``length`` body bytes the caller sends (``sendall``)
+    when it likes: a client in the middle of its body. Read the reply with ``makefile``."""
     url = urlsplit(location)
+    target = f"{url.path}?{url.query}" if url.query else url.path
     conn = socket.create_connection((url.hostname, url.port), timeout=60)
-    lines = [f"PATCH {url.path} HTTP/1.1", f"Host: {url.netloc}",
+    lines = [f"{method} {target} HTTP/1.1", f"Host: {url.netloc}",
              "Content-Type: application/octet-stream", f"Content-Length: {length}",
              *(f"{key}: {value}" for key, value in headers.items())]  # fmt: skip
     conn.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())

@@ -113,3 +113,33 @@ def test_a_piece_or_publish_while_a_piece_is_written_is_refused(
     assert offset() == len(body)
     done = _publish(server, location, auth)
     assert registry_env.read(done["repository"], f"/sw/{cid}/big.bin") == payload
+
+
+def test_a_bad_striplevels_keeps_the_session_and_is_refused_before_any_body(
+    registry_env: RegistryEnv,
+) -> None:
+    """``PUT ...?striplevels=7`` on a complete resumable upload answered 400 and deleted the
+    session: gigabytes sent over a flaky link were gone over a typo. user-pub's publish took
+    the whole body before saying the same."""
+    server = registry_env.start()
+    auth = {"Authorization": f"Bearer {registry_env.tokens['writer']}"}
+    payload = os.urandom(100_000)
+    body = make_tarball({"big.bin": payload}, top="top", gz=False)
+    cid = f"grp/sha256:{hashlib.sha256(body).hexdigest()}"
+    created = HTTP.request("POST", f"{server.url}/api/v1/uploads?cid={cid}", headers=auth)
+    location = server.url + json.loads(created.data)["location"]
+    sent = HTTP.request("PATCH", location, body=body,
+                        headers={**auth, "Content-Range": f"0-{len(body) - 1}"})  # fmt: skip
+    assert sent.status == 202, sent.data
+    for bad in ("7", "-1"):
+        refused = HTTP.request("PUT", f"{location}?striplevels={bad}", headers=auth)
+        assert refused.status == 400 and "striplevels" in json.loads(refused.data)["error"]
+        assert json.loads(HTTP.request("GET", location, headers=auth).data)["offset"] == len(body)
+    done = _publish(server, location + "?striplevels=1", auth)
+    assert registry_env.read(done["repository"], f"/sw/{cid}/big.bin") == payload
+    # user-pub's publish: refused as soon as the request line is read, the body never sent
+    publish = f"{server.url}/pubapi/publish?cid=grp/x&striplevels=3"
+    with start_body(publish, auth, 10**9, "POST") as conn:
+        reply = conn.makefile("rb").readline()
+    assert reply.split()[1] == b"400", reply
+    assert list((registry_env.data / "spool").glob("*")) == []

@@ -35,7 +35,7 @@ from cvmfs_ml.registry.oci_api import add_oci_routes, challenge, oci_error
 from cvmfs_ml.registry.oci_store import OciStore
 from cvmfs_ml.registry.resumable import add_resumable_routes
 from cvmfs_ml.registry.service import Accepted, RegistryService
-from cvmfs_ml.registry.tarballs import RejectedError
+from cvmfs_ml.registry.tarballs import RejectedError, check_strip
 from cvmfs_ml.registry.web import add_api_docs, add_web_routes
 
 __all__ = ["create_app"]
@@ -191,12 +191,9 @@ def create_app(service: RegistryService, *, manage_service: bool = True) -> Fast
         parsed = ContentId.parse(cid)
         principal = allowed(request, "publish", parsed.group)
         service.check_rate(principal.name)
-        if not striplevels.isdigit():
-            raise RejectedError(400, "striplevels must be 0, 1 or 2")
+        strip = check_strip(striplevels)
         upload = await _receive(request, service)
-        return await run_in_threadpool(
-            service.accept, parsed, upload, int(striplevels), principal.name
-        )
+        return await run_in_threadpool(service.accept, parsed, upload, strip, principal.name)
 
     @app.post("/pubapi/publish")
     async def publish(request: Request, cid: str | None = None, striplevels: str = "0") -> Response:

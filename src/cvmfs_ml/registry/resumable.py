@@ -23,7 +23,7 @@ from cvmfs_ml.registry.bodies import body_chunks
 from cvmfs_ml.registry.cid import ContentId
 from cvmfs_ml.registry.oci_store import OciError, OciStore
 from cvmfs_ml.registry.service import RegistryService
-from cvmfs_ml.registry.tarballs import RejectedError
+from cvmfs_ml.registry.tarballs import RejectedError, check_strip
 
 __all__ = ["add_resumable_routes"]
 
@@ -115,6 +115,7 @@ def add_resumable_routes(app: FastAPI, service: RegistryService, store: OciStore
     async def publish(request: Request, upload_id: str, striplevels: int = 0) -> Response:
         cid = session_cid(upload_id)
         who = owner(request, cid)
+        check_strip(striplevels)  # before the session is given up to the spool
         spooled = service.spool / f"{upload_id}.upload"
         try:
             with store.claimed(upload_id):  # not while a piece is still being written

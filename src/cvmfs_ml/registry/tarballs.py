@@ -19,7 +19,7 @@ from cvmfs_ml.models.sources.limits import MAX_CATALOGS
 from cvmfs_ml.publish.archive import STREAM_ERRORS
 from cvmfs_ml.publish.sources import SourceItem, join_repo_path, scan_tarball
 
-__all__ = ["MAX_STRIP", "RejectedError", "check_tarball", "tarball_items"]
+__all__ = ["MAX_STRIP", "RejectedError", "check_strip", "check_tarball", "tarball_items"]
 
 MAX_STRIP = 2
 
@@ -96,6 +96,16 @@ def _check_compressed_stream(tarball: Path) -> None:
             return
 
 
+def check_strip(strip: int | str) -> int:
+    """``striplevels`` as a number, or 400: checked before the body is taken (or a resumable
+    session given up), since a typo there is no reason to send gigabytes again."""
+    if isinstance(strip, str):
+        strip = int(strip) if strip.isdigit() and len(strip) < 4 else -1
+    if not 0 <= strip <= MAX_STRIP:
+        raise RejectedError(400, f"striplevels must be 0 to {MAX_STRIP}")
+    return strip
+
+
 def check_tarball(
     tarball: Path,
     strip: int,
@@ -109,8 +119,7 @@ def check_tarball(
     Returns ``(members, unpacked bytes)`` or raises :class:`RejectedError` (400 for a broken or
     unsafe archive, 413 past a bound: members, bytes, or ``.cvmfscatalog`` files, each of which
     makes a nested catalog)."""
-    if not 0 <= strip <= MAX_STRIP:
-        raise RejectedError(400, f"striplevels must be 0 to {MAX_STRIP}")
+    check_strip(strip)
     members = unpacked = catalogs = 0
     try:
         _check_compressed_stream(tarball)
