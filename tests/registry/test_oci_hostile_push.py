@@ -252,3 +252,16 @@ def test_the_same_push_again_publishes_nothing_and_counts_nothing(
     again = wait_until(published, 120, registry.logs)
     assert again["revision"] == first["revision"] == registry_env.revision()
     assert _metric(registry, publishes) == 1
+
+
+def test_a_monolithic_push_with_a_malformed_digest_is_refused_before_its_body(
+    registry_env: RegistryEnv, registry: RegistryServer
+) -> None:
+    """``POST .../blobs/uploads/?digest=md5:...`` took (and wrote) the whole body, up to
+    max_upload_bytes, before answering 400 DIGEST_INVALID; the digest is read first now."""
+    pusher = Pusher(registry, registry_env.tokens["writer"], "grp/mono")
+    url = f"{pusher.base}/blobs/uploads/?digest=md5:0123"
+    with start_body(url, pusher.auth, 10**9, "POST") as conn:
+        reply = conn.makefile("rb").readline()
+    assert reply.split()[1] == b"400", reply
+    assert list((registry_env.data / "oci" / "uploads").iterdir()) == []

@@ -280,6 +280,8 @@ def add_oci_routes(app: FastAPI, service: RegistryService, store: OciStore) -> M
                            mount: str | None = None) -> Response:  # fmt: skip
         check_name(name)
         service.check_rate(allowed(request, name, "publish"))
+        if digest is not None:  # a monolithic push: refused before its body, not after
+            check_digest(digest)
         source = request.query_params.get("from")
         if mount is not None and source is not None:  # without "from": a plain upload (202)
             check_digest(mount)
@@ -293,7 +295,7 @@ def add_oci_routes(app: FastAPI, service: RegistryService, store: OciStore) -> M
             return Response(status_code=202, headers=upload_headers(name, upload_id, 0))
         try:
             size = await receive(request, upload_id)
-            await finish(name, upload_id, check_digest(digest), size)
+            await finish(name, upload_id, digest, size)
         except BaseException:
             store.cancel_upload(upload_id)
             raise
