@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from cvmfs_ml.storage.http import RepositoryServer
 
 from ._helpers import FQRNS, RegistryEnv, make_tarball, post, text
@@ -68,3 +70,23 @@ def test_wait_fails_at_once_on_what_waiting_cannot_fix(tmp_path: Path) -> None:
         assert done.returncode == 1, done.stderr
         assert len(done.stderr.strip().splitlines()) == 1
         assert "not visible" not in done.stderr and "is not a URL" in done.stderr
+
+
+def test_wait_refuses_an_interval_it_cannot_sleep(registry_env: RegistryEnv) -> None:
+    """``--interval inf`` (or 1e308) passed the check and ended in a traceback
+    (``OverflowError: timestamp out of range``) at the first sleep; ``--timeout inf`` (wait
+    for ever) stays allowed."""
+    from cvmfs_ml.errors import ConfigError
+    from cvmfs_ml.registry.wait import wait_for_cid
+
+    for interval in ("inf", "1e308"):
+        argv = [sys.executable, "-m", "cvmfs_ml.cli", "wait", "grp/x", "--repo",
+                str(registry_env.repos[0]),
+                "--timeout", "1e308", "--interval", interval]  # fmt: skip
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 1, done.stderr
+        assert done.stderr.startswith("cvmfs-ml: --interval"), done.stderr
+        assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+    missing = str(registry_env.root / "missing")
+    with pytest.raises(ConfigError, match="not a URL"):  # past the check: the folder is no repo
+        wait_for_cid("grp/x", [missing], timeout=float("inf"), interval=1)

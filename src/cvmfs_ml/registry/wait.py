@@ -27,6 +27,7 @@ class CidTimeoutError(CvmfsMlError):
 # Errors that waiting cannot fix. A server that is down, a repository not created yet (404) and
 # a signature that does not verify yet (a publisher mid-way) are retried.
 _NOT_RETRIED = (CidTimeoutError, ConfigError, UnsafeInputError)
+MAX_INTERVAL = 86400.0  # seconds between polls: a day
 
 
 def wait_for_cid(
@@ -47,9 +48,11 @@ def wait_for_cid(
     timeout's message. A target that no retry can fix (a name with no configured server, a
     missing key, an unsafe value) fails at once, so a typo costs no 20 minutes of waiting.
     """
-    if not (interval > 0 and timeout >= 0):  # also refuses NaN
-        raise ConfigError(f"--interval must be above 0 and --timeout at least 0 (seconds), "
-                          f"not {interval:g} and {timeout:g}")  # fmt: skip
+    # NaN fails both; an interval past a day (inf, 1e308) overflowed time.sleep, a traceback.
+    # --timeout inf waits for ever.
+    if not (0 < interval <= MAX_INTERVAL and timeout >= 0):
+        raise ConfigError(f"--interval must be above 0 and at most {MAX_INTERVAL:g} and --timeout"
+                          f" at least 0 (seconds), not {interval:g} and {timeout:g}")  # fmt: skip
     path = ContentId.parse(cid).repo_path(prefix)
     deadline = clock() + timeout
     opened: dict[str, Repository] = {}
