@@ -265,3 +265,26 @@ def test_a_monolithic_push_with_a_malformed_digest_is_refused_before_its_body(
         reply = conn.makefile("rb").readline()
     assert reply.split()[1] == b"400", reply
     assert list((registry_env.data / "oci" / "uploads").iterdir()) == []
+
+
+def test_a_manifest_without_a_media_type_or_of_the_wrong_shape_is_refused(
+    registry_env: RegistryEnv, registry: RegistryServer
+) -> None:
+    """A manifest with neither Content-Type nor ``mediaType`` was stored and served back with
+    an empty ``Content-Type`` (no client can tell what it is); one sent as an index that is an
+    image manifest (or the reverse) was stored under that type. docker-registry answers 400
+    MANIFEST_INVALID to both."""
+    pusher = Pusher(registry, registry_env.tokens["writer"], "grp/typeless")
+    good = pusher.model(b"typeless" * 100)
+    bare = {key: value for key, value in good.items() if key != "mediaType"}
+    index = {"schemaVersion": 2, "manifests": []}
+    for number, (document, media) in enumerate([(bare, None), (bare, INDEX), (index, MANIFEST)]):
+        answer = pusher.put(f"bad{number}", document, media)
+        assert answer.status == 400, (document, media, answer.data)
+        assert _code(answer) == "MANIFEST_INVALID"
+    assert HTTP.request("GET", f"{pusher.base}/tags/list").data.count(b"bad") == 0
+    # Either one names the type.
+    for number, (document, media) in enumerate([(bare, MANIFEST), (good, None), (index, INDEX)]):
+        assert pusher.put(f"ok{number}", document, media).status == 201
+        served = HTTP.request("GET", f"{pusher.base}/manifests/ok{number}")
+        assert served.headers["Content-Type"] == (media or MANIFEST)

@@ -28,7 +28,13 @@ from typing import Any
 
 from cvmfs_ml.cvmfs import jsontext
 from cvmfs_ml.errors import CvmfsMlError, FormatError, NotFoundError, is_disk_full
-from cvmfs_ml.models.sources.oci_client import Fetched
+from cvmfs_ml.models.sources.oci_client import (
+    DOCKER_MANIFEST,
+    DOCKER_MANIFEST_LIST,
+    OCI_INDEX,
+    OCI_MANIFEST,
+    Fetched,
+)
 from cvmfs_ml.models.sources.oci_manifest import check_index, check_manifest
 from cvmfs_ml.storage import sqlitefile
 from cvmfs_ml.storage.pagecache import UncachedWriter
@@ -41,6 +47,8 @@ NAME_RE = re.compile(
 )
 TAG_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
 MAX_MANIFEST_BYTES = 4 * 2**20
+_INDEX_TYPES = (OCI_INDEX, DOCKER_MANIFEST_LIST)
+_IMAGE_TYPES = (OCI_MANIFEST, DOCKER_MANIFEST)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS manifests (
@@ -342,6 +350,15 @@ class OciStore:
         if declared and declared != media_type:
             raise OciError(400, "MANIFEST_INVALID",
                            f"Content-Type {media_type} but mediaType {declared}")  # fmt: skip
+        # Served back as its Content-Type: none at all, or an index's type on an image manifest
+        # (or the reverse), and no client could read it (docker-registry refuses both).
+        if not media_type:
+            raise OciError(400, "MANIFEST_INVALID", "no media type: send Content-Type or set"
+                           " mediaType")  # fmt: skip
+        shape = _INDEX_TYPES if "manifests" in document else _IMAGE_TYPES
+        if media_type in (*_INDEX_TYPES, *_IMAGE_TYPES) and media_type not in shape:
+            what = "an index" if "manifests" in document else "an image manifest"
+            raise OciError(400, "MANIFEST_INVALID", f"{what} sent as {media_type}")
         for descriptor in descriptors:
             digest = descriptor["digest"]
             check_digest(digest)
