@@ -288,3 +288,22 @@ def test_a_manifest_without_a_media_type_or_of_the_wrong_shape_is_refused(
         assert pusher.put(f"ok{number}", document, media).status == 201
         served = HTTP.request("GET", f"{pusher.base}/manifests/ok{number}")
         assert served.headers["Content-Type"] == (media or MANIFEST)
+
+
+def test_an_artifact_without_layers_is_skipped_saying_why(
+    registry_env: RegistryEnv, registry: RegistryServer
+) -> None:
+    """A tagged artifact with no layers (a signature, an attestation pushed by tag) was handed
+    to the models layer and recorded as failed with "/tmp/cvmfs-ml-oci.<random>/model holds
+    no files to publish": a folder the user never had, gone by then."""
+    pusher = Pusher(registry, registry_env.tokens["writer"], "grp/empty")
+    document = {**pusher.model(b"x"), "layers": []}
+    assert pusher.put("v1", document).status == 201
+
+    def settled() -> dict[str, Any] | None:
+        state = json.loads(get(registry, "/api/v1/oci/grp/empty/v1").data)
+        return None if state["state"] in ("queued", "publishing") else state
+
+    state = wait_until(settled, 60, registry.logs)
+    assert state["state"] == "skipped", state
+    assert "no layers" in state["reason"] and "/tmp" not in state["reason"], state

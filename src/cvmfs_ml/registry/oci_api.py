@@ -144,6 +144,8 @@ class ModelPublisher:
             reason = f"a {kind}, not a model artifact or an image"
         elif len(parts) != 2 and kind != "image":
             reason = "model repositories are <namespace>/<name>"
+        elif kind != "image" and not document.get("layers"):  # a signature, an attestation
+            reason = "the manifest has no layers: no files to publish as a model"
         if reason is None and kind == "image":  # DUCC's layout, by sync's unpacker
             registry = image_registry_name(self.service.config.image_registry, host)
             self._queue(repo, tag, digest, None, publish_pushed_image, self.service, self.store,
