@@ -140,6 +140,15 @@ def create_app(service: RegistryService, *, manage_service: bool = True) -> Fast
         reason = "the registry's disk is full; this upload was not stored, try again later"
         return await rejected(request, RejectedError(507, reason, "disk_full"))
 
+    @app.exception_handler(ClientDisconnect)
+    async def went_away(request: Request, exc: ClientDisconnect) -> Response:
+        """A client that closed the connection mid-body (an OCI upload keeps what arrived):
+        one line, where each one logged a traceback. Nobody reads the answer."""
+        log.info("%s %s: the client went away before its body was complete", request.method,
+                 request.url.path)  # fmt: skip
+        reason = "the client went away before the body was complete"
+        return await rejected(request, RejectedError(400, reason, "disconnected"))
+
     app.add_exception_handler(OSError, disk_full)
     app.add_exception_handler(sqlite3.OperationalError, disk_full)
 
