@@ -6,11 +6,12 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 from typer.testing import CliRunner
 
 from cvmfs_ml.cli import app
-from cvmfs_ml.registry.config import load_config, revoke_token
+from cvmfs_ml.registry.config import add_token, load_config, revoke_token
 
 from ._helpers import (
     FQRNS,
@@ -162,3 +163,28 @@ def test_a_broken_edit_of_the_config_keeps_the_service_on_the_last_good_one(
     assert (
         registry.logs().count("last good configuration") == 1
     )  # once per edit, not once per request
+
+
+def _add_at_once(config: Path, name: str, barrier: Any) -> None:
+    barrier.wait(60)
+    add_token(config, name, ["admin"])
+
+
+def test_tokens_added_at_the_same_time_are_all_kept(tmp_path: Path) -> None:
+    """Two ``registry token add`` at once (provisioning scripts) each read the file, added
+    their token and wrote it back: one token was printed to its user and never stored."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("fork")
+    config, names = tmp_path / "registry.json", [f"ci{i}" for i in range(12)]
+    barrier = context.Barrier(len(names))
+    workers = [context.Process(target=_add_at_once, args=(config, name, barrier))
+               for name in names]  # fmt: skip
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(120)
+    assert [worker.exitcode for worker in workers] == [0] * len(names)
+    assert sorted(load_config(config).tokens) == sorted(names)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name != "registry.json") in (
+        [], [".registry.json.lock"])  # fmt: skip

@@ -11,6 +11,8 @@ namespace (a CID group, a model namespace) or ``*`` for all.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import hmac
 import json
@@ -21,6 +23,7 @@ import re
 import secrets
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -202,6 +205,18 @@ def save_config(path: Path, config: RegistryConfig) -> None:
     os.replace(tmp, path)
 
 
+@contextlib.contextmanager
+def _editing(path: Path) -> Iterator[None]:
+    """One read-modify-write of the file at a time (``.<name>.lock`` beside it): two
+    ``registry token add`` at once each wrote back what it had read, and one token, printed
+    to its user, was never stored."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(f".{path.name}.lock"), "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield  # the lock goes with the handle
+
+
 def add_token(path: Path, name: str, scopes: list[str]) -> str:
     """Create token ``name`` with ``scopes`` in the file at ``path``; returns the token."""
     if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.@-]{0,99}", name):
@@ -209,23 +224,25 @@ def add_token(path: Path, name: str, scopes: list[str]) -> str:
     if not scopes:
         raise ConfigError("a token needs at least one --scope")
     parsed = tuple(parse_scope(s) for s in scopes)
-    config = load_config(path)
-    existing = config.tokens.get(name)
-    if existing is not None and not existing.revoked:
-        raise ConfigError(f"token {name!r} exists; revoke it first")
-    token = TOKEN_PREFIX + secrets.token_urlsafe(32)
-    record = TokenRecord(name, hash_token(token), parsed, time.time())
-    save_config(path, replace(config, tokens={**config.tokens, name: record}))
+    with _editing(path):
+        config = load_config(path)
+        existing = config.tokens.get(name)
+        if existing is not None and not existing.revoked:
+            raise ConfigError(f"token {name!r} exists; revoke it first")
+        token = TOKEN_PREFIX + secrets.token_urlsafe(32)
+        record = TokenRecord(name, hash_token(token), parsed, time.time())
+        save_config(path, replace(config, tokens={**config.tokens, name: record}))
     return token
 
 
 def revoke_token(path: Path, name: str) -> None:
-    config = load_config(path)
-    record = config.tokens.get(name)
-    if record is None:
-        raise ConfigError(f"no token {name!r} in {path}")
-    tokens = {**config.tokens, name: replace(record, revoked=True)}
-    save_config(path, replace(config, tokens=tokens))
+    with _editing(path):
+        config = load_config(path)
+        record = config.tokens.get(name)
+        if record is None:
+            raise ConfigError(f"no token {name!r} in {path}")
+        tokens = {**config.tokens, name: replace(record, revoked=True)}
+        save_config(path, replace(config, tokens=tokens))
 
 
 class ConfigFile:
