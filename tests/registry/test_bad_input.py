@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import hashlib
 import io
 import os
 import tarfile
@@ -196,3 +197,21 @@ def test_catalog_markers_past_the_limit_are_refused(tmp_path) -> None:  # type: 
     tarball.write_bytes(build(1001))  # the registry's default
     with pytest.raises(RejectedError, match="more than 1000"):
         check_tarball(tarball, 1, max_members=10_000, max_unpacked_bytes=100)
+
+
+def test_a_checked_cid_is_checked_whatever_the_case_of_its_digest(
+    registry_env: RegistryEnv, registry: RegistryServer
+) -> None:
+    """``grp/sha256:<HEX>`` in capitals (PowerShell's Get-FileHash prints them) was taken as a
+    plain name, so any body was published under it unchecked; ``sha256:`` with a digest cut
+    short was, too. The digest is compared whatever its case, and a short one is refused."""
+    token = registry_env.tokens["writer"]
+    body = make_tarball({"f": b"checked\n"})
+    other = hashlib.sha256(b"something else").hexdigest().upper()
+    wrong = post(registry, f"/pubapi/publish?cid=grp/sha256:{other}", body, token)
+    assert wrong.status == 400 and "sha256" in text(wrong), text(wrong)
+    short = post(registry, "/pubapi/publish?cid=grp/sha256:abc123", body, token)
+    assert short.status == 400 and "64" in text(short), text(short)
+    assert list((registry_env.data / "spool").glob("*")) == []
+    right = hashlib.sha256(body).hexdigest().upper()
+    assert text(post(registry, f"/pubapi/publish?cid=grp/sha256:{right}", body, token)) == "OK\n"

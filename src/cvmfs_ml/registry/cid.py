@@ -18,7 +18,7 @@ __all__ = ["MAX_CID_LENGTH", "ContentId", "InvalidCidError"]
 
 MAX_CID_LENGTH = 256
 _COMPONENT = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.:+=@,-]{0,199}")
-_CHECKED = re.compile(r"sha256:([0-9a-f]{64})")
+_CHECKED = re.compile(r"sha256:([0-9a-fA-F]{64})")  # capitals too: Get-FileHash prints them
 
 
 class InvalidCidError(CvmfsMlError, ValueError):
@@ -49,6 +49,9 @@ class ContentId:
                 raise InvalidCidError(
                     f"cid component {part!r} is not [A-Za-z0-9_][A-Za-z0-9_.:+=@,-]*"
                 )
+        if parts[-1].startswith("sha256:") and not _CHECKED.fullmatch(parts[-1]):
+            # else taken as a plain name: a digest cut short published any body unchecked
+            raise InvalidCidError("a sha256: cid needs the body's 64 hex digits after it")
         return cls(text)
 
     @property
@@ -64,7 +67,7 @@ class ContentId:
     def expected_sha256(self) -> str | None:
         """For ``[group/]sha256:<hex>``, the hex digest the uploaded body must have."""
         match = _CHECKED.fullmatch(self.name)
-        return match.group(1) if match else None
+        return match.group(1).lower() if match else None
 
     def repo_path(self, prefix: str) -> str:
         """The CID's folder inside the repository (``/sw/<cid>``)."""
