@@ -196,11 +196,13 @@ def test_a_second_request_on_an_upload_being_written_is_refused(
 ) -> None:
     """Two PATCHes on one session at once both wrote from the offset each found, into one
     running hash: the file kept one's bytes, the hash saw both, and a PUT with that hash
-    stored a blob under a digest its bytes do not have. The second now answers 416."""
+    stored a blob under a digest its bytes do not have. The second now answers 416, and
+    leaves the first's pre-ingest alone (the publish takes the objects stored meanwhile)."""
     from cvmfs_ml.registry.oci_api import RECEIVE_BLOCK
 
     pusher = Pusher(registry, registry_env.tokens["writer"], "grp/race")
-    first, rest, other = os.urandom(RECEIVE_BLOCK + 4096), os.urandom(2**20), os.urandom(2**19)
+    first = b"weights" + os.urandom(RECEIVE_BLOCK + 4096)  # not a gzip or tar header: fed
+    rest, other = os.urandom(2**20), os.urandom(2**19)
     start = HTTP.request("POST", f"{pusher.base}/blobs/uploads/", headers=pusher.auth)
     location = registry.url + start.headers["Location"]
     with start_body(location, pusher.auth, len(first) + len(rest)) as conn:
@@ -220,6 +222,14 @@ def test_a_second_request_on_an_upload_being_written_is_refused(
     assert done.status == 201, done.data
     stored = HTTP.request("GET", f"{pusher.base}/blobs/{_digest(blob)}", headers=pusher.auth)
     assert stored.data == blob
+    layer = {"mediaType": "application/octet-stream", "digest": _digest(blob), "size": len(blob),
+             "annotations": {"org.opencontainers.image.title": "weights.bin"}}  # fmt: skip
+    config = pusher.blob(b"{}", "application/vnd.unknown.config.v1+json")
+    document = {"schemaVersion": 2, "mediaType": MANIFEST, "config": config, "layers": [layer]}
+    assert pusher.put("v1", document).status == 201
+    wait_until(lambda: json.loads(get(registry, "/api/v1/oci/grp/race/v1").data)["state"]
+               == "published", 120, registry.logs)  # fmt: skip
+    assert "1 file(s) of localhost/grp/race:v1@sha256:" in registry.logs()  # pre-ingested
     assert "Traceback" not in registry.logs()
 
 

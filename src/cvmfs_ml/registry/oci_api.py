@@ -211,8 +211,10 @@ def add_oci_routes(app: FastAPI, service: RegistryService, store: OciStore) -> M
         if declared and declared.isdigit() and int(declared) > limit:
             raise OciError(413, "SIZE_INVALID", f"blob larger than {limit} bytes")
         size = 0
+        writing = False  # refused at the start (another request is writing it): its feed stays
         try:
             with store.appending(upload_id, limit) as write:
+                writing = True
                 size = store.upload_size(upload_id)
                 # The server hands the body over in socket-read pieces (tens of KiB); py-spy
                 # found the event loop in their writes and hashes for most of a 1 GiB push,
@@ -234,7 +236,8 @@ def add_oci_routes(app: FastAPI, service: RegistryService, store: OciStore) -> M
                     offset, size = size, write(block)
                     await preingest.feed(upload_id, offset, block)
         except BaseException:
-            preingest.abort(upload_id)
+            if writing:
+                preingest.abort(upload_id)
             raise
         return size
 
