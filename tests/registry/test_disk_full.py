@@ -133,3 +133,23 @@ def test_a_publish_that_fills_the_repository_disk_fails_alone(
 
         publishes_what_fits(registry_env, registry, client, revision)
         assert "Traceback" not in registry.logs()
+
+
+def test_a_manifest_on_a_full_disk_leaves_no_partial_file(registry_env: RegistryEnv) -> None:
+    """A manifest PUT that filled the disk answered 507 but left its partial temporary file
+    (``blobs/sha256/.<digest>.<random>``), which nothing ever removed."""
+    from disks import fill
+
+    from .test_oci_hostile_push import MANIFEST, Pusher
+
+    with small_tmpfs(registry_env.data, "8m") as data:
+        registry = registry_env.start()
+        pusher = Pusher(registry, registry_env.tokens["writer"], "grp/full")
+        document = {**pusher.model(b"w" * 1000), "annotations": {"pad": "x" * 200_000}}
+        fill(data / "filler", leave=16 * 1024)
+        full = pusher.put("v1", document)
+        assert full.status == 507, full.data
+        assert [p.name for p in (data / "oci" / "blobs" / "sha256").glob(".*")] == []
+        (data / "filler").unlink()
+        assert pusher.put("v1", document, MANIFEST).status == 201
+        assert "Traceback" not in registry.logs()

@@ -373,8 +373,12 @@ class OciStore:
         if not target.exists():
             tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}")
             target.parent.mkdir(parents=True, exist_ok=True)
-            tmp.write_bytes(body)
-            os.replace(tmp, target)
+            try:
+                tmp.write_bytes(body)
+                os.replace(tmp, target)
+            except BaseException:  # a full disk: the part written would stay for good
+                tmp.unlink(missing_ok=True)
+                raise
         subject = document.get("subject") or {}  # checked above: a descriptor, or absent
         artifact_type = document.get("artifactType") or (document.get("config") or {}).get(
             "mediaType"
