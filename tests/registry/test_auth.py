@@ -188,3 +188,23 @@ def test_tokens_added_at_the_same_time_are_all_kept(tmp_path: Path) -> None:
     assert sorted(load_config(config).tokens) == sorted(names)
     assert sorted(p.name for p in tmp_path.iterdir() if p.name != "registry.json") in (
         [], [".registry.json.lock"])  # fmt: skip
+
+
+def test_a_config_file_removed_under_the_service_keeps_its_settings(
+    registry_env: RegistryEnv, registry: RegistryServer
+) -> None:
+    """The file removed while the service runs (a wrong ``rm``, a clean-up script) made it
+    fall back to the defaults at the next request: every token unknown, and anonymous reads
+    open again where ``anonymous_read`` was false."""
+    registry_env.set_config(anonymous_read=False)
+    wait_until(lambda: get(registry, "/pubapi/exists?cid=grp/x").status == 401, 30,
+               registry.logs)  # fmt: skip
+    saved = registry_env.config.read_text()
+    registry_env.config.unlink()
+    assert get(registry, "/pubapi/exists?cid=grp/x").status == 401
+    assert get(registry, "/pubapi/exists?cid=grp/x", registry_env.tokens["writer"]).status == 200
+    wait_until(lambda: "is gone" in registry.logs(), 30, registry.logs)
+    registry_env.config.write_text(saved)
+    revoke_token(registry_env.config, "writer")  # back: read again, as any change
+    wait_until(lambda: get(registry, "/pubapi/exists?cid=grp/x", registry_env.tokens["writer"])
+               .status == 401, 30, registry.logs)  # fmt: skip

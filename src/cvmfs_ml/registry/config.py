@@ -248,9 +248,9 @@ def revoke_token(path: Path, name: str) -> None:
 class ConfigFile:
     """The configuration, re-read whenever the file's mtime or size changes.
 
-    A change that does not load (an editor half-way, a typo) is logged once and the last good
-    configuration stays in force until the file is fixed: raising it here answered every
-    request 500 and killed the publishing threads, which read it each poll, for good.
+    A change that does not load (an editor half-way, a typo, the file removed) is logged once
+    and the last good configuration stays in force until the file is fixed: raising it here
+    answered every request 500 and killed the publishing threads, which read it each poll.
     """
 
     def __init__(self, path: Path | None, overrides: dict[str, Any] | None = None) -> None:
@@ -274,8 +274,13 @@ class ConfigFile:
             stamp = None
         with self._lock:
             if stamp != self._stamp:
+                # Removed under the service: the defaults would forget every token and open
+                # anonymous reads where they were closed. Kept, as a broken edit is.
+                vanished = stamp is None and self._stamp is not None
                 self._stamp = stamp
                 try:
+                    if vanished:
+                        raise ConfigError(f"registry config {self.path} is gone")
                     self._config = self._load()
                 except ConfigError as exc:
                     log.error("%s (the registry keeps its last good configuration until the"
