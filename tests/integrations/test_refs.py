@@ -258,3 +258,18 @@ def test_an_alias_that_is_not_a_sibling_version_is_refused(
         failed = cli(site, "model", "get", f"cvmfs://{FQRN}/hep/mlp:{alias}", tmp_path / "m",
                      code=1)  # fmt: skip
         assert "not a version" in failed.stderr and not (tmp_path / "m").exists()
+
+
+def test_a_reference_without_a_version_means_latest(site: Site) -> None:
+    """docs/model-layout.md: ``namespace/name`` (meaning ``latest``) is accepted wherever a
+    version is looked up; ``model path hep/mlp`` was refused ('expected <ns>/<name>:...')."""
+    bare = parse_ref("hep/mlp")
+    assert (bare.path, bare.model and bare.model.version) == ("hep/mlp/latest", "latest")
+    url = f"{site.server.url}/cvmfs/{FQRN}"
+    key = site.publisher.keys.paths.master_public
+    printed = cli(site, "model", "path", "hep/mlp", "--repo", url, "--key", key).stdout
+    np.testing.assert_array_equal(onnx_output(Path(printed.strip())),
+                                  onnx_output(site.originals["2.0"]))  # fmt: skip
+    for bad in ("hep", "hep/mlp/1.0", "hep/mlp:"):  # still not references
+        with pytest.raises(UnsafeInputError):
+            parse_ref(bad)

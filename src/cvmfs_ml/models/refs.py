@@ -49,7 +49,7 @@ from cvmfs_ml.errors import (
     UnsafeInputError,
     is_disk_full,
 )
-from cvmfs_ml.models.layout import ModelRef
+from cvmfs_ml.models.layout import ALIAS_LATEST, ModelRef
 from cvmfs_ml.models.tree import missing_version
 
 __all__ = [
@@ -154,13 +154,17 @@ def parse_uri(text: str) -> CvmfsUri:
 
 
 def parse_ref(text: str) -> CvmfsUri:
-    """``cvmfs://<fqrn>/<ns>/<name>:<v>`` or ``<ns>/<name>:<v>`` (repository given elsewhere)."""
+    """``cvmfs://<fqrn>/<ns>/<name>:<v>`` or ``<ns>/<name>[:<v>]`` (repository given elsewhere;
+    without a version, ``latest``, as docs/model-layout.md has it)."""
     if text.startswith(SCHEME):
         uri = parse_uri(text)
         if uri.model is None:
             raise UnsafeInputError(text, "expected cvmfs://<fqrn>/<ns>/<name>:<version-or-alias>")
         return uri
-    model = _model_part(_clean_path(text, text), text)
+    path = _clean_path(text, text)
+    if path.count("/") == 1 and ":" not in path:
+        path += f":{ALIAS_LATEST}"
+    model = _model_part(path, text)
     if model is None:
         raise UnsafeInputError(text, "expected <ns>/<name>:<version-or-alias>")
     return CvmfsUri(None, model.alias_path(model.version or "").lstrip("/"), model)
