@@ -26,9 +26,12 @@ from cvmfs_ml.models.layout import (
 )
 
 __all__ = [
+    "MAX_INDEX_BYTES",
+    "MAX_MODEL_JSON_BYTES",
     "TreeReader",
     "check_layout",
     "missing_version",
+    "read_bounded",
     "read_index",
     "read_record",
     "resolve_version",
@@ -37,10 +40,20 @@ __all__ = [
 ]
 
 
+#: The largest ``/.cvmfs-ml/index.json`` a reader loads: about 100,000 versions' summaries. The
+#: repository is anyone's: a bigger one is refused from its catalog entry, before any byte is
+#: fetched, and readers rebuild the list from the tree instead.
+MAX_INDEX_BYTES = 64 * 2**20
+#: The largest ``model.json`` a reader loads: a file list of about 100,000 files.
+MAX_MODEL_JSON_BYTES = 16 * 2**20
+
+
 class TreeReader(Protocol):
     """What the readers below need of :class:`cvmfs_ml.client.repository.Repository`."""
 
     def stat(self, path: str) -> Any: ...
+
+    def resolve(self, path: str) -> Any: ...
 
     def listdir(self, path: str = "") -> list[Any]: ...
 
@@ -57,11 +70,25 @@ def _exists(repo: TreeReader, path: str) -> bool:
         return False
 
 
+def read_bounded(repo: TreeReader, path: str, limit: int, advice: str) -> bytes:
+    """The bytes of the file at ``path`` (links followed), refused with a :class:`FormatError`
+    ending in ``advice`` when its catalog entry says more than ``limit`` bytes: nothing is
+    fetched then. The client checks the bytes it fetches against the entry's size and hash."""
+    entry = repo.resolve(path)
+    if entry.size > limit:
+        raise FormatError(path, f"{entry.size} bytes, more than the {limit} a reader loads; "
+                                f"{advice}")  # fmt: skip
+    return repo.read_bytes(entry.path)
+
+
 def read_index(repo: TreeReader) -> Index:
-    """The repository's index, or an empty one if no model was ever published."""
+    """The repository's index, or an empty one if no model was ever published.
+
+    An index over :data:`MAX_INDEX_BYTES` is a :class:`FormatError`, as one that does not parse."""
     if not _exists(repo, INDEX_PATH):
         return Index()
-    return Index.from_bytes(repo.read_bytes(INDEX_PATH))
+    advice = "rebuild it from the tree with `cvmfs-ml model reindex REPO`"
+    return Index.from_bytes(read_bounded(repo, INDEX_PATH, MAX_INDEX_BYTES, advice))
 
 
 def missing_version(ref: ModelRef, names: list[str], where: str = "") -> NotFoundError:
@@ -111,7 +138,8 @@ def read_record(repo: TreeReader, ref: ModelRef) -> ModelRecord:
     """The ``model.json`` of ``ref`` (an alias or no version resolves first), with its aliases."""
     ref = resolve_version(repo, ref)
     try:
-        raw = repo.read_bytes(ref.model_json_path)
+        advice = "not a model.json cvmfs-ml writes; ask the repository's publisher"
+        raw = read_bounded(repo, ref.model_json_path, MAX_MODEL_JSON_BYTES, advice)
     except FileNotFoundError as exc:
         raise NotFoundError(ref.model_json_path) from exc
     try:

@@ -1,0 +1,94 @@
+"""``index.json`` and ``model.json`` come from anyone's repository: every reader bounds them.
+
+A hostile (or hand-edited) repository could publish an index or a ``model.json`` of gigabytes,
+which each reader (``model ls``/``info``/``check``, the publisher reading back the index) loaded
+whole. The catalog entry's size is checked first against a generous cap; the caps are lowered
+here so the files stay small.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from cvmfs_ml.cli.model import model_app
+from cvmfs_ml.errors import FormatError
+from cvmfs_ml.models import tree
+from cvmfs_ml.models.layout import INDEX_PATH, ModelRef
+from cvmfs_ml.models.publish import list_models, open_published, publish_model
+from cvmfs_ml.publish.repository import Publisher, create_repository
+
+app = typer.Typer()
+app.add_typer(model_app, name="model")
+runner = CliRunner()
+
+
+def cli(*args: str | Path, code: int = 0) -> tuple[str, str]:
+    """``cvmfs-ml model ARGS``: its exit code checked, (stdout, stderr) returned."""
+    result = runner.invoke(app, ["model", *map(str, args)])
+    assert result.exit_code == code, (result.stdout, result.stderr, result.exception)
+    return result.stdout, result.stderr
+
+
+@pytest.fixture
+def publisher(tmp_path: Path) -> Publisher:
+    publisher = create_repository(tmp_path / "srv", "bounds.test")
+    for version in ("1", "2"):
+        src = tmp_path / f"src{version}"
+        src.mkdir()
+        (src / "w.bin").write_bytes(version.encode() * 100)
+        publish_model(publisher, src, ModelRef.parse(f"t/a:{version}"))
+    return publisher
+
+
+def _replace(publisher: Publisher, path: str, data: bytes) -> None:
+    with publisher.transaction() as txn:
+        txn.add_bytes(path, data)
+        txn.commit()
+
+
+def _padded(publisher: Publisher, path: str, size: int) -> None:
+    """The file at ``path`` as it is, padded with spaces to ``size`` bytes (still valid JSON)."""
+    with open_published(publisher) as repo:
+        data = repo.read_bytes(path)
+    _replace(publisher, path, data + b" " * (size - len(data)))
+
+
+def test_an_oversized_model_json_is_refused_in_one_line(
+    publisher: Publisher, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(tree, "MAX_MODEL_JSON_BYTES", 4000, raising=False)
+    _padded(publisher, "/t/a/2/model.json", 5000)
+    _, err = cli("info", publisher.repo_dir, "t/a:2", code=1)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("cvmfs-ml: "), err
+    assert "/t/a/2/model.json: 5000 bytes, more than the 4000" in lines[0], err
+    assert "Traceback" not in err
+    out, _ = cli("info", publisher.repo_dir, "t/a:1", "--json")  # the other one still reads
+    assert json.loads(out)["version"] == "1"
+
+
+def test_an_oversized_index_is_refused_and_the_publisher_rebuilds_it(
+    publisher: Publisher, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(tree, "MAX_INDEX_BYTES", 8000, raising=False)
+    _padded(publisher, INDEX_PATH, 9000)
+    with open_published(publisher) as repo, pytest.raises(FormatError) as caught:
+        tree.read_index(repo)
+    assert "9000 bytes, more than the 8000" in str(caught.value)
+    assert "cvmfs-ml model reindex" in str(caught.value)
+    # ``model check`` reads it too: one line, not a load of the whole file
+    _, err = cli("check", publisher.repo_dir, code=1)
+    assert "9000 bytes, more than the 8000" in err and "Traceback" not in err
+    # The publisher counts an oversized index as broken: rebuilt from the tree on the next change.
+    src = tmp_path / "src3"
+    src.mkdir()
+    (src / "w.bin").write_bytes(b"3" * 100)
+    publish_model(publisher, src, ModelRef.parse("t/a:3"))
+    with open_published(publisher) as repo:
+        assert repo.stat(INDEX_PATH).size < 8000
+        assert [str(r.ref) for r in list_models(repo)] == ["t/a:1", "t/a:2", "t/a:3"]
