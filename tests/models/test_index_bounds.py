@@ -80,7 +80,7 @@ def test_an_oversized_index_is_refused_and_the_publisher_rebuilds_it(
     with open_published(publisher) as repo, pytest.raises(FormatError) as caught:
         tree.read_index(repo)
     assert "9000 bytes, more than the 8000" in str(caught.value)
-    assert "cvmfs-ml model reindex" in str(caught.value)
+    assert "not an index cvmfs-ml writes" in str(caught.value)
     # ``model check`` reads it too: one line, not a load of the whole file
     _, err = cli("check", publisher.repo_dir, code=1)
     assert "9000 bytes, more than the 8000" in err and "Traceback" not in err
@@ -92,3 +92,44 @@ def test_an_oversized_index_is_refused_and_the_publisher_rebuilds_it(
     with open_published(publisher) as repo:
         assert repo.stat(INDEX_PATH).size < 8000
         assert [str(r.ref) for r in list_models(repo)] == ["t/a:1", "t/a:2", "t/a:3"]
+
+
+@pytest.mark.parametrize(
+    ("body", "said"),
+    [
+        (b"garbage", "not JSON"),
+        (b'{"schema": "cvmfs-ml.index/1", "models": {"t/a": {"versions": {"1": {"size": "big"}}}}}',
+         "bad model record for t/a:1"),
+        (b'{"schema": "cvmfs-ml.index/1", "models": {"t/a": {"versions": {"1": {"format": 5}}}}}',
+         "'format' of t/a:1 is not a string"),
+        (None, "9000 bytes, more than the 8000"),
+    ],
+)  # fmt: skip
+def test_ls_lists_from_the_tree_when_the_index_does_not_read(
+    publisher: Publisher, monkeypatch: pytest.MonkeyPatch, body: bytes | None, said: str
+) -> None:
+    monkeypatch.setattr(tree, "MAX_INDEX_BYTES", 8000, raising=False)
+    if body is None:
+        _padded(publisher, INDEX_PATH, 9000)
+    else:
+        _replace(publisher, INDEX_PATH, body)
+    out, err = cli("ls", publisher.repo_dir, "--json")
+    rows = json.loads(out)
+    assert [(r["ref"], r["size"], r["aliases"]) for r in rows] == [
+        ("t/a:1", 100, []),
+        ("t/a:2", 100, ["latest"]),
+    ]
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("cvmfs-ml: warning: "), err
+    assert said in lines[0] and "cvmfs-ml model reindex" in lines[0], err
+    # ``model check`` names the index as the problem (one that does not parse: with what to do)
+    _, err = cli("check", publisher.repo_dir, code=1)
+    problems = [line for line in err.splitlines() if line.startswith("problem:")]
+    if body is None or body == b"garbage":
+        assert len(problems) == 1 and "cvmfs-ml model reindex" in problems[0], err
+    else:
+        assert "problem: t/a:1: index entry differs from model.json" in problems, err
+    # and the repair works
+    cli("reindex", publisher.repo_dir)
+    _, err = cli("ls", publisher.repo_dir)
+    assert err == ""

@@ -27,6 +27,7 @@ from cvmfs_ml.cli.common import (
     open_repository,
     use_blacklist,
     visible,
+    warn,
 )
 from cvmfs_ml.cli.s3 import S3ConfigOption, s3_params
 
@@ -196,8 +197,11 @@ def model_ls(
     use_blacklist(blacklist)
     from cvmfs_ml.models.publish import list_models
 
+    notes: list[str] = []  # printed once it worked: a failure stays one line
     with open_repository(repo, key, config=config, proxy=proxy) as repository:
-        records = list_models(repository)
+        records = list_models(repository, warn=notes.append)
+    for note in notes:  # an index that does not read: listed from the tree
+        warn(note)
     if as_json:
         typer.echo(json_text([_row(r) for r in records]))
         return

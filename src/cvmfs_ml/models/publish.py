@@ -19,11 +19,12 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import logging
 import os
 import shutil
 import tempfile
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,6 +51,7 @@ from cvmfs_ml.models.prepare import (
 )
 from cvmfs_ml.models.sources.local import SourceTree
 from cvmfs_ml.models.tree import (
+    REINDEX_HINT,
     TreeReader,
     read_index,
     read_record,
@@ -74,6 +76,8 @@ __all__ = [
     "remove_model",
     "set_alias",
 ]
+
+log = logging.getLogger(__name__)
 
 #: Names a version may not take: they are aliases every model may have.
 RESERVED_VERSIONS = frozenset({ALIAS_LATEST})
@@ -125,19 +129,27 @@ def _published(publisher: Publisher) -> Iterator[Repository]:
         repo.close()
 
 
-def _load_index(repo: TreeReader) -> Index:
+def _load_index(repo: TreeReader, warn: Callable[[str], None] | None = None) -> Index:
     """The index, rebuilt from the tree (the truth) when the file is missing or unreadable,
-    so a hand edit never blocks the next publish: that publish writes a repaired index."""
+    so a hand edit never blocks the next publish: that publish writes a repaired index.
+    ``warn`` hears of an unreadable one (a missing one is a repository with no model yet)."""
     try:
         index = read_index(repo)
-    except FormatError:
-        return scan_models(repo)
+    except FormatError as exc:
+        return _from_tree(repo, exc, warn)
     if not index.models:
         try:
             repo.stat(INDEX_PATH)
         except FileNotFoundError:
             return scan_models(repo)
     return index
+
+
+def _from_tree(repo: TreeReader, exc: FormatError, warn: Callable[[str], None] | None) -> Index:
+    """The index rebuilt from the tree, in place of the unreadable one ``exc`` describes."""
+    if warn is not None:
+        warn(f"{exc}; models read from the tree instead ({REINDEX_HINT})")
+    return scan_models(repo)
 
 
 def _write_index(txn: Transaction, index: Index) -> None:
@@ -447,12 +459,20 @@ def reindex(publisher: Publisher) -> Index:
     return index
 
 
-def list_models(repo: TreeReader, *, full: bool = False) -> list[ModelRecord]:
+def list_models(
+    repo: TreeReader, *, full: bool = False, warn: Callable[[str], None] | None = None
+) -> list[ModelRecord]:
     """Every published version, sorted by reference, from the index (one file read).
 
     Index records carry no ``files``/``models``; ``full=True`` reads every ``model.json``.
+    An index that does not read (or has an entry that does not) gives way to the tree, as it
+    does for the publisher, and ``warn`` is told once (default: the log).
     """
-    records = _load_index(repo).records()
+    warn = warn or log.warning
+    try:
+        records = _load_index(repo, warn).records()
+    except FormatError as exc:  # an entry whose summary is not one we write
+        records = _from_tree(repo, exc, warn).records()
     if not full:
         return records
     return [read_record(repo, r.ref) for r in records]

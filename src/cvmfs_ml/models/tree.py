@@ -28,6 +28,7 @@ from cvmfs_ml.models.layout import (
 __all__ = [
     "MAX_INDEX_BYTES",
     "MAX_MODEL_JSON_BYTES",
+    "REINDEX_HINT",
     "TreeReader",
     "check_layout",
     "missing_version",
@@ -46,6 +47,8 @@ __all__ = [
 MAX_INDEX_BYTES = 64 * 2**20
 #: The largest ``model.json`` a reader loads: a file list of about 100,000 files.
 MAX_MODEL_JSON_BYTES = 16 * 2**20
+#: What to do about an index that does not read (the tree is the truth, see :func:`scan_models`).
+REINDEX_HINT = "repair it with `cvmfs-ml model reindex REPO`"
 
 
 class TreeReader(Protocol):
@@ -87,7 +90,7 @@ def read_index(repo: TreeReader) -> Index:
     An index over :data:`MAX_INDEX_BYTES` is a :class:`FormatError`, as one that does not parse."""
     if not _exists(repo, INDEX_PATH):
         return Index()
-    advice = "rebuild it from the tree with `cvmfs-ml model reindex REPO`"
+    advice = "not an index cvmfs-ml writes"
     return Index.from_bytes(read_bounded(repo, INDEX_PATH, MAX_INDEX_BYTES, advice))
 
 
@@ -201,8 +204,12 @@ def check_layout(repo: TreeReader) -> list[str]:
     is indexed with the same summary, aliases match the symlinks, and no alias dangles.
     """
     problems: list[str] = []
-    index = read_index(repo)
     tree = scan_models(repo)
+    try:
+        index = read_index(repo)
+    except FormatError as exc:  # nothing to compare with: the one problem is the index
+        problems.append(f"{exc}; {REINDEX_HINT}")
+        index = tree
     for key in sorted(set(index.models) | set(tree.models)):
         listed, found = index.models.get(key), tree.models.get(key)
         if listed is None:
