@@ -13,8 +13,10 @@ servers) can open:
   where the file system allows (one copy of the bytes on disk) and copied where it does not.
 
 Aliases are resolved once, to the version they point to at that moment, so a folder handed to a
-server never changes under it. A version folder never changes once published, so a complete
-materialised copy (it appears by one atomic rename) is reused as it is.
+server never changes under it. A complete materialised copy (it appears by one atomic rename)
+is reused while it matches what the repository holds (:mod:`cvmfs_ml.models.copies`: a version
+removed and published again with other bytes is copied again), and as it is, with a warning,
+when the repository cannot be reached.
 
 The same machinery serves the KServe storage initializer (:mod:`cvmfs_ml.integrations.kserve`)
 for plain ``cvmfs://<fqrn>/<path>`` URIs: :func:`parse_uri`, :func:`mounted_root`,
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import os
 import posixpath
 import re
@@ -49,6 +52,7 @@ from cvmfs_ml.errors import (
     UnsafeInputError,
     is_disk_full,
 )
+from cvmfs_ml.models.copies import content_id, record_path, recorded, set_aside, write_record
 from cvmfs_ml.models.layout import ALIAS_LATEST, ModelRef
 from cvmfs_ml.models.tree import missing_version
 
@@ -67,6 +71,8 @@ __all__ = [
     "resolve_in_mount",
     "resolve_path",
 ]
+
+log = logging.getLogger(__name__)
 
 SCHEME = "cvmfs://"
 _FQRN_RE = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9_-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9_-]+)*")
@@ -523,33 +529,45 @@ def locate(
                 link_tree(found, Path(dest))
                 return Resolved(Path(dest), True, version)
             return Resolved(found, True, version)
-    # Never a shared folder such as /tmp: a complete copy there is trusted without the server.
+    # Never a shared folder such as /tmp: a complete copy there is used when the server is not
+    # there to check it against.
     base = (config.cache_base if config is not None else default_cache_base(env)) / "materialised"
-    if dest is None and fqrn and uri.model is not None:
-        # Only versions are ever materialised (an alias is stored under the version it named),
-        # and a version never changes: a complete copy is good without asking the server.
-        known = base / fqrn / uri.path
-        if _complete(known):
-            return Resolved(known, False, known.name)
-    with _open(uri, repo, key, config_files, cache, env) as repository:
+    known = base / fqrn / uri.path if dest is None and fqrn and uri.model is not None else None
+    with contextlib.ExitStack() as stack:
         try:
+            repository = stack.enter_context(_open(uri, repo, key, config_files, cache, env))
             entry = repository.resolve(uri.path)
+            ident = content_id(repository, entry) if dest is None else ""
         except NotFoundError:
             if uri.model is None:
                 raise
             raise _missing(uri, lambda path: [posixpath.basename(e.path)
                                               for e in repository.listdir(path)],
                            repository.fqrn) from None  # fmt: skip
+        except (CvmfsMlError, OSError) as exc:
+            if known is None or not _complete(known):
+                raise
+            (warn or log.warning)(f"could not check {known} against the repository, so it may be "
+                                  f"out of date; using it as it is ({exc})")  # fmt: skip
+            return Resolved(known, False, known.name)
         if uri.model is not None and not entry.is_dir:
             raise NotFoundError(f"model version {uri}", repository.fqrn)
         check_version(uri, entry.path)
         version = posixpath.basename(entry.path) if uri.model is not None else None
-        if dest is None:
-            dest = base / repository.fqrn / entry.path.lstrip("/")
-            if _complete(dest):
+        if dest is not None:
+            materialise(repository, entry.path, Path(dest), progress=progress, warn=warn)
+            return Resolved(Path(dest), False, version)
+        dest = base / repository.fqrn / entry.path.lstrip("/")
+        record = record_path(base, repository.fqrn, entry.path)
+        if _complete(dest):
+            if recorded(record) == ident:
                 return Resolved(dest, False, version)
-        materialise(repository, entry.path, Path(dest), progress=progress, warn=warn)
-        return Resolved(Path(dest), False, version)
+            # The version was published again with other content (or the copy is older than
+            # its record): made again, the old one set aside.
+            stack.enter_context(set_aside(dest))
+        materialise(repository, entry.path, dest, progress=progress, warn=warn)
+        write_record(record, ident)
+        return Resolved(dest, False, version)
 
 
 def _missing(uri: CvmfsUri, listdir: Callable[[str], list[str]], where: str) -> NotFoundError:
