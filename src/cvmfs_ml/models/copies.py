@@ -16,13 +16,18 @@ import contextlib
 import hashlib
 import os
 import posixpath
-import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-__all__ = ["content_id", "record_path", "recorded", "set_aside", "write_record"]
+from cvmfs_ml.storage.held import held_folder
+
+__all__ = ["STAGING_PREFIX", "content_id", "record_path", "recorded", "set_aside", "write_record"]
+
+#: Folders beside a copy while it is made (or set aside): held with a lock for the life of the
+#: process filling them (:mod:`cvmfs_ml.storage.held`), removed by the next one if it was killed.
+STAGING_PREFIX = ".cvmfs-ml-partial."
 
 _RECORDS = ".sources"  # no repository name starts with a dot: never a repository's folder
 _SUFFIX = ".from"
@@ -78,15 +83,12 @@ def set_aside(dest: Path) -> Iterator[None]:
     """Move the stale copy ``dest`` out of the way for the body to make a new one there, then
     remove it; put it back where the body fails (the record still describes it).
 
-    Processes reading the old copy keep their open files; the old folder goes to a staging
-    folder beside it (``.<name>.partial-*``), as a copy being made does."""
-    aside = Path(tempfile.mkdtemp(prefix=f".{dest.name}.partial-", dir=dest.parent))
-    old = aside / "stale"
-    try:
-        try:
+    Processes reading the old copy keep their open files; the old folder goes into a staging
+    folder beside it (held as a copy being made is, so a killed process leaves it to the next)."""
+    with held_folder(dest.parent, STAGING_PREFIX, f"{dest.name}.") as aside:
+        old = aside / "stale"
+        with contextlib.suppress(FileNotFoundError):  # another process set it aside first
             os.rename(dest, old)
-        except FileNotFoundError:
-            pass  # another process set it aside first
         try:
             yield
         except BaseException:
@@ -94,5 +96,3 @@ def set_aside(dest: Path) -> Iterator[None]:
                 with contextlib.suppress(OSError):
                     os.rename(old, dest)
             raise
-    finally:
-        shutil.rmtree(aside, ignore_errors=True)

@@ -33,7 +33,6 @@ import posixpath
 import re
 import shutil
 import stat
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,9 +51,17 @@ from cvmfs_ml.errors import (
     UnsafeInputError,
     is_disk_full,
 )
-from cvmfs_ml.models.copies import content_id, record_path, recorded, set_aside, write_record
+from cvmfs_ml.models.copies import (
+    STAGING_PREFIX,
+    content_id,
+    record_path,
+    recorded,
+    set_aside,
+    write_record,
+)
 from cvmfs_ml.models.layout import ALIAS_LATEST, ModelRef
 from cvmfs_ml.models.tree import missing_version
+from cvmfs_ml.storage.held import held_folder
 
 __all__ = [
     "CvmfsUri",
@@ -247,18 +254,24 @@ def _staging(dest: Path) -> Any:
     """A fresh folder beside ``dest``, moved into place on success and removed on failure.
 
     Inside ``dest`` where it is a volume's root (KServe's ``/mnt/models`` emptyDir): nothing
-    can be renamed onto a mount point or across one."""
+    can be renamed onto a mount point or across one. The folder is held with a lock while it
+    is filled, so that one a killed process left is removed by the next copy made beside it
+    (:func:`cvmfs_ml.storage.held.held_folder`)."""
     parent = dest if dest.is_dir() and os.path.ismount(dest) else dest.parent
-    parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{dest.name}.partial-", dir=parent))
     try:
-        yield stage
-    except BaseException as exc:
-        shutil.rmtree(stage, ignore_errors=True)
-        if isinstance(exc, OSError) and is_disk_full(exc) and not isinstance(exc, CvmfsMlError):
+        parent.mkdir(parents=True, exist_ok=True)
+        with held_folder(parent, STAGING_PREFIX, f"{dest.name}.") as stage:
+            yield stage
+            _into_place(stage, dest, parent)
+    except OSError as exc:
+        if is_disk_full(exc) and not isinstance(exc, CvmfsMlError):
             # A write's ENOSPC names no file: say which disk is full (not the cache's).
             raise OSError(exc.errno, exc.strerror, os.path.abspath(parent)) from exc
         raise
+
+
+def _into_place(stage: Path, dest: Path, parent: Path) -> None:
+    """Move the complete ``stage`` to ``dest`` (its entries, where ``dest`` is a volume's root)."""
     if parent == dest:
         _move_entries(stage, dest)
         return
@@ -270,9 +283,8 @@ def _staging(dest: Path) -> Any:
         if exc.errno in (errno.EBUSY, errno.EXDEV):  # a bind mount ismount() does not see
             _move_entries(stage, dest)
             return
-        shutil.rmtree(stage, ignore_errors=True)
         if exc.errno in (errno.ENOTEMPTY, errno.EEXIST) and _complete(dest):
-            return  # another process finished the same copy first (versions never change)
+            return  # another process finished the same copy first (it is the same content)
         raise
 
 
