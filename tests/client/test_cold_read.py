@@ -30,7 +30,7 @@ from cvmfs_ml.client.repository import Repository
 from cvmfs_ml.cvmfs.catalog import Chunk
 from cvmfs_ml.cvmfs.hashing import Digest, hash_bytes
 from cvmfs_ml.cvmfs.objects import Compression
-from cvmfs_ml.models.refs import materialise
+from cvmfs_ml.models.materialise import materialise
 from cvmfs_ml.publish.repository import create_repository
 from cvmfs_ml.publish.settings import PublishSettings
 from cvmfs_ml.storage.http import RepositoryServer

@@ -28,7 +28,7 @@ pytestmark = pytest.mark.service
 _STAGER = """
 import sys, threading
 from pathlib import Path
-from cvmfs_ml.models.refs import _staging
+from cvmfs_ml.models.materialise import _staging
 
 with _staging(Path(sys.argv[1])) as stage:
     (stage / "model.onnx").write_bytes(b"half a model")

@@ -63,3 +63,30 @@ def test_a_version_published_again_is_copied_again(site: Site, tmp_path: Path) -
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("cvmfs-ml: warning: "), err
     assert "could not check" in lines[0] and str(second) in lines[0], err
+
+
+def test_a_repository_that_fails_its_checks_is_not_taken_for_offline(
+    site: Site, tmp_path: Path
+) -> None:
+    """Only a repository that cannot be reached leaves the copy in use: one whose signature
+    does not verify (another key, a tampered server) is an error, not a warning."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    _publish(site, tmp_path / "a", "A\n")
+    first, _ = _model_path(site)
+    other = rsa.generate_private_key(public_exponent=65537, key_size=2048).public_key()
+    pem = other.public_bytes(serialization.Encoding.PEM,
+                             serialization.PublicFormat.SubjectPublicKeyInfo)  # fmt: skip
+    (tmp_path / "other.pub").write_bytes(pem)
+    text = site.config.read_text()
+    site.config.write_text(text.replace(str(site.publisher.keys.paths.master_public),
+                                        str(tmp_path / "other.pub")))  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-m", "cvmfs_ml.cli", "model", "path", REF, "--copy"],
+        env=site.env, capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert done.returncode == 1, (done.stdout, done.stderr)
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "could not check" not in lines[0], done.stderr
+    assert (first / "weights.txt").read_text() == "A\n"  # the copy itself is left as it was

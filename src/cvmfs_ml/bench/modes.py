@@ -417,17 +417,18 @@ class FsspecMode(StorageMode):
 class GetMode(FsspecMode):
     """``cvmfs-ml model get`` with no mount: a verified local copy made through the client.
 
-    The copy (:func:`cvmfs_ml.models.refs.materialise`, what ``model get --copy`` runs) is made
-    by the measured process into its scratch folder, so its time counts; the client cache
-    lives across measurements like :class:`FsspecMode`'s: cold wipes it, warm keeps it (the
-    copy is then hard-linked from the cache, nothing fetched), hot keeps the page cache too.
+    The copy (:func:`cvmfs_ml.models.materialise.materialise`, what ``model get --copy``
+    runs) is made by the measured process into its scratch folder, so its time counts; the
+    client cache lives across measurements like :class:`FsspecMode`'s: cold wipes it, warm
+    keeps it (the copy is then hard-linked from the cache, nothing fetched), hot keeps the page
+    cache too.
     """
 
     name = "get"
 
     def start(self, ctx: ModeContext) -> None:
         super().start(ctx)
-        self.client = "model get (cvmfs_ml.models.refs.materialise)"
+        self.client = "model get (cvmfs_ml.models.materialise.materialise)"
 
     def access(self, model: ModelFiles, scratch: Path) -> dict[str, Any]:
         spec = super().access(model, scratch)

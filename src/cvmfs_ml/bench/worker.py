@@ -125,7 +125,7 @@ def _read_cvmfs(access: dict[str, Any], files: list[str]) -> dict[str, bytes]:
 
 def _model_get(access: dict[str, Any]) -> Path:
     """``model get --copy``: materialise ``access['root']`` into ``access['dest']``."""
-    from cvmfs_ml.models.refs import materialise
+    from cvmfs_ml.models.materialise import materialise
 
     with _open_client(access) as repo:
         return materialise(repo, access["root"], Path(access["dest"]))
@@ -274,7 +274,7 @@ def _import_libraries(runtime: str, access: str, client: str | None) -> None:
         modules += (["fsspec", "cvmfs_ml.client.fsspec"] if client == "fsspec"
                     else ["cvmfs_ml.client.repository"])
     elif access == "get":
-        modules += ["cvmfs_ml.client.repository", "cvmfs_ml.models.refs"]
+        modules += ["cvmfs_ml.client.repository", "cvmfs_ml.models.materialise"]
     elif access == "download":
         modules.append("urllib3")
     elif access == "oci":

@@ -43,11 +43,10 @@ from pathlib import Path
 from typing import Any
 
 from cvmfs_ml.errors import ConfigError, NotFoundError
+from cvmfs_ml.models.materialise import link_tree, materialise
 from cvmfs_ml.models.refs import (
     CvmfsUri,
     check_version,
-    link_tree,
-    materialise,
     mount_roots,
     mounted_root,
     parse_uri,

@@ -26,33 +26,26 @@ for plain ``cvmfs://<fqrn>/<path>`` URIs: :func:`parse_uri`, :func:`mounted_root
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
 import os
 import posixpath
 import re
-import shutil
-import stat
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
-from cvmfs_ml.client.cache_file import preallocate
 from cvmfs_ml.client.config import default_cache_base
-from cvmfs_ml.client.entries import resolve_path as follow_links
 from cvmfs_ml.client.locate import open_target, target_fqrn
-from cvmfs_ml.cvmfs.catalog import MARKER
 from cvmfs_ml.errors import (
     ConfigError,
-    CvmfsMlError,
+    DownloadError,
     FormatError,
     NotFoundError,
+    StorageError,
     UnsafeInputError,
-    is_disk_full,
 )
 from cvmfs_ml.models.copies import (
-    STAGING_PREFIX,
     content_id,
     record_path,
     recorded,
@@ -60,16 +53,14 @@ from cvmfs_ml.models.copies import (
     write_record,
 )
 from cvmfs_ml.models.layout import ALIAS_LATEST, ModelRef
+from cvmfs_ml.models.materialise import Progress, Warn, is_complete, link_tree, materialise
 from cvmfs_ml.models.tree import missing_version
-from cvmfs_ml.storage.held import held_folder
 
 __all__ = [
     "CvmfsUri",
     "Resolved",
     "check_version",
-    "link_tree",
     "locate",
-    "materialise",
     "mount_roots",
     "mounted_root",
     "parse_ref",
@@ -84,13 +75,6 @@ log = logging.getLogger(__name__)
 SCHEME = "cvmfs://"
 _FQRN_RE = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9_-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9_-]+)*")
 _MAX_PATH = 4096
-_COPY_BLOCK = 8 * 2**20
-
-Progress = Callable[[int], None]
-"""Called with the number of bytes just written (for progress bars)."""
-
-Warn = Callable[[str], None]
-"""Called with one line about something written differently from the source (a kept link)."""
 
 
 @dataclass(frozen=True)
@@ -240,223 +224,6 @@ def resolve_path(repo: Any, path: str) -> Any:
     return repo.resolve(current)
 
 
-# -- writing folders ------------------------------------------------------------------------------
-def _check_dest(dest: Path) -> None:
-    """``dest`` must be absent or an empty folder: nothing a user made is ever overwritten."""
-    if dest.is_symlink() or (dest.exists() and not dest.is_dir()):
-        raise ConfigError(f"{dest} exists and is not an empty folder; pick another destination")
-    if dest.is_dir() and any(dest.iterdir()):
-        raise ConfigError(f"{dest} is not empty; pick an empty or new folder")
-
-
-@contextlib.contextmanager
-def _staging(dest: Path) -> Any:
-    """A fresh folder beside ``dest``, moved into place on success and removed on failure.
-
-    Inside ``dest`` where it is a volume's root (KServe's ``/mnt/models`` emptyDir): nothing
-    can be renamed onto a mount point or across one. The folder is held with a lock while it
-    is filled, so that one a killed process left is removed by the next copy made beside it
-    (:func:`cvmfs_ml.storage.held.held_folder`)."""
-    parent = dest if dest.is_dir() and os.path.ismount(dest) else dest.parent
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-        with held_folder(parent, STAGING_PREFIX, f"{dest.name}.") as stage:
-            yield stage
-            _into_place(stage, dest, parent)
-    except OSError as exc:
-        if is_disk_full(exc) and not isinstance(exc, CvmfsMlError):
-            # A write's ENOSPC names no file: say which disk is full (not the cache's).
-            raise OSError(exc.errno, exc.strerror, os.path.abspath(parent)) from exc
-        raise
-
-
-def _into_place(stage: Path, dest: Path, parent: Path) -> None:
-    """Move the complete ``stage`` to ``dest`` (its entries, where ``dest`` is a volume's root)."""
-    if parent == dest:
-        _move_entries(stage, dest)
-        return
-    try:
-        if dest.is_dir():
-            dest.rmdir()  # empty (checked before); fails for a volume's mount point
-        os.replace(stage, dest)
-    except OSError as exc:
-        if exc.errno in (errno.EBUSY, errno.EXDEV):  # a bind mount ismount() does not see
-            _move_entries(stage, dest)
-            return
-        if exc.errno in (errno.ENOTEMPTY, errno.EEXIST) and _complete(dest):
-            return  # another process finished the same copy first (it is the same content)
-        raise
-
-
-def _move_entries(stage: Path, dest: Path) -> None:
-    """Move ``stage``'s entries into an existing ``dest`` (a volume's root cannot be renamed),
-    copying across file systems; on failure ``dest`` is left as empty as it was."""
-    moved: list[Path] = []
-    try:
-        dest.mkdir(exist_ok=True)
-        for entry in sorted(stage.iterdir()):
-            moved.append(dest / entry.name)
-            shutil.move(entry, dest / entry.name)
-    except BaseException:
-        for path in moved:
-            if path.is_dir() and not path.is_symlink():
-                shutil.rmtree(path, ignore_errors=True)
-            else:
-                path.unlink(missing_ok=True)
-        raise
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
-
-
-def link_tree(source: Path, dest: Path) -> Path:
-    """``dest``: a folder of symlinks to each entry of ``source`` (or one link for a file), the
-    way KServe's storage initializer handles a local path. ``dest`` must be absent or empty."""
-    _check_dest(dest)
-    with _staging(dest) as stage:
-        if source.is_dir():
-            for entry in sorted(source.iterdir()):
-                if entry.name == MARKER:
-                    continue
-                os.symlink(entry, stage / entry.name)
-        else:
-            os.symlink(source, stage / source.name)
-    return dest
-
-
-def _hard_link_or_copy(pieces: list[Path], target: Path, progress: Progress | None) -> None:
-    if len(pieces) == 1:
-        with contextlib.suppress(OSError):
-            os.link(pieces[0], target)
-            os.chmod(target, 0o444)  # shared inode with the cache: keep it read-only
-            if progress is not None:
-                progress(target.stat().st_size)
-            return
-    with open(target, "wb") as out:
-        preallocate(out.fileno(), sum(os.stat(piece).st_size for piece in pieces))
-        for piece in pieces:
-            with open(piece, "rb") as src:
-                _append(src, out, progress)
-    os.chmod(target, 0o444)
-
-
-def _append(src: BinaryIO, out: BinaryIO, progress: Progress | None) -> None:
-    """Copy ``src`` to the end of ``out`` inside the kernel (``copy_file_range``: one copy, or
-    none where the file system shares blocks), with a plain read/write loop as the fallback."""
-    while True:
-        try:
-            n = os.copy_file_range(src.fileno(), out.fileno(), _COPY_BLOCK)
-        except OSError:  # not supported here (another file system, an old kernel)
-            break
-        if n <= 0:
-            return
-        if progress is not None:
-            progress(n)
-    while block := src.read(_COPY_BLOCK):
-        out.write(block)
-        if progress is not None:
-            progress(len(block))
-
-
-def _materialise_file(repo: Any, entry: Any, target: Path, progress: Progress | None) -> None:
-    layout = repo.layout(entry)
-    pieces = [repo.piece_path(layout, i) for i in range(len(layout.pieces))]
-    _hard_link_or_copy(pieces, target, progress)
-    size = target.stat().st_size
-    if size != entry.size:
-        raise UnsafeInputError(entry.path, f"materialised {size} bytes, catalog says {entry.size}")
-
-
-_NO_REPOSITORY = "/"  # no folder is named "/": every absolute link target leads out of the folder
-
-
-def _stays_inside(repo: Any, base: str, link: str) -> bool:
-    """Whether the link at ``link`` (below ``base``) leads to something inside ``base`` when
-    followed the way the copy in the destination will be: every link on the way, relative, and
-    no ``..`` above ``base``. Raises ``FileNotFoundError``/``OSError`` for a link that leads to
-    nothing (missing, a loop), which does the same in the destination."""
-    try:
-        follow_links(lambda path: repo.stat(base + path), link[len(base) :], _NO_REPOSITORY)
-    except UnsafeInputError:
-        return False
-    return True
-
-
-def _followed(repo: Any, base: str, entry: Any) -> Any:
-    """Where the link ``entry`` leads: ``None`` inside ``base`` (as the copy will follow it),
-    else the repository's entry, or why it is neither (a string)."""
-    try:
-        if _stays_inside(repo, base, entry.path):
-            return None
-        resolved = repo.resolve(entry.path)  # the repository's own entries only, never this disk
-    except UnsafeInputError:
-        return "leads outside the folder and the repository"
-    except FileNotFoundError:
-        return "leads to nothing"
-    except OSError as exc:  # a loop, a file used as a folder
-        return f"cannot be followed ({exc.strerror or exc})"
-    if resolved.is_regular:
-        return resolved
-    return "leads outside the folder to a " + ("folder" if resolved.is_dir else "special file")
-
-
-def _materialise_link(repo: Any, base: str, entry: Any, target: Path, progress: Progress | None,
-                      warn: Warn | None) -> None:  # fmt: skip
-    """One symlink of a copied folder (see :func:`materialise`)."""
-    if not entry.symlink or "\0" in entry.symlink:  # what no file system stores as a link
-        if warn is not None:
-            warn(f"{entry.path}: a link to {entry.symlink!r} cannot be written; left out")
-        return
-    found = _followed(repo, base, entry)
-    if found is not None and not isinstance(found, str):
-        _materialise_file(repo, found, target, progress)  # verified bytes of the repository
-        return
-    os.symlink(entry.symlink, target)
-    if found is not None and warn is not None:
-        rel = entry.path[len(base) :].lstrip("/")
-        warn(f"{rel}: a link to {entry.symlink!r} that {found}, kept as it is (not followed)")
-
-
-def materialise(repo: Any, path: str, dest: Path, *, progress: Progress | None = None,
-                warn: Warn | None = None) -> Path:  # fmt: skip
-    """Write the file or folder at ``path`` (symlinks followed) of ``repo`` into ``dest``.
-
-    Every piece is prefetched in parallel, verified by the client, then hard-linked from the
-    cache or copied; the folder appears at ``dest`` only when complete.
-
-    Symlinks inside the folder are followed the way the destination will follow them. One that
-    leads to something inside the folder is kept as a link. One that leads out of it to a
-    regular file of the repository is written as that file's bytes (from the repository,
-    verified; a model that shares weights with another keeps working). Any other one (to a
-    folder elsewhere, to a path outside the repository such as ``/etc/shadow``, to nothing) is
-    kept as the same link, and ``warn`` is told: nothing outside the repository is ever read,
-    and a folder elsewhere is not copied whole.
-    """
-    _check_dest(dest)
-    top = repo.resolve(path)
-    base = top.path
-    repo.prefetch(base)  # every piece of every file, in parallel
-    with _staging(dest) as stage:
-        if not top.is_dir:
-            _materialise_file(repo, top, stage / posixpath.basename(base), progress)
-            return dest
-        for entry in repo.walk(base):
-            if posixpath.basename(entry.path) == MARKER:
-                continue  # the publisher's nested-catalog marker, not part of the model
-            rel = entry.path[len(base) :].lstrip("/")
-            target = stage / rel
-            if entry.is_dir:
-                target.mkdir()
-            elif entry.is_symlink:
-                _materialise_link(repo, base, entry, target, progress, warn)
-            elif entry.is_regular:
-                _materialise_file(repo, entry, target, progress)
-        for folder in [stage, *(p for p in stage.rglob("*") if p.is_dir() and not p.is_symlink())]:
-            os.chmod(
-                folder, stat.S_IRWXU | stat.S_IRGRP | stat.S_IXGRP | stat.S_IROTH | stat.S_IXOTH
-            )
-    return dest
-
-
 # -- the entry point -------------------------------------------------------------------------------
 def _open(uri: CvmfsUri, repo: str | None, key: Any, config_files: Sequence[Any],
           cache: Any, env: Mapping[str, str]) -> Any:  # fmt: skip
@@ -556,8 +323,8 @@ def locate(
             raise _missing(uri, lambda path: [posixpath.basename(e.path)
                                               for e in repository.listdir(path)],
                            repository.fqrn) from None  # fmt: skip
-        except (CvmfsMlError, OSError) as exc:
-            if known is None or not _complete(known):
+        except (DownloadError, StorageError, OSError) as exc:  # not reached; a repository
+            if known is None or not is_complete(known):  # failing its checks is an error
                 raise
             (warn or log.warning)(f"could not check {known} against the repository, so it may be "
                                   f"out of date; using it as it is ({exc})")  # fmt: skip
@@ -571,7 +338,7 @@ def locate(
             return Resolved(Path(dest), False, version)
         dest = base / repository.fqrn / entry.path.lstrip("/")
         record = record_path(base, repository.fqrn, entry.path)
-        if _complete(dest):
+        if is_complete(dest):
             if recorded(record) == ident:
                 return Resolved(dest, False, version)
             # The version was published again with other content (or the copy is older than
@@ -590,11 +357,6 @@ def _missing(uri: CvmfsUri, listdir: Callable[[str], list[str]], where: str) -> 
     except (FileNotFoundError, NotADirectoryError):  # no such model at all
         names = []
     return missing_version(uri.model, names, where)
-
-
-def _complete(folder: Path) -> bool:
-    """A materialised copy appears by one rename, so any non-empty one is complete."""
-    return folder.is_dir() and not folder.is_symlink() and any(folder.iterdir())
 
 
 def resolve(ref: str, **options: Any) -> Path:

@@ -1,6 +1,6 @@
 """Folders a process holds for as long as it fills them, and the removal of those that killed
 processes left: a sync round's scratch folder (:mod:`cvmfs_ml.sync.scratch`), a copy being
-materialised (:mod:`cvmfs_ml.models.refs`).
+materialised (:mod:`cvmfs_ml.models.materialise`).
 
 A process works in ``<prefix><random>/`` and removes it (or renames it into place) as it ends.
 One that cannot unwind (``kill -9``, the OOM killer, a power cut) leaves it, half an image or
