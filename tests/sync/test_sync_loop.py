@@ -249,3 +249,22 @@ def test_a_round_that_fills_the_disk_cleans_up_after_itself(tmp_path: Path) -> N
         result = CliRunner().invoke(app, args)
         assert result.exit_code == 0, result.output
         assert model_files(publisher, "/hep/local/1") == {"weights.bin": sha256(b"w" * 1000)}
+
+
+def test_loop_rounds_exit_status_says_the_last_round_failed(
+    publisher: Publisher, tmp_path: Path
+) -> None:
+    """``--loop --rounds N`` exited 0 when every round failed, so scripts and CI took a sync
+    that published nothing for a success. Its exit status is now the last round's, as for a
+    one-shot sync: 1 with one line saying so."""
+    wishlist = _local_folder_wishlist(tmp_path)
+    (tmp_path / "model" / "weights.bin").unlink()
+    (tmp_path / "model").rmdir()  # the source is gone: every round fails on it
+    args = ["sync", str(wishlist), "--repo", str(publisher.repo_dir), "--loop"]
+    result = CliRunner().invoke(app, [*args, "--rounds", "2", "--interval", "0.05", "--json"])
+    assert result.exit_code == 1, result.output
+    assert [json.loads(line)["errors"] for line in result.stdout.splitlines()] == [1, 1]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("cvmfs-ml: sync: the last of 2 round(s) failed"), result.stderr
+    assert "Traceback" not in result.output
+    assert publisher.manifest().revision == 0

@@ -227,12 +227,10 @@ def _run(
     server = None
     try:
         if not loop:
-            report = runner.run_once()
-            if report is None or report.errors:
-                failed = f"{report.errors} item(s)" if report is not None else "the round"
-                typer.echo(
-                    f"cvmfs-ml: sync: {failed} failed (errors above); fix and run again", err=True
-                )
+            runner.run_once()
+            if runner.last_failure is not None:
+                typer.echo(f"cvmfs-ml: sync: {runner.last_failure} failed (errors above); "
+                           "fix and run again", err=True)  # fmt: skip
                 raise typer.Exit(1)
             return
         if webhook_port is not None:
@@ -245,6 +243,14 @@ def _run(
             runner.run(rounds=rounds)
         except KeyboardInterrupt:
             runner.stop()
+        if rounds is not None and runner.last_failure is not None:  # scripts and CI: as one-shot
+            typer.echo(
+                f"cvmfs-ml: sync: the last of {runner.rounds_run} round(s) failed "
+                f"({runner.last_failure}; {runner.rounds_failed} round(s) failed in all, errors "
+                "above); fix and run again",
+                err=True,
+            )
+            raise typer.Exit(1)
     finally:
         if server is not None:
             server.stop()

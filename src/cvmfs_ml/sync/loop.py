@@ -29,7 +29,15 @@ from cvmfs_ml.sync.events import EventLog
 from cvmfs_ml.sync.webhook import RegistryEvent
 from cvmfs_ml.sync.wishlist import load_wishlist
 
-__all__ = ["SyncLoop"]
+__all__ = ["SyncLoop", "round_failure"]
+
+
+def round_failure(report: RoundReport | None) -> str | None:
+    """What failed in a round (``None`` if nothing did): the round as a whole (no report), or
+    how many of its items. One-shot ``sync`` and ``--loop --rounds`` exit 1 on it."""
+    if report is None:
+        return "the round"
+    return f"{report.errors} item(s)" if report.errors else None
 
 
 class _Metrics:
@@ -81,6 +89,9 @@ class SyncLoop:
         self._lock = threading.Lock()
         self._pending: set[str] = set()
         self._full_now = False
+        self.rounds_run = 0  # full or webhook-triggered, failed or not
+        self.rounds_failed = 0
+        self.last_failure: str | None = None  # round_failure() of the latest round
 
     def notify(self, events: list[RegistryEvent]) -> None:
         """Webhook callback: remember the repositories and wake the loop."""
@@ -106,6 +117,14 @@ class SyncLoop:
         return pending
 
     def run_once(self, only: frozenset[str] | None = None) -> RoundReport | None:
+        """One round (limited to the repositories ``only`` names); ``None`` if it failed whole."""
+        report = self._round(only)
+        self.rounds_run += 1
+        self.last_failure = round_failure(report)
+        self.rounds_failed += self.last_failure is not None
+        return report
+
+    def _round(self, only: frozenset[str] | None) -> RoundReport | None:
         try:
             wishlist = load_wishlist(self.wishlist)
             options = replace(self.options, only_repositories=only)
