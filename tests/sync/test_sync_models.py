@@ -37,6 +37,7 @@ from cvmfs_ml.publish.repository import Publisher
 from cvmfs_ml.sync.auth import AuthFile
 from cvmfs_ml.sync.engine import SyncOptions, run_round
 from cvmfs_ml.sync.events import EventLog
+from cvmfs_ml.sync.loop import SyncLoop
 from cvmfs_ml.sync.wishlist import parse_wishlist
 from cvmfs_ml.testing import free_port
 from models.oci_helpers import TokenFront, push_blob, push_manifest, push_modelpack
@@ -286,6 +287,58 @@ def test_credentials_from_the_auth_file(
         with_auth = run_round(publisher, spec, SyncOptions(auth=AuthFile.load(auth_file)))
         assert with_auth.errors == 0 and with_auth.committed
         assert model_files(publisher, "/hep/private/v1") == {"w.bin": sha256(b"secret")}
+    finally:
+        front.shutdown()
+        front.server_close()
+
+
+@pytest.mark.service
+def test_the_loop_reads_rotated_credentials(
+    docker_registry: Any, publisher: Publisher, tmp_path: Path
+) -> None:
+    """``--loop`` read the auth file once, at start: rotated credentials needed a restart (every
+    round a 401 until then). It is read again each round, as the wishlist is; an edit that
+    breaks it is one error event, and the credentials read before stay in use."""
+    front = TokenFront(docker_registry.url)
+    thread = threading.Thread(target=front.serve_forever, daemon=True)
+    thread.start()
+    try:
+        oras_push(docker_registry.host, "ml/rotated:v1", {"w.bin": b"one"}, tmp_path / "p1")
+        wishlist = tmp_path / "wishlist.yaml"
+        wishlist.write_text(
+            f"version: 1\nmodels:\n  - source: http://{front.host}/ml/rotated:v*\n"
+            "    name: hep/rotated\n"
+        )
+        auth_file = tmp_path / "config.json"
+
+        def write_auth(user_password: bytes) -> None:
+            token = base64.b64encode(user_password).decode()
+            auth_file.write_text(json.dumps({"auths": {front.host: {"auth": token}}}))
+
+        write_auth(b"alice:expired")
+        log = EventLog()
+        loop = SyncLoop(publisher, wishlist, options=SyncOptions(auth=AuthFile.load(auth_file)),
+                        log=log)  # fmt: skip
+        first = loop.run_once()
+        assert first is not None and first.errors == 1 and not first.committed
+
+        write_auth(b"alice:secret")  # rotated while the loop runs
+        second = loop.run_once()
+        assert second is not None and second.errors == 0 and second.committed, [
+            e.error for e in log.events if e.status == "error"
+        ]
+        assert model_files(publisher, "/hep/rotated/v1") == {"w.bin": sha256(b"one")}
+
+        auth_file.write_text('{"auths": {')  # an edit half done
+        oras_push(docker_registry.host, "ml/rotated:v2", {"w.bin": b"two"}, tmp_path / "p2")
+        before = len(log.events)
+        third = loop.run_once()
+        assert third is not None and third.errors == 0 and third.committed
+        assert model_files(publisher, "/hep/rotated/v2") == {"w.bin": sha256(b"two")}
+        broken = [e for e in list(log.events)[before:] if e.status == "error"]
+        assert [e.action for e in broken] == ["read_auth"]
+        assert str(auth_file) in broken[0].error and "last good" in broken[0].error
+        assert "\n" not in broken[0].error
     finally:
         front.shutdown()
         front.server_close()

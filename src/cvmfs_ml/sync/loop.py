@@ -2,7 +2,10 @@
 
 The wishlist is read again before every round (DUCC's ``loop`` does the same), so editing it
 needs no restart; a wishlist broken by an edit is an ``error`` event and the loop carries on
-with the next round. A webhook call wakes the loop and runs a round limited to the repositories
+with the next round. So is the registry auth file (``SyncOptions.auth``, when it came from a
+file), so rotated credentials need no restart either; an auth file broken by an edit (or gone)
+is one ``read_auth`` error event per round, and the round goes on with the credentials last
+read. A webhook call wakes the loop and runs a round limited to the repositories
 it names; the full round still comes every ``interval``, and at once after a delete event
 (removals, with their grace period, are decided in full rounds only).
 
@@ -22,8 +25,9 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from cvmfs_ml.errors import CvmfsMlError
+from cvmfs_ml.errors import ConfigError, CvmfsMlError
 from cvmfs_ml.publish.repository import Publisher
+from cvmfs_ml.sync.auth import AuthFile
 from cvmfs_ml.sync.engine import RoundReport, SyncOptions, run_round
 from cvmfs_ml.sync.events import EventLog
 from cvmfs_ml.sync.webhook import RegistryEvent
@@ -127,7 +131,7 @@ class SyncLoop:
     def _round(self, only: frozenset[str] | None) -> RoundReport | None:
         try:
             wishlist = load_wishlist(self.wishlist)
-            options = replace(self.options, only_repositories=only)
+            options = replace(self.options, only_repositories=only, auth=self._read_auth())
             report = run_round(self.publisher, wishlist, options, self.log)
         except (CvmfsMlError, OSError) as exc:  # the loop goes on: the next round may heal it
             message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
@@ -150,6 +154,20 @@ class SyncLoop:
         if self.on_round is not None:
             self.on_round(report)
         return report
+
+    def _read_auth(self) -> AuthFile:
+        """The auth file as it is now (credentials are rotated); if an edit broke it, the
+        credentials read before, with one error event."""
+        if self.options.auth.path is None:  # given as entries, or no file to read
+            return self.options.auth
+        try:
+            self.options = replace(self.options, auth=AuthFile.load(self.options.auth.path))
+        except ConfigError as exc:
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            self.log("read_auth", status="error",
+                     error=f"{first}; using the last good credentials read from it until it is "
+                     "fixed")  # fmt: skip
+        return self.options.auth
 
     def run(self, *, rounds: int | None = None) -> None:
         """Loop until :meth:`stop` (or ``rounds`` rounds, full or webhook-triggered).
