@@ -3,7 +3,10 @@
 The keys are DUCC's notification keys where they fit (``ducc/notification/notification.go``):
 ``action``, ``image``, ``status`` (``ok`` / ``error``), ``error``, ``size_bytes``,
 ``public_path``, ``private_path``, ``time``, ``pid``. The file is append-only and line-buffered
-so several sync processes can write to it and ``logrotate`` can rotate it, as DUCC's.
+so several sync processes can write to it, as DUCC's. ``logrotate`` can rotate it with or
+without ``copytruncate``: before each event the path is checked, and when it no longer names
+the file open (renamed away, with or without a new one created), it is opened again, as
+:class:`logging.handlers.WatchedFileHandler` does.
 """
 
 from __future__ import annotations
@@ -65,13 +68,40 @@ class EventLog:
         self._echo = echo
         self._lock = threading.Lock()
         self._handle: TextIO | None = None
+        self._opened: tuple[int, int] | None = None  # (device, inode) of the file open
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._handle = open(self.path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115
+            self._handle = self._open(self.path)
+
+    def _open(self, path: Path) -> TextIO:
+        handle = open(path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115
+        st = os.fstat(handle.fileno())
+        self._opened = (st.st_dev, st.st_ino)
+        return handle
+
+    def _follow_rotation(self) -> None:
+        """Open the path again if it no longer names the file open (rotated away)."""
+        if self.path is None or self._handle is None:
+            return
+        try:
+            st = os.stat(self.path)
+            if (st.st_dev, st.st_ino) == self._opened:
+                return
+        except FileNotFoundError:
+            pass  # renamed and not created again: make it
+        except OSError:
+            return
+        try:
+            handle = self._open(self.path)
+        except OSError:
+            return  # go on in the file open (the rotated one) rather than lose the event
+        self._handle.close()
+        self._handle = handle
 
     def emit(self, event: Event) -> Event:
         with self._lock:
             self.events.append(event)
+            self._follow_rotation()
             if self._handle is not None:
                 line = {
                     **event.to_json(),
