@@ -104,3 +104,42 @@ def test_check_exits_1_on_a_defect(repo: Path, tmp_path: Path) -> None:
     result = cli("repo", "check", str(repo), ok=False)
     assert result.returncode == 1
     assert "FAILED" in result.stdout and f"data/{digest[:2]}/{digest[2:]}" in result.stderr
+
+
+URL = "http://127.0.0.1:9/cvmfs/cli.test"
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["repo", "publish", URL, "."],
+        ["repo", "rm", URL, "/a"],
+        ["repo", "tag", URL, "t1"],
+        ["repo", "gc", URL],
+        ["repo", "rollback", URL, "t1"],
+        ["repo", "resign", URL],
+        ["sync", "wishlist.yaml", "--repo", URL],
+        ["model", "publish", ".", "--repo", URL, "--as", "ns/name:1"],
+    ],
+    ids=lambda args: " ".join(args[:2]),
+)
+def test_writing_commands_say_a_url_cannot_be_written(
+    args: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A writing command given the repository's URL said 'no such file or directory:
+    http:/host/cvmfs/x/.cvmfspublished' (the URL taken as a folder); only the model commands
+    said what to do. All of them do now."""
+    from typer.testing import CliRunner
+
+    from cvmfs_ml.cli import app
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "wishlist.yaml").write_text(
+        f"version: 1\nmodels:\n  - source: {tmp_path}\n    name: ns/name\n    version: '1'\n"
+    )
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 1, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith(f"cvmfs-ml: {URL} is a URL; writing needs the repository folder")
+    assert "Traceback" not in result.output

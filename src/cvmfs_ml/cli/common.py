@@ -237,6 +237,19 @@ def open_repository(
     )
 
 
+def open_publisher(repo: str, keys: Path | None, s3_config: Path | None = None) -> Any:
+    """Open what a writing command names: the repository folder (or S3 bucket) with its keys.
+
+    A URL cannot be written; said so, not taken for a folder named ``http:``."""
+    from cvmfs_ml.cli.s3 import s3_params
+    from cvmfs_ml.publish.repository import Publisher
+
+    if repo.startswith(("http://", "https://")):
+        raise _fail(f"{repo} is a URL; writing needs the repository folder (or s3://) and its "
+                    "keys: run this where the repository is published")  # fmt: skip
+    return Publisher.open(repo, keys, s3_config=s3_params(s3_config))
+
+
 # Help texts are Rich markup: a backslash keeps a "[" literal (else "[/PREFIX]" is a closing tag).
 REPO_HELP = "repository folder or s3://BUCKET\\[/PREFIX]/FQRN"
 LOCATION_HELP = "repository: http(s)://.../cvmfs/<fqrn>, a repository folder, or a FQRN (--config)"

@@ -26,6 +26,7 @@ from cvmfs_ml.cli.common import (
     JsonOption,
     _fail,
     friendly,
+    open_publisher,
     visible,
 )
 from cvmfs_ml.models.sources.limits import MAX_BYTES
@@ -115,7 +116,6 @@ def model_ingest(
     as_json: JsonOption = False,
 ) -> None:
     """Publish a model from an OCI registry or MLflow (same source again: nothing to do)."""
-    from cvmfs_ml.cli.model import open_publisher
     from cvmfs_ml.models.layout import ALIAS_LATEST, ModelRef
 
     try:

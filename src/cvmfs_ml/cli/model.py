@@ -24,12 +24,13 @@ from cvmfs_ml.cli.common import (
     friendly,
     json_text,
     one_line,
+    open_publisher,
     open_repository,
     use_blacklist,
     visible,
     warn,
 )
-from cvmfs_ml.cli.s3 import S3ConfigOption, s3_params
+from cvmfs_ml.cli.s3 import S3ConfigOption
 
 model_app = typer.Typer(no_args_is_help=True, help="Publish and browse model versions.")
 
@@ -46,16 +47,6 @@ def _ref(text: str, *, require_version: bool = False) -> Any:
         return ModelRef.parse(text, require_version=require_version)
     except ValueError as exc:
         raise _fail(str(exc)) from exc
-
-
-def open_publisher(repo: str, keys: Path | None, s3_config: Path | None = None) -> Any:
-    """The writing commands' repository: its folder (or S3 bucket) with the keys, never a URL."""
-    from cvmfs_ml.publish.repository import Publisher
-
-    if repo.startswith(("http://", "https://")):
-        raise _fail(f"{repo} is a URL; writing needs the repository folder (or s3://) and its "
-                    "keys: run this where the repository is published")  # fmt: skip
-    return Publisher.open(repo, keys, s3_config=s3_params(s3_config))
 
 
 def _size(n: int) -> str:
@@ -357,4 +348,4 @@ def model_reindex(
     typer.echo(f"index rebuilt: {len(index.models)} models, {versions} versions")
 
 
-__all__ = ["model_app", "open_publisher"]
+__all__ = ["model_app"]

@@ -26,6 +26,7 @@ from cvmfs_ml.cli.common import (
     friendly,
     json_text,
     one_line,
+    open_publisher,
     open_repository,
     use_blacklist,
     visible,
@@ -100,9 +101,8 @@ def repo_publish(
 ) -> None:
     """Publish a folder or tarball as a new revision."""
     from cvmfs_ml.cli.progress import publish_progress
-    from cvmfs_ml.publish.repository import Publisher
 
-    publisher = Publisher.open(repo, keys, s3_config=s3_params(s3_config))
+    publisher = open_publisher(repo, keys, s3_config)
     with publisher.transaction() as txn:
         if src.is_dir():
             txn.add_folder(src, at, nested_catalog=nested)
@@ -144,9 +144,7 @@ def repo_rm(
     s3_config: S3ConfigOption = None,
 ) -> None:
     """Remove paths (and everything below them) in a new revision."""
-    from cvmfs_ml.publish.repository import Publisher
-
-    publisher = Publisher.open(repo, keys, s3_config=s3_params(s3_config))
+    publisher = open_publisher(repo, keys, s3_config)
     with publisher.transaction() as txn:
         for path in paths:
             txn.remove(path)
@@ -173,13 +171,12 @@ def repo_check(
 ) -> None:
     """Verify signatures, catalogs, counters and every referenced object; exit 1 on a defect."""
     from cvmfs_ml.client.check import check_repository
-    from cvmfs_ml.publish.repository import Publisher
 
     if repair_reflog:
         if repo.startswith(("http://", "https://")):
             raise _fail("--repair-reflog rebuilds the reflog of a repository you publish: give "
                         "its folder or s3:// location, not a URL")  # fmt: skip
-        publisher = Publisher.open(repo, keys, s3_config=s3_params(s3_config))
+        publisher = open_publisher(repo, keys, s3_config)
         count = publisher.repair_reflog()
         typer.echo(f"rebuilt .cvmfsreflog of {publisher.fqrn}: {count} references; manifest "
                    "re-signed", err=True)  # fmt: skip
@@ -396,9 +393,8 @@ def repo_gc(
     """Delete objects that neither HEAD nor any tag references."""
     from cvmfs_ml.cli.progress import polled_progress
     from cvmfs_ml.publish.gc import GcProgress, collect_garbage
-    from cvmfs_ml.publish.repository import Publisher
 
-    publisher = Publisher.open(repo, keys, s3_config=s3_params(s3_config))
+    publisher = open_publisher(repo, keys, s3_config)
     live = GcProgress()
     with polled_progress(
         "garbage collection", None, lambda: (live.bytes_listed, live.objects_listed), unit="objects"
@@ -425,9 +421,7 @@ def repo_tag(
     s3_config: S3ConfigOption = None,
 ) -> None:
     """Name the current revision (or remove a tag with -d)."""
-    from cvmfs_ml.publish.repository import Publisher
-
-    publisher = Publisher.open(repo, keys, s3_config=s3_params(s3_config))
+    publisher = open_publisher(repo, keys, s3_config)
     if remove:
         publisher.remove_tag(name)
         typer.echo(f"removed tag {name}")
@@ -445,9 +439,7 @@ def repo_rollback(
     s3_config: S3ConfigOption = None,
 ) -> None:
     """Publish an older tagged tree again as a new revision."""
-    from cvmfs_ml.publish.repository import Publisher
-
-    result = Publisher.open(repo, keys, s3_config=s3_params(s3_config)).rollback(tag)
+    result = open_publisher(repo, keys, s3_config).rollback(tag)
     typer.echo(f"revision {result.revision}: rolled back to {tag}")
 
 
@@ -460,10 +452,9 @@ def repo_resign(
     s3_config: S3ConfigOption = None,
 ) -> None:
     """Sign a fresh whitelist with the master key (before the old one expires)."""
-    from cvmfs_ml.publish.repository import Publisher
     from cvmfs_ml.publish.settings import whitelist_validity
 
     valid_for = whitelist_validity(days) if days is not None else None
-    publisher = Publisher.open(repo, keys, s3_config=s3_params(s3_config))
+    publisher = open_publisher(repo, keys, s3_config)
     publisher.resign(valid_for=valid_for)
     typer.echo(f"whitelist of {publisher.fqrn} re-signed")

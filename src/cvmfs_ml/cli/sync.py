@@ -11,8 +11,15 @@ from typing import Annotated, Any
 
 import typer
 
-from cvmfs_ml.cli.common import MAX_BYTES_HELP, MAX_UNPACKED_HELP, REPO_HELP, friendly, one_line
-from cvmfs_ml.cli.s3 import S3ConfigOption, s3_params
+from cvmfs_ml.cli.common import (
+    MAX_BYTES_HELP,
+    MAX_UNPACKED_HELP,
+    REPO_HELP,
+    friendly,
+    one_line,
+    open_publisher,
+)
+from cvmfs_ml.cli.s3 import S3ConfigOption
 from cvmfs_ml.models.sources.limits import MAX_BYTES, MAX_CATALOGS, MAX_MEMBERS
 
 
@@ -135,7 +142,6 @@ def sync_command(
 ) -> None:
     """Sync images (unpacked, DUCC layout) and model artifacts (versions) into REPO."""
     from cvmfs_ml.errors import ConfigError
-    from cvmfs_ml.publish.repository import Publisher
     from cvmfs_ml.sync.auth import AuthFile
     from cvmfs_ml.sync.engine import SyncOptions, check_target
     from cvmfs_ml.sync.events import EventLog
@@ -149,7 +155,7 @@ def sync_command(
     wanted = load_wishlist(wishlist)  # a broken wishlist fails before anything starts
     if scratch is not None:
         _check_scratch(scratch)  # so does a scratch folder that cannot be written
-    publisher = Publisher.open(repo, keys, s3_config=s3_params(s3_config))
+    publisher = open_publisher(repo, keys, s3_config)
     check_target(wanted, publisher)  # and one for another repository
     options = SyncOptions(
         plain_http=plain_http,
