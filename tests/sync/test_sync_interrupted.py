@@ -95,6 +95,16 @@ def test_a_killed_round_leaves_no_scratch_after_the_next(
     assert list(scratch.iterdir()) == []
 
 
+def _assert_unwound(
+    process: subprocess.Popen[bytes], err: bytes, scratch: Path, publisher: Publisher
+) -> None:
+    """Ended by SIGTERM, cleanly: no traceback, the round's folder gone, nothing published."""
+    assert process.returncode == 128 + signal.SIGTERM, err.decode()
+    assert "Traceback" not in err.decode()
+    assert list(scratch.iterdir()) == []  # unwound: the round's folder went with it
+    assert publisher.manifest().revision == 0
+
+
 def test_a_live_rounds_scratch_is_never_taken(tmp_path: Path) -> None:
     with round_scratch(tmp_path) as live:
         (live / "layer").write_bytes(b"half an image")
@@ -174,10 +184,7 @@ def test_a_second_sigterm_stops_a_loop_mid_round(publisher: Publisher, tmp_path:
             if process.poll() is None:
                 process.kill()
                 process.wait(timeout=60)
-    assert process.returncode == 128 + signal.SIGTERM, err.decode()
-    assert "Traceback" not in err.decode()
-    assert list(scratch.iterdir()) == []  # unwound: the round's folder went with it
-    assert publisher.manifest().revision == 0
+    _assert_unwound(process, err, scratch, publisher)
 
 
 _PUSH = """
@@ -217,3 +224,49 @@ def test_a_killed_image_push_leaves_no_scratch_after_the_next(
         link = repo.readlink("/pushed.example/lib/base:1")
         assert repo.read_bytes(f"/pushed.example/lib/{link}/etc/os") == b"pushed\n"
     assert list(scratch.iterdir()) == []
+
+
+@pytest.mark.parametrize("kind", ["image", "model"])
+def test_sigterm_stops_a_stalled_parallel_download_at_once(
+    publisher: Publisher, tmp_path: Path, kind: str
+) -> None:
+    """A layer downloading on a worker thread (an image's first layer streams on the main
+    thread; a model's layers all download in parallel) that a registry stalls held a SIGTERM'd
+    sync for as long as the registry held the socket (60 s here, the read timeout at most): the
+    unwinding waited for the worker's blocked read. The downloads are now cancelled as the
+    round unwinds, so the process ends at once, its scratch removed."""
+    scratch = tmp_path / "scratch"
+    with HostileRegistry() as registry:
+        if kind == "image":
+            first = make_layer([("etc", None), ("etc/os", b"test\n")])
+            second = make_layer([("etc", None), ("big", os.urandom(2**20))])
+            datas, media_type = [gzip.compress(d, mtime=0) for d in (first, second)], TAR_GZIP
+            config = registry.blob(json.dumps({"os": "linux"}).encode(), IMAGE_CONFIG)
+            entry = f"input: ['http://{registry.host}/lib/base:1']\n"
+        else:
+            datas, media_type = [b"small", os.urandom(2**20)], "application/octet-stream"
+            config = registry.blob(b"{}", "application/vnd.oci.empty.v1+json")
+            entry = f"models:\n  - source: http://{registry.host}/lib/base:1\n    name: hep/m\n"
+        layers = [registry.blob(data, media_type) for data in datas]
+        if kind == "model":
+            for n, layer in enumerate(layers):
+                layer["annotations"] = {"org.opencontainers.image.title": f"w{n}.bin"}
+        registry.manifest("lib/base", "1", image_manifest(config, layers))
+        wishlist = tmp_path / "wishlist.yaml"
+        wishlist.write_text(f"version: 1\ncvmfs_repo: {FQRN}\n{entry}")
+        registry.stalled.add(layers[1]["digest"])  # held until the test ends (60 s at most)
+        process = _sync(wishlist, publisher, scratch)
+        try:
+            wait_until(
+                lambda: registry.asked_for(layers[1]["digest"])
+                and any(scratch.rglob("*.part-*")),
+                60,
+                "a worker thread downloading the stalled layer",
+            )
+            process.send_signal(signal.SIGTERM)
+            _, err = process.communicate(timeout=15)  # not the registry's 60 s
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait(timeout=60)
+    _assert_unwound(process, err, scratch, publisher)

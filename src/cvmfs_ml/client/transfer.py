@@ -14,8 +14,10 @@ the next one is in flight in the kernel's socket buffer: memory stays bounded by
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import http.client
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -30,13 +32,15 @@ from cvmfs_ml.client.config import DIRECT
 from cvmfs_ml.client.http_pools import HeaderTimeout
 from cvmfs_ml.cvmfs.hashing import Digest, new_hasher
 from cvmfs_ml.cvmfs.objects import Decompressor, stored_bound
-from cvmfs_ml.errors import FormatError
+from cvmfs_ml.errors import DownloadError, FormatError
 
 if TYPE_CHECKING:
     from cvmfs_ml.cvmfs.hashing import Hasher
 
 __all__ = [
     "PIECE_SIZE",
+    "Cancellation",
+    "CancelledError",
     "Failure",
     "FetchStats",
     "FileSink",
@@ -365,6 +369,64 @@ class _OneReceive:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)
+
+
+class Cancellation:
+    """Downloads that whoever started them can stop at once, from any thread.
+
+    A read blocked on a stalled server returns only when the socket's timeout (or the
+    low-speed rule) ends it; a process unwinding (SIGTERM, a refused image) would wait for it.
+    :meth:`cancel` shuts down the socket of every response registered (:meth:`watch`), so the
+    blocked read returns at once and fails, and refuses every later one, which therefore fails
+    before it is sent or as soon as its answer comes. A request still waiting for its answer's
+    headers is not interrupted (its socket is not known yet): its read timeout bounds it.
+    As a context manager: cancelled when its block is left by an exception.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._responses: set[urllib3.BaseHTTPResponse] = set()
+        self.cancelled = False
+
+    def check(self) -> None:
+        """Raise :class:`CancelledError` once cancelled."""
+        if self.cancelled:
+            raise CancelledError
+
+    def watch(self, response: urllib3.BaseHTTPResponse) -> None:
+        """Shut ``response``'s socket down on :meth:`cancel` (until :meth:`forget`)."""
+        with self._lock:
+            self.check()
+            self._responses.add(response)
+
+    def forget(self, response: urllib3.BaseHTTPResponse) -> None:
+        with self._lock:
+            self._responses.discard(response)
+
+    def __enter__(self) -> Cancellation:
+        return self
+
+    def __exit__(self, exc_type: object, *rest: object) -> None:
+        """Leaving the block by an exception (a refused blob, SIGTERM) cancels."""
+        if exc_type is not None:
+            self.cancel()
+
+    def cancel(self) -> None:
+        with self._lock:
+            self.cancelled = True
+            responses = list(self._responses)
+        for response in responses:
+            sock = getattr(getattr(response, "connection", None), "sock", None)
+            if sock is not None:
+                with contextlib.suppress(OSError):  # closed already: nothing to stop
+                    sock.shutdown(socket.SHUT_RDWR)
+
+
+class CancelledError(DownloadError):
+    """A download stopped by :meth:`Cancellation.cancel`."""
+
+    def __init__(self) -> None:
+        super().__init__("a blob (the download was cancelled)")
 
 
 def finish(response: urllib3.BaseHTTPResponse) -> None:

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from cvmfs_ml.client.transfer import Cancellation
 from cvmfs_ml.cvmfs import jsontext
 from cvmfs_ml.errors import FormatError
 from cvmfs_ml.models.sources.limits import (
@@ -306,12 +307,19 @@ def _unpack_layers(
         and not fetched_blob(blob_dir, str(layers[0]["digest"])).exists()
     )
     later = layers[1:] if stream_first else layers
-    with ThreadPoolExecutor(max(1, workers), thread_name_prefix="sync-layer") as pool:
+    # A refused layer or SIGTERM cancels the downloads: the pool's shutdown waits for them (a
+    # stalled one until its read timeout).
+    with (
+        ThreadPoolExecutor(max(1, workers), thread_name_prefix="sync-layer") as pool,
+        Cancellation() as cancel,
+    ):
         futures: dict[str, Future[Path]] = {}
         for layer in later:
             digest = str(layer["digest"])
             if digest not in futures:
-                futures[digest] = pool.submit(fetch_layer, client, resolved, layer, blob_dir)
+                futures[digest] = pool.submit(
+                    fetch_layer, client, resolved, layer, blob_dir, cancel
+                )
         try:
             for position, layer in enumerate(layers):
                 digest = str(layer["digest"])

@@ -34,6 +34,7 @@ from cvmfs_ml.publish.sources import SourceItem
 from cvmfs_ml.storage.pagecache import UncachedWriter
 
 if TYPE_CHECKING:
+    from cvmfs_ml.client.transfer import Cancellation
     from cvmfs_ml.models.sources.oci_client import RegistryClient, VerifiedBlob
     from cvmfs_ml.publish.repository import Publisher
 
@@ -78,17 +79,24 @@ class BlobIngest:
         return settings.use_chunking and size is not None and size > settings.min_chunk_size
 
     def fetch(
-        self, client: RegistryClient, repository: str, digest: str, size: int, dest: Path
+        self,
+        client: RegistryClient,
+        repository: str,
+        digest: str,
+        size: int,
+        dest: Path,
+        cancel: Cancellation | None = None,
     ) -> Path | None:
         """Download blob ``digest`` to ``dest`` while storing its bytes as objects; ``None``
-        when another blob is streaming (the caller downloads it as usual)."""
+        when another blob is streaming (the caller downloads it as usual). ``cancel`` stops
+        the download (:meth:`RegistryClient.open_blob`)."""
         with self._lock:
             if self._busy:
                 return None
             self._busy = True
         part = dest.with_name(dest.name + f".part-{os.getpid()}")
         try:
-            with client.open_blob(repository, digest, size=size) as blob:
+            with client.open_blob(repository, digest, size=size, cancel=cancel) as blob:
                 with (
                     UncachedWriter(part) as file,
                     ContentPipeline(self.publisher.store, self.publisher.settings) as pipeline,

@@ -41,6 +41,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from cvmfs_ml.client.transfer import Cancellation
 from cvmfs_ml.cvmfs import jsontext
 from cvmfs_ml.errors import FormatError, NotFoundError, UnsafeInputError
 from cvmfs_ml.models.layout import ModelRef
@@ -124,8 +125,9 @@ def _fetch(
     descriptor: dict[str, Any],
     blob_dir: Path,
     ingest: BlobIngest | None = None,
+    cancel: Cancellation | None = None,
 ) -> Path:
-    digest = str(descriptor.get("digest", ""))
+    digest, repository = str(descriptor.get("digest", "")), resolved.reference.repository
     size = descriptor.get("size") if isinstance(descriptor.get("size"), int) else None
     dest = _blob_path(blob_dir, digest)
     if (
@@ -135,10 +137,10 @@ def _fetch(
         and not dest.exists()
     ):
         assert size is not None  # wants() says so
-        fetched = ingest.fetch(client, resolved.reference.repository, digest, size, dest)
+        fetched = ingest.fetch(client, repository, digest, size, dest, cancel)
         if fetched is not None:
             return fetched
-    return client.fetch_blob(resolved.reference.repository, digest, dest, size=size)
+    return client.fetch_blob(repository, digest, dest, size=size, cancel=cancel)
 
 
 def _foreign(layer: dict[str, Any], kind: str) -> bool:
@@ -176,9 +178,15 @@ def _fetch_all(
             str(layer["digest"]): _fetch(client, resolved, layer, blob_dir, ingest)
             for layer in layers
         }
-    with ThreadPoolExecutor(min(workers, len(layers)), thread_name_prefix="oci-blob") as pool:
+    # A failed layer or SIGTERM cancels the downloads: the pool's shutdown waits for them.
+    with (
+        ThreadPoolExecutor(min(workers, len(layers)), thread_name_prefix="oci-blob") as pool,
+        Cancellation() as cancel,
+    ):
         futures = {
-            str(layer["digest"]): pool.submit(_fetch, client, resolved, layer, blob_dir, ingest)
+            str(layer["digest"]): pool.submit(
+                _fetch, client, resolved, layer, blob_dir, ingest, cancel
+            )
             for layer in layers
         }
         return {digest: future.result() for digest, future in futures.items()}
@@ -198,10 +206,14 @@ def distributable_layers(resolved: ResolvedManifest) -> list[dict[str, Any]]:
 
 
 def fetch_layer(
-    client: RegistryClient, resolved: ResolvedManifest, layer: dict[str, Any], blob_dir: Path
+    client: RegistryClient,
+    resolved: ResolvedManifest,
+    layer: dict[str, Any],
+    blob_dir: Path,
+    cancel: Cancellation | None = None,
 ) -> Path:
-    """One layer, verified, in ``blob_dir`` (kept if already there)."""
-    return _fetch(client, resolved, layer, blob_dir)
+    """One layer, verified, in ``blob_dir`` (kept if already there); ``cancel`` stops it."""
+    return _fetch(client, resolved, layer, blob_dir, cancel=cancel)
 
 
 def fetch_layers(

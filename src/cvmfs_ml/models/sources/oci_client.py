@@ -28,7 +28,7 @@ from urllib.parse import urlencode, urlsplit
 import urllib3
 
 from cvmfs_ml.client.http_pools import pool_manager
-from cvmfs_ml.client.transfer import SpeedCheck, body_readinto
+from cvmfs_ml.client.transfer import Cancellation, SpeedCheck, body_readinto
 from cvmfs_ml.client.transfer import finish as finish_response
 from cvmfs_ml.cvmfs import jsontext
 from cvmfs_ml.errors import DownloadError, FormatError, IntegrityError, NotFoundError
@@ -452,19 +452,29 @@ class RegistryClient:
 
     @contextlib.contextmanager
     def open_blob(
-        self, repository: str, digest: str, *, size: int | None = None
+        self,
+        repository: str,
+        digest: str,
+        *,
+        size: int | None = None,
+        cancel: Cancellation | None = None,
     ) -> Iterator[VerifiedBlob]:
         """Blob ``digest`` as a stream, checked as it is read (for unpacking while downloading).
 
         The digest and size are checked when the stream reaches its end
         (:meth:`VerifiedBlob.finish` reads what the consumer left): whatever was made from the
-        bytes must be thrown away if that raises.
+        bytes must be thrown away if that raises. ``cancel`` stops the download from another
+        thread (a read blocked on a stalled registry fails at once).
         """
         check_digest(digest)
         path = f"/v2/{repository}/blobs/{digest}"
         url = f"{self.base_url}{path}"
+        if cancel is not None:
+            cancel.check()
         response = self._get(path, repository, stream=True)
         try:
+            if cancel is not None:
+                cancel.watch(response)
             if response.status == 404:
                 raise NotFoundError(f"blob {digest}", f"{self.registry}/{repository}")
             if response.status != 200:
@@ -473,15 +483,24 @@ class RegistryClient:
         except urllib3.exceptions.HTTPError as exc:
             raise DownloadError(f"blob {digest}", [(url, "direct", str(exc))]) from exc
         finally:
+            if cancel is not None:
+                cancel.forget(response)
             finish_response(response)  # pooled again only if the body was read to its end
 
     def fetch_blob(
-        self, repository: str, digest: str, dest: Path, *, size: int | None = None
+        self,
+        repository: str,
+        digest: str,
+        dest: Path,
+        *,
+        size: int | None = None,
+        cancel: Cancellation | None = None,
     ) -> Path:
         """Download blob ``digest`` to ``dest`` (atomically), checking size and digest.
 
         An existing ``dest`` of the right size is kept: blob files are named by digest and only
-        ever written after verification, so one that exists is the blob.
+        ever written after verification, so one that exists is the blob. ``cancel``: as for
+        :meth:`open_blob`.
         """
         check_digest(digest)
         dest = Path(dest)
@@ -492,7 +511,10 @@ class RegistryClient:
         try:
             # open_blob's reads return after one receive: the low-speed rule sees a slow
             # registry at once, not after a whole buffer has trickled in.
-            with self.open_blob(repository, digest, size=size) as blob, open(part, "wb") as out:
+            with (
+                self.open_blob(repository, digest, size=size, cancel=cancel) as blob,
+                open(part, "wb") as out,
+            ):
                 while n := blob.readinto(buffer):
                     out.write(buffer[:n])
                 blob.finish()
