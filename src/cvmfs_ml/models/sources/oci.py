@@ -37,11 +37,9 @@ import datetime as dt
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from cvmfs_ml.client.transfer import Cancellation
 from cvmfs_ml.cvmfs import jsontext
 from cvmfs_ml.errors import FormatError, NotFoundError, UnsafeInputError
 from cvmfs_ml.models.layout import ModelRef
@@ -53,13 +51,21 @@ from cvmfs_ml.models.sources.base import (
 )
 from cvmfs_ml.models.sources.blob_ingest import BlobIngest
 from cvmfs_ml.models.sources.limits import MAX_BYTES, MAX_CONFIG_BYTES, UnpackBudget, check_declared
-from cvmfs_ml.models.sources.oci_client import OciReference, RegistryClient, check_digest
+from cvmfs_ml.models.sources.oci_client import OciReference, RegistryClient
+from cvmfs_ml.models.sources.oci_fetch import (
+    distributable_layers,
+    fetch_descriptor,
+    fetch_layer,
+    fetch_layers,
+    fetched_blob,
+    is_foreign,
+    is_tar_type,
+)
 from cvmfs_ml.models.sources.oci_manifest import (
     ANNOTATION_FILE_METADATA,
     ANNOTATION_FILEPATH,
     ANNOTATION_TITLE,
     ANNOTATION_UNPACK,
-    FOREIGN_LAYERS,
     KITOPS_CONFIG,
     KITOPS_PREFIX,
     MODELPACK_ARTIFACT,
@@ -99,151 +105,14 @@ __all__ = [
     "resolve",
 ]
 
-_TAR_SUFFIXES = (".tar", ".tar+gzip", ".tar+zstd", ".tar.gzip", ".tar.gz")
 # Image config keys worth keeping in model.json (the rest is build history).
 _IMAGE_CONFIG_KEYS = ("architecture", "os", "variant", "created", "author")
 _IMAGE_RUNTIME_KEYS = ("Env", "Entrypoint", "Cmd", "WorkingDir", "User", "Labels", "ExposedPorts")
 
 
 # -- pull ------------------------------------------------------------------------------------------
-def fetched_blob(blob_dir: Path, digest: str) -> Path:
-    """Where :func:`fetch_layers` keeps blob ``digest`` in ``blob_dir``."""
-    algorithm, hexdigest = check_digest(digest).split(":", 1)
-    return blob_dir / algorithm / hexdigest
-
-
-def _blob_path(blob_dir: Path, digest: str) -> Path:
-    algorithm, hexdigest = check_digest(digest).split(":", 1)
-    folder = blob_dir / algorithm
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder / hexdigest
-
-
-def _fetch(
-    client: RegistryClient,
-    resolved: ResolvedManifest,
-    descriptor: dict[str, Any],
-    blob_dir: Path,
-    ingest: BlobIngest | None = None,
-    cancel: Cancellation | None = None,
-) -> Path:
-    digest, repository = str(descriptor.get("digest", "")), resolved.reference.repository
-    size = descriptor.get("size") if isinstance(descriptor.get("size"), int) else None
-    dest = _blob_path(blob_dir, digest)
-    if (
-        ingest is not None
-        and ingest.wants(size)
-        and _may_be_a_file(descriptor, resolved.kind)
-        and not dest.exists()
-    ):
-        assert size is not None  # wants() says so
-        fetched = ingest.fetch(client, repository, digest, size, dest, cancel)
-        if fetched is not None:
-            return fetched
-    return client.fetch_blob(repository, digest, dest, size=size, cancel=cancel)
-
-
-def _foreign(layer: dict[str, Any], kind: str) -> bool:
-    """Foreign / non-distributable layers live elsewhere (DUCC skips them too)."""
-    return str(layer.get("mediaType", "")) in FOREIGN_LAYERS or (
-        kind == "image" and bool(layer.get("urls"))
-    )
-
-
-def _may_be_a_file(layer: dict[str, Any], kind: str) -> bool:
-    """Whether an artifact's layer will be laid out as one file, as far as the manifest
-    tells (:func:`_place_artifact_layer` decides; a wrong guess only costs work)."""
-    media_type = str(layer.get("mediaType", ""))
-    annotations = layer.get("annotations") or {}
-    if kind == "image" or media_type == ORAS_DIRECTORY_LAYER:
-        return False
-    if str(annotations.get(ANNOTATION_UNPACK, "")).lower() == "true":
-        return False
-    if kind in ("modelpack", "kitops") or not annotations.get(ANNOTATION_TITLE):
-        return not _is_tar_type(media_type) and ".tar" not in media_type
-    return True  # a titled layer is a file, whatever its media type claims (oras-py's do)
-
-
-def _fetch_all(
-    client: RegistryClient,
-    resolved: ResolvedManifest,
-    layers: list[dict[str, Any]],
-    blob_dir: Path,
-    workers: int,
-    ingest: BlobIngest | None = None,
-) -> dict[str, Path]:
-    """Download ``layers`` in parallel (as DUCC does); ``{digest: verified blob file}``."""
-    if workers <= 1 or len(layers) <= 1:
-        return {
-            str(layer["digest"]): _fetch(client, resolved, layer, blob_dir, ingest)
-            for layer in layers
-        }
-    # A failed layer or SIGTERM cancels the downloads: the pool's shutdown waits for them.
-    with (
-        ThreadPoolExecutor(min(workers, len(layers)), thread_name_prefix="oci-blob") as pool,
-        Cancellation() as cancel,
-    ):
-        futures = {
-            str(layer["digest"]): pool.submit(
-                _fetch, client, resolved, layer, blob_dir, ingest, cancel
-            )
-            for layer in layers
-        }
-        return {digest: future.result() for digest, future in futures.items()}
-
-
-def distributable_layers(resolved: ResolvedManifest) -> list[dict[str, Any]]:
-    """The layers of ``resolved`` in order, without foreign ones (their digests checked)."""
-    kind = resolved.kind
-    out = []
-    for position, layer in enumerate(resolved.layers):
-        if not isinstance(layer, dict) or "digest" not in layer:
-            raise FormatError(f"manifest {resolved.digest}", f"layer {position} has no digest")
-        check_digest(str(layer["digest"]))
-        if not _foreign(layer, kind):
-            out.append(layer)
-    return out
-
-
-def fetch_layer(
-    client: RegistryClient,
-    resolved: ResolvedManifest,
-    layer: dict[str, Any],
-    blob_dir: Path,
-    cancel: Cancellation | None = None,
-) -> Path:
-    """One layer, verified, in ``blob_dir`` (kept if already there); ``cancel`` stops it."""
-    return _fetch(client, resolved, layer, blob_dir, cancel=cancel)
-
-
-def fetch_layers(
-    client: RegistryClient,
-    resolved: ResolvedManifest,
-    blob_dir: Path,
-    *,
-    workers: int = 4,
-    ingest: BlobIngest | None = None,
-) -> dict[str, Path]:
-    """Every distributable layer of ``resolved``, verified, in ``blob_dir`` (by digest).
-
-    Blobs already in ``blob_dir`` are not downloaded again: layers shared by images are fetched
-    once. With ``ingest``, a large artifact layer is stored as objects while it downloads.
-    """
-    wanted: dict[str, dict[str, Any]] = {}
-    for layer in distributable_layers(resolved):
-        wanted.setdefault(str(layer["digest"]), layer)
-    return _fetch_all(client, resolved, list(wanted.values()), blob_dir, workers, ingest)
-
-
 def _digest_name(digest: str) -> str:
     return digest.replace(":", "-")
-
-
-def _is_tar_type(media_type: str) -> bool:
-    return media_type.endswith(_TAR_SUFFIXES) or media_type in (
-        "application/x-tar",
-        "application/vnd.docker.image.rootfs.diff.tar.gzip",
-    )
 
 
 def _file_metadata(annotations: dict[str, Any]) -> tuple[int, float | None]:
@@ -325,7 +194,7 @@ def _place_artifact_layer(
         return {"as": "unpacked", **_unpack(writer, blob, what)}
 
     if kind == "modelpack" and media_type.startswith(MODELPACK_PREFIX):
-        if _is_tar_type(media_type):
+        if is_tar_type(media_type):
             return unpacked()
         mode, mtime = _file_metadata(annotations)
         name = annotations.get(ANNOTATION_FILEPATH) or title or _digest_name(digest)
@@ -340,7 +209,7 @@ def _place_artifact_layer(
         ):
             return unpacked()
         return as_file(title)
-    if _is_tar_type(media_type):
+    if is_tar_type(media_type):
         return unpacked()
     return as_file(_digest_name(digest))
 
@@ -350,7 +219,7 @@ def _read_config(client: RegistryClient, resolved: ResolvedManifest, blob_dir: P
     digest = descriptor.get("digest")
     if not digest or int(descriptor.get("size") or 0) > MAX_CONFIG_BYTES:
         return None
-    path = _fetch(client, resolved, descriptor, blob_dir)
+    path = fetch_descriptor(client, resolved, descriptor, blob_dir)
     try:
         return jsontext.loads(path.read_bytes())
     except ValueError:
@@ -436,7 +305,7 @@ def pull(
         entry: dict[str, Any] = {
             "digest": layer["digest"], "mediaType": media_type, "size": layer.get("size"),
         }  # fmt: skip
-        if _foreign(layer, kind):
+        if is_foreign(layer, kind):
             skipped.append(str(layer["digest"]))
             continue
         blob = blobs[str(layer["digest"])]
