@@ -110,15 +110,18 @@ def create_app(service: RegistryService, *, manage_service: bool = True) -> Fast
         # not an error: counted, every push went up by one.
         if not (oci and exc.status == 401 and "authorization" not in request.headers):
             service.metrics.errors.labels(exc.kind).inc()
+        headers = {"Retry-After": str(exc.retry_after)} if exc.status == 429 else {}
         if oci:
             name = _oci_name(path)
             action = "pull" if request.method in ("GET", "HEAD") else "pull,push"
             code = {401: "UNAUTHORIZED", 403: "DENIED", 404: "NAME_UNKNOWN",
                     408: "BLOB_UPLOAD_INVALID", 413: "SIZE_INVALID",
                     429: "TOOMANYREQUESTS"}.get(exc.status, "UNSUPPORTED")  # fmt: skip
-            extra = challenge(request, name, action) if exc.status == 401 else {}
-            return oci_error(exc.status, code, exc.reason, headers=extra)
-        headers = challenge(request, None, "") if exc.status == 401 else {}
+            if exc.status == 401:
+                headers = challenge(request, name, action)
+            return oci_error(exc.status, code, exc.reason, headers=headers)
+        if exc.status == 401:
+            headers = challenge(request, None, "")
         if request.url.path.startswith("/api/"):
             return JSONResponse({"error": exc.reason}, exc.status, headers=headers)
         if exc.status in (401, 403):
@@ -126,7 +129,7 @@ def create_app(service: RegistryService, *, manage_service: bool = True) -> Fast
         if exc.status == 413:
             return _text(f"Request too large: {exc.reason}", 413)
         if exc.status == 429:
-            return _text(f"Too many requests: {exc.reason}", 429, {"Retry-After": "60"})
+            return _text(f"Too many requests: {exc.reason}", 429, headers)
         if exc.status >= 500:
             return _text(f"Server error: {exc.reason}", exc.status)
         return _text(f"Bad request: {exc.reason}", exc.status)

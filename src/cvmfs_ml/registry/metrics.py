@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -50,6 +50,11 @@ class RegistryMetrics:
             "cvmfs_registry_bytes_ingested", "bytes of accepted uploads", registry=r
         )
         self.errors = Counter("cvmfs_registry_errors", "errors by kind", ["kind"], registry=r)
+        self.uploads_receiving = Gauge(
+            "cvmfs_registry_uploads_receiving",
+            "OCI and resumable upload bodies being received",
+            registry=r,
+        )
         self.publish_duration = Histogram(
             "cvmfs_registry_publish_duration_seconds",
             "time to commit one revision",

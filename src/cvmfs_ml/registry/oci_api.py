@@ -16,6 +16,7 @@ token, it hands the same token back, so the client sends it as ``Bearer`` from t
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import logging
@@ -212,33 +213,36 @@ def add_oci_routes(app: FastAPI, service: RegistryService, store: OciStore) -> M
             raise OciError(413, "SIZE_INVALID", f"blob larger than {limit} bytes")
         size = 0
         writing = False  # refused at the start (another request is writing it): its feed stays
-        try:
-            with store.appending(upload_id, limit) as write:
-                writing = True
-                size = store.upload_size(upload_id)
-                # The server hands the body over in socket-read pieces (tens of KiB); py-spy
-                # found the event loop in their writes and hashes for most of a 1 GiB push,
-                # with the pre-ingest threads busy beside it. Blocks of RECEIVE_BLOCK bytes
-                # make that a few hundred calls instead of tens of thousands.
-                block = bytearray()
-                try:
-                    async for chunk in body_chunks(request, service.config):
-                        block += chunk
-                        if len(block) >= RECEIVE_BLOCK:
-                            full, block = block, bytearray()
-                            offset, size = size, write(full)
-                            await preingest.feed(upload_id, offset, full)
-                except BaseException:
-                    if block:  # what arrived is kept, as it was piece by piece (resumable)
-                        write(block)
-                    raise
-                if block:
-                    offset, size = size, write(block)
-                    await preingest.feed(upload_id, offset, block)
-        except BaseException:
-            if writing:
-                preingest.abort(upload_id)
-            raise
+        # An empty body (docker's closing PUT) holds no buffer: it needs no place.
+        place = service.receiving() if declared != "0" else contextlib.nullcontext()
+        with place:
+            try:
+                with store.appending(upload_id, limit) as write:
+                    writing = True
+                    size = store.upload_size(upload_id)
+                    # The server hands the body over in socket-read pieces (tens of KiB); py-spy
+                    # found the event loop in their writes and hashes for most of a 1 GiB push,
+                    # with the pre-ingest threads busy beside it. Blocks of RECEIVE_BLOCK bytes
+                    # make that a few hundred calls instead of tens of thousands.
+                    block = bytearray()
+                    try:
+                        async for chunk in body_chunks(request, service.config):
+                            block += chunk
+                            if len(block) >= RECEIVE_BLOCK:
+                                full, block = block, bytearray()
+                                offset, size = size, write(full)
+                                await preingest.feed(upload_id, offset, full)
+                    except BaseException:
+                        if block:  # what arrived is kept, as it was piece by piece (resumable)
+                            write(block)
+                        raise
+                    if block:
+                        offset, size = size, write(block)
+                        await preingest.feed(upload_id, offset, block)
+            except BaseException:
+                if writing:
+                    preingest.abort(upload_id)
+                raise
         return size
 
     async def finish(name: str, upload_id: str, digest: str, size: int) -> None:

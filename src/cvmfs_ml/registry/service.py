@@ -9,6 +9,7 @@ service backs the user-pub endpoints, the JSON API and tests.
 from __future__ import annotations
 
 import collections
+import contextlib
 import fcntl
 import hashlib
 import logging
@@ -16,6 +17,7 @@ import os
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Protocol
@@ -33,6 +35,8 @@ from cvmfs_ml.registry.worker import CleanupReport, RepositoryWorker, check_poll
 __all__ = ["Accepted", "RegistryService", "Upload", "UploadFile"]
 
 log = logging.getLogger("cvmfs_ml.registry")
+BUSY_RETRY_AFTER = 5
+"""Seconds a client refused for ``max_receiving_uploads`` is told to wait (oras honours it)."""
 
 
 @dataclass(frozen=True)
@@ -149,6 +153,7 @@ class RegistryService:
         self.started = time.time()
         self._rate_lock = threading.Lock()
         self._recent_uploads: dict[str, collections.deque[float]] = {}
+        self._receiving = 0
 
     @property
     def config(self) -> RegistryConfig:
@@ -207,6 +212,32 @@ class RegistryService:
                 raise RejectedError(429, f"more than {limit} uploads a minute; retry later",
                                     "rate_limited")  # fmt: skip
             recent.append(now)
+
+    @contextlib.contextmanager
+    def receiving(self) -> Iterator[None]:
+        """One of at most ``max_receiving_uploads`` OCI or resumable bodies received at once;
+        past it, 429 with a short Retry-After (oras and docker retry a 429).
+
+        Why: each holds up to 12 MiB of buffers (a block gathered, two being hashed and
+        written) for as long as its client sends, however slowly, and nothing bounded how many
+        ran at once: N trickling PATCHes held N times that.
+        """
+        limit = self.config.max_receiving_uploads
+        with self._rate_lock:
+            if self._receiving >= limit:
+                raise RejectedError(
+                    429, f"{limit} upload bodies are being received already "
+                    f"(max_receiving_uploads); retry in {BUSY_RETRY_AFTER} s", "busy",
+                    retry_after=BUSY_RETRY_AFTER,
+                )  # fmt: skip
+            self._receiving += 1
+            self.metrics.uploads_receiving.set(self._receiving)
+        try:
+            yield
+        finally:
+            with self._rate_lock:
+                self._receiving -= 1
+                self.metrics.uploads_receiving.set(self._receiving)
 
     def new_upload(self) -> UploadFile:
         return UploadFile(self.spool, self.config.max_upload_bytes)

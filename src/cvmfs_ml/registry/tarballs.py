@@ -27,11 +27,13 @@ MAX_STRIP = 2
 class RejectedError(CvmfsMlError):
     """A request the service refuses; ``status`` is the HTTP status to answer with."""
 
-    def __init__(self, status: int, reason: str, kind: str = "rejected") -> None:
+    def __init__(self, status: int, reason: str, kind: str = "rejected",
+                 retry_after: int = 60) -> None:  # fmt: skip
         super().__init__(reason)
         self.status = status
         self.reason = reason
         self.kind = kind  # the ``errors`` metric's label
+        self.retry_after = retry_after  # seconds, the Retry-After of a 429
 
 
 def tarball_items(tarball: Path, at: str, strip: int = 0) -> Iterator[SourceItem]:
