@@ -38,9 +38,11 @@ def wait_until(
 class ManualClock:
     """A stand-in for the ``time`` module of code under test whose clock only the test moves
     (``now``): a delay passes when the test says so, never because a loaded machine was slow.
-    ``sleep`` is the real one (backoffs still pause; they do not read this clock)."""
+    ``sleep`` is the real one (backoffs still pause; they do not read this clock), and so is
+    ``time`` (wall time, compared with files' real mtimes)."""
 
     sleep = staticmethod(time.sleep)
+    time = staticmethod(time.time)
 
     def __init__(self, now: float = 1000.0) -> None:
         self.now = now  # whole numbers: steps add up exactly

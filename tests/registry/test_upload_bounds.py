@@ -10,11 +10,18 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import socket
+import time as real_time
 from contextlib import ExitStack
+from pathlib import Path
 
+import pytest
 import urllib3
+
+from cvmfs_ml.registry.oci_store import OciError, OciStore
+from waiting import ManualClock
 
 from ._helpers import HTTP, RegistryEnv, RegistryServer, get, start_body, wait_until
 
@@ -95,3 +102,93 @@ def test_past_a_small_bound_oci_and_resumable_bodies_get_429_until_a_place_frees
         assert json.loads(sent.data)["offset"] == 5
     wait_until(lambda: _metric(server, "cvmfs_registry_uploads_receiving") == 0, 60)
     assert _monolithic(registry_env, server).status == 201
+
+
+def test_sessions_untouched_for_a_week_are_pruned_while_the_registry_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Not only at startup: a registry that runs for months freed nothing before."""
+    monkeypatch.setattr("cvmfs_ml.registry.oci_store.time", clock := ManualClock())
+    store = OciStore(tmp_path / "oci")
+    week_ago = real_time.time() - 8 * 86400
+
+    def age(upload_id: str) -> None:
+        for path in store.uploads.glob(f"{upload_id}*"):
+            os.utime(path, (week_ago, week_ago))
+
+    try:
+        old, writing = store.start_upload("w", 3), store.start_upload("w", 3)
+        age(old)
+        age(writing)
+        fresh = store.start_upload("w", 3)
+        with pytest.raises(OciError) as refused:  # the old ones count until pruned
+            store.start_upload("w", 3)
+        assert refused.value.status == 429
+        clock.now += 3600  # an hour later, the next session started prunes
+        with store.claimed(writing):  # a request is writing it: kept, however old
+            store.start_upload("w", 3)
+        assert not list(store.uploads.glob(f"{old}*"))
+        assert store.upload_size(fresh) == 0
+        assert store.upload_size(writing) == 0
+    finally:
+        store.close()
+
+
+def test_sessions_removed_under_the_registry_stop_counting(tmp_path: Path) -> None:
+    """The uploads folder removed under a running registry (a tmp cleaner) is made again; the
+    sessions it held must not keep their owner at the limit until a restart."""
+    store = OciStore(tmp_path / "oci")
+    try:
+        store.start_upload("w", 2)
+        store.start_upload("w", 2)
+        store.uploads.rename(tmp_path / "removed")
+        store.start_upload("w", 2)
+        store.start_upload("w", 2)
+        with pytest.raises(OciError):
+            store.start_upload("w", 2)
+    finally:
+        store.close()
+
+
+def _open_session(env: RegistryEnv, server: RegistryServer,
+                  token: str = "writer") -> urllib3.BaseHTTPResponse:  # fmt: skip
+    return HTTP.request("POST", f"{server.url}/v2/grp/model/blobs/uploads/",
+                        headers=_auth(env, token))  # fmt: skip
+
+
+def test_one_token_cannot_open_sessions_without_end_by_default(registry_env: RegistryEnv) -> None:
+    server = registry_env.start()
+    for _ in range(100):
+        assert _open_session(registry_env, server).status == 202
+    refused = _open_session(registry_env, server)
+    assert refused.status == 429, "a 101st open upload session of one token was accepted"
+    assert json.loads(refused.data)["errors"][0]["code"] == "TOOMANYREQUESTS"
+
+
+def test_past_a_small_session_bound_one_token_gets_429_until_it_closes_one(
+    registry_env: RegistryEnv,
+) -> None:
+    registry_env.set_config(max_upload_sessions=2)
+    server = registry_env.start()
+    first = _open_session(registry_env, server)
+    assert first.status == 202
+    created = HTTP.request("POST", f"{server.url}/api/v1/uploads?cid=grp/resumed",
+                           headers=_auth(registry_env))  # fmt: skip
+    assert created.status == 201, created.data  # resumable sessions count as well
+    refused = _open_session(registry_env, server)
+    assert refused.status == 429, refused.data
+    message = json.loads(refused.data)["errors"][0]["message"]
+    assert "max_upload_sessions" in message
+    again = HTTP.request("POST", f"{server.url}/api/v1/uploads?cid=grp/other",
+                         headers=_auth(registry_env))  # fmt: skip
+    assert again.status == 429 and "max_upload_sessions" in json.loads(again.data)["error"]
+    assert _metric(server, 'cvmfs_registry_errors_total{kind="sessions"}') == 2
+    assert _open_session(registry_env, server, "all").status == 202  # another token's own
+    server.terminate()  # sessions outlive a restart, and so does their count
+    server = registry_env.start()
+    assert _open_session(registry_env, server).status == 429
+    gone = HTTP.request("DELETE", server.url + first.headers["Location"],
+                        headers=_auth(registry_env))  # fmt: skip
+    assert gone.status == 204
+    assert _monolithic(registry_env, server).status == 201  # a finished session frees too
+    assert _open_session(registry_env, server).status == 202

@@ -288,7 +288,8 @@ def add_oci_routes(app: FastAPI, service: RegistryService, store: OciStore) -> M
     async def start_upload(request: Request, name: str, digest: str | None = None,
                            mount: str | None = None) -> Response:  # fmt: skip
         check_name(name)
-        service.check_rate(allowed(request, name, "publish"))
+        who = allowed(request, name, "publish")
+        service.check_rate(who)
         if digest is not None:  # a monolithic push: refused before its body, not after
             check_digest(digest)
         source = request.query_params.get("from")
@@ -298,7 +299,7 @@ def add_oci_routes(app: FastAPI, service: RegistryService, store: OciStore) -> M
             if store.holds(source, mount):
                 store.link(name, mount)  # blobs are stored once: mounting is a row
                 return blob_created(name, mount)
-        upload_id = store.start_upload()
+        upload_id = await run_in_threadpool(service.open_session, store, who)
         store.bind_upload(upload_id, name)
         if digest is None:
             return Response(status_code=202, headers=upload_headers(name, upload_id, 0))

@@ -47,6 +47,10 @@ NAME_RE = re.compile(
 )
 TAG_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
 MAX_MANIFEST_BYTES = 4 * 2**20
+SESSION_DAYS = 7
+"""Days after which an upload session nobody wrote to is abandoned and its files removed."""
+PRUNE_SECONDS = 3600
+"""How often the running registry looks for abandoned sessions (when a session starts)."""
 _INDEX_TYPES = (OCI_INDEX, DOCKER_MANIFEST_LIST)
 _IMAGE_TYPES = (OCI_MANIFEST, DOCKER_MANIFEST)
 
@@ -118,15 +122,31 @@ class OciStore:
         with sqlitefile.damage_refused(self.root / "oci.sqlite", lost):
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.executescript(_SCHEMA)
-        self._prune_sessions()
+        self._owners: dict[str, str] = {}  # session -> the principal that opened it
+        for path in self.uploads.glob("*.owner"):
+            with contextlib.suppress(OSError, UnicodeDecodeError):
+                self._owners[path.stem] = path.read_text()
+        self._next_prune = 0.0
+        self._prune_if_due()
 
-    def _prune_sessions(self, max_age: float = 7 * 86400) -> None:
-        """Upload sessions nobody touched for a week are abandoned: free their space."""
-        cutoff = time.time() - max_age
-        for path in self.uploads.iterdir():
+    def _prune_if_due(self) -> None:
+        """Upload sessions nobody touched for ``SESSION_DAYS`` are abandoned: their files go,
+        at startup and then hourly as sessions start. Only at startup, a registry that ran
+        for months kept every abandoned session (and its disk) until it was restarted."""
+        now = time.monotonic()
+        if now < self._next_prune:
+            return
+        self._next_prune = now + PRUNE_SECONDS
+        cutoff = time.time() - SESSION_DAYS * 86400
+        for path in list(self.uploads.iterdir()):
             with contextlib.suppress(FileNotFoundError):
-                if path.stat().st_mtime < cutoff:
-                    path.unlink()
+                if path.stat().st_mtime >= cutoff:
+                    continue
+                if re.fullmatch(r"[0-9a-f]{32}", path.name):
+                    with contextlib.suppress(OciError), self.claimed(path.name):
+                        self.cancel_upload(path.name)  # not one a request is writing
+                elif not (self.uploads / path.name.partition(".")[0]).exists():
+                    path.unlink()  # a leftover of a session gone, or a stray file
 
     def close(self) -> None:
         with self._lock:
@@ -179,12 +199,28 @@ class OciStore:
                 self.blob_path(digest).unlink(missing_ok=True)
 
     # -- upload sessions ----------------------------------------------------------------------
-    def start_upload(self) -> str:
+    def start_upload(self, owner: str, limit: int) -> str:
+        """A new session of principal ``owner``, who may hold ``limit`` open at once (429):
+        else one token could open sessions without end and fill the disk for everyone."""
+        self._prune_if_due()
         upload_id = uuid.uuid4().hex
+        with self._lock:
+            held = sum(1 for who in self._owners.values() if who == owner)
+            if held >= limit:  # counted again from the disk: a removed folder took its sessions
+                self._owners = {k: v for k, v in self._owners.items()
+                                if (self.uploads / k).is_file()}  # fmt: skip
+                held = sum(1 for who in self._owners.values() if who == owner)
+            if held >= limit:
+                message = (f"{held} upload sessions of {owner!r} are open (max_upload_sessions="
+                           f"{limit}): finish or cancel (DELETE) some; abandoned ones go after"
+                           f" {SESSION_DAYS} days")  # fmt: skip
+                raise OciError(429, "TOOMANYREQUESTS", message)
+            self._owners[upload_id] = owner
         # This folder and the blobs' are made again if removed under a running registry (a tmp
         # cleaner, an operator tidying up): else every push answers 500 until a restart.
         self.uploads.mkdir(parents=True, exist_ok=True)
         (self.uploads / upload_id).touch()
+        (self.uploads / f"{upload_id}.owner").write_text(owner)
         with self._lock:
             self._hashers[upload_id] = hashlib.sha256()
         return upload_id
@@ -302,10 +338,12 @@ class OciStore:
         return target
 
     def cancel_upload(self, upload_id: str) -> None:
+        """Remove the session and what is kept beside it (its repository, CID, owner)."""
         with self._lock:
             self._hashers.pop(upload_id, None)
-        (self.uploads / upload_id).unlink(missing_ok=True)
-        (self.uploads / f"{upload_id}.repo").unlink(missing_ok=True)
+            self._owners.pop(upload_id, None)
+        for suffix in ("", ".repo", ".cid", ".owner"):
+            (self.uploads / f"{upload_id}{suffix}").unlink(missing_ok=True)
 
     def bind_upload(self, upload_id: str, repo: str) -> None:
         """The session belongs to ``repo``: its URL answers only under that name."""

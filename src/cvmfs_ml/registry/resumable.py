@@ -74,8 +74,9 @@ def add_resumable_routes(app: FastAPI, service: RegistryService, store: OciStore
     @app.post("/api/v1/uploads")
     def create(request: Request, cid: str) -> Response:
         parsed = ContentId.parse(cid)
-        service.check_rate(owner(request, parsed))
-        upload_id = store.start_upload()
+        who = owner(request, parsed)
+        service.check_rate(who)
+        upload_id = service.open_session(store, who)
         (store.uploads / f"{upload_id}.cid").write_text(parsed.text)
         return answer(upload_id, 201)
 
@@ -111,7 +112,6 @@ def add_resumable_routes(app: FastAPI, service: RegistryService, store: OciStore
     def cancel(request: Request, upload_id: str) -> Response:
         owner(request, session_cid(upload_id))
         store.cancel_upload(upload_id)
-        (store.uploads / f"{upload_id}.cid").unlink(missing_ok=True)
         return Response(status_code=204)
 
     @app.put("/api/v1/uploads/{upload_id}")
@@ -128,7 +128,6 @@ def add_resumable_routes(app: FastAPI, service: RegistryService, store: OciStore
         except OciError as exc:
             raise RejectedError(exc.status, exc.message, "upload") from exc
         store.cancel_upload(upload_id)
-        (store.uploads / f"{upload_id}.cid").unlink(missing_ok=True)
         accepted = await run_in_threadpool(
             service.accept, cid, _FinishedSession(spooled, sha256), striplevels, who
         )

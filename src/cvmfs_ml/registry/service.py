@@ -20,7 +20,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Protocol
+from typing import TYPE_CHECKING, BinaryIO, Protocol
 
 from cvmfs_ml.cvmfs.manifest import Manifest
 from cvmfs_ml.errors import ConfigError, CvmfsMlError, LockedError
@@ -29,8 +29,12 @@ from cvmfs_ml.registry.cid import ContentId
 from cvmfs_ml.registry.config import ConfigFile, RegistryConfig
 from cvmfs_ml.registry.jobs import Job, JobStore
 from cvmfs_ml.registry.metrics import RegistryMetrics
+from cvmfs_ml.registry.oci_store import OciError
 from cvmfs_ml.registry.tarballs import RejectedError, check_tarball
 from cvmfs_ml.registry.worker import CleanupReport, RepositoryWorker, check_poll_seconds
+
+if TYPE_CHECKING:
+    from cvmfs_ml.registry.oci_store import OciStore
 
 __all__ = ["Accepted", "RegistryService", "Upload", "UploadFile"]
 
@@ -238,6 +242,15 @@ class RegistryService:
             with self._rate_lock:
                 self._receiving -= 1
                 self.metrics.uploads_receiving.set(self._receiving)
+
+    def open_session(self, store: OciStore, who: str) -> str:
+        """A new OCI or resumable upload session of ``who``: 429 past ``max_upload_sessions``
+        (a short Retry-After: a push's own sessions close as its blobs finish)."""
+        try:
+            return store.start_upload(who, self.config.max_upload_sessions)
+        except OciError as exc:
+            raise RejectedError(exc.status, exc.message, "sessions",
+                                retry_after=BUSY_RETRY_AFTER) from exc  # fmt: skip
 
     def new_upload(self) -> UploadFile:
         return UploadFile(self.spool, self.config.max_upload_bytes)
