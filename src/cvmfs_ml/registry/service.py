@@ -14,6 +14,7 @@ import fcntl
 import hashlib
 import logging
 import os
+import tempfile
 import threading
 import time
 import uuid
@@ -122,6 +123,20 @@ def _claim(data_dir: Path) -> BinaryIO:
     return handle
 
 
+def _check_stratum1(folder: Path) -> None:
+    """``--stratum1`` must be a folder the service can write (made when missing): else it
+    started and every snapshot after a publish failed, in the log only."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        why = "not a folder" if folder.exists() and not folder.is_dir() else exc.strerror or exc
+        raise ConfigError(f"--stratum1 {folder}: cannot write there ({why});"
+                          " give a folder the registry may write, or leave --stratum1 out"
+                          ) from exc  # fmt: skip
+
+
 class RegistryService:
     def __init__(
         self,
@@ -137,6 +152,14 @@ class RegistryService:
             raise ConfigError("the registry needs at least one repository (--repo)")
         check_poll_seconds(poll_seconds)
         publishers = [Publisher.open(Path(folder)) for folder in repositories]  # before writing
+        seen: dict[str, Path] = {}
+        for folder, publisher in zip(repositories, publishers, strict=True):
+            if publisher.fqrn in seen:  # one worker per FQRN: the other was silently dropped
+                raise ConfigError(f"--repo {seen[publisher.fqrn]} and --repo {folder} are both"
+                                  f" {publisher.fqrn}: give each repository once")  # fmt: skip
+            seen[publisher.fqrn] = Path(folder)
+        if stratum1 is not None:
+            _check_stratum1(Path(stratum1))
         self.config_file = config
         self.data_dir = Path(data_dir)
         self.spool = self.data_dir / "spool"
