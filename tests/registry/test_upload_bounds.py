@@ -12,7 +12,9 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import socket
+import subprocess
 import time as real_time
 from contextlib import ExitStack
 from pathlib import Path
@@ -24,6 +26,7 @@ from cvmfs_ml.registry.oci_store import OciError, OciStore
 from waiting import ManualClock
 
 from ._helpers import HTTP, RegistryEnv, RegistryServer, get, start_body, wait_until
+from .test_skopeo import _image_layout
 
 
 def _auth(env: RegistryEnv, token: str = "writer") -> dict[str, str]:
@@ -192,3 +195,33 @@ def test_past_a_small_session_bound_one_token_gets_429_until_it_closes_one(
     assert gone.status == 204
     assert _monolithic(registry_env, server).status == 201  # a finished session frees too
     assert _open_session(registry_env, server).status == 202
+
+
+def test_skopeo_retries_a_push_refused_for_max_receiving_uploads(
+    registry_env: RegistryEnv, tmp_path: Path
+) -> None:
+    """skopeo 1.9 retries the 429 with ``--retry-times`` (without, it stops at once, saying
+    ``toomanyrequests: ... max_receiving_uploads``); oras-go retries it by default."""
+    skopeo = shutil.which("skopeo")
+    if skopeo is None:
+        if os.environ.get("CI"):
+            pytest.fail("skopeo is not installed; CI must provide it (.ci/install)")
+        pytest.skip("skopeo is not installed")
+    registry_env.set_config(max_receiving_uploads=1)
+    server = registry_env.start()
+    _image_layout(tmp_path / "image")
+    with ExitStack() as stack:
+        held = _hold_bodies(registry_env, server, stack, 1)
+        wait_until(lambda: _metric(server, "cvmfs_registry_uploads_receiving") == 1, 60)
+        push = subprocess.Popen(
+            [skopeo, "--insecure-policy", "copy", "--retry-times", "5", "--dest-tls-verify=false",
+             "--dest-creds", f"ci:{registry_env.tokens['writer']}", f"oci:{tmp_path / 'image'}:1",
+             f"docker://127.0.0.1:{server.port}/grp/img:1"],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )  # fmt: skip
+        stack.callback(push.kill)
+        wait_until(lambda: _metric(server, 'cvmfs_registry_errors_total{kind="busy"}') >= 1, 120)
+        held[0].close()  # the place frees: the retried push goes through
+        output, _ = push.communicate(timeout=300)
+    assert push.returncode == 0, output
+    assert get(server, "/v2/grp/img/manifests/1").status == 200

@@ -243,7 +243,9 @@ class RegistryService:
     @contextlib.contextmanager
     def receiving(self) -> Iterator[None]:
         """One of at most ``max_receiving_uploads`` OCI or resumable bodies received at once;
-        past it, 429 with a short Retry-After (oras and docker retry a 429).
+        past it, 429 with a short Retry-After. oras-go retries it (5 times, honouring
+        Retry-After), skopeo with ``--retry-times``; docker's push does not retry a
+        TOOMANYREQUESTS and stops with the message, which says to retry.
 
         Why: each holds up to 12 MiB of buffers (a block gathered, two being hashed and
         written) for as long as its client sends, however slowly, and nothing bounded how many
