@@ -317,3 +317,28 @@ def test_an_artifact_without_layers_is_skipped_saying_why(
     state = wait_until(settled, 60, registry.logs)
     assert state["state"] == "skipped", state
     assert "no layers" in state["reason"] and "/tmp" not in state["reason"], state
+
+
+def test_a_publish_that_fails_unexpectedly_is_recorded_failed(registry_env: RegistryEnv) -> None:
+    """A publish job that raises what nobody expected (a bug: a client given an argument it
+    does not take failed every pushed image so) stayed 'publishing' for ever, without a line
+    in the log: the executor kept the exception. It is failed, saying to report it, and logged."""
+    from cvmfs_ml.registry.config import ConfigFile
+    from cvmfs_ml.registry.service import RegistryService
+
+    config = ConfigFile(registry_env.config)
+    service = RegistryService(registry_env.repos, registry_env.data, config)
+    store = OciStore(registry_env.data / "oci-unexpected")
+    publisher = ModelPublisher(service, store)
+
+    def broken(*args: Any) -> None:
+        store.set_publish("grp/m", "1", "sha256:" + "0" * 64, "publishing", model="grp/m:1")
+        raise TypeError("fetch_blob() got an unexpected keyword argument 'cancel'")
+
+    try:
+        publisher._queue("grp/m", "1", "sha256:" + "0" * 64, "grp/m:1", broken)
+        state = wait_until(lambda: (s := store.publish_state("grp/m", "1")) is not None
+                           and s["state"] != "publishing" and s["state"] != "queued" and s, 60)
+        assert state["state"] == "failed" and state["reason"] == ModelPublisher.UNEXPECTED
+    finally:
+        publisher.close()

@@ -87,6 +87,7 @@ class ModelPublisher:
 
     STOPPED = "the registry stopped before publishing it: push the tag again"
     INTERRUPTED = "the registry stopped while publishing it: push the tag again"
+    UNEXPECTED = "an unexpected error in the registry (its log has the details): report it"
 
     def __init__(self, service: RegistryService, store: OciStore) -> None:
         self.service = service
@@ -119,8 +120,19 @@ class ModelPublisher:
     def _queue(self, repo: str, tag: str, digest: str, model: str | None,
                task: Callable[..., None], *args: Any) -> None:  # fmt: skip
         self.store.set_publish(repo, tag, digest, "queued", model=model)
+
+        def run() -> None:
+            try:
+                task(*args)
+            except Exception:  # a bug: in the log with its traceback, and the push is failed,
+                # not left "publishing" for ever (an executor keeps a task's exception to itself)
+                log.exception("publishing %s:%s failed unexpectedly", repo, tag)
+                self.service.metrics.errors.labels("oci_publish").inc()
+                self.store.set_publish(repo, tag, digest, "failed", reason=self.UNEXPECTED,
+                                       model=model)  # fmt: skip
+
         try:
-            future = self._pool.submit(task, *args)
+            future = self._pool.submit(run)
         except RuntimeError:  # shut down: the registry is stopping
             self.store.set_publish(repo, tag, digest, "failed", reason=self.STOPPED, model=model)
             return

@@ -534,7 +534,13 @@ class LocalRegistryClient:
         return Fetched(found.read(), found.media_type, found.digest)
 
     def fetch_blob(
-        self, repository: str, digest: str, dest: Path, *, size: int | None = None
+        self,
+        repository: str,
+        digest: str,
+        dest: Path,
+        *,
+        size: int | None = None,
+        cancel: Any = None,  # the HTTP client's Cancellation: nothing to stop in a local link
     ) -> Path:
         source = self.store.blob_path(digest)
         if not self.store.holds(repository, digest):
