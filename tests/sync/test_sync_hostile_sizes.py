@@ -258,3 +258,24 @@ def test_an_unexpected_error_fails_its_image_not_the_round(
     assert errors[bad] == "internal error (please report): RuntimeError: no check knows this yet"
     with published(publisher) as repo:
         assert repo.exists(f"/{good}") and not repo.exists(f"/{bad}")
+
+
+def test_image_records_are_read_within_a_bound(
+    publisher: Publisher, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``image.json`` records were read back whole, whatever size their catalog entry says;
+    one over the bound is refused before any byte is fetched, and the image is then treated
+    as one without a record (converted again), as a record that does not parse is."""
+    from cvmfs_ml.sync import images
+
+    record = images.ImageRecord("r.example/lib/a:1", "r.example", "lib/a", "1",
+                                "sha256:" + "1" * 64, "sha256:" + "2" * 64,
+                                "/.flat/22/" + "2" * 64, 1, "2026-01-01T00:00:00Z")  # fmt: skip
+    with publisher.transaction() as txn:
+        txn.add_bytes(f"{record.metadata}/{images.IMAGE_JSON}", record.to_bytes())
+        txn.commit()
+    with published(publisher) as repo:
+        assert list(images.read_image_records(repo)) == [record.public_path]
+    monkeypatch.setattr(images, "MAX_IMAGE_RECORD_BYTES", 100, raising=False)
+    with published(publisher) as repo:
+        assert images.read_image_records(repo) == {}

@@ -53,6 +53,7 @@ from cvmfs_ml.models.sources.unpack import (
     make_readable,
     open_decompressed,
 )
+from cvmfs_ml.models.tree import read_bounded
 from cvmfs_ml.publish.repository import Transaction
 from cvmfs_ml.publish.sources import SourceItem, scan_folder
 
@@ -69,6 +70,8 @@ __all__ = [
     "metadata_folder",
     "public_path",
     "queue_image",
+    "read_image_record",
+    "read_image_records",
     "scratch_items",
     "unpack_flat",
 ]
@@ -389,6 +392,17 @@ def queue_image(
     txn.add_bytes(f"{record.metadata}/{IMAGE_JSON}", record.to_bytes())
 
 
+MAX_IMAGE_RECORD_BYTES = 1 << 20
+"""The largest ``image.json`` read back (one is a few hundred bytes)."""
+
+
+def read_image_record(repo: Any, path: str) -> ImageRecord:
+    """The record at ``path``, refused (:class:`FormatError`) from its catalog entry when over
+    :data:`MAX_IMAGE_RECORD_BYTES`, before any byte is fetched."""
+    raw = read_bounded(repo, path, MAX_IMAGE_RECORD_BYTES, "not a record sync writes")
+    return ImageRecord.from_bytes(raw, path)
+
+
 def read_image_records(repo: Any) -> dict[str, ImageRecord]:
     """Every synced image in the published repository, by public path."""
     out: dict[str, ImageRecord] = {}
@@ -399,7 +413,7 @@ def read_image_records(repo: Any) -> dict[str, ImageRecord]:
     for entry in entries:
         if entry.is_regular and entry.path.endswith("/" + IMAGE_JSON):
             try:
-                record = ImageRecord.from_bytes(repo.read_bytes(entry.path), entry.path)
+                record = read_image_record(repo, entry.path)
             except FormatError:
                 continue  # a hand-edited record: the image is converted again
             out[record.public_path] = record

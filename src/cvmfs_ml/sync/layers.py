@@ -41,6 +41,7 @@ from cvmfs_ml.models.sources.limits import (
 from cvmfs_ml.models.sources.oci import ResolvedManifest, distributable_layers, fetch_layer
 from cvmfs_ml.models.sources.oci_client import check_digest
 from cvmfs_ml.models.sources.unpack import TreeWriter, make_readable, open_decompressed
+from cvmfs_ml.models.tree import read_bounded
 from cvmfs_ml.publish.repository import Transaction
 from cvmfs_ml.sync.images import HashingReader, image_config
 
@@ -135,11 +136,11 @@ def _json(data: Any) -> bytes:
 
 def _read_json(repo: Any, path: str, default: Any) -> Any:
     try:
-        if repo.stat(path).size > _MAX_JSON:
-            raise FormatError(path, f"larger than {_MAX_JSON} bytes")
-        return jsontext.loads(repo.read_bytes(path))
+        raw = read_bounded(repo, path, _MAX_JSON, "not an index this store writes")
     except (FileNotFoundError, NotADirectoryError):
         return default
+    try:
+        return jsontext.loads(raw)
     except ValueError as exc:
         raise FormatError(path, f"not JSON: {exc}") from exc
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cvmfs_ml.errors import PublishError
+from cvmfs_ml.errors import FormatError, PublishError
 from cvmfs_ml.models.layout import utc_timestamp
 from cvmfs_ml.models.publish import open_published
 from cvmfs_ml.models.sources.oci import resolve
@@ -29,6 +29,7 @@ from cvmfs_ml.sync.images import (
     metadata_folder,
     public_path,
     queue_image,
+    read_image_record,
     unpack_flat,
 )
 from cvmfs_ml.sync.scratch import round_scratch
@@ -74,9 +75,9 @@ def publish_image(
         with open_published(publisher) as repo:
             have_flat = repo.exists(target)
             try:
-                old = ImageRecord.from_bytes(repo.read_bytes(f"{meta}/{IMAGE_JSON}"), public)
-            except (FileNotFoundError, NotADirectoryError):
-                old = None
+                old = read_image_record(repo, f"{meta}/{IMAGE_JSON}")
+            except (FileNotFoundError, NotADirectoryError, FormatError):
+                old = None  # none, or one sync does not write: the image is published again
             linked = repo.exists(public)
         if old is not None and old.manifest_digest == resolved.digest and linked and have_flat:
             revision = publisher.manifest().revision
