@@ -26,7 +26,8 @@ from cvmfs_ml.client.repository import Repository
 from cvmfs_ml.errors import ConfigError, PublishError, StorageError
 from cvmfs_ml.publish.repository import Publisher, create_repository
 from cvmfs_ml.publish.settings import PublishSettings
-from cvmfs_ml.storage.s3 import S3Config, S3Store, parse_s3_location
+from cvmfs_ml.storage.s3 import S3Store
+from cvmfs_ml.storage.s3_config import S3Config, parse_s3_location
 from cvmfs_ml.testing import MotoS3
 
 pytestmark = pytest.mark.service

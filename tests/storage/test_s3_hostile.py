@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from cvmfs_ml.errors import CvmfsMlError, FormatError, StorageError
-from cvmfs_ml.storage.s3 import S3Config, S3Store
+from cvmfs_ml.storage.s3 import S3Store
+from cvmfs_ml.storage.s3_config import S3Config
 from quiet_http import QuietHTTPServer
 
 

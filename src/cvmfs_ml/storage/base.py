@@ -161,7 +161,8 @@ def open_store(location: str | Path, s3_config: Mapping[str, str] | None = None)
     ``s3_config`` holds upstream's ``CVMFS_S3_*`` parameters (default: the environment).
     """
     if is_s3_location(location):
-        from cvmfs_ml.storage.s3 import S3Config, S3Store
+        from cvmfs_ml.storage.s3 import S3Store
+        from cvmfs_ml.storage.s3_config import S3Config
 
         return S3Store(str(location), S3Config.from_params(s3_config))
     from cvmfs_ml.storage.local import LocalStore

@@ -3,8 +3,9 @@
 ``s3://BUCKET[/PREFIX]/FQRN`` names the repository; its files are the keys ``[PREFIX/]FQRN/...``
 with the layout of a local Stratum 0 (``.cvmfspublished``, ``data/xx/...``), written
 ``public-read`` (``CVMFS_S3_X_AMZ_ACL``), so clients and upstream ``cvmfs2`` read it straight from
-the bucket's plain HTTP URL (:attr:`S3Config.public_url`). What a publisher keeps locally (the
+the bucket's plain HTTP URL (:meth:`S3Config.public_url`). What a publisher keeps locally (the
 lock, catalogs being edited) lives in a spool folder, as upstream keeps ``/var/spool/cvmfs``.
+The location and the ``CVMFS_S3_*`` settings are read in :mod:`.s3_config`.
 
 The library is boto3/botocore: it is maintained by AWS on a weekly release cadence, already a
 dependency of the ecosystem we run beside (MLflow, KServe's storage initializer), and gives us
@@ -21,12 +22,10 @@ import contextlib
 import datetime as dt
 import io
 import os
-import re
 import shutil
 import tempfile
 import threading
-from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -34,6 +33,7 @@ from cvmfs_ml.cvmfs.hashing import Algorithm, Digest, hash_bytes
 from cvmfs_ml.cvmfs.objects import ObjectKind, object_path, stored_bound
 from cvmfs_ml.errors import ConfigError, FormatError, NotFoundError, PublishError, StorageError
 from cvmfs_ml.storage.base import copy_verified, decode_verified
+from cvmfs_ml.storage.s3_config import S3Config, parse_s3_location
 from cvmfs_ml.storage.s3_guard import (
     STREAM_ERRORS,
     checked_pages,
@@ -42,122 +42,11 @@ from cvmfs_ml.storage.s3_guard import (
     whole_read_limit,
 )
 
-__all__ = ["S3Config", "S3ObjectWriter", "S3Store", "parse_s3_location"]
+__all__ = ["S3ObjectWriter", "S3Store"]
 
 _READ_BLOCK = 4 * 2**20
 _SPOOL_IN_MEMORY = 64 * 2**20  # an object_writer() object larger than this spills to the spool
 _STALE_UPLOAD = dt.timedelta(hours=1)  # multipart uploads older than this were abandoned
-_BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
-_TRUE = {"true", "yes", "on", "1"}
-_FALSE = {"false", "no", "off", "0", ""}
-
-
-def parse_s3_location(location: str) -> tuple[str, str, str]:
-    """``s3://BUCKET[/PREFIX]/FQRN`` -> (bucket, key prefix ending in ``/``, fqrn)."""
-    if not location.startswith("s3://"):
-        raise ConfigError(f"{location!r} is not an s3://BUCKET[/PREFIX]/FQRN location")
-    parts = [p for p in location[len("s3://") :].split("/") if p]
-    if len(parts) < 2:
-        raise ConfigError(f"{location!r}: expected s3://BUCKET[/PREFIX]/FQRN")
-    bucket, fqrn = parts[0], parts[-1]
-    if not _BUCKET.fullmatch(bucket):
-        raise ConfigError(f"{location!r}: {bucket!r} is not a valid S3 bucket name")
-    if any(p in (".", "..") for p in parts):
-        raise ConfigError(f"{location!r}: '.' and '..' are not allowed")
-    return bucket, "/".join(parts[1:]) + "/", fqrn
-
-
-def _flag(params: Mapping[str, str], key: str, default: bool) -> bool:
-    value = params.get(key)
-    if value is None:
-        return default
-    if value.strip().lower() in _TRUE:
-        return True
-    if value.strip().lower() in _FALSE:
-        return False
-    raise ConfigError(f"{key}={value!r}: expected true or false")
-
-
-def _int(params: Mapping[str, str], key: str, default: int, minimum: int) -> int:
-    value = params.get(key)
-    if value is None or value.strip() == "":
-        return default
-    try:
-        number = int(value)
-    except ValueError as exc:
-        raise ConfigError(f"{key}={value!r}: expected a whole number") from exc
-    if number < minimum:
-        raise ConfigError(f"{key}={value!r}: must be at least {minimum}")
-    return number
-
-
-@dataclass(frozen=True)
-class S3Config:
-    """Upstream's S3 uploader settings (``CVMFS_S3_*`` in ``/etc/cvmfs/repositories.d``)."""
-
-    host: str
-    port: int
-    bucket: str | None = None
-    access_key: str | None = None
-    secret_key: str | None = None
-    dns_buckets: bool = True
-    use_https: bool = False
-    region: str = "us-east-1"
-    flavor: str = "awsv4"
-    max_connections: int = 400
-    max_retries: int = 3
-    timeout: int = 60
-    acl: str = "public-read"
-    peek_before_put: bool = True
-    proxy: str | None = None
-    spool_dir: Path | None = None
-    multipart_threshold: int = 64 * 2**20
-    multipart_chunk: int = 16 * 2**20
-
-    @classmethod
-    def from_params(cls, params: Mapping[str, str] | None = None) -> S3Config:
-        """From ``KEY=value`` settings (a parsed ``--s3-config`` file), or the environment."""
-        params = dict(os.environ if params is None else params)
-        host = params.get("CVMFS_S3_HOST", "").strip()
-        if not host:
-            raise ConfigError(
-                "CVMFS_S3_HOST is not set: pass --s3-config FILE or set CVMFS_S3_* variables"
-            )
-        use_https = _flag(params, "CVMFS_S3_USE_HTTPS", False)
-        flavor = params.get("CVMFS_S3_FLAVOR", "awsv4").strip() or "awsv4"
-        if flavor not in ("awsv2", "awsv4"):
-            raise ConfigError(f"CVMFS_S3_FLAVOR={flavor!r}: expected awsv2 or awsv4")
-        spool = params.get("CVMFS_SPOOL_DIR", "").strip()
-        return cls(
-            host=host,
-            port=_int(params, "CVMFS_S3_PORT", 443 if use_https else 80, 1),
-            bucket=params.get("CVMFS_S3_BUCKET") or None,
-            access_key=params.get("CVMFS_S3_ACCESS_KEY") or None,
-            secret_key=params.get("CVMFS_S3_SECRET_KEY") or None,
-            dns_buckets=_flag(params, "CVMFS_S3_DNS_BUCKETS", True),
-            use_https=use_https,
-            region=params.get("CVMFS_S3_REGION", "").strip() or "us-east-1",
-            flavor=flavor,
-            max_connections=_int(params, "CVMFS_S3_MAX_NUMBER_OF_PARALLEL_CONNECTIONS", 400, 1),
-            max_retries=_int(params, "CVMFS_S3_MAX_RETRIES", 3, 0),
-            timeout=_int(params, "CVMFS_S3_TIMEOUT", 60, 1),
-            acl=params.get("CVMFS_S3_X_AMZ_ACL", "public-read").strip(),
-            peek_before_put=_flag(params, "CVMFS_S3_PEEK_BEFORE_PUT", True),
-            proxy=params.get("CVMFS_S3_PROXY", "").strip() or None,
-            spool_dir=Path(spool) if spool else None,
-        )
-
-    @property
-    def endpoint(self) -> str:
-        scheme = "https" if self.use_https else "http"
-        return f"{scheme}://{self.host}:{self.port}"
-
-    def public_url(self, bucket: str, key_prefix: str) -> str:
-        """The plain HTTP URL clients read the repository from (no credentials)."""
-        scheme = "https" if self.use_https else "http"
-        if self.dns_buckets:
-            return f"{scheme}://{bucket}.{self.host}:{self.port}/{key_prefix.rstrip('/')}"
-        return f"{self.endpoint}/{bucket}/{key_prefix.rstrip('/')}"
 
 
 class S3ObjectWriter:
