@@ -52,7 +52,8 @@ an attacker with write access to the cache, who could fix up the cachedb too.
 Upstream's cache does not check content on reads at all (``cvmfs_fsck`` does, offline).
 
 Quota and disk space: :mod:`.cache_space` (eviction down to half the quota, like upstream, and
-room made when the disk fills up first). Lookups update the LRU order in batches.
+room made when the disk fills up first). Lookups update the LRU order in batches; the cachedb
+connection and those batches: :mod:`.cache_connection`.
 """
 
 from __future__ import annotations
@@ -71,10 +72,11 @@ from pathlib import Path
 from typing import BinaryIO
 
 from cvmfs_ml.client import cachedb
+from cvmfs_ml.client.cache_connection import CacheConnection
 from cvmfs_ml.client.cache_file import TxnFile, crc32, crc_of_file
 from cvmfs_ml.client.cache_space import CacheSpace, CacheUsage
 from cvmfs_ml.cvmfs.hashing import Digest
-from cvmfs_ml.errors import ConfigError, is_disk_full
+from cvmfs_ml.errors import ConfigError
 from cvmfs_ml.storage import sqlitefile
 
 log = logging.getLogger(__name__)
@@ -84,12 +86,11 @@ __all__ = ["ALWAYS_VERIFY_BYTES", "CacheUsage", "ObjectCache", "TxnFile", "crc32
 ALWAYS_VERIFY_BYTES = 64 * 1024
 """Entries up to this size are checksummed on every lookup (larger ones once per process)."""
 
-_BUSY_TIMEOUT_MS = 60_000
 _QUARANTINE_KEEP = 16
 _STALE_TXN_SECONDS = 24 * 3600
 
 
-class ObjectCache(CacheSpace):
+class ObjectCache(CacheConnection, CacheSpace):
     """Verified, decompressed objects by digest, with a quota, LRU eviction and pins.
 
     ``quota_bytes`` of ``None`` means unlimited. One instance may be shared by threads; several
@@ -133,86 +134,6 @@ class ObjectCache(CacheSpace):
             (self.root / f"{i:02x}").mkdir(parents=True, exist_ok=True)
         self.txn_dir.mkdir(exist_ok=True)
         self.quarantine_dir.mkdir(exist_ok=True)
-
-    def _locked(self) -> threading.RLock:
-        """This process's lock; after a fork, a fresh lock and connection (never the parent's).
-
-        The parent's connection object is kept, not closed: closing a SQLite connection in a
-        forked child can disturb the parent's file locks.
-        """
-        if self._pid != os.getpid():
-            self._pid = os.getpid()
-            self._lock = threading.RLock()
-            self._touches = {}
-            if self._db is not None:
-                self._inherited.append(self._db)
-                self._db = None
-        return self._lock
-
-    def _connect(self) -> sqlite3.Connection:
-        """The process's cachedb connection (call with :meth:`_locked` held)."""
-        if self._db is not None:
-            return self._db
-        db = sqlite3.connect(
-            self.root / "cachedb",
-            timeout=_BUSY_TIMEOUT_MS / 1000,
-            isolation_level=None,
-            check_same_thread=False,
-        )
-        db.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
-        for _ in range(100):
-            try:
-                db.execute("PRAGMA journal_mode = WAL")
-                break
-            except sqlite3.OperationalError:  # another process is switching it right now
-                time.sleep(0.05)
-        db.execute("PRAGMA synchronous = NORMAL")
-        self._check_foreign(db)
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            for statement in cachedb.DDL.split(";"):
-                if statement.strip():
-                    db.execute(statement)
-            columns = {row[1] for row in db.execute("PRAGMA table_info(cache_catalog)")}
-            if "stamp" not in columns:
-                db.execute("ALTER TABLE cache_catalog ADD COLUMN stamp TEXT")
-            db.execute("INSERT OR IGNORE INTO properties VALUES ('schema', ?)", (cachedb.SCHEMA,))
-            db.execute("INSERT OR IGNORE INTO properties VALUES ('size', 0)")
-            db.execute("COMMIT")
-        except BaseException:
-            if db.in_transaction:
-                db.execute("ROLLBACK")
-            raise
-        self._db = db
-        return db
-
-    def _check_foreign(self, db: sqlite3.Connection) -> None:
-        """Refuse to share a folder with upstream's cvmfs2 cache manager."""
-        columns = {row[1] for row in db.execute("PRAGMA table_info(cache_catalog)")}
-        if columns and "checksum" not in columns:
-            db.close()
-            raise ConfigError(
-                f"CVMFS_CACHE_BASE: {self.root} holds upstream cvmfs2's cache; "
-                "give cvmfs-ml a folder of its own"
-            )
-
-    @contextlib.contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
-        """A write transaction holding the cachedb lock across processes."""
-        with self._locked():
-            db = self._connect()
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                yield db
-            except BaseException:
-                if db.in_transaction:
-                    db.execute("ROLLBACK")
-                raise
-            db.execute("COMMIT")
-
-    def _read(self, sql: str, args: tuple[object, ...] = ()) -> list[tuple[object, ...]]:
-        with self._locked():
-            return self._connect().execute(sql, args).fetchall()
 
     def _clean_txn(self) -> None:
         """Remove ``txn/`` files left by writers that died (the crash-mid-write case)."""
@@ -523,38 +444,6 @@ class ObjectCache(CacheSpace):
         self.close()
 
     # ------------------------------------------------------------------ internals
-
-    def _touch(self, text: str) -> None:
-        """Note a use for the LRU order; written in batches to keep lookups cheap."""
-        with self._locked():
-            self._touches.pop(text, None)
-            self._touches[text] = None
-            if len(self._touches) < 64 and time.monotonic() - self._last_flush < 1.0:
-                return
-            self._write_touches()
-
-    def _write_touches(self) -> None:
-        """Write the pending LRU updates, unless the disk is full: the order is advice, and
-        a read of what is cached must not fail for it (the next fetch makes room)."""
-        if not self._touches:
-            return
-        try:
-            with self._write() as db:
-                self._flush_touches(db)
-        except sqlite3.OperationalError as exc:
-            if not is_disk_full(exc):
-                raise
-            self._last_flush = time.monotonic()
-
-    def _flush_touches(self, db: sqlite3.Connection) -> None:
-        if self._touches:
-            seq = cachedb.next_seq(db)
-            db.executemany(
-                "UPDATE cache_catalog SET acseq = ? WHERE sha1 = ?",
-                [(seq + i, text) for i, text in enumerate(self._touches)],
-            )
-            self._touches.clear()
-        self._last_flush = time.monotonic()
 
     def _forget_missing(self, text: str, path: Path) -> None:
         with self._write() as db:

@@ -52,7 +52,7 @@ class CacheSpace:
     quarantine_dir: Path
     _verified: dict[str, tuple[int, int, int]]
 
-    if TYPE_CHECKING:  # provided by ObjectCache
+    if TYPE_CHECKING:  # provided by ObjectCache (its CacheConnection)
 
         def _locked(self) -> threading.RLock: ...
         def _connect(self) -> sqlite3.Connection: ...
