@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from cvmfs_ml.client.cache import ObjectCache
-from cvmfs_ml.client.files import release_idle_descriptors
+from cvmfs_ml.client.piece_io import release_idle_descriptors
 from cvmfs_ml.cvmfs.hashing import Digest
 from cvmfs_ml.cvmfs.objects import MAX_UNSIZED_OBJECT, ObjectKind, object_path
 from cvmfs_ml.errors import CacheFullError, FormatError, IntegrityError, is_disk_full

@@ -17,29 +17,38 @@ at every piece boundary (a new cache file starts with a small synchronous read-a
 
 :meth:`CvmfsFile.pread_nowait` reads with ``RWF_NOWAIT``, so the FUSE event loop answers only
 what is in the page cache and sends the rest to a worker thread instead of blocking on the disk.
+
+The system calls themselves (opening pieces, ``preadv``, paging in, dropping pages) are in
+:mod:`.piece_io`.
 """
 
 from __future__ import annotations
 
 import bisect
 import collections
-import errno
 import io
 import os
 import threading
 import time
-import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cvmfs_ml.client.background import BackgroundPool
+from cvmfs_ml.client.piece_io import (
+    RWF_NOWAIT,
+    drop_files,
+    filled_bytes,
+    open_files,
+    open_files_lock,
+    open_piece,
+    page_in,
+    preadv_full,
+)
 from cvmfs_ml.client.readprofile import READ_PROFILE
 from cvmfs_ml.cvmfs.catalog import Chunk
 from cvmfs_ml.cvmfs.objects import ObjectKind
 from cvmfs_ml.errors import IntegrityError
-from cvmfs_ml.storage.pagecache import drop_cached_pages
 
 if TYPE_CHECKING:
     from concurrent.futures import Future
@@ -47,7 +56,7 @@ if TYPE_CHECKING:
     from cvmfs_ml.client.prefetch import Fetched
     from cvmfs_ml.client.repository import Repository
 
-__all__ = ["CvmfsFile", "FileLayout", "release_idle_descriptors"]
+__all__ = ["CvmfsFile", "FileLayout"]
 
 
 @dataclass(frozen=True)
@@ -115,8 +124,8 @@ class CvmfsFile(io.RawIOBase):
         """Pieces a read has touched (the page cache push leaves those and the next ones)."""
         self._advised = -1  # the last piece given to the disk read-ahead
         self._closing = False
-        with _open_files_lock:
-            _open_files.add(self)
+        with open_files_lock:
+            open_files.add(self)
 
     def readable(self) -> bool:
         return True
@@ -175,7 +184,7 @@ class CvmfsFile(io.RawIOBase):
             if got_how != "hit":
                 how, net = "fetch", net + got_net
             try:
-                fd = _open_piece(path)
+                fd = open_piece(path)
                 break
             except FileNotFoundError:  # evicted between lookup and open: look it up again
                 if attempt:
@@ -282,7 +291,7 @@ class CvmfsFile(io.RawIOBase):
         thread (their writeback is waited for first: :func:`drop_cached_pages`)."""
         if indexes:
             paths = [self.repository.cache.path_of(self.layout.pieces[i].digest) for i in indexes]
-            _advise_pool().submit(_drop_files, paths)
+            _advise_pool().submit(drop_files, paths)
 
     def _disk_ahead(self, index: int) -> None:
         """Have the kernel read cached pieces after ``index`` (and ``index`` itself at the
@@ -318,7 +327,7 @@ class CvmfsFile(io.RawIOBase):
             try:
                 size = self.layout.pieces[index].size
                 with READ_PROFILE.timing("advise", "advise_pieces", size):
-                    _page_in(fd, size)
+                    page_in(fd, size)
             except OSError:
                 pass
             finally:
@@ -365,7 +374,7 @@ class CvmfsFile(io.RawIOBase):
                     n = len(data)
                 else:
                     dest = into[pos - offset : pos - offset + want]
-                    n = _preadv_full(fd, dest, within, _RWF_NOWAIT if nowait else 0)
+                    n = preadv_full(fd, dest, within, RWF_NOWAIT if nowait else 0)
                 if n != want and not nowait:  # this copy, not a fresh one stored meanwhile
                     self.repository.cache.invalidate(piece.digest, os.fstat(fd))
             finally:
@@ -410,7 +419,7 @@ class CvmfsFile(io.RawIOBase):
             return b""
         if self._index(offset) == self._index(end - 1):
             return self._read_parts(offset, end, None)[0]
-        return _filled_bytes(end - offset, lambda view: self._read_parts(offset, end, view))
+        return filled_bytes(end - offset, lambda view: self._read_parts(offset, end, view))
 
     def pread_buffer(self, size: int, offset: int) -> bytes | bytearray:
         """:meth:`pread` that may answer with a ``bytearray`` (one copy when pieces are crossed).
@@ -481,20 +490,6 @@ class CvmfsFile(io.RawIOBase):
         super().close()
 
 
-def _filled_bytes(size: int, fill: Callable[[memoryview], object]) -> bytes:
-    """A ``bytes`` of ``size`` filled in place by ``fill(view)``: no second copy in memory.
-
-    ``BytesIO.getvalue()`` hands over its own buffer when nothing else holds it (CPython,
-    shrinking a large buffer with ``realloc``), so the bytes are written once, where they stay.
-    """
-    buffer = io.BytesIO()
-    buffer.seek(size - 1)
-    buffer.write(b"\0")
-    with buffer.getbuffer() as view:
-        fill(view)
-    return buffer.getvalue()
-
-
 DROP_BEHIND_PIECES = 2
 """How far behind the reader's newest piece a piece it read leaves the page cache
 (:attr:`CvmfsFile.drop_behind`): not the piece just left, whose last requests may still be
@@ -505,95 +500,6 @@ Why drop at all: on a mount the bytes a reader got stay in the mounted file's pa
 took 4 GiB of page cache. Dropped, the node holds it once, and the next pieces' cache files
 are written into the pages just freed, which on a VM whose host takes freed memory back
 (:mod:`cvmfs_ml.bench.fresh_pages`) is much cheaper than fresh ones."""
-
-_RWF_NOWAIT = getattr(os, "RWF_NOWAIT", 0)
-_nowait_works = bool(_RWF_NOWAIT)  # cleared when a file system refuses it
-
-
-def _preadv_full(fd: int, view: memoryview, offset: int, flags: int = 0) -> int:
-    """``preadv`` until ``view`` is full or the file ends; returns the bytes read.
-
-    With ``RWF_NOWAIT`` it stops where the page cache ends (the rest would need the disk).
-    """
-    global _nowait_works
-    if flags and not _nowait_works:
-        flags = 0
-    done = 0
-    started = time.perf_counter()
-    calls = 0
-    try:
-        while done < len(view):
-            calls += 1
-            try:
-                n = os.preadv(fd, [view[done:]], offset + done, flags)
-            except BlockingIOError:
-                break
-            except OSError as exc:
-                if not flags or exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
-                    raise
-                _nowait_works, flags = False, 0
-                continue
-            if n <= 0:
-                break
-            done += n
-    finally:
-        READ_PROFILE.add(pread_calls=calls, pread_bytes=done,
-                         pread_seconds=time.perf_counter() - started)  # fmt: skip
-    return done
-
-
-_open_files: weakref.WeakSet[CvmfsFile] = weakref.WeakSet()
-_open_files_lock = threading.Lock()
-
-
-def _open_piece(path: Path) -> int:
-    """Open a piece's cache file; out of descriptors, close the idle ones of every open file
-    of this process and try again. Why: each file keeps up to :attr:`CvmfsFile.max_open_pieces`
-    open, and a mount serves every job of a node (sixty files read at once under a limit of 80
-    failed with EMFILE)."""
-    try:
-        return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError as exc:
-        if exc.errno not in (errno.EMFILE, errno.ENFILE):
-            raise
-    release_idle_descriptors()
-    return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-
-
-def release_idle_descriptors() -> None:
-    """Close the pieces no read is using, in every open file of this process."""
-    with _open_files_lock:
-        handles = list(_open_files)
-    for handle in handles:
-        handle.close_idle()
-
-
-def _drop_files(paths: list[Path]) -> None:
-    for path in paths:
-        drop_cached_pages(path)  # a file evicted meanwhile has nothing left to drop
-
-
-_devnull = -1
-
-
-def _page_in(fd: int, size: int) -> None:
-    """Bring ``size`` bytes of a file into the page cache without copying them anywhere.
-
-    ``sendfile`` to ``/dev/null`` runs the kernel's ordinary read-ahead and discards the pages
-    in the kernel; where a file system refuses it, ``posix_fadvise(WILLNEED)`` instead.
-    """
-    global _devnull
-    if _devnull < 0:
-        _devnull = os.open(os.devnull, os.O_WRONLY | getattr(os, "O_CLOEXEC", 0))
-    done = 0
-    try:
-        while done < size:
-            n = os.sendfile(_devnull, fd, done, size - done)
-            if n <= 0:
-                return
-            done += n
-    except OSError:
-        os.posix_fadvise(fd, done, 0, os.POSIX_FADV_WILLNEED)
 
 
 _advise_pool = BackgroundPool("cvmfs-ml-disk-ahead", 2).get
