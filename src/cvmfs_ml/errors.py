@@ -157,3 +157,10 @@ def is_disk_full(exc: BaseException) -> bool:
     if isinstance(exc, OSError):
         return exc.errno in (errno.ENOSPC, errno.EDQUOT)
     return isinstance(exc, sqlite3.OperationalError) and "disk is full" in str(exc)
+
+
+#: What reading a damaged SQLite file can raise. Python's ``sqlite3`` decodes SQLite's error
+#: text as UTF-8, so a message that quotes a damaged schema (``near "CR\x80EATE"``) raises
+#: ``UnicodeDecodeError`` instead of ``sqlite3.DatabaseError``; a reader of files from outside
+#: catches both.
+SQLITE_DAMAGE: tuple[type[Exception], ...] = (sqlite3.DatabaseError, UnicodeDecodeError)

@@ -41,7 +41,7 @@ from cvmfs_ml.cvmfs.catalog_rows import (
 from cvmfs_ml.cvmfs.catalog_writer import WritableCatalog, totals
 from cvmfs_ml.cvmfs.hashing import Algorithm, Digest, md5_pair
 from cvmfs_ml.cvmfs.idle_connections import IdleConnections
-from cvmfs_ml.errors import FormatError
+from cvmfs_ml.errors import SQLITE_DAMAGE, FormatError
 
 __all__ = [
     "COUNTERS",
@@ -110,7 +110,7 @@ class Catalog:
                 self._db.text_factory = decode_text
             self._properties = dict(self._db.execute("SELECT key, value FROM properties"))
             self._columns = {row[1] for row in self._db.execute("PRAGMA table_info(catalog)")}
-        except sqlite3.DatabaseError as exc:
+        except SQLITE_DAMAGE as exc:
             if self._db is not None:
                 self._db.close()
             raise FormatError(self.what, f"not a readable catalog: {exc}") from exc
@@ -198,7 +198,7 @@ class Catalog:
                 if not self._in_memory:
                     _OPEN.touch(self)
                 return self._db.execute(sql, args).fetchall()
-            except sqlite3.DatabaseError as exc:
+            except SQLITE_DAMAGE as exc:
                 raise FormatError(self.what, f"corrupt catalog: {exc}") from exc
 
     def lookup(self, path: str) -> DirectoryEntry | None:

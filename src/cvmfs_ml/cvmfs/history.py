@@ -20,7 +20,7 @@ from pathlib import Path
 from types import TracebackType
 
 from cvmfs_ml.cvmfs.hashing import DIGEST_SIZE, Algorithm, Digest
-from cvmfs_ml.errors import FormatError
+from cvmfs_ml.errors import SQLITE_DAMAGE, FormatError
 
 __all__ = [
     "SCHEMA",
@@ -173,7 +173,7 @@ class HistoryDb:
         db = sqlite3.connect(":memory:", isolation_level=None)
         try:
             db.deserialize(raw)
-        except sqlite3.DatabaseError as exc:
+        except SQLITE_DAMAGE as exc:
             db.close()
             raise FormatError(what, f"not a history database: {exc}") from exc
         return cls(db, Path(what), writable=False, columns=_checked_columns(db, what))
@@ -332,6 +332,6 @@ def _schema_version(text: str) -> float:
 def _property(db: sqlite3.Connection, key: str, what: str) -> str | None:
     try:
         row = db.execute("SELECT value FROM properties WHERE key = ?", (key,)).fetchone()
-    except sqlite3.DatabaseError as exc:
+    except SQLITE_DAMAGE as exc:
         raise FormatError(what, f"not a CVMFS SQLite database: {exc}") from exc
     return None if row is None else str(row[0])

@@ -21,7 +21,7 @@ from types import TracebackType
 
 from cvmfs_ml.cvmfs.hashing import Digest
 from cvmfs_ml.cvmfs.objects import ObjectKind
-from cvmfs_ml.errors import FormatError
+from cvmfs_ml.errors import SQLITE_DAMAGE, FormatError
 
 __all__ = ["SCHEMA", "SCHEMA_REVISION", "RefType", "Reflog"]
 
@@ -109,7 +109,7 @@ class Reflog:
             try:
                 row = db.execute("SELECT value FROM properties WHERE key = 'schema'").fetchone()
                 columns = {r[1] for r in db.execute("PRAGMA table_info(refs)")}
-            except sqlite3.DatabaseError as exc:
+            except SQLITE_DAMAGE as exc:
                 raise FormatError(what, f"not a CVMFS SQLite database: {exc}") from exc
             if row is None or str(row[0]) != SCHEMA:
                 raise FormatError(what, f"schema {row and row[0]!r}, expected {SCHEMA}")
