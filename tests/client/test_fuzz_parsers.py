@@ -28,10 +28,9 @@ from cvmfs_ml.cvmfs.manifest import Manifest, verify_manifest
 from cvmfs_ml.cvmfs.objects import ObjectKind, inflate, object_path
 from cvmfs_ml.cvmfs.whitelist import Whitelist, verify_whitelist
 from cvmfs_ml.errors import CvmfsMlError
-from cvmfs_ml.publish.repository import Publisher, create_repository
 
-FQRN = "fuzz.test"
-NOW = dt.datetime.now(dt.UTC)
+FQRN = "ref.test.local"  # the reference repository (tests/conftest.py)
+NOW = dt.datetime.now(dt.UTC)  # inside the reference whitelist's validity (until 2036)
 FUZZ = settings(
     derandomize=True,  # the same examples on every run: CI cannot flake on a lucky draw
     max_examples=150,
@@ -41,17 +40,16 @@ FUZZ = settings(
 
 
 @pytest.fixture(scope="module")
-def genuine(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    root = tmp_path_factory.mktemp("fuzz")
-    publisher: Publisher = create_repository(root / "srv", FQRN)
-    with publisher.transaction() as txn:
-        txn.add_bytes("/a/b.txt", b"x")
-        txn.add_bytes("/c.bin", bytes(300_000))
-        txn.commit()
-    manifest = publisher.manifest()
-    folder = publisher.repo_dir
+def genuine(reference_repo: Path) -> dict[str, Any]:
+    """Upstream's files (the reference repository), so every run mutates the same bytes.
+
+    A repository made at test time has new keys and times on every run, and with them new
+    examples: the fuzzer then found a new input on one run in many (a flake for CI).
+    """
+    folder = reference_repo / "cvmfs" / FQRN
+    manifest = Manifest.parse((folder / ".cvmfspublished").read_bytes())
     assert manifest.certificate is not None
-    return {
+    files = {
         "manifest": (folder / ".cvmfspublished").read_bytes(),
         "whitelist": (folder / ".cvmfswhitelist").read_bytes(),
         "certificate": (
@@ -60,9 +58,14 @@ def genuine(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         "catalog": inflate(
             (folder / object_path(manifest.catalog, ObjectKind.CATALOG)).read_bytes()
         ),
-        "keys": load_public_keys(publisher.keys.paths.master_public),
-        "certificate_pem": publisher.keys.certificate_pem,
+        "keys": load_public_keys(reference_repo / "keys" / f"{FQRN}.pub"),
+        "certificate_pem": (reference_repo / "keys" / f"{FQRN}.crt").read_bytes(),
     }
+    # The unmutated files pass the whole trust core, so the fuzzer starts from a valid state
+    # (a fixture grown too old would otherwise only test the expiry check, silently).
+    verify_ensemble(TrustAnchors(FQRN, files["keys"]), files["manifest"], files["whitelist"],
+                    files["certificate"], NOW)  # fmt: skip
+    return files
 
 
 def only_our_errors(call: Callable[[], object]) -> None:
