@@ -59,6 +59,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if kind == "manifests" and (head, ref) in registry.manifests:
             body, media_type = registry.manifests[(head, ref)]
             return self._answer(200, body, media_type)
+        if kind == "blobs" and ref in registry.silent:  # the request read, never answered
+            registry.release.wait(timeout=60)
+            self.close_connection = True
+            return None
         if kind == "blobs" and ref in registry.stalled:  # half the bytes, then nothing
             body = registry.blobs[ref]
             self.send_response(200)
@@ -86,6 +90,7 @@ class HostileRegistry:
         self.blobs: dict[str, bytes] = {}
         self.requests: list[str] = []
         self.stalled: set[str] = set()  # blobs sent half-way, then held until ``release``
+        self.silent: set[str] = set()  # blobs whose request gets no answer until ``release``
         self.release = threading.Event()
         self.lock = threading.Lock()
         self._server = _Server(("127.0.0.1", 0), _Handler)

@@ -226,42 +226,57 @@ def test_a_killed_image_push_leaves_no_scratch_after_the_next(
     assert list(scratch.iterdir()) == []
 
 
+def _two_layers(
+    registry: HostileRegistry, tmp_path: Path, kind: str, held: set[str]
+) -> tuple[Path, str]:
+    """An image or a model of two layers, the second one put in ``held`` (one of the
+    registry's sets that hold a blob until the test ends, 60 s at most); the wishlist asking
+    for it, and the second layer's digest."""
+    if kind == "image":
+        first = make_layer([("etc", None), ("etc/os", b"test\n")])
+        second = make_layer([("etc", None), ("big", os.urandom(2**20))])
+        datas, media_type = [gzip.compress(d, mtime=0) for d in (first, second)], TAR_GZIP
+        config = registry.blob(json.dumps({"os": "linux"}).encode(), IMAGE_CONFIG)
+        entry = f"input: ['http://{registry.host}/lib/base:1']\n"
+    else:
+        datas, media_type = [b"small", os.urandom(2**20)], "application/octet-stream"
+        config = registry.blob(b"{}", "application/vnd.oci.empty.v1+json")
+        entry = f"models:\n  - source: http://{registry.host}/lib/base:1\n    name: hep/m\n"
+    layers = [registry.blob(data, media_type) for data in datas]
+    if kind == "model":
+        for n, layer in enumerate(layers):
+            layer["annotations"] = {"org.opencontainers.image.title": f"w{n}.bin"}
+    registry.manifest("lib/base", "1", image_manifest(config, layers))
+    wishlist = tmp_path / "wishlist.yaml"
+    wishlist.write_text(f"version: 1\ncvmfs_repo: {FQRN}\n{entry}")
+    held.add(layers[1]["digest"])
+    return wishlist, layers[1]["digest"]
+
+
+@pytest.mark.parametrize("hold", ["stalled", "silent"])
 @pytest.mark.parametrize("kind", ["image", "model"])
 def test_sigterm_stops_a_stalled_parallel_download_at_once(
-    publisher: Publisher, tmp_path: Path, kind: str
+    publisher: Publisher, tmp_path: Path, kind: str, hold: str
 ) -> None:
     """A layer downloading on a worker thread (an image's first layer streams on the main
     thread; a model's layers all download in parallel) that a registry stalls held a SIGTERM'd
     sync for as long as the registry held the socket (60 s here, the read timeout at most): the
     unwinding waited for the worker's blocked read. The downloads are now cancelled as the
-    round unwinds, so the process ends at once, its scratch removed."""
+    round unwinds, so the process ends at once, its scratch removed.
+
+    ``silent``: a registry that reads the request and never answers (no status line) held it
+    too, after that fix: the cancellation shut down the sockets of the answers it had, and a
+    request waiting for its answer had none yet. Its socket is now known while it waits."""
     scratch = tmp_path / "scratch"
     with HostileRegistry() as registry:
-        if kind == "image":
-            first = make_layer([("etc", None), ("etc/os", b"test\n")])
-            second = make_layer([("etc", None), ("big", os.urandom(2**20))])
-            datas, media_type = [gzip.compress(d, mtime=0) for d in (first, second)], TAR_GZIP
-            config = registry.blob(json.dumps({"os": "linux"}).encode(), IMAGE_CONFIG)
-            entry = f"input: ['http://{registry.host}/lib/base:1']\n"
-        else:
-            datas, media_type = [b"small", os.urandom(2**20)], "application/octet-stream"
-            config = registry.blob(b"{}", "application/vnd.oci.empty.v1+json")
-            entry = f"models:\n  - source: http://{registry.host}/lib/base:1\n    name: hep/m\n"
-        layers = [registry.blob(data, media_type) for data in datas]
-        if kind == "model":
-            for n, layer in enumerate(layers):
-                layer["annotations"] = {"org.opencontainers.image.title": f"w{n}.bin"}
-        registry.manifest("lib/base", "1", image_manifest(config, layers))
-        wishlist = tmp_path / "wishlist.yaml"
-        wishlist.write_text(f"version: 1\ncvmfs_repo: {FQRN}\n{entry}")
-        registry.stalled.add(layers[1]["digest"])  # held until the test ends (60 s at most)
+        wishlist, held = _two_layers(registry, tmp_path, kind, getattr(registry, hold))
         process = _sync(wishlist, publisher, scratch)
+        pattern = "*.part-*" if hold == "stalled" else "*"  # silent: no body, no .part file
         try:
             wait_until(
-                lambda: registry.asked_for(layers[1]["digest"])
-                and any(scratch.rglob("*.part-*")),
+                lambda: registry.asked_for(held) and any(scratch.rglob(pattern)),
                 60,
-                "a worker thread downloading the stalled layer",
+                f"a worker thread downloading the {hold} layer",
             )
             process.send_signal(signal.SIGTERM)
             _, err = process.communicate(timeout=15)  # not the registry's 60 s
@@ -270,3 +285,6 @@ def test_sigterm_stops_a_stalled_parallel_download_at_once(
                 process.kill()
                 process.wait(timeout=60)
     _assert_unwound(process, err, scratch, publisher)
+    assert err.decode().strip().splitlines() == [  # the one line, and nothing else
+        "cvmfs-ml: stopping (SIGTERM): cleaning up what was started"
+    ]

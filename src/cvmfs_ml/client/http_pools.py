@@ -14,15 +14,43 @@ and the OCI registry client use it.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import socket
+import threading
 import time
-from typing import Any
+from collections.abc import Iterator
+from typing import Any, Protocol
 
 import urllib3
 from urllib3.connection import HTTPConnection, HTTPSConnection
 
-__all__ = ["HeaderTimeout", "pool_manager"]
+__all__ = ["HeaderTimeout", "SocketWatcher", "pool_manager", "watching_sockets"]
+
+
+class SocketWatcher(Protocol):
+    """Who may stop a request while it waits for its answer (a download's cancellation)."""
+
+    def watch_socket(self, sock: socket.socket) -> None:
+        """``sock`` now waits for an answer; raises if the request must not wait at all."""
+
+    def forget_socket(self, sock: socket.socket) -> None: ...
+
+
+_THREAD = threading.local()
+
+
+@contextlib.contextmanager
+def watching_sockets(watcher: SocketWatcher) -> Iterator[None]:
+    """The requests this thread sends in the block hand ``watcher`` their socket while they
+    wait for the answer's headers, so another thread can shut it down (a request's socket is
+    chosen inside urllib3: no caller sees it before the answer)."""
+    previous = getattr(_THREAD, "watcher", None)
+    _THREAD.watcher = watcher
+    try:
+        yield
+    finally:
+        _THREAD.watcher = previous
 
 
 class HeaderTimeout(TimeoutError):
@@ -83,6 +111,17 @@ class _HeaderDeadline:
     timeout: Any
 
     def getresponse(self) -> Any:
+        watcher: SocketWatcher | None = getattr(_THREAD, "watcher", None)
+        real = self.sock
+        if watcher is None or real is None:
+            return self._bounded_response()
+        watcher.watch_socket(real)
+        try:
+            return self._bounded_response()
+        finally:
+            watcher.forget_socket(real)
+
+    def _bounded_response(self) -> Any:
         seconds = self.timeout
         if self.sock is None or not isinstance(seconds, int | float) or seconds <= 0:
             return super().getresponse()  # type: ignore[misc]

@@ -29,10 +29,10 @@ from urllib3.exceptions import HTTPError as Urllib3Error
 from urllib3.exceptions import ProtocolError, ReadTimeoutError
 
 from cvmfs_ml.client.config import DIRECT
-from cvmfs_ml.client.http_pools import HeaderTimeout
+from cvmfs_ml.client.http_pools import HeaderTimeout, watching_sockets
 from cvmfs_ml.cvmfs.hashing import Digest, new_hasher
 from cvmfs_ml.cvmfs.objects import Decompressor, stored_bound
-from cvmfs_ml.errors import DownloadError, FormatError
+from cvmfs_ml.errors import CvmfsMlError, DownloadError, FormatError
 
 if TYPE_CHECKING:
     from cvmfs_ml.cvmfs.hashing import Hasher
@@ -47,6 +47,7 @@ __all__ = [
     "Job",
     "Kind",
     "MemorySink",
+    "RequestStopped",
     "Sink",
     "body_readinto",
     "check_status",
@@ -378,14 +379,16 @@ class Cancellation:
     low-speed rule) ends it; a process unwinding (SIGTERM, a refused image) would wait for it.
     :meth:`cancel` shuts down the socket of every response registered (:meth:`watch`), so the
     blocked read returns at once and fails, and refuses every later one, which therefore fails
-    before it is sent or as soon as its answer comes. A request still waiting for its answer's
-    headers is not interrupted (its socket is not known yet): its read timeout bounds it.
+    before it is sent or as soon as its answer comes. A request sent inside :meth:`requests`
+    is stopped the same way while it still waits for its answer's headers (a registry that
+    reads the request and never answers).
     As a context manager: cancelled when its block is left by an exception.
     """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._responses: set[urllib3.BaseHTTPResponse] = set()
+        self._sockets: set[socket.socket] = set()
         self.cancelled = False
 
     def check(self) -> None:
@@ -403,6 +406,23 @@ class Cancellation:
         with self._lock:
             self._responses.discard(response)
 
+    def requests(self) -> contextlib.AbstractContextManager[None]:
+        """A block whose requests (on this thread) :meth:`cancel` stops while they wait for
+        their answer's headers, and refuses once cancelled."""
+        return watching_sockets(self)
+
+    def watch_socket(self, sock: socket.socket) -> None:
+        """Shut ``sock`` down on :meth:`cancel` (until :meth:`forget_socket`); once cancelled,
+        :class:`RequestStopped`, which urllib3 does not take for a connection to retry."""
+        with self._lock:
+            if self.cancelled:
+                raise RequestStopped
+            self._sockets.add(sock)
+
+    def forget_socket(self, sock: socket.socket) -> None:
+        with self._lock:
+            self._sockets.discard(sock)
+
     def __enter__(self) -> Cancellation:
         return self
 
@@ -415,11 +435,14 @@ class Cancellation:
         with self._lock:
             self.cancelled = True
             responses = list(self._responses)
+            sockets = list(self._sockets)
         for response in responses:
             sock = getattr(getattr(response, "connection", None), "sock", None)
             if sock is not None:
-                with contextlib.suppress(OSError):  # closed already: nothing to stop
-                    sock.shutdown(socket.SHUT_RDWR)
+                sockets.append(sock)
+        for sock in sockets:
+            with contextlib.suppress(OSError):  # closed already: nothing to stop
+                sock.shutdown(socket.SHUT_RDWR)
 
 
 class CancelledError(DownloadError):
@@ -427,6 +450,12 @@ class CancelledError(DownloadError):
 
     def __init__(self) -> None:
         super().__init__("a blob (the download was cancelled)")
+
+
+class RequestStopped(CvmfsMlError):
+    """A request of a :meth:`Cancellation.requests` block refused after :meth:`~Cancellation.
+    cancel` (not an ``OSError``, so urllib3 does not retry it); its caller raises
+    :class:`CancelledError`."""
 
 
 def finish(response: urllib3.BaseHTTPResponse) -> None:

@@ -310,8 +310,8 @@ def _unpack_layers(
         and not fetched_blob(blob_dir, str(layers[0]["digest"])).exists()
     )
     later = layers[1:] if stream_first else layers
-    # A refused layer or SIGTERM cancels the downloads: the pool's shutdown waits for them (a
-    # stalled one until its read timeout).
+    # A refused layer or SIGTERM cancels the downloads (their sockets shut down, answered or
+    # not yet), so the pool's shutdown does not wait for a stalled registry.
     with (
         ThreadPoolExecutor(max(1, workers), thread_name_prefix="sync-layer") as pool,
         Cancellation() as cancel,

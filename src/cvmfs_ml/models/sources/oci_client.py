@@ -28,7 +28,13 @@ from urllib.parse import urlencode, urlsplit
 import urllib3
 
 from cvmfs_ml.client.http_pools import pool_manager
-from cvmfs_ml.client.transfer import Cancellation, SpeedCheck, body_readinto
+from cvmfs_ml.client.transfer import (
+    Cancellation,
+    CancelledError,
+    RequestStopped,
+    SpeedCheck,
+    body_readinto,
+)
 from cvmfs_ml.client.transfer import finish as finish_response
 from cvmfs_ml.cvmfs import jsontext
 from cvmfs_ml.errors import DownloadError, FormatError, IntegrityError, NotFoundError
@@ -471,7 +477,11 @@ class RegistryClient:
         url = f"{self.base_url}{path}"
         if cancel is not None:
             cancel.check()
-        response = self._get(path, repository, stream=True)
+        try:
+            with cancel.requests() if cancel is not None else contextlib.nullcontext():
+                response = self._get(path, repository, stream=True)
+        except RequestStopped:
+            raise CancelledError from None
         try:
             if cancel is not None:
                 cancel.watch(response)
