@@ -13,7 +13,7 @@ import base64
 import binascii
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -52,12 +52,35 @@ class AuthFile:
 
     path: Path | None = None
     entries: dict[str, tuple[str, str]] = field(default_factory=dict)
+    lookup: bool = False  # found by the default lookup (no file named): :meth:`reload` redoes it
 
     @classmethod
     def load(cls, path: Path | None = None) -> AuthFile:
-        path = Path(path) if path else default_auth_file()
-        if path is None:
-            return cls()
+        """The file ``path``, or the first of the default lookup (none found: no entries)."""
+        if path:
+            return cls._read(Path(path))
+        found = default_auth_file()
+        return cls(lookup=True) if found is None else replace(cls._read(found), lookup=True)
+
+    def reload(self) -> AuthFile:
+        """The credentials as they are now: the lookup done again (a later ``docker login``
+        is found, a removed file no longer used), or the named file read again (gone: no
+        entries, until it is back). Entries given without a file stay as they are."""
+        if self.lookup:
+            return AuthFile.load()
+        if self.path is None:
+            return self
+        if not self.path.exists():
+            return AuthFile(self.path)
+        return AuthFile._read(self.path)
+
+    @property
+    def in_use(self) -> Path | None:
+        """The file the entries come from (None: none, or it is gone)."""
+        return self.path if self.path is not None and self.entries else None
+
+    @classmethod
+    def _read(cls, path: Path) -> AuthFile:
         try:
             if path.stat().st_size > MAX_AUTH_FILE_BYTES:
                 raise ConfigError(f"{path}: auth file larger than {MAX_AUTH_FILE_BYTES} bytes")

@@ -3,11 +3,12 @@
 The wishlist is read again before every round (DUCC's ``loop`` does the same), so editing it
 needs no restart; a wishlist broken by an edit is an ``error`` event and the loop carries on
 with the next round. So is the registry auth file (``SyncOptions.auth``, when it came from a
-file), so rotated credentials need no restart either; an auth file broken by an edit (or gone)
-is one ``read_auth`` error event per round, and the round goes on with the credentials last
-read. A webhook call wakes the loop and runs a round limited to the repositories
-it names; the full round still comes every ``interval``, and at once after a delete event
-(removals, with their grace period, are decided in full rounds only).
+file or the default lookup), so rotated credentials need no restart either, nor a ``docker
+login`` after the start (the lookup runs again) or a removed file (its credentials go with it);
+an auth file broken by an edit is one ``read_auth`` error event per round, and the round goes
+on with the credentials last read. A webhook call wakes the loop and runs a round limited to
+the repositories it names; the full round still comes every ``interval``, and at once after a
+delete event (removals, with their grace period, are decided in full rounds only).
 
 Counters (``cvmfs_ml_sync_rounds_total``, ``..._changes_total``, ``..._errors_total``,
 ``..._last_revision``) are registered in a Prometheus registry when one is given, so a service
@@ -156,18 +157,21 @@ class SyncLoop:
         return report
 
     def _read_auth(self) -> AuthFile:
-        """The auth file as it is now (credentials are rotated); if an edit broke it, the
-        credentials read before, with one error event."""
-        if self.options.auth.path is None:  # given as entries, or no file to read
-            return self.options.auth
+        """The auth file as it is now (credentials are rotated, ``docker login`` writes one,
+        a file is removed); if an edit broke it, the credentials read before, with one error
+        event. A change of the file the credentials come from is one ``read_auth`` event."""
+        before = self.options.auth
         try:
-            self.options = replace(self.options, auth=AuthFile.load(self.options.auth.path))
+            self.options = replace(self.options, auth=before.reload())
         except ConfigError as exc:
             first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             self.log("read_auth", status="error",
                      error=f"{first}; using the last good credentials read from it until it is "
                      "fixed")  # fmt: skip
-        return self.options.auth
+        now = self.options.auth
+        if now.in_use != before.in_use:
+            self.log("read_auth", auth_file=str(now.in_use or ""), registries=len(now.entries))
+        return now
 
     def run(self, *, rounds: int | None = None) -> None:
         """Loop until :meth:`stop` (or ``rounds`` rounds, full or webhook-triggered).
