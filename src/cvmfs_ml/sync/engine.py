@@ -10,8 +10,8 @@ processes can share a repository, as DUCC's ``/tmp/DUCC.lock``) and goes:
 2. **Commit** everything that survived in ONE transaction: flat images, links, metadata, model
    versions and aliases, removals. Nothing changed -> no transaction, no revision.
 3. **Forget** what left the wishlist: links this wishlist published (``image.json``'s
-   ``owner``; other wishlists' links are never touched) and flats no link uses any more are
-   removed once they have been unwanted for ``grace_seconds`` (first seen unwanted is kept in
+   ``owner``, its ``name:``; other wishlists' links are never touched) and flats no link uses
+   any more are removed once unwanted for ``grace_seconds`` (first seen unwanted is kept in
    ``<keys>/<fqrn>.sync-state.json``). Their objects are garbage collected at the first round
    after the next revision, once ``trunk-previous`` no longer names them.
 
@@ -28,7 +28,7 @@ import os
 import sqlite3
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +45,7 @@ from cvmfs_ml.sync.auth import AuthFile
 from cvmfs_ml.sync.events import EventLog
 from cvmfs_ml.sync.images import (
     FLAT_ROOT,
+    IMAGE_JSON,
     FlatImage,
     ImageRecord,
     flat_path,
@@ -167,9 +168,10 @@ class _Plan:
     versions: list[PreparedVersion] = field(default_factory=list)
     aliases: list[tuple[ModelRef, str]] = field(default_factory=list)
     removals: list[str] = field(default_factory=list)
+    owners: list[ImageRecord] = field(default_factory=list)  # image.json taken over by a name
 
     def empty(self) -> bool:
-        return not (self.images or self.versions or self.aliases or self.removals)
+        return not (self.images or self.versions or self.aliases or self.removals or self.owners)
 
 
 class _Round:
@@ -342,7 +344,8 @@ class _Round:
     def plan_removals(self, repo: Any, existing: dict[str, ImageRecord], keep: set[str]) -> None:
         """Schedule (and after the grace period, queue) removals of what this wishlist left.
 
-        Only links this wishlist published (``image.json``'s ``owner``) are candidates, so sync
+        Only links this wishlist published (``image.json``'s ``owner``: its name, or its path
+        before it had one, those records then taken over by the name) are candidates, so sync
         processes with different wishlists can share a repository. A flat goes when no link
         uses it any more: with its last link, or after the grace period when it was orphaned
         by a tag that moved.
@@ -351,7 +354,7 @@ class _Round:
         now = time.time()
         owner = self.wishlist.origin
         replanned = {plan.record.public_path: plan.record for plan in self.plan.images}
-        mine = {p for p, r in existing.items() if r.owner == owner}
+        mine = {p for p, r in existing.items() if self.wishlist.owns(r.owner)}
         stale_links = {p for p in mine if p not in keep and p not in replanned}
         due = set()
         for key in sorted(stale_links):
@@ -384,6 +387,11 @@ class _Round:
                 stale_links | (flats - used_flats)
             ):
                 del unwanted[key]
+        for key in sorted(mine - due - replanned.keys()):
+            if existing[key].owner != owner:  # written under the path: the name's from now on
+                self.plan.owners.append(replace(existing[key], owner=owner))
+                self.log("update_metadata", image=existing[key].image, public_path=key,
+                         owner=owner)  # fmt: skip
         for key in sorted(due):
             record = existing[key]
             self.plan.removals += [p for p in (key, record.metadata) if repo.exists(p)]
@@ -474,6 +482,9 @@ class _Round:
                         image.flat,
                         replace_link=image.replace_link,
                     )
+                    changes += 1
+                for record in plan.owners:
+                    txn.add_bytes(f"{record.metadata}/{IMAGE_JSON}", record.to_bytes())
                     changes += 1
                 if self.layers is not None and (self.layers.images or self.layers.dropped):
                     self.layers.queue(txn, repo, scratch_items)

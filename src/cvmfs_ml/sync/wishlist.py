@@ -4,6 +4,7 @@ DUCC's keys (``ducc/lib/recipe.go``, ``YamlRecipeV1``) are taken unchanged, so a
 wishlist works as it is::
 
     version: 1
+    name: physics                  # ours, optional: who published what (see below)
     user: cvmfsunpacker            # thin-image pusher: accepted, not used (no thin images)
     cvmfs_repo: unpacked.cern.ch   # checked against the repository synced into
     output_format: '$(scheme)://registry.example/thin/$(image)'   # accepted, not used
@@ -22,6 +23,11 @@ wishlist works as it is::
       - source: /path/to/folder                         # a local (Hugging Face-style) folder
         name: hep/bert
         version: v1
+
+``name`` is what the images it publishes record as their owner (``image.json``), so it removes
+them when they leave it, and no other wishlist does; it goes with the file when the file is
+moved or renamed. Without one, the owner is the file's path, as before names existed: a named
+wishlist takes over the records of its own path.
 
 Every problem is one :class:`~cvmfs_ml.errors.ConfigError` line naming the entry and what is
 wrong, raised before anything is contacted.
@@ -43,9 +49,10 @@ from cvmfs_ml.models.sources.oci_client import OciReference
 __all__ = ["ImageSpec", "ModelSpec", "Wishlist", "load_wishlist", "parse_wishlist"]
 
 MAX_WISHLIST_BYTES = 4 * 2**20
-_DUCC_KEYS = {"version", "user", "cvmfs_repo", "output_format", "input", "models", "layers"}
+_DUCC_KEYS = {"version", "name", "user", "cvmfs_repo", "output_format", "input", "models", "layers"}
 _MODEL_KEYS = {"source", "name", "aliases", "version", "platform", "subpath", "tracking_uri"}
 _TAG_PATTERN_RE = re.compile(r"[A-Za-z0-9_*][A-Za-z0-9._*-]{0,127}")
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # never a path: paths were owners
 
 
 @dataclass(frozen=True)
@@ -99,6 +106,11 @@ class Wishlist:
     models: list[ModelSpec] = field(default_factory=list)
     origin: str = "wishlist"  # names the wishlist in image.json: each removes only its own
     layers: bool = False  # also DUCC's /.layers/ and podman's store (sync/layers.py)
+    former_origin: str = ""  # a named wishlist's path: the owner its records had before
+
+    def owns(self, owner: str) -> bool:
+        """Whether an ``image.json`` of ``owner`` is this wishlist's (to remove when unwanted)."""
+        return owner == self.origin or (bool(self.former_origin) and owner == self.former_origin)
 
 
 def parse_image(text: str, what: str = "image") -> ImageSpec:
@@ -240,9 +252,15 @@ def parse_wishlist(text: str, what: str = "wishlist") -> Wishlist:
         raise ConfigError(f"{what}: nothing to sync: 'input' and 'models' are both empty")
     if not isinstance(raw.get("layers", False), bool):
         raise ConfigError(f"{what}: 'layers' must be true or false")
-    for key in ("user", "cvmfs_repo", "output_format"):
+    for key in ("name", "user", "cvmfs_repo", "output_format"):
         if raw.get(key) is not None and not isinstance(raw[key], str):
             raise ConfigError(f"{what}: {key!r} must be a string")
+    name = raw.get("name")
+    if name is not None and _NAME_RE.fullmatch(name) is None:
+        raise ConfigError(
+            f"{what}: 'name' {name!r}: expected 1-128 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit"
+        )
     wishlist = Wishlist(
         version=1,
         user=raw.get("user") or "",
@@ -250,8 +268,9 @@ def parse_wishlist(text: str, what: str = "wishlist") -> Wishlist:
         output_format=raw.get("output_format") or "",
         images=[parse_image(item, f"input[{i}]") for i, item in enumerate(inputs)],
         models=[_parse_model(item, i) for i, item in enumerate(models)],
-        origin=what,
+        origin=name or what,
         layers=bool(raw.get("layers", False)),
+        former_origin=what if name else "",
     )
     names = [m.ref.key for m in wishlist.models]
     duplicate = next((n for n in names if names.count(n) > 1), None)
