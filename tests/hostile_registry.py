@@ -56,6 +56,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         parts = path.split("/")
         if len(parts) >= 5 and parts[-2] in ("manifests", "blobs"):
             head, kind, ref = "/".join(parts[2:-2]), parts[-2], parts[-1]
+        if ref in registry.bodies:
+            return self._flood(ref, *registry.bodies[ref])
         if kind == "manifests" and (head, ref) in registry.manifests:
             body, media_type = registry.manifests[(head, ref)]
             return self._answer(200, body, media_type)
@@ -77,6 +79,32 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         return self._answer(404, b'{"errors": [{"code": "UNKNOWN"}]}', "application/json")
 
 
+    def _flood(self, ref: str, status: int, size: int | None) -> None:
+        """Answer ``status`` with ``size`` zero bytes (None: chunked, without end), counted in
+        ``registry.sent[ref]``, until the client goes away or the test ends."""
+        registry = self.server.registry
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        if size is None:
+            self.send_header("Transfer-Encoding", "chunked")
+        else:
+            self.send_header("Content-Length", str(size))
+        self.end_headers()
+        piece = bytes(1 << 16)
+        left = size
+        self.close_connection = True
+        try:
+            while not registry.release.is_set() and (left is None or left > 0):
+                data = piece if left is None else piece[: min(len(piece), left)]
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data) if size is None else data)
+                with registry.lock:
+                    registry.sent[ref] = registry.sent.get(ref, 0) + len(data)
+                if left is not None:
+                    left -= len(data)
+        except OSError:
+            return  # the client went away
+
+
 class _Server(QuietHTTPServer):
     registry: HostileRegistry
 
@@ -91,6 +119,10 @@ class HostileRegistry:
         self.requests: list[str] = []
         self.stalled: set[str] = set()  # blobs sent half-way, then held until ``release``
         self.silent: set[str] = set()  # blobs whose request gets no answer until ``release``
+        # {tag or digest: (status, body size or None for endless)}: answered with that many
+        # zero bytes; how many went out is counted in ``sent``
+        self.bodies: dict[str, tuple[int, int | None]] = {}
+        self.sent: dict[str, int] = {}
         self.release = threading.Event()
         self.lock = threading.Lock()
         self._server = _Server(("127.0.0.1", 0), _Handler)

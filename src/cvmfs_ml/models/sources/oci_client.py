@@ -377,10 +377,14 @@ class RegistryClient:
 
     @staticmethod
     def _fail(url: str, response: urllib3.BaseHTTPResponse, what: str) -> DownloadError:
+        """The error for a refusal, quoting what one receive brought of its body: the rest
+        (a GiB, or no end) is not read, and the connection is not used again."""
         try:
-            body = (response.data or b"")[:300]
+            body = response.read1(1024)[:300]
         except (urllib3.exceptions.HTTPError, OSError):
             body = b""  # the body is only an explanation
+        finally:
+            response.close()
         detail = body.decode("utf-8", "replace").strip()
         return DownloadError(
             what, [(url, "direct", f"HTTP {response.status}" + (f": {detail}" if detail else ""))]

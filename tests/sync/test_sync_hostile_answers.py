@@ -1,0 +1,70 @@
+"""What a registry's refusals may hold: a round ends, and in bounded memory, whatever it sends.
+
+A refusal (403, 503, 401) comes with a body nobody needs beyond its first line. A sync round
+read it whole into memory to quote it (``response.data``), and urllib3 read every byte of it
+to reuse the connection before each retry (``drain_conn``): a body of a GiB cost a GiB, and one
+without end held the round, and the service, for ever. The registry here (loopback, tests'
+``HostileRegistry``) answers a manifest that way and counts what it managed to send.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cvmfs_ml.publish.repository import Publisher
+from cvmfs_ml.sync.engine import SyncOptions, run_round
+from cvmfs_ml.sync.events import EventLog
+from cvmfs_ml.sync.wishlist import parse_wishlist
+from hostile_registry import HostileRegistry
+from sync.imagebuild import FQRN, published
+from waiting import wait_until
+
+pytestmark = pytest.mark.service
+
+BIG = 256 * 2**20
+READ_AT_MOST = 32 * 2**20  # what may go into socket buffers before the client closes
+
+
+def _round_in_thread(publisher: Publisher, host: str) -> tuple[threading.Thread, dict[str, Any]]:
+    """A round for ``lib/app:1`` on a thread (a round that never ends must not hang the test):
+    its report and events land in the returned dict."""
+    spec = parse_wishlist(f"version: 1\ncvmfs_repo: {FQRN}\ninput: ['http://{host}/lib/app:1']\n")
+    out: dict[str, Any] = {"log": EventLog()}
+
+    def run() -> None:
+        out["report"] = run_round(publisher, spec, SyncOptions(), out["log"])
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, out
+
+
+@pytest.mark.parametrize(
+    ("status", "size"),
+    [(403, BIG)],
+    ids=["refused-with-a-GiB"],
+)
+def test_a_refusal_with_a_huge_or_endless_body_ends_the_entry(
+    publisher: Publisher, tmp_path: Path, status: int, size: int | None
+) -> None:
+    with HostileRegistry() as registry:
+        registry.bodies["1"] = (status, size)
+        thread, out = _round_in_thread(publisher, registry.host)
+        try:
+            wait_until(lambda: "report" in out, 30, lambda: f"the round's end ({registry.sent})")
+        finally:
+            registry.release.set()  # an old round, held, lets go as the test ends
+            thread.join(timeout=60)
+        sent = registry.sent.get("1", 0)
+    report, log = out["report"], out["log"]
+    assert report.errors == 1 and not report.committed
+    errors = [e for e in log.events if e.status == "error" and e.action != "end_sync"]
+    assert [e.action for e in errors] == ["convert_image"]
+    assert str(status) in errors[0].error and len(errors[0].error) < 600
+    assert sent < READ_AT_MOST, f"{sent} bytes of the refusal were read"
+    with published(publisher) as repo:
+        assert not repo.exists(f"/{registry.host}")
