@@ -45,8 +45,8 @@ def _round_in_thread(publisher: Publisher, host: str) -> tuple[threading.Thread,
 
 @pytest.mark.parametrize(
     ("status", "size"),
-    [(403, BIG)],
-    ids=["refused-with-a-GiB"],
+    [(403, BIG), (503, None), (401, None)],
+    ids=["refused-with-a-GiB", "unavailable-without-end", "unauthorized-without-end"],
 )
 def test_a_refusal_with_a_huge_or_endless_body_ends_the_entry(
     publisher: Publisher, tmp_path: Path, status: int, size: int | None

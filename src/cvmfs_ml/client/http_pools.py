@@ -122,6 +122,9 @@ class _HeaderDeadline:
             watcher.forget_socket(real)
 
     def _bounded_response(self) -> Any:
+        return _without_draining(self._headers_in_time())
+
+    def _headers_in_time(self) -> Any:
         seconds = self.timeout
         if self.sock is None or not isinstance(seconds, int | float) or seconds <= 0:
             return super().getresponse()  # type: ignore[misc]
@@ -134,6 +137,22 @@ class _HeaderDeadline:
             guard.disarm()
             if self.sock is guard:  # (a response that closes the connection set it to None)
                 self.sock = real
+
+
+def _without_draining(response: Any) -> Any:
+    """``response``, whose body is dropped with its connection when nobody reads it.
+
+    urllib3 reads the body of an answer it does not hand over (a status it retries, a redirect)
+    to the end before it goes on, to use the connection again: a registry or proxy answering
+    503 with a body without end held the caller for ever, each receive within the timeout.
+    Closing costs one new connection, and only on those answers."""
+
+    def drop() -> None:
+        response.close()
+        response.release_conn()
+
+    response.drain_conn = drop
+    return response
 
 
 class _HTTPConnection(_HeaderDeadline, HTTPConnection):
