@@ -60,6 +60,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             return self._flood(ref, *registry.bodies[ref])
         if kind == "manifests" and (head, ref) in registry.manifests:
             body, media_type = registry.manifests[(head, ref)]
+            if ref in registry.trickled:
+                return self._trickle(body, media_type, registry.trickled[ref])
             return self._answer(200, body, media_type)
         if kind == "blobs" and ref in registry.silent:  # the request read, never answered
             registry.release.wait(timeout=60)
@@ -78,6 +80,22 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             return self._answer(200, registry.blobs[ref], "application/octet-stream")
         return self._answer(404, b'{"errors": [{"code": "UNKNOWN"}]}', "application/json")
 
+
+    def _trickle(self, body: bytes, media_type: str, seconds: float) -> None:
+        """``body``, a byte every ``seconds``, until it is sent or the test ends."""
+        self.send_response(200)
+        self.send_header("Content-Type", media_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.close_connection = True
+        try:
+            for n in range(len(body)):
+                self.wfile.write(body[n : n + 1])
+                self.wfile.flush()
+                if self.server.registry.release.wait(seconds):
+                    return
+        except OSError:
+            return  # the client went away
 
     def _flood(self, ref: str, status: int, size: int | None) -> None:
         """Answer ``status`` with ``size`` zero bytes (None: chunked, without end), counted in
@@ -123,6 +141,7 @@ class HostileRegistry:
         # zero bytes; how many went out is counted in ``sent``
         self.bodies: dict[str, tuple[int, int | None]] = {}
         self.sent: dict[str, int] = {}
+        self.trickled: dict[str, float] = {}  # manifest tags or digests: seconds per byte
         self.release = threading.Event()
         self.lock = threading.Lock()
         self._server = _Server(("127.0.0.1", 0), _Handler)

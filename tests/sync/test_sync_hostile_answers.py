@@ -15,11 +15,13 @@ from typing import Any
 
 import pytest
 
+from cvmfs_ml.errors import CvmfsMlError, DownloadError
+from cvmfs_ml.models.sources.oci_client import RegistryClient
 from cvmfs_ml.publish.repository import Publisher
 from cvmfs_ml.sync.engine import SyncOptions, run_round
 from cvmfs_ml.sync.events import EventLog
 from cvmfs_ml.sync.wishlist import parse_wishlist
-from hostile_registry import HostileRegistry
+from hostile_registry import IMAGE_CONFIG, HostileRegistry, image_manifest
 from sync.imagebuild import FQRN, published
 from waiting import wait_until
 
@@ -27,6 +29,7 @@ pytestmark = pytest.mark.service
 
 BIG = 256 * 2**20
 READ_AT_MOST = 32 * 2**20  # what may go into socket buffers before the client closes
+IMAGE = {"mediaType": IMAGE_CONFIG, "digest": "sha256:" + "ab" * 32, "size": 100}
 
 
 def _round_in_thread(publisher: Publisher, host: str) -> tuple[threading.Thread, dict[str, Any]]:
@@ -68,3 +71,32 @@ def test_a_refusal_with_a_huge_or_endless_body_ends_the_entry(
     assert sent < READ_AT_MOST, f"{sent} bytes of the refusal were read"
     with published(publisher) as repo:
         assert not repo.exists(f"/{registry.host}")
+
+
+def test_a_manifest_sent_a_byte_at_a_time_fails_on_the_low_speed_rule() -> None:
+    """A manifest (or a tag list, or a token) read with the socket's timeout only: a registry
+    sending a byte every half a second (each receive well within the timeout) held the round
+    for as long as the document lasted, a 16 MiB one for three months. Those reads now go
+    through the blobs' low-speed rule: under 1 KiB/s averaged over ``timeout`` seconds fails."""
+    with HostileRegistry() as registry:
+        registry.manifest("lib/app", "1", image_manifest(IMAGE, [IMAGE] * 40))
+        registry.trickled["1"] = 0.5
+        client = RegistryClient(registry.host, plain_http=True, timeout=2.0)
+        out: dict[str, Any] = {}
+
+        def get() -> None:
+            try:
+                out["manifest"] = client.get_manifest("lib/app", "1")
+            except CvmfsMlError as exc:
+                out["error"] = exc
+
+        thread = threading.Thread(target=get, daemon=True)
+        thread.start()
+        try:
+            wait_until(lambda: out, 30, "the manifest's read to end")
+        finally:
+            registry.release.set()
+            thread.join(timeout=60)
+            client.close()
+    assert isinstance(out.get("error"), DownloadError), out
+    assert "low-speed" in str(out["error"])

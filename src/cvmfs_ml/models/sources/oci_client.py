@@ -324,7 +324,7 @@ class RegistryClient:
             response = self._http.request(
                 "GET", token_url, headers=headers, preload_content=False
             )
-            data = response.read(MAX_TOKEN_BYTES + 1)  # a token is a few kB, not a stream
+            data = self._read_document(response, MAX_TOKEN_BYTES, token_url, "token")
             if len(data) > MAX_TOKEN_BYTES:
                 response.close()  # the rest stays unread: this connection is not reused
             else:
@@ -375,6 +375,27 @@ class RegistryClient:
             self._answer_challenge(challenge, scope, url)
         raise AssertionError("unreachable")  # pragma: no cover
 
+    def _read_document(
+        self, response: urllib3.BaseHTTPResponse, limit: int, url: str, what: str
+    ) -> bytes:
+        """At most ``limit + 1`` bytes of a document's body (the caller refuses more), each
+        receive seen by the low-speed rule: the socket's timeout alone lets a registry sending
+        a byte now and then hold the round for as long as the document lasts."""
+        speed = self._speed_check()
+        parts: list[bytes] = []
+        total = 0
+        while total <= limit:
+            data = response.read1(min(1 << 16, limit + 1 - total))
+            if not data:
+                break
+            parts.append(data)
+            total += len(data)
+            slow = speed.after(len(data))
+            if slow:
+                response.close()  # the rest is not waited for
+                raise DownloadError(url, [(url, "direct", f"{what}: {slow}")])
+        return b"".join(parts)
+
     @staticmethod
     def _fail(url: str, response: urllib3.BaseHTTPResponse, what: str) -> DownloadError:
         """The error for a refusal, quoting what one receive brought of its body: the rest
@@ -402,7 +423,7 @@ class RegistryClient:
                 raise NotFoundError(f"{repository}:{reference}", self.registry)
             if response.status != 200:
                 raise self._fail(url, response, f"manifest {repository}:{reference}")
-            data = response.read(MAX_MANIFEST_BYTES + 1, decode_content=True)
+            data = self._read_document(response, MAX_MANIFEST_BYTES, url, "manifest")
         finally:
             response.release_conn()
         if len(data) > MAX_MANIFEST_BYTES:
@@ -439,7 +460,7 @@ class RegistryClient:
                     raise NotFoundError(repository, self.registry)
                 if response.status != 200:
                     raise self._fail(url, response, f"tags of {repository}")
-                data = response.read(MAX_MANIFEST_BYTES + 1, decode_content=True)
+                data = self._read_document(response, MAX_MANIFEST_BYTES, url, "tag list")
                 link = response.headers.get("Link", "")
             finally:
                 response.release_conn()
