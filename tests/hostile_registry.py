@@ -62,6 +62,13 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             body, media_type = registry.manifests[(head, ref)]
             if ref in registry.trickled:
                 return self._trickle(body, media_type, registry.trickled[ref])
+            if ref in registry.truncated:  # half of it, then the connection closes
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body[: len(body) // 2])
+                self.close_connection = True
+                return None
             return self._answer(200, body, media_type)
         if kind == "blobs" and ref in registry.silent:  # the request read, never answered
             registry.release.wait(timeout=60)
@@ -142,6 +149,7 @@ class HostileRegistry:
         self.bodies: dict[str, tuple[int, int | None]] = {}
         self.sent: dict[str, int] = {}
         self.trickled: dict[str, float] = {}  # manifest tags or digests: seconds per byte
+        self.truncated: set[str] = set()  # manifest tags or digests sent half-way, then closed
         self.release = threading.Event()
         self.lock = threading.Lock()
         self._server = _Server(("127.0.0.1", 0), _Handler)

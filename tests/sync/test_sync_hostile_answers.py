@@ -100,3 +100,18 @@ def test_a_manifest_sent_a_byte_at_a_time_fails_on_the_low_speed_rule() -> None:
             client.close()
     assert isinstance(out.get("error"), DownloadError), out
     assert "low-speed" in str(out["error"])
+
+
+def test_a_manifest_cut_off_is_that_images_error(publisher: Publisher) -> None:
+    """A manifest whose connection closed before its announced length came was urllib3's
+    ProtocolError, outside the error tree: the round called it an internal error and asked
+    for a report. It is the image's download error, saying what happened."""
+    with HostileRegistry() as registry:
+        registry.manifest("lib/app", "1", image_manifest(IMAGE, [IMAGE]))
+        registry.truncated.add("1")
+        thread, out = _round_in_thread(publisher, registry.host)
+        thread.join(timeout=60)
+    errors = [e for e in out["log"].events if e.status == "error" and e.action != "end_sync"]
+    assert [e.action for e in errors] == ["convert_image"]
+    assert "internal error" not in errors[0].error
+    assert "manifest" in errors[0].error and "IncompleteRead" in errors[0].error

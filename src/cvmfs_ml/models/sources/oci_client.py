@@ -380,12 +380,17 @@ class RegistryClient:
     ) -> bytes:
         """At most ``limit + 1`` bytes of a document's body (the caller refuses more), each
         receive seen by the low-speed rule: the socket's timeout alone lets a registry sending
-        a byte now and then hold the round for as long as the document lasts."""
+        a byte now and then hold the round for as long as the document lasts. A body cut off
+        or timed out is a :class:`DownloadError` (urllib3's own errors are outside the tree)."""
         speed = self._speed_check()
         parts: list[bytes] = []
         total = 0
         while total <= limit:
-            data = response.read1(min(1 << 16, limit + 1 - total))
+            try:
+                data = response.read1(min(1 << 16, limit + 1 - total))
+            except (urllib3.exceptions.HTTPError, http.client.HTTPException) as exc:
+                reason = exc.args[0] if exc.args else type(exc).__name__  # cut off, timed out
+                raise DownloadError(url, [(url, "direct", f"{what}: {reason}")]) from exc
             if not data:
                 break
             parts.append(data)
