@@ -110,6 +110,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         registry = self.server.registry
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
+        if ref in registry.retry_after:
+            self.send_header("Retry-After", registry.retry_after[ref])
         if size is None:
             self.send_header("Transfer-Encoding", "chunked")
         else:
@@ -148,6 +150,7 @@ class HostileRegistry:
         # zero bytes; how many went out is counted in ``sent``
         self.bodies: dict[str, tuple[int, int | None]] = {}
         self.sent: dict[str, int] = {}
+        self.retry_after: dict[str, str] = {}  # the Retry-After header of those answers
         self.trickled: dict[str, float] = {}  # manifest tags or digests: seconds per byte
         self.truncated: set[str] = set()  # manifest tags or digests sent half-way, then closed
         self.release = threading.Event()

@@ -10,7 +10,7 @@ without end held the round, and the service, for ever. The registry here (loopba
 from __future__ import annotations
 
 import threading
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -32,18 +32,41 @@ READ_AT_MOST = 32 * 2**20  # what may go into socket buffers before the client c
 IMAGE = {"mediaType": IMAGE_CONFIG, "digest": "sha256:" + "ab" * 32, "size": 100}
 
 
-def _round_in_thread(publisher: Publisher, host: str) -> tuple[threading.Thread, dict[str, Any]]:
-    """A round for ``lib/app:1`` on a thread (a round that never ends must not hang the test):
-    its report and events land in the returned dict."""
-    spec = parse_wishlist(f"version: 1\ncvmfs_repo: {FQRN}\ninput: ['http://{host}/lib/app:1']\n")
-    out: dict[str, Any] = {"log": EventLog()}
+def _ends(registry: HostileRegistry, call: Callable[[], Any], what: str) -> Any:
+    """What ``call()`` returned or raised (a CvmfsMlError), run on a thread so that a call that
+    never ends fails the test after 30 s instead of hanging it; then the registry lets go."""
+    out: dict[str, Any] = {}
 
     def run() -> None:
-        out["report"] = run_round(publisher, spec, SyncOptions(), out["log"])
+        try:
+            out["result"] = call()
+        except CvmfsMlError as exc:
+            out["result"] = exc
 
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
-    return thread, out
+    try:
+        wait_until(lambda: out, 30, lambda: f"{what} to end (sent: {registry.sent})")
+    finally:
+        registry.release.set()  # an old round or client, held, lets go as the test ends
+        thread.join(timeout=5)  # one sleeping on is left to its daemon thread
+    return out["result"]
+
+
+def _round(publisher: Publisher, registry: HostileRegistry) -> tuple[Any, list[Any]]:
+    """A round for ``lib/app:1``: its report and its error events (not ``end_sync``'s)."""
+    text = f"version: 1\ncvmfs_repo: {FQRN}\ninput: ['http://{registry.host}/lib/app:1']\n"
+    log = EventLog()
+    report = _ends(
+        registry, lambda: run_round(publisher, parse_wishlist(text), SyncOptions(), log), "round"
+    )
+    return report, [e for e in log.events if e.status == "error" and e.action != "end_sync"]
+
+
+def _manifest(registry: HostileRegistry) -> Any:
+    """``lib/app:1`` fetched by a client with a 2 s timeout, or the error."""
+    with RegistryClient(registry.host, plain_http=True, timeout=2.0) as client:
+        return _ends(registry, lambda: client.get_manifest("lib/app", "1"), "the manifest")
 
 
 @pytest.mark.parametrize(
@@ -52,20 +75,13 @@ def _round_in_thread(publisher: Publisher, host: str) -> tuple[threading.Thread,
     ids=["refused-with-a-GiB", "unavailable-without-end", "unauthorized-without-end"],
 )
 def test_a_refusal_with_a_huge_or_endless_body_ends_the_entry(
-    publisher: Publisher, tmp_path: Path, status: int, size: int | None
+    publisher: Publisher, status: int, size: int | None
 ) -> None:
     with HostileRegistry() as registry:
         registry.bodies["1"] = (status, size)
-        thread, out = _round_in_thread(publisher, registry.host)
-        try:
-            wait_until(lambda: "report" in out, 30, lambda: f"the round's end ({registry.sent})")
-        finally:
-            registry.release.set()  # an old round, held, lets go as the test ends
-            thread.join(timeout=60)
+        report, errors = _round(publisher, registry)
         sent = registry.sent.get("1", 0)
-    report, log = out["report"], out["log"]
     assert report.errors == 1 and not report.committed
-    errors = [e for e in log.events if e.status == "error" and e.action != "end_sync"]
     assert [e.action for e in errors] == ["convert_image"]
     assert str(status) in errors[0].error and len(errors[0].error) < 600
     assert sent < READ_AT_MOST, f"{sent} bytes of the refusal were read"
@@ -81,25 +97,9 @@ def test_a_manifest_sent_a_byte_at_a_time_fails_on_the_low_speed_rule() -> None:
     with HostileRegistry() as registry:
         registry.manifest("lib/app", "1", image_manifest(IMAGE, [IMAGE] * 40))
         registry.trickled["1"] = 0.5
-        client = RegistryClient(registry.host, plain_http=True, timeout=2.0)
-        out: dict[str, Any] = {}
-
-        def get() -> None:
-            try:
-                out["manifest"] = client.get_manifest("lib/app", "1")
-            except CvmfsMlError as exc:
-                out["error"] = exc
-
-        thread = threading.Thread(target=get, daemon=True)
-        thread.start()
-        try:
-            wait_until(lambda: out, 30, "the manifest's read to end")
-        finally:
-            registry.release.set()
-            thread.join(timeout=60)
-            client.close()
-    assert isinstance(out.get("error"), DownloadError), out
-    assert "low-speed" in str(out["error"])
+        error = _manifest(registry)
+    assert isinstance(error, DownloadError), error
+    assert "low-speed" in str(error)
 
 
 def test_a_manifest_cut_off_is_that_images_error(publisher: Publisher) -> None:
@@ -109,9 +109,19 @@ def test_a_manifest_cut_off_is_that_images_error(publisher: Publisher) -> None:
     with HostileRegistry() as registry:
         registry.manifest("lib/app", "1", image_manifest(IMAGE, [IMAGE]))
         registry.truncated.add("1")
-        thread, out = _round_in_thread(publisher, registry.host)
-        thread.join(timeout=60)
-    errors = [e for e in out["log"].events if e.status == "error" and e.action != "end_sync"]
+        _, errors = _round(publisher, registry)
     assert [e.action for e in errors] == ["convert_image"]
     assert "internal error" not in errors[0].error
     assert "manifest" in errors[0].error and "IncompleteRead" in errors[0].error
+
+
+def test_a_retry_after_of_hours_is_waited_for_the_timeout_at_most() -> None:
+    """A 503 saying ``Retry-After: 21600`` held the request six hours per retry (urllib3's own
+    ceiling), three retries: a round, and the service, held for 18 hours. The wait is now
+    the client's timeout at most (60 s for sync; 2 s here)."""
+    with HostileRegistry() as registry:
+        registry.bodies["1"] = (503, 10)
+        registry.retry_after["1"] = "21600"
+        error = _manifest(registry)
+    assert "503" in str(error)
+    assert sum(path.endswith("/manifests/1") for path in registry.requests) == 4  # 3 retries

@@ -227,11 +227,11 @@ def test_a_killed_image_push_leaves_no_scratch_after_the_next(
 
 
 def _two_layers(
-    registry: HostileRegistry, tmp_path: Path, kind: str, held: set[str]
+    registry: HostileRegistry, tmp_path: Path, kind: str, hold: str
 ) -> tuple[Path, str]:
-    """An image or a model of two layers, the second one put in ``held`` (one of the
-    registry's sets that hold a blob until the test ends, 60 s at most); the wishlist asking
-    for it, and the second layer's digest."""
+    """An image or a model of two layers, the second one held until the test ends (60 s at
+    most) as ``hold`` says: ``stalled``, ``silent``, or ``retried`` (503, Retry-After: an
+    hour); the wishlist asking for it, and the second layer's digest."""
     if kind == "image":
         first = make_layer([("etc", None), ("etc/os", b"test\n")])
         second = make_layer([("etc", None), ("big", os.urandom(2**20))])
@@ -249,11 +249,16 @@ def _two_layers(
     registry.manifest("lib/base", "1", image_manifest(config, layers))
     wishlist = tmp_path / "wishlist.yaml"
     wishlist.write_text(f"version: 1\ncvmfs_repo: {FQRN}\n{entry}")
-    held.add(layers[1]["digest"])
-    return wishlist, layers[1]["digest"]
+    held = layers[1]["digest"]
+    if hold == "retried":
+        registry.bodies[held] = (503, 10)
+        registry.retry_after[held] = "3600"
+    else:
+        getattr(registry, hold).add(held)
+    return wishlist, held
 
 
-@pytest.mark.parametrize("hold", ["stalled", "silent"])
+@pytest.mark.parametrize("hold", ["stalled", "silent", "retried"])
 @pytest.mark.parametrize("kind", ["image", "model"])
 def test_sigterm_stops_a_stalled_parallel_download_at_once(
     publisher: Publisher, tmp_path: Path, kind: str, hold: str
@@ -266,10 +271,13 @@ def test_sigterm_stops_a_stalled_parallel_download_at_once(
 
     ``silent``: a registry that reads the request and never answers (no status line) held it
     too, after that fix: the cancellation shut down the sockets of the answers it had, and a
-    request waiting for its answer had none yet. Its socket is now known while it waits."""
+    request waiting for its answer had none yet. Its socket is now known while it waits.
+
+    ``retried``: a 503 with ``Retry-After: 3600`` held it as long (urllib3 sleeps up to six
+    hours per retry, at most the timeout now): the wait before a retry is cancelled too."""
     scratch = tmp_path / "scratch"
     with HostileRegistry() as registry:
-        wishlist, held = _two_layers(registry, tmp_path, kind, getattr(registry, hold))
+        wishlist, held = _two_layers(registry, tmp_path, kind, hold)
         process = _sync(wishlist, publisher, scratch)
         pattern = "*.part-*" if hold == "stalled" else "*"  # silent: no body, no .part file
         try:

@@ -25,7 +25,13 @@ from typing import Any, Protocol
 import urllib3
 from urllib3.connection import HTTPConnection, HTTPSConnection
 
-__all__ = ["HeaderTimeout", "SocketWatcher", "pool_manager", "watching_sockets"]
+__all__ = [
+    "BoundedRetry",
+    "HeaderTimeout",
+    "SocketWatcher",
+    "pool_manager",
+    "watching_sockets",
+]
 
 
 class SocketWatcher(Protocol):
@@ -35,6 +41,9 @@ class SocketWatcher(Protocol):
         """``sock`` now waits for an answer; raises if the request must not wait at all."""
 
     def forget_socket(self, sock: socket.socket) -> None: ...
+
+    def pause(self, seconds: float) -> None:
+        """Wait ``seconds`` before a retry; raises if stopped meanwhile."""
 
 
 _THREAD = threading.local()
@@ -137,6 +146,35 @@ class _HeaderDeadline:
             guard.disarm()
             if self.sock is guard:  # (a response that closes the connection set it to None)
                 self.sock = real
+
+
+class BoundedRetry(urllib3.Retry):
+    """urllib3's ``Retry``, waiting at most ``wait_at_most`` seconds where an answer's
+    ``Retry-After`` asks for more (urllib3 waits up to six hours per retry), and stopped during
+    the wait by the thread's :func:`watching_sockets` watcher."""
+
+    def __init__(self, *args: Any, wait_at_most: float = 60.0, **options: Any) -> None:
+        super().__init__(*args, **options)
+        self.wait_at_most = wait_at_most
+
+    def new(self, **options: Any) -> BoundedRetry:
+        fresh = super().new(**options)
+        fresh.wait_at_most = self.wait_at_most
+        return fresh
+
+    def parse_retry_after(self, retry_after: str) -> float:
+        return min(float(super().parse_retry_after(retry_after)), self.wait_at_most)
+
+    def sleep_for_retry(self, response: Any) -> bool:
+        seconds = self.get_retry_after(response)
+        if not seconds:
+            return False
+        watcher: SocketWatcher | None = getattr(_THREAD, "watcher", None)
+        if watcher is None:
+            time.sleep(seconds)
+        else:
+            watcher.pause(seconds)
+        return True
 
 
 def _without_draining(response: Any) -> Any:

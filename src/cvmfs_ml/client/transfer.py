@@ -381,7 +381,7 @@ class Cancellation:
     blocked read returns at once and fails, and refuses every later one, which therefore fails
     before it is sent or as soon as its answer comes. A request sent inside :meth:`requests`
     is stopped the same way while it still waits for its answer's headers (a registry that
-    reads the request and never answers).
+    reads the request and never answers), or waits to retry (``Retry-After``).
     As a context manager: cancelled when its block is left by an exception.
     """
 
@@ -389,6 +389,7 @@ class Cancellation:
         self._lock = threading.Lock()
         self._responses: set[urllib3.BaseHTTPResponse] = set()
         self._sockets: set[socket.socket] = set()
+        self._stopped = threading.Event()
         self.cancelled = False
 
     def check(self) -> None:
@@ -423,6 +424,12 @@ class Cancellation:
         with self._lock:
             self._sockets.discard(sock)
 
+    def pause(self, seconds: float) -> None:
+        """Wait ``seconds`` (a registry's ``Retry-After``), or until :meth:`cancel`:
+        :class:`RequestStopped` then."""
+        if self._stopped.wait(seconds):
+            raise RequestStopped
+
     def __enter__(self) -> Cancellation:
         return self
 
@@ -436,6 +443,7 @@ class Cancellation:
             self.cancelled = True
             responses = list(self._responses)
             sockets = list(self._sockets)
+        self._stopped.set()
         for response in responses:
             sock = getattr(getattr(response, "connection", None), "sock", None)
             if sock is not None:

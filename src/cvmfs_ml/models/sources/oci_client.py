@@ -27,7 +27,7 @@ from urllib.parse import urlencode, urlsplit
 
 import urllib3
 
-from cvmfs_ml.client.http_pools import pool_manager
+from cvmfs_ml.client.http_pools import BoundedRetry, pool_manager
 from cvmfs_ml.client.transfer import (
     Cancellation,
     CancelledError,
@@ -262,7 +262,8 @@ class RegistryClient:
         self._credentials = (username, password or "") if username else None
         self._tokens: dict[str, str] = {}
         self._basic = False
-        retry = urllib3.Retry(
+        retry = BoundedRetry(
+            wait_at_most=timeout,  # a Retry-After of hours: the round's, the service's
             total=retries,
             other=0,  # TLS failures (a plain-HTTP registry, a bad certificate) do not heal
             backoff_factor=0.3,
