@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from cvmfs_ml.models.sources.limits import MAX_CONFIG_BYTES
+from cvmfs_ml.models.sources.limits import MAX_CONFIG_BYTES, MAX_LAYERS
 from cvmfs_ml.publish.repository import Publisher
 from cvmfs_ml.sync.engine import SyncOptions, run_round
 from cvmfs_ml.sync.events import EventLog
@@ -232,6 +232,27 @@ def test_layers_refuse_a_config_over_the_limit_before_fetching_it(
     assert not report.committed, errors
     assert f"declares {2**30} bytes, more than the limit of {MAX_CONFIG_BYTES}" in errors[bad]
     assert "config sha256:abab" in errors[bad]
+
+
+@pytest.mark.service
+@pytest.mark.parametrize("layers", [False, True], ids=["flat", "with-layers"])
+def test_an_image_of_more_layers_than_the_limit_is_refused_before_any_download(
+    publisher: Publisher, layers: bool
+) -> None:
+    """A 16 MiB manifest holds some 80,000 layer descriptors: each was a download, a blob file
+    and an unpacking, and with ``layers: true`` a folder with its own nested catalog in
+    /.layers, all for one image, again every round it failed. Docker runs at most 127
+    layers; more than MAX_LAYERS (1000) refuses the image from its manifest."""
+    with HostileRegistry() as hostile:
+        tiny = [hostile.blob(gzip.compress(make_layer([(f"f{n}", b"x")]), mtime=0), TAR_GZIP)
+                for n in range(MAX_LAYERS + 1)]  # fmt: skip
+        config = hostile.blob(b'{"architecture": "amd64", "os": "linux"}', IMAGE_CONFIG)
+        hostile.manifest("sizes/layers", "1", image_manifest(config, tiny))
+        bad = f"{hostile.host}/sizes/layers:1"
+        report, errors = round_with_one_bad(publisher, bad, layers=layers)
+        assert not any("/blobs/" in path for path in hostile.requests)
+    assert not report.committed
+    assert f"{MAX_LAYERS + 1} layers, more than the limit of {MAX_LAYERS}" in errors[bad]
 
 
 @pytest.mark.service

@@ -35,7 +35,13 @@ from typing import Any
 from cvmfs_ml.errors import ConfigError, CvmfsMlError, PublishError, is_disk_full
 from cvmfs_ml.models.layout import ModelRef, utc_timestamp
 from cvmfs_ml.models.publish import ModelBatch, PreparedVersion, open_published, prepare_version
-from cvmfs_ml.models.sources.limits import MAX_BYTES, MAX_CATALOGS, MAX_MEMBERS, check_declared
+from cvmfs_ml.models.sources.limits import (
+    MAX_BYTES,
+    MAX_CATALOGS,
+    MAX_MEMBERS,
+    check_declared,
+    check_image_layers,
+)
 from cvmfs_ml.models.sources.oci import known_file_digests, resolve
 from cvmfs_ml.models.sources.oci_client import RegistryClient
 from cvmfs_ml.models.tree import read_record
@@ -288,6 +294,7 @@ class _Round:
         if old is not None and old.manifest_digest == resolved.digest and repo.exists(public):
             self.log("skip_image", image=str(reference), public_path=public, reason="unchanged")
             return
+        check_image_layers(resolved)
         manifest = client.get_manifest(spec.repository, resolved.digest).data
         flat = None
         target = flat_path(config)

@@ -38,6 +38,7 @@ from cvmfs_ml.models.sources.limits import (
     MAX_CONFIG_BYTES,
     MAX_MEMBERS,
     UnpackBudget,
+    check_image_layers,
 )
 from cvmfs_ml.models.sources.oci import (
     ResolvedManifest,
@@ -271,12 +272,14 @@ def unpack_flat(
     streams in, while the others download in parallel into ``blob_dir`` (shared by the images of
     a round, so a base layer is fetched once) and are applied as soon as their turn comes.
     Raises on a layer whose bytes do not match its digest, a layer that is not a tar, or a
-    hostile member (``..``, absolute names, writing through links, devices, sparse files), or
+    hostile member (``..``, absolute names, writing through links, devices, sparse files), more
+    than :data:`~cvmfs_ml.models.sources.limits.MAX_LAYERS` layers, or
     layers unpacking to more than ``max_unpacked`` bytes (default:
     :meth:`~cvmfs_ml.models.sources.limits.UnpackBudget.for_layers`) or holding more than
     ``max_members`` tar members or ``max_catalogs`` ``.cvmfscatalog`` files; ``dest`` is
     removed then, and nothing of the image is published.
     """
+    check_image_layers(resolved)
     layers = distributable_layers(resolved)  # foreign layers live elsewhere: skipped as DUCC does
     budget = UnpackBudget.for_layers(resolved.layers, max_unpacked, max_members, max_catalogs)
     try:

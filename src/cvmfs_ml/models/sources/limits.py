@@ -36,11 +36,13 @@ __all__ = [
     "MAX_BYTES",
     "MAX_CATALOGS",
     "MAX_CONFIG_BYTES",
+    "MAX_LAYERS",
     "MAX_MEMBERS",
     "UNPACK_FLOOR",
     "UNPACK_RATIO",
     "UnpackBudget",
     "check_declared",
+    "check_image_layers",
     "declared_bytes",
 ]
 
@@ -50,6 +52,7 @@ UNPACK_RATIO = 20
 UNPACK_FLOOR = 2**30
 MAX_MEMBERS = 2_000_000  # tar members of one image or version; large real images have ~500,000
 MAX_CATALOGS = 1000  # nested-catalog markers (.cvmfscatalog files) of one image or version
+MAX_LAYERS = 1000  # layers of one container image (Docker runs at most 127)
 
 
 def declared_bytes(layers: Iterable[Any]) -> int:
@@ -68,6 +71,17 @@ def check_declared(resolved: Any, max_bytes: int) -> int:
             f" of {max_bytes} (--max-bytes)"
         )
     return declared
+
+
+def check_image_layers(resolved: Any) -> None:
+    """Refuse, before any download, a container image of more than :data:`MAX_LAYERS` layers
+    (a 16 MiB manifest holds some 80,000: a download, a blob file and an unpacking each)."""
+    count = len(resolved.layers)
+    if count > MAX_LAYERS:
+        raise PublishError(
+            f"{resolved.reference} has {count} layers, more than the limit of {MAX_LAYERS}"
+            " (Docker runs at most 127)"
+        )
 
 
 @dataclass
