@@ -70,6 +70,12 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 self.close_connection = True
                 return None
             return self._answer(200, body, media_type)
+        if kind == "blobs" and ref in registry.redirects:
+            self.send_response(307)
+            self.send_header("Location", registry.redirects[ref])
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return None
         if kind == "blobs" and ref in registry.silent:  # the request read, never answered
             registry.release.wait(timeout=60)
             self.close_connection = True
@@ -151,6 +157,7 @@ class HostileRegistry:
         self.bodies: dict[str, tuple[int, int | None]] = {}
         self.sent: dict[str, int] = {}
         self.retry_after: dict[str, str] = {}  # the Retry-After header of those answers
+        self.redirects: dict[str, str] = {}  # blobs answered 307 to this URL
         self.trickled: dict[str, float] = {}  # manifest tags or digests: seconds per byte
         self.truncated: set[str] = set()  # manifest tags or digests sent half-way, then closed
         self.release = threading.Event()

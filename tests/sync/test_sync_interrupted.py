@@ -14,10 +14,11 @@ import gzip
 import json
 import os
 import signal
+import socket
 import stat
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -226,6 +227,28 @@ def test_a_killed_image_push_leaves_no_scratch_after_the_next(
     assert list(scratch.iterdir()) == []
 
 
+_HOLES: list[socket.socket] = []
+
+
+@pytest.fixture(autouse=True)
+def _close_holes() -> Iterator[None]:
+    yield
+    while _HOLES:
+        _HOLES.pop().close()
+
+
+def _blackhole() -> str:
+    """``host:port`` where a connection never completes: a listener that accepts nothing,
+    its queue (of one) already full, so the kernel drops every later SYN (kept to the end)."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    filler = socket.create_connection(listener.getsockname(), timeout=10)
+    _HOLES.extend([listener, filler])
+    host, port = listener.getsockname()
+    return f"{host}:{port}"
+
+
 def _two_layers(
     registry: HostileRegistry, tmp_path: Path, kind: str, hold: str
 ) -> tuple[Path, str]:
@@ -250,7 +273,9 @@ def _two_layers(
     wishlist = tmp_path / "wishlist.yaml"
     wishlist.write_text(f"version: 1\ncvmfs_repo: {FQRN}\n{entry}")
     held = layers[1]["digest"]
-    if hold == "retried":
+    if hold == "unreachable":
+        registry.redirects[held] = f"http://{_blackhole()}/blob"
+    elif hold == "retried":
         registry.bodies[held] = (503, 10)
         registry.retry_after[held] = "3600"
     else:
@@ -258,7 +283,7 @@ def _two_layers(
     return wishlist, held
 
 
-@pytest.mark.parametrize("hold", ["stalled", "silent", "retried"])
+@pytest.mark.parametrize("hold", ["stalled", "silent", "retried", "unreachable"])
 @pytest.mark.parametrize("kind", ["image", "model"])
 def test_sigterm_stops_a_stalled_parallel_download_at_once(
     publisher: Publisher, tmp_path: Path, kind: str, hold: str
@@ -274,12 +299,16 @@ def test_sigterm_stops_a_stalled_parallel_download_at_once(
     request waiting for its answer had none yet. Its socket is now known while it waits.
 
     ``retried``: a 503 with ``Retry-After: 3600`` held it as long (urllib3 sleeps up to six
-    hours per retry, at most the timeout now): the wait before a retry is cancelled too."""
+    hours per retry, at most the timeout now): the wait before a retry is cancelled too.
+
+    ``unreachable``: a blob redirected to a host that never completes a connection held it
+    15 s per try, four tries: the connection being made is shut down too, and no retry
+    follows a cancellation."""
     scratch = tmp_path / "scratch"
     with HostileRegistry() as registry:
         wishlist, held = _two_layers(registry, tmp_path, kind, hold)
         process = _sync(wishlist, publisher, scratch)
-        pattern = "*.part-*" if hold == "stalled" else "*"  # silent: no body, no .part file
+        pattern = "*.part-*" if hold == "stalled" else "*"  # the others: no body, no .part
         try:
             wait_until(
                 lambda: registry.asked_for(held) and any(scratch.rglob(pattern)),

@@ -24,6 +24,7 @@ from typing import Any, Protocol
 
 import urllib3
 from urllib3.connection import HTTPConnection, HTTPSConnection
+from urllib3.exceptions import ConnectTimeoutError, NameResolutionError, NewConnectionError
 
 __all__ = [
     "BoundedRetry",
@@ -112,12 +113,63 @@ class _HeaderDeadlineSocket:
         self.recv_into = self._sock.recv_into  # type: ignore[method-assign]
 
 
+def _connect_watched(watcher: SocketWatcher, connection: Any) -> socket.socket:
+    """urllib3's ``create_connection`` for ``connection``, each socket handed to ``watcher``
+    while it connects (Linux ends a connect in progress on ``shutdown``)."""
+    host, port = connection._dns_host.strip("[]"), connection.port
+    family = urllib3.util.connection.allowed_gai_family()
+    error: OSError = OSError("getaddrinfo returns an empty list")
+    for af, socktype, proto, _, address in socket.getaddrinfo(
+        host, port, family, socket.SOCK_STREAM
+    ):
+        sock = socket.socket(af, socktype, proto)
+        try:
+            for option in connection.socket_options or ():
+                sock.setsockopt(*option)
+            if connection.timeout is None or isinstance(connection.timeout, int | float):
+                sock.settimeout(connection.timeout)
+            if connection.source_address:
+                sock.bind(connection.source_address)
+            watcher.watch_socket(sock)
+            try:
+                sock.connect(address)
+            finally:
+                watcher.forget_socket(sock)
+            return sock
+        except OSError as exc:
+            error = exc
+            sock.close()
+        except BaseException:
+            sock.close()
+            raise
+    raise error
+
+
 class _HeaderDeadline:
     """``getresponse`` with the headers bounded by the read timeout (a mixin for urllib3's
-    connection classes, which set ``timeout`` to the read timeout before calling it)."""
+    connection classes, which set ``timeout`` to the read timeout before calling it); with a
+    :func:`watching_sockets` watcher on the thread, the connecting socket is watched too."""
 
     sock: Any
     timeout: Any
+    host: str
+
+    def _new_conn(self) -> Any:
+        watcher: SocketWatcher | None = getattr(_THREAD, "watcher", None)
+        if watcher is None:
+            return super()._new_conn()  # type: ignore[misc]
+        try:  # the errors urllib3's own _new_conn raises
+            return _connect_watched(watcher, self)
+        except socket.gaierror as exc:
+            raise NameResolutionError(self.host, self, exc) from exc  # type: ignore[arg-type]
+        except TimeoutError as exc:
+            raise ConnectTimeoutError(
+                self, f"Connection to {self.host} timed out. (connect timeout={self.timeout})"
+            ) from exc
+        except OSError as exc:
+            raise NewConnectionError(
+                self, f"Failed to establish a new connection: {exc}"
+            ) from exc
 
     def getresponse(self) -> Any:
         watcher: SocketWatcher | None = getattr(_THREAD, "watcher", None)
@@ -161,6 +213,13 @@ class BoundedRetry(urllib3.Retry):
         fresh = super().new(**options)
         fresh.wait_at_most = self.wait_at_most
         return fresh
+
+    def increment(self, *args: Any, **options: Any) -> BoundedRetry:
+        """No retry once the thread's watcher was stopped (a cancelled download)."""
+        watcher: SocketWatcher | None = getattr(_THREAD, "watcher", None)
+        if watcher is not None:
+            watcher.pause(0)
+        return super().increment(*args, **options)  # type: ignore[return-value]
 
     def parse_retry_after(self, retry_after: str) -> float:
         return min(float(super().parse_retry_after(retry_after)), self.wait_at_most)
