@@ -112,6 +112,7 @@ URL = "http://127.0.0.1:9/cvmfs/cli.test"
 @pytest.mark.parametrize(
     "args",
     [
+        ["repo", "create", URL, "--fqrn", "cli.test"],
         ["repo", "publish", URL, "."],
         ["repo", "rm", URL, "/a"],
         ["repo", "tag", URL, "t1"],
@@ -128,7 +129,8 @@ def test_writing_commands_say_a_url_cannot_be_written(
 ) -> None:
     """A writing command given the repository's URL said 'no such file or directory:
     http:/host/cvmfs/x/.cvmfspublished' (the URL taken as a folder); only the model commands
-    said what to do. All of them do now."""
+    said what to do. All of them do now. ``repo create URL`` even succeeded: it made keys and a
+    repository under a local folder named ``http:``."""
     from typer.testing import CliRunner
 
     from cvmfs_ml.cli import app
@@ -141,5 +143,7 @@ def test_writing_commands_say_a_url_cannot_be_written(
     assert result.exit_code == 1, result.output
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
-    assert lines[0].startswith(f"cvmfs-ml: {URL} is a URL; writing needs the repository folder")
+    verb = "creating" if args[1] == "create" else "writing"
+    assert lines[0].startswith(f"cvmfs-ml: {URL} is a URL; {verb} needs the repository folder")
     assert "Traceback" not in result.output
+    assert not (tmp_path / "http:").exists()
