@@ -120,6 +120,7 @@ URL = "http://127.0.0.1:9/cvmfs/cli.test"
         ["repo", "rollback", URL, "t1"],
         ["repo", "resign", URL],
         ["sync", "wishlist.yaml", "--repo", URL],
+        ["registry", "serve", "--repo", URL],
         ["model", "publish", ".", "--repo", URL, "--as", "ns/name:1"],
     ],
     ids=lambda args: " ".join(args[:2]),

@@ -244,10 +244,19 @@ def open_publisher(repo: str, keys: Path | None, s3_config: Path | None = None) 
     from cvmfs_ml.cli.s3 import s3_params
     from cvmfs_ml.publish.repository import Publisher
 
-    if repo.startswith(("http://", "https://")):
-        raise _fail(f"{repo} is a URL; writing needs the repository folder (or s3://) and its "
-                    "keys: run this where the repository is published")  # fmt: skip
+    refuse_url(repo)
     return Publisher.open(repo, keys, s3_config=s3_params(s3_config))
+
+
+def refuse_url(
+    location: str,
+    needs: str = "writing needs the repository folder (or s3://) and its keys: run this where "
+    "the repository is published",
+) -> None:
+    """Fail in one line when a command that writes a repository is given its URL, which would
+    otherwise be taken for a local folder named ``http:``."""
+    if location.startswith(("http://", "https://")):
+        raise _fail(f"{location} is a URL; {needs}")
 
 
 # Help texts are Rich markup: a backslash keeps a "[" literal (else "[/PREFIX]" is a closing tag).

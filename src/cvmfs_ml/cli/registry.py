@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from cvmfs_ml.cli.common import friendly
+from cvmfs_ml.cli.common import friendly, refuse_url
 
 registry_app = typer.Typer(
     no_args_is_help=True, help="The registry service: publish by content ID, tokens."
@@ -25,7 +25,7 @@ ConfigFileOption = Annotated[
 @friendly
 def registry_serve(
     repo: Annotated[
-        list[Path], typer.Option("--repo", help="repository folder (repeat for two or more)")
+        list[str], typer.Option("--repo", help="repository folder (repeat for two or more)")
     ],
     port: Annotated[int, typer.Option("--port", min=0, max=65535)] = 8081,
     host: Annotated[str, typer.Option("--host")] = "127.0.0.1",
@@ -58,11 +58,14 @@ def registry_serve(
     from cvmfs_ml.registry.logs import configure_logging
     from cvmfs_ml.registry.service import RegistryService
 
+    for location in repo:
+        refuse_url(location)
+    folders = [Path(location) for location in repo]
     bound_malloc_arenas()  # before the service starts its threads
 
-    data_dir = data or ((config.parent if config else repo[0].parent) / "registry-data")
+    data_dir = data or ((config.parent if config else folders[0].parent) / "registry-data")
     service = RegistryService(
-        repo, data_dir, ConfigFile(config), poll_seconds=poll, stratum1=stratum1
+        folders, data_dir, ConfigFile(config), poll_seconds=poll, stratum1=stratum1
     )
     for worker in service.workers.values():
         ttl = worker.publisher.settings.ttl

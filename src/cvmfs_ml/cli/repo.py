@@ -28,6 +28,7 @@ from cvmfs_ml.cli.common import (
     one_line,
     open_publisher,
     open_repository,
+    refuse_url,
     use_blacklist,
     visible,
 )
@@ -64,9 +65,8 @@ def repo_create(
     from cvmfs_ml.publish.repository import create_repository
     from cvmfs_ml.publish.settings import PublishSettings
 
-    if root.startswith(("http://", "https://")):
-        raise _fail(f"{root} is a URL; creating needs the repository folder's parent (or "
-                    "s3://BUCKET[/PREFIX]): run this where it will be published")  # fmt: skip
+    refuse_url(root, "creating needs the repository folder's parent (or s3://BUCKET[/PREFIX]): "
+               "run this where it will be published")  # fmt: skip
     settings = PublishSettings(
         compression=Compression(compression),
         hash_algorithm=Algorithm.from_name(hash_algorithm),
