@@ -204,3 +204,15 @@ def test_a_later_failing_copy_takes_back_the_earlier_ones(site: Site, tmp_path: 
         assert not made.exists() and os.listdir(given) == [] and os.listdir(tiny) == []
     init(site, f"cvmfs://{FQRN}/hep/mlp:2.0", given)  # the retry works
     np.testing.assert_array_equal(onnx_output(given), onnx_output(site.originals["2.0"]))
+
+
+def test_a_single_file_copy_is_readable_by_another_user(site: Site, tmp_path: Path) -> None:
+    """KServe's model server may run as another user than its initializer. A folder URI's DEST
+    was made 0755, but a single file's (``cvmfs://fqrn/ns/name/2.0/model.onnx``) kept the
+    staging folder's 0700: a server running as another user could not open the model."""
+    single, folder = tmp_path / "single", tmp_path / "folder"
+    init(site, f"cvmfs://{FQRN}/hep/mlp/2.0/model.onnx", single, f"cvmfs://{FQRN}/hep/mlp:prod",
+         folder)  # fmt: skip
+    assert oct(folder.stat().st_mode & 0o777) == "0o755"
+    assert oct(single.stat().st_mode & 0o777) == "0o755"
+    assert (single / "model.onnx").stat().st_mode & 0o444 == 0o444

@@ -215,6 +215,21 @@ def _materialise_link(repo: Any, base: str, entry: Any, target: Path, progress: 
         warn(f"{rel}: a link to {entry.symlink!r} that {found}, kept as it is (not followed)")
 
 
+def _materialise_tree(repo: Any, base: str, stage: Path, progress: Progress | None,
+                      warn: Warn | None) -> None:  # fmt: skip
+    """Every entry below the folder ``base`` into ``stage`` (see :func:`materialise`)."""
+    for entry in repo.walk(base):
+        if posixpath.basename(entry.path) == MARKER:
+            continue  # the publisher's nested-catalog marker, not part of the model
+        target = stage / entry.path[len(base) :].lstrip("/")
+        if entry.is_dir:
+            target.mkdir()
+        elif entry.is_symlink:
+            _materialise_link(repo, base, entry, target, progress, warn)
+        elif entry.is_regular:
+            _materialise_file(repo, entry, target, progress)
+
+
 def materialise(repo: Any, path: str, dest: Path, *, progress: Progress | None = None,
                 warn: Warn | None = None) -> Path:  # fmt: skip
     """Write the file or folder at ``path`` (symlinks followed) of ``repo`` into ``dest``.
@@ -235,20 +250,10 @@ def materialise(repo: Any, path: str, dest: Path, *, progress: Progress | None =
     base = top.path
     repo.prefetch(base)  # every piece of every file, in parallel
     with _staging(dest) as stage:
-        if not top.is_dir:
+        if top.is_dir:
+            _materialise_tree(repo, base, stage, progress, warn)
+        else:  # one file: the folder holds it alone, as readable as a folder's copy
             _materialise_file(repo, top, stage / posixpath.basename(base), progress)
-            return dest
-        for entry in repo.walk(base):
-            if posixpath.basename(entry.path) == MARKER:
-                continue  # the publisher's nested-catalog marker, not part of the model
-            rel = entry.path[len(base) :].lstrip("/")
-            target = stage / rel
-            if entry.is_dir:
-                target.mkdir()
-            elif entry.is_symlink:
-                _materialise_link(repo, base, entry, target, progress, warn)
-            elif entry.is_regular:
-                _materialise_file(repo, entry, target, progress)
         for folder in [stage, *(p for p in stage.rglob("*") if p.is_dir() and not p.is_symlink())]:
             os.chmod(
                 folder, stat.S_IRWXU | stat.S_IRGRP | stat.S_IXGRP | stat.S_IROTH | stat.S_IXOTH
