@@ -399,6 +399,16 @@ def test_model_publish_to_s3_and_list_over_http(s3env: S3Env, tmp_path: Path) ->
     code, out, err = _cli("model", "ls", s3env.url, "--key", str(s3env.pub), "--json")
     assert code == 0, err
     assert {row["ref"] for row in json.loads(out)} == {"ns/m:1", "ns/m:2"}
+    # The bucket itself, as docs/cli.md says any REPO may be: model ls/info/check took no
+    # --s3-config ("No such option"), though model publish and repo ls/cat/check do.
+    read = ["--key", str(s3env.pub), "--s3-config", str(s3env.config_file)]
+    code, out, err = _cli("model", "ls", s3env.location, "--json", *read)
+    assert code == 0, err
+    assert {row["ref"] for row in json.loads(out)} == {"ns/m:1", "ns/m:2"}
+    code, out, err = _cli("model", "info", s3env.location, "ns/m:2", "--json", *read)
+    assert code == 0 and json.loads(out)["version"] == "2", err
+    code, out, err = _cli("model", "check", s3env.location, *read)
+    assert code == 0 and "ok" in out, err
 
 
 def test_both_stores_implement_the_protocol(s3env: S3Env, tmp_path: Path) -> None:

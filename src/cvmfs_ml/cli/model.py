@@ -30,7 +30,7 @@ from cvmfs_ml.cli.common import (
     visible,
     warn,
 )
-from cvmfs_ml.cli.s3 import S3ConfigOption
+from cvmfs_ml.cli.s3 import S3ConfigOption, s3_params
 
 model_app = typer.Typer(no_args_is_help=True, help="Publish and browse model versions.")
 
@@ -181,6 +181,7 @@ def model_ls(
     key: KeyOption = None,
     config: ConfigOption = None,
     proxy: ProxyOption = None,
+    s3_config: S3ConfigOption = None,
     as_json: JsonOption = False,
     blacklist: BlacklistOption = None,
 ) -> None:
@@ -189,7 +190,8 @@ def model_ls(
     from cvmfs_ml.models.publish import list_models
 
     notes: list[str] = []  # printed once it worked: a failure stays one line
-    with open_repository(repo, key, config=config, proxy=proxy) as repository:
+    with open_repository(repo, key, config=config, proxy=proxy,
+                         s3_config=s3_params(s3_config)) as repository:
         records = list_models(repository, warn=notes.append)
     for note in notes:  # an index that does not read: listed from the tree
         warn(note)
@@ -223,6 +225,7 @@ def model_info_cmd(
     key: KeyOption = None,
     config: ConfigOption = None,
     proxy: ProxyOption = None,
+    s3_config: S3ConfigOption = None,
     as_json: JsonOption = False,
     blacklist: BlacklistOption = None,
 ) -> None:
@@ -231,7 +234,8 @@ def model_info_cmd(
     from cvmfs_ml.models.publish import model_info
 
     parsed = _ref(ref)
-    with open_repository(repo, key, config=config, proxy=proxy) as repository:
+    with open_repository(repo, key, config=config, proxy=proxy,
+                         s3_config=s3_params(s3_config)) as repository:
         record = model_info(repository, parsed)
     if as_json:
         typer.echo(json_text(record.info()))
@@ -316,12 +320,14 @@ def model_check(
     key: KeyOption = None,
     config: ConfigOption = None,
     proxy: ProxyOption = None,
+    s3_config: S3ConfigOption = None,
     as_json: JsonOption = False,
 ) -> None:
     """Compare the index with the tree (versions, model.json, aliases); exit 1 on a mismatch."""
     from cvmfs_ml.models.tree import check_layout
 
-    with open_repository(repo, key, config=config, proxy=proxy) as repository:
+    with open_repository(repo, key, config=config, proxy=proxy,
+                         s3_config=s3_params(s3_config)) as repository:
         problems = check_layout(repository)
     if as_json:
         typer.echo(json.dumps({"ok": not problems, "problems": problems}))
