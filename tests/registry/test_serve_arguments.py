@@ -57,3 +57,23 @@ def test_serve_says_so_in_one_line(tmp_path: Path, case: str) -> None:
     lines = [line for line in result.stderr.splitlines() if line.startswith("cvmfs-ml: ")]
     assert len(lines) == 1 and expected in lines[0], result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_port_in_use_is_one_line(tmp_path: Path) -> None:
+    """``registry serve --port P`` with P taken printed the start-up notes and then uvicorn's
+    log (eight lines, the bind error among them) and exited 3; ``serve`` says it in one line."""
+    import socket
+
+    repo = create_repository(tmp_path / "a", "one.test").repo_dir
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        result = subprocess.run(
+            [sys.executable, "-m", "cvmfs_ml", "registry", "serve", "--repo", str(repo),
+             "--data", str(tmp_path / "data"), "--port", str(port)],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+    assert result.returncode == 1, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("cvmfs-ml: ") and "already in use" in lines[0], lines[0]
+    assert "--port" in lines[0]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 from pathlib import Path
 from typing import Annotated
 
@@ -61,6 +62,8 @@ def registry_serve(
     for location in repo:
         refuse_url(location)
     folders = [Path(location) for location in repo]
+    listener = _listen(host, port)  # a port in use is one line, before anything starts
+    port = listener.getsockname()[1]
     bound_malloc_arenas()  # before the service starts its threads
 
     data_dir = data or ((config.parent if config else folders[0].parent) / "registry-data")
@@ -74,7 +77,17 @@ def registry_serve(
                        " that late (user-pub uses CVMFS_REPOSITORY_TTL=15)", err=True)  # fmt: skip
     configure_logging(log_format)
     typer.echo(f"registry for {', '.join(service.repositories)} at http://{host}:{port}/", err=True)
-    uvicorn.run(create_app(service), host=host, port=port, log_config=None, log_level="info")
+    config = uvicorn.Config(
+        create_app(service), host=host, port=port, log_config=None, log_level="info"
+    )
+    uvicorn.Server(config).run(sockets=[listener])
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """The service's listening socket, bound here so that an address in use (or a host that
+    does not resolve) is an OSError the CLI reports in one line, not uvicorn's log and exit 3."""
+    family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+    return socket.create_server((host, port), family=family, backlog=2048)
 
 
 @token_app.command("add")
