@@ -273,3 +273,19 @@ def test_a_reference_without_a_version_means_latest(site: Site) -> None:
     for bad in ("hep", "hep/mlp/1.0", "hep/mlp:"):  # still not references
         with pytest.raises(UnsafeInputError):
             parse_ref(bad)
+
+
+@pytest.mark.parametrize("dest", ["http://127.0.0.1:9/models/got", "s3://bucket/got"])
+def test_model_get_and_kserve_init_refuse_a_url_for_dest(
+    site: Site, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, dest: str
+) -> None:
+    """DEST is a local folder. ``model get REF http://host/x`` exited 0 having filled a local
+    folder ``http:/host/x`` (the URL's ``//`` collapsed), and ``kserve-init`` did the same."""
+    work = tmp_path / "cwd"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    got = cli(site, "model", "get", f"cvmfs://{FQRN}/hep/mlp:1.0", dest, code=1).stderr
+    assert f"{dest} is a URL" in got and "local folder" in got, got
+    init = cli(site, "kserve-init", f"cvmfs://{FQRN}/hep/mlp:1.0", dest, code=1).stderr
+    assert f"{dest} is a URL" in init and "local folder" in init, init
+    assert os.listdir(work) == []

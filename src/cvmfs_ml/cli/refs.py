@@ -66,7 +66,7 @@ def _locate(ref: str, dest: Path | None, repo: str | None, key: str | None,
 
 def model_get(
     ref: RefArgument,
-    dest: Annotated[Path, typer.Argument(help="new or empty folder to fill")],
+    dest: Annotated[str, typer.Argument(help="new or empty folder to fill")],
     repo: RepoOption = None,
     key: KeyOption = None,
     config: ConfigOption = None,
@@ -74,7 +74,9 @@ def model_get(
     copy: CopyOption = False,
 ) -> None:
     """A model version into DEST: links from a mount, else fetched and verified."""
-    found = _locate(ref, dest, repo, key, config, cache, copy)
+    from cvmfs_ml.models.refs import local_dest
+
+    found = _locate(ref, local_dest(dest), repo, key, config, cache, copy)
     how = "linked from the mount" if found.mounted else "copied and verified"
     version = f", version {found.version}" if found.version else ""
     typer.echo(visible(f"{ref} -> {found.path} ({how}{version})"))  # names from the repository

@@ -47,6 +47,7 @@ from cvmfs_ml.models.materialise import link_tree, materialise
 from cvmfs_ml.models.refs import (
     CvmfsUri,
     check_version,
+    local_dest,
     mount_roots,
     mounted_root,
     parse_uri,
@@ -70,7 +71,7 @@ def pair_arguments(args: Sequence[str]) -> list[tuple[str, Path]]:
     """KServe's ``uri dest [uri dest ...]`` as pairs; an odd count is an error."""
     if not args or len(args) % 2:
         raise ConfigError("expected URI DEST pairs: cvmfs-ml kserve-init URI DEST [URI DEST ...]")
-    pairs = [(args[i], Path(args[i + 1])) for i in range(0, len(args), 2)]
+    pairs = [(args[i], local_dest(args[i + 1])) for i in range(0, len(args), 2)]
     dests = [os.path.abspath(dest) for _, dest in pairs]
     if len(set(dests)) != len(dests):
         raise ConfigError("each URI needs its own DEST folder")

@@ -168,6 +168,14 @@ def parse_ref(text: str) -> CvmfsUri:
 
 
 # -- mounts ---------------------------------------------------------------------------------------
+def local_dest(text: str) -> Path:
+    """A DEST argument as a local folder; a URL (``http://``, ``s3://``...) is refused rather
+    than taken for a folder named after its scheme (``http:/host/x``)."""
+    if re.match(r"[A-Za-z][A-Za-z0-9+.-]*://", text):
+        raise ConfigError(f"{text} is a URL; DEST is a local folder (new or empty) to fill")
+    return Path(text)
+
+
 def mount_roots(env: Mapping[str, str] = os.environ, params: Mapping[str, str] = {}) -> list[Path]:
     """Where repositories may be mounted: ``CVMFS_MOUNT_DIR`` (configuration, then environment),
     and ``/cvmfs``, upstream's default."""
