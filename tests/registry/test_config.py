@@ -61,3 +61,14 @@ def test_values_at_the_edges_are_taken(tmp_path: Path) -> None:
     assert {key: getattr(config, key) for key in edges} == edges
     path.write_text(json.dumps({"cleanup_hour": 23, "batch_max_jobs": 1}))
     assert load_config(path).cleanup_hour == 23
+
+
+def test_token_list_of_a_missing_file_says_so(tmp_path: Path) -> None:
+    """``registry token list --config TYPO.json`` printed nothing and exited 0, as if the
+    registry had no tokens; now one line names the file and exit 1."""
+    missing = tmp_path / "registy.json"
+    result = CliRunner().invoke(app, ["registry", "token", "list", "--config", str(missing)])
+    assert result.exit_code == 1, result.output
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert str(missing) in result.stderr and "token add" in result.stderr, result.stderr
+    assert not missing.exists()

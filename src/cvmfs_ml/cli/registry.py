@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from cvmfs_ml.cli.common import friendly, refuse_url
+from cvmfs_ml.cli.common import _fail, friendly, refuse_url
 
 registry_app = typer.Typer(
     no_args_is_help=True, help="The registry service: publish by content ID, tokens."
@@ -124,6 +124,9 @@ def token_list(
     """Names, scopes and state of the tokens (never the tokens themselves)."""
     from cvmfs_ml.registry.config import load_config
 
+    if not config.exists():  # a mistyped path is not a registry without tokens
+        raise _fail(f"{config}: no registry configuration there ('registry token add' "
+                    "creates it)")  # fmt: skip
     rows = [
         {"name": t.name, "scopes": list(t.scopes), "revoked": t.revoked, "created": t.created}
         for t in load_config(config).tokens.values()
