@@ -75,7 +75,7 @@ def serve(
 @friendly
 def demo(
     out: Annotated[
-        Path | None,
+        str | None,
         typer.Option(
             "--out",
             help="working folder: new or empty, or one an earlier demo made (emptied first); "
@@ -91,12 +91,12 @@ def demo(
     from rich.table import Table
 
     from cvmfs_ml.bench.demo import run_demo
+    from cvmfs_ml.models.refs import local_dest
 
     console = Console()
-    if out is None:
-        out = Path(tempfile.mkdtemp(prefix="cvmfs-ml-demo-"))
-    console.print(f"[dim]working in {out.absolute()}")
-    result = run_demo(out, llm_bytes=llm_mib * 2**20, log=lambda m: console.print(f"[dim]{m}"))
+    folder = local_dest(out, "--out") if out else Path(tempfile.mkdtemp(prefix="cvmfs-ml-demo-"))
+    console.print(f"[dim]working in {folder.absolute()}")
+    result = run_demo(folder, llm_bytes=llm_mib * 2**20, log=lambda m: console.print(f"[dim]{m}"))
     table = Table(title=f"cvmfs-ml demo: {result.url}")
     for column in ("model", "read through", "cache", "open s", "1st inference s", "same output"):
         table.add_column(column)
@@ -112,7 +112,7 @@ def demo(
     console.print(table)
     console.print(
         f"published {result.published_bytes / 2**20:.1f} MiB in {result.publish_s:.2f} s;"
-        f" results in {out / 'demo.json'}"
+        f" results in {folder / 'demo.json'}"
     )
     for reason in result.skipped:
         console.print(f"[yellow]skipped: {reason}")

@@ -97,7 +97,7 @@ def chosen_profile(
 @friendly
 def bench_run(
     profile: Annotated[str, typer.Option(help="short (CI, < 3 min) or full (2 GB)")] = "short",
-    out: Annotated[Path, typer.Option("--out", help="report folder")] = Path("bench-results"),
+    out: Annotated[str, typer.Option("--out", help="report folder")] = "bench-results",
     work: Annotated[
         Path | None,
         typer.Option(
@@ -144,7 +144,9 @@ def bench_run(
 ) -> None:
     """Run a benchmark profile; writes OUT/results.json, results.csv, summary.md and plots."""
     from cvmfs_ml.bench.runner import PROFILES, run_profile
+    from cvmfs_ml.models.refs import local_dest
 
+    report = local_dest(out, "--out")
     if profile not in PROFILES:
         raise _fail(f"unknown profile {profile!r}; known: {', '.join(sorted(PROFILES))}")
     chosen = chosen_profile(PROFILES[profile], models=models, model=model, modes=modes,
@@ -154,10 +156,11 @@ def bench_run(
         if not quiet:
             typer.echo(message, err=True)
 
-    doc = run_profile(chosen, out, workdir=work, log=log, global_drop=global_drop, mounted=mounted)
+    doc = run_profile(chosen, report, workdir=work, log=log, global_drop=global_drop,
+                      mounted=mounted)  # fmt: skip
     failed = [name for name, check in doc["checks"].items() if not check["ok"]]
     typer.echo(
-        f"wrote {out / 'results.json'}, {out / 'summary.md'} "
+        f"wrote {report / 'results.json'}, {report / 'summary.md'} "
         f"({len(doc['measurements'])} measurements in {doc['seconds']:.0f} s)"
     )
     measured = doc["measurements"]
@@ -262,7 +265,7 @@ def bench_sweep(
         help="share of the bytes the simulated fine-tune changes")] = 0.05,
     load_mode: Annotated[str, typer.Option(help="fuse | fsspec")] = "fuse",
     repeats: Annotated[int, typer.Option(min=1, help="cold loads per point")] = 1,
-    out: Annotated[Path, typer.Option("--out")] = Path("bench-results/sweep"),
+    out: Annotated[str, typer.Option("--out")] = "bench-results/sweep",
     work: Annotated[Path | None, typer.Option("--work")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
 ) -> None:
@@ -270,17 +273,20 @@ def bench_sweep(
     from cvmfs_ml.bench.runner import default_workdir
     from cvmfs_ml.bench.sweep import parse_points, run_sweep
     from cvmfs_ml.bench.zoo import ModelSpec
+    from cvmfs_ml.models.refs import local_dest
 
+    report = local_dest(out, "--out")
     if load_mode not in ("fuse", "fsspec"):
         raise _fail("--load-mode must be fuse or fsspec")
     if not 0 <= fraction <= 1:  # written so that NaN fails too
         raise _fail(f"--fraction must be within 0..1, not {fraction:g}")
     spec = ModelSpec(f"llm-{size_mib}m", "llm", size=size_mib * 2**20, dtype="float32")
-    doc = run_sweep(spec, parse_points(chunks, compression), out,
-                    workdir=work or default_workdir(out), fine_tune_fraction=fraction,
+    doc = run_sweep(spec, parse_points(chunks, compression), report,
+                    workdir=work or default_workdir(report), fine_tune_fraction=fraction,
                     load_mode=load_mode, repeats=repeats,
                     log=(lambda _m: None) if quiet else (lambda m: typer.echo(m, err=True)))
-    typer.echo(f"wrote {out / 'sweep.md'} ({len(doc['points'])} points in {doc['seconds']:.0f} s)")
+    typer.echo(f"wrote {report / 'sweep.md'} ({len(doc['points'])} points in "
+               f"{doc['seconds']:.0f} s)")  # fmt: skip
 
 
 @bench_app.command("drop-caches")

@@ -8,7 +8,15 @@ from typing import Annotated
 
 import typer
 
-from cvmfs_ml.cli.common import JsonOption, KeyOption, _default_key, _fail, friendly, one_line
+from cvmfs_ml.cli.common import (
+    JsonOption,
+    KeyOption,
+    _default_key,
+    _fail,
+    friendly,
+    one_line,
+    refuse_url,
+)
 from cvmfs_ml.cli.s3 import S3ConfigOption, s3_params
 from cvmfs_ml.errors import is_disk_full
 
@@ -48,6 +56,7 @@ def replica_sync(
     """Copy new objects and the manifest from UPSTREAM into DEST, verified, manifest last."""
     from cvmfs_ml.replica.sync import SyncReport, sync_replica
 
+    refuse_url(dest, "a replica is written to a local folder (or s3://BUCKET[/PREFIX]/FQRN)")
     public_key = key or _default_key(upstream)
     if public_key is None:
         raise _fail(f"no public key for {upstream}: pass --key <fqrn>.pub")

@@ -168,11 +168,12 @@ def parse_ref(text: str) -> CvmfsUri:
 
 
 # -- mounts ---------------------------------------------------------------------------------------
-def local_dest(text: str) -> Path:
-    """A DEST argument as a local folder; a URL (``http://``, ``s3://``...) is refused rather
-    than taken for a folder named after its scheme (``http:/host/x``)."""
+def local_dest(text: str, what: str = "DEST") -> Path:
+    """An argument naming a local folder to write (``what``: DEST, --out); a URL (``http://``,
+    ``s3://``...) is refused rather than taken for a folder named after its scheme
+    (``Path("http://host/x")`` is ``http:/host/x``)."""
     if re.match(r"[A-Za-z][A-Za-z0-9+.-]*://", text):
-        raise ConfigError(f"{text} is a URL; DEST is a local folder (new or empty) to fill")
+        raise ConfigError(f"{text} is a URL; {what} is a local folder to write")
     return Path(text)
 
 
