@@ -148,3 +148,20 @@ def test_writing_commands_say_a_url_cannot_be_written(
     assert lines[0].startswith(f"cvmfs-ml: {URL} is a URL; {verb} needs the repository folder")
     assert "Traceback" not in result.output
     assert not (tmp_path / "http:").exists()
+
+
+@pytest.mark.parametrize("name", ["trunk-previous", "trunk", "two\nlines", "bad tag!", ""])
+def test_tag_names_upstream_refuses_are_refused(repo: Path, tmp_path: Path, name: str) -> None:
+    """``repo publish --tag trunk-previous`` published and pointed trunk-previous at the new
+    revision (the undo target lost); names with spaces or a newline were stored and broke the
+    one-line-per-tag listing. As upstream's publisher: letters, digits and ``-_./:`` only, and
+    neither ``trunk`` nor ``trunk-previous``; refused before anything is published."""
+    src = tmp_path / "m"
+    src.mkdir()
+    (src / "f.txt").write_text("content\n")
+    refused = cli("repo", "publish", str(repo), str(src), "--tag", name, ok=False)
+    assert refused.returncode == 1 and len(refused.stderr.strip().splitlines()) == 1, refused
+    assert "tag name" in refused.stderr, refused.stderr
+    assert cli("repo", "tag", str(repo), name, ok=False).returncode == 1
+    assert "r0" in cli("repo", "tags", str(repo)).stdout.split("trunk ")[1]  # nothing published
+    cli("repo", "publish", str(repo), str(src), "--tag", "v1.0_rc-2/x:y")  # upstream's set

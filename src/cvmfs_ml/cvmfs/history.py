@@ -14,13 +14,14 @@ zlib-compressed; this module works on the uncompressed file at a path the caller
 from __future__ import annotations
 
 import os
+import re
 import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
 from cvmfs_ml.cvmfs.hashing import DIGEST_SIZE, Algorithm, Digest
-from cvmfs_ml.errors import SQLITE_DAMAGE, FormatError
+from cvmfs_ml.errors import SQLITE_DAMAGE, FormatError, PublishError
 
 __all__ = [
     "SCHEMA",
@@ -33,6 +34,17 @@ __all__ = [
 
 TRUNK = "trunk"
 TRUNK_PREVIOUS = "trunk-previous"
+_TAG_NAME = re.compile(r"[A-Za-z0-9_./:-]+")  # upstream's TagSanitizer: "az AZ 09 - _ . / :"
+
+
+def check_tag_name(name: str) -> None:
+    """Refuse a tag name upstream's publisher refuses (``Publisher::CheckTagName``): empty,
+    ``trunk`` or ``trunk-previous`` (the publisher moves those), or other characters than
+    letters, digits and ``-_./:``."""
+    if name in (TRUNK, TRUNK_PREVIOUS):
+        raise PublishError(f"{name!r} is maintained by the publisher, not a tag name to give")
+    if not _TAG_NAME.fullmatch(name):
+        raise PublishError(f"invalid tag name {name!r}: use letters, digits and - _ . / :")
 SCHEMA = "1.0"
 SCHEMA_REVISION = 3
 

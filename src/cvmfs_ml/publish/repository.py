@@ -26,7 +26,7 @@ from pathlib import Path
 
 from cvmfs_ml.cvmfs.catalog import DirectoryEntry, WritableCatalog
 from cvmfs_ml.cvmfs.hashing import Digest, hash_bytes
-from cvmfs_ml.cvmfs.history import TRUNK, TRUNK_PREVIOUS, HistoryDb, Tag
+from cvmfs_ml.cvmfs.history import TRUNK, TRUNK_PREVIOUS, HistoryDb, Tag, check_tag_name
 from cvmfs_ml.cvmfs.keys import KeyPaths, KeySet
 from cvmfs_ml.cvmfs.manifest import Manifest, sign_manifest
 from cvmfs_ml.cvmfs.names import validate_fqrn
@@ -465,8 +465,7 @@ class Publisher:
 
     def tag(self, name: str, description: str = "", *, revision_of: str | None = None) -> Manifest:
         """Add (or move) a named tag to the current revision, or to tag ``revision_of``."""
-        if name in (TRUNK, TRUNK_PREVIOUS):
-            raise PublishError(f"{name!r} is maintained by the publisher")
+        check_tag_name(name)
         with self.lock():
             raw, manifest = self._manifest_raw()
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from cvmfs_ml.cvmfs.hashing import Digest
+from cvmfs_ml.cvmfs.history import check_tag_name
 from cvmfs_ml.cvmfs.manifest import Manifest
 from cvmfs_ml.cvmfs.objects import ObjectKind, deflate
 from cvmfs_ml.errors import PublishError
@@ -169,6 +170,8 @@ class Transaction:
             raise PublishError("commit() outside 'with publisher.transaction() as txn:'")
         if self.committed is not None:
             raise PublishError("this transaction was already committed")
+        if tag is not None:
+            check_tag_name(tag)  # before any work: a refused name publishes nothing
         started = time.monotonic()
         publisher = self.publisher
         settings = publisher.settings
