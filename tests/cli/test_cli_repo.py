@@ -165,3 +165,17 @@ def test_tag_names_upstream_refuses_are_refused(repo: Path, tmp_path: Path, name
     assert cli("repo", "tag", str(repo), name, ok=False).returncode == 1
     assert "r0" in cli("repo", "tags", str(repo)).stdout.split("trunk ")[1]  # nothing published
     cli("repo", "publish", str(repo), str(src), "--tag", "v1.0_rc-2/x:y")  # upstream's set
+
+
+def test_trunk_previous_is_described_as_upstream_describes_it(repo: Path, tmp_path: Path) -> None:
+    """``repo tags`` listed trunk-previous as "current HEAD" (trunk's description, copied when
+    trunk moved on); upstream's publisher writes "default undo target" (as the reference
+    repository's history shows)."""
+    src = tmp_path / "m"
+    src.mkdir()
+    (src / "f.txt").write_text("content\n")
+    cli("repo", "publish", str(repo), str(src))
+    tags = {t["name"]: t for t in json.loads(cli("repo", "tags", str(repo), "--json").stdout)}
+    assert tags["trunk"]["description"] == "current HEAD"
+    assert tags["trunk-previous"]["description"] == "default undo target"
+    assert tags["trunk-previous"]["revision"] == 0

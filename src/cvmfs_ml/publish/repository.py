@@ -326,8 +326,10 @@ class Publisher:
         )
 
         def commit(tags: dict[str, Tag]) -> None:
-            if TRUNK in tags:
-                tags[TRUNK_PREVIOUS] = replace(tags[TRUNK], name=TRUNK_PREVIOUS)
+            if TRUNK in tags:  # upstream's kPreviousHeadTagDescription
+                tags[TRUNK_PREVIOUS] = replace(
+                    tags[TRUNK], name=TRUNK_PREVIOUS, description="default undo target"
+                )
             tags[TRUNK] = head
             if tag:
                 tags[tag] = replace(head, name=tag, description=description)
