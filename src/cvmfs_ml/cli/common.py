@@ -178,6 +178,7 @@ def friendly(func: F) -> F:
     @wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
+            _refuse_urls_as_paths(func, kwargs)
             return func(*args, **kwargs)
         except BrokenPipeError:
             raise typer.Exit(0) from None
@@ -185,6 +186,38 @@ def friendly(func: F) -> F:
             raise _fail(describe_error(exc) or _first_line(exc)) from exc
 
     return wrapper  # type: ignore[return-value]
+
+
+# A URL given to a parameter typed as a local path arrives with its "//" collapsed by Path.
+_URL_AS_PATH = re.compile(r"(?:https?|s3|cvmfs|oci|mlflow|docker|gs|ftp):/(?!/)")
+
+
+def _refuse_urls_as_paths(func: Callable[..., Any], kwargs: dict[str, Any]) -> None:
+    """Fail in one line where a local path parameter was given a URL: ``Path("http://h/x")`` is
+    ``http:/h/x``, which the command would otherwise make as a folder named ``http:``."""
+    for name, value in kwargs.items():
+        for item in value if isinstance(value, list | tuple) else (value,):
+            if isinstance(item, Path) and _URL_AS_PATH.match(str(item)):
+                url = str(item).replace(":/", "://", 1)
+                raise _fail(f"{url} is a URL; {_parameter_label(func, name)} names a local "
+                            "file or folder")  # fmt: skip
+
+
+def _parameter_label(func: Callable[..., Any], name: str) -> str:
+    """How the user wrote parameter ``name`` of command ``func``: its option or argument."""
+    import typing
+
+    from typer.models import OptionInfo
+
+    try:
+        hint = typing.get_type_hints(func, include_extras=True).get(name)
+    except (NameError, TypeError):
+        hint = None
+    for meta in getattr(hint, "__metadata__", ()):
+        if isinstance(meta, OptionInfo):
+            decls = [d for d in meta.param_decls or () if d.startswith("--")]
+            return max(decls, key=len) if decls else "--" + name.replace("_", "-")
+    return name.upper()
 
 
 # -- helpers -------------------------------------------------------------------------------------
