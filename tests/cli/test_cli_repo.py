@@ -179,3 +179,19 @@ def test_trunk_previous_is_described_as_upstream_describes_it(repo: Path, tmp_pa
     assert tags["trunk"]["description"] == "current HEAD"
     assert tags["trunk-previous"]["description"] == "default undo target"
     assert tags["trunk-previous"]["revision"] == 0
+
+
+def test_serve_given_the_repository_folder_says_to_serve_its_parent(repo: Path) -> None:
+    """``serve /srv/cvmfs/models.example.org`` (the folder ``repo ls`` takes, not ROOT) said
+    "serving ... at http://.../cvmfs/<fqrn>" and then answered 404 to every client."""
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "cvmfs_ml.cli", "serve", str(repo), "--port", "0"],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+    except subprocess.TimeoutExpired as exc:
+        raise AssertionError(f"serve started on a repository folder: {exc.stderr!r}") from exc
+    assert result.returncode == 1, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "is a repository folder" in lines[0], result.stderr
+    assert f"serve its parent ({repo.parent})" in lines[0], lines[0]

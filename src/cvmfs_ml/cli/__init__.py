@@ -18,7 +18,7 @@ import typer
 
 from cvmfs_ml.cli.bench import bench_app
 from cvmfs_ml.cli.client import register_client_commands
-from cvmfs_ml.cli.common import OneLineUsageErrors, friendly, warn
+from cvmfs_ml.cli.common import OneLineUsageErrors, _fail, friendly, warn
 from cvmfs_ml.cli.ingest import model_ingest
 from cvmfs_ml.cli.model import model_app
 from cvmfs_ml.cli.net import replica_app
@@ -55,6 +55,9 @@ def serve(
     """Serve ROOT/<fqrn>/ at http://HOST:PORT/cvmfs/<fqrn> (cache headers as a Stratum 1)."""
     from cvmfs_ml.storage.http import RepositoryServer, private_keys_under
 
+    if (root / ".cvmfspublished").is_file():  # every /cvmfs/<fqrn>/ under it would be a 404
+        raise _fail(f"{root} is a repository folder, not ROOT: serve its parent ({root.parent}),"
+                    f" which serves it as /cvmfs/{root.name}")  # fmt: skip
     keys = private_keys_under(root) if root.is_dir() else []
     if keys:
         warn(
