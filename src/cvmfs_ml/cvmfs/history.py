@@ -30,10 +30,14 @@ __all__ = [
     "TRUNK_PREVIOUS",
     "HistoryDb",
     "Tag",
+    "check_tag_name",
 ]
 
 TRUNK = "trunk"
 TRUNK_PREVIOUS = "trunk-previous"
+SCHEMA = "1.0"
+SCHEMA_REVISION = 3
+
 _TAG_NAME = re.compile(r"[A-Za-z0-9_./:-]+")  # upstream's TagSanitizer: "az AZ 09 - _ . / :"
 
 
@@ -44,9 +48,8 @@ def check_tag_name(name: str) -> None:
     if name in (TRUNK, TRUNK_PREVIOUS):
         raise PublishError(f"{name!r} is maintained by the publisher, not a tag name to give")
     if not _TAG_NAME.fullmatch(name):
-        raise PublishError(f"invalid tag name {name!r}: use letters, digits and - _ . / :")
-SCHEMA = "1.0"
-SCHEMA_REVISION = 3
+        raise PublishError(f"invalid tag name {name!r:.80}: use letters, digits and - _ . / :")
+
 
 _PROPERTIES_SQL = (
     "CREATE TABLE properties (key TEXT, value TEXT, CONSTRAINT pk_properties PRIMARY KEY (key))"
