@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
-import sys
 import zipfile
 from pathlib import Path
 
@@ -37,13 +35,7 @@ from cvmfs_ml.models.formats.base import ModelFormatError
 from cvmfs_ml.models.sources import local
 from cvmfs_ml.models.sources.local import detect_license, read_model_card
 from cvmfs_ml.models.sources.mlflow import read_mlmodel
-
-
-def _cli(*args: str | Path, timeout: float = 240) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "cvmfs_ml", *map(str, args)],
-        capture_output=True, text=True, timeout=timeout,
-    )  # fmt: skip
+from models.cli_repo import cli, repo_with_good_model
 
 
 def _torch_archive(folder: Path, pickle_bytes: bytes) -> Path:
@@ -58,18 +50,11 @@ def _torch_archive(folder: Path, pickle_bytes: bytes) -> Path:
 
 @pytest.fixture
 def repo(tmp_path: Path) -> Path:
-    assert _cli("repo", "create", tmp_path / "srv", "--fqrn", "meta.test").returncode == 0
-    good = tmp_path / "good"
-    good.mkdir()
-    (good / "a.txt").write_text("hi\n")
-    repo = tmp_path / "srv" / "meta.test"
-    done = _cli("model", "publish", good, "--repo", repo, "--as", "t/good:1")
-    assert done.returncode == 0, done.stderr
-    return repo
+    return repo_with_good_model(tmp_path, "meta.test")
 
 
 def _warnings(repo: Path, ref: str) -> list[str]:
-    shown = _cli("model", "info", repo, ref, "--json")
+    shown = cli("model", "info", repo, ref, "--json")
     assert shown.returncode == 0, shown.stderr
     return json.loads(shown.stdout)["warnings"]
 
@@ -92,14 +77,14 @@ def test_a_pickle_that_crashes_or_floods_the_unpickler_is_only_a_warning(
     make, said = PICKLES[case]
     folder = tmp_path / case
     _torch_archive(folder, make())
-    done = _cli("model", "publish", folder, "--repo", repo, "--as", f"t/{case}:1")
+    done = cli("model", "publish", folder, "--repo", repo, "--as", f"t/{case}:1")
     assert done.returncode == 0, done.stderr[-2000:]
     assert "Traceback" not in done.stderr
     warnings = _warnings(repo, f"t/{case}:1")
     assert any(said in w for w in warnings), warnings
-    checked = _cli("repo", "check", repo)
+    checked = cli("repo", "check", repo)
     assert checked.returncode == 0, checked.stdout + checked.stderr
-    assert "t/good" in _cli("model", "ls", repo).stdout  # the earlier version is still there
+    assert "t/good" in cli("model", "ls", repo).stdout  # the earlier version is still there
 
 
 def test_a_genuine_checkpoint_is_still_described_through_the_child(tmp_path: Path) -> None:

@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 
 from cvmfs_ml.cli.model import model_app
 from cvmfs_ml.cvmfs import jsontext
-from cvmfs_ml.errors import FormatError
+from cvmfs_ml.errors import FormatError, PublishError
 from cvmfs_ml.models.layout import ModelRef
 from cvmfs_ml.models.sources.limits import MAX_BYTES, UNPACK_FLOOR, UNPACK_RATIO, UnpackBudget
 from cvmfs_ml.models.sources.oci import ANNOTATION_TITLE, ingest_oci
@@ -86,6 +86,31 @@ def test_a_size_of_5000_digits_is_malformed_json(publisher: Publisher) -> None:
         line = ingest(publisher, f"oci://{hostile.host}/sizes/digits:v1")
     assert "not JSON: a number with more than 4300 digits" in line
     assert "Exceeds the limit" not in line  # Python's words, and its advice to raise the limit
+
+
+def test_catalog_markers_of_titled_layers_are_bounded(publisher: Publisher) -> None:
+    """A titled layer is a file of that name: three layers titled ``m<i>/.cvmfscatalog`` made
+    three nested catalogs, counted by no limit (only tar members were). A pushed model is
+    held to ``max_catalogs`` (the registry passes its ``max_tar_catalogs``), like a folder."""
+    before = repo_state(publisher)
+    with HostileRegistry() as hostile:
+        config = hostile.blob(b"{}", ARTIFACT_CONFIG)
+        layers = [{**hostile.blob(f"m{i}".encode(), "application/octet-stream"),
+                   "annotations": {ANNOTATION_TITLE: f"m{i}/w.bin"}} for i in range(3)]  # fmt: skip
+        marker = hostile.blob(b"", "application/octet-stream")
+        layers += [{**marker, "annotations": {ANNOTATION_TITLE: f"m{i}/.cvmfscatalog"}}
+                   for i in range(3)]  # fmt: skip
+        hostile.manifest("sizes/markers", "v1", image_manifest(config, layers))
+        reference = f"oci://{hostile.host}/sizes/markers:v1"
+        with pytest.raises(PublishError, match=r"more than 2 \.cvmfscatalog files"):
+            ingest_oci(publisher, reference, ModelRef.parse("ns/markers:v1"), plain_http=True,
+                       max_catalogs=2)  # fmt: skip
+        assert repo_state(publisher) == before
+        result = ingest_oci(publisher, reference, ModelRef.parse("ns/markers:v1"),
+                            plain_http=True, max_catalogs=3)  # fmt: skip
+    assert sorted(f.path for f in result.record.files)[:3] == [
+        "m0/.cvmfscatalog", "m0/w.bin", "m1/.cvmfscatalog"
+    ]
 
 
 @pytest.mark.service

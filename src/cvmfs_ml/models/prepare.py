@@ -23,6 +23,7 @@ from cvmfs_ml.errors import PublishError
 from cvmfs_ml.models.formats import ModelDescription, describe, describe_folder, detect
 from cvmfs_ml.models.layout import MODEL_JSON, ModelRef
 from cvmfs_ml.models.sources.huggingface import describe_hf_snapshot, find_hf_snapshot
+from cvmfs_ml.models.sources.limits import MAX_CATALOGS
 from cvmfs_ml.models.sources.local import (
     SourceTree,
     describe_local,
@@ -49,11 +50,12 @@ _MAX_TENSORS_LISTED = 64
 
 
 def prepare_source(
-    src: Path, known_sha256: Mapping[str, str] | None = None
+    src: Path, known_sha256: Mapping[str, str] | None = None, *, max_catalogs: int = MAX_CATALOGS
 ) -> tuple[SourceTree, dict[str, Any], str | None]:
     """Scan and hash ``src``: (tree, detected ``source`` info, detected license).
 
     ``known_sha256``: files (by relative path) whose digest is already known (not read again).
+    ``max_catalogs``: how many ``.cvmfscatalog`` files (nested catalogs) it may hold.
 
     A Hugging Face cache snapshot (``snapshots/<commit>`` or ``models--*`` folder) is resolved
     within its ``models--*`` folder; anything else is a local file or folder.
@@ -61,11 +63,12 @@ def prepare_source(
     src = Path(src)
     snapshot = find_hf_snapshot(src) if src.is_dir() else None
     if snapshot is not None:
-        tree = scan_source(snapshot.snapshot, bound=snapshot.repo_folder)
+        tree = scan_source(snapshot.snapshot, bound=snapshot.repo_folder,
+                           max_catalogs=max_catalogs)  # fmt: skip
         info = describe_hf_snapshot(snapshot)
         license_ = info.get("license")
     else:
-        tree = scan_source(src)
+        tree = scan_source(src, max_catalogs=max_catalogs)
         info = describe_local(src)
         license_ = detect_license(src) if src.is_dir() else None
     if not tree.files:

@@ -49,6 +49,7 @@ from cvmfs_ml.models.prepare import (
     version_items,
     whoami,
 )
+from cvmfs_ml.models.sources.limits import MAX_CATALOGS
 from cvmfs_ml.models.sources.local import SourceTree
 from cvmfs_ml.models.tree import (
     REINDEX_HINT,
@@ -216,15 +217,19 @@ def prepare_version(
     aliases: Sequence[str] = (ALIAS_LATEST,),
     publisher_name: str | None = None,
     known_sha256: Mapping[str, str] | None = None,
+    max_catalogs: int = MAX_CATALOGS,
 ) -> PreparedVersion:
     """Scan, hash and describe ``src`` as version ``ref`` (slow; call outside the lock).
 
-    ``known_sha256`` names files already verified against a digest (see :func:`hash_tree`)."""
+    ``known_sha256`` names files already verified against a digest (see :func:`hash_tree`);
+    ``src`` may hold ``max_catalogs`` ``.cvmfscatalog`` files, each a nested catalog."""
     version = ref.require_version()
     if version in RESERVED_VERSIONS:
         raise PublishError(f"{version!r} is reserved for an alias; pick another version name")
     alias_list = _check_aliases(ref, aliases)
-    tree, detected, detected_license = prepare_source(Path(src), known_sha256)
+    tree, detected, detected_license = prepare_source(
+        Path(src), known_sha256, max_catalogs=max_catalogs
+    )
     models, warnings = describe_models(tree)
     record = ModelRecord(
         ref=ref,
@@ -319,6 +324,7 @@ def publish_model(
     aliases: Sequence[str] = (ALIAS_LATEST,),
     publisher_name: str | None = None,
     known_sha256: Mapping[str, str] | None = None,
+    max_catalogs: int = MAX_CATALOGS,
 ) -> ModelRecord:
     """Publish the file or folder ``src`` as version ``ref`` in one transaction.
 
@@ -328,6 +334,8 @@ def publish_model(
     ``latest``) are pointed at the new version. Returns the record as published, or the
     existing one when the same bytes were already published under ``ref`` (no new revision).
     ``known_sha256`` names files already verified against a digest (see :func:`hash_tree`).
+    A ``.cvmfscatalog`` file in a folder of ``src`` makes that folder a nested catalog, as
+    upstream's publisher does; more than ``max_catalogs`` are refused before anything is read.
     """
     prepared = prepare_version(
         src,
@@ -339,6 +347,7 @@ def publish_model(
         aliases=aliases,
         publisher_name=publisher_name,
         known_sha256=known_sha256,
+        max_catalogs=max_catalogs,
     )
     with publisher.transaction() as txn:
         with _published(publisher) as repo:

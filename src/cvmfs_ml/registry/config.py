@@ -113,7 +113,7 @@ class RegistryConfig:
     max_upload_bytes: int = 4 * 2**30  # user-pub's LimitRequestBody
     max_unpacked_bytes: int = 16 * 2**30
     max_tar_members: int = 200_000
-    max_tar_catalogs: int = 1000  # .cvmfscatalog files of one tarball (models/sources/limits.py)
+    max_tar_catalogs: int = 1000  # .cvmfscatalog files of one tarball or pushed model (limits.py)
     max_tags_per_push: int = 16  # tags one manifest PUT sets (its reference and ?tag=)
     prefix: str = "sw"
     max_days: float = 30.0

@@ -182,6 +182,7 @@ class ModelPublisher:
                 worker.publisher, OciReference("localhost", repo, tag, digest), ref,
                 client=LocalRegistryClient(self.store),  # type: ignore[arg-type]
                 publisher_name=who, before_publish=self.preingest.prime,
+                max_catalogs=self.service.config.max_tar_catalogs,
             )  # fmt: skip
         except (CvmfsMlError, ValueError, OSError, sqlite3.OperationalError) as exc:
             reason = worker.failure_reason(exc)

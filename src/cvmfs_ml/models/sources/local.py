@@ -23,7 +23,9 @@ from pathlib import Path
 from typing import Any
 
 from cvmfs_ml.cvmfs import jsontext
+from cvmfs_ml.cvmfs.catalog import MARKER
 from cvmfs_ml.errors import NotFoundError, PublishError, UnsafeInputError
+from cvmfs_ml.models.sources.limits import MAX_CATALOGS
 
 __all__ = [
     "SKIPPED_NAMES",
@@ -90,13 +92,17 @@ def _resolve(link: Path, bound: Path, rel: str) -> Path:
     return real
 
 
-def scan_source(src: Path, *, bound: Path | None = None) -> SourceTree:
+def scan_source(
+    src: Path, *, bound: Path | None = None, max_catalogs: int = MAX_CATALOGS
+) -> SourceTree:
     """List a file or folder, resolving symlinks to their content.
 
     A single file is published under its own name. In a folder, hidden tool folders
     (:data:`SKIPPED_NAMES`) are skipped; symlinks must resolve inside ``bound`` (default: the
     folder itself; the ``models--*`` folder for a Hugging Face snapshot); special files and
-    symlink cycles are refused with :class:`UnsafeInputError`.
+    symlink cycles are refused with :class:`UnsafeInputError`. A ``.cvmfscatalog`` file below
+    the top makes its folder a nested catalog when published: more than ``max_catalogs`` of
+    them are refused with :class:`PublishError` (the bound images and tarballs have).
     """
     src = Path(src)
     if not os.path.lexists(src):
@@ -110,10 +116,19 @@ def scan_source(src: Path, *, bound: Path | None = None) -> SourceTree:
     if not real_root.is_dir():
         raise UnsafeInputError(str(src), "neither a regular file nor a folder")
     tree = SourceTree(src)
+    markers = 0
     for rel, real, st in _walk(real_root, bound):
         if stat.S_ISDIR(st.st_mode):
             tree.dirs.append(rel)
         else:
+            if rel.endswith("/" + MARKER):
+                markers += 1
+                if markers > max_catalogs:
+                    raise PublishError(
+                        f"{src} holds more than {max_catalogs} {MARKER} files (at {rel!r}): each"
+                        f" makes its folder a nested catalog, and one model version may have"
+                        f" {max_catalogs} (the limit for images and uploads too)"
+                    )
             tree.files.append(SourceFile(rel, real, st.st_size, st.st_mode, int(st.st_mtime)))
     tree.files.sort(key=lambda f: f.path)
     return tree

@@ -50,7 +50,13 @@ from cvmfs_ml.models.sources.base import (
     same_source,
 )
 from cvmfs_ml.models.sources.blob_ingest import BlobIngest
-from cvmfs_ml.models.sources.limits import MAX_BYTES, MAX_CONFIG_BYTES, UnpackBudget, check_declared
+from cvmfs_ml.models.sources.limits import (
+    MAX_BYTES,
+    MAX_CATALOGS,
+    MAX_CONFIG_BYTES,
+    UnpackBudget,
+    check_declared,
+)
 from cvmfs_ml.models.sources.oci_client import OciReference, RegistryClient
 from cvmfs_ml.models.sources.oci_fetch import (
     distributable_layers,
@@ -271,6 +277,7 @@ def pull(
     workers: int = 4,
     ingest: BlobIngest | None = None,
     max_unpacked: int | None = None,
+    max_catalogs: int = MAX_CATALOGS,
 ) -> PulledModel:
     """Download and lay out ``resolved`` into the new folder ``dest``.
 
@@ -283,7 +290,8 @@ def pull(
     of an artifact is also stored as a publisher's objects while it downloads; call
     ``ingest.remember(folder, source)`` once the result is final (see
     :mod:`~cvmfs_ml.models.sources.blob_ingest`). What the layers unpack to is held to
-    ``max_unpacked`` bytes (default: :class:`~cvmfs_ml.models.sources.limits.UnpackBudget`'s).
+    ``max_unpacked`` bytes (default: :class:`~cvmfs_ml.models.sources.limits.UnpackBudget`'s),
+    their ``.cvmfscatalog`` members to ``max_catalogs``.
     """
     dest = Path(dest)
     subpath = safe_relative(subpath.lstrip("/"), "subpath")
@@ -291,7 +299,7 @@ def pull(
         raise FormatError(str(dest), "destination folder is not empty")
     kind = resolved.kind
     config = _read_config(client, resolved, blob_dir)
-    budget = UnpackBudget.for_layers(resolved.layers, max_unpacked)
+    budget = UnpackBudget.for_layers(resolved.layers, max_unpacked, max_catalogs=max_catalogs)
     writer = TreeWriter(dest, rootfs=kind == "image", budget=budget)
     layers_out: list[dict[str, Any]] = []
     skipped: list[str] = []
@@ -398,6 +406,7 @@ def ingest_oci(
     before_publish: Callable[[Path, dict[str, Any]], object] | None = None,
     max_bytes: int = MAX_BYTES,
     max_unpacked: int | None = None,
+    max_catalogs: int = MAX_CATALOGS,
 ) -> IngestResult:
     """Publish the OCI artifact or image ``reference`` as model version ``ref``.
 
@@ -409,7 +418,8 @@ def ingest_oci(
     ``before_publish(folder, source)`` runs once the artifact is laid out in ``folder`` (the
     registry tells the publisher's file cache what the blobs it already stored became).
     A manifest declaring more than ``max_bytes`` of layers is refused before any download;
-    ``max_unpacked`` bounds what the layers unpack to (:mod:`cvmfs_ml.models.sources.limits`).
+    ``max_unpacked`` bounds what the layers unpack to (:mod:`cvmfs_ml.models.sources.limits`),
+    ``max_catalogs`` the ``.cvmfscatalog`` files of the version (each a nested catalog).
     """
     from cvmfs_ml.models.publish import publish_model
 
@@ -447,6 +457,7 @@ def ingest_oci(
                 subpath=subpath,
                 ingest=ingest,
                 max_unpacked=max_unpacked,
+                max_catalogs=max_catalogs,
             )
             if ingest is not None:
                 ingest.remember(pulled.folder, pulled.source)
@@ -465,6 +476,7 @@ def ingest_oci(
                 aliases=aliases,
                 publisher_name=publisher_name,
                 known_sha256=known_file_digests(pulled.source),
+                max_catalogs=max_catalogs,
             )
             seconds["publish"] = time.perf_counter() - start
         return IngestResult(ref, record, pulled.source, skipped=False, seconds=seconds)

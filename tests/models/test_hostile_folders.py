@@ -1,0 +1,80 @@
+"""Model folders a hostile owner publishes (``model publish``, the ingest every source ends in,
+the registry's uploads): refused in one line before anything is written, the previous revision
+intact, or published the way a user of a model registry expects.
+
+* ``.cvmfscatalog`` files: each one makes its folder a nested catalog. A folder of 100,000
+  nested folders each holding one made 100,000 catalogs (a catalog object each, a connection
+  each for every client reading below it). A version holds at most ``MAX_CATALOGS`` of them,
+  the bound images, OCI layers and registry tarballs already had.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from cvmfs_ml.client.repository import Repository
+from cvmfs_ml.errors import PublishError
+from cvmfs_ml.models.layout import ModelRef
+from cvmfs_ml.models.publish import publish_model
+from cvmfs_ml.models.sources.limits import MAX_CATALOGS
+from cvmfs_ml.publish.repository import Publisher
+from models.cli_repo import cli, repo_with_good_model
+
+
+@pytest.fixture
+def repo(tmp_path: Path) -> Path:
+    return repo_with_good_model(tmp_path, "folders.test")
+
+
+def _revision(repo: Path) -> int:
+    return Publisher.open(repo).manifest().revision
+
+
+def _refused(repo: Path, src: Path, *needles: str) -> str:
+    """``model publish src`` fails in one line holding ``needles``, nothing published."""
+    before = _revision(repo)
+    done = cli("model", "publish", src, "--repo", repo, "--as", "t/bad:1")
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 1 and len(lines) == 1, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    assert _revision(repo) == before
+    listed = cli("model", "ls", repo)
+    assert listed.returncode == 0 and "t/good" in listed.stdout and "t/bad" not in listed.stdout
+    return lines[0]
+
+
+def test_too_many_catalog_markers_are_refused_before_anything_is_written(
+    repo: Path, tmp_path: Path
+) -> None:
+    src = tmp_path / "markers"
+    for i in range(MAX_CATALOGS + 1):
+        folder = src / f"d{i:05d}"
+        folder.mkdir(parents=True)
+        (folder / ".cvmfscatalog").touch()
+    (src / "model.bin").write_bytes(b"weights")
+    _refused(repo, src, ".cvmfscatalog", str(MAX_CATALOGS))
+
+
+def test_markers_within_the_bound_are_nested_catalogs(publisher: Publisher, tmp_path: Path) -> None:
+    """What a model owner asks for stays: markers split the version's catalog, as upstream's
+    publisher does, up to the bound (``max_catalogs`` sets another)."""
+    src = tmp_path / "split"
+    for name in ("a", "b", "b/c"):
+        (src / name).mkdir(parents=True)
+        (src / name / ".cvmfscatalog").touch()
+        (src / name / "w.bin").write_bytes(name.encode())
+    ref = ModelRef("t", "split", "1")
+    with pytest.raises(PublishError, match=r"more than 2 \.cvmfscatalog files"):
+        publish_model(publisher, src, ref, max_catalogs=2)
+    assert publisher.manifest().revision == 0  # the new repository, nothing published
+    publish_model(publisher, src, ref, max_catalogs=3)
+    with Repository.open(publisher.store, fqrn=publisher.fqrn,
+                         public_key=publisher.keys.paths.master_public) as repo:  # fmt: skip
+        for name in ("a", "b", "b/c"):
+            assert repo.stat(f"{ref.path}/{name}/.cvmfscatalog").size == 0
+            entry = repo.stat(f"{ref.path}/{name}")
+            assert entry.is_nested_root or entry.is_nested_mountpoint, name
