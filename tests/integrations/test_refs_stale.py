@@ -90,3 +90,28 @@ def test_a_repository_that_fails_its_checks_is_not_taken_for_offline(
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "could not check" not in lines[0], done.stderr
     assert (first / "weights.txt").read_text() == "A\n"  # the copy itself is left as it was
+
+
+def test_a_link_out_of_the_version_is_copied_again_when_its_target_changes(
+    site: Site, tmp_path: Path
+) -> None:
+    """A link that leads out of the version to a file of the repository is copied as that
+    file's bytes; the copy's identity held the link's text only, so once the file was
+    published again with other bytes, the copy of the old ones was handed out for ever."""
+    _publish(site, tmp_path / "a", "A\n")
+    with site.publisher.transaction() as txn:
+        txn.mkdir("/shared")
+        txn.add_bytes("/shared/w.bin", b"old shared weights\n")
+        txn.symlink("/t/st/1/shared.bin", "../../../shared/w.bin")
+        txn.commit()
+    first, err = _model_path(site)
+    assert not (first / "shared.bin").is_symlink() and err == ""
+    assert (first / "shared.bin").read_bytes() == b"old shared weights\n"
+
+    with site.publisher.transaction() as txn:
+        txn.add_bytes("/shared/w.bin", b"new shared weights\n")
+        txn.commit()
+    second, err = _model_path(site)
+    assert second == first and err == ""
+    assert (second / "shared.bin").read_bytes() == b"new shared weights\n"
+    assert (second / "weights.txt").read_text() == "A\n"

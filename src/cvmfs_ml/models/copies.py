@@ -8,6 +8,12 @@ whenever the repository answers: :func:`content_id` digests the catalog entries 
 the copy was made from is kept in ``materialised/.sources/<fqrn>/<path>.from``, outside the copy
 (a model's folder holds the model's files only). A copy whose record differs, or that has none,
 is made again; :func:`set_aside` moves the old one out of the way first and removes it after.
+
+A link that leads out of the path to a regular file of the repository is copied as that file's
+bytes (:func:`followed` decides, for the copy and for its identity alike), so the identity holds
+what the link leads to (that file's path and content hashes), not only its text: a shared file
+published again with other bytes makes the copy again. Each link is followed once, within the
+hops a path may take (:func:`cvmfs_ml.client.entries.resolve_path`), through catalog entries only.
 """
 
 from __future__ import annotations
@@ -21,9 +27,19 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from cvmfs_ml.client.entries import resolve_path as follow_links
+from cvmfs_ml.errors import UnsafeInputError
 from cvmfs_ml.storage.held import held_folder
 
-__all__ = ["STAGING_PREFIX", "content_id", "record_path", "recorded", "set_aside", "write_record"]
+__all__ = [
+    "STAGING_PREFIX",
+    "content_id",
+    "followed",
+    "record_path",
+    "recorded",
+    "set_aside",
+    "write_record",
+]
 
 #: Folders beside a copy while it is made (or set aside): held with a lock for the life of the
 #: process filling them (:mod:`cvmfs_ml.storage.held`), removed by the next one if it was killed.
@@ -34,17 +50,60 @@ _SUFFIX = ".from"
 _MAX_RECORD = 256  # a hex digest and its prefix
 
 
+_NO_REPOSITORY = "/"  # no folder is named "/": every absolute link target leads out of the folder
+
+
+def _stays_inside(repo: Any, base: str, link: str) -> bool:
+    """Whether the link at ``link`` (below ``base``) leads to something inside ``base`` when
+    followed the way the copy in the destination will be: every link on the way, relative, and
+    no ``..`` above ``base``. Raises ``FileNotFoundError``/``OSError`` for a link that leads to
+    nothing (missing, a loop), which does the same in the destination."""
+    try:
+        follow_links(lambda path: repo.stat(base + path), link[len(base) :], _NO_REPOSITORY)
+    except UnsafeInputError:
+        return False
+    return True
+
+
+def followed(repo: Any, base: str, entry: Any) -> Any:
+    """Where the link ``entry`` leads: ``None`` inside ``base`` (as the copy will follow it),
+    else the repository's entry, or why it is neither (a string)."""
+    try:
+        if _stays_inside(repo, base, entry.path):
+            return None
+        resolved = repo.resolve(entry.path)  # the repository's own entries only, never this disk
+    except UnsafeInputError:
+        return "leads outside the folder and the repository"
+    except FileNotFoundError:
+        return "leads to nothing"
+    except OSError as exc:  # a loop, a file used as a folder
+        return f"cannot be followed ({exc.strerror or exc})"
+    if resolved.is_regular:
+        return resolved
+    return "leads outside the folder to a " + ("folder" if resolved.is_dir else "special file")
+
+
+def _content(repo: Any, entry: Any) -> str:
+    """The content hashes of the regular file ``entry`` (its pieces' when chunked)."""
+    if entry.digest is not None:
+        return str(entry.digest)
+    return ",".join(str(piece.digest) for piece in repo.layout(entry).pieces)
+
+
 def content_id(repo: Any, top: Any) -> str:
-    """``sha256:<hex>`` of what the repository holds at ``top`` (an entry, links resolved)."""
+    """``sha256:<hex>`` of what the repository holds at ``top`` (an entry, links resolved), and
+    of what each link below it that leads out of it is copied as (:func:`followed`)."""
     digest = hashlib.sha256()
     entries = [top] if not top.is_dir else [top, *repo.walk(top.path)]
     for entry in entries:
         rel = posixpath.relpath(entry.path, top.path) if entry.path != top.path else "."
-        content = ""
-        if entry.is_regular:
-            content = str(entry.digest) if entry.digest is not None else ",".join(
-                str(piece.digest) for piece in repo.layout(entry).pieces
-            )  # fmt: skip
+        content = _content(repo, entry) if entry.is_regular else ""
+        if entry.is_symlink and entry.symlink and "\0" not in entry.symlink:
+            found = followed(repo, top.path, entry)
+            if isinstance(found, str):
+                content = found
+            elif found is not None:
+                content = f"{found.path}\0{found.size}\0{_content(repo, found)}"
         line = f"{rel}\0{entry.mode >> 12:o}\0{entry.size}\0{content}\0{entry.symlink}\n"
         digest.update(line.encode("utf-8", "surrogateescape"))
     return f"sha256:{digest.hexdigest()}"

@@ -23,10 +23,9 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from cvmfs_ml.client.cache_file import preallocate
-from cvmfs_ml.client.entries import resolve_path as follow_links
 from cvmfs_ml.cvmfs.catalog import MARKER
 from cvmfs_ml.errors import ConfigError, CvmfsMlError, UnsafeInputError, is_disk_full
-from cvmfs_ml.models.copies import STAGING_PREFIX
+from cvmfs_ml.models.copies import STAGING_PREFIX, followed
 from cvmfs_ml.storage.held import held_folder
 
 __all__ = ["Progress", "Warn", "is_complete", "link_tree", "materialise"]
@@ -165,39 +164,6 @@ def _materialise_file(repo: Any, entry: Any, target: Path, progress: Progress | 
         raise UnsafeInputError(entry.path, f"materialised {size} bytes, catalog says {entry.size}")
 
 
-_NO_REPOSITORY = "/"  # no folder is named "/": every absolute link target leads out of the folder
-
-
-def _stays_inside(repo: Any, base: str, link: str) -> bool:
-    """Whether the link at ``link`` (below ``base``) leads to something inside ``base`` when
-    followed the way the copy in the destination will be: every link on the way, relative, and
-    no ``..`` above ``base``. Raises ``FileNotFoundError``/``OSError`` for a link that leads to
-    nothing (missing, a loop), which does the same in the destination."""
-    try:
-        follow_links(lambda path: repo.stat(base + path), link[len(base) :], _NO_REPOSITORY)
-    except UnsafeInputError:
-        return False
-    return True
-
-
-def _followed(repo: Any, base: str, entry: Any) -> Any:
-    """Where the link ``entry`` leads: ``None`` inside ``base`` (as the copy will follow it),
-    else the repository's entry, or why it is neither (a string)."""
-    try:
-        if _stays_inside(repo, base, entry.path):
-            return None
-        resolved = repo.resolve(entry.path)  # the repository's own entries only, never this disk
-    except UnsafeInputError:
-        return "leads outside the folder and the repository"
-    except FileNotFoundError:
-        return "leads to nothing"
-    except OSError as exc:  # a loop, a file used as a folder
-        return f"cannot be followed ({exc.strerror or exc})"
-    if resolved.is_regular:
-        return resolved
-    return "leads outside the folder to a " + ("folder" if resolved.is_dir else "special file")
-
-
 def _materialise_link(repo: Any, base: str, entry: Any, target: Path, progress: Progress | None,
                       warn: Warn | None) -> None:  # fmt: skip
     """One symlink of a copied folder (see :func:`materialise`)."""
@@ -205,7 +171,7 @@ def _materialise_link(repo: Any, base: str, entry: Any, target: Path, progress: 
         if warn is not None:
             warn(f"{entry.path}: a link to {entry.symlink!r} cannot be written; left out")
         return
-    found = _followed(repo, base, entry)
+    found = followed(repo, base, entry)
     if found is not None and not isinstance(found, str):
         _materialise_file(repo, found, target, progress)  # verified bytes of the repository
         return
