@@ -17,13 +17,9 @@ with :class:`~cvmfs_ml.errors.PublishError` naming the files that differ.
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import logging
 import os
-import shutil
-import tempfile
-import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +45,7 @@ from cvmfs_ml.models.prepare import (
     version_items,
     whoami,
 )
+from cvmfs_ml.models.reader_cache import reader_cache
 from cvmfs_ml.models.sources.limits import MAX_CATALOGS
 from cvmfs_ml.models.sources.local import SourceTree
 from cvmfs_ml.models.tree import (
@@ -86,28 +83,15 @@ RESERVED_VERSIONS = frozenset({ALIAS_LATEST})
 
 
 # -- reading what is published, under the lock ------------------------------------------------
-_READER_CACHES: dict[tuple[Path, int, int], ObjectCache] = {}
-_READER_CACHES_LOCK = threading.Lock()
-_READER_CACHE_QUOTA = 256 * 2**20
-
-
 def _reader_cache(publisher: Publisher) -> ObjectCache:
-    """One cache per process and repository for reading back what is published.
+    """One cache per process and repository for reading back what is published
+    (:mod:`.reader_cache`: in the user's cache folder, bounded, removed with the process).
 
-    Objects are content-addressed and verified on fetch, so a cache stays valid across
-    revisions; keeping it saves creating (and deleting) a 256-folder cache per transaction.
     The key includes the master key file's identity: a repository deleted and created again
     at the same path starts at revision 0, which the old cache would take for a rollback.
     """
     key_file = os.stat(publisher.keys.paths.master_public)
-    key = (publisher.location, key_file.st_ino, key_file.st_mtime_ns)
-    with _READER_CACHES_LOCK:
-        cache = _READER_CACHES.get(key)
-        if cache is None:
-            folder = tempfile.mkdtemp(prefix="cvmfs-ml-models.")
-            atexit.register(shutil.rmtree, folder, True)
-            cache = _READER_CACHES[key] = ObjectCache(Path(folder), _READER_CACHE_QUOTA)
-        return cache
+    return reader_cache((publisher.location, key_file.st_ino, key_file.st_mtime_ns))
 
 
 @contextlib.contextmanager
