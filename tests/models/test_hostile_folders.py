@@ -6,6 +6,11 @@ intact, or published the way a user of a model registry expects.
   nested folders each holding one made 100,000 catalogs (a catalog object each, a connection
   each for every client reading below it). A version holds at most ``MAX_CATALOGS`` of them,
   the bound images, OCI layers and registry tarballs already had.
+* a Hugging Face cache whose ``refs/`` names the snapshot's commit 20,000 times (names of 200
+  characters) put every name into ``model.json``'s ``source`` and the index every listing
+  reads: 4.5 MB of index from one version (past 16 MiB, ``model.json`` no longer reads; past
+  64 MiB, every listing falls back to reading each ``model.json``). ``refs`` keeps 64 names,
+  cut as model card values are, and says how many there were.
 """
 
 from __future__ import annotations
@@ -19,8 +24,10 @@ from cvmfs_ml.errors import PublishError
 from cvmfs_ml.models.layout import ModelRef
 from cvmfs_ml.models.publish import publish_model
 from cvmfs_ml.models.sources.limits import MAX_CATALOGS
+from cvmfs_ml.models.sources.local import MAX_LIST_ITEMS, MAX_VALUE_CHARS
 from cvmfs_ml.publish.repository import Publisher
 from models.cli_repo import cli, repo_with_good_model
+from models.test_sources_local_hf import COMMIT_1, write_hf_repo
 
 
 @pytest.fixture
@@ -78,3 +85,16 @@ def test_markers_within_the_bound_are_nested_catalogs(publisher: Publisher, tmp_
             assert repo.stat(f"{ref.path}/{name}/.cvmfscatalog").size == 0
             entry = repo.stat(f"{ref.path}/{name}")
             assert entry.is_nested_root or entry.is_nested_mountpoint, name
+
+
+def test_the_refs_of_a_hub_cache_are_bounded_in_the_source(
+    publisher: Publisher, tmp_path: Path
+) -> None:
+    long = f"{'x' * 200}/{'y' * 100}"  # a ref name longer than a value is kept
+    refs = {"main": COMMIT_1, **{f"pr/{i:04d}{long}": COMMIT_1 for i in range(200)}}
+    folder = write_hf_repo(tmp_path / "hub", "org/many-refs", {COMMIT_1: {"w.bin": b"w"}}, refs)
+    record = publish_model(publisher, folder, ModelRef("t", "refs", "1"))
+    listed = record.source["refs"]
+    assert len(listed) == MAX_LIST_ITEMS and listed[0] == "main", listed[:3]
+    assert all(len(name) <= MAX_VALUE_CHARS for name in listed)
+    assert record.source["refs_count"] == 201

@@ -31,6 +31,7 @@ __all__ = [
     "SKIPPED_NAMES",
     "SourceFile",
     "SourceTree",
+    "cut_value",
     "describe_local",
     "detect_license",
     "hash_tree",
@@ -216,7 +217,8 @@ def text_head(path: Path, limit: int) -> str | None:
         return None
 
 
-def _cut(text: str) -> str:
+def cut_value(text: str) -> str:
+    """``text``, cut at :data:`MAX_VALUE_CHARS` (with an ellipsis)."""
     return text if len(text) <= MAX_VALUE_CHARS else text[: MAX_VALUE_CHARS - 1] + "…"
 
 
@@ -257,7 +259,7 @@ def _scalar(text: str) -> str:
     text = text.strip()
     if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
         text = text[1:-1]
-    return _cut(text)
+    return cut_value(text)
 
 
 def detect_license(folder: Path) -> str | None:
@@ -266,7 +268,7 @@ def detect_license(folder: Path) -> str | None:
     card = read_model_card(folder)
     value = card.get("license")
     if isinstance(value, list):
-        value = _cut(", ".join(str(v) for v in value)) or None
+        value = cut_value(", ".join(str(v) for v in value)) or None
     if value == "other" and isinstance(card.get("license_name"), str):
         value = card["license_name"]
     if isinstance(value, str) and value:
@@ -279,7 +281,7 @@ def detect_license(folder: Path) -> str | None:
     except (OSError, ValueError):
         return None
     found = config.get("license") if isinstance(config, dict) else None
-    return _cut(found) if isinstance(found, str) and found else None
+    return cut_value(found) if isinstance(found, str) and found else None
 
 
 def describe_local(src: Path) -> dict[str, Any]:
