@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from cvmfs_ml.errors import PublishError
+from cvmfs_ml.models import formats
 from cvmfs_ml.models.formats import ModelDescription, describe, describe_folder, detect
 from cvmfs_ml.models.layout import MODEL_JSON, ModelRef
 from cvmfs_ml.models.sources.huggingface import describe_hf_snapshot, find_hf_snapshot
@@ -47,6 +48,7 @@ __all__ = [
 # values (vocabularies, embedded configs) that belong in the model file, not in model.json.
 _MAX_METADATA_JSON = 2048
 _MAX_TENSORS_LISTED = 64
+_LEFT_OUT_NAMED = 10  # model files named in the warning about those not described
 
 
 def prepare_source(
@@ -100,10 +102,14 @@ def compact_description(desc: ModelDescription) -> dict[str, Any]:
 
 
 def describe_models(tree: SourceTree) -> tuple[dict[str, dict[str, Any]], list[str]]:
-    """Header-only descriptions of the model files; advisory, so it never blocks a publish."""
+    """Header-only descriptions of the model files; advisory, so it never blocks a publish.
+
+    Past :data:`~cvmfs_ml.models.formats.MAX_DESCRIBED` model files (or ``MAX_ISOLATED`` of
+    the formats read in a child process) the rest are named in one warning, not described."""
+    left_out: list[str] = []
     try:
         if tree.root.is_dir():
-            found = describe_folder(tree.root, strict=False)
+            found = describe_folder(tree.root, strict=False, left_out=left_out)
         else:
             only = tree.files[0]
             if detect(only.real, name=only.path) is None:
@@ -112,6 +118,14 @@ def describe_models(tree: SourceTree) -> tuple[dict[str, dict[str, Any]], list[s
     except Exception as exc:  # a parser bug must not make a model unpublishable
         return {}, [f"could not describe the model files: {type(exc).__name__}: {exc}"]
     warnings = [f"{path}: {w}" for path, d in found.items() for w in d.warnings]
+    if left_out:
+        named = left_out[:_LEFT_OUT_NAMED]
+        more = f" and {len(left_out) - len(named)} more" if len(left_out) > len(named) else ""
+        warnings.append(
+            f"{len(left_out)} model files not described (at most {formats.MAX_DESCRIBED} per"
+            f" version, {formats.MAX_ISOLATED} of them read in a child process):"
+            f" {', '.join(named)}{more}"
+        )
     return {path: compact_description(d) for path, d in found.items()}, warnings
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 from cvmfs_ml.models.formats import (
@@ -47,6 +48,8 @@ from cvmfs_ml.models.formats.base import (
 
 __all__ = [
     "FORMATS",
+    "MAX_DESCRIBED",
+    "MAX_ISOLATED",
     "ModelDescription",
     "ModelFormatError",
     "ReadableFile",
@@ -61,6 +64,15 @@ FORMATS = (
     "onnx", "safetensors", "pytorch", "torchscript", "gguf", "keras", "hdf5", "tf-savedmodel",
     "tflite", "xgboost", "pmml", "coreml", "pickle", "joblib",
 )  # fmt: skip
+
+#: Model files :func:`describe_folder` describes at most; the rest are left out (``left_out``).
+#: A folder of 10,000 tiny model files of a stranger's upload is not worth describing, and each
+#: description goes into ``model.json``; the largest real models have a few hundred shards.
+MAX_DESCRIBED = 1000
+#: Of those, files described in a child process (:mod:`.isolated`: PyTorch, HDF5, Keras), which
+#: takes about 0.4 s each on a loaded machine; real checkpoints have at most about 100 shards.
+MAX_ISOLATED = 128
+_ISOLATED = frozenset({"pytorch", "torchscript", "keras", "hdf5"})
 
 # Cheap magic-number checks first; the protobuf family (no magic) last.
 _FILE_DETECTORS: tuple[Callable[[Probe], str | None], ...] = (
@@ -212,7 +224,7 @@ def _describe_dir(source: DirSource) -> ModelDescription:
 
 
 def describe_folder(
-    root: str | os.PathLike[str], *, strict: bool = True
+    root: str | os.PathLike[str], *, strict: bool = True, left_out: list[str] | None = None
 ) -> dict[str, ModelDescription]:
     """Every recognised model in a local folder, keyed by ``/``-separated relative path.
 
@@ -220,7 +232,21 @@ def describe_folder(
     into (a folder that is itself one is returned as ``{".": ...}``); hidden entries (``.git``,
     ``.cache``) are skipped. With ``strict=False`` a malformed
     model is reported as a description whose ``warnings`` hold the error instead of raising.
+    At most :data:`MAX_DESCRIBED` model files are described, :data:`MAX_ISOLATED` of them in a
+    child process; the paths of the others go to ``left_out``.
     """
+    limits = {"all": MAX_DESCRIBED, "isolated": MAX_ISOLATED}
+    skipped = left_out if left_out is not None else []
+
+    def within(path: str, fmt: str) -> bool:
+        isolated = fmt in _ISOLATED
+        if limits["all"] <= 0 or (isolated and limits["isolated"] <= 0):
+            skipped.append(_relative(path, top))
+            return False
+        limits["all"] -= 1
+        limits["isolated"] -= isolated
+        return True
+
     top = os.fspath(root)
     fmt = _detect_dir(DirSource(top, open))
     if fmt is not None:
@@ -236,7 +262,8 @@ def describe_folder(
             if fmt is None:
                 keep.append(d)
                 continue
-            found[_relative(full, top)] = _guarded(fmt, strict, lambda s=source: _describe_dir(s))
+            if within(full, fmt):
+                found[_relative(full, top)] = _guarded(fmt, strict, partial(_describe_dir, source))
         dirnames[:] = keep
         for filename in sorted(filenames):
             if filename.startswith("."):
@@ -245,7 +272,7 @@ def describe_folder(
             if not os.path.isfile(full):
                 continue
             fmt = detect(full)
-            if fmt is not None:
+            if fmt is not None and within(full, fmt):
                 found[_relative(full, top)] = _guarded(fmt, strict, lambda p=full: describe(p))
     return dict(sorted(found.items()))
 
