@@ -16,6 +16,10 @@ intact, or published the way a user of a model registry expects.
   upload) kept one publish describing for over an hour; and each description and warning went
   into ``model.json``. A version describes at most ``MAX_DESCRIBED`` model files, of which
   ``MAX_ISOLATED`` in a child; the rest are named in one warning (descriptions are advisory).
+* a folder of more files than a ``model.json`` readers load can list (``MAX_MODEL_JSON_BYTES``,
+  16 MiB: about 100,000 files) was published, and its ``model.json`` then failed every reader
+  (``model info``, ``model check``, publishing the same version again). It is refused before
+  anything is written, saying how many files and what to do.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ import pytest
 
 from cvmfs_ml.client.repository import Repository
 from cvmfs_ml.errors import PublishError
-from cvmfs_ml.models import formats
+from cvmfs_ml.models import formats, tree
 from cvmfs_ml.models.layout import ModelRef
 from cvmfs_ml.models.publish import publish_model
 from cvmfs_ml.models.sources.limits import MAX_CATALOGS
@@ -132,3 +136,19 @@ def test_the_model_files_described_are_bounded(
     said = [w for w in record.warnings if "not described" in w]
     assert len(said) == 1, record.warnings
     assert "3 model files" in said[0] and "m2.pt" in said[0] and "s2.safetensors" in said[0]
+
+
+def test_a_model_json_readers_would_refuse_is_not_written(
+    publisher: Publisher, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(tree, "MAX_MODEL_JSON_BYTES", 6000)
+    src = tmp_path / "files"
+    src.mkdir()
+    for i in range(60):  # about 150 bytes each in model.json
+        (src / f"f{i:03d}.txt").write_text(str(i))
+    with pytest.raises(PublishError) as refused:
+        publish_model(publisher, src, ModelRef("t", "files", "1"))
+    said = str(refused.value)
+    assert "model.json" in said and "more than the 6000 bytes" in said and "60 files" in said
+    assert "\n" not in said
+    assert publisher.manifest().revision == 0

@@ -28,6 +28,7 @@ from typing import Any
 from cvmfs_ml.client.cache import ObjectCache
 from cvmfs_ml.client.repository import Repository
 from cvmfs_ml.errors import FormatError, NotFoundError, PublishError
+from cvmfs_ml.models import tree as model_tree
 from cvmfs_ml.models.layout import (
     ALIAS_LATEST,
     INDEX_PATH,
@@ -230,7 +231,20 @@ def prepare_version(
         extra=dict(extra or {}),
         warnings=warnings,
     )
+    _check_readable(record)
     return PreparedVersion(tree, record, alias_list)
+
+
+def _check_readable(record: ModelRecord) -> None:
+    """Refuse a ``model.json`` larger than readers load (:data:`.tree.MAX_MODEL_JSON_BYTES`):
+    published, it would fail ``model info``, ``model check`` and the version published again."""
+    size, limit = len(record.to_bytes()), model_tree.MAX_MODEL_JSON_BYTES
+    if size > limit:
+        raise PublishError(
+            f"{record.ref}: its model.json would be {size} bytes, more than the {limit} bytes"
+            f" readers load ({record.file_count} files, {len(record.models)} described); publish"
+            " fewer files (pack small ones into an archive) or split the model into versions"
+        )
 
 
 class ModelBatch:
