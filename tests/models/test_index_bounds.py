@@ -133,3 +133,38 @@ def test_ls_lists_from_the_tree_when_the_index_does_not_read(
     cli("reindex", publisher.repo_dir)
     _, err = cli("ls", publisher.repo_dir)
     assert err == ""
+
+
+def test_a_version_takes_a_bounded_entry_in_the_index(publisher: Publisher, tmp_path: Path) -> None:
+    """What a source says about itself went into the index whole: an OCI push's manifest
+    annotations and layer list, a description or licence from its config (a config blob may
+    be 4 MiB). 16 such pushes made an index past 64 MiB, which no reader loads, so every
+    listing read each model.json instead. The index keeps short values; model.json keeps all."""
+    src = tmp_path / "src3"
+    src.mkdir()
+    (src / "w.bin").write_bytes(b"3")
+    source = {
+        "type": "oci", "reference": "registry.example/org/m:v3", "tag": "v3",
+        "manifest_digest": "sha256:" + "ab" * 32,
+        "annotations": {f"org.example.k{i}": "v" * 1000 for i in range(200)},
+        "layers": [{"digest": "sha256:" + "cd" * 32, "title": f"f{i}"} for i in range(2000)],
+    }  # fmt: skip
+    ref = ModelRef.parse("t/a:3")
+    publish_model(publisher, src, ref, source=source, description="d" * 300_000,
+                  license="l" * 100_000)  # fmt: skip
+    with open_published(publisher) as repo:
+        entry = json.loads(repo.read_bytes(INDEX_PATH))["models"]["t/a"]["versions"]["3"]
+        assert len(json.dumps(entry)) < 8192, len(json.dumps(entry))
+        assert entry["source"]["manifest_digest"] == source["manifest_digest"]
+        assert entry["source"]["omitted_from_index"] == ["annotations", "layers"]
+        assert entry["description"].startswith("ddd") and entry["description"].endswith("…")
+        full = tree.read_record(repo, ref)  # model.json has it all
+        assert full.source == source and len(full.description) == 300_000
+    listed = {str(r.ref): r for r in list_models_from(publisher)}
+    assert listed["t/a:3"].source["tag"] == "v3"
+    cli("check", publisher.repo_dir)  # the index still agrees with the tree
+
+
+def list_models_from(publisher: Publisher) -> list:
+    with open_published(publisher) as repo:
+        return list_models(repo)

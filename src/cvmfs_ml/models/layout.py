@@ -90,6 +90,16 @@ _VERSION_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,127}")
 
 # Keys of model.json that the index does not repeat (they can be long).
 _NOT_IN_INDEX = ("files", "models", "extra", "warnings", "schema", "namespace", "name", "version")
+# What the index repeats of the rest is bounded too: a source says what it likes about itself
+# (an OCI push's annotations and layer list, a description from a 4 MiB config blob), and one
+# version made 800 kB of the index every listing reads. model.json keeps all of it.
+_INDEX_TEXT = 1024  # characters of description, license, published_by
+_INDEX_SOURCE = 4096  # bytes of the source as JSON
+_INDEX_SOURCE_VALUE = 256  # bytes of one source value as JSON, when the whole is larger
+
+
+def _json_size(value: Any) -> int:
+    return len(json.dumps(value, default=str))
 
 
 def validate_component(value: str, what: str, *, version: bool = False) -> str:
@@ -271,8 +281,26 @@ class ModelRecord:
         return json.dumps(self.to_json(), indent=2, sort_keys=True).encode() + b"\n"
 
     def summary(self) -> dict[str, Any]:
-        """The entry of this version in the index (``model.json`` minus the long parts)."""
-        return {k: v for k, v in self.to_json().items() if k not in _NOT_IN_INDEX}
+        """The entry of this version in the index (``model.json`` minus the long parts): texts
+        cut at :data:`_INDEX_TEXT` characters; a source larger than :data:`_INDEX_SOURCE` bytes
+        keeps its short values, naming the others in ``omitted_from_index``."""
+        out = {k: v for k, v in self.to_json().items() if k not in _NOT_IN_INDEX}
+        for key in ("description", "license", "published_by"):
+            text = out.get(key)
+            if isinstance(text, str) and len(text) > _INDEX_TEXT:
+                out[key] = text[: _INDEX_TEXT - 1] + "…"
+        source = out.get("source")
+        if isinstance(source, dict) and _json_size(source) > _INDEX_SOURCE:
+            kept: dict[str, Any] = {}
+            room = _INDEX_SOURCE
+            for key, value in source.items():
+                size = _json_size({key: value})
+                if size <= _INDEX_SOURCE_VALUE and size <= room:
+                    kept[key] = value
+                    room -= size
+            kept["omitted_from_index"] = sorted(k for k in source if k not in kept)
+            out["source"] = kept
+        return out
 
     def info(self) -> dict[str, Any]:
         """What ``model info --json`` prints: ``model.json`` plus ref, path and aliases."""
