@@ -168,3 +168,21 @@ def test_a_version_takes_a_bounded_entry_in_the_index(publisher: Publisher, tmp_
 def list_models_from(publisher: Publisher) -> list:
     with open_published(publisher) as repo:
         return list_models(repo)
+
+
+def test_an_index_written_before_the_bound_still_checks(publisher: Publisher) -> None:
+    """An index entry written whole (before entries were bounded) is not a disagreement for
+    ``model check``: it says the same as model.json, only longer."""
+    with open_published(publisher) as repo:
+        index = json.loads(repo.read_bytes(INDEX_PATH))
+        record = tree.read_record(repo, ModelRef.parse("t/a:1"))
+    long = {**record.source, "annotations": {"k": "v" * 5000}}
+    record.source = long
+    _replace(publisher, "/t/a/1/model.json", record.to_bytes())
+    index["models"]["t/a"]["versions"]["1"]["source"] = long  # as the old publisher wrote it
+    _replace(publisher, INDEX_PATH, json.dumps(index).encode())
+    cli("check", publisher.repo_dir)
+    index["models"]["t/a"]["versions"]["1"]["source"] = {**long, "type": "other"}
+    _replace(publisher, INDEX_PATH, json.dumps(index).encode())
+    out, err = cli("check", publisher.repo_dir, code=1)
+    assert "t/a:1: index entry differs from model.json" in out + err
