@@ -20,6 +20,9 @@ intact, or published the way a user of a model registry expects.
   16 MiB: about 100,000 files) was published, and its ``model.json`` then failed every reader
   (``model info``, ``model check``, publishing the same version again). It is refused before
   anything is written, saying how many files and what to do.
+* folders of links to folders: six levels of ten links each to the next level are a million
+  paths in a few kB of folder, and the scan followed every one (hours, gigabytes of memory,
+  then a model.json no reader loads). The scan stops past ``MAX_ENTRIES`` files and folders.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from cvmfs_ml.errors import PublishError
 from cvmfs_ml.models import formats, tree
 from cvmfs_ml.models.layout import ModelRef
 from cvmfs_ml.models.publish import publish_model
+from cvmfs_ml.models.sources import local
 from cvmfs_ml.models.sources.limits import MAX_CATALOGS
 from cvmfs_ml.models.sources.local import MAX_LIST_ITEMS, MAX_VALUE_CHARS
 from cvmfs_ml.publish.repository import Publisher
@@ -151,4 +155,22 @@ def test_a_model_json_readers_would_refuse_is_not_written(
     said = str(refused.value)
     assert "model.json" in said and "more than the 6000 bytes" in said and "60 files" in said
     assert "\n" not in said
+    assert publisher.manifest().revision == 0
+
+
+def test_links_fanning_out_to_folders_are_bounded(
+    publisher: Publisher, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(local, "MAX_ENTRIES", 1000, raising=False)
+    src = tmp_path / "fan"
+    for level in range(4):
+        (src / f"l{level}").mkdir(parents=True)
+        if level < 3:
+            for i in range(10):
+                (src / f"l{level}" / f"to{i}").symlink_to(f"../l{level + 1}")
+    (src / "l3" / "w.bin").write_bytes(b"w")  # reached by 1000 paths from l0 alone
+    with pytest.raises(PublishError) as refused:
+        publish_model(publisher, src, ModelRef("t", "fan", "1"))
+    said = str(refused.value)
+    assert "more than 1000 files and folders" in said and "links followed" in said, said
     assert publisher.manifest().revision == 0

@@ -28,6 +28,7 @@ from cvmfs_ml.errors import NotFoundError, PublishError, UnsafeInputError
 from cvmfs_ml.models.sources.limits import MAX_CATALOGS
 
 __all__ = [
+    "MAX_ENTRIES",
     "SKIPPED_NAMES",
     "SourceFile",
     "SourceTree",
@@ -45,6 +46,11 @@ __all__ = [
 SKIPPED_NAMES = frozenset({".git", ".cache", ".hg", ".svn", "__pycache__", ".DS_Store"})
 
 _BLOCK = 1 << 20
+
+MAX_ENTRIES = 200_000
+"""Files and folders a source may hold once its links are followed: a ``model.json`` lists at
+most about 100,000 files (16 MiB), and links to folders fan out (six levels of ten links each
+are a million paths in a few kB of folder)."""
 
 
 @dataclass(frozen=True)
@@ -101,7 +107,8 @@ def scan_source(
     A single file is published under its own name. In a folder, hidden tool folders
     (:data:`SKIPPED_NAMES`) are skipped; symlinks must resolve inside ``bound`` (default: the
     folder itself; the ``models--*`` folder for a Hugging Face snapshot); special files and
-    symlink cycles are refused with :class:`UnsafeInputError`. A ``.cvmfscatalog`` file below
+    symlink cycles are refused with :class:`UnsafeInputError`, more than :data:`MAX_ENTRIES`
+    files and folders with :class:`PublishError`. A ``.cvmfscatalog`` file below
     the top makes its folder a nested catalog when published: more than ``max_catalogs`` of
     them are refused with :class:`PublishError` (the bound images and tarballs have).
     """
@@ -118,7 +125,12 @@ def scan_source(
         raise UnsafeInputError(str(src), "neither a regular file nor a folder")
     tree = SourceTree(src)
     markers = 0
-    for rel, real, st in _walk(real_root, bound):
+    for count, (rel, real, st) in enumerate(_walk(real_root, bound), 1):
+        if count > MAX_ENTRIES:
+            raise PublishError(
+                f"{src} holds more than {MAX_ENTRIES} files and folders (links followed; at"
+                f" {rel!r}), more than one model version's model.json can list"
+            )
         if stat.S_ISDIR(st.st_mode):
             tree.dirs.append(rel)
         else:
