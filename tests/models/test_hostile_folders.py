@@ -23,18 +23,24 @@ intact, or published the way a user of a model registry expects.
 * folders of links to folders: six levels of ten links each to the next level are a million
   paths in a few kB of folder, and the scan followed every one (hours, gigabytes of memory,
   then a model.json no reader loads). The scan stops past ``MAX_ENTRIES`` files and folders.
+* a file replaced by a FIFO after the scan (a folder others can write into, as a drop folder
+  is): hashing it opened the FIFO and waited for a writer for ever, and the publisher's own
+  read of it did so holding the repository lock. Files are opened without waiting and must
+  still be regular files.
 """
 
 from __future__ import annotations
 
+import os
 import pickle
+import threading
 import zipfile
 from pathlib import Path
 
 import pytest
 
 from cvmfs_ml.client.repository import Repository
-from cvmfs_ml.errors import PublishError
+from cvmfs_ml.errors import PublishError, UnsafeInputError
 from cvmfs_ml.models import formats, tree
 from cvmfs_ml.models.layout import ModelRef
 from cvmfs_ml.models.publish import publish_model
@@ -174,3 +180,34 @@ def test_links_fanning_out_to_folders_are_bounded(
     said = str(refused.value)
     assert "more than 1000 files and folders" in said and "links followed" in said, said
     assert publisher.manifest().revision == 0
+
+
+def test_a_file_that_became_a_fifo_after_the_scan_is_refused_not_waited_for(
+    tmp_path: Path,
+) -> None:
+    src = tmp_path / "swap"
+    src.mkdir()
+    (src / "a.bin").write_bytes(b"a")
+    (src / "w.bin").write_bytes(b"w")
+    scanned = local.scan_source(src)
+    (src / "w.bin").unlink()
+    os.mkfifo(src / "w.bin")  # what another writer of the folder did in between
+    outcome: list[BaseException | None] = []
+
+    def hash_it() -> None:
+        try:
+            local.hash_tree(scanned)
+            outcome.append(None)
+        except BaseException as exc:  # handed to the test's thread
+            outcome.append(exc)
+
+    worker = threading.Thread(target=hash_it, daemon=True)
+    worker.start()
+    worker.join(timeout=60)
+    if worker.is_alive():  # blocked in open(): a writer lets it go, then the test fails
+        with open(src / "w.bin", "wb"):
+            pass
+        worker.join(timeout=60)
+        pytest.fail("hashing waited for a writer of the FIFO")
+    assert isinstance(outcome[0], UnsafeInputError), outcome
+    assert "w.bin" in str(outcome[0]) and "not a regular file" in str(outcome[0])

@@ -30,6 +30,7 @@ from cvmfs_ml.models.sources.local import (
     describe_local,
     detect_license,
     hash_tree,
+    open_regular,
     scan_source,
 )
 from cvmfs_ml.publish.filecache import FileKey
@@ -150,8 +151,8 @@ def whoami() -> str:
     return f"{user}@{socket.gethostname()}"
 
 
-def _opener(path: Path) -> Callable[[], BinaryIO]:
-    return lambda: path.open("rb")
+def _opener(path: Path, what: str) -> Callable[[], BinaryIO]:
+    return lambda: open_regular(path, what)
 
 
 def _file_key(path: Path, size: int) -> FileKey | None:
@@ -183,7 +184,7 @@ def version_items(tree: SourceTree, ref: ModelRef, model_json: bytes) -> list[So
                 mode=stat.S_IFREG | mode,
                 mtime=f.mtime,
                 size=f.size,
-                open=_opener(f.real),
+                open=_opener(f.real, f.path),
                 file_key=_file_key(f.real, f.size),
             )
         )

@@ -20,7 +20,7 @@ from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from cvmfs_ml.cvmfs import jsontext
 from cvmfs_ml.cvmfs.catalog import MARKER
@@ -36,6 +36,7 @@ __all__ = [
     "describe_local",
     "detect_license",
     "hash_tree",
+    "open_regular",
     "read_model_card",
     "scan_source",
     "text_head",
@@ -174,12 +175,28 @@ def _walk(root: Path, bound: Path) -> Iterator[tuple[str, Path, os.stat_result]]
         stack.extend(reversed(below))
 
 
+def open_regular(path: Path, what: str, buffering: int = -1) -> BinaryIO:
+    """``path`` opened for reading, refused (:class:`UnsafeInputError` naming ``what``) unless
+    it is a regular file now: one replaced by a FIFO or a device after the scan (a folder others
+    write into) is never waited on, as a plain ``open`` waits for a FIFO's writer for ever."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise UnsafeInputError(what, "not a regular file any more (changed after the scan)")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb", buffering=buffering)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 def _sha256(file: SourceFile) -> SourceFile:
     digest = hashlib.sha256()
     done = 0
     buffer = bytearray(_BLOCK)
     view = memoryview(buffer)
-    with open(file.real, "rb", buffering=0) as handle:
+    with open_regular(file.real, file.path, buffering=0) as handle:
         while n := handle.readinto(buffer):
             digest.update(view[:n])
             done += n
