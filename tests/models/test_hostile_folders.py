@@ -27,6 +27,10 @@ intact, or published the way a user of a model registry expects.
   is): hashing it opened the FIFO and waited for a writer for ever, and the publisher's own
   read of it did so holding the repository lock. Files are opened without waiting and must
   still be regular files.
+* names: a newline or an escape sequence is a legal name, published as it is and shown escaped;
+  a name that is not UTF-8 (``\\xff\\xfe.bin``) went into ``model.json`` as lone surrogates
+  (``"\\udcff"``), which JSON readers other than Python's refuse or replace, and ``model
+  info`` showed it as replacement characters. It is refused, named escaped, in one line.
 """
 
 from __future__ import annotations
@@ -211,3 +215,24 @@ def test_a_file_that_became_a_fifo_after_the_scan_is_refused_not_waited_for(
         pytest.fail("hashing waited for a writer of the FIFO")
     assert isinstance(outcome[0], UnsafeInputError), outcome
     assert "w.bin" in str(outcome[0]) and "not a regular file" in str(outcome[0])
+
+
+def test_names_with_newlines_are_published_and_names_not_utf8_refused(
+    repo: Path, tmp_path: Path
+) -> None:
+    src = tmp_path / "names"
+    src.mkdir()
+    (src / "a\nb.bin").write_bytes(b"a")
+    (src / "c\x1b[2Jd.bin").write_bytes(b"c")
+    done = cli("model", "publish", src, "--repo", repo, "--as", "t/names:1")
+    assert done.returncode == 0, done.stderr
+    shown = cli("model", "info", repo, "t/names:1")
+    assert "a\\x0ab.bin" in shown.stdout and "\x1b" not in shown.stdout, shown.stdout
+
+    odd = tmp_path / "odd"
+    odd.mkdir()
+    (odd / "ok.bin").write_bytes(b"ok")
+    with open(os.fsencode(odd) + b"/\xff\xfe.bin", "wb") as handle:
+        handle.write(b"x")
+    line = _refused(repo, odd, "not UTF-8")
+    assert "refusing b'\\xff\\xfe.bin'" in line, line

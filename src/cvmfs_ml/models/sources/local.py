@@ -120,6 +120,7 @@ def scan_source(
     bound = Path(bound).resolve() if bound is not None else real_root
     if real_root.is_file():
         st = real_root.stat()
+        _check_name(src.name)
         single = SourceFile(src.name, real_root, st.st_size, st.st_mode, int(st.st_mtime))
         return SourceTree(src, [single], [])
     if not real_root.is_dir():
@@ -160,6 +161,7 @@ def _walk(root: Path, bound: Path) -> Iterator[tuple[str, Path, os.stat_result]]
             if entry.name in SKIPPED_NAMES:
                 continue
             rel = f"{prefix}{entry.name}"
+            _check_name(rel)
             path = Path(entry.path)
             real = _resolve(path, bound, rel) if entry.is_symlink() else path
             st = real.stat()
@@ -189,6 +191,19 @@ def open_regular(path: Path, what: str, buffering: int = -1) -> BinaryIO:
     except BaseException:
         os.close(fd)
         raise
+
+
+def _check_name(rel: str) -> None:
+    """Refuse a name that is not UTF-8 (its bytes come as lone surrogates), shown byte by byte:
+    ``model.json`` would hold it as ``"\\udcff"``, which JSON readers but Python's refuse."""
+    try:
+        rel.encode("utf-8")
+    except UnicodeEncodeError:
+        shown = repr(rel.encode("utf-8", "surrogateescape"))  # b'\xff...'
+        raise PublishError(
+            f"refusing {shown}: the name is not UTF-8 text, which model.json cannot hold;"
+            " rename it"
+        ) from None
 
 
 def _sha256(file: SourceFile) -> SourceFile:
