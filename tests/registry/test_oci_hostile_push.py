@@ -342,3 +342,27 @@ def test_a_publish_that_fails_unexpectedly_is_recorded_failed(registry_env: Regi
         assert state["state"] == "failed" and state["reason"] == ModelPublisher.UNEXPECTED
     finally:
         publisher.close()
+
+
+def test_a_pushed_model_is_held_to_max_tar_catalogs(
+    registry_env: RegistryEnv, registry: RegistryServer
+) -> None:
+    """Each layer titled ``<folder>/.cvmfscatalog`` made a nested catalog and no limit counted
+    them; a pushed model is held to ``max_tar_catalogs`` as a tarball is."""
+    registry_env.set_config(max_tar_catalogs=1)  # re-read by the running service
+    pusher = Pusher(registry, registry_env.tokens["writer"], "grp/markers")
+    title = "org.opencontainers.image.title"
+    config = pusher.blob(b"{}", "application/vnd.unknown.config.v1+json")
+    marker = pusher.blob(b"")
+    layers = [{**pusher.blob(f"w{i}".encode()), "annotations": {title: f"m{i}/w.bin"}}
+              for i in range(2)]  # fmt: skip
+    layers += [{**marker, "annotations": {title: f"m{i}/.cvmfscatalog"}} for i in range(2)]
+    document = {"schemaVersion": 2, "mediaType": MANIFEST, "config": config, "layers": layers}
+    assert pusher.put("v1", document).status == 201
+
+    def state() -> dict[str, Any]:
+        return dict(json.loads(get(registry, "/api/v1/oci/grp/markers/v1").data))
+
+    wait_until(lambda: state()["state"] in ("published", "failed"), 120, registry.logs)
+    assert state()["state"] == "failed", state()
+    assert "more than 1 .cvmfscatalog files" in str(state().get("reason")), state()
