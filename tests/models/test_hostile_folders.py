@@ -31,6 +31,10 @@ intact, or published the way a user of a model registry expects.
   a name that is not UTF-8 (``\\xff\\xfe.bin``) went into ``model.json`` as lone surrogates
   (``"\\udcff"``), which JSON readers other than Python's refuse or replace, and ``model
   info`` showed it as replacement characters. It is refused, named escaped, in one line.
+* a file rewritten between its hashing and the publisher's read of it (a drop folder others
+  write into; the lock may be waited for in between) was published with bytes other than the
+  SHA-256 ``model.json`` records for it. It must still be what was hashed (inode, size,
+  modification and change times) when the publisher opens it and once it has read it.
 """
 
 from __future__ import annotations
@@ -47,7 +51,7 @@ from cvmfs_ml.client.repository import Repository
 from cvmfs_ml.errors import PublishError, UnsafeInputError
 from cvmfs_ml.models import formats, tree
 from cvmfs_ml.models.layout import ModelRef
-from cvmfs_ml.models.publish import publish_model
+from cvmfs_ml.models.publish import ModelBatch, open_published, prepare_version, publish_model
 from cvmfs_ml.models.sources import local
 from cvmfs_ml.models.sources.limits import MAX_CATALOGS
 from cvmfs_ml.models.sources.local import MAX_LIST_ITEMS, MAX_VALUE_CHARS
@@ -59,6 +63,14 @@ from models.test_sources_local_hf import COMMIT_1, write_hf_repo
 @pytest.fixture
 def repo(tmp_path: Path) -> Path:
     return repo_with_good_model(tmp_path, "folders.test")
+
+
+def _folder(path: Path, files: dict[str, bytes]) -> Path:
+    """A new folder at ``path`` holding ``files`` (name: bytes)."""
+    path.mkdir()
+    for name, data in files.items():
+        (path / name).write_bytes(data)
+    return path
 
 
 def _revision(repo: Path) -> int:
@@ -220,10 +232,7 @@ def test_a_file_that_became_a_fifo_after_the_scan_is_refused_not_waited_for(
 def test_names_with_newlines_are_published_and_names_not_utf8_refused(
     repo: Path, tmp_path: Path
 ) -> None:
-    src = tmp_path / "names"
-    src.mkdir()
-    (src / "a\nb.bin").write_bytes(b"a")
-    (src / "c\x1b[2Jd.bin").write_bytes(b"c")
+    src = _folder(tmp_path / "names", {"a\nb.bin": b"a", "c\x1b[2Jd.bin": b"c"})
     done = cli("model", "publish", src, "--repo", repo, "--as", "t/names:1")
     assert done.returncode == 0, done.stderr
     shown = cli("model", "info", repo, "t/names:1")
@@ -236,3 +245,30 @@ def test_names_with_newlines_are_published_and_names_not_utf8_refused(
         handle.write(b"x")
     line = _refused(repo, odd, "not UTF-8")
     assert "refusing b'\\xff\\xfe.bin'" in line, line
+
+
+def test_a_file_rewritten_after_it_was_hashed_is_not_published(
+    publisher: Publisher, tmp_path: Path
+) -> None:
+    src = _folder(tmp_path / "drop", {"w.bin": b"hashed bytes"})
+    prepared = prepare_version(src, ModelRef("t", "drop", "1"))
+    (src / "w.bin").write_bytes(b"other! bytes")  # the same size, written by someone else
+    refused = pytest.raises(PublishError, match=r"w\.bin.* changed after it was hashed")
+    with refused, publisher.transaction() as txn:
+        with open_published(publisher) as repo:
+            batch = ModelBatch(txn, repo)
+            batch.add_version(prepared)
+        batch.finish()
+        txn.commit()
+    assert publisher.manifest().revision == 0
+
+
+def test_a_file_rewritten_while_the_publisher_reads_it_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "w.bin"
+    path.write_bytes(b"hashed bytes")
+    handle = local.open_regular(path, "w.bin", stamp=local.stamp_of(os.stat(path)))
+    assert handle.read(6) == b"hashed"
+    path.write_bytes(b"other! bytes")  # while the publisher is half-way through
+    with pytest.raises(PublishError, match="changed after it was hashed"):
+        handle.close()
+    assert handle.closed

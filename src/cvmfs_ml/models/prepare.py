@@ -26,6 +26,7 @@ from cvmfs_ml.models.layout import MODEL_JSON, ModelRef
 from cvmfs_ml.models.sources.huggingface import describe_hf_snapshot, find_hf_snapshot
 from cvmfs_ml.models.sources.limits import MAX_CATALOGS
 from cvmfs_ml.models.sources.local import (
+    SourceFile,
     SourceTree,
     describe_local,
     detect_license,
@@ -151,8 +152,9 @@ def whoami() -> str:
     return f"{user}@{socket.gethostname()}"
 
 
-def _opener(path: Path, what: str) -> Callable[[], BinaryIO]:
-    return lambda: open_regular(path, what)
+def _opener(file: SourceFile) -> Callable[[], BinaryIO]:
+    """Opens ``file`` for the publisher: still a regular file, and still the one hashed."""
+    return lambda: open_regular(file.real, file.path, stamp=file.stamp)
 
 
 def _file_key(path: Path, size: int) -> FileKey | None:
@@ -184,7 +186,7 @@ def version_items(tree: SourceTree, ref: ModelRef, model_json: bytes) -> list[So
                 mode=stat.S_IFREG | mode,
                 mtime=f.mtime,
                 size=f.size,
-                open=_opener(f.real, f.path),
+                open=_opener(f),
                 file_key=_file_key(f.real, f.size),
             )
         )

@@ -14,6 +14,7 @@ a version is a no-op or a conflict.
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import stat
 from collections.abc import Iterator, Mapping
@@ -39,6 +40,7 @@ __all__ = [
     "open_regular",
     "read_model_card",
     "scan_source",
+    "stamp_of",
     "text_head",
 ]
 
@@ -56,7 +58,11 @@ are a million paths in a few kB of folder)."""
 
 @dataclass(frozen=True)
 class SourceFile:
-    """A regular file to publish at ``path`` (``/``-separated, relative to the version)."""
+    """A regular file to publish at ``path`` (``/``-separated, relative to the version).
+
+    ``stamp`` is what the file was when it was hashed (:func:`stamp_of`): the publisher's read
+    of it must find the same (:func:`open_regular`), or the bytes it stores would not be those
+    whose ``sha256`` ``model.json`` records."""
 
     path: str
     real: Path
@@ -64,6 +70,7 @@ class SourceFile:
     mode: int
     mtime: int
     sha256: str = ""
+    stamp: tuple[int, int, int, int, int] | None = None
 
 
 @dataclass
@@ -177,16 +184,59 @@ def _walk(root: Path, bound: Path) -> Iterator[tuple[str, Path, os.stat_result]]
         stack.extend(reversed(below))
 
 
-def open_regular(path: Path, what: str, buffering: int = -1) -> BinaryIO:
+def stamp_of(st: os.stat_result) -> tuple[int, int, int, int, int]:
+    """What tells a file rewritten from the one seen before: device, inode, size, modification
+    and change times (a write, a truncation, ``touch`` or ``utime`` all move the change time)."""
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+class _Stamped(io.FileIO):
+    """A file that must still be ``stamp`` when it is closed (read whole by then)."""
+
+    def __init__(self, fd: int, what: str, stamp: tuple[int, int, int, int, int]) -> None:
+        super().__init__(fd, "rb", closefd=True)
+        self._what, self._stamp = what, stamp
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        try:
+            changed = stamp_of(os.fstat(self.fileno())) != self._stamp
+        finally:
+            super().close()
+        if changed:
+            raise _changed(self._what)
+
+
+def _changed(what: str) -> PublishError:
+    return PublishError(
+        f"{what!r} changed after it was hashed (rewritten while publishing?): its bytes would not"
+        " be the ones model.json records; publish again once the folder is left alone"
+    )
+
+
+def open_regular(
+    path: Path,
+    what: str,
+    buffering: int = -1,
+    stamp: tuple[int, int, int, int, int] | None = None,
+) -> BinaryIO:
     """``path`` opened for reading, refused (:class:`UnsafeInputError` naming ``what``) unless
     it is a regular file now: one replaced by a FIFO or a device after the scan (a folder others
-    write into) is never waited on, as a plain ``open`` waits for a FIFO's writer for ever."""
+    write into) is never waited on, as a plain ``open`` waits for a FIFO's writer for ever.
+
+    With ``stamp`` (:func:`stamp_of` when it was hashed) it must still be that file, when opened
+    and when closed, else :class:`PublishError`; the handle is then unbuffered."""
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     try:
-        mode = os.fstat(fd).st_mode
-        if not stat.S_ISREG(mode):
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
             raise UnsafeInputError(what, "not a regular file any more (changed after the scan)")
         os.set_blocking(fd, True)
+        if stamp is not None:
+            if stamp_of(st) != stamp:
+                raise _changed(what)
+            return _Stamped(fd, what, stamp)
         return os.fdopen(fd, "rb", buffering=buffering)
     except BaseException:
         os.close(fd)
@@ -212,12 +262,14 @@ def _sha256(file: SourceFile) -> SourceFile:
     buffer = bytearray(_BLOCK)
     view = memoryview(buffer)
     with open_regular(file.real, file.path, buffering=0) as handle:
+        before = stamp_of(os.fstat(handle.fileno()))
         while n := handle.readinto(buffer):
             digest.update(view[:n])
             done += n
-    if done != file.size:
+        after = stamp_of(os.fstat(handle.fileno()))
+    if done != file.size or before != after:
         raise PublishError(f"{file.path} changed while being read ({file.size} -> {done} bytes)")
-    return replace(file, sha256=digest.hexdigest())
+    return replace(file, sha256=digest.hexdigest(), stamp=after)
 
 
 def hash_tree(
