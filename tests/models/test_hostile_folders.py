@@ -35,12 +35,18 @@ intact, or published the way a user of a model registry expects.
   write into; the lock may be waited for in between) was published with bytes other than the
   SHA-256 ``model.json`` records for it. It must still be what was hashed (inode, size,
   modification and change times) when the publisher opens it and once it has read it.
+* what a model file says about itself: a 200 kB safetensors header naming one tensor with 100,000
+  characters and a dtype of 100,000 more put 200 kB into its description and 200 kB into a
+  warning of ``model.json`` (a thousand such files: past what readers load, so refused). Names,
+  dtypes and warnings are cut; lists of external files and dtypes keep 64 entries.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
+import struct
 import threading
 import zipfile
 from pathlib import Path
@@ -272,3 +278,18 @@ def test_a_file_rewritten_while_the_publisher_reads_it_is_refused(tmp_path: Path
     with pytest.raises(PublishError, match="changed after it was hashed"):
         handle.close()
     assert handle.closed
+
+
+def test_what_a_model_file_says_of_itself_is_cut_in_model_json(
+    publisher: Publisher, tmp_path: Path
+) -> None:
+    header = json.dumps({
+        "t" + "x" * 100_000: {"dtype": "F" * 100_000, "shape": [1], "data_offsets": [0, 4]},
+        **{f"w{i}": {"dtype": f"D{i}", "shape": [1], "data_offsets": [0, 4]} for i in range(100)},
+    }).encode()  # fmt: skip
+    src = _folder(tmp_path / "loud", {"m.safetensors": struct.pack("<Q", len(header)) + header
+                                      + bytes(4)})  # fmt: skip
+    record = publish_model(publisher, src, ModelRef("t", "loud", "1"))
+    described = json.dumps(record.models["m.safetensors"])
+    assert len(described) < 16_384, len(described)
+    assert record.warnings and all(len(w) <= 1024 for w in record.warnings), record.warnings

@@ -50,6 +50,11 @@ __all__ = [
 # values (vocabularies, embedded configs) that belong in the model file, not in model.json.
 _MAX_METADATA_JSON = 2048
 _MAX_TENSORS_LISTED = 64
+# What a model file says of itself is anyone's text: a 200 kB header named one tensor with
+# 100,000 characters, which went whole into model.json (and a dtype of as many into a warning).
+_MAX_NAME = 256  # characters of a tensor name, a dtype, a metadata key
+_MAX_KEYS = 256  # metadata keys kept
+_MAX_WARNING = 1024  # characters of a warning
 _LEFT_OUT_NAMED = 10  # model files named in the warning about those not described
 
 
@@ -85,21 +90,46 @@ def prepare_source(
     return hash_tree(tree, known=known_sha256), info, license_
 
 
+def _cut(text: str, limit: int = _MAX_NAME) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _listed(out: dict[str, Any], key: str, items: list[Any], limit: int = _MAX_NAME) -> None:
+    """``out[key]``: the first 64 of ``items``, each cut at ``limit`` characters, and
+    ``<key>_count`` when there were more."""
+    out[key] = [_cut(str(item), limit) for item in items[:_MAX_TENSORS_LISTED]]
+    if len(items) > _MAX_TENSORS_LISTED:
+        out[f"{key}_count"] = len(items)
+
+
 def compact_description(desc: ModelDescription) -> dict[str, Any]:
+    """``desc`` as ``model.json`` holds it: no per-tensor list, and what the file says of itself
+    bounded (it is anyone's file): metadata values over 2 kB as JSON left out, at most
+    :data:`_MAX_KEYS` metadata keys, names and dtypes cut at :data:`_MAX_NAME` characters,
+    warnings at :data:`_MAX_WARNING`, lists at 64 items."""
     out = desc.to_json(weights=False)
     kept, omitted = {}, []
     for key, value in out.get("metadata", {}).items():
-        if len(json.dumps(value, default=str)) <= _MAX_METADATA_JSON:
+        if (len(key) <= _MAX_NAME and len(kept) < _MAX_KEYS
+                and len(json.dumps(value, default=str)) <= _MAX_METADATA_JSON):  # fmt: skip
             kept[key] = value
         else:
             omitted.append(key)
     out["metadata"] = kept
     if omitted:
-        out["metadata_omitted"] = sorted(omitted)
+        _listed(out, "metadata_omitted", sorted(omitted))
     for key in ("inputs", "outputs"):
         if len(out[key]) > _MAX_TENSORS_LISTED:
             out[f"{key}_count"] = len(out[key])
-            out[key] = out[key][:_MAX_TENSORS_LISTED]
+        out[key] = [{**t, "name": _cut(str(t["name"])), "dtype": _cut(str(t["dtype"]))}
+                    for t in out[key][:_MAX_TENSORS_LISTED]]  # fmt: skip
+    dtypes = list(out["dtypes"].items())
+    if len(dtypes) > _MAX_TENSORS_LISTED:  # the most used ones
+        dtypes.sort(key=lambda item: -item[1] if isinstance(item[1], int) else 0)
+        out["dtypes_count"] = len(dtypes)
+    out["dtypes"] = {_cut(str(name)): count for name, count in dtypes[:_MAX_TENSORS_LISTED]}
+    _listed(out, "external_data", out["external_data"])
+    _listed(out, "warnings", out["warnings"], _MAX_WARNING)
     return out
 
 
@@ -119,7 +149,8 @@ def describe_models(tree: SourceTree) -> tuple[dict[str, dict[str, Any]], list[s
             found = {only.path: describe(only.real, name=only.path)}
     except Exception as exc:  # a parser bug must not make a model unpublishable
         return {}, [f"could not describe the model files: {type(exc).__name__}: {exc}"]
-    warnings = [f"{path}: {w}" for path, d in found.items() for w in d.warnings]
+    warnings = [_cut(f"{path}: {w}", _MAX_WARNING) for path, d in found.items()
+                for w in d.warnings[:_MAX_TENSORS_LISTED]]  # fmt: skip
     if left_out:
         named = left_out[:_LEFT_OUT_NAMED]
         more = f" and {len(left_out) - len(named)} more" if len(left_out) > len(named) else ""
