@@ -25,7 +25,7 @@ import urllib3
 from cvmfs_ml.registry.oci_store import OciError, OciStore
 from waiting import ManualClock
 
-from ._helpers import HTTP, RegistryEnv, RegistryServer, get, start_body, wait_until
+from ._helpers import HTTP, RegistryEnv, RegistryServer, get, make_tarball, start_body, wait_until
 from .test_skopeo import _image_layout
 
 
@@ -105,6 +105,47 @@ def test_past_a_small_bound_oci_and_resumable_bodies_get_429_until_a_place_frees
         assert json.loads(sent.data)["offset"] == 5
     wait_until(lambda: _metric(server, "cvmfs_registry_uploads_receiving") == 0, 60)
     assert _monolithic(registry_env, server).status == 201
+
+
+def test_user_pub_bodies_count_toward_max_receiving_uploads(registry_env: RegistryEnv) -> None:
+    """``/pubapi/publish`` and ``POST /api/v1/cids`` bodies take a place too, each refused in
+    its API's own words: before, any number of them were received at once."""
+    registry_env.set_config(max_receiving_uploads=1)
+    server = registry_env.start()
+    tarball = make_tarball({"a.txt": b"a\n"})
+
+    def post(path: str) -> urllib3.BaseHTTPResponse:
+        return HTTP.request("POST", server.url + path, body=tarball, headers=_auth(registry_env))
+
+    def text(response: urllib3.BaseHTTPResponse) -> str:
+        return response.data.decode()
+
+    with ExitStack() as stack:
+        held = _hold_bodies(registry_env, server, stack, 1)
+        wait_until(lambda: _metric(server, "cvmfs_registry_uploads_receiving") == 1, 60)
+        pubapi = post("/pubapi/publish?cid=grp/busy")
+        assert pubapi.status == 429, text(pubapi)
+        assert text(pubapi).startswith("Too many requests: ")
+        assert "max_receiving_uploads" in text(pubapi)
+        assert int(pubapi.headers["Retry-After"]) > 0
+        api = post("/api/v1/cids/grp/busy")
+        assert api.status == 429, api.data
+        assert "max_receiving_uploads" in json.loads(api.data)["error"]
+        assert int(api.headers["Retry-After"]) > 0
+        held[0].close()
+        wait_until(lambda: _metric(server, "cvmfs_registry_uploads_receiving") == 0, 60)
+        # A user-pub body being received holds the place against the OCI API as well.
+        conn = start_body(f"{server.url}/pubapi/publish?cid=grp/held",
+                          _auth(registry_env), 1_000_000, method="POST")  # fmt: skip
+        stack.callback(conn.close)
+        conn.sendall(b"x" * 1000)
+        wait_until(lambda: _metric(server, "cvmfs_registry_uploads_receiving") == 1, 60,
+                   "a user-pub body being received is not counted")  # fmt: skip
+        assert _monolithic(registry_env, server).status == 429
+        conn.close()
+        wait_until(lambda: _metric(server, "cvmfs_registry_uploads_receiving") == 0, 60)
+    assert _metric(server, 'cvmfs_registry_errors_total{kind="busy"}') == 3
+    assert text(post("/pubapi/publish?cid=grp/busy")) == "OK\n"
 
 
 def test_sessions_untouched_for_a_week_are_pruned_while_the_registry_runs(

@@ -55,7 +55,12 @@ def _oci_name(path: str) -> str | None:
 
 
 async def _receive(request: Request, service: RegistryService) -> Any:
-    """Stream the body into a new upload file; 413 as soon as it passes the limit."""
+    """Stream the body into a new upload file; 413 as soon as it passes the limit.
+
+    It takes one of the ``max_receiving_uploads`` places (429 past them) as OCI and resumable
+    bodies do: before, any number of user-pub bodies were received at once, each holding a
+    request, an open spool file and the disk it filled for as long as its client sent.
+    """
     limit = service.config.max_upload_bytes
     declared = request.headers.get("content-length")
     if declared is not None:
@@ -63,6 +68,11 @@ async def _receive(request: Request, service: RegistryService) -> Any:
             raise RejectedError(400, "bad Content-Length")
         if int(declared) > limit:
             raise RejectedError(413, f"body larger than {limit} bytes", "oversized")
+    with service.receiving():
+        return await _spool(request, service)
+
+
+async def _spool(request: Request, service: RegistryService) -> Any:
     upload = await run_in_threadpool(service.new_upload)
     try:
         async for chunk in body_chunks(request, service.config):

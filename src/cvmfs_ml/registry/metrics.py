@@ -52,7 +52,7 @@ class RegistryMetrics:
         self.errors = Counter("cvmfs_registry_errors", "errors by kind", ["kind"], registry=r)
         self.uploads_receiving = Gauge(
             "cvmfs_registry_uploads_receiving",
-            "OCI and resumable upload bodies being received",
+            "upload bodies being received (OCI, resumable, user-pub)",
             registry=r,
         )
         self.publish_duration = Histogram(

@@ -242,7 +242,8 @@ class RegistryService:
 
     @contextlib.contextmanager
     def receiving(self) -> Iterator[None]:
-        """One of at most ``max_receiving_uploads`` OCI or resumable bodies received at once;
+        """One of at most ``max_receiving_uploads`` upload bodies (OCI, resumable, user-pub)
+        received at once;
         past it, 429 with a short Retry-After. oras-go retries it (5 times, honouring
         Retry-After), skopeo with ``--retry-times``; docker's push does not retry a
         TOOMANYREQUESTS and stops with the message, which says to retry.
