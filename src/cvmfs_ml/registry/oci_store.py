@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -41,6 +42,8 @@ from cvmfs_ml.storage.pagecache import UncachedWriter
 
 __all__ = ["LocalRegistryClient", "OciError", "OciStore", "StoredManifest"]
 
+log = logging.getLogger("cvmfs_ml.registry")
+
 DIGEST_RE = re.compile(r"sha256:[0-9a-f]{64}")
 NAME_RE = re.compile(
     r"[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*)*"
@@ -50,7 +53,9 @@ MAX_MANIFEST_BYTES = 4 * 2**20
 SESSION_DAYS = 7
 """Days after which an upload session nobody wrote to is abandoned and its files removed."""
 PRUNE_SECONDS = 3600
-"""How often the running registry looks for abandoned sessions (when a session starts)."""
+"""How often the running registry looks for abandoned sessions."""
+PRUNE_TICK = 60.0
+"""Seconds between the pruning thread's looks at the clock (a look costs one clock read)."""
 _INDEX_TYPES = (OCI_INDEX, DOCKER_MANIFEST_LIST)
 _IMAGE_TYPES = (OCI_MANIFEST, DOCKER_MANIFEST)
 
@@ -127,18 +132,45 @@ class OciStore:
             with contextlib.suppress(OSError, UnicodeDecodeError):
                 self._owners[path.stem] = path.read_text()
         self._next_prune = 0.0
+        self._pruning = threading.Lock()
         self._prune_if_due()
+        self._stop_pruning = threading.Event()
+        self._pruner = threading.Thread(target=self._prune_periodically, daemon=True,
+                                        name="registry-prune-uploads")  # fmt: skip
+        self._pruner.start()
+
+    def _prune_periodically(self) -> None:
+        """Prunes hourly whether or not sessions start: pruning only as one started, a
+        registry nobody opened sessions on any more kept its abandoned ones for ever."""
+        while not self._stop_pruning.wait(PRUNE_TICK):
+            try:
+                self._prune_if_due()
+            except OSError as exc:  # a full or vanished disk: the next hour tries again
+                log.warning("pruning abandoned upload sessions failed: %s", exc)
 
     def _prune_if_due(self) -> None:
         """Upload sessions nobody touched for ``SESSION_DAYS`` are abandoned: their files go,
-        at startup and then hourly as sessions start. Only at startup, a registry that ran
-        for months kept every abandoned session (and its disk) until it was restarted."""
-        now = time.monotonic()
-        if now < self._next_prune:
+        at startup and then hourly (here, and as sessions start). Only at startup, a registry
+        that ran for months kept every abandoned session (and its disk) until it was
+        restarted. One pass at a time: the thread's and a request's do not overlap."""
+        if not self._pruning.acquire(blocking=False):
             return
-        self._next_prune = now + PRUNE_SECONDS
+        try:
+            now = time.monotonic()
+            if now < self._next_prune:
+                return
+            self._next_prune = now + PRUNE_SECONDS
+            self._prune()
+        finally:
+            self._pruning.release()
+
+    def _prune(self) -> None:
         cutoff = time.time() - SESSION_DAYS * 86400
-        for path in list(self.uploads.iterdir()):
+        try:
+            found = list(self.uploads.iterdir())
+        except FileNotFoundError:  # removed under the registry: made again by the next start
+            return
+        for path in found:
             with contextlib.suppress(FileNotFoundError):
                 if path.stat().st_mtime >= cutoff:
                     continue
@@ -149,6 +181,9 @@ class OciStore:
                     path.unlink()  # a leftover of a session gone, or a stray file
 
     def close(self) -> None:
+        self._stop_pruning.set()
+        if self._pruner is not threading.current_thread():
+            self._pruner.join()
         with self._lock:
             self._db.close()
 
