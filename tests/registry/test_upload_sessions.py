@@ -7,14 +7,19 @@ registry nobody opened sessions on any more kept its stale ones (and their disk)
 
 from __future__ import annotations
 
+import json
 import os
 import time as real_time
 from pathlib import Path
+from typing import Any
 
 import pytest
+import urllib3
 
 from cvmfs_ml.registry.oci_store import PRUNE_SECONDS, OciStore
 from waiting import ManualClock, wait_until
+
+from ._helpers import HTTP, RegistryEnv, RegistryServer, get
 
 WEEK_AGO = real_time.time() - 8 * 86400
 
@@ -41,3 +46,60 @@ def test_abandoned_sessions_are_pruned_periodically_without_new_sessions(
         assert store.upload_size(kept) == 0
     finally:
         store.close()
+
+
+def _auth(env: RegistryEnv, token: str = "writer") -> dict[str, str]:
+    return {"Authorization": f"Bearer {env.tokens[token]}"}
+
+
+def _session(env: RegistryEnv, server: RegistryServer, token: str = "writer") -> str:
+    start = HTTP.request("POST", f"{server.url}/v2/grp/model/blobs/uploads/",
+                         headers=_auth(env, token))  # fmt: skip
+    assert start.status == 202, start.data
+    return server.url + start.headers["Location"]
+
+
+def _patch(env: RegistryEnv, url: str, body: bytes, start: int = 0,
+           token: str = "writer", chunked: bool = False) -> urllib3.BaseHTTPResponse:  # fmt: skip
+    headers = {**_auth(env, token), "Content-Range": f"{start}-{start + len(body) - 1}"}
+    data: Any = iter([body[:1000], body[1000:]]) if chunked else body
+    return HTTP.request("PATCH", url, body=data, headers=headers, chunked=chunked)
+
+
+def test_bytes_all_open_sessions_hold_are_bounded_before_writing(
+    registry_env: RegistryEnv,
+) -> None:
+    """Tokens x max_upload_sessions x max_upload_bytes was the only bound on what unfinished
+    uploads held (the disk filling, 507, was the backstop). Past ``max_session_bytes``, all
+    tokens' sessions together, a body is refused 507 before it is written."""
+    registry_env.set_config(max_session_bytes=10_000, max_upload_bytes=8_000)
+    server = registry_env.start()
+    first = _session(registry_env, server)
+    assert _patch(registry_env, first, b"a" * 6000).status == 202
+    other = _session(registry_env, server, "all")  # another token: the bound is service-wide
+    refused = _patch(registry_env, other, b"b" * 5000, token="all")
+    assert refused.status == 507, refused.data
+    error = json.loads(refused.data)["errors"][0]
+    assert error["code"] == "DENIED" and "max_session_bytes" in error["message"]
+    held = [p for p in (registry_env.data / "oci" / "uploads").iterdir() if "." not in p.name]
+    assert sorted(p.stat().st_size for p in held) == [0, 6000]  # nothing of it was written
+    chunked = _patch(registry_env, other, b"c" * 5000, token="all", chunked=True)
+    assert chunked.status == 507, chunked.data  # no length declared: refused as it passes
+    resumable = HTTP.request("POST", f"{server.url}/api/v1/uploads?cid=grp/big",
+                             headers=_auth(registry_env))  # fmt: skip
+    location = server.url + resumable.headers["Location"]
+    piece = HTTP.request("PATCH", location, body=b"d" * 5000,
+                         headers={**_auth(registry_env), "Content-Range": "0-4999"})  # fmt: skip
+    assert piece.status == 507 and "max_session_bytes" in json.loads(piece.data)["error"]
+    metrics = get(server, "/metrics").data.decode()
+    assert 'cvmfs_registry_errors_total{kind="session_bytes"} 3.0' in metrics
+    assert HTTP.request("DELETE", first, headers=_auth(registry_env)).status == 204
+    offset = int(get(server, location.removeprefix(server.url), registry_env.tokens["writer"]
+                     ).headers["Upload-Offset"])  # fmt: skip
+    sent = HTTP.request("PATCH", location, body=b"d" * 5000, headers={
+        **_auth(registry_env), "Content-Range": f"{offset}-{offset + 4999}"})  # fmt: skip
+    assert sent.status == 202, sent.data  # the cancelled session's bytes were given back
+    server.terminate()  # counted from the disk after a restart
+    server = registry_env.start()
+    again = _session(registry_env, server)
+    assert _patch(registry_env, again, b"e" * 6000).status == 507

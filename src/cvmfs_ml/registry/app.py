@@ -125,8 +125,8 @@ def create_app(service: RegistryService, *, manage_service: bool = True) -> Fast
             name = _oci_name(path)
             action = "pull" if request.method in ("GET", "HEAD") else "pull,push"
             code = {401: "UNAUTHORIZED", 403: "DENIED", 404: "NAME_UNKNOWN",
-                    408: "BLOB_UPLOAD_INVALID", 413: "SIZE_INVALID",
-                    429: "TOOMANYREQUESTS"}.get(exc.status, "UNSUPPORTED")  # fmt: skip
+                    408: "BLOB_UPLOAD_INVALID", 413: "SIZE_INVALID", 429: "TOOMANYREQUESTS",
+                    507: "DENIED"}.get(exc.status, "UNSUPPORTED")  # fmt: skip
             if exc.status == 401:
                 headers = challenge(request, name, action)
             return oci_error(exc.status, code, exc.reason, headers=headers)

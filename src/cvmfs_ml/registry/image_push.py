@@ -17,7 +17,8 @@ import sqlite3
 
 from cvmfs_ml.errors import CvmfsMlError
 from cvmfs_ml.models.sources.oci_client import OciReference
-from cvmfs_ml.registry.oci_store import LocalRegistryClient, OciStore
+from cvmfs_ml.registry.local_client import LocalRegistryClient
+from cvmfs_ml.registry.oci_store import OciStore
 from cvmfs_ml.registry.service import RegistryService
 from cvmfs_ml.sync.push import publish_image
 

@@ -39,11 +39,11 @@ from cvmfs_ml.models.sources.oci_client import OCI_INDEX, OciReference
 from cvmfs_ml.registry.auth import ANONYMOUS_TOKEN, authenticate, require, token_from_header
 from cvmfs_ml.registry.bodies import body_chunks
 from cvmfs_ml.registry.image_push import image_registry_name, publish_pushed_image
+from cvmfs_ml.registry.local_client import LocalRegistryClient
 from cvmfs_ml.registry.oci_store import (
     DIGEST_RE,
     MAX_MANIFEST_BYTES,
     TAG_RE,
-    LocalRegistryClient,
     OciError,
     OciStore,
     check_digest,
@@ -230,7 +230,7 @@ def add_oci_routes(app: FastAPI, service: RegistryService, store: OciStore) -> M
         place = service.receiving() if declared != "0" else contextlib.nullcontext()
         with place:
             try:
-                with store.appending(upload_id, limit) as write:
+                with service.appending(store, upload_id, declared) as write:
                     writing = True
                     size = store.upload_size(upload_id)
                     # The server hands the body over in socket-read pieces (tens of KiB); py-spy

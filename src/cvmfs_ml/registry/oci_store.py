@@ -17,7 +17,6 @@ import json
 import logging
 import os
 import re
-import shutil
 import sqlite3
 import threading
 import time
@@ -28,19 +27,19 @@ from pathlib import Path
 from typing import Any
 
 from cvmfs_ml.cvmfs import jsontext
-from cvmfs_ml.errors import CvmfsMlError, FormatError, NotFoundError, is_disk_full
+from cvmfs_ml.errors import CvmfsMlError, FormatError, is_disk_full
 from cvmfs_ml.models.sources.oci_client import (
     DOCKER_MANIFEST,
     DOCKER_MANIFEST_LIST,
     OCI_INDEX,
     OCI_MANIFEST,
-    Fetched,
 )
 from cvmfs_ml.models.sources.oci_manifest import check_index, check_manifest
+from cvmfs_ml.registry.sessions import SessionLedger
 from cvmfs_ml.storage import sqlitefile
 from cvmfs_ml.storage.pagecache import UncachedWriter
 
-__all__ = ["LocalRegistryClient", "OciError", "OciStore", "StoredManifest"]
+__all__ = ["OciError", "OciStore", "StoredManifest"]
 
 log = logging.getLogger("cvmfs_ml.registry")
 
@@ -127,10 +126,7 @@ class OciStore:
         with sqlitefile.damage_refused(self.root / "oci.sqlite", lost):
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.executescript(_SCHEMA)
-        self._owners: dict[str, str] = {}  # session -> the principal that opened it
-        for path in self.uploads.glob("*.owner"):
-            with contextlib.suppress(OSError, UnicodeDecodeError):
-                self._owners[path.stem] = path.read_text()
+        self.ledger = SessionLedger(self.uploads)
         self._next_prune = 0.0
         self._pruning = threading.Lock()
         self._prune_if_due()
@@ -239,23 +235,18 @@ class OciStore:
         else one token could open sessions without end and fill the disk for everyone."""
         self._prune_if_due()
         upload_id = uuid.uuid4().hex
-        with self._lock:
-            held = sum(1 for who in self._owners.values() if who == owner)
-            if held >= limit:  # counted again from the disk: a removed folder took its sessions
-                self._owners = {k: v for k, v in self._owners.items()
-                                if (self.uploads / k).is_file()}  # fmt: skip
-                held = sum(1 for who in self._owners.values() if who == owner)
-            if held >= limit:
-                message = (f"{held} upload sessions of {owner!r} are open (max_upload_sessions="
-                           f"{limit}): finish or cancel (DELETE) some; abandoned ones go after"
-                           f" {SESSION_DAYS} days")  # fmt: skip
-                raise OciError(429, "TOOMANYREQUESTS", message)
-            self._owners[upload_id] = owner
         # This folder and the blobs' are made again if removed under a running registry (a tmp
         # cleaner, an operator tidying up): else every push answers 500 until a restart.
         self.uploads.mkdir(parents=True, exist_ok=True)
-        (self.uploads / upload_id).touch()
+        (self.uploads / upload_id).touch()  # before it counts: a recount drops sessions gone
         (self.uploads / f"{upload_id}.owner").write_text(owner)
+        held = self.ledger.open(upload_id, owner, limit)
+        if held is not None:
+            self.cancel_upload(upload_id)
+            message = (f"{held} upload sessions of {owner!r} are open (max_upload_sessions="
+                       f"{limit}): finish or cancel (DELETE) some; abandoned ones go after"
+                       f" {SESSION_DAYS} days")  # fmt: skip
+            raise OciError(429, "TOOMANYREQUESTS", message)
         with self._lock:
             self._hashers[upload_id] = hashlib.sha256()
         return upload_id
@@ -298,9 +289,22 @@ class OciStore:
                 self._hashers[upload_id] = hasher
         return hasher
 
+    def _reserve(self, upload_id: str, size: int, budget: int | None) -> None:
+        """507 unless all sessions together may hold ``budget`` bytes with this one at
+        ``size``: checked before the bytes are written."""
+        total = self.ledger.reserve(upload_id, size, budget)
+        if total is not None:
+            raise OciError(507, "DENIED", f"unfinished uploads hold {total} bytes of the "
+                           f"registry's disk, and {size} here would pass max_session_bytes="
+                           f"{budget}: finish or cancel uploads, or try later")  # fmt: skip
+
     @contextlib.contextmanager
-    def appending(self, upload_id: str, limit: int) -> Iterator[Callable[[bytes], int]]:
+    def appending(self, upload_id: str, limit: int, *, declared: int | None = None,
+                  budget: int | None = None) -> Iterator[Callable[[bytes], int]]:  # fmt: skip
         """A writer for one request's body: ``write(chunk)`` returns the session's size.
+
+        ``declared``: the body's length, when known, counted against ``budget`` (the bytes
+        all sessions may hold, 507) before anything is written; else each piece as it comes.
 
         What arrived is kept when the request fails (a resumable upload goes on from there),
         except on a full disk, where the session goes back to where this request began.
@@ -310,10 +314,18 @@ class OciStore:
         hashes for most of the push.
         """
         with self.claimed(upload_id):
-            yield from self._appending(upload_id, limit)
+            path = self._session(upload_id)
+            try:
+                yield from self._appending(upload_id, path, limit, declared, budget)
+            finally:
+                with contextlib.suppress(FileNotFoundError):  # else finished or cancelled
+                    self.ledger.settle(upload_id, path.stat().st_size)
 
-    def _appending(self, upload_id: str, limit: int) -> Iterator[Callable[[bytes], int]]:
-        path = self._session(upload_id)
+    def _appending(self, upload_id: str, path: Path, limit: int, declared: int | None,
+                   budget: int | None) -> Iterator[Callable[[bytes], int]]:  # fmt: skip
+        start = path.stat().st_size
+        if declared is not None and start + declared <= limit:  # else the 413 below says so
+            self._reserve(upload_id, start + declared, budget)
         hasher = self._hasher(upload_id, path)
         # Two blocks of the size the API hands over (RECEIVE_BLOCK): one filling while the
         # other is hashed and written.
@@ -325,6 +337,7 @@ class OciStore:
             size += len(chunk)
             if size > limit:
                 raise OciError(413, "SIZE_INVALID", f"blob larger than {limit} bytes")
+            self._reserve(upload_id, size, budget)  # a lookup unless past what was counted
             writer.write(chunk)
             return size
 
@@ -376,7 +389,7 @@ class OciStore:
         """Remove the session and what is kept beside it (its repository, CID, owner)."""
         with self._lock:
             self._hashers.pop(upload_id, None)
-            self._owners.pop(upload_id, None)
+        self.ledger.forget(upload_id)
         for suffix in ("", ".repo", ".cid", ".owner"):
             (self.uploads / f"{upload_id}{suffix}").unlink(missing_ok=True)
 
@@ -550,44 +563,3 @@ class OciStore:
                 (reason,),
             )
         return cursor.rowcount
-
-
-class LocalRegistryClient:
-    """What :func:`~cvmfs_ml.models.sources.oci.ingest_oci` needs from a registry, served
-    from this store: the models layer publishes a pushed artifact without an HTTP round trip."""
-
-    registry = "localhost"
-
-    def __init__(self, store: OciStore) -> None:
-        self.store = store
-
-    def get_manifest(self, repository: str, reference: str, accept: Any = None) -> Fetched:
-        try:
-            found = self.store.resolve(repository, reference)
-        except OciError as exc:
-            raise NotFoundError(f"{repository}:{reference}", "registry") from exc
-        return Fetched(found.read(), found.media_type, found.digest)
-
-    def fetch_blob(
-        self,
-        repository: str,
-        digest: str,
-        dest: Path,
-        *,
-        size: int | None = None,
-        cancel: Any = None,  # the HTTP client's Cancellation: nothing to stop in a local link
-    ) -> Path:
-        source = self.store.blob_path(digest)
-        if not self.store.holds(repository, digest):
-            raise NotFoundError(f"blob {digest}", repository)
-        dest = Path(dest)
-        if dest.exists():
-            return dest
-        try:
-            os.link(source, dest)  # blobs are immutable: a second name costs nothing
-        except OSError:
-            shutil.copyfile(source, dest)
-        return dest
-
-    def close(self) -> None:
-        pass

@@ -97,10 +97,8 @@ def add_resumable_routes(app: FastAPI, service: RegistryService, store: OciStore
                  "offset": current}, 416, headers={"Upload-Offset": str(current)},
             )  # fmt: skip
         try:
-            with (
-                service.receiving(),
-                store.appending(upload_id, service.config.max_upload_bytes) as write,
-            ):
+            declared = request.headers.get("content-length")
+            with service.receiving(), service.appending(store, upload_id, declared) as write:
                 async for chunk in body_chunks(request, service.config):
                     write(chunk)
         except OciError as exc:  # 413, or 416: another request is writing the session

@@ -18,7 +18,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, Protocol
@@ -277,6 +277,23 @@ class RegistryService:
         except OciError as exc:
             raise RejectedError(exc.status, exc.message, "sessions",
                                 retry_after=BUSY_RETRY_AFTER) from exc  # fmt: skip
+
+    @contextlib.contextmanager
+    def appending(self, store: OciStore, upload_id: str,
+                  declared: str | None) -> Iterator[Callable[[bytes], int]]:  # fmt: skip
+        """A writer into an OCI or resumable session, bounded by ``max_upload_bytes`` (413)
+        and, with all sessions together, ``max_session_bytes`` (507 before writing, counted
+        as ``errors_total{kind="session_bytes"}``); ``declared``: the Content-Length."""
+        config = self.config
+        length = int(declared) if declared is not None and declared.isdigit() else None
+        try:
+            with store.appending(upload_id, config.max_upload_bytes, declared=length,
+                                 budget=config.max_session_bytes) as write:  # fmt: skip
+                yield write
+        except OciError as exc:
+            if exc.status != 507:
+                raise
+            raise RejectedError(507, exc.message, "session_bytes") from exc
 
     def new_upload(self) -> UploadFile:
         return UploadFile(self.spool, self.config.max_upload_bytes)
