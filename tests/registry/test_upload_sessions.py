@@ -52,9 +52,14 @@ def _auth(env: RegistryEnv, token: str = "writer") -> dict[str, str]:
     return {"Authorization": f"Bearer {env.tokens[token]}"}
 
 
+def _session_response(env: RegistryEnv, server: RegistryServer,
+                      token: str = "writer") -> urllib3.BaseHTTPResponse:  # fmt: skip
+    return HTTP.request("POST", f"{server.url}/v2/grp/model/blobs/uploads/",
+                        headers=_auth(env, token))  # fmt: skip
+
+
 def _session(env: RegistryEnv, server: RegistryServer, token: str = "writer") -> str:
-    start = HTTP.request("POST", f"{server.url}/v2/grp/model/blobs/uploads/",
-                         headers=_auth(env, token))  # fmt: skip
+    start = _session_response(env, server, token)
     assert start.status == 202, start.data
     return server.url + start.headers["Location"]
 
@@ -103,3 +108,49 @@ def test_bytes_all_open_sessions_hold_are_bounded_before_writing(
     server = registry_env.start()
     again = _session(registry_env, server)
     assert _patch(registry_env, again, b"e" * 6000).status == 507
+
+
+def test_a_session_without_an_owner_is_owned_by_the_token_that_writes_to_it(
+    registry_env: RegistryEnv,
+) -> None:
+    """Sessions opened before owners were kept have no owner file: they counted against
+    nobody, however long their token went on using them. The token that writes to one now
+    owns it (it counts toward its ``max_upload_sessions``); its bytes count from startup."""
+    registry_env.set_config(max_upload_sessions=2, max_session_bytes=10_000)
+    server = registry_env.start()
+    old = _session(registry_env, server)
+    assert _patch(registry_env, old, b"a" * 3000).status == 202
+    server.terminate()
+    uploads = registry_env.data / "oci" / "uploads"
+    (owner,) = uploads.glob("*.owner")
+    owner.unlink()  # as a registry from before the owner files left it
+    old = old.replace(server.url, (server := registry_env.start()).url)  # another port
+    first = _session(registry_env, server, "all")
+    assert _patch(registry_env, first, b"b" * 8000).status == 507  # 3000 held without owner
+    assert _patch(registry_env, old, b"c" * 1000, start=3000).status == 202
+    assert owner.read_text() == "writer"  # adopted by the token that went on with it
+    _session(registry_env, server)  # its second
+    refused = _session_response(registry_env, server)
+    assert refused.status == 429, "a session its token wrote to did not count for it"
+    server.terminate()
+    server = registry_env.start()  # the adoption outlives a restart
+    assert _session_response(registry_env, server).status == 429
+
+
+def test_a_session_without_an_owner_nobody_writes_to_is_pruned_as_abandoned(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("cvmfs_ml.registry.oci_store.time", clock := ManualClock())
+    store = OciStore(tmp_path / "oci")
+    orphan = store.start_upload("w", 10)
+    store.close()
+    (store.uploads / f"{orphan}.owner").unlink()
+    store = OciStore(tmp_path / "oci")  # a restart: the session is known by its file alone
+    try:
+        _age(store, orphan)
+        clock.now += PRUNE_SECONDS
+        store.start_upload("w", 10)
+        assert not list(store.uploads.glob(f"{orphan}*"))
+        assert store.ledger.total == 0
+    finally:
+        store.close()

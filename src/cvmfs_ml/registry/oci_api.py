@@ -219,7 +219,7 @@ def add_oci_routes(app: FastAPI, service: RegistryService, store: OciStore) -> M
             "OCI-Chunk-Min-Length": "0",
         }
 
-    async def receive(request: Request, upload_id: str) -> int:
+    async def receive(request: Request, upload_id: str, who: str) -> int:
         limit = service.config.max_upload_bytes
         declared = request.headers.get("content-length")
         if declared and declared.isdigit() and int(declared) > limit:
@@ -230,7 +230,7 @@ def add_oci_routes(app: FastAPI, service: RegistryService, store: OciStore) -> M
         place = service.receiving() if declared != "0" else contextlib.nullcontext()
         with place:
             try:
-                with service.appending(store, upload_id, declared) as write:
+                with service.appending(store, upload_id, declared, who) as write:
                     writing = True
                     size = store.upload_size(upload_id)
                     # The server hands the body over in socket-read pieces (tens of KiB); py-spy
@@ -317,7 +317,7 @@ def add_oci_routes(app: FastAPI, service: RegistryService, store: OciStore) -> M
         if digest is None:
             return Response(status_code=202, headers=upload_headers(name, upload_id, 0))
         try:
-            size = await receive(request, upload_id)
+            size = await receive(request, upload_id, who)
             await finish(name, upload_id, digest, size)
         except BaseException:
             store.cancel_upload(upload_id)
@@ -327,26 +327,26 @@ def add_oci_routes(app: FastAPI, service: RegistryService, store: OciStore) -> M
     @app.patch("/v2/{name:path}/blobs/uploads/{upload_id}")
     async def patch_upload(request: Request, name: str, upload_id: str) -> Response:
         check_name(name)
-        allowed(request, name, "publish")
+        who = allowed(request, name, "publish")
         current = store.upload_of(name, upload_id)
         content_range = request.headers.get("content-range")
         if content_range:
             match = re.fullmatch(r"(?:bytes )?(\d+)-(\d+)", content_range.strip())
             if match is None or int(match.group(1)) != current:
                 return Response(status_code=416, headers=upload_headers(name, upload_id, current))
-        size = await receive(request, upload_id)
+        size = await receive(request, upload_id, who)
         return Response(status_code=202, headers=upload_headers(name, upload_id, size))
 
     @app.put("/v2/{name:path}/blobs/uploads/{upload_id}")
     async def put_upload(request: Request, name: str, upload_id: str,
                          digest: str | None = None) -> Response:  # fmt: skip
         check_name(name)
-        allowed(request, name, "publish")
+        who = allowed(request, name, "publish")
         if digest is None:
             raise OciError(400, "DIGEST_INVALID", "the closing PUT needs ?digest=")
         check_digest(digest)
         store.upload_of(name, upload_id)  # 404 unless it is this repository's session
-        size = await receive(request, upload_id)
+        size = await receive(request, upload_id, who)
         await finish(name, upload_id, digest, size)
         return blob_created(name, digest)
 

@@ -300,11 +300,13 @@ class OciStore:
 
     @contextlib.contextmanager
     def appending(self, upload_id: str, limit: int, *, declared: int | None = None,
-                  budget: int | None = None) -> Iterator[Callable[[bytes], int]]:  # fmt: skip
+                  budget: int | None = None,
+                  owner: str | None = None) -> Iterator[Callable[[bytes], int]]:  # fmt: skip
         """A writer for one request's body: ``write(chunk)`` returns the session's size.
 
         ``declared``: the body's length, when known, counted against ``budget`` (the bytes
         all sessions may hold, 507) before anything is written; else each piece as it comes.
+        ``owner``: who writes, who now owns the session if nobody did.
 
         What arrived is kept when the request fails (a resumable upload goes on from there),
         except on a full disk, where the session goes back to where this request began.
@@ -315,6 +317,8 @@ class OciStore:
         """
         with self.claimed(upload_id):
             path = self._session(upload_id)
+            if owner is not None:
+                self.ledger.adopt(upload_id, owner)
             try:
                 yield from self._appending(upload_id, path, limit, declared, budget)
             finally:

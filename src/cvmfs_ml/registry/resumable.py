@@ -87,7 +87,7 @@ def add_resumable_routes(app: FastAPI, service: RegistryService, store: OciStore
 
     @app.patch("/api/v1/uploads/{upload_id}")
     async def append(request: Request, upload_id: str) -> Response:
-        owner(request, session_cid(upload_id))
+        who = owner(request, session_cid(upload_id))
         current = offset(upload_id)
         content_range = request.headers.get("content-range", "")
         match = re.fullmatch(r"(?:bytes )?(\d+)-(\d+)(?:/\d+|/\*)?", content_range.strip())
@@ -98,7 +98,7 @@ def add_resumable_routes(app: FastAPI, service: RegistryService, store: OciStore
             )  # fmt: skip
         try:
             declared = request.headers.get("content-length")
-            with service.receiving(), service.appending(store, upload_id, declared) as write:
+            with service.receiving(), service.appending(store, upload_id, declared, who) as write:
                 async for chunk in body_chunks(request, service.config):
                     write(chunk)
         except OciError as exc:  # 413, or 416: another request is writing the session

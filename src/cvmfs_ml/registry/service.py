@@ -279,16 +279,17 @@ class RegistryService:
                                 retry_after=BUSY_RETRY_AFTER) from exc  # fmt: skip
 
     @contextlib.contextmanager
-    def appending(self, store: OciStore, upload_id: str,
-                  declared: str | None) -> Iterator[Callable[[bytes], int]]:  # fmt: skip
+    def appending(self, store: OciStore, upload_id: str, declared: str | None,
+                  who: str) -> Iterator[Callable[[bytes], int]]:  # fmt: skip
         """A writer into an OCI or resumable session, bounded by ``max_upload_bytes`` (413)
         and, with all sessions together, ``max_session_bytes`` (507 before writing, counted
-        as ``errors_total{kind="session_bytes"}``); ``declared``: the Content-Length."""
+        as ``errors_total{kind="session_bytes"}``); ``declared``: the Content-Length; ``who``
+        writes (and owns the session if nobody did: one opened before owners were kept)."""
         config = self.config
         length = int(declared) if declared is not None and declared.isdigit() else None
         try:
             with store.appending(upload_id, config.max_upload_bytes, declared=length,
-                                 budget=config.max_session_bytes) as write:  # fmt: skip
+                                 budget=config.max_session_bytes, owner=who) as write:  # fmt: skip
                 yield write
         except OciError as exc:
             if exc.status != 507:

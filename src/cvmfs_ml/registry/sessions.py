@@ -7,7 +7,9 @@ with patience) could fill the disk, and the 507 of a full disk was the only answ
 counted before it is written: its declared length when it has one, else as it arrives.
 
 The ledger is rebuilt from the uploads folder at startup: the owner files beside the sessions
-and the sessions' sizes.
+and the sessions' sizes. A session without an owner file (opened before owners were kept)
+counts against nobody until a token writes to it, which then owns it (its owner file is
+written); its bytes count at once, and untouched it is pruned as abandoned like any other.
 """
 
 from __future__ import annotations
@@ -60,6 +62,15 @@ class SessionLedger:
             self._owners[upload_id] = owner
             self._count(upload_id, 0)
         return None
+
+    def adopt(self, upload_id: str, owner: str) -> None:
+        """A session nobody owns (opened before owners were kept) becomes the one of the
+        token writing to it: it counts toward that token's sessions from now on."""
+        with self._lock:
+            if upload_id in self._owners or upload_id not in self._bytes:
+                return
+            self._owners[upload_id] = owner
+        (self.uploads / f"{upload_id}.owner").write_text(owner)
 
     def reserve(self, upload_id: str, size: int, budget: int | None) -> int | None:
         """Count ``size`` bytes for the session (never less than counted); when that would
