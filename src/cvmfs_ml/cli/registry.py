@@ -55,6 +55,7 @@ def registry_serve(
 
     from cvmfs_ml.registry.app import create_app
     from cvmfs_ml.registry.config import ConfigFile
+    from cvmfs_ml.registry.connections import bounded_http
     from cvmfs_ml.registry.heap import bound_malloc_arenas
     from cvmfs_ml.registry.logs import configure_logging
     from cvmfs_ml.registry.service import RegistryService
@@ -77,8 +78,10 @@ def registry_serve(
                        " that late (user-pub uses CVMFS_REPOSITORY_TTL=15)", err=True)  # fmt: skip
     configure_logging(log_format)
     typer.echo(f"registry for {', '.join(service.repositories)} at http://{host}:{port}/", err=True)
+    http = bounded_http(lambda: service.config.upload_low_speed_seconds,
+                        lambda kind: service.metrics.errors.labels(kind).inc())  # fmt: skip
     config = uvicorn.Config(
-        create_app(service), host=host, port=port, log_config=None, log_level="info"
+        create_app(service), host=host, port=port, log_config=None, log_level="info", http=http
     )
     uvicorn.Server(config).run(sockets=[listener])
 

@@ -1,0 +1,88 @@
+"""The registry's HTTP/1.1 connections: uvicorn's httptools protocol with a bound on the
+request head (the request line and headers) in size and in time.
+
+Why: uvicorn's httptools protocol kept every byte of a request head it was sent, without a
+limit (httptools even gathers one header's value across reads before handing it over), and
+once a head's first byte had come it waited for the rest for ever (its keep-alive timeout
+stops at the first byte). One client could grow the registry's memory as it liked, or hold
+connections, and their file descriptors, open with a few bytes each. Now a head larger than
+:data:`MAX_HEAD_BYTES` is answered 431 and one not complete within ``upload_low_speed_seconds``
+(the window bodies get; 0: no limit) 408, and the connection is closed (nginx answers the
+same, with ``large_client_header_buffers`` and ``client_header_timeout``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+__all__ = ["MAX_HEAD_BYTES", "bounded_http"]
+
+MAX_HEAD_BYTES = 64 * 1024
+"""Bytes a request head may take (nginx takes 4 x 8 KiB by default; h11 16 KiB)."""
+
+
+def bounded_http(
+    head_seconds: Callable[[], float], refused: Callable[[str], None]
+) -> type[asyncio.Protocol]:
+    """The protocol class for ``uvicorn.run(http=...)``; ``head_seconds()`` is read as each
+    head starts, ``refused(kind)`` is told of each refusal (``head_size``, ``head_slow``)."""
+
+    class BoundedHttpTools(HttpToolsProtocol):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self._head_done = False  # between a head's end and its message's end
+            self._head_bytes = 0
+            self._head_timer: asyncio.TimerHandle | None = None
+
+        def data_received(self, data: bytes) -> None:
+            if not self._head_done:
+                self._head_bytes += len(data)
+                seconds = head_seconds()
+                if self._head_timer is None and seconds > 0:
+                    self._head_timer = self.loop.call_later(seconds, self._head_too_slow)
+            super().data_received(data)
+            if not self._head_done and self._head_bytes > MAX_HEAD_BYTES:
+                refused("head_size")
+                reason = f"the request line and headers pass {MAX_HEAD_BYTES} bytes"
+                self._refuse(431, "Request Header Fields Too Large", reason)
+
+        def on_headers_complete(self) -> None:
+            self._head_done, self._head_bytes = True, 0
+            self._stop_timer()
+            super().on_headers_complete()
+
+        def on_message_complete(self) -> None:
+            super().on_message_complete()
+            self._head_done = False  # what comes next is the next request's head
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._stop_timer()
+            super().connection_lost(exc)
+
+        def _stop_timer(self) -> None:
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+                self._head_timer = None
+
+        def _head_too_slow(self) -> None:
+            self._head_timer = None
+            if not self._head_done and not self.transport.is_closing():
+                refused("head_slow")
+                self._refuse(408, "Request Timeout",
+                             "the request line and headers did not arrive in time")  # fmt: skip
+
+        def _refuse(self, status: int, phrase: str, reason: str) -> None:
+            if self.transport.is_closing():
+                return
+            body = f"{reason}\n".encode()
+            self.transport.write(
+                f"HTTP/1.1 {status} {phrase}\r\ncontent-type: text/plain; charset=utf-8\r\n"
+                f"content-length: {len(body)}\r\nconnection: close\r\n\r\n".encode() + body
+            )
+            self.transport.close()
+
+    return BoundedHttpTools

@@ -1,0 +1,83 @@
+"""A hostile client against the registry's HTTP server itself, before any route runs: a
+request head (request line and headers) without end, or one that never finishes arriving.
+
+Before, the server (uvicorn's httptools protocol) kept every header byte it was sent, without
+a limit, and waited for the rest of a head for ever once its first byte had come: one client
+could grow the registry's memory as it liked, or hold connections (and file descriptors)
+open with a few bytes each.
+"""
+
+from __future__ import annotations
+
+import socket
+from urllib.parse import urlsplit
+
+from ._helpers import HTTP, RegistryEnv, get, text, wait_until
+
+
+def _connect(url: str) -> socket.socket:
+    parts = urlsplit(url)
+    return socket.create_connection((parts.hostname, parts.port), timeout=60)
+
+
+def _answer(conn: socket.socket) -> bytes:
+    """What the server sent before it closed the connection (b"" when it reset it)."""
+    data = b""
+    try:
+        while chunk := conn.recv(65536):
+            data += chunk
+    except ConnectionResetError:
+        pass
+    return data
+
+
+def test_a_request_head_without_end_is_refused_431(registry_env: RegistryEnv) -> None:
+    server = registry_env.start()
+    conn = _connect(server.url)
+    conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 65536)
+    sent, refused = 0, False
+    try:
+        conn.sendall(b"GET /pubapi/ping HTTP/1.1\r\nHost: x\r\nX-Filler: ")
+        while sent < 96 * 2**20:  # the old server took all of it, and answered 200 after
+            conn.sendall(b"a" * 2**20)
+            sent += 2**20
+        conn.sendall(b"\r\n\r\n")
+    except (BrokenPipeError, ConnectionResetError):
+        refused = True
+    answer = _answer(conn)
+    conn.close()
+    assert refused or answer.startswith(b"HTTP/1.1 431"), answer[:200]
+    assert not answer or answer.startswith(b"HTTP/1.1 431"), answer[:200]
+    # The server's socket buffer (up to tcp_rmem's 32 MiB here) takes what it never reads
+    # before its reset arrives; the old server read all 96 MiB.
+    assert sent < 48 * 2**20, f"the server read {sent} bytes of one request head"
+    assert text(get(server, "/pubapi/ping")) == "OK\n"  # and it serves the next client
+    large = HTTP.request("GET", f"{server.url}/pubapi/ping", headers={"X-Large": "a" * 40_000})
+    assert large.status == 200  # a large head that fits is served as before
+
+
+def test_a_request_head_that_stops_arriving_is_closed(registry_env: RegistryEnv) -> None:
+    """The head must arrive within ``upload_low_speed_seconds`` (the window bodies get)."""
+    registry_env.set_config(upload_low_speed_seconds=1)
+    server = registry_env.start()
+    conn = _connect(server.url)
+    conn.sendall(b"GET /pubapi/ping HTTP/1.1\r\nHost: x\r\nX-Slow: a")  # and nothing more
+    conn.settimeout(0.1)
+    answer = bytearray()
+
+    def closed() -> bool:
+        try:
+            chunk = conn.recv(65536)
+        except TimeoutError:
+            return False
+        except ConnectionResetError:
+            return True
+        answer.extend(chunk)
+        return not chunk
+
+    try:
+        wait_until(closed, 60, "the server still waits for the rest of the request head")
+    finally:
+        conn.close()
+    assert not answer or answer.startswith(b"HTTP/1.1 408"), bytes(answer[:200])
+    assert text(get(server, "/pubapi/ping")) == "OK\n"
