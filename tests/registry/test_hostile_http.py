@@ -1,5 +1,5 @@
-"""A hostile client against the registry's HTTP server itself, before any route runs: a
-request head (request line and headers) without end, or one that never finishes arriving.
+"""A hostile client against the registry's HTTP server itself, before any route runs (a
+request head without end, or one that never finishes arriving), and against its listings.
 
 Before, the server (uvicorn's httptools protocol) kept every header byte it was sent, without
 a limit, and waited for the rest of a head for ever once its first byte had come: one client
@@ -9,8 +9,11 @@ open with a few bytes each.
 
 from __future__ import annotations
 
+import json
 import socket
 from urllib.parse import urlsplit
+
+from cvmfs_ml.models.sources.oci_client import OCI_INDEX
 
 from ._helpers import HTTP, RegistryEnv, get, text, wait_until
 
@@ -81,3 +84,37 @@ def test_a_request_head_that_stops_arriving_is_closed(registry_env: RegistryEnv)
         conn.close()
     assert not answer or answer.startswith(b"HTTP/1.1 408"), bytes(answer[:200])
     assert text(get(server, "/pubapi/ping")) == "OK\n"
+
+
+def test_a_tags_listing_is_a_page_of_at_most_1000_with_a_link_to_the_next(
+    registry_env: RegistryEnv,
+) -> None:
+    """Without ``n`` (or with ``n=10000``) the whole list came back in one answer, read whole
+    from the database, however many tags the repository had: memory and time per request
+    grew with every push. Pages are at most 1000 (distribution's ``tags.maxtags``), with a
+    ``Link`` to the next one (the spec lets a registry return fewer with a Link)."""
+    server = registry_env.start()
+    index = json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": []}).encode()
+    headers = {"Authorization": f"Bearer {registry_env.tokens['writer']}",
+               "Content-Type": OCI_INDEX}  # fmt: skip
+    every = [f"t{i:04d}" for i in range(1010)]
+    for start in range(0, len(every), 16):
+        query = "&".join(f"tag={t}" for t in every[start + 1 : start + 16])
+        put = HTTP.request("PUT", f"{server.url}/v2/grp/many/manifests/{every[start]}?{query}",
+                           body=index, headers=headers)  # fmt: skip
+        assert put.status == 201, put.data
+    for first in ("/v2/grp/many/tags/list", "/v2/grp/many/tags/list?n=10000"):
+        listed, path, pages = [], first, 0
+        while path:
+            page = get(server, path)
+            assert page.status == 200, page.data
+            tags = json.loads(page.data)["tags"]
+            assert len(tags) <= 1000, f"{len(tags)} tags in one answer"
+            listed += tags
+            link = page.headers.get("Link")
+            path = link.split(">")[0].lstrip("<") if link else ""
+            pages += 1
+        assert listed == every and pages == 2
+    small = get(server, "/v2/grp/many/tags/list?n=3&last=t0005")
+    assert json.loads(small.data)["tags"] == ["t0006", "t0007", "t0008"]
+    assert 'last=t0008>; rel="next"' in small.headers["Link"]

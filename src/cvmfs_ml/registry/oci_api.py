@@ -59,6 +59,8 @@ log = logging.getLogger("cvmfs_ml.registry")
 SERVICE_NAME = "cvmfs-ml-registry"
 _API_HEADER = {"Docker-Distribution-API-Version": "registry/2.0"}
 _MODEL_KINDS = ("artifact", "modelpack", "kitops")
+MAX_TAGS_PAGE = 1000
+"""Tags one listing answers at most, with a ``Link`` to the rest (distribution's default)."""
 RECEIVE_BLOCK = 4 * 2**20
 """Bytes of a blob upload gathered before they are written, hashed and pre-ingested."""
 
@@ -451,14 +453,14 @@ def add_oci_routes(app: FastAPI, service: RegistryService, store: OciStore) -> M
                   last: str | None = None) -> Response:  # fmt: skip
         check_name(name)
         allowed(request, name, "read")
-        tags = store.tags(name)
-        if last is not None:
-            tags = [t for t in tags if t > last]
+        # A page at most, read as such: the whole list, read whole, grew with every push.
+        page = MAX_TAGS_PAGE if n is None else max(0, min(n, MAX_TAGS_PAGE))
+        tags = store.tags(name, last, page + 1)
         headers = dict(_API_HEADER)
-        if n is not None and len(tags) > n:
-            tags = tags[: max(n, 0)]
+        if len(tags) > page:
+            tags = tags[:page]
             if tags:
-                headers["Link"] = f'</v2/{name}/tags/list?n={n}&last={tags[-1]}>; rel="next"'
+                headers["Link"] = f'</v2/{name}/tags/list?n={page}&last={tags[-1]}>; rel="next"'
         return JSONResponse({"name": name, "tags": tags}, headers=headers)
 
     @app.get("/v2/{name:path}/referrers/{digest}")

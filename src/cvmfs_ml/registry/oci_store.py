@@ -512,10 +512,12 @@ class OciStore:
             else:
                 db.execute("DELETE FROM tags WHERE repo=? AND tag=?", (repo, reference))
 
-    def tags(self, repo: str) -> list[str]:
+    def tags(self, repo: str, last: str | None = None, limit: int = -1) -> list[str]:
+        """``repo``'s tags in order, those after ``last`` only, ``limit`` at most (-1: all)."""
         with self._lock:
             rows = self._db.execute(
-                "SELECT tag FROM tags WHERE repo=? ORDER BY tag", (repo,)
+                "SELECT tag FROM tags WHERE repo=? AND tag>? ORDER BY tag LIMIT ?",
+                (repo, last or "", limit),
             ).fetchall()
         return [row[0] for row in rows]
 
