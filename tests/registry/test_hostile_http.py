@@ -9,6 +9,7 @@ open with a few bytes each.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import socket
 from urllib.parse import urlsplit
@@ -118,3 +119,38 @@ def test_a_tags_listing_is_a_page_of_at_most_1000_with_a_link_to_the_next(
     small = get(server, "/v2/grp/many/tags/list?n=3&last=t0005")
     assert json.loads(small.data)["tags"] == ["t0006", "t0007", "t0008"]
     assert 'last=t0008>; rel="next"' in small.headers["Link"]
+
+
+def test_referrers_are_a_page_of_at_most_1000_with_a_link_to_the_next(
+    registry_env: RegistryEnv,
+) -> None:
+    """Every manifest naming a subject came back in one answer, read whole: as many as
+    were pushed. Pages of at most 1000 with a ``Link`` (the spec's pagination), the
+    ``artifactType`` filter applied to every page."""
+    server = registry_env.start()
+    headers = {"Authorization": f"Bearer {registry_env.tokens['writer']}",
+               "Content-Type": OCI_INDEX}  # fmt: skip
+    subject = {"mediaType": OCI_INDEX, "digest": "sha256:" + "0" * 64, "size": 2}
+    pushed = []
+    for i in range(1005):
+        kind = "application/vnd.sig" if i % 2 else "application/vnd.sbom"
+        body = json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [],
+                           "artifactType": kind, "subject": subject,
+                           "annotations": {"i": str(i)}}).encode()  # fmt: skip
+        put = HTTP.request("PUT", f"{server.url}/v2/grp/refs/manifests/sha256:"
+                           f"{hashlib.sha256(body).hexdigest()}", body=body, headers=headers)
+        assert put.status == 201, put.data
+        pushed.append((put.headers["Docker-Content-Digest"], kind))
+    for query, expected in (("", sorted(d for d, _ in pushed)),
+                            ("?artifactType=application/vnd.sig",
+                             sorted(d for d, k in pushed if k == "application/vnd.sig"))):
+        listed, path = [], f"/v2/grp/refs/referrers/{subject['digest']}{query}"
+        while path:
+            page = get(server, path)
+            assert page.status == 200, page.data
+            found = json.loads(page.data)["manifests"]
+            assert len(found) <= 1000, f"{len(found)} referrers in one answer"
+            listed += [m["digest"] for m in found]
+            link = page.headers.get("Link")
+            path = link.split(">")[0].lstrip("<") if link else ""
+        assert listed == expected

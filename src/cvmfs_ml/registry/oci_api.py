@@ -26,6 +26,7 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
+from urllib.parse import urlencode
 
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
@@ -60,7 +61,8 @@ SERVICE_NAME = "cvmfs-ml-registry"
 _API_HEADER = {"Docker-Distribution-API-Version": "registry/2.0"}
 _MODEL_KINDS = ("artifact", "modelpack", "kitops")
 MAX_TAGS_PAGE = 1000
-"""Tags one listing answers at most, with a ``Link`` to the rest (distribution's default)."""
+"""Tags (or referrers) one listing answers at most, with a ``Link`` to the rest
+(distribution's default for tags)."""
 RECEIVE_BLOCK = 4 * 2**20
 """Bytes of a blob upload gathered before they are written, hashed and pre-ingested."""
 
@@ -464,15 +466,20 @@ def add_oci_routes(app: FastAPI, service: RegistryService, store: OciStore) -> M
         return JSONResponse({"name": name, "tags": tags}, headers=headers)
 
     @app.get("/v2/{name:path}/referrers/{digest}")
-    def referrers(request: Request, name: str, digest: str,
-                  artifactType: str | None = None) -> Response:  # fmt: skip
+    def referrers(request: Request, name: str, digest: str, artifactType: str | None = None,
+                  last: str | None = None) -> Response:  # fmt: skip
         check_name(name)
         allowed(request, name, "read")
         check_digest(digest)
-        found = store.referrers(name, digest)
+        # A page at most, read as such (as the tags list), and a Link to the next.
+        found = store.referrers(name, digest, artifactType, last, MAX_TAGS_PAGE + 1)
         headers = dict(_API_HEADER)
+        if len(found) > MAX_TAGS_PAGE:
+            found = found[:MAX_TAGS_PAGE]
+            query = urlencode({"last": found[-1]["digest"],
+                               **({"artifactType": artifactType} if artifactType else {})})
+            headers["Link"] = f'</v2/{name}/referrers/{digest}?{query}>; rel="next"'
         if artifactType is not None:
-            found = [m for m in found if m.get("artifactType") == artifactType]
             headers["OCI-Filters-Applied"] = "artifactType"
         index = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": found}
         return JSONResponse(index, headers=headers, media_type=OCI_INDEX)

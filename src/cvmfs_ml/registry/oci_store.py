@@ -521,12 +521,16 @@ class OciStore:
             ).fetchall()
         return [row[0] for row in rows]
 
-    def referrers(self, repo: str, digest: str) -> list[dict[str, Any]]:
+    def referrers(self, repo: str, digest: str, artifact_type: str | None = None,
+                  after: str | None = None, limit: int = -1) -> list[dict[str, Any]]:  # fmt: skip
+        """Descriptors of ``repo``'s manifests whose subject is ``digest``, by digest: of
+        ``artifact_type`` only, after ``after`` only, ``limit`` at most (-1: all)."""
         with self._lock:
             rows = self._db.execute(
                 "SELECT digest, media_type, artifact_type, annotations, size FROM manifests"
-                " WHERE repo=? AND subject=? ORDER BY digest",
-                (repo, digest),
+                " WHERE repo=? AND subject=? AND digest>? AND (? IS NULL OR artifact_type=?)"
+                " ORDER BY digest LIMIT ?",
+                (repo, digest, after or "", artifact_type, artifact_type, limit),
             ).fetchall()
         out = []
         for d, media_type, artifact_type, notes, size in rows:
