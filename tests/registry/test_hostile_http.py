@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import socket
 from urllib.parse import urlsplit
 
 from cvmfs_ml.models.sources.oci_client import OCI_INDEX
 
-from ._helpers import HTTP, RegistryEnv, get, text, wait_until
+from ._helpers import HTTP, RegistryEnv, RegistryServer, get, text, wait_until
 
 
 def _connect(url: str) -> socket.socket:
@@ -154,3 +155,44 @@ def test_referrers_are_a_page_of_at_most_1000_with_a_link_to_the_next(
             link = page.headers.get("Link")
             path = link.split(">")[0].lstrip("<") if link else ""
         assert listed == expected
+
+
+def _metric(server: RegistryServer, name: str) -> float:
+    answer = HTTP.request("GET", f"{server.url}/metrics", headers={"Connection": "close"})
+    found = re.search(rf"^{re.escape(name)} (\S+)$", answer.data.decode(), re.M)
+    return float(found.group(1)) if found else -1.0
+
+
+def test_connections_past_max_connections_are_refused_503(registry_env: RegistryEnv) -> None:
+    """Any number of connections were taken, each a file descriptor the registry also needs
+    for its files (a few hundred clients opening connections and sending a byte now and
+    then could leave it none). Past ``max_connections`` a connection is answered 503."""
+    registry_env.set_config(max_connections=3)
+    server = registry_env.start()
+    HTTP.clear()  # the pooled connection of the start's health checks
+    gauge = "cvmfs_registry_connections"
+    wait_until(lambda: _metric(server, gauge) == 1, 60, "connections left open")  # its own
+    held: list[socket.socket] = []
+
+    def refused() -> bytes:
+        extra = _connect(server.url)
+        extra.sendall(b"GET /pubapi/ping HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        answer = _answer(extra)
+        extra.close()
+        return answer if answer.startswith(b"HTTP/1.1 503") else b""
+
+    try:
+        answer = b""
+        while not answer and len(held) < 20:  # 3, or one more while a probe's closes
+            held.append(_connect(server.url))
+            held[-1].sendall(b"GET /pubapi/ping HTTP/1.1\r\nHost: x\r\n")  # and no more
+            answer = refused()
+        assert answer, f"{len(held)} connections waiting for the rest of their heads, and more"
+        assert b"max_connections" in answer and b"retry-after: 5" in answer.lower()
+    finally:
+        for conn in held:
+            conn.close()
+    wait_until(lambda: _metric(server, gauge) == 1, 60, "held connections not released")
+    assert text(get(server, "/pubapi/ping")) == "OK\n"
+    assert _metric(server, 'cvmfs_registry_errors_total{kind="connections"}') >= 1
+

@@ -78,8 +78,7 @@ def registry_serve(
                        " that late (user-pub uses CVMFS_REPOSITORY_TTL=15)", err=True)  # fmt: skip
     configure_logging(log_format)
     typer.echo(f"registry for {', '.join(service.repositories)} at http://{host}:{port}/", err=True)
-    http = bounded_http(lambda: service.config.upload_low_speed_seconds,
-                        lambda kind: service.metrics.errors.labels(kind).inc())  # fmt: skip
+    http = bounded_http(lambda: service.config, service.metrics)
     config = uvicorn.Config(
         create_app(service), host=host, port=port, log_config=None, log_level="info", http=http
     )

@@ -9,6 +9,11 @@ connections, and their file descriptors, open with a few bytes each. Now a head 
 :data:`MAX_HEAD_BYTES` is answered 431 and one not complete within ``upload_low_speed_seconds``
 (the window bodies get; 0: no limit) 408, and the connection is closed (nginx answers the
 same, with ``large_client_header_buffers`` and ``client_header_timeout``).
+
+And the connections open at once: any number were taken, each a file descriptor the registry
+also needs for its files and databases. Past ``max_connections`` a new connection is
+answered 503 with ``Retry-After`` at its first bytes and closed (one idle is closed by
+uvicorn's keep-alive timeout, 5 s).
 """
 
 from __future__ import annotations
@@ -19,6 +24,9 @@ from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from cvmfs_ml.registry.config import RegistryConfig
+from cvmfs_ml.registry.metrics import RegistryMetrics
+
 __all__ = ["MAX_HEAD_BYTES", "bounded_http"]
 
 MAX_HEAD_BYTES = 64 * 1024
@@ -26,10 +34,14 @@ MAX_HEAD_BYTES = 64 * 1024
 
 
 def bounded_http(
-    head_seconds: Callable[[], float], refused: Callable[[str], None]
+    config: Callable[[], RegistryConfig], metrics: RegistryMetrics
 ) -> type[asyncio.Protocol]:
-    """The protocol class for ``uvicorn.run(http=...)``; ``head_seconds()`` is read as each
-    head starts, ``refused(kind)`` is told of each refusal (``head_size``, ``head_slow``)."""
+    """The protocol class for ``uvicorn.run(http=...)``; ``config()`` is read as each
+    connection and head starts; refusals count in ``errors_total`` (``head_size``,
+    ``head_slow``, ``connections``) and ``metrics.connections`` is the connections open."""
+
+    def refused(kind: str) -> None:
+        metrics.errors.labels(kind).inc()
 
     class BoundedHttpTools(HttpToolsProtocol):
         def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -37,11 +49,23 @@ def bounded_http(
             self._head_done = False  # between a head's end and its message's end
             self._head_bytes = 0
             self._head_timer: asyncio.TimerHandle | None = None
+            self._over = False  # past max_connections: refused at its first bytes
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            metrics.connections.set(len(self.connections))
+            self._over = len(self.connections) > config().max_connections
 
         def data_received(self, data: bytes) -> None:
+            if self._over:
+                refused("connections")
+                limit = config().max_connections
+                self._refuse(503, "Service Unavailable", f"{limit} connections are open"
+                             " (max_connections); retry in 5 s", {"retry-after": "5"})  # fmt: skip
+                return
             if not self._head_done:
                 self._head_bytes += len(data)
-                seconds = head_seconds()
+                seconds = config().upload_low_speed_seconds
                 if self._head_timer is None and seconds > 0:
                     self._head_timer = self.loop.call_later(seconds, self._head_too_slow)
             super().data_received(data)
@@ -62,6 +86,7 @@ def bounded_http(
         def connection_lost(self, exc: Exception | None) -> None:
             self._stop_timer()
             super().connection_lost(exc)
+            metrics.connections.set(len(self.connections))
 
         def _stop_timer(self) -> None:
             if self._head_timer is not None:
@@ -75,13 +100,16 @@ def bounded_http(
                 self._refuse(408, "Request Timeout",
                              "the request line and headers did not arrive in time")  # fmt: skip
 
-        def _refuse(self, status: int, phrase: str, reason: str) -> None:
+        def _refuse(self, status: int, phrase: str, reason: str,
+                    headers: dict[str, str] | None = None) -> None:  # fmt: skip
             if self.transport.is_closing():
                 return
             body = f"{reason}\n".encode()
+            extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
             self.transport.write(
                 f"HTTP/1.1 {status} {phrase}\r\ncontent-type: text/plain; charset=utf-8\r\n"
-                f"content-length: {len(body)}\r\nconnection: close\r\n\r\n".encode() + body
+                f"content-length: {len(body)}\r\n{extra}connection: close\r\n\r\n".encode()
+                + body
             )
             self.transport.close()
 

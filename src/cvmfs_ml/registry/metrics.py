@@ -50,6 +50,9 @@ class RegistryMetrics:
             "cvmfs_registry_bytes_ingested", "bytes of accepted uploads", registry=r
         )
         self.errors = Counter("cvmfs_registry_errors", "errors by kind", ["kind"], registry=r)
+        self.connections = Gauge(
+            "cvmfs_registry_connections", "HTTP connections open", registry=r
+        )
         self.uploads_receiving = Gauge(
             "cvmfs_registry_uploads_receiving",
             "upload bodies being received (OCI, resumable, user-pub)",
