@@ -16,7 +16,7 @@ import shutil
 import socket
 import subprocess
 import time as real_time
-from contextlib import ExitStack
+from contextlib import ExitStack, closing
 from pathlib import Path
 
 import pytest
@@ -146,6 +146,29 @@ def test_user_pub_bodies_count_toward_max_receiving_uploads(registry_env: Regist
         wait_until(lambda: _metric(server, "cvmfs_registry_uploads_receiving") == 0, 60)
     assert _metric(server, 'cvmfs_registry_errors_total{kind="busy"}') == 3
     assert text(post("/pubapi/publish?cid=grp/busy")) == "OK\n"
+
+
+def test_manifest_bodies_count_toward_max_receiving_uploads(registry_env: RegistryEnv) -> None:
+    """A manifest PUT's body (up to 4 MiB) is gathered in memory: any number were received
+    at once. It takes a place as blob bodies do."""
+    registry_env.set_config(max_receiving_uploads=1)
+    server = registry_env.start()
+    url = f"{server.url}/v2/grp/model/manifests/v1"
+    headers = {**_auth(registry_env), "Content-Type": "application/vnd.oci.image.index.v1+json"}
+    with ExitStack() as stack:
+        _hold_bodies(registry_env, server, stack, 1)
+        wait_until(lambda: _metric(server, "cvmfs_registry_uploads_receiving") == 1, 60)
+        refused = HTTP.request("PUT", url, body=b"{}", headers=headers)
+        assert refused.status == 429, refused.data
+        assert json.loads(refused.data)["errors"][0]["code"] == "TOOMANYREQUESTS"
+        assert int(refused.headers["Retry-After"]) > 0
+        conn = stack.enter_context(closing(start_body(url, headers, 1_000_000, "PUT")))
+        conn.sendall(b"{" + b" " * 1000)  # answered before the rest of it is read
+        answer = conn.makefile("rb").readline()
+    assert answer.startswith(b"HTTP/1.1 429"), answer
+    wait_until(lambda: _metric(server, "cvmfs_registry_uploads_receiving") == 0, 60)
+    index = b'{"schemaVersion": 2, "manifests": []}'
+    assert HTTP.request("PUT", url, body=index, headers=headers).status == 201
 
 
 def test_sessions_untouched_for_a_week_are_pruned_while_the_registry_runs(

@@ -424,10 +424,14 @@ def add_oci_routes(app: FastAPI, service: RegistryService, store: OciStore) -> M
             if not TAG_RE.fullmatch(tag):
                 raise OciError(400, "TAG_INVALID", f"invalid tag {tag!r}")
         body = bytearray()
-        async for chunk in body_chunks(request, service.config):
-            body += chunk
-            if len(body) > MAX_MANIFEST_BYTES:
-                raise OciError(413, "SIZE_INVALID", f"manifest over {MAX_MANIFEST_BYTES} bytes")
+        # Gathered in memory (up to MAX_MANIFEST_BYTES): one of max_receiving_uploads places,
+        # as blob bodies; before, any number were received at once.
+        with service.receiving():
+            async for chunk in body_chunks(request, service.config):
+                body += chunk
+                if len(body) > MAX_MANIFEST_BYTES:
+                    raise OciError(413, "SIZE_INVALID",
+                                   f"manifest over {MAX_MANIFEST_BYTES} bytes")  # fmt: skip
         media_type = request.headers.get("content-type", "").split(";")[0].strip()
         actual = "sha256:" + hashlib.sha256(body).hexdigest()
         if DIGEST_RE.fullmatch(reference) and reference != actual:

@@ -242,11 +242,10 @@ class RegistryService:
 
     @contextlib.contextmanager
     def receiving(self) -> Iterator[None]:
-        """One of at most ``max_receiving_uploads`` upload bodies (OCI, resumable, user-pub)
-        received at once;
-        past it, 429 with a short Retry-After. oras-go retries it (5 times, honouring
-        Retry-After), skopeo with ``--retry-times``; docker's push does not retry a
-        TOOMANYREQUESTS and stops with the message, which says to retry.
+        """One of at most ``max_receiving_uploads`` bodies (OCI blobs and manifests, resumable,
+        user-pub) received at once; past it, 429 with a short Retry-After. oras-go retries it
+        (5 times, honouring Retry-After), skopeo with ``--retry-times``; docker's push does
+        not retry a TOOMANYREQUESTS and stops with the message, which says to retry.
 
         Why: each holds up to 12 MiB of buffers (a block gathered, two being hashed and
         written) for as long as its client sends, however slowly, and nothing bounded how many
