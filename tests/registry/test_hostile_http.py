@@ -196,3 +196,21 @@ def test_connections_past_max_connections_are_refused_503(registry_env: Registry
     assert text(get(server, "/pubapi/ping")) == "OK\n"
     assert _metric(server, 'cvmfs_registry_errors_total{kind="connections"}') >= 1
 
+
+
+def test_a_content_range_of_thousands_of_digits_is_416_not_a_server_error(
+    registry_env: RegistryEnv,
+) -> None:
+    """Python refuses to turn more than 4300 digits into an int: such a Content-Range start
+    raised out of the route, a 500 with a traceback in the log for one header."""
+    server = registry_env.start()
+    auth = {"Authorization": f"Bearer {registry_env.tokens['writer']}"}
+    huge = {**auth, "Content-Range": f"{'1' * 5000}-{'2' * 5000}"}
+    oci = HTTP.request("POST", f"{server.url}/v2/grp/model/blobs/uploads/", headers=auth)
+    answer = HTTP.request("PATCH", server.url + oci.headers["Location"], body=b"x", headers=huge)
+    assert answer.status == 416, answer.data
+    resumable = HTTP.request("POST", f"{server.url}/api/v1/uploads?cid=grp/x", headers=auth)
+    answer = HTTP.request("PATCH", server.url + resumable.headers["Location"], body=b"x",
+                          headers=huge)  # fmt: skip
+    assert answer.status == 416, answer.data
+    assert json.loads(answer.data)["offset"] == 0

@@ -335,7 +335,8 @@ def add_oci_routes(app: FastAPI, service: RegistryService, store: OciStore) -> M
         current = store.upload_of(name, upload_id)
         content_range = request.headers.get("content-range")
         if content_range:
-            match = re.fullmatch(r"(?:bytes )?(\d+)-(\d+)", content_range.strip())
+            # At most 20 digits (no byte offset has more): int() refuses over 4300, a 500.
+            match = re.fullmatch(r"(?:bytes )?(\d{1,20})-(\d{1,20})", content_range.strip())
             if match is None or int(match.group(1)) != current:
                 return Response(status_code=416, headers=upload_headers(name, upload_id, current))
         size = await receive(request, upload_id, who)

@@ -90,7 +90,9 @@ def add_resumable_routes(app: FastAPI, service: RegistryService, store: OciStore
         who = owner(request, session_cid(upload_id))
         current = offset(upload_id)
         content_range = request.headers.get("content-range", "")
-        match = re.fullmatch(r"(?:bytes )?(\d+)-(\d+)(?:/\d+|/\*)?", content_range.strip())
+        # At most 20 digits (no byte offset has more): int() refuses over 4300, a 500.
+        match = re.fullmatch(r"(?:bytes )?(\d{1,20})-(\d{1,20})(?:/\d{1,20}|/\*)?",
+                             content_range.strip())  # fmt: skip
         if match is None or int(match.group(1)) != current:
             return JSONResponse(
                 {"error": f"the next piece starts at byte {current} (send Content-Range)",
