@@ -1,5 +1,6 @@
-"""What open upload sessions hold on the disk, and when they go: abandoned ones pruned while
-the registry runs, whether or not sessions start.
+"""What unfinished uploads hold on the disk, and when it goes: open sessions (all of them
+together, and abandoned ones pruned while the registry runs, whether or not sessions start),
+and accepted bodies waiting in the queue.
 
 Before, the running registry looked for abandoned sessions only when a new one started, so a
 registry nobody opened sessions on any more kept its stale ones (and their disk) for ever.
@@ -10,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import time as real_time
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +21,7 @@ import urllib3
 from cvmfs_ml.registry.oci_store import PRUNE_SECONDS, OciStore
 from waiting import ManualClock, wait_until
 
-from ._helpers import HTTP, RegistryEnv, RegistryServer, get
+from ._helpers import FQRNS, HTTP, RegistryEnv, RegistryServer, get, make_tarball, post, text
 
 WEEK_AGO = real_time.time() - 8 * 86400
 
@@ -154,3 +156,47 @@ def test_a_session_without_an_owner_nobody_writes_to_is_pruned_as_abandoned(
         assert store.ledger.total == 0
     finally:
         store.close()
+
+
+def test_bytes_waiting_in_the_queue_are_bounded_before_writing(
+    registry_env: RegistryEnv,
+) -> None:
+    """Accepted user-pub bodies wait in the spool until published, and any number of them,
+    from any token, were taken: a slow or stuck publisher let the queue fill the disk. Past
+    ``max_queued_bytes`` a body is refused 507 (before it is written when its length is
+    declared), in each API's form; once the queue drains, it is taken."""
+    first, second, third = (make_tarball({f"{n}.bin": os.urandom(3000)}, gz=False)
+                            for n in "abc")  # fmt: skip
+    registry_env.set_config(max_queued_bytes=len(first) + len(second) + 100)
+    server = registry_env.start()
+    token = registry_env.tokens["writer"]
+    with ExitStack() as stack:  # the workers wait for the repositories: jobs stay queued
+        for fqrn in FQRNS:
+            stack.enter_context(registry_env.publisher(fqrn).lock())
+        assert text(post(server, "/pubapi/publish?cid=grp/a", first, token)) == "OK\n"
+        assert text(post(server, "/pubapi/publish?cid=grp/b", second, token)) == "OK\n"
+        refused = post(server, "/pubapi/publish?cid=grp/c", third, token)
+        assert refused.status == 507, text(refused)
+        assert text(refused).startswith("Server error: ") and "max_queued_bytes" in text(refused)
+        api = post(server, "/api/v1/cids/grp/c", third, token)
+        assert api.status == 507 and "max_queued_bytes" in json.loads(api.data)["error"]
+        session = HTTP.request("POST", f"{server.url}/api/v1/uploads?cid=grp/c",
+                               headers=_auth(registry_env))  # fmt: skip
+        location = server.url + session.headers["Location"]
+        piece = HTTP.request("PATCH", location, body=third, headers={
+            **_auth(registry_env), "Content-Range": f"0-{len(third) - 1}"})  # fmt: skip
+        assert piece.status == 202, piece.data
+        put = HTTP.request("PUT", location, headers=_auth(registry_env))
+        assert put.status == 507 and "max_queued_bytes" in json.loads(put.data)["error"]
+        kept = HTTP.request("GET", location, headers=_auth(registry_env))
+        assert json.loads(kept.data)["offset"] == len(third)  # the session is kept
+        spooled = list((registry_env.data / "spool").iterdir())
+        assert len(spooled) == 2, spooled  # nothing of the refused ones was kept
+    exists = "/pubapi/exists?cid=grp/b"
+    wait_until(lambda: text(get(server, exists)).startswith("PRESENT"), 120, server.logs)
+    wait_until(lambda: text(get(server, "/pubapi/exists?cid=grp/a")).startswith("PRESENT"), 120)
+    put = HTTP.request("PUT", location, headers=_auth(
+        registry_env))  # fmt: skip
+    assert put.status == 202, put.data  # the kept session, once the queue drained
+    metrics = get(server, "/metrics").data.decode()
+    assert 'cvmfs_registry_errors_total{kind="queued_bytes"} 3.0' in metrics

@@ -68,6 +68,7 @@ async def _receive(request: Request, service: RegistryService) -> Any:
             raise RejectedError(400, "bad Content-Length")
         if int(declared) > limit:
             raise RejectedError(413, f"body larger than {limit} bytes", "oversized")
+        await run_in_threadpool(service.check_queue_room, int(declared))  # before writing it
     with service.receiving():
         return await _spool(request, service)
 

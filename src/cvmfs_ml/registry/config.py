@@ -58,6 +58,7 @@ _BOUNDS: dict[str, tuple[float, float, str]] = {  # each value that cannot work 
     "max_upload_sessions": (1, math.inf, "at least 1"),
     "max_session_bytes": (1, math.inf, "at least 1"),
     "max_connections": (1, math.inf, "at least 1"),
+    "max_queued_bytes": (1, math.inf, "at least 1"),
     "upload_low_speed_limit": (0, math.inf, "0 (no limit) or more"),
     "upload_low_speed_seconds": (0, 86400, "0 (no limit) to 86400"),
     "cleanup_hour": (-1, 23, "an hour 0-23, or -1 (never)"),
@@ -126,6 +127,7 @@ class RegistryConfig:
     max_upload_sessions: int = 100  # OCI and resumable sessions one token holds open at once
     max_session_bytes: int = 64 * 2**30  # bytes all open sessions hold on disk together
     max_connections: int = 1000  # HTTP connections open at once (registry/connections.py)
+    max_queued_bytes: int = 64 * 2**30  # bytes of accepted bodies waiting to be published
     upload_low_speed_limit: int = 1024  # B/s an upload averages over each window; 0: no limit
     upload_low_speed_seconds: float = 60.0  # that window (registry/bodies.py)
     unpack_images: bool = True  # publish pushed container images unpacked (DUCC's .flat layout)

@@ -23,9 +23,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cvmfs_ml.errors import CvmfsMlError
 from cvmfs_ml.storage import sqlitefile
 
-__all__ = ["ACTIVE", "CidRecord", "Job", "JobStore"]
+__all__ = ["ACTIVE", "CidRecord", "Job", "JobStore", "QueueFullError"]
+
+
+class QueueFullError(CvmfsMlError):
+    """A job whose body would take the queue's bytes past the bound; ``held``: their bytes."""
+
+    def __init__(self, held: int) -> None:
+        super().__init__(f"the queue holds {held} bytes")
+        self.held = held
 
 QUEUED, PUBLISHING, PUBLISHED, FAILED = "queued", "publishing", "published", "failed"
 ACTIVE = (QUEUED, PUBLISHING)
@@ -149,15 +158,22 @@ class JobStore:
         return Job(**row) if row else None
 
     def enqueue(
-        self, cid: str, repo: str, strip: int, upload: str, size: int, sha256: str, publisher: str
+        self, cid: str, repo: str, strip: int, upload: str, size: int, sha256: str, publisher: str,
+        max_bytes: int | None = None,
     ) -> tuple[Job, bool]:
-        """Queue a job; returns ``(job, created)``, the active job if one exists for ``cid``."""
+        """Queue a job; returns ``(job, created)``, the active job if one exists for ``cid``.
+        :class:`QueueFullError` when the active jobs' bodies and this one would pass
+        ``max_bytes`` (checked in the same transaction: bodies accepted at once add up)."""
         with self._txn() as db:
             row = db.execute(
                 "SELECT * FROM jobs WHERE cid=? AND state IN (?, ?)", (cid, *ACTIVE)
             ).fetchone()
             if row:
                 return Job(**row), False
+            if max_bytes is not None:
+                held = self._pending_bytes(db)
+                if held + size > max_bytes:
+                    raise QueueFullError(held)
             job = Job(
                 uuid.uuid4().hex, cid, repo, strip, upload, size, sha256, publisher,
                 QUEUED, None, None, time.time(), None, None,
@@ -234,6 +250,16 @@ class JobStore:
                 (QUEUED,),
             ).fetchall()
         return {row[0]: (row[1], row[2]) for row in rows}
+
+    def pending_bytes(self) -> int:
+        """Bytes of the bodies of jobs queued or being published (in the spool)."""
+        with self._lock:
+            return self._pending_bytes(self._db)
+
+    @staticmethod
+    def _pending_bytes(db: sqlite3.Connection) -> int:
+        row = db.execute("SELECT SUM(size) FROM jobs WHERE state IN (?, ?)", ACTIVE).fetchone()
+        return int(row[0] or 0)
 
     def pending_uploads(self) -> set[str]:
         with self._lock:

@@ -122,6 +122,8 @@ def add_resumable_routes(app: FastAPI, service: RegistryService, store: OciStore
         spooled = service.spool / f"{upload_id}.upload"
         try:
             with store.claimed(upload_id):  # not while a piece is still being written
+                # A full queue (507) keeps the session: it is published once the queue drains.
+                service.check_queue_room(store.upload_size(upload_id))
                 path, sha256 = store.session_sha256(upload_id)
                 service.spool.mkdir(parents=True, exist_ok=True)  # made again if removed
                 os.replace(path, spooled)

@@ -28,7 +28,7 @@ from cvmfs_ml.errors import ConfigError, CvmfsMlError, LockedError
 from cvmfs_ml.publish.repository import Publisher
 from cvmfs_ml.registry.cid import ContentId
 from cvmfs_ml.registry.config import ConfigFile, RegistryConfig
-from cvmfs_ml.registry.jobs import Job, JobStore
+from cvmfs_ml.registry.jobs import Job, JobStore, QueueFullError
 from cvmfs_ml.registry.metrics import RegistryMetrics
 from cvmfs_ml.registry.oci_store import OciError
 from cvmfs_ml.registry.tarballs import RejectedError, check_tarball
@@ -295,6 +295,20 @@ class RegistryService:
                 raise
             raise RejectedError(507, exc.message, "session_bytes") from exc
 
+    def check_queue_room(self, size: int) -> None:
+        """507 unless ``size`` more bytes of accepted bodies (waiting in the spool to be
+        published) fit in ``max_queued_bytes``: any number were taken, from any token, so a
+        slow or stuck publisher let the queue fill the disk."""
+        held = self.store.pending_bytes()
+        if held + size > self.config.max_queued_bytes:
+            raise self._queue_full(held, size)
+
+    def _queue_full(self, held: int, size: int) -> RejectedError:
+        limit = self.config.max_queued_bytes
+        return RejectedError(507, f"uploads waiting to be published hold {held} bytes, and "
+                             f"{size} more would pass max_queued_bytes={limit}: try later",
+                             "queued_bytes")  # fmt: skip
+
     def new_upload(self) -> UploadFile:
         return UploadFile(self.spool, self.config.max_upload_bytes)
 
@@ -318,6 +332,7 @@ class RegistryService:
             if active is not None:
                 return Accepted(active, None)
             config = self.config
+            self.check_queue_room(upload.size)  # before reading it through; and as it is queued
             check_tarball(
                 upload.path,
                 strip,
@@ -325,9 +340,13 @@ class RegistryService:
                 max_catalogs=config.max_tar_catalogs,
                 max_unpacked_bytes=config.max_unpacked_bytes,
             )
-            job, created = self.store.enqueue(
-                cid.text, self._route(), strip, str(upload.path), upload.size, sha256, publisher
-            )
+            try:
+                job, created = self.store.enqueue(
+                    cid.text, self._route(), strip, str(upload.path), upload.size, sha256,
+                    publisher, config.max_queued_bytes,
+                )  # fmt: skip
+            except QueueFullError as exc:
+                raise self._queue_full(exc.held, upload.size) from exc
             if created:
                 keep = True
                 self.metrics.bytes_ingested.inc(upload.size)
