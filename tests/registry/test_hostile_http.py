@@ -214,3 +214,32 @@ def test_a_content_range_of_thousands_of_digits_is_416_not_a_server_error(
                           headers=huge)  # fmt: skip
     assert answer.status == 416, answer.data
     assert json.loads(answer.data)["offset"] == 0
+
+
+def _closed_by_server(conn: socket.socket) -> bool:
+    conn.settimeout(0.1)
+    try:
+        return not conn.recv(65536)
+    except TimeoutError:
+        return False
+    except ConnectionResetError:
+        return True
+
+
+def test_a_connection_that_sends_nothing_is_closed(registry_env: RegistryEnv) -> None:
+    """uvicorn times a connection only after a response (keep-alive): one that never sent a
+    byte was held for ever, so silent connections could take every ``max_connections``
+    place. The head's window runs from the connection's start; one past
+    ``max_connections`` that sends nothing is closed after a second."""
+    registry_env.set_config(upload_low_speed_seconds=1, max_connections=2)
+    server = registry_env.start()
+    HTTP.clear()  # the pooled connection of the start's health checks
+    silent = [_connect(server.url) for _ in range(4)]
+    try:
+        for conn in silent:
+            wait_until(lambda conn=conn: _closed_by_server(conn), 60,
+                       "a connection that sent nothing is still open")  # fmt: skip
+    finally:
+        for conn in silent:
+            conn.close()
+    assert text(get(server, "/pubapi/ping")) == "OK\n"

@@ -7,8 +7,10 @@ once a head's first byte had come it waited for the rest for ever (its keep-aliv
 stops at the first byte). One client could grow the registry's memory as it liked, or hold
 connections, and their file descriptors, open with a few bytes each. Now a head larger than
 :data:`MAX_HEAD_BYTES` is answered 431 and one not complete within ``upload_low_speed_seconds``
-(the window bodies get; 0: no limit) 408, and the connection is closed (nginx answers the
-same, with ``large_client_header_buffers`` and ``client_header_timeout``).
+(the window bodies get, from the connection's start, for a later request from its first
+byte; 0: no limit) 408, and the connection is closed (nginx answers the same, with
+``large_client_header_buffers`` and ``client_header_timeout``); one that sent nothing in it
+is closed.
 
 And the connections open at once: any number were taken, each a file descriptor the registry
 also needs for its files and databases. Past ``max_connections`` a new connection is
@@ -55,6 +57,12 @@ def bounded_http(
             super().connection_made(transport)
             metrics.connections.set(len(self.connections))
             self._over = len(self.connections) > config().max_connections
+            # The head's window runs from here (uvicorn times a connection only after a
+            # response): one that never sent a byte was held for ever. One past the limit
+            # is answered at its first bytes, or closed after a second.
+            seconds = 1.0 if self._over else config().upload_low_speed_seconds
+            if seconds > 0:
+                self._head_timer = self.loop.call_later(seconds, self._head_too_slow)
 
         def data_received(self, data: bytes) -> None:
             if self._over:
@@ -95,10 +103,14 @@ def bounded_http(
 
         def _head_too_slow(self) -> None:
             self._head_timer = None
-            if not self._head_done and not self.transport.is_closing():
-                refused("head_slow")
-                self._refuse(408, "Request Timeout",
-                             "the request line and headers did not arrive in time")  # fmt: skip
+            if self._head_done or self.transport.is_closing():
+                return
+            refused("connections" if self._over else "head_slow")
+            if self._over or not self._head_bytes:  # nothing asked: nothing to answer
+                self.transport.close()
+                return
+            self._refuse(408, "Request Timeout",
+                         "the request line and headers did not arrive in time")  # fmt: skip
 
         def _refuse(self, status: int, phrase: str, reason: str,
                     headers: dict[str, str] | None = None) -> None:  # fmt: skip
