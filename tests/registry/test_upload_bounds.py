@@ -9,6 +9,7 @@ only at startup, after a week, so a token could open them without end and fill t
 from __future__ import annotations
 
 import hashlib
+import http.client
 import json
 import os
 import re
@@ -289,3 +290,32 @@ def test_skopeo_retries_a_push_refused_for_max_receiving_uploads(
         output, _ = push.communicate(timeout=300)
     assert push.returncode == 0, output
     assert get(server, "/v2/grp/img/manifests/1").status == 200
+
+
+def test_a_client_back_after_its_retry_after_finds_its_connection_open(
+    registry_env: RegistryEnv,
+) -> None:
+    """A client refused with 429 waits the Retry-After it was told, then sends again on the same
+    connection (skopeo and oras-go do). The server closed idle connections after 5 s (uvicorn's
+    default) and told clients to come back in 5 s: the retry met a connection closing under it
+    ('write: broken pipe'), which skopeo does not retry, so the push failed now and then
+    (test_skopeo_retries_a_push_refused_for_max_receiving_uploads on a loaded machine)."""
+    registry_env.set_config(max_receiving_uploads=1)
+    server = registry_env.start()
+    body = b"a small blob"
+    target = f"/v2/grp/model/blobs/uploads/?digest=sha256:{hashlib.sha256(body).hexdigest()}"
+    with ExitStack() as stack:
+        held = _hold_bodies(registry_env, server, stack, 1)
+        wait_until(lambda: _metric(server, "cvmfs_registry_uploads_receiving") == 1, 60)
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+        stack.callback(conn.close)
+        conn.request("POST", target, body=body, headers=_auth(registry_env))
+        refused = conn.getresponse()
+        refused.read()
+        assert refused.status == 429
+        wait = int(refused.headers["Retry-After"])
+        held[0].close()
+        wait_until(lambda: _metric(server, "cvmfs_registry_uploads_receiving") == 0, 60)
+        real_time.sleep(wait + 1)  # the client's own wait, as it was told (and a second more)
+        conn.request("POST", target, body=body, headers=_auth(registry_env))
+        assert conn.getresponse().status == 201

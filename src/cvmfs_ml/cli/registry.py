@@ -55,7 +55,7 @@ def registry_serve(
 
     from cvmfs_ml.registry.app import create_app
     from cvmfs_ml.registry.config import ConfigFile
-    from cvmfs_ml.registry.connections import bounded_http
+    from cvmfs_ml.registry.connections import KEEP_ALIVE_SECONDS, bounded_http
     from cvmfs_ml.registry.heap import bound_malloc_arenas
     from cvmfs_ml.registry.logs import configure_logging
     from cvmfs_ml.registry.service import RegistryService
@@ -80,7 +80,8 @@ def registry_serve(
     typer.echo(f"registry for {', '.join(service.repositories)} at http://{host}:{port}/", err=True)
     http = bounded_http(lambda: service.config, service.metrics)
     config = uvicorn.Config(
-        create_app(service), host=host, port=port, log_config=None, log_level="info", http=http
+        create_app(service), host=host, port=port, log_config=None, log_level="info", http=http,
+        timeout_keep_alive=KEEP_ALIVE_SECONDS,
     )
     uvicorn.Server(config).run(sockets=[listener])
 

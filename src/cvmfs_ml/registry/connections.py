@@ -29,9 +29,14 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from cvmfs_ml.registry.config import RegistryConfig
 from cvmfs_ml.registry.metrics import RegistryMetrics
 
-__all__ = ["MAX_HEAD_BYTES", "bounded_http"]
+__all__ = ["KEEP_ALIVE_SECONDS", "MAX_HEAD_BYTES", "bounded_http"]
 
 MAX_HEAD_BYTES = 64 * 1024
+KEEP_ALIVE_SECONDS = 75
+"""Seconds an idle connection is kept (nginx's ``keepalive_timeout``): longer than any
+``Retry-After`` the registry sends (5 s busy, 60 s for tarballs), because a client that waits it
+sends its retry on the same connection. At uvicorn's 5 s the server closed it just as the retry
+came, and the client's write failed ('broken pipe'), which skopeo does not retry."""
 """Bytes a request head may take (nginx takes 4 x 8 KiB by default; h11 16 KiB)."""
 
 
