@@ -299,7 +299,8 @@ class _Snapshot:
     def _copy_all(self, manifest: Manifest, *, follow_previous: bool) -> None:
         if manifest.metainfo is not None:
             metainfo = manifest.metainfo
-            self._copy_object(object_path(metainfo, ObjectKind.METAINFO), metainfo)
+            rel = object_path(metainfo, ObjectKind.METAINFO)
+            self._copy_object(rel, metainfo, stored_bound(MAX_UNSIZED_OBJECT, True))
         tags = self._copy_history(manifest)
         historic_required = not manifest.garbage_collectable
         previous = self._sync_catalog(manifest.catalog, "", required=True)
@@ -314,11 +315,13 @@ class _Snapshot:
         if manifest.history is None:
             return []
         rel = object_path(manifest.history, ObjectKind.HISTORY)
-        self._copy_object(rel, manifest.history)
+        # no catalog gives the history's size: the bound of every unsized object, stored and
+        # inflated (an endless body would otherwise fill the replica's disk)
+        self._copy_object(rel, manifest.history, stored_bound(MAX_UNSIZED_OBJECT, True))
         plain = self._temp_path()
         try:
             with plain.open("wb") as out:
-                self.dest.fetch_into(rel, manifest.history, True, out)
+                self.dest.fetch_into(rel, manifest.history, True, out, max_bytes=MAX_UNSIZED_OBJECT)
             with HistoryDb.open(plain) as history:
                 return [(tag.name, tag.root_catalog) for tag in history.tags()]
         finally:

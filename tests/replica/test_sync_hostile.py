@@ -1,0 +1,133 @@
+"""``replica sync`` from a hostile Stratum 0: every body bounded before it reaches the disk.
+
+A small threaded ``http.server`` on loopback serves a freshly published repository, except that
+one path is spoiled: its body is far larger than anything the replica should accept, sent
+without a length and ended by closing the connection. The replica must stop reading at its
+bound, keep nothing of it, and leave the revision it serves untouched.
+"""
+
+from __future__ import annotations
+
+import http.server
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from cvmfs_ml.client.repository import Repository
+from cvmfs_ml.cvmfs.objects import ObjectKind, object_path
+from cvmfs_ml.errors import DownloadError
+from cvmfs_ml.publish.repository import Publisher, create_repository
+from cvmfs_ml.publish.settings import PublishSettings
+from cvmfs_ml.replica.sync import sync_replica
+from quiet_http import QuietHTTPServer
+
+FQRN = "hostile-s0.test"
+SPOILED_BYTES = 64 * 2**20  # what the spoiled path sends: far beyond the (lowered) bound
+BOUND = 2**20  # MAX_UNSIZED_OBJECT for these tests: 2 GiB would take too long to exceed
+
+
+@pytest.fixture
+def s0(tmp_path: Path) -> Publisher:
+    """A Stratum 0 at revision 1 (tag v1), one per test: some tests publish on it."""
+    publisher = create_repository(tmp_path / "s0", FQRN, settings=PublishSettings(workers=1))
+    with publisher.transaction() as txn:
+        txn.add_bytes("/a.txt", b"one\n")
+        txn.commit(tag="v1")
+    return publisher
+
+
+class _Spoiling(http.server.BaseHTTPRequestHandler):
+    """Serves the repository folder; ``spoil`` (a path below it) gets an oversized body."""
+
+    protocol_version = "HTTP/1.1"
+    folder: Path
+    spoil: str
+    sent: list[int]  # bytes of the spoiled body written before the client hung up
+
+    def log_message(self, *args: object) -> None:
+        return
+
+    def do_GET(self) -> None:
+        rel = self.path.split(f"/cvmfs/{FQRN}/", 1)[-1]
+        try:
+            if rel == self.spoil:
+                self._oversized()
+            elif (self.folder / rel).is_file():
+                data = (self.folder / rel).read_bytes()
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+            else:
+                self.send_error(404)
+        except (BrokenPipeError, ConnectionResetError):
+            return
+
+    def _oversized(self) -> None:
+        self.send_response(200)
+        self.send_header("Connection", "close")
+        self.end_headers()
+        self.close_connection = True
+        block = bytes(2**16)
+        sent = 0
+        self.sent.append(0)
+        while sent < SPOILED_BYTES:
+            self.wfile.write(block)
+            sent += len(block)
+            self.sent[-1] = sent
+
+
+@pytest.fixture
+def spoiling(s0: Publisher) -> Iterator[Callable[[str], tuple[str, list[int]]]]:
+    servers: list[QuietHTTPServer] = []
+
+    def start(spoil: str) -> tuple[str, list[int]]:
+        sent: list[int] = []
+        attributes = {"folder": s0.repo_dir, "spoil": spoil, "sent": sent}
+        server = QuietHTTPServer(("127.0.0.1", 0), type("Handler", (_Spoiling,), attributes))
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        return f"http://127.0.0.1:{server.server_address[1]}/cvmfs/{FQRN}", sent
+
+    yield start
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.mark.parametrize("kind", [ObjectKind.HISTORY, ObjectKind.METAINFO])
+def test_an_endless_history_or_meta_info_cannot_fill_the_replicas_disk(
+    s0: Publisher,
+    spoiling: Callable[[str], tuple[str, list[int]]],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    kind: ObjectKind,
+) -> None:
+    """Before, the history database and the meta-info object (no catalog gives their size)
+    were copied with no bound at all: a Stratum 0 answering them with an endless body filled
+    the replica's disk (4.5 GB in 20 s on loopback). They now get the bound every other
+    unsized object has (MAX_UNSIZED_OBJECT), and the download stops there."""
+    monkeypatch.setattr("cvmfs_ml.replica.sync.MAX_UNSIZED_OBJECT", BOUND)
+    key = s0.keys.paths.master_public
+    s1 = tmp_path / "s1" / FQRN
+    if kind is ObjectKind.HISTORY:  # a replica at revision 1, serving it meanwhile
+        sync_replica(s0.repo_dir, s1, key)
+        with s0.transaction() as txn:  # revision 2 brings a new history database
+            txn.add_bytes("/a.txt", b"two\n")
+            txn.commit(tag="v2")
+    manifest = s0.manifest()
+    digest = manifest.history if kind is ObjectKind.HISTORY else manifest.metainfo
+    assert digest is not None and not (s1 / object_path(digest, kind)).exists()
+    url, sent = spoiling(object_path(digest, kind))
+    with pytest.raises(DownloadError, match=r"larger than \d+ bytes"):
+        sync_replica(url, s1, key, max_retries=0, backoff_init=0.0)
+    assert sent and all(n < SPOILED_BYTES for n in sent), sent  # it hung up on the body
+    assert not (s1 / object_path(digest, kind)).exists()
+    assert [p.name for p in (s1 / "data" / "txn").iterdir()] == ["replica.lock"]
+    if kind is ObjectKind.METAINFO:
+        assert not (s1 / ".cvmfspublished").exists()  # a new replica: nothing served yet
+        return
+    with Repository.open(s1, public_key=key, cache=tmp_path / "c") as replica:
+        assert replica.revision == 1 and replica.read_bytes("/a.txt") == b"one\n"
