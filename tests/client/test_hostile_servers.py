@@ -398,6 +398,32 @@ def test_replica_and_check_bound_objects_by_the_catalog(
     assert any(rel in p and re.search(spoiled, p) for p in report.problems), report.problems
 
 
+def test_check_bounds_the_meta_info_object(
+    published: Publisher,
+    hostile: Callable[[str, str], str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Before, ``repo check`` read the meta-info object (no catalog gives its size) with no
+    bound: an endless body held it for ever. It now stops at MAX_UNSIZED_OBJECT (lowered here:
+    2 GiB would take too long) and reports the object, with the rest of its report."""
+    from cvmfs_ml.client.check import check_repository
+
+    monkeypatch.setattr("cvmfs_ml.client.check.MAX_UNSIZED_OBJECT", 2**20)
+    metainfo = published.manifest().metainfo
+    assert metainfo is not None
+    rel = f"data/{metainfo.hex[:2]}/{metainfo.hex[2:]}M"
+    bad = hostile("oversized", rel)  # about 4 MiB, no length, then the connection closes
+    with Repository.open(
+        bad, public_key=published.keys.paths.master_public, cache=tmp_path / "cache",
+        backoff_init=0.0, max_retries=0,
+    ) as repo:  # fmt: skip
+        report = check_repository(repo)
+    assert report.objects >= 2 and not report.ok  # the data objects were still checked
+    spoiled = r"(inflates to more than|larger than) \d+ bytes"
+    assert [p for p in report.problems if rel in p and re.search(spoiled, p)], report.problems
+
+
 # ------------------------------------------------------------------ through a FUSE mount
 
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, replace
 from cvmfs_ml.client.repository import Repository
 from cvmfs_ml.cvmfs.catalog import MARKER, Catalog, DirectoryEntry, Flag, sized_objects, totals
 from cvmfs_ml.cvmfs.hashing import Digest
-from cvmfs_ml.cvmfs.objects import ObjectKind, object_path
+from cvmfs_ml.cvmfs.objects import MAX_UNSIZED_OBJECT, ObjectKind, object_path
 from cvmfs_ml.errors import CvmfsMlError
 
 __all__ = ["CheckReport", "check_repository"]
@@ -79,7 +79,7 @@ def check_repository(repo: Repository, *, data: bool = True, tags: bool = True) 
             report.problems.append(f"history: {exc}")
     for extra, kind in ((repo.manifest.metainfo, ObjectKind.METAINFO),):
         if extra is not None:
-            _check_object(report, source, extra, kind, True)
+            _check_object(report, source, extra, kind, True, bound=MAX_UNSIZED_OBJECT)
     seen_catalogs: set[Digest] = set()
     seen_objects: set[Digest] = set()
     for root, revision in roots.items():
@@ -153,13 +153,16 @@ def _check_object(
     kind: ObjectKind,
     compressed: bool,
     size: int | None = None,
+    *,
+    bound: int | None = None,
 ) -> None:
-    """Fetch (hash-checked, inflated when compressed, bounded by the catalog's ``size``) and
-    count one object, or report it."""
+    """Fetch (hash-checked, inflated when compressed, bounded by the catalog's ``size``, or
+    by ``bound`` for an object no catalog sizes) and count one object, or report it."""
     sink = _CountingSink()
     rel = object_path(digest, kind)
+    limit = size if size is not None else bound
     try:
-        source.fetch_into(rel, digest, compressed, sink, max_bytes=size)  # type: ignore[attr-defined]
+        source.fetch_into(rel, digest, compressed, sink, max_bytes=limit)  # type: ignore[attr-defined]
     except (CvmfsMlError, OSError) as exc:
         report.problems.append(f"object {rel}: {exc}")
         return
