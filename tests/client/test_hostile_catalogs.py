@@ -1,11 +1,11 @@
 """Hostile catalogs give FormatError: a valid signature only says who signed, not that it is sane.
 
 Each case takes a freshly published catalog, spoils one row with SQL (entry names ``..``,
-``.``, ``""``, ``a/b``, NUL; a size stored as text; a negative size; impossible chunk lists;
-a hash stored as text), stores it as the root catalog and points the manifest at it. The
-repository is opened with ``verify=False`` (the signature is beside the point: the publisher
-could have signed exactly these bytes) and every reader path must raise FormatError; ``walk()``
-must end rather than loop.
+``.``, ``""``, ``a/b``, NUL, two of one name in a folder; a size stored as text; a negative
+size; impossible chunk lists; a hash stored as text), stores it as the root catalog and points
+the manifest at it. The repository is opened with ``verify=False`` (the signature is beside the
+point: the publisher could have signed exactly these bytes) and every reader path must raise
+FormatError; ``walk()`` must end rather than loop.
 """
 
 from __future__ import annotations
@@ -49,17 +49,21 @@ def published(tmp_path_factory: pytest.TempPathFactory) -> Publisher:
 
 @pytest.fixture
 def spoiled(published: Publisher, tmp_path: Path) -> Callable[[str, tuple], Repository]:
-    """``spoiled(sql, args)``: a Repository whose root catalog had ``sql`` applied."""
+    """``spoiled(sql, args)``: a Repository whose root catalog had ``sql`` applied (once for
+    each tuple when ``args`` is a list)."""
     opened: list[Repository] = []
 
-    def make(sql: str, args: tuple = ()) -> Repository:
+    def make(sql: str, args: tuple | list[tuple] = ()) -> Repository:
         store = LocalStore(published.repo_dir)
         manifest = published.manifest()
         raw = inflate(store.get_bytes(object_path(manifest.catalog, ObjectKind.CATALOG)))
         plain = tmp_path / f"catalog{len(opened)}.db"
         plain.write_bytes(raw)
         with sqlite3.connect(plain) as db:
-            db.execute(sql, args)
+            if isinstance(args, list):  # one row each
+                db.executemany(sql, args)
+            else:
+                db.execute(sql, args)
         db.close()
         digest = store.put_object(deflate(plain.read_bytes()), ObjectKind.CATALOG, Algorithm.SHA1)
         # an unsigned manifest naming the spoiled catalog, beside the genuine repository
@@ -120,6 +124,44 @@ def test_dot_dot_in_the_root_listing(spoiled: Callable[..., Repository]) -> None
         bounded_walk(repo)
 
 
+def test_duplicate_names_in_a_directory(spoiled: Callable[..., Repository]) -> None:
+    """Two rows of one folder with one name (a row whose md5path is not its path's hash):
+    before, both were listed, and a lookup found one of them."""
+    repo = spoiled("UPDATE catalog SET name = 'file.txt' WHERE name = 'sub'")
+    with pytest.raises(FormatError, match=r"two entries named 'file\.txt' under '/dir'"):
+        repo.listdir("/dir")
+    with pytest.raises(FormatError, match="two entries named"):
+        bounded_walk(repo)
+
+
+def duplicated_folders(copies: int, depth: int) -> tuple[str, list[tuple]]:
+    """Rows for ``copies`` folders named ``d`` in ``/dir``, in each ``/dir/d``, and so on
+    ``depth`` levels down: a catalog of copies * depth rows."""
+    rows = []
+    for level in range(depth):
+        parent = md5_pair("/dir" + "/d" * level)
+        rows += [(2**40 + level * copies + n, level, *parent) for n in range(copies)]
+    sql = (
+        "INSERT INTO catalog (md5path_1, md5path_2, parent_1, parent_2, hardlinks, size, mode, "
+        "mtime, flags, name, uid, gid) VALUES (?, ?, ?, ?, 2, 4096, 16877, 0, 1, 'd', 0, 0)"
+    )
+    return sql, rows
+
+
+@pytest.mark.timeout(120)
+def test_duplicated_folders_cannot_make_a_walk_explode(
+    spoiled: Callable[..., Repository],
+) -> None:
+    """Before, a walk of every row (``Catalog.entries``: ``repo check``) listed each copy of a
+    folder again: 8 copies on 8 levels (64 rows) made 8**8 (16.8 million) folders to list. It
+    now stops at the first duplicate."""
+    repo = spoiled(*duplicated_folders(8, 8))
+    assert isinstance(repo.root, Catalog)
+    with pytest.raises(FormatError, match="two entries named 'd' under '/dir'"):
+        for _ in itertools.islice(repo.root.entries(), 100_000):
+            pass
+
+
 @pytest.mark.parametrize(
     ("sql", "match"),
     [
@@ -166,9 +208,7 @@ def test_impossible_chunk_lists(spoiled: Callable[..., Repository], sql: str) ->
     "sql",
     [
         "INSERT INTO nested_catalogs (path, sha1, size) VALUES ('/dir', 'nothex', 0)",
-        "INSERT INTO nested_catalogs (path, sha1, size) VALUES ('', '"
-        + "a" * 40
-        + "', 0)",
+        "INSERT INTO nested_catalogs (path, sha1, size) VALUES ('', '" + "a" * 40 + "', 0)",
         "INSERT INTO nested_catalogs (path, sha1, size) VALUES ('/dir', '" + "a" * 40 + "', -1)",
         "INSERT INTO nested_catalogs (path, sha1, size) VALUES ('/d/../x', '" + "a" * 40 + "', 1)",
     ],

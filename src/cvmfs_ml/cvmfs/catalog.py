@@ -11,6 +11,7 @@ entries live in :mod:`~cvmfs_ml.cvmfs.catalog_rows`, the writer in
 
 from __future__ import annotations
 
+import itertools
 import sqlite3
 import threading
 from collections.abc import Callable, Iterator
@@ -215,7 +216,13 @@ class Catalog:
             rows = [row for row in rows if row[11] != ""]
         entries = [_entry_from_row(_child_path(path, row[11], self.what), row, self.what)
                    for row in rows]  # fmt: skip
-        return sorted(entries, key=lambda e: e.name)
+        entries.sort(key=lambda e: e.name)
+        for before, after in itertools.pairwise(entries):  # rows whose md5path is not their path's
+            if before.name == after.name:  # a walk would list a duplicated folder once per copy
+                raise FormatError(
+                    self.what, f"two entries named {after.name!r} under {path or '/'!r}"
+                )
+        return entries
 
     def chunks(self, entry: DirectoryEntry | str) -> list[Chunk]:
         """Chunks of a chunked file, in offset order, checked to tile the file."""
