@@ -15,6 +15,7 @@ import itertools
 import sqlite3
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -217,6 +218,34 @@ def test_bad_nested_catalog_rows(spoiled: Callable[..., Repository], sql: str) -
     repo = spoiled(sql)
     with pytest.raises(FormatError):
         repo.stat("/dir/file.txt")
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize(
+    ("spoil", "match"),
+    [
+        (rename("/dir/sub", ".."), "invalid entry name '..' under '/dir'"),
+        (rename("/dir/sub", "a/b"), "invalid entry name 'a/b' under '/dir'"),
+        (duplicated_folders(8, 8), "two entries named 'd' under '/dir'"),
+        (("UPDATE catalog SET size = 'big' WHERE name = 'file.txt'", ()), "size is str"),
+        (("INSERT INTO nested_catalogs (path, sha1, size) VALUES ('/dir', 'nothex', 0)", ()),
+         "nothex"),
+    ],
+)  # fmt: skip
+def test_check_reports_a_hostile_catalog_and_checks_the_rest(
+    spoiled: Callable[..., Repository], spoil: tuple[str, Any], match: str
+) -> None:
+    """``repo check`` collects problems: before, a catalog whose rows could not be walked
+    (a hostile name, a duplicated folder, a bad nested reference) ended the whole check with
+    that one error, and nothing else was checked. It is now one problem of the report, and the
+    data objects are still checked."""
+    from cvmfs_ml.client.check import check_repository
+
+    report = check_repository(spoiled(*spoil))
+    assert not report.ok
+    assert [p for p in report.problems if match in p], report.problems
+    assert len(report.problems) == len(set(report.problems)), report.problems  # each once
+    assert report.objects >= 3, report  # file.txt, deep.txt and the chunks of big.bin
 
 
 def test_a_genuine_catalog_passes_every_check(published: Publisher) -> None:

@@ -113,10 +113,20 @@ def _check_tree(
             report.problems.append(
                 f"{where}: size {catalog.file.stat().st_size} != {expected_size} in its parent"
             )
-        stored = _check_counters(report, catalog, where)
-        _check_nested(report, repo, catalog, stored, where)
+        # A hostile catalog (rows a walk cannot follow, a bad nested reference) is a problem
+        # of the report, and each step that can still run does: one run reports them all.
+        stored: dict[str, int] | None = None
         try:
-            _check_entries(report, catalog, mountpoint, where)
+            stored = _check_counters(report, catalog, where)
+        except CvmfsMlError as exc:
+            _problem(report, where, exc)
+        try:
+            _check_nested(report, repo, catalog, stored, where)
+        except CvmfsMlError as exc:
+            _problem(report, where, exc)
+        try:
+            if stored is not None:  # else the same walk fails the same way
+                _check_entries(report, catalog, mountpoint, where)
             if data:
                 for obj, is_chunk, compressed, size in sized_objects(catalog):
                     if obj in seen_objects:
@@ -125,8 +135,16 @@ def _check_tree(
                     kind = ObjectKind.PARTIAL if is_chunk else ObjectKind.FILE
                     _check_object(report, repo.source, obj, kind, compressed, size)
             stack.extend((r.path, r.digest, r.size) for r in catalog.nested_catalogs())
-        except CvmfsMlError as exc:  # a hostile catalog: report it, check the others
-            report.problems.append(f"{where}: {exc}")
+        except CvmfsMlError as exc:
+            _problem(report, where, exc)
+
+
+def _problem(report: CheckReport, where: str, exc: CvmfsMlError) -> None:
+    """Report ``exc`` about the catalog ``where`` once (its text may already name it)."""
+    text = str(exc)
+    problem = text if text.startswith(where) else f"{where}: {text}"
+    if problem not in report.problems:
+        report.problems.append(problem)
 
 
 def _check_entries(report: CheckReport, catalog: Catalog, mountpoint: str, where: str) -> None:
@@ -229,7 +247,11 @@ def _self_counters(catalog: Catalog) -> dict[str, int]:
 
 
 def _check_nested(
-    report: CheckReport, repo: Repository, catalog: Catalog, stored: dict[str, int], where: str
+    report: CheckReport,
+    repo: Repository,
+    catalog: Catalog,
+    stored: dict[str, int] | None,
+    where: str,
 ) -> None:
     """Each nested catalog's mount point row against the child's root row, and the subtree
     counters against the children's sums: one visit per child (with thousands of children, a
@@ -256,5 +278,5 @@ def _check_nested(
         if _comparable(child_root) != _comparable(mount_row):
             report.problems.append(f"{where}: {ref.path} differs between parent and child rows")
     for key, value in expected.items():
-        if stored.get(key, 0) != value:
+        if stored is not None and stored.get(key, 0) != value:
             report.problems.append(f"{where}: {key} is {stored.get(key, 0)}, children sum {value}")
