@@ -8,19 +8,26 @@ bound, keep nothing of it, and leave the revision it serves untouched.
 
 from __future__ import annotations
 
+import dataclasses
 import http.server
+import sqlite3
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
 
+from cvmfs_ml.cli import app
 from cvmfs_ml.client.repository import Repository
-from cvmfs_ml.cvmfs.objects import ObjectKind, object_path
+from cvmfs_ml.cvmfs.hashing import Algorithm
+from cvmfs_ml.cvmfs.manifest import sign_manifest
+from cvmfs_ml.cvmfs.objects import ObjectKind, deflate, inflate, object_path
 from cvmfs_ml.errors import DownloadError
 from cvmfs_ml.publish.repository import Publisher, create_repository
 from cvmfs_ml.publish.settings import PublishSettings
 from cvmfs_ml.replica.sync import sync_replica
+from cvmfs_ml.storage.local import LocalStore
 from quiet_http import QuietHTTPServer
 
 FQRN = "hostile-s0.test"
@@ -131,3 +138,53 @@ def test_an_endless_history_or_meta_info_cannot_fill_the_replicas_disk(
         return
     with Repository.open(s1, public_key=key, cache=tmp_path / "c") as replica:
         assert replica.revision == 1 and replica.read_bytes("/a.txt") == b"one\n"
+
+
+def publish_history(s0: Publisher, scratch: Path, sql: str, args: tuple) -> None:
+    """Revision 2 of ``s0``: revision 1 with ``sql`` applied to its history database, signed
+    with the repository's own key (a signature says who signed, not that the bytes are sane)."""
+    store = LocalStore(s0.repo_dir)
+    manifest = s0.manifest()
+    assert manifest.history is not None
+    plain = scratch / "history.db"
+    plain.write_bytes(inflate(store.get_bytes(object_path(manifest.history, ObjectKind.HISTORY))))
+    with sqlite3.connect(plain) as db:
+        db.execute(sql, args)
+    db.close()
+    history = store.put_object(deflate(plain.read_bytes()), ObjectKind.HISTORY, Algorithm.SHA1)
+    spoiled = dataclasses.replace(manifest, history=history, revision=manifest.revision + 1)
+    store.put_bytes(".cvmfspublished", sign_manifest(spoiled.body(), s0.keys.repo_private))
+
+
+@pytest.mark.parametrize(
+    ("column", "value"),
+    [("revision", "x"), ("timestamp", b"\x00"), ("name", b"v1"), ("revision", -1),
+     ("description", b"\xff"), ("size", 1.5)],
+)  # fmt: skip
+def test_a_history_with_wrong_column_types_is_refused_on_one_line(
+    s0: Publisher, tmp_path: Path, column: str, value: object
+) -> None:
+    """Before, a tag whose revision was text ('x') or whose timestamp was a blob stopped
+    ``replica sync``, ``repo check`` and ``repo tags`` with a ValueError traceback (a name
+    that is not text, a negative revision or a fractional size went through). Each column is
+    now checked as it is read: FormatError naming the tag and the column, on one line; the
+    replica keeps its revision and ``repo check`` reports it with the rest."""
+    from cvmfs_ml.client.check import check_repository
+
+    key = s0.keys.paths.master_public
+    s1 = tmp_path / "s1" / FQRN
+    sync_replica(s0.repo_dir, s1, key)
+    publish_history(s0, tmp_path, f"UPDATE tags SET {column} = ? WHERE name = 'v1'", (value,))
+    for args in (
+        ["replica", "sync", str(s0.repo_dir), str(s1), "--key", str(key)],
+        ["repo", "tags", str(s0.repo_dir), "--key", str(key)],
+    ):
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result
+        lines = result.stderr.splitlines()
+        assert len(lines) == 1 and "tag" in lines[0] and column in lines[0], lines
+    with Repository.open(s1, public_key=key, cache=tmp_path / "c") as replica:
+        assert replica.revision == 1
+    with Repository.open(s0.repo_dir, public_key=key, cache=tmp_path / "c0") as origin:
+        report = check_repository(origin)
+    assert [p for p in report.problems if p.startswith("history:") and column in p], report

@@ -308,19 +308,29 @@ class HistoryDb:
         return ", ".join(c if c in self._columns else "NULL" for c in _TAG_COLUMNS)
 
     def _tag(self, row: tuple) -> Tag:
+        """One row as a Tag, each column checked: SQLite stores whatever it is given."""
         name, hash_text, revision, timestamp, channel, description, size, branch = row
+        if not isinstance(name, str) or not name:
+            raise FormatError(self._what, f"a tag name is {type(name).__name__}: {name!r}")
         try:
             root = Digest.from_hex(hash_text)
         except (FormatError, TypeError) as exc:
             raise FormatError(self._what, f"tag {name!r}: bad hash {hash_text!r}") from exc
+        numbers = {"revision": revision, "timestamp": timestamp, "channel": channel, "size": size}
+        for column, value in numbers.items():
+            if value is not None and (type(value) is not int or not 0 <= value < 2**63):
+                raise FormatError(self._what, f"tag {name!r}: {column} {value!r} is not a count")
+        for column, value in (("description", description), ("branch", branch)):
+            if value is not None and not isinstance(value, str):
+                raise FormatError(self._what, f"tag {name!r}: {column} {value!r} is not text")
         return Tag(
             name=name,
             root_catalog=root,
-            revision=int(revision or 0),
-            timestamp=int(timestamp or 0),
-            channel=int(channel or 0),
+            revision=revision or 0,
+            timestamp=timestamp or 0,
+            channel=channel or 0,
             description=description or "",
-            size=int(size or 0),
+            size=size or 0,
             branch=branch or "",
         )
 
