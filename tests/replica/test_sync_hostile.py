@@ -8,9 +8,7 @@ bound, keep nothing of it, and leave the revision it serves untouched.
 
 from __future__ import annotations
 
-import dataclasses
 import http.server
-import sqlite3
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -20,15 +18,13 @@ from typer.testing import CliRunner
 
 from cvmfs_ml.cli import app
 from cvmfs_ml.client.repository import Repository
-from cvmfs_ml.cvmfs.hashing import Algorithm
-from cvmfs_ml.cvmfs.manifest import sign_manifest
-from cvmfs_ml.cvmfs.objects import ObjectKind, deflate, inflate, object_path
+from cvmfs_ml.cvmfs.objects import ObjectKind, object_path
 from cvmfs_ml.errors import DownloadError
 from cvmfs_ml.publish.repository import Publisher, create_repository
 from cvmfs_ml.publish.settings import PublishSettings
 from cvmfs_ml.replica.sync import sync_replica
-from cvmfs_ml.storage.local import LocalStore
 from quiet_http import QuietHTTPServer
+from signed_spoils import publish_spoiled
 
 FQRN = "hostile-s0.test"
 SPOILED_BYTES = 64 * 2**20  # what the spoiled path sends: far beyond the (lowered) bound
@@ -140,22 +136,6 @@ def test_an_endless_history_or_meta_info_cannot_fill_the_replicas_disk(
         assert replica.revision == 1 and replica.read_bytes("/a.txt") == b"one\n"
 
 
-def publish_history(s0: Publisher, scratch: Path, sql: str, args: tuple) -> None:
-    """Revision 2 of ``s0``: revision 1 with ``sql`` applied to its history database, signed
-    with the repository's own key (a signature says who signed, not that the bytes are sane)."""
-    store = LocalStore(s0.repo_dir)
-    manifest = s0.manifest()
-    assert manifest.history is not None
-    plain = scratch / "history.db"
-    plain.write_bytes(inflate(store.get_bytes(object_path(manifest.history, ObjectKind.HISTORY))))
-    with sqlite3.connect(plain) as db:
-        db.execute(sql, args)
-    db.close()
-    history = store.put_object(deflate(plain.read_bytes()), ObjectKind.HISTORY, Algorithm.SHA1)
-    spoiled = dataclasses.replace(manifest, history=history, revision=manifest.revision + 1)
-    store.put_bytes(".cvmfspublished", sign_manifest(spoiled.body(), s0.keys.repo_private))
-
-
 @pytest.mark.parametrize(
     ("column", "value"),
     [("revision", "x"), ("timestamp", b"\x00"), ("name", b"v1"), ("revision", -1),
@@ -174,7 +154,8 @@ def test_a_history_with_wrong_column_types_is_refused_on_one_line(
     key = s0.keys.paths.master_public
     s1 = tmp_path / "s1" / FQRN
     sync_replica(s0.repo_dir, s1, key)
-    publish_history(s0, tmp_path, f"UPDATE tags SET {column} = ? WHERE name = 'v1'", (value,))
+    sql = f"UPDATE tags SET {column} = ? WHERE name = 'v1'"
+    publish_spoiled(s0, tmp_path, ObjectKind.HISTORY, sql, (value,))
     for args in (
         ["replica", "sync", str(s0.repo_dir), str(s1), "--key", str(key)],
         ["repo", "tags", str(s0.repo_dir), "--key", str(key)],

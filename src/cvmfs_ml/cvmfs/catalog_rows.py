@@ -279,8 +279,10 @@ _ROW_TYPES: tuple[tuple[str, type, bool], ...] = (
     ("mode", int, False), ("mtime", int, False), ("mtimens", int, True), ("flags", int, False),
     ("symlink", str, True), ("uid", int, False), ("gid", int, False), ("xattr", bytes, True),
 )  # fmt: skip
-_NON_NEGATIVE = ("hardlinks", "size", "mode", "flags")
+_NON_NEGATIVE = ("hardlinks", "size", "flags")
 _MAX_INT64 = 2**63 - 1
+_UINT32 = ("mode", "uid", "gid")  # mode_t, uid_t, gid_t: a stat() of anything else overflows
+_MAX_UINT32 = 2**32 - 1
 
 
 def _child_path(parent: str, name: object, what: str) -> str:
@@ -303,6 +305,8 @@ def _check_row(path: str, row: tuple, what: str) -> None:
                 what, f"{path or '/'}: {column} is {type(value).__name__}, not {kind.__name__}"
             )
         if column in _NON_NEGATIVE and not 0 <= value <= _MAX_INT64:
+            raise FormatError(what, f"{path or '/'}: {column} {value} is out of range")
+        if column in _UINT32 and not 0 <= value <= _MAX_UINT32:
             raise FormatError(what, f"{path or '/'}: {column} {value} is out of range")
 
 
