@@ -41,22 +41,29 @@ def spoiled_repository(root: Path, sql: str, args: tuple) -> Publisher:
 
 @pytest.mark.service
 @pytest.mark.parametrize(
-    ("column", "value"), [("uid", -1), ("gid", 2**32), ("mode", 0o100644 | 2**32)]
+    ("assignments", "match"),
+    [
+        ("uid = -1", "uid -1 is out of range"),
+        ("gid = 4294967296", "gid 4294967296 is out of range"),
+        ("mode = 4295000484", "mode 4295000484 is out of range"),  # 0o100644 + 2**32
+        # a time past what a timespec holds, once the nanoseconds are added
+        (f"mtime = {2**63 - 1}, mtimens = 1000000000", "mtimens 1000000000 is out of range"),
+    ],
 )
-def test_an_out_of_range_owner_or_mode_fails_one_file_not_the_mount(
-    tmp_path: Path, column: str, value: int
+def test_an_out_of_range_row_fails_one_file_not_the_mount(
+    tmp_path: Path, assignments: str, match: str
 ) -> None:
-    """Before, a row whose uid, gid or mode did not fit the kernel's 32 bits (uid -1) passed
-    the catalog's checks, and the mount's first stat of it raised OverflowError inside the
-    FUSE loop: the daemon died and every path of the mount answered ENOTCONN/ENOENT. Such a
-    row is now refused where rows are read (FormatError), so the mount answers EIO for that
-    one file and serves the rest."""
+    """Before, a row whose uid, gid or mode did not fit the kernel's 32 bits (uid -1), or
+    whose nanoseconds were not 0-999999999, passed the catalog's checks, and the mount's
+    first stat of it raised OverflowError inside the FUSE loop: the daemon died and every path
+    of the mount answered ENOTCONN, then ENOENT. Such a row is now refused where rows are read
+    (FormatError), so the mount answers EIO for that one file and serves the rest."""
     publisher = spoiled_repository(
-        tmp_path / "srv", f"UPDATE catalog SET {column} = ? WHERE name = 'file.txt'", (value,)
+        tmp_path / "srv", f"UPDATE catalog SET {assignments} WHERE name = 'file.txt'", ()
     )
     key = publisher.keys.paths.master_public
     with Repository.open(publisher.repo_dir, public_key=key, cache=tmp_path / "c") as repo:
-        with pytest.raises(FormatError, match=f"{column} {value} is out of range"):
+        with pytest.raises(FormatError, match=match):
             repo.stat("/dir/file.txt")
         assert repo.read_bytes("/good.txt") == b"good"
     point = tmp_path / "mnt"

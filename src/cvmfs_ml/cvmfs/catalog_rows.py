@@ -283,6 +283,7 @@ _NON_NEGATIVE = ("hardlinks", "size", "flags")
 _MAX_INT64 = 2**63 - 1
 _UINT32 = ("mode", "uid", "gid")  # mode_t, uid_t, gid_t: a stat() of anything else overflows
 _MAX_UINT32 = 2**32 - 1
+_MAX_NANOSECONDS = 999_999_999  # mtimens is the nanosecond part only (format §4.3)
 
 
 def _child_path(parent: str, name: object, what: str) -> str:
@@ -307,6 +308,8 @@ def _check_row(path: str, row: tuple, what: str) -> None:
         if column in _NON_NEGATIVE and not 0 <= value <= _MAX_INT64:
             raise FormatError(what, f"{path or '/'}: {column} {value} is out of range")
         if column in _UINT32 and not 0 <= value <= _MAX_UINT32:
+            raise FormatError(what, f"{path or '/'}: {column} {value} is out of range")
+        if column == "mtimens" and not 0 <= value <= _MAX_NANOSECONDS:
             raise FormatError(what, f"{path or '/'}: {column} {value} is out of range")
 
 
