@@ -169,3 +169,26 @@ def test_a_history_with_wrong_column_types_is_refused_on_one_line(
     with Repository.open(s0.repo_dir, public_key=key, cache=tmp_path / "c0") as origin:
         report = check_repository(origin)
     assert [p for p in report.problems if p.startswith("history:") and column in p], report
+
+
+@pytest.mark.parametrize("damage", [b"", b"garbage\n", b"C" + b"0" * 40 + b"\n"])
+def test_a_damaged_manifest_in_the_replica_says_which_and_what_to_do(
+    s0: Publisher, tmp_path: Path, damage: bytes
+) -> None:
+    """Before, a replica whose own .cvmfspublished was damaged (emptied by a disk or by hand)
+    failed every sync with '.cvmfspublished: required key C is missing', which reads as the
+    Stratum 0's fault, and said nothing of a way out. The line now names the replica's file
+    and says what to do; removing it lets the next sync complete, reusing what was copied."""
+    key = s0.keys.paths.master_public
+    s1 = tmp_path / "s1" / FQRN
+    sync_replica(s0.repo_dir, s1, key)
+    (s1 / ".cvmfspublished").write_bytes(damage)
+    args = ["replica", "sync", str(s0.repo_dir), str(s1), "--key", str(key)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, lines
+    assert str(s1 / ".cvmfspublished") in lines[0] and "remove it" in lines[0], lines
+    (s1 / ".cvmfspublished").unlink()
+    report = sync_replica(s0.repo_dir, s1, key)
+    assert report.revision == 1 and report.objects_copied == 0 and report.objects_present > 0

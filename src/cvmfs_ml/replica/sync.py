@@ -315,8 +315,7 @@ class _Snapshot:
         if manifest.history is None:
             return []
         rel = object_path(manifest.history, ObjectKind.HISTORY)
-        # no catalog gives the history's size: the bound of every unsized object, stored and
-        # inflated (an endless body would otherwise fill the replica's disk)
+        # unsized (no catalog gives it): bounded stored and inflated, or it could fill the disk
         self._copy_object(rel, manifest.history, stored_bound(MAX_UNSIZED_OBJECT, True))
         plain = self._temp_path()
         try:
@@ -486,7 +485,14 @@ class _Snapshot:
         raw = self._read_replica_file(MANIFEST)
         if raw is None:
             return None, None
-        return raw, Manifest.parse(raw)
+        try:
+            return raw, Manifest.parse(raw)
+        except FormatError as exc:  # damaged by a disk or by hand: every sync would stop here
+            raise FormatError(
+                f"the replica's {self.dest.location.rstrip('/')}/{MANIFEST}",
+                f"{exc.reason}; remove it and run replica sync again (what was copied is "
+                "reused, and the revision it had is no longer checked against rollback)",
+            ) from exc
 
     def _write_reflog(self, manifest: Manifest) -> None:
         """The replica's own reflog: every root object it holds (upstream S1s keep one too)."""
