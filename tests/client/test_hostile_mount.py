@@ -33,6 +33,7 @@ def spoiled_repository(root: Path, sql: str, args: tuple) -> Publisher:
     publisher = create_repository(root, FQRN, settings=PublishSettings(workers=1))
     with publisher.transaction() as txn:
         txn.add_bytes("/dir/file.txt", b"content")
+        txn.add_bytes("/dir/other.txt", b"other")
         txn.add_bytes("/good.txt", b"good")
         txn.commit()
     publish_spoiled(publisher, root, ObjectKind.CATALOG, sql, args)
@@ -81,3 +82,27 @@ def test_an_out_of_range_row_fails_one_file_not_the_mount(
         if is_mounted(point):
             subprocess.run(["fusermount3", "-uz", str(point)], check=False)
     assert "out of range" in (tmp_path / "fuse.log").read_text()
+
+
+@pytest.mark.service
+def test_a_name_longer_than_name_max_does_not_hide_its_folder(tmp_path: Path) -> None:
+    """Before, one entry named with 10,000 characters made the kernel refuse the whole
+    listing of its folder (EIO: a FUSE directory entry holds at most 1024 bytes), with nothing
+    in the mount's log. No lookup of a name over NAME_MAX (255 bytes) reaches the daemon, so
+    the mount now leaves such names out of listings, says so in its log, and lists the rest."""
+    publisher = spoiled_repository(
+        tmp_path / "srv", "UPDATE catalog SET name = ? WHERE name = 'file.txt'", ("x" * 10_000,)
+    )
+    key = publisher.keys.paths.master_public
+    point = tmp_path / "mnt"
+    point.mkdir()
+    handle = mount(publisher.repo_dir, point, public_key=key, cache=tmp_path / "cache",
+                   log_file=tmp_path / "fuse.log", timeout=60.0)  # fmt: skip
+    try:
+        assert os.listdir(point / "dir") == ["other.txt"]
+        assert (point / "dir" / "other.txt").read_bytes() == b"other"
+    finally:
+        handle.unmount(timeout=15)
+        if is_mounted(point):
+            subprocess.run(["fusermount3", "-uz", str(point)], check=False)
+    assert "longer than 255 bytes" in (tmp_path / "fuse.log").read_text()

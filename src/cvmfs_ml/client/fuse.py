@@ -95,6 +95,7 @@ ATTR_TIMEOUT = 3600.0
 """Seconds the kernel may keep entries and attributes: what a new revision changes is
 invalidated explicitly, and an inode's entry never changes."""
 BLKSIZE = 1 << 20
+NAME_MAX = 255  # bytes of one name: the kernel looks up no longer one
 _KEEP_BUFFERS = 8  # idle reply buffers kept for reuse (1 MiB each)
 WARM_XATTR = b"user.cvmfs_ml.warm"
 STATS_XATTR = b"user.cvmfs_ml.read_sizes"
@@ -122,6 +123,17 @@ def _decode(name: bytes) -> str:
 
 def _encode(name: str) -> bytes:
     return name.encode("utf-8", "surrogateescape")
+
+
+def _reachable(children: list[DirectoryEntry], path: str) -> list[DirectoryEntry]:
+    """The entries a listing can show: no lookup of a name over NAME_MAX reaches us, and one
+    over 1024 bytes makes the kernel refuse the whole listing (a hostile catalog's)."""
+    long = [child for child in children if len(_encode(child.name)) > NAME_MAX]
+    if not long:
+        return children
+    log.error("listdir %s: %d names longer than %d bytes left out (the first starts %r)",
+              path or "/", len(long), NAME_MAX, long[0].name[:40])  # fmt: skip
+    return [child for child in children if len(_encode(child.name)) <= NAME_MAX]
 
 
 # ------------------------------------------------------------------------------ operations
@@ -347,7 +359,7 @@ class CvmfsOperations(_OperationsBase):  # type: ignore[misc,valid-type]
         shared = self._listings.get(key)
         if shared is None:
             try:
-                children = await self._blocking(self.repo.listdir, path)
+                children = _reachable(await self._blocking(self.repo.listdir, path), path)
             except Exception as exc:
                 raise self._fail(exc, f"listdir {path or '/'}") from exc
             shared = self._listings.get(key, (children, 0))  # or one listed meanwhile
@@ -403,7 +415,7 @@ class CvmfsOperations(_OperationsBase):  # type: ignore[misc,valid-type]
         data.f_files = len(self.inodes)
         data.f_ffree = 0
         data.f_favail = 0
-        data.f_namemax = 255
+        data.f_namemax = NAME_MAX
         return data
 
     # -- extended attributes ------------------------------------------------------------------
