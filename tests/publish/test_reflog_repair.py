@@ -21,8 +21,8 @@ from cvmfs_ml.cvmfs.history import HistoryDb
 from cvmfs_ml.cvmfs.manifest import Manifest
 from cvmfs_ml.cvmfs.objects import ObjectKind, object_path
 from cvmfs_ml.errors import PublishError
-from cvmfs_ml.publish.reflog_repair import reachable_references
 from cvmfs_ml.storage.base import open_store
+from cvmfs_ml.storage.reflog_repair import reachable_references
 
 from .conftest import write_tree
 

@@ -192,3 +192,40 @@ def test_a_damaged_manifest_in_the_replica_says_which_and_what_to_do(
     (s1 / ".cvmfspublished").unlink()
     report = sync_replica(s0.repo_dir, s1, key)
     assert report.revision == 1 and report.objects_copied == 0 and report.objects_present > 0
+
+
+@pytest.mark.parametrize("damage", ["empty", "garbage", "truncated"])
+def test_a_damaged_reflog_in_the_replica_is_rebuilt(
+    s0: Publisher, tmp_path: Path, damage: str
+) -> None:
+    """Before, a replica whose own .cvmfsreflog no longer opened (emptied by a disk, cut
+    short) failed every sync after copying everything, just before the new manifest, with an
+    error naming a temporary file: it stayed at its old revision for good. The reflog is now
+    rebuilt from the catalog and history chains the replica holds (as ``repo check
+    --repair-reflog`` does for a Stratum 0), with one line saying so, and the sync completes."""
+    from cvmfs_ml.cvmfs.reflog import Reflog, RefType
+
+    key = s0.keys.paths.master_public
+    s1 = tmp_path / "s1" / FQRN
+    sync_replica(s0.repo_dir, s1, key)
+    first_root = s0.manifest().catalog
+    with s0.transaction() as txn:
+        txn.add_bytes("/a.txt", b"two\n")
+        txn.commit()
+    reflog = s1 / ".cvmfsreflog"
+    good = reflog.read_bytes()
+    reflog.write_bytes({"empty": b"", "garbage": b"garbage" * 100,
+                        "truncated": good[: len(good) // 2]}[damage])  # fmt: skip
+    args = ["replica", "sync", str(s0.repo_dir), str(s1), "--key", str(key)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and "rebuilt" in lines[0] and str(reflog) in lines[0], lines
+    with Repository.open(s1, public_key=key, cache=tmp_path / "c") as replica:
+        assert replica.revision == 2 and replica.read_bytes("/a.txt") == b"two\n"
+    manifest = s0.manifest()
+    with Reflog.open(reflog) as rebuilt:  # both revisions' roots, and the rest the manifest names
+        assert rebuilt.contains(manifest.catalog, RefType.CATALOG)
+        assert rebuilt.contains(first_root, RefType.CATALOG)
+        assert manifest.history is not None and rebuilt.contains(manifest.history)
+        assert manifest.certificate is not None and rebuilt.contains(manifest.certificate)

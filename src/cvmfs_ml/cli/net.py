@@ -16,6 +16,7 @@ from cvmfs_ml.cli.common import (
     friendly,
     one_line,
     refuse_url,
+    warn,
 )
 from cvmfs_ml.cli.s3 import S3ConfigOption, s3_params
 from cvmfs_ml.errors import is_disk_full
@@ -101,5 +102,8 @@ def replica_sync(
         f"{report.objects_copied} objects copied ({report.bytes_copied / 1e6:.1f} MB), "
         f"{report.objects_present} objects already present, in {report.seconds:.1f} s"
     )
+    if report.reflog_rebuilt:
+        warn(f"the replica's {dest.rstrip('/')}/.cvmfsreflog did not open: rebuilt from the "
+             "catalog and history chains it holds")  # fmt: skip
     for skipped in report.skipped:
         typer.echo(one_line(f"skipped (garbage-collected upstream): {skipped}"), err=True)

@@ -41,7 +41,6 @@ from cvmfs_ml.errors import (
     PublishError,
 )
 from cvmfs_ml.publish.ingest import IngestStats
-from cvmfs_ml.publish.reflog_repair import reachable_references
 from cvmfs_ml.publish.settings import (
     PublishSettings,
     load_settings,
@@ -51,6 +50,7 @@ from cvmfs_ml.publish.settings import (
 from cvmfs_ml.publish.transaction import PublishResult, Transaction
 from cvmfs_ml.storage.base import ObjectStore, is_s3_location, open_store
 from cvmfs_ml.storage.local import LocalStore
+from cvmfs_ml.storage.reflog_repair import reachable_references
 
 __all__ = ["PublishResult", "Publisher", "Transaction", "create_repository", "default_keys_dir"]
 

@@ -64,7 +64,6 @@ from cvmfs_ml.cvmfs.objects import (
     object_path,
     stored_bound,
 )
-from cvmfs_ml.cvmfs.reflog import Reflog, RefType
 from cvmfs_ml.errors import (
     DownloadError,
     FormatError,
@@ -73,9 +72,11 @@ from cvmfs_ml.errors import (
     PublishError,
     SignatureError,
 )
+from cvmfs_ml.replica.reflog import root_refs, updated_reflog
 from cvmfs_ml.storage.base import ObjectSource, ObjectStore, open_store
 from cvmfs_ml.storage.info import STATUS_JSON, date_utc, updated_status
 from cvmfs_ml.storage.local import LocalStore
+from cvmfs_ml.storage.reflog_repair import reachable_references
 
 __all__ = ["SyncReport", "sync_replica"]
 
@@ -108,6 +109,7 @@ class SyncReport:
     tags: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)  # historic catalogs a GC'd source lacks
     manifest_changed: bool = True
+    reflog_rebuilt: bool = False  # the replica's own .cvmfsreflog did not open
     seconds: float = 0.0
 
     @property
@@ -226,6 +228,7 @@ class _Snapshot:
         self._lock = threading.Lock()
         self._scheduled: dict[str, Future[None]] = {}
         self._new_catalogs: list[Digest] = []
+        self._tag_roots: list[Digest] = []
         self.report: SyncReport
         self.on_report: Callable[[SyncReport], None] | None = None
 
@@ -309,6 +312,7 @@ class _Snapshot:
                 previous = self._sync_catalog(previous, "", required=historic_required)
         for name, root in tags:
             self.report.tags.append(name)
+            self._tag_roots.append(root)
             self._sync_catalog(root, "", required=historic_required)
 
     def _copy_history(self, manifest: Manifest) -> list[tuple[str, Digest]]:
@@ -501,21 +505,10 @@ class _Snapshot:
             return
         tmp = self._temp_path()
         try:
-            if existing is not None:
-                tmp.write_bytes(existing)
-                reflog = Reflog.open(tmp, writable=True)
-            else:
-                reflog = Reflog.create(tmp, self.fqrn)
-            with reflog:
-                for digest in {*self._new_catalogs, manifest.catalog}:
-                    reflog.add(digest, RefType.CATALOG)
-                for digest, kind in (
-                    (manifest.certificate, RefType.CERTIFICATE),
-                    (manifest.history, RefType.HISTORY),
-                    (manifest.metainfo, RefType.METAINFO),
-                ):
-                    if digest is not None:
-                        reflog.add(digest, kind)
+            self.report.reflog_rebuilt = updated_reflog(
+                tmp, existing, self.fqrn, root_refs(manifest, self._new_catalogs),
+                lambda: reachable_references(self.dest, manifest, self._tag_roots),
+            )  # fmt: skip
             self.dest.put_file(REFLOG, tmp)
         finally:
             tmp.unlink(missing_ok=True)
