@@ -171,6 +171,25 @@ def test_a_history_with_wrong_column_types_is_refused_on_one_line(
     assert [p for p in report.problems if p.startswith("history:") and column in p], report
 
 
+def test_an_endless_root_catalog_is_bounded_by_the_manifests_size(
+    s0: Publisher, spoiling: Callable[[str], tuple[str, list[int]]], tmp_path: Path
+) -> None:
+    """Before, the root catalog was bounded only by MAX_UNSIZED_OBJECT (2 GiB): a mirror
+    answering it with an endless body had the replica write 2 GiB before it gave up. The
+    signed manifest gives its size (B, the size inflated, as upstream writes it): the
+    download now stops just past that."""
+    key = s0.keys.paths.master_public
+    manifest = s0.manifest()
+    assert 0 < manifest.catalog_size < 2**20
+    url, sent = spoiling(object_path(manifest.catalog, ObjectKind.CATALOG))
+    s1 = tmp_path / "s1" / FQRN
+    with pytest.raises(DownloadError, match=r"larger than \d+ bytes"):
+        sync_replica(url, s1, key, max_retries=0, backoff_init=0.0)
+    assert sent and all(n < SPOILED_BYTES for n in sent), sent
+    assert [p.name for p in (s1 / "data" / "txn").iterdir()] == ["replica.lock"]
+    assert not (s1 / ".cvmfspublished").exists()
+
+
 @pytest.mark.parametrize("damage", [b"", b"garbage\n", b"C" + b"0" * 40 + b"\n"])
 def test_a_damaged_manifest_in_the_replica_says_which_and_what_to_do(
     s0: Publisher, tmp_path: Path, damage: bytes

@@ -306,7 +306,10 @@ class _Snapshot:
             self._copy_object(rel, metainfo, stored_bound(MAX_UNSIZED_OBJECT, True))
         tags = self._copy_history(manifest)
         historic_required = not manifest.garbage_collectable
-        previous = self._sync_catalog(manifest.catalog, "", required=True)
+        # B, the root catalog's size inflated (0 when not given): a bound like a nested one's
+        previous = self._sync_catalog(
+            manifest.catalog, "", required=True, size=manifest.catalog_size
+        )
         if follow_previous:
             while previous is not None:
                 previous = self._sync_catalog(previous, "", required=historic_required)
