@@ -398,6 +398,26 @@ def test_replica_and_check_bound_objects_by_the_catalog(
     assert any(rel in p and re.search(spoiled, p) for p in report.problems), report.problems
 
 
+def test_the_root_catalog_is_bounded_by_the_manifests_size(
+    published: Publisher, hostile: Callable[[str, str], str], good: str, tmp_path: Path
+) -> None:
+    """Before, the root catalog was bounded only by MAX_UNSIZED_OBJECT (2 GiB): a mirror
+    answering it with an endless, validly compressed body had a booting client inflate 2 GiB
+    into its cache (90 s on loopback) before it failed over. The signed manifest gives the
+    catalog's size (B, inflated, as upstream writes it): the fetch stops just past it."""
+    manifest = published.manifest()
+    assert 0 < manifest.catalog_size < 2**20
+    rel = f"data/{manifest.catalog.hex[:2]}/{manifest.catalog.hex[2:]}C"
+    bad = hostile("oversized", rel)  # about 4 MiB, no length: far past B
+    key = published.keys.paths.master_public
+    options = {"backoff_init": 0.0, "backoff_max": 0.0, "max_retries": 0}
+    bounded = r"(larger than|inflates to more than) \d{5} bytes"  # not 2 GiB, not a hash
+    with pytest.raises(DownloadError, match=bounded):
+        Repository.open(bad, public_key=key, cache=tmp_path / "alone", **options)
+    with Repository.open(f"{bad};{good}", public_key=key, cache=tmp_path / "c", **options) as r:
+        assert r.read_bytes("/small.txt") == b"small"
+
+
 def test_check_bounds_the_meta_info_object(
     published: Publisher,
     hostile: Callable[[str, str], str],

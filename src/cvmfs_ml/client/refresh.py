@@ -142,7 +142,7 @@ class RevisionRefresh:
                 self.manifest = manifest
                 return False
             try:
-                root = self._load_catalog("", manifest.catalog)
+                root = self._load_catalog("", manifest.catalog, manifest.catalog_size or None)
             except BaseException:
                 self._count("refresh_failures")
                 raise

@@ -112,7 +112,8 @@ class Repository(RevisionRefresh):
             root_hash = found.root_catalog
         if root_hash is not None:
             self.root_hash = root_hash
-        self.root = self._load_catalog("", self.root_hash)
+        size = self.manifest.catalog_size if self.root_hash == self.manifest.catalog else 0
+        self.root = self._load_catalog("", self.root_hash, size or None)  # B bounds the root
         self._tree = {"": self.root}  # this revision's catalogs by mount point, as walked
 
     # -- construction -------------------------------------------------------------------------
