@@ -220,6 +220,29 @@ def test_bad_nested_catalog_rows(spoiled: Callable[..., Repository], sql: str) -
         repo.stat("/dir/file.txt")
 
 
+@pytest.mark.parametrize(
+    ("key", "value", "match"),
+    [
+        ("schema_revision", "1e999", "property schema_revision '1e999' is not a number"),
+        ("schema_revision", "inf", "property schema_revision 'inf' is not a number"),
+        ("schema_revision", None, "property schema_revision None is not a number"),
+        ("TTL", b"\xff", r"property TTL b'\\xff' is not a number"),
+        ("previous_revision", "zz", "property previous_revision 'zz' is not a hash"),
+    ],
+)
+def test_bad_catalog_properties(
+    spoiled: Callable[..., Repository], key: str, value: object, match: str
+) -> None:
+    """Before, a schema_revision of '1e999' or 'inf' (a float too large for an int) stopped
+    every reader (ls, check, replica sync) with an OverflowError traceback, a NULL one with a
+    TypeError; a previous_revision that is no hash was refused without naming the catalog."""
+    with pytest.raises(FormatError, match=match) as caught:
+        repo = spoiled("UPDATE properties SET value = ? WHERE key = ?", (value, key))
+        repo.ttl  # noqa: B018 - read the TTL (the root catalog's property)
+        assert repo.root.previous_revision is not None
+    assert "catalog" in str(caught.value)
+
+
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize(
     ("spoil", "match"),

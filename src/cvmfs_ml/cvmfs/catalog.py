@@ -145,10 +145,11 @@ class Catalog:
         return dict(self._properties)
 
     def _int_property(self, key: str, default: int = 0) -> int:
-        try:
-            return int(float(self._properties.get(key, default)))
-        except ValueError as exc:
-            raise FormatError(self.what, f"property {key} is not a number") from exc
+        value = self._properties.get(key, default)
+        try:  # '1e999' and 'inf' are floats no int holds; NULL is no number at all
+            return int(float(value))
+        except (ValueError, OverflowError, TypeError) as exc:
+            raise FormatError(self.what, f"property {key} {value!r:.60} is not a number") from exc
 
     @property
     def schema_revision(self) -> int:
@@ -171,7 +172,12 @@ class Catalog:
         text = self._properties.get("previous_revision")
         if not text or set(text) <= {"0"}:
             return None
-        return Digest.from_hex(text)
+        try:
+            return Digest.from_hex(text)
+        except FormatError as exc:
+            raise FormatError(
+                self.what, f"property previous_revision {text!r:.60} is not a hash"
+            ) from exc
 
     # -- the connection -------------------------------------------------------------------------
     def _connect(self) -> sqlite3.Connection:
