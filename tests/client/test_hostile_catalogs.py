@@ -253,6 +253,9 @@ def test_bad_catalog_properties(
         (("UPDATE catalog SET size = 'big' WHERE name = 'file.txt'", ()), "size is str"),
         (("INSERT INTO nested_catalogs (path, sha1, size) VALUES ('/dir', 'nothex', 0)", ()),
          "nothex"),
+        # '1e999' in the INTEGER column is stored as a REAL infinity: an OverflowError before
+        (("UPDATE statistics SET value = '1e999' WHERE counter = 'self_regular'", ()),
+         "statistics"),
     ],
 )  # fmt: skip
 def test_check_reports_a_hostile_catalog_and_checks_the_rest(
@@ -260,8 +263,8 @@ def test_check_reports_a_hostile_catalog_and_checks_the_rest(
 ) -> None:
     """``repo check`` collects problems: before, a catalog whose rows could not be walked
     (a hostile name, a duplicated folder, a bad nested reference) ended the whole check with
-    that one error, and nothing else was checked. It is now one problem of the report, and the
-    data objects are still checked."""
+    that one error, and nothing else was checked; an infinite counter, with a traceback. It is
+    now one problem of the report, and the data objects are still checked."""
     from cvmfs_ml.client.check import check_repository
 
     report = check_repository(spoiled(*spoil))

@@ -308,7 +308,7 @@ class Catalog:
     def statistics(self) -> dict[str, int]:
         try:
             return {k: int(v) for k, v in self._query("SELECT counter, value FROM statistics")}
-        except (TypeError, ValueError) as exc:
+        except (TypeError, ValueError, OverflowError) as exc:  # '1e999' is stored as infinity
             raise FormatError(self.what, f"statistics: {exc}") from None
 
     def chunk_count(self) -> int:
