@@ -248,3 +248,18 @@ def test_a_damaged_reflog_in_the_replica_is_rebuilt(
         assert rebuilt.contains(first_root, RefType.CATALOG)
         assert manifest.history is not None and rebuilt.contains(manifest.history)
         assert manifest.certificate is not None and rebuilt.contains(manifest.certificate)
+
+
+def test_a_tag_published_past_year_9999_is_listed(s0: Publisher, tmp_path: Path) -> None:
+    """Before, one tag whose timestamp lay past what a date holds (year 9999) made ``repo
+    tags`` print part of the list and then 'Value too large for defined data type'; the tag
+    is now listed with its raw time, and the others with theirs."""
+    publish_spoiled(
+        s0, tmp_path, ObjectKind.HISTORY, "UPDATE tags SET timestamp = ? WHERE name = 'v1'",
+        (2**62,),
+    )  # fmt: skip
+    args = ["repo", "tags", str(s0.repo_dir), "--key", str(s0.keys.paths.master_public)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result
+    lines = {line.split()[0]: line for line in result.stdout.splitlines()}
+    assert f"T={2**62}" in lines["v1"] and "T=" not in lines["trunk"], lines

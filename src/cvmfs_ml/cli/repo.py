@@ -354,7 +354,10 @@ def repo_tags(
         )
         return
     for t in tags:
-        when = dt.datetime.fromtimestamp(t.timestamp, dt.UTC).strftime("%Y-%m-%d %H:%M")
+        try:
+            when = dt.datetime.fromtimestamp(t.timestamp, dt.UTC).strftime("%Y-%m-%d %H:%M")
+        except (OverflowError, OSError, ValueError):  # past year 9999: no date holds it
+            when = f"T={t.timestamp}"
         line = f"{t.name:<24} r{t.revision:<5} {when}  {t.root_catalog.hex}  {t.description}"
         typer.echo(visible(line))
 
