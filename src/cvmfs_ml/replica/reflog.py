@@ -9,14 +9,13 @@ replica holds (:func:`~cvmfs_ml.storage.reflog_repair.reachable_references`, ups
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from cvmfs_ml.cvmfs.hashing import Digest
 from cvmfs_ml.cvmfs.manifest import Manifest
 from cvmfs_ml.cvmfs.reflog import Reflog, RefType
-from cvmfs_ml.errors import FormatError
+from cvmfs_ml.errors import SQLITE_DAMAGE, FormatError
 
 __all__ = ["root_refs", "updated_reflog"]
 
@@ -46,7 +45,7 @@ def updated_reflog(
     try:
         _write(tmp, existing, fqrn, refs)
         return False
-    except (FormatError, sqlite3.DatabaseError):
+    except (FormatError, *SQLITE_DAMAGE):
         if existing is None:
             raise
     tmp.unlink(missing_ok=True)
