@@ -36,7 +36,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -73,6 +73,7 @@ from cvmfs_ml.errors import (
     SignatureError,
 )
 from cvmfs_ml.replica.reflog import root_refs, updated_reflog
+from cvmfs_ml.replica.report import SyncReport
 from cvmfs_ml.storage.base import ObjectSource, ObjectStore, open_store
 from cvmfs_ml.storage.info import STATUS_JSON, date_utc, updated_status
 from cvmfs_ml.storage.local import LocalStore
@@ -90,35 +91,6 @@ IS_SNAPSHOTTING = ".cvmfs_is_snapshotting"
 _LOCK_NAME = "replica.lock"
 _TEMP_PREFIX = "replica."
 _READ_BLOCK = 4 * 2**20
-
-
-@dataclass
-class SyncReport:
-    """What one snapshot did. ``previous_revision`` is the replica's before it (None: new)."""
-
-    fqrn: str
-    upstream: str
-    revision: int
-    root_catalog: str
-    previous_revision: int | None
-    catalogs_copied: int = 0
-    catalogs_present: int = 0
-    objects_copied: int = 0
-    objects_present: int = 0
-    bytes_copied: int = 0
-    tags: list[str] = field(default_factory=list)
-    skipped: list[str] = field(default_factory=list)  # historic catalogs a GC'd source lacks
-    manifest_changed: bool = True
-    reflog_rebuilt: bool = False  # the replica's own .cvmfsreflog did not open
-    seconds: float = 0.0
-
-    @property
-    def up_to_date(self) -> bool:
-        """True when the replica already had everything (nothing but the whitelist may change)."""
-        return not self.manifest_changed and self.objects_copied == 0 and not self.catalogs_copied
-
-    def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "up_to_date": self.up_to_date}
 
 
 def sync_replica(
