@@ -57,7 +57,20 @@ UNSAFE = {
     ),
     "hardlink-escape": (lambda a: a.addfile(*_member("hl", tarfile.LNKTYPE, "../x")), "escapes"),
     "device": (lambda a: a.addfile(*_member("dev", tarfile.CHRTYPE)), "device"),
+    # Numbers a PAX header carries whole: readers refuse a uid or gid past 32 bits (a stat of it
+    # overflows), and SQLite stores no integer past 64 bits. Before, the first was published
+    # (a file every reader refuses) and the second ended the publish with an OverflowError.
+    "uid-past-32-bits": (lambda a: a.addfile(*_numbered("big-uid", uid=2**40)), "uid"),
+    "negative-gid": (lambda a: a.addfile(*_numbered("neg-gid", gid=-1)), "gid"),
+    "mtime-past-64-bits": (lambda a: a.addfile(*_numbered("future", mtime=2**70)), "mtime"),
 }
+
+
+def _numbered(name: str, **numbers: int):  # type: ignore[no-untyped-def]
+    info, data = _member(name)
+    for key, value in numbers.items():
+        setattr(info, key, value)
+    return info, data
 
 
 @pytest.mark.parametrize("case", sorted(UNSAFE))

@@ -24,6 +24,7 @@ from __future__ import annotations
 import bz2
 import gzip
 import lzma
+import math
 import tarfile
 import zlib
 from collections.abc import Iterator
@@ -50,6 +51,12 @@ __all__ = [
 NAME_MAX = 255  # bytes per path component (Linux, and the limit upstream's client serves)
 PATH_MAX = 4096  # bytes per full path with its terminating NUL: at most 4095 bytes of text
 _SYMLOOP_MAX = 40  # Linux's limit on symlinks followed while resolving one path
+# A member's numbers as a catalog row holds them: a uid or gid is a uid_t/gid_t (readers refuse a
+# row past 32 bits, a stat() of it overflows) and an mtime an SQLite INTEGER (64 bits). A PAX
+# header carries any decimal, so a tarball could publish a file no reader takes, or end the
+# publish with an OverflowError.
+_ID_RANGE = range(2**32)
+_TIME_RANGE = range(-(2**63), 2**63)
 _BLOCK = tarfile.BLOCKSIZE
 _READ = 1 << 20
 _ENCODING = "utf-8"
@@ -316,6 +323,7 @@ def _check(
         raise UnsafeInputError(info.name, f"unsupported member type {info.type!r}")
     if not name and not info.isdir():
         raise UnsafeInputError(info.name, "a non-directory cannot replace the tree's root")
+    _check_numbers(info)
     member = ArchiveMember(info, name)
     tree.add(name, _kind(info), info.name)
     if info.issym():
@@ -344,6 +352,19 @@ def _check(
         first_file[name] = member
         _join_group(member, name, groups)
     return member
+
+
+def _check_numbers(info: tarfile.TarInfo) -> None:
+    """Refuse a uid, gid or mtime no catalog row holds (:data:`_ID_RANGE`, :data:`_TIME_RANGE`)."""
+    mtime = info.mtime
+    if isinstance(mtime, float) and not math.isfinite(mtime):
+        raise UnsafeInputError(info.name, f"mtime {mtime} is not a time")
+    for key, value, allowed in (("uid", info.uid, _ID_RANGE), ("gid", info.gid, _ID_RANGE),
+                                ("mtime", int(mtime), _TIME_RANGE)):  # fmt: skip
+        if value not in allowed:
+            raise UnsafeInputError(
+                info.name, f"{key} {value} is out of range ({allowed.start}..{allowed.stop - 1})"
+            )
 
 
 def _join_group(member: ArchiveMember, leader: str, groups: dict[str, list[ArchiveMember]]) -> None:
