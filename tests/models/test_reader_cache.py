@@ -122,3 +122,34 @@ def test_a_cache_folder_of_another_user_is_not_used(tmp_path: Path) -> None:
 
     _publish(tmp_path, env, "2", "normally")
     assert _everything(shared) + _everything(theirs) == before
+
+
+# Look up a version as sync and ingest do before publishing (published_record), and die while
+# its model.json is being read, as a killed process does.
+LOOKUP_SCRIPT = """
+import os, sys
+from pathlib import Path
+import cvmfs_ml.models.sources.base as base
+from cvmfs_ml.models.layout import ModelRef
+from cvmfs_ml.publish.repository import Publisher
+
+def killed(*args, **kwargs):
+    os._exit(0)
+
+base.read_record = killed
+base.published_record(Publisher.open(Path(sys.argv[1])), ModelRef("t", "m", "1"))
+"""
+
+
+def test_a_lookup_killed_half_way_leaves_nothing_in_tmp(tmp_path: Path) -> None:
+    """``published_record`` read through a cache of its own in the temporary folder
+    (``Repository.connect`` without a cache), which a kill left there for good."""
+    shared = _shared_tmp(tmp_path)
+    env = _env(tmp_path, tmp_path / "xdg", shared)
+    _publish(tmp_path, env, "1", "normally")
+    done = subprocess.run(
+        [sys.executable, "-c", LOOKUP_SCRIPT, str(tmp_path / "srv" / "cache.test")],
+        env=env, capture_output=True, text=True, timeout=240, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert _everything(shared) == [], "the lookup's cache is in the shared temporary folder"

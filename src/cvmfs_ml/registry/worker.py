@@ -19,8 +19,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from cvmfs_ml.client.repository import Repository
 from cvmfs_ml.errors import ConfigError, CvmfsMlError, is_disk_full
+from cvmfs_ml.models.publish import open_published
 from cvmfs_ml.publish.gc import collect_garbage
 from cvmfs_ml.publish.repository import Publisher, PublishResult
 from cvmfs_ml.registry.cid import ContentId
@@ -283,7 +283,7 @@ class RepositoryWorker:
             with self.publisher.transaction() as txn:
                 # Listed again under the lock: an ``update`` that came in meanwhile counts.
                 stale = self.store.stale_cids(self.fqrn, cutoff)
-                with _published(self.publisher) as repo:
+                with open_published(self.publisher) as repo:  # the publisher's cache, not TMPDIR
                     for record in stale:
                         path = ContentId(record.cid).repo_path(prefix)
                         if repo.exists(path):
@@ -313,12 +313,6 @@ def disk_full_reason(size: int | None, free: int) -> str:
     return (
         f"the repository's disk is full: {what} did not fit ({space} after collecting "
         "garbage); ask the registry's operator for space"
-    )
-
-
-def _published(publisher: Publisher) -> Repository:
-    return Repository.open(
-        publisher.repo_dir, fqrn=publisher.fqrn, public_key=publisher.keys.paths.master_public
     )
 
 

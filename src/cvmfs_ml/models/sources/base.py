@@ -56,13 +56,14 @@ class IngestResult:
 
 
 def published_record(publisher: Publisher, ref: ModelRef) -> ModelRecord | None:
-    """The ``model.json`` at ``ref`` (a version) in the publisher's current revision, or None."""
-    from cvmfs_ml.client.repository import Repository
+    """The ``model.json`` at ``ref`` (a version) in the publisher's current revision, or None.
+
+    Read through the model publisher's own cache (:mod:`cvmfs_ml.models.reader_cache`): a
+    cache of its own went to the temporary folder, where a killed process left it."""
+    from cvmfs_ml.models.publish import open_published
 
     ref.require_version()
-    with Repository.connect(
-        publisher.store, publisher.fqrn, public_key=[publisher.keys.master_public]
-    ) as repo:
+    with open_published(publisher) as repo:
         try:
             entry = repo.stat(ref.path)
         except FileNotFoundError:
