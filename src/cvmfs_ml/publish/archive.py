@@ -363,7 +363,8 @@ def _check_numbers(info: tarfile.TarInfo) -> None:
                                 ("mtime", int(mtime), _TIME_RANGE)):  # fmt: skip
         if value not in allowed:
             raise UnsafeInputError(
-                info.name, f"{key} {value} is out of range ({allowed.start}..{allowed.stop - 1})"
+                info.name, f"{key} {str(value)[:40]} is out of range"  # a PAX number: any length
+                f" ({allowed.start}..{allowed.stop - 1})",
             )
 
 
