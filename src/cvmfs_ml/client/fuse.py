@@ -71,7 +71,7 @@ from cvmfs_ml.client.mounts import (
     set_readahead,
     unmount,
 )
-from cvmfs_ml.client.page_push import push_when_fetched
+from cvmfs_ml.client.page_push import push_when_fetched, pushed
 from cvmfs_ml.client.prefetch import warm
 from cvmfs_ml.client.readprofile import READ_PROFILE
 from cvmfs_ml.client.repository import CvmfsFile, Repository
@@ -487,6 +487,7 @@ class CvmfsOperations(_OperationsBase):  # type: ignore[misc,valid-type]
         except Exception as exc:
             raise self._fail(exc, "stats") from exc
         stats["fuse"]["reads"] = self.reads
+        stats["page_push"] = pushed()  # pieces stored in the page cache as fetched
         # The loop's own CPU time (this handler runs on it): with handler_seconds, how much of
         # the loop is our read code and how much pyfuse3 receiving requests and replying.
         stats["read_profile"] = {**READ_PROFILE.snapshot(),

@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     from cvmfs_ml.client.files import CvmfsFile
     from cvmfs_ml.client.prefetch import Fetched
 
-__all__ = ["PUSH_BLOCK", "push_when_fetched"]
+__all__ = ["PUSH_BLOCK", "push_when_fetched", "pushed"]
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +50,17 @@ _registered_lock = threading.Lock()
 
 Store = Callable[[int, int, Any], None]
 """``store(inode, offset, data)``: pyfuse3's ``notify_store``."""
+
+_pushed = {"pieces": 0, "bytes": 0}
+_pushed_lock = threading.Lock()
+
+
+def pushed() -> dict[str, int]:
+    """Pieces this process stored in mounted files' page caches, and their bytes (``cvmfs-ml
+    stats``: ``page_push``). What the kernel keeps of them is its own affair: pushed pages are
+    never read until a reader comes, so memory pressure takes them first."""
+    with _pushed_lock:
+        return dict(_pushed)
 
 
 def push_when_fetched(handle: CvmfsFile, inode: int, store: Store) -> None:
@@ -103,6 +114,9 @@ def _push(
         return
     finally:
         os.close(fd)
+    with _pushed_lock:
+        _pushed["pieces"] += 1
+        _pushed["bytes"] += layout.pieces[fetched.index].size * len(offsets)
     if handle.drop_behind:  # its bytes are in the mounted file's page cache now
         handle.drop_pages([fetched.index])
 
