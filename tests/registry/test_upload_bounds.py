@@ -13,6 +13,7 @@ import http.client
 import json
 import os
 import re
+import select
 import shutil
 import socket
 import subprocess
@@ -316,6 +317,10 @@ def test_a_client_back_after_its_retry_after_finds_its_connection_open(
         wait = int(refused.headers["Retry-After"])
         held[0].close()
         wait_until(lambda: _metric(server, "cvmfs_registry_uploads_receiving") == 0, 60)
-        real_time.sleep(wait + 1)  # the client's own wait, as it was told (and a second more)
+        # The client's own wait, as it was told (and a second more): the connection must not
+        # close meanwhile. select returns as soon as it does (the old server's 5 s), else at
+        # the deadline.
+        closed, _, _ = select.select([conn.sock], [], [], wait + 1)
+        assert not closed, f"the server closed the connection before Retry-After ({wait} s)"
         conn.request("POST", target, body=body, headers=_auth(registry_env))
         assert conn.getresponse().status == 201
